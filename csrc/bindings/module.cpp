@@ -1,0 +1,393 @@
+// pybind11 glue only: numpy arrays in, views of them to the core, new
+// C-contiguous arrays out, the GIL released while the core computes.
+// Argument forms (int or pair, 'same', None) are normalised in
+// python/convcore/functional.py; values are checked by the core.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "convcore/convcore.h"
+
+namespace py = pybind11;
+using convcore::DType;
+using convcore::TensorView;
+
+namespace {
+
+// Holds the arrays a call looks at (including any copies made to fix odd
+// strides or alignment) alive until the call returns.
+struct Arrays {
+  std::vector<py::array> keep;
+
+  TensorView view(const py::array& a, const char* name) {
+    DType dtype;
+    if (a.dtype().is(py::dtype::of<float>()))
+      dtype = DType::Float32;
+    else if (a.dtype().is(py::dtype::of<double>()))
+      dtype = DType::Float64;
+    else
+      throw convcore::TypeError(std::string(name) + " must be float32 or float64, got " +
+                                std::string(py::str(a.dtype())));
+    if (a.ndim() > convcore::kMaxDims)
+      throw convcore::ValueError(std::string(name) + " has too many dimensions (" +
+                                 std::to_string(a.ndim()) + ")");
+    const auto itemsize = static_cast<py::ssize_t>(a.itemsize());
+    bool odd = reinterpret_cast<std::uintptr_t>(a.data()) % itemsize != 0;
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) odd = odd || a.strides(i) % itemsize != 0;
+    py::array arr = a;
+    if (odd) arr = py::module_::import("numpy").attr("ascontiguousarray")(a);
+    keep.push_back(arr);
+    TensorView t;
+    t.data = const_cast<void*>(arr.data());
+    t.dtype = dtype;
+    t.ndim = static_cast<int>(arr.ndim());
+    for (int i = 0; i < t.ndim; ++i) {
+      t.shape[i] = arr.shape(i);
+      t.strides[i] = arr.strides(i) / itemsize;
+    }
+    return t;
+  }
+};
+
+py::array new_array(const TensorView& like, std::vector<py::ssize_t> shape) {
+  if (like.dtype == DType::Float32) return py::array_t<float>(shape);
+  return py::array_t<double>(shape);
+}
+
+TensorView out_view(py::array& a) {
+  TensorView t;
+  t.data = a.mutable_data();
+  t.dtype = a.dtype().is(py::dtype::of<float>())    ? DType::Float32
+            : a.dtype().is(py::dtype::of<double>()) ? DType::Float64
+                                                    : DType::Int64;
+  t.ndim = static_cast<int>(a.ndim());
+  for (int i = 0; i < t.ndim; ++i) {
+    t.shape[i] = a.shape(i);
+    t.strides[i] = a.strides(i) / static_cast<py::ssize_t>(a.itemsize());
+  }
+  return t;
+}
+
+std::vector<py::ssize_t> dims(const TensorView& t) {
+  return std::vector<py::ssize_t>(t.shape, t.shape + t.ndim);
+}
+
+std::vector<py::ssize_t> dims(const convcore::Shape4& s) { return {s.n, s.c, s.h, s.w}; }
+
+convcore::Conv2dParams conv_params(std::pair<int64_t, int64_t> stride,
+                                   std::vector<int64_t> padding,
+                                   std::pair<int64_t, int64_t> dilation, int64_t groups) {
+  if (padding.size() != 4) throw convcore::ValueError("padding must have 4 entries");
+  convcore::Conv2dParams p;
+  p.stride_h = stride.first, p.stride_w = stride.second;
+  p.pad_top = padding[0], p.pad_bottom = padding[1];
+  p.pad_left = padding[2], p.pad_right = padding[3];
+  p.dilation_h = dilation.first, p.dilation_w = dilation.second;
+  p.groups = groups;
+  return p;
+}
+
+convcore::Pool2dParams pool_params(std::pair<int64_t, int64_t> kernel,
+                                   std::pair<int64_t, int64_t> stride,
+                                   std::pair<int64_t, int64_t> padding,
+                                   std::pair<int64_t, int64_t> dilation, bool ceil_mode,
+                                   bool count_include_pad, int64_t divisor_override) {
+  convcore::Pool2dParams p;
+  p.kernel_h = kernel.first, p.kernel_w = kernel.second;
+  p.stride_h = stride.first, p.stride_w = stride.second;
+  p.pad_h = padding.first, p.pad_w = padding.second;
+  p.dilation_h = dilation.first, p.dilation_w = dilation.second;
+  p.ceil_mode = ceil_mode;
+  p.count_include_pad = count_include_pad;
+  p.divisor_override = divisor_override;
+  return p;
+}
+
+using Pair = std::pair<int64_t, int64_t>;
+
+py::array conv2d(const py::array& input, const py::array& weight,
+                 const std::optional<py::array>& bias, Pair stride, std::vector<int64_t> padding,
+                 Pair dilation, int64_t groups) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  const TensorView w = arrays.view(weight, "weight");
+  TensorView b;
+  if (bias) b = arrays.view(*bias, "bias");
+  const auto p = conv_params(stride, padding, dilation, groups);
+  convcore::check_float(x, "input");
+  convcore::check_same_dtype(w, "weight", x, "input");
+  convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  convcore::check_ndim(w, "weight", 4, "(out_channels, in_channels / groups, kH, kW)");
+  const auto shape = convcore::conv2d_output_shape(convcore::shape4(x), convcore::shape4(w), p);
+  py::array out = new_array(x, dims(shape));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::conv2d_forward(x, w, bias ? &b : nullptr, p, y);
+  }
+  return out;
+}
+
+py::tuple conv2d_backward(const py::array& grad_output, const py::array& input,
+                          const py::array& weight, Pair stride, std::vector<int64_t> padding,
+                          Pair dilation, int64_t groups, bool need_input, bool need_weight,
+                          bool need_bias) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  const TensorView w = arrays.view(weight, "weight");
+  const auto p = conv_params(stride, padding, dilation, groups);
+  convcore::check_float(x, "input");
+  convcore::check_same_dtype(w, "weight", x, "input");
+  convcore::check_same_dtype(gy, "grad_output", x, "input");
+  convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  convcore::check_ndim(w, "weight", 4, "(out_channels, in_channels / groups, kH, kW)");
+  py::object gx = py::none(), gw = py::none(), gb = py::none();
+  py::array gx_a, gw_a, gb_a;
+  TensorView gx_v, gw_v, gb_v;
+  if (need_input) gx_a = new_array(x, dims(x)), gx_v = out_view(gx_a), gx = gx_a;
+  if (need_weight) gw_a = new_array(x, dims(w)), gw_v = out_view(gw_a), gw = gw_a;
+  if (need_bias) {
+    gb_a = new_array(x, {static_cast<py::ssize_t>(w.shape[0])});
+    gb_v = out_view(gb_a), gb = gb_a;
+  }
+  {
+    py::gil_scoped_release release;
+    convcore::conv2d_backward(gy, x, w, p, need_input ? &gx_v : nullptr,
+                              need_weight ? &gw_v : nullptr, need_bias ? &gb_v : nullptr);
+  }
+  return py::make_tuple(gx, gw, gb);
+}
+
+py::object max_pool2d(const py::array& input, Pair kernel, Pair stride, Pair padding,
+                      Pair dilation, bool ceil_mode, bool return_indices) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  const auto p = pool_params(kernel, stride, padding, dilation, ceil_mode, true, 0);
+  convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  const auto shape = convcore::max_pool2d_output_shape(convcore::shape4(x), p);
+  py::array out = new_array(x, dims(shape));
+  const TensorView y = out_view(out);
+  py::array idx;
+  TensorView idx_v;
+  if (return_indices) idx = py::array_t<int64_t>(dims(shape)), idx_v = out_view(idx);
+  {
+    py::gil_scoped_release release;
+    convcore::max_pool2d_forward(x, p, y, return_indices ? &idx_v : nullptr);
+  }
+  if (return_indices) return py::make_tuple(out, idx);
+  return std::move(out);
+}
+
+py::array max_pool2d_backward(const py::array& grad_output, const py::array& input, Pair kernel,
+                              Pair stride, Pair padding, Pair dilation, bool ceil_mode) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  const auto p = pool_params(kernel, stride, padding, dilation, ceil_mode, true, 0);
+  py::array gx = new_array(x, dims(x));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::max_pool2d_backward(gy, x, p, gx_v);
+  }
+  return gx;
+}
+
+py::array avg_pool2d(const py::array& input, Pair kernel, Pair stride, Pair padding,
+                     bool ceil_mode, bool count_include_pad, int64_t divisor_override) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  const auto p =
+      pool_params(kernel, stride, padding, {1, 1}, ceil_mode, count_include_pad, divisor_override);
+  convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  const auto shape = convcore::avg_pool2d_output_shape(convcore::shape4(x), p);
+  py::array out = new_array(x, dims(shape));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::avg_pool2d_forward(x, p, y);
+  }
+  return out;
+}
+
+py::array avg_pool2d_backward(const py::array& grad_output, const py::array& input, Pair kernel,
+                              Pair stride, Pair padding, bool ceil_mode, bool count_include_pad,
+                              int64_t divisor_override) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  const auto p =
+      pool_params(kernel, stride, padding, {1, 1}, ceil_mode, count_include_pad, divisor_override);
+  convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  convcore::check_same_dtype(gy, "grad_output", x, "input");
+  py::array gx = new_array(x, dims(x));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::avg_pool2d_backward(gy, p, gx_v);
+  }
+  return gx;
+}
+
+py::array adaptive_avg_pool2d(const py::array& input, Pair output_size) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  const auto shape = convcore::adaptive_avg_pool2d_output_shape(
+      convcore::shape4(x), output_size.first, output_size.second);
+  py::array out = new_array(x, dims(shape));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::adaptive_avg_pool2d_forward(x, y);
+  }
+  return out;
+}
+
+py::array adaptive_avg_pool2d_backward(const py::array& grad_output, const py::array& input) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  convcore::check_same_dtype(gy, "grad_output", x, "input");
+  py::array gx = new_array(x, dims(x));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::adaptive_avg_pool2d_backward(gy, gx_v);
+  }
+  return gx;
+}
+
+py::array linear(const py::array& input, const py::array& weight,
+                 const std::optional<py::array>& bias) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  const TensorView w = arrays.view(weight, "weight");
+  TensorView b;
+  if (bias) b = arrays.view(*bias, "bias");
+  convcore::check_ndim(x, "input", 2, "(batch, in_features)");
+  convcore::check_ndim(w, "weight", 2, "(out_features, in_features)");
+  py::array out = new_array(x, {static_cast<py::ssize_t>(x.shape[0]),
+                                static_cast<py::ssize_t>(w.shape[0])});
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::linear_forward(x, w, bias ? &b : nullptr, y);
+  }
+  return out;
+}
+
+py::tuple linear_backward(const py::array& grad_output, const py::array& input,
+                          const py::array& weight) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  const TensorView w = arrays.view(weight, "weight");
+  convcore::check_ndim(x, "input", 2, "(batch, in_features)");
+  convcore::check_ndim(w, "weight", 2, "(out_features, in_features)");
+  convcore::check_same_dtype(w, "weight", x, "input");
+  py::array gx = new_array(x, dims(x)), gw = new_array(x, dims(w));
+  py::array gb = new_array(x, {static_cast<py::ssize_t>(w.shape[0])});
+  const TensorView gx_v = out_view(gx), gw_v = out_view(gw), gb_v = out_view(gb);
+  {
+    py::gil_scoped_release release;
+    convcore::linear_backward(gy, x, w, &gx_v, &gw_v, &gb_v);
+  }
+  return py::make_tuple(gx, gw, gb);
+}
+
+py::array relu(const py::array& input) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  py::array out = new_array(x, dims(x));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::relu_forward(x, y);
+  }
+  return out;
+}
+
+py::array relu_backward(const py::array& grad_output, const py::array& input) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  py::array gx = new_array(x, dims(x));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::relu_backward(gy, x, gx_v);
+  }
+  return gx;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "convcore's C++ core (use the functions of the convcore package instead)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const convcore::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const convcore::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const convcore::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  m.def("conv2d", &conv2d);
+  m.def("conv2d_backward", &conv2d_backward);
+  m.def("max_pool2d", &max_pool2d);
+  m.def("max_pool2d_backward", &max_pool2d_backward);
+  m.def("avg_pool2d", &avg_pool2d);
+  m.def("avg_pool2d_backward", &avg_pool2d_backward);
+  m.def("adaptive_avg_pool2d", &adaptive_avg_pool2d);
+  m.def("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward);
+  m.def("linear", &linear);
+  m.def("linear_backward", &linear_backward);
+  m.def("relu", &relu);
+  m.def("relu_backward", &relu_backward);
+
+  // Shape rules, shared with the Python layer and the network builder.
+  m.def("conv_output_size", &convcore::conv_output_size, py::arg("input"), py::arg("kernel"),
+        py::arg("stride"), py::arg("pad_before"), py::arg("pad_after"), py::arg("dilation"));
+  m.def("pool_output_size", &convcore::pool_output_size, py::arg("input"), py::arg("kernel"),
+        py::arg("stride"), py::arg("pad"), py::arg("dilation"), py::arg("ceil_mode"));
+  m.def("same_padding", [](int64_t kernel, int64_t dilation) {
+    int64_t before, after;
+    convcore::same_padding(kernel, dilation, &before, &after);
+    return py::make_tuple(before, after);
+  });
+  m.def("conv2d_output_shape", [](std::vector<int64_t> input, std::vector<int64_t> weight,
+                                  Pair stride, std::vector<int64_t> padding, Pair dilation,
+                                  int64_t groups) {
+    if (input.size() != 4 || weight.size() != 4)
+      throw convcore::ValueError("input and weight shapes must have 4 entries");
+    const auto s = convcore::conv2d_output_shape({input[0], input[1], input[2], input[3]},
+                                                 {weight[0], weight[1], weight[2], weight[3]},
+                                                 conv_params(stride, padding, dilation, groups));
+    return py::make_tuple(s.n, s.c, s.h, s.w);
+  });
+  m.def("pool2d_output_shape", [](std::vector<int64_t> input, Pair kernel, Pair stride,
+                                  Pair padding, Pair dilation, bool ceil_mode, bool is_avg) {
+    if (input.size() != 4) throw convcore::ValueError("input shape must have 4 entries");
+    const auto p = pool_params(kernel, stride, padding, dilation, ceil_mode, true, 0);
+    const convcore::Shape4 in{input[0], input[1], input[2], input[3]};
+    const auto s = is_avg ? convcore::avg_pool2d_output_shape(in, p)
+                          : convcore::max_pool2d_output_shape(in, p);
+    return py::make_tuple(s.n, s.c, s.h, s.w);
+  });
+
+  m.def("set_num_threads", &convcore::set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &convcore::get_num_threads);
+  m.def("gemm_isa", [] { return std::string(convcore::gemm_isa()); });
+}

@@ -1,0 +1,328 @@
+// 2-D convolution, forward and backward, lowered to the packed GEMM of
+// gemm.h. The image is never expanded into a full im2col matrix: B panels
+// are packed straight from the (strided) input, one cache block at a time,
+// so the workspace per thread is one KC x NC block plus packed weights.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "convcore/ops.h"
+#include "convcore/threading.h"
+#include "gemm.h"
+#include "strided.h"
+
+namespace convcore {
+
+namespace {
+
+// Everything the kernels need about one convolution.
+struct ConvGeometry {
+  int64_t N, C, H, W;          // input
+  int64_t Cout, KH, KW;        // weight
+  int64_t Ho, Wo, P;           // output spatial size, P = Ho * Wo
+  int64_t G, Cg, Coutg, Kc;    // groups; per-group channels; Kc = Cg * KH * KW
+  int64_t xs_n, xs_c, xs_h, xs_w;  // input strides (elements)
+  Conv2dParams p;
+};
+
+ConvGeometry make_geometry(const TensorView& input, const TensorView& weight,
+                           const Conv2dParams& p) {
+  check_float(input, "input");
+  check_same_dtype(weight, "weight", input, "input");
+  check_ndim(input, "input", 4, "(N, C, H, W)");
+  check_ndim(weight, "weight", 4, "(out_channels, in_channels / groups, kH, kW)");
+  const Shape4 out = conv2d_output_shape(shape4(input), shape4(weight), p);
+  ConvGeometry g;
+  g.N = input.shape[0], g.C = input.shape[1], g.H = input.shape[2], g.W = input.shape[3];
+  g.Cout = weight.shape[0], g.KH = weight.shape[2], g.KW = weight.shape[3];
+  g.Ho = out.h, g.Wo = out.w, g.P = out.h * out.w;
+  g.G = p.groups, g.Cg = g.C / p.groups, g.Coutg = g.Cout / p.groups;
+  g.Kc = g.Cg * g.KH * g.KW;
+  g.xs_n = input.strides[0], g.xs_c = input.strides[1];
+  g.xs_h = input.strides[2], g.xs_w = input.strides[3];
+  g.p = p;
+  return g;
+}
+
+// Packs B(r, q) = im2col(x)[r, q] for rows r in [k0, k0 + kc) (r = (c, i, j) of
+// the kernel) and output positions q in [j0, j0 + nc) into NR-column panels.
+// x points at channel 0 of one group of one image.
+template <typename T>
+struct Im2colPackB {
+  const T* x;
+  const ConvGeometry* g;
+  int64_t q_offset;  // first output position of the tile
+
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    const ConvGeometry& G = *g;
+    const int64_t khw = G.KH * G.KW;
+    const int64_t npanels = (nc + NR - 1) / NR;
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t r = k0 + k;
+      const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
+      const T* xc = x + c * G.xs_c;
+      const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
+      const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
+      int64_t q = q_offset + j0;
+      int64_t oh = q / G.Wo, ow = q % G.Wo;
+      for (int64_t jj = 0; jj < nc; ++jj) {
+        const int64_t ih = oh * G.p.stride_h + ih_off, iw = ow * G.p.stride_w + iw_off;
+        const bool inside = ih >= 0 && ih < G.H && iw >= 0 && iw < G.W;
+        dst[(jj / NR) * kc * NR + k * NR + (jj % NR)] =
+            inside ? xc[ih * G.xs_h + iw * G.xs_w] : T(0);
+        if (++ow == G.Wo) ow = 0, ++oh;
+      }
+      for (int64_t jj = nc; jj < npanels * NR; ++jj) dst[(jj / NR) * kc * NR + k * NR + (jj % NR)] = T(0);
+    }
+  }
+};
+
+// Packs B(q, r) = im2col(x)[r, q]^T: rows are output positions q in
+// [k0, k0 + kc), columns kernel rows r in [j0, j0 + nc). Used for grad_weight.
+template <typename T>
+struct Im2colTransposedPackB {
+  const T* x;
+  const ConvGeometry* g;
+  int64_t r_offset;  // first kernel row of the task's column block
+
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    const ConvGeometry& G = *g;
+    const int64_t khw = G.KH * G.KW;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+      T* panel = dst + jp * kc;
+      const int64_t width = std::min<int64_t>(NR, nc - jp);
+      for (int64_t jj = 0; jj < NR; ++jj) {
+        if (jj >= width) {
+          for (int64_t k = 0; k < kc; ++k) panel[k * NR + jj] = T(0);
+          continue;
+        }
+        const int64_t r = r_offset + j0 + jp + jj;
+        const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
+        const T* xc = x + c * G.xs_c;
+        const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
+        const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
+        int64_t oh = k0 / G.Wo, ow = k0 % G.Wo;
+        for (int64_t k = 0; k < kc; ++k) {
+          const int64_t ih = oh * G.p.stride_h + ih_off, iw = ow * G.p.stride_w + iw_off;
+          const bool inside = ih >= 0 && ih < G.H && iw >= 0 && iw < G.W;
+          panel[k * NR + jj] = inside ? xc[ih * G.xs_h + iw * G.xs_w] : T(0);
+          if (++ow == G.Wo) ow = 0, ++oh;
+        }
+      }
+    }
+  }
+};
+
+// grad_x[c, ih, iw] += dcol[r, q] for kernel rows r of channels starting at
+// channel 0 of gx, and output positions q in [q0, q0 + nq).
+template <typename T>
+void col2im_add(const T* dcol, int64_t rows, int64_t nq, int64_t q0, const ConvGeometry& G,
+                T* gx) {
+  const int64_t khw = G.KH * G.KW;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
+    T* gc = gx + c * G.H * G.W;
+    const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
+    const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
+    const T* src = dcol + r * nq;
+    int64_t oh = q0 / G.Wo, ow = q0 % G.Wo;
+    for (int64_t jj = 0; jj < nq; ++jj) {
+      const int64_t ih = oh * G.p.stride_h + ih_off, iw = ow * G.p.stride_w + iw_off;
+      if (ih >= 0 && ih < G.H && iw >= 0 && iw < G.W) gc[ih * G.W + iw] += src[jj];
+      if (++ow == G.Wo) ow = 0, ++oh;
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
+                  const ConvGeometry& G, T* out) {
+  // Weights of every group packed once, shared read-only by all tasks.
+  const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, G.Kc);
+  std::vector<T> a_packed(static_cast<size_t>(a_size * G.G));
+  for (int64_t g = 0; g < G.G; ++g)
+    gemm::pack_a(G.Coutg, G.Kc, weight.data() + g * G.Coutg * G.Kc, G.Kc, int64_t(1),
+                 a_packed.data() + g * a_size);
+
+  // Tasks: (image, group, tile of output positions); each writes its own block.
+  const int64_t tile = gemm::NC;
+  const int64_t tiles = (G.P + tile - 1) / tile;
+  const int64_t tasks = G.N * G.G * tiles;
+  const T* x = input.ptr<const T>();
+  const int threads = detail::threads_for(tasks);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / (G.G * tiles), g = (t / tiles) % G.G, q0 = (t % tiles) * tile;
+      const int64_t nq = std::min(tile, G.P - q0);
+      const Im2colPackB<T> pack{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, q0};
+      T* c = out + (n * G.Cout + g * G.Coutg) * G.P + q0;
+      gemm::gemm_packed(G.Coutg, nq, G.Kc, a_packed.data() + g * a_size, G.Coutg, 0, pack, c,
+                        G.P, false, bbuf);
+      if (bias) {
+        for (int64_t o = 0; o < G.Coutg; ++o) {
+          const T b = bias[g * G.Coutg + o];
+          T* row = c + o * G.P;
+          for (int64_t j = 0; j < nq; ++j) row[j] += b;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void grad_input_impl(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G, T* gx) {
+  // Tasks: (image, group, block of input channels). dcol rows of a channel
+  // block scatter only into those channels, so tasks never write the same
+  // element, and each element's sum runs in a fixed order.
+  const int64_t khw = G.KH * G.KW;
+  const int64_t base_block = std::max<int64_t>(1, std::min<int64_t>(G.Cg, 512 / std::max<int64_t>(khw, 1)));
+  int64_t nblocks = (G.Cg + base_block - 1) / base_block;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  if (G.N * G.G * nblocks < want)
+    nblocks = std::min<int64_t>(G.Cg, (want + G.N * G.G - 1) / (G.N * G.G));
+  const int64_t cblock = (G.Cg + nblocks - 1) / nblocks;
+  nblocks = (G.Cg + cblock - 1) / cblock;
+  const int64_t tasks = G.N * G.G * nblocks;
+  const int64_t tile = gemm::NC;
+  const int64_t max_rows = cblock * khw;
+  const int64_t bsize = gemm::b_workspace_size<T>();
+  const int64_t asize = gemm::packed_a_size<T>(max_rows, G.Coutg);
+  const int threads = detail::threads_for(tasks);
+  detail::Workspace<T> ws(threads, bsize + asize + max_rows * tile);
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+    T* a_packed = bbuf + bsize;
+    T* dcol = a_packed + asize;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / (G.G * nblocks), g = (t / nblocks) % G.G;
+      const int64_t c0 = (t % nblocks) * cblock, nc = std::min(cblock, G.Cg - c0);
+      const int64_t rows = nc * khw;
+      // A(r, o) = weight[g * Coutg + o, c0 * khw + r]: the transposed weights of the block.
+      gemm::pack_a(rows, G.Coutg, weight.data() + g * G.Coutg * G.Kc + c0 * khw, int64_t(1),
+                   G.Kc, a_packed);
+      T* gxb = gx + (n * G.C + g * G.Cg + c0) * G.H * G.W;
+      std::fill(gxb, gxb + nc * G.H * G.W, T(0));
+      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P;
+      for (int64_t q0 = 0; q0 < G.P; q0 += tile) {
+        const int64_t nq = std::min(tile, G.P - q0);
+        const gemm::StridedPackB<T> pack{gyg + q0, G.P, 1};
+        gemm::gemm_packed(rows, nq, G.Coutg, a_packed, rows, 0, pack, dcol, nq, false, bbuf);
+        col2im_add(dcol, rows, nq, q0, G, gxb);
+      }
+    }
+  }
+}
+
+template <typename T>
+void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  // grad_weight[g] (Coutg x Kc) = sum_n gy[n, g] (Coutg x P) * im2col(x[n, g])^T (P x Kc).
+  // Tasks: (group, block of Kc columns): disjoint outputs, and each sum runs
+  // over n and P in a fixed order whatever the thread count.
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int64_t panels = (G.Kc + NR - 1) / NR;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t nblocks = std::min<int64_t>(panels, std::max<int64_t>(1, (want + G.G - 1) / G.G));
+  const int64_t cols_per_block = ((panels + nblocks - 1) / nblocks) * NR;
+  const int64_t tasks = G.G * nblocks;
+  const T* x = input.ptr<const T>();
+  const int64_t bsize = gemm::b_workspace_size<T>();
+  const int threads = detail::threads_for(tasks);
+  detail::Workspace<T> ws(threads, bsize + gemm::packed_a_size<T>(G.Coutg, G.P));
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+    T* a_packed = bbuf + bsize;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t g = t / nblocks, r0 = (t % nblocks) * cols_per_block;
+      if (r0 >= G.Kc) continue;
+      const int64_t ncols = std::min(cols_per_block, G.Kc - r0);
+      T* c = gw + g * G.Coutg * G.Kc + r0;
+      if (G.N == 0) {
+        for (int64_t o = 0; o < G.Coutg; ++o) std::fill(c + o * G.Kc, c + o * G.Kc + ncols, T(0));
+        continue;
+      }
+      for (int64_t n = 0; n < G.N; ++n) {
+        gemm::pack_a(G.Coutg, G.P, gy + (n * G.Cout + g * G.Coutg) * G.P, G.P, int64_t(1),
+                     a_packed);
+        const Im2colTransposedPackB<T> pack{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, r0};
+        gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0, pack, c, G.Kc, n > 0,
+                          bbuf);
+      }
+    }
+  }
+}
+
+// grad_bias[o] = sum over n, h, w of grad_output; float32 sums in double.
+template <typename T>
+void grad_bias_impl(const T* gy, const ConvGeometry& G, T* gb) {
+#pragma omp parallel for num_threads(detail::threads_for(G.Cout)) schedule(static)
+  for (int64_t o = 0; o < G.Cout; ++o) {
+    double s = 0;
+    for (int64_t n = 0; n < G.N; ++n) {
+      const T* row = gy + (n * G.Cout + o) * G.P;
+      for (int64_t q = 0; q < G.P; ++q) s += row[q];
+    }
+    gb[o] = static_cast<T>(s);
+  }
+}
+
+}  // namespace
+
+void conv2d_forward(const TensorView& input, const TensorView& weight, const TensorView* bias,
+                    const Conv2dParams& p, const TensorView& output) {
+  const ConvGeometry G = make_geometry(input, weight, p);
+  if (bias) {
+    check_same_dtype(*bias, "bias", input, "input");
+    check_shape(*bias, "bias", 1, &G.Cout);
+  }
+  const int64_t out_shape[4] = {G.N, G.Cout, G.Ho, G.Wo};
+  detail::check_output(output, "output", input, 4, out_shape);
+  detail::dispatch_float(input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const detail::Contiguous<T> w(weight);
+    std::vector<T> b;
+    if (bias) {
+      b.resize(static_cast<size_t>(G.Cout));
+      detail::copy_to_contiguous<T>(*bias, b.data());
+    }
+    if (output.numel() == 0) return;
+    forward_impl<T>(input, w, bias ? b.data() : nullptr, G, output.ptr<T>());
+  });
+}
+
+void conv2d_backward(const TensorView& grad_output, const TensorView& input,
+                     const TensorView& weight, const Conv2dParams& p,
+                     const TensorView* grad_input, const TensorView* grad_weight,
+                     const TensorView* grad_bias) {
+  const ConvGeometry G = make_geometry(input, weight, p);
+  check_same_dtype(grad_output, "grad_output", input, "input");
+  const int64_t out_shape[4] = {G.N, G.Cout, G.Ho, G.Wo};
+  check_shape(grad_output, "grad_output", 4, out_shape);
+  if (grad_input) detail::check_output(*grad_input, "grad_input", input, 4, input.shape);
+  if (grad_weight) detail::check_output(*grad_weight, "grad_weight", input, 4, weight.shape);
+  if (grad_bias) detail::check_output(*grad_bias, "grad_bias", input, 1, &G.Cout);
+  detail::dispatch_float(input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const detail::Contiguous<T> gy(grad_output);
+    if (grad_input && grad_input->numel() > 0) {
+      const detail::Contiguous<T> w(weight);
+      grad_input_impl<T>(gy.data(), w, G, grad_input->ptr<T>());
+    }
+    if (grad_weight && grad_weight->numel() > 0)
+      grad_weight_impl<T>(gy.data(), input, G, grad_weight->ptr<T>());
+    if (grad_bias && grad_bias->numel() > 0) grad_bias_impl<T>(gy.data(), G, grad_bias->ptr<T>());
+  });
+}
+
+}  // namespace convcore

@@ -1,0 +1,216 @@
+#include "gemm.h"
+
+#include <omp.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "convcore/threading.h"
+#include "strided.h"
+
+namespace convcore {
+namespace gemm {
+
+namespace {
+
+// The portable microkernel: accumulators for an MR x NR tile in a local
+// array the compiler may keep in registers. Used where no vector kernel
+// below applies.
+template <typename T>
+inline void micro_generic(int64_t kc, const T* __restrict a, const T* __restrict b,
+                          T* __restrict c, int64_t ldc, int mr, int nr, bool accumulate) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  T acc[MR][NR] = {};
+  for (int64_t k = 0; k < kc; ++k)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] += a[k * MR + i] * b[k * NR + j];
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j)
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+}
+
+// The vector microkernel, written with GCC/Clang vector extensions so one
+// body serves every instruction set: V is a vector of W lanes of T, and the
+// NR columns of the tile are covered in passes of 2 * W columns, each with
+// MR x 2 vector accumulators (12 registers) that stay in registers.
+#if defined(__GNUC__) || defined(__clang__)
+#define CONVCORE_VECTOR_KERNELS 1
+template <typename T, typename V>
+inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* __restrict a,
+                                                        const T* __restrict b, T* __restrict c,
+                                                        int64_t ldc, int mr, int nr,
+                                                        bool accumulate) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr int W = sizeof(V) / sizeof(T);
+  static_assert(MR == 6 && NR % (2 * W) == 0, "kernel shape");
+  for (int j0 = 0; j0 < NR; j0 += 2 * W) {
+    if (j0 >= nr) break;
+    V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {};
+    V c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {}, c51 = {};
+    const T* bp = b + j0;
+    const T* ap = a;
+    for (int64_t k = 0; k < kc; ++k, bp += NR, ap += MR) {
+      V b0, b1;
+      __builtin_memcpy(&b0, bp, sizeof(V));
+      __builtin_memcpy(&b1, bp + W, sizeof(V));
+      c00 += ap[0] * b0, c01 += ap[0] * b1;
+      c10 += ap[1] * b0, c11 += ap[1] * b1;
+      c20 += ap[2] * b0, c21 += ap[2] * b1;
+      c30 += ap[3] * b0, c31 += ap[3] * b1;
+      c40 += ap[4] * b0, c41 += ap[4] * b1;
+      c50 += ap[5] * b0, c51 += ap[5] * b1;
+    }
+    const V rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                           {c30, c31}, {c40, c41}, {c50, c51}};
+    const int width = nr - j0 < 2 * W ? nr - j0 : 2 * W;
+    for (int i = 0; i < mr; ++i) {
+      T* ci = c + i * ldc + j0;
+      if (width == 2 * W) {
+        for (int h = 0; h < 2; ++h) {
+          V v = rows[i][h];
+          if (accumulate) {
+            V old;
+            __builtin_memcpy(&old, ci + h * W, sizeof(V));
+            v += old;
+          }
+          __builtin_memcpy(ci + h * W, &v, sizeof(V));
+        }
+      } else {
+        T tmp[2 * W];
+        __builtin_memcpy(tmp, &rows[i][0], sizeof(V));
+        __builtin_memcpy(tmp + W, &rows[i][1], sizeof(V));
+        for (int j = 0; j < width; ++j) ci[j] = accumulate ? ci[j] + tmp[j] : tmp[j];
+      }
+    }
+  }
+}
+#endif
+
+using KernelF = void (*)(int64_t, const float*, const float*, float*, int64_t, int, int, bool);
+using KernelD = void (*)(int64_t, const double*, const double*, double*, int64_t, int, int, bool);
+
+void kernel_generic_f(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr,
+                      int nr, bool acc) {
+  micro_generic<float>(kc, a, b, c, ldc, mr, nr, acc);
+}
+void kernel_generic_d(int64_t kc, const double* a, const double* b, double* c, int64_t ldc,
+                      int mr, int nr, bool acc) {
+  micro_generic<double>(kc, a, b, c, ldc, mr, nr, acc);
+}
+
+#if defined(__x86_64__) && defined(CONVCORE_VECTOR_KERNELS)
+#define CONVCORE_X86_DISPATCH 1
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
+
+__attribute__((target("avx2,fma"))) void kernel_avx2_f(int64_t kc, const float* a,
+                                                       const float* b, float* c, int64_t ldc,
+                                                       int mr, int nr, bool acc) {
+  micro_vector<float, f32x8>(kc, a, b, c, ldc, mr, nr, acc);
+}
+__attribute__((target("avx2,fma"))) void kernel_avx2_d(int64_t kc, const double* a,
+                                                       const double* b, double* c, int64_t ldc,
+                                                       int mr, int nr, bool acc) {
+  micro_vector<double, f64x4>(kc, a, b, c, ldc, mr, nr, acc);
+}
+__attribute__((target("avx512f,fma"))) void kernel_avx512_f(int64_t kc, const float* a,
+                                                            const float* b, float* c,
+                                                            int64_t ldc, int mr, int nr,
+                                                            bool acc) {
+  micro_vector<float, f32x16>(kc, a, b, c, ldc, mr, nr, acc);
+}
+__attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const double* a,
+                                                            const double* b, double* c,
+                                                            int64_t ldc, int mr, int nr,
+                                                            bool acc) {
+  micro_vector<double, f64x8>(kc, a, b, c, ldc, mr, nr, acc);
+}
+#endif
+
+struct Dispatch {
+  KernelF f = kernel_generic_f;
+  KernelD d = kernel_generic_d;
+  const char* name = "generic";
+  Dispatch() {
+#ifdef CONVCORE_X86_DISPATCH
+    // CONVCORE_ISA=generic|avx2|avx512 caps the level, so every path can be
+    // tested on one machine.
+    const char* cap = std::getenv("CONVCORE_ISA");
+    const int max_level = !cap                             ? 2
+                          : std::strcmp(cap, "generic") == 0 ? 0
+                          : std::strcmp(cap, "avx2") == 0    ? 1
+                                                             : 2;
+    __builtin_cpu_init();
+    if (max_level >= 2 && __builtin_cpu_supports("avx512f")) {
+      f = kernel_avx512_f;
+      d = kernel_avx512_d;
+      name = "avx512";
+    } else if (max_level >= 1 && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma")) {
+      f = kernel_avx2_f;
+      d = kernel_avx2_d;
+      name = "avx2";
+    }
+#endif
+  }
+};
+
+const Dispatch& dispatch() {
+  static const Dispatch d;
+  return d;
+}
+
+}  // namespace
+
+void micro_kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr,
+                  int nr, bool accumulate) {
+  dispatch().f(kc, a, b, c, ldc, mr, nr, accumulate);
+}
+void micro_kernel(int64_t kc, const double* a, const double* b, double* c, int64_t ldc, int mr,
+                  int nr, bool accumulate) {
+  dispatch().d(kc, a, b, c, ldc, mr, nr, accumulate);
+}
+
+const char* isa_name() { return dispatch().name; }
+
+}  // namespace gemm
+
+const char* gemm_isa() { return gemm::isa_name(); }
+
+namespace gemm {
+
+template <typename T>
+void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
+                  const T* b, int64_t b_rs, int64_t b_cs, T* c, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  std::vector<T> a_packed(static_cast<size_t>(packed_a_size<T>(M, K)));
+  pack_a(M, K, a, a_rs, a_cs, a_packed.data());
+  // Blocks of C, MC rows x NC columns, are independent, and the order of
+  // the K reduction inside a block never depends on the thread count.
+  const int64_t mblocks = (M + MC - 1) / MC, nblocks = (N + NC - 1) / NC;
+  const int64_t tasks = mblocks * nblocks;
+  const int threads = detail::threads_for(tasks);
+  detail::Workspace<T> ws(threads, b_workspace_size<T>());
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t i0 = (t % mblocks) * MC, j0 = (t / mblocks) * NC;
+      const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
+      const StridedPackB<T> pack_block{b + j0 * b_cs, b_rs, b_cs};
+      gemm_packed(mc, nc, K, a_packed.data(), M, i0, pack_block, c + i0 * ldc + j0, ldc,
+                  accumulate, bbuf);
+    }
+  }
+}
+
+template void gemm_strided<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                                  const float*, int64_t, int64_t, float*, int64_t, bool);
+template void gemm_strided<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
+                                   const double*, int64_t, int64_t, double*, int64_t, bool);
+
+}  // namespace gemm
+}  // namespace convcore

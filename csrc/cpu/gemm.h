@@ -1,0 +1,148 @@
+// Cache-blocked matrix product C[M,N] (+)= A[M,K] * B[K,N] in the BLIS style:
+// A is packed into MR-row panels, B into NR-column panels by a caller-given
+// packer (so convolution can pack B straight from the image: implicit im2col,
+// no column buffer), and a register-blocked microkernel computes MR x NR
+// tiles. C has unit column stride.
+//
+// The seam for faster code: a new microkernel plugs into micro_kernel();
+// other algorithms (winograd, direct depthwise) plug in beside gemm_packed()
+// in conv.cpp.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace convcore {
+namespace gemm {
+
+template <typename T>
+struct Tile;
+template <>
+struct Tile<float> {
+  static constexpr int MR = 6, NR = 32;
+};
+template <>
+struct Tile<double> {
+  static constexpr int MR = 6, NR = 16;
+};
+
+// Cache blocking: a KC x NR panel of B stays in L1, an MC x KC block of A in L2.
+constexpr int64_t KC = 256;
+constexpr int64_t MC = 144;
+constexpr int64_t NC = 384;
+
+static_assert(MC % Tile<float>::MR == 0 && MC % Tile<double>::MR == 0, "MC must be a multiple of MR");
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// c[0:mr, 0:nr] (+)= sum_k a[k*MR + i] * b[k*NR + j]; c row stride ldc.
+void micro_kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr,
+                  int nr, bool accumulate);
+void micro_kernel(int64_t kc, const double* a, const double* b, double* c, int64_t ldc, int mr,
+                  int nr, bool accumulate);
+
+// Name of the instruction set the microkernel was dispatched to.
+const char* isa_name();
+
+// Size of the packed form of an M x K matrix A.
+template <typename T>
+int64_t packed_a_size(int64_t M, int64_t K) {
+  return round_up(M, Tile<T>::MR) * K;
+}
+
+// Packs A(i, k) = a[i * rs + k * cs] into K-blocks of MR-row panels:
+// block k0 starts at k0 * Mpad, its panel for row i0 at i0 * kc.
+template <typename T>
+void pack_a(int64_t M, int64_t K, const T* a, int64_t rs, int64_t cs, T* dst) {
+  constexpr int MR = Tile<T>::MR;
+  const int64_t Mpad = round_up(M, MR);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    T* block = dst + k0 * Mpad;
+    for (int64_t i0 = 0; i0 < Mpad; i0 += MR) {
+      T* panel = block + i0 * kc;
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int i = 0; i < MR; ++i) {
+          const int64_t row = i0 + i;
+          panel[k * MR + i] = row < M ? a[row * rs + (k0 + k) * cs] : T(0);
+        }
+      }
+    }
+  }
+}
+
+// Packs the block B(k0 + k, j0 + j), k < kc, j < nc, of B(k, j) = b[k * rs + j * cs]
+// into NR-column panels (zero padded): panel p at dst + p * kc * NR.
+template <typename T>
+struct StridedPackB {
+  const T* b;
+  int64_t rs, cs;
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = Tile<T>::NR;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+      T* panel = dst + jp * kc;
+      const int64_t w = std::min<int64_t>(NR, nc - jp);
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = b + (k0 + k) * rs + (j0 + jp) * cs;
+        T* out = panel + k * NR;
+        for (int64_t j = 0; j < w; ++j) out[j] = src[j * cs];
+        for (int64_t j = w; j < NR; ++j) out[j] = T(0);
+      }
+    }
+  }
+};
+
+// Workspace for one call of gemm_packed: a KC x NC block of packed B.
+template <typename T>
+int64_t b_workspace_size() {
+  return KC * round_up(NC, Tile<T>::NR);
+}
+
+// C[0:M, 0:N] (+)= A[row0:row0+M, :] * B, where a_packed is the packed form
+// (pack_a) of a matrix with a_rows rows (row0 a multiple of MR) and B is
+// packed on the fly by pack_b(k0, kc, j0, nc, dst). Serial; callers
+// parallelise over independent blocks of C. bbuf: b_workspace_size<T>().
+template <typename T, typename PackB>
+void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, int64_t a_rows,
+                 int64_t row0, const PackB& pack_b, T* c, int64_t ldc, bool accumulate,
+                 T* bbuf) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, T(0));
+    return;
+  }
+  const int64_t Mpad = round_up(a_rows, MR);
+  for (int64_t jc = 0; jc < N; jc += NC) {
+    const int64_t nc = std::min(NC, N - jc);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      pack_b(k0, kc, jc, nc, bbuf);
+      const bool acc = accumulate || k0 > 0;
+      const T* a_block = a_packed + k0 * Mpad + row0 * kc;
+      for (int64_t ic = 0; ic < M; ic += MC) {
+        const int64_t mc = std::min(MC, M - ic);
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
+          const T* b_panel = bbuf + jr * kc;
+          for (int64_t ir = ic; ir < ic + mc; ir += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, M - ir));
+            micro_kernel(kc, a_block + ir * kc, b_panel, c + ir * ldc + jc + jr, ldc, mr, nr,
+                         acc);
+          }
+        }
+      }
+    }
+  }
+}
+
+// C (M x N, row stride ldc) (+)= A (M x K) * B (K x N), both given by strides;
+// parallel over blocks of C with the core's thread count.
+template <typename T>
+void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
+                  const T* b, int64_t b_rs, int64_t b_cs, T* c, int64_t ldc, bool accumulate);
+
+}  // namespace gemm
+}  // namespace convcore

@@ -1,0 +1,306 @@
+// Max, average and adaptive average pooling, forward and backward: direct
+// loops over each (image, channel) plane, planes in parallel. Each plane's
+// gradient is accumulated by one thread in a fixed order (deterministic).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "convcore/ops.h"
+#include "convcore/threading.h"
+#include "strided.h"
+
+namespace convcore {
+
+namespace {
+
+struct PlaneStrides {
+  int64_t n, c, h, w;
+};
+PlaneStrides strides_of(const TensorView& t) {
+  return {t.strides[0], t.strides[1], t.strides[2], t.strides[3]};
+}
+
+template <typename T>
+struct MaxResult {
+  T value;
+  int64_t index;  // h * W + w in the input plane; -1 if the window is empty
+};
+
+// The max of one pooling window, clipped to the input (dilated rows ih0,
+// ih0 + dh, ... < ih1), with PyTorch's first-max and NaN rules.
+template <typename T>
+MaxResult<T> window_max(const T* plane, const PlaneStrides& s, int64_t H, int64_t W,
+                        const Pool2dParams& p, int64_t oh, int64_t ow) {
+  int64_t ih0 = oh * p.stride_h - p.pad_h, iw0 = ow * p.stride_w - p.pad_w;
+  const int64_t ih1 = std::min(ih0 + (p.kernel_h - 1) * p.dilation_h + 1, H);
+  const int64_t iw1 = std::min(iw0 + (p.kernel_w - 1) * p.dilation_w + 1, W);
+  while (ih0 < 0) ih0 += p.dilation_h;
+  while (iw0 < 0) iw0 += p.dilation_w;
+  MaxResult<T> r{-std::numeric_limits<T>::infinity(), -1};
+  for (int64_t ih = ih0; ih < ih1; ih += p.dilation_h) {
+    for (int64_t iw = iw0; iw < iw1; iw += p.dilation_w) {
+      const T v = plane[ih * s.h + iw * s.w];
+      // The first element always wins, so an all -inf window still points
+      // at a real element; a NaN wins over everything (PyTorch's rule).
+      if (r.index < 0 || v > r.value || std::isnan(v)) r.value = v, r.index = ih * W + iw;
+    }
+  }
+  return r;
+}
+
+template <typename T>
+void max_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T* out,
+                 int64_t* idx) {
+  const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
+  const PlaneStrides s = strides_of(in);
+  const T* x = in.ptr<const T>();
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
+    for (int64_t oh = 0; oh < o.h; ++oh) {
+      for (int64_t ow = 0; ow < o.w; ++ow) {
+        const MaxResult<T> r = window_max(plane, s, H, W, p, oh, ow);
+        const int64_t k = (pl * o.h + oh) * o.w + ow;
+        out[k] = r.value;
+        if (idx) idx[k] = r.index;
+      }
+    }
+  }
+}
+
+template <typename T>
+void max_backward(const T* gy, const TensorView& in, const Pool2dParams& p, const Shape4& o,
+                  T* gx) {
+  const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
+  const PlaneStrides s = strides_of(in);
+  const T* x = in.ptr<const T>();
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
+    T* g = gx + pl * H * W;
+    std::fill(g, g + H * W, T(0));
+    for (int64_t oh = 0; oh < o.h; ++oh) {
+      for (int64_t ow = 0; ow < o.w; ++ow) {
+        const MaxResult<T> r = window_max(plane, s, H, W, p, oh, ow);
+        if (r.index >= 0) g[r.index] += gy[(pl * o.h + oh) * o.w + ow];
+      }
+    }
+  }
+}
+
+// PyTorch's average-pool window: the divisor counts the window clipped to
+// the padded input (count_include_pad) or to the input itself.
+struct AvgWindow {
+  int64_t h0, h1, w0, w1, divisor;
+};
+
+AvgWindow avg_window(int64_t H, int64_t W, const Pool2dParams& p, int64_t oh, int64_t ow) {
+  int64_t h0 = oh * p.stride_h - p.pad_h, w0 = ow * p.stride_w - p.pad_w;
+  int64_t h1 = std::min(h0 + p.kernel_h, H + p.pad_h);
+  int64_t w1 = std::min(w0 + p.kernel_w, W + p.pad_w);
+  const int64_t padded_size = (h1 - h0) * (w1 - w0);
+  h0 = std::max<int64_t>(h0, 0), w0 = std::max<int64_t>(w0, 0);
+  h1 = std::min(h1, H), w1 = std::min(w1, W);
+  int64_t divisor;
+  if (p.divisor_override > 0)
+    divisor = p.divisor_override;
+  else if (p.count_include_pad)
+    divisor = padded_size;
+  else
+    divisor = (h1 - h0) * (w1 - w0);
+  return {h0, h1, w0, w1, divisor};
+}
+
+template <typename T>
+void avg_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T* out) {
+  const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
+  const PlaneStrides s = strides_of(in);
+  const T* x = in.ptr<const T>();
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
+    for (int64_t oh = 0; oh < o.h; ++oh) {
+      for (int64_t ow = 0; ow < o.w; ++ow) {
+        const AvgWindow win = avg_window(H, W, p, oh, ow);
+        T sum = 0;
+        for (int64_t ih = win.h0; ih < win.h1; ++ih)
+          for (int64_t iw = win.w0; iw < win.w1; ++iw) sum += plane[ih * s.h + iw * s.w];
+        // An empty window (only possible in the padding) averages to 0.
+        out[(pl * o.h + oh) * o.w + ow] = win.divisor > 0 ? sum / T(win.divisor) : T(0);
+      }
+    }
+  }
+}
+
+template <typename T>
+void avg_backward(const T* gy, int64_t H, int64_t W, const Pool2dParams& p, const Shape4& o,
+                  T* gx) {
+  const int64_t planes = o.n * o.c;
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    T* g = gx + pl * H * W;
+    std::fill(g, g + H * W, T(0));
+    for (int64_t oh = 0; oh < o.h; ++oh) {
+      for (int64_t ow = 0; ow < o.w; ++ow) {
+        const AvgWindow win = avg_window(H, W, p, oh, ow);
+        if (win.divisor <= 0) continue;
+        const T share = gy[(pl * o.h + oh) * o.w + ow] / T(win.divisor);
+        for (int64_t ih = win.h0; ih < win.h1; ++ih)
+          for (int64_t iw = win.w0; iw < win.w1; ++iw) g[ih * W + iw] += share;
+      }
+    }
+  }
+}
+
+// Adaptive pooling bins: [floor(o * I / O), ceil((o + 1) * I / O)).
+inline int64_t bin_start(int64_t o, int64_t in, int64_t out) { return (o * in) / out; }
+inline int64_t bin_end(int64_t o, int64_t in, int64_t out) {
+  return ((o + 1) * in + out - 1) / out;
+}
+
+template <typename T>
+void adaptive_forward(const TensorView& in, const Shape4& o, T* out) {
+  const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
+  const PlaneStrides s = strides_of(in);
+  const T* x = in.ptr<const T>();
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
+    for (int64_t oh = 0; oh < o.h; ++oh) {
+      const int64_t h0 = bin_start(oh, H, o.h), h1 = bin_end(oh, H, o.h);
+      for (int64_t ow = 0; ow < o.w; ++ow) {
+        const int64_t w0 = bin_start(ow, W, o.w), w1 = bin_end(ow, W, o.w);
+        T sum = 0;
+        for (int64_t ih = h0; ih < h1; ++ih)
+          for (int64_t iw = w0; iw < w1; ++iw) sum += plane[ih * s.h + iw * s.w];
+        out[(pl * o.h + oh) * o.w + ow] = sum / T((h1 - h0) * (w1 - w0));
+      }
+    }
+  }
+}
+
+template <typename T>
+void adaptive_backward(const T* gy, int64_t H, int64_t W, const Shape4& o, T* gx) {
+  const int64_t planes = o.n * o.c;
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    T* g = gx + pl * H * W;
+    std::fill(g, g + H * W, T(0));
+    for (int64_t oh = 0; oh < o.h; ++oh) {
+      const int64_t h0 = bin_start(oh, H, o.h), h1 = bin_end(oh, H, o.h);
+      for (int64_t ow = 0; ow < o.w; ++ow) {
+        const int64_t w0 = bin_start(ow, W, o.w), w1 = bin_end(ow, W, o.w);
+        const T share = gy[(pl * o.h + oh) * o.w + ow] / T((h1 - h0) * (w1 - w0));
+        for (int64_t ih = h0; ih < h1; ++ih)
+          for (int64_t iw = w0; iw < w1; ++iw) g[ih * W + iw] += share;
+      }
+    }
+  }
+}
+
+void check_input4(const TensorView& input) {
+  check_float(input, "input");
+  check_ndim(input, "input", 4, "(N, C, H, W)");
+}
+
+// Validates grad_output against the expected output shape; returns it contiguous.
+template <typename T>
+detail::Contiguous<T> checked_grad_output(const TensorView& grad_output, const TensorView& ref,
+                                          const Shape4& o) {
+  check_same_dtype(grad_output, "grad_output", ref, "input");
+  const int64_t shape[4] = {o.n, o.c, o.h, o.w};
+  check_shape(grad_output, "grad_output", 4, shape);
+  return detail::Contiguous<T>(grad_output);
+}
+
+}  // namespace
+
+void max_pool2d_forward(const TensorView& input, const Pool2dParams& p, const TensorView& output,
+                        const TensorView* indices) {
+  check_input4(input);
+  const Shape4 o = max_pool2d_output_shape(shape4(input), p);
+  const int64_t shape[4] = {o.n, o.c, o.h, o.w};
+  detail::check_output(output, "output", input, 4, shape);
+  if (indices) {
+    if (indices->dtype != DType::Int64) throw TypeError("indices must have dtype int64");
+    if (!indices->is_contiguous()) throw ValueError("indices must be C-contiguous");
+    check_shape(*indices, "indices", 4, shape);
+  }
+  detail::dispatch_float(input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    max_forward<T>(input, p, o, output.ptr<T>(), indices ? indices->ptr<int64_t>() : nullptr);
+  });
+}
+
+void max_pool2d_backward(const TensorView& grad_output, const TensorView& input,
+                         const Pool2dParams& p, const TensorView& grad_input) {
+  check_input4(input);
+  const Shape4 o = max_pool2d_output_shape(shape4(input), p);
+  detail::check_output(grad_input, "grad_input", input, 4, input.shape);
+  detail::dispatch_float(input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const auto gy = checked_grad_output<T>(grad_output, input, o);
+    max_backward<T>(gy.data(), input, p, o, grad_input.ptr<T>());
+  });
+}
+
+void avg_pool2d_forward(const TensorView& input, const Pool2dParams& p, const TensorView& output) {
+  check_input4(input);
+  const Shape4 o = avg_pool2d_output_shape(shape4(input), p);
+  const int64_t shape[4] = {o.n, o.c, o.h, o.w};
+  detail::check_output(output, "output", input, 4, shape);
+  detail::dispatch_float(input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    avg_forward<T>(input, p, o, output.ptr<T>());
+  });
+}
+
+void avg_pool2d_backward(const TensorView& grad_output, const Pool2dParams& p,
+                         const TensorView& grad_input) {
+  check_float(grad_input, "grad_input");
+  check_ndim(grad_input, "grad_input", 4, "(N, C, H, W)");
+  const Shape4 o = avg_pool2d_output_shape(shape4(grad_input), p);
+  if (!grad_input.is_contiguous()) throw ValueError("grad_input must be C-contiguous");
+  detail::dispatch_float(grad_input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const auto gy = checked_grad_output<T>(grad_output, grad_input, o);
+    avg_backward<T>(gy.data(), grad_input.shape[2], grad_input.shape[3], p, o,
+                    grad_input.ptr<T>());
+  });
+}
+
+void adaptive_avg_pool2d_forward(const TensorView& input, const TensorView& output) {
+  check_input4(input);
+  check_ndim(output, "output", 4, "(N, C, out_H, out_W)");
+  const Shape4 o = adaptive_avg_pool2d_output_shape(shape4(input), output.shape[2], output.shape[3]);
+  const int64_t shape[4] = {o.n, o.c, o.h, o.w};
+  detail::check_output(output, "output", input, 4, shape);
+  if (output.numel() == 0) return;
+  detail::dispatch_float(input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    adaptive_forward<T>(input, o, output.ptr<T>());
+  });
+}
+
+void adaptive_avg_pool2d_backward(const TensorView& grad_output, const TensorView& grad_input) {
+  check_float(grad_input, "grad_input");
+  check_ndim(grad_input, "grad_input", 4, "(N, C, H, W)");
+  check_ndim(grad_output, "grad_output", 4, "(N, C, out_H, out_W)");
+  if (!grad_input.is_contiguous()) throw ValueError("grad_input must be C-contiguous");
+  const Shape4 o = adaptive_avg_pool2d_output_shape(shape4(grad_input), grad_output.shape[2],
+                                                    grad_output.shape[3]);
+  detail::dispatch_float(grad_input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const auto gy = checked_grad_output<T>(grad_output, grad_input, o);
+    if (o.h == 0 || o.w == 0) {
+      std::fill(grad_input.ptr<T>(), grad_input.ptr<T>() + grad_input.numel(), T(0));
+      return;
+    }
+    adaptive_backward<T>(gy.data(), grad_input.shape[2], grad_input.shape[3], o,
+                         grad_input.ptr<T>());
+  });
+}
+
+}  // namespace convcore

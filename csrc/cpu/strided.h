@@ -1,0 +1,100 @@
+// Small internal helpers shared by the op files: typed dispatch and
+// contiguous copies of strided views.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "convcore/errors.h"
+#include "convcore/shapes.h"
+#include "convcore/tensor.h"
+
+namespace convcore {
+namespace detail {
+
+// Calls fn(T{}) with T = float or double according to dtype.
+template <typename Fn>
+void dispatch_float(DType dtype, Fn&& fn) {
+  if (dtype == DType::Float32)
+    fn(float{});
+  else if (dtype == DType::Float64)
+    fn(double{});
+  else
+    throw TypeError(std::string("expected float32 or float64, got ") + dtype_name(dtype));
+}
+
+// Copies a strided view of T into a C-contiguous buffer.
+template <typename T>
+void copy_to_contiguous(const TensorView& t, T* dst) {
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  if (t.ndim == 0) {
+    dst[0] = *t.ptr<T>();
+    return;
+  }
+  const int last = t.ndim - 1;
+  const int64_t inner = t.shape[last], inner_stride = t.strides[last];
+  int64_t idx[kMaxDims] = {};
+  const T* src = t.ptr<const T>();
+  for (int64_t done = 0; done < n; done += inner) {
+    int64_t offset = 0;
+    for (int d = 0; d < last; ++d) offset += idx[d] * t.strides[d];
+    const T* row = src + offset;
+    for (int64_t j = 0; j < inner; ++j) dst[done + j] = row[j * inner_stride];
+    for (int d = last - 1; d >= 0; --d) {  // odometer over the outer dims
+      if (++idx[d] < t.shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+// A C-contiguous version of a view: the view itself when it already is one,
+// else a copy owned by this object.
+template <typename T>
+class Contiguous {
+ public:
+  explicit Contiguous(const TensorView& t) : view_(t) {
+    if (!t.is_contiguous()) {
+      copy_.resize(static_cast<size_t>(t.numel()));
+      copy_to_contiguous<T>(t, copy_.data());
+      view_ = contiguous_view(copy_.data(), t.dtype, t.ndim, t.shape);
+    }
+  }
+  const T* data() const { return view_.ptr<const T>(); }
+  const TensorView& view() const { return view_; }
+
+ private:
+  TensorView view_;
+  std::vector<T> copy_;
+};
+
+// Threads for a parallel loop of `tasks` independent pieces of work.
+int threads_for(int64_t tasks);
+
+// Per-thread scratch buffers, allocated before a parallel region so that an
+// allocation failure throws std::bad_alloc to the caller instead of
+// terminating inside OpenMP.
+template <typename T>
+class Workspace {
+ public:
+  Workspace(int threads, int64_t per_thread)
+      : per_thread_(per_thread), buf_(static_cast<size_t>(threads) * static_cast<size_t>(per_thread)) {}
+  T* get(int thread) { return buf_.data() + static_cast<size_t>(thread) * static_cast<size_t>(per_thread_); }
+
+ private:
+  int64_t per_thread_;
+  std::vector<T> buf_;
+};
+
+// Output views are written in full and must be C-contiguous.
+inline void check_output(const TensorView& out, const char* name, const TensorView& ref,
+                         int ndim, const int64_t* shape) {
+  if (out.dtype != ref.dtype)
+    throw TypeError(std::string(name) + " must have dtype " + dtype_name(ref.dtype));
+  if (!out.is_contiguous()) throw ValueError(std::string(name) + " must be C-contiguous");
+  int64_t expected[kMaxDims];
+  for (int i = 0; i < ndim; ++i) expected[i] = shape[i];
+  check_shape(out, name, ndim, expected);
+}
+
+}  // namespace detail
+}  // namespace convcore

@@ -1,0 +1,33 @@
+#include "convcore/threading.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "convcore/errors.h"
+#include "strided.h"
+
+namespace convcore {
+
+namespace {
+std::atomic<int> g_num_threads{0};  // 0: not set yet, use OpenMP's default
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw ValueError("set_num_threads: n must be at least 1, got " + std::to_string(n));
+  g_num_threads.store(n);
+}
+
+int get_num_threads() {
+  int n = g_num_threads.load();
+  return n > 0 ? n : omp_get_max_threads();
+}
+
+namespace detail {
+int threads_for(int64_t tasks) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), tasks)));
+}
+}  // namespace detail
+
+}  // namespace convcore

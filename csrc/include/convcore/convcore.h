@@ -1,0 +1,7 @@
+// The public C++ API of convcore.
+#pragma once
+#include "convcore/errors.h"
+#include "convcore/ops.h"
+#include "convcore/shapes.h"
+#include "convcore/tensor.h"
+#include "convcore/threading.h"

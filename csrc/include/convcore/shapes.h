@@ -1,0 +1,69 @@
+// The one place where output sizes are computed and arguments are checked.
+// Every op validates through these functions; the Python layer and the
+// network builder call them too, so the rules cannot drift apart.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "convcore/tensor.h"
+
+namespace convcore {
+
+struct Conv2dParams {
+  int64_t stride_h = 1, stride_w = 1;
+  // Asymmetric padding: padding='same' with an even kernel pads one more
+  // row/column at the bottom/right, as PyTorch does.
+  int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+  int64_t dilation_h = 1, dilation_w = 1;
+  int64_t groups = 1;
+};
+
+struct Pool2dParams {
+  int64_t kernel_h = 1, kernel_w = 1;
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t dilation_h = 1, dilation_w = 1;  // max pooling only
+  bool ceil_mode = false;
+  // avg pooling only
+  bool count_include_pad = true;
+  int64_t divisor_override = 0;  // 0: none
+};
+
+struct Shape4 {
+  int64_t n, c, h, w;
+};
+
+// Convolution output length along one dimension: the lecture's
+// (N - F + 2P) / S + 1 with dilation and asymmetric padding, floored.
+// Returns a value < 1 when the (dilated) kernel does not fit.
+int64_t conv_output_size(int64_t input, int64_t kernel, int64_t stride,
+                         int64_t pad_before, int64_t pad_after, int64_t dilation);
+
+// Pooling output length along one dimension, PyTorch's rule: with ceil_mode
+// the last window is dropped when it would start in the right padding.
+int64_t pool_output_size(int64_t input, int64_t kernel, int64_t stride, int64_t pad,
+                         int64_t dilation, bool ceil_mode);
+
+// 'same' padding for one dimension: total = dilation * (kernel - 1), the
+// extra one (odd total) goes after.
+void same_padding(int64_t kernel, int64_t dilation, int64_t* before, int64_t* after);
+
+// Validate parameters and shapes; return the output shape. Throw ValueError
+// naming the offending argument.
+void check_conv2d_params(const Conv2dParams& p);
+Shape4 conv2d_output_shape(const Shape4& input, const Shape4& weight, const Conv2dParams& p);
+
+void check_pool2d_params(const Pool2dParams& p, bool is_avg);
+Shape4 max_pool2d_output_shape(const Shape4& input, const Pool2dParams& p);
+Shape4 avg_pool2d_output_shape(const Shape4& input, const Pool2dParams& p);
+Shape4 adaptive_avg_pool2d_output_shape(const Shape4& input, int64_t out_h, int64_t out_w);
+
+// Throws ValueError if the view does not have exactly this shape.
+void check_shape(const TensorView& t, const char* name, int ndim, const int64_t* shape);
+void check_ndim(const TensorView& t, const char* name, int ndim, const char* layout);
+void check_same_dtype(const TensorView& t, const char* name, const TensorView& ref,
+                      const char* ref_name);
+void check_float(const TensorView& t, const char* name);
+Shape4 shape4(const TensorView& t);
+
+}  // namespace convcore

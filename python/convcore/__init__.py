@@ -1,0 +1,42 @@
+"""convcore: convolution, pooling and fully connected layers, forward and
+backward, on a C++17/OpenMP core. Arrays are numpy, NCHW; signatures follow
+torch.nn.functional."""
+from .functional import (
+    adaptive_avg_pool2d,
+    adaptive_avg_pool2d_backward,
+    avg_pool2d,
+    avg_pool2d_backward,
+    conv2d,
+    conv2d_backward,
+    conv2d_output_shape,
+    get_num_threads,
+    linear,
+    linear_backward,
+    max_pool2d,
+    max_pool2d_backward,
+    pool2d_output_shape,
+    relu,
+    relu_backward,
+    set_num_threads,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "conv2d",
+    "conv2d_backward",
+    "conv2d_output_shape",
+    "get_num_threads",
+    "linear",
+    "linear_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "pool2d_output_shape",
+    "relu",
+    "relu_backward",
+    "set_num_threads",
+]

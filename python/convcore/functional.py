@@ -1,0 +1,327 @@
+"""The functional API: torch.nn.functional's signatures over numpy arrays (NCHW).
+
+This module normalises the *forms* arguments come in (an int or an (h, w)
+pair, 'same'/'valid', None, unbatched 3-D input) and hands the C++ core
+plain numbers. The core checks the *values* (positive strides, channel
+counts, kernel vs. padded input, ...) and computes output shapes, so those
+rules live in one place (csrc/cpu/shapes.cpp) for every caller.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+
+IntPair = Union[int, Tuple[int, int]]
+
+__all__ = [
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward",
+    "linear",
+    "linear_backward",
+    "relu",
+    "relu_backward",
+    "conv2d_output_shape",
+    "pool2d_output_shape",
+    "set_num_threads",
+    "get_num_threads",
+]
+
+
+# ---------------------------------------------------------------- argument forms
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _int(value, name: str) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _pair(value, name: str) -> Tuple[int, int]:
+    """An int or an (h, w) pair of ints, as PyTorch's _pair."""
+    if _is_int(value):
+        return int(value), int(value)
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+        if not all(_is_int(v) for v in value):
+            raise TypeError(f"{name} must contain ints, got {value!r}")
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair (h, w) of ints, got "
+                    f"{type(value).__name__} {value!r}")
+
+
+def _array(value, name: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, np.generic):  # a numpy scalar: a 0-d array
+        return np.asarray(value)
+    if value is None:
+        raise TypeError(f"{name} must be a numpy.ndarray, got None")
+    module = type(value).__module__.split(".")[0]
+    if module in ("cupy", "torch"):
+        raise TypeError(f"{name} is a {module} array; convcore's CPU functions take "
+                        f"numpy.ndarray (use .get() / .numpy() to copy it to the host)")
+    raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
+
+
+def _batched(x: np.ndarray, name: str) -> Tuple[np.ndarray, bool]:
+    """Accepts (C, H, W) like PyTorch by adding a batch dimension."""
+    if x.ndim == 3:
+        return x[None], True
+    return x, False
+
+
+def _conv_padding(padding, weight: np.ndarray, stride: Tuple[int, int],
+                  dilation: Tuple[int, int]) -> list:
+    """(top, bottom, left, right) for padding given as int, pair, 'valid' or 'same'."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' is not supported for strided convolutions "
+                                 f"(stride={stride})")
+            if weight.ndim != 4:
+                raise ValueError(f"weight must be 4-D (out_channels, in_channels / groups, kH, "
+                                 f"kW), got shape {weight.shape}")
+            top, bottom = _core.same_padding(int(weight.shape[2]), dilation[0])
+            left, right = _core.same_padding(int(weight.shape[3]), dilation[1])
+            return [top, bottom, left, right]
+        raise ValueError(f"padding must be 'same', 'valid', an int or a pair (h, w), "
+                         f"got {padding!r}")
+    ph, pw = _pair(padding, "padding")
+    return [ph, ph, pw, pw]
+
+
+# ------------------------------------------------------------------ convolution
+
+def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Union[IntPair, str] = 0,
+           dilation: IntPair = 1, groups: int = 1) -> np.ndarray:
+    """2-D cross-correlation, as torch.nn.functional.conv2d.
+
+    input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, kH, kW);
+    bias (C_out,) or None. Returns (N, C_out, H_out, W_out) with
+    H_out = floor((H + pad_top + pad_bottom - dilation * (kH - 1) - 1) / stride) + 1.
+    """
+    x, unbatched = _batched(_array(input, "input"), "input")
+    w = _array(weight, "weight")
+    b = None if bias is None else _array(bias, "bias")
+    s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pad = _conv_padding(padding, w, s, d)
+    out = _core.conv2d(x, w, b, s, pad, d, _int(groups, "groups"))
+    return out[0] if unbatched else out
+
+
+def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding=0,
+                    dilation: IntPair = 1, groups: int = 1):
+    """Gradients of conv2d: (grad_input, grad_weight, grad_bias)."""
+    x, unbatched = _batched(_array(input, "input"), "input")
+    gy = _array(grad_output, "grad_output")
+    if unbatched:
+        gy = gy[None] if gy.ndim == 3 else gy
+    w = _array(weight, "weight")
+    s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pad = _conv_padding(padding, w, s, d)
+    gx, gw, gb = _core.conv2d_backward(gy, x, w, s, pad, d, _int(groups, "groups"),
+                                       True, True, True)
+    return (gx[0] if unbatched else gx), gw, gb
+
+
+def conv2d_output_shape(input_shape, weight_shape, stride: IntPair = 1, padding=0,
+                        dilation: IntPair = 1, groups: int = 1) -> Tuple[int, int, int, int]:
+    """The output shape conv2d would give (and the same errors), without computing."""
+    s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
+    fake_w = np.empty(tuple(weight_shape), dtype=np.uint8) if isinstance(padding, str) else None
+    pad = _conv_padding(padding, fake_w, s, d)
+    return _core.conv2d_output_shape(list(input_shape), list(weight_shape), s, pad, d,
+                                     _int(groups, "groups"))
+
+
+# ---------------------------------------------------------------------- pooling
+
+def _pool_args(kernel_size, stride, padding, dilation=1):
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None else _pair(stride, "stride")
+    return k, s, _pair(padding, "padding"), _pair(dilation, "dilation")
+
+
+def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, dilation=1,
+                        ceil_mode: bool = False, kind: str = "max") -> Tuple[int, int, int, int]:
+    """The output shape of max_pool2d (kind='max') or avg_pool2d (kind='avg')."""
+    if kind not in ("max", "avg"):
+        raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
+    k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
+    return _core.pool2d_output_shape(list(input_shape), k, s, p, d, bool(ceil_mode),
+                                     kind == "avg")
+
+
+def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
+               padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """Max pooling, as torch.nn.functional.max_pool2d.
+
+    With return_indices, also returns int64 indices of each max, flat
+    (h * W + w) within its input plane.
+    """
+    x, unbatched = _batched(_array(input, "input"), "input")
+    k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
+    result = _core.max_pool2d(x, k, s, p, d, bool(ceil_mode), bool(return_indices))
+    if not unbatched:
+        return result
+    return (result[0][0], result[1][0]) if return_indices else result[0]
+
+
+def max_pool2d_backward(grad_output, input, kernel_size: IntPair,
+                        stride: Optional[IntPair] = None, padding: IntPair = 0,
+                        dilation: IntPair = 1, ceil_mode: bool = False) -> np.ndarray:
+    """Gradient of max_pool2d with respect to its input (the max of each window
+    is found again from input; ties go to the first, as in PyTorch)."""
+    x, unbatched = _batched(_array(input, "input"), "input")
+    gy = _array(grad_output, "grad_output")
+    if unbatched and gy.ndim == 3:
+        gy = gy[None]
+    k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
+    gx = _core.max_pool2d_backward(gy, x, k, s, p, d, bool(ceil_mode))
+    return gx[0] if unbatched else gx
+
+
+def _divisor(divisor_override) -> int:
+    if divisor_override is None:
+        return 0
+    value = _int(divisor_override, "divisor_override")
+    if value <= 0:
+        raise ValueError(f"divisor_override must be a positive int or None, got {value}")
+    return value
+
+
+def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
+               padding: IntPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: Optional[int] = None) -> np.ndarray:
+    """Average pooling, as torch.nn.functional.avg_pool2d."""
+    x, unbatched = _batched(_array(input, "input"), "input")
+    k, s, p, _ = _pool_args(kernel_size, stride, padding)
+    out = _core.avg_pool2d(x, k, s, p, bool(ceil_mode), bool(count_include_pad),
+                           _divisor(divisor_override))
+    return out[0] if unbatched else out
+
+
+def avg_pool2d_backward(grad_output, input, kernel_size: IntPair,
+                        stride: Optional[IntPair] = None, padding: IntPair = 0,
+                        ceil_mode: bool = False, count_include_pad: bool = True,
+                        divisor_override: Optional[int] = None) -> np.ndarray:
+    """Gradient of avg_pool2d with respect to its input."""
+    x, unbatched = _batched(_array(input, "input"), "input")
+    gy = _array(grad_output, "grad_output")
+    if unbatched and gy.ndim == 3:
+        gy = gy[None]
+    k, s, p, _ = _pool_args(kernel_size, stride, padding)
+    gx = _core.avg_pool2d_backward(gy, x, k, s, p, bool(ceil_mode), bool(count_include_pad),
+                                   _divisor(divisor_override))
+    return gx[0] if unbatched else gx
+
+
+def _adaptive_size(output_size, x: np.ndarray) -> Tuple[int, int]:
+    if output_size is None:
+        raise TypeError("output_size must be an int or a pair (h, w), got None")
+    if _is_int(output_size):
+        return int(output_size), int(output_size)
+    if isinstance(output_size, (tuple, list)):
+        if len(output_size) != 2:
+            raise ValueError(f"output_size must be an int or a pair (h, w), got {output_size!r}")
+        out = []
+        for v, dim in zip(output_size, (-2, -1)):
+            if v is None:
+                out.append(int(x.shape[dim]) if x.ndim >= 2 else 0)
+            elif _is_int(v):
+                out.append(int(v))
+            else:
+                raise TypeError(f"output_size must contain ints or None, got {output_size!r}")
+        return out[0], out[1]
+    raise TypeError(f"output_size must be an int or a pair (h, w), got "
+                    f"{type(output_size).__name__}")
+
+
+def adaptive_avg_pool2d(input, output_size) -> np.ndarray:
+    """Adaptive average pooling, as torch.nn.functional.adaptive_avg_pool2d: bin i
+    of n over a length L spans [floor(i L / n), ceil((i + 1) L / n))."""
+    x, unbatched = _batched(_array(input, "input"), "input")
+    out = _core.adaptive_avg_pool2d(x, _adaptive_size(output_size, x))
+    return out[0] if unbatched else out
+
+
+def adaptive_avg_pool2d_backward(grad_output, input) -> np.ndarray:
+    """Gradient of adaptive_avg_pool2d (the output size is grad_output's)."""
+    x, unbatched = _batched(_array(input, "input"), "input")
+    gy = _array(grad_output, "grad_output")
+    if unbatched and gy.ndim == 3:
+        gy = gy[None]
+    gx = _core.adaptive_avg_pool2d_backward(gy, x)
+    return gx[0] if unbatched else gx
+
+
+# --------------------------------------------------------------- fully connected
+
+def _flatten_features(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 0:
+        raise ValueError("input must have at least 1 dimension (..., in_features), got a scalar")
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    return x.reshape(rows, x.shape[-1])
+
+
+def linear(input, weight, bias=None) -> np.ndarray:
+    """input (..., in_features) @ weight (out_features, in_features)^T + bias."""
+    x = _array(input, "input")
+    w = _array(weight, "weight")
+    b = None if bias is None else _array(bias, "bias")
+    y = _core.linear(_flatten_features(x), w, b)
+    return y.reshape(x.shape[:-1] + (y.shape[1],))
+
+
+def linear_backward(grad_output, input, weight):
+    """Gradients of linear: (grad_input, grad_weight, grad_bias)."""
+    x = _array(input, "input")
+    w = _array(weight, "weight")
+    gy = _array(grad_output, "grad_output")
+    if w.ndim == 2 and x.ndim >= 1:
+        expected = x.shape[:-1] + (w.shape[0],)
+        if gy.shape != expected:
+            raise ValueError(f"grad_output must have shape {expected}, got {gy.shape}")
+    gx, gw, gb = _core.linear_backward(_flatten_features(gy) if gy.ndim else gy,
+                                       _flatten_features(x), w)
+    return gx.reshape(x.shape), gw, gb
+
+
+# ------------------------------------------------------------------- activation
+
+def relu(input) -> np.ndarray:
+    """max(input, 0) elementwise (NaN stays NaN)."""
+    return _core.relu(_array(input, "input"))
+
+
+def relu_backward(grad_output, input) -> np.ndarray:
+    """grad_output where input > 0, else 0."""
+    return _core.relu_backward(_array(grad_output, "grad_output"), _array(input, "input"))
+
+
+# ---------------------------------------------------------------------- threads
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the core (global; default: OMP_NUM_THREADS or all cores)."""
+    _core.set_num_threads(_int(n, "n"))
+
+
+def get_num_threads() -> int:
+    return _core.get_num_threads()
