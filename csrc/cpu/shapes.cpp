@@ -1,6 +1,7 @@
 // Output-size rules and argument checks: the single source of truth.
 #include "convcore/shapes.h"
 
+#include <initializer_list>
 #include <sstream>
 
 #include "convcore/errors.h"
@@ -21,6 +22,20 @@ template <typename... Args>
   std::ostringstream os;
   (os << ... << args);
   throw ValueError(os.str());
+}
+
+void check_range(const char* name, std::initializer_list<int64_t> values) {
+  for (int64_t v : values)
+    if (v > kMaxParam || v < -kMaxParam) fail(name, " must be at most ", kMaxParam, ", got ", v);
+}
+
+// Throws if the number of elements of a shape does not fit in int64.
+void check_numel(const Shape4& s, const char* what) {
+  int64_t n = 1;
+  for (int64_t d : {s.n, s.c, s.h, s.w})
+    if (d > 0 && __builtin_mul_overflow(n, d, &n))
+      fail(what, " would have more elements than fit in 64 bits: (", s.n, ", ", s.c, ", ", s.h,
+           ", ", s.w, ")");
 }
 
 std::string pair_str(int64_t a, int64_t b) {
@@ -96,6 +111,10 @@ void same_padding(int64_t kernel, int64_t dilation, int64_t* before, int64_t* af
 }
 
 void check_conv2d_params(const Conv2dParams& p) {
+  check_range("stride", {p.stride_h, p.stride_w});
+  check_range("padding", {p.pad_top, p.pad_bottom, p.pad_left, p.pad_right});
+  check_range("dilation", {p.dilation_h, p.dilation_w});
+  check_range("groups", {p.groups});
   if (p.stride_h <= 0 || p.stride_w <= 0)
     fail("stride must be positive, got ", pair_str(p.stride_h, p.stride_w));
   if (p.pad_top < 0 || p.pad_bottom < 0 || p.pad_left < 0 || p.pad_right < 0)
@@ -118,6 +137,7 @@ Shape4 conv2d_output_shape(const Shape4& in, const Shape4& w, const Conv2dParams
          " the input must have ", w.c * p.groups, " channels, got ", in.c);
   if (w.h <= 0 || w.w <= 0)
     fail("weight must have a positive kernel size, got ", pair_str(w.h, w.w));
+  check_range("weight kernel size", {w.h, w.w});
   const int64_t span_h = p.dilation_h * (w.h - 1) + 1;
   const int64_t span_w = p.dilation_w * (w.w - 1) + 1;
   const int64_t padded_h = in.h + p.pad_top + p.pad_bottom;
@@ -131,10 +151,15 @@ Shape4 conv2d_output_shape(const Shape4& in, const Shape4& w, const Conv2dParams
   out.c = w.n;
   out.h = conv_output_size(in.h, w.h, p.stride_h, p.pad_top, p.pad_bottom, p.dilation_h);
   out.w = conv_output_size(in.w, w.w, p.stride_w, p.pad_left, p.pad_right, p.dilation_w);
+  check_numel(out, "the output");
   return out;
 }
 
 void check_pool2d_params(const Pool2dParams& p, bool is_avg) {
+  check_range("kernel_size", {p.kernel_h, p.kernel_w});
+  check_range("stride", {p.stride_h, p.stride_w});
+  check_range("padding", {p.pad_h, p.pad_w});
+  check_range("dilation", {p.dilation_h, p.dilation_w});
   if (p.kernel_h <= 0 || p.kernel_w <= 0)
     fail("kernel_size must be positive, got ", pair_str(p.kernel_h, p.kernel_w));
   if (p.stride_h <= 0 || p.stride_w <= 0)
@@ -161,6 +186,7 @@ Shape4 pool_shape(const Shape4& in, const Pool2dParams& p) {
          pair_str(p.kernel_h, p.kernel_w), ", stride ", pair_str(p.stride_h, p.stride_w),
          ", padding ", pair_str(p.pad_h, p.pad_w), ", dilation ",
          pair_str(p.dilation_h, p.dilation_w), ": the output would be ", out.h, "x", out.w);
+  check_numel(out, "the output");
   return out;
 }
 
@@ -180,10 +206,13 @@ Shape4 avg_pool2d_output_shape(const Shape4& in, const Pool2dParams& p) {
 Shape4 adaptive_avg_pool2d_output_shape(const Shape4& in, int64_t out_h, int64_t out_w) {
   if (out_h < 0 || out_w < 0)
     fail("output_size must be non-negative, got ", pair_str(out_h, out_w));
+  check_range("output_size", {out_h, out_w});
   if ((in.h == 0 || in.w == 0) && in.n * in.c != 0)
     fail("input must have non-zero height and width for adaptive_avg_pool2d, got ", in.h, "x",
          in.w);
-  return Shape4{in.n, in.c, out_h, out_w};
+  const Shape4 out{in.n, in.c, out_h, out_w};
+  check_numel(out, "the output");
+  return out;
 }
 
 void check_ndim(const TensorView& t, const char* name, int ndim, const char* layout) {

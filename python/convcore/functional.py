@@ -43,22 +43,33 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+_INT64_MAX = 2 ** 63 - 1
+
+
+def _int64(value: int, name: str) -> int:
+    """Python ints are unbounded; the core's are int64 (it checks tighter limits)."""
+    if not -_INT64_MAX <= value <= _INT64_MAX:
+        raise ValueError(f"{name} is out of range: {value}")
+    return value
+
+
 def _int(value, name: str) -> int:
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
+    return _int64(int(value), name)
 
 
 def _pair(value, name: str) -> Tuple[int, int]:
     """An int or an (h, w) pair of ints, as PyTorch's _pair."""
     if _is_int(value):
-        return int(value), int(value)
+        v = _int64(int(value), name)
+        return v, v
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
         if not all(_is_int(v) for v in value):
             raise TypeError(f"{name} must contain ints, got {value!r}")
-        return int(value[0]), int(value[1])
+        return _int64(int(value[0]), name), _int64(int(value[1]), name)
     raise TypeError(f"{name} must be an int or a pair (h, w) of ints, got "
                     f"{type(value).__name__} {value!r}")
 
@@ -237,7 +248,8 @@ def _adaptive_size(output_size, x: np.ndarray) -> Tuple[int, int]:
     if output_size is None:
         raise TypeError("output_size must be an int or a pair (h, w), got None")
     if _is_int(output_size):
-        return int(output_size), int(output_size)
+        v = _int64(int(output_size), "output_size")
+        return v, v
     if isinstance(output_size, (tuple, list)):
         if len(output_size) != 2:
             raise ValueError(f"output_size must be an int or a pair (h, w), got {output_size!r}")
@@ -246,7 +258,7 @@ def _adaptive_size(output_size, x: np.ndarray) -> Tuple[int, int]:
             if v is None:
                 out.append(int(x.shape[dim]) if x.ndim >= 2 else 0)
             elif _is_int(v):
-                out.append(int(v))
+                out.append(_int64(int(v), "output_size"))
             else:
                 raise TypeError(f"output_size must contain ints or None, got {output_size!r}")
         return out[0], out[1]

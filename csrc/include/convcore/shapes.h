@@ -29,6 +29,10 @@ struct Pool2dParams {
   int64_t divisor_override = 0;  // 0: none
 };
 
+// Strides, paddings, dilations, kernel sizes and groups above this are
+// rejected, so that no size arithmetic can overflow int64.
+constexpr int64_t kMaxParam = (int64_t(1) << 31) - 1;
+
 struct Shape4 {
   int64_t n, c, h, w;
 };
