@@ -1,5 +1,5 @@
 // ReLU forward and backward, elementwise. NaN propagates through the
-// forward (as torch.relu); the backward passes the gradient where input > 0.
+// forward (as torch.relu); the backward zeroes the gradient where input <= 0.
 #include <omp.h>
 
 #include <algorithm>
@@ -49,7 +49,8 @@ void relu_backward(const TensorView& grad_output, const TensorView& input,
     T* dst = grad_input.ptr<T>();
     const int64_t n = input.numel();
 #pragma omp parallel for num_threads(threads_for_elements(n)) schedule(static)
-    for (int64_t i = 0; i < n; ++i) dst[i] = xs[i] > T(0) ? g[i] : T(0);
+    // As PyTorch: zero where input <= 0, so a NaN input passes the gradient.
+    for (int64_t i = 0; i < n; ++i) dst[i] = xs[i] <= T(0) ? T(0) : g[i];
   });
 }
 

@@ -104,7 +104,7 @@ AvgWindow avg_window(int64_t H, int64_t W, const Pool2dParams& p, int64_t oh, in
   h0 = std::max<int64_t>(h0, 0), w0 = std::max<int64_t>(w0, 0);
   h1 = std::min(h1, H), w1 = std::min(w1, W);
   int64_t divisor;
-  if (p.divisor_override > 0)
+  if (p.divisor_override != 0)  // PyTorch takes any non-zero divisor, negative too
     divisor = p.divisor_override;
   else if (p.count_include_pad)
     divisor = padded_size;
@@ -127,8 +127,9 @@ void avg_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T
         T sum = 0;
         for (int64_t ih = win.h0; ih < win.h1; ++ih)
           for (int64_t iw = win.w0; iw < win.w1; ++iw) sum += plane[ih * s.h + iw * s.w];
-        // An empty window (only possible in the padding) averages to 0.
-        out[(pl * o.h + oh) * o.w + ow] = win.divisor > 0 ? sum / T(win.divisor) : T(0);
+        // Windows always overlap the input (PyTorch's ceil_mode rule), so the
+        // divisor is 0 only if something upstream broke; never divide by it.
+        out[(pl * o.h + oh) * o.w + ow] = win.divisor != 0 ? sum / T(win.divisor) : T(0);
       }
     }
   }
@@ -145,7 +146,7 @@ void avg_backward(const T* gy, int64_t H, int64_t W, const Pool2dParams& p, cons
     for (int64_t oh = 0; oh < o.h; ++oh) {
       for (int64_t ow = 0; ow < o.w; ++ow) {
         const AvgWindow win = avg_window(H, W, p, oh, ow);
-        if (win.divisor <= 0) continue;
+        if (win.divisor == 0) continue;
         const T share = gy[(pl * o.h + oh) * o.w + ow] / T(win.divisor);
         for (int64_t ih = win.h0; ih < win.h1; ++ih)
           for (int64_t iw = win.w0; iw < win.w1; ++iw) g[ih * W + iw] += share;

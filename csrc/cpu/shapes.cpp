@@ -155,7 +155,7 @@ Shape4 conv2d_output_shape(const Shape4& in, const Shape4& w, const Conv2dParams
   return out;
 }
 
-void check_pool2d_params(const Pool2dParams& p, bool is_avg) {
+void check_pool2d_params(const Pool2dParams& p) {
   check_range("kernel_size", {p.kernel_h, p.kernel_w});
   check_range("stride", {p.stride_h, p.stride_w});
   check_range("padding", {p.pad_h, p.pad_w});
@@ -171,8 +171,6 @@ void check_pool2d_params(const Pool2dParams& p, bool is_avg) {
   if (p.pad_h > p.kernel_h / 2 || p.pad_w > p.kernel_w / 2)
     fail("padding ", pair_str(p.pad_h, p.pad_w), " must be at most half of kernel_size ",
          pair_str(p.kernel_h, p.kernel_w));
-  if (is_avg && p.divisor_override < 0)
-    fail("divisor_override must be positive, got ", p.divisor_override);
 }
 
 namespace {
@@ -193,13 +191,13 @@ Shape4 pool_shape(const Shape4& in, const Pool2dParams& p) {
 }  // namespace
 
 Shape4 max_pool2d_output_shape(const Shape4& in, const Pool2dParams& p) {
-  check_pool2d_params(p, false);
+  check_pool2d_params(p);
   return pool_shape(in, p);
 }
 
 Shape4 avg_pool2d_output_shape(const Shape4& in, const Pool2dParams& p) {
   if (p.dilation_h != 1 || p.dilation_w != 1) fail("avg_pool2d has no dilation");
-  check_pool2d_params(p, true);
+  check_pool2d_params(p);
   return pool_shape(in, p);
 }
 

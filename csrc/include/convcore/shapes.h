@@ -26,7 +26,7 @@ struct Pool2dParams {
   bool ceil_mode = false;
   // avg pooling only
   bool count_include_pad = true;
-  int64_t divisor_override = 0;  // 0: none
+  int64_t divisor_override = 0;  // 0: none (any other value, negative too, divides)
 };
 
 // Strides, paddings, dilations, kernel sizes and groups above this are
@@ -57,7 +57,7 @@ void same_padding(int64_t kernel, int64_t dilation, int64_t* before, int64_t* af
 void check_conv2d_params(const Conv2dParams& p);
 Shape4 conv2d_output_shape(const Shape4& input, const Shape4& weight, const Conv2dParams& p);
 
-void check_pool2d_params(const Pool2dParams& p, bool is_avg);
+void check_pool2d_params(const Pool2dParams& p);
 Shape4 max_pool2d_output_shape(const Shape4& input, const Pool2dParams& p);
 Shape4 avg_pool2d_output_shape(const Shape4& input, const Pool2dParams& p);
 Shape4 adaptive_avg_pool2d_output_shape(const Shape4& input, int64_t out_h, int64_t out_w);

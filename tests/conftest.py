@@ -1,0 +1,49 @@
+"""pytest configuration for the convcore test suite.
+
+Hypothesis profiles (select with the HYPOTHESIS_PROFILE environment
+variable):
+
+* ``quick`` (default): 30 examples per property, no deadline.
+* ``ci``: 150 examples, derandomized (reproducible in CI logs).
+* ``thorough``: 1000 examples, for occasional soak runs.
+"""
+
+import os
+import sys
+
+from hypothesis import HealthCheck, settings
+
+# make ``import reference`` / ``import _helpers`` work regardless of the
+# pytest import mode
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+_common = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("quick", max_examples=30, **_common)
+settings.register_profile("ci", max_examples=150, derandomize=True, **_common)
+settings.register_profile("thorough", max_examples=1000, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
+
+
+def pytest_configure(config):
+    # also declared in pyproject.toml; repeating them here is harmless and
+    # keeps the suite usable with --strict-markers from any rootdir
+    config.addinivalue_line("markers", "slow: takes more than ~2 s")
+    config.addinivalue_line("markers", "gpu: needs a GPU")
+
+
+def pytest_report_header(config):
+    return f"hypothesis profile: {getattr(settings, '_current_profile', '?')}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    helpers = sys.modules.get("_helpers")
+    errs = getattr(helpers, "PARITY_ERRORS", None)
+    if not errs:
+        return
+    terminalreporter.section("convcore vs torch: max scaled relative error")
+    for key in sorted(errs):
+        terminalreporter.write_line(f"{key:<45s} {errs[key]:.3e}")

@@ -1,0 +1,72 @@
+"""Every GEMM microkernel path (AVX-512, AVX2+FMA, portable) against the
+reference, each in a subprocess with CONVCORE_ISA capping the dispatch
+(the choice is made once per process)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import reference as ref
+
+SCRIPT = r"""
+import json, sys
+import numpy as np
+import convcore
+rng = np.random.default_rng(7)
+out = {"isa": convcore._core.gemm_isa()}
+for dtype in ("float32", "float64"):
+    # Odd sizes so that edge tiles (partial MR x NR) are exercised.
+    x = rng.standard_normal((2, 6, 13, 11)).astype(dtype)
+    w = rng.standard_normal((10, 3, 3, 2)).astype(dtype)
+    b = rng.standard_normal(10).astype(dtype)
+    y = convcore.conv2d(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gx, gw, gb = convcore.conv2d_backward(gy, x, w, stride=(2, 1), padding=1, dilation=(1, 2),
+                                          groups=2)
+    a = rng.standard_normal((37, 300)).astype(dtype)
+    lw = rng.standard_normal((45, 300)).astype(dtype)
+    ly = convcore.linear(a, lw)
+    out[dtype] = {k: v.tolist() for k, v in dict(x=x, w=w, b=b, y=y, gy=gy, gx=gx, gw=gw,
+                                                 a=a, lw=lw, ly=ly).items()}
+json.dump(out, sys.stdout)
+"""
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_gemm_paths_match_reference(isa):
+    flags = _cpu_flags()
+    if isa == "avx512" and "avx512f" not in flags:
+        pytest.skip("this CPU has no AVX-512")
+    if isa == "avx2" and not {"avx2", "fma"} <= flags:
+        pytest.skip("this CPU has no AVX2+FMA")
+    env = dict(os.environ, CONVCORE_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                            text=True, check=True)
+    out = json.loads(result.stdout)
+    if isa == "generic" or flags & {"avx2", "avx512f"}:
+        assert out["isa"] == isa
+    for dtype, rtol in (("float32", 2e-5), ("float64", 1e-12)):
+        d = {k: np.asarray(v, dtype=dtype) for k, v in out[dtype].items()}
+        kw = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+        expect_y = ref.conv2d_ref(d["x"], d["w"], d["b"], **kw)
+        expect_gx, expect_gw, _ = ref.conv2d_backward_ref(d["gy"], d["x"], d["w"], **kw)
+        expect_ly = ref.linear_ref(d["a"], d["lw"])
+        for name, got, expect in (("y", d["y"], expect_y), ("gx", d["gx"], expect_gx),
+                                  ("gw", d["gw"], expect_gw), ("ly", d["ly"], expect_ly)):
+            scale = np.abs(expect).max()
+            np.testing.assert_allclose(got, expect, rtol=0, atol=rtol * scale * 10,
+                                       err_msg=f"{isa} {dtype} {name}")

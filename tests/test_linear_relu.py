@@ -1,0 +1,138 @@
+"""linear / relu (+ backward) against the numpy reference."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import convcore
+import reference as ref
+from _helpers import (DTYPES, check_output, dtypes, layouts, randn, seeds,
+                      with_layout)
+
+lead_shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+
+
+@given(lead=lead_shapes, fin=st.integers(1, 9), fout=st.integers(1, 7),
+       bias=st.booleans(), dtype=dtypes, seed=seeds, xl=layouts, wl=layouts)
+def test_linear_matches_reference(lead, fin, fout, bias, dtype, seed, xl, wl):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, lead + (fin,), dtype)
+    w = randn(rng, (fout, fin), dtype)
+    b = randn(rng, (fout,), dtype) if bias else None
+    exp = ref.linear_ref(x, w, b)
+    assert exp.shape == lead + (fout,)
+    out = convcore.linear(with_layout(x, xl), with_layout(w, wl),
+                          None if b is None else with_layout(b, "neg"))
+    check_output(out, exp, dtype, "linear")
+
+
+@given(lead=lead_shapes, fin=st.integers(1, 9), fout=st.integers(1, 7),
+       dtype=dtypes, seed=seeds, xl=layouts, gl=layouts)
+def test_linear_backward_matches_reference(lead, fin, fout, dtype, seed, xl,
+                                           gl):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, lead + (fin,), dtype)
+    w = randn(rng, (fout, fin), dtype)
+    gy = randn(rng, lead + (fout,), dtype)
+    egx, egw, egb = ref.linear_backward_ref(gy, x, w)
+    gx, gw, gb = convcore.linear_backward(with_layout(gy, gl),
+                                          with_layout(x, xl), w)
+    check_output(gx, egx, dtype, "grad_input")
+    check_output(gw, egw, dtype, "grad_weight")
+    check_output(gb, egb, dtype, "grad_bias")
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == (fout,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_2d_batch(dtype):
+    rng = np.random.default_rng(0)
+    x = randn(rng, (5, 7), dtype)
+    w = randn(rng, (3, 7), dtype)
+    b = randn(rng, (3,), dtype)
+    out = convcore.linear(x, w, b)
+    assert out.shape == (5, 3)
+    check_output(out, x.astype(np.float64) @ w.astype(np.float64).T + b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_on_flattened_conv_features(dtype):
+    """The usual CNN head: conv features (N, C, H, W) flattened to (N, CHW)."""
+    rng = np.random.default_rng(1)
+    feat = randn(rng, (2, 4, 3, 3), dtype)
+    flat = feat.reshape(2, -1)
+    w = randn(rng, (10, 36), dtype)
+    b = randn(rng, (10,), dtype)
+    check_output(convcore.linear(flat, w, b), ref.linear_ref(flat, w, b),
+                 dtype)
+    # a transposed (non-contiguous) weight, as when tying weights
+    wt = randn(rng, (36, 10), dtype).T
+    check_output(convcore.linear(flat, wt), ref.linear_ref(flat, wt), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_large_in_features(dtype):
+    """Long reductions: the float32 tolerance is scaled by the magnitude."""
+    rng = np.random.default_rng(2)
+    x = randn(rng, (3, 2000), dtype)
+    w = randn(rng, (4, 2000), dtype)
+    check_output(convcore.linear(x, w), ref.linear_ref(x, w), dtype)
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=5).map(tuple),
+       dtype=dtypes, seed=seeds, xl=layouts)
+def test_relu_matches_reference(shape, dtype, seed, xl):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, shape, dtype)
+    out = convcore.relu(with_layout(x, xl))
+    check_output(out, ref.relu_ref(x), dtype, "relu", rtol=0)
+    assert out.shape == x.shape
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=5).map(tuple),
+       dtype=dtypes, seed=seeds, xl=layouts, gl=layouts)
+def test_relu_backward_matches_reference(shape, dtype, seed, xl, gl):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, shape, dtype)
+    gy = randn(rng, shape, dtype)
+    got = convcore.relu_backward(with_layout(gy, gl), with_layout(x, xl))
+    check_output(got, ref.relu_backward_ref(gy, x), dtype, "relu_backward",
+                 rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_special_values(dtype):
+    x = np.array([-np.inf, -1.0, -0.0, 0.0, 1e-30, 2.0, np.inf], dtype)
+    out = convcore.relu(x)
+    np.testing.assert_array_equal(out, [0, 0, 0, 0, dtype(1e-30), 2, np.inf])
+    g = convcore.relu_backward(np.full(x.shape, 3.0, dtype), x)
+    # gradient passes only where input > 0 (so not at 0 itself)
+    np.testing.assert_array_equal(g, [0, 0, 0, 0, 3, 3, 3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_nan_propagates(dtype):
+    """torch.relu(nan) is nan."""
+    x = np.array([np.nan, -1.0, 1.0], dtype)
+    out = convcore.relu(x)
+    assert np.isnan(out[0]) and out[1] == 0 and out[2] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_noncontiguous_not_inplace(dtype):
+    rng = np.random.default_rng(3)
+    x = randn(rng, (2, 3, 4, 5), dtype)[:, :, ::-1, ::2]
+    out = convcore.relu(x)
+    check_output(out, ref.relu_ref(np.ascontiguousarray(x)), dtype, rtol=0)
+    assert not np.shares_memory(out, x)
+    # relu doesn't modify its input in place
+    assert (x < 0).any()
+
+
+def test_relu_nan_follows_pytorch():
+    """relu keeps NaN; its backward zeroes only where input <= 0, so a NaN
+    input passes the gradient through, as torch's threshold_backward."""
+    x = np.array([np.nan, -1.0, 0.0, 2.0])
+    assert np.isnan(convcore.relu(x)[0])
+    g = convcore.relu_backward(np.full(4, 3.0), x)
+    np.testing.assert_array_equal(g, [3.0, 0.0, 0.0, 3.0])
