@@ -327,6 +327,84 @@ py::array relu_backward(const py::array& grad_output, const py::array& input) {
   return gx;
 }
 
+py::array local_response_norm(const py::array& input, int64_t size, double alpha, double beta,
+                              double k) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  py::array out = new_array(x, dims(x));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::local_response_norm_forward(x, {size, alpha, beta, k}, y);
+  }
+  return out;
+}
+
+py::array local_response_norm_backward(const py::array& grad_output, const py::array& input,
+                                       int64_t size, double alpha, double beta, double k) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  py::array gx = new_array(x, dims(x));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::local_response_norm_backward(gy, x, {size, alpha, beta, k}, gx_v);
+  }
+  return gx;
+}
+
+// Training: returns (output, batch_mean, batch_var); evaluation: (output, None, None).
+py::tuple batch_norm(const py::array& input, const std::optional<py::array>& mean,
+                     const std::optional<py::array>& var, const std::optional<py::array>& weight,
+                     const std::optional<py::array>& bias, bool training, double eps) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  TensorView w, b, m, v;
+  if (weight) w = arrays.view(*weight, "weight");
+  if (bias) b = arrays.view(*bias, "bias");
+  if (x.ndim < 2) convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  const py::ssize_t C = x.shape[1];
+  py::array out = new_array(x, dims(x)), mean_a, var_a;
+  if (training) {
+    mean_a = new_array(x, {C}), var_a = new_array(x, {C});
+    m = out_view(mean_a), v = out_view(var_a);
+  } else {
+    if (!mean || !var)
+      throw convcore::ValueError("running_mean and running_var are required when not training");
+    m = arrays.view(*mean, "running_mean"), v = arrays.view(*var, "running_var");
+  }
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::batch_norm_forward(x, weight ? &w : nullptr, bias ? &b : nullptr, training, eps, m,
+                                 v, y);
+  }
+  if (training) return py::make_tuple(out, mean_a, var_a);
+  return py::make_tuple(out, py::none(), py::none());
+}
+
+py::tuple batch_norm_backward(const py::array& grad_output, const py::array& input,
+                              const py::array& mean, const py::array& var,
+                              const std::optional<py::array>& weight, bool training, double eps) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  const TensorView m = arrays.view(mean, "mean"), v = arrays.view(var, "var");
+  TensorView w;
+  if (weight) w = arrays.view(*weight, "weight");
+  if (x.ndim < 2) convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  const py::ssize_t C = x.shape[1];
+  py::array gx = new_array(x, dims(x)), gw = new_array(x, {C}), gb = new_array(x, {C});
+  const TensorView gx_v = out_view(gx), gw_v = out_view(gw), gb_v = out_view(gb);
+  {
+    py::gil_scoped_release release;
+    convcore::batch_norm_backward(gy, x, weight ? &w : nullptr, training, eps, m, v, &gx_v,
+                                  &gw_v, &gb_v);
+  }
+  return py::make_tuple(gx, gw, gb);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -356,6 +434,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("linear_backward", &linear_backward);
   m.def("relu", &relu);
   m.def("relu_backward", &relu_backward);
+  m.def("local_response_norm", &local_response_norm);
+  m.def("local_response_norm_backward", &local_response_norm_backward);
+  m.def("batch_norm", &batch_norm);
+  m.def("batch_norm_backward", &batch_norm_backward);
 
   // Shape rules, shared with the Python layer and the network builder.
   m.def("conv_output_size", &convcore::conv_output_size, py::arg("input"), py::arg("kernel"),

@@ -30,6 +30,10 @@ __all__ = [
     "linear_backward",
     "relu",
     "relu_backward",
+    "local_response_norm",
+    "local_response_norm_backward",
+    "batch_norm",
+    "batch_norm_backward",
     "conv2d_output_shape",
     "pool2d_output_shape",
     "set_num_threads",
@@ -213,8 +217,8 @@ def _divisor(divisor_override) -> int:
     if divisor_override is None:
         return 0
     value = _int(divisor_override, "divisor_override")
-    if value <= 0:
-        raise ValueError(f"divisor_override must be a positive int or None, got {value}")
+    if value == 0:
+        raise ValueError("divisor_override must be a non-zero int or None, got 0")
     return value
 
 
@@ -326,6 +330,78 @@ def relu(input) -> np.ndarray:
 def relu_backward(grad_output, input) -> np.ndarray:
     """grad_output where input > 0, else 0."""
     return _core.relu_backward(_array(grad_output, "grad_output"), _array(input, "input"))
+
+
+# ---------------------------------------------------------------- normalisation
+
+def _float(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def local_response_norm(input, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 1.0) -> np.ndarray:
+    """Local response normalisation across channels, as
+    torch.nn.functional.local_response_norm: input / (k + alpha / size *
+    sum of squares over the size neighbouring channels) ** beta."""
+    return _core.local_response_norm(_array(input, "input"), _int(size, "size"),
+                                     _float(alpha, "alpha"), _float(beta, "beta"),
+                                     _float(k, "k"))
+
+
+def local_response_norm_backward(grad_output, input, size: int, alpha: float = 1e-4,
+                                 beta: float = 0.75, k: float = 1.0) -> np.ndarray:
+    """Gradient of local_response_norm with respect to its input."""
+    return _core.local_response_norm_backward(
+        _array(grad_output, "grad_output"), _array(input, "input"), _int(size, "size"),
+        _float(alpha, "alpha"), _float(beta, "beta"), _float(k, "k"))
+
+
+def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               return_stats: bool = False):
+    """Batch normalisation per channel of input (N, C, ...), as
+    torch.nn.functional.batch_norm. When training, normalises with the batch
+    statistics and updates running_mean / running_var in place (unbiased
+    variance, weight `momentum`); otherwise uses them. With return_stats,
+    also returns the (mean, var) it normalised with, for batch_norm_backward."""
+    x = _array(input, "input")
+    rm = None if running_mean is None else _array(running_mean, "running_mean")
+    rv = None if running_var is None else _array(running_var, "running_var")
+    w = None if weight is None else _array(weight, "weight")
+    b = None if bias is None else _array(bias, "bias")
+    momentum, eps = _float(momentum, "momentum"), _float(eps, "eps")
+    if training:
+        for name, stat in (("running_mean", rm), ("running_var", rv)):
+            if stat is not None and (stat.dtype != x.dtype or stat.shape != (x.shape[1],)
+                                     or not stat.flags.writeable):
+                raise ValueError(f"{name} must be a writeable {x.dtype} array of shape "
+                                 f"({x.shape[1]},) to be updated, got {stat.dtype} {stat.shape}")
+    out, mean, var = _core.batch_norm(x, rm, rv, w, b, bool(training), eps)
+    if training:
+        count = x.size // max(x.shape[1], 1)
+        if rm is not None:
+            rm *= 1 - momentum
+            rm += momentum * mean
+        if rv is not None:
+            rv *= 1 - momentum
+            rv += momentum * var * (count / max(count - 1, 1))
+    else:
+        mean, var = rm, rv
+    return (out, mean, var) if return_stats else out
+
+
+def batch_norm_backward(grad_output, input, mean, var, weight=None, training: bool = True,
+                        eps: float = 1e-5):
+    """Gradients of batch_norm: (grad_input, grad_weight, grad_bias). mean and
+    var are the statistics the forward normalised with (the batch's, from
+    batch_norm(..., return_stats=True), when training; the running ones
+    otherwise)."""
+    return _core.batch_norm_backward(
+        _array(grad_output, "grad_output"), _array(input, "input"), _array(mean, "mean"),
+        _array(var, "var"), None if weight is None else _array(weight, "weight"),
+        bool(training), _float(eps, "eps"))
 
 
 # ---------------------------------------------------------------------- threads

@@ -43,3 +43,36 @@ void relu_backward(const TensorView& grad_output, const TensorView& input,
                    const TensorView& grad_input);
 
 }  // namespace convcore
+
+namespace convcore {
+
+// Local response normalisation across channels (PyTorch's formula):
+// output[c] = input[c] / (k + alpha / size * sum_{c' in window(c)} input[c']^2)^beta,
+// window(c) = [c - size / 2, c + (size - 1) / 2] clipped to the channels.
+// input (N, C, ...) with any trailing dims.
+struct LrnParams {
+  int64_t size = 5;
+  double alpha = 1e-4, beta = 0.75, k = 1.0;
+};
+void local_response_norm_forward(const TensorView& input, const LrnParams& p,
+                                 const TensorView& output);
+void local_response_norm_backward(const TensorView& grad_output, const TensorView& input,
+                                  const LrnParams& p, const TensorView& grad_input);
+
+// Batch normalisation over (N, H, W) per channel of input (N, C, ...).
+// Training: normalises with the batch statistics and writes them to
+// batch_mean and batch_var (biased) for the caller's running averages.
+// Evaluation: normalises with the given mean and var.
+// weight and bias may be null (1 and 0).
+void batch_norm_forward(const TensorView& input, const TensorView* weight, const TensorView* bias,
+                        bool training, double eps, const TensorView& mean, const TensorView& var,
+                        const TensorView& output);
+// grad_input from the statistics the forward used (the batch's when
+// training, recomputed from input; mean and var when not).
+void batch_norm_backward(const TensorView& grad_output, const TensorView& input,
+                         const TensorView* weight, bool training, double eps,
+                         const TensorView& mean, const TensorView& var,
+                         const TensorView* grad_input, const TensorView* grad_weight,
+                         const TensorView* grad_bias);
+
+}  // namespace convcore
