@@ -1,0 +1,14 @@
+"""convcore.nn: layers with forward and backward over the functional core."""
+from . import init
+from .layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d,
+                     ReLU)
+from .loss import CrossEntropyLoss
+from .module import Identity, Module, Parameter, Sequential, from_architecture
+from .norm import BatchNorm2d, LocalResponseNorm
+from .residual import BasicBlock, Bottleneck
+
+__all__ = [
+    "AdaptiveAvgPool2d", "AvgPool2d", "BasicBlock", "BatchNorm2d", "Bottleneck", "Conv2d",
+    "CrossEntropyLoss", "Dropout", "Flatten", "Identity", "Linear", "LocalResponseNorm",
+    "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "from_architecture", "init",
+]

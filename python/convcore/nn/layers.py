@@ -1,0 +1,410 @@
+"""Convolution, pooling, fully connected, activation, flatten and dropout
+layers over the functional API."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+from .. import functional as F
+from .. import _core
+from . import init
+from .module import Module, Parameter
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+def _positive_int(value, name: str) -> int:
+    if not F._is_int(value) or int(value) <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _sample_shape(input_shape, ndim: int, layer: str, layout: str) -> Tuple[int, ...]:
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{layer} expects one sample of shape {layout}, got {shape}")
+    return shape
+
+
+# ------------------------------------------------------------------- convolution
+
+_PAD_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def _fold_padding(grad: np.ndarray, axis: int, size: int, before: int, after: int,
+                  mode: str) -> np.ndarray:
+    """Gradient of np.pad(mode) along one axis: every padded position adds its
+    gradient to the input position it was copied from."""
+    positions = np.arange(-before, size + after)
+    if mode == "reflect":
+        period = 2 * (size - 1) if size > 1 else 1
+        source = np.abs(positions) % period
+        source = np.where(source >= size, period - source, source)
+    elif mode == "edge":
+        source = np.clip(positions, 0, size - 1)
+    else:  # wrap
+        source = positions % size
+    shape = list(grad.shape)
+    shape[axis] = size
+    out = np.zeros(shape, dtype=grad.dtype)
+    index = [slice(None)] * grad.ndim
+    index[axis] = source
+    np.add.at(out, tuple(index), grad)
+    return out
+
+
+class Conv2d(Module):
+    """2-D convolution layer with PyTorch's arguments and default initialisation
+    (weights and bias uniform in +-1/sqrt(fan_in))."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair,
+                 stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 dtype=np.float32):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.groups = _positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        self.kernel_size = F._pair(kernel_size, "kernel_size")
+        self.stride = F._pair(stride, "stride")
+        self.dilation = F._pair(dilation, "dilation")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid', an int or a pair, "
+                                 f"got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = F._pair(padding, "padding")
+        if padding_mode not in _PAD_MODES:
+            raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, "
+                             f"got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        dt = _dtype(dtype)
+        shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+        self.weight = Parameter(init.kaiming_uniform(shape, dtype=dt))
+        bound = 1.0 / math.sqrt(init.fan_in_of(shape))
+        self.bias = Parameter(init.uniform((self.out_channels,), bound, dt)) if bias else None
+        self._x = None
+
+    def _pads(self) -> list:
+        """(top, bottom, left, right)"""
+        if self.padding == "valid":
+            return [0, 0, 0, 0]
+        if self.padding == "same":
+            t, b = _core.same_padding(self.kernel_size[0], self.dilation[0])
+            left, right = _core.same_padding(self.kernel_size[1], self.dilation[1])
+            return [t, b, left, right]
+        return [self.padding[0], self.padding[0], self.padding[1], self.padding[1]]
+
+    def _explicit_pad(self, x: np.ndarray) -> np.ndarray:
+        t, b, left, right = self._pads()
+        width = [(0, 0)] * (x.ndim - 2) + [(t, b), (left, right)]
+        return np.pad(x, width, mode=_PAD_MODES[self.padding_mode])
+
+    def forward(self, x):
+        bias = self.bias.data if self.bias is not None else None
+        if self.padding_mode == "zeros":
+            self._x = x
+            return F.conv2d(x, self.weight.data, bias, self.stride, self.padding,
+                            self.dilation, self.groups)
+        self._x = self._explicit_pad(F._array(x, "input"))
+        return F.conv2d(self._x, self.weight.data, bias, self.stride, 0, self.dilation,
+                        self.groups)
+
+    def backward(self, grad_output):
+        if self._x is None:
+            raise RuntimeError("Conv2d.backward called before forward")
+        padding = self.padding if self.padding_mode == "zeros" else 0
+        gx, gw, gb = F.conv2d_backward(grad_output, self._x, self.weight.data, self.stride,
+                                       padding, self.dilation, self.groups)
+        self.weight.grad += gw
+        if self.bias is not None:
+            self.bias.grad += gb
+        if self.padding_mode != "zeros":
+            t, b, left, right = self._pads()
+            h, w = gx.shape[-2] - t - b, gx.shape[-1] - left - right
+            gx = _fold_padding(gx, gx.ndim - 2, h, t, b, _PAD_MODES[self.padding_mode])
+            gx = _fold_padding(gx, gx.ndim - 1, w, left, right, _PAD_MODES[self.padding_mode])
+        return gx
+
+    def output_shape(self, input_shape):
+        c, h, w = _sample_shape(input_shape, 3, "Conv2d", "(C, H, W)")
+        t, b, left, right = self._pads()
+        _, co, ho, wo = _core.conv2d_output_shape([1, c, h, w], list(self.weight.shape),
+                                                  self.stride, [t, b, left, right],
+                                                  self.dilation, self.groups)
+        return (co, ho, wo)
+
+    def macs(self, input_shape):
+        co, ho, wo = self.output_shape(input_shape)
+        return co * ho * wo * int(np.prod(self.weight.shape[1:]))
+
+    def config(self):
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    kernel_size=list(self.kernel_size), stride=list(self.stride),
+                    padding=self.padding if isinstance(self.padding, str) else list(self.padding),
+                    dilation=list(self.dilation), groups=self.groups, bias=self.bias is not None,
+                    padding_mode=self.padding_mode)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s
+
+
+# ------------------------------------------------------------------------ pooling
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None,
+                 padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False):
+        super().__init__()
+        self.kernel_size = F._pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else F._pair(stride, "stride")
+        self.padding = F._pair(padding, "padding")
+        self.dilation = F._pair(dilation, "dilation")
+        self.ceil_mode = bool(ceil_mode)
+        self._x = None
+
+    def _args(self):
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                    dilation=self.dilation, ceil_mode=self.ceil_mode)
+
+    def forward(self, x):
+        self._x = x
+        return F.max_pool2d(x, **self._args())
+
+    def backward(self, grad_output):
+        return F.max_pool2d_backward(grad_output, self._x, **self._args())
+
+    def output_shape(self, input_shape):
+        c, h, w = _sample_shape(input_shape, 3, "MaxPool2d", "(C, H, W)")
+        return tuple(F.pool2d_output_shape((1, c, h, w), kind="max", **self._args())[1:])
+
+    def config(self):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._args().items()}
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in self._args().items())
+
+
+class AvgPool2d(Module):
+    def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None,
+                 padding: IntPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+                 divisor_override: Optional[int] = None):
+        super().__init__()
+        self.kernel_size = F._pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else F._pair(stride, "stride")
+        self.padding = F._pair(padding, "padding")
+        self.ceil_mode = bool(ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+        self.divisor_override = divisor_override
+        self._x = None
+
+    def _args(self):
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                    ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad,
+                    divisor_override=self.divisor_override)
+
+    def forward(self, x):
+        self._x = x
+        return F.avg_pool2d(x, **self._args())
+
+    def backward(self, grad_output):
+        return F.avg_pool2d_backward(grad_output, self._x, **self._args())
+
+    def output_shape(self, input_shape):
+        c, h, w = _sample_shape(input_shape, 3, "AvgPool2d", "(C, H, W)")
+        return tuple(F.pool2d_output_shape((1, c, h, w), self.kernel_size, self.stride,
+                                           self.padding, 1, self.ceil_mode, kind="avg")[1:])
+
+    def config(self):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._args().items()}
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in self._args().items())
+
+
+class AdaptiveAvgPool2d(Module):
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+        self._x = None
+
+    def forward(self, x):
+        self._x = x
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def backward(self, grad_output):
+        return F.adaptive_avg_pool2d_backward(grad_output, self._x)
+
+    def output_shape(self, input_shape):
+        c, h, w = _sample_shape(input_shape, 3, "AdaptiveAvgPool2d", "(C, H, W)")
+        oh, ow = F._adaptive_size(self.output_size, np.empty((h, w), dtype=np.uint8))
+        return (c, oh, ow)
+
+    def config(self):
+        size = self.output_size
+        return dict(output_size=list(size) if isinstance(size, (tuple, list)) else size)
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"
+
+
+# ----------------------------------------------------------------- fully connected
+
+class Linear(Module):
+    """y = x @ weight.T + bias, PyTorch's default initialisation."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype=np.float32):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        dt = _dtype(dtype)
+        shape = (self.out_features, self.in_features)
+        self.weight = Parameter(init.kaiming_uniform(shape, dtype=dt))
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.bias = Parameter(init.uniform((self.out_features,), bound, dt)) if bias else None
+        self._x = None
+
+    def forward(self, x):
+        self._x = x
+        return F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+
+    def backward(self, grad_output):
+        gx, gw, gb = F.linear_backward(grad_output, self._x, self.weight.data)
+        self.weight.grad += gw
+        if self.bias is not None:
+            self.bias.grad += gb
+        return gx
+
+    def output_shape(self, input_shape):
+        shape = tuple(int(d) for d in input_shape)
+        if not shape or shape[-1] != self.in_features:
+            raise ValueError(f"Linear expects {self.in_features} input features, got an input "
+                             f"of shape {shape}")
+        return shape[:-1] + (self.out_features,)
+
+    def macs(self, input_shape):
+        return int(np.prod(input_shape[:-1], dtype=np.int64)) * self.in_features * \
+            self.out_features
+
+    def config(self):
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+# ------------------------------------------------------------ activation and shape
+
+class ReLU(Module):
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self._x = None
+
+    def forward(self, x):
+        self._x = x
+        return F.relu(x)
+
+    def backward(self, grad_output):
+        return F.relu_backward(grad_output, self._x)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def config(self):
+        return {}
+
+
+class Flatten(Module):
+    """Flattens dims start_dim..end_dim (of the batched input) into one."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+        self._shape = None
+
+    def _flat_shape(self, shape):
+        nd = len(shape)
+        s = self.start_dim % nd if nd else 0
+        e = self.end_dim % nd if nd else 0
+        if s > e:
+            raise ValueError(f"Flatten: start_dim {self.start_dim} comes after end_dim "
+                             f"{self.end_dim} for an input of shape {tuple(shape)}")
+        return tuple(shape[:s]) + (int(np.prod(shape[s:e + 1], dtype=np.int64)),) + \
+            tuple(shape[e + 1:])
+
+    def forward(self, x):
+        self._shape = x.shape
+        return np.reshape(x, self._flat_shape(x.shape))
+
+    def backward(self, grad_output):
+        return np.reshape(grad_output, self._shape)
+
+    def output_shape(self, input_shape):
+        return self._flat_shape((1,) + tuple(input_shape))[1:]
+
+    def config(self):
+        return dict(start_dim=self.start_dim, end_dim=self.end_dim)
+
+
+class Dropout(Module):
+    """Zeroes each element with probability p while training and scales the
+    rest by 1 / (1 - p); the identity in eval mode."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p}")
+        self.p = float(p)
+        self._mask = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._mask = None
+            return x
+        if self.p == 1.0:
+            self._mask = np.zeros_like(x)
+        else:
+            keep = init.generator().random(x.shape) >= self.p
+            self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
+        return x * self._mask
+
+    def backward(self, grad_output):
+        return grad_output if self._mask is None else grad_output * self._mask
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def config(self):
+        return dict(p=self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}"

@@ -1,0 +1,328 @@
+"""Module, Parameter and the containers of the layer API.
+
+A Module computes `forward(x)` and, from the gradient of its output,
+`backward(grad_output)`: it returns the gradient of its input and adds the
+gradients of its parameters to their `.grad`. Each layer keeps what its
+backward needs from the last forward, so forward and backward alternate, as
+in a training step. Names of parameters and buffers follow PyTorch
+(`features.0.weight`, `bn1.running_mean`), so state dicts carry over.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Iterator, List, Tuple
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable array and the gradient accumulated for it."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: np.ndarray):
+        self.data = np.ascontiguousarray(data)
+        self.grad = np.zeros_like(self.data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+Shape = Tuple[int, ...]
+
+
+_REGISTRY: Dict[str, type] = {}
+
+
+class Module:
+    """Base class of every layer and network."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # -- registration -----------------------------------------------------------
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError("call Module.__init__() before assigning attributes")
+        for table in (self._parameters, self._modules, self._buffers):
+            table.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        for table in (self._parameters, self._modules, self._buffers):
+            table.pop(name, None)
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name: str, value: np.ndarray) -> None:
+        """State that is saved and loaded but not trained (running statistics)."""
+        object.__setattr__(self, name, value)
+        self._buffers[name] = value
+
+    def _set_buffer(self, name: str, value: np.ndarray) -> None:
+        object.__setattr__(self, name, value)
+        self._buffers[name] = value
+
+    # -- computation --------------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__} does not implement backward")
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """Shape of one sample's output for one sample's input shape (no batch
+        dimension), with the same checks forward would make."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement output_shape")
+
+    def macs(self, input_shape: Shape) -> int:
+        """Multiply-adds of one sample's forward pass through this layer alone."""
+        return 0
+
+    # -- traversal ------------------------------------------------------------------
+    def children(self) -> Iterator["Module"]:
+        return iter(self._modules.values())
+
+    def named_children(self) -> Iterator[Tuple[str, "Module"]]:
+        return iter(self._modules.items())
+
+    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self) -> Iterator["Module"]:
+        for _, m in self.named_modules():
+            yield m
+
+    def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
+        for mod_name, mod in self.named_modules(prefix):
+            for name, p in mod._parameters.items():
+                yield (f"{mod_name}.{name}" if mod_name else name), p
+
+    def parameters(self) -> List[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = "") -> Iterator[Tuple[str, np.ndarray]]:
+        for mod_name, mod in self.named_modules(prefix):
+            for name, b in mod._buffers.items():
+                yield (f"{mod_name}.{name}" if mod_name else name), b
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    # -- state -------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad[...] = 0
+
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Parameters and buffers by PyTorch's key names (copies)."""
+        state = OrderedDict()
+        for mod_name, mod in self.named_modules():
+            for name, p in mod._parameters.items():
+                state[f"{mod_name}.{name}" if mod_name else name] = p.data.copy()
+            for name, b in mod._buffers.items():
+                state[f"{mod_name}.{name}" if mod_name else name] = np.array(b, copy=True)
+        return state
+
+    def load_state_dict(self, state: Dict[str, np.ndarray], strict: bool = True) -> None:
+        """Copies arrays into the parameters and buffers of the same names. With
+        strict, the keys must match exactly; shapes must always match."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"state_dict does not match the model: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        for mod_name, mod in self.named_modules():
+            for name, p in mod._parameters.items():
+                key = f"{mod_name}.{name}" if mod_name else name
+                if key in state:
+                    value = np.asarray(state[key])
+                    if value.shape != p.data.shape:
+                        raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
+                                         f"model expects {p.data.shape}")
+                    p.data = np.ascontiguousarray(value, dtype=p.data.dtype).copy()
+                    p.grad = np.zeros_like(p.data)
+            for name, b in list(mod._buffers.items()):
+                key = f"{mod_name}.{name}" if mod_name else name
+                if key in state:
+                    value = np.asarray(state[key])
+                    if value.shape != np.shape(b):
+                        raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
+                                         f"model expects {np.shape(b)}")
+                    mod._set_buffer(name, np.array(value, dtype=np.asarray(b).dtype, copy=True))
+
+    def to(self, target) -> "Module":
+        """Converts parameters and float buffers to a dtype (np.float32 or np.float64)."""
+        if isinstance(target, str) and target in ("cuda", "gpu"):
+            raise NotImplementedError("the GPU backend is not available in this build")
+        if isinstance(target, str) and target == "cpu":
+            return self
+        dtype = np.dtype(target)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"to() takes float32 or float64, got {dtype}")
+        for mod in self.modules():
+            for p in mod._parameters.values():
+                p.data = p.data.astype(dtype)
+                p.grad = p.grad.astype(dtype)
+            for name, b in list(mod._buffers.items()):
+                if np.asarray(b).dtype.kind == "f":
+                    mod._set_buffer(name, np.asarray(b).astype(dtype))
+        return self
+
+    @property
+    def dtype(self):
+        for p in self.parameters():
+            return p.data.dtype
+        return np.dtype(np.float32)
+
+    # -- architecture (what save() stores beside the tensors) -------------------------
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this module (JSON-serialisable)."""
+        return {}
+
+    def architecture(self) -> dict:
+        """The module tree: type, constructor config and children, as JSON data."""
+        node = {"type": type(self).__name__, "config": self.config()}
+        if self._modules:
+            node["children"] = {name: child.architecture() for name, child in self._modules.items()}
+        return node
+
+    # -- display -----------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        if self._modules:
+            lines[0] = lines[0]
+            for name, child in self._modules.items():
+                child_repr = repr(child).replace("\n", "\n  ")
+                lines.append(f"  ({name}): {child_repr}")
+            lines.append(")")
+            return "\n".join(lines)
+        return lines[0] + ")"
+
+    def summary(self, input_shape: Shape, print_fn=print):
+        """Prints the per-layer table (output volume, parameters, multiply-adds,
+        activation memory) for one sample of input_shape (C, H, W); returns its rows."""
+        from ..summary import summary
+        return summary(self, input_shape, print_fn=print_fn)
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named "0", "1", ... (or by the
+    keys of an OrderedDict)."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], OrderedDict):
+            for name, m in modules[0].items():
+                setattr(self, name, m)
+        else:
+            for i, m in enumerate(modules):
+                if not isinstance(m, Module):
+                    raise TypeError(f"Sequential takes Modules, got {type(m).__name__} at {i}")
+                setattr(self, str(i), m)
+
+    def append(self, module: Module) -> "Sequential":
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, index):
+        mods = list(self._modules.values())
+        if isinstance(index, slice):
+            return Sequential(*mods[index])
+        return mods[index]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+    def backward(self, grad_output):
+        for m in reversed(list(self._modules.values())):
+            grad_output = m.backward(grad_output)
+        return grad_output
+
+    def output_shape(self, input_shape):
+        for m in self._modules.values():
+            input_shape = m.output_shape(input_shape)
+        return input_shape
+
+
+class Identity(Module):
+    """Passes its input through (a placeholder, e.g. an absent shortcut)."""
+
+    def forward(self, x):
+        return x
+
+    def backward(self, grad_output):
+        return grad_output
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+def from_architecture(node: dict) -> Module:
+    """Rebuilds a module from Module.architecture() data (fresh parameters;
+    load a state dict to restore trained ones). Sequential children are
+    rebuilt from the tree; every other module rebuilds its own children from
+    its config."""
+    if not isinstance(node, dict) or "type" not in node:
+        raise ValueError(f"an architecture node must be a dict with a 'type', got {node!r}")
+    cls = _REGISTRY.get(node["type"])
+    if cls is None:
+        raise ValueError(f"unknown module type {node['type']!r} in the architecture "
+                         f"(known: {', '.join(sorted(_REGISTRY))})")
+    config = node.get("config", {})
+    if cls is Sequential:
+        children = node.get("children", {})
+        return Sequential(OrderedDict((name, from_architecture(child))
+                                      for name, child in children.items()))
+    try:
+        module = cls(**config)
+    except TypeError as e:
+        raise ValueError(f"bad config for {node['type']}: {e}") from None
+    children = node.get("children")
+    if children is not None and list(children) != list(module._modules):
+        raise ValueError(f"{node['type']}: the architecture lists children {list(children)} but "
+                         f"the config builds {list(module._modules)}")
+    return module

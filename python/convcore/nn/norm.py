@@ -1,0 +1,101 @@
+"""Normalisation layers: LocalResponseNorm (AlexNet's NORM) and BatchNorm2d."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .layers import _dtype, _positive_int
+from .module import Module, Parameter
+
+
+class LocalResponseNorm(Module):
+    """PyTorch's LocalResponseNorm: x / (k + alpha / size * sum of x^2 over
+    `size` neighbouring channels) ** beta."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+        super().__init__()
+        self.size = _positive_int(size, "size")
+        self.alpha, self.beta, self.k = float(alpha), float(beta), float(k)
+        self._x = None
+
+    def _args(self):
+        return dict(size=self.size, alpha=self.alpha, beta=self.beta, k=self.k)
+
+    def forward(self, x):
+        self._x = x
+        return F.local_response_norm(x, **self._args())
+
+    def backward(self, grad_output):
+        return F.local_response_norm_backward(grad_output, self._x, **self._args())
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def config(self):
+        return self._args()
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in self._args().items())
+
+
+class BatchNorm2d(Module):
+    """Batch normalisation per channel. Training normalises with the batch's
+    statistics and updates the running ones (momentum 0.1, unbiased
+    variance); eval normalises with the running statistics."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, dtype=np.float32):
+        super().__init__()
+        self.num_features = _positive_int(num_features, "num_features")
+        self.eps, self.momentum = float(eps), float(momentum)
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        dt = _dtype(dtype)
+        if affine:
+            self.weight = Parameter(np.ones(num_features, dtype=dt))
+            self.bias = Parameter(np.zeros(num_features, dtype=dt))
+        else:
+            self.weight = self.bias = None
+        if track_running_stats:
+            self.register_buffer("running_mean", np.zeros(num_features, dtype=dt))
+            self.register_buffer("running_var", np.ones(num_features, dtype=dt))
+            self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        else:
+            self.running_mean = self.running_var = None
+        self._saved = None
+
+    def forward(self, x):
+        use_batch = self.training or not self.track_running_stats
+        weight = None if self.weight is None else self.weight.data
+        bias = None if self.bias is None else self.bias.data
+        if self.training and self.track_running_stats:
+            self._set_buffer("num_batches_tracked", self.num_batches_tracked + 1)
+        out, mean, var = F.batch_norm(
+            x, self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None, weight, bias,
+            training=use_batch, momentum=self.momentum, eps=self.eps, return_stats=True)
+        self._saved = (x, mean, var, use_batch)
+        return out
+
+    def backward(self, grad_output):
+        x, mean, var, use_batch = self._saved
+        weight = None if self.weight is None else self.weight.data
+        gx, gw, gb = F.batch_norm_backward(grad_output, x, mean, var, weight,
+                                           training=use_batch, eps=self.eps)
+        if self.weight is not None:
+            self.weight.grad += gw
+            self.bias.grad += gb
+        return gx
+
+    def output_shape(self, input_shape):
+        shape = tuple(int(d) for d in input_shape)
+        if len(shape) != 3 or shape[0] != self.num_features:
+            raise ValueError(f"BatchNorm2d({self.num_features}) expects one sample of shape "
+                             f"({self.num_features}, H, W), got {shape}")
+        return shape
+
+    def config(self):
+        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum,
+                    affine=self.affine, track_running_stats=self.track_running_stats)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

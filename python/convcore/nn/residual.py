@@ -1,0 +1,115 @@
+"""Residual blocks with torchvision's structure and parameter names
+(conv1, bn1, conv2, bn2, downsample.0, downsample.1), so that ResNet state
+dicts carry over."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .layers import Conv2d
+from .module import Module, Sequential
+from .norm import BatchNorm2d
+
+
+def _projection(inplanes: int, outplanes: int, stride: int) -> Sequential:
+    """The projection shortcut: a strided 1x1 convolution and batch norm."""
+    return Sequential(Conv2d(inplanes, outplanes, 1, stride=stride, bias=False),
+                      BatchNorm2d(outplanes))
+
+
+class _Residual(Module):
+    """out = relu(body(x) + shortcut(x)); subclasses define the body."""
+
+    def _body_layers(self):
+        raise NotImplementedError
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = x
+        self._relu_inputs = []
+        layers = self._body_layers()
+        for i, layer in enumerate(layers):
+            out = layer(out)
+            if isinstance(layer, BatchNorm2d) and i != len(layers) - 1:
+                self._relu_inputs.append(out)
+                out = F.relu(out)
+        out = out + identity
+        self._relu_inputs.append(out)
+        return F.relu(out)
+
+    def backward(self, grad_output):
+        relu_inputs = list(self._relu_inputs)
+        g = F.relu_backward(grad_output, relu_inputs.pop())
+        g_shortcut = g if self.downsample is None else self.downsample.backward(g)
+        layers = self._body_layers()
+        for i in range(len(layers) - 1, -1, -1):
+            layer = layers[i]
+            if isinstance(layer, BatchNorm2d) and i != len(layers) - 1:
+                g = F.relu_backward(g, relu_inputs.pop())
+            g = layer.backward(g)
+        return g + g_shortcut
+
+    def output_shape(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self._body_layers():
+            shape = layer.output_shape(shape)
+        short = tuple(input_shape) if self.downsample is None else \
+            self.downsample.output_shape(input_shape)
+        if short != shape:
+            raise ValueError(f"{type(self).__name__}: the shortcut gives {short} but the body "
+                             f"gives {shape}; use a projection shortcut")
+        return shape
+
+
+class BasicBlock(_Residual):
+    """Two 3x3 convolutions (ResNet-18/34). With stride > 1 or a change of
+    width the shortcut is a projection (1x1 conv + BN), else the identity."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None):
+        super().__init__()
+        self.inplanes, self.planes, self.stride = int(inplanes), int(planes), int(stride)
+        self.conv1 = Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = BatchNorm2d(planes)
+        self.conv2 = Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = BatchNorm2d(planes)
+        if downsample is None and (stride != 1 or inplanes != planes):
+            downsample = _projection(inplanes, planes, stride)
+        self.downsample = downsample or None
+
+    def _body_layers(self):
+        return [self.conv1, self.bn1, self.conv2, self.bn2]
+
+    def config(self):
+        return dict(inplanes=self.inplanes, planes=self.planes, stride=self.stride)
+
+
+class Bottleneck(_Residual):
+    """1x1 reduce, 3x3 (stride here, as torchvision), 1x1 expand by 4 (ResNet-50+)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None,
+                 groups: int = 1, base_width: int = 64):
+        super().__init__()
+        self.inplanes, self.planes, self.stride = int(inplanes), int(planes), int(stride)
+        self.groups, self.base_width = int(groups), int(base_width)
+        width = int(planes * (base_width / 64.0)) * groups
+        out = planes * self.expansion
+        self.conv1 = Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = BatchNorm2d(width)
+        self.conv2 = Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = BatchNorm2d(width)
+        self.conv3 = Conv2d(width, out, 1, bias=False)
+        self.bn3 = BatchNorm2d(out)
+        if downsample is None and (stride != 1 or inplanes != out):
+            downsample = _projection(inplanes, out, stride)
+        self.downsample = downsample or None
+
+    def _body_layers(self):
+        return [self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3]
+
+    def config(self):
+        return dict(inplanes=self.inplanes, planes=self.planes, stride=self.stride,
+                    groups=self.groups, base_width=self.base_width)
