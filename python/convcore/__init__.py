@@ -26,7 +26,30 @@ from .functional import (
 
 __version__ = "0.1.0"
 
+from . import nn, models  # noqa: E402  (after the functional API they build on)
+from .builder import build  # noqa: E402
+from .nn.init import manual_seed  # noqa: E402
+
+
+def load(path):
+    """A model saved with model.save(path) / convcore.save(model, path)."""
+    from .io import load as _load
+    return _load(path)
+
+
+def save(model, path, metadata=None) -> None:
+    """Writes a model (parameters, buffers and architecture) as safetensors."""
+    from .io import save as _save
+    _save(model, path, metadata=metadata)
+
+
 __all__ = [
+    "build",
+    "load",
+    "manual_seed",
+    "models",
+    "nn",
+    "save",
     "adaptive_avg_pool2d",
     "adaptive_avg_pool2d_backward",
     "avg_pool2d",

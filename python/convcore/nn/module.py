@@ -16,13 +16,29 @@ import numpy as np
 
 
 class Parameter:
-    """A trainable array and the gradient accumulated for it."""
+    """A trainable array and the gradient accumulated for it. The gradient is
+    allocated on first use, so a model that only runs inference (or is only
+    summarised) holds its weights once, not twice."""
 
-    __slots__ = ("data", "grad")
+    __slots__ = ("data", "_grad")
 
     def __init__(self, data: np.ndarray):
         self.data = np.ascontiguousarray(data)
-        self.grad = np.zeros_like(self.data)
+        self._grad = None
+
+    @property
+    def grad(self) -> np.ndarray:
+        if self._grad is None or self._grad.shape != self.data.shape or \
+                self._grad.dtype != self.data.dtype:
+            self._grad = np.zeros_like(self.data)
+        return self._grad
+
+    @grad.setter
+    def grad(self, value) -> None:
+        value = np.asarray(value)
+        if value.shape != self.data.shape:
+            raise ValueError(f"grad must have shape {self.data.shape}, got {value.shape}")
+        self._grad = np.ascontiguousarray(value, dtype=self.data.dtype)
 
     @property
     def shape(self):
@@ -135,7 +151,8 @@ class Module:
     # -- state -------------------------------------------------------------------------
     def zero_grad(self) -> None:
         for p in self.parameters():
-            p.grad[...] = 0
+            if p._grad is not None:
+                p._grad[...] = 0
 
     def train(self, mode: bool = True) -> "Module":
         for m in self.modules():
@@ -172,8 +189,8 @@ class Module:
                     if value.shape != p.data.shape:
                         raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
                                          f"model expects {p.data.shape}")
-                    p.data = np.ascontiguousarray(value, dtype=p.data.dtype).copy()
-                    p.grad = np.zeros_like(p.data)
+                    p.data = np.array(value, dtype=p.data.dtype, order="C", copy=True)
+                    p._grad = None
             for name, b in list(mod._buffers.items()):
                 key = f"{mod_name}.{name}" if mod_name else name
                 if key in state:
@@ -195,7 +212,7 @@ class Module:
         for mod in self.modules():
             for p in mod._parameters.values():
                 p.data = p.data.astype(dtype)
-                p.grad = p.grad.astype(dtype)
+                p._grad = None if p._grad is None else p._grad.astype(dtype)
             for name, b in list(mod._buffers.items()):
                 if np.asarray(b).dtype.kind == "f":
                     mod._set_buffer(name, np.asarray(b).astype(dtype))
@@ -233,6 +250,12 @@ class Module:
             lines.append(")")
             return "\n".join(lines)
         return lines[0] + ")"
+
+    def save(self, path, metadata=None) -> None:
+        """Writes the parameters, buffers and architecture to a safetensors file
+        (read back with convcore.load)."""
+        from ..io import save
+        save(self, path, metadata=metadata)
 
     def summary(self, input_shape: Shape, print_fn=print):
         """Prints the per-layer table (output volume, parameters, multiply-adds,
