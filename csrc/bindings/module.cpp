@@ -24,14 +24,17 @@ struct Arrays {
   std::vector<py::array> keep;
 
   TensorView view(const py::array& a, const char* name) {
+    // Compare dtypes by kind and size (an equal dtype may be another object);
+    // a non-native byte order is converted below.
+    const py::dtype dt = a.dtype();
     DType dtype;
-    if (a.dtype().is(py::dtype::of<float>()))
+    if (dt.kind() == 'f' && dt.itemsize() == 4)
       dtype = DType::Float32;
-    else if (a.dtype().is(py::dtype::of<double>()))
+    else if (dt.kind() == 'f' && dt.itemsize() == 8)
       dtype = DType::Float64;
     else
       throw convcore::TypeError(std::string(name) + " must be float32 or float64, got " +
-                                std::string(py::str(a.dtype())));
+                                std::string(py::str(dt)));
     if (a.ndim() > convcore::kMaxDims)
       throw convcore::ValueError(std::string(name) + " has too many dimensions (" +
                                  std::to_string(a.ndim()) + ")");
@@ -39,7 +42,10 @@ struct Arrays {
     bool odd = reinterpret_cast<std::uintptr_t>(a.data()) % itemsize != 0;
     for (py::ssize_t i = 0; i < a.ndim(); ++i) odd = odd || a.strides(i) % itemsize != 0;
     py::array arr = a;
-    if (odd) arr = py::module_::import("numpy").attr("ascontiguousarray")(a);
+    if (!dt.attr("isnative").cast<bool>())  // byte-swapped data: a native copy
+      arr = a.attr("astype")(dt.attr("newbyteorder")("="));
+    else if (odd)  // unaligned or odd strides: a contiguous copy
+      arr = py::module_::import("numpy").attr("ascontiguousarray")(a);
     keep.push_back(arr);
     TensorView t;
     t.data = const_cast<void*>(arr.data());

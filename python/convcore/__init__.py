@@ -31,21 +31,13 @@ from .builder import build  # noqa: E402
 from .nn.init import manual_seed  # noqa: E402
 
 
-def load(path):
-    """A model saved with model.save(path) / convcore.save(model, path)."""
-    from .io import load as _load
-    return _load(path)
-
-
-def save(model, path, metadata=None) -> None:
-    """Writes a model (parameters, buffers and architecture) as safetensors."""
-    from .io import save as _save
-    _save(model, path, metadata=metadata)
+from .io import load, load_state_dict_file, save  # noqa: E402
 
 
 __all__ = [
     "build",
     "load",
+    "load_state_dict_file",
     "manual_seed",
     "models",
     "nn",

@@ -78,6 +78,8 @@ class Conv2d(Module):
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
         self.kernel_size = F._pair(kernel_size, "kernel_size")
+        if min(self.kernel_size) < 1:
+            raise ValueError(f"kernel_size must be positive, got {kernel_size!r}")
         self.stride = F._pair(stride, "stride")
         self.dilation = F._pair(dilation, "dilation")
         if isinstance(padding, str):
