@@ -26,9 +26,10 @@ from .functional import (
 
 __version__ = "0.1.0"
 
-from . import nn, models  # noqa: E402  (after the functional API they build on)
+from . import data, models, nn, optim, train  # noqa: E402  (built on the functional API)
 from .builder import build  # noqa: E402
 from .nn.init import manual_seed  # noqa: E402
+from .train import evaluate, fit, predict  # noqa: E402
 
 
 from .io import load, load_state_dict_file, save  # noqa: E402
@@ -36,12 +37,18 @@ from .io import load, load_state_dict_file, save  # noqa: E402
 
 __all__ = [
     "build",
+    "data",
+    "evaluate",
+    "fit",
     "load",
     "load_state_dict_file",
     "manual_seed",
     "models",
     "nn",
+    "optim",
+    "predict",
     "save",
+    "train",
     "adaptive_avg_pool2d",
     "adaptive_avg_pool2d_backward",
     "avg_pool2d",

@@ -13,7 +13,7 @@ def main(argv=None) -> None:
         run = _summary
     elif command in ("-h", "--help", "help"):
         print("usage: python -m convcore {demo,bench,summary} [options]\n"
-              "  demo      the lecture's worked examples; train a LeNet on the digits\n"
+              "  demo      the lecture's worked examples, then LeNet-5 trained on the digits\n"
               "  bench     AlexNet conv layers vs numpy im2col (and PyTorch if installed)\n"
               "  summary   the layer table of a zoo model: summary alexnet [--all]")
         return

@@ -1,0 +1,296 @@
+"""Training loop: fit() a model with a loss, an optimiser and data loaders,
+evaluate() it and predict() with it.
+
+    history = fit(model, CrossEntropyLoss(), SGD(model.parameters(), 0.01, momentum=0.9),
+                  train_loader, val_loader, epochs=20,
+                  scheduler=ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=2),
+                  early_stopping=5)
+
+Loaders are any iterables of (x_batch, y_batch) (convcore.data.DataLoader).
+Accuracy is the fraction of samples whose largest logit is the target.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from .nn.module import Module
+from .optim import Optimizer, ReduceLROnPlateau
+
+__all__ = ["History", "fit", "evaluate", "predict"]
+
+
+class History:
+    """Per-epoch records of a fit() run. Each field is a list with one entry
+    per epoch (val_* hold nan without a validation loader). epoch_time is
+    the wall time of the epoch (training and validation); images_per_sec
+    counts training images over the training pass alone."""
+
+    fields = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time",
+              "images_per_sec")
+
+    def __init__(self):
+        for name in self.fields:
+            setattr(self, name, [])
+        self.best_epoch: Optional[int] = None    # set when early stopping is on
+        self.stopped_early = False
+
+    def append(self, **record) -> None:
+        for name in self.fields:
+            getattr(self, name).append(record[name])
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def as_dict(self) -> Dict[str, list]:
+        """The per-epoch lists by field name (copies)."""
+        return {name: list(getattr(self, name)) for name in self.fields}
+
+    def plot(self, path: Optional[str] = None):
+        """Loss, accuracy and learning rate against epoch, as a matplotlib
+        Figure; saved to path if given (the format follows its extension)."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError('History.plot needs matplotlib: pip install "convcore[viz]"') \
+                from None
+        fig = Figure(figsize=(12, 3.6), layout="constrained")
+        ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+        has_val = any(not math.isnan(v) for v in self.val_loss)
+        for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+            ax.plot(self.epoch, getattr(self, f"train_{key}"), "o-", label="train")
+            if has_val:
+                ax.plot(self.epoch, getattr(self, f"val_{key}"), "o-", label="validation")
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.legend()
+        if self.best_epoch is not None:
+            ax_acc.axvline(self.best_epoch, color="grey", linestyle=":", label="best epoch")
+            ax_acc.legend()
+        ax_lr.plot(self.epoch, self.lr, "o-")
+        ax_lr.set_yscale("log")
+        ax_lr.set_title("learning rate")
+        ax_lr.set_xlabel("epoch")
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} epochs)"
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a convcore.nn.Module, got {type(model).__name__}")
+
+
+def _count_correct(logits: np.ndarray, targets: np.ndarray) -> int:
+    return int(np.count_nonzero(np.argmax(logits, axis=1) == targets))
+
+
+def _batch_loss_sum(loss_fn, loss: float, n: int) -> float:
+    """The summed loss of a batch, whatever the loss's reduction."""
+    return loss if getattr(loss_fn, "reduction", "mean") == "sum" else loss * n
+
+
+def evaluate(model: Module, loader, loss_fn=None) -> Tuple[float, float]:
+    """(mean loss, accuracy) over a loader's batches, in eval mode (dropout
+    off, batch norm on running statistics); the model's mode is restored
+    afterwards. loss_fn defaults to CrossEntropyLoss()."""
+    _check_model(model)
+    if loss_fn is None:
+        from .nn.loss import CrossEntropyLoss
+        loss_fn = CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    try:
+        for xb, yb in loader:
+            logits = model(xb)
+            total_loss += _batch_loss_sum(loss_fn, loss_fn(logits, yb), len(yb))
+            correct += _count_correct(logits, yb)
+            seen += len(yb)
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("loader yielded no samples")
+    return total_loss / seen, correct / seen
+
+
+def predict(model: Module, x, batch_size: int = 256) -> np.ndarray:
+    """The model's outputs (logits) for every sample of x, computed in eval
+    mode in batches; predict(...).argmax(1) gives the classes."""
+    _check_model(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    x = np.asarray(x)
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = [model(np.ascontiguousarray(x[i:i + batch_size]))
+                   for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    return np.concatenate(outputs)
+
+
+class _Progress:
+    """A batch counter redrawn in place with \\r when the stream is a
+    terminal (nothing otherwise), and one summary line per epoch."""
+
+    def __init__(self, enabled: bool, print_fn: Callable, stream=None):
+        self.enabled = enabled
+        self.print_fn = print_fn
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = enabled and callable(isatty) and isatty()
+        self._last_draw = 0.0
+
+    def batch(self, label: str, done: int, total: Optional[int], loss: float,
+              acc: float) -> None:
+        if not self.live:
+            return
+        now = time.perf_counter()
+        if now - self._last_draw < 0.1 and done != total:
+            return
+        self._last_draw = now
+        if total:
+            filled = int(20 * done / total)
+            bar = f"[{'=' * filled}{' ' * (20 - filled)}] {done}/{total}"
+        else:
+            bar = f"{done} batches"
+        self.stream.write(f"\r{label} {bar}  loss {loss:.4f}  acc {100 * acc:5.1f}%")
+        self.stream.flush()
+
+    def epoch(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.live:
+            self.stream.write("\r\033[K")  # clear the bar before the summary line
+            self.stream.flush()
+        self.print_fn(line)
+
+
+def _positive_int(value, name: str, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=None,
+        epochs: int = 10, scheduler=None, early_stopping: Optional[int] = None,
+        progress: bool = True, print_fn: Callable = print) -> History:
+    """Trains model for `epochs` passes over train_loader and returns the History.
+
+    Each batch: zero the gradients, forward, loss, backward, optimizer.step().
+    The model is in train() mode for training and eval() mode for validation.
+    scheduler.step() runs after every epoch; a ReduceLROnPlateau gets the
+    validation accuracy (mode='max') or loss (mode='min'), or the training
+    ones without a val_loader. early_stopping=k stops after k epochs without
+    a better validation accuracy (equal accuracy with a lower loss counts as
+    better) and loads the best epoch's weights back into the model.
+    progress prints one line per epoch through print_fn (and a live batch
+    bar on stderr when it is a terminal)."""
+    _check_model(model)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a convcore.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if not callable(loss_fn) or not hasattr(loss_fn, "backward"):
+        raise TypeError("loss_fn must be callable as loss_fn(logits, targets) and have "
+                        f"backward(), got {type(loss_fn).__name__}")
+    epochs = _positive_int(epochs, "epochs")
+    patience = _positive_int(early_stopping, "early_stopping", allow_none=True)
+    if patience is not None and val_loader is None:
+        raise ValueError("early_stopping needs a val_loader")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+
+    bar = _Progress(bool(progress), print_fn)
+    history = History()
+    best_key, best_state, bad_epochs = None, None, 0
+    try:
+        total_batches = len(train_loader)
+    except TypeError:
+        total_batches = None
+    width = len(str(epochs))
+
+    for epoch in range(1, epochs + 1):
+        lr = optimizer.lr
+        start = time.perf_counter()
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for b, (xb, yb) in enumerate(train_loader, 1):
+            optimizer.zero_grad()
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss} at epoch {epoch}, batch {b}: "
+                                         f"training diverged (try a lower learning rate)")
+            model.backward(loss_fn.backward())
+            optimizer.step()
+            total_loss += _batch_loss_sum(loss_fn, loss, len(yb))
+            correct += _count_correct(logits, yb)
+            seen += len(yb)
+            bar.batch(f"epoch {epoch:>{width}}/{epochs}", b, total_batches, total_loss / seen,
+                      correct / seen)
+        if seen == 0:
+            raise ValueError("train_loader yielded no samples")
+        train_time = time.perf_counter() - start
+        train_loss, train_acc = total_loss / seen, correct / seen
+        val_loss, val_acc = (evaluate(model, val_loader, loss_fn) if val_loader is not None
+                             else (math.nan, math.nan))
+        epoch_time = time.perf_counter() - start
+        history.append(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
+                       val_loss=val_loss, val_acc=val_acc, lr=lr, epoch_time=epoch_time,
+                       images_per_sec=seen / train_time if train_time > 0 else math.inf)
+
+        line = (f"epoch {epoch:>{width}}/{epochs}  train loss {train_loss:.4f} "
+                f"acc {100 * train_acc:5.1f}%")
+        if val_loader is not None:
+            line += f"  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}%"
+        line += f"  lr {lr:.3g}  {epoch_time:.2f} s  {seen / train_time:,.0f} img/s"
+
+        if scheduler is not None:
+            if isinstance(scheduler, ReduceLROnPlateau):
+                has_val = val_loader is not None
+                if scheduler.mode == "max":
+                    scheduler.step(val_acc if has_val else train_acc)
+                else:
+                    scheduler.step(val_loss if has_val else train_loss)
+            else:
+                scheduler.step()
+
+        stop = False
+        if patience is not None:
+            key = (val_acc, -val_loss)
+            if best_key is None or key > best_key:
+                best_key, best_state, bad_epochs = key, model.state_dict(), 0
+                history.best_epoch = epoch
+                line += "  *"
+            else:
+                bad_epochs += 1
+                stop = bad_epochs >= patience
+        bar.epoch(line)
+        if stop:
+            history.stopped_early = True
+            if progress:
+                print_fn(f"early stopping: no better validation accuracy for {patience} "
+                         f"epochs")
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        if progress and history.best_epoch != history.epoch[-1]:
+            print_fn(f"restored the weights of epoch {history.best_epoch} (validation "
+                     f"accuracy {100 * history.val_acc[history.best_epoch - 1]:.1f}%)")
+    return history
