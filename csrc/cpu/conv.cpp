@@ -46,6 +46,15 @@ ConvGeometry make_geometry(const TensorView& input, const TensorView& weight,
   return g;
 }
 
+// 1x1, stride 1, no padding, with the rows of the image contiguous: im2col
+// is the image itself (channels x positions), so plain strided packing and,
+// for grad_input, a GEMM straight into the output replace the lowering.
+bool is_pointwise(const ConvGeometry& G) {
+  return G.KH == 1 && G.KW == 1 && G.p.stride_h == 1 && G.p.stride_w == 1 && G.p.pad_top == 0 &&
+         G.p.pad_bottom == 0 && G.p.pad_left == 0 && G.p.pad_right == 0 && G.xs_w == 1 &&
+         G.xs_h == G.W;
+}
+
 // Packs B(r, q) = im2col(x)[r, q] for rows r in [k0, k0 + kc) (r = (c, i, j) of
 // the kernel) and output positions q in [j0, j0 + nc) into NR-column panels.
 // x points at channel 0 of one group of one image.
@@ -59,23 +68,57 @@ struct Im2colPackB {
     constexpr int NR = gemm::Tile<T>::NR;
     const ConvGeometry& G = *g;
     const int64_t khw = G.KH * G.KW;
-    const int64_t npanels = (nc + NR - 1) / NR;
+    const int64_t sw = G.p.stride_w;
     for (int64_t k = 0; k < kc; ++k) {
       const int64_t r = k0 + k;
       const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
       const T* xc = x + c * G.xs_c;
       const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
       const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
-      int64_t q = q_offset + j0;
-      int64_t oh = q / G.Wo, ow = q % G.Wo;
-      for (int64_t jj = 0; jj < nc; ++jj) {
-        const int64_t ih = oh * G.p.stride_h + ih_off, iw = ow * G.p.stride_w + iw_off;
-        const bool inside = ih >= 0 && ih < G.H && iw >= 0 && iw < G.W;
-        dst[(jj / NR) * kc * NR + k * NR + (jj % NR)] =
-            inside ? xc[ih * G.xs_h + iw * G.xs_w] : T(0);
-        if (++ow == G.Wo) ow = 0, ++oh;
+      T* row_dst = dst + k * NR;
+      // Writes value(t) to positions jj .. jj + n - 1 of the packed row
+      // (consecutive within a panel, jumping kc * NR between panels).
+      auto emit = [&](int64_t jj, int64_t n, auto&& value) {
+        while (n > 0) {
+          const int64_t in_panel = std::min<int64_t>(n, NR - (jj % NR));
+          T* out = row_dst + (jj / NR) * kc * NR + (jj % NR);
+          for (int64_t t = 0; t < in_panel; ++t) out[t] = value(t);
+          value.advance(in_panel);
+          jj += in_panel, n -= in_panel;
+        }
+      };
+      struct Zero {
+        T operator()(int64_t) const { return T(0); }
+        void advance(int64_t) {}
+      };
+      struct Strided {
+        const T* p;
+        int64_t stride;
+        T operator()(int64_t t) const { return p[t * stride]; }
+        void advance(int64_t n) { p += n * stride; }
+      };
+      const int64_t q0 = q_offset + j0;
+      int64_t oh = q0 / G.Wo, ow = q0 % G.Wo;
+      for (int64_t jj = 0; jj < nc;) {
+        const int64_t run = std::min(nc - jj, G.Wo - ow);  // the rest of this output row
+        const int64_t ih = oh * G.p.stride_h + ih_off;
+        if (ih < 0 || ih >= G.H) {
+          emit(jj, run, Zero{});
+        } else {
+          // Output columns ow + t read input column (ow + t) * sw + iw_off:
+          // inside the image for t in [lo, hi).
+          const int64_t first = ow * sw + iw_off;
+          const int64_t lo = std::min(run, first >= 0 ? 0 : (-first + sw - 1) / sw);
+          const int64_t hi = std::max(lo, std::min(run, first >= G.W ? 0 : (G.W - 1 - first) / sw + 1));
+          emit(jj, lo, Zero{});
+          emit(jj + lo, hi - lo,
+               Strided{xc + ih * G.xs_h + (first + lo * sw) * G.xs_w, sw * G.xs_w});
+          emit(jj + hi, run - hi, Zero{});
+        }
+        jj += run, ow = 0, ++oh;
       }
-      for (int64_t jj = nc; jj < npanels * NR; ++jj) dst[(jj / NR) * kc * NR + k * NR + (jj % NR)] = T(0);
+      const int64_t padded = (nc + NR - 1) / NR * NR;
+      emit(nc, padded - nc, Zero{});
     }
   }
 };
@@ -143,16 +186,79 @@ void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, 
                   const ConvGeometry& G, T* out) {
   // Weights of every group packed once, shared read-only by all tasks.
   const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, G.Kc);
-  std::vector<T> a_packed(static_cast<size_t>(a_size * G.G));
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
   for (int64_t g = 0; g < G.G; ++g)
     gemm::pack_a(G.Coutg, G.Kc, weight.data() + g * G.Coutg * G.Kc, G.Kc, int64_t(1),
-                 a_packed.data() + g * a_size);
+                 a_packed + g * a_size);
 
-  // Tasks: (image, group, tile of output positions); each writes its own block.
-  const int64_t tile = gemm::NC;
+  // Tasks: (image, group, tile of output positions, block of output
+  // channels); each writes its own block of the output. Small batches get
+  // smaller tiles, then channel blocks, so that every thread has work.
+  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t images = G.N * G.G;
+  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
+  const int64_t tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
+                                  int64_t(NR), gemm::NC);
   const int64_t tiles = (G.P + tile - 1) / tile;
-  const int64_t tasks = G.N * G.G * tiles;
+  int64_t mblocks = 1;
+  if (images * tiles < want)
+    mblocks = std::min((want + images * tiles - 1) / (images * tiles), (G.Coutg + MR - 1) / MR);
+  const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
+  mblocks = (G.Coutg + mrows - 1) / mrows;
+  const int64_t tasks = images * tiles * mblocks;
+  const bool pointwise = is_pointwise(G);
   const T* x = input.ptr<const T>();
+  const int threads = detail::threads_for(tasks);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t mb = t % mblocks, rest = t / mblocks;
+      const int64_t n = rest / (G.G * tiles), g = (rest / tiles) % G.G;
+      const int64_t q0 = (rest % tiles) * tile, nq = std::min(tile, G.P - q0);
+      const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Coutg - m0);
+      const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+      T* c = out + (n * G.Cout + g * G.Coutg + m0) * G.P + q0;
+      if (pointwise)
+        gemm::gemm_packed(nm, nq, G.Kc, a_packed + g * a_size, G.Coutg, m0,
+                          gemm::StridedPackB<T>{xg + q0, G.xs_c, 1}, c, G.P, false, bbuf);
+      else
+        gemm::gemm_packed(nm, nq, G.Kc, a_packed + g * a_size, G.Coutg, m0,
+                          Im2colPackB<T>{xg, &G, q0}, c, G.P, false, bbuf);
+      if (bias) {
+        for (int64_t o = 0; o < nm; ++o) {
+          const T b = bias[g * G.Coutg + m0 + o];
+          T* row = c + o * G.P;
+          for (int64_t j = 0; j < nq; ++j) row[j] += b;
+        }
+      }
+    }
+  }
+}
+
+// grad_input of a pointwise convolution: gx[n, g] (Cg x P) = W_g^T (Cg x Coutg)
+// * gy[n, g] (Coutg x P), written straight into gx. Tasks: (image, group,
+// tile of positions).
+template <typename T>
+void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
+                          T* gx) {
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int64_t a_size = gemm::packed_a_size<T>(G.Cg, G.Coutg);
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
+  for (int64_t g = 0; g < G.G; ++g)  // A(c, o) = weight[g * Coutg + o, c]
+    gemm::pack_a(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
+                 a_packed + g * a_size);
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t images = G.N * G.G;
+  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
+  const int64_t tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
+                                  int64_t(NR), gemm::NC);
+  const int64_t tiles = (G.P + tile - 1) / tile, tasks = images * tiles;
   const int threads = detail::threads_for(tasks);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
 #pragma omp parallel num_threads(threads)
@@ -162,23 +268,17 @@ void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, 
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / (G.G * tiles), g = (t / tiles) % G.G, q0 = (t % tiles) * tile;
       const int64_t nq = std::min(tile, G.P - q0);
-      const Im2colPackB<T> pack{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, q0};
-      T* c = out + (n * G.Cout + g * G.Coutg) * G.P + q0;
-      gemm::gemm_packed(G.Coutg, nq, G.Kc, a_packed.data() + g * a_size, G.Coutg, 0, pack, c,
-                        G.P, false, bbuf);
-      if (bias) {
-        for (int64_t o = 0; o < G.Coutg; ++o) {
-          const T b = bias[g * G.Coutg + o];
-          T* row = c + o * G.P;
-          for (int64_t j = 0; j < nq; ++j) row[j] += b;
-        }
-      }
+      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P + q0;
+      T* c = gx + (n * G.C + g * G.Cg) * G.P + q0;
+      gemm::gemm_packed(G.Cg, nq, G.Coutg, a_packed + g * a_size, G.Cg, 0,
+                        gemm::StridedPackB<T>{gyg, G.P, 1}, c, G.P, false, bbuf);
     }
   }
 }
 
 template <typename T>
 void grad_input_impl(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G, T* gx) {
+  if (is_pointwise(G)) return grad_input_pointwise(gy, weight, G, gx);
   // Tasks: (image, group, block of input channels). dcol rows of a channel
   // block scatter only into those channels, so tasks never write the same
   // element, and each element's sum runs in a fixed order.
@@ -235,6 +335,7 @@ void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& 
   const int64_t cols_per_block = ((panels + nblocks - 1) / nblocks) * NR;
   const int64_t tasks = G.G * nblocks;
   const T* x = input.ptr<const T>();
+  const bool pointwise = is_pointwise(G);
   const int64_t bsize = gemm::b_workspace_size<T>();
   const int threads = detail::threads_for(tasks);
   detail::Workspace<T> ws(threads, bsize + gemm::packed_a_size<T>(G.Coutg, G.P));
@@ -255,9 +356,14 @@ void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& 
       for (int64_t n = 0; n < G.N; ++n) {
         gemm::pack_a(G.Coutg, G.P, gy + (n * G.Cout + g * G.Coutg) * G.P, G.P, int64_t(1),
                      a_packed);
-        const Im2colTransposedPackB<T> pack{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, r0};
-        gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0, pack, c, G.Kc, n > 0,
-                          bbuf);
+        const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+        if (pointwise)  // B(q, c) = x[c, q]
+          gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0,
+                            gemm::StridedPackB<T>{xg + r0 * G.xs_c, 1, G.xs_c}, c, G.Kc, n > 0,
+                            bbuf);
+        else
+          gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0,
+                            Im2colTransposedPackB<T>{xg, &G, r0}, c, G.Kc, n > 0, bbuf);
       }
     }
   }

@@ -187,8 +187,9 @@ template <typename T>
 void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
                   const T* b, int64_t b_rs, int64_t b_cs, T* c, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
-  std::vector<T> a_packed(static_cast<size_t>(packed_a_size<T>(M, K)));
-  pack_a(M, K, a, a_rs, a_cs, a_packed.data());
+  detail::Workspace<T> a_ws(1, packed_a_size<T>(M, K));
+  T* a_packed = a_ws.get();
+  pack_a(M, K, a, a_rs, a_cs, a_packed);
   // Blocks of C, MC rows x NC columns, are independent, and the order of
   // the K reduction inside a block never depends on the thread count.
   const int64_t mblocks = (M + MC - 1) / MC, nblocks = (N + NC - 1) / NC;
@@ -203,7 +204,7 @@ void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int
       const int64_t i0 = (t % mblocks) * MC, j0 = (t / mblocks) * NC;
       const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
       const StridedPackB<T> pack_block{b + j0 * b_cs, b_rs, b_cs};
-      gemm_packed(mc, nc, K, a_packed.data(), M, i0, pack_block, c + i0 * ldc + j0, ldc,
+      gemm_packed(mc, nc, K, a_packed, M, i0, pack_block, c + i0 * ldc + j0, ldc,
                   accumulate, bbuf);
     }
   }
