@@ -111,13 +111,14 @@ using Pair = std::pair<int64_t, int64_t>;
 
 py::array conv2d(const py::array& input, const py::array& weight,
                  const std::optional<py::array>& bias, Pair stride, std::vector<int64_t> padding,
-                 Pair dilation, int64_t groups) {
+                 Pair dilation, int64_t groups, const std::string& algorithm) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
   const TensorView w = arrays.view(weight, "weight");
   TensorView b;
   if (bias) b = arrays.view(*bias, "bias");
-  const auto p = conv_params(stride, padding, dilation, groups);
+  auto p = conv_params(stride, padding, dilation, groups);
+  p.algorithm = convcore::parse_conv_algorithm(algorithm);
   convcore::check_float(x, "input");
   convcore::check_same_dtype(w, "weight", x, "input");
   convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
@@ -135,12 +136,13 @@ py::array conv2d(const py::array& input, const py::array& weight,
 py::tuple conv2d_backward(const py::array& grad_output, const py::array& input,
                           const py::array& weight, Pair stride, std::vector<int64_t> padding,
                           Pair dilation, int64_t groups, bool need_input, bool need_weight,
-                          bool need_bias) {
+                          bool need_bias, const std::string& algorithm) {
   Arrays arrays;
   const TensorView gy = arrays.view(grad_output, "grad_output");
   const TensorView x = arrays.view(input, "input");
   const TensorView w = arrays.view(weight, "weight");
-  const auto p = conv_params(stride, padding, dilation, groups);
+  auto p = conv_params(stride, padding, dilation, groups);
+  p.algorithm = convcore::parse_conv_algorithm(algorithm);
   convcore::check_float(x, "input");
   convcore::check_same_dtype(w, "weight", x, "input");
   convcore::check_same_dtype(gy, "grad_output", x, "input");

@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "convcore/ops.h"
 #include "convcore/threading.h"
+#include "conv_depthwise.h"
 #include "gemm.h"
 #include "strided.h"
 
@@ -27,6 +29,8 @@ struct ConvGeometry {
   Conv2dParams p;
 };
 
+ConvAlgorithm choose_algorithm(const ConvGeometry& G);
+
 ConvGeometry make_geometry(const TensorView& input, const TensorView& weight,
                            const Conv2dParams& p) {
   check_float(input, "input");
@@ -43,16 +47,27 @@ ConvGeometry make_geometry(const TensorView& input, const TensorView& weight,
   g.xs_n = input.strides[0], g.xs_c = input.strides[1];
   g.xs_h = input.strides[2], g.xs_w = input.strides[3];
   g.p = p;
+  g.p.algorithm = choose_algorithm(g);
+  return g;
+}
+
+// The same geometry over another (contiguous) copy of the input.
+ConvGeometry with_input(ConvGeometry g, const TensorView& input) {
+  g.xs_n = input.strides[0], g.xs_c = input.strides[1];
+  g.xs_h = input.strides[2], g.xs_w = input.strides[3];
   return g;
 }
 
 // 1x1, stride 1, no padding, with the rows of the image contiguous: im2col
 // is the image itself (channels x positions), so plain strided packing and,
 // for grad_input, a GEMM straight into the output replace the lowering.
-bool is_pointwise(const ConvGeometry& G) {
+bool pointwise_shape(const ConvGeometry& G) {
   return G.KH == 1 && G.KW == 1 && G.p.stride_h == 1 && G.p.stride_w == 1 && G.p.pad_top == 0 &&
-         G.p.pad_bottom == 0 && G.p.pad_left == 0 && G.p.pad_right == 0 && G.xs_w == 1 &&
-         G.xs_h == G.W;
+         G.p.pad_bottom == 0 && G.p.pad_left == 0 && G.p.pad_right == 0;
+}
+bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
+bool is_pointwise(const ConvGeometry& G) {
+  return G.p.algorithm == ConvAlgorithm::Pointwise && rows_contiguous(G);
 }
 
 // Packs B(r, q) = im2col(x)[r, q] for rows r in [k0, k0 + kc) (r = (c, i, j) of
@@ -177,6 +192,91 @@ void col2im_add(const T* dcol, int64_t rows, int64_t nq, int64_t q0, const ConvG
       const int64_t ih = oh * G.p.stride_h + ih_off, iw = ow * G.p.stride_w + iw_off;
       if (ih >= 0 && ih < G.H && iw >= 0 && iw < G.W) gc[ih * G.W + iw] += src[jj];
       if (++ow == G.Wo) ow = 0, ++oh;
+    }
+  }
+}
+
+depthwise::Plane plane_of(const ConvGeometry& G) {
+  return {G.H, G.W, G.Ho, G.Wo, G.KH, G.KW, G.p.stride_h, G.p.stride_w, G.p.dilation_h,
+          G.p.dilation_w, G.p.pad_top, G.p.pad_left, G.xs_h, G.xs_w};
+}
+
+// Resolves Auto, and checks that an algorithm asked for by name applies.
+ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
+  const bool depthwise = G.Cg == 1 && G.G > 1;
+  switch (G.p.algorithm) {
+    case ConvAlgorithm::Auto:
+      if (depthwise) return ConvAlgorithm::Depthwise;
+      if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
+      return ConvAlgorithm::Gemm;
+    case ConvAlgorithm::Depthwise:
+      if (!depthwise)
+        throw ValueError("algorithm='depthwise' needs one input channel per group "
+                         "(groups == in_channels), got " + std::to_string(G.Cg) +
+                         " input channels per group");
+      return ConvAlgorithm::Depthwise;
+    case ConvAlgorithm::Pointwise:
+      if (!pointwise_shape(G))
+        throw ValueError("algorithm='pointwise' needs a 1x1 kernel with stride 1 and no "
+                         "padding");
+      return ConvAlgorithm::Pointwise;
+    case ConvAlgorithm::Gemm:
+      return ConvAlgorithm::Gemm;
+  }
+  return ConvAlgorithm::Gemm;
+}
+
+// Depthwise forward: one task per output plane (image, output channel).
+template <typename T>
+void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
+                       const ConvGeometry& G, T* out) {
+  const depthwise::Plane pl = plane_of(G);
+  const T* x = input.ptr<const T>();
+  const int64_t planes = G.N * G.Cout;
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t t = 0; t < planes; ++t) {
+    const int64_t n = t / G.Cout, o = t % G.Cout, g = o / G.Coutg;
+    depthwise::forward_plane(pl, x + n * G.xs_n + g * G.xs_c, weight + o * G.KH * G.KW,
+                             bias ? bias[o] : T(0), out + t * G.P);
+  }
+}
+
+// Depthwise grad_input: one task per input plane (image, channel); the
+// output channels of its group add into it in a fixed order.
+template <typename T>
+void grad_input_depthwise(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
+  const depthwise::Plane pl = plane_of(G);
+  const int64_t planes = G.N * G.C;
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t t = 0; t < planes; ++t) {
+    const int64_t n = t / G.C, g = t % G.C;
+    T* plane = gx + t * G.H * G.W;
+    std::fill(plane, plane + G.H * G.W, T(0));
+    for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
+      depthwise::grad_input_plane(pl, gy + (n * G.Cout + o) * G.P, weight + o * G.KH * G.KW,
+                                  plane);
+  }
+}
+
+// Depthwise grad_weight: one task per output channel, summing over images.
+template <typename T>
+void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  const depthwise::Plane pl = plane_of(G);
+  const T* x = input.ptr<const T>();
+  const int64_t taps = G.KH * G.KW;
+  const int threads = detail::threads_for(G.Cout);
+  detail::Workspace<double> ws(threads, taps);
+#pragma omp parallel num_threads(threads)
+  {
+    double* acc = ws.get(omp_get_thread_num());
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < G.Cout; ++o) {
+      std::fill(acc, acc + taps, 0.0);
+      const int64_t g = o / G.Coutg;
+      for (int64_t n = 0; n < G.N; ++n)
+        depthwise::grad_weight_plane(pl, gy + (n * G.Cout + o) * G.P, x + n * G.xs_n + g * G.xs_c,
+                                     acc);
+      for (int64_t k = 0; k < taps; ++k) gw[o * taps + k] = static_cast<T>(acc[k]);
     }
   }
 }
@@ -403,7 +503,20 @@ void conv2d_forward(const TensorView& input, const TensorView& weight, const Ten
       detail::copy_to_contiguous<T>(*bias, b.data());
     }
     if (output.numel() == 0) return;
-    forward_impl<T>(input, w, bias ? b.data() : nullptr, G, output.ptr<T>());
+    const T* bias_data = bias ? b.data() : nullptr;
+    switch (G.p.algorithm) {
+      case ConvAlgorithm::Depthwise:
+        return forward_depthwise<T>(input, w.data(), bias_data, G, output.ptr<T>());
+      case ConvAlgorithm::Pointwise:
+        if (!rows_contiguous(G)) {  // the pointwise GEMM reads whole rows
+          const detail::Contiguous<T> xc(input);
+          return forward_impl<T>(xc.view(), w, bias_data, with_input(G, xc.view()),
+                                 output.ptr<T>());
+        }
+        return forward_impl<T>(input, w, bias_data, G, output.ptr<T>());
+      default:
+        return forward_impl<T>(input, w, bias_data, G, output.ptr<T>());
+    }
   });
 }
 
@@ -421,12 +534,26 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
   detail::dispatch_float(input.dtype, [&](auto zero) {
     using T = decltype(zero);
     const detail::Contiguous<T> gy(grad_output);
+    // The pointwise paths read whole rows of the input: copy it if they are not.
+    const bool copy_input = G.p.algorithm == ConvAlgorithm::Pointwise && !rows_contiguous(G);
+    std::optional<detail::Contiguous<T>> xc;
+    if (copy_input) xc.emplace(input);
+    const TensorView& x = copy_input ? xc->view() : input;
+    const ConvGeometry Gx = copy_input ? with_input(G, x) : G;
+    const bool depthwise = G.p.algorithm == ConvAlgorithm::Depthwise;
     if (grad_input && grad_input->numel() > 0) {
       const detail::Contiguous<T> w(weight);
-      grad_input_impl<T>(gy.data(), w, G, grad_input->ptr<T>());
+      if (depthwise)
+        grad_input_depthwise<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+      else
+        grad_input_impl<T>(gy.data(), w, Gx, grad_input->ptr<T>());
     }
-    if (grad_weight && grad_weight->numel() > 0)
-      grad_weight_impl<T>(gy.data(), input, G, grad_weight->ptr<T>());
+    if (grad_weight && grad_weight->numel() > 0) {
+      if (depthwise)
+        grad_weight_depthwise<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
+      else
+        grad_weight_impl<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
+    }
     if (grad_bias && grad_bias->numel() > 0) grad_bias_impl<T>(gy.data(), G, grad_bias->ptr<T>());
   });
 }
