@@ -12,6 +12,7 @@
 #include "convcore/ops.h"
 #include "convcore/threading.h"
 #include "conv_depthwise.h"
+#include "conv_winograd.h"
 #include "gemm.h"
 #include "strided.h"
 
@@ -64,6 +65,10 @@ ConvGeometry with_input(ConvGeometry g, const TensorView& input) {
 bool pointwise_shape(const ConvGeometry& G) {
   return G.KH == 1 && G.KW == 1 && G.p.stride_h == 1 && G.p.stride_w == 1 && G.p.pad_top == 0 &&
          G.p.pad_bottom == 0 && G.p.pad_left == 0 && G.p.pad_right == 0;
+}
+bool winograd_shape(const ConvGeometry& G) {
+  return G.KH == 3 && G.KW == 3 && G.p.stride_h == 1 && G.p.stride_w == 1 &&
+         G.p.dilation_h == 1 && G.p.dilation_w == 1 && G.G == 1;
 }
 bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
 bool is_pointwise(const ConvGeometry& G) {
@@ -220,6 +225,11 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
         throw ValueError("algorithm='pointwise' needs a 1x1 kernel with stride 1 and no "
                          "padding");
       return ConvAlgorithm::Pointwise;
+    case ConvAlgorithm::Winograd:
+      if (!winograd_shape(G))
+        throw ValueError("algorithm='winograd' needs a 3x3 kernel with stride 1, dilation 1 "
+                         "and groups=1");
+      return ConvAlgorithm::Winograd;
     case ConvAlgorithm::Gemm:
       return ConvAlgorithm::Gemm;
   }
@@ -279,6 +289,127 @@ void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeome
       for (int64_t k = 0; k < taps; ++k) gw[o * taps + k] = static_cast<T>(acc[k]);
     }
   }
+}
+
+// A 3x3 stride-1 convolution as Winograd F(2x2, 3x3) sees it: an image x
+// (N, C, H, W; any strides), filters given by filter(o, c, g[9]), padding
+// top/left (the output size fixes the rest), output (N, Cout, Ho, Wo).
+template <typename T>
+struct WinogradConv {
+  const T* x;
+  int64_t N, C, H, W, xs_n, xs_c, xs_h, xs_w;
+  int64_t Cout, pad_top, pad_left, Ho, Wo;
+};
+
+template <typename T, typename FilterFn>
+void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T* out) {
+  using namespace winograd;
+  constexpr int NR = gemm::Tile<T>::NR;
+  // U[xi] (Cout x C) = G g G^T, packed once as the A operands of 16 GEMMs.
+  const int64_t a_size = gemm::packed_a_size<T>(a.Cout, a.C);
+  detail::Workspace<T> u_ws(1, kPoints * a.Cout * a.C + kPoints * a_size);
+  T* u = u_ws.get();
+  T* a_packed = u + kPoints * a.Cout * a.C;
+#pragma omp parallel for num_threads(detail::threads_for(a.Cout)) schedule(static)
+  for (int64_t o = 0; o < a.Cout; ++o) {
+    T g[9], ut[kPoints];
+    for (int64_t c = 0; c < a.C; ++c) {
+      filter(o, c, g);
+      transform_filter(g, ut);
+      for (int xi = 0; xi < kPoints; ++xi) u[(xi * a.Cout + o) * a.C + c] = ut[xi];
+    }
+  }
+#pragma omp parallel for num_threads(detail::threads_for(kPoints)) schedule(static)
+  for (int xi = 0; xi < kPoints; ++xi)
+    gemm::pack_a(a.Cout, a.C, u + xi * a.Cout * a.C, a.C, int64_t(1), a_packed + xi * a_size);
+
+  // Tasks: blocks of output tiles (across images), each through input
+  // transform, 16 GEMMs and output transform in its own scratch.
+  const int64_t tiles_h = (a.Ho + kOut - 1) / kOut, tiles_w = (a.Wo + kOut - 1) / kOut;
+  const int64_t per_image = tiles_h * tiles_w, total = a.N * per_image;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t block = std::clamp(gemm::round_up((total + want - 1) / want, NR), int64_t(NR),
+                                   int64_t(4 * NR));
+  const int64_t tasks = (total + block - 1) / block;
+  const int threads = detail::threads_for(tasks);
+  const int64_t bsize = gemm::b_workspace_size<T>();
+  const int64_t vsize = kPoints * a.C * block, msize = kPoints * a.Cout * block;
+  detail::Workspace<T> ws(threads, bsize + vsize + msize);
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+    T* v = bbuf + bsize;
+    T* m = v + vsize;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t t0 = task * block, nt = std::min(block, total - t0);
+      // Input transform: V[xi][c][t] (row-major C x block per xi).
+      for (int64_t t = 0; t < nt; ++t) {
+        const int64_t n = (t0 + t) / per_image, tile = (t0 + t) % per_image;
+        const int64_t ih0 = (tile / tiles_w) * kOut - a.pad_top;
+        const int64_t iw0 = (tile % tiles_w) * kOut - a.pad_left;
+        const bool inside = ih0 >= 0 && iw0 >= 0 && ih0 + kTile <= a.H && iw0 + kTile <= a.W;
+        const T* xn = a.x + n * a.xs_n;
+        for (int64_t c = 0; c < a.C; ++c) {
+          const T* xc = xn + c * a.xs_c;
+          T d[kPoints], vt[kPoints];
+          for (int i = 0; i < kTile; ++i) {
+            const int64_t ih = ih0 + i;
+            for (int j = 0; j < kTile; ++j) {
+              const int64_t iw = iw0 + j;
+              d[i * kTile + j] = inside || (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W)
+                                     ? xc[ih * a.xs_h + iw * a.xs_w]
+                                     : T(0);
+            }
+          }
+          transform_input(d, vt);
+          for (int xi = 0; xi < kPoints; ++xi) v[(xi * a.C + c) * block + t] = vt[xi];
+        }
+      }
+      // M[xi] (Cout x nt) = U[xi] (Cout x C) * V[xi] (C x nt)
+      for (int xi = 0; xi < kPoints; ++xi)
+        gemm::gemm_packed(a.Cout, nt, a.C, a_packed + xi * a_size, a.Cout, 0,
+                          gemm::StridedPackB<T>{v + xi * a.C * block, block, 1},
+                          m + xi * a.Cout * block, block, false, bbuf);
+      // Output transform, 2x2 outputs per tile, clipped at the edges.
+      for (int64_t o = 0; o < a.Cout; ++o) {
+        const T b = bias ? bias[o] : T(0);
+        for (int64_t t = 0; t < nt; ++t) {
+          const int64_t n = (t0 + t) / per_image, tile = (t0 + t) % per_image;
+          const int64_t oh0 = (tile / tiles_w) * kOut, ow0 = (tile % tiles_w) * kOut;
+          T mt[kPoints], y[kOut * kOut];
+          for (int xi = 0; xi < kPoints; ++xi) mt[xi] = m[(xi * a.Cout + o) * block + t];
+          transform_output(mt, y);
+          T* plane = out + (n * a.Cout + o) * a.Ho * a.Wo;
+          for (int i = 0; i < kOut && oh0 + i < a.Ho; ++i)
+            for (int j = 0; j < kOut && ow0 + j < a.Wo; ++j)
+              plane[(oh0 + i) * a.Wo + ow0 + j] = y[i * kOut + j] + b;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_winograd(const TensorView& input, const T* weight, const T* bias,
+                      const ConvGeometry& G, T* out) {
+  const WinogradConv<T> a{input.ptr<const T>(), G.N, G.C, G.H, G.W, G.xs_n, G.xs_c, G.xs_h,
+                          G.xs_w, G.Cout, G.p.pad_top, G.p.pad_left, G.Ho, G.Wo};
+  winograd_conv(a, [&](int64_t o, int64_t c, T* g) {
+    std::copy(weight + (o * G.C + c) * 9, weight + (o * G.C + c) * 9 + 9, g);
+  }, bias, out);
+}
+
+// grad_input of a 3x3 stride-1 convolution is itself one: grad_output
+// convolved with the flipped, transposed filters and padding 2 - p.
+template <typename T>
+void grad_input_winograd(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
+  const WinogradConv<T> a{gy, G.N, G.Cout, G.Ho, G.Wo, G.Cout * G.P, G.P, G.Wo, 1,
+                          G.C, 2 - G.p.pad_top, 2 - G.p.pad_left, G.H, G.W};
+  winograd_conv(a, [&](int64_t c, int64_t o, T* g) {
+    const T* f = weight + (o * G.C + c) * 9;
+    for (int k = 0; k < 9; ++k) g[k] = f[8 - k];
+  }, static_cast<const T*>(nullptr), gx);
 }
 
 template <typename T>
@@ -507,6 +638,8 @@ void conv2d_forward(const TensorView& input, const TensorView& weight, const Ten
     switch (G.p.algorithm) {
       case ConvAlgorithm::Depthwise:
         return forward_depthwise<T>(input, w.data(), bias_data, G, output.ptr<T>());
+      case ConvAlgorithm::Winograd:
+        return forward_winograd<T>(input, w.data(), bias_data, G, output.ptr<T>());
       case ConvAlgorithm::Pointwise:
         if (!rows_contiguous(G)) {  // the pointwise GEMM reads whole rows
           const detail::Contiguous<T> xc(input);
@@ -543,8 +676,12 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
     const bool depthwise = G.p.algorithm == ConvAlgorithm::Depthwise;
     if (grad_input && grad_input->numel() > 0) {
       const detail::Contiguous<T> w(weight);
+      const bool pads_fit = std::max({G.p.pad_top, G.p.pad_bottom, G.p.pad_left,
+                                       G.p.pad_right}) <= 2;
       if (depthwise)
         grad_input_depthwise<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+      else if (G.p.algorithm == ConvAlgorithm::Winograd && pads_fit)
+        grad_input_winograd<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
       else
         grad_input_impl<T>(gy.data(), w, Gx, grad_input->ptr<T>());
     }

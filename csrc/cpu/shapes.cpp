@@ -109,7 +109,9 @@ ConvAlgorithm parse_conv_algorithm(const std::string& name) {
   if (name == "gemm") return ConvAlgorithm::Gemm;
   if (name == "pointwise") return ConvAlgorithm::Pointwise;
   if (name == "depthwise") return ConvAlgorithm::Depthwise;
-  fail("algorithm must be one of 'auto', 'gemm', 'pointwise', 'depthwise', got '", name, "'");
+  if (name == "winograd") return ConvAlgorithm::Winograd;
+  fail("algorithm must be one of 'auto', 'gemm', 'pointwise', 'depthwise', 'winograd', got '",
+       name, "'");
 }
 
 const char* conv_algorithm_name(ConvAlgorithm algorithm) {
@@ -118,6 +120,7 @@ const char* conv_algorithm_name(ConvAlgorithm algorithm) {
     case ConvAlgorithm::Gemm: return "gemm";
     case ConvAlgorithm::Pointwise: return "pointwise";
     case ConvAlgorithm::Depthwise: return "depthwise";
+    case ConvAlgorithm::Winograd: return "winograd";
   }
   return "unknown";
 }
