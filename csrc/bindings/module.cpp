@@ -200,6 +200,27 @@ py::array max_pool2d_backward(const py::array& grad_output, const py::array& inp
   return gx;
 }
 
+py::array max_pool2d_backward_indices(const py::array& grad_output, const py::array& indices,
+                                      const py::array& input) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  py::array idx = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(indices);
+  if (!idx) throw convcore::TypeError("indices must be an int64 array");
+  if (!py::dtype::of<int64_t>().attr("__eq__")(indices.dtype()).cast<bool>())
+    throw convcore::TypeError("indices must have dtype int64, got " +
+                              std::string(py::str(indices.dtype())));
+  TensorView idx_v = out_view(idx);
+  idx_v.dtype = DType::Int64;
+  py::array gx = new_array(x, dims(x));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::max_pool2d_backward_indices(gy, idx_v, gx_v);
+  }
+  return gx;
+}
+
 py::array avg_pool2d(const py::array& input, Pair kernel, Pair stride, Pair padding,
                      bool ceil_mode, bool count_include_pad, int64_t divisor_override) {
   Arrays arrays;
@@ -428,6 +449,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("conv2d_backward", &conv2d_backward);
   m.def("max_pool2d", &max_pool2d);
   m.def("max_pool2d_backward", &max_pool2d_backward);
+  m.def("max_pool2d_backward_indices", &max_pool2d_backward_indices);
   m.def("avg_pool2d", &avg_pool2d);
   m.def("avg_pool2d_backward", &avg_pool2d_backward);
   m.def("adaptive_avg_pool2d", &adaptive_avg_pool2d);

@@ -210,14 +210,26 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
 
 def max_pool2d_backward(grad_output, input, kernel_size: IntPair,
                         stride: Optional[IntPair] = None, padding: IntPair = 0,
-                        dilation: IntPair = 1, ceil_mode: bool = False) -> np.ndarray:
-    """Gradient of max_pool2d with respect to its input (the max of each window
-    is found again from input; ties go to the first, as in PyTorch)."""
+                        dilation: IntPair = 1, ceil_mode: bool = False,
+                        indices: Optional[np.ndarray] = None) -> np.ndarray:
+    """Gradient of max_pool2d with respect to its input. The max of each
+    window is found again from input (ties go to the first, as in PyTorch),
+    or, faster, taken from `indices` as max_pool2d(..., return_indices=True)
+    returned them."""
     x, unbatched = _batched(_array(input, "input"), "input")
     gy = _array(grad_output, "grad_output")
     if unbatched and gy.ndim == 3:
         gy = gy[None]
     k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
+    if indices is not None:
+        idx = _array(indices, "indices")
+        if unbatched and idx.ndim == 3:
+            idx = idx[None]
+        expected = pool2d_output_shape(x.shape, k, s, p, d, ceil_mode) if x.ndim == 4 else None
+        if expected is not None and gy.shape != tuple(expected):
+            raise ValueError(f"grad_output must have shape {tuple(expected)}, got {gy.shape}")
+        gx = _core.max_pool2d_backward_indices(gy, idx, x)
+        return gx[0] if unbatched else gx
     gx = _core.max_pool2d_backward(gy, x, k, s, p, d, bool(ceil_mode))
     return gx[0] if unbatched else gx
 
