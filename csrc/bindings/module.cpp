@@ -117,13 +117,14 @@ using Pair = std::pair<int64_t, int64_t>;
 
 py::array conv2d(const py::array& input, const py::array& weight,
                  const std::optional<py::array>& bias, Pair stride, std::vector<int64_t> padding,
-                 Pair dilation, int64_t groups) {
+                 Pair dilation, int64_t groups, const std::string& algorithm) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
   const TensorView w = arrays.view(weight, "weight");
   TensorView b;
   if (bias) b = arrays.view(*bias, "bias");
-  const auto p = conv_params(stride, padding, dilation, groups);
+  auto p = conv_params(stride, padding, dilation, groups);
+  p.algorithm = convcore::parse_conv_algorithm(algorithm);
   convcore::check_float(x, "input");
   convcore::check_same_dtype(w, "weight", x, "input");
   convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
@@ -141,12 +142,13 @@ py::array conv2d(const py::array& input, const py::array& weight,
 py::tuple conv2d_backward(const py::array& grad_output, const py::array& input,
                           const py::array& weight, Pair stride, std::vector<int64_t> padding,
                           Pair dilation, int64_t groups, bool need_input, bool need_weight,
-                          bool need_bias) {
+                          bool need_bias, const std::string& algorithm) {
   Arrays arrays;
   const TensorView gy = arrays.view(grad_output, "grad_output");
   const TensorView x = arrays.view(input, "input");
   const TensorView w = arrays.view(weight, "weight");
-  const auto p = conv_params(stride, padding, dilation, groups);
+  auto p = conv_params(stride, padding, dilation, groups);
+  p.algorithm = convcore::parse_conv_algorithm(algorithm);
   convcore::check_float(x, "input");
   convcore::check_same_dtype(w, "weight", x, "input");
   convcore::check_same_dtype(gy, "grad_output", x, "input");
@@ -200,6 +202,27 @@ py::array max_pool2d_backward(const py::array& grad_output, const py::array& inp
   {
     py::gil_scoped_release release;
     convcore::max_pool2d_backward(gy, x, p, gx_v);
+  }
+  return gx;
+}
+
+py::array max_pool2d_backward_indices(const py::array& grad_output, const py::array& indices,
+                                      const py::array& input) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  py::array idx = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(indices);
+  if (!idx) throw convcore::TypeError("indices must be an int64 array");
+  if (!py::dtype::of<int64_t>().attr("__eq__")(indices.dtype()).cast<bool>())
+    throw convcore::TypeError("indices must have dtype int64, got " +
+                              std::string(py::str(indices.dtype())));
+  TensorView idx_v = out_view(idx);
+  idx_v.dtype = DType::Int64;
+  py::array gx = new_array(x, dims(x));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::max_pool2d_backward_indices(gy, idx_v, gx_v);
   }
   return gx;
 }
@@ -432,6 +455,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("conv2d_backward", &conv2d_backward);
   m.def("max_pool2d", &max_pool2d);
   m.def("max_pool2d_backward", &max_pool2d_backward);
+  m.def("max_pool2d_backward_indices", &max_pool2d_backward_indices);
   m.def("avg_pool2d", &avg_pool2d);
   m.def("avg_pool2d_backward", &avg_pool2d_backward);
   m.def("adaptive_avg_pool2d", &adaptive_avg_pool2d);
@@ -478,4 +502,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &convcore::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &convcore::get_num_threads);
   m.def("gemm_isa", [] { return std::string(convcore::gemm_isa()); });
+  m.def("workspace_peak", &convcore::workspace_peak_bytes,
+        "Most scratch bytes held at once by this thread's calls since reset_workspace_peak()");
+  m.def("reset_workspace_peak", &convcore::reset_workspace_peak);
 }

@@ -6,10 +6,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "convcore/ops.h"
 #include "convcore/threading.h"
+#include "conv_depthwise.h"
+#include "conv_winograd.h"
 #include "gemm.h"
 #include "strided.h"
 
@@ -27,6 +30,8 @@ struct ConvGeometry {
   Conv2dParams p;
 };
 
+ConvAlgorithm choose_algorithm(const ConvGeometry& G);
+
 ConvGeometry make_geometry(const TensorView& input, const TensorView& weight,
                            const Conv2dParams& p) {
   check_float(input, "input");
@@ -43,7 +48,31 @@ ConvGeometry make_geometry(const TensorView& input, const TensorView& weight,
   g.xs_n = input.strides[0], g.xs_c = input.strides[1];
   g.xs_h = input.strides[2], g.xs_w = input.strides[3];
   g.p = p;
+  g.p.algorithm = choose_algorithm(g);
   return g;
+}
+
+// The same geometry over another (contiguous) copy of the input.
+ConvGeometry with_input(ConvGeometry g, const TensorView& input) {
+  g.xs_n = input.strides[0], g.xs_c = input.strides[1];
+  g.xs_h = input.strides[2], g.xs_w = input.strides[3];
+  return g;
+}
+
+// 1x1, stride 1, no padding, with the rows of the image contiguous: im2col
+// is the image itself (channels x positions), so plain strided packing and,
+// for grad_input, a GEMM straight into the output replace the lowering.
+bool pointwise_shape(const ConvGeometry& G) {
+  return G.KH == 1 && G.KW == 1 && G.p.stride_h == 1 && G.p.stride_w == 1 && G.p.pad_top == 0 &&
+         G.p.pad_bottom == 0 && G.p.pad_left == 0 && G.p.pad_right == 0;
+}
+bool winograd_shape(const ConvGeometry& G) {
+  return G.KH == 3 && G.KW == 3 && G.p.stride_h == 1 && G.p.stride_w == 1 &&
+         G.p.dilation_h == 1 && G.p.dilation_w == 1 && G.G == 1;
+}
+bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
+bool is_pointwise(const ConvGeometry& G) {
+  return G.p.algorithm == ConvAlgorithm::Pointwise && rows_contiguous(G);
 }
 
 // Packs B(r, q) = im2col(x)[r, q] for rows r in [k0, k0 + kc) (r = (c, i, j) of
@@ -59,23 +88,57 @@ struct Im2colPackB {
     constexpr int NR = gemm::Tile<T>::NR;
     const ConvGeometry& G = *g;
     const int64_t khw = G.KH * G.KW;
-    const int64_t npanels = (nc + NR - 1) / NR;
+    const int64_t sw = G.p.stride_w;
     for (int64_t k = 0; k < kc; ++k) {
       const int64_t r = k0 + k;
       const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
       const T* xc = x + c * G.xs_c;
       const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
       const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
-      int64_t q = q_offset + j0;
-      int64_t oh = q / G.Wo, ow = q % G.Wo;
-      for (int64_t jj = 0; jj < nc; ++jj) {
-        const int64_t ih = oh * G.p.stride_h + ih_off, iw = ow * G.p.stride_w + iw_off;
-        const bool inside = ih >= 0 && ih < G.H && iw >= 0 && iw < G.W;
-        dst[(jj / NR) * kc * NR + k * NR + (jj % NR)] =
-            inside ? xc[ih * G.xs_h + iw * G.xs_w] : T(0);
-        if (++ow == G.Wo) ow = 0, ++oh;
+      T* row_dst = dst + k * NR;
+      // Writes value(t) to positions jj .. jj + n - 1 of the packed row
+      // (consecutive within a panel, jumping kc * NR between panels).
+      auto emit = [&](int64_t jj, int64_t n, auto&& value) {
+        while (n > 0) {
+          const int64_t in_panel = std::min<int64_t>(n, NR - (jj % NR));
+          T* out = row_dst + (jj / NR) * kc * NR + (jj % NR);
+          for (int64_t t = 0; t < in_panel; ++t) out[t] = value(t);
+          value.advance(in_panel);
+          jj += in_panel, n -= in_panel;
+        }
+      };
+      struct Zero {
+        T operator()(int64_t) const { return T(0); }
+        void advance(int64_t) {}
+      };
+      struct Strided {
+        const T* p;
+        int64_t stride;
+        T operator()(int64_t t) const { return p[t * stride]; }
+        void advance(int64_t n) { p += n * stride; }
+      };
+      const int64_t q0 = q_offset + j0;
+      int64_t oh = q0 / G.Wo, ow = q0 % G.Wo;
+      for (int64_t jj = 0; jj < nc;) {
+        const int64_t run = std::min(nc - jj, G.Wo - ow);  // the rest of this output row
+        const int64_t ih = oh * G.p.stride_h + ih_off;
+        if (ih < 0 || ih >= G.H) {
+          emit(jj, run, Zero{});
+        } else {
+          // Output columns ow + t read input column (ow + t) * sw + iw_off:
+          // inside the image for t in [lo, hi).
+          const int64_t first = ow * sw + iw_off;
+          const int64_t lo = std::min(run, first >= 0 ? 0 : (-first + sw - 1) / sw);
+          const int64_t hi = std::max(lo, std::min(run, first >= G.W ? 0 : (G.W - 1 - first) / sw + 1));
+          emit(jj, lo, Zero{});
+          emit(jj + lo, hi - lo,
+               Strided{xc + ih * G.xs_h + (first + lo * sw) * G.xs_w, sw * G.xs_w});
+          emit(jj + hi, run - hi, Zero{});
+        }
+        jj += run, ow = 0, ++oh;
       }
-      for (int64_t jj = nc; jj < npanels * NR; ++jj) dst[(jj / NR) * kc * NR + k * NR + (jj % NR)] = T(0);
+      const int64_t padded = (nc + NR - 1) / NR * NR;
+      emit(nc, padded - nc, Zero{});
     }
   }
 };
@@ -138,21 +201,295 @@ void col2im_add(const T* dcol, int64_t rows, int64_t nq, int64_t q0, const ConvG
   }
 }
 
+depthwise::Plane plane_of(const ConvGeometry& G) {
+  return {G.H, G.W, G.Ho, G.Wo, G.KH, G.KW, G.p.stride_h, G.p.stride_w, G.p.dilation_h,
+          G.p.dilation_w, G.p.pad_top, G.p.pad_left, G.xs_h, G.xs_w};
+}
+
+// Resolves Auto, and checks that an algorithm asked for by name applies.
+ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
+  const bool depthwise = G.Cg == 1 && G.G > 1;
+  switch (G.p.algorithm) {
+    case ConvAlgorithm::Auto:
+      if (depthwise) return ConvAlgorithm::Depthwise;
+      if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
+      return ConvAlgorithm::Gemm;
+    case ConvAlgorithm::Depthwise:
+      if (!depthwise)
+        throw ValueError("algorithm='depthwise' needs one input channel per group "
+                         "(groups == in_channels), got " + std::to_string(G.Cg) +
+                         " input channels per group");
+      return ConvAlgorithm::Depthwise;
+    case ConvAlgorithm::Pointwise:
+      if (!pointwise_shape(G))
+        throw ValueError("algorithm='pointwise' needs a 1x1 kernel with stride 1 and no "
+                         "padding");
+      return ConvAlgorithm::Pointwise;
+    case ConvAlgorithm::Winograd:
+      if (!winograd_shape(G))
+        throw ValueError("algorithm='winograd' needs a 3x3 kernel with stride 1, dilation 1 "
+                         "and groups=1");
+      return ConvAlgorithm::Winograd;
+    case ConvAlgorithm::Gemm:
+      return ConvAlgorithm::Gemm;
+  }
+  return ConvAlgorithm::Gemm;
+}
+
+// Depthwise forward: one task per output plane (image, output channel).
+template <typename T>
+void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
+                       const ConvGeometry& G, T* out) {
+  const depthwise::Plane pl = plane_of(G);
+  const T* x = input.ptr<const T>();
+  const int64_t planes = G.N * G.Cout;
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t t = 0; t < planes; ++t) {
+    const int64_t n = t / G.Cout, o = t % G.Cout, g = o / G.Coutg;
+    depthwise::forward_plane(pl, x + n * G.xs_n + g * G.xs_c, weight + o * G.KH * G.KW,
+                             bias ? bias[o] : T(0), out + t * G.P);
+  }
+}
+
+// Depthwise grad_input: one task per input plane (image, channel); the
+// output channels of its group add into it in a fixed order.
+template <typename T>
+void grad_input_depthwise(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
+  const depthwise::Plane pl = plane_of(G);
+  const int64_t planes = G.N * G.C;
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+  for (int64_t t = 0; t < planes; ++t) {
+    const int64_t n = t / G.C, g = t % G.C;
+    T* plane = gx + t * G.H * G.W;
+    std::fill(plane, plane + G.H * G.W, T(0));
+    for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
+      depthwise::grad_input_plane(pl, gy + (n * G.Cout + o) * G.P, weight + o * G.KH * G.KW,
+                                  plane);
+  }
+}
+
+// Depthwise grad_weight: one task per output channel, summing over images.
+template <typename T>
+void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  const depthwise::Plane pl = plane_of(G);
+  const T* x = input.ptr<const T>();
+  const int64_t taps = G.KH * G.KW;
+  const int threads = detail::threads_for(G.Cout);
+  detail::Workspace<double> ws(threads, taps);
+#pragma omp parallel num_threads(threads)
+  {
+    double* acc = ws.get(omp_get_thread_num());
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < G.Cout; ++o) {
+      std::fill(acc, acc + taps, 0.0);
+      const int64_t g = o / G.Coutg;
+      for (int64_t n = 0; n < G.N; ++n)
+        depthwise::grad_weight_plane(pl, gy + (n * G.Cout + o) * G.P, x + n * G.xs_n + g * G.xs_c,
+                                     acc);
+      for (int64_t k = 0; k < taps; ++k) gw[o * taps + k] = static_cast<T>(acc[k]);
+    }
+  }
+}
+
+// A 3x3 stride-1 convolution as Winograd F(2x2, 3x3) sees it: an image x
+// (N, C, H, W; any strides), filters given by filter(o, c, g[9]), padding
+// top/left (the output size fixes the rest), output (N, Cout, Ho, Wo).
+template <typename T>
+struct WinogradConv {
+  const T* x;
+  int64_t N, C, H, W, xs_n, xs_c, xs_h, xs_w;
+  int64_t Cout, pad_top, pad_left, Ho, Wo;
+};
+
+template <typename T, typename FilterFn>
+void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T* out) {
+  using namespace winograd;
+  constexpr int NR = gemm::Tile<T>::NR;
+  // U[xi] (Cout x C) = G g G^T, packed once as the A operands of 16 GEMMs.
+  const int64_t a_size = gemm::packed_a_size<T>(a.Cout, a.C);
+  detail::Workspace<T> u_ws(1, kPoints * a.Cout * a.C + kPoints * a_size);
+  T* u = u_ws.get();
+  T* a_packed = u + kPoints * a.Cout * a.C;
+#pragma omp parallel for num_threads(detail::threads_for(a.Cout)) schedule(static)
+  for (int64_t o = 0; o < a.Cout; ++o) {
+    T g[9], ut[kPoints];
+    for (int64_t c = 0; c < a.C; ++c) {
+      filter(o, c, g);
+      transform_filter(g, ut);
+      for (int xi = 0; xi < kPoints; ++xi) u[(xi * a.Cout + o) * a.C + c] = ut[xi];
+    }
+  }
+#pragma omp parallel for num_threads(detail::threads_for(kPoints)) schedule(static)
+  for (int xi = 0; xi < kPoints; ++xi)
+    gemm::pack_a(a.Cout, a.C, u + xi * a.Cout * a.C, a.C, int64_t(1), a_packed + xi * a_size);
+
+  // Tasks: blocks of output tiles (across images), each through input
+  // transform, 16 GEMMs and output transform in its own scratch.
+  const int64_t tiles_h = (a.Ho + kOut - 1) / kOut, tiles_w = (a.Wo + kOut - 1) / kOut;
+  const int64_t per_image = tiles_h * tiles_w, total = a.N * per_image;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t block = std::clamp(gemm::round_up((total + want - 1) / want, NR), int64_t(NR),
+                                   int64_t(4 * NR));
+  const int64_t tasks = (total + block - 1) / block;
+  const int threads = detail::threads_for(tasks);
+  const int64_t bsize = gemm::b_workspace_size<T>();
+  const int64_t vsize = kPoints * a.C * block, msize = kPoints * a.Cout * block;
+  detail::Workspace<T> ws(threads, bsize + vsize + msize);
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+    T* v = bbuf + bsize;
+    T* m = v + vsize;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t t0 = task * block, nt = std::min(block, total - t0);
+      // Input transform: V[xi][c][t] (row-major C x block per xi).
+      for (int64_t t = 0; t < nt; ++t) {
+        const int64_t n = (t0 + t) / per_image, tile = (t0 + t) % per_image;
+        const int64_t ih0 = (tile / tiles_w) * kOut - a.pad_top;
+        const int64_t iw0 = (tile % tiles_w) * kOut - a.pad_left;
+        const bool inside = ih0 >= 0 && iw0 >= 0 && ih0 + kTile <= a.H && iw0 + kTile <= a.W;
+        const T* xn = a.x + n * a.xs_n;
+        for (int64_t c = 0; c < a.C; ++c) {
+          const T* xc = xn + c * a.xs_c;
+          T d[kPoints], vt[kPoints];
+          for (int i = 0; i < kTile; ++i) {
+            const int64_t ih = ih0 + i;
+            for (int j = 0; j < kTile; ++j) {
+              const int64_t iw = iw0 + j;
+              d[i * kTile + j] = inside || (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W)
+                                     ? xc[ih * a.xs_h + iw * a.xs_w]
+                                     : T(0);
+            }
+          }
+          transform_input(d, vt);
+          for (int xi = 0; xi < kPoints; ++xi) v[(xi * a.C + c) * block + t] = vt[xi];
+        }
+      }
+      // M[xi] (Cout x nt) = U[xi] (Cout x C) * V[xi] (C x nt)
+      for (int xi = 0; xi < kPoints; ++xi)
+        gemm::gemm_packed(a.Cout, nt, a.C, a_packed + xi * a_size, a.Cout, 0,
+                          gemm::StridedPackB<T>{v + xi * a.C * block, block, 1},
+                          m + xi * a.Cout * block, block, false, bbuf);
+      // Output transform, 2x2 outputs per tile, clipped at the edges.
+      for (int64_t o = 0; o < a.Cout; ++o) {
+        const T b = bias ? bias[o] : T(0);
+        for (int64_t t = 0; t < nt; ++t) {
+          const int64_t n = (t0 + t) / per_image, tile = (t0 + t) % per_image;
+          const int64_t oh0 = (tile / tiles_w) * kOut, ow0 = (tile % tiles_w) * kOut;
+          T mt[kPoints], y[kOut * kOut];
+          for (int xi = 0; xi < kPoints; ++xi) mt[xi] = m[(xi * a.Cout + o) * block + t];
+          transform_output(mt, y);
+          T* plane = out + (n * a.Cout + o) * a.Ho * a.Wo;
+          for (int i = 0; i < kOut && oh0 + i < a.Ho; ++i)
+            for (int j = 0; j < kOut && ow0 + j < a.Wo; ++j)
+              plane[(oh0 + i) * a.Wo + ow0 + j] = y[i * kOut + j] + b;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_winograd(const TensorView& input, const T* weight, const T* bias,
+                      const ConvGeometry& G, T* out) {
+  const WinogradConv<T> a{input.ptr<const T>(), G.N, G.C, G.H, G.W, G.xs_n, G.xs_c, G.xs_h,
+                          G.xs_w, G.Cout, G.p.pad_top, G.p.pad_left, G.Ho, G.Wo};
+  winograd_conv(a, [&](int64_t o, int64_t c, T* g) {
+    std::copy(weight + (o * G.C + c) * 9, weight + (o * G.C + c) * 9 + 9, g);
+  }, bias, out);
+}
+
+// grad_input of a 3x3 stride-1 convolution is itself one: grad_output
+// convolved with the flipped, transposed filters and padding 2 - p.
+template <typename T>
+void grad_input_winograd(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
+  const WinogradConv<T> a{gy, G.N, G.Cout, G.Ho, G.Wo, G.Cout * G.P, G.P, G.Wo, 1,
+                          G.C, 2 - G.p.pad_top, 2 - G.p.pad_left, G.H, G.W};
+  winograd_conv(a, [&](int64_t c, int64_t o, T* g) {
+    const T* f = weight + (o * G.C + c) * 9;
+    for (int k = 0; k < 9; ++k) g[k] = f[8 - k];
+  }, static_cast<const T*>(nullptr), gx);
+}
+
 template <typename T>
 void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
                   const ConvGeometry& G, T* out) {
   // Weights of every group packed once, shared read-only by all tasks.
   const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, G.Kc);
-  std::vector<T> a_packed(static_cast<size_t>(a_size * G.G));
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
   for (int64_t g = 0; g < G.G; ++g)
     gemm::pack_a(G.Coutg, G.Kc, weight.data() + g * G.Coutg * G.Kc, G.Kc, int64_t(1),
-                 a_packed.data() + g * a_size);
+                 a_packed + g * a_size);
 
-  // Tasks: (image, group, tile of output positions); each writes its own block.
-  const int64_t tile = gemm::NC;
+  // Tasks: (image, group, tile of output positions, block of output
+  // channels); each writes its own block of the output. Small batches get
+  // smaller tiles, then channel blocks, so that every thread has work.
+  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t images = G.N * G.G;
+  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
+  const int64_t tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
+                                  int64_t(NR), gemm::NC);
   const int64_t tiles = (G.P + tile - 1) / tile;
-  const int64_t tasks = G.N * G.G * tiles;
+  int64_t mblocks = 1;
+  if (images * tiles < want)
+    mblocks = std::min((want + images * tiles - 1) / (images * tiles), (G.Coutg + MR - 1) / MR);
+  const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
+  mblocks = (G.Coutg + mrows - 1) / mrows;
+  const int64_t tasks = images * tiles * mblocks;
+  const bool pointwise = is_pointwise(G);
   const T* x = input.ptr<const T>();
+  const int threads = detail::threads_for(tasks);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t mb = t % mblocks, rest = t / mblocks;
+      const int64_t n = rest / (G.G * tiles), g = (rest / tiles) % G.G;
+      const int64_t q0 = (rest % tiles) * tile, nq = std::min(tile, G.P - q0);
+      const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Coutg - m0);
+      const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+      T* c = out + (n * G.Cout + g * G.Coutg + m0) * G.P + q0;
+      if (pointwise)
+        gemm::gemm_packed(nm, nq, G.Kc, a_packed + g * a_size, G.Coutg, m0,
+                          gemm::StridedPackB<T>{xg + q0, G.xs_c, 1}, c, G.P, false, bbuf);
+      else
+        gemm::gemm_packed(nm, nq, G.Kc, a_packed + g * a_size, G.Coutg, m0,
+                          Im2colPackB<T>{xg, &G, q0}, c, G.P, false, bbuf);
+      if (bias) {
+        for (int64_t o = 0; o < nm; ++o) {
+          const T b = bias[g * G.Coutg + m0 + o];
+          T* row = c + o * G.P;
+          for (int64_t j = 0; j < nq; ++j) row[j] += b;
+        }
+      }
+    }
+  }
+}
+
+// grad_input of a pointwise convolution: gx[n, g] (Cg x P) = W_g^T (Cg x Coutg)
+// * gy[n, g] (Coutg x P), written straight into gx. Tasks: (image, group,
+// tile of positions).
+template <typename T>
+void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
+                          T* gx) {
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int64_t a_size = gemm::packed_a_size<T>(G.Cg, G.Coutg);
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
+  for (int64_t g = 0; g < G.G; ++g)  // A(c, o) = weight[g * Coutg + o, c]
+    gemm::pack_a(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
+                 a_packed + g * a_size);
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t images = G.N * G.G;
+  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
+  const int64_t tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
+                                  int64_t(NR), gemm::NC);
+  const int64_t tiles = (G.P + tile - 1) / tile, tasks = images * tiles;
   const int threads = detail::threads_for(tasks);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
 #pragma omp parallel num_threads(threads)
@@ -162,23 +499,17 @@ void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, 
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / (G.G * tiles), g = (t / tiles) % G.G, q0 = (t % tiles) * tile;
       const int64_t nq = std::min(tile, G.P - q0);
-      const Im2colPackB<T> pack{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, q0};
-      T* c = out + (n * G.Cout + g * G.Coutg) * G.P + q0;
-      gemm::gemm_packed(G.Coutg, nq, G.Kc, a_packed.data() + g * a_size, G.Coutg, 0, pack, c,
-                        G.P, false, bbuf);
-      if (bias) {
-        for (int64_t o = 0; o < G.Coutg; ++o) {
-          const T b = bias[g * G.Coutg + o];
-          T* row = c + o * G.P;
-          for (int64_t j = 0; j < nq; ++j) row[j] += b;
-        }
-      }
+      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P + q0;
+      T* c = gx + (n * G.C + g * G.Cg) * G.P + q0;
+      gemm::gemm_packed(G.Cg, nq, G.Coutg, a_packed + g * a_size, G.Cg, 0,
+                        gemm::StridedPackB<T>{gyg, G.P, 1}, c, G.P, false, bbuf);
     }
   }
 }
 
 template <typename T>
 void grad_input_impl(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G, T* gx) {
+  if (is_pointwise(G)) return grad_input_pointwise(gy, weight, G, gx);
   // Tasks: (image, group, block of input channels). dcol rows of a channel
   // block scatter only into those channels, so tasks never write the same
   // element, and each element's sum runs in a fixed order.
@@ -235,6 +566,7 @@ void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& 
   const int64_t cols_per_block = ((panels + nblocks - 1) / nblocks) * NR;
   const int64_t tasks = G.G * nblocks;
   const T* x = input.ptr<const T>();
+  const bool pointwise = is_pointwise(G);
   const int64_t bsize = gemm::b_workspace_size<T>();
   const int threads = detail::threads_for(tasks);
   detail::Workspace<T> ws(threads, bsize + gemm::packed_a_size<T>(G.Coutg, G.P));
@@ -255,9 +587,14 @@ void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& 
       for (int64_t n = 0; n < G.N; ++n) {
         gemm::pack_a(G.Coutg, G.P, gy + (n * G.Cout + g * G.Coutg) * G.P, G.P, int64_t(1),
                      a_packed);
-        const Im2colTransposedPackB<T> pack{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, r0};
-        gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0, pack, c, G.Kc, n > 0,
-                          bbuf);
+        const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+        if (pointwise)  // B(q, c) = x[c, q]
+          gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0,
+                            gemm::StridedPackB<T>{xg + r0 * G.xs_c, 1, G.xs_c}, c, G.Kc, n > 0,
+                            bbuf);
+        else
+          gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0,
+                            Im2colTransposedPackB<T>{xg, &G, r0}, c, G.Kc, n > 0, bbuf);
       }
     }
   }
@@ -297,7 +634,22 @@ void conv2d_forward(const TensorView& input, const TensorView& weight, const Ten
       detail::copy_to_contiguous<T>(*bias, b.data());
     }
     if (output.numel() == 0) return;
-    forward_impl<T>(input, w, bias ? b.data() : nullptr, G, output.ptr<T>());
+    const T* bias_data = bias ? b.data() : nullptr;
+    switch (G.p.algorithm) {
+      case ConvAlgorithm::Depthwise:
+        return forward_depthwise<T>(input, w.data(), bias_data, G, output.ptr<T>());
+      case ConvAlgorithm::Winograd:
+        return forward_winograd<T>(input, w.data(), bias_data, G, output.ptr<T>());
+      case ConvAlgorithm::Pointwise:
+        if (!rows_contiguous(G)) {  // the pointwise GEMM reads whole rows
+          const detail::Contiguous<T> xc(input);
+          return forward_impl<T>(xc.view(), w, bias_data, with_input(G, xc.view()),
+                                 output.ptr<T>());
+        }
+        return forward_impl<T>(input, w, bias_data, G, output.ptr<T>());
+      default:
+        return forward_impl<T>(input, w, bias_data, G, output.ptr<T>());
+    }
   });
 }
 
@@ -315,12 +667,30 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
   detail::dispatch_float(input.dtype, [&](auto zero) {
     using T = decltype(zero);
     const detail::Contiguous<T> gy(grad_output);
+    // The pointwise paths read whole rows of the input: copy it if they are not.
+    const bool copy_input = G.p.algorithm == ConvAlgorithm::Pointwise && !rows_contiguous(G);
+    std::optional<detail::Contiguous<T>> xc;
+    if (copy_input) xc.emplace(input);
+    const TensorView& x = copy_input ? xc->view() : input;
+    const ConvGeometry Gx = copy_input ? with_input(G, x) : G;
+    const bool depthwise = G.p.algorithm == ConvAlgorithm::Depthwise;
     if (grad_input && grad_input->numel() > 0) {
       const detail::Contiguous<T> w(weight);
-      grad_input_impl<T>(gy.data(), w, G, grad_input->ptr<T>());
+      const bool pads_fit = std::max({G.p.pad_top, G.p.pad_bottom, G.p.pad_left,
+                                       G.p.pad_right}) <= 2;
+      if (depthwise)
+        grad_input_depthwise<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+      else if (G.p.algorithm == ConvAlgorithm::Winograd && pads_fit)
+        grad_input_winograd<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+      else
+        grad_input_impl<T>(gy.data(), w, Gx, grad_input->ptr<T>());
     }
-    if (grad_weight && grad_weight->numel() > 0)
-      grad_weight_impl<T>(gy.data(), input, G, grad_weight->ptr<T>());
+    if (grad_weight && grad_weight->numel() > 0) {
+      if (depthwise)
+        grad_weight_depthwise<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
+      else
+        grad_weight_impl<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
+    }
     if (grad_bias && grad_bias->numel() > 0) grad_bias_impl<T>(gy.data(), G, grad_bias->ptr<T>());
   });
 }

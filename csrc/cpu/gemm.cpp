@@ -30,55 +30,57 @@ inline void micro_generic(int64_t kc, const T* __restrict a, const T* __restrict
 }
 
 // The vector microkernel, written with GCC/Clang vector extensions so one
-// body serves every instruction set: V is a vector of W lanes of T, and the
-// NR columns of the tile are covered in passes of 2 * W columns, each with
-// MR x 2 vector accumulators (12 registers) that stay in registers.
+// body serves every instruction set: V is a vector of W lanes of T. The NR
+// columns of the tile are covered in passes of VP vectors; each pass keeps
+// MR x VP vector accumulators in registers (24 with AVX-512's 32 registers,
+// 12 with AVX2's 16).
 #if defined(__GNUC__) || defined(__clang__)
 #define CONVCORE_VECTOR_KERNELS 1
-template <typename T, typename V>
+template <typename T, typename V, int VP>
 inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* __restrict a,
                                                         const T* __restrict b, T* __restrict c,
                                                         int64_t ldc, int mr, int nr,
                                                         bool accumulate) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
-  static_assert(MR == 6 && NR % (2 * W) == 0, "kernel shape");
-  for (int j0 = 0; j0 < NR; j0 += 2 * W) {
+  static_assert(NR % (VP * W) == 0, "NR must be a multiple of the pass width");
+  for (int j0 = 0; j0 < NR; j0 += VP * W) {
     if (j0 >= nr) break;
-    V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {};
-    V c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {}, c51 = {};
+    V acc[MR][VP];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) acc[i][v] = V{};
     const T* bp = b + j0;
     const T* ap = a;
     for (int64_t k = 0; k < kc; ++k, bp += NR, ap += MR) {
-      V b0, b1;
-      __builtin_memcpy(&b0, bp, sizeof(V));
-      __builtin_memcpy(&b1, bp + W, sizeof(V));
-      c00 += ap[0] * b0, c01 += ap[0] * b1;
-      c10 += ap[1] * b0, c11 += ap[1] * b1;
-      c20 += ap[2] * b0, c21 += ap[2] * b1;
-      c30 += ap[3] * b0, c31 += ap[3] * b1;
-      c40 += ap[4] * b0, c41 += ap[4] * b1;
-      c50 += ap[5] * b0, c51 += ap[5] * b1;
+      V bv[VP];
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const T ai = ap[i];
+#pragma GCC unroll 4
+        for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+      }
     }
-    const V rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                           {c30, c31}, {c40, c41}, {c50, c51}};
-    const int width = nr - j0 < 2 * W ? nr - j0 : 2 * W;
+    const int width = nr - j0 < VP * W ? nr - j0 : VP * W;
     for (int i = 0; i < mr; ++i) {
       T* ci = c + i * ldc + j0;
-      if (width == 2 * W) {
-        for (int h = 0; h < 2; ++h) {
-          V v = rows[i][h];
+      if (width == VP * W) {
+#pragma GCC unroll 4
+        for (int v = 0; v < VP; ++v) {
+          V out = acc[i][v];
           if (accumulate) {
             V old;
-            __builtin_memcpy(&old, ci + h * W, sizeof(V));
-            v += old;
+            __builtin_memcpy(&old, ci + v * W, sizeof(V));
+            out += old;
           }
-          __builtin_memcpy(ci + h * W, &v, sizeof(V));
+          __builtin_memcpy(ci + v * W, &out, sizeof(V));
         }
       } else {
-        T tmp[2 * W];
-        __builtin_memcpy(tmp, &rows[i][0], sizeof(V));
-        __builtin_memcpy(tmp + W, &rows[i][1], sizeof(V));
+        T tmp[VP * W];
+        __builtin_memcpy(tmp, &acc[i][0], sizeof(tmp));
         for (int j = 0; j < width; ++j) ci[j] = accumulate ? ci[j] + tmp[j] : tmp[j];
       }
     }
@@ -108,24 +110,24 @@ typedef double f64x8 __attribute__((vector_size(64)));
 __attribute__((target("avx2,fma"))) void kernel_avx2_f(int64_t kc, const float* a,
                                                        const float* b, float* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
-  micro_vector<float, f32x8>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_vector<float, f32x8, 1>(kc, a, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx2,fma"))) void kernel_avx2_d(int64_t kc, const double* a,
                                                        const double* b, double* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
-  micro_vector<double, f64x4>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_vector<double, f64x4, 1>(kc, a, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx512f,fma"))) void kernel_avx512_f(int64_t kc, const float* a,
                                                             const float* b, float* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
-  micro_vector<float, f32x16>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_vector<float, f32x16, 2>(kc, a, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const double* a,
                                                             const double* b, double* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
-  micro_vector<double, f64x8>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_vector<double, f64x8, 2>(kc, a, b, c, ldc, mr, nr, acc);
 }
 #endif
 
@@ -185,8 +187,9 @@ template <typename T>
 void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
                   const T* b, int64_t b_rs, int64_t b_cs, T* c, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
-  std::vector<T> a_packed(static_cast<size_t>(packed_a_size<T>(M, K)));
-  pack_a(M, K, a, a_rs, a_cs, a_packed.data());
+  detail::Workspace<T> a_ws(1, packed_a_size<T>(M, K));
+  T* a_packed = a_ws.get();
+  pack_a(M, K, a, a_rs, a_cs, a_packed);
   // Blocks of C, MC rows x NC columns, are independent, and the order of
   // the K reduction inside a block never depends on the thread count.
   const int64_t mblocks = (M + MC - 1) / MC, nblocks = (N + NC - 1) / NC;
@@ -201,7 +204,7 @@ void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int
       const int64_t i0 = (t % mblocks) * MC, j0 = (t / mblocks) * NC;
       const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
       const StridedPackB<T> pack_block{b + j0 * b_cs, b_rs, b_cs};
-      gemm_packed(mc, nc, K, a_packed.data(), M, i0, pack_block, c + i0 * ldc + j0, ldc,
+      gemm_packed(mc, nc, K, a_packed, M, i0, pack_block, c + i0 * ldc + j0, ldc,
                   accumulate, bbuf);
     }
   }

@@ -22,37 +22,98 @@ PlaneStrides strides_of(const TensorView& t) {
   return {t.strides[0], t.strides[1], t.strides[2], t.strides[3]};
 }
 
+// max that lets a NaN win, as PyTorch's pooling does.
 template <typename T>
-struct MaxResult {
-  T value;
-  int64_t index;  // h * W + w in the input plane; -1 if the window is empty
-};
+inline T max_nan(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
 
-// The max of one pooling window, clipped to the input (dilated rows ih0,
-// ih0 + dh, ... < ih1), with PyTorch's first-max and NaN rules.
+// Max and argmax of every window of output row oh, all columns at once: taps
+// in window order (row by row), the output row inside, so the comparisons
+// vectorise. PyTorch's rules: the first valid element starts each window, a
+// later one wins if greater or NaN. idx -1: an empty window.
 template <typename T>
-MaxResult<T> window_max(const T* plane, const PlaneStrides& s, int64_t H, int64_t W,
-                        const Pool2dParams& p, int64_t oh, int64_t ow) {
-  int64_t ih0 = oh * p.stride_h - p.pad_h, iw0 = ow * p.stride_w - p.pad_w;
-  const int64_t ih1 = std::min(ih0 + (p.kernel_h - 1) * p.dilation_h + 1, H);
-  const int64_t iw1 = std::min(iw0 + (p.kernel_w - 1) * p.dilation_w + 1, W);
-  while (ih0 < 0) ih0 += p.dilation_h;
-  while (iw0 < 0) iw0 += p.dilation_w;
-  MaxResult<T> r{-std::numeric_limits<T>::infinity(), -1};
-  for (int64_t ih = ih0; ih < ih1; ih += p.dilation_h) {
-    for (int64_t iw = iw0; iw < iw1; iw += p.dilation_w) {
-      const T v = plane[ih * s.h + iw * s.w];
-      // The first element always wins, so an all -inf window still points
-      // at a real element; a NaN wins over everything (PyTorch's rule).
-      if (r.index < 0 || v > r.value || std::isnan(v)) r.value = v, r.index = ih * W + iw;
+void row_argmax(const T* plane, const PlaneStrides& s, int64_t H, int64_t W,
+                const Pool2dParams& p, int64_t Wo, int64_t oh, T* val, int64_t* idx) {
+  std::fill(val, val + Wo, -std::numeric_limits<T>::infinity());
+  std::fill(idx, idx + Wo, int64_t(-1));
+  const int64_t ih0 = oh * p.stride_h - p.pad_h;
+  for (int64_t i = 0; i < p.kernel_h; ++i) {
+    const int64_t ih = ih0 + i * p.dilation_h;
+    if (ih < 0 || ih >= H) continue;
+    const T* xr = plane + ih * s.h;
+    for (int64_t j = 0; j < p.kernel_w; ++j) {
+      const int64_t off = j * p.dilation_w - p.pad_w;
+      const int64_t lo = std::min(Wo, off >= 0 ? 0 : (-off + p.stride_w - 1) / p.stride_w);
+      const int64_t hi = off >= W ? lo : std::max(lo, std::min(Wo, (W - 1 - off) / p.stride_w + 1));
+      const int64_t base = ih * W + off;
+      for (int64_t ow = lo; ow < hi; ++ow) {
+        const T v = xr[(ow * p.stride_w + off) * s.w];
+        const bool take = idx[ow] < 0 || v > val[ow] || v != v;
+        val[ow] = take ? v : val[ow];
+        idx[ow] = take ? base + ow * p.stride_w : idx[ow];
+      }
     }
   }
-  return r;
+}
+
+// Max pooling values only (no indices): separable, first the max over each
+// window's rows for every input column (Ho x W, contiguous, vectorises),
+// then over each window's columns for the rows left (the taps outside, the
+// output row inside). Values equal the windowed max exactly (max is
+// associative; a NaN wins either way).
+template <typename T>
+void max_forward_separable(const TensorView& in, const Pool2dParams& p, const Shape4& o,
+                           T* out) {
+  const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
+  const PlaneStrides s = strides_of(in);
+  const T* x = in.ptr<const T>();
+  const T lowest = -std::numeric_limits<T>::infinity();
+  const int threads = detail::threads_for(planes);
+  detail::Workspace<T> ws(threads, o.h * W);
+#pragma omp parallel num_threads(threads)
+  {
+    T* cols = ws.get(omp_get_thread_num());
+#pragma omp for schedule(static)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
+      for (int64_t oh = 0; oh < o.h; ++oh) {
+        T* c = cols + oh * W;
+        std::fill(c, c + W, lowest);
+        const int64_t ih0 = oh * p.stride_h - p.pad_h;
+        for (int64_t i = 0; i < p.kernel_h; ++i) {
+          const int64_t ih = ih0 + i * p.dilation_h;
+          if (ih < 0 || ih >= H) continue;
+          const T* xr = plane + ih * s.h;
+          if (s.w == 1) {
+            for (int64_t iw = 0; iw < W; ++iw) c[iw] = max_nan(c[iw], xr[iw]);
+          } else {
+            for (int64_t iw = 0; iw < W; ++iw) c[iw] = max_nan(c[iw], xr[iw * s.w]);
+          }
+        }
+      }
+      T* y = out + pl * o.h * o.w;
+      for (int64_t oh = 0; oh < o.h; ++oh) {
+        const T* c = cols + oh * W;
+        T* yr = y + oh * o.w;
+        std::fill(yr, yr + o.w, lowest);
+        for (int64_t j = 0; j < p.kernel_w; ++j) {
+          // output columns whose tap j lands inside the row: iw = ow * sw + off
+          const int64_t off = j * p.dilation_w - p.pad_w;
+          const int64_t lo = std::min(o.w, off >= 0 ? 0 : (-off + p.stride_w - 1) / p.stride_w);
+          const int64_t hi = off >= W ? lo : std::max(lo, std::min(o.w, (W - 1 - off) / p.stride_w + 1));
+          const T* src = c + off;
+          for (int64_t ow = lo; ow < hi; ++ow) yr[ow] = max_nan(yr[ow], src[ow * p.stride_w]);
+        }
+      }
+    }
+  }
 }
 
 template <typename T>
 void max_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T* out,
                  int64_t* idx) {
+  if (!idx) return max_forward_separable(in, p, o, out);
   const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
@@ -60,12 +121,8 @@ void max_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T
   for (int64_t pl = 0; pl < planes; ++pl) {
     const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
     for (int64_t oh = 0; oh < o.h; ++oh) {
-      for (int64_t ow = 0; ow < o.w; ++ow) {
-        const MaxResult<T> r = window_max(plane, s, H, W, p, oh, ow);
-        const int64_t k = (pl * o.h + oh) * o.w + ow;
-        out[k] = r.value;
-        if (idx) idx[k] = r.index;
-      }
+      const int64_t k = (pl * o.h + oh) * o.w;
+      row_argmax(plane, s, H, W, p, o.w, oh, out + k, idx + k);
     }
   }
 }
@@ -76,15 +133,23 @@ void max_backward(const T* gy, const TensorView& in, const Pool2dParams& p, cons
   const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
-    T* g = gx + pl * H * W;
-    std::fill(g, g + H * W, T(0));
-    for (int64_t oh = 0; oh < o.h; ++oh) {
-      for (int64_t ow = 0; ow < o.w; ++ow) {
-        const MaxResult<T> r = window_max(plane, s, H, W, p, oh, ow);
-        if (r.index >= 0) g[r.index] += gy[(pl * o.h + oh) * o.w + ow];
+  const int threads = detail::threads_for(planes);
+  detail::Workspace<T> val_ws(threads, o.w);
+  detail::Workspace<int64_t> idx_ws(threads, o.w);
+#pragma omp parallel num_threads(threads)
+  {
+    T* val = val_ws.get(omp_get_thread_num());
+    int64_t* idx = idx_ws.get(omp_get_thread_num());
+#pragma omp for schedule(static)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
+      T* g = gx + pl * H * W;
+      std::fill(g, g + H * W, T(0));
+      for (int64_t oh = 0; oh < o.h; ++oh) {
+        row_argmax(plane, s, H, W, p, o.w, oh, val, idx);
+        const T* gr = gy + (pl * o.h + oh) * o.w;
+        for (int64_t ow = 0; ow < o.w; ++ow)
+          if (idx[ow] >= 0) g[idx[ow]] += gr[ow];
       }
     }
   }
@@ -245,6 +310,48 @@ void max_pool2d_backward(const TensorView& grad_output, const TensorView& input,
     const auto gy = checked_grad_output<T>(grad_output, input, o);
     max_backward<T>(gy.data(), input, p, o, grad_input.ptr<T>());
   });
+}
+
+void max_pool2d_backward_indices(const TensorView& grad_output, const TensorView& indices,
+                                 const TensorView& grad_input) {
+  check_float(grad_input, "grad_input");
+  check_ndim(grad_input, "grad_input", 4, "(N, C, H, W)");
+  if (!grad_input.is_contiguous()) throw ValueError("grad_input must be C-contiguous");
+  check_ndim(grad_output, "grad_output", 4, "(N, C, out_H, out_W)");
+  check_same_dtype(grad_output, "grad_output", grad_input, "grad_input");
+  if (indices.dtype != DType::Int64) throw TypeError("indices must have dtype int64");
+  check_shape(indices, "indices", 4, grad_output.shape);
+  if (grad_output.shape[0] != grad_input.shape[0] || grad_output.shape[1] != grad_input.shape[1])
+    throw ValueError("grad_output must have the batch and channels of the input, got " +
+                     shape_str(grad_output) + " for an input of shape " + shape_str(grad_input));
+  const int64_t HW = grad_input.shape[2] * grad_input.shape[3];
+  const int64_t planes = grad_input.shape[0] * grad_input.shape[1];
+  const int64_t per_plane = grad_output.shape[2] * grad_output.shape[3];
+  bool bad = false;
+  detail::dispatch_float(grad_input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const detail::Contiguous<T> gy(grad_output);
+    const detail::Contiguous<int64_t> idx(indices);
+    T* gx = grad_input.ptr<T>();
+#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static) reduction(|| : bad)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      T* g = gx + pl * HW;
+      std::fill(g, g + HW, T(0));
+      const T* gr = gy.data() + pl * per_plane;
+      const int64_t* ir = idx.data() + pl * per_plane;
+      for (int64_t k = 0; k < per_plane; ++k) {
+        const int64_t i = ir[k];
+        if (i < 0 || i >= HW) {
+          bad = true;  // never write outside the plane; reported below
+          continue;
+        }
+        g[i] += gr[k];
+      }
+    }
+  });
+  if (bad)
+    throw ValueError("indices must lie in [0, H * W) = [0, " + std::to_string(HW) +
+                     "), as max_pool2d(..., return_indices=True) gives them");
 }
 
 void avg_pool2d_forward(const TensorView& input, const Pool2dParams& p, const TensorView& output) {

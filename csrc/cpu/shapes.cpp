@@ -104,6 +104,27 @@ int64_t pool_output_size(int64_t input, int64_t kernel, int64_t stride, int64_t 
   return out;
 }
 
+ConvAlgorithm parse_conv_algorithm(const std::string& name) {
+  if (name == "auto") return ConvAlgorithm::Auto;
+  if (name == "gemm") return ConvAlgorithm::Gemm;
+  if (name == "pointwise") return ConvAlgorithm::Pointwise;
+  if (name == "depthwise") return ConvAlgorithm::Depthwise;
+  if (name == "winograd") return ConvAlgorithm::Winograd;
+  fail("algorithm must be one of 'auto', 'gemm', 'pointwise', 'depthwise', 'winograd', got '",
+       name, "'");
+}
+
+const char* conv_algorithm_name(ConvAlgorithm algorithm) {
+  switch (algorithm) {
+    case ConvAlgorithm::Auto: return "auto";
+    case ConvAlgorithm::Gemm: return "gemm";
+    case ConvAlgorithm::Pointwise: return "pointwise";
+    case ConvAlgorithm::Depthwise: return "depthwise";
+    case ConvAlgorithm::Winograd: return "winograd";
+  }
+  return "unknown";
+}
+
 void same_padding(int64_t kernel, int64_t dilation, int64_t* before, int64_t* after) {
   const int64_t total = dilation * (kernel - 1);
   *before = total / 2;

@@ -47,6 +47,11 @@ void copy_to_contiguous(const TensorView& t, T* dst) {
   }
 }
 
+// Bytes of scratch memory the calling thread holds now; the peak is what
+// workspace_peak_bytes() reports.
+void workspace_acquired(int64_t bytes);
+void workspace_released(int64_t bytes);
+
 // A C-contiguous version of a view: the view itself when it already is one,
 // else a copy owned by this object.
 template <typename T>
@@ -55,14 +60,23 @@ class Contiguous {
   explicit Contiguous(const TensorView& t) : view_(t) {
     if (!t.is_contiguous()) {
       copy_.resize(static_cast<size_t>(t.numel()));
+      workspace_acquired(copy_bytes());  // a copy is scratch memory too
       copy_to_contiguous<T>(t, copy_.data());
       view_ = contiguous_view(copy_.data(), t.dtype, t.ndim, t.shape);
     }
+  }
+  ~Contiguous() { workspace_released(copy_bytes()); }
+  Contiguous(const Contiguous&) = delete;
+  Contiguous& operator=(const Contiguous&) = delete;
+  Contiguous(Contiguous&& other) noexcept : view_(other.view_), copy_(std::move(other.copy_)) {
+    if (!copy_.empty()) view_.data = copy_.data();
+    other.copy_.clear();
   }
   const T* data() const { return view_.ptr<const T>(); }
   const TensorView& view() const { return view_; }
 
  private:
+  int64_t copy_bytes() const { return static_cast<int64_t>(copy_.size() * sizeof(T)); }
   TensorView view_;
   std::vector<T> copy_;
 };
@@ -70,17 +84,27 @@ class Contiguous {
 // Threads for a parallel loop of `tasks` independent pieces of work.
 int threads_for(int64_t tasks);
 
-// Per-thread scratch buffers, allocated before a parallel region so that an
-// allocation failure throws std::bad_alloc to the caller instead of
-// terminating inside OpenMP.
+// Scratch buffers (one slice per thread), allocated before a parallel region
+// so that an allocation failure throws std::bad_alloc to the caller instead
+// of terminating inside OpenMP. All scratch memory of the core goes through
+// here, so that it is counted.
 template <typename T>
 class Workspace {
  public:
   Workspace(int threads, int64_t per_thread)
-      : per_thread_(per_thread), buf_(static_cast<size_t>(threads) * static_cast<size_t>(per_thread)) {}
-  T* get(int thread) { return buf_.data() + static_cast<size_t>(thread) * static_cast<size_t>(per_thread_); }
+      : per_thread_(per_thread),
+        buf_(static_cast<size_t>(threads) * static_cast<size_t>(per_thread)) {
+    workspace_acquired(bytes());
+  }
+  ~Workspace() { workspace_released(bytes()); }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  T* get(int thread = 0) {
+    return buf_.data() + static_cast<size_t>(thread) * static_cast<size_t>(per_thread_);
+  }
 
  private:
+  int64_t bytes() const { return static_cast<int64_t>(buf_.size() * sizeof(T)); }
   int64_t per_thread_;
   std::vector<T> buf_;
 };

@@ -24,7 +24,21 @@ int get_num_threads() {
   return n > 0 ? n : omp_get_max_threads();
 }
 
+namespace {
+thread_local int64_t t_workspace_now = 0;
+thread_local int64_t t_workspace_peak = 0;
+}  // namespace
+
+int64_t workspace_peak_bytes() { return t_workspace_peak; }
+void reset_workspace_peak() { t_workspace_peak = t_workspace_now; }
+
 namespace detail {
+void workspace_acquired(int64_t bytes) {
+  t_workspace_now += bytes;
+  t_workspace_peak = std::max(t_workspace_peak, t_workspace_now);
+}
+void workspace_released(int64_t bytes) { t_workspace_now -= bytes; }
+
 int threads_for(int64_t tasks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), tasks)));
 }

@@ -123,25 +123,34 @@ def _conv_padding(padding, weight: np.ndarray, stride: Tuple[int, int],
 
 # ------------------------------------------------------------------ convolution
 
+def _algorithm(algorithm) -> str:
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a string, got {type(algorithm).__name__}")
+    return algorithm
+
+
 def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Union[IntPair, str] = 0,
-           dilation: IntPair = 1, groups: int = 1) -> np.ndarray:
+           dilation: IntPair = 1, groups: int = 1, algorithm: str = "auto") -> np.ndarray:
     """2-D cross-correlation, as torch.nn.functional.conv2d.
 
     input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, kH, kW);
     bias (C_out,) or None. Returns (N, C_out, H_out, W_out) with
     H_out = floor((H + pad_top + pad_bottom - dilation * (kH - 1) - 1) / stride) + 1.
+    algorithm: 'auto' (chosen per shape), or 'gemm', 'pointwise' (1x1),
+    'depthwise' (one input channel per group), 'winograd' (3x3, stride 1) to
+    force one.
     """
     x, unbatched = _batched(_array(input, "input"), "input")
     w = _array(weight, "weight")
     b = None if bias is None else _array(bias, "bias")
     s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
     pad = _conv_padding(padding, w, s, d)
-    out = _core.conv2d(x, w, b, s, pad, d, _int(groups, "groups"))
+    out = _core.conv2d(x, w, b, s, pad, d, _int(groups, "groups"), _algorithm(algorithm))
     return out[0] if unbatched else out
 
 
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding=0,
-                    dilation: IntPair = 1, groups: int = 1):
+                    dilation: IntPair = 1, groups: int = 1, algorithm: str = "auto"):
     """Gradients of conv2d: (grad_input, grad_weight, grad_bias)."""
     x, unbatched = _batched(_array(input, "input"), "input")
     gy = _array(grad_output, "grad_output")
@@ -151,7 +160,7 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding=0,
     s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
     pad = _conv_padding(padding, w, s, d)
     gx, gw, gb = _core.conv2d_backward(gy, x, w, s, pad, d, _int(groups, "groups"),
-                                       True, True, True)
+                                       True, True, True, _algorithm(algorithm))
     return (gx[0] if unbatched else gx), gw, gb
 
 
@@ -201,14 +210,26 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
 
 def max_pool2d_backward(grad_output, input, kernel_size: IntPair,
                         stride: Optional[IntPair] = None, padding: IntPair = 0,
-                        dilation: IntPair = 1, ceil_mode: bool = False) -> np.ndarray:
-    """Gradient of max_pool2d with respect to its input (the max of each window
-    is found again from input; ties go to the first, as in PyTorch)."""
+                        dilation: IntPair = 1, ceil_mode: bool = False,
+                        indices: Optional[np.ndarray] = None) -> np.ndarray:
+    """Gradient of max_pool2d with respect to its input. The max of each
+    window is found again from input (ties go to the first, as in PyTorch),
+    or, faster, taken from `indices` as max_pool2d(..., return_indices=True)
+    returned them."""
     x, unbatched = _batched(_array(input, "input"), "input")
     gy = _array(grad_output, "grad_output")
     if unbatched and gy.ndim == 3:
         gy = gy[None]
     k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
+    if indices is not None:
+        idx = _array(indices, "indices")
+        if unbatched and idx.ndim == 3:
+            idx = idx[None]
+        expected = pool2d_output_shape(x.shape, k, s, p, d, ceil_mode) if x.ndim == 4 else None
+        if expected is not None and gy.shape != tuple(expected):
+            raise ValueError(f"grad_output must have shape {tuple(expected)}, got {gy.shape}")
+        gx = _core.max_pool2d_backward_indices(gy, idx, x)
+        return gx[0] if unbatched else gx
     gx = _core.max_pool2d_backward(gy, x, k, s, p, d, bool(ceil_mode))
     return gx[0] if unbatched else gx
 

@@ -22,6 +22,11 @@ void max_pool2d_forward(const TensorView& input, const Pool2dParams& p, const Te
                         const TensorView* indices);
 void max_pool2d_backward(const TensorView& grad_output, const TensorView& input,
                          const Pool2dParams& p, const TensorView& grad_input);
+// The same from the indices max_pool2d_forward returned (no search of the
+// input): grad_input[n, c].flat[indices[n, c, i, j]] += grad_output[n, c, i, j].
+// An index outside the input plane is a ValueError.
+void max_pool2d_backward_indices(const TensorView& grad_output, const TensorView& indices,
+                                 const TensorView& grad_input);
 
 void avg_pool2d_forward(const TensorView& input, const Pool2dParams& p, const TensorView& output);
 void avg_pool2d_backward(const TensorView& grad_output, const Pool2dParams& p,

@@ -9,6 +9,17 @@
 
 namespace convcore {
 
+// How a convolution is computed. Auto picks per shape: Depthwise for one
+// input channel per group, Pointwise for 1x1 stride-1 unpadded kernels, Gemm
+// (implicit im2col into the packed GEMM) otherwise. Winograd (F(2x2, 3x3),
+// 3x3 stride 1) is used when asked for, and by Auto where it pays.
+enum class ConvAlgorithm { Auto, Gemm, Pointwise, Depthwise, Winograd };
+
+// "auto", "gemm", "pointwise", "depthwise", "winograd"; ValueError naming
+// `algorithm` otherwise.
+ConvAlgorithm parse_conv_algorithm(const std::string& name);
+const char* conv_algorithm_name(ConvAlgorithm algorithm);
+
 struct Conv2dParams {
   int64_t stride_h = 1, stride_w = 1;
   // Asymmetric padding: padding='same' with an even kernel pads one more
@@ -16,6 +27,7 @@ struct Conv2dParams {
   int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
   int64_t dilation_h = 1, dilation_w = 1;
   int64_t groups = 1;
+  ConvAlgorithm algorithm = ConvAlgorithm::Auto;
 };
 
 struct Pool2dParams {

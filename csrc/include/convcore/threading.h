@@ -1,4 +1,5 @@
 #pragma once
+#include <cstdint>
 
 namespace convcore {
 
@@ -6,6 +7,11 @@ namespace convcore {
 // per calling thread); defaults to OpenMP's maximum (OMP_NUM_THREADS).
 void set_num_threads(int n);
 int get_num_threads();
+
+// Scratch memory: the most bytes the calling thread's core calls have held at
+// once since reset_workspace_peak() (workspace is freed when a call returns).
+int64_t workspace_peak_bytes();
+void reset_workspace_peak();
 
 }  // namespace convcore
 

@@ -189,7 +189,7 @@ class MaxPool2d(Module):
         self.padding = F._pair(padding, "padding")
         self.dilation = F._pair(dilation, "dilation")
         self.ceil_mode = bool(ceil_mode)
-        self._x = None
+        self._x = self._indices = None
 
     def _args(self):
         return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
@@ -197,10 +197,15 @@ class MaxPool2d(Module):
 
     def forward(self, x):
         self._x = x
-        return F.max_pool2d(x, **self._args())
+        if not self.training:
+            self._indices = None
+            return F.max_pool2d(x, **self._args())
+        # Training keeps where each max came from, so backward is a scatter.
+        out, self._indices = F.max_pool2d(x, return_indices=True, **self._args())
+        return out
 
     def backward(self, grad_output):
-        return F.max_pool2d_backward(grad_output, self._x, **self._args())
+        return F.max_pool2d_backward(grad_output, self._x, indices=self._indices, **self._args())
 
     def output_shape(self, input_shape):
         c, h, w = _sample_shape(input_shape, 3, "MaxPool2d", "(C, H, W)")

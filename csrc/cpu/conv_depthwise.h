@@ -1,0 +1,105 @@
+// Direct kernels for depthwise convolution (one input channel per group):
+// a GEMM would have one row per output channel and nothing to block, so
+// these loop over each plane with the kernel taps outside and the output
+// row inside, which vectorises for stride 1.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+namespace convcore {
+namespace depthwise {
+
+struct Plane {
+  int64_t H, W, Ho, Wo, KH, KW;
+  int64_t sh, sw, dh, dw, pt, pl;
+  int64_t xs_h, xs_w;  // strides of the input plane
+};
+
+// Output columns ow in [lo, hi) read input column ow * sw + off inside [0, W).
+inline void valid_columns(const Plane& p, int64_t off, int64_t* lo, int64_t* hi) {
+  *lo = off >= 0 ? 0 : (-off + p.sw - 1) / p.sw;
+  *hi = off >= p.W ? 0 : std::min(p.Wo, (p.W - 1 - off) / p.sw + 1);
+  *lo = std::min(*lo, p.Wo);
+  *hi = std::max(*hi, *lo);
+}
+
+// out (Ho x Wo, contiguous) = bias + sum over taps of w[i, j] * shifted x.
+template <typename T>
+void forward_plane(const Plane& p, const T* x, const T* w, T bias, T* out) {
+  for (int64_t oh = 0; oh < p.Ho; ++oh) {
+    T* row = out + oh * p.Wo;
+    std::fill(row, row + p.Wo, bias);
+    for (int64_t i = 0; i < p.KH; ++i) {
+      const int64_t ih = oh * p.sh + i * p.dh - p.pt;
+      if (ih < 0 || ih >= p.H) continue;
+      const T* xr = x + ih * p.xs_h;
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const int64_t off = j * p.dw - p.pl;
+        int64_t lo, hi;
+        valid_columns(p, off, &lo, &hi);
+        const T wv = w[i * p.KW + j];
+        if (p.sw == 1 && p.xs_w == 1) {
+          const T* src = xr + off;
+          for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * src[ow];
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * xr[(ow * p.sw + off) * p.xs_w];
+        }
+      }
+    }
+  }
+}
+
+// gx (H x W, contiguous, accumulated into) += sum over taps of w * shifted gy.
+template <typename T>
+void grad_input_plane(const Plane& p, const T* gy, const T* w, T* gx) {
+  for (int64_t oh = 0; oh < p.Ho; ++oh) {
+    const T* gr = gy + oh * p.Wo;
+    for (int64_t i = 0; i < p.KH; ++i) {
+      const int64_t ih = oh * p.sh + i * p.dh - p.pt;
+      if (ih < 0 || ih >= p.H) continue;
+      T* xr = gx + ih * p.W;
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const int64_t off = j * p.dw - p.pl;
+        int64_t lo, hi;
+        valid_columns(p, off, &lo, &hi);
+        const T wv = w[i * p.KW + j];
+        if (p.sw == 1) {
+          T* dst = xr + off;
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += wv * gr[ow];
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) xr[ow * p.sw + off] += wv * gr[ow];
+        }
+      }
+    }
+  }
+}
+
+// gw[i, j] += sum over positions of gy * shifted x (each row's dot product in
+// T, the running sums in double).
+template <typename T>
+void grad_weight_plane(const Plane& p, const T* gy, const T* x, double* gw) {
+  for (int64_t oh = 0; oh < p.Ho; ++oh) {
+    const T* gr = gy + oh * p.Wo;
+    for (int64_t i = 0; i < p.KH; ++i) {
+      const int64_t ih = oh * p.sh + i * p.dh - p.pt;
+      if (ih < 0 || ih >= p.H) continue;
+      const T* xr = x + ih * p.xs_h;
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const int64_t off = j * p.dw - p.pl;
+        int64_t lo, hi;
+        valid_columns(p, off, &lo, &hi);
+        T dot = 0;
+        if (p.sw == 1 && p.xs_w == 1) {
+          const T* src = xr + off;
+          for (int64_t ow = lo; ow < hi; ++ow) dot += gr[ow] * src[ow];
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) dot += gr[ow] * xr[(ow * p.sw + off) * p.xs_w];
+        }
+        gw[i * p.KW + j] += dot;
+      }
+    }
+  }
+}
+
+}  // namespace depthwise
+}  // namespace convcore

@@ -1,0 +1,106 @@
+"""Every convolution algorithm, forced by algorithm=, against the reference:
+forward and backward, float32 and float64, over randomized shapes the
+algorithm applies to (and its refusal of shapes it does not)."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import convcore
+import reference as ref
+from _helpers import assert_close, dtypes, layouts, seeds, with_layout
+
+
+@st.composite
+def algorithm_cases(draw, algorithm):
+    """Valid conv arguments for one algorithm."""
+    n = draw(st.integers(1, 3))
+    if algorithm == "depthwise":
+        groups = draw(st.integers(2, 5))
+        cin, cout = groups, groups * draw(st.integers(1, 2))
+        kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    elif algorithm == "pointwise":
+        groups = draw(st.sampled_from([1, 1, 2]))
+        cin, cout = groups * draw(st.integers(1, 6)), groups * draw(st.integers(1, 6))
+        kh = kw = 1
+        stride, dilation, padding = 1, 1, 0
+    elif algorithm == "winograd":
+        groups = 1
+        cin, cout = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+        kh = kw = 3
+        stride, dilation = 1, 1
+        padding = draw(st.sampled_from([0, 1, 2, (1, 0), (0, 2), "same"]))
+    else:  # gemm: anything
+        groups = draw(st.sampled_from([1, 1, 2]))
+        cin, cout = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 4))
+        kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    d = dilation if isinstance(dilation, tuple) else (dilation, dilation)
+    pt, pb, pl, pr = ref.resolve_conv_padding(padding, (kh, kw), d)
+    h = max(1, d[0] * (kh - 1) + 1 - pt - pb) + draw(st.integers(0, 9))
+    w = max(1, d[1] * (kw - 1) + 1 - pl - pr) + draw(st.integers(0, 9))
+    return dict(shape=(n, cin, h, w), weight=(cout, cin // groups, kh, kw),
+                kw=dict(stride=stride, padding=padding, dilation=dilation, groups=groups))
+
+
+@pytest.mark.parametrize("algorithm", ["gemm", "pointwise", "depthwise", "winograd"])
+@given(data=st.data(), seed=seeds, dtype=dtypes, layout=layouts)
+def test_algorithm_matches_reference(algorithm, data, seed, dtype, layout):
+    case = data.draw(algorithm_cases(algorithm))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case["shape"]).astype(dtype)
+    w = rng.standard_normal(case["weight"]).astype(dtype)
+    b = rng.standard_normal(case["weight"][0]).astype(dtype)
+    kw = case["kw"]
+    expect = ref.conv2d_ref(x, w, b, **kw)
+    xv = with_layout(x, layout)
+    y = convcore.conv2d(xv, w, b, algorithm=algorithm, **kw)
+    assert_close(y, expect, dtype, what=f"{algorithm} forward")
+    gy = rng.standard_normal(expect.shape).astype(dtype)
+    egx, egw, egb = ref.conv2d_backward_ref(gy, x, w, **kw)
+    gx, gw, gb = convcore.conv2d_backward(gy, xv, w, algorithm=algorithm, **kw)
+    assert_close(gx, egx, dtype, what=f"{algorithm} grad_input")
+    assert_close(gw, egw, dtype, what=f"{algorithm} grad_weight")
+    assert_close(gb, egb, dtype, what=f"{algorithm} grad_bias")
+
+
+@pytest.mark.parametrize("algorithm,kwargs,weight", [
+    ("depthwise", dict(groups=1), (4, 4, 3, 3)),
+    ("pointwise", dict(), (4, 4, 3, 3)),
+    ("pointwise", dict(stride=2), (4, 4, 1, 1)),
+    ("winograd", dict(stride=2), (4, 4, 3, 3)),
+    ("winograd", dict(dilation=2), (4, 4, 3, 3)),
+    ("winograd", dict(groups=2), (4, 2, 3, 3)),
+    ("winograd", dict(), (4, 4, 5, 5)),
+])
+def test_algorithm_refuses_shapes_it_does_not_cover(algorithm, kwargs, weight):
+    x = np.ones((1, 4, 9, 9), np.float32)
+    with pytest.raises(ValueError, match="algorithm"):
+        convcore.conv2d(x, np.ones(weight, np.float32), algorithm=algorithm, **kwargs)
+
+
+def test_unknown_algorithm():
+    x, w = np.ones((1, 2, 5, 5), np.float32), np.ones((2, 2, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="algorithm"):
+        convcore.conv2d(x, w, algorithm="fft")
+    with pytest.raises(TypeError, match="algorithm"):
+        convcore.conv2d(x, w, algorithm=None)
+
+
+def test_winograd_accuracy_float32():
+    """Winograd F(2x2, 3x3) in float32 stays within a few float32 ulps of the
+    float64 result on a realistic layer (the figure docs/benchmarks.md quotes)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 64, 28, 28)).astype(np.float32)
+    w = (rng.standard_normal((64, 64, 3, 3)) / np.sqrt(64 * 9)).astype(np.float32)
+    exact = convcore.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)
+    scale = np.abs(exact).max()
+    err_gemm = np.abs(convcore.conv2d(x, w, padding=1, algorithm="gemm") - exact).max() / scale
+    err_wino = np.abs(convcore.conv2d(x, w, padding=1, algorithm="winograd") - exact).max() / scale
+    assert err_wino < 2e-6, err_wino
+    assert err_wino < 10 * max(err_gemm, 1e-8)
