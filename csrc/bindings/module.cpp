@@ -64,6 +64,16 @@ py::array new_array(const TensorView& like, std::vector<py::ssize_t> shape) {
   return py::array_t<double>(shape);
 }
 
+// The caller's `out` array (checked in functional.py: dtype, shape,
+// contiguity, no overlap) or a new one.
+py::array out_or_new(const std::optional<py::array>& out, const TensorView& like,
+                     std::vector<py::ssize_t> shape) {
+  if (!out) return new_array(like, std::move(shape));
+  if (!(out->flags() & py::array::c_style) || !out->writeable())
+    throw convcore::ValueError("out must be a writeable C-contiguous array");
+  return *out;
+}
+
 TensorView out_view(py::array& a) {
   TensorView t;
   t.data = a.mutable_data();
@@ -117,7 +127,8 @@ using Pair = std::pair<int64_t, int64_t>;
 
 py::array conv2d(const py::array& input, const py::array& weight,
                  const std::optional<py::array>& bias, Pair stride, std::vector<int64_t> padding,
-                 Pair dilation, int64_t groups, const std::string& algorithm) {
+                 Pair dilation, int64_t groups, const std::string& algorithm,
+                 const std::optional<py::array>& out_arg) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
   const TensorView w = arrays.view(weight, "weight");
@@ -130,7 +141,7 @@ py::array conv2d(const py::array& input, const py::array& weight,
   convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
   convcore::check_ndim(w, "weight", 4, "(out_channels, in_channels / groups, kH, kW)");
   const auto shape = convcore::conv2d_output_shape(convcore::shape4(x), convcore::shape4(w), p);
-  py::array out = new_array(x, dims(shape));
+  py::array out = out_or_new(out_arg, x, dims(shape));
   const TensorView y = out_view(out);
   {
     py::gil_scoped_release release;
@@ -172,13 +183,14 @@ py::tuple conv2d_backward(const py::array& grad_output, const py::array& input,
 }
 
 py::object max_pool2d(const py::array& input, Pair kernel, Pair stride, Pair padding,
-                      Pair dilation, bool ceil_mode, bool return_indices) {
+                      Pair dilation, bool ceil_mode, bool return_indices,
+                      const std::optional<py::array>& out_arg) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
   const auto p = pool_params(kernel, stride, padding, dilation, ceil_mode, true, 0);
   convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
   const auto shape = convcore::max_pool2d_output_shape(convcore::shape4(x), p);
-  py::array out = new_array(x, dims(shape));
+  py::array out = out_or_new(out_arg, x, dims(shape));
   const TensorView y = out_view(out);
   py::array idx;
   TensorView idx_v;
@@ -228,14 +240,15 @@ py::array max_pool2d_backward_indices(const py::array& grad_output, const py::ar
 }
 
 py::array avg_pool2d(const py::array& input, Pair kernel, Pair stride, Pair padding,
-                     bool ceil_mode, bool count_include_pad, int64_t divisor_override) {
+                     bool ceil_mode, bool count_include_pad, int64_t divisor_override,
+                     const std::optional<py::array>& out_arg) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
   const auto p =
       pool_params(kernel, stride, padding, {1, 1}, ceil_mode, count_include_pad, divisor_override);
   convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
   const auto shape = convcore::avg_pool2d_output_shape(convcore::shape4(x), p);
-  py::array out = new_array(x, dims(shape));
+  py::array out = out_or_new(out_arg, x, dims(shape));
   const TensorView y = out_view(out);
   {
     py::gil_scoped_release release;
@@ -294,7 +307,7 @@ py::array adaptive_avg_pool2d_backward(const py::array& grad_output, const py::a
 }
 
 py::array linear(const py::array& input, const py::array& weight,
-                 const std::optional<py::array>& bias) {
+                 const std::optional<py::array>& bias, const std::optional<py::array>& out_arg) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
   const TensorView w = arrays.view(weight, "weight");
@@ -302,8 +315,8 @@ py::array linear(const py::array& input, const py::array& weight,
   if (bias) b = arrays.view(*bias, "bias");
   convcore::check_ndim(x, "input", 2, "(batch, in_features)");
   convcore::check_ndim(w, "weight", 2, "(out_features, in_features)");
-  py::array out = new_array(x, {static_cast<py::ssize_t>(x.shape[0]),
-                                static_cast<py::ssize_t>(w.shape[0])});
+  py::array out = out_or_new(out_arg, x, {static_cast<py::ssize_t>(x.shape[0]),
+                                          static_cast<py::ssize_t>(w.shape[0])});
   const TensorView y = out_view(out);
   {
     py::gil_scoped_release release;
@@ -331,10 +344,10 @@ py::tuple linear_backward(const py::array& grad_output, const py::array& input,
   return py::make_tuple(gx, gw, gb);
 }
 
-py::array relu(const py::array& input) {
+py::array relu(const py::array& input, const std::optional<py::array>& out_arg) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
-  py::array out = new_array(x, dims(x));
+  py::array out = out_or_new(out_arg, x, dims(x));
   const TensorView y = out_view(out);
   {
     py::gil_scoped_release release;

@@ -22,6 +22,7 @@ void check_same_shape(const TensorView& t, const char* name, const TensorView& r
 }  // namespace
 
 void relu_forward(const TensorView& input, const TensorView& output) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(input, "input");
   detail::check_output(output, "output", input, input.ndim, input.shape);
   detail::dispatch_float(input.dtype, [&](auto zero) {
@@ -37,6 +38,7 @@ void relu_forward(const TensorView& input, const TensorView& output) {
 
 void relu_backward(const TensorView& grad_output, const TensorView& input,
                    const TensorView& grad_input) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(input, "input");
   check_same_dtype(grad_output, "grad_output", input, "input");
   check_same_shape(grad_output, "grad_output", input);

@@ -618,6 +618,7 @@ void grad_bias_impl(const T* gy, const ConvGeometry& G, T* gb) {
 
 void conv2d_forward(const TensorView& input, const TensorView& weight, const TensorView* bias,
                     const Conv2dParams& p, const TensorView& output) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   const ConvGeometry G = make_geometry(input, weight, p);
   if (bias) {
     check_same_dtype(*bias, "bias", input, "input");
@@ -657,6 +658,7 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
                      const TensorView& weight, const Conv2dParams& p,
                      const TensorView* grad_input, const TensorView* grad_weight,
                      const TensorView* grad_bias) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   const ConvGeometry G = make_geometry(input, weight, p);
   check_same_dtype(grad_output, "grad_output", input, "input");
   const int64_t out_shape[4] = {G.N, G.Cout, G.Ho, G.Wo};

@@ -28,6 +28,7 @@ void check_linear(const TensorView& input, const TensorView& weight) {
 
 void linear_forward(const TensorView& input, const TensorView& weight, const TensorView* bias,
                     const TensorView& output) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_linear(input, weight);
   const int64_t M = input.shape[0], K = input.shape[1], N = weight.shape[0];
   if (bias) {
@@ -56,6 +57,7 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
 void linear_backward(const TensorView& grad_output, const TensorView& input,
                      const TensorView& weight, const TensorView* grad_input,
                      const TensorView* grad_weight, const TensorView* grad_bias) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_linear(input, weight);
   const int64_t M = input.shape[0], K = input.shape[1], N = weight.shape[0];
   check_same_dtype(grad_output, "grad_output", input, "input");

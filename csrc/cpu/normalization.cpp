@@ -142,6 +142,7 @@ double channel_sum(const T* x, const NCS& d, int64_t c, F&& f) {
 
 void local_response_norm_forward(const TensorView& input, const LrnParams& p,
                                  const TensorView& output) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(input, "input");
   check_lrn(p);
   const NCS d = ncs_of(input, "input");
@@ -155,6 +156,7 @@ void local_response_norm_forward(const TensorView& input, const LrnParams& p,
 
 void local_response_norm_backward(const TensorView& grad_output, const TensorView& input,
                                   const LrnParams& p, const TensorView& grad_input) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(input, "input");
   check_lrn(p);
   const NCS d = ncs_of(input, "input");
@@ -171,6 +173,7 @@ void local_response_norm_backward(const TensorView& grad_output, const TensorVie
 void batch_norm_forward(const TensorView& input, const TensorView* weight, const TensorView* bias,
                         bool training, double eps, const TensorView& mean, const TensorView& var,
                         const TensorView& output) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(input, "input");
   const NCS d = ncs_of(input, "input");
   if (weight) check_stat(*weight, "weight", input, d.c);
@@ -221,6 +224,7 @@ void batch_norm_backward(const TensorView& grad_output, const TensorView& input,
                          const TensorView& mean, const TensorView& var,
                          const TensorView* grad_input, const TensorView* grad_weight,
                          const TensorView* grad_bias) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(input, "input");
   const NCS d = ncs_of(input, "input");
   check_same_dtype(grad_output, "grad_output", input, "input");

@@ -285,6 +285,7 @@ detail::Contiguous<T> checked_grad_output(const TensorView& grad_output, const T
 
 void max_pool2d_forward(const TensorView& input, const Pool2dParams& p, const TensorView& output,
                         const TensorView* indices) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_input4(input);
   const Shape4 o = max_pool2d_output_shape(shape4(input), p);
   const int64_t shape[4] = {o.n, o.c, o.h, o.w};
@@ -302,6 +303,7 @@ void max_pool2d_forward(const TensorView& input, const Pool2dParams& p, const Te
 
 void max_pool2d_backward(const TensorView& grad_output, const TensorView& input,
                          const Pool2dParams& p, const TensorView& grad_input) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_input4(input);
   const Shape4 o = max_pool2d_output_shape(shape4(input), p);
   detail::check_output(grad_input, "grad_input", input, 4, input.shape);
@@ -314,6 +316,7 @@ void max_pool2d_backward(const TensorView& grad_output, const TensorView& input,
 
 void max_pool2d_backward_indices(const TensorView& grad_output, const TensorView& indices,
                                  const TensorView& grad_input) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(grad_input, "grad_input");
   check_ndim(grad_input, "grad_input", 4, "(N, C, H, W)");
   if (!grad_input.is_contiguous()) throw ValueError("grad_input must be C-contiguous");
@@ -355,6 +358,7 @@ void max_pool2d_backward_indices(const TensorView& grad_output, const TensorView
 }
 
 void avg_pool2d_forward(const TensorView& input, const Pool2dParams& p, const TensorView& output) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_input4(input);
   const Shape4 o = avg_pool2d_output_shape(shape4(input), p);
   const int64_t shape[4] = {o.n, o.c, o.h, o.w};
@@ -367,6 +371,7 @@ void avg_pool2d_forward(const TensorView& input, const Pool2dParams& p, const Te
 
 void avg_pool2d_backward(const TensorView& grad_output, const Pool2dParams& p,
                          const TensorView& grad_input) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(grad_input, "grad_input");
   check_ndim(grad_input, "grad_input", 4, "(N, C, H, W)");
   const Shape4 o = avg_pool2d_output_shape(shape4(grad_input), p);
@@ -380,6 +385,7 @@ void avg_pool2d_backward(const TensorView& grad_output, const Pool2dParams& p,
 }
 
 void adaptive_avg_pool2d_forward(const TensorView& input, const TensorView& output) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_input4(input);
   check_ndim(output, "output", 4, "(N, C, out_H, out_W)");
   const Shape4 o = adaptive_avg_pool2d_output_shape(shape4(input), output.shape[2], output.shape[3]);
@@ -393,6 +399,7 @@ void adaptive_avg_pool2d_forward(const TensorView& input, const TensorView& outp
 }
 
 void adaptive_avg_pool2d_backward(const TensorView& grad_output, const TensorView& grad_input) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(grad_input, "grad_input");
   check_ndim(grad_input, "grad_input", 4, "(N, C, H, W)");
   check_ndim(grad_output, "grad_output", 4, "(N, C, out_H, out_W)");

@@ -81,8 +81,19 @@ class Contiguous {
   std::vector<T> copy_;
 };
 
-// Threads for a parallel loop of `tasks` independent pieces of work.
+// Threads for a parallel loop of `tasks` independent pieces of work: the
+// core's thread count, shared among the calls in flight (calls from several
+// caller threads split the cores instead of oversubscribing them).
 int threads_for(int64_t tasks);
+
+// Marks a public op call in flight, for threads_for's sharing.
+class CallScope {
+ public:
+  CallScope();
+  ~CallScope();
+  CallScope(const CallScope&) = delete;
+  CallScope& operator=(const CallScope&) = delete;
+};
 
 // Scratch buffers (one slice per thread), allocated before a parallel region
 // so that an allocation failure throws std::bad_alloc to the caller instead

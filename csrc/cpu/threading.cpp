@@ -12,6 +12,7 @@ namespace convcore {
 
 namespace {
 std::atomic<int> g_num_threads{0};  // 0: not set yet, use OpenMP's default
+std::atomic<int> g_calls_in_flight{0};
 }
 
 void set_num_threads(int n) {
@@ -39,8 +40,13 @@ void workspace_acquired(int64_t bytes) {
 }
 void workspace_released(int64_t bytes) { t_workspace_now -= bytes; }
 
+CallScope::CallScope() { g_calls_in_flight.fetch_add(1); }
+CallScope::~CallScope() { g_calls_in_flight.fetch_sub(1); }
+
 int threads_for(int64_t tasks) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), tasks)));
+  const int calls = std::max(1, g_calls_in_flight.load());
+  const int share = std::max(1, get_num_threads() / calls);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(share, tasks)));
 }
 }  // namespace detail
 

@@ -92,6 +92,28 @@ def _array(value, name: str) -> np.ndarray:
     raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
 
 
+def _out(out, shape, dtype, inputs, inplace_ok: bool = False):
+    """Checks a caller's output buffer: a writeable C-contiguous array of the
+    result's exact shape and dtype that shares no memory with the inputs
+    (for elementwise ops, being the input itself is fine)."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be a writeable C-contiguous array")
+    for a in inputs:
+        if a is None or (inplace_ok and a is out):
+            continue
+        if np.may_share_memory(out, a):
+            raise ValueError("out must not overlap the inputs")
+    return out
+
+
 def _batched(x: np.ndarray, name: str) -> Tuple[np.ndarray, bool]:
     """Accepts (C, H, W) like PyTorch by adding a batch dimension."""
     if x.ndim == 3:
@@ -130,7 +152,8 @@ def _algorithm(algorithm) -> str:
 
 
 def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Union[IntPair, str] = 0,
-           dilation: IntPair = 1, groups: int = 1, algorithm: str = "auto") -> np.ndarray:
+           dilation: IntPair = 1, groups: int = 1, algorithm: str = "auto",
+           out: Optional[np.ndarray] = None) -> np.ndarray:
     """2-D cross-correlation, as torch.nn.functional.conv2d.
 
     input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, kH, kW);
@@ -138,15 +161,23 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Union[IntPair
     H_out = floor((H + pad_top + pad_bottom - dilation * (kH - 1) - 1) / stride) + 1.
     algorithm: 'auto' (chosen per shape), or 'gemm', 'pointwise' (1x1),
     'depthwise' (one input channel per group), 'winograd' (3x3, stride 1) to
-    force one.
+    force one. out: an array to write the result into (instead of a new one).
     """
     x, unbatched = _batched(_array(input, "input"), "input")
     w = _array(weight, "weight")
     b = None if bias is None else _array(bias, "bias")
     s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
     pad = _conv_padding(padding, w, s, d)
-    out = _core.conv2d(x, w, b, s, pad, d, _int(groups, "groups"), _algorithm(algorithm))
-    return out[0] if unbatched else out
+    g = _int(groups, "groups")
+    if out is not None:
+        shape = _core.conv2d_output_shape(list(x.shape), list(w.shape), s, pad, d, g) \
+            if x.ndim == 4 and w.ndim == 4 else None
+        if shape is not None:
+            shape = shape[1:] if unbatched else shape
+            out = _out(out, shape, x.dtype, (input, w, b))
+            out = out[None] if unbatched else out
+    y = _core.conv2d(x, w, b, s, pad, d, g, _algorithm(algorithm), out)
+    return y[0] if unbatched else y
 
 
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding=0,
@@ -192,9 +223,17 @@ def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, dilati
                                      kind == "avg")
 
 
+def _pool_out(out, x, unbatched, input, k, s, p, d, ceil_mode, kind):
+    if out is None or x.ndim != 4:
+        return out
+    shape = _core.pool2d_output_shape(list(x.shape), k, s, p, d, bool(ceil_mode), kind == "avg")
+    out = _out(out, shape[1:] if unbatched else shape, x.dtype, (input,))
+    return out[None] if unbatched else out
+
+
 def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
                padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False,
-               return_indices: bool = False):
+               return_indices: bool = False, out: Optional[np.ndarray] = None):
     """Max pooling, as torch.nn.functional.max_pool2d.
 
     With return_indices, also returns int64 indices of each max, flat
@@ -202,7 +241,8 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
     """
     x, unbatched = _batched(_array(input, "input"), "input")
     k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
-    result = _core.max_pool2d(x, k, s, p, d, bool(ceil_mode), bool(return_indices))
+    out = _pool_out(out, x, unbatched, input, k, s, p, d, ceil_mode, "max")
+    result = _core.max_pool2d(x, k, s, p, d, bool(ceil_mode), bool(return_indices), out)
     if not unbatched:
         return result
     return (result[0][0], result[1][0]) if return_indices else result[0]
@@ -245,13 +285,15 @@ def _divisor(divisor_override) -> int:
 
 def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
                padding: IntPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
-               divisor_override: Optional[int] = None) -> np.ndarray:
+               divisor_override: Optional[int] = None,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
     """Average pooling, as torch.nn.functional.avg_pool2d."""
     x, unbatched = _batched(_array(input, "input"), "input")
     k, s, p, _ = _pool_args(kernel_size, stride, padding)
-    out = _core.avg_pool2d(x, k, s, p, bool(ceil_mode), bool(count_include_pad),
-                           _divisor(divisor_override))
-    return out[0] if unbatched else out
+    out = _pool_out(out, x, unbatched, input, k, s, p, (1, 1), ceil_mode, "avg")
+    y = _core.avg_pool2d(x, k, s, p, bool(ceil_mode), bool(count_include_pad),
+                         _divisor(divisor_override), out)
+    return y[0] if unbatched else y
 
 
 def avg_pool2d_backward(grad_output, input, kernel_size: IntPair,
@@ -318,12 +360,17 @@ def _flatten_features(x: np.ndarray) -> np.ndarray:
     return x.reshape(rows, x.shape[-1])
 
 
-def linear(input, weight, bias=None) -> np.ndarray:
+def linear(input, weight, bias=None, out: Optional[np.ndarray] = None) -> np.ndarray:
     """input (..., in_features) @ weight (out_features, in_features)^T + bias."""
     x = _array(input, "input")
     w = _array(weight, "weight")
     b = None if bias is None else _array(bias, "bias")
-    y = _core.linear(_flatten_features(x), w, b)
+    flat = _flatten_features(x)
+    if out is not None and w.ndim == 2:
+        out = _out(out, x.shape[:-1] + (w.shape[0],), x.dtype, (x, w, b))
+        _core.linear(flat, w, b, out.reshape(flat.shape[0], w.shape[0]))
+        return out
+    y = _core.linear(flat, w, b, None)
     return y.reshape(x.shape[:-1] + (y.shape[1],))
 
 
@@ -343,9 +390,10 @@ def linear_backward(grad_output, input, weight):
 
 # ------------------------------------------------------------------- activation
 
-def relu(input) -> np.ndarray:
-    """max(input, 0) elementwise (NaN stays NaN)."""
-    return _core.relu(_array(input, "input"))
+def relu(input, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """max(input, 0) elementwise (NaN stays NaN); out=input works in place."""
+    x = _array(input, "input")
+    return _core.relu(x, _out(out, x.shape, x.dtype, (x,), inplace_ok=True))
 
 
 def relu_backward(grad_output, input) -> np.ndarray:
