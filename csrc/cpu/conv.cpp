@@ -150,6 +150,7 @@ struct Im2colTransposedPackB {
   const T* x;
   const ConvGeometry* g;
   int64_t r_offset;  // first kernel row of the task's column block
+  int64_t q_offset;  // first output position of the chunk
 
   void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
     constexpr int NR = gemm::Tile<T>::NR;
@@ -168,12 +169,27 @@ struct Im2colTransposedPackB {
         const T* xc = x + c * G.xs_c;
         const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
         const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
-        int64_t oh = k0 / G.Wo, ow = k0 % G.Wo;
-        for (int64_t k = 0; k < kc; ++k) {
-          const int64_t ih = oh * G.p.stride_h + ih_off, iw = ow * G.p.stride_w + iw_off;
-          const bool inside = ih >= 0 && ih < G.H && iw >= 0 && iw < G.W;
-          panel[k * NR + jj] = inside ? xc[ih * G.xs_h + iw * G.xs_w] : T(0);
-          if (++ow == G.Wo) ow = 0, ++oh;
+        // Runs of positions along one output row: zeros where the tap
+        // falls in the padding, a strided copy where it is inside.
+        const int64_t sw = G.p.stride_w;
+        int64_t oh = (q_offset + k0) / G.Wo, ow = (q_offset + k0) % G.Wo;
+        T* out = panel + jj;
+        for (int64_t k = 0; k < kc;) {
+          const int64_t run = std::min(kc - k, G.Wo - ow);
+          const int64_t ih = oh * G.p.stride_h + ih_off;
+          if (ih < 0 || ih >= G.H) {
+            for (int64_t t = 0; t < run; ++t) out[(k + t) * NR] = T(0);
+          } else {
+            const int64_t first = ow * sw + iw_off;
+            const int64_t lo = std::min(run, first >= 0 ? 0 : (-first + sw - 1) / sw);
+            const int64_t hi =
+                std::max(lo, std::min(run, first >= G.W ? 0 : (G.W - 1 - first) / sw + 1));
+            const T* src = xc + ih * G.xs_h + first * G.xs_w;
+            for (int64_t t = 0; t < lo; ++t) out[(k + t) * NR] = T(0);
+            for (int64_t t = lo; t < hi; ++t) out[(k + t) * NR] = src[t * sw * G.xs_w];
+            for (int64_t t = hi; t < run; ++t) out[(k + t) * NR] = T(0);
+          }
+          k += run, ow = 0, ++oh;
         }
       }
     }
@@ -420,8 +436,8 @@ void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, 
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();
   for (int64_t g = 0; g < G.G; ++g)
-    gemm::pack_a(G.Coutg, G.Kc, weight.data() + g * G.Coutg * G.Kc, G.Kc, int64_t(1),
-                 a_packed + g * a_size);
+    gemm::pack_a_parallel(G.Coutg, G.Kc, weight.data() + g * G.Coutg * G.Kc, G.Kc, int64_t(1),
+                          a_packed + g * a_size);
 
   // Tasks: (image, group, tile of output positions, block of output
   // channels); each writes its own block of the output. Small batches get
@@ -482,8 +498,8 @@ void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, cons
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();
   for (int64_t g = 0; g < G.G; ++g)  // A(c, o) = weight[g * Coutg + o, c]
-    gemm::pack_a(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
-                 a_packed + g * a_size);
+    gemm::pack_a_parallel(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
+                          a_packed + g * a_size);
   const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
   const int64_t images = G.N * G.G;
   const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
@@ -556,45 +572,65 @@ void grad_input_impl(const T* gy, const detail::Contiguous<T>& weight, const Con
 
 template <typename T>
 void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
-  // grad_weight[g] (Coutg x Kc) = sum_n gy[n, g] (Coutg x P) * im2col(x[n, g])^T (P x Kc).
-  // Tasks: (group, block of Kc columns): disjoint outputs, and each sum runs
-  // over n and P in a fixed order whatever the thread count.
-  constexpr int NR = gemm::Tile<T>::NR;
-  const int64_t panels = (G.Kc + NR - 1) / NR;
+  // grad_weight[g] (Coutg x Kc) = sum over images n and chunks of positions
+  // of gy[n, g] (Coutg x positions) * im2col(x[n, g])^T (positions x Kc).
+  // Each chunk of gy is packed once (shared), then tasks over blocks of
+  // (output channels, kernel rows) accumulate into disjoint parts of
+  // grad_weight, every sum in a fixed order whatever the thread count.
+  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
+  if (G.N == 0) {
+    std::fill(gw, gw + G.Cout * G.Kc, T(0));
+    return;
+  }
+  const int64_t chunk = 16 * gemm::KC;  // positions per packed chunk of gy
   const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t panels = (G.Kc + NR - 1) / NR;
   const int64_t nblocks = std::min<int64_t>(panels, std::max<int64_t>(1, (want + G.G - 1) / G.G));
-  const int64_t cols_per_block = ((panels + nblocks - 1) / nblocks) * NR;
-  const int64_t tasks = G.G * nblocks;
+  const int64_t cols = ((panels + nblocks - 1) / nblocks) * NR;
+  const int64_t ncolblocks = (G.Kc + cols - 1) / cols;
+  int64_t mblocks = 1;
+  if (G.G * ncolblocks < want)
+    mblocks = std::min((want + G.G * ncolblocks - 1) / (G.G * ncolblocks), (G.Coutg + MR - 1) / MR);
+  const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
+  mblocks = (G.Coutg + mrows - 1) / mrows;
+  const int64_t tasks = G.G * ncolblocks * mblocks;
   const T* x = input.ptr<const T>();
   const bool pointwise = is_pointwise(G);
-  const int64_t bsize = gemm::b_workspace_size<T>();
+  const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, std::min(chunk, G.P));
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
   const int threads = detail::threads_for(tasks);
-  detail::Workspace<T> ws(threads, bsize + gemm::packed_a_size<T>(G.Coutg, G.P));
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+  for (int64_t n = 0; n < G.N; ++n) {
+    for (int64_t q0 = 0; q0 < G.P; q0 += chunk) {
+      const int64_t nq = std::min(chunk, G.P - q0);
+      const int64_t units = gemm::pack_a_units<T>(G.Coutg, nq);
 #pragma omp parallel num_threads(threads)
-  {
-    T* bbuf = ws.get(omp_get_thread_num());
-    T* a_packed = bbuf + bsize;
+      {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < G.G * units; ++u) {
+          const int64_t g = u / units;
+          gemm::pack_a_part(G.Coutg, nq, gy + (n * G.Cout + g * G.Coutg) * G.P + q0, G.P,
+                            int64_t(1), a_packed + g * a_size, u % units, u % units + 1);
+        }
+        T* bbuf = ws.get(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t g = t / nblocks, r0 = (t % nblocks) * cols_per_block;
-      if (r0 >= G.Kc) continue;
-      const int64_t ncols = std::min(cols_per_block, G.Kc - r0);
-      T* c = gw + g * G.Coutg * G.Kc + r0;
-      if (G.N == 0) {
-        for (int64_t o = 0; o < G.Coutg; ++o) std::fill(c + o * G.Kc, c + o * G.Kc + ncols, T(0));
-        continue;
-      }
-      for (int64_t n = 0; n < G.N; ++n) {
-        gemm::pack_a(G.Coutg, G.P, gy + (n * G.Cout + g * G.Coutg) * G.P, G.P, int64_t(1),
-                     a_packed);
-        const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
-        if (pointwise)  // B(q, c) = x[c, q]
-          gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0,
-                            gemm::StridedPackB<T>{xg + r0 * G.xs_c, 1, G.xs_c}, c, G.Kc, n > 0,
-                            bbuf);
-        else
-          gemm::gemm_packed(G.Coutg, ncols, G.P, a_packed, G.Coutg, 0,
-                            Im2colTransposedPackB<T>{xg, &G, r0}, c, G.Kc, n > 0, bbuf);
+        for (int64_t t = 0; t < tasks; ++t) {
+          const int64_t mb = t % mblocks, rest = t / mblocks;
+          const int64_t g = rest / ncolblocks, r0 = (rest % ncolblocks) * cols;
+          const int64_t ncols = std::min(cols, G.Kc - r0);
+          const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Coutg - m0);
+          T* c = gw + (g * G.Coutg + m0) * G.Kc + r0;
+          const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+          const bool acc = n > 0 || q0 > 0;
+          if (pointwise)  // B(q, c) = x[c, q]
+            gemm::gemm_packed(nm, ncols, nq, a_packed + g * a_size, G.Coutg, m0,
+                              gemm::StridedPackB<T>{xg + q0 + r0 * G.xs_c, 1, G.xs_c}, c, G.Kc,
+                              acc, bbuf);
+          else
+            gemm::gemm_packed(nm, ncols, nq, a_packed + g * a_size, G.Coutg, m0,
+                              Im2colTransposedPackB<T>{xg, &G, r0, q0}, c, G.Kc, acc, bbuf);
+        }
       }
     }
   }

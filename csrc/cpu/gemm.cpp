@@ -184,12 +184,23 @@ const char* gemm_isa() { return gemm::isa_name(); }
 namespace gemm {
 
 template <typename T>
+void pack_a_parallel(int64_t M, int64_t K, const T* a, int64_t rs, int64_t cs, T* dst) {
+  const int64_t units = pack_a_units<T>(M, K);
+#pragma omp parallel for num_threads(detail::threads_for(units / 4)) schedule(static)
+  for (int64_t u = 0; u < units; ++u) pack_a_part(M, K, a, rs, cs, dst, u, u + 1);
+}
+
+template void pack_a_parallel<float>(int64_t, int64_t, const float*, int64_t, int64_t, float*);
+template void pack_a_parallel<double>(int64_t, int64_t, const double*, int64_t, int64_t,
+                                      double*);
+
+template <typename T>
 void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
                   const T* b, int64_t b_rs, int64_t b_cs, T* c, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   detail::Workspace<T> a_ws(1, packed_a_size<T>(M, K));
   T* a_packed = a_ws.get();
-  pack_a(M, K, a, a_rs, a_cs, a_packed);
+  pack_a_parallel(M, K, a, a_rs, a_cs, a_packed);
   // Blocks of C, MC rows x NC columns, are independent, and the order of
   // the K reduction inside a block never depends on the thread count.
   const int64_t mblocks = (M + MC - 1) / MC, nblocks = (N + NC - 1) / NC;

@@ -9,6 +9,7 @@
 // in conv.cpp.
 #pragma once
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -56,23 +57,52 @@ int64_t packed_a_size(int64_t M, int64_t K) {
 
 // Packs A(i, k) = a[i * rs + k * cs] into K-blocks of MR-row panels:
 // block k0 starts at k0 * Mpad, its panel for row i0 at i0 * kc.
+// Packs the MR-row panel of rows [i0, i0 + MR) of one K block; reads along
+// whichever of A's dimensions is contiguous.
 template <typename T>
-void pack_a(int64_t M, int64_t K, const T* a, int64_t rs, int64_t cs, T* dst) {
+void pack_a_panel(int64_t M, const T* a, int64_t rs, int64_t cs, int64_t i0, int64_t k0,
+                  int64_t kc, T* panel) {
   constexpr int MR = Tile<T>::MR;
-  const int64_t Mpad = round_up(M, MR);
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kc = std::min(KC, K - k0);
-    T* block = dst + k0 * Mpad;
-    for (int64_t i0 = 0; i0 < Mpad; i0 += MR) {
-      T* panel = block + i0 * kc;
-      for (int64_t k = 0; k < kc; ++k) {
-        for (int i = 0; i < MR; ++i) {
-          const int64_t row = i0 + i;
-          panel[k * MR + i] = row < M ? a[row * rs + (k0 + k) * cs] : T(0);
-        }
-      }
+  const int rows = static_cast<int>(std::min<int64_t>(MR, M - i0));
+  if (std::abs(cs) <= std::abs(rs)) {  // rows of A are contiguous-ish: row by row
+    for (int i = 0; i < rows; ++i) {
+      const T* src = a + (i0 + i) * rs + k0 * cs;
+      for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = src[k * cs];
+    }
+    for (int i = rows; i < MR; ++i)
+      for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = T(0);
+  } else {  // columns of A are contiguous: k by k
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = a + i0 * rs + (k0 + k) * cs;
+      for (int i = 0; i < rows; ++i) panel[k * MR + i] = src[i * rs];
+      for (int i = rows; i < MR; ++i) panel[k * MR + i] = T(0);
     }
   }
+}
+
+// Number of MR-row panels times K blocks: the units pack_a_part packs.
+template <typename T>
+int64_t pack_a_units(int64_t M, int64_t K) {
+  return ((M + Tile<T>::MR - 1) / Tile<T>::MR) * ((K + KC - 1) / KC);
+}
+
+// Packs units [u0, u1) of pack_a's layout, so that callers can split the
+// packing among threads.
+template <typename T>
+void pack_a_part(int64_t M, int64_t K, const T* a, int64_t rs, int64_t cs, T* dst, int64_t u0,
+                 int64_t u1) {
+  constexpr int MR = Tile<T>::MR;
+  const int64_t Mpad = round_up(M, MR), panels = Mpad / MR;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t k0 = (u / panels) * KC, i0 = (u % panels) * MR;
+    const int64_t kc = std::min(KC, K - k0);
+    pack_a_panel(M, a, rs, cs, i0, k0, kc, dst + k0 * Mpad + i0 * kc);
+  }
+}
+
+template <typename T>
+void pack_a(int64_t M, int64_t K, const T* a, int64_t rs, int64_t cs, T* dst) {
+  pack_a_part(M, K, a, rs, cs, dst, 0, pack_a_units<T>(M, K));
 }
 
 // Packs the block B(k0 + k, j0 + j), k < kc, j < nc, of B(k, j) = b[k * rs + j * cs]
@@ -86,15 +116,28 @@ struct StridedPackB {
     for (int64_t jp = 0; jp < nc; jp += NR) {
       T* panel = dst + jp * kc;
       const int64_t w = std::min<int64_t>(NR, nc - jp);
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = b + (k0 + k) * rs + (j0 + jp) * cs;
-        T* out = panel + k * NR;
-        for (int64_t j = 0; j < w; ++j) out[j] = src[j * cs];
-        for (int64_t j = w; j < NR; ++j) out[j] = T(0);
+      if (std::abs(cs) <= std::abs(rs)) {  // rows of B contiguous-ish: k by k
+        for (int64_t k = 0; k < kc; ++k) {
+          const T* src = b + (k0 + k) * rs + (j0 + jp) * cs;
+          T* out = panel + k * NR;
+          for (int64_t j = 0; j < w; ++j) out[j] = src[j * cs];
+          for (int64_t j = w; j < NR; ++j) out[j] = T(0);
+        }
+      } else {  // columns of B contiguous (a transposed operand): column by column
+        for (int64_t j = 0; j < w; ++j) {
+          const T* src = b + k0 * rs + (j0 + jp + j) * cs;
+          for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = src[k * rs];
+        }
+        for (int64_t k = 0; k < kc; ++k)
+          for (int64_t j = w; j < NR; ++j) panel[k * NR + j] = T(0);
       }
     }
   }
 };
+
+// pack_a with the core's threads (for large operands packed once per call).
+template <typename T>
+void pack_a_parallel(int64_t M, int64_t K, const T* a, int64_t rs, int64_t cs, T* dst);
 
 // Workspace for one call of gemm_packed: a KC x NC block of packed B.
 template <typename T>
