@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "convcore/ops.h"
@@ -523,9 +524,58 @@ void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, cons
   }
 }
 
+// grad_input of a stride-1 convolution is a forward convolution of
+// grad_output with the flipped, transposed filters (per group) and padding
+// dilation * (k - 1) - p, so it runs on the forward path: no column buffer,
+// no scatter. Needs p <= dilation * (k - 1) on every side.
+bool grad_input_as_forward_applies(const ConvGeometry& G) {
+  const int64_t span_h = G.p.dilation_h * (G.KH - 1), span_w = G.p.dilation_w * (G.KW - 1);
+  return G.p.stride_h == 1 && G.p.stride_w == 1 && G.p.pad_top <= span_h &&
+         G.p.pad_bottom <= span_h && G.p.pad_left <= span_w && G.p.pad_right <= span_w;
+}
+
+template <typename T>
+void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
+                  const ConvGeometry& G, T* out);
+
+template <typename T>
+void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
+  // flipped[g * Cg + c, o, i, j] = weight[g * Coutg + o, c, KH - 1 - i, KW - 1 - j]
+  detail::Workspace<T> w_ws(1, G.Cout * G.Kc);
+  T* flipped = w_ws.get();
+  const int64_t khw = G.KH * G.KW;
+  for (int64_t g = 0; g < G.G; ++g)
+    for (int64_t c = 0; c < G.Cg; ++c)
+      for (int64_t o = 0; o < G.Coutg; ++o) {
+        const T* src = weight + ((g * G.Coutg + o) * G.Cg + c) * khw;
+        T* dst = flipped + ((g * G.Cg + c) * G.Coutg + o) * khw;
+        for (int64_t k = 0; k < khw; ++k) dst[k] = src[khw - 1 - k];
+      }
+  const int64_t wshape[4] = {G.C, G.Coutg, G.KH, G.KW};
+  const DType dtype = std::is_same_v<T, float> ? DType::Float32 : DType::Float64;
+  const TensorView wv = contiguous_view(flipped, dtype, 4, wshape);
+  const detail::Contiguous<T> wc(wv);
+  const int64_t gshape[4] = {G.N, G.Cout, G.Ho, G.Wo};
+  const TensorView gyv = contiguous_view(const_cast<T*>(gy), dtype, 4, gshape);
+  ConvGeometry F;
+  F.N = G.N, F.C = G.Cout, F.H = G.Ho, F.W = G.Wo;
+  F.Cout = G.C, F.KH = G.KH, F.KW = G.KW;
+  F.Ho = G.H, F.Wo = G.W, F.P = G.H * G.W;
+  F.G = G.G, F.Cg = G.Coutg, F.Coutg = G.Cg, F.Kc = G.Coutg * khw;
+  F.xs_n = G.Cout * G.P, F.xs_c = G.P, F.xs_h = G.Wo, F.xs_w = 1;
+  F.p = G.p;
+  F.p.pad_top = G.p.dilation_h * (G.KH - 1) - G.p.pad_top;
+  F.p.pad_bottom = G.p.dilation_h * (G.KH - 1) - G.p.pad_bottom;
+  F.p.pad_left = G.p.dilation_w * (G.KW - 1) - G.p.pad_left;
+  F.p.pad_right = G.p.dilation_w * (G.KW - 1) - G.p.pad_right;
+  F.p.algorithm = ConvAlgorithm::Gemm;
+  forward_impl<T>(gyv, wc, nullptr, F, gx);
+}
+
 template <typename T>
 void grad_input_impl(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G, T* gx) {
   if (is_pointwise(G)) return grad_input_pointwise(gy, weight, G, gx);
+  if (grad_input_as_forward_applies(G)) return grad_input_as_forward(gy, weight.data(), G, gx);
   // Tasks: (image, group, block of input channels). dcol rows of a channel
   // block scatter only into those channels, so tasks never write the same
   // element, and each element's sum runs in a fixed order.
