@@ -253,57 +253,81 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
   return ConvAlgorithm::Gemm;
 }
 
-// Depthwise forward: one task per output plane (image, output channel).
+// Depthwise forward: one task per input plane (image, group), which is
+// padded once into scratch and read by each of its output channels.
 template <typename T>
 void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
                        const ConvGeometry& G, T* out) {
   const depthwise::Plane pl = plane_of(G);
   const T* x = input.ptr<const T>();
-  const int64_t planes = G.N * G.Cout;
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
-  for (int64_t t = 0; t < planes; ++t) {
-    const int64_t n = t / G.Cout, o = t % G.Cout, g = o / G.Coutg;
-    depthwise::forward_plane(pl, x + n * G.xs_n + g * G.xs_c, weight + o * G.KH * G.KW,
-                             bias ? bias[o] : T(0), out + t * G.P);
+  const int64_t planes = G.N * G.C, taps = G.KH * G.KW;
+  const int threads = detail::threads_for(planes);
+  detail::Workspace<T> ws(threads, pl.Hp() * pl.Wp());
+#pragma omp parallel num_threads(threads)
+  {
+    T* buf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < planes; ++t) {
+      const int64_t n = t / G.C, g = t % G.C;
+      depthwise::pad_plane(pl, x + n * G.xs_n + g * G.xs_c, buf);
+      for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
+        depthwise::forward_padded(pl, buf, weight + o * taps, bias ? bias[o] : T(0),
+                                  out + (n * G.Cout + o) * G.P);
+    }
   }
 }
 
 // Depthwise grad_input: one task per input plane (image, channel); the
-// output channels of its group add into it in a fixed order.
+// output channels of its group add into a padded scratch plane in a fixed
+// order, whose interior is the gradient.
 template <typename T>
 void grad_input_depthwise(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
   const depthwise::Plane pl = plane_of(G);
-  const int64_t planes = G.N * G.C;
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
-  for (int64_t t = 0; t < planes; ++t) {
-    const int64_t n = t / G.C, g = t % G.C;
-    T* plane = gx + t * G.H * G.W;
-    std::fill(plane, plane + G.H * G.W, T(0));
-    for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
-      depthwise::grad_input_plane(pl, gy + (n * G.Cout + o) * G.P, weight + o * G.KH * G.KW,
-                                  plane);
+  const int64_t planes = G.N * G.C, taps = G.KH * G.KW, Wp = pl.Wp();
+  const int threads = detail::threads_for(planes);
+  detail::Workspace<T> ws(threads, pl.Hp() * Wp);
+#pragma omp parallel num_threads(threads)
+  {
+    T* buf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < planes; ++t) {
+      const int64_t n = t / G.C, g = t % G.C;
+      std::fill(buf, buf + pl.Hp() * Wp, T(0));
+      for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
+        depthwise::grad_input_padded(pl, gy + (n * G.Cout + o) * G.P, weight + o * taps, buf);
+      T* plane = gx + t * G.H * G.W;
+      for (int64_t ih = 0; ih < G.H; ++ih)
+        std::copy(buf + (ih + pl.pt) * Wp + pl.pl, buf + (ih + pl.pt) * Wp + pl.pl + G.W,
+                  plane + ih * G.W);
+    }
   }
 }
 
-// Depthwise grad_weight: one task per output channel, summing over images.
+// Depthwise grad_weight: one task per group (input channel), summing over
+// images for each of its output channels; sums in double.
 template <typename T>
 void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
   const depthwise::Plane pl = plane_of(G);
   const T* x = input.ptr<const T>();
   const int64_t taps = G.KH * G.KW;
-  const int threads = detail::threads_for(G.Cout);
-  detail::Workspace<double> ws(threads, taps);
+  const int threads = detail::threads_for(G.C);
+  detail::Workspace<T> ws(threads, pl.Hp() * pl.Wp());
+  detail::Workspace<double> acc_ws(threads, taps * G.Coutg);
 #pragma omp parallel num_threads(threads)
   {
-    double* acc = ws.get(omp_get_thread_num());
+    T* buf = ws.get(omp_get_thread_num());
+    double* acc = acc_ws.get(omp_get_thread_num());
 #pragma omp for schedule(static)
-    for (int64_t o = 0; o < G.Cout; ++o) {
-      std::fill(acc, acc + taps, 0.0);
-      const int64_t g = o / G.Coutg;
-      for (int64_t n = 0; n < G.N; ++n)
-        depthwise::grad_weight_plane(pl, gy + (n * G.Cout + o) * G.P, x + n * G.xs_n + g * G.xs_c,
-                                     acc);
-      for (int64_t k = 0; k < taps; ++k) gw[o * taps + k] = static_cast<T>(acc[k]);
+    for (int64_t g = 0; g < G.C; ++g) {
+      std::fill(acc, acc + taps * G.Coutg, 0.0);
+      for (int64_t n = 0; n < G.N; ++n) {
+        depthwise::pad_plane(pl, x + n * G.xs_n + g * G.xs_c, buf);
+        for (int64_t m = 0; m < G.Coutg; ++m)
+          depthwise::grad_weight_padded(pl, gy + (n * G.Cout + g * G.Coutg + m) * G.P, buf,
+                                        acc + m * taps);
+      }
+      for (int64_t k = 0; k < taps * G.Coutg; ++k)
+        gw[g * G.Coutg * taps + k] = static_cast<T>(acc[k]);
     }
   }
 }

@@ -13,7 +13,90 @@ struct Plane {
   int64_t H, W, Ho, Wo, KH, KW;
   int64_t sh, sw, dh, dw, pt, pl;
   int64_t xs_h, xs_w;  // strides of the input plane
+  // The padded plane the windows read: rows Hp, columns Wp (only as much of
+  // the padding as some window reaches).
+  int64_t Hp() const { return std::max(H + pt, (Ho - 1) * sh + (KH - 1) * dh + 1); }
+  int64_t Wp() const { return std::max(W + pl, (Wo - 1) * sw + (KW - 1) * dw + 1); }
 };
+
+// Copies one input plane into a zero-padded buffer (Hp x Wp, contiguous),
+// so the kernels below run without bounds tests.
+template <typename T>
+void pad_plane(const Plane& p, const T* x, T* buf) {
+  const int64_t Hp = p.Hp(), Wp = p.Wp();
+  std::fill(buf, buf + Hp * Wp, T(0));
+  for (int64_t ih = 0; ih < p.H; ++ih) {
+    T* row = buf + (ih + p.pt) * Wp + p.pl;
+    const T* src = x + ih * p.xs_h;
+    if (p.xs_w == 1)
+      std::copy(src, src + p.W, row);
+    else
+      for (int64_t iw = 0; iw < p.W; ++iw) row[iw] = src[iw * p.xs_w];
+  }
+}
+
+// out (Ho x Wo) = bias + sum over taps of w[i, j] * the padded plane shifted.
+template <typename T>
+void forward_padded(const Plane& p, const T* buf, const T* w, T bias, T* out) {
+  const int64_t Wp = p.Wp();
+  for (int64_t oh = 0; oh < p.Ho; ++oh) {
+    T* row = out + oh * p.Wo;
+    std::fill(row, row + p.Wo, bias);
+    for (int64_t i = 0; i < p.KH; ++i) {
+      const T* br = buf + (oh * p.sh + i * p.dh) * Wp;
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const T wv = w[i * p.KW + j];
+        const T* src = br + j * p.dw;
+        if (p.sw == 1)
+          for (int64_t ow = 0; ow < p.Wo; ++ow) row[ow] += wv * src[ow];
+        else
+          for (int64_t ow = 0; ow < p.Wo; ++ow) row[ow] += wv * src[ow * p.sw];
+      }
+    }
+  }
+}
+
+// gw[i, j] += sum over positions of gy * the padded plane shifted.
+template <typename T>
+void grad_weight_padded(const Plane& p, const T* gy, const T* buf, double* gw) {
+  const int64_t Wp = p.Wp();
+  for (int64_t i = 0; i < p.KH; ++i)
+    for (int64_t j = 0; j < p.KW; ++j) {
+      double acc = 0;
+      for (int64_t oh = 0; oh < p.Ho; ++oh) {
+        const T* gr = gy + oh * p.Wo;
+        const T* src = buf + (oh * p.sh + i * p.dh) * Wp + j * p.dw;
+        T dot = 0;
+        if (p.sw == 1)
+          for (int64_t ow = 0; ow < p.Wo; ++ow) dot += gr[ow] * src[ow];
+        else
+          for (int64_t ow = 0; ow < p.Wo; ++ow) dot += gr[ow] * src[ow * p.sw];
+        acc += dot;
+      }
+      gw[i * p.KW + j] += acc;
+    }
+}
+
+// gbuf (Hp x Wp, accumulated into) += sum over taps of w * gy shifted; the
+// caller copies the interior out.
+template <typename T>
+void grad_input_padded(const Plane& p, const T* gy, const T* w, T* gbuf) {
+  const int64_t Wp = p.Wp();
+  for (int64_t oh = 0; oh < p.Ho; ++oh) {
+    const T* gr = gy + oh * p.Wo;
+    for (int64_t i = 0; i < p.KH; ++i) {
+      T* br = gbuf + (oh * p.sh + i * p.dh) * Wp;
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const T wv = w[i * p.KW + j];
+        T* dst = br + j * p.dw;
+        if (p.sw == 1)
+          for (int64_t ow = 0; ow < p.Wo; ++ow) dst[ow] += wv * gr[ow];
+        else
+          for (int64_t ow = 0; ow < p.Wo; ++ow) dst[ow * p.sw] += wv * gr[ow];
+      }
+    }
+  }
+}
 
 // Output columns ow in [lo, hi) read input column ow * sw + off inside [0, W).
 inline void valid_columns(const Plane& p, int64_t off, int64_t* lo, int64_t* hi) {
