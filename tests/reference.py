@@ -420,3 +420,70 @@ def relu_ref(x):
 def relu_backward_ref(gy, x):
     x = np.asarray(x)
     return np.where(x > 0, np.asarray(gy), 0).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# local response norm / batch norm
+# ---------------------------------------------------------------------------
+
+def local_response_norm_ref(x, size, alpha=1e-4, beta=0.75, k=1.0):
+    """torch.nn.functional.local_response_norm on (N, C, ...):
+
+    ``out[:, c] = x[:, c] / (k + alpha / size * sum_{q in W(c)} x[:, q]^2) ** beta``
+    with the window ``W(c) = [c - size // 2, c + (size - 1) // 2]`` clipped to
+    the channels (PyTorch zero-pads size // 2 channels before and
+    (size - 1) // 2 after, then averages over ``size`` channels, so the
+    divisor is always ``size``)."""
+    x = np.asarray(x)
+    xd = x.astype(np.float64)
+    C = xd.shape[1]
+    out = np.empty_like(xd)
+    for c in range(C):
+        lo = max(0, c - size // 2)
+        hi = min(C - 1, c + (size - 1) // 2)
+        sq = np.zeros(xd[:, c].shape)
+        for q in range(lo, hi + 1):
+            sq += xd[:, q] ** 2
+        out[:, c] = xd[:, c] / (k + alpha / size * sq) ** beta
+    return out.astype(x.dtype)
+
+
+def batch_norm_ref(x, running_mean=None, running_var=None, weight=None, bias=None,
+                   training=False, momentum=0.1, eps=1e-5):
+    """torch.nn.functional.batch_norm on (N, C, ...), without side effects.
+
+    Returns ``(out, batch_mean, batch_var, new_running_mean, new_running_var)``
+    (float64 except ``out``, which has x's dtype).  In training the batch
+    statistics are the mean and the *biased* variance over every axis but 1,
+    and the running statistics move by ``momentum`` towards the batch mean
+    and the *unbiased* variance (``var * m / (m - 1)``, m values per
+    channel).  Otherwise the running statistics normalise and are returned
+    unchanged (batch_mean/batch_var are then None)."""
+    x = np.asarray(x)
+    xd = x.astype(np.float64)
+    C = xd.shape[1]
+    out = np.empty_like(xd)
+    bmean = np.zeros(C) if training else None
+    bvar = np.zeros(C) if training else None
+    rm = None if running_mean is None else np.asarray(running_mean, np.float64).copy()
+    rv = None if running_var is None else np.asarray(running_var, np.float64).copy()
+    for c in range(C):
+        v = xd[:, c]
+        if training:
+            m = v.size
+            mu = v.sum() / m
+            var = ((v - mu) ** 2).sum() / m
+            bmean[c], bvar[c] = mu, var
+            if rm is not None:
+                rm[c] = (1 - momentum) * rm[c] + momentum * mu
+            if rv is not None:
+                rv[c] = (1 - momentum) * rv[c] + momentum * var * m / (m - 1)
+        else:
+            mu, var = float(running_mean[c]), float(running_var[c])
+        w = 1.0 if weight is None else float(weight[c])
+        b = 0.0 if bias is None else float(bias[c])
+        out[:, c] = (v - mu) / np.sqrt(var + eps) * w + b
+    return out.astype(x.dtype), bmean, bvar, rm, rv
+
+
+__all__ += ["local_response_norm_ref", "batch_norm_ref"]

@@ -405,7 +405,9 @@ py::tuple batch_norm(const py::array& input, const std::optional<py::array>& mea
   TensorView w, b, m, v;
   if (weight) w = arrays.view(*weight, "weight");
   if (bias) b = arrays.view(*bias, "bias");
-  if (x.ndim < 2) convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  if (x.ndim < 2)
+    throw convcore::ValueError("input must have at least 2 dimensions (N, C, ...), got " +
+                               std::to_string(x.ndim) + "-D with shape " + convcore::shape_str(x));
   const py::ssize_t C = x.shape[1];
   py::array out = new_array(x, dims(x)), mean_a, var_a;
   if (training) {
@@ -435,7 +437,9 @@ py::tuple batch_norm_backward(const py::array& grad_output, const py::array& inp
   const TensorView m = arrays.view(mean, "mean"), v = arrays.view(var, "var");
   TensorView w;
   if (weight) w = arrays.view(*weight, "weight");
-  if (x.ndim < 2) convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
+  if (x.ndim < 2)
+    throw convcore::ValueError("input must have at least 2 dimensions (N, C, ...), got " +
+                               std::to_string(x.ndim) + "-D with shape " + convcore::shape_str(x));
   const py::ssize_t C = x.shape[1];
   py::array gx = new_array(x, dims(x)), gw = new_array(x, {C}), gb = new_array(x, {C});
   const TensorView gx_v = out_view(gx), gw_v = out_view(gw), gb_v = out_view(gb);

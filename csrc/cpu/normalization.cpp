@@ -144,6 +144,10 @@ void local_response_norm_forward(const TensorView& input, const LrnParams& p,
                                  const TensorView& output) {
   const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(input, "input");
+  if (input.ndim < 3)
+    throw ValueError("input must have at least 3 dimensions (N, C, ...) for "
+                     "local_response_norm, got " + std::to_string(input.ndim) + "-D with shape " +
+                     shape_str(input));
   check_lrn(p);
   const NCS d = ncs_of(input, "input");
   detail::check_output(output, "output", input, input.ndim, input.shape);
@@ -182,7 +186,10 @@ void batch_norm_forward(const TensorView& input, const TensorView* weight, const
   if (training) {
     detail::check_output(mean, "mean", input, 1, &d.c);
     detail::check_output(var, "var", input, 1, &d.c);
-    if (d.n * d.s < 1) throw ValueError("batch_norm in training needs at least one value per channel, got input of shape " + shape_str(input));
+    if (d.n * d.s < 2)
+      throw ValueError("input: batch_norm in training needs more than one value per channel "
+                       "(the variance of one value is undefined), got input of shape " +
+                       shape_str(input));
   } else {
     check_stat(mean, "running_mean", input, d.c);
     check_stat(var, "running_var", input, d.c);

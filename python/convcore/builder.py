@@ -118,9 +118,11 @@ class _Parser:
                              f"the spec {self.spec!r} ends where a layer was expected")
         if self.peek()[1] == "*":
             self.take()
-            count = int(self.take("num")[1])
+            _, count_text, count_pos = self.take("num")
+            count = int(count_text)
             if count < 1:
-                raise BuildError(f"a repeat count must be at least 1, got {count}")
+                raise BuildError(f"a repeat count must be at least 1, got {count} at position "
+                                 f"{count_pos} of {self.spec!r}")
             body = [copy.deepcopy(layer) for _ in range(count) for layer in body]
         return body
 
@@ -208,7 +210,7 @@ def _describe(layer: dict) -> str:
 
 
 def _check_fit(index: int, layer: dict, size: Tuple[int, int], kernel, stride, pads, dilation,
-               on_misfit: str) -> None:
+               on_misfit: str, ceil_mode: bool = False) -> None:
     """Warns (or raises) where (N - F + 2P) / S + 1 is not an integer."""
     if on_misfit == "ignore":
         return
@@ -222,7 +224,8 @@ def _check_fit(index: int, layer: dict, size: Tuple[int, int], kernel, stride, p
                            f"{stride[axis]}: (N - F + 2P) / S + 1 = {exact:.4g}")
     if misfits:
         message = (f"layer {index} ({layer['type']}: {_describe(layer)}) doesn't fit its input: "
-                   f"{'; '.join(misfits)}, not an integer, so the output floors")
+                   f"{'; '.join(misfits)}, not an integer, so the output "
+                   f"{'rounds up (ceil_mode)' if ceil_mode else 'floors'}")
         if on_misfit == "error":
             raise BuildError(message)
         warnings.warn(message, MisfitWarning, stacklevel=5)
@@ -242,15 +245,18 @@ def _make_layer(index: int, layer: dict, shape: tuple, on_misfit: str) -> Option
         if kind == "conv":
             args.setdefault("padding", 0)
             module = Conv2d(shape[0], **args)
+            module.output_shape(shape)  # the core's checks first (sizes, channels)
             pads = module._pads()
             _check_fit(index, layer, shape[1:], module.kernel_size, module.stride,
                        (pads[0] + pads[1], pads[2] + pads[3]), module.dilation, on_misfit)
             return module
         if kind in ("maxpool", "avgpool"):
             module = MaxPool2d(**args) if kind == "maxpool" else AvgPool2d(**args)
+            module.output_shape(shape)
             dilation = module.dilation if kind == "maxpool" else (1, 1)
             _check_fit(index, layer, shape[1:], module.kernel_size, module.stride,
-                       (2 * module.padding[0], 2 * module.padding[1]), dilation, on_misfit)
+                       (2 * module.padding[0], 2 * module.padding[1]), dilation, on_misfit,
+                       module.ceil_mode)
             return module
         if kind == "fc":
             return Linear(int(np.prod(shape)), **args)
@@ -270,8 +276,10 @@ def _make_layer(index: int, layer: dict, shape: tuple, on_misfit: str) -> Option
             return Flatten()
         if kind == "softmax":
             return None
-    except TypeError as e:
-        raise BuildError(f"layer {index} ({kind}): bad arguments {args}: {e}") from None
+    except BuildError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise BuildError(f"layer {index} ({kind}: {_describe(layer)}): {e}") from None
     raise BuildError(f"layer {index}: unknown type {layer['type']!r} (known: conv, maxpool, "
                      f"avgpool, fc, relu, lrn, bn, dropout, gap, adaptiveavgpool, flatten, "
                      f"softmax)")
@@ -298,6 +306,10 @@ class Network(Module):
                              f"got {input_shape}")
         kinds = [str(layer.get("type", "")).lower() if isinstance(layer, dict) else None
                  for layer in self.layers]
+        for index, kind in enumerate(kinds[:-1]):
+            if kind == "softmax":
+                raise BuildError(f"layer {index}: SOFTMAX may only end the network (the loss "
+                                 f"applies it to the class scores)")
         # The classifier starts at the first FC layer, taking the dropouts just
         # before it (torchvision's AlexNet/VGG heads begin with Dropout).
         split = kinds.index("fc") if "fc" in kinds else len(kinds)

@@ -114,6 +114,16 @@ class Conv2d(Module):
 
     def _explicit_pad(self, x: np.ndarray) -> np.ndarray:
         t, b, left, right = self._pads()
+        h, w = x.shape[-2:]
+        # As PyTorch: reflect needs padding < the size, circular <= the size
+        # (numpy would reflect or wrap again and again).
+        for pad, size, name in ((max(t, b), h, "height"), (max(left, right), w, "width")):
+            if self.padding_mode == "reflect" and pad >= size:
+                raise ValueError(f"padding {pad} must be smaller than the input {name} {size} "
+                                 f"for padding_mode='reflect'")
+            if self.padding_mode == "circular" and pad > size:
+                raise ValueError(f"padding {pad} must be at most the input {name} {size} for "
+                                 f"padding_mode='circular' (it would wrap around more than once)")
         width = [(0, 0)] * (x.ndim - 2) + [(t, b), (left, right)]
         return np.pad(x, width, mode=_PAD_MODES[self.padding_mode])
 

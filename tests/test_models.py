@@ -1,0 +1,402 @@
+"""The model zoo: parameter counts, input sizes, the AlexNet summary against
+the lecture's table, ZFNet per the notes, forward/backward of the small
+models, and torchvision's state-dict key names."""
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import convcore
+from convcore import models, nn
+from convcore.builder import BuildError
+
+# The lecture's AlexNet table: layer, output volume, parameters.
+ALEXNET_TABLE = [
+    ("CONV1", "55x55x96", 34_944),
+    ("MAX POOL1", "27x27x96", 0),
+    ("NORM1", "27x27x96", 0),
+    ("CONV2", "27x27x256", 614_656),
+    ("MAX POOL2", "13x13x256", 0),
+    ("NORM2", "13x13x256", 0),
+    ("CONV3", "13x13x384", 885_120),
+    ("CONV4", "13x13x384", 1_327_488),
+    ("CONV5", "13x13x256", 884_992),
+    ("MAX POOL3", "6x6x256", 0),
+    ("FC6", "4096", 37_752_832),
+    ("FC7", "4096", 16_781_312),
+    ("FC8", "1000", 4_097_000),
+]
+ALEXNET_PARAMS = 62_378_344
+
+
+def _volume(shape):
+    return f"{shape[1]}x{shape[2]}x{shape[0]}" if len(shape) == 3 else "x".join(map(str, shape))
+
+
+def _no_warnings(make, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return make(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def alexnet():
+    """The full lecture AlexNet (1000 classes, 227x227x3), built once."""
+    return _no_warnings(models.alexnet)
+
+
+# ===========================================================================
+# parameter counts
+# ===========================================================================
+
+def test_alexnet_table_adds_up():
+    assert sum(p for _, _, p in ALEXNET_TABLE) == ALEXNET_PARAMS
+    # by hand: (F*F*C_in + 1) * K for convs, (in + 1) * out for FCs
+    assert (11 * 11 * 3 + 1) * 96 == 34_944
+    assert (5 * 5 * 96 + 1) * 256 == 614_656
+    assert (6 * 6 * 256 + 1) * 4096 == 37_752_832
+
+
+def test_alexnet_parameter_count(alexnet):
+    assert alexnet.num_parameters() == ALEXNET_PARAMS
+    assert alexnet.input_shape == (3, 227, 227)
+    assert alexnet.output_shape((3, 227, 227)) == (1000,)
+
+
+@pytest.mark.parametrize("make,count", [
+    (models.lenet5, 61_706),
+    (models.resnet18, 11_689_512),
+    (models.resnet34, 21_797_672),
+])
+def test_parameter_counts(make, count):
+    kwargs = {} if make is models.lenet5 else dict(num_classes=1000)
+    m = _no_warnings(make, **kwargs)
+    assert m.num_parameters() == count
+    assert sum(v.size for k, v in m.state_dict().items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))) == count
+
+
+def test_lenet5_by_hand():
+    m = models.lenet5()
+    by_hand = (5 * 5 * 1 + 1) * 6 + (5 * 5 * 6 + 1) * 16 + (400 + 1) * 120 + (120 + 1) * 84 + \
+        (84 + 1) * 10
+    assert m.num_parameters() == by_hand == 61_706
+    assert m.input_shape == (1, 32, 32)
+    shapes = []
+    shape = (1, 32, 32)
+    for layer in m.features:
+        shape = layer.output_shape(shape)
+        shapes.append(shape)
+    # 32 -> 28 -> 14 -> 10 -> 5
+    assert [s for s, l in zip(shapes, m.features) if not isinstance(l, nn.ReLU)] == \
+        [(6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5)]
+
+
+@pytest.mark.slow
+def test_vgg16_parameter_count():
+    m = _no_warnings(models.vgg16)
+    assert m.num_parameters() == 138_357_544
+    assert m.classifier[0].weight.shape == (4096, 7 * 7 * 512)
+
+
+def test_vgg16_parameter_count_small_input():
+    """At 32x32 the thirteen convs are the same (14,714,688 parameters) and
+    FC6 takes 1x1x512 inputs."""
+    m = _no_warnings(models.vgg16, num_classes=10, input_size=32)
+    convs = sum(p.size for n, p in m.named_parameters() if n.startswith("features"))
+    assert convs == 14_714_688
+    assert m.num_parameters() == convs + (512 + 1) * 4096 + (4096 + 1) * 4096 + (4096 + 1) * 10
+    # torchvision's names
+    conv_idx = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    assert list(m.state_dict()) == \
+        [f"features.{i}.{w}" for i in conv_idx for w in ("weight", "bias")] + \
+        [f"classifier.{i}.{w}" for i in (0, 3, 6) for w in ("weight", "bias")]
+    assert [type(l) for l in m.classifier] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear,
+                                               nn.ReLU, nn.Dropout, nn.Linear]
+
+
+def test_parameter_counts_change_with_num_classes():
+    assert models.lenet5(num_classes=3).num_parameters() == 61_706 - 85 * 7
+    assert models.resnet18(num_classes=10).num_parameters() == 11_689_512 - 513 * 990
+    assert models.resnet34(num_classes=2, input_size=32).num_parameters() == \
+        21_797_672 - 513 * 998
+    small = models.alexnet(num_classes=7, input_size=67)
+    assert small.classifier[-1].weight.shape == (7, 4096)
+    assert small.output_shape((3, 67, 67)) == (7,)
+
+
+@pytest.mark.parametrize("make", [models.lenet5, models.alexnet, models.zfnet, models.vgg16,
+                                  models.resnet18, models.resnet34])
+def test_num_classes_must_be_positive(make):
+    with pytest.raises(ValueError):
+        make(num_classes=0)
+
+
+def test_get():
+    assert isinstance(models.get("lenet5"), type(models.lenet5()))
+    assert models.get("resnet18", num_classes=5, input_size=32).fc.out_features == 5
+    with pytest.raises(ValueError, match="resnet50"):
+        models.get("resnet50")
+
+
+# ===========================================================================
+# input sizes
+# ===========================================================================
+
+def test_resnet18_at_64():
+    m = _no_warnings(models.resnet18, num_classes=10, input_size=64)
+    assert m.input_shape == (3, 64, 64)
+    assert m.output_shape((3, 64, 64)) == (10,)
+    assert m.num_parameters() == 11_689_512 - 513 * 990    # size-independent (GAP)
+    rows = m.summary((3, 64, 64), print_fn=None)
+    # stem 64 -> 32, max pool -> 16, stages 16, 8, 4, 2
+    outputs = {r["layer"]: r["output"] for r in rows}
+    assert outputs["conv1"] == (64, 32, 32)
+    assert outputs["maxpool"] == (64, 16, 16)
+    assert outputs["layer2.0.conv1"] == (128, 8, 8)
+    assert outputs["layer4.1.conv2"] == (512, 2, 2)
+    assert sum(r["params"] for r in rows) == m.num_parameters()
+
+
+@pytest.mark.parametrize("input_size,shape", [(48, (3, 48, 48)), ((40, 56), (3, 40, 56)),
+                                              ((1, 32, 32), (1, 32, 32))])
+def test_resnet_input_size_forms(input_size, shape):
+    m = models.resnet18(num_classes=4, input_size=input_size)
+    assert m.input_shape == shape
+    assert m.conv1.weight.shape == (64, shape[0], 7, 7)
+
+
+def test_alexnet_at_another_size():
+    """67x67: CONV1 (67 - 11) / 4 + 1 = 15, POOL1 7, CONV2 7, POOL2 3,
+    CONV3-5 3, POOL3 1: every layer fits exactly."""
+    m = _no_warnings(models.alexnet, num_classes=10, input_size=67)
+    rows = m.summary((3, 67, 67), print_fn=None)
+    assert [(r["name"], _volume(r["output"])) for r in rows] == [
+        ("CONV1", "15x15x96"), ("MAX POOL1", "7x7x96"), ("NORM1", "7x7x96"),
+        ("CONV2", "7x7x256"), ("MAX POOL2", "3x3x256"), ("NORM2", "3x3x256"),
+        ("CONV3", "3x3x384"), ("CONV4", "3x3x384"), ("CONV5", "3x3x256"),
+        ("MAX POOL3", "1x1x256"), ("FC6", "4096"), ("FC7", "4096"), ("FC8", "10")]
+    assert m.classifier[1].in_features == 256
+
+
+@pytest.mark.parametrize("make,size", [(models.alexnet, 63), (models.alexnet, 11),
+                                       (models.lenet5, 8), (models.vgg16, 16),
+                                       (models.zfnet, 23)])
+def test_too_small_input_raises(make, size):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", convcore.builder.MisfitWarning)
+        with pytest.raises(BuildError):
+            make(num_classes=10, input_size=size)
+
+
+def test_bad_input_size_form():
+    with pytest.raises(ValueError):
+        models.lenet5(input_size=(1, 2, 32, 32))
+    with pytest.raises(ValueError):
+        models.resnet18(input_size=(1, 2, 32, 32))
+
+
+# ===========================================================================
+# summary
+# ===========================================================================
+
+def test_alexnet_summary_rows(alexnet):
+    lines = []
+    rows = alexnet.summary((3, 227, 227), print_fn=lines.append)
+    assert [(r["name"], _volume(r["output"]), r["params"]) for r in rows] == ALEXNET_TABLE
+    assert rows[0]["macs"] == 55 * 55 * 96 * (11 * 11 * 3)
+    assert rows[3]["macs"] == 27 * 27 * 256 * (5 * 5 * 96)
+    assert rows[10]["macs"] == 9216 * 4096
+    assert rows[0]["activation_bytes"] == 55 * 55 * 96 * 4
+    conv_macs = [55 * 55 * 96 * 11 * 11 * 3, 27 * 27 * 256 * 5 * 5 * 96,
+                 13 * 13 * 384 * 3 * 3 * 256, 13 * 13 * 384 * 3 * 3 * 384,
+                 13 * 13 * 256 * 3 * 3 * 384]
+    assert sum(r["macs"] for r in rows) == sum(conv_macs) + 9216 * 4096 + 4096 * 4096 + \
+        4096 * 1000 == 1_135_256_096
+    _check_printed_table(lines)
+
+
+def _check_printed_table(lines):
+    text = "\n".join(lines)
+    assert "[227x227x3]" in text
+    for name, vol, params in ALEXNET_TABLE:
+        pattern = rf"(?m)\b{re.escape(name)}\s+\[{vol}\]\s+{params:,}\s"
+        assert re.search(pattern, text), f"no row {name} [{vol}] {params:,} in\n{text}"
+    # one line per row of the table, in the lecture's order
+    order = [next(i for i, line in enumerate(lines)
+                  if re.search(rf"\b{re.escape(name)}\s+\[", line))
+             for name, _, _ in ALEXNET_TABLE]
+    assert order == sorted(order)
+    assert not re.search(r"\bRELU\b|\bDROPOUT\b", text)    # folded away, as the lecture's
+    total = [line for line in lines if line.startswith("total")]
+    assert len(total) == 1 and f"{ALEXNET_PARAMS:,}" in total[0]
+
+
+def test_alexnet_summary_all_rows(alexnet):
+    from convcore.summary import summary
+    rows = summary(alexnet, (3, 227, 227), print_fn=None, compact=False)
+    names = [r["name"] for r in rows]
+    assert names.count("RELU") == 7 and names.count("DROPOUT") == 2
+    assert sum(r["params"] for r in rows) == ALEXNET_PARAMS
+
+
+def test_summary_command_prints_the_alexnet_table():
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(convcore.__file__)))
+    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "convcore", "summary", "alexnet"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _check_printed_table(proc.stdout.splitlines())
+
+
+def test_lenet5_summary():
+    rows = models.lenet5().summary((1, 32, 32), print_fn=None)
+    assert [(r["name"], _volume(r["output"]), r["params"]) for r in rows] == [
+        ("CONV1", "28x28x6", 156), ("MAX POOL1", "14x14x6", 0), ("CONV2", "10x10x16", 2_416),
+        ("MAX POOL2", "5x5x16", 0), ("FC3", "120", 48_120), ("FC4", "84", 10_164),
+        ("FC5", "10", 850)]
+
+
+# ===========================================================================
+# ZFNet
+# ===========================================================================
+
+ZFNET_CONVS = [  # (kernel, stride, padding, filters)
+    ((7, 7), (2, 2), (0, 0), 96), ((5, 5), (1, 1), (2, 2), 256), ((3, 3), (1, 1), (1, 1), 512),
+    ((3, 3), (1, 1), (1, 1), 1024), ((3, 3), (1, 1), (1, 1), 512)]
+
+
+def test_zfnet_structure_small_input():
+    """AlexNet but CONV1 7x7 stride 2 and CONV3, 4, 5 with 512, 1024, 512
+    filters. At 51x51: CONV1 23, POOL1 11, POOL2 5, POOL3 2."""
+    m = _no_warnings(models.zfnet, num_classes=10, input_size=51)
+    convs = [l for l in m.features if isinstance(l, nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.padding, c.out_channels) for c in convs] == ZFNET_CONVS
+    rows = m.summary((3, 51, 51), print_fn=None)
+    assert [(r["name"], _volume(r["output"])) for r in rows] == [
+        ("CONV1", "23x23x96"), ("MAX POOL1", "11x11x96"), ("NORM1", "11x11x96"),
+        ("CONV2", "11x11x256"), ("MAX POOL2", "5x5x256"), ("NORM2", "5x5x256"),
+        ("CONV3", "5x5x512"), ("CONV4", "5x5x1024"), ("CONV5", "5x5x512"),
+        ("MAX POOL3", "2x2x512"), ("FC6", "4096"), ("FC7", "4096"), ("FC8", "10")]
+    assert [r["params"] for r in rows[:9] if r["params"]] == [
+        (7 * 7 * 3 + 1) * 96, (5 * 5 * 96 + 1) * 256, (3 * 3 * 256 + 1) * 512,
+        (3 * 3 * 512 + 1) * 1024, (3 * 3 * 1024 + 1) * 512]
+
+
+@pytest.mark.slow
+def test_zfnet_at_227():
+    m = _no_warnings(models.zfnet)
+    rows = m.summary((3, 227, 227), print_fn=None)
+    assert (rows[0]["name"], _volume(rows[0]["output"])) == ("CONV1", "111x111x96")
+    assert [_volume(r["output"]) for r in rows] == [
+        "111x111x96", "55x55x96", "55x55x96", "55x55x256", "27x27x256", "27x27x256",
+        "27x27x512", "27x27x1024", "27x27x512", "13x13x512", "4096", "4096", "1000"]
+    assert m.classifier[1].in_features == 13 * 13 * 512 == 86_528
+    assert m.num_parameters() == 386_548_840
+
+
+# ===========================================================================
+# forward / backward
+# ===========================================================================
+
+def test_lenet5_forward_backward():
+    convcore.manual_seed(0)
+    m = models.lenet5()
+    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32)).astype(np.float32)
+    y = m(x)
+    assert y.shape == (3, 10) and y.dtype == np.float32
+    loss = nn.CrossEntropyLoss()
+    value = loss(y, np.array([1, 2, 3]))
+    assert np.isfinite(value)
+    gx = m.backward(loss.backward())
+    assert gx.shape == x.shape
+    for name, p in m.named_parameters():
+        assert p.grad.shape == p.shape and p.grad.any(), name
+
+
+def test_resnet18_forward_backward_small_input():
+    convcore.manual_seed(1)
+    m = models.resnet18(num_classes=10, input_size=32)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    y = m(x)
+    assert y.shape == (2, 10) and y.dtype == np.float32
+    gx = m.backward(np.ones_like(y) / y.size)
+    assert gx.shape == x.shape
+    for name, p in m.named_parameters():
+        assert p.grad.shape == p.shape and np.isfinite(p.grad).all(), name
+    assert all(int(b) == 1 for k, b in m.state_dict().items()
+               if k.endswith("num_batches_tracked"))
+    m.eval()
+    y_eval = m(x)
+    assert y_eval.shape == (2, 10)
+    assert all(int(b) == 1 for k, b in m.state_dict().items()
+               if k.endswith("num_batches_tracked"))
+
+
+def test_resnet_init_as_torchvision():
+    """He-normal (fan_out) convolutions; BN weight 1, bias 0."""
+    convcore.manual_seed(2)
+    m = models.resnet18(num_classes=10, input_size=32)
+    w = m.layer3[0].conv2.weight.data
+    std = np.sqrt(2.0 / (256 * 9))
+    assert abs(w.std() / std - 1) < 0.02
+    assert abs(w.mean()) < 5 * std / np.sqrt(w.size)
+    np.testing.assert_array_equal(m.layer1[0].bn1.weight.data, 1)
+    np.testing.assert_array_equal(m.layer1[0].bn1.bias.data, 0)
+
+
+# ===========================================================================
+# torchvision's key names
+# ===========================================================================
+
+def _torchvision_resnet_keys(layers):
+    """The state-dict keys of torchvision.models.resnet18/34, in order."""
+    def bn(prefix):
+        return [f"{prefix}.{s}" for s in ("weight", "bias", "running_mean", "running_var",
+                                          "num_batches_tracked")]
+    keys = ["conv1.weight"] + bn("bn1")
+    for stage, count in enumerate(layers, start=1):
+        for i in range(count):
+            p = f"layer{stage}.{i}"
+            keys += [f"{p}.conv1.weight"] + bn(f"{p}.bn1") + [f"{p}.conv2.weight"] + bn(f"{p}.bn2")
+            if i == 0 and stage > 1:
+                keys += [f"{p}.downsample.0.weight"] + bn(f"{p}.downsample.1")
+    return keys + ["fc.weight", "fc.bias"]
+
+
+@pytest.mark.parametrize("make,layers", [(models.resnet18, (2, 2, 2, 2)),
+                                         (models.resnet34, (3, 4, 6, 3))])
+def test_resnet_state_dict_keys_as_torchvision(make, layers):
+    m = make(num_classes=1000, input_size=32)
+    sd = m.state_dict()
+    assert list(sd) == _torchvision_resnet_keys(layers)
+    assert sd["conv1.weight"].shape == (64, 3, 7, 7)
+    assert sd["layer2.0.downsample.0.weight"].shape == (128, 64, 1, 1)
+    assert sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
+    assert sd["fc.weight"].shape == (1000, 512)
+    assert sd["bn1.num_batches_tracked"].dtype == np.int64
+
+
+def test_resnet_architecture_round_trip():
+    convcore.manual_seed(3)
+    m = models.resnet18(num_classes=5, input_size=32)
+    again = nn.from_architecture(m.architecture())
+    again.load_state_dict(m.state_dict())
+    m.eval(), again.eval()
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(m(x), again(x))
+
+
+def test_lenet5_architecture_round_trip():
+    convcore.manual_seed(4)
+    m = models.lenet5()
+    again = nn.from_architecture(m.architecture())
+    again.load_state_dict(m.state_dict())
+    x = np.random.default_rng(4).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(m(x), again(x))

@@ -1,0 +1,828 @@
+"""The layer API (convcore.nn): every layer's backward (input gradient and
+parameter gradients) against central finite differences in float64, the
+loss, and the Module mechanics (names, gradients accumulating, train/eval,
+state dicts, dtype conversion, initialisation, seeding, architecture
+round trips)."""
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+import convcore
+import reference as ref
+from _helpers import assert_close, distinct_values
+from convcore import nn
+
+EPS = 1e-6
+FD_RTOL = 1e-6      # scaled: |num - ana| <= FD_RTOL * max(1, max|ana|)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Finite differences make thousands of tiny calls; one core thread keeps
+    them fast on a busy machine (results are identical across thread counts,
+    which test_threads.py checks)."""
+    old = convcore.get_num_threads()
+    convcore.set_num_threads(1)
+    yield
+    convcore.set_num_threads(old)
+
+
+def numerical_grad(loss, arr, eps=EPS):
+    """Central differences of ``loss()`` w.r.t. every element of ``arr``
+    (perturbed in place and restored)."""
+    g = np.zeros(arr.shape, dtype=np.float64)
+    for idx in np.ndindex(*arr.shape):
+        old = arr[idx]
+        arr[idx] = old + eps
+        lp = loss()
+        arr[idx] = old - eps
+        lm = loss()
+        arr[idx] = old
+        g[idx] = (lp - lm) / (2 * eps)
+    return g
+
+
+def gradcheck_module(module, x, seed=0, rtol=FD_RTOL, check_params=True):
+    """Checks module.backward against finite differences of
+    L = sum(module(x) * R): the returned input gradient and the gradient
+    accumulated into every parameter's .grad."""
+    rng = np.random.default_rng(seed)
+    assert x.dtype == np.float64
+    y = module(x)
+    assert y.dtype == np.float64, y.dtype
+    R = rng.standard_normal(y.shape)
+    module.zero_grad()
+    gx = module.backward(R.copy())
+    assert gx.shape == x.shape, (gx.shape, x.shape)
+    analytic = OrderedDict((name, p.grad.copy()) for name, p in module.named_parameters())
+
+    def loss():
+        return float((module(x) * R).sum())
+
+    assert_close(gx, numerical_grad(loss, x), rtol=rtol, what="grad_input")
+    if check_params:
+        for name, p in module.named_parameters():
+            assert p.data.dtype == np.float64
+            assert_close(analytic[name], numerical_grad(loss, p.data), rtol=rtol,
+                         what=f"grad of {name}")
+    return y, gx, analytic
+
+
+def away_from_zero(rng, shape, margin=0.05):
+    """Normal values with |v| >= margin (ReLU kinks stay out of reach of FD)."""
+    x = rng.standard_normal(shape)
+    return np.where(np.abs(x) < margin, np.sign(x + 1e-12) * margin + x, x)
+
+
+# ===========================================================================
+# convolution
+# ===========================================================================
+
+CONV_CONFIGS = [
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding=1),
+    dict(in_channels=2, out_channels=3, kernel_size=(2, 3), stride=(2, 1), padding=(1, 2)),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=2, dilation=2,
+         groups=2),
+    dict(in_channels=3, out_channels=6, kernel_size=3, padding="same", groups=3),   # depthwise
+    dict(in_channels=2, out_channels=2, kernel_size=4, padding="same", dilation=(1, 2)),
+    dict(in_channels=2, out_channels=3, kernel_size=2, padding="valid", stride=2, bias=False),
+    dict(in_channels=2, out_channels=2, kernel_size=(3, 1), padding=(2, 0)),
+]
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("config", CONV_CONFIGS, ids=range(len(CONV_CONFIGS)))
+def test_conv2d_layer_gradcheck(config, padding_mode):
+    convcore.manual_seed(1)
+    m = nn.Conv2d(**config, padding_mode=padding_mode, dtype=np.float64)
+    assert m.weight.data.dtype == np.float64
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, config["in_channels"], 5, 6))
+    y, _, grads = gradcheck_module(m, x)
+    assert y.shape[1:] == m.output_shape(x.shape[1:])
+    assert ("bias" in grads) == config.get("bias", True)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (4, 1), (2, 3), ((3, 2), (1, 2))])
+def test_conv2d_same_keeps_size(padding_mode, kernel, dilation):
+    m = nn.Conv2d(2, 3, kernel, padding="same", dilation=dilation, padding_mode=padding_mode,
+                  dtype=np.float64)
+    x = np.random.default_rng(3).standard_normal((1, 2, 7, 6))
+    y = m(x)
+    assert y.shape == (1, 3, 7, 6)
+    assert m.output_shape((2, 7, 6)) == (3, 7, 6)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_padding_modes_match_explicit_padding(padding_mode):
+    """The forward equals a valid conv of the input padded with np.pad's
+    mode of the same name (the reference conv from reference.py)."""
+    np_mode = {"zeros": "constant", "reflect": "reflect", "replicate": "edge",
+               "circular": "wrap"}[padding_mode]
+    m = nn.Conv2d(2, 3, 3, padding=(2, 1), padding_mode=padding_mode, dtype=np.float64)
+    x = np.random.default_rng(4).standard_normal((2, 2, 4, 5))
+    xp = np.pad(x, [(0, 0), (0, 0), (2, 2), (1, 1)], mode=np_mode)
+    expected = ref.conv2d_ref(xp, m.weight.data, m.bias.data)
+    assert_close(m(x), expected, rtol=1e-12, what=padding_mode)
+
+
+def test_conv2d_unbatched_input_with_padding_mode():
+    m = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", dtype=np.float64)
+    x = np.random.default_rng(5).standard_normal((2, 4, 5))
+    y = m(x)
+    assert y.shape == (3, 4, 5)
+    gx = m.backward(np.ones_like(y))
+    assert gx.shape == x.shape
+    assert_close(y, m(x[None])[0], rtol=1e-14)
+
+
+@pytest.mark.parametrize("mode,padding", [("reflect", 3), ("reflect", (1, 3)),
+                                          ("circular", 4)])
+def test_conv2d_padding_beyond_input_raises(mode, padding):
+    """PyTorch raises where the padded copy would need more than the input
+    ('Padding size should be less than the corresponding input dimension'
+    for reflect, 'wrapping around more than once' for circular); np.pad would
+    silently reflect or wrap again."""
+    m = nn.Conv2d(1, 1, 3, padding=padding, padding_mode=mode, dtype=np.float64)
+    with pytest.raises(ValueError):
+        m(np.zeros((1, 1, 3, 3)))
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(in_channels=3, out_channels=4, kernel_size=3, groups=2), ValueError),
+    (dict(in_channels=0, out_channels=4, kernel_size=3), ValueError),
+    (dict(in_channels=3, out_channels=4, kernel_size=3, padding="full"), ValueError),
+    (dict(in_channels=3, out_channels=4, kernel_size=3, padding="same", stride=2), ValueError),
+    (dict(in_channels=3, out_channels=4, kernel_size=3, padding_mode="mirror"), ValueError),
+    (dict(in_channels=3, out_channels=4, kernel_size=3, dtype=np.int32), TypeError),
+    (dict(in_channels=3, out_channels=4, kernel_size=2.5), TypeError),
+])
+def test_conv2d_bad_arguments(kwargs, exc):
+    with pytest.raises(exc):
+        nn.Conv2d(**kwargs)
+
+
+def test_conv2d_backward_before_forward_raises():
+    with pytest.raises(RuntimeError):
+        nn.Conv2d(1, 1, 3).backward(np.zeros((1, 1, 1, 1), np.float32))
+
+
+# ===========================================================================
+# pooling
+# ===========================================================================
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=2),
+    dict(kernel_size=3, stride=2),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1)),
+    dict(kernel_size=3, stride=2, ceil_mode=True),
+])
+def test_max_pool2d_layer_gradcheck(kwargs):
+    m = nn.MaxPool2d(**kwargs)
+    rng = np.random.default_rng(6)
+    x = distinct_values(rng, (2, 2, 7, 6), np.float64, gap=0.01)   # no ties within EPS
+    y, _, grads = gradcheck_module(m, x)
+    assert grads == {}
+    assert y.shape[1:] == m.output_shape(x.shape[1:])
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=2),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
+    dict(kernel_size=(3, 2), stride=1, ceil_mode=True),
+    dict(kernel_size=3, stride=2, ceil_mode=True, divisor_override=4),
+])
+def test_avg_pool2d_layer_gradcheck(kwargs):
+    m = nn.AvgPool2d(**kwargs)
+    x = np.random.default_rng(7).standard_normal((2, 3, 7, 6))
+    y, _, _ = gradcheck_module(m, x)
+    assert y.shape[1:] == m.output_shape(x.shape[1:])
+
+
+@pytest.mark.parametrize("output_size", [1, 3, (2, 4), (None, 2), (5, 7)])
+def test_adaptive_avg_pool2d_layer_gradcheck(output_size):
+    m = nn.AdaptiveAvgPool2d(output_size)
+    x = np.random.default_rng(8).standard_normal((2, 2, 5, 6))
+    y, _, _ = gradcheck_module(m, x)
+    assert y.shape[1:] == m.output_shape(x.shape[1:])
+    assert_close(y, ref.adaptive_avg_pool2d_ref(x, output_size), rtol=1e-12)
+
+
+def test_pool_stride_defaults_to_kernel():
+    assert nn.MaxPool2d(3).stride == (3, 3)
+    assert nn.AvgPool2d((2, 3)).stride == (2, 3)
+
+
+# ===========================================================================
+# linear, relu, flatten
+# ===========================================================================
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5), (5,), (2, 1, 2, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_layer_gradcheck(shape, bias):
+    convcore.manual_seed(9)
+    m = nn.Linear(5, 4, bias=bias, dtype=np.float64)
+    x = np.random.default_rng(9).standard_normal(shape)
+    y, _, grads = gradcheck_module(m, x)
+    assert y.shape == shape[:-1] + (4,)
+    assert_close(y, ref.linear_ref(x, m.weight.data, m.bias.data if bias else None),
+                 rtol=1e-12)
+    assert sorted(grads) == (["bias", "weight"] if bias else ["weight"])
+
+
+def test_relu_layer_gradcheck():
+    x = away_from_zero(np.random.default_rng(10), (2, 3, 4, 4))
+    y, gx, _ = gradcheck_module(nn.ReLU(), x)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("start_dim,end_dim,out_shape", [
+    (1, -1, (2, 60)), (0, -1, (120,)), (2, 3, (2, 3, 20)), (1, 2, (2, 12, 5)),
+])
+def test_flatten_layer(start_dim, end_dim, out_shape):
+    m = nn.Flatten(start_dim, end_dim)
+    x = np.random.default_rng(11).standard_normal((2, 3, 4, 5))
+    y, gx, _ = gradcheck_module(m, x)
+    assert y.shape == out_shape
+    np.testing.assert_array_equal(y.reshape(x.shape), x)
+    if start_dim == 1 and end_dim == -1:
+        assert m.output_shape((3, 4, 5)) == (60,)
+
+
+# ===========================================================================
+# dropout
+# ===========================================================================
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_dropout_train_mask_consistent(p):
+    convcore.manual_seed(12)
+    m = nn.Dropout(p)
+    assert m.training
+    x = np.random.default_rng(12).uniform(0.5, 1.5, (40, 50, 10))
+    y = m(x)
+    mask = y / x
+    kept = mask != 0
+    # kept values are scaled by 1 / (1 - p), dropped ones are exactly 0
+    np.testing.assert_allclose(mask[kept], 1.0 / (1.0 - p), rtol=1e-12)
+    frac = 1.0 - kept.mean()
+    assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / x.size), frac
+    g = np.random.default_rng(13).standard_normal(x.shape)
+    # backward uses the mask of the last forward
+    np.testing.assert_allclose(m.backward(g), g * mask, rtol=1e-12)
+    # a new forward draws a new mask
+    assert not np.array_equal(m(x) != 0, kept)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_keeps_dtype(dtype):
+    m = nn.Dropout(0.5)
+    x = np.ones((4, 5), dtype)
+    assert m(x).dtype == dtype
+    assert m.backward(np.ones((4, 5), dtype)).dtype == dtype
+
+
+def test_dropout_eval_is_identity():
+    m = nn.Dropout(0.5).eval()
+    x = np.random.default_rng(14).standard_normal((3, 4))
+    np.testing.assert_array_equal(m(x), x)
+    g = np.random.default_rng(15).standard_normal((3, 4))
+    np.testing.assert_array_equal(m.backward(g), g)
+
+
+def test_dropout_p0_and_p1():
+    x = np.random.default_rng(16).standard_normal((3, 4))
+    m0 = nn.Dropout(0.0)
+    np.testing.assert_array_equal(m0(x), x)
+    np.testing.assert_array_equal(m0.backward(x), x)
+    m1 = nn.Dropout(1.0)
+    np.testing.assert_array_equal(m1(x), np.zeros_like(x))
+    np.testing.assert_array_equal(m1.backward(x), np.zeros_like(x))
+
+
+def test_dropout_seeded():
+    x = np.ones((10, 10))
+    convcore.manual_seed(17)
+    a = nn.Dropout(0.5)(x)
+    convcore.manual_seed(17)
+    b = nn.Dropout(0.5)(x)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5])
+def test_dropout_bad_p(p):
+    with pytest.raises(ValueError):
+        nn.Dropout(p)
+
+
+# ===========================================================================
+# normalisation layers
+# ===========================================================================
+
+@pytest.mark.parametrize("size,alpha,beta,k", [(5, 1e-4, 0.75, 2.0), (3, 0.5, 0.75, 1.0),
+                                               (2, 1.0, 1.2, 0.5)])
+def test_local_response_norm_layer(size, alpha, beta, k):
+    m = nn.LocalResponseNorm(size, alpha, beta, k)
+    x = np.random.default_rng(18).standard_normal((2, 6, 3, 3)) * 3
+    y, _, grads = gradcheck_module(m, x)
+    assert grads == {}
+    assert_close(y, ref.local_response_norm_ref(x, size, alpha, beta, k), rtol=1e-12)
+
+
+def test_local_response_norm_defaults_as_pytorch():
+    m = nn.LocalResponseNorm(5)
+    assert (m.size, m.alpha, m.beta, m.k) == (5, 1e-4, 0.75, 1.0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm2d_layer_gradcheck(training, affine):
+    m = nn.BatchNorm2d(3, affine=affine, dtype=np.float64)
+    rng = np.random.default_rng(19)
+    if affine:
+        m.weight.data[:] = rng.standard_normal(3)
+        m.bias.data[:] = rng.standard_normal(3)
+    m.running_mean[:] = rng.standard_normal(3) * 0.2
+    m.running_var[:] = rng.uniform(0.5, 2.0, 3)
+    m.train(training)
+    x = rng.standard_normal((3, 3, 2, 3)) * 2 + 1
+    y, _, grads = gradcheck_module(m, x)
+    assert sorted(grads) == (["bias", "weight"] if affine else [])
+
+
+def test_batchnorm2d_running_stats_as_pytorch():
+    m = nn.BatchNorm2d(3, momentum=0.3, dtype=np.float64)
+    rng = np.random.default_rng(20)
+    erm, erv = np.zeros(3), np.ones(3)
+    for step in range(3):
+        x = rng.standard_normal((4, 3, 2, 2)) * (step + 1) + step
+        out = m(x)
+        exp, _, _, erm, erv = ref.batch_norm_ref(x, erm, erv, m.weight.data, m.bias.data,
+                                                 training=True, momentum=0.3)
+        assert_close(out, exp, rtol=1e-12, what=f"output step {step}")
+    assert_close(m.running_mean, erm, rtol=1e-12, what="running_mean")
+    assert_close(m.running_var, erv, rtol=1e-12, what="running_var")
+    assert int(m.num_batches_tracked) == 3
+    sd = m.state_dict()
+    np.testing.assert_array_equal(sd["running_mean"], m.running_mean)
+    assert int(sd["num_batches_tracked"]) == 3
+    # eval: normalises with the running stats, leaves them (and the count) alone
+    m.eval()
+    x = rng.standard_normal((2, 3, 2, 2))
+    exp = ref.batch_norm_ref(x, erm, erv, m.weight.data, m.bias.data, training=False)[0]
+    assert_close(m(x), exp, rtol=1e-12, what="eval output")
+    assert_close(m.running_mean, erm, rtol=1e-12)
+    assert int(m.num_batches_tracked) == 3
+
+
+def test_batchnorm2d_running_stats_vs_torch():
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: BN parity skipped")
+    m = nn.BatchNorm2d(4, dtype=np.float64)
+    t = torch.nn.BatchNorm2d(4).double()
+    rng = np.random.default_rng(21)
+    for _ in range(3):
+        x = rng.standard_normal((3, 4, 3, 2)) * 2 - 1
+        y = m(x)
+        yt = t(torch.from_numpy(x)).detach().numpy()
+        assert_close(y, yt, rtol=1e-12)
+    for key, value in t.state_dict().items():
+        assert_close(m.state_dict()[key], value.numpy(), rtol=1e-12, what=key)
+    m.eval(), t.eval()
+    x = rng.standard_normal((2, 4, 3, 2))
+    assert_close(m(x), t(torch.from_numpy(x)).detach().numpy(), rtol=1e-12)
+
+
+def test_batchnorm2d_without_running_stats_uses_batch_stats_in_eval():
+    m = nn.BatchNorm2d(2, track_running_stats=False, dtype=np.float64).eval()
+    assert m.state_dict().keys() == {"weight", "bias"}
+    x = np.random.default_rng(22).standard_normal((4, 2, 3, 3))
+    assert_close(m(x), ref.batch_norm_ref(x, training=True)[0], rtol=1e-12)
+    gradcheck_module(m, x)
+
+
+# ===========================================================================
+# residual blocks and containers
+# ===========================================================================
+
+@pytest.mark.parametrize("inplanes,planes,stride", [(4, 4, 1), (4, 6, 1), (4, 4, 2),
+                                                    (3, 5, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_basic_block_gradcheck(inplanes, planes, stride, training):
+    convcore.manual_seed(23)
+    m = nn.BasicBlock(inplanes, planes, stride).to(np.float64)
+    projection = stride != 1 or inplanes != planes
+    assert (m.downsample is not None) == projection
+    _randomise_bn(m, np.random.default_rng(24))
+    m.train(training)
+    x = np.random.default_rng(25).standard_normal((2, inplanes, 5, 5))
+    y, _, grads = gradcheck_module(m, x)
+    assert y.shape[1:] == m.output_shape(x.shape[1:])
+    assert y.shape == (2, planes, (5 - 1) // stride + 1, (5 - 1) // stride + 1)
+    assert ("downsample.0.weight" in grads) == projection
+
+
+@pytest.mark.parametrize("inplanes,planes,stride,groups,base_width",
+                         [(8, 2, 1, 1, 64), (4, 2, 1, 1, 64), (4, 2, 2, 1, 64),
+                          (8, 2, 2, 2, 64)])
+def test_bottleneck_gradcheck(inplanes, planes, stride, groups, base_width):
+    convcore.manual_seed(26)
+    m = nn.Bottleneck(inplanes, planes, stride, groups=groups, base_width=base_width)
+    m.to(np.float64)
+    projection = stride != 1 or inplanes != planes * 4
+    assert (m.downsample is not None) == projection
+    _randomise_bn(m, np.random.default_rng(27))
+    x = np.random.default_rng(28).standard_normal((2, inplanes, 4, 4))
+    y, _, _ = gradcheck_module(m, x)
+    assert y.shape[1] == planes * 4
+
+
+def test_residual_identity_shortcut_adds_input():
+    """With zero conv weights and BN bias 0 the body gives 0 and the block
+    is relu(x)."""
+    m = nn.BasicBlock(3, 3).to(np.float64)
+    for p in (m.conv1.weight, m.conv2.weight):
+        p.data[:] = 0
+    x = np.random.default_rng(29).standard_normal((2, 3, 4, 4))
+    np.testing.assert_allclose(m(x), np.maximum(x, 0), atol=1e-12)
+
+
+def _randomise_bn(module, rng):
+    for sub in module.modules():
+        if isinstance(sub, nn.BatchNorm2d):
+            c = sub.num_features
+            sub.weight.data[:] = rng.uniform(0.5, 1.5, c)
+            sub.bias.data[:] = rng.standard_normal(c) * 0.3
+            sub.running_mean[:] = rng.standard_normal(c) * 0.2
+            sub.running_var[:] = rng.uniform(0.5, 2.0, c)
+
+
+def _small_net(dtype=np.float64):
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect", dtype=dtype),
+        nn.BatchNorm2d(4, dtype=dtype),
+        nn.ReLU(),
+        nn.LocalResponseNorm(3, alpha=0.5, beta=0.75, k=2.0),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding="same", groups=2, dtype=dtype),
+        nn.AvgPool2d(2, stride=1),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3, dtype=dtype),
+    )
+
+
+def test_sequential_gradcheck():
+    convcore.manual_seed(30)
+    net = _small_net()
+    x = away_from_zero(np.random.default_rng(31), (2, 2, 6, 6))
+    y, _, grads = gradcheck_module(net, x)
+    assert y.shape == (2, 3)
+    assert list(grads) == ["0.weight", "0.bias", "1.weight", "1.bias", "5.weight", "5.bias",
+                           "8.weight", "8.bias"]
+
+
+def test_sequential_container():
+    a, b, c = nn.ReLU(), nn.Flatten(), nn.Linear(3, 2)
+    s = nn.Sequential(a, b)
+    assert len(s) == 2 and s[0] is a and s[-1] is b and list(s) == [a, b]
+    s.append(c)
+    assert len(s) == 3 and s[2] is c
+    sub = s[1:]
+    assert isinstance(sub, nn.Sequential) and list(sub) == [b, c]
+    named = nn.Sequential(OrderedDict([("fc", nn.Linear(3, 2)), ("act", nn.ReLU())]))
+    assert [n for n, _ in named.named_parameters()] == ["fc.weight", "fc.bias"]
+    with pytest.raises(TypeError):
+        nn.Sequential(nn.ReLU(), "relu")
+    assert s.output_shape((1, 3)) == (2,)
+
+
+def test_identity():
+    m = nn.Identity()
+    x = np.arange(6.0).reshape(2, 3)
+    assert m(x) is x and m.backward(x) is x and m.output_shape((3,)) == (3,)
+
+
+# ===========================================================================
+# loss
+# ===========================================================================
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_finite_differences(label_smoothing, reduction):
+    rng = np.random.default_rng(32)
+    logits = rng.standard_normal((5, 7)) * 3
+    targets = rng.integers(0, 7, 5)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction=reduction)
+    value = loss_fn(logits, targets)
+    assert isinstance(value, float)
+    grad = loss_fn.backward()
+    assert grad.shape == logits.shape and grad.dtype == np.float64
+    num = numerical_grad(lambda: loss_fn(logits, targets), logits)
+    assert_close(grad, num, rtol=FD_RTOL, what="d loss / d logits")
+    # by hand: -sum t * log softmax
+    logp = logits - logits.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    t = np.full(logits.shape, label_smoothing / 7)
+    t[np.arange(5), targets] += 1 - label_smoothing
+    expected = -(t * logp).sum() / (5 if reduction == "mean" else 1)
+    assert value == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_vs_torch(dtype, label_smoothing, reduction):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: loss parity skipped")
+    rng = np.random.default_rng(33)
+    logits = (rng.standard_normal((6, 10)) * 4).astype(dtype)
+    targets = rng.integers(0, 10, 6)
+    lt = torch.from_numpy(logits.copy()).requires_grad_(True)
+    vt = torch.nn.functional.cross_entropy(lt, torch.from_numpy(targets),
+                                           label_smoothing=label_smoothing, reduction=reduction)
+    vt.backward()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction=reduction)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert loss_fn(logits, targets) == pytest.approx(float(vt.detach()), rel=tol)
+    grad = loss_fn.backward()
+    assert grad.dtype == dtype
+    assert_close(grad, lt.grad.numpy(), rtol=tol)
+
+
+def test_cross_entropy_large_logits_stable():
+    logits = np.array([[1000.0, 0.0, -1000.0], [0.0, 1e4, 0.0]])
+    loss_fn = nn.CrossEntropyLoss()
+    value = loss_fn(logits, np.array([0, 1]))
+    assert np.isfinite(value) and value == pytest.approx(0.0, abs=1e-12)
+    assert np.isfinite(loss_fn.backward()).all()
+
+
+@pytest.mark.parametrize("call,exc", [
+    (lambda: nn.CrossEntropyLoss(label_smoothing=1.5), ValueError),
+    (lambda: nn.CrossEntropyLoss(reduction="none"), ValueError),
+    (lambda: nn.CrossEntropyLoss()(np.zeros(3), np.array([0])), ValueError),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0, 3])), ValueError),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0.0, 1.0])), ValueError),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0])), ValueError),
+    (lambda: nn.CrossEntropyLoss().backward(), RuntimeError),
+])
+def test_cross_entropy_errors(call, exc):
+    with pytest.raises(exc):
+        call()
+
+
+# ===========================================================================
+# module mechanics
+# ===========================================================================
+
+def test_named_parameters_and_buffers():
+    net = _small_net(np.float32)
+    names = [n for n, _ in net.named_parameters()]
+    assert names == ["0.weight", "0.bias", "1.weight", "1.bias", "5.weight", "5.bias",
+                     "8.weight", "8.bias"]
+    assert len(net.parameters()) == len(names)
+    assert all(isinstance(p, nn.Parameter) for p in net.parameters())
+    assert [n for n, _ in net.named_buffers()] == ["1.running_mean", "1.running_var",
+                                                   "1.num_batches_tracked"]
+    assert net.num_parameters() == (4 * 2 * 9 + 4) + 8 + (4 * 2 * 9 + 4) + (16 * 3 + 3)
+    block = nn.BasicBlock(2, 4, stride=2)
+    assert [n for n, _ in block.named_parameters()] == [
+        "conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias",
+        "downsample.0.weight", "downsample.1.weight", "downsample.1.bias"]
+    assert [n for n, _ in block.named_modules()] == [
+        "", "conv1", "bn1", "conv2", "bn2", "downsample", "downsample.0", "downsample.1"]
+
+
+def test_parameter_grad_lazy_and_checked():
+    p = nn.Parameter(np.ones((2, 3), np.float32))
+    assert p._grad is None                    # nothing allocated until used
+    assert p.shape == (2, 3) and p.size == 6
+    np.testing.assert_array_equal(p.grad, np.zeros((2, 3), np.float32))
+    p.grad = np.ones((2, 3))
+    assert p.grad.dtype == np.float32
+    with pytest.raises(ValueError):
+        p.grad = np.ones(3)
+
+
+def _one_step(net, x, seed=0):
+    y = net(x)
+    g = np.random.default_rng(seed).standard_normal(y.shape).astype(y.dtype)
+    net.backward(g)
+    return {n: p.grad.copy() for n, p in net.named_parameters()}
+
+
+def test_zero_grad_and_accumulation():
+    convcore.manual_seed(34)
+    net = _small_net().eval()     # eval: BN uses fixed stats, both passes identical
+    x = away_from_zero(np.random.default_rng(35), (2, 2, 6, 6))
+    first = _one_step(net, x)
+    assert any(np.abs(g).max() > 0 for g in first.values())
+    second = _one_step(net, x)
+    for name, g in second.items():
+        assert_close(g, 2 * first[name], rtol=1e-12, what=f"accumulated {name}")
+    net.zero_grad()
+    for p in net.parameters():
+        assert not p.grad.any()
+    third = _one_step(net, x)
+    for name, g in third.items():
+        assert_close(g, first[name], rtol=1e-12, what=f"after zero_grad {name}")
+
+
+def test_train_eval_propagate():
+    net = nn.Sequential(nn.Sequential(nn.Dropout(0.5), nn.BatchNorm2d(2)), nn.BasicBlock(2, 2))
+    assert all(m.training for m in net.modules())
+    assert net.eval() is net
+    assert not any(m.training for m in net.modules())
+    net.train()
+    assert all(m.training for m in net.modules())
+    net[1].eval()
+    assert net.training and not net[1].bn1.training and net[0][1].training
+
+
+def test_state_dict_round_trip():
+    convcore.manual_seed(36)
+    a = _small_net(np.float32)
+    a(np.random.default_rng(37).standard_normal((2, 2, 6, 6)).astype(np.float32))  # BN stats
+    sd = a.state_dict()
+    assert list(sd) == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                        "1.running_var", "1.num_batches_tracked", "5.weight", "5.bias",
+                        "8.weight", "8.bias"]
+    assert sd["1.num_batches_tracked"].dtype == np.int64 and int(sd["1.num_batches_tracked"]) == 1
+    # copies, not views
+    sd["0.weight"][...] = 0
+    assert a[0].weight.data.any()
+    sd = a.state_dict()
+    convcore.manual_seed(37)
+    b = _small_net(np.float32)
+    assert not np.array_equal(b[0].weight.data, a[0].weight.data)
+    b.load_state_dict(sd)
+    for key, value in b.state_dict().items():
+        np.testing.assert_array_equal(value, sd[key], err_msg=key)
+        assert value.dtype == sd[key].dtype
+    # the loaded arrays are not shared with the dict
+    sd["8.bias"][...] = 123
+    assert not (b[8].bias.data == 123).any()
+    x = np.random.default_rng(38).standard_normal((2, 2, 6, 6)).astype(np.float32)
+    a.eval(), b.eval()
+    np.testing.assert_array_equal(a(x), b(x))
+
+
+def test_load_state_dict_errors():
+    net = _small_net(np.float32)
+    sd = net.state_dict()
+    missing = dict(sd)
+    del missing["5.bias"]
+    with pytest.raises(KeyError, match="5.bias"):
+        net.load_state_dict(missing)
+    with pytest.raises(KeyError, match="extra"):
+        net.load_state_dict({**sd, "extra.weight": np.zeros(1)})
+    with pytest.raises(ValueError, match="0.weight"):
+        net.load_state_dict({**sd, "0.weight": np.zeros((4, 2, 3, 2))})
+    with pytest.raises(ValueError, match="running_var"):
+        net.load_state_dict({**sd, "1.running_var": np.zeros(3)})
+    # strict=False tolerates missing and unexpected keys and loads the rest
+    partial = {"8.bias": np.full(3, 7.0), "nothing": np.zeros(2)}
+    net.load_state_dict(partial, strict=False)
+    np.testing.assert_array_equal(net[8].bias.data, np.full(3, 7.0, np.float32))
+    assert net[8].bias.data.dtype == np.float32
+    # ... but not a shape mismatch
+    with pytest.raises(ValueError):
+        net.load_state_dict({"8.bias": np.zeros(4)}, strict=False)
+
+
+def test_to_float64():
+    convcore.manual_seed(39)
+    net = _small_net(np.float32)
+    x32 = away_from_zero(np.random.default_rng(40), (2, 2, 6, 6)).astype(np.float32)
+    net.eval()
+    y32 = net(x32)
+    ref32 = {k: v.copy() for k, v in net.state_dict().items()}
+    assert net.to(np.float64) is net
+    assert net.dtype == np.float64
+    for key, value in net.state_dict().items():
+        expected_dtype = np.int64 if key.endswith("num_batches_tracked") else np.float64
+        assert value.dtype == expected_dtype, key
+        np.testing.assert_array_equal(value, ref32[key].astype(value.dtype))
+    y64 = net(x32.astype(np.float64))
+    assert y64.dtype == np.float64
+    assert_close(y64, y32, rtol=1e-4)
+    net.backward(np.ones_like(y64))
+    assert all(p.grad.dtype == np.float64 for p in net.parameters())
+    net.to("float32")
+    assert net.dtype == np.float32
+    assert net.to("cpu") is net
+    with pytest.raises(TypeError):
+        net.to(np.int32)
+    with pytest.raises(NotImplementedError):
+        net.to("cuda")
+
+
+@pytest.mark.parametrize("make,fan_in", [
+    (lambda: nn.Conv2d(16, 32, 3), 16 * 9),
+    (lambda: nn.Conv2d(8, 64, (3, 5), groups=4), 2 * 15),
+    (lambda: nn.Linear(300, 400), 300),
+])
+def test_default_init_as_pytorch(make, fan_in):
+    """PyTorch's defaults: kaiming_uniform(a=sqrt(5)) weights, i.e. uniform in
+    +-1/sqrt(fan_in), and biases uniform in +-1/sqrt(fan_in)."""
+    convcore.manual_seed(41)
+    m = make()
+    bound = 1.0 / math.sqrt(fan_in)
+    for name, p in (("weight", m.weight.data), ("bias", m.bias.data)):
+        assert p.dtype == np.float32
+        assert np.abs(p).max() <= bound * (1 + 1e-6), name
+        # the samples come close to both ends of the interval
+        assert p.max() > bound * (1 - 20.0 / p.size) - 1e-7 or p.size < 100, name
+        assert p.min() < -bound * (1 - 20.0 / p.size) + 1e-7 or p.size < 100, name
+    w = m.weight.data.astype(np.float64).ravel()
+    n = w.size
+    # mean 0 and variance bound^2 / 3, within 5 standard errors
+    assert abs(w.mean()) < 5 * bound / math.sqrt(3 * n)
+    assert abs(w.var() / (bound ** 2 / 3) - 1) < 5 * math.sqrt(0.8 / n)
+
+
+def test_default_init_batchnorm():
+    m = nn.BatchNorm2d(5)
+    np.testing.assert_array_equal(m.weight.data, np.ones(5, np.float32))
+    np.testing.assert_array_equal(m.bias.data, np.zeros(5, np.float32))
+    np.testing.assert_array_equal(m.running_mean, np.zeros(5, np.float32))
+    np.testing.assert_array_equal(m.running_var, np.ones(5, np.float32))
+    assert int(m.num_batches_tracked) == 0
+
+
+def test_manual_seed_reproducible():
+    convcore.manual_seed(42)
+    a = _small_net(np.float32).state_dict()
+    convcore.manual_seed(42)
+    b = _small_net(np.float32).state_dict()
+    nn.init.manual_seed(42)           # the same generator under its nn.init name
+    c = _small_net(np.float32).state_dict()
+    convcore.manual_seed(43)
+    d = _small_net(np.float32).state_dict()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        np.testing.assert_array_equal(a[key], c[key], err_msg=key)
+    assert not np.array_equal(a["0.weight"], d["0.weight"])
+
+
+@pytest.mark.parametrize("make,in_channels,size", [
+    (lambda: _small_net(np.float32), 2, 6),
+    (lambda: nn.Sequential(nn.BasicBlock(3, 4, 2), nn.Bottleneck(4, 2, groups=2, base_width=32),
+                           nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(8, 2),
+                           nn.Dropout(0.3)), 3, 8),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0),
+                                     dilation=(1, 2), bias=False, padding_mode="circular"),
+                           nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                           nn.AvgPool2d(2, 1, 1, ceil_mode=True, count_include_pad=False,
+                                        divisor_override=3),
+                           nn.LocalResponseNorm(3, 0.1, 0.5, 1.5),
+                           nn.BatchNorm2d(4, eps=1e-3, momentum=0.2, affine=False),
+                           nn.Conv2d(4, 4, 2, padding="same", padding_mode="replicate"),
+                           nn.Flatten(), nn.Identity()), 3, 8),
+], ids=["small_net", "residual", "options"])
+def test_from_architecture_rebuilds(make, in_channels, size):
+    import json
+    convcore.manual_seed(44)
+    a = make()
+    arch = a.architecture()
+    b = nn.from_architecture(json.loads(json.dumps(arch)))    # JSON-serialisable
+    assert type(b) is type(a)
+    assert b.architecture() == arch
+    assert [(n, p.shape) for n, p in b.named_parameters()] == \
+        [(n, p.shape) for n, p in a.named_parameters()]
+    assert list(b.state_dict()) == list(a.state_dict())
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = np.random.default_rng(45).standard_normal((2, in_channels, size, size))
+    x = x.astype(np.float32)
+    np.testing.assert_array_equal(a(x), b(x))
+
+
+def test_from_architecture_errors():
+    with pytest.raises(ValueError, match="unknown module type"):
+        nn.from_architecture({"type": "NoSuchLayer", "config": {}})
+    with pytest.raises(ValueError):
+        nn.from_architecture({"config": {}})
+    with pytest.raises(ValueError, match="bad config"):
+        nn.from_architecture({"type": "Linear", "config": {"in_features": 3, "nope": 1}})
+    arch = nn.BasicBlock(2, 2).architecture()
+    arch["children"]["extra"] = {"type": "ReLU", "config": {}}
+    with pytest.raises(ValueError, match="children"):
+        nn.from_architecture(arch)
+
+
+def test_module_attribute_registration():
+    m = nn.Module()
+    m.w = nn.Parameter(np.zeros(2))
+    m.sub = nn.Linear(2, 2)
+    m.plain = 3
+    assert [n for n, _ in m.named_parameters()] == ["w", "sub.weight", "sub.bias"]
+    m.w = None      # reassigning removes the registration
+    assert [n for n, _ in m.named_parameters()] == ["sub.weight", "sub.bias"]
+    del m.sub
+    assert m.parameters() == []
+    with pytest.raises(NotImplementedError):
+        m.forward(np.zeros(1))
