@@ -12,8 +12,7 @@ namespace convcore {
 
 namespace {
 
-// Below ~32K elements a parallel region costs more than it saves.
-int threads_for_elements(int64_t n) { return detail::threads_for(n / 32768); }
+int threads_for_elements(int64_t n) { return detail::threads_for(n, n); }
 
 void check_same_shape(const TensorView& t, const char* name, const TensorView& ref) {
   check_shape(t, name, ref.ndim, ref.shape);

@@ -261,7 +261,7 @@ void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
   const depthwise::Plane pl = plane_of(G);
   const T* x = input.ptr<const T>();
   const int64_t planes = G.N * G.C, taps = G.KH * G.KW;
-  const int threads = detail::threads_for(planes);
+  const int threads = detail::threads_for(planes, G.N * G.Cout * G.P * G.KH * G.KW);
   detail::Workspace<T> ws(threads, pl.Hp() * pl.Wp());
 #pragma omp parallel num_threads(threads)
   {
@@ -284,7 +284,7 @@ template <typename T>
 void grad_input_depthwise(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
   const depthwise::Plane pl = plane_of(G);
   const int64_t planes = G.N * G.C, taps = G.KH * G.KW, Wp = pl.Wp();
-  const int threads = detail::threads_for(planes);
+  const int threads = detail::threads_for(planes, G.N * G.Cout * G.P * G.KH * G.KW);
   detail::Workspace<T> ws(threads, pl.Hp() * Wp);
 #pragma omp parallel num_threads(threads)
   {
@@ -310,7 +310,7 @@ void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeome
   const depthwise::Plane pl = plane_of(G);
   const T* x = input.ptr<const T>();
   const int64_t taps = G.KH * G.KW;
-  const int threads = detail::threads_for(G.C);
+  const int threads = detail::threads_for(G.C, G.N * G.Cout * G.P * G.KH * G.KW);
   detail::Workspace<T> ws(threads, pl.Hp() * pl.Wp());
   detail::Workspace<double> acc_ws(threads, taps * G.Coutg);
 #pragma omp parallel num_threads(threads)
@@ -482,7 +482,7 @@ void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, 
   const int64_t tasks = images * tiles * mblocks;
   const bool pointwise = is_pointwise(G);
   const T* x = input.ptr<const T>();
-  const int threads = detail::threads_for(tasks);
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
 #pragma omp parallel num_threads(threads)
   {
@@ -531,7 +531,7 @@ void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, cons
   const int64_t tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
                                   int64_t(NR), gemm::NC);
   const int64_t tiles = (G.P + tile - 1) / tile, tasks = images * tiles;
-  const int threads = detail::threads_for(tasks);
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
 #pragma omp parallel num_threads(threads)
   {
@@ -616,7 +616,7 @@ void grad_input_impl(const T* gy, const detail::Contiguous<T>& weight, const Con
   const int64_t max_rows = cblock * khw;
   const int64_t bsize = gemm::b_workspace_size<T>();
   const int64_t asize = gemm::packed_a_size<T>(max_rows, G.Coutg);
-  const int threads = detail::threads_for(tasks);
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, bsize + asize + max_rows * tile);
 #pragma omp parallel num_threads(threads)
   {
@@ -673,7 +673,7 @@ void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& 
   const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, std::min(chunk, G.P));
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();
-  const int threads = detail::threads_for(tasks);
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
   for (int64_t n = 0; n < G.N; ++n) {
     for (int64_t q0 = 0; q0 < G.P; q0 += chunk) {
@@ -713,7 +713,7 @@ void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& 
 // grad_bias[o] = sum over n, h, w of grad_output; float32 sums in double.
 template <typename T>
 void grad_bias_impl(const T* gy, const ConvGeometry& G, T* gb) {
-#pragma omp parallel for num_threads(detail::threads_for(G.Cout)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(G.Cout, G.N * G.Cout * G.P)) schedule(static)
   for (int64_t o = 0; o < G.Cout; ++o) {
     double s = 0;
     for (int64_t n = 0; n < G.N; ++n) {

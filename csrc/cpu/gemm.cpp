@@ -205,7 +205,7 @@ void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int
   // the K reduction inside a block never depends on the thread count.
   const int64_t mblocks = (M + MC - 1) / MC, nblocks = (N + NC - 1) / NC;
   const int64_t tasks = mblocks * nblocks;
-  const int threads = detail::threads_for(tasks);
+  const int threads = detail::threads_for(tasks, M * N * K);
   detail::Workspace<T> ws(threads, b_workspace_size<T>());
 #pragma omp parallel num_threads(threads)
   {

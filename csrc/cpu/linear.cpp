@@ -47,7 +47,7 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
     if (bias && M > 0) {
       const T* b = bias->ptr<const T>();
       const int64_t bs = bias->strides[0];
-#pragma omp parallel for num_threads(detail::threads_for(M)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(M, M * N)) schedule(static)
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < N; ++j) y[i * N + j] += b[j * bs];
     }
@@ -80,7 +80,7 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
                             input.strides[1], grad_weight->ptr<T>(), K, false);
     if (grad_bias) {
       T* gb = grad_bias->ptr<T>();
-#pragma omp parallel for num_threads(detail::threads_for(N)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(N, M * N)) schedule(static)
       for (int64_t j = 0; j < N; ++j) {
         double s = 0;  // float32 sums in double
         for (int64_t i = 0; i < M; ++i) s += gy[i * gs0 + j * gs1];

@@ -62,7 +62,7 @@ void lrn_scale(const T* x, int64_t C, int64_t S, int64_t s0, int64_t ns, const L
 template <typename T>
 void lrn_forward(const T* x, const NCS& d, const LrnParams& p, T* y) {
   const int64_t tiles = (d.s + kLrnTile - 1) / kLrnTile, tasks = d.n * tiles;
-  const int threads = detail::threads_for(tasks);
+  const int threads = detail::threads_for(tasks, d.n * d.c * d.s * p.size);
   detail::Workspace<T> ws(threads, d.c * kLrnTile);
   const T beta = static_cast<T>(p.beta);
 #pragma omp parallel num_threads(threads)
@@ -86,7 +86,7 @@ void lrn_forward(const T* x, const NCS& d, const LrnParams& p, T* y) {
 template <typename T>
 void lrn_backward(const T* gy, const T* x, const NCS& d, const LrnParams& p, T* gx) {
   const int64_t tiles = (d.s + kLrnTile - 1) / kLrnTile, tasks = d.n * tiles;
-  const int threads = detail::threads_for(tasks);
+  const int threads = detail::threads_for(tasks, d.n * d.c * d.s * p.size);
   detail::Workspace<T> ws(threads, 2 * d.c * kLrnTile);
   const T beta = static_cast<T>(p.beta);
   const T coef = static_cast<T>(2.0 * p.alpha * p.beta / static_cast<double>(p.size));
@@ -201,7 +201,7 @@ void batch_norm_forward(const TensorView& input, const TensorView* weight, const
     const T* xs = x.data();
     T* y = output.ptr<T>();
     const double m = static_cast<double>(d.n * d.s);
-#pragma omp parallel for num_threads(detail::threads_for(d.c)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(d.c, d.n * d.c * d.s)) schedule(static)
     for (int64_t c = 0; c < d.c; ++c) {
       double mu, v;
       if (training) {
@@ -249,7 +249,7 @@ void batch_norm_backward(const TensorView& grad_output, const TensorView& input,
     const T* xs = x.data();
     const T* g = gy.data();
     const double m = static_cast<double>(d.n * d.s);
-#pragma omp parallel for num_threads(detail::threads_for(d.c)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(d.c, d.n * d.c * d.s)) schedule(static)
     for (int64_t c = 0; c < d.c; ++c) {
       const double mu = mean.ptr<const T>()[c * mean.strides[0]];
       const double invstd = 1.0 / std::sqrt(double(var.ptr<const T>()[c * var.strides[0]]) + eps);

@@ -69,7 +69,7 @@ void max_forward_separable(const TensorView& in, const Pool2dParams& p, const Sh
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
   const T lowest = -std::numeric_limits<T>::infinity();
-  const int threads = detail::threads_for(planes);
+  const int threads = detail::threads_for(planes, planes * H * W);
   detail::Workspace<T> ws(threads, o.h * W);
 #pragma omp parallel num_threads(threads)
   {
@@ -117,7 +117,7 @@ void max_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T
   const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(planes, planes * H * W)) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
     const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
     for (int64_t oh = 0; oh < o.h; ++oh) {
@@ -133,7 +133,7 @@ void max_backward(const T* gy, const TensorView& in, const Pool2dParams& p, cons
   const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
-  const int threads = detail::threads_for(planes);
+  const int threads = detail::threads_for(planes, planes * H * W);
   detail::Workspace<T> val_ws(threads, o.w);
   detail::Workspace<int64_t> idx_ws(threads, o.w);
 #pragma omp parallel num_threads(threads)
@@ -183,7 +183,7 @@ void avg_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T
   const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(planes, planes * H * W)) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
     const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
     for (int64_t oh = 0; oh < o.h; ++oh) {
@@ -204,7 +204,7 @@ template <typename T>
 void avg_backward(const T* gy, int64_t H, int64_t W, const Pool2dParams& p, const Shape4& o,
                   T* gx) {
   const int64_t planes = o.n * o.c;
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(planes, planes * H * W)) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
     T* g = gx + pl * H * W;
     std::fill(g, g + H * W, T(0));
@@ -231,7 +231,7 @@ void adaptive_forward(const TensorView& in, const Shape4& o, T* out) {
   const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(planes, planes * H * W)) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
     const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
     for (int64_t oh = 0; oh < o.h; ++oh) {
@@ -250,7 +250,7 @@ void adaptive_forward(const TensorView& in, const Shape4& o, T* out) {
 template <typename T>
 void adaptive_backward(const T* gy, int64_t H, int64_t W, const Shape4& o, T* gx) {
   const int64_t planes = o.n * o.c;
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static)
+#pragma omp parallel for num_threads(detail::threads_for(planes, planes * H * W)) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
     T* g = gx + pl * H * W;
     std::fill(g, g + H * W, T(0));
@@ -336,7 +336,7 @@ void max_pool2d_backward_indices(const TensorView& grad_output, const TensorView
     const detail::Contiguous<T> gy(grad_output);
     const detail::Contiguous<int64_t> idx(indices);
     T* gx = grad_input.ptr<T>();
-#pragma omp parallel for num_threads(detail::threads_for(planes)) schedule(static) reduction(|| : bad)
+#pragma omp parallel for num_threads(detail::threads_for(planes, planes * HW)) schedule(static) reduction(|| : bad)
     for (int64_t pl = 0; pl < planes; ++pl) {
       T* g = gx + pl * HW;
       std::fill(g, g + HW, T(0));

@@ -84,7 +84,9 @@ class Contiguous {
 // Threads for a parallel loop of `tasks` independent pieces of work: the
 // core's thread count, shared among the calls in flight (calls from several
 // caller threads split the cores instead of oversubscribing them).
-int threads_for(int64_t tasks);
+// With `work` (roughly, element operations in total) it also keeps small
+// calls on fewer threads: waking a thread costs more than ~32K operations.
+int threads_for(int64_t tasks, int64_t work = -1);
 
 // Marks a public op call in flight, for threads_for's sharing.
 class CallScope {

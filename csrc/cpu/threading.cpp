@@ -43,10 +43,13 @@ void workspace_released(int64_t bytes) { t_workspace_now -= bytes; }
 CallScope::CallScope() { g_calls_in_flight.fetch_add(1); }
 CallScope::~CallScope() { g_calls_in_flight.fetch_sub(1); }
 
-int threads_for(int64_t tasks) {
+int threads_for(int64_t tasks, int64_t work) {
+  constexpr int64_t kMinWorkPerThread = 32768;
   const int calls = std::max(1, g_calls_in_flight.load());
   const int share = std::max(1, get_num_threads() / calls);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(share, tasks)));
+  int64_t n = std::min<int64_t>(share, tasks);
+  if (work >= 0) n = std::min<int64_t>(n, work / kMinWorkPerThread);
+  return static_cast<int>(std::max<int64_t>(1, n));
 }
 }  // namespace detail
 
