@@ -96,50 +96,40 @@ struct Im2colPackB {
       const T* xc = x + c * G.xs_c;
       const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
       const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
-      T* row_dst = dst + k * NR;
-      // Writes value(t) to positions jj .. jj + n - 1 of the packed row
-      // (consecutive within a panel, jumping kc * NR between panels).
-      auto emit = [&](int64_t jj, int64_t n, auto&& value) {
-        while (n > 0) {
-          const int64_t in_panel = std::min<int64_t>(n, NR - (jj % NR));
-          T* out = row_dst + (jj / NR) * kc * NR + (jj % NR);
-          for (int64_t t = 0; t < in_panel; ++t) out[t] = value(t);
-          value.advance(in_panel);
-          jj += in_panel, n -= in_panel;
-        }
-      };
-      struct Zero {
-        T operator()(int64_t) const { return T(0); }
-        void advance(int64_t) {}
-      };
-      struct Strided {
-        const T* p;
-        int64_t stride;
-        T operator()(int64_t t) const { return p[t * stride]; }
-        void advance(int64_t n) { p += n * stride; }
-      };
+      // Gather the row contiguously (zeros where the tap falls in the
+      // padding, strided copies where it is inside), then copy it into the
+      // panels NR values at a time.
+      T row[gemm::NC + NR];
+      const int64_t padded = (nc + NR - 1) / NR * NR;
       const int64_t q0 = q_offset + j0;
       int64_t oh = q0 / G.Wo, ow = q0 % G.Wo;
       for (int64_t jj = 0; jj < nc;) {
         const int64_t run = std::min(nc - jj, G.Wo - ow);  // the rest of this output row
+        T* out = row + jj;
         const int64_t ih = oh * G.p.stride_h + ih_off;
         if (ih < 0 || ih >= G.H) {
-          emit(jj, run, Zero{});
+          std::fill(out, out + run, T(0));
         } else {
           // Output columns ow + t read input column (ow + t) * sw + iw_off:
           // inside the image for t in [lo, hi).
           const int64_t first = ow * sw + iw_off;
           const int64_t lo = std::min(run, first >= 0 ? 0 : (-first + sw - 1) / sw);
-          const int64_t hi = std::max(lo, std::min(run, first >= G.W ? 0 : (G.W - 1 - first) / sw + 1));
-          emit(jj, lo, Zero{});
-          emit(jj + lo, hi - lo,
-               Strided{xc + ih * G.xs_h + (first + lo * sw) * G.xs_w, sw * G.xs_w});
-          emit(jj + hi, run - hi, Zero{});
+          const int64_t hi =
+              std::max(lo, std::min(run, first >= G.W ? 0 : (G.W - 1 - first) / sw + 1));
+          const T* src = xc + ih * G.xs_h + first * G.xs_w;
+          const int64_t step = sw * G.xs_w;
+          std::fill(out, out + lo, T(0));
+          if (step == 1)
+            std::copy(src + lo, src + hi, out + lo);
+          else
+            for (int64_t t = lo; t < hi; ++t) out[t] = src[t * step];
+          std::fill(out + hi, out + run, T(0));
         }
         jj += run, ow = 0, ++oh;
       }
-      const int64_t padded = (nc + NR - 1) / NR * NR;
-      emit(nc, padded - nc, Zero{});
+      std::fill(row + nc, row + padded, T(0));
+      for (int64_t p = 0; p < padded / NR; ++p)
+        std::copy(row + p * NR, row + (p + 1) * NR, dst + p * kc * NR + k * NR);
     }
   }
 };
@@ -465,20 +455,29 @@ void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, 
                           a_packed + g * a_size);
 
   // Tasks: (image, group, tile of output positions, block of output
-  // channels); each writes its own block of the output. Small batches get
-  // smaller tiles, then channel blocks, so that every thread has work.
+  // channels); each writes its own block of the output. When images x tiles
+  // give fewer tasks than threads (batch 1), split the output channels first
+  // (each task keeps whole tiles, so every packed weight is used across
+  // many positions), then, if still short, make the tiles smaller.
   constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
-  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t threads_wanted = get_num_threads();
   const int64_t images = G.N * G.G;
-  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
-  const int64_t tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
-                                  int64_t(NR), gemm::NC);
-  const int64_t tiles = (G.P + tile - 1) / tile;
+  int64_t tile = std::min(gemm::NC, gemm::round_up(G.P, NR));
+  int64_t tiles = (G.P + tile - 1) / tile;
   int64_t mblocks = 1;
-  if (images * tiles < want)
-    mblocks = std::min((want + images * tiles - 1) / (images * tiles), (G.Coutg + MR - 1) / MR);
+  if (images * tiles < threads_wanted) {
+    const int64_t min_rows = 4 * MR;  // keep each block at least 4 panels deep
+    mblocks = std::clamp((threads_wanted + images * tiles - 1) / (images * tiles), int64_t(1),
+                         std::max<int64_t>(1, G.Coutg / min_rows));
+  }
   const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
   mblocks = (G.Coutg + mrows - 1) / mrows;
+  if (images * tiles * mblocks < threads_wanted) {
+    const int64_t tiles_wanted = (threads_wanted + images * mblocks - 1) / (images * mblocks);
+    tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR), int64_t(NR),
+                      gemm::NC);
+    tiles = (G.P + tile - 1) / tile;
+  }
   const int64_t tasks = images * tiles * mblocks;
   const bool pointwise = is_pointwise(G);
   const T* x = input.ptr<const T>();

@@ -201,9 +201,16 @@ void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int
   detail::Workspace<T> a_ws(1, packed_a_size<T>(M, K));
   T* a_packed = a_ws.get();
   pack_a_parallel(M, K, a, a_rs, a_cs, a_packed);
-  // Blocks of C, MC rows x NC columns, are independent, and the order of
-  // the K reduction inside a block never depends on the thread count.
-  const int64_t mblocks = (M + MC - 1) / MC, nblocks = (N + NC - 1) / NC;
+  // Tasks are column blocks of C with all its rows, so each packed block of
+  // B serves every row (packing it once per row block cost more than the
+  // multiply); rows are split only when there are too few column blocks.
+  // Each element's K reduction runs in a fixed order whatever the split.
+  const int64_t nblocks = (N + NC - 1) / NC;
+  int64_t mblocks = 1;
+  if (nblocks < get_num_threads())
+    mblocks = std::min<int64_t>((get_num_threads() + nblocks - 1) / nblocks, (M + MC - 1) / MC);
+  const int64_t mrows = round_up((M + mblocks - 1) / mblocks, Tile<T>::MR);
+  mblocks = (M + mrows - 1) / mrows;
   const int64_t tasks = mblocks * nblocks;
   const int threads = detail::threads_for(tasks, M * N * K);
   detail::Workspace<T> ws(threads, b_workspace_size<T>());
@@ -212,8 +219,8 @@ void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int
     T* bbuf = ws.get(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t i0 = (t % mblocks) * MC, j0 = (t / mblocks) * NC;
-      const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
+      const int64_t i0 = (t % mblocks) * mrows, j0 = (t / mblocks) * NC;
+      const int64_t mc = std::min(mrows, M - i0), nc = std::min(NC, N - j0);
       const StridedPackB<T> pack_block{b + j0 * b_cs, b_rs, b_cs};
       gemm_packed(mc, nc, K, a_packed, M, i0, pack_block, c + i0 * ldc + j0, ldc,
                   accumulate, bbuf);

@@ -2,6 +2,7 @@
 // contiguous copies of strided views.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "convcore/errors.h"
@@ -104,22 +105,26 @@ class CallScope {
 template <typename T>
 class Workspace {
  public:
+  // Uninitialised (the kernels write before they read): no memset of
+  // megabytes per call.
   Workspace(int threads, int64_t per_thread)
       : per_thread_(per_thread),
-        buf_(static_cast<size_t>(threads) * static_cast<size_t>(per_thread)) {
+        size_(static_cast<size_t>(threads) * static_cast<size_t>(per_thread)),
+        buf_(new T[size_ ? size_ : 1]) {
     workspace_acquired(bytes());
   }
   ~Workspace() { workspace_released(bytes()); }
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
   T* get(int thread = 0) {
-    return buf_.data() + static_cast<size_t>(thread) * static_cast<size_t>(per_thread_);
+    return buf_.get() + static_cast<size_t>(thread) * static_cast<size_t>(per_thread_);
   }
 
  private:
-  int64_t bytes() const { return static_cast<int64_t>(buf_.size() * sizeof(T)); }
+  int64_t bytes() const { return static_cast<int64_t>(size_ * sizeof(T)); }
   int64_t per_thread_;
-  std::vector<T> buf_;
+  size_t size_;
+  std::unique_ptr<T[]> buf_;
 };
 
 // Output views are written in full and must be C-contiguous.
