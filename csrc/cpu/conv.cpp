@@ -446,14 +446,6 @@ void grad_input_winograd(const T* gy, const T* weight, const ConvGeometry& G, T*
 template <typename T>
 void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
                   const ConvGeometry& G, T* out) {
-  // Weights of every group packed once, shared read-only by all tasks.
-  const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, G.Kc);
-  detail::Workspace<T> a_ws(1, a_size * G.G);
-  T* a_packed = a_ws.get();
-  for (int64_t g = 0; g < G.G; ++g)
-    gemm::pack_a_parallel(G.Coutg, G.Kc, weight.data() + g * G.Coutg * G.Kc, G.Kc, int64_t(1),
-                          a_packed + g * a_size);
-
   // Tasks: (image, group, tile of output positions, block of output
   // channels); each writes its own block of the output. When images x tiles
   // give fewer tasks than threads (batch 1), split the output channels first
@@ -479,6 +471,20 @@ void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, 
     tiles = (G.P + tile - 1) / tile;
   }
   const int64_t tasks = images * tiles * mblocks;
+  // Weights are packed once, shared by all tasks, when many tiles reuse
+  // them; with few tiles (batch 1) packing costs more than it saves and the
+  // microkernel reads the weight rows in place.
+  const bool pack_weights = G.N * tiles > 2;
+  const int64_t a_size = pack_weights ? gemm::packed_a_size<T>(G.Coutg, G.Kc) : 0;
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
+  if (pack_weights)
+    for (int64_t g = 0; g < G.G; ++g)
+      gemm::pack_a_parallel(G.Coutg, G.Kc, weight.data() + g * G.Coutg * G.Kc, G.Kc, int64_t(1),
+                            a_packed + g * a_size);
+  const T* a_base = pack_weights ? a_packed : weight.data();
+  const int64_t a_stride = pack_weights ? a_size : G.Coutg * G.Kc;  // per group
+  const int64_t a_lda = pack_weights ? 0 : G.Kc;
   const bool pointwise = is_pointwise(G);
   const T* x = input.ptr<const T>();
   const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
@@ -495,11 +501,11 @@ void forward_impl(const TensorView& input, const detail::Contiguous<T>& weight, 
       const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
       T* c = out + (n * G.Cout + g * G.Coutg + m0) * G.P + q0;
       if (pointwise)
-        gemm::gemm_packed(nm, nq, G.Kc, a_packed + g * a_size, G.Coutg, m0,
-                          gemm::StridedPackB<T>{xg + q0, G.xs_c, 1}, c, G.P, false, bbuf);
+        gemm::gemm_packed(nm, nq, G.Kc, a_base + g * a_stride, G.Coutg, m0,
+                          gemm::StridedPackB<T>{xg + q0, G.xs_c, 1}, c, G.P, false, bbuf, a_lda);
       else
-        gemm::gemm_packed(nm, nq, G.Kc, a_packed + g * a_size, G.Coutg, m0,
-                          Im2colPackB<T>{xg, &G, q0}, c, G.P, false, bbuf);
+        gemm::gemm_packed(nm, nq, G.Kc, a_base + g * a_stride, G.Coutg, m0,
+                          Im2colPackB<T>{xg, &G, q0}, c, G.P, false, bbuf, a_lda);
       if (bias) {
         for (int64_t o = 0; o < nm; ++o) {
           const T b = bias[g * G.Coutg + m0 + o];

@@ -17,13 +17,15 @@ namespace {
 // array the compiler may keep in registers. Used where no vector kernel
 // below applies.
 template <typename T>
-inline void micro_generic(int64_t kc, const T* __restrict a, const T* __restrict b,
+inline void micro_generic(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
                           T* __restrict c, int64_t ldc, int mr, int nr, bool accumulate) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   T acc[MR][NR] = {};
   for (int64_t k = 0; k < kc; ++k)
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] += a[k * MR + i] * b[k * NR + j];
+    for (int i = 0; i < mr; ++i) {
+      const T ai = lda == 0 ? a[k * MR + i] : a[i * lda + k];
+      for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[k * NR + j];
+    }
   for (int i = 0; i < mr; ++i)
     for (int j = 0; j < nr; ++j)
       c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
@@ -36,12 +38,17 @@ inline void micro_generic(int64_t kc, const T* __restrict a, const T* __restrict
 // 12 with AVX2's 16).
 #if defined(__GNUC__) || defined(__clang__)
 #define CONVCORE_VECTOR_KERNELS 1
-template <typename T, typename V, int VP>
-inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* __restrict a,
-                                                        const T* __restrict b, T* __restrict c,
-                                                        int64_t ldc, int mr, int nr,
-                                                        bool accumulate) {
+// A is packed (a[k * MR + i]) when lda == 0, else row-major
+// (a[i * lda + k]; rows past mr repeat the last one and are discarded).
+template <typename T, typename V, int VP, bool kPackedA>
+inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T* __restrict a,
+                                                             int64_t lda,
+                                                             const T* __restrict b,
+                                                             T* __restrict c, int64_t ldc, int mr,
+                                                             int nr, bool accumulate) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  int64_t row_off[MR];
+  for (int i = 0; i < MR; ++i) row_off[i] = kPackedA ? i : (i < mr ? i : mr - 1) * lda;
   constexpr int W = sizeof(V) / sizeof(T);
   static_assert(NR % (VP * W) == 0, "NR must be a multiple of the pass width");
   for (int j0 = 0; j0 < NR; j0 += VP * W) {
@@ -53,13 +60,13 @@ inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* __r
       for (int v = 0; v < VP; ++v) acc[i][v] = V{};
     const T* bp = b + j0;
     const T* ap = a;
-    for (int64_t k = 0; k < kc; ++k, bp += NR, ap += MR) {
+    for (int64_t k = 0; k < kc; ++k, bp += NR, ap += kPackedA ? MR : 1) {
       V bv[VP];
 #pragma GCC unroll 4
       for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
-        const T ai = ap[i];
+        const T ai = kPackedA ? ap[i] : ap[row_off[i]];
 #pragma GCC unroll 4
         for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
       }
@@ -86,18 +93,30 @@ inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* __r
     }
   }
 }
+
+template <typename T, typename V, int VP>
+inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* a, int64_t lda,
+                                                        const T* b, T* c, int64_t ldc, int mr,
+                                                        int nr, bool accumulate) {
+  if (lda == 0)
+    micro_vector_body<T, V, VP, true>(kc, a, 0, b, c, ldc, mr, nr, accumulate);
+  else
+    micro_vector_body<T, V, VP, false>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
+}
 #endif
 
-using KernelF = void (*)(int64_t, const float*, const float*, float*, int64_t, int, int, bool);
-using KernelD = void (*)(int64_t, const double*, const double*, double*, int64_t, int, int, bool);
+using KernelF = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int, int,
+                         bool);
+using KernelD = void (*)(int64_t, const double*, int64_t, const double*, double*, int64_t, int,
+                         int, bool);
 
-void kernel_generic_f(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr,
+void kernel_generic_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, int mr,
                       int nr, bool acc) {
-  micro_generic<float>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_generic<float>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
-void kernel_generic_d(int64_t kc, const double* a, const double* b, double* c, int64_t ldc,
+void kernel_generic_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c, int64_t ldc,
                       int mr, int nr, bool acc) {
-  micro_generic<double>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_generic<double>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 
 #if defined(__x86_64__) && defined(CONVCORE_VECTOR_KERNELS)
@@ -107,27 +126,23 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x8 __attribute__((vector_size(64)));
 
-__attribute__((target("avx2,fma"))) void kernel_avx2_f(int64_t kc, const float* a,
-                                                       const float* b, float* c, int64_t ldc,
+__attribute__((target("avx2,fma"))) void kernel_avx2_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
-  micro_vector<float, f32x8, 1>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_vector<float, f32x8, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
-__attribute__((target("avx2,fma"))) void kernel_avx2_d(int64_t kc, const double* a,
-                                                       const double* b, double* c, int64_t ldc,
+__attribute__((target("avx2,fma"))) void kernel_avx2_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
-  micro_vector<double, f64x4, 1>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_vector<double, f64x4, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
-__attribute__((target("avx512f,fma"))) void kernel_avx512_f(int64_t kc, const float* a,
-                                                            const float* b, float* c,
+__attribute__((target("avx512f,fma"))) void kernel_avx512_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
-  micro_vector<float, f32x16, 2>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_vector<float, f32x16, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
-__attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const double* a,
-                                                            const double* b, double* c,
+__attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
-  micro_vector<double, f64x8, 2>(kc, a, b, c, ldc, mr, nr, acc);
+  micro_vector<double, f64x8, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 #endif
 
@@ -166,13 +181,13 @@ const Dispatch& dispatch() {
 
 }  // namespace
 
-void micro_kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr,
-                  int nr, bool accumulate) {
-  dispatch().f(kc, a, b, c, ldc, mr, nr, accumulate);
+void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
+                  int mr, int nr, bool accumulate) {
+  dispatch().f(kc, a, lda, b, c, ldc, mr, nr, accumulate);
 }
-void micro_kernel(int64_t kc, const double* a, const double* b, double* c, int64_t ldc, int mr,
-                  int nr, bool accumulate) {
-  dispatch().d(kc, a, b, c, ldc, mr, nr, accumulate);
+void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
+                  int64_t ldc, int mr, int nr, bool accumulate) {
+  dispatch().d(kc, a, lda, b, c, ldc, mr, nr, accumulate);
 }
 
 const char* isa_name() { return dispatch().name; }
