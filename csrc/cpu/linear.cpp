@@ -24,6 +24,36 @@ void check_linear(const TensorView& input, const TensorView& weight) {
                      std::to_string(weight.shape[1]) + " (weight.shape[1])");
 }
 
+// output (M x N) = input (M x K) @ weight (N x K)^T for a small batch M:
+// bound by reading the weight once, so each weight row is streamed in order
+// and dotted with every input row (kept in cache) -- no packing, no
+// strided access to the large operand. Dot products run in kLanes partial
+// sums in a fixed order (deterministic), then add up.
+template <typename T>
+void linear_forward_small_batch(const TensorView& input, const TensorView& weight, T* y) {
+  const int64_t M = input.shape[0], K = input.shape[1], N = weight.shape[0];
+  constexpr int kLanes = 16;
+  const detail::Contiguous<T> xc(input);
+  const T* x = xc.data();
+  const T* w = weight.ptr<const T>();
+  const int64_t ws0 = weight.strides[0];
+  const int64_t kmain = K / kLanes * kLanes;
+#pragma omp parallel for num_threads(detail::threads_for(N, M * N * K)) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const T* wr = w + n * ws0;
+    for (int64_t m = 0; m < M; ++m) {
+      const T* xr = x + m * K;
+      T part[kLanes] = {};
+      for (int64_t k = 0; k < kmain; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) part[l] += xr[k + l] * wr[k + l];
+      T sum = 0;
+      for (int l = 0; l < kLanes; ++l) sum += part[l];
+      for (int64_t k = kmain; k < K; ++k) sum += xr[k] * wr[k];
+      y[m * N + n] = sum;
+    }
+  }
+}
+
 }  // namespace
 
 void linear_forward(const TensorView& input, const TensorView& weight, const TensorView* bias,
@@ -40,10 +70,14 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
   detail::dispatch_float(input.dtype, [&](auto zero) {
     using T = decltype(zero);
     T* y = output.ptr<T>();
-    // B(k, j) = weight[j, k]
-    gemm::gemm_strided<T>(M, N, K, input.ptr<const T>(), input.strides[0], input.strides[1],
-                          weight.ptr<const T>(), weight.strides[1], weight.strides[0], y, N,
-                          false);
+    if (M <= 4 && weight.strides[1] == 1) {
+      linear_forward_small_batch<T>(input, weight, y);
+    } else {
+      // B(k, j) = weight[j, k]
+      gemm::gemm_strided<T>(M, N, K, input.ptr<const T>(), input.strides[0], input.strides[1],
+                            weight.ptr<const T>(), weight.strides[1], weight.strides[0], y, N,
+                            false);
+    }
     if (bias && M > 0) {
       const T* b = bias->ptr<const T>();
       const int64_t bs = bias->strides[0];

@@ -2,9 +2,9 @@
 is importable) and numpy's im2col approach, on the layers of the classic
 CNNs, forward and backward, float32.
 
-Each timing is the median of `--repeat` runs after a warm-up, and the
-libraries are interleaved run by run so that machine noise hits all of them
-alike. Ratios are peer time / convcore time (above 1: convcore is faster).
+Each timing is the median of `--repeat` runs; the libraries take turns in
+blocks, each after a warm-up run (see interleaved_medians for why not run
+by run). Ratios are peer time / convcore time (above 1: convcore is faster).
 
     python -m convcore bench [--threads 2] [--repeat 7] [--quick] [--json out.json]
                              [--plot out.png] [--no-torch] [--no-numpy]
@@ -109,19 +109,26 @@ def suite(quick: bool = False) -> List[object]:
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int,
                         max_repeat: Optional[Dict[str, int]] = None) -> Dict[str, float]:
-    """Median seconds of each fn, run in turn `repeat` times after one warm-up
-    each (max_repeat caps the runs of slow peers, e.g. numpy's im2col)."""
-    for fn in fns.values():
-        fn()
+    """Median seconds of each fn over `repeat` runs (max_repeat caps the runs
+    of slow peers, e.g. numpy's im2col).
+
+    The libraries take turns in blocks: a warm-up run, then the timed runs,
+    then the next library, and the whole round is done twice with the order
+    reversed, so slow drift of the machine hits all alike. Alternating run by
+    run was unfair: PyTorch and convcore each bring an OpenMP runtime whose
+    threads keep spinning after a call, and the other library's next call
+    shared the cores with them (a 0.15 ms call measured 7 ms)."""
     samples = {name: [] for name in fns}
     caps = max_repeat or {}
-    for r in range(repeat):
-        for name, fn in fns.items():
-            if r >= caps.get(name, repeat):
-                continue
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
+    names = list(fns)
+    for order in (names, names[::-1]):
+        for name in order:
+            runs = (min(repeat, caps.get(name, repeat)) + 1) // 2
+            fns[name]()  # warm-up: caches, this library's thread pool
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
