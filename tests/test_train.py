@@ -97,7 +97,9 @@ def test_train_and_eval_modes():
     assert probe.modes == [False] * (1 + 7)
     assert model.training  # evaluate and predict restore the mode
     assert out.shape == (64, 4)
-    np.testing.assert_allclose(out, model(x), rtol=1e-6)
+    # predict's last batch of 4 takes linear's small-batch path, whose sums
+    # run in another order: equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(out, model(x), rtol=1e-5, atol=1e-6)
 
 
 class _Scripted(Optimizer):
