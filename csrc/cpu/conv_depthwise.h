@@ -9,6 +9,20 @@
 namespace convcore {
 namespace depthwise {
 
+// sum of a[q] * b[q] in 16 partial sums (vectorisable; a fixed order, so
+// deterministic), then added up.
+template <typename T>
+inline __attribute__((always_inline)) T dot16(const T* a, const T* b, int64_t n) {
+  T part[16] = {};
+  const int64_t main = n / 16 * 16;
+  for (int64_t q = 0; q < main; q += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[q + l] * b[q + l];
+  T sum = 0;
+  for (int l = 0; l < 16; ++l) sum += part[l];
+  for (int64_t q = main; q < n; ++q) sum += a[q] * b[q];
+  return sum;
+}
+
 struct Plane {
   int64_t H, W, Ho, Wo, KH, KW;
   int64_t sh, sw, dh, dw, pt, pl;
@@ -37,8 +51,26 @@ void pad_plane(const Plane& p, const T* x, T* buf) {
 
 // out (Ho x Wo) = bias + sum over taps of w[i, j] * the padded plane shifted.
 template <typename T>
-void forward_padded(const Plane& p, const T* buf, const T* w, T bias, T* out) {
+inline __attribute__((always_inline)) void forward_padded_body(const Plane& p, const T* buf, const T* w, T bias, T* out) {
   const int64_t Wp = p.Wp();
+  constexpr int64_t kWide = 4096;
+  if (p.sh == 1 && p.sw == 1 && p.Ho * Wp <= kWide) {
+    // Stride 1, small plane: over the flat padded plane each tap is one
+    // long loop (output rows computed Wp wide, the extra columns dropped),
+    // instead of a short loop per row and tap.
+    T wide[kWide];
+    const int64_t n = (p.Ho - 1) * Wp + p.Wo;
+    std::fill(wide, wide + n, bias);
+    for (int64_t i = 0; i < p.KH; ++i)
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const T wv = w[i * p.KW + j];
+        const T* src = buf + i * p.dh * Wp + j * p.dw;
+        for (int64_t q = 0; q < n; ++q) wide[q] += wv * src[q];
+      }
+    for (int64_t oh = 0; oh < p.Ho; ++oh)
+      std::copy(wide + oh * Wp, wide + oh * Wp + p.Wo, out + oh * p.Wo);
+    return;
+  }
   for (int64_t oh = 0; oh < p.Ho; ++oh) {
     T* row = out + oh * p.Wo;
     std::fill(row, row + p.Wo, bias);
@@ -58,8 +90,24 @@ void forward_padded(const Plane& p, const T* buf, const T* w, T bias, T* out) {
 
 // gw[i, j] += sum over positions of gy * the padded plane shifted.
 template <typename T>
-void grad_weight_padded(const Plane& p, const T* gy, const T* buf, double* gw) {
+inline __attribute__((always_inline)) void grad_weight_padded_body(const Plane& p, const T* gy, const T* buf, double* gw) {
   const int64_t Wp = p.Wp();
+  constexpr int64_t kWide = 4096;
+  if (p.sh == 1 && p.sw == 1 && p.Ho * Wp <= kWide) {
+    // gy laid out Wp wide with zeros in the extra columns: each tap's sum
+    // is one dot product over the flat padded plane.
+    T wide[kWide];
+    const int64_t n = (p.Ho - 1) * Wp + p.Wo;
+    std::fill(wide, wide + n, T(0));
+    for (int64_t oh = 0; oh < p.Ho; ++oh)
+      std::copy(gy + oh * p.Wo, gy + oh * p.Wo + p.Wo, wide + oh * Wp);
+    for (int64_t i = 0; i < p.KH; ++i)
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const T* src = buf + i * p.dh * Wp + j * p.dw;
+        gw[i * p.KW + j] += dot16(wide, src, n);
+      }
+    return;
+  }
   for (int64_t i = 0; i < p.KH; ++i)
     for (int64_t j = 0; j < p.KW; ++j) {
       double acc = 0;
@@ -80,8 +128,25 @@ void grad_weight_padded(const Plane& p, const T* gy, const T* buf, double* gw) {
 // gbuf (Hp x Wp, accumulated into) += sum over taps of w * gy shifted; the
 // caller copies the interior out.
 template <typename T>
-void grad_input_padded(const Plane& p, const T* gy, const T* w, T* gbuf) {
+inline __attribute__((always_inline)) void grad_input_padded_body(const Plane& p, const T* gy, const T* w, T* gbuf) {
   const int64_t Wp = p.Wp();
+  constexpr int64_t kWide = 4096;
+  if (p.sh == 1 && p.sw == 1 && p.Ho * Wp <= kWide) {
+    // gy laid out Wp wide with zeros in the extra columns: each tap adds
+    // into the flat padded plane in one long loop.
+    T wide[kWide];
+    const int64_t n = (p.Ho - 1) * Wp + p.Wo;
+    std::fill(wide, wide + n, T(0));
+    for (int64_t oh = 0; oh < p.Ho; ++oh)
+      std::copy(gy + oh * p.Wo, gy + oh * p.Wo + p.Wo, wide + oh * Wp);
+    for (int64_t i = 0; i < p.KH; ++i)
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const T wv = w[i * p.KW + j];
+        T* dst = gbuf + i * p.dh * Wp + j * p.dw;
+        for (int64_t q = 0; q < n; ++q) dst[q] += wv * wide[q];
+      }
+    return;
+  }
   for (int64_t oh = 0; oh < p.Ho; ++oh) {
     const T* gr = gy + oh * p.Wo;
     for (int64_t i = 0; i < p.KH; ++i) {
@@ -182,6 +247,40 @@ void grad_weight_plane(const Plane& p, const T* gy, const T* x, double* gw) {
       }
     }
   }
+}
+
+// The plane kernels compiled for AVX-512, AVX2 and the baseline, picked by
+// the CPU at load time (the build itself targets baseline x86-64): their
+// short rows gain most from wider vectors.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
+#define CONVCORE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CONVCORE_CLONES
+#endif
+
+CONVCORE_CLONES inline void forward_padded(const Plane& p, const float* buf, const float* w,
+                                           float bias, float* out) {
+  forward_padded_body(p, buf, w, bias, out);
+}
+CONVCORE_CLONES inline void forward_padded(const Plane& p, const double* buf, const double* w,
+                                           double bias, double* out) {
+  forward_padded_body(p, buf, w, bias, out);
+}
+CONVCORE_CLONES inline void grad_weight_padded(const Plane& p, const float* gy, const float* buf,
+                                               double* gw) {
+  grad_weight_padded_body(p, gy, buf, gw);
+}
+CONVCORE_CLONES inline void grad_weight_padded(const Plane& p, const double* gy,
+                                               const double* buf, double* gw) {
+  grad_weight_padded_body(p, gy, buf, gw);
+}
+CONVCORE_CLONES inline void grad_input_padded(const Plane& p, const float* gy, const float* w,
+                                              float* gbuf) {
+  grad_input_padded_body(p, gy, w, gbuf);
+}
+CONVCORE_CLONES inline void grad_input_padded(const Plane& p, const double* gy, const double* w,
+                                              double* gbuf) {
+  grad_input_padded_body(p, gy, w, gbuf);
 }
 
 }  // namespace depthwise
