@@ -649,8 +649,109 @@ void grad_input_impl(const T* gy, const detail::Contiguous<T>& weight, const Con
   }
 }
 
+// Copies B (k, j) blocks out of a buffer packed once in gemm_packed's layout
+// (blocks of KC rows, each NR-column panels), so several GEMMs share one
+// packing of the same operand.
+template <typename T>
+struct PrepackedB {
+  const T* packed;  // block k0 at packed + k0 * Npad, panel p of it at + p * kc * NR
+  int64_t Npad;
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    const int64_t npanels = (nc + NR - 1) / NR;
+    const T* src = packed + k0 * Npad + (j0 / NR) * kc * NR;
+    std::copy(src, src + npanels * kc * NR, dst);
+  }
+};
+
+// grad_weight of a stride-1 convolution as one GEMM per kernel tap over the
+// zero-padded image laid out flat: with positions indexed Wp wide
+// (q = oh * Wp + ow, the extra columns given zero gradient), tap (i, j) reads
+// the padded plane at q + i * dh * Wp + j * dw, so
+//   dW[:, :, i, j]^T (Cg x Coutg) = xpad (Cg x q, row-major, shifted) * gy_wide^T.
+// The image is used in place (no im2col) and grad_output is packed once per
+// image for all taps.
+// It pays where packing the im2col side dominates: few output channels per
+// group (each packed element then feeds only 2 * Coutg flops).
+bool grad_weight_by_taps_applies(const ConvGeometry& G) {
+  return G.p.stride_h == 1 && G.p.stride_w == 1 && G.KH * G.KW > 1 && G.Coutg <= 96;
+}
+
+template <typename T>
+void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
+  const int64_t Hp = G.H + G.p.pad_top + G.p.pad_bottom, Wp = G.W + G.p.pad_left + G.p.pad_right;
+  const int64_t plane = Hp * Wp, taps = G.KH * G.KW;
+  const int64_t n_wide = (G.Ho - 1) * Wp + G.Wo;  // flat positions of the outputs
+  const int64_t Npad = gemm::round_up(G.Coutg, NR);
+  detail::Workspace<T> xpad_ws(1, G.Cg * plane);
+  detail::Workspace<T> gyw_ws(1, G.Coutg * n_wide);
+  detail::Workspace<T> bpack_ws(1, Npad * n_wide);
+  detail::Workspace<T> acc_ws(1, taps * G.Cg * G.Coutg);  // dW^T per tap, summed over images
+  T* xpad = xpad_ws.get();
+  T* gyw = gyw_ws.get();
+  T* bpack = bpack_ws.get();
+  T* acc = acc_ws.get();
+  const int64_t want = static_cast<int64_t>(get_num_threads());
+  const int64_t mrows = std::max<int64_t>(4 * MR, gemm::round_up((G.Cg * taps / (2 * want) + 1), MR));
+  const int64_t mblocks = (G.Cg + mrows - 1) / mrows;
+  const int64_t tasks = taps * mblocks;
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+  const T* x = input.ptr<const T>();
+  for (int64_t g = 0; g < G.G; ++g) {
+    for (int64_t n = 0; n < G.N; ++n) {
+      const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P;
+#pragma omp parallel num_threads(threads)
+      {
+        // The padded image and grad_output laid out Wp wide.
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < G.Cg; ++c) {
+          T* dst = xpad + c * plane;
+          std::fill(dst, dst + plane, T(0));
+          for (int64_t ih = 0; ih < G.H; ++ih) {
+            T* row = dst + (ih + G.p.pad_top) * Wp + G.p.pad_left;
+            const T* src = xg + c * G.xs_c + ih * G.xs_h;
+            for (int64_t iw = 0; iw < G.W; ++iw) row[iw] = src[iw * G.xs_w];
+          }
+        }
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < G.Coutg; ++o) {
+          T* dst = gyw + o * n_wide;
+          std::fill(dst, dst + n_wide, T(0));
+          for (int64_t oh = 0; oh < G.Ho; ++oh)
+            std::copy(gyg + o * G.P + oh * G.Wo, gyg + o * G.P + (oh + 1) * G.Wo, dst + oh * Wp);
+        }
+        // B(q, o) = gy_wide[o, q], packed once for all taps: K blocks x panels.
+#pragma omp for schedule(static)
+        for (int64_t k0 = 0; k0 < n_wide; k0 += gemm::KC) {
+          const int64_t kc = std::min(gemm::KC, n_wide - k0);
+          gemm::StridedPackB<T>{gyw, 1, n_wide}(k0, kc, 0, G.Coutg, bpack + k0 * Npad);
+        }
+        T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; ++t) {
+          const int64_t tap = t / mblocks, c0 = (t % mblocks) * mrows;
+          const int64_t nc = std::min(mrows, G.Cg - c0);
+          const int64_t i = tap / G.KW, j = tap % G.KW;
+          const T* a = xpad + i * G.p.dilation_h * Wp + j * G.p.dilation_w;
+          gemm::gemm_packed(nc, G.Coutg, n_wide, a, G.Cg, c0, PrepackedB<T>{bpack, Npad},
+                            acc + (tap * G.Cg + c0) * G.Coutg, G.Coutg, n > 0, bbuf, plane);
+        }
+      }
+    }
+    // dW[g * Coutg + o, c, i, j] = acc[tap][c][o]
+    for (int64_t o = 0; o < G.Coutg; ++o)
+      for (int64_t c = 0; c < G.Cg; ++c)
+        for (int64_t tap = 0; tap < taps; ++tap)
+          gw[((g * G.Coutg + o) * G.Cg + c) * taps + tap] = acc[(tap * G.Cg + c) * G.Coutg + o];
+  }
+}
+
 template <typename T>
 void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  if (G.N > 0 && grad_weight_by_taps_applies(G)) return grad_weight_by_taps(gy, input, G, gw);
   // grad_weight[g] (Coutg x Kc) = sum over images n and chunks of positions
   // of gy[n, g] (Coutg x positions) * im2col(x[n, g])^T (positions x Kc).
   // Each chunk of gy is packed once (shared), then tasks over blocks of
