@@ -1,10 +1,14 @@
-"""python -m convcore {demo,bench}"""
+"""python -m convcore {demo,bench,summary} | --cmake-dir | --include-dir"""
+import os
 import sys
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv else "demo"
+    if command in ("--cmake-dir", "--include-dir"):
+        print(_native_dir(command))
+        return
     if command == "demo":
         from .demo import main as run
     elif command == "bench":
@@ -15,11 +19,29 @@ def main(argv=None) -> None:
         print("usage: python -m convcore {demo,bench,summary} [options]\n"
               "  demo      the lecture's worked examples, then LeNet-5 trained on the digits\n"
               "  bench     AlexNet conv layers vs numpy im2col (and PyTorch if installed)\n"
-              "  summary   the layer table of a zoo model: summary alexnet [--all]")
+              "  summary   the layer table of a zoo model: summary alexnet [--all]\n"
+              "  --cmake-dir    the directory of convcoreConfig.cmake, for C++ apps:\n"
+              "                 cmake -Dconvcore_DIR=\"$(python -m convcore --cmake-dir)\" ...\n"
+              "  --include-dir  the directory of the C++ headers (convcore/*.h)")
         return
     else:
         raise SystemExit(f"unknown command {command!r}: use 'demo', 'bench' or 'summary'")
     run(argv)
+
+
+def _native_dir(option: str) -> str:
+    """Where the installed package keeps the C++ library's CMake config or
+    headers (installed by pip with the package, as pybind11 does)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if option == "--cmake-dir":
+        path, marker = os.path.join(here, "lib", "cmake", "convcore"), "convcoreConfig.cmake"
+    else:
+        path, marker = os.path.join(here, "include"), os.path.join("convcore", "convcore.h")
+    if not os.path.isfile(os.path.join(path, marker)):
+        raise SystemExit(f"{option}: this convcore ({here}) has no C++ library installed with it "
+                         f"(no {os.path.join(path, marker)}); install the package with pip "
+                         f"(pip install .), or build and `cmake --install` the C++ library")
+    return path
 
 
 def _summary(argv) -> None:
