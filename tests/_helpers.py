@@ -299,3 +299,18 @@ def adaptive_cases(draw, max_hw=10):
 def adaptive_shape(case):
     s = (case["C"], case["H"], case["W"])
     return s if case["unbatched"] else (case["N"],) + s
+
+
+def numerical_grad(loss, arr, eps=1e-6):
+    """Central differences of the scalar ``loss()`` w.r.t. every element of
+    ``arr`` (perturbed in place and restored)."""
+    g = np.zeros(arr.shape, dtype=np.float64)
+    for idx in np.ndindex(*arr.shape):
+        old = arr[idx]
+        arr[idx] = old + eps
+        lp = loss()
+        arr[idx] = old - eps
+        lm = loss()
+        arr[idx] = old
+        g[idx] = (lp - lm) / (2 * eps)
+    return g

@@ -11,6 +11,8 @@ variable):
 import os
 import sys
 
+import pytest
+
 from hypothesis import HealthCheck, settings
 
 # make ``import reference`` / ``import _helpers`` work regardless of the
@@ -47,3 +49,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("convcore vs torch: max scaled relative error")
     for key in sorted(errs):
         terminalreporter.write_line(f"{key:<45s} {errs[key]:.3e}")
+
+
+@pytest.fixture(scope="module")
+def one_core_thread():
+    """Finite differences make thousands of tiny calls; one core thread keeps
+    them fast on a busy machine (results are identical across thread counts,
+    which test_threads.py checks)."""
+    import convcore
+    old = convcore.get_num_threads()
+    convcore.set_num_threads(1)
+    yield
+    convcore.set_num_threads(old)

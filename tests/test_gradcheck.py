@@ -13,25 +13,13 @@ import pytest
 from hypothesis import given, settings
 
 import convcore
+from _helpers import numerical_grad
 from _helpers import assert_close, conv_arrays, conv_cases, conv_kwargs, seeds
 
-EPS = 1e-6
+EPS = 1e-6  # the finite-difference step of numerical_grad (tests/_helpers.py)
 RTOL = 1e-6     # scaled: |num - ana| <= RTOL * max(1, max|ana|)
 
 
-def numerical_grad(loss, arr, eps=EPS):
-    """Central differences of the scalar function ``loss()`` w.r.t. every
-    element of ``arr`` (perturbed in place and restored)."""
-    g = np.zeros(arr.shape, dtype=np.float64)
-    for idx in np.ndindex(*arr.shape):
-        old = arr[idx]
-        arr[idx] = old + eps
-        lp = loss()
-        arr[idx] = old - eps
-        lm = loss()
-        arr[idx] = old
-        g[idx] = (lp - lm) / (2 * eps)
-    return g
 
 
 def projection(rng, shape):

@@ -12,37 +12,17 @@ import pytest
 
 import convcore
 import reference as ref
+from _helpers import numerical_grad
 from _helpers import assert_close, distinct_values
 from convcore import nn
 
-EPS = 1e-6
+EPS = 1e-6  # the finite-difference step of numerical_grad (tests/_helpers.py)
 FD_RTOL = 1e-6      # scaled: |num - ana| <= FD_RTOL * max(1, max|ana|)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Finite differences make thousands of tiny calls; one core thread keeps
-    them fast on a busy machine (results are identical across thread counts,
-    which test_threads.py checks)."""
-    old = convcore.get_num_threads()
-    convcore.set_num_threads(1)
-    yield
-    convcore.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_core_thread")
 
 
-def numerical_grad(loss, arr, eps=EPS):
-    """Central differences of ``loss()`` w.r.t. every element of ``arr``
-    (perturbed in place and restored)."""
-    g = np.zeros(arr.shape, dtype=np.float64)
-    for idx in np.ndindex(*arr.shape):
-        old = arr[idx]
-        arr[idx] = old + eps
-        lp = loss()
-        arr[idx] = old - eps
-        lm = loss()
-        arr[idx] = old
-        g[idx] = (lp - lm) / (2 * eps)
-    return g
 
 
 def gradcheck_module(module, x, seed=0, rtol=FD_RTOL, check_params=True):

@@ -10,37 +10,16 @@ from hypothesis import strategies as st
 
 import convcore
 import reference as ref
+from _helpers import numerical_grad
 from _helpers import (DTYPES, LAYOUTS, PARITY_ERRORS, assert_close, check_output, randn,
                       rel_err, rtol_for, seeds, with_layout)
 
-EPS = 1e-6          # finite-difference step (float64)
 FD_RTOL = 1e-6      # scaled: |num - ana| <= FD_RTOL * max(1, max|ana|)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Finite differences make thousands of tiny calls; one core thread keeps
-    them fast on a busy machine (results are identical across thread counts,
-    which test_threads.py checks)."""
-    old = convcore.get_num_threads()
-    convcore.set_num_threads(1)
-    yield
-    convcore.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_core_thread")
 
 
-def numerical_grad(loss, arr, eps=EPS):
-    """Central differences of the scalar ``loss()`` w.r.t. every element of
-    ``arr`` (perturbed in place and restored)."""
-    g = np.zeros(arr.shape, dtype=np.float64)
-    for idx in np.ndindex(*arr.shape):
-        old = arr[idx]
-        arr[idx] = old + eps
-        lp = loss()
-        arr[idx] = old - eps
-        lm = loss()
-        arr[idx] = old
-        g[idx] = (lp - lm) / (2 * eps)
-    return g
 
 
 def _torch():

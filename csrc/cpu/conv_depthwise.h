@@ -33,6 +33,17 @@ struct Plane {
   int64_t Wp() const { return std::max(W + pl, (Wo - 1) * sw + (KW - 1) * dw + 1); }
 };
 
+// Lays out an output plane (Ho x Wo) Wp wide, zeros in the extra columns,
+// for the flat stride-1 loops below; returns the flat length used.
+template <typename T>
+int64_t widen(const Plane& p, const T* gy, T* wide) {
+  const int64_t Wp = p.Wp(), n = (p.Ho - 1) * Wp + p.Wo;
+  std::fill(wide, wide + n, T(0));
+  for (int64_t oh = 0; oh < p.Ho; ++oh)
+    std::copy(gy + oh * p.Wo, gy + oh * p.Wo + p.Wo, wide + oh * Wp);
+  return n;
+}
+
 // Copies one input plane into a zero-padded buffer (Hp x Wp, contiguous),
 // so the kernels below run without bounds tests.
 template <typename T>
@@ -97,10 +108,7 @@ inline __attribute__((always_inline)) void grad_weight_padded_body(const Plane& 
     // gy laid out Wp wide with zeros in the extra columns: each tap's sum
     // is one dot product over the flat padded plane.
     T wide[kWide];
-    const int64_t n = (p.Ho - 1) * Wp + p.Wo;
-    std::fill(wide, wide + n, T(0));
-    for (int64_t oh = 0; oh < p.Ho; ++oh)
-      std::copy(gy + oh * p.Wo, gy + oh * p.Wo + p.Wo, wide + oh * Wp);
+    const int64_t n = widen(p, gy, wide);
     for (int64_t i = 0; i < p.KH; ++i)
       for (int64_t j = 0; j < p.KW; ++j) {
         const T* src = buf + i * p.dh * Wp + j * p.dw;
@@ -135,10 +143,7 @@ inline __attribute__((always_inline)) void grad_input_padded_body(const Plane& p
     // gy laid out Wp wide with zeros in the extra columns: each tap adds
     // into the flat padded plane in one long loop.
     T wide[kWide];
-    const int64_t n = (p.Ho - 1) * Wp + p.Wo;
-    std::fill(wide, wide + n, T(0));
-    for (int64_t oh = 0; oh < p.Ho; ++oh)
-      std::copy(gy + oh * p.Wo, gy + oh * p.Wo + p.Wo, wide + oh * Wp);
+    const int64_t n = widen(p, gy, wide);
     for (int64_t i = 0; i < p.KH; ++i)
       for (int64_t j = 0; j < p.KW; ++j) {
         const T wv = w[i * p.KW + j];
