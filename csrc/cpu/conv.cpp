@@ -71,6 +71,22 @@ bool winograd_shape(const ConvGeometry& G) {
   return G.KH == 3 && G.KW == 3 && G.p.stride_h == 1 && G.p.stride_w == 1 &&
          G.p.dilation_h == 1 && G.p.dilation_w == 1 && G.G == 1;
 }
+// Winograd tasks take bands of whole tile rows, about 128 tiles each.
+int64_t winograd_band(int64_t tiles_h, int64_t tiles_w) {
+  return std::max<int64_t>(1, std::min<int64_t>(tiles_h, 128 / tiles_w));
+}
+
+// Measured on the development machine (docs/benchmarks.md): F(2x2, 3x3)
+// beats the GEMM path by 1.1-1.3x with 256+ channels in and out at batch 16
+// and loses with fewer channels (its transforms then weigh more than the
+// multiplications saved) or when too few bands of tiles keep both cores busy.
+bool winograd_pays(const ConvGeometry& G) {
+  if (!winograd_shape(G) || G.C < 256 || G.Cout < 256) return false;
+  const int64_t tiles_h = (G.Ho + 1) / 2, tiles_w = (G.Wo + 1) / 2;
+  const int64_t band = winograd_band(tiles_h, tiles_w);
+  const int64_t tasks = G.N * ((tiles_h + band - 1) / band);
+  return tasks >= 2 * static_cast<int64_t>(get_num_threads());
+}
 bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
 bool is_pointwise(const ConvGeometry& G) {
   return G.p.algorithm == ConvAlgorithm::Pointwise && rows_contiguous(G);
@@ -219,6 +235,7 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
   switch (G.p.algorithm) {
     case ConvAlgorithm::Auto:
       if (depthwise) return ConvAlgorithm::Depthwise;
+      if (winograd_pays(G)) return ConvAlgorithm::Winograd;
       if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
       return ConvAlgorithm::Gemm;
     case ConvAlgorithm::Depthwise:
@@ -335,7 +352,6 @@ struct WinogradConv {
 template <typename T, typename FilterFn>
 void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T* out) {
   using namespace winograd;
-  constexpr int NR = gemm::Tile<T>::NR;
   // U[xi] (Cout x C) = G g G^T, packed once as the A operands of 16 GEMMs.
   const int64_t a_size = gemm::packed_a_size<T>(a.Cout, a.C);
   detail::Workspace<T> u_ws(1, kPoints * a.Cout * a.C + kPoints * a_size);
@@ -354,67 +370,74 @@ void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T
   for (int xi = 0; xi < kPoints; ++xi)
     gemm::pack_a(a.Cout, a.C, u + xi * a.Cout * a.C, a.C, int64_t(1), a_packed + xi * a_size);
 
-  // Tasks: blocks of output tiles (across images), each through input
-  // transform, 16 GEMMs and output transform in its own scratch.
+  // Tasks: (image, band of tile rows); each pads its band of the image
+  // channel by channel into a small slab, transforms it row by row (the
+  // tiles of a row vectorise), runs 16 GEMMs and the output transform.
   const int64_t tiles_h = (a.Ho + kOut - 1) / kOut, tiles_w = (a.Wo + kOut - 1) / kOut;
-  const int64_t per_image = tiles_h * tiles_w, total = a.N * per_image;
-  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
-  const int64_t block = std::clamp(gemm::round_up((total + want - 1) / want, NR), int64_t(NR),
-                                   int64_t(4 * NR));
-  const int64_t tasks = (total + block - 1) / block;
-  const int threads = detail::threads_for(tasks);
+  const int64_t band = winograd_band(tiles_h, tiles_w);
+  const int64_t bands = (tiles_h + band - 1) / band;
+  const int64_t block = band * tiles_w;  // tiles per task, at most
+  const int64_t tasks = a.N * bands;
+  const int threads = detail::threads_for(tasks, a.N * a.Cout * a.C * a.Ho * a.Wo * 9);
   const int64_t bsize = gemm::b_workspace_size<T>();
   const int64_t vsize = kPoints * a.C * block, msize = kPoints * a.Cout * block;
-  detail::Workspace<T> ws(threads, bsize + vsize + msize);
+  const int64_t sw = 2 * tiles_w + 2, sh = 2 * band + 2;  // slab: rows x columns
+  detail::Workspace<T> ws(threads, bsize + vsize + msize + sh * sw);
 #pragma omp parallel num_threads(threads)
   {
     T* bbuf = ws.get(omp_get_thread_num());
     T* v = bbuf + bsize;
     T* m = v + vsize;
+    T* slab = m + msize;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t t0 = task * block, nt = std::min(block, total - t0);
-      // Input transform: V[xi][c][t] (row-major C x block per xi).
-      for (int64_t t = 0; t < nt; ++t) {
-        const int64_t n = (t0 + t) / per_image, tile = (t0 + t) % per_image;
-        const int64_t ih0 = (tile / tiles_w) * kOut - a.pad_top;
-        const int64_t iw0 = (tile % tiles_w) * kOut - a.pad_left;
-        const bool inside = ih0 >= 0 && iw0 >= 0 && ih0 + kTile <= a.H && iw0 + kTile <= a.W;
-        const T* xn = a.x + n * a.xs_n;
-        for (int64_t c = 0; c < a.C; ++c) {
-          const T* xc = xn + c * a.xs_c;
-          T d[kPoints], vt[kPoints];
-          for (int i = 0; i < kTile; ++i) {
-            const int64_t ih = ih0 + i;
-            for (int j = 0; j < kTile; ++j) {
-              const int64_t iw = iw0 + j;
-              d[i * kTile + j] = inside || (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W)
-                                     ? xc[ih * a.xs_h + iw * a.xs_w]
-                                     : T(0);
-            }
+      const int64_t n = task / bands, th0 = (task % bands) * band;
+      const int64_t rows = std::min(band, tiles_h - th0), nt = rows * tiles_w;
+      const int64_t ih0 = th0 * kOut - a.pad_top, iw0 = -a.pad_left;
+      const T* xn = a.x + n * a.xs_n;
+      for (int64_t c = 0; c < a.C; ++c) {
+        // The band's input rows, zero outside the image.
+        const T* xc = xn + c * a.xs_c;
+        for (int64_t r = 0; r < 2 * rows + 2; ++r) {
+          T* dst = slab + r * sw;
+          const int64_t ih = ih0 + r;
+          if (ih < 0 || ih >= a.H) {
+            std::fill(dst, dst + sw, T(0));
+            continue;
           }
-          transform_input(d, vt);
-          for (int xi = 0; xi < kPoints; ++xi) v[(xi * a.C + c) * block + t] = vt[xi];
+          for (int64_t j = 0; j < sw; ++j) {
+            const int64_t iw = iw0 + j;
+            dst[j] = (iw >= 0 && iw < a.W) ? xc[ih * a.xs_h + iw * a.xs_w] : T(0);
+          }
         }
+        for (int64_t r = 0; r < rows; ++r)
+          input_row(slab + 2 * r * sw, sw, tiles_w, v + c * block + r * tiles_w, a.C * block);
       }
       // M[xi] (Cout x nt) = U[xi] (Cout x C) * V[xi] (C x nt)
       for (int xi = 0; xi < kPoints; ++xi)
         gemm::gemm_packed(a.Cout, nt, a.C, a_packed + xi * a_size, a.Cout, 0,
                           gemm::StridedPackB<T>{v + xi * a.C * block, block, 1},
                           m + xi * a.Cout * block, block, false, bbuf);
-      // Output transform, 2x2 outputs per tile, clipped at the edges.
+      // Output transform, 2x2 outputs per tile; a ragged last row/column of
+      // tiles (odd output size) goes through the scalar transform.
+      const int64_t full_w = a.Wo / kOut;
       for (int64_t o = 0; o < a.Cout; ++o) {
         const T b = bias ? bias[o] : T(0);
-        for (int64_t t = 0; t < nt; ++t) {
-          const int64_t n = (t0 + t) / per_image, tile = (t0 + t) % per_image;
-          const int64_t oh0 = (tile / tiles_w) * kOut, ow0 = (tile % tiles_w) * kOut;
-          T mt[kPoints], y[kOut * kOut];
-          for (int xi = 0; xi < kPoints; ++xi) mt[xi] = m[(xi * a.Cout + o) * block + t];
-          transform_output(mt, y);
-          T* plane = out + (n * a.Cout + o) * a.Ho * a.Wo;
-          for (int i = 0; i < kOut && oh0 + i < a.Ho; ++i)
-            for (int j = 0; j < kOut && ow0 + j < a.Wo; ++j)
-              plane[(oh0 + i) * a.Wo + ow0 + j] = y[i * kOut + j] + b;
+        T* plane = out + (n * a.Cout + o) * a.Ho * a.Wo;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t oh0 = (th0 + r) * kOut;
+          const T* mr = m + o * block + r * tiles_w;
+          if (oh0 + 1 < a.Ho)
+            output_row(mr, a.Cout * block, full_w, b, plane + oh0 * a.Wo,
+                       plane + (oh0 + 1) * a.Wo);
+          for (int64_t t = (oh0 + 1 < a.Ho ? full_w : 0); t < tiles_w; ++t) {
+            T mt[kPoints], y[kOut * kOut];
+            for (int xi = 0; xi < kPoints; ++xi) mt[xi] = mr[xi * a.Cout * block + t];
+            transform_output(mt, y);
+            for (int i = 0; i < kOut && oh0 + i < a.Ho; ++i)
+              for (int j = 0; j < kOut && t * kOut + j < a.Wo; ++j)
+                plane[(oh0 + i) * a.Wo + t * kOut + j] = y[i * kOut + j] + b;
+          }
         }
       }
     }

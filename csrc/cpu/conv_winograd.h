@@ -74,3 +74,90 @@ inline void transform_output(const T m[16], T y[4]) {
 
 }  // namespace winograd
 }  // namespace convcore
+
+namespace convcore {
+namespace winograd {
+
+// Row-at-a-time transforms over a zero-padded slab, written so the loop over
+// tiles vectorises: each tile's 4x4 patch starts 2 columns after the last,
+// and the 16 transformed values go to 16 streams contiguous in the tile.
+
+// v[xi * vstride + t] = (B^T d B)[xi] for tiles t < nt of one tile row, whose
+// patches are rows r0..r0+3 of the slab (row stride ss) at columns 2t..2t+3.
+template <typename T>
+inline __attribute__((always_inline)) void input_row_body(const T* __restrict slab, int64_t ss,
+                                                          int64_t nt, T* __restrict v,
+                                                          int64_t vstride) {
+  const T* r0 = slab;
+  const T* r1 = slab + ss;
+  const T* r2 = slab + 2 * ss;
+  const T* r3 = slab + 3 * ss;
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t c = 2 * t;
+    // B^T d: rows combined
+    T a[4], b[4], e[4], f[4];
+    for (int j = 0; j < 4; ++j) {
+      a[j] = r0[c + j] - r2[c + j];
+      b[j] = r1[c + j] + r2[c + j];
+      e[j] = r2[c + j] - r1[c + j];
+      f[j] = r1[c + j] - r3[c + j];
+    }
+    const T* rows[4] = {a, b, e, f};
+    for (int i = 0; i < 4; ++i) {  // (B^T d) B: columns combined
+      const T* q = rows[i];
+      v[(i * 4 + 0) * vstride + t] = q[0] - q[2];
+      v[(i * 4 + 1) * vstride + t] = q[1] + q[2];
+      v[(i * 4 + 2) * vstride + t] = q[2] - q[1];
+      v[(i * 4 + 3) * vstride + t] = q[1] - q[3];
+    }
+  }
+}
+
+// The output transform of nt tiles of one tile row: m[xi * mstride + t]
+// -> 2x2 outputs at out0[2t], out0[2t+1], out1[2t], out1[2t+1], plus bias.
+// Only tiles wholly inside the output (the caller does the ragged edge).
+template <typename T>
+inline __attribute__((always_inline)) void output_row_body(const T* __restrict m,
+                                                           int64_t mstride, int64_t nt, T bias,
+                                                           T* __restrict out0,
+                                                           T* __restrict out1) {
+  for (int64_t t = 0; t < nt; ++t) {
+    T q[16];
+    for (int xi = 0; xi < 16; ++xi) q[xi] = m[xi * mstride + t];
+    T s0[4], s1[4];  // A^T m
+    for (int j = 0; j < 4; ++j) {
+      s0[j] = q[j] + q[4 + j] + q[8 + j];
+      s1[j] = q[4 + j] - q[8 + j] - q[12 + j];
+    }
+    out0[2 * t] = s0[0] + s0[1] + s0[2] + bias;
+    out0[2 * t + 1] = s0[1] - s0[2] - s0[3] + bias;
+    out1[2 * t] = s1[0] + s1[1] + s1[2] + bias;
+    out1[2 * t + 1] = s1[1] - s1[2] - s1[3] + bias;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
+#define CONVCORE_WINO_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CONVCORE_WINO_CLONES
+#endif
+
+CONVCORE_WINO_CLONES inline void input_row(const float* slab, int64_t ss, int64_t nt, float* v,
+                                           int64_t vstride) {
+  input_row_body(slab, ss, nt, v, vstride);
+}
+CONVCORE_WINO_CLONES inline void input_row(const double* slab, int64_t ss, int64_t nt,
+                                           double* v, int64_t vstride) {
+  input_row_body(slab, ss, nt, v, vstride);
+}
+CONVCORE_WINO_CLONES inline void output_row(const float* m, int64_t mstride, int64_t nt,
+                                            float bias, float* out0, float* out1) {
+  output_row_body(m, mstride, nt, bias, out0, out1);
+}
+CONVCORE_WINO_CLONES inline void output_row(const double* m, int64_t mstride, int64_t nt,
+                                            double bias, double* out0, double* out1) {
+  output_row_body(m, mstride, nt, bias, out0, out1);
+}
+
+}  // namespace winograd
+}  // namespace convcore
