@@ -77,11 +77,12 @@ int64_t winograd_band(int64_t tiles_h, int64_t tiles_w) {
 }
 
 // Measured on the development machine (docs/benchmarks.md): F(2x2, 3x3)
-// beats the GEMM path by 1.1-1.3x with 256+ channels in and out at batch 16
-// and loses with fewer channels (its transforms then weigh more than the
-// multiplications saved) or when too few bands of tiles keep both cores busy.
+// beats the GEMM path by about 1.1x with 256+ channels in and out on 28x28
+// and larger outputs at batch 16, and loses with fewer channels (its
+// transforms then weigh more than the multiplications saved), on small
+// images (13x13, 14x14), or when too few bands of tiles keep both cores busy.
 bool winograd_pays(const ConvGeometry& G) {
-  if (!winograd_shape(G) || G.C < 256 || G.Cout < 256) return false;
+  if (!winograd_shape(G) || G.C < 256 || G.Cout < 256 || G.Ho < 24 || G.Wo < 24) return false;
   const int64_t tiles_h = (G.Ho + 1) / 2, tiles_w = (G.Wo + 1) / 2;
   const int64_t band = winograd_band(tiles_h, tiles_w);
   const int64_t tasks = G.N * ((tiles_h + band - 1) / band);
