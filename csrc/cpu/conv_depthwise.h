@@ -33,6 +33,14 @@ struct Plane {
   int64_t Wp() const { return std::max(W + pl, (Wo - 1) * sw + (KW - 1) * dw + 1); }
 };
 
+// Stride-1 planes of up to kFlatMax padded elements run each tap as one loop
+// over the flat padded plane (rows computed Wp wide, extra columns dropped)
+// instead of a short loop per row and tap.
+constexpr int64_t kFlatMax = 4096;
+inline bool flat_applies(const Plane& p) {
+  return p.sh == 1 && p.sw == 1 && p.Ho * p.Wp() <= kFlatMax;
+}
+
 // Lays out an output plane (Ho x Wo) Wp wide, zeros in the extra columns,
 // for the flat stride-1 loops below; returns the flat length used.
 template <typename T>
@@ -64,12 +72,11 @@ void pad_plane(const Plane& p, const T* x, T* buf) {
 template <typename T>
 inline __attribute__((always_inline)) void forward_padded_body(const Plane& p, const T* buf, const T* w, T bias, T* out) {
   const int64_t Wp = p.Wp();
-  constexpr int64_t kWide = 4096;
-  if (p.sh == 1 && p.sw == 1 && p.Ho * Wp <= kWide) {
+  if (flat_applies(p)) {
     // Stride 1, small plane: over the flat padded plane each tap is one
     // long loop (output rows computed Wp wide, the extra columns dropped),
     // instead of a short loop per row and tap.
-    T wide[kWide];
+    T wide[kFlatMax];
     const int64_t n = (p.Ho - 1) * Wp + p.Wo;
     std::fill(wide, wide + n, bias);
     for (int64_t i = 0; i < p.KH; ++i)
@@ -103,11 +110,10 @@ inline __attribute__((always_inline)) void forward_padded_body(const Plane& p, c
 template <typename T>
 inline __attribute__((always_inline)) void grad_weight_padded_body(const Plane& p, const T* gy, const T* buf, double* gw) {
   const int64_t Wp = p.Wp();
-  constexpr int64_t kWide = 4096;
-  if (p.sh == 1 && p.sw == 1 && p.Ho * Wp <= kWide) {
+  if (flat_applies(p)) {
     // gy laid out Wp wide with zeros in the extra columns: each tap's sum
     // is one dot product over the flat padded plane.
-    T wide[kWide];
+    T wide[kFlatMax];
     const int64_t n = widen(p, gy, wide);
     for (int64_t i = 0; i < p.KH; ++i)
       for (int64_t j = 0; j < p.KW; ++j) {
@@ -138,11 +144,10 @@ inline __attribute__((always_inline)) void grad_weight_padded_body(const Plane& 
 template <typename T>
 inline __attribute__((always_inline)) void grad_input_padded_body(const Plane& p, const T* gy, const T* w, T* gbuf) {
   const int64_t Wp = p.Wp();
-  constexpr int64_t kWide = 4096;
-  if (p.sh == 1 && p.sw == 1 && p.Ho * Wp <= kWide) {
+  if (flat_applies(p)) {
     // gy laid out Wp wide with zeros in the extra columns: each tap adds
     // into the flat padded plane in one long loop.
-    T wide[kWide];
+    T wide[kFlatMax];
     const int64_t n = widen(p, gy, wide);
     for (int64_t i = 0; i < p.KH; ++i)
       for (int64_t j = 0; j < p.KW; ++j) {
