@@ -130,9 +130,8 @@ struct Im2colPackB {
           // Output columns ow + t read input column (ow + t) * sw + iw_off:
           // inside the image for t in [lo, hi).
           const int64_t first = ow * sw + iw_off;
-          const int64_t lo = std::min(run, first >= 0 ? 0 : (-first + sw - 1) / sw);
-          const int64_t hi =
-              std::max(lo, std::min(run, first >= G.W ? 0 : (G.W - 1 - first) / sw + 1));
+          int64_t lo, hi;
+          detail::inside_range(first, sw, run, G.W, &lo, &hi);
           const T* src = xc + ih * G.xs_h + first * G.xs_w;
           const int64_t step = sw * G.xs_w;
           std::fill(out, out + lo, T(0));
@@ -189,9 +188,8 @@ struct Im2colTransposedPackB {
             for (int64_t t = 0; t < run; ++t) out[(k + t) * NR] = T(0);
           } else {
             const int64_t first = ow * sw + iw_off;
-            const int64_t lo = std::min(run, first >= 0 ? 0 : (-first + sw - 1) / sw);
-            const int64_t hi =
-                std::max(lo, std::min(run, first >= G.W ? 0 : (G.W - 1 - first) / sw + 1));
+            int64_t lo, hi;
+            detail::inside_range(first, sw, run, G.W, &lo, &hi);
             const T* src = xc + ih * G.xs_h + first * G.xs_w;
             for (int64_t t = 0; t < lo; ++t) out[(k + t) * NR] = T(0);
             for (int64_t t = lo; t < hi; ++t) out[(k + t) * NR] = src[t * sw * G.xs_w];

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "strided.h"
+
 namespace convcore {
 namespace depthwise {
 
@@ -175,10 +177,7 @@ inline __attribute__((always_inline)) void grad_input_padded_body(const Plane& p
 
 // Output columns ow in [lo, hi) read input column ow * sw + off inside [0, W).
 inline void valid_columns(const Plane& p, int64_t off, int64_t* lo, int64_t* hi) {
-  *lo = off >= 0 ? 0 : (-off + p.sw - 1) / p.sw;
-  *hi = off >= p.W ? 0 : std::min(p.Wo, (p.W - 1 - off) / p.sw + 1);
-  *lo = std::min(*lo, p.Wo);
-  *hi = std::max(*hi, *lo);
+  detail::inside_range(off, p.sw, p.Wo, p.W, lo, hi);
 }
 
 // out (Ho x Wo, contiguous) = bias + sum over taps of w[i, j] * shifted x.

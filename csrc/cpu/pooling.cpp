@@ -44,8 +44,8 @@ void row_argmax(const T* plane, const PlaneStrides& s, int64_t H, int64_t W,
     const T* xr = plane + ih * s.h;
     for (int64_t j = 0; j < p.kernel_w; ++j) {
       const int64_t off = j * p.dilation_w - p.pad_w;
-      const int64_t lo = std::min(Wo, off >= 0 ? 0 : (-off + p.stride_w - 1) / p.stride_w);
-      const int64_t hi = off >= W ? lo : std::max(lo, std::min(Wo, (W - 1 - off) / p.stride_w + 1));
+      int64_t lo, hi;
+      detail::inside_range(off, p.stride_w, Wo, W, &lo, &hi);
       const int64_t base = ih * W + off;
       for (int64_t ow = lo; ow < hi; ++ow) {
         const T v = xr[(ow * p.stride_w + off) * s.w];
@@ -100,8 +100,8 @@ void max_forward_separable(const TensorView& in, const Pool2dParams& p, const Sh
         for (int64_t j = 0; j < p.kernel_w; ++j) {
           // output columns whose tap j lands inside the row: iw = ow * sw + off
           const int64_t off = j * p.dilation_w - p.pad_w;
-          const int64_t lo = std::min(o.w, off >= 0 ? 0 : (-off + p.stride_w - 1) / p.stride_w);
-          const int64_t hi = off >= W ? lo : std::max(lo, std::min(o.w, (W - 1 - off) / p.stride_w + 1));
+          int64_t lo, hi;
+          detail::inside_range(off, p.stride_w, o.w, W, &lo, &hi);
           const T* src = c + off;
           for (int64_t ow = lo; ow < hi; ++ow) yr[ow] = max_nan(yr[ow], src[ow * p.stride_w]);
         }

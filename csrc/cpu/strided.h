@@ -1,6 +1,7 @@
 // Small internal helpers shared by the op files: typed dispatch and
 // contiguous copies of strided views.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -81,6 +82,18 @@ class Contiguous {
   TensorView view_;
   std::vector<T> copy_;
 };
+
+// Of n outputs t = 0 .. n-1 that read input index first + t * stride, those
+// with t in [*lo, *hi) fall inside [0, size): the rest read padding. (The
+// window loops of conv, depthwise and pooling split rows this way so their
+// inner loops need no bounds test.)
+inline void inside_range(int64_t first, int64_t stride, int64_t n, int64_t size, int64_t* lo,
+                         int64_t* hi) {
+  const int64_t l = first >= 0 ? 0 : (-first + stride - 1) / stride;
+  const int64_t h = first >= size ? 0 : (size - 1 - first) / stride + 1;
+  *lo = std::min(l, n);
+  *hi = std::max(std::min(h, n), *lo);
+}
 
 // Threads for a parallel loop of `tasks` independent pieces of work: the
 // core's thread count, shared among the calls in flight (calls from several
