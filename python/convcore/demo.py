@@ -59,12 +59,14 @@ def worked_examples() -> bool:
     return ok
 
 
-def train_digits(epochs: int = 25, seed: int = 0, print_fn=print) -> dict:
+def train_digits(epochs: int = 25, seed: int = 0, print_fn=print, distributed=None) -> dict:
     """Trains LeNet-5 on the digits (70% train, 10% validation, 20% test,
     stratified) and returns test accuracy, median epoch time and training
     images/s, and the History. The
     seed fixes the split, the initial weights, the shuffling and the
-    augmentation, so a run repeats exactly."""
+    augmentation, so a run repeats exactly. With distributed (a
+    convcore.distributed.ProcessGroup), the batch of 32 is split over the
+    ranks, so the run takes the same steps as one process."""
     from .data import DataLoader, RandomShift, load_digits, train_val_test_split
     from .models import lenet5
     from .nn import CrossEntropyLoss, init
@@ -79,19 +81,23 @@ def train_digits(epochs: int = 25, seed: int = 0, print_fn=print) -> dict:
     optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     scheduler = ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=4)
     loss_fn = CrossEntropyLoss(label_smoothing=0.1)
-    train_loader = DataLoader(x_train, y_train, batch_size=32, shuffle=True, seed=seed,
+    ranks = 1 if distributed is None else distributed.size
+    if 32 % ranks:
+        raise ValueError(f"the demo's batch of 32 does not split over {ranks} ranks")
+    train_loader = DataLoader(x_train, y_train, batch_size=32 // ranks, shuffle=True, seed=seed,
                               augment=RandomShift(2))
     print_fn(f"LeNet-5 ({model.num_parameters():,} parameters) on scikit-learn's handwritten "
              f"digits, 8x8 resampled to 28x28 in a 32x32 field:")
     print_fn(f"  {len(y_train)} training, {len(y_val)} validation, {len(y_test)} test images; "
-             f"{F.get_num_threads()} threads")
+             f"{F.get_num_threads()} threads" + (f" on each of {ranks} ranks" if ranks > 1 else ""))
     print_fn("  SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 32, label smoothing 0.1, "
              "random shifts of up to 2 pixels; lr / 10 after 4 epochs without better "
              "validation accuracy")
     history = fit(model, loss_fn, optimizer, train_loader,
                   DataLoader(x_val, y_val, batch_size=256), epochs=epochs, scheduler=scheduler,
-                  print_fn=print_fn)
-    _, accuracy = evaluate(model, DataLoader(x_test, y_test, batch_size=256), loss_fn)
+                  print_fn=print_fn, distributed=distributed)
+    _, accuracy = evaluate(model, DataLoader(x_test, y_test, batch_size=256), loss_fn,
+                           distributed=distributed)
     return {
         "test_accuracy": accuracy,
         "test_size": len(y_test),
@@ -112,6 +118,9 @@ def main(argv=None) -> None:
                         help="threads for the core (default: OMP_NUM_THREADS or all cores)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the split, weights, shuffling and augmentation")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel over the ranks of an MPI job: "
+                             "mpiexec -n 2 python -m convcore demo --distributed")
     parser.add_argument("--plot", metavar="PATH", default=None,
                         help="save the training curves there (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -122,26 +131,39 @@ def main(argv=None) -> None:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         F.set_num_threads(args.threads)
 
+    group = None
+    if args.distributed:
+        try:
+            from .distributed import init
+            group = init()
+        except ImportError as e:
+            raise SystemExit(str(e)) from None
+    # one rank prints; the others stay quiet
+    is_root = group is None or group.is_root
+    say = print if is_root else (lambda *args, **kwargs: None)
+
     start = time.perf_counter()
-    ok = worked_examples()
-    print()
+    ok = worked_examples() if is_root else True
+    say()
     try:
-        result = train_digits(epochs=args.epochs, seed=args.seed)
+        result = train_digits(epochs=args.epochs, seed=args.seed, print_fn=say,
+                              distributed=group)
     except ImportError as e:
         raise SystemExit(str(e)) from None
     total = time.perf_counter() - start
     accuracy, n_test = result["test_accuracy"], result["test_size"]
-    print()
-    print(f"Test accuracy:   {100 * accuracy:.1f}% ({round(accuracy * n_test)}/{n_test} "
+    say()
+    say(f"Test accuracy:   {100 * accuracy:.1f}% ({round(accuracy * n_test)}/{n_test} "
           f"held-out images)")
-    print(f"Time per epoch:  {result['seconds_per_epoch']:.2f} s, "
+    say(f"Time per epoch:  {result['seconds_per_epoch']:.2f} s, "
           f"{result['images_per_sec']:,.0f} training images/s (medians over "
-          f"{len(result['history'])} epochs, {F.get_num_threads()} threads)")
-    print(f"Total time:      {total:.1f} s ({result['training_seconds']:.1f} s training and "
+          f"{len(result['history'])} epochs, {F.get_num_threads()} threads"
+          + (f" x {group.size} ranks)" if group is not None else ")"))
+    say(f"Total time:      {total:.1f} s ({result['training_seconds']:.1f} s training and "
           f"validation)")
-    if args.plot:
+    if args.plot and is_root:
         result["history"].plot(args.plot)
-        print(f"Training curves: {args.plot}")
+        say(f"Training curves: {args.plot}")
     if not ok:
         raise SystemExit("some worked examples did not match the lecture notes")
     if accuracy < 0.97:

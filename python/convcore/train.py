@@ -97,28 +97,46 @@ def _batch_loss_sum(loss_fn, loss: float, n: int) -> float:
     return loss if getattr(loss_fn, "reduction", "mean") == "sum" else loss * n
 
 
-def evaluate(model: Module, loader, loss_fn=None) -> Tuple[float, float]:
+def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[float, float]:
     """(mean loss, accuracy) over a loader's batches, in eval mode (dropout
     off, batch norm on running statistics); the model's mode is restored
-    afterwards. loss_fn defaults to CrossEntropyLoss()."""
+    afterwards. loss_fn defaults to CrossEntropyLoss(). With distributed (a
+    convcore.distributed.ProcessGroup), each rank evaluates its shard of
+    the loader and every rank returns the figures over all of them."""
     _check_model(model)
     if loss_fn is None:
         from .nn.loss import CrossEntropyLoss
         loss_fn = CrossEntropyLoss()
+    if distributed is not None:
+        _check_group(distributed)
+        loader = distributed.shard(loader)
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     try:
         for xb, yb in loader:
+            if len(yb) == 0:
+                continue
             logits = model(xb)
             total_loss += _batch_loss_sum(loss_fn, loss_fn(logits, yb), len(yb))
             correct += _count_correct(logits, yb)
             seen += len(yb)
     finally:
         model.train(was_training)
+    if distributed is not None:
+        sums = distributed.allreduce_(np.array([total_loss, correct, seen], dtype=np.float64),
+                                      "the all-reduce of the evaluation")
+        total_loss, correct, seen = float(sums[0]), int(sums[1]), int(sums[2])
     if seen == 0:
         raise ValueError("loader yielded no samples")
     return total_loss / seen, correct / seen
+
+
+def _check_group(group) -> None:
+    from .distributed import ProcessGroup
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"distributed must be a convcore.distributed.ProcessGroup (from "
+                        f"convcore.distributed.init()), got {type(group).__name__}")
 
 
 def predict(model: Module, x, batch_size: int = 256) -> np.ndarray:
@@ -189,7 +207,8 @@ def _positive_int(value, name: str, allow_none: bool = False) -> Optional[int]:
 
 def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=None,
         epochs: int = 10, scheduler=None, early_stopping: Optional[int] = None,
-        progress: bool = True, print_fn: Callable = print) -> History:
+        progress: bool = True, print_fn: Callable = print, distributed=None,
+        checkpoint=None, resume: bool = False) -> History:
     """Trains model for `epochs` passes over train_loader and returns the History.
 
     Each batch: zero the gradients, forward, loss, backward, optimizer.step().
@@ -200,7 +219,18 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
     a better validation accuracy (equal accuracy with a lower loss counts as
     better) and loads the best epoch's weights back into the model.
     progress prints one line per epoch through print_fn (and a live batch
-    bar on stderr when it is a terminal)."""
+    bar on stderr when it is a terminal).
+
+    distributed: a convcore.distributed.ProcessGroup for data-parallel
+    training. The loaders (DataLoaders) are split across the ranks, their
+    batch_size counting per rank; rank 0's initial weights go to every rank;
+    gradients are averaged over the global batch; only rank 0 prints and
+    writes the checkpoint; every rank ends with bit-identical parameters.
+
+    checkpoint: a file written (atomically) after every epoch with the model,
+    the optimiser, the scheduler, the loader's random state and the history.
+    resume=True continues from that file when it exists (and starts afresh
+    when it does not), so rerunning the same command resumes a stopped job."""
     _check_model(model)
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a convcore.optim.Optimizer, got "
@@ -214,83 +244,215 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
         raise ValueError("early_stopping needs a val_loader")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint path")
+    if checkpoint is not None:
+        from .io import _fspath
+        checkpoint = _fspath(checkpoint, "checkpoint")
 
-    bar = _Progress(bool(progress), print_fn)
+    group, reducer = distributed, None
+    if group is not None:
+        _check_group(group)
+        from .distributed import GradientReducer
+        train_loader = group.shard(train_loader)
+        group.check_same_model(model)
+        group.broadcast_model(model)
+        reducer = GradientReducer(model, group)
+    is_root = group is None or group.is_root
+    mean_loss = getattr(loss_fn, "reduction", "mean") != "sum"
+
+    bar = _Progress(bool(progress) and is_root, print_fn)
     history = History()
-    best_key, best_state, bad_epochs = None, None, 0
+    best_key, best_state, bad_epochs, first_epoch = None, None, 0, 1
+    if resume:
+        saved = _read_checkpoint(checkpoint, group)
+        if saved is not None:
+            first_epoch, best_key, best_state, bad_epochs = _restore(
+                saved, model, optimizer, scheduler, train_loader, history)
+            if progress and is_root:
+                print_fn(f"resumed from {checkpoint} after epoch {first_epoch - 1}")
     try:
         total_batches = len(train_loader)
     except TypeError:
         total_batches = None
     width = len(str(epochs))
 
-    for epoch in range(1, epochs + 1):
-        lr = optimizer.lr
-        start = time.perf_counter()
-        model.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        for b, (xb, yb) in enumerate(train_loader, 1):
-            optimizer.zero_grad()
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss} at epoch {epoch}, batch {b}: "
-                                         f"training diverged (try a lower learning rate)")
-            model.backward(loss_fn.backward())
-            optimizer.step()
-            total_loss += _batch_loss_sum(loss_fn, loss, len(yb))
-            correct += _count_correct(logits, yb)
-            seen += len(yb)
-            bar.batch(f"epoch {epoch:>{width}}/{epochs}", b, total_batches, total_loss / seen,
-                      correct / seen)
-        if seen == 0:
-            raise ValueError("train_loader yielded no samples")
-        train_time = time.perf_counter() - start
-        train_loss, train_acc = total_loss / seen, correct / seen
-        val_loss, val_acc = (evaluate(model, val_loader, loss_fn) if val_loader is not None
-                             else (math.nan, math.nan))
-        epoch_time = time.perf_counter() - start
-        history.append(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
-                       val_loss=val_loss, val_acc=val_acc, lr=lr, epoch_time=epoch_time,
-                       images_per_sec=seen / train_time if train_time > 0 else math.inf)
-
-        line = (f"epoch {epoch:>{width}}/{epochs}  train loss {train_loss:.4f} "
-                f"acc {100 * train_acc:5.1f}%")
-        if val_loader is not None:
-            line += f"  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}%"
-        line += f"  lr {lr:.3g}  {epoch_time:.2f} s  {seen / train_time:,.0f} img/s"
-
-        if scheduler is not None:
-            if isinstance(scheduler, ReduceLROnPlateau):
-                has_val = val_loader is not None
-                if scheduler.mode == "max":
-                    scheduler.step(val_acc if has_val else train_acc)
+    try:
+        for epoch in range(first_epoch, epochs + 1):
+            lr = optimizer.lr
+            start = time.perf_counter()
+            model.train()
+            total_loss, correct, seen = 0.0, 0, 0
+            for b, (xb, yb) in enumerate(train_loader, 1):
+                optimizer.zero_grad()
+                n = len(yb)
+                loss_sum, right = 0.0, 0
+                if n:
+                    logits = model(xb)
+                    loss = loss_fn(logits, yb)
+                    loss_sum, right = _batch_loss_sum(loss_fn, loss, n), _count_correct(logits, yb)
+                if reducer is None:
+                    if not math.isfinite(loss_sum):
+                        _diverged(loss_sum, epoch, b)
+                    model.backward(loss_fn.backward())
                 else:
-                    scheduler.step(val_loss if has_val else train_loss)
-            else:
-                scheduler.step()
+                    # this rank's gradient, weighted by its samples, summed over the ranks
+                    if n:
+                        reducer.backward(loss_fn.backward(), n if mean_loss else 1)
+                    else:
+                        reducer.skip_backward()
+                    sums = group.allreduce_(np.array([loss_sum, right, n], dtype=np.float64),
+                                            "the all-reduce of the batch statistics")
+                    reducer.finish(sums[2] if mean_loss else 1.0)
+                    loss_sum, right, n = float(sums[0]), int(sums[1]), int(sums[2])
+                    if not math.isfinite(loss_sum):
+                        _diverged(loss_sum / max(n, 1), epoch, b)
+                optimizer.step()
+                total_loss += loss_sum
+                correct += right
+                seen += n
+                bar.batch(f"epoch {epoch:>{width}}/{epochs}", b, total_batches,
+                          total_loss / max(seen, 1), correct / max(seen, 1))
+            if seen == 0:
+                raise ValueError("train_loader yielded no samples")
+            train_time = time.perf_counter() - start
+            if group is not None:
+                # batch norm's running statistics come from rank 0's slices
+                group.broadcast_model_buffers(model)
+                group.check_identical(model)
+            train_loss, train_acc = total_loss / seen, correct / seen
+            val_loss, val_acc = (evaluate(model, val_loader, loss_fn, distributed=group)
+                                 if val_loader is not None else (math.nan, math.nan))
+            epoch_time = time.perf_counter() - start
+            history.append(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
+                           val_loss=val_loss, val_acc=val_acc, lr=lr, epoch_time=epoch_time,
+                           images_per_sec=seen / train_time if train_time > 0 else math.inf)
 
-        stop = False
-        if patience is not None:
-            key = (val_acc, -val_loss)
-            if best_key is None or key > best_key:
-                best_key, best_state, bad_epochs = key, model.state_dict(), 0
-                history.best_epoch = epoch
-                line += "  *"
-            else:
-                bad_epochs += 1
-                stop = bad_epochs >= patience
-        bar.epoch(line)
-        if stop:
-            history.stopped_early = True
-            if progress:
-                print_fn(f"early stopping: no better validation accuracy for {patience} "
-                         f"epochs")
-            break
+            line = (f"epoch {epoch:>{width}}/{epochs}  train loss {train_loss:.4f} "
+                    f"acc {100 * train_acc:5.1f}%")
+            if val_loader is not None:
+                line += f"  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}%"
+            line += f"  lr {lr:.3g}  {epoch_time:.2f} s  {seen / train_time:,.0f} img/s"
+
+            if scheduler is not None:
+                if isinstance(scheduler, ReduceLROnPlateau):
+                    has_val = val_loader is not None
+                    if scheduler.mode == "max":
+                        scheduler.step(val_acc if has_val else train_acc)
+                    else:
+                        scheduler.step(val_loss if has_val else train_loss)
+                else:
+                    scheduler.step()
+
+            stop = False
+            if patience is not None:
+                key = (val_acc, -val_loss)
+                if best_key is None or key > best_key:
+                    best_key, best_state, bad_epochs = key, model.state_dict(), 0
+                    history.best_epoch = epoch
+                    line += "  *"
+                else:
+                    bad_epochs += 1
+                    stop = bad_epochs >= patience
+            bar.epoch(line)
+            if checkpoint is not None and is_root:
+                _write_checkpoint(checkpoint, epoch, model, optimizer, scheduler, train_loader,
+                                  history, best_key, best_state, bad_epochs)
+            if stop:
+                history.stopped_early = True
+                if progress and is_root:
+                    print_fn(f"early stopping: no better validation accuracy for {patience} "
+                             f"epochs")
+                break
+    finally:
+        if reducer is not None:
+            reducer.close()
 
     if best_state is not None:
         model.load_state_dict(best_state)
-        if progress and history.best_epoch != history.epoch[-1]:
+        if progress and is_root and history.best_epoch != history.epoch[-1]:
             print_fn(f"restored the weights of epoch {history.best_epoch} (validation "
                      f"accuracy {100 * history.val_acc[history.best_epoch - 1]:.1f}%)")
     return history
+
+
+def _diverged(loss: float, epoch: int, batch: int):
+    raise FloatingPointError(f"the loss is {loss} at epoch {epoch}, batch {batch}: "
+                             f"training diverged (try a lower learning rate)")
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+_CHECKPOINT_KEY = "convcore_checkpoint"
+
+
+def _write_checkpoint(path, epoch, model, optimizer, scheduler, loader, history, best_key,
+                      best_state, bad_epochs) -> None:
+    """One safetensors file: the arrays of the model ("model/..."), of the
+    optimiser's state ("optimizer/i/name") and of the best epoch's weights
+    ("best/..."), and everything else as JSON in the metadata."""
+    import json
+    from .io import save_state_dict_file
+
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for i, entry in enumerate(opt.pop("state")):
+        for name, value in entry.items():
+            tensors[f"optimizer/{i}/{name}"] = value
+    if best_state is not None:
+        tensors.update({f"best/{k}": v for k, v in best_state.items()})
+    rng = getattr(loader, "rng", None)
+    info = {
+        "epoch": epoch,
+        "optimizer": opt,
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "rng": None if rng is None else rng.bit_generator.state,
+        "history": history.as_dict(),
+        "best_epoch": history.best_epoch,
+        "best_key": None if best_key is None else list(best_key),
+        "bad_epochs": bad_epochs,
+    }
+    save_state_dict_file(tensors, path, {_CHECKPOINT_KEY: json.dumps(info)})
+
+
+def _read_checkpoint(path, group):
+    """The checkpoint's (tensors, info), or None when the file does not exist;
+    with a process group, rank 0 reads it and sends it to the others."""
+    import json
+    import os
+    from .io import load_state_dict_file
+
+    saved = None
+    if group is None or group.is_root:
+        if os.path.exists(path):
+            tensors, meta = load_state_dict_file(path)
+            if _CHECKPOINT_KEY not in meta:
+                raise ValueError(f"checkpoint: {path} is not a checkpoint written by fit()")
+            saved = (tensors, json.loads(meta[_CHECKPOINT_KEY]))
+    if group is not None:
+        saved = group.broadcast_object(saved, what="the checkpoint")
+    return saved
+
+
+def _restore(saved, model, optimizer, scheduler, loader, history):
+    tensors, info = saved
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    opt = dict(info["optimizer"])
+    state = [{} for _ in optimizer.params]
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, i, name = key.split("/", 2)
+            state[int(i)][name] = value
+    opt["state"] = state
+    optimizer.load_state_dict(opt)
+    if scheduler is not None and info["scheduler"] is not None:
+        scheduler.load_state_dict(info["scheduler"])
+    rng = getattr(loader, "rng", None)
+    if rng is not None and info["rng"] is not None:
+        rng.bit_generator.state = info["rng"]
+    for record in zip(*(info["history"][f] for f in History.fields)):
+        history.append(**dict(zip(History.fields, record)))
+    history.best_epoch = info["best_epoch"]
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+    best_key = None if info["best_key"] is None else tuple(info["best_key"])
+    return info["epoch"] + 1, best_key, (best or None), info["bad_epochs"]
