@@ -136,3 +136,29 @@ def test_relu_nan_follows_pytorch():
     assert np.isnan(convcore.relu(x)[0])
     g = convcore.relu_backward(np.full(4, 3.0), x)
     np.testing.assert_array_equal(g, [3.0, 0.0, 0.0, 3.0])
+
+
+# Batches up to 32 rows take the streaming kernels (vectors along in_features,
+# register tiles of 4 x 5 / 6 x 3 with edge tiles, in_features chunks of 2048,
+# out_features slabs of 512); these shapes reach every edge of them, and 33 rows
+# the GEMM path.
+@pytest.mark.parametrize("m,k,n", [(1, 100, 7), (3, 15, 4), (4, 2049, 13), (6, 47, 5),
+                                   (7, 48, 6), (16, 4100, 1030), (17, 96, 11),
+                                   (32, 4145, 521), (33, 50, 9)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_linear_small_batch_paths(m, k, n, dtype, layout):
+    rng = np.random.default_rng(m * 1000 + k)
+    x = randn(rng, (m, k), dtype)
+    w = randn(rng, (n, k), dtype)
+    b = randn(rng, (n,), dtype)
+    gy = randn(rng, (m, n), dtype)
+    if layout == "strided":   # every other row and column of bigger arrays
+        x = np.repeat(np.repeat(x, 2, 0), 2, 1)[::2, ::2]
+        gy = np.repeat(gy, 2, 1)[:, ::2]
+    check_output(convcore.linear(x, w, b), ref.linear_ref(x, w, b), dtype, "linear")
+    egx, egw, egb = ref.linear_backward_ref(gy, x, w)
+    gx, gw, gb = convcore.linear_backward(gy, x, w)
+    check_output(gx, egx, dtype, "grad_input")
+    check_output(gw, egw, dtype, "grad_weight")
+    check_output(gb, egb, dtype, "grad_bias")

@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <string>
+#include <type_traits>
 
 #include "convcore/ops.h"
 #include "convcore/threading.h"
@@ -24,33 +26,282 @@ void check_linear(const TensorView& input, const TensorView& weight) {
                      std::to_string(weight.shape[1]) + " (weight.shape[1])");
 }
 
-// output (M x N) = input (M x K) @ weight (N x K)^T for a small batch M:
-// bound by reading the weight once, so each weight row is streamed in order
-// and dotted with every input row (kept in cache) -- no packing, no
-// strided access to the large operand. Dot products run in kLanes partial
-// sums in a fixed order (deterministic), then add up.
-template <typename T>
-void linear_forward_small_batch(const TensorView& input, const TensorView& weight, T* y) {
-  const int64_t M = input.shape[0], K = input.shape[1], N = weight.shape[0];
-  constexpr int kLanes = 16;
-  const detail::Contiguous<T> xc(input);
-  const T* x = xc.data();
-  const T* w = weight.ptr<const T>();
-  const int64_t ws0 = weight.strides[0];
-  const int64_t kmain = K / kLanes * kLanes;
-#pragma omp parallel for num_threads(detail::threads_for(N, M * N * K)) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const T* wr = w + n * ws0;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* xr = x + m * K;
-      T part[kLanes] = {};
-      for (int64_t k = 0; k < kmain; k += kLanes)
-        for (int l = 0; l < kLanes; ++l) part[l] += xr[k + l] * wr[k + l];
-      T sum = 0;
-      for (int l = 0; l < kLanes; ++l) sum += part[l];
-      for (int64_t k = kmain; k < K; ++k) sum += xr[k] * wr[k];
-      y[m * N + n] = sum;
+// ---------------------------------------------------------------- small batches
+// With a batch of up to kSmallBatch rows, a fully connected layer is bound by
+// streaming the weight (forward, grad_input) or writing grad_weight, not by
+// multiply-adds: packing either for the GEMM costs more memory traffic than
+// the product itself. These kernels read the weight in place, once, and keep
+// vectors along in_features (K), where every operand is contiguous. Every
+// sum runs in an order that does not depend on the thread count.
+constexpr int64_t kSmallBatch = 32;
+constexpr int64_t kChunkK = 2048;  // forward: a chunk of the input rows stays in L2
+constexpr int64_t kChunkR = 512;   // grad_input: a slab of weight rows stays in L2
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define CONVCORE_SMALL_LINEAR 1
+
+// (by reference: a vector passed by value outside a target function changes the ABI)
+template <typename V>
+inline __attribute__((always_inline)) void load_vec(V& v, const void* p) {
+  __builtin_memcpy(&v, p, sizeof(V));
+}
+template <typename V>
+inline __attribute__((always_inline)) void store_vec(void* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// y[i, j] (+)= dot(x[i, k0:k1], w[j, k0:k1]) for an MB x NB tile; lanes summed in order.
+template <typename T, typename V, int MB, int NB>
+inline __attribute__((always_inline)) void dot_tile(int64_t k0, int64_t k1, const T* x,
+                                                    int64_t ldx, const T* w, int64_t ldw, T* y,
+                                                    int64_t ldy, bool accumulate) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  V acc[MB][NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = V{};
+  int64_t k = k0;
+  for (; k + W <= k1; k += W) {
+    V xv[MB], wv[NB];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) load_vec(xv[i], x + i * ldx + k);
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) load_vec(wv[j], w + j * ldw + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[i][j] += xv[i] * wv[j];
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      T lanes[W];
+      __builtin_memcpy(lanes, &acc[i][j], sizeof(V));
+      T s = 0;
+      for (int l = 0; l < W; ++l) s += lanes[l];
+      for (int64_t kk = k; kk < k1; ++kk) s += x[i * ldx + kk] * w[j * ldw + kk];
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + s : s;
     }
+}
+
+// acc tile c[i, 0:KV*W] (+)= sum_r a[i, r] * b[r, k0:k0+KV*W] over r in [0, R): the
+// shared shape of grad_input (a = grad_output, b = weight, r = out_features) and
+// grad_weight (a = grad_output^T, b = input, r = batch). a(i, r) = a[i * ais + r * ars].
+template <typename T, typename V, int MB, int KV>
+inline __attribute__((always_inline)) void axpy_tile(int64_t R, const T* a, int64_t ais,
+                                                     int64_t ars, const T* b, int64_t ldb, T* c,
+                                                     int64_t ldc, bool accumulate) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  V acc[MB][KV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < KV; ++v) acc[i][v] = V{};
+  for (int64_t r = 0; r < R; ++r) {
+    V bv[KV];
+#pragma GCC unroll 4
+    for (int v = 0; v < KV; ++v) load_vec(bv[v], b + r * ldb + v * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const T ai = a[i * ais + r * ars];
+#pragma GCC unroll 4
+      for (int v = 0; v < KV; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < KV; ++v) {
+      T* out = c + i * ldc + v * W;
+      V sum = acc[i][v];
+      if (accumulate) {
+        V old;
+        load_vec(old, out);
+        sum += old;
+      }
+      store_vec(out, sum);
+    }
+}
+
+// Scalar edge of axpy_tile: columns [k0, k1) one at a time.
+template <typename T>
+void axpy_edge(int rows, int64_t R, const T* a, int64_t ais, int64_t ars, const T* b,
+               int64_t ldb, int64_t k0, int64_t k1, T* c, int64_t ldc, bool accumulate) {
+  for (int i = 0; i < rows; ++i)
+    for (int64_t k = k0; k < k1; ++k) {
+      T s = 0;
+      for (int64_t r = 0; r < R; ++r) s += a[i * ais + r * ars] * b[r * ldb + k];
+      c[i * ldc + k] = accumulate ? c[i * ldc + k] + s : s;
+    }
+}
+
+// The edge tiles: the largest MB <= mb, NB <= nb instantiation, chosen at run time.
+template <typename T, typename V, int MB, int NB>
+inline __attribute__((always_inline)) void dot_tile_upto(int mb, int nb, int64_t k0, int64_t k1,
+                                                         const T* x, int64_t ldx, const T* w,
+                                                         int64_t ldw, T* y, int64_t ldy,
+                                                         bool accumulate) {
+  if constexpr (MB > 1) {
+    if (mb < MB)
+      return dot_tile_upto<T, V, MB - 1, NB>(mb, nb, k0, k1, x, ldx, w, ldw, y, ldy,
+                                             accumulate);
+  }
+  if constexpr (NB > 1) {
+    if (nb < NB)
+      return dot_tile_upto<T, V, MB, NB - 1>(mb, nb, k0, k1, x, ldx, w, ldw, y, ldy,
+                                             accumulate);
+  }
+  dot_tile<T, V, MB, NB>(k0, k1, x, ldx, w, ldw, y, ldy, accumulate);
+}
+
+template <typename T, typename V, int MB, int KV>
+inline __attribute__((always_inline)) void axpy_tile_upto(int mb, int64_t R, const T* a,
+                                                          int64_t ais, int64_t ars, const T* b,
+                                                          int64_t ldb, T* c, int64_t ldc,
+                                                          bool accumulate) {
+  if constexpr (MB > 1) {
+    if (mb < MB)
+      return axpy_tile_upto<T, V, MB - 1, KV>(mb, R, a, ais, ars, b, ldb, c, ldc, accumulate);
+  }
+  axpy_tile<T, V, MB, KV>(R, a, ais, ars, b, ldb, c, ldc, accumulate);
+}
+
+// One task of each kernel; the OpenMP loops over tasks live outside, in
+// code compiled for the baseline, because the target("avx512f") of a
+// function does not reach the body OpenMP outlines from it.
+template <typename T, typename V>
+struct SmallLinear {
+  static constexpr int W = sizeof(V) / sizeof(T);
+  // register tiles: 4 x 5 dot products (20 accumulators + 9 loads fit in AVX-512's
+  // 32 registers; AVX2 gets 2 x 5), 6 x 3 vectors for the axpy tiles (AVX2 3 x 3)
+  static constexpr int kDotM = W * sizeof(T) >= 64 ? 4 : 2, kDotN = 5;
+  static constexpr int kAxM = W * sizeof(T) >= 64 ? 6 : 3, kAxV = 3;
+
+  // y (M x N) = x (M x K) @ w (N x K)^T, for the kDotN rows of w of task t
+  static inline __attribute__((always_inline)) void forward_task(
+      int64_t M, int64_t N, int64_t K, const T* x, const T* w, int64_t ldw, T* y, int64_t t) {
+    const int64_t n0 = t * kDotN;
+    const int nb = static_cast<int>(std::min<int64_t>(kDotN, N - n0));
+    for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+      const int64_t k1 = std::min(K, k0 + kChunkK);
+      for (int64_t m0 = 0; m0 < M; m0 += kDotM) {
+        const int mb = static_cast<int>(std::min<int64_t>(kDotM, M - m0));
+        dot_tile_upto<T, V, kDotM, kDotN>(mb, nb, k0, k1, x + m0 * K, K, w + n0 * ldw, ldw,
+                                          y + m0 * N + n0, N, k0 > 0);
+      }
+    }
+  }
+
+  // c (rows x K) = sum over r < R of a(i, r) * b[r, :]. Task t is a block of
+  // kAxV vectors of columns (split_k) or of kAxM rows of c. Used by
+  // grad_input and grad_weight.
+  static inline __attribute__((always_inline)) void axpy_task(
+      int64_t rows, int64_t R, int64_t K, const T* a, int64_t ais, int64_t ars, const T* b,
+      int64_t ldb, T* c, int64_t ldc, bool split_k, int64_t chunk_r, int64_t t) {
+    constexpr int64_t KB = kAxV * W;
+    const int64_t kblocks = (K + KB - 1) / KB;
+    const int64_t rblocks = (rows + kAxM - 1) / kAxM;
+    const int64_t kb_lo = split_k ? t : 0, kb_hi = split_k ? t + 1 : kblocks;
+    const int64_t rb_lo = split_k ? 0 : t, rb_hi = split_k ? rblocks : t + 1;
+    for (int64_t r0 = 0; r0 < R; r0 += chunk_r) {
+      const int64_t rc = std::min(chunk_r, R - r0);
+      for (int64_t kb = kb_lo; kb < kb_hi; ++kb) {
+        const int64_t k0 = kb * KB;
+        for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
+          const int64_t i0 = rb * kAxM;
+          const int mb = static_cast<int>(std::min<int64_t>(kAxM, rows - i0));
+          const T* ap = a + i0 * ais + r0 * ars;
+          const T* bp = b + r0 * ldb;
+          T* cp = c + i0 * ldc;
+          if (k0 + KB <= K)
+            axpy_tile_upto<T, V, kAxM, kAxV>(mb, rc, ap, ais, ars, bp + k0, ldb, cp + k0, ldc,
+                                             r0 > 0);
+          else
+            axpy_edge<T>(mb, rc, ap, ais, ars, bp, ldb, k0, K, cp, ldc, r0 > 0);
+        }
+      }
+    }
+  }
+
+  static int64_t forward_tasks(int64_t N) { return (N + kDotN - 1) / kDotN; }
+  static int64_t axpy_tasks(int64_t rows, int64_t K, bool split_k) {
+    return split_k ? (K + kAxV * W - 1) / (kAxV * W) : (rows + kAxM - 1) / kAxM;
+  }
+};
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
+
+template <typename T>
+struct SmallKernelSet {
+  void (*forward)(int64_t, int64_t, int64_t, const T*, const T*, int64_t, T*, int64_t) = nullptr;
+  void (*axpy)(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*,
+               int64_t, bool, int64_t, int64_t) = nullptr;
+  int64_t (*forward_tasks)(int64_t) = nullptr;
+  int64_t (*axpy_tasks)(int64_t, int64_t, bool) = nullptr;
+};
+
+#define CONVCORE_SMALL_KERNELS(T, NAME, TARGET, V)                                             \
+  __attribute__((target(TARGET))) void forward_##NAME(int64_t M, int64_t N, int64_t K,         \
+                                                      const T* x, const T* w, int64_t ldw,     \
+                                                      T* y, int64_t t) {                       \
+    SmallLinear<T, V>::forward_task(M, N, K, x, w, ldw, y, t);                                 \
+  }                                                                                            \
+  __attribute__((target(TARGET))) void axpy_##NAME(                                            \
+      int64_t rows, int64_t R, int64_t K, const T* a, int64_t ais, int64_t ars, const T* b,    \
+      int64_t ldb, T* c, int64_t ldc, bool split_k, int64_t chunk, int64_t t) {                \
+    SmallLinear<T, V>::axpy_task(rows, R, K, a, ais, ars, b, ldb, c, ldc, split_k, chunk, t);  \
+  }                                                                                            \
+  const SmallKernelSet<T> kernels_##NAME = {forward_##NAME, axpy_##NAME,                       \
+                                            SmallLinear<T, V>::forward_tasks,                  \
+                                            SmallLinear<T, V>::axpy_tasks};
+CONVCORE_SMALL_KERNELS(float, avx512_f, "avx512f,fma", f32x16)
+CONVCORE_SMALL_KERNELS(double, avx512_d, "avx512f,fma", f64x8)
+CONVCORE_SMALL_KERNELS(float, avx2_f, "avx2,fma", f32x8)
+CONVCORE_SMALL_KERNELS(double, avx2_d, "avx2,fma", f64x4)
+#undef CONVCORE_SMALL_KERNELS
+
+// The kernels for the GEMM's instruction set (none for the portable level,
+// which keeps the GEMM path), so CONVCORE_ISA caps these too.
+template <typename T>
+SmallKernelSet<T> small_kernels() {
+  const std::string isa = gemm::isa_name();
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa == "avx512") return kernels_avx512_f;
+    if (isa == "avx2") return kernels_avx2_f;
+  } else {
+    if (isa == "avx512") return kernels_avx512_d;
+    if (isa == "avx2") return kernels_avx2_d;
+  }
+  return {};
+}
+
+template <typename T>
+void small_forward(const SmallKernelSet<T>& k, int64_t M, int64_t N, int64_t K, const T* x,
+                   const T* w, int64_t ldw, T* y) {
+  const int64_t tasks = k.forward_tasks(N);
+#pragma omp parallel for num_threads(detail::threads_for(tasks, M * N * K)) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) k.forward(M, N, K, x, w, ldw, y, t);
+}
+
+template <typename T>
+void small_axpy(const SmallKernelSet<T>& k, int64_t rows, int64_t R, int64_t K, const T* a,
+                int64_t ais, int64_t ars, const T* b, int64_t ldb, T* c, int64_t ldc,
+                bool split_k, int64_t chunk_r) {
+  const int64_t tasks = k.axpy_tasks(rows, K, split_k);
+#pragma omp parallel for num_threads(detail::threads_for(tasks, rows * R * K)) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t)
+    k.axpy(rows, R, K, a, ais, ars, b, ldb, c, ldc, split_k, chunk_r, t);
+}
+#endif  // small-batch kernels
+
+template <typename T>
+void linear_grad_bias(int64_t M, int64_t N, const T* gy, int64_t gs0, int64_t gs1, T* gb) {
+#pragma omp parallel for num_threads(detail::threads_for(N, M * N)) schedule(static)
+  for (int64_t j = 0; j < N; ++j) {
+    double s = 0;  // float32 sums in double
+    for (int64_t i = 0; i < M; ++i) s += gy[i * gs0 + j * gs1];
+    gb[j] = static_cast<T>(s);
   }
 }
 
@@ -70,9 +321,19 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
   detail::dispatch_float(input.dtype, [&](auto zero) {
     using T = decltype(zero);
     T* y = output.ptr<T>();
-    if (M <= 4 && weight.strides[1] == 1) {
-      linear_forward_small_batch<T>(input, weight, y);
-    } else {
+    bool done = false;
+#ifdef CONVCORE_SMALL_LINEAR
+    if (M <= kSmallBatch && weight.strides[1] == 1) {
+      const auto kernels = small_kernels<T>();
+      if (kernels.forward) {
+        const detail::Contiguous<T> xc(input);
+        small_forward<T>(kernels, M, N, K, xc.data(), weight.ptr<const T>(), weight.strides[0],
+                         y);
+        done = true;
+      }
+    }
+#endif
+    if (!done) {
       // B(k, j) = weight[j, k]
       gemm::gemm_strided<T>(M, N, K, input.ptr<const T>(), input.strides[0], input.strides[1],
                             weight.ptr<const T>(), weight.strides[1], weight.strides[0], y, N,
@@ -104,6 +365,31 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
     using T = decltype(zero);
     const T* gy = grad_output.ptr<const T>();
     const int64_t gs0 = grad_output.strides[0], gs1 = grad_output.strides[1];
+#ifdef CONVCORE_SMALL_LINEAR
+    const auto kernels = small_kernels<T>();
+    if (M <= kSmallBatch && weight.strides[1] == 1 && kernels.axpy) {
+      const detail::Contiguous<T> gc(grad_output);
+      const T* g = gc.data();  // (M x N)
+      if (grad_input) {
+        // grad_input[m, :] = sum_n g[m, n] weight[n, :], from g transposed (N x M) so
+        // that the MB values each weight row meets are adjacent
+        detail::Workspace<T> gt_ws(1, N * M);
+        T* gt = gt_ws.get();
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t m = 0; m < M; ++m) gt[n * M + m] = g[m * N + n];
+        small_axpy<T>(kernels, M, N, K, gt, 1, M, weight.ptr<const T>(), weight.strides[0],
+                      grad_input->ptr<T>(), K, true, kChunkR);
+      }
+      if (grad_weight) {
+        // grad_weight[n, :] = sum_m g[m, n] input[m, :]
+        const detail::Contiguous<T> xc(input);
+        small_axpy<T>(kernels, N, M, K, g, 1, N, xc.data(), K, grad_weight->ptr<T>(), K, false,
+                      M);
+      }
+      if (grad_bias) linear_grad_bias<T>(M, N, gy, gs0, gs1, grad_bias->ptr<T>());
+      return;
+    }
+#endif
     // grad_input (M x K) = grad_output (M x N) @ weight (N x K)
     if (grad_input)
       gemm::gemm_strided<T>(M, K, N, gy, gs0, gs1, weight.ptr<const T>(), weight.strides[0],
@@ -112,15 +398,7 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
     if (grad_weight)
       gemm::gemm_strided<T>(N, K, M, gy, gs1, gs0, input.ptr<const T>(), input.strides[0],
                             input.strides[1], grad_weight->ptr<T>(), K, false);
-    if (grad_bias) {
-      T* gb = grad_bias->ptr<T>();
-#pragma omp parallel for num_threads(detail::threads_for(N, M * N)) schedule(static)
-      for (int64_t j = 0; j < N; ++j) {
-        double s = 0;  // float32 sums in double
-        for (int64_t i = 0; i < M; ++i) s += gy[i * gs0 + j * gs1];
-        gb[j] = static_cast<T>(s);
-      }
-    }
+    if (grad_bias) linear_grad_bias<T>(M, N, gy, gs0, gs1, grad_bias->ptr<T>());
   });
 }
 
