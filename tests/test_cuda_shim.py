@@ -1,0 +1,297 @@
+"""The GPU kernels' logic, checked on the CPU: every .cu kernel is built as
+C++ against tests/cuda_shim (thread blocks as fibers, real barriers) and
+driven through convcore.cuda.functional, the same Python launch code the
+GPU runs, with numpy arrays. Each result is checked against the naive
+references in reference.py, forward and backward. The per-kernel test
+counts are printed in the terminal summary."""
+import os
+
+import numpy as np
+import pytest
+
+import reference as ref
+from _helpers import assert_close
+
+from cuda_shim import shim
+
+pytestmark = pytest.mark.skipif(shim.find_compiler() is None,
+                                reason="g++ not found: the CUDA-execution shim needs it")
+
+import convcore.cuda.functional as G  # noqa: E402  (importing it needs no cupy)
+
+FILES = ("conv.cu", "pool.cu", "linear.cu", "elementwise.cu", "norm.cu", "loss.cu", "optim.cu",
+         os.path.join(shim.HERE, "selftest.cu"))
+
+
+@pytest.fixture(scope="session")
+def backend(tmp_path_factory):
+    be = shim.ShimBackend(shim.build(FILES, str(tmp_path_factory.mktemp("ccshim"))), FILES)
+    shim.ACTIVE = be  # for the per-kernel counts in the terminal summary
+    return be
+
+
+@pytest.fixture
+def sh(backend, request):
+    backend.current_test = request.node.nodeid
+    with G.using_backend(backend):
+        yield backend
+    backend.current_test = None
+
+
+def rnd(*shape, seed=0):
+    return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+# --------------------------------------------------------------- the shim itself
+
+def test_shim_barrier_orders_shared_memory(sh):
+    x = np.arange(512, dtype=np.float32)
+    y = np.empty_like(x)
+    sh.launch("selftest.cu", "selftest_reverse", (2, 1, 1), (256, 1, 1), (x, y))
+    np.testing.assert_array_equal(y, np.concatenate([x[255::-1], x[:255:-1]]))
+
+
+def test_shim_exposes_a_missing_barrier(sh):
+    x = np.arange(256, dtype=np.float32) + 1
+    y = np.empty_like(x)
+    sh.launch("selftest.cu", "selftest_reverse_racy", (1, 1, 1), (256, 1, 1), (x, y))
+    assert not np.array_equal(y, x[::-1]), "a race without __syncthreads went unnoticed"
+
+
+def test_shim_reports_barrier_divergence(sh):
+    x = np.ones(256, np.float32)
+    with pytest.raises(RuntimeError, match="barrier divergence"):
+        sh.launch("selftest.cu", "selftest_divergent", (1, 1, 1), (256, 1, 1),
+                  (x, x.copy(), np.int32(100)))
+
+
+def test_shim_early_exit_without_barrier_is_fine(sh):
+    x = rnd(300)
+    y = G.relu(x)  # relu_fwd returns early past n in its last block
+    assert_close(y, ref.relu_ref(x))
+
+
+def test_shim_2d_blocks_and_dynamic_shared(sh):
+    x = rnd(6 * 128)
+    y = np.empty(6, np.float32)
+    sh.launch("selftest.cu", "selftest_block_sum", (3, 2, 1), (16, 8, 1), (x, y), 128 * 4)
+    assert_close(y, x.reshape(6, 128).astype(np.float64).sum(1), np.float32)
+
+
+def test_shim_checks_argument_types(sh):
+    x = rnd(10)
+    with pytest.raises(TypeError, match="n is int"):
+        sh.launch("elementwise.cu", "relu_fwd", (1, 1, 1), (256, 1, 1), (x, x.copy(), 10))
+    with pytest.raises(RuntimeError, match="invalid launch"):
+        sh.launch("elementwise.cu", "relu_fwd", (1, 1, 1), (2048, 1, 1),
+                  (x, x.copy(), np.int32(10)))
+
+
+# ------------------------------------------------------------------ convolution
+
+# (x shape, w shape, stride, padding, dilation, groups, bias)
+CONV_CASES = [
+    ((2, 3, 7, 7), (4, 3, 3, 3), 1, 0, 1, 1, True),
+    ((1, 3, 9, 8), (5, 3, 3, 2), 2, 1, 1, 1, True),
+    ((2, 4, 8, 8), (6, 2, 3, 3), 1, 1, 2, 2, False),          # groups, dilation
+    ((1, 2, 11, 11), (70, 2, 5, 5), 3, 2, 1, 1, True),        # K > one 64-row tile
+    ((2, 9, 10, 9), (4, 9, 1, 1), 1, 0, 1, 1, True),          # R = 9 (< one k stage)
+    ((3, 20, 6, 6), (8, 20, 3, 3), 1, "same", 1, 1, True),    # R = 180: many stages
+    ((2, 6, 7, 7), (6, 1, 3, 3), 1, 1, 1, 6, True),           # depthwise
+    ((1, 4, 9, 9), (8, 1, 3, 3), 2, 1, 2, 4, False),          # depthwise, multiplier 2
+    ((3, 5, 5), (4, 3, 3, 3), 1, 1, 1, 1, True),              # unbatched, C=3? see id
+]
+CONV_CASES[-1] = ((3, 5, 5), (4, 3, 3, 3), 1, 1, 1, 1, True)
+
+
+def _conv_args(case):
+    xs, ws, s, p, d, g, has_b = case
+    x, w = rnd(*xs), rnd(*ws, seed=1)
+    b = rnd(ws[0], seed=2) if has_b else None
+    return x, w, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_conv2d_forward(sh, case):
+    x, w, b, kw = _conv_args(case)
+    assert_close(G.conv2d(x, w, b, **kw), ref.conv2d_ref(x, w, b, **kw))
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:2] + CONV_CASES[6:7], ids=["gemm0", "gemm1", "dw"])
+def test_conv2d_relu_fused(sh, case):
+    x, w, b, kw = _conv_args(case)
+    assert_close(G.conv2d_relu(x, w, b, **kw), ref.relu_ref(ref.conv2d_ref(x, w, b, **kw)))
+
+
+def test_conv2d_gemm_on_a_depthwise_shape(sh):
+    x, w, b, kw = _conv_args(CONV_CASES[6])
+    assert_close(G.conv2d(x, w, b, algorithm="gemm", **kw), ref.conv2d_ref(x, w, b, **kw))
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_conv2d_backward(sh, case):
+    x, w, b, kw = _conv_args(case)
+    y = ref.conv2d_ref(x, w, b, **kw)
+    gy = rnd(*y.shape, seed=3)
+    gx, gw, gb = G.conv2d_backward(gy, x, w, **kw)
+    rx, rw, rb = ref.conv2d_backward_ref(gy, x, w, **kw)
+    assert_close(gx, rx, what="grad_input")
+    assert_close(gw, rw, what="grad_weight")
+    assert_close(gb, rb, what="grad_bias")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_conv2d_backward_weight_split(sh, monkeypatch, deterministic):
+    # Small chunks force the split reduction: a workspace summed in order
+    # (deterministic) or float atomics (opt-out).
+    monkeypatch.setattr(G, "BWD_WEIGHT_MIN_CHUNK", 16)
+    x, w, b, kw = _conv_args(CONV_CASES[2])
+    gy = rnd(*ref.conv2d_ref(x, w, **kw).shape, seed=3)
+    kernels_before = dict(sh.launches)
+    gx, gw, gb = G.conv2d_backward(gy, x, w, deterministic=deterministic, **kw)
+    rx, rw, rb = ref.conv2d_backward_ref(gy, x, w, **kw)
+    assert_close(gw, rw, what="grad_weight")
+    assert_close(gx, rx, what="grad_input")
+    used_sum = sh.launches["sum_splits"] > kernels_before.get("sum_splits", 0)
+    assert used_sum == deterministic
+
+
+def test_conv2d_backward_is_bit_identical_across_runs(sh, monkeypatch):
+    monkeypatch.setattr(G, "BWD_WEIGHT_MIN_CHUNK", 16)
+    x, w, b, kw = _conv_args(CONV_CASES[5])
+    gy = rnd(*ref.conv2d_ref(x, w, **kw).shape, seed=3)
+    first = G.conv2d_backward(gy, x, w, **kw)
+    second = G.conv2d_backward(gy, x, w, **kw)
+    for a, c in zip(first, second):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_conv2d_out_argument(sh):
+    x, w, b, kw = _conv_args(CONV_CASES[0])
+    out = np.full((2, 4, 5, 5), np.nan, np.float32)
+    assert G.conv2d(x, w, b, out=out, **kw) is out
+    assert_close(out, ref.conv2d_ref(x, w, b, **kw))
+    with pytest.raises(ValueError, match="out must have shape"):
+        G.conv2d(x, w, b, out=np.empty((2, 4, 4, 4), np.float32), **kw)
+
+
+# ---------------------------------------------------------------------- pooling
+
+POOL_CASES = [  # (shape, kernel, stride, padding, dilation, ceil_mode)
+    ((2, 3, 8, 8), 2, None, 0, 1, False),
+    ((1, 2, 9, 7), 3, 2, 1, 1, True),
+    ((2, 2, 10, 10), 3, 1, 1, 2, False),
+    ((1, 1, 7, 9), (3, 2), (2, 3), (1, 0), 1, True),
+    ((3, 8, 8), 3, 3, 0, 1, True),                           # unbatched
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=[str(i) for i in range(len(POOL_CASES))])
+def test_max_pool2d_forward_and_backward(sh, case):
+    shape, k, s, p, d, cm = case
+    x = rnd(*shape)
+    x.reshape(-1)[::7] = x.reshape(-1)[1]  # ties
+    y, idx = G.max_pool2d(x, k, s, p, d, cm, return_indices=True)
+    ry, ridx = ref.max_pool2d_ref(x, k, s, p, d, cm, return_indices=True)
+    assert_close(y, ry)
+    np.testing.assert_array_equal(idx, ridx)
+    assert_close(G.max_pool2d(x, k, s, p, d, cm), ry)
+    gy = rnd(*ry.shape, seed=5)
+    rgx = ref.max_pool2d_backward_ref(gy, x, k, s, p, d, cm)
+    assert_close(G.max_pool2d_backward(gy, x, k, s, p, d, cm), rgx)
+    assert_close(G.max_pool2d_backward(gy, x, k, s, p, d, cm, indices=idx), rgx)
+
+
+def test_max_pool2d_nan_propagates(sh):
+    x = rnd(1, 1, 4, 4)
+    x[0, 0, 1, 1] = np.nan
+    y, idx = G.max_pool2d(x, 2, return_indices=True)
+    ry, ridx = ref.max_pool2d_ref(x, 2, return_indices=True)
+    assert np.isnan(y[0, 0, 0, 0]) and idx[0, 0, 0, 0] == 5
+    assert_close(y, ry)
+
+
+AVG_CASES = [  # (shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+    ((2, 3, 8, 8), 2, None, 0, False, True, None),
+    ((1, 2, 9, 7), 3, 2, 1, True, True, None),
+    ((1, 2, 9, 7), 3, 2, 1, True, False, None),
+    ((2, 1, 6, 6), (3, 2), (1, 2), (1, 1), False, True, 5),
+    ((2, 7, 7), 3, 2, 1, False, False, None),               # unbatched
+]
+
+
+@pytest.mark.parametrize("case", AVG_CASES, ids=[str(i) for i in range(len(AVG_CASES))])
+def test_avg_pool2d_forward_and_backward(sh, case):
+    shape, k, s, p, cm, cip, div = case
+    x = rnd(*shape)
+    y = G.avg_pool2d(x, k, s, p, cm, cip, div)
+    ry = ref.avg_pool2d_ref(x, k, s, p, cm, cip, div)
+    assert_close(y, ry)
+    gy = rnd(*ry.shape, seed=5)
+    assert_close(G.avg_pool2d_backward(gy, x, k, s, p, cm, cip, div),
+                 ref.avg_pool2d_backward_ref(gy, x, k, s, p, cm, cip, div))
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 7, 7), 3), ((1, 2, 10, 6), (4, 5)),
+                                        ((1, 1, 3, 5), (7, 2)), ((2, 4, 5), (None, 2)),
+                                        ((1, 2, 6, 6), 1)])
+def test_adaptive_avg_pool2d_forward_and_backward(sh, shape, size):
+    x = rnd(*shape)
+    y = G.adaptive_avg_pool2d(x, size)
+    ry = ref.adaptive_avg_pool2d_ref(x, size)
+    assert_close(y, ry)
+    gy = rnd(*ry.shape, seed=5)
+    assert_close(G.adaptive_avg_pool2d_backward(gy, x),
+                 ref.adaptive_avg_pool2d_backward_ref(gy, x))
+
+
+# -------------------------------------------------------------- linear and relu
+
+@pytest.mark.parametrize("xs,out,has_b", [((4, 10), 3, True), ((70, 33), 65, True),
+                                          ((2, 3, 17), 5, False), ((1, 1), 1, True)])
+def test_linear_forward_and_backward(sh, xs, out, has_b):
+    x, w = rnd(*xs), rnd(out, xs[-1], seed=1)
+    b = rnd(out, seed=2) if has_b else None
+    assert_close(G.linear(x, w, b), ref.linear_ref(x, w, b))
+    assert_close(G.linear_relu(x, w, b), ref.relu_ref(ref.linear_ref(x, w, b)))
+    gy = rnd(*(xs[:-1] + (out,)), seed=3)
+    gx, gw, gb = G.linear_backward(gy, x, w)
+    rx, rw, rb = ref.linear_backward_ref(gy, x, w)
+    assert_close(gx, rx, what="grad_input")
+    assert_close(gw, rw, what="grad_weight")
+    assert_close(gb, rb, what="grad_bias")
+
+
+def test_relu_forward_backward_and_in_place(sh):
+    x = rnd(3, 5, 7)
+    x[0, 0, 0] = np.nan
+    assert_close(G.relu(x), ref.relu_ref(x))
+    gy = rnd(3, 5, 7, seed=4)
+    assert_close(G.relu_backward(gy, x), ref.relu_backward_ref(gy, x))
+    z = x.copy()
+    assert G.relu(z, out=z) is z
+    assert_close(z, ref.relu_ref(x))
+
+
+# ----------------------------------------------------------------------- errors
+
+def test_gpu_ops_check_arguments(sh):
+    x, w = rnd(1, 3, 6, 6), rnd(4, 3, 3, 3)
+    with pytest.raises(TypeError, match="input must be float32 on the GPU"):
+        G.conv2d(x.astype(np.float64), w)
+    with pytest.raises(ValueError, match="channels"):
+        G.conv2d(rnd(1, 2, 6, 6), w)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        G.conv2d(x, w, rnd(3))
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        G.conv2d(x, w, algorithm="winograd")
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        G.conv2d_backward(rnd(1, 4, 3, 3), x, w)
+    with pytest.raises(ValueError, match="weight expects"):
+        G.linear(rnd(2, 5), rnd(3, 4))
+    with pytest.raises(TypeError, match="stride"):
+        G.max_pool2d(x, 2, stride="2")
+    with pytest.raises(ValueError):
+        G.max_pool2d(x, 7)
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        G.adaptive_avg_pool2d(x, 0)
