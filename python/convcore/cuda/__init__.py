@@ -121,6 +121,9 @@ class CupyBackend:
         cp = self.xp
         if isinstance(value, cp.ndarray):
             return value
+        if isinstance(value, (np.ndarray, np.generic)):
+            raise TypeError(f"{name} is a numpy array (host memory) but the other arrays of "
+                            f"this call are on the GPU: move it with cupy.asarray({name})")
         if hasattr(value, "__dlpack__"):
             try:
                 return cp.from_dlpack(value)

@@ -38,6 +38,7 @@
 #endif
 
 #define CC_NEG_INF (__int_as_float(0xff800000))
+#define CC_NAN (__int_as_float(0x7fc00000))
 
 // Sum of one float per thread over the block, in a fixed tree order (the
 // result is bit-identical on every run). buf has blockDim.x floats; every

@@ -444,3 +444,191 @@ def relu_backward(grad_output, input):
     be.launch("elementwise.cu", "relu_bwd", _grid1(x.size), (_THREADS, 1, 1),
               (gy, x, gx, _i32(x.size)))
     return gx
+
+
+# ---------------------------------------------------------------- normalisation
+
+def _ncs(x, name="input"):
+    """(N, C, S) of an (N, C, ...) array."""
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), got shape "
+                         f"{tuple(x.shape)}")
+    N, C = int(x.shape[0]), int(x.shape[1])
+    S = int(np.prod(x.shape[2:], dtype=np.int64))
+    return N, C, S
+
+
+def _lrn_args(size, alpha, beta, k):
+    size = F._int(size, "size")
+    if size <= 0:
+        raise ValueError(f"size must be a positive int, got {size}")
+    return (_i32(size), _f32(F._float(alpha, "alpha")), _f32(F._float(beta, "beta")),
+            _f32(F._float(k, "k")))
+
+
+def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    be = _be()
+    x = _arr(be, input, "input")
+    N, C, S = _ncs(x)
+    args = _lrn_args(size, alpha, beta, k)
+    y = be.xp.empty(x.shape, dtype=np.float32)
+    be.launch("norm.cu", "lrn_fwd", _grid1(x.size), (_THREADS, 1, 1),
+              (x, y, _i32(N), _i32(C), _i32(S)) + args)
+    return y
+
+
+def local_response_norm_backward(grad_output, input, size, alpha=1e-4, beta=0.75, k=1.0):
+    be = _be()
+    x = _arr(be, input, "input")
+    gy = _grad_out(be, grad_output, False, x.shape)
+    N, C, S = _ncs(x)
+    args = _lrn_args(size, alpha, beta, k)
+    gx = be.xp.empty(x.shape, dtype=np.float32)
+    be.launch("norm.cu", "lrn_bwd", _grid1(x.size), (_THREADS, 1, 1),
+              (gy, x, gx, _i32(N), _i32(C), _i32(S)) + args)
+    return gx
+
+
+def _channel_vec(be, value, name, C, optional=True):
+    v = _arr(be, value, name, optional=optional)
+    if v is not None and tuple(v.shape) != (C,):
+        raise ValueError(f"{name} must have shape ({C},), got {tuple(v.shape)}")
+    return v
+
+
+def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, return_stats=False):
+    """As convcore.batch_norm; running_mean / running_var are updated in
+    place on the device when training."""
+    be, xp = _be(), _be().xp
+    x = _arr(be, input, "input")
+    N, C, S = _ncs(x)
+    momentum, eps = F._float(momentum, "momentum"), F._float(eps, "eps")
+    if not eps >= 0:
+        raise ValueError("eps must be a non-negative number")
+    # running stats are updated in place: no contiguous copy may stand in
+    rm = None if running_mean is None else be.asarray(running_mean, "running_mean")
+    rv = None if running_var is None else be.asarray(running_var, "running_var")
+    for name, stat in (("running_mean", rm), ("running_var", rv)):
+        if stat is not None and (stat.dtype != np.float32 or tuple(stat.shape) != (C,)
+                                 or not stat.flags.c_contiguous):
+            raise ValueError(f"{name} must be a contiguous float32 GPU array of shape ({C},), "
+                             f"got {stat.dtype} {tuple(stat.shape)}")
+    w = _channel_vec(be, weight, "weight", C)
+    b = _channel_vec(be, bias, "bias", C)
+    if training:
+        if N * S <= 1:
+            raise ValueError(f"input: batch_norm in training needs more than one value per "
+                             f"channel, got shape {tuple(x.shape)}")
+        mean = xp.empty((C,), dtype=np.float32)
+        var = xp.empty((C,), dtype=np.float32)
+        be.launch("norm.cu", "bn_stats", (C, 1, 1), (_THREADS, 1, 1),
+                  (x, mean, var, _i32(N), _i32(C), _i32(S)))
+    else:
+        if rm is None or rv is None:
+            raise ValueError("running_mean and running_var are needed when not training")
+        mean, var = rm, rv
+    y = xp.empty(x.shape, dtype=np.float32)
+    be.launch("norm.cu", "bn_apply", _grid1(x.size), (_THREADS, 1, 1),
+              (x, mean, var, w, b, y, _i32(N), _i32(C), _i32(S), _f32(eps),
+               _i32(w is not None), _i32(b is not None)))
+    if training and (rm is not None or rv is not None):
+        m = N * S
+        be.launch("norm.cu", "bn_update_running", _grid1(C), (_THREADS, 1, 1),
+                  (rm, rv, mean, var, _i32(C), _f32(momentum), _f32(m / max(m - 1, 1)),
+                   _i32(rm is not None), _i32(rv is not None)))
+    return (y, mean, var) if return_stats else y
+
+
+def batch_norm_backward(grad_output, input, mean, var, weight=None, training=True, eps=1e-5):
+    be, xp = _be(), _be().xp
+    x = _arr(be, input, "input")
+    N, C, S = _ncs(x)
+    gy = _grad_out(be, grad_output, False, x.shape)
+    mean, var = _channel_vec(be, mean, "mean", C, False), _channel_vec(be, var, "var", C, False)
+    w = _channel_vec(be, weight, "weight", C)
+    eps = F._float(eps, "eps")
+    gx = xp.empty(x.shape, dtype=np.float32)
+    gw = xp.empty((C,), dtype=np.float32)
+    gb = xp.empty((C,), dtype=np.float32)
+    be.launch("norm.cu", "bn_bwd_reduce", (C, 1, 1), (_THREADS, 1, 1),
+              (gy, x, mean, var, gw, gb, _i32(N), _i32(C), _i32(S), _f32(eps)))
+    be.launch("norm.cu", "bn_bwd_data", _grid1(x.size), (_THREADS, 1, 1),
+              (gy, x, mean, var, w, gw, gb, gx, _i32(N), _i32(C), _i32(S), _f32(eps),
+               _i32(w is not None), _i32(bool(training))))
+    return gx, gw, gb
+
+
+# ------------------------------------------------------------------------- loss
+
+def cross_entropy(logits, targets, label_smoothing: float = 0.0, reduction: str = "mean"):
+    """Softmax cross-entropy on the GPU: (loss as a 0-d device array, gradient
+    with respect to the logits). The loss stays on the device (no sync)."""
+    be, xp = _be(), _be().xp
+    z = _arr(be, logits, "logits")
+    if z.ndim != 2:
+        raise ValueError(f"logits must be a 2-D array (N, classes), got shape {tuple(z.shape)}")
+    host_targets = isinstance(targets, (np.ndarray, list, tuple))
+    t = np.asarray(targets) if host_targets else be.asarray(targets, "targets")
+    n, classes = int(z.shape[0]), int(z.shape[1])
+    if tuple(t.shape) != (n,) or t.dtype.kind not in "iu":
+        raise ValueError(f"targets must be {n} integer class indices, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    # Host targets are range-checked here for free; checking device targets
+    # would cost a sync, so the kernel turns an out-of-range row into NaN.
+    if host_targets and n and (t.min() < 0 or t.max() >= classes):
+        raise ValueError(f"targets must be in [0, {classes}), got values in "
+                         f"[{t.min()}, {t.max()}]")
+    t = xp.ascontiguousarray(xp.asarray(t).astype(np.int64, copy=False))
+    smoothing = F._float(label_smoothing, "label_smoothing")
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {smoothing}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    scale = 1.0 / n if (reduction == "mean" and n) else 1.0
+    rows = xp.empty((n,), dtype=np.float32)
+    grad = xp.empty(z.shape, dtype=np.float32)
+    if n:
+        be.launch("loss.cu", "xent_rows", (n, 1, 1), (_THREADS, 1, 1),
+                  (z, t, rows, grad, _i32(n), _i32(classes), _f32(smoothing), _f32(scale)))
+    loss = xp.empty((1,), dtype=np.float32)
+    be.launch("loss.cu", "sum_all", (1, 1, 1), (_THREADS, 1, 1),
+              (rows, loss, _i32(n), _f32(scale)))
+    return loss.reshape(()), grad
+
+
+# -------------------------------------------------------------------- optimiser
+
+def _param_pair(be, data, grad):
+    w = be.asarray(data, "param")
+    g = _arr(be, grad, "grad")
+    if w.dtype != np.float32 or not w.flags.c_contiguous:
+        raise TypeError(f"param must be a contiguous float32 GPU array, got {w.dtype}")
+    if tuple(g.shape) != tuple(w.shape):
+        raise ValueError(f"grad must have shape {tuple(w.shape)}, got {tuple(g.shape)}")
+    return w, g
+
+
+def sgd_step(data, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+             nesterov=False, first=False):
+    """One SGD update of `data` in place (and of momentum_buffer, a float32
+    array of data's shape, when momentum != 0)."""
+    be = _be()
+    w, g = _param_pair(be, data, grad)
+    buf = None if momentum_buffer is None else be.asarray(momentum_buffer, "momentum_buffer")
+    if momentum and (buf is None or tuple(buf.shape) != tuple(w.shape)):
+        raise ValueError("momentum_buffer must be an array of the parameter's shape")
+    be.launch("optim.cu", "sgd_step", _grid1(w.size), (_THREADS, 1, 1),
+              (w, g, buf, _i32(w.size), _f32(lr), _f32(momentum), _f32(dampening),
+               _f32(weight_decay), _i32(bool(nesterov)), _i32(bool(first))))
+
+
+def adam_step(data, grad, exp_avg, exp_avg_sq, step_size, beta1, beta2, root_correction2, eps,
+              weight_decay=0.0):
+    """One Adam update of `data`, exp_avg and exp_avg_sq in place."""
+    be = _be()
+    w, g = _param_pair(be, data, grad)
+    m, v = be.asarray(exp_avg, "exp_avg"), be.asarray(exp_avg_sq, "exp_avg_sq")
+    be.launch("optim.cu", "adam_step", _grid1(w.size), (_THREADS, 1, 1),
+              (w, g, m, v, _i32(w.size), _f32(step_size), _f32(beta1), _f32(beta2),
+               _f32(root_correction2), _f32(eps), _f32(weight_decay)))
