@@ -380,10 +380,10 @@ class Flatten(Module):
 
     def forward(self, x):
         self._shape = x.shape
-        return np.reshape(x, self._flat_shape(x.shape))
+        return x.reshape(self._flat_shape(x.shape))  # numpy or cupy
 
     def backward(self, grad_output):
-        return np.reshape(grad_output, self._shape)
+        return grad_output.reshape(self._shape)
 
     def output_shape(self, input_shape):
         return self._flat_shape((1,) + tuple(input_shape))[1:]
@@ -412,6 +412,9 @@ class Dropout(Module):
         else:
             keep = init.generator().random(x.shape) >= self.p
             self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
+            if type(x).__module__.split(".")[0] == "cupy":  # the mask follows x to the GPU
+                import cupy
+                self._mask = cupy.asarray(self._mask)
         return x * self._mask
 
     def backward(self, grad_output):
