@@ -68,10 +68,12 @@ def require(what: str = "input") -> None:
 def is_gpu_array(value) -> bool:
     """A cupy array, a torch CUDA tensor, or anything else exposing
     __cuda_array_interface__ (checked without importing cupy)."""
-    if value is None or isinstance(value, (np.ndarray, np.generic)):
+    if value is None:
         return False
     if type(value).__module__.split(".")[0] == "cupy":
         return True
+    if isinstance(value, (np.ndarray, np.generic)):
+        return False
     try:
         return hasattr(value, "__cuda_array_interface__")
     except Exception:  # a property that raises something other than AttributeError
