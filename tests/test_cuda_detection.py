@@ -66,3 +66,13 @@ def test_cpu_package_never_imports_cupy():
             "import convcore.cuda.functional\n"
             "assert 'cupy' not in sys.modules, 'cupy was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gpu_benchmark_stops_with_a_clear_message_without_gpu():
+    if cc_cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    res = subprocess.run([sys.executable, "-m", "convcore", "bench", "--gpu", "--quick"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "bench --gpu needs a CUDA GPU" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
