@@ -38,6 +38,13 @@ def sh(backend, request):
     backend.current_test = None
 
 
+@pytest.fixture(params=["small", "big"])
+def tile(request, monkeypatch):
+    """Both tile shapes of the GEMM-shaped kernels (64 and 128 wide)."""
+    monkeypatch.setattr(G, "TILE", request.param)
+    return request.param
+
+
 def rnd(*shape, seed=0):
     return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype(np.float32)
 
@@ -112,13 +119,13 @@ def _conv_args(case):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_conv2d_forward(sh, case):
+def test_conv2d_forward(sh, tile, case):
     x, w, b, kw = _conv_args(case)
     assert_close(G.conv2d(x, w, b, **kw), ref.conv2d_ref(x, w, b, **kw))
 
 
 @pytest.mark.parametrize("case", CONV_CASES[:2] + CONV_CASES[6:7], ids=["gemm0", "gemm1", "dw"])
-def test_conv2d_relu_fused(sh, case):
+def test_conv2d_relu_fused(sh, tile, case):
     x, w, b, kw = _conv_args(case)
     assert_close(G.conv2d_relu(x, w, b, **kw), ref.relu_ref(ref.conv2d_ref(x, w, b, **kw)))
 
@@ -129,7 +136,7 @@ def test_conv2d_gemm_on_a_depthwise_shape(sh):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_conv2d_backward(sh, case):
+def test_conv2d_backward(sh, tile, case):
     x, w, b, kw = _conv_args(case)
     y = ref.conv2d_ref(x, w, b, **kw)
     gy = rnd(*y.shape, seed=3)
@@ -141,7 +148,7 @@ def test_conv2d_backward(sh, case):
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_conv2d_backward_weight_split(sh, monkeypatch, deterministic):
+def test_conv2d_backward_weight_split(sh, tile, monkeypatch, deterministic):
     # Small chunks force the split reduction: a workspace summed in order
     # (deterministic) or float atomics (opt-out).
     monkeypatch.setattr(G, "BWD_WEIGHT_MIN_CHUNK", 16)
@@ -249,7 +256,7 @@ def test_adaptive_avg_pool2d_forward_and_backward(sh, shape, size):
 
 @pytest.mark.parametrize("xs,out,has_b", [((4, 10), 3, True), ((70, 33), 65, True),
                                           ((2, 3, 17), 5, False), ((1, 1), 1, True)])
-def test_linear_forward_and_backward(sh, xs, out, has_b):
+def test_linear_forward_and_backward(sh, tile, xs, out, has_b):
     x, w = rnd(*xs), rnd(out, xs[-1], seed=1)
     b = rnd(out, seed=2) if has_b else None
     assert_close(G.linear(x, w, b), ref.linear_ref(x, w, b))
@@ -260,6 +267,21 @@ def test_linear_forward_and_backward(sh, xs, out, has_b):
     assert_close(gx, rx, what="grad_input")
     assert_close(gw, rw, what="grad_weight")
     assert_close(gb, rb, what="grad_bias")
+
+
+@pytest.mark.parametrize("deterministic_split", [16, 40])
+def test_linear_split_reduction(sh, tile, monkeypatch, deterministic_split):
+    # A long reduction over few output blocks is split in fixed chunks,
+    # summed in order by gemm_reduce, which also applies bias and ReLU.
+    monkeypatch.setattr(G, "GEMM_MIN_CHUNK", deterministic_split)
+    x, w, b = rnd(6, 200), rnd(5, 200, seed=1), rnd(5, seed=2)
+    before = sh.launches["gemm_reduce"]
+    assert_close(G.linear(x, w, b), ref.linear_ref(x, w, b))
+    assert_close(G.linear_relu(x, w, b), ref.relu_ref(ref.linear_ref(x, w, b)))
+    assert sh.launches["gemm_reduce"] == before + 2
+    gy = rnd(6, 5, seed=3)
+    for a, e in zip(G.linear_backward(gy, x, w), ref.linear_backward_ref(gy, x, w)):
+        assert_close(a, e)
 
 
 def test_relu_forward_backward_and_in_place(sh):

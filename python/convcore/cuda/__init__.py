@@ -112,6 +112,10 @@ class CupyBackend:
             self._functions[key] = fn
         return fn
 
+    def multiprocessors(self) -> int:
+        dev = self.xp.cuda.Device()
+        return int(dev.attributes["MultiProcessorCount"])
+
     def launch(self, file: str, kernel: str, grid, block, args, shared_mem: int = 0) -> None:
         # None is a null pointer: a 64-bit zero in the pointer's slot.
         args = tuple(np.uint64(0) if a is None else a for a in args)

@@ -57,23 +57,82 @@ __device__ __forceinline__ float cc_block_sum(float v, float* buf) {
     return total;
 }
 
-// The register tile shared by the GEMM-shaped kernels (conv.cu, linear.cu):
-// a 64x64 output tile per block of 256 threads, 16 reduction steps per
-// shared-memory stage, 4x4 outputs per thread.
-#define CC_TILE 64
-#define CC_TILE_K 16
-#define CC_TILE_THREADS 256
+// The GEMM engine shared by the GEMM-shaped kernels (conv.cu, linear.cu).
+//
+// One block of CC_THREADS = 256 threads (16 x 16) computes a BM x BN tile of
+// C = A (M x K) * B (K x N) over the reduction range [kbeg, kend), BK at a
+// time: the next BK-slice of A and B is fetched from global memory into
+// registers while the current one, in shared memory, is multiplied
+// (software pipelining), so load latency overlaps the FMAs. Thread (tx, ty)
+// accumulates rows ty + 16 i and columns tx + 16 j (strided ownership: the
+// 16 tx of a half-warp read 16 consecutive shared words and store 16
+// consecutive output columns, so no bank conflicts and coalesced stores).
+//
+// The operands are never materialised: `op` (one object per thread) yields
+// them. op.a(m, k): A at tile row m (0 <= m < BM) and reduction index k, 0
+// outside A. op.b(k): B at reduction index k in this thread's column, which
+// is fixed (n = threadIdx.x % BN, set when op was built), 0 outside B. The
+// engine itself only checks k < kend. Every thread must call it (barriers).
+#define CC_THREADS 256
 
-// acc[i][j] += As[k][ty + 16 i] * Bs[k][tx + 16 j] over the 16 k of a stage.
-// Strided (not blocked) ownership, so that the 16 consecutive tx of a warp
-// cover 16 consecutive output columns: coalesced stores, no bank conflicts.
-__device__ __forceinline__ void cc_tile_fma(float (*As)[CC_TILE], float (*Bs)[CC_TILE],
-                                            float acc[4][4], int tx, int ty) {
-    for (int k = 0; k < CC_TILE_K; ++k) {
-        float a[4], b[4];
-        for (int i = 0; i < 4; ++i) a[i] = As[k][ty + 16 * i];
-        for (int j = 0; j < 4; ++j) b[j] = Bs[k][tx + 16 * j];
-        for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+template <int BM, int BN, int BK, class Op>
+__device__ __forceinline__ void cc_gemm_tile(const Op& op, int kbeg, int kend,
+                                             float (*acc)[BN / 16]) {
+    constexpr int TM = BM / 16, TN = BN / 16;
+    constexpr int LA = BM * BK / CC_THREADS, LB = BN * BK / CC_THREADS;
+    constexpr int BSTEP = CC_THREADS / BN;
+    static_assert(LA * CC_THREADS == BM * BK && LB * CC_THREADS == BN * BK, "tile shape");
+    static_assert(BSTEP * BN == CC_THREADS, "BN must divide the block");
+    // +4: the transposing store to As (consecutive k, same m) hits distinct banks
+    __shared__ float As[BK][BM + 4];
+    __shared__ float Bs[BK][BN];
+    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
+    const int bcol = t % BN, brow = t / BN;
+    float ra[LA], rb[LB];
+
+    // fetch the BK-slice starting at k0 into registers
+#define CC_FETCH(k0)                                                          \
+    for (int i = 0; i < LA; ++i) {                                            \
+        const int e = t + CC_THREADS * i, k = (k0) + e % BK;                  \
+        ra[i] = k < kend ? op.a(e / BK, k) : 0.f;                             \
+    }                                                                         \
+    for (int i = 0; i < LB; ++i) {                                            \
+        const int k = (k0) + brow + BSTEP * i;                                \
+        rb[i] = k < kend ? op.b(k) : 0.f;                                     \
     }
+
+    CC_FETCH(kbeg)
+    for (int k0 = kbeg; k0 < kend; k0 += BK) {
+        for (int i = 0; i < LA; ++i) {
+            const int e = t + CC_THREADS * i;
+            As[e % BK][e / BK] = ra[i];
+        }
+        for (int i = 0; i < LB; ++i) Bs[brow + BSTEP * i][bcol] = rb[i];
+        __syncthreads();
+        if (k0 + BK < kend) { CC_FETCH(k0 + BK) }  // in flight during the FMAs below
+#pragma unroll
+        for (int k = 0; k < BK; ++k) {
+            float a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) a[i] = As[k][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < TN; ++j) b[j] = Bs[k][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+#undef CC_FETCH
 }
+
+// The two tile shapes every GEMM-shaped kernel is instantiated with: a big
+// one (more reuse per load) for problems with enough tiles to fill the GPU,
+// and a small one for the rest. The host picks (convcore.cuda.functional).
+#define CC_BIG_BM 128
+#define CC_BIG_BN 128
+#define CC_BIG_BK 8
+#define CC_SMALL_BM 64
+#define CC_SMALL_BN 64
+#define CC_SMALL_BK 16

@@ -1,75 +1,70 @@
 // Convolution (NCHW, weight (K, C/groups, KH, KW)), float32, contiguous.
 //
-// conv2d_fwd / conv2d_bwd_data / conv2d_bwd_weight are implicit GEMMs: the
-// im2col matrix is never stored; each block gathers the 16-row slice of it
-// that the current step needs straight into shared memory (zero where the
-// window falls in the padding), multiplies it with a 64x16 slice of the other
-// operand, and keeps a 64x64 output tile in registers (4x4 per thread, 256
-// threads). One group per blockIdx.z. The depthwise_* kernels are direct
-// loops, one output element per thread (their GEMMs would be 1-row thin).
+// conv2d_fwd / conv2d_bwd_data / conv2d_bwd_weight are implicit GEMMs on the
+// engine of common.cuh (cc_gemm_tile): the im2col matrix is never stored;
+// each thread gathers its share of the next BK-slice of it straight from the
+// input (zero where the window falls in the padding) into registers, then
+// shared memory. One group per blockIdx.z. Each comes in two tile shapes:
+// `name` (64 x 64) and `name_big` (128 x 128), chosen on the host. The
+// depthwise_* kernels are direct loops, one output element per thread
+// (their GEMMs would be one row thin).
 //
 // Determinism: every output element is summed by one thread in a fixed
 // order, except conv2d_bwd_weight with atomic=1 (opt-out, see Python side).
 #include "common.cuh"
 
-#define CV_BM CC_TILE
-#define CV_BN CC_TILE
-#define CV_BK CC_TILE_K
-#define CV_THREADS CC_TILE_THREADS
-#define cv_tile_fma cc_tile_fma
+// A = weight (rows: output channels m0.., reduction r = (c, kh, kw)),
+// B = im2col(x) column p = (n, oh, ow) of this thread.
+struct ConvFwdOp {
+    const float* w;  // weight rows of this tile: w + (g * Kg + m0) * R
+    const float* x;  // input image n, channels of group g
+    int rows, R, H, W, KW, KHW, ih0, iw0, dh, dw, valid;
+    __device__ __forceinline__ float a(int m, int k) const {
+        return m < rows ? w[m * R + k] : 0.f;
+    }
+    __device__ __forceinline__ float b(int k) const {
+        if (!valid) return 0.f;
+        const int c = k / KHW, rk = k - c * KHW, kh = rk / KW, kw = rk - kh * KW;
+        const int ih = ih0 + kh * dh, iw = iw0 + kw * dw;
+        return (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(c * H + ih) * W + iw] : 0.f;
+    }
+};
 
 // y[n, g*Kg + m, oh, ow] = sum_r w[g*Kg + m, r] * xcol[r, (n, oh, ow)]
-// (+ bias[m], then ReLU when relu != 0). r runs over (c, kh, kw) of the group.
-// grid (ceil(N*OH*OW / 64), ceil(Kg / 64), groups), block 256.
-extern "C" __global__ void __launch_bounds__(CV_THREADS)
-conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w,
-           const float* __restrict__ bias, float* __restrict__ y,
-           int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-           int sh, int sw, int pt, int pl, int dh, int dw, int groups,
-           int has_bias, int relu) {
-    __shared__ float As[CV_BK][CV_BM];
-    __shared__ float Bs[CV_BK][CV_BN];
+// (+ bias, then ReLU when relu != 0).
+// grid (ceil(N*OH*OW / BN), ceil(Kg / BM), groups), block 256.
+template <int BM, int BN, int BK>
+__device__ __forceinline__ void conv_fwd(const float* x, const float* w, const float* bias,
+                                         float* y, int N, int C, int H, int W, int K, int KH,
+                                         int KW, int OH, int OW, int sh, int sw, int pt, int pl,
+                                         int dh, int dw, int groups, int has_bias, int relu) {
+    constexpr int TM = BM / 16, TN = BN / 16;
     const int Cg = C / groups, Kg = K / groups, g = blockIdx.z;
-    const int P = N * OH * OW, R = Cg * KH * KW, KHW = KH * KW;
-    const int p0 = blockIdx.x * CV_BN, m0 = blockIdx.y * CV_BM;
-    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
-
-    // The im2col column this thread gathers is fixed for the whole loop.
-    const int bcol = t % CV_BN, brow = t / CV_BN;  // brow in 0..3
-    const int p = p0 + bcol;
+    const int P = N * OH * OW, R = Cg * KH * KW;
+    const int p0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+    const int p = p0 + threadIdx.x % BN;
     int n = 0, oh = 0, ow = 0;
     if (p < P) { n = p / (OH * OW); const int rem = p - n * OH * OW; oh = rem / OW; ow = rem - oh * OW; }
-    const int ih0 = oh * sh - pt, iw0 = ow * sw - pl;
-    const float* xg = x + (n * C + g * Cg) * H * W;
-    const int acol = t % CV_BK, arow = t / CV_BK;  // arow in 0..15
-    const float* wg = w + g * Kg * R;
-
-    float acc[4][4] = {{0.f}};
-    for (int k0 = 0; k0 < R; k0 += CV_BK) {
-        for (int i = 0; i < 4; ++i) {
-            const int m = arow + 16 * i, k = k0 + acol;
-            As[acol][m] = (m0 + m < Kg && k < R) ? wg[(m0 + m) * R + k] : 0.f;
-        }
-        for (int i = 0; i < 4; ++i) {
-            const int kr = brow + 4 * i, k = k0 + kr;
-            float v = 0.f;
-            if (p < P && k < R) {
-                const int c = k / KHW, rk = k - c * KHW, kh = rk / KW, kw = rk - kh * KW;
-                const int ih = ih0 + kh * dh, iw = iw0 + kw * dw;
-                if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = xg[(c * H + ih) * W + iw];
-            }
-            Bs[kr][bcol] = v;
-        }
-        __syncthreads();
-        cv_tile_fma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
-    for (int i = 0; i < 4; ++i) {
+    ConvFwdOp op;
+    op.w = w + (g * Kg + m0) * R;
+    op.x = x + (n * C + g * Cg) * H * W;
+    op.rows = Kg - m0; op.R = R; op.H = H; op.W = W; op.KW = KW; op.KHW = KH * KW;
+    op.ih0 = oh * sh - pt; op.iw0 = ow * sw - pl; op.dh = dh; op.dw = dw; op.valid = p < P;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    cc_gemm_tile<BM, BN, BK>(op, 0, R, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
         const int m = m0 + ty + 16 * i;
         if (m >= Kg) continue;
         const int k = g * Kg + m;
         const float b = has_bias ? bias[k] : 0.f;
-        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
             const int q = p0 + tx + 16 * j;
             if (q >= P) continue;
             const int qn = q / (OH * OW), qr = q - qn * OH * OW;
@@ -80,61 +75,82 @@ conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w,
     }
 }
 
-// gx[n, g*Cg + m, ih, iw] = sum_r wT[m, r] * gycol[r, (n, ih, iw)], r over
-// (k, kh, kw) of the group: the taps (oh, ow) whose window covers (ih, iw).
-// grid (ceil(N*H*W / 64), ceil(Cg / 64), groups), block 256.
-extern "C" __global__ void __launch_bounds__(CV_THREADS)
-conv2d_bwd_data(const float* __restrict__ gy, const float* __restrict__ w,
-                float* __restrict__ gx,
-                int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-                int sh, int sw, int pt, int pl, int dh, int dw, int groups) {
-    __shared__ float As[CV_BK][CV_BM];
-    __shared__ float Bs[CV_BK][CV_BN];
-    const int Cg = C / groups, Kg = K / groups, g = blockIdx.z;
-    const int Q = N * H * W, R = Kg * KH * KW, KHW = KH * KW;
-    const int q0 = blockIdx.x * CV_BN, m0 = blockIdx.y * CV_BM;
-    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
+extern "C" __global__ void __launch_bounds__(CC_THREADS)
+conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w,
+           const float* __restrict__ bias, float* __restrict__ y,
+           int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+           int sh, int sw, int pt, int pl, int dh, int dw, int groups,
+           int has_bias, int relu) {
+    conv_fwd<CC_SMALL_BM, CC_SMALL_BN, CC_SMALL_BK>(x, w, bias, y, N, C, H, W, K, KH, KW, OH,
+                                                   OW, sh, sw, pt, pl, dh, dw, groups,
+                                                   has_bias, relu);
+}
 
-    const int bcol = t % CV_BN, brow = t / CV_BN;
-    const int q = q0 + bcol;
+extern "C" __global__ void __launch_bounds__(CC_THREADS)
+conv2d_fwd_big(const float* __restrict__ x, const float* __restrict__ w,
+               const float* __restrict__ bias, float* __restrict__ y,
+               int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+               int sh, int sw, int pt, int pl, int dh, int dw, int groups,
+               int has_bias, int relu) {
+    conv_fwd<CC_BIG_BM, CC_BIG_BN, CC_BIG_BK>(x, w, bias, y, N, C, H, W, K, KH, KW, OH, OW,
+                                             sh, sw, pt, pl, dh, dw, groups, has_bias, relu);
+}
+
+// A = weight transposed (rows: input channels m0.. of the group, reduction
+// r = (k, kh, kw) over the group's output channels), B = the column
+// q = (n, ih, iw) of this thread: the gy taps whose window covers (ih, iw).
+struct ConvBwdDataOp {
+    const float* w;   // w + (g * Kg * Cg + m0) * KHW
+    const float* gy;  // gy image n, channels of group g
+    int rows, Cg, KHW, KW, OH, OW, ih_pt, iw_pl, sh, sw, dh, dw, valid;
+    __device__ __forceinline__ float a(int m, int r) const {
+        if (m >= rows) return 0.f;
+        const int k = r / KHW, rk = r - k * KHW;
+        return w[(k * Cg + m) * KHW + rk];
+    }
+    __device__ __forceinline__ float b(int r) const {
+        if (!valid) return 0.f;
+        const int k = r / KHW, rk = r - k * KHW, kh = rk / KW, kw = rk - kh * KW;
+        const int ohs = ih_pt - kh * dh, ows = iw_pl - kw * dw;
+        if (ohs < 0 || ows < 0 || ohs % sh != 0 || ows % sw != 0) return 0.f;
+        const int oh = ohs / sh, ow = ows / sw;
+        return (oh < OH && ow < OW) ? gy[(k * OH + oh) * OW + ow] : 0.f;
+    }
+};
+
+// gx[n, g*Cg + m, ih, iw] = sum_r wT[m, r] * gycol[r, (n, ih, iw)].
+// grid (ceil(N*H*W / BN), ceil(Cg / BM), groups), block 256.
+template <int BM, int BN, int BK>
+__device__ __forceinline__ void conv_bwd_data(const float* gy, const float* w, float* gx,
+                                              int N, int C, int H, int W, int K, int KH, int KW,
+                                              int OH, int OW, int sh, int sw, int pt, int pl,
+                                              int dh, int dw, int groups) {
+    constexpr int TM = BM / 16, TN = BN / 16;
+    const int Cg = C / groups, Kg = K / groups, g = blockIdx.z, KHW = KH * KW;
+    const int Q = N * H * W, R = Kg * KHW;
+    const int q0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+    const int q = q0 + threadIdx.x % BN;
     int n = 0, ih = 0, iw = 0;
     if (q < Q) { n = q / (H * W); const int rem = q - n * H * W; ih = rem / W; iw = rem - ih * W; }
-    const float* gyg = gy + (n * K + g * Kg) * OH * OW;
-    const int acol = t % CV_BK, arow = t / CV_BK;
-    const float* wg = w + g * Kg * Cg * KHW;
-
-    float acc[4][4] = {{0.f}};
-    for (int k0 = 0; k0 < R; k0 += CV_BK) {
-        for (int i = 0; i < 4; ++i) {
-            const int m = arow + 16 * i, r = k0 + acol;
-            float v = 0.f;
-            if (m0 + m < Cg && r < R) {
-                const int k = r / KHW, rk = r - k * KHW;
-                v = wg[(k * Cg + m0 + m) * KHW + rk];
-            }
-            As[acol][m] = v;
-        }
-        for (int i = 0; i < 4; ++i) {
-            const int kr = brow + 4 * i, r = k0 + kr;
-            float v = 0.f;
-            if (q < Q && r < R) {
-                const int k = r / KHW, rk = r - k * KHW, kh = rk / KW, kw = rk - kh * KW;
-                const int ohs = ih + pt - kh * dh, ows = iw + pl - kw * dw;
-                if (ohs >= 0 && ows >= 0 && ohs % sh == 0 && ows % sw == 0) {
-                    const int oh = ohs / sh, ow = ows / sw;
-                    if (oh < OH && ow < OW) v = gyg[(k * OH + oh) * OW + ow];
-                }
-            }
-            Bs[kr][bcol] = v;
-        }
-        __syncthreads();
-        cv_tile_fma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
-    for (int i = 0; i < 4; ++i) {
+    ConvBwdDataOp op;
+    op.w = w + (g * Kg * Cg + m0) * KHW;
+    op.gy = gy + (n * K + g * Kg) * OH * OW;
+    op.rows = Cg - m0; op.Cg = Cg; op.KHW = KHW; op.KW = KW; op.OH = OH; op.OW = OW;
+    op.ih_pt = ih + pt; op.iw_pl = iw + pl; op.sh = sh; op.sw = sw; op.dh = dh; op.dw = dw;
+    op.valid = q < Q;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    cc_gemm_tile<BM, BN, BK>(op, 0, R, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
         const int m = m0 + ty + 16 * i;
         if (m >= Cg) continue;
-        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
             const int qq = q0 + tx + 16 * j;
             if (qq >= Q) continue;
             const int qn = qq / (H * W), qr = qq - qn * H * W;
@@ -143,6 +159,43 @@ conv2d_bwd_data(const float* __restrict__ gy, const float* __restrict__ w,
     }
 }
 
+extern "C" __global__ void __launch_bounds__(CC_THREADS)
+conv2d_bwd_data(const float* __restrict__ gy, const float* __restrict__ w,
+                float* __restrict__ gx,
+                int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+                int sh, int sw, int pt, int pl, int dh, int dw, int groups) {
+    conv_bwd_data<CC_SMALL_BM, CC_SMALL_BN, CC_SMALL_BK>(gy, w, gx, N, C, H, W, K, KH, KW, OH,
+                                                        OW, sh, sw, pt, pl, dh, dw, groups);
+}
+
+extern "C" __global__ void __launch_bounds__(CC_THREADS)
+conv2d_bwd_data_big(const float* __restrict__ gy, const float* __restrict__ w,
+                    float* __restrict__ gx,
+                    int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+                    int sh, int sw, int pt, int pl, int dh, int dw, int groups) {
+    conv_bwd_data<CC_BIG_BM, CC_BIG_BN, CC_BIG_BK>(gy, w, gx, N, C, H, W, K, KH, KW, OH, OW,
+                                                  sh, sw, pt, pl, dh, dw, groups);
+}
+
+// A = gy (rows: output channels m0.. of the group, reduction p = (n, oh, ow)),
+// B = im2col(x) row (c, kh, kw) of this thread, along p.
+struct ConvBwdWeightOp {
+    const float* gy;  // gy + (g * Kg + m0) * OHW
+    const float* x;   // x + (g * Cg + c) * H * W
+    int rows, K, C, H, W, OW, OHW, sh, sw, kh_pt, kw_pl, valid;
+    __device__ __forceinline__ float a(int m, int p) const {
+        if (m >= rows) return 0.f;
+        const int n = p / OHW, rem = p - n * OHW;
+        return gy[(n * K + m) * OHW + rem];
+    }
+    __device__ __forceinline__ float b(int p) const {
+        if (!valid) return 0.f;
+        const int n = p / OHW, rem = p - n * OHW, oh = rem / OW, ow = rem - oh * OW;
+        const int ih = oh * sh + kh_pt, iw = ow * sw + kw_pl;
+        return (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(n * C * H + ih) * W + iw] : 0.f;
+    }
+};
+
 // gw[g*Kg + m, r] = sum_p gy[(n, g*Kg + m, oh, ow) = p] * xcol[r, p], r over
 // (c, kh, kw). The sum over p = (n, oh, ow) is split in `splits` fixed chunks
 // (blockIdx.z = group * splits + split) so that small weights still fill the
@@ -150,62 +203,42 @@ conv2d_bwd_data(const float* __restrict__ gy, const float* __restrict__ w,
 // order by sum_splits: deterministic); atomic == 1 adds into out with
 // atomicAdd (out zeroed first; faster, order varies). With splits == 1 and
 // atomic == 0, out is gw itself.
-// grid (ceil(R / 64), ceil(Kg / 64), groups * splits), block 256.
-extern "C" __global__ void __launch_bounds__(CV_THREADS)
-conv2d_bwd_weight(const float* __restrict__ gy, const float* __restrict__ x,
-                  float* __restrict__ out,
-                  int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-                  int sh, int sw, int pt, int pl, int dh, int dw, int groups,
-                  int splits, int chunk, int atomic) {
-    __shared__ float As[CV_BK][CV_BM];
-    __shared__ float Bs[CV_BK][CV_BN];
-    const int Cg = C / groups, Kg = K / groups;
+// grid (ceil(R / BN), ceil(Kg / BM), groups * splits), block 256.
+template <int BM, int BN, int BK>
+__device__ __forceinline__ void conv_bwd_weight(const float* gy, const float* x, float* out,
+                                                int N, int C, int H, int W, int K, int KH,
+                                                int KW, int OH, int OW, int sh, int sw, int pt,
+                                                int pl, int dh, int dw, int groups, int splits,
+                                                int chunk, int atomic) {
+    constexpr int TM = BM / 16, TN = BN / 16;
+    const int Cg = C / groups, Kg = K / groups, KHW = KH * KW;
     const int g = blockIdx.z / splits, split = blockIdx.z - g * splits;
-    const int P = N * OH * OW, OHW = OH * OW, R = Cg * KH * KW, KHW = KH * KW;
-    const int r0 = blockIdx.x * CV_BN, m0 = blockIdx.y * CV_BM;
+    const int P = N * OH * OW, R = Cg * KHW;
+    const int r0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
     const int pbeg = split * chunk;
     const int pend = pbeg + chunk < P ? pbeg + chunk : P;
-    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
-
-    // The weight column (c, kh, kw) this thread gathers is fixed.
-    const int bcol = t % CV_BN, brow = t / CV_BN;
-    const int r = r0 + bcol;
+    const int r = r0 + threadIdx.x % BN;
     int c = 0, kh = 0, kw = 0;
     if (r < R) { c = r / KHW; const int rk = r - c * KHW; kh = rk / KW; kw = rk - kh * KW; }
-    const int acol = t % CV_BK, arow = t / CV_BK;
-
-    float acc[4][4] = {{0.f}};
-    for (int k0 = pbeg; k0 < pend; k0 += CV_BK) {
-        {
-            const int p = k0 + acol;
-            int n = 0, rem = 0;
-            if (p < pend) { n = p / OHW; rem = p - n * OHW; }
-            for (int i = 0; i < 4; ++i) {
-                const int m = arow + 16 * i;
-                As[acol][m] = (p < pend && m0 + m < Kg)
-                    ? gy[(n * K + g * Kg + m0 + m) * OHW + rem] : 0.f;
-            }
-        }
-        for (int i = 0; i < 4; ++i) {
-            const int kr = brow + 4 * i, p = k0 + kr;
-            float v = 0.f;
-            if (p < pend && r < R) {
-                const int n = p / OHW, rem = p - n * OHW, oh = rem / OW, ow = rem - oh * OW;
-                const int ih = oh * sh - pt + kh * dh, iw = ow * sw - pl + kw * dw;
-                if (ih >= 0 && ih < H && iw >= 0 && iw < W)
-                    v = x[((n * C + g * Cg + c) * H + ih) * W + iw];
-            }
-            Bs[kr][bcol] = v;
-        }
-        __syncthreads();
-        cv_tile_fma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
+    ConvBwdWeightOp op;
+    op.gy = gy + (g * Kg + m0) * OH * OW;
+    op.x = x + (g * Cg + c) * H * W;
+    op.rows = Kg - m0; op.K = K; op.C = C; op.H = H; op.W = W; op.OW = OW; op.OHW = OH * OW;
+    op.sh = sh; op.sw = sw; op.kh_pt = kh * dh - pt; op.kw_pl = kw * dw - pl; op.valid = r < R;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    cc_gemm_tile<BM, BN, BK>(op, pbeg, pend, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float* o = atomic ? out : out + split * K * R;
-    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
         const int m = m0 + ty + 16 * i;
         if (m >= Kg) continue;
-        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
             const int rr = r0 + tx + 16 * j;
             if (rr >= R) continue;
             float* dst = o + (g * Kg + m) * R + rr;
@@ -213,6 +246,28 @@ conv2d_bwd_weight(const float* __restrict__ gy, const float* __restrict__ x,
             else *dst = acc[i][j];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(CC_THREADS)
+conv2d_bwd_weight(const float* __restrict__ gy, const float* __restrict__ x,
+                  float* __restrict__ out,
+                  int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+                  int sh, int sw, int pt, int pl, int dh, int dw, int groups,
+                  int splits, int chunk, int atomic) {
+    conv_bwd_weight<CC_SMALL_BM, CC_SMALL_BN, CC_SMALL_BK>(gy, x, out, N, C, H, W, K, KH, KW,
+                                                          OH, OW, sh, sw, pt, pl, dh, dw,
+                                                          groups, splits, chunk, atomic);
+}
+
+extern "C" __global__ void __launch_bounds__(CC_THREADS)
+conv2d_bwd_weight_big(const float* __restrict__ gy, const float* __restrict__ x,
+                      float* __restrict__ out,
+                      int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+                      int sh, int sw, int pt, int pl, int dh, int dw, int groups,
+                      int splits, int chunk, int atomic) {
+    conv_bwd_weight<CC_BIG_BM, CC_BIG_BN, CC_BIG_BK>(gy, x, out, N, C, H, W, K, KH, KW, OH, OW,
+                                                    sh, sw, pt, pl, dh, dw, groups, splits,
+                                                    chunk, atomic);
 }
 
 // out[i] = sum over s = 0, 1, ... of ws[s * n + i], in that order.

@@ -26,7 +26,13 @@ from . import backend as _default_backend
 
 _THREADS = 256
 _INT32_MAX = 2 ** 31 - 1
-_TILE = 64
+# The GEMM-shaped kernels come in two tile shapes (common.cuh): "small"
+# (64 x 64, kernel `name`) and "big" (128 x 128, kernel `name_big`). Big
+# tiles reuse each load twice as often, but a problem needs enough of them
+# to fill the GPU: big is used when it still gives at least one block per SM.
+_TILES = {"small": ("", 64), "big": ("_big", 128)}
+# Tests force one shape with this ("small" / "big"); None: chosen per call.
+TILE = None
 # conv2d_bwd_weight splits its reduction over (n, oh, ow) into chunks of at
 # least this many positions when the weight alone gives too few blocks.
 BWD_WEIGHT_MIN_CHUNK = 1024
@@ -111,6 +117,21 @@ def _grid1(n: int):
     return (max(_ceil(n, _THREADS), 1), 1, 1)
 
 
+def _sm_count(be) -> int:
+    """Multiprocessors of the current device (132, an H100's, where the
+    backend cannot tell: the CPU shim)."""
+    count = getattr(be, "multiprocessors", None)
+    return int(count()) if callable(count) else 132
+
+
+def _tile(be, rows: int, cols: int, layers: int = 1):
+    """(kernel name suffix, tile edge) for an output of rows x cols per layer."""
+    if TILE is not None:
+        return _TILES[TILE]
+    big_blocks = _ceil(rows, 128) * _ceil(cols, 128) * layers
+    return _TILES["big" if big_blocks >= _sm_count(be) else "small"]
+
+
 # ------------------------------------------------------------------ convolution
 
 _ALGORITHMS = ("auto", "gemm", "depthwise")
@@ -159,8 +180,9 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algorithm, o
                   (x, w, b, y4) + tuple(map(_i32, dims)) + flags)
     else:
         N, K, OH, OW = shape
-        grid = (_ceil(N * OH * OW, _TILE), _ceil(K // g, _TILE), g)
-        be.launch("conv.cu", "conv2d_fwd", grid, (_THREADS, 1, 1),
+        suffix, edge = _tile(be, K // g, N * OH * OW, g)
+        grid = (_ceil(N * OH * OW, edge), _ceil(K // g, edge), g)
+        be.launch("conv.cu", "conv2d_fwd" + suffix, grid, (_THREADS, 1, 1),
                   (x, w, b, y4) + tuple(map(_i32, dims)) + (_i32(g),) + flags)
     return y
 
@@ -214,14 +236,18 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
                   (gy, x, gw) + d32)
     else:
         Cg, Kg = C // g, K // g
-        be.launch("conv.cu", "conv2d_bwd_data", (_ceil(N * H * W, _TILE), _ceil(Cg, _TILE), g),
+        suffix, edge = _tile(be, Cg, N * H * W, g)
+        be.launch("conv.cu", "conv2d_bwd_data" + suffix,
+                  (_ceil(N * H * W, edge), _ceil(Cg, edge), g),
                   (_THREADS, 1, 1), (gy, w, gx) + d32 + (_i32(g),))
         R, P = Cg * KH * KW, N * OH * OW
-        blocks = _ceil(R, _TILE) * _ceil(Kg, _TILE) * g
+        # the tile from the output alone; splitting the reduction adds blocks
+        suffix, edge = _tile(be, Kg, R, g * max(P // BWD_WEIGHT_MIN_CHUNK, 1))
+        blocks = _ceil(R, edge) * _ceil(Kg, edge) * g
         splits = _bwd_weight_splits(P, blocks)
         chunk = _ceil(_ceil(P, splits), 16) * 16
         splits = _ceil(P, chunk)
-        grid = (_ceil(R, _TILE), _ceil(Kg, _TILE), g * splits)
+        grid = (_ceil(R, edge), _ceil(Kg, edge), g * splits)
         if splits == 1:
             target, atomic = gw, 0
         elif deterministic:
@@ -231,7 +257,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         else:
             gw.fill(0)
             target, atomic = gw, 1
-        be.launch("conv.cu", "conv2d_bwd_weight", grid, (_THREADS, 1, 1),
+        be.launch("conv.cu", "conv2d_bwd_weight" + suffix, grid, (_THREADS, 1, 1),
                   (gy, x, target) + d32 + (_i32(g), _i32(splits), _i32(chunk), _i32(atomic)))
         if target is not gw:
             be.launch("conv.cu", "sum_splits", _grid1(gw.size), (_THREADS, 1, 1),
@@ -364,10 +390,33 @@ def adaptive_avg_pool2d_backward(grad_output, input):
 
 # --------------------------------------------------------------- fully connected
 
+# A long reduction is split in chunks of at least this many when the output
+# alone gives too few blocks (e.g. a batch-16 fully connected layer).
+GEMM_MIN_CHUNK = 256
+
+
 def _gemm(be, A, B, bias, C, M, N, K, strides, relu=False):
-    be.launch("linear.cu", "gemm", (_ceil(N, _TILE), _ceil(M, _TILE), 1), (_THREADS, 1, 1),
-              (A, B, bias, C) + tuple(map(_i32, (M, N, K) + tuple(strides)))
-              + (_i32(bias is not None), _i32(relu)))
+    """C (M, N) = A (M, K) @ B (K, N) [+ bias, ReLU], A and B by strides."""
+    suffix, edge = _tile(be, M, N, max(K // GEMM_MIN_CHUNK, 1))
+    blocks = _ceil(M, edge) * _ceil(N, edge)
+    target = 2 * _sm_count(be)
+    splits = max(min(K // GEMM_MIN_CHUNK, _ceil(target, blocks)), 1) if blocks < target else 1
+    chunk = _ceil(_ceil(max(K, 1), splits), 16) * 16
+    splits = max(_ceil(K, chunk), 1)
+    flags = (_i32(bias is not None), _i32(relu), _i32(chunk))
+    grid = (_ceil(N, edge), _ceil(M, edge), splits)
+    if splits == 1:
+        be.launch("linear.cu", "gemm" + suffix, grid, (_THREADS, 1, 1),
+                  (A, B, bias, C) + tuple(map(_i32, (M, N, K) + tuple(strides))) + flags)
+        return
+    if splits * M * N > _INT32_MAX:
+        raise ValueError("the split GEMM's workspace is too large for 32-bit indexing")
+    ws = be.xp.empty((splits, M, N), dtype=np.float32)
+    be.launch("linear.cu", "gemm" + suffix, grid, (_THREADS, 1, 1),
+              (A, B, bias, ws) + tuple(map(_i32, (M, N, K) + tuple(strides))) + flags)
+    be.launch("linear.cu", "gemm_reduce", _grid1(M * N), (_THREADS, 1, 1),
+              (ws, bias, C, _i32(M), _i32(N), _i32(splits), _i32(bias is not None),
+               _i32(relu)))
 
 
 def _linear_shapes(x, w, b=None):
