@@ -49,6 +49,7 @@ def _wrap(a):
 
 class _Device:
     id = 0
+    attributes = {"MultiProcessorCount": 132}
 
     def __init__(self, *args):
         pass

@@ -94,6 +94,7 @@ class CupyBackend:
         self._functions: Dict[Tuple[int, str, str], object] = {}
         # (device id, file) -> seconds the first get_function took (compile + load)
         self.compile_seconds: Dict[Tuple[int, str], float] = {}
+        self._sms: Dict[int, int] = {}
 
     def function(self, file: str, kernel: str):
         dev = self.xp.cuda.Device().id
@@ -113,8 +114,12 @@ class CupyBackend:
         return fn
 
     def multiprocessors(self) -> int:
+        """SM count of the current device (queried once per device)."""
         dev = self.xp.cuda.Device()
-        return int(dev.attributes["MultiProcessorCount"])
+        count = self._sms.get(dev.id)
+        if count is None:
+            count = self._sms[dev.id] = int(dev.attributes["MultiProcessorCount"])
+        return count
 
     def launch(self, file: str, kernel: str, grid, block, args, shared_mem: int = 0) -> None:
         # None is a null pointer: a 64-bit zero in the pointer's slot.
