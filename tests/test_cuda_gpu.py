@@ -230,3 +230,24 @@ def test_torch_cuda_tensors_in_and_dlpack_out():
     torch.backends.cudnn.allow_tf32 = False
     expected = torch.nn.functional.conv2d(x, w, padding=1)
     assert torch.allclose(y_t, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sequential_fuses_conv_and_linear_with_relu(dev):
+    cc.manual_seed(5)
+    net = cc.nn.Sequential(cc.nn.Conv2d(3, 6, 3, padding="same"), cc.nn.ReLU(), cc.nn.Flatten(),
+                           cc.nn.Linear(6 * 25, 7), cc.nn.ReLU(), cc.nn.Linear(7, 3))
+    x = rnd(2, 3, 5, 5)
+    gy = rnd(2, 3, seed=9)
+    expected = net(x)
+    expected_gx = net.backward(gy)
+    expected_grads = [p.grad.copy() for p in net.parameters()]
+    net.zero_grad()
+    net.to("cuda")
+    relu_before = None if dev.real else fake_cupy._Function.backend.launches["relu_fwd"]
+    y = net(dev.put(x))
+    if not dev.real:  # both ReLUs ran inside the GEMM epilogues
+        assert fake_cupy._Function.backend.launches["relu_fwd"] == relu_before
+    check(dev, y, expected, "output")
+    check(dev, net.backward(dev.put(gy)), expected_gx, "grad_input")
+    for p, e in zip(net.parameters(), expected_grads):
+        check(dev, p.grad, e, "parameter gradient")

@@ -18,9 +18,12 @@
 //     __syncthreads(), atomicAdd(float*, float), fmaxf, fminf, expf, logf,
 //     sqrtf, powf, fabsf, rsqrtf, and min/max on int. Nothing else (no
 //     warp shuffles, no __ldg, no cooperative groups, no textures).
-//   - Static shared memory: `__shared__ T name[CONST]` at function scope,
-//     without an initializer. Dynamic shared memory only through
-//     CC_DYNAMIC_SHARED(T, name) below.
+//   - Static shared memory: `__shared__ T name[CONST]` at function scope
+//     (kernels or __device__ function templates), without an initializer.
+//     Dynamic shared memory only through CC_DYNAMIC_SHARED(T, name) below.
+//   - C++17 as both compilers take it: templates, constexpr, static_assert,
+//     structs with __device__ member functions (the operand loaders of
+//     cc_gemm_tile). `#pragma unroll` is fine (g++ ignores it).
 //   - Every thread of a block reaches every __syncthreads() the same number
 //     of times: no `return` before a barrier (guard the work with an if
 //     instead). The shim reports a violation as "barrier divergence".

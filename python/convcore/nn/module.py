@@ -313,6 +313,9 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
+        if type(x).__module__.split(".")[0] == "cupy":  # GPU: Conv2d/Linear + ReLU fused
+            from ..cuda.fusion import sequential_forward
+            return sequential_forward(list(self._modules.values()), x)
         for m in self._modules.values():
             x = m(x)
         return x
