@@ -85,6 +85,14 @@ def test_shim_2d_blocks_and_dynamic_shared(sh):
     assert_close(y, x.reshape(6, 128).astype(np.float64).sum(1), np.float32)
 
 
+def test_shim_catches_out_of_bounds_writes(sh):
+    x = rnd(100)
+    y = sh.xp.empty(99, np.float32)  # one short: relu_fwd writes y[99]
+    with pytest.raises(RuntimeError, match="out-of-bounds write"):
+        sh.launch("elementwise.cu", "relu_fwd", (1, 1, 1), (256, 1, 1), (x, y, np.int32(100)))
+    sh.xp._buffers.clear()
+
+
 def test_shim_checks_argument_types(sh):
     x = rnd(10)
     with pytest.raises(TypeError, match="n is int"):

@@ -96,13 +96,45 @@ def build(files, build_dir: str) -> str:
     return lib
 
 
+class GuardedNumpy:
+    """numpy, except that `empty` (how convcore.cuda.functional allocates
+    every output and workspace) puts 64 guard bytes of a fixed pattern on
+    each side of the array; `check()` reports any that a kernel overwrote:
+    an out-of-bounds write."""
+
+    GUARD = 64
+    PATTERN = 0xA5
+
+    def __init__(self):
+        self._buffers = []
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def empty(self, shape, dtype=np.float32):
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        raw = np.full(nbytes + 2 * self.GUARD, self.PATTERN, dtype=np.uint8)
+        self._buffers.append(raw)
+        # garbage, as np.empty would leave it: NaN bit patterns for floats
+        raw[self.GUARD:self.GUARD + nbytes] = 0xFF
+        return raw[self.GUARD:self.GUARD + nbytes].view(dtype).reshape(shape)
+
+    def check(self, kernel: str) -> None:
+        for raw in self._buffers:
+            if (raw[:self.GUARD] != self.PATTERN).any() or (raw[-self.GUARD:] != self.PATTERN).any():
+                raise RuntimeError(f"{kernel}: out-of-bounds write next to a "
+                                   f"{raw.size - 2 * self.GUARD}-byte output buffer")
+        del self._buffers[:-64]  # keep the recent ones: checks stay cheap
+
+
 class ShimBackend:
     """convcore.cuda.functional's backend on the CPU: numpy arrays, kernels
-    run by the shim. Records which kernels each test launched."""
-
-    xp = np
+    run by the shim. Records which kernels each test launched, and checks
+    the guard bytes around every buffer it allocated after each launch."""
 
     def __init__(self, lib_path: str, files):
+        self.xp = GuardedNumpy()
         self.lib = ctypes.CDLL(lib_path)
         self.lib.ccshim_error.restype = ctypes.c_char_p
         self.lib.ccshim_barriers.restype = ctypes.c_longlong
@@ -153,6 +185,7 @@ class ShimBackend:
         rc = fn(*grid, *block, int(shared_mem), argv)
         if rc != 0:
             raise RuntimeError(f"{kernel}: {self.lib.ccshim_error().decode()}")
+        self.xp.check(kernel)
         self.launches[kernel] += 1
         if self.current_test is not None:
             self.tests[kernel].add(self.current_test)
