@@ -22,6 +22,8 @@ from _helpers import assert_close
 from cuda_shim import fake_cupy, shim
 
 FILES = tuple(cc_cuda.SOURCES)
+# the same list as test_cuda_shim.py's, so both share one shim library
+SHIM_FILES = FILES + (os.path.join(shim.HERE, "selftest.cu"),)
 
 
 class Device:
@@ -47,12 +49,14 @@ def dev(request, monkeypatch, tmp_path_factory):
         return
     if shim.find_compiler() is None:
         pytest.skip("g++ not found: the CUDA-execution shim needs it")
-    lib = shim.build(FILES, str(tmp_path_factory.getbasetemp() / "ccshim"))
+    backend = shim.session_backend(SHIM_FILES, str(tmp_path_factory.getbasetemp() / "ccshim"))
     fake = fake_cupy.make_module()
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(cc_cuda, "_backend", None)
-    monkeypatch.setattr(fake_cupy._Function, "backend", shim.ShimBackend(lib, FILES))
+    monkeypatch.setattr(fake_cupy._Function, "backend", backend)
+    backend.current_test = request.node.nodeid
     yield Device(fake, False)
+    backend.current_test = None
 
 
 def rnd(*shape, seed=0):

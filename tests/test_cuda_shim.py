@@ -19,15 +19,15 @@ pytestmark = pytest.mark.skipif(shim.find_compiler() is None,
 
 import convcore.cuda.functional as G  # noqa: E402  (importing it needs no cupy)
 
-FILES = ("conv.cu", "pool.cu", "linear.cu", "elementwise.cu", "norm.cu", "loss.cu", "optim.cu",
-         os.path.join(shim.HERE, "selftest.cu"))
+import convcore.cuda as cc_cuda  # noqa: E402
+
+# every kernel file of the package, plus the shim's own self-test kernels
+FILES = tuple(cc_cuda.SOURCES) + (os.path.join(shim.HERE, "selftest.cu"),)
 
 
 @pytest.fixture(scope="session")
 def backend(tmp_path_factory):
-    be = shim.ShimBackend(shim.build(FILES, str(tmp_path_factory.mktemp("ccshim"))), FILES)
-    shim.ACTIVE = be  # for the per-kernel counts in the terminal summary
-    return be
+    return shim.session_backend(FILES, str(tmp_path_factory.getbasetemp() / "ccshim"))
 
 
 @pytest.fixture

@@ -189,3 +189,15 @@ class ShimBackend:
         self.launches[kernel] += 1
         if self.current_test is not None:
             self.tests[kernel].add(self.current_test)
+
+
+ACTIVE = None  # the session's backend; conftest.py prints its per-kernel counts
+
+
+def session_backend(files, build_dir: str) -> ShimBackend:
+    """One shim library and backend per test session, shared by the test
+    modules, so the per-kernel counts cover them all."""
+    global ACTIVE
+    if ACTIVE is None:
+        ACTIVE = ShimBackend(build(files, build_dir), files)
+    return ACTIVE

@@ -681,3 +681,30 @@ def adam_step(data, grad, exp_avg, exp_avg_sq, step_size, beta1, beta2, root_cor
     be.launch("optim.cu", "adam_step", _grid1(w.size), (_THREADS, 1, 1),
               (w, g, m, v, _i32(w.size), _f32(step_size), _f32(beta1), _f32(beta2),
                _f32(root_correction2), _f32(eps), _f32(weight_decay)))
+
+
+# ------------------------------------------------------------- device context
+
+def _on_array_device(fn):
+    """Runs fn with the device of its first cupy array argument current, so
+    kernels launch (and compile, once per device) where the data lives."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in list(args) + list(kwargs.values()):
+            if type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "device"):
+                with a.device:
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+for _name in ("conv2d", "conv2d_relu", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
+              "avg_pool2d", "avg_pool2d_backward", "adaptive_avg_pool2d",
+              "adaptive_avg_pool2d_backward", "linear", "linear_relu", "linear_backward", "relu",
+              "relu_backward", "local_response_norm", "local_response_norm_backward",
+              "batch_norm", "batch_norm_backward", "cross_entropy", "sgd_step", "adam_step"):
+    globals()[_name] = _on_array_device(globals()[_name])
+del _name
