@@ -72,10 +72,15 @@ __device__ __forceinline__ float cc_block_sum(float v, float* buf) {
 // consecutive output columns, so no bank conflicts and coalesced stores).
 //
 // The operands are never materialised: `op` (one object per thread) yields
-// them. op.a(m, k): A at tile row m (0 <= m < BM) and reduction index k, 0
-// outside A. op.b(k): B at reduction index k in this thread's column, which
-// is fixed (n = threadIdx.x % BN, set when op was built), 0 outside B. The
-// engine itself only checks k < kend. Every thread must call it (barriers).
+// them. A reduction index k usually has to be decoded (into channel and
+// kernel tap, or image and output position), which costs integer
+// divisions; so BK threads decode the next slice's k once per block into a
+// shared table, and every load reads the decoded form:
+//   op.decode(k, d)  fills int d[4] for reduction index k (k < kend);
+//   op.a(m, k, d)    A at tile row m (0 <= m < BM), 0 outside A;
+//   op.b(k, d)       B at k in this thread's column, which is fixed
+//                    (n = threadIdx.x % BN, set when op was built), 0 outside.
+// The engine itself only checks k < kend. Every thread must call it.
 #define CC_THREADS 256
 
 template <int BM, int BN, int BK, class Op>
@@ -89,30 +94,38 @@ __device__ __forceinline__ void cc_gemm_tile(const Op& op, int kbeg, int kend,
     // +4: the transposing store to As (consecutive k, same m) hits distinct banks
     __shared__ float As[BK][BM + 4];
     __shared__ float Bs[BK][BN];
+    __shared__ int dec[2][BK][4];  // decoded k of the slice being fetched, double-buffered
     const int t = threadIdx.x, tx = t % 16, ty = t / 16;
     const int bcol = t % BN, brow = t / BN;
     float ra[LA], rb[LB];
 
-    // fetch the BK-slice starting at k0 into registers
-#define CC_FETCH(k0)                                                          \
+    // fetch the BK-slice starting at k0 (decoded in dec[buf]) into registers
+#define CC_FETCH(k0, buf)                                                     \
     for (int i = 0; i < LA; ++i) {                                            \
-        const int e = t + CC_THREADS * i, k = (k0) + e % BK;                  \
-        ra[i] = k < kend ? op.a(e / BK, k) : 0.f;                             \
+        const int e = t + CC_THREADS * i, kk = e % BK, k = (k0) + kk;         \
+        ra[i] = k < kend ? op.a(e / BK, k, dec[buf][kk]) : 0.f;               \
     }                                                                         \
     for (int i = 0; i < LB; ++i) {                                            \
-        const int k = (k0) + brow + BSTEP * i;                                \
-        rb[i] = k < kend ? op.b(k) : 0.f;                                     \
+        const int kk = brow + BSTEP * i, k = (k0) + kk;                       \
+        rb[i] = k < kend ? op.b(k, dec[buf][kk]) : 0.f;                       \
     }
 
-    CC_FETCH(kbeg)
+    if (t < BK && kbeg + t < kend) op.decode(kbeg + t, dec[0][t]);
+    __syncthreads();
+    CC_FETCH(kbeg, 0)
+    int buf = 0;
     for (int k0 = kbeg; k0 < kend; k0 += BK) {
         for (int i = 0; i < LA; ++i) {
             const int e = t + CC_THREADS * i;
             As[e % BK][e / BK] = ra[i];
         }
         for (int i = 0; i < LB; ++i) Bs[brow + BSTEP * i][bcol] = rb[i];
+        // decode the next slice into the other buffer (last read two
+        // barriers ago)
+        if (t < BK && k0 + BK + t < kend) op.decode(k0 + BK + t, dec[buf ^ 1][t]);
         __syncthreads();
-        if (k0 + BK < kend) { CC_FETCH(k0 + BK) }  // in flight during the FMAs below
+        buf ^= 1;
+        if (k0 + BK < kend) { CC_FETCH(k0 + BK, buf) }  // in flight during the FMAs below
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
             float a[TM], b[TN];

@@ -14,19 +14,24 @@
 #include "common.cuh"
 
 // A = weight (rows: output channels m0.., reduction r = (c, kh, kw)),
-// B = im2col(x) column p = (n, oh, ow) of this thread.
+// B = im2col(x) column p = (n, oh, ow) of this thread. r decodes to
+// d = {offset of (c, kh*dh, kw*dw) in the image, kh*dh, kw*dw}.
 struct ConvFwdOp {
     const float* w;  // weight rows of this tile: w + (g * Kg + m0) * R
     const float* x;  // input image n, channels of group g
-    int rows, R, H, W, KW, KHW, ih0, iw0, dh, dw, valid;
-    __device__ __forceinline__ float a(int m, int k) const {
+    int rows, R, H, W, KW, KHW, ih0, iw0, base, dh, dw, valid;  // base = ih0 * W + iw0
+    __device__ __forceinline__ void decode(int k, int* d) const {
+        const int c = k / KHW, rk = k - c * KHW, kh = rk / KW, kw = rk - kh * KW;
+        d[1] = kh * dh;
+        d[2] = kw * dw;
+        d[0] = (c * H + d[1]) * W + d[2];
+    }
+    __device__ __forceinline__ float a(int m, int k, const int*) const {
         return m < rows ? w[m * R + k] : 0.f;
     }
-    __device__ __forceinline__ float b(int k) const {
-        if (!valid) return 0.f;
-        const int c = k / KHW, rk = k - c * KHW, kh = rk / KW, kw = rk - kh * KW;
-        const int ih = ih0 + kh * dh, iw = iw0 + kw * dw;
-        return (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(c * H + ih) * W + iw] : 0.f;
+    __device__ __forceinline__ float b(int, const int* d) const {
+        const int ih = ih0 + d[1], iw = iw0 + d[2];
+        return (valid && ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[base + d[0]] : 0.f;
     }
 };
 
@@ -47,9 +52,10 @@ __device__ __forceinline__ void conv_fwd(const float* x, const float* w, const f
     if (p < P) { n = p / (OH * OW); const int rem = p - n * OH * OW; oh = rem / OW; ow = rem - oh * OW; }
     ConvFwdOp op;
     op.w = w + (g * Kg + m0) * R;
+    op.ih0 = oh * sh - pt; op.iw0 = ow * sw - pl; op.base = op.ih0 * W + op.iw0;
     op.x = x + (n * C + g * Cg) * H * W;
     op.rows = Kg - m0; op.R = R; op.H = H; op.W = W; op.KW = KW; op.KHW = KH * KW;
-    op.ih0 = oh * sh - pt; op.iw0 = ow * sw - pl; op.dh = dh; op.dw = dw; op.valid = p < P;
+    op.dh = dh; op.dw = dw; op.valid = p < P;
     float acc[TM][TN];
 #pragma unroll
     for (int i = 0; i < TM; ++i)
@@ -99,22 +105,33 @@ conv2d_fwd_big(const float* __restrict__ x, const float* __restrict__ w,
 // A = weight transposed (rows: input channels m0.. of the group, reduction
 // r = (k, kh, kw) over the group's output channels), B = the column
 // q = (n, ih, iw) of this thread: the gy taps whose window covers (ih, iw).
+// r decodes to d = {k * OH * OW, kh * dh, kw * dw, k * Cg * KHW + rk}.
 struct ConvBwdDataOp {
     const float* w;   // w + (g * Kg * Cg + m0) * KHW
     const float* gy;  // gy image n, channels of group g
     int rows, Cg, KHW, KW, OH, OW, ih_pt, iw_pl, sh, sw, dh, dw, valid;
-    __device__ __forceinline__ float a(int m, int r) const {
-        if (m >= rows) return 0.f;
-        const int k = r / KHW, rk = r - k * KHW;
-        return w[(k * Cg + m) * KHW + rk];
-    }
-    __device__ __forceinline__ float b(int r) const {
-        if (!valid) return 0.f;
+    __device__ __forceinline__ void decode(int r, int* d) const {
         const int k = r / KHW, rk = r - k * KHW, kh = rk / KW, kw = rk - kh * KW;
-        const int ohs = ih_pt - kh * dh, ows = iw_pl - kw * dw;
-        if (ohs < 0 || ows < 0 || ohs % sh != 0 || ows % sw != 0) return 0.f;
-        const int oh = ohs / sh, ow = ows / sw;
-        return (oh < OH && ow < OW) ? gy[(k * OH + oh) * OW + ow] : 0.f;
+        d[0] = k * OH * OW;
+        d[1] = kh * dh;
+        d[2] = kw * dw;
+        d[3] = k * Cg * KHW + rk;
+    }
+    __device__ __forceinline__ float a(int m, int, const int* d) const {
+        return m < rows ? w[d[3] + m * KHW] : 0.f;
+    }
+    __device__ __forceinline__ float b(int, const int* d) const {
+        int oh = ih_pt - d[1], ow = iw_pl - d[2];
+        if (!valid || oh < 0 || ow < 0) return 0.f;
+        if (sh != 1) {  // a stride-1 layer needs no division
+            if (oh % sh != 0) return 0.f;
+            oh /= sh;
+        }
+        if (sw != 1) {
+            if (ow % sw != 0) return 0.f;
+            ow /= sw;
+        }
+        return (oh < OH && ow < OW) ? gy[d[0] + oh * OW + ow] : 0.f;
     }
 };
 
@@ -178,21 +195,26 @@ conv2d_bwd_data_big(const float* __restrict__ gy, const float* __restrict__ w,
 }
 
 // A = gy (rows: output channels m0.. of the group, reduction p = (n, oh, ow)),
-// B = im2col(x) row (c, kh, kw) of this thread, along p.
+// B = im2col(x) row (c, kh, kw) of this thread, along p. p decodes to
+// d = {offset of (n, oh, ow) in gy less the channel, n * C * H * W,
+//      oh * sh, ow * sw}.
 struct ConvBwdWeightOp {
     const float* gy;  // gy + (g * Kg + m0) * OHW
     const float* x;   // x + (g * Cg + c) * H * W
     int rows, K, C, H, W, OW, OHW, sh, sw, kh_pt, kw_pl, valid;
-    __device__ __forceinline__ float a(int m, int p) const {
-        if (m >= rows) return 0.f;
-        const int n = p / OHW, rem = p - n * OHW;
-        return gy[(n * K + m) * OHW + rem];
-    }
-    __device__ __forceinline__ float b(int p) const {
-        if (!valid) return 0.f;
+    __device__ __forceinline__ void decode(int p, int* d) const {
         const int n = p / OHW, rem = p - n * OHW, oh = rem / OW, ow = rem - oh * OW;
-        const int ih = oh * sh + kh_pt, iw = ow * sw + kw_pl;
-        return (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[(n * C * H + ih) * W + iw] : 0.f;
+        d[0] = n * K * OHW + rem;
+        d[1] = n * C * H * W;
+        d[2] = oh * sh;
+        d[3] = ow * sw;
+    }
+    __device__ __forceinline__ float a(int m, int, const int* d) const {
+        return m < rows ? gy[d[0] + m * OHW] : 0.f;
+    }
+    __device__ __forceinline__ float b(int, const int* d) const {
+        const int ih = d[2] + kh_pt, iw = d[3] + kw_pl;
+        return (valid && ih >= 0 && ih < H && iw >= 0 && iw < W) ? x[d[1] + ih * W + iw] : 0.f;
     }
 };
 

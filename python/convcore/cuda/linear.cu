@@ -14,10 +14,14 @@ struct GemmOp {
     const float* A;  // A + m0 * sam
     const float* B;  // B + n * sbn for this thread's column n
     int rows, sam, sak, sbk, valid;
-    __device__ __forceinline__ float a(int m, int k) const {
+    // a plain GEMM has nothing to decode
+    __device__ __forceinline__ void decode(int, int*) const {}
+    __device__ __forceinline__ float a(int m, int k, const int*) const {
         return m < rows ? A[m * sam + k * sak] : 0.f;
     }
-    __device__ __forceinline__ float b(int k) const { return valid ? B[k * sbk] : 0.f; }
+    __device__ __forceinline__ float b(int k, const int*) const {
+        return valid ? B[k * sbk] : 0.f;
+    }
 };
 
 template <int BM, int BN, int BK>
