@@ -255,3 +255,22 @@ def test_sequential_fuses_conv_and_linear_with_relu(dev):
     check(dev, net.backward(dev.put(gy)), expected_gx, "grad_input")
     for p, e in zip(net.parameters(), expected_grads):
         check(dev, p.grad, e, "parameter gradient")
+
+
+def test_gpu_benchmark_runs(dev, monkeypatch):
+    """The benchmark's code path on tiny layers (on the shim its times mean
+    nothing; on a GPU this is a smoke run of python -m convcore bench --gpu)."""
+    from convcore import bench as cpu_bench
+    from convcore.cuda import bench as gpu_bench
+    if not dev.real:
+        monkeypatch.setattr(gpu_bench, "_torch_cuda", lambda: None)  # no CUDA torch here
+    lines = []
+    result = gpu_bench.run(repeat=2, out=lines.append, cases=[
+        cpu_bench.Conv("tiny.conv", 2, 3, 9, 5, 3, 1, 1), cpu_bench.Pool("tiny.pool", 2, 3, 9, 3, 2),
+        cpu_bench.Fc("tiny.fc", 2, 20, 7)])
+    assert [(r["layer"], r["direction"]) for r in result["rows"]] == [
+        ("tiny.conv", "fwd"), ("tiny.conv", "bwd"), ("tiny.pool", "fwd"), ("tiny.fc", "fwd"),
+        ("tiny.fc", "bwd")]
+    assert all(r["convcore_ms"] > 0 for r in result["rows"])
+    assert any(k.startswith("conv.cu@") for k in result["compile_seconds"])
+    assert any("first-call compile" in line for line in lines)

@@ -60,6 +60,19 @@ class _Device:
     def __exit__(self, *exc):
         return False
 
+    def synchronize(self):
+        pass
+
+
+class _Event:
+    """Timing on the shim means nothing: every interval is 1 ms."""
+
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
 
 class RawModule:
     """Records compiles; get_function returns a shim launcher."""
@@ -143,6 +156,9 @@ def make_module():
     for name in ("ndarray", "RawModule", "asarray", "ascontiguousarray", "empty", "zeros",
                  "empty_like", "zeros_like", "array", "asnumpy", "from_dlpack"):
         setattr(mod, name, globals()[name])
-    mod.cuda = types.SimpleNamespace(is_available=lambda: True, Device=_Device)
+    mod.cuda = types.SimpleNamespace(
+        is_available=lambda: True, Device=_Device, Event=_Event,
+        get_elapsed_time=lambda start, stop: 1.0,
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"CUDA shim"}))
     mod.__fake__ = True
     return mod

@@ -106,7 +106,8 @@ def _cases(c, cupy, torch, rng):
     return fns
 
 
-def run(repeat: int = 20, quick: bool = False, out=print) -> dict:
+def run(repeat: int = 20, quick: bool = False, out=print, cases=None) -> dict:
+    """cases: the layers to time (default: convcore.bench.suite(quick))."""
     ok, why = availability()
     if not ok:
         raise SystemExit(f"python -m convcore bench --gpu needs a CUDA GPU: {why}")
@@ -126,7 +127,7 @@ def run(repeat: int = 20, quick: bool = False, out=print) -> dict:
     cc.relu(cupy.zeros(1, np.float32))
     out(f"first call (import + compile of elementwise.cu): {time.perf_counter() - first_call:.2f} s")
     out(f"{'layer':<24} {'dir':<4} {'convcore':>9} {'torch':>9} {'ratio':>6}")
-    for c in cpu_bench.suite(quick):
+    for c in cpu_bench.suite(quick) if cases is None else cases:
         fns = _cases(c, cupy, torch, rng)
         for direction in ("fwd", "bwd"):
             if (direction, "convcore") not in fns:
