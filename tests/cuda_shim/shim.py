@@ -18,8 +18,11 @@ from collections import defaultdict
 
 import numpy as np
 
+import convcore.cuda
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL_DIR = os.path.join(HERE, os.pardir, os.pardir, "python", "convcore", "cuda")
+# the kernels of the convcore being tested (installed, or the source tree)
+KERNEL_DIR = convcore.cuda.KERNEL_DIR
 
 _KERNEL = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?'
