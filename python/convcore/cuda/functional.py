@@ -87,6 +87,12 @@ def _arr(be, value, name: str, optional: bool = False):
 
 
 def _dest(be, out, shape, name: str = "out"):
+    """The output array: `out` checked, or a new one. Either way under 2^31
+    elements (the kernels index in int)."""
+    elems = int(np.prod(shape, dtype=np.int64))
+    if elems > _INT32_MAX:
+        raise ValueError(f"the result would have {elems} elements (shape {tuple(shape)}); the "
+                         f"GPU kernels index with 32-bit ints (at most {_INT32_MAX})")
     if out is None:
         return be.xp.empty(tuple(shape), dtype=np.float32)
     o = be.asarray(out, name)
@@ -365,7 +371,7 @@ def adaptive_avg_pool2d(input, output_size):
     oh, ow = F._adaptive_size(output_size, x)
     _adaptive_check(oh, ow)
     N, C, H, W = (int(v) for v in x.shape)
-    y = be.xp.empty((N, C, oh, ow), dtype=np.float32)
+    y = _dest(be, None, (N, C, oh, ow))
     be.launch("pool.cu", "adaptive_avg_fwd", _grid1(y.size), (_THREADS, 1, 1),
               (x, y) + tuple(map(_i32, (N * C, H, W, oh, ow))))
     return y[0] if unbatched else y
