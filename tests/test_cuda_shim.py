@@ -302,6 +302,20 @@ def test_relu_forward_backward_and_in_place(sh):
     assert_close(z, ref.relu_ref(x))
 
 
+def test_empty_batches(sh, tile):
+    x, w = np.zeros((0, 3, 5, 5), np.float32), rnd(4, 3, 3, 3)
+    for a, e in zip((G.conv2d(x, w),) + G.conv2d_backward(np.zeros((0, 4, 3, 3), np.float32), x, w),
+                    (cc.conv2d(x, w),) + cc.conv2d_backward(np.zeros((0, 4, 3, 3), np.float32), x, w)):
+        assert a.shape == e.shape
+        np.testing.assert_array_equal(a, e)  # zero gradients, not garbage
+    assert G.max_pool2d(x, 2).shape == (0, 3, 2, 2)
+    gx, gw, gb = G.linear_backward(np.zeros((0, 2), np.float32), np.zeros((0, 3), np.float32),
+                                   rnd(2, 3))
+    assert gx.shape == (0, 3)
+    np.testing.assert_array_equal(gw, 0)
+    np.testing.assert_array_equal(gb, 0)
+
+
 # ----------------------------------------------------------------------- errors
 
 def test_gpu_ops_check_arguments(sh):

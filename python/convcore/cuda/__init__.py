@@ -122,6 +122,8 @@ class CupyBackend:
         return count
 
     def launch(self, file: str, kernel: str, grid, block, args, shared_mem: int = 0) -> None:
+        if min(grid) == 0:  # an empty array: nothing to compute (CUDA rejects 0 blocks)
+            return
         # None is a null pointer: a 64-bit zero in the pointer's slot.
         args = tuple(np.uint64(0) if a is None else a for a in args)
         self.function(file, kernel)(tuple(grid), tuple(block), args, shared_mem=shared_mem)

@@ -45,7 +45,10 @@ _override = None
 @contextlib.contextmanager
 def using_backend(be):
     """Runs the ops on `be` (an object with xp, asarray(value, name) and
-    launch(file, kernel, grid, block, args, shared_mem)) inside the block."""
+    launch(file, kernel, grid, block, args, shared_mem)) inside the block.
+    A backend's launch with a zero grid dimension (an empty array) does
+    nothing; the ops rely on that, and on every kernel writing each element
+    of its output, for empty batches."""
     global _override
     old, _override = _override, be
     try:
@@ -211,7 +214,7 @@ def _bwd_weight_splits(P: int, blocks: int) -> int:
     """How many fixed chunks to split the weight gradient's reduction into:
     enough blocks to fill the GPU, chunks of at least BWD_WEIGHT_MIN_CHUNK."""
     by_work = max(P // BWD_WEIGHT_MIN_CHUNK, 1)
-    by_blocks = max(_ceil(_TARGET_BLOCKS, blocks), 1)
+    by_blocks = max(_ceil(_TARGET_BLOCKS, max(blocks, 1)), 1)
     return int(min(by_work, by_blocks, 65535 // max(blocks, 1) or 1))
 
 
@@ -251,8 +254,8 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         suffix, edge = _tile(be, Kg, R, g * max(P // BWD_WEIGHT_MIN_CHUNK, 1))
         blocks = _ceil(R, edge) * _ceil(Kg, edge) * g
         splits = _bwd_weight_splits(P, blocks)
-        chunk = _ceil(_ceil(P, splits), 16) * 16
-        splits = _ceil(P, chunk)
+        chunk = _ceil(_ceil(max(P, 1), splits), 16) * 16
+        splits = max(_ceil(P, chunk), 1)  # an empty batch: one (zero) chunk
         grid = (_ceil(R, edge), _ceil(Kg, edge), g * splits)
         if splits == 1:
             target, atomic = gw, 0
@@ -404,7 +407,7 @@ GEMM_MIN_CHUNK = 256
 def _gemm(be, A, B, bias, C, M, N, K, strides, relu=False):
     """C (M, N) = A (M, K) @ B (K, N) [+ bias, ReLU], A and B by strides."""
     suffix, edge = _tile(be, M, N, max(K // GEMM_MIN_CHUNK, 1))
-    blocks = _ceil(M, edge) * _ceil(N, edge)
+    blocks = max(_ceil(M, edge) * _ceil(N, edge), 1)
     target = 2 * _sm_count(be)
     splits = max(min(K // GEMM_MIN_CHUNK, _ceil(target, blocks)), 1) if blocks < target else 1
     chunk = _ceil(_ceil(max(K, 1), splits), 16) * 16
