@@ -447,6 +447,73 @@ def test_adam_step_matches_the_cpu_optimizer(sh):
         assert_close(data, p_cpu.data, what=f"step {step}")
 
 
+# ------------------------------------------------- random valid arguments
+# The same generators as the CPU tests (_helpers.py); expected values from
+# the CPU core, which those tests check against the references.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+import _helpers as H  # noqa: E402
+
+_property = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_property
+@given(case=H.conv_cases(), tile_shape=H.st.sampled_from(["small", "big"]))
+def test_conv2d_random_arguments(backend, request, monkeypatch, case, tile_shape):
+    monkeypatch.setattr(G, "TILE", tile_shape)
+    backend.current_test = request.node.nodeid
+    x, w, b = H.conv_arrays(case, np.random.default_rng(0), np.float32)
+    kw = H.conv_kwargs(case)
+    y = cc.conv2d(x, w, b, **kw)
+    gy = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    with G.using_backend(backend):
+        assert_close(G.conv2d(x, w, b, **kw), y, what="conv2d")
+        for a, e, what in zip(G.conv2d_backward(gy, x, w, **kw), cc.conv2d_backward(gy, x, w, **kw),
+                              ("grad_input", "grad_weight", "grad_bias")):
+            assert_close(a, e, what=what)
+
+
+@_property
+@given(case=H.pool_cases(max_pool=True))
+def test_max_pool2d_random_arguments(backend, request, case):
+    backend.current_test = request.node.nodeid
+    x = np.random.default_rng(2).standard_normal(H.pool_shape(case)).astype(np.float32)
+    kw = H.max_pool_kwargs(case)
+    y, idx = cc.max_pool2d(x, return_indices=True, **kw)
+    gy = np.random.default_rng(3).standard_normal(y.shape).astype(np.float32)
+    with G.using_backend(backend):
+        gy_, gidx = G.max_pool2d(x, return_indices=True, **kw)
+        assert_close(gy_, y)
+        np.testing.assert_array_equal(gidx, idx)
+        assert_close(G.max_pool2d_backward(gy, x, **kw), cc.max_pool2d_backward(gy, x, **kw))
+
+
+@_property
+@given(case=H.pool_cases(max_pool=False))
+def test_avg_pool2d_random_arguments(backend, request, case):
+    backend.current_test = request.node.nodeid
+    x = np.random.default_rng(4).standard_normal(H.pool_shape(case)).astype(np.float32)
+    kw = H.avg_pool_kwargs(case)
+    y = cc.avg_pool2d(x, **kw)
+    gy = np.random.default_rng(5).standard_normal(y.shape).astype(np.float32)
+    with G.using_backend(backend):
+        assert_close(G.avg_pool2d(x, **kw), y)
+        assert_close(G.avg_pool2d_backward(gy, x, **kw), cc.avg_pool2d_backward(gy, x, **kw))
+
+
+@_property
+@given(case=H.adaptive_cases())
+def test_adaptive_avg_pool2d_random_arguments(backend, request, case):
+    backend.current_test = request.node.nodeid
+    x = np.random.default_rng(6).standard_normal(H.adaptive_shape(case)).astype(np.float32)
+    y = cc.adaptive_avg_pool2d(x, case["output_size"])
+    gy = np.random.default_rng(7).standard_normal(y.shape).astype(np.float32)
+    with G.using_backend(backend):
+        assert_close(G.adaptive_avg_pool2d(x, case["output_size"]), y)
+        assert_close(G.adaptive_avg_pool2d_backward(gy, x), cc.adaptive_avg_pool2d_backward(gy, x))
+
+
 def test_zz_every_kernel_ran_on_the_shim(backend):
     """Runs last (file order): every kernel of the package was exercised."""
     ran = set().union(*backend.tests.values()) if backend.tests else set()
