@@ -490,6 +490,13 @@ def get_num_threads() -> int:
 # convcore.cuda.functional instead (CUDA kernels through CuPy); all other
 # calls take the CPU path above, which never imports cupy.
 
+from .cuda import is_gpu_array as _is_gpu_array  # noqa: E402  (imports no cupy)
+
+# argument types that are never GPU arrays: skipped without a closer look,
+# so the CPU path pays well under a microsecond for the dispatch
+_HOST_TYPES = frozenset((np.ndarray, int, float, bool, str, tuple, list, type(None)))
+
+
 def _gpu_dispatch(fn):
     import functools
     import inspect
@@ -497,17 +504,18 @@ def _gpu_dispatch(fn):
     name = fn.__name__
     signature = inspect.signature(fn)
 
+    def on_gpu(values) -> bool:
+        return any(type(v) not in _HOST_TYPES and _is_gpu_array(v) for v in values)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .cuda import is_gpu_array
-        if not (any(is_gpu_array(a) for a in args)
-                or any(is_gpu_array(v) for v in kwargs.values())):
+        if not (on_gpu(args) or (kwargs and on_gpu(kwargs.values()))):
             return fn(*args, **kwargs)
         from . import cuda
         ok, why = cuda.availability()
         if not ok:
             bound = signature.bind_partial(*args, **kwargs).arguments
-            arg = next((k for k, v in bound.items() if is_gpu_array(v)), "input")
+            arg = next((k for k, v in bound.items() if _is_gpu_array(v)), "input")
             raise RuntimeError(f"{name}: {arg} is a GPU array but convcore's GPU backend "
                                f"cannot run: {why}")
         from .cuda import functional as gpu
