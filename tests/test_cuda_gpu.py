@@ -274,3 +274,40 @@ def test_gpu_benchmark_runs(dev, monkeypatch):
     assert all(r["convcore_ms"] > 0 for r in result["rows"])
     assert any(k.startswith("conv.cu@") for k in result["compile_seconds"])
     assert any("first-call compile" in line for line in lines)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_net_and_remaining_layers_on_device(dev, training):
+    """BasicBlock / Bottleneck (projection shortcuts), AvgPool2d, Dropout
+    (eval), Identity: forward and backward match the CPU."""
+    def net():
+        cc.manual_seed(11)
+        proj = cc.nn.Sequential(cc.nn.Conv2d(8, 16, 1, stride=2, bias=False), cc.nn.BatchNorm2d(16))
+        return cc.nn.Sequential(
+            cc.nn.Conv2d(3, 8, 3, padding=1), cc.nn.AvgPool2d(2, stride=1, padding=1,
+                                                              count_include_pad=False),
+            cc.nn.BasicBlock(8, 16, stride=2, downsample=proj),
+            cc.nn.Bottleneck(16, 4), cc.nn.Dropout(0.5), cc.nn.Identity(),
+            cc.nn.AdaptiveAvgPool2d(1), cc.nn.Flatten(), cc.nn.Linear(16, 5))
+    x, gy = rnd(2, 3, 7, 7), rnd(2, 5, seed=3)
+    cpu, gpu = net().train(training), net().train(training).to("cuda")
+    if training:  # Dropout's random mask: compare the deterministic rest
+        cpu[4].p = gpu[4].p = 0.0
+    check(dev, gpu(dev.put(x)), cpu(x), "output")
+    check(dev, gpu.backward(dev.put(gy)), cpu.backward(gy), "grad_input")
+    for (name, p), q in zip(gpu.named_parameters(), cpu.parameters()):
+        check(dev, p.grad, q.grad, name)
+
+
+def test_dropout_mask_follows_the_input_to_the_device(dev):
+    drop = cc.nn.Dropout(0.5)
+    y = drop(dev.put(np.ones((4, 50), np.float32)))
+    host = dev.host(y)
+    assert set(np.unique(host)) <= {0.0, 2.0} and 0 < (host == 0).sum() < host.size
+    check(dev, drop.backward(dev.put(np.ones((4, 50), np.float32))), host, "grad")
+
+
+def test_conv2d_padding_modes_other_than_zeros_say_cpu_only(dev):
+    conv = cc.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").to("cuda")
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        conv(dev.put(rnd(1, 3, 5, 5)))

@@ -133,6 +133,9 @@ class Conv2d(Module):
             self._x = x
             return F.conv2d(x, self.weight.data, bias, self.stride, self.padding,
                             self.dilation, self.groups)
+        if type(x).__module__.split(".")[0] == "cupy":
+            raise NotImplementedError(f"Conv2d(padding_mode={self.padding_mode!r}) runs on the "
+                                      f"CPU only; on the GPU use padding_mode='zeros'")
         self._x = self._explicit_pad(F._array(x, "input"))
         return F.conv2d(self._x, self.weight.data, bias, self.stride, 0, self.dilation,
                         self.groups)
