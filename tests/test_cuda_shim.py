@@ -187,6 +187,11 @@ def test_conv2d_out_argument(sh):
     assert_close(out, ref.conv2d_ref(x, w, b, **kw))
     with pytest.raises(ValueError, match="out must have shape"):
         G.conv2d(x, w, b, out=np.empty((2, 4, 4, 4), np.float32), **kw)
+    big = np.zeros(2 * 3 * 7 * 7 + 200, np.float32)
+    xs = big[:x.size].reshape(x.shape)
+    xs[...] = x
+    with pytest.raises(ValueError, match="out must not overlap the inputs"):
+        G.conv2d(xs, w, b, out=big[50:50 + 200].reshape(2, 4, 5, 5), **kw)
 
 
 # ---------------------------------------------------------------------- pooling

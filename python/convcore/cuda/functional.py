@@ -108,6 +108,23 @@ def _dest(be, out, shape, name: str = "out"):
     return o
 
 
+def _span(a):
+    """[first, last) byte addresses of a contiguous array (device or host)."""
+    iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    start = int(iface["data"][0])
+    return start, start + a.nbytes
+
+
+def _no_overlap(out, *inputs):
+    """An output written while its inputs are read must not share memory."""
+    lo, hi = _span(out)
+    for a in inputs:
+        if a is not None and a.nbytes and out.nbytes:
+            a_lo, a_hi = _span(a)
+            if a_lo < hi and lo < a_hi:
+                raise ValueError("out must not overlap the inputs")
+
+
 def _batched(be, value, name):
     a = _arr(be, value, name)
     return (a[None], True) if a.ndim == 3 else (a, False)
@@ -182,6 +199,8 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algorithm, o
     if b is not None and tuple(b.shape) != (shape[1],):
         raise ValueError(f"bias must have shape ({shape[1]},), got {tuple(b.shape)}")
     y = _dest(be, out, shape[1:] if unbatched else shape)
+    if out is not None:
+        _no_overlap(y, x, w, b)
     y4 = y[None] if unbatched else y
     flags = (_i32(b is not None), _i32(relu))
     if depthwise:
@@ -295,6 +314,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         list(x.shape), k, s, p, d, bool(ceil_mode), False))
     N, C, H, W = (int(v) for v in x.shape)
     y = _dest(be, out, shape[1:] if unbatched else shape)
+    if out is not None:
+        _no_overlap(y, x)
     idx = xp.empty(shape, dtype=np.int64) if return_indices else None
     be.launch("pool.cu", "max_pool_fwd", _grid1(y.size), (_THREADS, 1, 1),
               (x, y, idx) + tuple(map(_i32, (N * C, H, W, shape[2], shape[3], k[0], k[1],
@@ -348,6 +369,8 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
     x, unbatched, shape, args = _avg_setup(be, input, kernel_size, stride, padding, ceil_mode,
                                            count_include_pad, divisor_override)
     y = _dest(be, out, shape[1:] if unbatched else shape)
+    if out is not None:
+        _no_overlap(y, x)
     be.launch("pool.cu", "avg_pool_fwd", _grid1(y.size), (_THREADS, 1, 1), (x, y) + args)
     return y
 
@@ -449,6 +472,8 @@ def _linear(input, weight, bias, out, relu):
     b = _arr(be, bias, "bias", optional=True)
     M, O, I = _linear_shapes(x, w, b)
     y = _dest(be, out, tuple(x.shape[:-1]) + (O,))
+    if out is not None:
+        _no_overlap(y, x, w, b)
     # y (M, O) = x (M, I) @ w^T: B(k, n) = w[n, k]
     _gemm(be, x, w, b, y, M, O, I, (I, 1, 1, I), relu)
     return y
