@@ -93,6 +93,22 @@ def test_shim_catches_out_of_bounds_writes(sh):
     sh.xp._buffers.clear()
 
 
+def test_shim_stops_at_an_out_of_bounds_shared_memory_index(backend):
+    # UBSan aborts the process, so the launch runs in a child process.
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); "
+            "from cuda_shim import shim; "
+            "be = shim.ShimBackend(sys.argv[2], sys.argv[3].split(',')); "
+            "be.launch('selftest.cu', 'selftest_shared_overflow', (1, 1, 1), (256, 1, 1), "
+            "(np.zeros(256, np.float32),)); print('not caught')")
+    lib = backend.lib._name
+    res = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)),
+                          lib, ",".join(FILES)], capture_output=True, text=True)
+    assert res.returncode != 0 and "not caught" not in res.stdout
+    assert "out of bounds" in res.stderr, res.stderr[-2000:]
+
+
 def test_shim_checks_argument_types(sh):
     x = rnd(10)
     with pytest.raises(TypeError, match="n is int"):

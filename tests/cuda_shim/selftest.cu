@@ -40,3 +40,12 @@ extern "C" __global__ void selftest_block_sum(const float* in, float* out) {
     }
     if (t == 0) out[b] = buf[0];
 }
+
+// Thread 255 writes one past the end of a shared array: the shim's
+// bounds-checked build must stop there.
+extern "C" __global__ void selftest_shared_overflow(float* out) {
+    __shared__ float buf[256];
+    buf[threadIdx.x + 1] = 1.f;
+    __syncthreads();
+    out[threadIdx.x] = buf[threadIdx.x];
+}

@@ -87,9 +87,14 @@ def build(files, build_dir: str) -> str:
     with open(gen_path, "w") as fh:
         fh.write(gen)
     shim_h = os.path.join(HERE, "cuda_shim.h")
+    # UBSan with bounds checks: an out-of-range index into a fixed-size
+    # array (shared memory tiles, register tiles) or an int overflow in the
+    # index arithmetic aborts the test run with the kernel's source line.
     cmd = [find_compiler(), "-std=c++17", "-O1", "-g", "-fPIC", "-shared",
+           "-fsanitize=undefined,bounds", "-fno-sanitize-recover=all",
            "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
            "-Wno-unknown-pragmas",  # #pragma unroll is for nvcc / NVRTC
+           "-Wno-clobbered",  # getcontext "returns twice"; the runtime never resumes it
            "-include", shim_h, "-I", KERNEL_DIR, "-o", lib,
            "-x", "c++"] + [os.path.join(KERNEL_DIR, f) for f in files] + [gen_path,
                                                                           os.path.join(HERE, "shim_runtime.cpp")]
