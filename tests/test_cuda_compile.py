@@ -127,3 +127,16 @@ def test_nvrtc_check_sees_warnings_and_errors():
     rc, text = _nvrtc_compile(lib, '#include <stdio.h>\nextern "C" __global__ void k() {}',
                               "err.cu", "sm_80")
     assert rc != 0 and "stdio.h" in text
+
+
+def test_nvcc_check_sees_warnings(tmp_path):
+    """The nvcc check above can fail: an unused variable is an error under
+    its flags."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH, /usr/local/cuda/bin): install the CUDA toolkit")
+    src = tmp_path / "warn.cu"
+    src.write_text('extern "C" __global__ void k(float* x) { int unused; x[0] = 1; }\n')
+    res = subprocess.run([nvcc, "-arch=sm_80", "--cubin", "-Werror", "all-warnings", "-o",
+                          str(tmp_path / "warn.cubin"), str(src)], capture_output=True, text=True)
+    assert res.returncode != 0 and "unused" in res.stdout + res.stderr
