@@ -42,6 +42,7 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _cuda_shim_summary(terminalreporter)
     helpers = sys.modules.get("_helpers")
     errs = getattr(helpers, "PARITY_ERRORS", None)
     if not errs:
@@ -61,3 +62,16 @@ def one_core_thread():
     convcore.set_num_threads(1)
     yield
     convcore.set_num_threads(old)
+
+
+def _cuda_shim_summary(terminalreporter):
+    """Per-kernel counts of the CUDA kernels run on the CPU shim
+    (tests/test_cuda_shim.py)."""
+    shim = sys.modules.get("cuda_shim.shim")
+    be = getattr(shim, "ACTIVE", None)
+    if be is None or not be.tests:
+        return
+    terminalreporter.section("CUDA kernels on the CPU shim: tests / launches per kernel")
+    for name in sorted(be.tests):
+        terminalreporter.write_line(f"{name:<24s} {len(be.tests[name]):4d} tests "
+                                    f"{be.launches[name]:6d} launches")

@@ -33,6 +33,7 @@ from .train import evaluate, fit, predict  # noqa: E402
 
 
 from .io import load, load_state_dict_file, save  # noqa: E402
+from .cuda import to_dlpack  # noqa: E402  (GPU results to torch.from_dlpack; no cupy import)
 
 
 __all__ = [
@@ -69,4 +70,5 @@ __all__ = [
     "relu",
     "relu_backward",
     "set_num_threads",
+    "to_dlpack",
 ]

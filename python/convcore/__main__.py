@@ -11,6 +11,9 @@ def main(argv=None) -> None:
         return
     if command == "demo":
         from .demo import main as run
+    elif command == "bench" and "--gpu" in argv:  # the CUDA kernels vs PyTorch CUDA
+        argv.remove("--gpu")
+        from .cuda.bench import main as run
     elif command == "bench":
         from .bench import main as run
     elif command == "summary":
@@ -19,6 +22,7 @@ def main(argv=None) -> None:
         print("usage: python -m convcore {demo,bench,summary} [options]\n"
               "  demo      the lecture's worked examples, then LeNet-5 trained on the digits\n"
               "  bench     AlexNet conv layers vs numpy im2col (and PyTorch if installed)\n"
+              "  bench --gpu  the CUDA kernels vs PyTorch CUDA/cuDNN (needs a GPU)\n"
               "  summary   the layer table of a zoo model: summary alexnet [--all]\n"
               "  --cmake-dir    the directory of convcoreConfig.cmake, for C++ apps:\n"
               "                 cmake -Dconvcore_DIR=\"$(python -m convcore --cmake-dir)\" ...\n"

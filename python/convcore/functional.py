@@ -482,3 +482,51 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return _core.get_num_threads()
+
+
+# ------------------------------------------------------------------ GPU dispatch
+# A call with an array argument on a GPU (a cupy array, a torch CUDA tensor,
+# anything exposing __cuda_array_interface__) runs the same op from
+# convcore.cuda.functional instead (CUDA kernels through CuPy); all other
+# calls take the CPU path above, which never imports cupy.
+
+from .cuda import is_gpu_array as _is_gpu_array  # noqa: E402  (imports no cupy)
+
+# argument types that are never GPU arrays: skipped without a closer look,
+# so the CPU path pays well under a microsecond for the dispatch
+_HOST_TYPES = frozenset((np.ndarray, int, float, bool, str, tuple, list, type(None)))
+
+
+def _gpu_dispatch(fn):
+    import functools
+    import inspect
+
+    name = fn.__name__
+    signature = inspect.signature(fn)
+
+    def on_gpu(values) -> bool:
+        return any(type(v) not in _HOST_TYPES and _is_gpu_array(v) for v in values)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not (on_gpu(args) or (kwargs and on_gpu(kwargs.values()))):
+            return fn(*args, **kwargs)
+        from . import cuda
+        ok, why = cuda.availability()
+        if not ok:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            arg = next((k for k, v in bound.items() if _is_gpu_array(v)), "input")
+            raise RuntimeError(f"{name}: {arg} is a GPU array but convcore's GPU backend "
+                               f"cannot run: {why}")
+        from .cuda import functional as gpu
+        return getattr(gpu, name)(*args, **kwargs)
+
+    return wrapper
+
+
+for _name in ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
+              "avg_pool2d_backward", "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward",
+              "linear", "linear_backward", "relu", "relu_backward", "local_response_norm",
+              "local_response_norm_backward", "batch_norm", "batch_norm_backward"):
+    globals()[_name] = _gpu_dispatch(globals()[_name])
+del _name

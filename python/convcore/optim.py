@@ -53,6 +53,10 @@ def _param_list(params) -> List[Parameter]:
     return params
 
 
+def _on_gpu(a) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
 class Optimizer:
     """Base class: a list of Parameters, a learning rate `lr` and per-parameter
     state (`self.state[i]` is a dict of arrays for `self.params[i]`)."""
@@ -86,7 +90,8 @@ class Optimizer:
         return {
             "type": type(self).__name__,
             "hyperparameters": {name: getattr(self, name) for name in self.hyperparameters},
-            "state": [{k: np.array(v, copy=True) for k, v in s.items()} for s in self.state],
+            "state": [{k: np.array(v.get() if _on_gpu(v) else v, copy=True) for k, v in s.items()}
+                      for s in self.state],
             **self._extra_state(),
         }
 
@@ -112,6 +117,9 @@ class Optimizer:
                     raise ValueError(f"state[{i}][{key!r}] has shape {value.shape}, the "
                                      f"parameter has shape {p.data.shape}")
                 entry[key] = np.array(value, dtype=p.data.dtype, copy=True)
+                if _on_gpu(p.data):
+                    import cupy
+                    entry[key] = cupy.asarray(entry[key])
             new_state.append(entry)
         for name, value in state.get("hyperparameters", {}).items():
             if name not in self.hyperparameters:
@@ -157,6 +165,15 @@ class SGD(Optimizer):
 
     def step(self) -> None:
         for p, state in zip(self.params, self.state):
+            if _on_gpu(p.data):  # after model.to("cuda"): optim.cu's kernel, in place
+                from .cuda.functional import sgd_step
+                first = self.momentum != 0 and "momentum_buffer" not in state
+                if first:
+                    import cupy
+                    state["momentum_buffer"] = cupy.empty_like(p.data)  # the kernel fills it
+                sgd_step(p.data, p.grad, state.get("momentum_buffer"), self.lr, self.momentum,
+                         self.dampening, self.weight_decay, self.nesterov, first)
+                continue
             g = p.grad
             if self.weight_decay:
                 g = g + self.weight_decay * p.data
@@ -206,6 +223,15 @@ class Adam(Optimizer):
         step_size = self.lr / (1.0 - beta1 ** self.steps)
         root_correction2 = math.sqrt(1.0 - beta2 ** self.steps)
         for p, state in zip(self.params, self.state):
+            if _on_gpu(p.data):  # after model.to("cuda"): optim.cu's kernel, in place
+                from .cuda.functional import adam_step
+                if "exp_avg" not in state:
+                    import cupy
+                    state["exp_avg"] = cupy.zeros_like(p.data)
+                    state["exp_avg_sq"] = cupy.zeros_like(p.data)
+                adam_step(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], step_size,
+                          beta1, beta2, root_correction2, self.eps, self.weight_decay)
+                continue
             g = p.grad
             if self.weight_decay:
                 g = g + self.weight_decay * p.data

@@ -133,6 +133,9 @@ class Conv2d(Module):
             self._x = x
             return F.conv2d(x, self.weight.data, bias, self.stride, self.padding,
                             self.dilation, self.groups)
+        if type(x).__module__.split(".")[0] == "cupy":
+            raise NotImplementedError(f"Conv2d(padding_mode={self.padding_mode!r}) runs on the "
+                                      f"CPU only; on the GPU use padding_mode='zeros'")
         self._x = self._explicit_pad(F._array(x, "input"))
         return F.conv2d(self._x, self.weight.data, bias, self.stride, 0, self.dilation,
                         self.groups)
@@ -380,10 +383,10 @@ class Flatten(Module):
 
     def forward(self, x):
         self._shape = x.shape
-        return np.reshape(x, self._flat_shape(x.shape))
+        return x.reshape(self._flat_shape(x.shape))  # numpy or cupy
 
     def backward(self, grad_output):
-        return np.reshape(grad_output, self._shape)
+        return grad_output.reshape(self._shape)
 
     def output_shape(self, input_shape):
         return self._flat_shape((1,) + tuple(input_shape))[1:]
@@ -412,6 +415,9 @@ class Dropout(Module):
         else:
             keep = init.generator().random(x.shape) >= self.p
             self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
+            if type(x).__module__.split(".")[0] == "cupy":  # the mask follows x to the GPU
+                import cupy
+                self._mask = cupy.asarray(self._mask)
         return x * self._mask
 
     def backward(self, grad_output):

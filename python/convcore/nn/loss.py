@@ -23,6 +23,13 @@ class CrossEntropyLoss:
         return self.forward(logits, targets)
 
     def forward(self, logits, targets) -> float:
+        if type(logits).__module__.split(".")[0] == "cupy":
+            # On the GPU (loss.cu): the loss comes back as a 0-d cupy array,
+            # so a training step needs no device-to-host sync; float() it to print.
+            from ..cuda.functional import cross_entropy
+            loss, grad = cross_entropy(logits, targets, self.label_smoothing, self.reduction)
+            self._saved = ("gpu", grad)
+            return loss
         if not isinstance(logits, np.ndarray) or logits.ndim != 2:
             raise ValueError(f"logits must be a 2-D array (N, classes), got "
                              f"{getattr(logits, 'shape', type(logits).__name__)}")
@@ -46,6 +53,8 @@ class CrossEntropyLoss:
     def backward(self) -> np.ndarray:
         if self._saved is None:
             raise RuntimeError("CrossEntropyLoss.backward called before the loss")
+        if isinstance(self._saved[0], str):  # ("gpu", grad)
+            return self._saved[1]
         log_probs, target_dist, scale = self._saved
         # d/dlogits of -sum(t * log softmax) = softmax * sum(t) - t, and sum(t) = 1
         return ((np.exp(log_probs) - target_dist) * scale).astype(log_probs.dtype)

@@ -15,6 +15,20 @@ from typing import Dict, Iterator, List, Tuple
 import numpy as np
 
 
+def _xp(a):
+    """The array module of `a`: numpy, or cupy for a GPU array (after
+    Module.to("cuda")); cupy is imported only when such an array exists."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def _host(a):
+    """A numpy copy of a GPU array; numpy arrays and scalars as they are."""
+    return a.get() if type(a).__module__.split(".")[0] == "cupy" else a
+
+
 class Parameter:
     """A trainable array and the gradient accumulated for it. The gradient is
     allocated on first use, so a model that only runs inference (or is only
@@ -23,22 +37,23 @@ class Parameter:
     __slots__ = ("data", "_grad")
 
     def __init__(self, data: np.ndarray):
-        self.data = np.ascontiguousarray(data)
+        self.data = _xp(data).ascontiguousarray(data)
         self._grad = None
 
     @property
     def grad(self) -> np.ndarray:
         if self._grad is None or self._grad.shape != self.data.shape or \
                 self._grad.dtype != self.data.dtype:
-            self._grad = np.zeros_like(self.data)
+            self._grad = _xp(self.data).zeros_like(self.data)
         return self._grad
 
     @grad.setter
     def grad(self, value) -> None:
-        value = np.asarray(value)
+        xp = _xp(self.data)
+        value = xp.asarray(value)
         if value.shape != self.data.shape:
             raise ValueError(f"grad must have shape {self.data.shape}, got {value.shape}")
-        self._grad = np.ascontiguousarray(value, dtype=self.data.dtype)
+        self._grad = xp.ascontiguousarray(value, dtype=self.data.dtype)
 
     @property
     def shape(self):
@@ -167,9 +182,9 @@ class Module:
         state = OrderedDict()
         for mod_name, mod in self.named_modules():
             for name, p in mod._parameters.items():
-                state[f"{mod_name}.{name}" if mod_name else name] = p.data.copy()
+                state[f"{mod_name}.{name}" if mod_name else name] = np.array(_host(p.data))
             for name, b in mod._buffers.items():
-                state[f"{mod_name}.{name}" if mod_name else name] = np.array(b, copy=True)
+                state[f"{mod_name}.{name}" if mod_name else name] = np.array(_host(b), copy=True)
         return state
 
     def load_state_dict(self, state: Dict[str, np.ndarray], strict: bool = True) -> None:
@@ -189,23 +204,24 @@ class Module:
                     if value.shape != p.data.shape:
                         raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
                                          f"model expects {p.data.shape}")
-                    p.data = np.array(value, dtype=p.data.dtype, order="C", copy=True)
+                    p.data = _xp(p.data).array(value, dtype=p.data.dtype, order="C", copy=True)
                     p._grad = None
             for name, b in list(mod._buffers.items()):
                 key = f"{mod_name}.{name}" if mod_name else name
                 if key in state:
                     value = np.asarray(state[key])
-                    if value.shape != np.shape(b):
+                    if value.shape != np.shape(_host(b)):
                         raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
-                                         f"model expects {np.shape(b)}")
-                    mod._set_buffer(name, np.array(value, dtype=np.asarray(b).dtype, copy=True))
+                                         f"model expects {np.shape(_host(b))}")
+                    mod._set_buffer(name, _xp(b).array(value, dtype=np.asarray(_host(b)).dtype,
+                                                       copy=True))
 
     def to(self, target) -> "Module":
-        """Converts parameters and float buffers to a dtype (np.float32 or np.float64)."""
-        if isinstance(target, str) and target in ("cuda", "gpu"):
-            raise NotImplementedError("the GPU backend is not available in this build")
-        if isinstance(target, str) and target == "cpu":
-            return self
+        """Converts parameters and float buffers to a dtype (np.float32 or
+        np.float64), or moves them to "cuda" (cupy arrays, float32) / "cpu"."""
+        if isinstance(target, str) and target in ("cuda", "gpu", "cpu"):
+            from ..cuda.module import move
+            return move(self, target)
         dtype = np.dtype(target)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"to() takes float32 or float64, got {dtype}")
@@ -214,8 +230,9 @@ class Module:
                 p.data = p.data.astype(dtype)
                 p._grad = None if p._grad is None else p._grad.astype(dtype)
             for name, b in list(mod._buffers.items()):
-                if np.asarray(b).dtype.kind == "f":
-                    mod._set_buffer(name, np.asarray(b).astype(dtype))
+                b = _xp(b).asarray(b)
+                if b.dtype.kind == "f":
+                    mod._set_buffer(name, b.astype(dtype))
         return self
 
     @property
@@ -296,6 +313,9 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
+        if type(x).__module__.split(".")[0] == "cupy":  # GPU: Conv2d/Linear + ReLU fused
+            from ..cuda.fusion import sequential_forward
+            return sequential_forward(list(self._modules.values()), x)
         for m in self._modules.values():
             x = m(x)
         return x

@@ -1,0 +1,313 @@
+"""The GPU path end to end: convcore's functional API, layers, optimisers
+and loss on device arrays, checked against the CPU path.
+
+Each test runs on two devices:
+- "cuda": real CuPy on a real GPU (marker `gpu`; skipped, with the reason,
+  where CuPy or a GPU is missing);
+- "shim": a stand-in cupy module (tests/cuda_shim/fake_cupy.py) whose
+  kernels run on the CUDA-execution shim, so the same Python GPU path
+  (dispatch, compile cache, launches, Module.to, optimisers) is exercised on
+  every machine with g++.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import convcore as cc
+import convcore.cuda as cc_cuda
+from _helpers import assert_close
+
+from cuda_shim import fake_cupy, shim
+
+FILES = tuple(cc_cuda.SOURCES)
+# the same list as test_cuda_shim.py's, so both share one shim library
+SHIM_FILES = FILES + (os.path.join(shim.HERE, "selftest.cu"),)
+
+
+class Device:
+    def __init__(self, xp, real):
+        self.xp, self.real = xp, real
+
+    def put(self, a):
+        return self.xp.asarray(np.ascontiguousarray(a))
+
+    @staticmethod
+    def host(a):
+        return a.get()
+
+
+@pytest.fixture(params=["shim", pytest.param("cuda", marks=pytest.mark.gpu)])
+def dev(request, monkeypatch, tmp_path_factory):
+    if request.param == "cuda":
+        ok, why = cc_cuda.availability()
+        if not ok:
+            pytest.skip(f"no GPU: {why}")
+        import cupy
+        yield Device(cupy, True)
+        return
+    if shim.find_compiler() is None:
+        pytest.skip("g++ not found: the CUDA-execution shim needs it")
+    backend = shim.session_backend(SHIM_FILES, str(tmp_path_factory.getbasetemp() / "ccshim"))
+    fake = fake_cupy.make_module()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cc_cuda, "_backend", None)
+    monkeypatch.setattr(fake_cupy._Function, "backend", backend)
+    backend.current_test = request.node.nodeid
+    yield Device(fake, False)
+    backend.current_test = None
+
+
+def rnd(*shape, seed=0):
+    return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def check(dev, actual, expected, what=""):
+    assert type(actual).__module__.split(".")[0] == "cupy", f"{what}: {type(actual)} is not a device array"
+    assert_close(dev.host(actual), expected, np.float32, what=what)
+
+
+def each(results):
+    return results if isinstance(results, tuple) else (results,)
+
+
+OPS = [  # (name, args builder) - every array argument is moved to the device
+    ("conv2d", lambda: ((rnd(2, 4, 9, 9), rnd(6, 2, 3, 3), rnd(6)), dict(stride=2, padding=1, groups=2))),
+    ("conv2d", lambda: ((rnd(2, 4, 9, 9), rnd(8, 1, 3, 3), None), dict(padding=1, groups=4))),
+    ("conv2d", lambda: ((rnd(3, 8, 8), rnd(5, 3, 3, 3), rnd(5)), dict(padding="same", dilation=2))),
+    ("conv2d_backward", lambda: ((rnd(2, 6, 5, 5), rnd(2, 4, 9, 9), rnd(6, 2, 3, 3)),
+                                 dict(stride=2, padding=1, groups=2))),
+    ("conv2d_backward", lambda: ((rnd(2, 8, 9, 9), rnd(2, 4, 9, 9), rnd(8, 1, 3, 3)),
+                                 dict(padding=1, groups=4))),
+    ("max_pool2d", lambda: ((rnd(2, 3, 9, 9),), dict(kernel_size=3, stride=2, ceil_mode=True,
+                                                     return_indices=True))),
+    ("max_pool2d_backward", lambda: ((rnd(2, 3, 4, 4), rnd(2, 3, 9, 9)),
+                                     dict(kernel_size=3, stride=2))),
+    ("avg_pool2d", lambda: ((rnd(2, 3, 9, 9),), dict(kernel_size=3, stride=2, padding=1,
+                                                     count_include_pad=False))),
+    ("avg_pool2d_backward", lambda: ((rnd(2, 3, 5, 5), rnd(2, 3, 9, 9)),
+                                     dict(kernel_size=3, stride=2, padding=1))),
+    ("adaptive_avg_pool2d", lambda: ((rnd(2, 3, 9, 7), (4, 3)), {})),
+    ("adaptive_avg_pool2d_backward", lambda: ((rnd(2, 3, 4, 3), rnd(2, 3, 9, 7)), {})),
+    ("linear", lambda: ((rnd(3, 4, 10), rnd(7, 10), rnd(7)), {})),
+    ("linear_backward", lambda: ((rnd(5, 7), rnd(5, 10), rnd(7, 10)), {})),
+    ("relu", lambda: ((rnd(4, 5),), {})),
+    ("relu_backward", lambda: ((rnd(4, 5), rnd(4, 5, seed=1)), {})),
+    ("local_response_norm", lambda: ((rnd(2, 6, 3, 3), 3), dict(alpha=0.1, k=2.0))),
+    ("local_response_norm_backward", lambda: ((rnd(2, 6, 3, 3), rnd(2, 6, 3, 3, seed=1), 3),
+                                              dict(alpha=0.1, k=2.0))),
+    ("batch_norm_backward", lambda: ((rnd(4, 3, 2, 2), rnd(4, 3, 2, 2, seed=1), rnd(3),
+                                      np.abs(rnd(3)) + 1, rnd(3, seed=2)), dict(training=True))),
+]
+
+
+@pytest.mark.parametrize("name,make", OPS, ids=[f"{i}-{n}" for i, (n, _) in enumerate(OPS)])
+def test_functional_op_on_device_matches_cpu(dev, name, make):
+    args, kwargs = make()
+    expected = each(getattr(cc, name)(*args, **kwargs))
+    on_dev = [dev.put(a) if isinstance(a, np.ndarray) else a for a in args]
+    actual = each(getattr(cc, name)(*on_dev, **kwargs))
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if e.dtype == np.int64:
+            np.testing.assert_array_equal(dev.host(a), e)
+        else:
+            check(dev, a, e, f"{name} result {i}")
+
+
+def test_batch_norm_training_updates_running_stats_on_device(dev):
+    x, w, b = rnd(4, 3, 5, 5) * 2 + 1, rnd(3, seed=1), rnd(3, seed=2)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    drm, drv = dev.put(rm), dev.put(rv)
+    y = cc.batch_norm(dev.put(x), drm, drv, dev.put(w), dev.put(b), training=True)
+    ey = cc.batch_norm(x, rm, rv, w, b, training=True)
+    check(dev, y, ey, "output")
+    check(dev, drm, rm, "running_mean")
+    check(dev, drv, rv, "running_var")
+
+
+def test_fused_bias_relu_epilogues(dev):
+    import convcore.cuda.functional as G
+    x, w, b = rnd(2, 3, 8, 8), rnd(4, 3, 3, 3), rnd(4)
+    check(dev, G.conv2d_relu(dev.put(x), dev.put(w), dev.put(b), padding=1),
+          cc.relu(cc.conv2d(x, w, b, padding=1)))
+    x, w, b = rnd(5, 9), rnd(6, 9), rnd(6)
+    check(dev, G.linear_relu(dev.put(x), dev.put(w), dev.put(b)), cc.relu(cc.linear(x, w, b)))
+
+
+def test_conv_backward_is_deterministic_on_device(dev, monkeypatch):
+    import convcore.cuda.functional as G
+    monkeypatch.setattr(G, "BWD_WEIGHT_MIN_CHUNK", 16)  # force the split reduction
+    x, w = rnd(2, 8, 12, 12), rnd(16, 8, 3, 3)
+    gy = rnd(2, 16, 12, 12)
+    args = [dev.put(a) for a in (gy, x, w)]
+    first = [dev.host(a) for a in cc.conv2d_backward(*args, padding=1)]
+    second = [dev.host(a) for a in cc.conv2d_backward(*args, padding=1)]
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    expected = cc.conv2d_backward(gy, x, w, padding=1)
+    fast = G.conv2d_backward(*args, padding=1, deterministic=False)
+    for a, e in zip(fast, expected):
+        check(dev, a, e, "deterministic=False")
+
+
+def test_kernels_compile_once_per_device(dev):
+    x, w = dev.put(rnd(1, 3, 6, 6)), dev.put(rnd(4, 3, 3, 3))
+    cc.conv2d(x, w)
+    be = cc_cuda.backend()
+    modules = dict(be._modules)
+    assert (0, "conv.cu") in modules or any(k[1] == "conv.cu" for k in modules)
+    cc.conv2d(x, w)
+    cc.conv2d_backward(cc.conv2d(x, w), x, w)
+    assert {k: v for k, v in be._modules.items() if k in modules} == modules
+    times = cc_cuda.compile_seconds()
+    assert any(k[1] == "conv.cu" for k in times) and all(t >= 0 for t in times.values())
+
+
+def test_mixing_host_and_device_arrays_is_a_clear_error(dev):
+    with pytest.raises(TypeError, match="weight is a numpy array"):
+        cc.conv2d(dev.put(rnd(1, 3, 6, 6)), rnd(4, 3, 3, 3))
+    with pytest.raises(TypeError, match="input must be float32 on the GPU"):
+        cc.relu(dev.xp.asarray(np.ones(3, np.float64)))
+
+
+def _net():
+    cc.manual_seed(3)
+    return cc.nn.Sequential(
+        # no bias before BatchNorm: its gradient is ~0, pure rounding, which
+        # Adam's normalisation would blow up into a meaningless comparison
+        cc.nn.Conv2d(3, 8, 3, padding=1, bias=False), cc.nn.BatchNorm2d(8), cc.nn.ReLU(),
+        cc.nn.MaxPool2d(2), cc.nn.Conv2d(8, 8, 3, groups=8, padding=1),
+        cc.nn.LocalResponseNorm(3), cc.nn.AdaptiveAvgPool2d(2), cc.nn.Flatten(),
+        cc.nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_steps_on_device_match_cpu(dev, optimizer):
+    x, t = rnd(4, 3, 8, 8), np.array([1, 0, 9, 3])
+    cpu, gpu = _net(), _net().to("cuda")
+    assert all(type(p.data).__module__.startswith("cupy") for p in gpu.parameters())
+
+    def make(model):
+        if optimizer == "sgd":
+            return cc.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        return cc.optim.Adam(model.parameters(), lr=0.01)
+
+    losses = []
+    for model, xin in ((cpu, x), (gpu, dev.put(x))):
+        opt, loss_fn = make(model), cc.nn.CrossEntropyLoss(label_smoothing=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = loss_fn(model(xin), t)
+            model.backward(loss_fn.backward())
+            opt.step()
+        losses.append(float(loss))
+    assert_close(losses[1], losses[0], np.float32, rtol=1e-4)
+    gpu_state = gpu.state_dict()  # host copies
+    for key, value in cpu.state_dict().items():
+        assert isinstance(gpu_state[key], np.ndarray)
+        assert_close(gpu_state[key], value, np.float32, rtol=1e-3, what=key)
+    gpu.to("cpu")
+    assert all(isinstance(p.data, np.ndarray) and type(p.data).__module__ == "numpy"
+               for p in gpu.parameters())
+    assert_close(gpu(x), cpu(x), np.float32, rtol=1e-3)
+
+
+def test_to_cuda_refuses_float64(dev):
+    with pytest.raises(TypeError, match="float32 model"):
+        _net().to(np.float64).to("cuda")
+
+
+@pytest.mark.gpu
+def test_torch_cuda_tensors_in_and_dlpack_out():
+    ok, why = cc_cuda.availability()
+    if not ok:
+        pytest.skip(f"no GPU: {why}")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    w = torch.randn(4, 3, 3, 3, device="cuda")
+    y = cc.conv2d(x, w, None, padding=1)  # zero-copy in (DLPack / __cuda_array_interface__)
+    y_t = torch.from_dlpack(cc_cuda.to_dlpack(y))  # zero-copy out
+    torch.backends.cudnn.allow_tf32 = False
+    expected = torch.nn.functional.conv2d(x, w, padding=1)
+    assert torch.allclose(y_t, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sequential_fuses_conv_and_linear_with_relu(dev):
+    cc.manual_seed(5)
+    net = cc.nn.Sequential(cc.nn.Conv2d(3, 6, 3, padding="same"), cc.nn.ReLU(), cc.nn.Flatten(),
+                           cc.nn.Linear(6 * 25, 7), cc.nn.ReLU(), cc.nn.Linear(7, 3))
+    x = rnd(2, 3, 5, 5)
+    gy = rnd(2, 3, seed=9)
+    expected = net(x)
+    expected_gx = net.backward(gy)
+    expected_grads = [p.grad.copy() for p in net.parameters()]
+    net.zero_grad()
+    net.to("cuda")
+    relu_before = None if dev.real else fake_cupy._Function.backend.launches["relu_fwd"]
+    y = net(dev.put(x))
+    if not dev.real:  # both ReLUs ran inside the GEMM epilogues
+        assert fake_cupy._Function.backend.launches["relu_fwd"] == relu_before
+    check(dev, y, expected, "output")
+    check(dev, net.backward(dev.put(gy)), expected_gx, "grad_input")
+    for p, e in zip(net.parameters(), expected_grads):
+        check(dev, p.grad, e, "parameter gradient")
+
+
+def test_gpu_benchmark_runs(dev, monkeypatch):
+    """The benchmark's code path on tiny layers (on the shim its times mean
+    nothing; on a GPU this is a smoke run of python -m convcore bench --gpu)."""
+    from convcore import bench as cpu_bench
+    from convcore.cuda import bench as gpu_bench
+    if not dev.real:
+        monkeypatch.setattr(gpu_bench, "_torch_cuda", lambda: None)  # no CUDA torch here
+    lines = []
+    result = gpu_bench.run(repeat=2, out=lines.append, cases=[
+        cpu_bench.Conv("tiny.conv", 2, 3, 9, 5, 3, 1, 1), cpu_bench.Pool("tiny.pool", 2, 3, 9, 3, 2),
+        cpu_bench.Fc("tiny.fc", 2, 20, 7)])
+    assert [(r["layer"], r["direction"]) for r in result["rows"]] == [
+        ("tiny.conv", "fwd"), ("tiny.conv", "bwd"), ("tiny.pool", "fwd"), ("tiny.fc", "fwd"),
+        ("tiny.fc", "bwd")]
+    assert all(r["convcore_ms"] > 0 for r in result["rows"])
+    assert any(k.startswith("conv.cu@") for k in result["compile_seconds"])
+    assert any("first-call compile" in line for line in lines)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_net_and_remaining_layers_on_device(dev, training):
+    """BasicBlock / Bottleneck (projection shortcuts), AvgPool2d, Dropout
+    (eval), Identity: forward and backward match the CPU."""
+    def net():
+        cc.manual_seed(11)
+        proj = cc.nn.Sequential(cc.nn.Conv2d(8, 16, 1, stride=2, bias=False), cc.nn.BatchNorm2d(16))
+        return cc.nn.Sequential(
+            cc.nn.Conv2d(3, 8, 3, padding=1), cc.nn.AvgPool2d(2, stride=1, padding=1,
+                                                              count_include_pad=False),
+            cc.nn.BasicBlock(8, 16, stride=2, downsample=proj),
+            cc.nn.Bottleneck(16, 4), cc.nn.Dropout(0.5), cc.nn.Identity(),
+            cc.nn.AdaptiveAvgPool2d(1), cc.nn.Flatten(), cc.nn.Linear(16, 5))
+    x, gy = rnd(2, 3, 7, 7), rnd(2, 5, seed=3)
+    cpu, gpu = net().train(training), net().train(training).to("cuda")
+    if training:  # Dropout's random mask: compare the deterministic rest
+        cpu[4].p = gpu[4].p = 0.0
+    check(dev, gpu(dev.put(x)), cpu(x), "output")
+    check(dev, gpu.backward(dev.put(gy)), cpu.backward(gy), "grad_input")
+    for (name, p), q in zip(gpu.named_parameters(), cpu.parameters()):
+        check(dev, p.grad, q.grad, name)
+
+
+def test_dropout_mask_follows_the_input_to_the_device(dev):
+    drop = cc.nn.Dropout(0.5)
+    y = drop(dev.put(np.ones((4, 50), np.float32)))
+    host = dev.host(y)
+    assert set(np.unique(host)) <= {0.0, 2.0} and 0 < (host == 0).sum() < host.size
+    check(dev, drop.backward(dev.put(np.ones((4, 50), np.float32))), host, "grad")
+
+
+def test_conv2d_padding_modes_other_than_zeros_say_cpu_only(dev):
+    conv = cc.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").to("cuda")
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        conv(dev.put(rnd(1, 3, 5, 5)))
