@@ -162,3 +162,16 @@ def test_linear_small_batch_paths(m, k, n, dtype, layout):
     check_output(gx, egx, dtype, "grad_input")
     check_output(gw, egw, dtype, "grad_weight")
     check_output(gb, egb, dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("m,k,n", [(0, 5, 3), (2, 0, 3), (2, 5, 0), (0, 0, 0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_empty_dimensions(m, k, n, dtype):
+    """Sums over nothing are zeros (plus the bias), whatever path the batch takes."""
+    x, w, b = np.ones((m, k), dtype), np.ones((n, k), dtype), np.full(n, 2.0, dtype)
+    gy = np.ones((m, n), dtype)
+    np.testing.assert_array_equal(convcore.linear(x, w, b), np.full((m, n), 2.0, dtype))
+    gx, gw, gb = convcore.linear_backward(gy, x, w)
+    np.testing.assert_array_equal(gx, np.full((m, k), float(n), dtype))
+    np.testing.assert_array_equal(gw, np.full((n, k), float(m), dtype))
+    np.testing.assert_array_equal(gb, np.full(n, float(m), dtype))

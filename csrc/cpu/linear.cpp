@@ -323,7 +323,8 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
     T* y = output.ptr<T>();
     bool done = false;
 #ifdef CONVCORE_SMALL_LINEAR
-    if (M <= kSmallBatch && weight.strides[1] == 1) {
+    // (an empty dimension takes the GEMM path, which writes the zeros)
+    if (M > 0 && M <= kSmallBatch && K > 0 && N > 0 && weight.strides[1] == 1) {
       const auto kernels = small_kernels<T>();
       if (kernels.forward) {
         const detail::Contiguous<T> xc(input);
@@ -367,7 +368,8 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
     const int64_t gs0 = grad_output.strides[0], gs1 = grad_output.strides[1];
 #ifdef CONVCORE_SMALL_LINEAR
     const auto kernels = small_kernels<T>();
-    if (M <= kSmallBatch && weight.strides[1] == 1 && kernels.axpy) {
+    if (M > 0 && M <= kSmallBatch && K > 0 && N > 0 && weight.strides[1] == 1 &&
+        kernels.axpy) {
       const detail::Contiguous<T> gc(grad_output);
       const T* g = gc.data();  // (M x N)
       if (grad_input) {
