@@ -214,6 +214,31 @@ def test_training_steps_on_device_match_cpu(dev, optimizer):
     assert_close(gpu(x), cpu(x), np.float32, rtol=1e-3)
 
 
+def test_fit_evaluate_predict_on_device_match_cpu(dev):
+    """fit() moves each numpy batch to the model's device; the figures and the
+    trained weights match a CPU run."""
+    x = rnd(12, 3, 8, 8, seed=5)
+    y = np.arange(12) % 10
+    runs = []
+    for device in ("cpu", "cuda"):
+        model = _net()
+        if device == "cuda":
+            model.to("cuda")
+        opt = cc.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        hist = cc.fit(model, cc.nn.CrossEntropyLoss(), opt,
+                      cc.data.DataLoader(x, y, batch_size=4, shuffle=True, seed=0),
+                      cc.data.DataLoader(x, y, batch_size=6), epochs=2, progress=False)
+        runs.append((model, hist, cc.predict(model, x, batch_size=5)))
+    (cpu, cpu_hist, cpu_pred), (gpu, gpu_hist, gpu_pred) = runs
+    assert_close(np.array(gpu_hist.train_loss), np.array(cpu_hist.train_loss), np.float32,
+                 rtol=1e-4)
+    assert gpu_hist.val_acc == cpu_hist.val_acc
+    assert isinstance(gpu_pred, np.ndarray)
+    assert_close(gpu_pred, cpu_pred, np.float32, rtol=1e-3)
+    for key, value in cpu.state_dict().items():
+        assert_close(gpu.state_dict()[key], value, np.float32, rtol=1e-3, what=key)
+
+
 def test_to_cuda_refuses_float64(dev):
     with pytest.raises(TypeError, match="float32 model"):
         _net().to(np.float64).to("cuda")

@@ -158,3 +158,88 @@ def test_fit_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint"):
         fit(model, CrossEntropyLoss(), opt, train, checkpoint=tmp_path / "model.safetensors",
             resume=True)
+
+
+# ------------------------------------------------------------- the GPU path
+
+class _FakeComm:
+    """A one-process stand-in for an MPI communicator (collectives of a
+    size-1 group never reach MPI)."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+
+def test_gpu_gradient_buckets_go_through_nccl(monkeypatch):
+    """A model whose parameters are device arrays has its gradient buckets
+    summed by NCCL on the current stream (a recording stand-in here, that
+    plays a second rank with the same gradients) and scaled back in place."""
+    import types
+    from cuda_shim import fake_cupy
+    from convcore import distributed
+    from convcore.nn.module import Module, Parameter
+
+    fake = fake_cupy.make_module()
+    calls = []
+
+    class Communicator:
+        def __init__(self, size, uid, rank):
+            calls.append(("init", size, uid, rank))
+
+        def allReduce(self, send, recv, count, dtype, op, stream):
+            assert send == recv and op == "sum" and stream == 7
+            calls.append(("allReduce", count, dtype))
+            buffers[send][...] *= 2      # a second rank with the same gradients
+
+        def abort(self):
+            calls.append(("abort",))
+
+    buffers = {}
+    nccl = types.SimpleNamespace(get_unique_id=lambda: "uid", NcclCommunicator=Communicator,
+                                 NCCL_FLOAT32="f32", NCCL_FLOAT64="f64", NCCL_SUM="sum")
+    fake.multiply = np.multiply
+    fake.cuda.nccl = nccl
+    fake.cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=7)
+    fake.cuda.Event = lambda disable_timing: types.SimpleNamespace(record=lambda: None,
+                                                                   done=True)
+    cuda_mod = types.ModuleType("cupy.cuda")
+    cuda_mod.nccl = nccl
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda_mod)
+
+    class Scale(Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight = Parameter(fake.asarray(np.arange(n, dtype=np.float32)))
+
+        def backward(self, g):
+            self.weight.grad[...] += g * np.float32(1)
+            return g
+
+    model = cc.nn.Sequential(Scale(5), Scale(300_000))     # two buckets at 1 MB
+    for p in model.parameters():
+        p._grad = fake.zeros(p.data.shape, np.float32)
+    real_empty = fake.empty
+
+    def empty(size, dtype):
+        a = real_empty(size, dtype)
+        buffers[id(a)] = a
+        return a
+    fake.empty = empty
+    monkeypatch.setattr(type(fake.zeros(1, np.float32)), "data",
+                        property(lambda self: types.SimpleNamespace(ptr=id(self))),
+                        raising=False)
+    group = distributed.ProcessGroup(_FakeComm(), timeout=5)
+    reducer = distributed.GradientReducer(model, group, bucket_mb=1.0)
+    assert reducer.gpu and len(reducer.buckets) == 2
+    reducer.backward(fake.asarray(np.float32(3)), weight=4)
+    reducer.finish(total_weight=8)     # two ranks of 4 samples
+    assert [c[0] for c in calls] == ["init", "allReduce", "allReduce"]
+    assert sorted(c[1] for c in calls[1:]) == [5, 300_000]
+    for p in model.parameters():       # (3 * 4 + 3 * 4) / 8
+        assert type(p.grad).__module__ == "cupy"
+        np.testing.assert_array_equal(p.grad.get(), np.full(p.shape, 3.0, np.float32))
+    reducer.close()

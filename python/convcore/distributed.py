@@ -32,7 +32,8 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-__all__ = ["DistributedError", "ProcessGroup", "ShardedLoader", "GradientReducer", "init"]
+__all__ = ["DistributedError", "GradientReducer", "NcclAllReduce", "ProcessGroup", "ShardedLoader",
+           "init"]
 
 
 class DistributedError(RuntimeError):
@@ -89,12 +90,16 @@ class ProcessGroup:
     # -- collectives -----------------------------------------------------------------
     def allreduce_(self, array: np.ndarray, what: str = "all-reduce") -> np.ndarray:
         """Sums a contiguous array over the ranks, in place."""
+        if self.size == 1:
+            return array
         MPI = _mpi()
         self.wait(self.comm.Iallreduce(MPI.IN_PLACE, array, op=MPI.SUM), what)
         return array
 
     def broadcast_(self, array: np.ndarray, root: int = 0, what: str = "broadcast") -> np.ndarray:
         """Overwrites a contiguous array with root's, in place."""
+        if self.size == 1:
+            return array
         self.wait(self.comm.Ibcast(array, root=root), what)
         return array
 
@@ -115,6 +120,8 @@ class ProcessGroup:
 
     def broadcast_object(self, obj=None, root: int = 0, what: str = "broadcast"):
         """root's picklable object on every rank (others pass anything)."""
+        if self.size == 1:
+            return obj
         data = pickle.dumps(obj) if self.rank == root else b""
         size = np.array([len(data)], dtype=np.int64)
         self.broadcast_(size, root, f"{what} (size)")
@@ -237,6 +244,52 @@ class ShardedLoader:
                 f"{self.batch_size} per rank, {self.loader!r})")
 
 
+def _is_gpu(array) -> bool:
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+class NcclAllReduce:
+    """Sums GPU buffers over the ranks with NCCL (through CuPy), on the current
+    CUDA stream: the GPU counterpart of MPI_Iallreduce for a model on the GPU
+    (one GPU per rank). MPI carries NCCL's unique id from rank 0, and MPI
+    stays the job's launcher and carries the small host-side figures."""
+
+    def __init__(self, group: ProcessGroup):
+        try:
+            from cupy.cuda import nccl
+        except ImportError:
+            raise ImportError("data-parallel training on GPUs needs CuPy with NCCL: "
+                              'pip install "convcore[cuda,distributed]" nvidia-nccl-cu13') from None
+        self.nccl, self.group = nccl, group
+        uid = nccl.get_unique_id() if group.is_root else None
+        uid = group.broadcast_object(uid, what="NCCL's unique id")
+        self.comm = nccl.NcclCommunicator(group.size, uid, group.rank)
+
+    def start(self, buf) -> None:
+        import cupy
+        kinds = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32,
+                 np.dtype(np.float64): self.nccl.NCCL_FLOAT64}
+        stream = cupy.cuda.get_current_stream()
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, kinds[np.dtype(buf.dtype)],
+                            self.nccl.NCCL_SUM, stream.ptr)
+
+    def wait(self, what: str) -> None:
+        """Waits for the work queued on the stream, at most the group's timeout;
+        then aborts the communicator and raises DistributedError."""
+        import cupy
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record()
+        deadline = time.monotonic() + self.group.timeout
+        while not done.done:
+            if time.monotonic() > deadline:
+                self.comm.abort()
+                raise DistributedError(
+                    f"rank {self.group.rank} of {self.group.size}: {what} did not complete "
+                    f"within {self.group.timeout:g} s: another rank has died, stalled or left "
+                    f"the job")
+            time.sleep(1e-4)
+
+
 class GradientReducer:
     """Sums the gradients of a model's parameters over the ranks, in buckets
     of about bucket_mb megabytes that leave while the backward pass goes on.
@@ -249,7 +302,9 @@ class GradientReducer:
     gradients are multiplied by `weight` (its sample count) and the sums
     divided by the total weight, so a rank with fewer samples counts for
     less. A module must run its backward once per step (no module applied
-    twice in one forward pass). close() removes the wrappers."""
+    twice in one forward pass). close() removes the wrappers. For a model on
+    the GPU (after model.to("cuda")), the buckets live on the GPU and NCCL
+    sums them (NcclAllReduce)."""
 
     def __init__(self, model, group: ProcessGroup, bucket_mb: float = 4.0,
                  overlap: bool = True):
@@ -264,6 +319,10 @@ class GradientReducer:
                 if id(p) not in seen:      # a shared parameter is reduced once
                     seen.add(id(p))
                     params.append(p)
+        from .nn.module import _xp
+        self.gpu = bool(params) and _is_gpu(params[0].data)
+        self.xp = _xp(params[0].data) if params else np
+        self._nccl = NcclAllReduce(group) if self.gpu else None
         self.buckets: List[Tuple[list, np.ndarray]] = []
         limit = int(bucket_mb * 2**20)
         current, nbytes = [], 0
@@ -295,7 +354,7 @@ class GradientReducer:
 
     def _add_bucket(self, params) -> None:
         size = sum(p.data.size for p in params)
-        self.buckets.append((params, np.empty(size, dtype=params[0].data.dtype)))
+        self.buckets.append((params, self.xp.empty(size, dtype=params[0].data.dtype)))
 
     def _wrap(self, module) -> None:
         original = module.backward
@@ -334,7 +393,7 @@ class GradientReducer:
         # collectives everywhere, and a rank without samples sends zeros in that order.
         while self._next < len(self.buckets) and self._remaining[self._next] <= 0:
             self._send(self._next)
-        if self._requests:      # let MPI move the buckets already sent
+        if self._requests and not self.gpu:   # let MPI move the buckets already sent
             _mpi().Request.Testall(self._requests)
 
     def skip_backward(self) -> None:
@@ -349,12 +408,16 @@ class GradientReducer:
         pos = 0
         for p in params:
             n = p.data.size
-            np.multiply(p.grad.reshape(-1), self._weight, out=flat[pos:pos + n])
+            self.xp.multiply(p.grad.reshape(-1), self._weight, out=flat[pos:pos + n])
             pos += n
         self._next = i + 1
         self._start(i)
 
     def _start(self, i: int) -> None:
+        if self.gpu:
+            self._nccl.start(self.buckets[i][1])
+            self._requests.append(i)
+            return
         MPI = _mpi()
         self._requests.append(self.group.comm.Iallreduce(MPI.IN_PLACE, self.buckets[i][1],
                                                          op=MPI.SUM))
@@ -362,14 +425,17 @@ class GradientReducer:
     def finish(self, total_weight: float) -> None:
         """Waits for every bucket and writes sum / total_weight into the grads."""
         start = time.perf_counter()
-        self.group.wait(self._requests, "the all-reduce of the gradients")
+        if self.gpu:
+            self._nccl.wait("the all-reduce of the gradients")
+        else:
+            self.group.wait(self._requests, "the all-reduce of the gradients")
         self.comm_seconds += time.perf_counter() - start
         scale = 1.0 / total_weight if total_weight > 0 else 0.0
         for params, flat in self.buckets:
             pos = 0
             for p in params:
                 n = p.data.size
-                np.multiply(flat[pos:pos + n].reshape(p.data.shape), scale, out=p.grad)
+                self.xp.multiply(flat[pos:pos + n].reshape(p.data.shape), scale, out=p.grad)
                 pos += n
 
 

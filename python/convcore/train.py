@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .nn.module import Module
+from .nn.module import Module, _host, _xp
 from .optim import Optimizer, ReduceLROnPlateau
 
 __all__ = ["History", "fit", "evaluate", "predict"]
@@ -88,13 +88,27 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a convcore.nn.Module, got {type(model).__name__}")
 
 
-def _count_correct(logits: np.ndarray, targets: np.ndarray) -> int:
-    return int(np.count_nonzero(np.argmax(logits, axis=1) == targets))
+def _count_correct(logits, targets) -> int:
+    predicted = _host(logits.argmax(axis=1))   # N class indices, from the GPU if there
+    return int(np.count_nonzero(predicted == np.asarray(targets)))
 
 
-def _batch_loss_sum(loss_fn, loss: float, n: int) -> float:
-    """The summed loss of a batch, whatever the loss's reduction."""
+def _batch_loss_sum(loss_fn, loss, n: int) -> float:
+    """The summed loss of a batch, whatever the loss's reduction (a float,
+    also when the loss is a 0-d GPU array)."""
+    loss = float(loss)
     return loss if getattr(loss_fn, "reduction", "mean") == "sum" else loss * n
+
+
+def _on_model_device(model: Module):
+    """A function that moves a numpy batch to where the model's parameters
+    are: cupy after model.to("cuda"), else the batch as it is."""
+    for p in model.parameters():
+        xp = _xp(p.data)
+        if xp is not np:
+            return xp.asarray
+        break
+    return lambda batch: batch
 
 
 def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[float, float]:
@@ -110,6 +124,7 @@ def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[flo
     if distributed is not None:
         _check_group(distributed)
         loader = distributed.shard(loader)
+    to_device = _on_model_device(model)
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
@@ -117,7 +132,7 @@ def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[flo
         for xb, yb in loader:
             if len(yb) == 0:
                 continue
-            logits = model(xb)
+            logits = model(to_device(xb))
             total_loss += _batch_loss_sum(loss_fn, loss_fn(logits, yb), len(yb))
             correct += _count_correct(logits, yb)
             seen += len(yb)
@@ -151,8 +166,9 @@ def predict(model: Module, x, batch_size: int = 256) -> np.ndarray:
         raise ValueError(f"x must hold at least one sample, got shape {x.shape}")
     was_training = model.training
     model.eval()
+    to_device = _on_model_device(model)
     try:
-        outputs = [model(np.ascontiguousarray(x[i:i + batch_size]))
+        outputs = [_host(model(to_device(np.ascontiguousarray(x[i:i + batch_size]))))
                    for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
@@ -259,6 +275,7 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
         group.broadcast_model(model)
         reducer = GradientReducer(model, group)
     is_root = group is None or group.is_root
+    to_device = _on_model_device(model)   # batches follow the model to the GPU
     mean_loss = getattr(loss_fn, "reduction", "mean") != "sum"
 
     bar = _Progress(bool(progress) and is_root, print_fn)
@@ -288,7 +305,7 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
                 n = len(yb)
                 loss_sum, right = 0.0, 0
                 if n:
-                    logits = model(xb)
+                    logits = model(to_device(xb))
                     loss = loss_fn(logits, yb)
                     loss_sum, right = _batch_loss_sum(loss_fn, loss, n), _count_correct(logits, yb)
                 if reducer is None:
