@@ -91,14 +91,14 @@ class Hardsigmoid(_Elementwise):
 
 
 class Hardswish(_Elementwise):
-    """x * ReLU6(x + 3) / 6 (MobileNet v3); PyTorch's gradient: 0 below -3,
-    1 from 3 on, x / 3 + 1 / 2 between (taking the right value at +-3)."""
+    """x * ReLU6(x + 3) / 6 (MobileNet v3); PyTorch's gradient: 0 up to -3,
+    x / 3 + 1 / 2 strictly between, 1 from 3 on (its values at the kinks)."""
 
     def _forward(self, x):
         return x * np.clip(x + 3, 0, 6) / x.dtype.type(6)
 
     def _grad(self, x):
-        return np.where(x < -3, 0, np.where(x >= 3, 1, x / 3 + 0.5)).astype(x.dtype)
+        return np.where(x <= -3, 0, np.where(x >= 3, 1, x / 3 + 0.5)).astype(x.dtype)
 
 
 class StochasticDepth(Module):
