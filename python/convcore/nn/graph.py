@@ -240,7 +240,10 @@ class Graph(Module):
         for out, op, inputs in self.nodes:
             args = [shapes[v] for v in inputs]
             if op in self._modules:
-                shapes[out] = tuple(self._modules[op].output_shape(args[0]))
+                try:
+                    shapes[out] = tuple(self._modules[op].output_shape(args[0]))
+                except ValueError as e:  # name the module: "features: transition3: ..."
+                    raise ValueError(f"{op}: {e}") from None
             else:
                 shapes[out] = self._join_shape(out, op, args)
         return shapes
