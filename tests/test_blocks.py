@@ -379,3 +379,16 @@ def test_print_block_parity_table():
     if not BLOCK_TABLE:
         pytest.skip("no twin test ran")
     print("\n" + format_block_table())
+
+
+def test_core_activation_kernels_take_strided_views_and_name_bad_kinds():
+    rng = np.random.default_rng(9)
+    base = rng.standard_normal((4, 6, 5)).astype(np.float32) * 4
+    view = base[:, ::2, ::-1]                         # not contiguous
+    np.testing.assert_array_equal(convcore._core.activation("relu6", view),
+                                  np.clip(view, 0, 6))
+    g = np.ones_like(view)
+    np.testing.assert_array_equal(convcore._core.activation_backward("relu6", g, view),
+                                  ((view > 0) & (view < 6)).astype(np.float32))
+    with pytest.raises(ValueError, match="activation must be 'sigmoid'"):
+        convcore._core.activation("swish", view)

@@ -763,51 +763,28 @@ class ResNetModule : public Module {
 // --- the later case studies: activations and Graph (python/convcore/nn/activation.py, graph.py)
 
 // Sigmoid, SiLU, ReLU6, Hardswish, Hardsigmoid: elementwise, in place, with
-// the Python layer's formulas (the sigmoid without overflow).
+// the core's kernels that Python's layers call (so the outputs are the same).
 class ActivationModule : public Module {
  public:
   ActivationModule(std::string path, std::string type) : Module(std::move(path), std::move(type)) {
     const std::string& t = this->type();
-    kind_ = t == "Sigmoid" ? 0 : t == "SiLU" ? 1 : t == "ReLU6" ? 2 : t == "Hardswish" ? 3 : 4;
+    kind_ = t == "Sigmoid"     ? Activation::Sigmoid
+            : t == "SiLU"      ? Activation::SiLU
+            : t == "ReLU6"     ? Activation::ReLU6
+            : t == "Hardswish" ? Activation::Hardswish
+                               : Activation::Hardsigmoid;
   }
 
  protected:
   Shape shape_of(const Shape& s, std::vector<SummaryRow>*) const override { return s; }
   Tensor forward(Tensor x) const override {
-    if (x.dtype() == DType::Float32)
-      apply(x.data_as<float>(), x.numel());
-    else
-      apply(x.data_as<double>(), x.numel());
+    const TensorView v = x.view();
+    activation_forward(kind_, v, v);
     return x;
   }
 
  private:
-  template <typename T>
-  static T sigmoid(T v) {
-    const T e = std::exp(-std::fabs(v));
-    return v >= 0 ? T(1) / (T(1) + e) : e / (T(1) + e);
-  }
-  template <typename T>
-  void apply(T* p, int64_t n) const {
-    switch (kind_) {
-      case 0:
-        for (int64_t i = 0; i < n; ++i) p[i] = sigmoid(p[i]);
-        break;
-      case 1:
-        for (int64_t i = 0; i < n; ++i) p[i] = p[i] * sigmoid(p[i]);
-        break;
-      case 2:
-        for (int64_t i = 0; i < n; ++i) p[i] = std::min(std::max(p[i], T(0)), T(6));
-        break;
-      case 3:
-        for (int64_t i = 0; i < n; ++i)
-          p[i] = p[i] * std::min(std::max(p[i] + T(3), T(0)), T(6)) / T(6);
-        break;
-      default:
-        for (int64_t i = 0; i < n; ++i) p[i] = std::min(std::max(p[i] + T(3), T(0)), T(6)) / T(6);
-    }
-  }
-  int kind_;
+  Activation kind_;
 };
 
 // A graph node "out = op(a, b, ...)": a child module or a join.

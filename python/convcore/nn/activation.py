@@ -7,26 +7,23 @@ EfficientNet) and stochastic depth, with PyTorch's definitions:
     Hardswish(x) = x * ReLU6(x + 3) / 6
     Hardsigmoid(x) = ReLU6(x + 3) / 6
 
-They are cheap next to the convolutions around them, so they are numpy
-expressions over the whole array, computed in the input's dtype.
+They run in the C++ core (one OpenMP pass over the array, forward and
+backward), in the input's dtype; the gradients at the kinks are PyTorch's.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import _core
 from . import init
 from .module import Module
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """The logistic function without overflow: exp of a non-positive number only."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
-
-
 class _Elementwise(Module):
-    """A parameter-free activation that keeps the shape; subclasses set
-    _forward and _grad (the derivative given the saved input)."""
+    """A parameter-free activation that keeps the shape; subclasses name the
+    core's kernel."""
+
+    _kernel = ""
 
     def __init__(self, inplace: bool = False):
         super().__init__()
@@ -37,7 +34,7 @@ class _Elementwise(Module):
         if x.dtype not in (np.float32, np.float64):
             raise TypeError(f"{type(self).__name__} takes float32 or float64 input, got {x.dtype}")
         self._x = x
-        return self._forward(x)
+        return _core.activation(self._kernel, x)
 
     def backward(self, grad_output):
         if self._x is None:
@@ -46,59 +43,37 @@ class _Elementwise(Module):
         if grad_output.shape != self._x.shape:
             raise ValueError(f"grad_output must have the output's shape {self._x.shape}, "
                              f"got {grad_output.shape}")
-        return (grad_output * self._grad(self._x)).astype(self._x.dtype, copy=False)
+        return _core.activation_backward(self._kernel, grad_output.astype(self._x.dtype,
+                                                                          copy=False), self._x)
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
 
 
 class Sigmoid(_Elementwise):
-    def _forward(self, x):
-        return sigmoid(x)
-
-    def _grad(self, x):
-        s = sigmoid(x)
-        return s * (1 - s)
+    """1 / (1 + exp(-x)), computed without overflow."""
+    _kernel = "sigmoid"
 
 
 class SiLU(_Elementwise):
     """x * sigmoid(x), EfficientNet's Swish."""
-
-    def _forward(self, x):
-        return x * sigmoid(x)
-
-    def _grad(self, x):
-        s = sigmoid(x)
-        return s * (1 + x * (1 - s))
+    _kernel = "silu"
 
 
 class ReLU6(_Elementwise):
     """min(max(x, 0), 6), MobileNet v2's; the gradient is 1 strictly inside (0, 6)."""
-
-    def _forward(self, x):
-        return np.clip(x, 0, 6)
-
-    def _grad(self, x):
-        return ((x > 0) & (x < 6)).astype(x.dtype)
+    _kernel = "relu6"
 
 
 class Hardsigmoid(_Elementwise):
-    def _forward(self, x):
-        return np.clip(x + 3, 0, 6) / x.dtype.type(6)
-
-    def _grad(self, x):
-        return ((x > -3) & (x < 3)).astype(x.dtype) / x.dtype.type(6)
+    """ReLU6(x + 3) / 6; gradient 1/6 strictly inside (-3, 3)."""
+    _kernel = "hardsigmoid"
 
 
 class Hardswish(_Elementwise):
     """x * ReLU6(x + 3) / 6 (MobileNet v3); PyTorch's gradient: 0 up to -3,
-    x / 3 + 1 / 2 strictly between, 1 from 3 on (its values at the kinks)."""
-
-    def _forward(self, x):
-        return x * np.clip(x + 3, 0, 6) / x.dtype.type(6)
-
-    def _grad(self, x):
-        return np.where(x <= -3, 0, np.where(x >= 3, 1, x / 3 + 0.5)).astype(x.dtype)
+    x / 3 + 1 / 2 strictly between, 1 from 3 on."""
+    _kernel = "hardswish"
 
 
 class StochasticDepth(Module):
