@@ -392,3 +392,29 @@ def test_core_activation_kernels_take_strided_views_and_name_bad_kinds():
                                   ((view > 0) & (view < 6)).astype(np.float32))
     with pytest.raises(ValueError, match="activation must be 'sigmoid'"):
         convcore._core.activation("swish", view)
+
+
+def test_build_graph_from_the_notation(tmp_path):
+    """Inception 3a written with chain specs per branch: the shapes are
+    inferred, the parameters are the paper's (without BN), and it saves,
+    loads and trains like any graph."""
+    convcore.manual_seed(0)
+    g = convcore.build_graph({"b1": "CONV1-64-RELU",
+                              "b2": "CONV1-96-RELU-CONV3-128-RELU",
+                              "b3": "CONV1-16-RELU-CONV5-32-RELU",
+                              "b4": "MAXPOOL3/s1/p1-CONV1-32-RELU"},
+                             ["y1 = b1(x)", "y2 = b2(x)", "y3 = b3(x)", "y4 = b4(x)",
+                              "out = concat(y1, y2, y3, y4)"], input_shape=(192, 28, 28))
+    assert g.output_shape((192, 28, 28)) == (256, 28, 28)
+    assert g.num_parameters() == (192 * 64 + 64) + (192 * 96 + 96) + (96 * 9 * 128 + 128) + \
+        (192 * 16 + 16) + (16 * 25 * 32 + 32) + (192 * 32 + 32)
+    x = np.random.default_rng(0).standard_normal((2, 192, 6, 6)).astype(np.float32)
+    y = g(x)
+    assert y.shape == (2, 256, 6, 6) and g.backward(np.ones_like(y)).shape == x.shape
+    g.save(tmp_path / "inc.safetensors")
+    np.testing.assert_array_equal(convcore.load(tmp_path / "inc.safetensors").eval()(x),
+                                  g.eval()(x))
+    with pytest.raises(ValueError, match="which no earlier node defines"):
+        convcore.build_graph({"a": "RELU"}, ["y = a(q)"], (3, 4, 4))
+    with pytest.raises(TypeError, match="Module or a spec string"):
+        convcore.build_graph({"a": 3}, ["y = a(x)"], (3, 4, 4))

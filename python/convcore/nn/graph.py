@@ -42,7 +42,7 @@ from .module import Module
 
 JOINS = ("concat", "add", "mul", "relu")
 
-_NODE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\(\s*"
+_NODE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(\s*"
                    r"([A-Za-z_][A-Za-z0-9_]*(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*)\s*\)\s*$")
 
 
@@ -64,6 +64,25 @@ def _unbroadcast(grad: np.ndarray, shape) -> np.ndarray:
         return grad
     axes = tuple(i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1)
     return grad.sum(axis=axes, keepdims=True).astype(grad.dtype, copy=False)
+
+
+def join_shape(out: str, op: str, shapes: List[tuple]) -> tuple:
+    """One sample's shape after a join (relu, concat, add, mul) of `shapes`."""
+    if op == "relu":
+        return shapes[0]
+    if op == "concat":
+        rest = {s[1:] for s in shapes}
+        if len(rest) != 1 or any(len(s) < 1 for s in shapes):
+            raise ValueError(f"graph node {out!r}: concat needs inputs that differ only in "
+                             f"channels, got {shapes}")
+        return (sum(s[0] for s in shapes),) + shapes[0][1:]
+    if len({len(s) for s in shapes}) != 1:
+        raise ValueError(f"graph node {out!r}: {op} needs inputs of one rank, got {shapes}")
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise ValueError(f"graph node {out!r}: {op} needs inputs of broadcastable shapes, "
+                         f"got {shapes}") from None
 
 
 class Graph(Module):
@@ -220,19 +239,7 @@ class Graph(Module):
 
     # -- shapes ---------------------------------------------------------------------
     def _join_shape(self, out: str, op: str, shapes: List[tuple]) -> tuple:
-        if op == "relu":
-            return shapes[0]
-        if op == "concat":
-            rest = {s[1:] for s in shapes}
-            if len(rest) != 1 or any(len(s) < 1 for s in shapes):
-                raise ValueError(f"graph node {out!r}: concat needs inputs that differ only in "
-                                 f"channels, got {shapes}")
-            return (sum(s[0] for s in shapes),) + shapes[0][1:]
-        try:
-            return tuple(np.broadcast_shapes(*shapes))
-        except ValueError:
-            raise ValueError(f"graph node {out!r}: {op} needs inputs of broadcastable shapes, "
-                             f"got {shapes}") from None
+        return join_shape(out, op, shapes)
 
     def node_shapes(self, input_shape) -> Dict[str, tuple]:
         """Every value's shape for one sample (no batch dimension)."""
@@ -266,3 +273,49 @@ class Graph(Module):
     def extra_repr(self):
         return "; ".join(self.config()["nodes"]) if len(self.nodes) <= 6 else \
             f"{len(self.nodes)} nodes"
+
+
+def build_graph(modules, nodes: Sequence[str], input_shape: Sequence[int],
+                outputs: Optional[Sequence[str]] = None, name: Optional[str] = None) -> Graph:
+    """A Graph whose branches may be written in the lecture's chain notation:
+    each value of `modules` is a Module or a spec string for
+    `convcore.build`, built for the shape that reaches it (so channel counts
+    are inferred). Inception's module, for example::
+
+        build_graph({"b1": "CONV1-64-RELU",
+                     "b2": "CONV1-96-RELU-CONV3-128-RELU",
+                     "b3": "CONV1-16-RELU-CONV5-32-RELU",
+                     "b4": "MAXPOOL3/s1/p1-CONV1-32-RELU"},
+                    ["y1 = b1(x)", "y2 = b2(x)", "y3 = b3(x)", "y4 = b4(x)",
+                     "out = concat(y1, y2, y3, y4)"], input_shape=(192, 28, 28))
+
+    gives 28x28x256."""
+    from ..builder import build
+
+    if not isinstance(modules, dict):
+        raise TypeError(f"modules must be a dict of name -> Module or spec string, got "
+                        f"{type(modules).__name__}")
+    shapes = {"x": tuple(int(d) for d in input_shape)}
+    built = OrderedDict((k, m) for k, m in modules.items() if isinstance(m, Module))
+    parsed = [parse_node(line) for line in nodes]
+    for out, op, inputs in parsed:
+        args = []
+        for v in inputs:
+            if v not in shapes:
+                raise ValueError(f"graph node {out!r} takes {v!r}, which no earlier node defines")
+            args.append(shapes[v])
+        spec = modules.get(op)
+        if isinstance(spec, str):
+            if op in built:
+                raise ValueError(f"module {op!r} is called twice (give each call its own module)")
+            built[op] = build(spec, args[0], name=op)
+        elif spec is not None and not isinstance(spec, Module):
+            raise TypeError(f"modules[{op!r}] must be a Module or a spec string, got "
+                            f"{type(spec).__name__}")
+        if op in built:
+            shapes[out] = tuple(built[op].output_shape(args[0]))
+        else:
+            shapes[out] = join_shape(out, op, args) if op in JOINS else args[0]
+    # the children in the order the caller listed them (their state-dict order)
+    ordered = OrderedDict((k, built[k]) for k in modules if k in built)
+    return Graph(ordered, nodes, outputs=outputs, name=name, input_shape=input_shape)
