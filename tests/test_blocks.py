@@ -200,6 +200,8 @@ def test_graph_multiple_outputs():
     ({}, ["y x = relu(x)"], "bad graph node"),
     ({}, ["x = relu(x)"], "defined twice"),
     ({"concat": nn.ReLU()}, ["y = concat(x)"], "bad module name"),
+    ({"outputs": nn.ReLU()}, ["y = outputs(x)"], "Graph has an attribute of that name"),
+    ({"forward": nn.ReLU()}, ["y = forward(x)"], "Graph has an attribute of that name"),
 ])
 def test_graph_errors(modules, nodes, match):
     with pytest.raises(ValueError, match=match):

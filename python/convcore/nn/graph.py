@@ -107,6 +107,9 @@ class Graph(Module):
             if key in JOINS or key == "x" or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"bad module name {key!r} (an identifier, not x or a join: "
                                  f"{', '.join(JOINS)})")
+            # a child named like an attribute or method would be overwritten by it
+            if key in ("nodes", "outputs", "name", "input_shape") or hasattr(Graph, key):
+                raise ValueError(f"bad module name {key!r}: Graph has an attribute of that name")
             setattr(self, key, m)
         self.name = name
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
