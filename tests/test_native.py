@@ -314,6 +314,7 @@ def test_cpp_loader_refuses_bad_files_with_the_python_message(examples, tmp_path
     ("resnet34", dict(num_classes=10, input_size=(3, 32, 32)), 2),
     # the later case studies (graphs): every join, SE, the new activations
     ("googlenet", dict(num_classes=10, input_size=(3, 32, 32)), 2),
+    ("googlenet", dict(num_classes=10, input_size=(3, 32, 32), aux_logits=True), 2),
     ("mobilenet_v1", dict(num_classes=10, input_size=(3, 32, 32)), 2),
     ("mobilenet_v2", dict(num_classes=10, input_size=(3, 64, 64)), 2),
     ("resnext50_32x4d", dict(num_classes=10, input_size=(3, 32, 32)), 2),
