@@ -883,7 +883,9 @@ class GraphModule : public Module {
 
   Tensor forward_ref(const Tensor& x) const override {
     std::vector<Tensor> vals(values_.size());
-    auto get = [&](int v) -> const Tensor& { return v == 0 ? x : vals[static_cast<std::size_t>(v)]; };
+    auto get = [&](int v) -> const Tensor& {
+      return v == 0 ? x : vals[static_cast<std::size_t>(v)];
+    };
     // The value itself when this node is its last use (no copy), else a copy.
     auto take = [&](int v, std::size_t i) -> Tensor {
       if (v != 0 && last_use_[static_cast<std::size_t>(v)] == static_cast<int>(i))
@@ -1568,7 +1570,8 @@ class Builder {
         c.fail("bad module name " + json::repr(n) + " (an identifier, not x or a join: concat, "
                "add, mul, relu)");
     const json::Value& lines = c.required("nodes");
-    if (!lines.is_array()) c.fail("nodes must be a list of strings, got " + json::short_repr(lines));
+    if (!lines.is_array())
+      c.fail("nodes must be a list of strings, got " + json::short_repr(lines));
     if (lines.items.empty()) c.fail("a graph needs at least one node");
     std::vector<std::string> values = {"x"};
     auto value_index = [&values](const std::string& v) -> int {
@@ -1664,7 +1667,8 @@ class Builder {
     Shape input;
     const json::Value* in = c.get("input_shape");
     if (in && !in->is_null()) {
-      if (!in->is_array()) c.fail("input_shape must be a list of ints, got " + json::short_repr(*in));
+      if (!in->is_array())
+        c.fail("input_shape must be a list of ints, got " + json::short_repr(*in));
       for (const auto& d : in->items) {
         if (!d.is_int() || d.integer < 1)
           c.fail("input_shape must be a list of positive ints, got " + json::short_repr(*in));

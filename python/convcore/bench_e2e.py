@@ -9,18 +9,19 @@ the same weights.
 The PyTorch model is built from the convcore model by `to_torch` (a mirror
 of the module tree with torch.nn layers and the same state-dict keys), so
 both run the same architecture and weights; the rows report the largest
-difference of the eval outputs, max|convcore - torch| / max|torch|, as a check. Inference: eval mode, forward
-only (torch under no_grad). Training step: train mode, forward, cross-entropy,
-backward, SGD step (momentum 0.9). Timings are medians of `repeat` runs,
-the libraries taking turns in blocks (bench.interleaved_medians); the ratio
-is convcore's images/s over PyTorch's (above 1: convcore is faster).
+difference of the eval outputs, max|convcore - torch| / max|torch|, as a
+check. Inference: eval mode, forward only (torch under no_grad). Training
+step: train mode, forward, cross-entropy, backward, SGD step (momentum
+0.9). Timings are medians of `repeat` runs, the libraries taking turns in
+blocks (bench.interleaved_medians); the ratio is convcore's images/s over
+PyTorch's (above 1: convcore is faster).
 """
 from __future__ import annotations
 
 import json
 import platform
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
