@@ -363,7 +363,7 @@ def test_graph_joins_and_activations_match_python(examples, tmp_path):
             gate=nn.Sigmoid(), clip=nn.ReLU6(), hs=nn.Hardsigmoid(),
             sd=nn.StochasticDepth(0.3), side=nn.Conv2d(6, 1, 1),
         ), ["ya = a(x)", "yb = b(x)", "za = act1(ya)", "zb = act2(yb)", "cat = concat(za, zb)",
-            "z = c(cat)", "s = add(z, cat, cat)", "r = relu(s)", "p = pool(r)", "q = gate(p)",
+            "z = c(cat)", "s = add(z, cat, cat)", "r0 = relu(s)", "r = add(r0, r0)", "p = pool(r)", "q = gate(p)",
             "m = mul(r, q)", "k = clip(m)", "h = hs(k)", "aux = side(h)", "out = sd(h)"],
             outputs=["out", "aux"], name="joins", input_shape=(3, 6, 5)).to(dtype)
         x = (rng.standard_normal((2, 3, 6, 5)) * 3).astype(dtype)

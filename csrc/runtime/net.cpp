@@ -886,9 +886,12 @@ class GraphModule : public Module {
     auto get = [&](int v) -> const Tensor& {
       return v == 0 ? x : vals[static_cast<std::size_t>(v)];
     };
-    // The value itself when this node is its last use (no copy), else a copy.
+    // The value itself when this node is its last use (no copy), else a copy
+    // (a copy too when the node reads it twice, as add(a, a)).
     auto take = [&](int v, std::size_t i) -> Tensor {
-      if (v != 0 && last_use_[static_cast<std::size_t>(v)] == static_cast<int>(i))
+      const auto& in = nodes_[i].inputs;
+      if (v != 0 && last_use_[static_cast<std::size_t>(v)] == static_cast<int>(i) &&
+          std::count(in.begin(), in.end(), v) == 1)
         return std::move(vals[static_cast<std::size_t>(v)]);
       return Tensor(get(v));
     };
