@@ -312,6 +312,16 @@ def test_cpp_loader_refuses_bad_files_with_the_python_message(examples, tmp_path
     ("vgg16", dict(num_classes=10, input_size=(3, 32, 32)), 2),
     ("resnet18", dict(num_classes=10, input_size=(3, 64, 64)), 2),
     ("resnet34", dict(num_classes=10, input_size=(3, 32, 32)), 2),
+    # the later case studies (graphs): every join, SE, the new activations
+    ("googlenet", dict(num_classes=10, input_size=(3, 32, 32)), 2),
+    ("googlenet", dict(num_classes=10, input_size=(3, 32, 32), aux_logits=True), 2),
+    ("mobilenet_v1", dict(num_classes=10, input_size=(3, 32, 32)), 2),
+    ("mobilenet_v2", dict(num_classes=10, input_size=(3, 64, 64)), 2),
+    ("resnext50_32x4d", dict(num_classes=10, input_size=(3, 32, 32)), 2),
+    ("wide_resnet50_2", dict(num_classes=10, input_size=(3, 32, 32)), 1),
+    ("densenet121", dict(num_classes=10, input_size=(3, 32, 32)), 2),
+    ("se_resnet50", dict(num_classes=10, input_size=(3, 32, 32)), 2),
+    ("efficientnet_b0", dict(num_classes=10, input_size=(3, 64, 64)), 2),
 ])
 def test_zoo_models_match_python(examples, tmp_path, name, kwargs, batch):
     rng = np.random.default_rng(1)
@@ -334,3 +344,52 @@ def test_ctest_passes(cmake_dir, tmp_path):
     _check(_run(["cmake", "--build", str(build), "--parallel", "2"]), "cmake build")
     r = _check(_run(["ctest", "--output-on-failure"], cwd=str(build)), "ctest")
     assert "100% tests passed" in r.stdout
+
+
+def test_graph_joins_and_activations_match_python(examples, tmp_path):
+    """A Graph with every join (concat, add, mul with broadcasting, relu),
+    each new activation, stochastic depth, several outputs (C++ runs the
+    first, as Python's eval mode), float32 and float64."""
+    from collections import OrderedDict
+
+    from convcore import nn
+
+    rng = np.random.default_rng(2)
+    for dtype in (np.float32, np.float64):
+        cc.manual_seed(2)
+        g = nn.Graph(OrderedDict(
+            a=nn.Conv2d(3, 4, 3, padding=1), b=nn.Conv2d(3, 2, 1), act1=nn.SiLU(),
+            act2=nn.Hardswish(), c=nn.Conv2d(6, 6, 1), pool=nn.AdaptiveAvgPool2d(1),
+            gate=nn.Sigmoid(), clip=nn.ReLU6(), hs=nn.Hardsigmoid(),
+            sd=nn.StochasticDepth(0.3), side=nn.Conv2d(6, 1, 1),
+        ), ["ya = a(x)", "yb = b(x)", "za = act1(ya)", "zb = act2(yb)", "cat = concat(za, zb)",
+            "z = c(cat)", "s = add(z, cat, cat)", "r0 = relu(s)", "r = add(r0, r0)", "p = pool(r)", "q = gate(p)",
+            "m = mul(r, q)", "k = clip(m)", "h = hs(k)", "aux = side(h)", "out = sd(h)"],
+            outputs=["out", "aux"], name="joins", input_shape=(3, 6, 5)).to(dtype)
+        x = (rng.standard_normal((2, 3, 6, 5)) * 3).astype(dtype)
+        got, expected, stdout = _run_net(examples, g, x, tmp_path, f"joins_{np.dtype(dtype)}")
+        _assert_close(got, expected)
+        assert "joins: input (2, 3, 6, 5) -> output (2, 6, 6, 5)" in stdout
+
+
+def test_graph_bad_config_is_refused_as_in_python(examples, tmp_path):
+    from collections import OrderedDict
+
+    from convcore import nn
+
+    good = str(tmp_path / "graph.safetensors")
+    nn.Graph(OrderedDict(a=nn.ReLU6()), ["y = a(x)", "out = add(x, y)"]).save(good)
+    tensors, meta = load_state_dict_file(good)
+    for edit, words in [(lambda n: n + ["z = a(out)"], "module 'a' is called twice"),
+                        (lambda n: ["y = b(x)"], "neither a child module"),
+                        (lambda n: ["y = a(q)"], "which no earlier node defines"),
+                        (lambda n: ["y == a(x)"], "bad graph node")]:
+        arch = json.loads(meta["convcore_architecture"])
+        arch["config"]["nodes"] = edit(arch["config"]["nodes"])
+        bad = str(tmp_path / "bad_graph.safetensors")
+        save_state_dict_file(tensors, bad, metadata={
+            "format": "convcore", "convcore_architecture": json.dumps(arch)})
+        with pytest.raises(ValueError, match=re.escape(words)):
+            cc.load(bad)
+        r = _run([examples["run_net"], bad])
+        assert r.returncode == 1 and words in r.stderr, r.stderr

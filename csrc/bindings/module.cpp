@@ -369,6 +369,45 @@ py::array relu_backward(const py::array& grad_output, const py::array& input) {
   return gx;
 }
 
+convcore::Activation activation_kind(const std::string& name) {
+  using convcore::Activation;
+  if (name == "sigmoid") return Activation::Sigmoid;
+  if (name == "silu") return Activation::SiLU;
+  if (name == "relu6") return Activation::ReLU6;
+  if (name == "hardswish") return Activation::Hardswish;
+  if (name == "hardsigmoid") return Activation::Hardsigmoid;
+  throw py::value_error("activation must be 'sigmoid', 'silu', 'relu6', 'hardswish' or "
+                        "'hardsigmoid', got '" + name + "'");
+}
+
+py::array activation(const std::string& name, const py::array& input) {
+  const convcore::Activation kind = activation_kind(name);
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  py::array out = new_array(x, dims(x));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::activation_forward(kind, x, y);
+  }
+  return out;
+}
+
+py::array activation_backward(const std::string& name, const py::array& grad_output,
+                              const py::array& input) {
+  const convcore::Activation kind = activation_kind(name);
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView x = arrays.view(input, "input");
+  py::array gx = new_array(x, dims(x));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::activation_backward(kind, gy, x, gx_v);
+  }
+  return gx;
+}
+
 py::array local_response_norm(const py::array& input, int64_t size, double alpha, double beta,
                               double k) {
   Arrays arrays;
@@ -481,6 +520,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("linear_backward", &linear_backward);
   m.def("relu", &relu);
   m.def("relu_backward", &relu_backward);
+  m.def("activation", &activation);
+  m.def("activation_backward", &activation_backward);
   m.def("local_response_norm", &local_response_norm);
   m.def("local_response_norm_backward", &local_response_norm_backward);
   m.def("batch_norm", &batch_norm);

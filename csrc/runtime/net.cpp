@@ -10,6 +10,9 @@
 #include "convcore/net.h"
 
 #include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstring>
 #include <functional>
 #include <iomanip>
 #include <new>
@@ -757,6 +760,276 @@ class ResNetModule : public Module {
   std::string args_;
 };
 
+// --- the later case studies: activations and Graph (python/convcore/nn/activation.py, graph.py)
+
+// Sigmoid, SiLU, ReLU6, Hardswish, Hardsigmoid: elementwise, in place, with
+// the core's kernels that Python's layers call (so the outputs are the same).
+class ActivationModule : public Module {
+ public:
+  ActivationModule(std::string path, std::string type) : Module(std::move(path), std::move(type)) {
+    const std::string& t = this->type();
+    kind_ = t == "Sigmoid"     ? Activation::Sigmoid
+            : t == "SiLU"      ? Activation::SiLU
+            : t == "ReLU6"     ? Activation::ReLU6
+            : t == "Hardswish" ? Activation::Hardswish
+                               : Activation::Hardsigmoid;
+  }
+
+ protected:
+  Shape shape_of(const Shape& s, std::vector<SummaryRow>*) const override { return s; }
+  Tensor forward(Tensor x) const override {
+    const TensorView v = x.view();
+    activation_forward(kind_, v, v);
+    return x;
+  }
+
+ private:
+  Activation kind_;
+};
+
+// A graph node "out = op(a, b, ...)": a child module or a join.
+struct GraphNode {
+  enum Kind { kModule, kConcat, kAdd, kMul, kRelu } kind;
+  int out;                  // value index (0 is the graph's input x)
+  std::vector<int> inputs;  // value indices
+  std::size_t child = 0;    // for kModule
+  std::string text;         // the line, for messages
+};
+
+template <typename T>
+void mul_broadcast(T* out, const T* a, const T* b, const Shape& sa, const Shape& sb,
+                   const Shape& so) {
+  // out = a * b with numpy broadcasting over equal-rank shapes (the graph's
+  // inputs all share the batch rank): strides of 0 on the broadcast axes.
+  constexpr std::size_t kMaxDims = 32;
+  const std::size_t nd = so.size();
+  if (nd == 0 || nd > kMaxDims) throw ValueError("mul: inputs of 1 to 32 dimensions only");
+  int64_t stride_a[kMaxDims], stride_b[kMaxDims], idx[kMaxDims] = {};
+  int64_t ra = 1, rb = 1;
+  for (std::size_t d = nd; d-- > 0;) {
+    stride_a[d] = sa[d] == 1 ? 0 : ra;
+    stride_b[d] = sb[d] == 1 ? 0 : rb;
+    ra *= sa[d];
+    rb *= sb[d];
+  }
+  const int64_t n = product(so);
+  int64_t ia = 0, ib = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = a[ia] * b[ib];
+    for (std::size_t d = nd; d-- > 0;) {  // odometer increment
+      ia += stride_a[d];
+      ib += stride_b[d];
+      if (++idx[d] < so[d]) break;
+      ia -= stride_a[d] * so[d];
+      ib -= stride_b[d] * so[d];
+      idx[d] = 0;
+    }
+  }
+}
+
+class GraphModule : public Module {
+ public:
+  GraphModule(std::string path, std::vector<std::string> names, std::vector<ModulePtr> children,
+              std::vector<GraphNode> nodes, std::vector<std::string> values, int output,
+              Shape input_shape)
+      : Module(std::move(path), "Graph"), names_(std::move(names)),
+        children_(std::move(children)), nodes_(std::move(nodes)), values_(std::move(values)),
+        output_(output), input_shape_(std::move(input_shape)) {
+    // Only the nodes the (first) output needs run (eval mode: no aux heads);
+    // each value is freed after its last use.
+    needed_.assign(nodes_.size(), false);
+    std::vector<bool> want(values_.size(), false);
+    want[static_cast<std::size_t>(output_)] = true;
+    for (std::size_t i = nodes_.size(); i-- > 0;) {
+      if (!want[static_cast<std::size_t>(nodes_[i].out)]) continue;
+      needed_[i] = true;
+      for (int v : nodes_[i].inputs) want[static_cast<std::size_t>(v)] = true;
+    }
+    last_use_.assign(values_.size(), -1);
+    for (std::size_t i = 0; i < nodes_.size(); ++i)
+      if (needed_[i])
+        for (int v : nodes_[i].inputs) last_use_[static_cast<std::size_t>(v)] = static_cast<int>(i);
+  }
+  bool is_leaf() const override { return false; }
+  const Shape& input_shape() const { return input_shape_; }
+  void tensors(std::vector<TensorSpec>& out) override {
+    for (auto& c : children_) c->tensors(out);
+  }
+  void leaves(std::vector<const Module*>& out) const override {
+    for (const auto& c : children_) c->leaves(out);
+  }
+
+ protected:
+  Shape shape_of(const Shape& s, std::vector<SummaryRow>* rows) const override {
+    std::vector<Shape> shapes(values_.size());
+    shapes[0] = s;
+    for (const auto& node : nodes_) {
+      std::vector<Shape> in;
+      for (int v : node.inputs) in.push_back(shapes[static_cast<std::size_t>(v)]);
+      Shape out;
+      if (node.kind == GraphNode::kModule) {
+        try {
+          out = children_[node.child]->infer(in[0], rows);
+        } catch (const ValueError& e) {  // as Python: "features: ..."
+          throw ValueError(names_[node.child] + ": " + e.what());
+        }
+      } else {
+        out = join_shape(node, in);
+      }
+      shapes[static_cast<std::size_t>(node.out)] = out;
+    }
+    return shapes[static_cast<std::size_t>(output_)];
+  }
+
+  Tensor forward_ref(const Tensor& x) const override {
+    std::vector<Tensor> vals(values_.size());
+    auto get = [&](int v) -> const Tensor& {
+      return v == 0 ? x : vals[static_cast<std::size_t>(v)];
+    };
+    // The value itself when this node is its last use (no copy), else a copy
+    // (a copy too when the node reads it twice, as add(a, a)).
+    auto take = [&](int v, std::size_t i) -> Tensor {
+      const auto& in = nodes_[i].inputs;
+      if (v != 0 && last_use_[static_cast<std::size_t>(v)] == static_cast<int>(i) &&
+          std::count(in.begin(), in.end(), v) == 1)
+        return std::move(vals[static_cast<std::size_t>(v)]);
+      return Tensor(get(v));
+    };
+    for (std::size_t i = 0; i < nodes_.size(); ++i) {
+      if (!needed_[i]) continue;
+      const GraphNode& node = nodes_[i];
+      Tensor out;
+      switch (node.kind) {
+        case GraphNode::kModule: {
+          const Module& m = *children_[node.child];
+          const int v = node.inputs[0];
+          out = v != 0 && last_use_[static_cast<std::size_t>(v)] == static_cast<int>(i)
+                    ? m.run(std::move(vals[static_cast<std::size_t>(v)]))
+                    : m.run_ref(get(v));
+          break;
+        }
+        case GraphNode::kConcat:
+          out = concat(node, get);
+          break;
+        case GraphNode::kAdd: {
+          out = take(node.inputs[0], i);
+          for (std::size_t k = 1; k < node.inputs.size(); ++k) {
+            const Tensor& b = get(node.inputs[k]);
+            if (b.shape() != out.shape())
+              throw ValueError(context() + "graph node " + json::repr(node.text) +
+                               ": add needs inputs of one shape, got " + out.shape_str() +
+                               " and " + b.shape_str());
+            add_in_place(out, b);
+          }
+          break;
+        }
+        case GraphNode::kMul:
+          out = mul(node, get(node.inputs[0]), get(node.inputs[1]));
+          break;
+        case GraphNode::kRelu: {
+          out = take(node.inputs[0], i);
+          const TensorView v = out.view();
+          relu_forward(v, v);
+          break;
+        }
+      }
+      vals[static_cast<std::size_t>(node.out)] = std::move(out);
+      for (int v : node.inputs)  // free what no later node reads
+        if (v != 0 && last_use_[static_cast<std::size_t>(v)] == static_cast<int>(i))
+          vals[static_cast<std::size_t>(v)] = Tensor();
+    }
+    if (output_ == 0) return Tensor(x);
+    return std::move(vals[static_cast<std::size_t>(output_)]);
+  }
+
+ private:
+  Shape join_shape(const GraphNode& node, const std::vector<Shape>& in) const {
+    const std::string where = "graph node " + json::repr(node.text) + ": ";
+    if (node.kind == GraphNode::kRelu) return in[0];
+    if (node.kind == GraphNode::kConcat) {
+      Shape out = in[0];
+      for (std::size_t k = 0; k < in.size(); ++k) {
+        if (in[k].empty() || in[k].size() != in[0].size() ||
+            !std::equal(in[k].begin() + 1, in[k].end(), in[0].begin() + 1))
+          throw ValueError(where + "concat needs inputs that differ only in channels");
+        if (k) out[0] += in[k][0];
+      }
+      return out;
+    }
+    // add and mul: numpy broadcasting of equal-rank shapes
+    Shape out = in[0];
+    for (std::size_t k = 1; k < in.size(); ++k) {
+      if (in[k].size() != out.size())
+        throw ValueError(where + "inputs of different ranks");
+      for (std::size_t d = 0; d < out.size(); ++d) {
+        if (in[k][d] == out[d] || in[k][d] == 1) continue;
+        if (out[d] == 1) {
+          out[d] = in[k][d];
+          continue;
+        }
+        throw ValueError(where + "inputs of shapes " + shape_str(out) + " and " +
+                         shape_str(in[k]) + " do not broadcast");
+      }
+    }
+    return out;
+  }
+
+  template <typename Get>
+  Tensor concat(const GraphNode& node, Get& get) const {
+    const Tensor& first = get(node.inputs[0]);
+    if (first.ndim() < 2) throw ValueError(context() + "concat needs (N, C, ...) inputs");
+    Shape shape = first.shape();
+    shape[1] = 0;
+    for (int v : node.inputs) {
+      const Tensor& t = get(v);
+      if (t.ndim() != first.ndim() || t.size(0) != first.size(0) ||
+          !std::equal(t.shape().begin() + 2, t.shape().end(), first.shape().begin() + 2))
+        throw ValueError(context() + "graph node " + json::repr(node.text) +
+                         ": concat needs inputs that differ only in channels, got " +
+                         first.shape_str() + " and " + t.shape_str());
+      shape[1] += t.size(1);
+    }
+    Tensor out(first.dtype(), shape);
+    const std::size_t item = dtype_size(first.dtype());
+    const int64_t n = shape[0];
+    const int64_t out_sample = product(Shape(shape.begin() + 1, shape.end()));
+    int64_t offset = 0;  // elements into each output sample
+    for (int v : node.inputs) {
+      const Tensor& t = get(v);
+      const int64_t sample = product(Shape(t.shape().begin() + 1, t.shape().end()));
+      const char* src = static_cast<const char*>(t.data());
+      char* dst = static_cast<char*>(out.data());
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(dst + static_cast<std::size_t>(i * out_sample + offset) * item,
+                    src + static_cast<std::size_t>(i * sample) * item,
+                    static_cast<std::size_t>(sample) * item);
+      offset += sample;
+    }
+    return out;
+  }
+
+  Tensor mul(const GraphNode& node, const Tensor& a, const Tensor& b) const {
+    const Shape shape = join_shape(node, {a.shape(), b.shape()});
+    Tensor out(a.dtype(), shape);
+    if (a.dtype() == DType::Float32)
+      mul_broadcast(out.data_as<float>(), a.data_as<float>(), b.data_as<float>(), a.shape(),
+                    b.shape(), shape);
+    else
+      mul_broadcast(out.data_as<double>(), a.data_as<double>(), b.data_as<double>(), a.shape(),
+                    b.shape(), shape);
+    return out;
+  }
+
+  std::vector<std::string> names_;
+  std::vector<ModulePtr> children_;
+  std::vector<GraphNode> nodes_;
+  std::vector<std::string> values_;
+  int output_;
+  Shape input_shape_;
+  std::vector<bool> needed_;
+  std::vector<int> last_use_;
+};
+
 // ------------------------------------------------------------------ building
 
 // A module's config, read strictly: known keys only, each of the right type.
@@ -858,7 +1131,8 @@ class Config {
 
 const char* const kKnownTypes =
     "AdaptiveAvgPool2d, AvgPool2d, BasicBlock, BatchNorm2d, Bottleneck, Conv2d, Dropout, "
-    "Flatten, Identity, Linear, LocalResponseNorm, MaxPool2d, Network, ReLU, ResNet, Sequential";
+    "Flatten, Graph, Hardsigmoid, Hardswish, Identity, Linear, LocalResponseNorm, MaxPool2d, "
+    "Network, ReLU, ReLU6, ResNet, Sequential, SiLU, Sigmoid, StochasticDepth";
 
 // Python's from_architecture (python/convcore/nn/module.py), in C++: a
 // Sequential takes its children from the tree; every other module is built
@@ -880,6 +1154,17 @@ class Builder {
         for (const auto& c : children->members) mods.push_back(build(c.second, join(path, c.first)));
       return std::make_unique<SequentialModule>(path, std::move(mods));
     }
+    if (type == "Graph") {  // children from the tree too, wired by the config's nodes
+      Config c(config, type, where, {"nodes", "outputs", "name", "input_shape"});
+      std::vector<std::string> names;
+      std::vector<ModulePtr> mods;
+      if (children)
+        for (const auto& ch : children->members) {
+          names.push_back(ch.first);
+          mods.push_back(build(ch.second, join(path, ch.first)));
+        }
+      return graph(c, path, std::move(names), std::move(mods));
+    }
     ModulePtr module;
     std::vector<std::string> built;  // the children the config builds
     if (type == "Network") {
@@ -887,7 +1172,8 @@ class Builder {
                        path);
       built = {"features", "classifier"};
     } else if (type == "ResNet") {
-      module = resnet(Config(config, type, where, {"block", "layers", "num_classes", "input_size"}),
+      module = resnet(Config(config, type, where, {"block", "layers", "num_classes", "input_size",
+                                                   "groups", "width_per_group"}),
                       path, built);
     } else if (type == "BasicBlock" || type == "Bottleneck") {
       const bool basic = type == "BasicBlock";
@@ -990,6 +1276,24 @@ class Builder {
         c.fail("p must be a probability in [0, 1], got " + json::short_repr(c.required("p")));
       std::ostringstream os;
       os << "p=" << p;
+      return std::make_unique<IdentityModule>(path, type, os.str());
+    }
+    if (type == "Sigmoid" || type == "SiLU" || type == "ReLU6" || type == "Hardswish" ||
+        type == "Hardsigmoid") {
+      Config c(config, type, where, {"inplace"});
+      c.boolean("inplace", false);
+      return std::make_unique<ActivationModule>(path, type);
+    }
+    if (type == "StochasticDepth") {  // the identity in evaluation mode
+      Config c(config, type, where, {"p", "mode"});
+      const double p = c.real("p", 0.5);
+      if (!(p >= 0.0 && p <= 1.0))
+        c.fail("p must be a probability in [0, 1], got " + json::short_repr(c.required("p")));
+      const std::string mode = c.string("mode", "row");
+      if (mode != "row" && mode != "batch")
+        c.fail("mode must be 'row' or 'batch', got " + json::repr(mode));
+      std::ostringstream os;
+      os << "p=" << p << ", mode=" << mode;
       return std::make_unique<IdentityModule>(path, type, os.str());
     }
     if (type == "Flatten") {
@@ -1241,6 +1545,144 @@ class Builder {
         input, has_classifier);
   }
 
+  // --- Graph (python/convcore/nn/graph.py): children from the tree, wired
+  // by the config's node lines "out = op(a, b)", checked as Python checks them.
+
+  static bool identifier(const std::string& s) {
+    if (s.empty() || !(std::isalpha(static_cast<unsigned char>(s[0])) || s[0] == '_')) return false;
+    for (char ch : s)
+      if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '_')) return false;
+    return true;
+  }
+  static std::string trim(const std::string& s) {
+    const auto b = s.find_first_not_of(" \t\r\n");
+    if (b == std::string::npos) return "";
+    return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
+  }
+
+  ModulePtr graph(const Config& c, const std::string& path, std::vector<std::string> names,
+                  std::vector<ModulePtr> children) {
+    static const char* const kJoins[] = {"concat", "add", "mul", "relu"};
+    auto is_join = [](const std::string& s) {
+      for (const char* j : kJoins)
+        if (s == j) return true;
+      return false;
+    };
+    for (const auto& n : names)
+      if (!identifier(n) || is_join(n) || n == "x")
+        c.fail("bad module name " + json::repr(n) + " (an identifier, not x or a join: concat, "
+               "add, mul, relu)");
+    const json::Value& lines = c.required("nodes");
+    if (!lines.is_array())
+      c.fail("nodes must be a list of strings, got " + json::short_repr(lines));
+    if (lines.items.empty()) c.fail("a graph needs at least one node");
+    std::vector<std::string> values = {"x"};
+    auto value_index = [&values](const std::string& v) -> int {
+      for (std::size_t i = 0; i < values.size(); ++i)
+        if (values[i] == v) return static_cast<int>(i);
+      return -1;
+    };
+    std::vector<bool> used(names.size(), false);
+    std::vector<GraphNode> nodes;
+    for (const auto& item : lines.items) {
+      if (!item.is_string())
+        c.fail("a graph node must be a string 'name = op(inputs)', got " + json::short_repr(item));
+      const std::string& line = item.string;
+      const auto eq = line.find('='), open = line.find('('), close = line.rfind(')');
+      const std::string bad = "bad graph node " + json::repr(line) +
+                              ": expected 'name = op(input, ...)', e.g. 'out = concat(b1, b2)'";
+      if (eq == std::string::npos || open == std::string::npos || close == std::string::npos ||
+          !(eq < open && open < close) || !trim(line.substr(close + 1)).empty())
+        c.fail(bad);
+      GraphNode node;
+      node.text = line;
+      const std::string out = trim(line.substr(0, eq));
+      const std::string op = trim(line.substr(eq + 1, open - eq - 1));
+      std::vector<std::string> inputs;
+      std::string args = line.substr(open + 1, close - open - 1);
+      for (std::size_t start = 0;;) {
+        const auto comma = args.find(',', start);
+        inputs.push_back(trim(args.substr(start, comma == std::string::npos ? std::string::npos
+                                                                           : comma - start)));
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+      }
+      if (!identifier(out) || !identifier(op)) c.fail(bad);
+      for (const auto& v : inputs) {
+        if (!identifier(v)) c.fail(bad);
+        const int idx = value_index(v);
+        if (idx < 0)
+          c.fail("graph node " + json::repr(out) + " takes " + json::repr(v) +
+                 ", which no earlier node defines");
+        node.inputs.push_back(idx);
+      }
+      if (value_index(out) >= 0) c.fail("graph value " + json::repr(out) + " is defined twice");
+      const auto child = std::find(names.begin(), names.end(), op);
+      if (child != names.end()) {
+        const std::size_t k = static_cast<std::size_t>(child - names.begin());
+        if (used[k])
+          c.fail("module " + json::repr(op) + " is called twice (give each call its own module)");
+        if (inputs.size() != 1)
+          c.fail("graph node " + json::repr(out) + ": module " + json::repr(op) +
+                 " takes one input, got " + std::to_string(inputs.size()));
+        used[k] = true;
+        node.kind = GraphNode::kModule;
+        node.child = k;
+      } else if (op == "concat") {
+        node.kind = GraphNode::kConcat;
+      } else if (op == "add") {
+        node.kind = GraphNode::kAdd;
+      } else if (op == "mul" || op == "relu") {
+        node.kind = op == "mul" ? GraphNode::kMul : GraphNode::kRelu;
+        const std::size_t want = op == "mul" ? 2 : 1;
+        if (inputs.size() != want)
+          c.fail("graph node " + json::repr(out) + ": " + op + " takes " +
+                 (want == 1 ? "one input" : "two inputs") + ", got " +
+                 std::to_string(inputs.size()));
+      } else {
+        c.fail("graph node " + json::repr(out) + ": " + json::repr(op) +
+               " is neither a child module (" + (names.empty() ? "none" : py_list(names)) +
+               ") nor a join (concat, add, mul, relu)");
+      }
+      values.push_back(out);
+      node.out = static_cast<int>(values.size() - 1);
+      nodes.push_back(std::move(node));
+    }
+    std::vector<std::string> unused;
+    for (std::size_t k = 0; k < names.size(); ++k)
+      if (!used[k]) unused.push_back(names[k]);
+    if (!unused.empty()) c.fail("modules " + py_list(unused) + " are not called by any graph node");
+    int output = nodes.back().out;
+    if (const json::Value* outs = c.get("outputs")) {
+      if (!outs->is_array() || outs->items.empty())
+        c.fail("outputs must be a non-empty list of node names, got " + json::short_repr(*outs));
+      for (const auto& o : outs->items) {
+        if (!o.is_string() || value_index(o.string) < 0)
+          c.fail("graph output " + json::short_repr(o) + " is not a node");
+      }
+      output = value_index(outs->items[0].string);  // eval mode: the first output only
+    }
+    const json::Value* nm = c.get("name");
+    if (nm && !nm->is_null()) {
+      if (!nm->is_string()) c.fail("name must be a string, got " + json::short_repr(*nm));
+      if (path.empty()) name_ = nm->string;
+    }
+    Shape input;
+    const json::Value* in = c.get("input_shape");
+    if (in && !in->is_null()) {
+      if (!in->is_array())
+        c.fail("input_shape must be a list of ints, got " + json::short_repr(*in));
+      for (const auto& d : in->items) {
+        if (!d.is_int() || d.integer < 1)
+          c.fail("input_shape must be a list of positive ints, got " + json::short_repr(*in));
+        input.push_back(d.integer);
+      }
+    }
+    return std::make_unique<GraphModule>(path, std::move(names), std::move(children),
+                                         std::move(nodes), std::move(values), output,
+                                         std::move(input));
+  }
+
   // --- ResNet and its blocks (python/convcore/models.py, nn/residual.py)
 
   static ModulePtr conv(const std::string& path, int64_t in, int64_t out, int64_t k,
@@ -1339,6 +1781,11 @@ class Builder {
         c.fail("input_size must be positive, got " + json::short_repr(*s));
     }
     const bool basic = block_kind == "basic";
+    // ResNeXt / Wide ResNet: bottleneck groups and width (absent: plain ResNet)
+    const int64_t groups = c.has("groups") ? c.positive("groups") : 1;
+    const int64_t width_per_group = c.has("width_per_group") ? c.positive("width_per_group") : 64;
+    if (basic && (groups != 1 || width_per_group != 64))
+      c.fail("groups and width_per_group need block='bottleneck'");
     std::vector<ModulePtr> parts;
     parts.push_back(conv(join(path, "conv1"), input[0], 64, 7, 2, 3, 1, c));
     parts.push_back(bn(join(path, "bn1"), 64, c));
@@ -1353,8 +1800,8 @@ class Builder {
       const std::string sp = join(path, "layer" + std::to_string(stage + 1));
       std::vector<ModulePtr> blocks;
       for (int64_t i = 0; i < counts[static_cast<std::size_t>(stage)]; ++i) {
-        blocks.push_back(block(basic, inplanes, widths[stage], i == 0 && stage > 0 ? 2 : 1, 1, 64,
-                               join(sp, std::to_string(i)), nullptr, c));
+        blocks.push_back(block(basic, inplanes, widths[stage], i == 0 && stage > 0 ? 2 : 1,
+                               groups, width_per_group, join(sp, std::to_string(i)), nullptr, c));
         inplanes = widths[stage] * (basic ? 1 : 4);
       }
       parts.push_back(std::make_unique<SequentialModule>(sp, std::move(blocks)));
@@ -1463,6 +1910,7 @@ Net Net::load(const std::string& path) {
   impl->name = builder.name_.empty() ? root_type : builder.name_;
   if (auto* n = dynamic_cast<NetworkModule*>(impl->root.get())) impl->input_shape = n->input_shape();
   if (auto* r = dynamic_cast<ResNetModule*>(impl->root.get())) impl->input_shape = r->input_shape();
+  if (auto* g = dynamic_cast<GraphModule*>(impl->root.get())) impl->input_shape = g->input_shape();
   if (!impl->input_shape.empty()) {
     try {
       impl->root->infer(impl->input_shape, nullptr);

@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 from . import data, models, nn, optim, train  # noqa: E402  (built on the functional API)
 from .builder import build  # noqa: E402
+from .nn.graph import build_graph  # noqa: E402  (branches in the notation: Inception, ...)
 from .nn.init import manual_seed  # noqa: E402
 from .train import evaluate, fit, predict  # noqa: E402
 
@@ -37,7 +38,7 @@ from .cuda import to_dlpack  # noqa: E402  (GPU results to torch.from_dlpack; no
 
 
 __all__ = [
-    "build",
+    "build", "build_graph",
     "data",
     "evaluate",
     "fit",

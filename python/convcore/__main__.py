@@ -22,6 +22,7 @@ def main(argv=None) -> None:
         print("usage: python -m convcore {demo,bench,summary} [options]\n"
               "  demo      the lecture's worked examples, then LeNet-5 trained on the digits\n"
               "  bench     AlexNet conv layers vs numpy im2col (and PyTorch if installed)\n"
+              "  bench --e2e  whole models, images/s, vs PyTorch\n"
               "  bench --gpu  the CUDA kernels vs PyTorch CUDA/cuDNN (needs a GPU)\n"
               "  summary   the layer table of a zoo model: summary alexnet [--all]\n"
               "  --cmake-dir    the directory of convcoreConfig.cmake, for C++ apps:\n"

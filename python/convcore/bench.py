@@ -357,6 +357,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-numpy", action="store_true", help="skip numpy's im2col")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--plot", help="write a PNG chart of the ratios to this file")
+    if "--e2e" in (argv or []):  # whole models, images/s (bench_e2e.py has its own options)
+        from .bench_e2e import main as e2e
+        return e2e([a for a in argv if a != "--e2e"])
     args = parser.parse_args(argv)
     result = run(args.threads, args.repeat, args.quick, not args.no_torch, not args.no_numpy)
     if args.json:

@@ -92,7 +92,8 @@ class ResNet(Module):
     sizes on purpose."""
 
     def __init__(self, block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2),
-                 num_classes: int = 1000, input_size=(3, 224, 224)):
+                 num_classes: int = 1000, input_size=(3, 224, 224), groups: int = 1,
+                 width_per_group: int = 64):
         super().__init__()
         blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
         if block not in blocks:
@@ -102,6 +103,10 @@ class ResNet(Module):
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.block, self.layer_counts = block, [int(n) for n in layers]
+        # ResNeXt (groups 32, width 4) and Wide ResNet (width 128): bottleneck only
+        self.groups, self.width_per_group = int(groups), int(width_per_group)
+        if (self.groups, self.width_per_group) != (1, 64) and block != "bottleneck":
+            raise ValueError("groups and width_per_group need block='bottleneck'")
         self.num_classes = int(num_classes)
         self.input_shape = _input_shape(input_size, 3)
         Block = blocks[block]
@@ -113,7 +118,9 @@ class ResNet(Module):
             stride = 1 if stage == 0 else 2
             stage_blocks = []
             for i in range(count):
-                stage_blocks.append(Block(inplanes, planes, stride if i == 0 else 1))
+                extra = {} if block == "basic" else dict(groups=self.groups,
+                                                         base_width=self.width_per_group)
+                stage_blocks.append(Block(inplanes, planes, stride if i == 0 else 1, **extra))
                 inplanes = planes * Block.expansion
             setattr(self, f"layer{stage + 1}", Sequential(*stage_blocks))
         self.avgpool = AdaptiveAvgPool2d(1)
@@ -161,8 +168,11 @@ class ResNet(Module):
         return self.fc.output_shape((int(np.prod(shape)),))
 
     def config(self):
-        return dict(block=self.block, layers=self.layer_counts, num_classes=self.num_classes,
-                    input_size=list(self.input_shape))
+        config = dict(block=self.block, layers=self.layer_counts, num_classes=self.num_classes,
+                      input_size=list(self.input_shape))
+        if (self.groups, self.width_per_group) != (1, 64):  # (older files lack them)
+            config.update(groups=self.groups, width_per_group=self.width_per_group)
+        return config
 
 
 def resnet18(num_classes: int = 1000, input_size=(3, 224, 224)) -> ResNet:
@@ -177,6 +187,16 @@ def resnet34(num_classes: int = 1000, input_size=(3, 224, 224)) -> ResNet:
 
 _ZOO = {"lenet5": lenet5, "alexnet": alexnet, "zfnet": zfnet, "vgg16": vgg16,
         "resnet18": resnet18, "resnet34": resnet34}
+
+# The later case studies (models_extra.py), by graph.
+from .models_extra import (densenet121, efficientnet_b0, googlenet, mobilenet_v1,  # noqa: E402
+                           mobilenet_v2, resnext50_32x4d, se_resnet50, wide_resnet50_2)
+
+__all__ += ["googlenet", "mobilenet_v1", "mobilenet_v2", "resnext50_32x4d", "wide_resnet50_2",
+            "densenet121", "se_resnet50", "efficientnet_b0"]
+_ZOO.update(googlenet=googlenet, mobilenet_v1=mobilenet_v1, mobilenet_v2=mobilenet_v2,
+            resnext50_32x4d=resnext50_32x4d, wide_resnet50_2=wide_resnet50_2,
+            densenet121=densenet121, se_resnet50=se_resnet50, efficientnet_b0=efficientnet_b0)
 
 
 def get(name: str, **kwargs) -> Module:

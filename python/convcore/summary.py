@@ -11,10 +11,13 @@ from .nn.layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, 
                         MaxPool2d, ReLU)
 from .nn.module import Module, Sequential
 from .nn.norm import BatchNorm2d, LocalResponseNorm
+from .nn.graph import Graph
 from .nn.residual import _Residual
 
+from .nn.activation import _Elementwise, StochasticDepth  # noqa: E402
+
 # Layers that change no shape and hold no weights: folded away in compact tables.
-_ELEMENTWISE = (ReLU, Dropout, Flatten)
+_ELEMENTWISE = (ReLU, Dropout, Flatten, _Elementwise, StochasticDepth)
 
 
 def volume(shape) -> str:
@@ -69,6 +72,8 @@ def _walk(m: Module, name: str, shape: tuple, rows: List[dict], label: _Labeler)
             _walk(m.downsample, f"{name}.downsample", shape, rows, label)
         rows.append(dict(layer=name, name="RESIDUAL ADD+RELU", output=out, params=0, macs=0))
         return out
+    if isinstance(m, Graph):
+        return _walk_graph(m, name, shape, rows, label)
     if m._modules:
         for child_name, child in m._modules.items():
             if isinstance(child, Linear) and len(shape) > 1:
@@ -80,6 +85,23 @@ def _walk(m: Module, name: str, shape: tuple, rows: List[dict], label: _Labeler)
     rows.append(dict(layer=name, name=label(m), output=out, params=_own_params(m),
                      macs=int(m.macs(shape)), module=m))
     return out
+
+
+def _walk_graph(g: Graph, name: str, shape: tuple, rows: List[dict], label: _Labeler) -> tuple:
+    """A graph's rows in node order: its modules' rows, and one row per join
+    (CONCAT, ADD, MUL) with the joined volume; the first output's shape."""
+    shapes = {"x": shape}
+    for out, op, inputs in g.nodes:
+        args = [shapes[v] for v in inputs]
+        if op in g._modules:
+            shapes[out] = _walk(g._modules[op], f"{name}.{op}" if name else op, args[0], rows,
+                                label)
+        else:
+            shapes[out] = g._join_shape(out, op, args)
+            if op != "relu":  # a function ReLU is folded away like a ReLU module
+                rows.append(dict(layer=f"{name}.{out}" if name else out, name=op.upper(),
+                                 output=shapes[out], params=0, macs=0))
+    return shapes[g.outputs[0]]
 
 
 def summary(model: Module, input_shape, print_fn: Callable[[str], None] = print,

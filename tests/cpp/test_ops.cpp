@@ -658,4 +658,67 @@ TEST(tensor_basics) {
   CHECK_THROWS(ValueError, Tensor().view(), "undefined");
 }
 
+TEST(activations_match_naive_loops_and_finite_differences) {
+  // Sigmoid, SiLU, ReLU6, Hardswish, Hardsigmoid (the later case studies)
+  Rng rng(11);
+  Tensor x = random_tensor(DType::Float64, {2, 5, 3, 4}, rng, -8.0, 8.0);
+  for (int64_t i = 0; i < x.numel(); ++i)  // away from the kinks (-3, 0, 3, 6)
+    for (double k : {-3.0, 0.0, 3.0, 6.0})
+      if (std::fabs(at(x, i) - k) < 1e-3) testutil::set(x, i, k + 2e-3);
+  const Tensor gy = random_tensor(DType::Float64, x.shape(), rng);
+  auto naive = [](Activation kind, double v) {
+    const double s = 1.0 / (1.0 + std::exp(-v));
+    const double r6 = std::min(std::max(v + 3.0, 0.0), 6.0);
+    switch (kind) {
+      case Activation::Sigmoid: return s;
+      case Activation::SiLU: return v * s;
+      case Activation::ReLU6: return std::min(std::max(v, 0.0), 6.0);
+      case Activation::Hardswish: return v * r6 / 6.0;
+      default: return r6 / 6.0;
+    }
+  };
+  for (Activation kind : {Activation::Sigmoid, Activation::SiLU, Activation::ReLU6,
+                          Activation::Hardswish, Activation::Hardsigmoid}) {
+    Tensor y = Tensor::empty(DType::Float64, x.shape());
+    activation_forward(kind, x.view(), y.view());
+    double err = 0;
+    for (int64_t i = 0; i < x.numel(); ++i)
+      err = std::max(err, std::fabs(at(y, i) - naive(kind, at(x, i))));
+    CHECK(err < 1e-15);
+    Tensor gx = Tensor::empty(DType::Float64, x.shape());
+    activation_backward(kind, gy.view(), x.view(), gx.view());
+    check_gradient("activation", [kind](const Tensor& t) {
+      Tensor o = Tensor::empty(t.dtype(), t.shape());
+      activation_forward(kind, t.view(), o.view());
+      return o;
+    }, x, gy, gx, rng);
+    // in place, as the runner calls it
+    Tensor z = x;
+    activation_forward(kind, z.view(), z.view());
+    CHECK(testutil::bit_equal(z, y));
+  }
+  // float32's sigmoid and SiLU use a polynomial exp: within a few ulp of float64's
+  Tensor xf = Tensor::empty(DType::Float32, {20001});
+  for (int64_t i = 0; i < xf.numel(); ++i) xf.data_as<float>()[i] = -100.0f + 0.01f * i;
+  for (Activation kind : {Activation::Sigmoid, Activation::SiLU}) {
+    Tensor yf = Tensor::empty(DType::Float32, xf.shape());
+    activation_forward(kind, xf.view(), yf.view());
+    double worst = 0;
+    for (int64_t i = 0; i < xf.numel(); ++i) {
+      const double v = xf.data_as<float>()[i];
+      const double ref = (kind == Activation::SiLU ? v : 1.0) / (1.0 + std::exp(-v));
+      worst = std::max(worst, std::fabs(yf.data_as<float>()[i] - ref) /
+                                  std::max(std::fabs(ref), 1e-20));  // (0 below -87.3)
+    }
+    CHECK(worst < 4e-7);
+  }
+  // the sigmoid does not overflow far out
+  Tensor big = Tensor::empty(DType::Float32, {2});
+  big.data_as<float>()[0] = -1000.0f;
+  big.data_as<float>()[1] = 1000.0f;
+  activation_forward(Activation::Sigmoid, big.view(), big.view());
+  CHECK_EQ(big.data_as<float>()[0], 0.0f);
+  CHECK_EQ(big.data_as<float>()[1], 1.0f);
+}
+
 TEST_MAIN()

@@ -10,7 +10,11 @@
 // convcore.nn and the zoo: Sequential, Identity, Conv2d (every padding_mode),
 // MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Linear, ReLU, Flatten, Dropout,
 // LocalResponseNorm, BatchNorm2d, BasicBlock, Bottleneck, the builder's
-// Network (features, then an implicit flatten, then classifier) and ResNet.
+// Network (features, then an implicit flatten, then classifier), ResNet
+// (with ResNeXt's groups and Wide ResNet's width_per_group), Sigmoid, SiLU,
+// ReLU6, Hardswish, Hardsigmoid, StochasticDepth (the identity) and Graph
+// (named children wired by "out = op(a, b)" lines with concat/add/mul/relu
+// joins; a graph with several outputs gives its first, as Python's eval).
 // The model is rebuilt exactly as Python's convcore.load rebuilds it: a
 // Sequential from the children in the file, every other module from its
 // config (a Network from its layer dicts, by the builder's rules). Every layer

@@ -47,6 +47,14 @@ void relu_forward(const TensorView& input, const TensorView& output);
 void relu_backward(const TensorView& grad_output, const TensorView& input,
                    const TensorView& grad_input);
 
+// Sigmoid, SiLU (x sigmoid(x)), ReLU6, Hardswish, Hardsigmoid, as PyTorch
+// defines them (its gradients at the kinks too); elementwise, output may be
+// the input (in place).
+enum class Activation { Sigmoid, SiLU, ReLU6, Hardswish, Hardsigmoid };
+void activation_forward(Activation kind, const TensorView& input, const TensorView& output);
+void activation_backward(Activation kind, const TensorView& grad_output, const TensorView& input,
+                         const TensorView& grad_input);
+
 }  // namespace convcore
 
 namespace convcore {

@@ -360,6 +360,13 @@ def from_architecture(node: dict) -> Module:
         children = node.get("children", {})
         return Sequential(OrderedDict((name, from_architecture(child))
                                       for name, child in children.items()))
+    if getattr(cls, "children_from_tree", False):  # Graph: children from the tree too
+        children = OrderedDict((name, from_architecture(child))
+                               for name, child in node.get("children", {}).items())
+        try:
+            return cls(children, **config)
+        except TypeError as e:
+            raise ValueError(f"bad config for {node['type']}: {e}") from None
     try:
         module = cls(**config)
     except TypeError as e:

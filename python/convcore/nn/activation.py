@@ -1,0 +1,114 @@
+"""Element-wise activations of the later architectures (MobileNet, SENet,
+EfficientNet) and stochastic depth, with PyTorch's definitions:
+
+    Sigmoid(x)   = 1 / (1 + exp(-x))
+    SiLU(x)      = x * sigmoid(x)                   (Swish with beta = 1)
+    ReLU6(x)     = min(max(x, 0), 6)
+    Hardswish(x) = x * ReLU6(x + 3) / 6
+    Hardsigmoid(x) = ReLU6(x + 3) / 6
+
+They run in the C++ core (one OpenMP pass over the array, forward and
+backward), in the input's dtype; the gradients at the kinks are PyTorch's.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _core
+from . import init
+from .module import Module
+
+
+class _Elementwise(Module):
+    """A parameter-free activation that keeps the shape; subclasses name the
+    core's kernel."""
+
+    _kernel = ""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self._x = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{type(self).__name__} takes float32 or float64 input, got {x.dtype}")
+        self._x = x
+        return _core.activation(self._kernel, x)
+
+    def backward(self, grad_output):
+        if self._x is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        grad_output = np.asarray(grad_output)
+        if grad_output.shape != self._x.shape:
+            raise ValueError(f"grad_output must have the output's shape {self._x.shape}, "
+                             f"got {grad_output.shape}")
+        return _core.activation_backward(self._kernel, grad_output.astype(self._x.dtype,
+                                                                          copy=False), self._x)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+class Sigmoid(_Elementwise):
+    """1 / (1 + exp(-x)), computed without overflow."""
+    _kernel = "sigmoid"
+
+
+class SiLU(_Elementwise):
+    """x * sigmoid(x), EfficientNet's Swish."""
+    _kernel = "silu"
+
+
+class ReLU6(_Elementwise):
+    """min(max(x, 0), 6), MobileNet v2's; the gradient is 1 strictly inside (0, 6)."""
+    _kernel = "relu6"
+
+
+class Hardsigmoid(_Elementwise):
+    """ReLU6(x + 3) / 6; gradient 1/6 strictly inside (-3, 3)."""
+    _kernel = "hardsigmoid"
+
+
+class Hardswish(_Elementwise):
+    """x * ReLU6(x + 3) / 6 (MobileNet v3); PyTorch's gradient: 0 up to -3,
+    x / 3 + 1 / 2 strictly between, 1 from 3 on."""
+    _kernel = "hardswish"
+
+
+class StochasticDepth(Module):
+    """torchvision.ops.StochasticDepth: while training, drops the whole
+    residual branch of a sample (mode='row') or of the batch (mode='batch')
+    with probability p and scales the survivors by 1 / (1 - p); the identity
+    in eval mode (Huang et al. 2016, as EfficientNet uses it)."""
+
+    def __init__(self, p: float, mode: str = "row"):
+        super().__init__()
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p}")
+        if mode not in ("row", "batch"):
+            raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
+        self.p, self.mode = float(p), mode
+        self._mask = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._mask = None
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1) if self.mode == "row" else (1,) * x.ndim
+        keep = init.generator().random(shape) >= self.p
+        scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
+        self._mask = (keep * scale).astype(x.dtype)
+        return x * self._mask
+
+    def backward(self, grad_output):
+        return grad_output if self._mask is None else grad_output * self._mask
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def config(self):
+        return dict(p=self.p, mode=self.mode)
+
+    def extra_repr(self):
+        return f"p={self.p}, mode={self.mode}"

@@ -1,0 +1,324 @@
+"""Graph: a block whose layers do not form a plain chain.
+
+A Graph holds named child modules (their names give the state-dict keys, as
+torchvision's attributes do) and a list of nodes, one line each, in the
+order they run::
+
+    Graph({"branch1": ..., "branch2": ..., "branch3": ..., "branch4": ...}, [
+        "b1 = branch1(x)",
+        "b2 = branch2(x)",
+        "b3 = branch3(x)",
+        "b4 = branch4(x)",
+        "out = concat(b1, b2, b3, b4)",      # Inception: join along channels
+    ])
+
+`x` is the graph's input; each node names its value, the operation and the
+values it takes. An operation is a child module (called once: each module
+keeps what its backward needs) or one of the joins
+
+    concat(a, b, ...)   along channels (dim 1)           Inception, DenseNet
+    add(a, b, ...)      element-wise sum                 residual connections
+    mul(a, b)           product with broadcasting,       squeeze-and-excitation
+                        (N, C, H, W) * (N, C, 1, 1)
+    relu(a)             ReLU as a function (torchvision's blocks call F.relu
+                        and reuse one ReLU module; a function needs no name)
+
+The last node is the output, unless `outputs` lists several (GoogLeNet's
+auxiliary classifiers): then forward returns a tuple of them while training
+and only the first in eval mode, computing only the nodes that one needs.
+The same lines are stored in the saved architecture, so `convcore.load` and
+the C++ runner rebuild the graph from the file.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import functional as F
+from .module import Module
+
+JOINS = ("concat", "add", "mul", "relu")
+
+_NODE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(\s*"
+                   r"([A-Za-z_][A-Za-z0-9_]*(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*)\s*\)\s*$")
+
+
+def parse_node(line: str) -> Tuple[str, str, List[str]]:
+    """'out = concat(b1, b2)' -> ('out', 'concat', ['b1', 'b2'])."""
+    if not isinstance(line, str):
+        raise TypeError(f"a graph node must be a string 'name = op(inputs)', got {line!r}")
+    m = _NODE.match(line)
+    if not m:
+        raise ValueError(f"bad graph node {line!r}: expected 'name = op(input, ...)', e.g. "
+                         f"'out = concat(b1, b2)'")
+    return m.group(1), m.group(2), [s.strip() for s in m.group(3).split(",")]
+
+
+def _unbroadcast(grad: np.ndarray, shape) -> np.ndarray:
+    """Sums grad over the dimensions that broadcasting expanded to reach it."""
+    shape = tuple(shape)
+    if grad.shape == shape:
+        return grad
+    axes = tuple(i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1)
+    return grad.sum(axis=axes, keepdims=True).astype(grad.dtype, copy=False)
+
+
+def join_shape(out: str, op: str, shapes: List[tuple]) -> tuple:
+    """One sample's shape after a join (relu, concat, add, mul) of `shapes`."""
+    if op == "relu":
+        return shapes[0]
+    if op == "concat":
+        rest = {s[1:] for s in shapes}
+        if len(rest) != 1 or any(len(s) < 1 for s in shapes):
+            raise ValueError(f"graph node {out!r}: concat needs inputs that differ only in "
+                             f"channels, got {shapes}")
+        return (sum(s[0] for s in shapes),) + shapes[0][1:]
+    if len({len(s) for s in shapes}) != 1:
+        raise ValueError(f"graph node {out!r}: {op} needs inputs of one rank, got {shapes}")
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise ValueError(f"graph node {out!r}: {op} needs inputs of broadcastable shapes, "
+                         f"got {shapes}") from None
+
+
+class Graph(Module):
+    """Named child modules and the nodes that wire them (see the module
+    docstring). name and input_shape are optional labels kept in the saved
+    architecture (the zoo sets them)."""
+
+    # convcore.load rebuilds the children from the saved tree (like Sequential)
+    # and passes them to the constructor with the config.
+    children_from_tree = True
+
+    def __init__(self, modules=None, nodes: Sequence[str] = (), outputs: Optional[Sequence[str]]
+                 = None, name: Optional[str] = None, input_shape: Optional[Sequence[int]] = None):
+        super().__init__()
+        modules = OrderedDict() if modules is None else modules
+        if not isinstance(modules, dict):
+            raise TypeError(f"modules must be a dict of name -> Module, got "
+                            f"{type(modules).__name__}")
+        for key, m in modules.items():
+            if not isinstance(m, Module):
+                raise TypeError(f"modules[{key!r}] must be a Module, got {type(m).__name__}")
+            if key in JOINS or key == "x" or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"bad module name {key!r} (an identifier, not x or a join: "
+                                 f"{', '.join(JOINS)})")
+            # a child named like an attribute or method would be overwritten by it
+            if key in ("nodes", "outputs", "name", "input_shape") or hasattr(Graph, key):
+                raise ValueError(f"bad module name {key!r}: Graph has an attribute of that name")
+            setattr(self, key, m)
+        self.name = name
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+        self.nodes = [parse_node(line) for line in nodes]
+        if not self.nodes:
+            raise ValueError("a graph needs at least one node")
+        defined, used = {"x"}, set()
+        for out, op, inputs in self.nodes:
+            for v in inputs:
+                if v not in defined:
+                    raise ValueError(f"graph node {out!r} takes {v!r}, which no earlier node "
+                                     f"defines")
+            if out in defined:
+                raise ValueError(f"graph value {out!r} is defined twice")
+            if op in self._modules:
+                if op in used:
+                    raise ValueError(f"module {op!r} is called twice (give each call its own "
+                                     f"module)")
+                if len(inputs) != 1:
+                    raise ValueError(f"graph node {out!r}: module {op!r} takes one input, got "
+                                     f"{len(inputs)}")
+                used.add(op)
+            elif op not in JOINS:
+                raise ValueError(f"graph node {out!r}: {op!r} is neither a child module "
+                                 f"({', '.join(self._modules) or 'none'}) nor a join "
+                                 f"({', '.join(JOINS)})")
+            elif op == "relu" and len(inputs) != 1 or op == "mul" and len(inputs) != 2:
+                raise ValueError(f"graph node {out!r}: {op} takes "
+                                 f"{'one input' if op == 'relu' else 'two inputs'}, got "
+                                 f"{len(inputs)}")
+            defined.add(out)
+        unused = [k for k in self._modules if k not in used]
+        if unused:
+            raise ValueError(f"modules {unused} are not called by any graph node")
+        self.outputs = [self.nodes[-1][0]] if outputs is None else [str(o) for o in outputs]
+        for o in self.outputs:
+            if o not in defined:
+                raise ValueError(f"graph output {o!r} is not a node")
+        self._cache = None
+
+    @classmethod
+    def chain(cls, modules, name: Optional[str] = None, input_shape=None) -> "Graph":
+        """A graph of modules applied in order (a named top level)."""
+        nodes, prev = [], "x"
+        for key in modules:
+            nodes.append(f"{key}_out = {key}({prev})")
+            prev = f"{key}_out"
+        return cls(modules, nodes, name=name, input_shape=input_shape)
+
+    # -- computation -------------------------------------------------------------
+    def _needed(self, outputs) -> List[bool]:
+        """Which nodes the given outputs depend on."""
+        want = set(outputs)
+        needed = [False] * len(self.nodes)
+        for i in range(len(self.nodes) - 1, -1, -1):
+            out, _, inputs = self.nodes[i]
+            if out in want:
+                needed[i] = True
+                want.update(inputs)
+        return needed
+
+    def _outputs_now(self) -> List[str]:
+        return self.outputs if self.training else self.outputs[:1]
+
+    def forward(self, x):
+        values: Dict[str, np.ndarray] = {"x": x}
+        outputs = self._outputs_now()
+        needed = self._needed(outputs)
+        for (out, op, inputs), need in zip(self.nodes, needed):
+            if not need:
+                continue
+            args = [values[v] for v in inputs]
+            if op in self._modules:
+                values[out] = self._modules[op](args[0])
+            elif op == "concat":
+                values[out] = np.concatenate(args, axis=1)
+            elif op == "add":
+                y = args[0] + args[1]
+                for a in args[2:]:
+                    y += a
+                values[out] = y
+            elif op == "mul":
+                values[out] = args[0] * args[1]
+            else:  # relu
+                values[out] = F.relu(args[0])
+        # Backward needs the joins' inputs (mul, relu) and the concat sizes.
+        self._cache = (values, needed, outputs)
+        if len(outputs) > 1:
+            return tuple(values[o] for o in outputs)
+        return values[outputs[0]]
+
+    def backward(self, grad_output):
+        if self._cache is None:
+            raise RuntimeError("Graph.backward called before forward")
+        values, needed, outputs = self._cache
+        if len(outputs) > 1:
+            if not isinstance(grad_output, (tuple, list)) or len(grad_output) != len(outputs):
+                raise ValueError(f"this graph has {len(outputs)} outputs {outputs}; backward "
+                                 f"takes a tuple of as many gradients (None for an unused one)")
+            grads = {o: g for o, g in zip(outputs, grad_output) if g is not None}
+        else:
+            grads = {outputs[0]: grad_output}
+
+        def accumulate(name, g):
+            grads[name] = g if name not in grads else grads[name] + g
+
+        for (out, op, inputs), need in zip(reversed(self.nodes), reversed(needed)):
+            g = grads.pop(out, None)
+            if not need or g is None:
+                continue
+            if op in self._modules:
+                accumulate(inputs[0], self._modules[op].backward(g))
+            elif op == "concat":
+                start = 0
+                for v in inputs:
+                    c = values[v].shape[1]
+                    accumulate(v, g[:, start:start + c])
+                    start += c
+            elif op == "add":
+                for v in inputs:
+                    accumulate(v, _unbroadcast(g, values[v].shape))
+            elif op == "mul":
+                a, b = values[inputs[0]], values[inputs[1]]
+                accumulate(inputs[0], _unbroadcast(g * b, a.shape))
+                accumulate(inputs[1], _unbroadcast(g * a, b.shape))
+            else:  # relu
+                accumulate(inputs[0], F.relu_backward(np.ascontiguousarray(g), values[inputs[0]]))
+        g = grads.get("x")
+        return np.zeros_like(values["x"]) if g is None else g
+
+    # -- shapes ---------------------------------------------------------------------
+    def _join_shape(self, out: str, op: str, shapes: List[tuple]) -> tuple:
+        return join_shape(out, op, shapes)
+
+    def node_shapes(self, input_shape) -> Dict[str, tuple]:
+        """Every value's shape for one sample (no batch dimension)."""
+        shapes = {"x": tuple(int(d) for d in input_shape)}
+        for out, op, inputs in self.nodes:
+            args = [shapes[v] for v in inputs]
+            if op in self._modules:
+                try:
+                    shapes[out] = tuple(self._modules[op].output_shape(args[0]))
+                except ValueError as e:  # name the module: "features: transition3: ..."
+                    raise ValueError(f"{op}: {e}") from None
+            else:
+                shapes[out] = self._join_shape(out, op, args)
+        return shapes
+
+    def output_shape(self, input_shape):
+        return self.node_shapes(input_shape)[self.outputs[0]]
+
+    # -- architecture -----------------------------------------------------------------
+    def config(self):
+        config = dict(nodes=[f"{out} = {op}({', '.join(inputs)})"
+                             for out, op, inputs in self.nodes])
+        if self.outputs != [self.nodes[-1][0]]:
+            config["outputs"] = list(self.outputs)
+        if self.name is not None:
+            config["name"] = self.name
+        if self.input_shape is not None:
+            config["input_shape"] = list(self.input_shape)
+        return config
+
+    def extra_repr(self):
+        return "; ".join(self.config()["nodes"]) if len(self.nodes) <= 6 else \
+            f"{len(self.nodes)} nodes"
+
+
+def build_graph(modules, nodes: Sequence[str], input_shape: Sequence[int],
+                outputs: Optional[Sequence[str]] = None, name: Optional[str] = None) -> Graph:
+    """A Graph whose branches may be written in the lecture's chain notation:
+    each value of `modules` is a Module or a spec string for
+    `convcore.build`, built for the shape that reaches it (so channel counts
+    are inferred). Inception's module, for example::
+
+        build_graph({"b1": "CONV1-64-RELU",
+                     "b2": "CONV1-96-RELU-CONV3-128-RELU",
+                     "b3": "CONV1-16-RELU-CONV5-32-RELU",
+                     "b4": "MAXPOOL3/s1/p1-CONV1-32-RELU"},
+                    ["y1 = b1(x)", "y2 = b2(x)", "y3 = b3(x)", "y4 = b4(x)",
+                     "out = concat(y1, y2, y3, y4)"], input_shape=(192, 28, 28))
+
+    gives 28x28x256."""
+    from ..builder import build
+
+    if not isinstance(modules, dict):
+        raise TypeError(f"modules must be a dict of name -> Module or spec string, got "
+                        f"{type(modules).__name__}")
+    shapes = {"x": tuple(int(d) for d in input_shape)}
+    built = OrderedDict((k, m) for k, m in modules.items() if isinstance(m, Module))
+    parsed = [parse_node(line) for line in nodes]
+    for out, op, inputs in parsed:
+        args = []
+        for v in inputs:
+            if v not in shapes:
+                raise ValueError(f"graph node {out!r} takes {v!r}, which no earlier node defines")
+            args.append(shapes[v])
+        spec = modules.get(op)
+        if isinstance(spec, str):
+            if op in built:
+                raise ValueError(f"module {op!r} is called twice (give each call its own module)")
+            built[op] = build(spec, args[0], name=op)
+        elif spec is not None and not isinstance(spec, Module):
+            raise TypeError(f"modules[{op!r}] must be a Module or a spec string, got "
+                            f"{type(spec).__name__}")
+        if op in built:
+            shapes[out] = tuple(built[op].output_shape(args[0]))
+        else:
+            shapes[out] = join_shape(out, op, args) if op in JOINS else args[0]
+    # the children in the order the caller listed them (their state-dict order)
+    ordered = OrderedDict((k, built[k]) for k in modules if k in built)
+    return Graph(ordered, nodes, outputs=outputs, name=name, input_shape=input_shape)
