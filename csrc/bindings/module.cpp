@@ -522,4 +522,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("workspace_peak", &convcore::workspace_peak_bytes,
         "Most scratch bytes held at once by this thread's calls since reset_workspace_peak()");
   m.def("reset_workspace_peak", &convcore::reset_workspace_peak);
+  m.def("set_workspace_limit", &convcore::set_workspace_limit, py::arg("bytes"),
+        "Most bytes one piece of scratch memory may take (0: physical memory)");
+  m.def("workspace_limit", &convcore::workspace_limit);
 }
