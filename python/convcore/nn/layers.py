@@ -379,11 +379,16 @@ class Flatten(Module):
             tuple(shape[e + 1:])
 
     def forward(self, x):
+        x = F._array(x, "input")
         self._shape = x.shape
         return np.reshape(x, self._flat_shape(x.shape))
 
     def backward(self, grad_output):
-        return np.reshape(grad_output, self._shape)
+        gy = F._array(grad_output, "grad_output")
+        if self._shape is None or gy.size != int(np.prod(self._shape, dtype=np.int64)):
+            raise ValueError(f"grad_output of shape {gy.shape} does not match the input of "
+                             f"shape {self._shape} of the last forward")
+        return np.reshape(gy, self._shape)
 
     def output_shape(self, input_shape):
         return self._flat_shape((1,) + tuple(input_shape))[1:]
@@ -404,6 +409,9 @@ class Dropout(Module):
         self._mask = None
 
     def forward(self, x):
+        x = F._array(x, "input")
+        if x.dtype.kind != "f":
+            raise TypeError(f"input must be a floating-point array, got {x.dtype}")
         if not self.training or self.p == 0.0:
             self._mask = None
             return x
@@ -412,10 +420,15 @@ class Dropout(Module):
         else:
             keep = init.generator().random(x.shape) >= self.p
             self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
-        return x * self._mask
+        return np.asarray(x * self._mask)  # (a 0-d product is a numpy scalar)
 
     def backward(self, grad_output):
-        return grad_output if self._mask is None else grad_output * self._mask
+        if self._mask is None:
+            return grad_output
+        gy = F._array(grad_output, "grad_output")
+        if gy.shape != self._mask.shape:  # no silent broadcasting
+            raise ValueError(f"grad_output must have shape {self._mask.shape}, got {gy.shape}")
+        return np.asarray(gy * self._mask)
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
