@@ -265,9 +265,11 @@ int main(int argc, char** argv) {
   auto elapsed = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
-  // The seeds as they are first (they must load), then mutations.
+  // The seeds as they are first, then mutations.
   for (size_t i = 0;; ++i) {
-    if (max_cases >= 0 ? cases >= max_cases : elapsed() >= seconds) break;
+    // every seed is replayed whatever the budget (a corpus from atheris is
+    // a test set), then mutations run until the budget is spent
+    if (i >= seeds.size() && (max_cases >= 0 ? cases >= max_cases : elapsed() >= seconds)) break;
     Bytes b = seeds[i % seeds.size()];
     if (i >= seeds.size()) mutate(b, seeds, rng);
     write_file(tmp, b);
