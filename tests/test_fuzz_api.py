@@ -169,6 +169,12 @@ def arrays(draw, min_dims=0, max_dims=5, max_side=4, float_only=False):
     return a
 
 
+def _like(a, shape, dtype):
+    """a's values (NaN and inf included) in a new array of this shape and dtype."""
+    with np.errstate(all="ignore"):
+        return np.resize(np.real(a).astype(dtype), shape)
+
+
 def anything():
     return st.one_of(arrays(), st.sampled_from([None, 1, 2.5, "x", [1.0, 2.0], (), [[1.0]]]))
 
@@ -180,14 +186,17 @@ def anything():
        algorithm=st.sampled_from(["auto", "gemm", "pointwise", "depthwise", "winograd", "fft", 3]),
        tame=st.sampled_from([None, (1, 0, 1), (2, 1, 1), (1, 1, 2)]))
 def test_fuzz_conv2d(x, w, b, stride, padding, dilation, groups, algorithm, tame):
-    if tame:  # half the cases: valid window arguments, so the arrays decide
+    if tame:  # half the cases: valid window arguments and a weight (and bias) that fit the
+        # input's channels and dtype, so that its values and layout reach the kernels
         stride, padding, dilation = tame
-    if x.ndim == 4 and w.ndim == 4 and x.shape[1] and w.shape[0] and x.dtype == w.dtype:
-        # often a weight that fits the input's channels, so that the values
-        # (NaN, inf, odd layouts) and paddings reach the kernels
-        groups = 1 if not isinstance(groups, int) or groups <= 0 or x.shape[1] % groups \
-            else groups
-        w = np.resize(w, (w.shape[0] * groups, x.shape[1] // groups) + w.shape[2:])
+        if x.ndim == 4 and x.dtype.kind == "f" and x.shape[1]:
+            g = groups if isinstance(groups, int) and 0 < groups <= x.shape[1] and \
+                x.shape[1] % groups == 0 else 1
+            out = g * (w.shape[0] if w.ndim and w.shape[0] else 1)
+            k = tuple(min(d, 3) or 1 for d in (w.shape[2:4] if w.ndim == 4 else (1, 1)))
+            w = _like(w, (out, x.shape[1] // g) + k, x.dtype)
+            b = None if b is None else _like(b, (out,), x.dtype)
+            groups = g
     y = call("conv2d", convcore.conv2d, x, w, b, stride=stride, padding=padding,
              dilation=dilation, groups=groups, algorithm=algorithm)
     if y is not None:
@@ -247,8 +256,11 @@ def test_fuzz_adaptive_avg_pool2d(x, size, gy):
 
 
 @given(x=arrays(), w=arrays(max_dims=3), b=st.one_of(st.none(), arrays(max_dims=2)),
-       gy=arrays())
-def test_fuzz_linear(x, w, b, gy):
+       gy=arrays(), tame=st.booleans())
+def test_fuzz_linear(x, w, b, gy, tame):
+    if tame and x.ndim >= 1 and x.dtype.kind == "f":  # fits the input's features and dtype
+        w = _like(w, ((w.shape[0] or 1) if w.ndim else 3, x.shape[-1]), x.dtype)
+        b = None if b is None else _like(b, (w.shape[0],), x.dtype)
     y = call("linear", convcore.linear, x, w, b)
     call("linear_backward", convcore.linear_backward, np.ones_like(y) if y is not None else gy,
          x, w)
@@ -270,8 +282,11 @@ def test_fuzz_local_response_norm(x, size, alpha, beta, k, gy):
 
 @given(x=arrays(), stats=st.lists(st.one_of(st.none(), arrays(max_dims=2)), min_size=4,
                                    max_size=4),
-       training=st.booleans(), momentum=st.sampled_from(FLOATS), eps=st.sampled_from(FLOATS))
-def test_fuzz_batch_norm(x, stats, training, momentum, eps):
+       training=st.booleans(), momentum=st.sampled_from(FLOATS), eps=st.sampled_from(FLOATS),
+       tame=st.booleans())
+def test_fuzz_batch_norm(x, stats, training, momentum, eps, tame):
+    if tame and x.ndim >= 2:  # statistics of the input's channels
+        stats = [None if a is None else _like(a, (x.shape[1],), x.dtype) for a in stats]
     rm, rv, w, b = stats
     r = call("batch_norm", convcore.batch_norm, x, rm, rv, w, b, training, momentum, eps,
              return_stats=True)
