@@ -228,3 +228,28 @@ def test_every_op_from_python_threads_matches_sequential(restore_threads):
     assert len(got) == 12
     for s, bits in got:
         assert bits == expected[s], f"seed {s} differs when run concurrently"
+
+
+# ------------------------------------------------------------------ alignment
+
+def _unaligned(a):
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    b = raw[1:].view(a.dtype).reshape(a.shape)
+    b[...] = a
+    assert not b.flags.aligned and b.flags.c_contiguous
+    return b
+
+
+def test_unaligned_arrays_are_copied_and_unaligned_out_is_refused():
+    """An unaligned C-contiguous input reached the core as it was
+    (np.ascontiguousarray keeps it): misaligned float64 loads, found by UBSan
+    on the Python fuzz. Now it is copied; an unaligned `out` is refused."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 6, 6))
+    w = rng.standard_normal((4, 3, 3, 3))
+    xu, wu = _unaligned(x), _unaligned(w)
+    np.testing.assert_array_equal(convcore.max_pool2d(xu, 2), convcore.max_pool2d(x, 2))
+    np.testing.assert_array_equal(convcore.conv2d(xu, wu), convcore.conv2d(x, w))
+    np.testing.assert_array_equal(convcore.relu(xu), convcore.relu(x))
+    with pytest.raises(ValueError, match="out must be aligned"):
+        convcore.relu(x, out=_unaligned(np.zeros_like(x)))
