@@ -67,7 +67,8 @@ std::size_t workspace_bytes(int64_t count, int64_t per, std::size_t elem_size, c
     throw MemoryError(std::string("convcore: ") + what + " needs " +
                       (overflow ? std::string("more than 2^63") : std::to_string(bytes)) +
                       " bytes of scratch memory, more than the workspace limit of " +
-                      std::to_string(limit) + " bytes (convcore.set_workspace_limit)");
+                      std::to_string(limit) +
+                      " bytes (set_workspace_limit: convcore._core in Python, convcore:: in C++)");
   return static_cast<std::size_t>(n);
 }
 
