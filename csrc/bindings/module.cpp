@@ -44,8 +44,11 @@ struct Arrays {
     py::array arr = a;
     if (!dt.attr("isnative").cast<bool>())  // byte-swapped data: a native copy
       arr = a.attr("astype")(dt.attr("newbyteorder")("="));
-    else if (odd)  // unaligned or odd strides: a contiguous copy
-      arr = py::module_::import("numpy").attr("ascontiguousarray")(a);
+    else if (odd)  // unaligned or odd strides: a fresh (so aligned) contiguous copy.
+      // Not ascontiguousarray: it returns an unaligned C-contiguous array as
+      // it is, and the core then loaded misaligned doubles (UBSan's finding).
+      arr = py::module_::import("numpy").attr("array")(a, py::arg("copy") = true,
+                                                       py::arg("order") = "C");
     keep.push_back(arr);
     TensorView t;
     t.data = const_cast<void*>(arr.data());
@@ -71,6 +74,8 @@ py::array out_or_new(const std::optional<py::array>& out, const TensorView& like
   if (!out) return new_array(like, std::move(shape));
   if (!(out->flags() & py::array::c_style) || !out->writeable())
     throw convcore::ValueError("out must be a writeable C-contiguous array");
+  if (reinterpret_cast<std::uintptr_t>(out->data()) % static_cast<std::uintptr_t>(out->itemsize()))
+    throw convcore::ValueError("out must be aligned to its item size (numpy arrays it allocates are)");
   return *out;
 }
 
@@ -563,4 +568,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("workspace_peak", &convcore::workspace_peak_bytes,
         "Most scratch bytes held at once by this thread's calls since reset_workspace_peak()");
   m.def("reset_workspace_peak", &convcore::reset_workspace_peak);
+  m.def("set_workspace_limit", &convcore::set_workspace_limit, py::arg("bytes"),
+        "Most bytes one piece of scratch memory may take (0: physical memory)");
+  m.def("workspace_limit", &convcore::workspace_limit);
 }

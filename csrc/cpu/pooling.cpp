@@ -189,12 +189,16 @@ void avg_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T
     for (int64_t oh = 0; oh < o.h; ++oh) {
       for (int64_t ow = 0; ow < o.w; ++ow) {
         const AvgWindow win = avg_window(H, W, p, oh, ow);
-        T sum = 0;
+        // Summed in double: a float32 sum of a large window (millions of
+        // terms) stops growing and the mean comes out wrong by orders of
+        // magnitude.
+        double sum = 0;
         for (int64_t ih = win.h0; ih < win.h1; ++ih)
           for (int64_t iw = win.w0; iw < win.w1; ++iw) sum += plane[ih * s.h + iw * s.w];
         // Windows always overlap the input (PyTorch's ceil_mode rule), so the
         // divisor is 0 only if something upstream broke; never divide by it.
-        out[(pl * o.h + oh) * o.w + ow] = win.divisor != 0 ? sum / T(win.divisor) : T(0);
+        out[(pl * o.h + oh) * o.w + ow] =
+            win.divisor != 0 ? static_cast<T>(sum / double(win.divisor)) : T(0);
       }
     }
   }
@@ -221,9 +225,13 @@ void avg_backward(const T* gy, int64_t H, int64_t W, const Pool2dParams& p, cons
 }
 
 // Adaptive pooling bins: [floor(o * I / O), ceil((o + 1) * I / O)).
-inline int64_t bin_start(int64_t o, int64_t in, int64_t out) { return (o * in) / out; }
+// In 128 bits: o * in overflows int64 for a zero-strided view with a huge
+// size, and a wrapped bin would read outside the plane.
+inline int64_t bin_start(int64_t o, int64_t in, int64_t out) {
+  return static_cast<int64_t>(static_cast<__int128>(o) * in / out);
+}
 inline int64_t bin_end(int64_t o, int64_t in, int64_t out) {
-  return ((o + 1) * in + out - 1) / out;
+  return static_cast<int64_t>(((static_cast<__int128>(o) + 1) * in + out - 1) / out);
 }
 
 template <typename T>
@@ -238,10 +246,10 @@ void adaptive_forward(const TensorView& in, const Shape4& o, T* out) {
       const int64_t h0 = bin_start(oh, H, o.h), h1 = bin_end(oh, H, o.h);
       for (int64_t ow = 0; ow < o.w; ++ow) {
         const int64_t w0 = bin_start(ow, W, o.w), w1 = bin_end(ow, W, o.w);
-        T sum = 0;
+        double sum = 0;  // in double, as avg_forward
         for (int64_t ih = h0; ih < h1; ++ih)
           for (int64_t iw = w0; iw < w1; ++iw) sum += plane[ih * s.h + iw * s.w];
-        out[(pl * o.h + oh) * o.w + ow] = sum / T((h1 - h0) * (w1 - w0));
+        out[(pl * o.h + oh) * o.w + ow] = static_cast<T>(sum / double((h1 - h0) * (w1 - w0)));
       }
     }
   }

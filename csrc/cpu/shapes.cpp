@@ -38,10 +38,43 @@ void check_numel(const Shape4& s, const char* what) {
            ", ", s.w, ")");
 }
 
+// Shapes reach these rules from arrays, but also as plain numbers (Python's
+// conv2d_output_shape, a model file's input shape), so they are checked
+// too: a dimension above 2^62 (no real tensor has one) would let the size
+// arithmetic below overflow int64.
+constexpr int64_t kMaxDim = int64_t(1) << 62;
+
+void check_dims(const char* name, const Shape4& s) {
+  for (int64_t d : {s.n, s.c, s.h, s.w})
+    if (d < 0 || d > kMaxDim)
+      fail(name, " shape (", s.n, ", ", s.c, ", ", s.h, ", ", s.w,
+           ") must have dimensions in [0, 2^62], got ", d);
+}
+
+// The one-dimension rules are public (and reach Python): their arguments are
+// checked here so that no value can divide by zero or overflow.
+void check_size_args(int64_t input, int64_t kernel, int64_t stride,
+                     std::initializer_list<int64_t> pads, int64_t dilation) {
+  if (input < -kMaxDim || input > kMaxDim)
+    fail("input size must be at most 2^62 in magnitude, got ", input);
+  check_range("kernel size", {kernel});
+  check_range("stride", {stride});
+  check_range("padding", pads);
+  check_range("dilation", {dilation});
+  if (stride <= 0) fail("stride must be positive, got ", stride);
+}
+
 std::string pair_str(int64_t a, int64_t b) {
   std::ostringstream os;
   os << "(" << a << ", " << b << ")";
   return os.str();
+}
+
+// w.c * groups for a message, without overflowing.
+std::string channels_str(int64_t per_group, int64_t groups) {
+  int64_t n;
+  if (__builtin_mul_overflow(per_group, groups, &n)) return "more than 2^63";
+  return std::to_string(n);
 }
 
 }  // namespace
@@ -90,12 +123,14 @@ std::string shape_str(const TensorView& t) {
 
 int64_t conv_output_size(int64_t input, int64_t kernel, int64_t stride, int64_t pad_before,
                          int64_t pad_after, int64_t dilation) {
+  check_size_args(input, kernel, stride, {pad_before, pad_after}, dilation);
   const int64_t span = dilation * (kernel - 1) + 1;
   return floor_div(input + pad_before + pad_after - span, stride) + 1;
 }
 
 int64_t pool_output_size(int64_t input, int64_t kernel, int64_t stride, int64_t pad,
                          int64_t dilation, bool ceil_mode) {
+  check_size_args(input, kernel, stride, {pad}, dilation);
   const int64_t span = dilation * (kernel - 1) + 1;
   int64_t out = floor_div(input + 2 * pad - span + (ceil_mode ? stride - 1 : 0), stride) + 1;
   // With ceil_mode the last window must start inside the input or the left
@@ -126,6 +161,8 @@ const char* conv_algorithm_name(ConvAlgorithm algorithm) {
 }
 
 void same_padding(int64_t kernel, int64_t dilation, int64_t* before, int64_t* after) {
+  check_range("kernel size", {kernel});
+  check_range("dilation", {dilation});
   const int64_t total = dilation * (kernel - 1);
   *before = total / 2;
   *after = total - *before;
@@ -148,14 +185,16 @@ void check_conv2d_params(const Conv2dParams& p) {
 
 Shape4 conv2d_output_shape(const Shape4& in, const Shape4& w, const Conv2dParams& p) {
   check_conv2d_params(p);
+  check_dims("input", in);
+  check_dims("weight", w);
   if (in.c % p.groups != 0)
     fail("groups=", p.groups, " must divide the input channels, got input with ", in.c,
          " channels");
   if (w.n % p.groups != 0)
     fail("groups=", p.groups, " must divide the output channels (weight.shape[0]), got ", w.n);
-  if (w.c * p.groups != in.c)
+  if (w.c != in.c / p.groups)  // (not w.c * groups: that can overflow)
     fail("weight has ", w.c, " input channels per group (weight.shape[1]); with groups=", p.groups,
-         " the input must have ", w.c * p.groups, " channels, got ", in.c);
+         " the input must have ", channels_str(w.c, p.groups), " channels, got ", in.c);
   if (w.h <= 0 || w.w <= 0)
     fail("weight must have a positive kernel size, got ", pair_str(w.h, w.w));
   check_range("weight kernel size", {w.h, w.w});
@@ -197,6 +236,7 @@ void check_pool2d_params(const Pool2dParams& p) {
 namespace {
 
 Shape4 pool_shape(const Shape4& in, const Pool2dParams& p) {
+  check_dims("input", in);
   Shape4 out{in.n, in.c, 0, 0};
   out.h = pool_output_size(in.h, p.kernel_h, p.stride_h, p.pad_h, p.dilation_h, p.ceil_mode);
   out.w = pool_output_size(in.w, p.kernel_w, p.stride_w, p.pad_w, p.dilation_w, p.ceil_mode);
@@ -226,6 +266,7 @@ Shape4 adaptive_avg_pool2d_output_shape(const Shape4& in, int64_t out_h, int64_t
   if (out_h < 0 || out_w < 0)
     fail("output_size must be non-negative, got ", pair_str(out_h, out_w));
   check_range("output_size", {out_h, out_w});
+  check_dims("input", in);
   if ((in.h == 0 || in.w == 0) && in.n * in.c != 0)
     fail("input must have non-zero height and width for adaptive_avg_pool2d, got ", in.h, "x",
          in.w);

@@ -54,6 +54,13 @@ void copy_to_contiguous(const TensorView& t, T* dst) {
 void workspace_acquired(int64_t bytes);
 void workspace_released(int64_t bytes);
 
+// Elements of a piece of scratch memory of count * per elements of
+// elem_size bytes; MemoryError naming `what` and the bytes when that
+// overflows or is above workspace_limit(). Called before allocating.
+std::size_t workspace_bytes(int64_t count, int64_t per, std::size_t elem_size, const char* what);
+// Throws MemoryError for an allocation of `bytes` that failed.
+[[noreturn]] void workspace_failed(std::size_t bytes, const char* what);
+
 // A C-contiguous version of a view: the view itself when it already is one,
 // else a copy owned by this object.
 template <typename T>
@@ -61,7 +68,12 @@ class Contiguous {
  public:
   explicit Contiguous(const TensorView& t) : view_(t) {
     if (!t.is_contiguous()) {
-      copy_.resize(static_cast<size_t>(t.numel()));
+      const size_t n = workspace_bytes(1, t.numel(), sizeof(T), "a contiguous copy of a strided input");
+      try {
+        copy_.resize(n);
+      } catch (const std::bad_alloc&) {
+        workspace_failed(n * sizeof(T), "a contiguous copy of a strided input");
+      }
       workspace_acquired(copy_bytes());  // a copy is scratch memory too
       copy_to_contiguous<T>(t, copy_.data());
       view_ = contiguous_view(copy_.data(), t.dtype, t.ndim, t.shape);
@@ -120,10 +132,12 @@ class Workspace {
  public:
   // Uninitialised (the kernels write before they read): no memset of
   // megabytes per call.
+  // Sizes are checked (overflow, workspace_limit()) before allocating, and a
+  // failed allocation is a MemoryError saying how much was asked for.
   Workspace(int threads, int64_t per_thread)
       : per_thread_(per_thread),
-        size_(static_cast<size_t>(threads) * static_cast<size_t>(per_thread)),
-        buf_(new T[size_ ? size_ : 1]) {
+        size_(workspace_bytes(threads, per_thread, sizeof(T), "a call's workspace")),
+        buf_(allocate(size_)) {
     workspace_acquired(bytes());
   }
   ~Workspace() { workspace_released(bytes()); }
@@ -135,6 +149,13 @@ class Workspace {
 
  private:
   int64_t bytes() const { return static_cast<int64_t>(size_ * sizeof(T)); }
+  static T* allocate(size_t n) {
+    try {
+      return new T[n ? n : 1];
+    } catch (const std::bad_alloc&) {
+      workspace_failed(n * sizeof(T), "a call's workspace");
+    }
+  }
   int64_t per_thread_;
   size_t size_;
   std::unique_ptr<T[]> buf_;

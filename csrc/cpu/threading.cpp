@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
+
+#include <unistd.h>
 
 #include "convcore/errors.h"
 #include "strided.h"
@@ -33,7 +36,47 @@ thread_local int64_t t_workspace_peak = 0;
 int64_t workspace_peak_bytes() { return t_workspace_peak; }
 void reset_workspace_peak() { t_workspace_peak = t_workspace_now; }
 
+namespace {
+std::atomic<int64_t> g_workspace_limit{0};  // 0: physical memory
+}  // namespace
+
+int64_t physical_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page <= 0) return INT64_MAX;  // unknown: only the allocator decides
+  return static_cast<int64_t>(pages) * page;
+}
+
+void set_workspace_limit(int64_t bytes) {
+  if (bytes < 0)
+    throw ValueError("set_workspace_limit: bytes must be non-negative, got " + std::to_string(bytes));
+  g_workspace_limit.store(bytes);
+}
+
+int64_t workspace_limit() {
+  const int64_t limit = g_workspace_limit.load();
+  return limit > 0 ? limit : physical_memory_bytes();
+}
+
 namespace detail {
+std::size_t workspace_bytes(int64_t count, int64_t per, std::size_t elem_size, const char* what) {
+  int64_t n = 0, bytes = 0;
+  const bool overflow = count < 0 || per < 0 || __builtin_mul_overflow(count, per, &n) ||
+                        __builtin_mul_overflow(n, static_cast<int64_t>(elem_size), &bytes);
+  const int64_t limit = workspace_limit();
+  if (overflow || bytes > limit)
+    throw MemoryError(std::string("convcore: ") + what + " needs " +
+                      (overflow ? std::string("more than 2^63") : std::to_string(bytes)) +
+                      " bytes of scratch memory, more than the workspace limit of " +
+                      std::to_string(limit) +
+                      " bytes (set_workspace_limit: convcore._core in Python, convcore:: in C++)");
+  return static_cast<std::size_t>(n);
+}
+
+[[noreturn]] void workspace_failed(std::size_t bytes, const char* what) {
+  throw MemoryError(std::string("convcore: ") + what + " could not allocate " +
+                    std::to_string(bytes) + " bytes of scratch memory");
+}
+
 void workspace_acquired(int64_t bytes) {
   t_workspace_now += bytes;
   t_workspace_peak = std::max(t_workspace_peak, t_workspace_now);

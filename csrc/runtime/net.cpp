@@ -138,8 +138,8 @@ class Module {
       throw ValueError(context() + e.what());
     } catch (const Error& e) {
       throw Error(context() + e.what());
-    } catch (const std::bad_alloc&) {
-      throw Error(context() + "out of memory");
+    } catch (const std::bad_alloc& e) {
+      throw Error(context() + "out of memory (" + e.what() + ")");
     }
   }
 

@@ -7,6 +7,7 @@
 
 #include "convcore/errors.h"
 #include "convcore/tensor.h"
+#include "convcore/threading.h"
 
 namespace convcore {
 
@@ -69,10 +70,19 @@ void Tensor::allocate(DType dtype, std::vector<int64_t> shape) {
   const int64_t n = checked_numel(shape, dtype);
   std::size_t bytes = static_cast<std::size_t>(n) * dtype_size(dtype);
   if (bytes == 0) bytes = kAlignment;  // a unique, non-null buffer even when empty
-  // More than any machine's address space (x86-64 and arm64 user space is at
-  // most 2^48 bytes): out of memory, without asking the allocator.
-  if (bytes > (std::size_t{1} << 48)) throw std::bad_alloc();
-  void* p = ::operator new(bytes, std::align_val_t(kAlignment));
+  // More than the machine's memory: out of memory, without asking the
+  // allocator (with Linux's overcommit it may say yes, and the process is
+  // killed when it touches the pages).
+  if (bytes > static_cast<std::size_t>(physical_memory_bytes()))
+    throw MemoryError("convcore: a tensor of shape " + convcore::shape_str(shape) + " needs " +
+                      std::to_string(bytes) + " bytes, more than this machine's memory");
+  void* p = nullptr;
+  try {
+    p = ::operator new(bytes, std::align_val_t(kAlignment));
+  } catch (const std::bad_alloc&) {
+    throw MemoryError("convcore: cannot allocate " + std::to_string(bytes) +
+                      " bytes for a tensor of shape " + convcore::shape_str(shape));
+  }
   release();
   data_ = p;
   dtype_ = dtype;

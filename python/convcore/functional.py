@@ -441,6 +441,9 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     w = None if weight is None else _array(weight, "weight")
     b = None if bias is None else _array(bias, "bias")
     momentum, eps = _float(momentum, "momentum"), _float(eps, "eps")
+    if x.ndim < 2:  # (the checks below index x.shape[1])
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got "
+                         f"{x.ndim}-D with shape {x.shape}")
     if training:
         for name, stat in (("running_mean", rm), ("running_var", rv)):
             if stat is not None and (stat.dtype != x.dtype or stat.shape != (x.shape[1],)

@@ -13,6 +13,16 @@ int get_num_threads();
 int64_t workspace_peak_bytes();
 void reset_workspace_peak();
 
+// The most scratch bytes one piece of workspace may take (default, and with
+// 0: the machine's physical memory). A call that would need more raises
+// MemoryError (convcore::MemoryError) naming the size before allocating
+// anything: with Linux's overcommit, a larger allocation may "succeed" and
+// the process be killed later when it touches the memory.
+void set_workspace_limit(int64_t bytes);
+int64_t workspace_limit();
+// The machine's physical memory in bytes (INT64_MAX when unknown).
+int64_t physical_memory_bytes();
+
 }  // namespace convcore
 
 namespace convcore {

@@ -25,7 +25,9 @@ def generator() -> np.random.Generator:
 
 def fan_in_of(shape) -> int:
     """Inputs feeding one output: in_features, or in_channels/groups * kH * kW."""
-    return int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+    # math.prod on Python ints: np.prod wraps around in int64 (a kernel of
+    # 2^62 x 2^62 gave fan_in 0 and a ZeroDivisionError)
+    return math.prod(int(d) for d in shape[1:]) if len(shape) > 1 else int(shape[0])
 
 
 def uniform(shape, bound: float, dtype=np.float32,

@@ -15,6 +15,21 @@ from .module import Module, Parameter
 IntPair = Union[int, Tuple[int, int]]
 
 
+def _on_gpu(x) -> bool:
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def _layer_array(value, name: str):
+    """value checked as a numpy array, or a GPU (cupy) array as it is: the
+    layers that do their own arithmetic run on either."""
+    return value if _on_gpu(value) else F._array(value, name)
+
+
+def _as_array(value):
+    """A product as an array: numpy turns a 0-d product into a scalar."""
+    return value if _on_gpu(value) else np.asarray(value)
+
+
 def _positive_int(value, name: str) -> int:
     if not F._is_int(value) or int(value) <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -382,11 +397,16 @@ class Flatten(Module):
             tuple(shape[e + 1:])
 
     def forward(self, x):
+        x = _layer_array(x, "input")
         self._shape = x.shape
         return x.reshape(self._flat_shape(x.shape))  # numpy or cupy
 
     def backward(self, grad_output):
-        return grad_output.reshape(self._shape)
+        gy = _layer_array(grad_output, "grad_output")
+        if self._shape is None or gy.size != int(np.prod(self._shape, dtype=np.int64)):
+            raise ValueError(f"grad_output of shape {gy.shape} does not match the input of "
+                             f"shape {self._shape} of the last forward")
+        return gy.reshape(self._shape)  # numpy or cupy
 
     def output_shape(self, input_shape):
         return self._flat_shape((1,) + tuple(input_shape))[1:]
@@ -407,6 +427,9 @@ class Dropout(Module):
         self._mask = None
 
     def forward(self, x):
+        x = _layer_array(x, "input")
+        if x.dtype.kind != "f":
+            raise TypeError(f"input must be a floating-point array, got {x.dtype}")
         if not self.training or self.p == 0.0:
             self._mask = None
             return x
@@ -415,13 +438,18 @@ class Dropout(Module):
         else:
             keep = init.generator().random(x.shape) >= self.p
             self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
-            if type(x).__module__.split(".")[0] == "cupy":  # the mask follows x to the GPU
+            if _on_gpu(x):  # the mask follows x to the GPU
                 import cupy
                 self._mask = cupy.asarray(self._mask)
-        return x * self._mask
+        return _as_array(x * self._mask)
 
     def backward(self, grad_output):
-        return grad_output if self._mask is None else grad_output * self._mask
+        if self._mask is None:
+            return grad_output
+        gy = _layer_array(grad_output, "grad_output")
+        if gy.shape != self._mask.shape:  # no silent broadcasting
+            raise ValueError(f"grad_output must have shape {self._mask.shape}, got {gy.shape}")
+        return _as_array(gy * self._mask)
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
