@@ -38,6 +38,22 @@ def test_workspace_limit_defaults_to_physical_memory(workspace_limit):
         _core.set_workspace_limit(-1)
 
 
+def test_public_workspace_functions(workspace_limit):
+    default = convcore.workspace_limit()
+    convcore.set_workspace_limit(1 << 20)
+    assert convcore.workspace_limit() == 1 << 20
+    x = np.ones((1, 4, 16, 16), np.float32)[..., ::2]     # strided: copied into scratch
+    convcore.reset_workspace_peak()
+    convcore.conv2d(x, np.ones((2, 4, 3, 3), np.float32))
+    assert 0 < convcore.workspace_peak() <= 1 << 20
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        convcore.set_workspace_limit(-5)
+    with pytest.raises(TypeError, match="nbytes must be an int"):
+        convcore.set_workspace_limit(1.5)
+    convcore.set_workspace_limit(0)
+    assert convcore.workspace_limit() == default
+
+
 def test_workspace_over_the_limit_is_a_memory_error_before_allocating(workspace_limit):
     """A strided input is copied (scratch memory); over the limit the call
     fails with a MemoryError naming the bytes, and the next call works."""

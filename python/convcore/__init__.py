@@ -21,7 +21,11 @@ from .functional import (
     pool2d_output_shape,
     relu,
     relu_backward,
+    reset_workspace_peak,
     set_num_threads,
+    set_workspace_limit,
+    workspace_limit,
+    workspace_peak,
 )
 
 __version__ = "0.1.0"

@@ -487,6 +487,31 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+def set_workspace_limit(nbytes: int) -> None:
+    """The most bytes one piece of the core's scratch memory may take; a call
+    that would need more raises MemoryError before allocating (0: the
+    machine's physical memory, the default)."""
+    nbytes = _int(nbytes, "nbytes")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    _core.set_workspace_limit(nbytes)
+
+
+def workspace_limit() -> int:
+    """The scratch-memory limit in bytes (see set_workspace_limit)."""
+    return _core.workspace_limit()
+
+
+def workspace_peak() -> int:
+    """The most scratch bytes this thread's calls held at once since
+    reset_workspace_peak(): what a layer costs beyond its inputs and outputs."""
+    return _core.workspace_peak()
+
+
+def reset_workspace_peak() -> None:
+    _core.reset_workspace_peak()
+
+
 # ------------------------------------------------------------------ GPU dispatch
 # A call with an array argument on a GPU (a cupy array, a torch CUDA tensor,
 # anything exposing __cuda_array_interface__) runs the same op from
