@@ -71,9 +71,9 @@ bool winograd_shape(const ConvGeometry& G) {
   return G.KH == 3 && G.KW == 3 && G.p.stride_h == 1 && G.p.stride_w == 1 &&
          G.p.dilation_h == 1 && G.p.dilation_w == 1 && G.G == 1;
 }
-// Winograd tasks take bands of whole tile rows, about 128 tiles each.
-int64_t winograd_band(int64_t tiles_h, int64_t tiles_w) {
-  return std::max<int64_t>(1, std::min<int64_t>(tiles_h, 128 / tiles_w));
+// Winograd tasks take bands of whole tile rows, about band_tiles tiles each.
+int64_t winograd_band(int64_t tiles_h, int64_t tiles_w, int64_t band_tiles) {
+  return std::max<int64_t>(1, std::min<int64_t>(tiles_h, band_tiles / tiles_w));
 }
 
 // Measured on the development machine (docs/benchmarks.md): F(2x2, 3x3)
@@ -84,7 +84,7 @@ int64_t winograd_band(int64_t tiles_h, int64_t tiles_w) {
 bool winograd_pays(const ConvGeometry& G) {
   if (!winograd_shape(G) || G.C < 256 || G.Cout < 256 || G.Ho < 24 || G.Wo < 24) return false;
   const int64_t tiles_h = (G.Ho + 1) / 2, tiles_w = (G.Wo + 1) / 2;
-  const int64_t band = winograd_band(tiles_h, tiles_w);
+  const int64_t band = winograd_band(tiles_h, tiles_w, winograd::Variant<2>::kBandTiles);
   const int64_t tasks = G.N * ((tiles_h + band - 1) / band);
   return tasks >= 2 * static_cast<int64_t>(get_num_threads());
 }
@@ -249,10 +249,11 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
                          "padding");
       return ConvAlgorithm::Pointwise;
     case ConvAlgorithm::Winograd:
+    case ConvAlgorithm::Winograd4x4:
       if (!winograd_shape(G))
-        throw ValueError("algorithm='winograd' needs a 3x3 kernel with stride 1, dilation 1 "
-                         "and groups=1");
-      return ConvAlgorithm::Winograd;
+        throw ValueError(std::string("algorithm='") + conv_algorithm_name(G.p.algorithm) +
+                         "' needs a 3x3 kernel with stride 1, dilation 1 and groups=1");
+      return G.p.algorithm;
     case ConvAlgorithm::Gemm:
       return ConvAlgorithm::Gemm;
   }
@@ -338,9 +339,9 @@ void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeome
   }
 }
 
-// A 3x3 stride-1 convolution as Winograd F(2x2, 3x3) sees it: an image x
-// (N, C, H, W; any strides), filters given by filter(o, c, g[9]), padding
-// top/left (the output size fixes the rest), output (N, Cout, Ho, Wo).
+// A 3x3 stride-1 convolution as Winograd sees it: an image x (N, C, H, W;
+// any strides), filters given by filter(o, c, g[9]), padding top/left (the
+// output size fixes the rest), output (N, Cout, Ho, Wo).
 template <typename T>
 struct WinogradConv {
   const T* x;
@@ -348,39 +349,47 @@ struct WinogradConv {
   int64_t Cout, pad_top, pad_left, Ho, Wo;
 };
 
-template <typename T, typename FilterFn>
+// Winograd F(M x M, 3x3), M = 2 or 4 (conv_winograd.h).
+template <int M, typename T, typename FilterFn>
 void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T* out) {
-  using namespace winograd;
-  // U[xi] (Cout x C) = G g G^T, packed once as the A operands of 16 GEMMs.
+  using V = winograd::Variant<M>;
+  constexpr int kPoints = V::kPoints;
+  // U[xi] (Cout x C) = G g G^T, written straight into the packed form of
+  // the A operands of the kPoints GEMMs (no unpacked copy: for 512 x 512
+  // channels F(4x4)'s 36 matrices take 38 MB in float32).
   const int64_t a_size = gemm::packed_a_size<T>(a.Cout, a.C);
-  detail::Workspace<T> u_ws(1, kPoints * a.Cout * a.C + kPoints * a_size);
-  T* u = u_ws.get();
-  T* a_packed = u + kPoints * a.Cout * a.C;
+  detail::Workspace<T> u_ws(1, kPoints * a_size);
+  T* a_packed = u_ws.get();
+  const int64_t Mpad = gemm::round_up(a.Cout, gemm::Tile<T>::MR);
 #pragma omp parallel for num_threads(detail::threads_for(a.Cout)) schedule(static)
-  for (int64_t o = 0; o < a.Cout; ++o) {
+  for (int64_t o = 0; o < Mpad; ++o) {
     T g[9], ut[kPoints];
     for (int64_t c = 0; c < a.C; ++c) {
+      const int64_t at = gemm::packed_a_index<T>(a.Cout, a.C, o, c);
+      if (o >= a.Cout) {  // the zero rows that pad the last MR-row panel
+        for (int xi = 0; xi < kPoints; ++xi) a_packed[xi * a_size + at] = T(0);
+        continue;
+      }
       filter(o, c, g);
-      transform_filter(g, ut);
-      for (int xi = 0; xi < kPoints; ++xi) u[(xi * a.Cout + o) * a.C + c] = ut[xi];
+      winograd::transform_filter<M>(g, ut);
+      for (int xi = 0; xi < kPoints; ++xi) a_packed[xi * a_size + at] = ut[xi];
     }
   }
-#pragma omp parallel for num_threads(detail::threads_for(kPoints)) schedule(static)
-  for (int xi = 0; xi < kPoints; ++xi)
-    gemm::pack_a(a.Cout, a.C, u + xi * a.Cout * a.C, a.C, int64_t(1), a_packed + xi * a_size);
 
   // Tasks: (image, band of tile rows); each pads its band of the image
   // channel by channel into a small slab, transforms it row by row (the
-  // tiles of a row vectorise), runs 16 GEMMs and the output transform.
-  const int64_t tiles_h = (a.Ho + kOut - 1) / kOut, tiles_w = (a.Wo + kOut - 1) / kOut;
-  const int64_t band = winograd_band(tiles_h, tiles_w);
+  // tiles of a row vectorise), runs kPoints GEMMs and the output transform.
+  // The workspace is per thread and bounded by the band, whatever the batch.
+  const int64_t tiles_h = (a.Ho + M - 1) / M, tiles_w = (a.Wo + M - 1) / M;
+  const int64_t band = winograd_band(tiles_h, tiles_w, V::kBandTiles);
   const int64_t bands = (tiles_h + band - 1) / band;
   const int64_t block = band * tiles_w;  // tiles per task, at most
   const int64_t tasks = a.N * bands;
   const int threads = detail::threads_for(tasks, a.N * a.Cout * a.C * a.Ho * a.Wo * 9);
   const int64_t bsize = gemm::b_workspace_size<T>();
   const int64_t vsize = kPoints * a.C * block, msize = kPoints * a.Cout * block;
-  const int64_t sw = 2 * tiles_w + 2, sh = 2 * band + 2;  // slab: rows x columns
+  // slab: rows x columns of the padded input a band of tiles reads
+  const int64_t sw = M * tiles_w + 2, sh = M * band + 2;
   detail::Workspace<T> ws(threads, bsize + vsize + msize + sh * sw);
 #pragma omp parallel num_threads(threads)
   {
@@ -392,50 +401,58 @@ void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t n = task / bands, th0 = (task % bands) * band;
       const int64_t rows = std::min(band, tiles_h - th0), nt = rows * tiles_w;
-      const int64_t ih0 = th0 * kOut - a.pad_top, iw0 = -a.pad_left;
+      const int64_t ih0 = th0 * M - a.pad_top, iw0 = -a.pad_left;
       const T* xn = a.x + n * a.xs_n;
+      // The slab columns inside the image: [jlo, jhi).
+      const int64_t jlo = std::clamp<int64_t>(-iw0, 0, sw);
+      const int64_t jhi = std::clamp<int64_t>(a.W - iw0, jlo, sw);
       for (int64_t c = 0; c < a.C; ++c) {
         // The band's input rows, zero outside the image.
         const T* xc = xn + c * a.xs_c;
-        for (int64_t r = 0; r < 2 * rows + 2; ++r) {
+        for (int64_t r = 0; r < M * rows + 2; ++r) {
           T* dst = slab + r * sw;
           const int64_t ih = ih0 + r;
           if (ih < 0 || ih >= a.H) {
             std::fill(dst, dst + sw, T(0));
             continue;
           }
-          for (int64_t j = 0; j < sw; ++j) {
-            const int64_t iw = iw0 + j;
-            dst[j] = (iw >= 0 && iw < a.W) ? xc[ih * a.xs_h + iw * a.xs_w] : T(0);
-          }
+          const T* src = xc + ih * a.xs_h;  // slab column j is input column iw0 + j
+          std::fill(dst, dst + jlo, T(0));
+          if (a.xs_w == 1)
+            std::copy(src + iw0 + jlo, src + iw0 + jhi, dst + jlo);
+          else
+            for (int64_t j = jlo; j < jhi; ++j) dst[j] = src[(iw0 + j) * a.xs_w];
+          std::fill(dst + jhi, dst + sw, T(0));
         }
         for (int64_t r = 0; r < rows; ++r)
-          input_row(slab + 2 * r * sw, sw, tiles_w, v + c * block + r * tiles_w, a.C * block);
+          winograd::input_row<M>(slab + M * r * sw, sw, tiles_w, v + c * block + r * tiles_w,
+                                 a.C * block);
       }
       // M[xi] (Cout x nt) = U[xi] (Cout x C) * V[xi] (C x nt)
       for (int xi = 0; xi < kPoints; ++xi)
         gemm::gemm_packed(a.Cout, nt, a.C, a_packed + xi * a_size, a.Cout, 0,
                           gemm::StridedPackB<T>{v + xi * a.C * block, block, 1},
                           m + xi * a.Cout * block, block, false, bbuf);
-      // Output transform, 2x2 outputs per tile; a ragged last row/column of
-      // tiles (odd output size) goes through the scalar transform.
-      const int64_t full_w = a.Wo / kOut;
+      // Output transform, M x M outputs per tile; a ragged last row/column
+      // of tiles (output size not a multiple of M) goes through the scalar
+      // transform.
+      const int64_t full_w = a.Wo / M;
       for (int64_t o = 0; o < a.Cout; ++o) {
         const T b = bias ? bias[o] : T(0);
         T* plane = out + (n * a.Cout + o) * a.Ho * a.Wo;
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t oh0 = (th0 + r) * kOut;
+          const int64_t oh0 = (th0 + r) * M;
           const T* mr = m + o * block + r * tiles_w;
-          if (oh0 + 1 < a.Ho)
-            output_row(mr, a.Cout * block, full_w, b, plane + oh0 * a.Wo,
-                       plane + (oh0 + 1) * a.Wo);
-          for (int64_t t = (oh0 + 1 < a.Ho ? full_w : 0); t < tiles_w; ++t) {
-            T mt[kPoints], y[kOut * kOut];
+          const bool full_rows = oh0 + M <= a.Ho;
+          if (full_rows)
+            winograd::output_row<M>(mr, a.Cout * block, full_w, b, plane + oh0 * a.Wo, a.Wo);
+          for (int64_t t = full_rows ? full_w : 0; t < tiles_w; ++t) {
+            T mt[kPoints], y[M * M];
             for (int xi = 0; xi < kPoints; ++xi) mt[xi] = mr[xi * a.Cout * block + t];
-            transform_output(mt, y);
-            for (int i = 0; i < kOut && oh0 + i < a.Ho; ++i)
-              for (int j = 0; j < kOut && t * kOut + j < a.Wo; ++j)
-                plane[(oh0 + i) * a.Wo + t * kOut + j] = y[i * kOut + j] + b;
+            winograd::transform_output<M>(mt, y);
+            for (int i = 0; i < M && oh0 + i < a.Ho; ++i)
+              for (int j = 0; j < M && t * M + j < a.Wo; ++j)
+                plane[(oh0 + i) * a.Wo + t * M + j] = y[i * M + j] + b;
           }
         }
       }
@@ -443,23 +460,23 @@ void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T
   }
 }
 
-template <typename T>
+template <int M, typename T>
 void forward_winograd(const TensorView& input, const T* weight, const T* bias,
                       const ConvGeometry& G, T* out) {
   const WinogradConv<T> a{input.ptr<const T>(), G.N, G.C, G.H, G.W, G.xs_n, G.xs_c, G.xs_h,
                           G.xs_w, G.Cout, G.p.pad_top, G.p.pad_left, G.Ho, G.Wo};
-  winograd_conv(a, [&](int64_t o, int64_t c, T* g) {
+  winograd_conv<M>(a, [&](int64_t o, int64_t c, T* g) {
     std::copy(weight + (o * G.C + c) * 9, weight + (o * G.C + c) * 9 + 9, g);
   }, bias, out);
 }
 
 // grad_input of a 3x3 stride-1 convolution is itself one: grad_output
 // convolved with the flipped, transposed filters and padding 2 - p.
-template <typename T>
+template <int M, typename T>
 void grad_input_winograd(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
   const WinogradConv<T> a{gy, G.N, G.Cout, G.Ho, G.Wo, G.Cout * G.P, G.P, G.Wo, 1,
                           G.C, 2 - G.p.pad_top, 2 - G.p.pad_left, G.H, G.W};
-  winograd_conv(a, [&](int64_t c, int64_t o, T* g) {
+  winograd_conv<M>(a, [&](int64_t c, int64_t o, T* g) {
     const T* f = weight + (o * G.C + c) * 9;
     for (int k = 0; k < 9; ++k) g[k] = f[8 - k];
   }, static_cast<const T*>(nullptr), gx);
@@ -878,7 +895,9 @@ void conv2d_forward(const TensorView& input, const TensorView& weight, const Ten
       case ConvAlgorithm::Depthwise:
         return forward_depthwise<T>(input, w.data(), bias_data, G, output.ptr<T>());
       case ConvAlgorithm::Winograd:
-        return forward_winograd<T>(input, w.data(), bias_data, G, output.ptr<T>());
+        return forward_winograd<2, T>(input, w.data(), bias_data, G, output.ptr<T>());
+      case ConvAlgorithm::Winograd4x4:
+        return forward_winograd<4, T>(input, w.data(), bias_data, G, output.ptr<T>());
       case ConvAlgorithm::Pointwise:
         if (!rows_contiguous(G)) {  // the pointwise GEMM reads whole rows
           const detail::Contiguous<T> xc(input);
@@ -921,7 +940,9 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
       if (depthwise)
         grad_input_depthwise<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
       else if (G.p.algorithm == ConvAlgorithm::Winograd && pads_fit)
-        grad_input_winograd<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+        grad_input_winograd<2, T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+      else if (G.p.algorithm == ConvAlgorithm::Winograd4x4 && pads_fit)
+        grad_input_winograd<4, T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
       else
         grad_input_impl<T>(gy.data(), w, Gx, grad_input->ptr<T>());
     }
