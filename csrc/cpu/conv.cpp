@@ -339,122 +339,164 @@ void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeome
   }
 }
 
+// Packs B(k, j) = b[k * rs + j + j / run]: the columns of b, skipping one
+// after every run of `run` (the unused tile at the end of each tile row of
+// the Winograd transforms). Copies contiguous runs.
+template <typename T>
+struct SkipPackB {
+  const T* b;
+  int64_t rs, run;
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+      T* panel = dst + jp * kc;
+      const int64_t w = std::min<int64_t>(NR, nc - jp);
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = b + (k0 + k) * rs;
+        T* out = panel + k * NR;
+        for (int64_t j = 0; j < w;) {  // runs of columns within one tile row
+          const int64_t col = j0 + jp + j, len = std::min(w - j, run - col % run);
+          std::copy(src + col + col / run, src + col + col / run + len, out + j);
+          j += len;
+        }
+        std::fill(out + w, out + NR, T(0));
+      }
+    }
+  }
+};
+
 // A 3x3 stride-1 convolution as Winograd sees it: an image x (N, C, H, W;
-// any strides), filters given by filter(o, c, g[9]), padding top/left (the
-// output size fixes the rest), output (N, Cout, Ho, Wo).
+// any strides), filters w (filter (o, c) has its taps, row-major, at
+// w[o * w_so + c * w_sc + k * w_sk], k < 9: a tap stride of -1 flips them),
+// padding top/left (the output size fixes the rest), output (N, Cout, Ho, Wo).
 template <typename T>
 struct WinogradConv {
   const T* x;
   int64_t N, C, H, W, xs_n, xs_c, xs_h, xs_w;
   int64_t Cout, pad_top, pad_left, Ho, Wo;
+  const T* w;
+  int64_t w_so, w_sc, w_sk;
 };
 
 // Winograd F(M x M, 3x3), M = 2 or 4 (conv_winograd.h).
-template <int M, typename T, typename FilterFn>
-void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T* out) {
+template <int M, typename T>
+void winograd_conv(const WinogradConv<T>& a, const T* bias, T* out) {
   using V = winograd::Variant<M>;
-  constexpr int kPoints = V::kPoints;
-  // U[xi] (Cout x C) = G g G^T, written straight into the packed form of
-  // the A operands of the kPoints GEMMs (no unpacked copy: for 512 x 512
-  // channels F(4x4)'s 36 matrices take 38 MB in float32).
+  constexpr int kPoints = V::kPoints, MR = gemm::Tile<T>::MR;
+  // U[xi] (Cout x C) = G g G^T, written into the packed form (pack_a's
+  // layout) of the A operands of the kPoints GEMMs, one unit (MR-row panel
+  // x KC block) at a time through a per-thread buffer: no unpacked copy of
+  // all U is held (for 512 x 512 channels F(4x4)'s 36 matrices take 38 MB
+  // in float32), and each matrix's panel is written contiguously.
   const int64_t a_size = gemm::packed_a_size<T>(a.Cout, a.C);
   detail::Workspace<T> u_ws(1, kPoints * a_size);
   T* a_packed = u_ws.get();
-  const int64_t Mpad = gemm::round_up(a.Cout, gemm::Tile<T>::MR);
-#pragma omp parallel for num_threads(detail::threads_for(a.Cout)) schedule(static)
-  for (int64_t o = 0; o < Mpad; ++o) {
-    T g[9], ut[kPoints];
-    for (int64_t c = 0; c < a.C; ++c) {
-      const int64_t at = gemm::packed_a_index<T>(a.Cout, a.C, o, c);
-      if (o >= a.Cout) {  // the zero rows that pad the last MR-row panel
-        for (int xi = 0; xi < kPoints; ++xi) a_packed[xi * a_size + at] = T(0);
-        continue;
+  {
+    const int64_t Mpad = gemm::round_up(a.Cout, MR), panels = Mpad / MR;
+    const int64_t units = panels * ((a.C + gemm::KC - 1) / gemm::KC);
+    const int uthreads = detail::threads_for(units, a.Cout * a.C * kPoints * 8);
+    detail::Workspace<T> unit_ws(uthreads, (kPoints * MR + 9) * gemm::KC);
+#pragma omp parallel for num_threads(uthreads) schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      T* loc = unit_ws.get(omp_get_thread_num());  // loc[(xi * MR + i) * kc + k]
+      T* taps = loc + kPoints * MR * gemm::KC;     // taps[t * kc + k]: one row's filters
+      const int64_t i0 = (u % panels) * MR, k0 = (u / panels) * gemm::KC;
+      const int64_t kc = std::min(gemm::KC, a.C - k0);
+      const int64_t rows = std::min<int64_t>(MR, a.Cout - i0);
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* w = a.w + (i0 + i) * a.w_so + k0 * a.w_sc;
+        for (int64_t k = 0; k < kc; ++k)
+          for (int t = 0; t < 9; ++t) taps[t * kc + k] = w[k * a.w_sc + t * a.w_sk];
+        winograd::filter_row<M>(taps, kc, kc, loc + i * kc, MR * kc);
       }
-      filter(o, c, g);
-      winograd::transform_filter<M>(g, ut);
-      for (int xi = 0; xi < kPoints; ++xi) a_packed[xi * a_size + at] = ut[xi];
+      for (int xi = 0; xi < kPoints; ++xi) {
+        T* dst = a_packed + xi * a_size + k0 * Mpad + i0 * kc;
+        const T* src = loc + xi * MR * kc;
+        for (int64_t k = 0; k < kc; ++k) {
+          for (int64_t i = 0; i < rows; ++i) dst[k * MR + i] = src[i * kc + k];
+          for (int64_t i = rows; i < MR; ++i) dst[k * MR + i] = T(0);
+        }
+      }
     }
   }
 
-  // Tasks: (image, band of tile rows); each pads its band of the image
-  // channel by channel into a small slab, transforms it row by row (the
-  // tiles of a row vectorise), runs kPoints GEMMs and the output transform.
+  // Tasks: (image, band of tile rows). Each task lays out its band of each
+  // input channel as A row streams ("stacked": stream k holds input row
+  // M*r + k of every tile row r, zero padded, one segment of M*(tiles_w + 1)
+  // columns per tile row), so that tile t of tile row r starts at column
+  // M*(r*(tiles_w + 1) + t) of every stream: one flat, vectorisable loop
+  // transforms the whole band, with one unused tile per row (it reads the
+  // segment's padding) that the GEMMs' packing skips. The products are
+  // transformed back the same way, into M row streams per output channel,
+  // whose valid part (ragged edges dropped) is copied to the output.
   // The workspace is per thread and bounded by the band, whatever the batch.
+  constexpr int A = V::kTile;
   const int64_t tiles_h = (a.Ho + M - 1) / M, tiles_w = (a.Wo + M - 1) / M;
   const int64_t band = winograd_band(tiles_h, tiles_w, V::kBandTiles);
   const int64_t bands = (tiles_h + band - 1) / band;
-  const int64_t block = band * tiles_w;  // tiles per task, at most
+  const int64_t block = band * tiles_w;         // tiles per task, at most
+  const int64_t wide = tiles_w + 1;             // tiles per row, with the unused one
+  const int64_t wblock = band * wide;           // the same, counting them
+  const int64_t seg = M * wide;                 // >= M * tiles_w + 2, what a row of tiles reads
   const int64_t tasks = a.N * bands;
   const int threads = detail::threads_for(tasks, a.N * a.Cout * a.C * a.Ho * a.Wo * 9);
   const int64_t bsize = gemm::b_workspace_size<T>();
-  const int64_t vsize = kPoints * a.C * block, msize = kPoints * a.Cout * block;
-  // slab: rows x columns of the padded input a band of tiles reads
-  const int64_t sw = M * tiles_w + 2, sh = M * band + 2;
-  detail::Workspace<T> ws(threads, bsize + vsize + msize + sh * sw);
+  const int64_t vsize = kPoints * a.C * wblock, msize = kPoints * a.Cout * block;
+  const int64_t ssize = A * band * seg, ysize = M * M * block;
+  detail::Workspace<T> ws(threads, bsize + vsize + msize + ssize + ysize);
 #pragma omp parallel num_threads(threads)
   {
     T* bbuf = ws.get(omp_get_thread_num());
-    T* v = bbuf + bsize;
-    T* m = v + vsize;
-    T* slab = m + msize;
+    T* v = bbuf + bsize;       // v[(xi * C + c) * wblock + wide tile]
+    T* m = v + vsize;          // m[(xi * Cout + o) * block + tile]
+    T* stacked = m + msize;    // stacked[k * band * seg + r * seg + column]
+    T* ystreams = stacked + ssize;  // ystreams[i * M * nt + r * M * tiles_w + column]
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t n = task / bands, th0 = (task % bands) * band;
       const int64_t rows = std::min(band, tiles_h - th0), nt = rows * tiles_w;
       const int64_t ih0 = th0 * M - a.pad_top, iw0 = -a.pad_left;
       const T* xn = a.x + n * a.xs_n;
-      // The slab columns inside the image: [jlo, jhi).
-      const int64_t jlo = std::clamp<int64_t>(-iw0, 0, sw);
-      const int64_t jhi = std::clamp<int64_t>(a.W - iw0, jlo, sw);
+      // The segment columns inside the image: [jlo, jhi).
+      const int64_t jlo = std::clamp<int64_t>(-iw0, 0, seg);
+      const int64_t jhi = std::clamp<int64_t>(a.W - iw0, jlo, seg);
       for (int64_t c = 0; c < a.C; ++c) {
-        // The band's input rows, zero outside the image.
         const T* xc = xn + c * a.xs_c;
-        for (int64_t r = 0; r < M * rows + 2; ++r) {
-          T* dst = slab + r * sw;
-          const int64_t ih = ih0 + r;
-          if (ih < 0 || ih >= a.H) {
-            std::fill(dst, dst + sw, T(0));
-            continue;
+        for (int k = 0; k < A; ++k) {
+          for (int64_t r = 0; r < rows; ++r) {
+            T* dst = stacked + (k * band + r) * seg;
+            const int64_t ih = ih0 + M * r + k;
+            if (ih < 0 || ih >= a.H) {
+              std::fill(dst, dst + seg, T(0));
+              continue;
+            }
+            const T* src = xc + ih * a.xs_h;  // segment column j is input column iw0 + j
+            std::fill(dst, dst + jlo, T(0));
+            if (a.xs_w == 1)
+              std::copy(src + iw0 + jlo, src + iw0 + jhi, dst + jlo);
+            else
+              for (int64_t j = jlo; j < jhi; ++j) dst[j] = src[(iw0 + j) * a.xs_w];
+            std::fill(dst + jhi, dst + seg, T(0));
           }
-          const T* src = xc + ih * a.xs_h;  // slab column j is input column iw0 + j
-          std::fill(dst, dst + jlo, T(0));
-          if (a.xs_w == 1)
-            std::copy(src + iw0 + jlo, src + iw0 + jhi, dst + jlo);
-          else
-            for (int64_t j = jlo; j < jhi; ++j) dst[j] = src[(iw0 + j) * a.xs_w];
-          std::fill(dst + jhi, dst + sw, T(0));
         }
-        for (int64_t r = 0; r < rows; ++r)
-          winograd::input_row<M>(slab + M * r * sw, sw, tiles_w, v + c * block + r * tiles_w,
-                                 a.C * block);
+        winograd::input_tiles<M>(stacked, band * seg, rows * wide, v + c * wblock, a.C * wblock);
       }
       // M[xi] (Cout x nt) = U[xi] (Cout x C) * V[xi] (C x nt)
       for (int xi = 0; xi < kPoints; ++xi)
         gemm::gemm_packed(a.Cout, nt, a.C, a_packed + xi * a_size, a.Cout, 0,
-                          gemm::StridedPackB<T>{v + xi * a.C * block, block, 1},
+                          SkipPackB<T>{v + xi * a.C * wblock, wblock, tiles_w},
                           m + xi * a.Cout * block, block, false, bbuf);
-      // Output transform, M x M outputs per tile; a ragged last row/column
-      // of tiles (output size not a multiple of M) goes through the scalar
-      // transform.
-      const int64_t full_w = a.Wo / M;
       for (int64_t o = 0; o < a.Cout; ++o) {
-        const T b = bias ? bias[o] : T(0);
+        winograd::output_tiles<M>(m + o * block, a.Cout * block, nt, bias ? bias[o] : T(0),
+                                ystreams, M * nt);
         T* plane = out + (n * a.Cout + o) * a.Ho * a.Wo;
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t oh0 = (th0 + r) * M;
-          const T* mr = m + o * block + r * tiles_w;
-          const bool full_rows = oh0 + M <= a.Ho;
-          if (full_rows)
-            winograd::output_row<M>(mr, a.Cout * block, full_w, b, plane + oh0 * a.Wo, a.Wo);
-          for (int64_t t = full_rows ? full_w : 0; t < tiles_w; ++t) {
-            T mt[kPoints], y[M * M];
-            for (int xi = 0; xi < kPoints; ++xi) mt[xi] = mr[xi * a.Cout * block + t];
-            winograd::transform_output<M>(mt, y);
-            for (int i = 0; i < M && oh0 + i < a.Ho; ++i)
-              for (int j = 0; j < M && t * M + j < a.Wo; ++j)
-                plane[(oh0 + i) * a.Wo + t * M + j] = y[i * M + j] + b;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int i = 0; i < M; ++i) {
+            const int64_t oh = (th0 + r) * M + i;
+            if (oh >= a.Ho) break;
+            const T* src = ystreams + i * M * nt + r * M * tiles_w;
+            std::copy(src, src + a.Wo, plane + oh * a.Wo);
           }
-        }
       }
     }
   }
@@ -464,22 +506,20 @@ template <int M, typename T>
 void forward_winograd(const TensorView& input, const T* weight, const T* bias,
                       const ConvGeometry& G, T* out) {
   const WinogradConv<T> a{input.ptr<const T>(), G.N, G.C, G.H, G.W, G.xs_n, G.xs_c, G.xs_h,
-                          G.xs_w, G.Cout, G.p.pad_top, G.p.pad_left, G.Ho, G.Wo};
-  winograd_conv<M>(a, [&](int64_t o, int64_t c, T* g) {
-    std::copy(weight + (o * G.C + c) * 9, weight + (o * G.C + c) * 9 + 9, g);
-  }, bias, out);
+                          G.xs_w, G.Cout, G.p.pad_top, G.p.pad_left, G.Ho, G.Wo,
+                          weight, G.C * 9, 9, 1};
+  winograd_conv<M>(a, bias, out);
 }
 
 // grad_input of a 3x3 stride-1 convolution is itself one: grad_output
 // convolved with the flipped, transposed filters and padding 2 - p.
 template <int M, typename T>
 void grad_input_winograd(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
+  // Its filter (c, o) is weight[o, c] flipped: taps read backwards from the last.
   const WinogradConv<T> a{gy, G.N, G.Cout, G.Ho, G.Wo, G.Cout * G.P, G.P, G.Wo, 1,
-                          G.C, 2 - G.p.pad_top, 2 - G.p.pad_left, G.H, G.W};
-  winograd_conv<M>(a, [&](int64_t c, int64_t o, T* g) {
-    const T* f = weight + (o * G.C + c) * 9;
-    for (int k = 0; k < 9; ++k) g[k] = f[8 - k];
-  }, static_cast<const T*>(nullptr), gx);
+                          G.C, 2 - G.p.pad_top, 2 - G.p.pad_left, G.H, G.W,
+                          weight + 8, 9, G.C * 9, -1};
+  winograd_conv<M>(a, static_cast<const T*>(nullptr), gx);
 }
 
 template <typename T>

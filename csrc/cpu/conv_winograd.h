@@ -46,10 +46,11 @@ struct Variant<2> {
     y[0] = m[0] + m[1] + m[2];
     y[1] = m[1] - m[2] - m[3];
   }
-  static void filter(const double* g, double* u) {  // G g
+  template <typename S>
+  static CONVCORE_WINO_INLINE void filter(const S* g, S* u) {  // G g
     u[0] = g[0];
-    u[1] = 0.5 * (g[0] + g[1] + g[2]);
-    u[2] = 0.5 * (g[0] - g[1] + g[2]);
+    u[1] = S(0.5) * (g[0] + g[1] + g[2]);
+    u[2] = S(0.5) * (g[0] - g[1] + g[2]);
     u[3] = g[2];
   }
 };
@@ -92,67 +93,41 @@ struct Variant<4> {
     y[2] = s12 + T(4) * s34;
     y[3] = d12 + T(8) * d34 + m[5];
   }
-  static void filter(const double* g, double* u) {  // G g
-    u[0] = g[0] / 4;
-    u[1] = -(g[0] + g[1] + g[2]) / 6;
-    u[2] = -(g[0] - g[1] + g[2]) / 6;
-    u[3] = g[0] / 24 + g[1] / 12 + g[2] / 6;
-    u[4] = g[0] / 24 - g[1] / 12 + g[2] / 6;
+  template <typename S>
+  static CONVCORE_WINO_INLINE void filter(const S* g, S* u) {  // G g
+    // Multiplications by 1/6 rather than divisions (which do not
+    // vectorise as well); S is double, so the rounding of 1/6 is far below
+    // float's and the scaled results are within a double ulp of exact.
+    const S s02 = g[0] + g[2], t = S(0.25) * g[0] + g[2], h = S(0.5) * g[1];
+    u[0] = S(0.25) * g[0];
+    u[1] = S(-1.0 / 6) * (s02 + g[1]);
+    u[2] = S(-1.0 / 6) * (s02 - g[1]);
+    u[3] = S(1.0 / 6) * (t + h);  // g0/24 + g1/12 + g2/6
+    u[4] = S(1.0 / 6) * (t - h);  // g0/24 - g1/12 + g2/6
     u[5] = g[2];
   }
 };
 
-// U = G g G^T for one 3x3 filter g (row-major); u[kPoints] row-major.
-// Computed in double whatever T: it runs once per filter, and rounding
-// the fractions 1/6, 1/12, 1/24 once, at the end, keeps U exact to T.
+// Transforms of many tiles at once, written so that the loop over tiles
+// vectorises: tile t's a x a patch is columns m*t .. m*t + a - 1 of a row
+// streams, and its a*a transformed values go to a*a streams, contiguous in
+// the tile. The loops within a tile are fully unrolled (forced: F(4x4) has
+// 36 values) so that only the loop over tiles is left to vectorise. GCC
+// cannot prove that the streams (a runtime stride apart) do not overlap,
+// and gives up after a few run-time alias checks, so each loop over
+// tiles/filters carries `GCC ivdep`: true, as every caller's stride is at
+// least the length of a stream (see winograd_conv in conv.cpp).
+
+// v[xi * vstride + t] = (B^T d B)[xi] for tiles t < nt, whose patches are
+// rows 0..a-1 of `in` (row stride ss) at columns m*t .. m*t + a - 1.
 template <int M, typename T>
-inline void transform_filter(const T* g, T* u) {
+CONVCORE_WINO_INLINE void input_tiles_body(const T* __restrict in, int64_t ss, int64_t nt,
+                                           T* __restrict v, int64_t vstride) {
   using V = Variant<M>;
   constexpr int A = V::kTile;
-  double cols[3][A];  // G applied to each column of g
-  for (int j = 0; j < 3; ++j) {
-    const double c[3] = {double(g[j]), double(g[3 + j]), double(g[6 + j])};
-    V::filter(c, cols[j]);
-  }
-  for (int i = 0; i < A; ++i) {  // then to each row of G g
-    const double r[3] = {cols[0][i], cols[1][i], cols[2][i]};
-    double q[A];
-    V::filter(r, q);
-    for (int j = 0; j < A; ++j) u[i * A + j] = static_cast<T>(q[j]);
-  }
-}
-
-// Y = A^T m A for one tile of products m (row-major a x a); y row-major m x m.
-// The scalar path, for ragged tiles at the bottom/right edge.
-template <int M, typename T>
-inline void transform_output(const T* m, T* y) {
-  using V = Variant<M>;
-  constexpr int A = V::kTile;
-  T rows[M][A];  // A^T m: the columns of m transformed
-  for (int j = 0; j < A; ++j) {
-    T c[A], q[M];
-    for (int k = 0; k < A; ++k) c[k] = m[k * A + j];
-    V::output(c, q);
-    for (int i = 0; i < M; ++i) rows[i][j] = q[i];
-  }
-  for (int i = 0; i < M; ++i) V::output(rows[i], y + i * M);
-}
-
-// Row-at-a-time transforms over a zero-padded slab, written so the loop over
-// tiles vectorises: each tile's a x a patch starts m columns after the last,
-// and the a*a transformed values go to a*a streams contiguous in the tile.
-// The loops over the tile are fully unrolled (forced: F(4x4) has 36 values)
-// so that only the loop over tiles is left to vectorise.
-
-// v[xi * vstride + t] = (B^T d B)[xi] for tiles t < nt of one tile row, whose
-// patches are rows 0..a-1 of the slab (row stride ss) at columns m*t..m*t+a-1.
-template <int M, typename T>
-CONVCORE_WINO_INLINE void input_row_body(const T* __restrict slab, int64_t ss, int64_t nt,
-                                         T* __restrict v, int64_t vstride) {
-  using V = Variant<M>;
-  constexpr int A = V::kTile;
+#pragma GCC ivdep
   for (int64_t t = 0; t < nt; ++t) {
-    const T* p = slab + M * t;
+    const T* p = in + M * t;
     T cols[A][A];  // cols[j] = B^T (column j of the patch)
 #pragma GCC unroll 8
     for (int j = 0; j < A; ++j) {
@@ -173,14 +148,14 @@ CONVCORE_WINO_INLINE void input_row_body(const T* __restrict slab, int64_t ss, i
   }
 }
 
-// The output transform of nt tiles of one tile row: m[xi * mstride + t]
-// -> m x m outputs at out[i * os + m*t + j], plus bias. Only tiles wholly
-// inside the output (the caller does the ragged edge).
+// The output transform of nt tiles: m[xi * mstride + t] -> m x m outputs
+// at out[i * os + m*t + j] (m row streams), plus bias.
 template <int M, typename T>
-CONVCORE_WINO_INLINE void output_row_body(const T* __restrict m, int64_t mstride, int64_t nt,
+CONVCORE_WINO_INLINE void output_tiles_body(const T* __restrict m, int64_t mstride, int64_t nt,
                                           T bias, T* __restrict out, int64_t os) {
   using V = Variant<M>;
   constexpr int A = V::kTile;
+#pragma GCC ivdep
   for (int64_t t = 0; t < nt; ++t) {
     T rows[M][A];  // A^T m
 #pragma GCC unroll 8
@@ -202,6 +177,38 @@ CONVCORE_WINO_INLINE void output_row_body(const T* __restrict m, int64_t mstride
   }
 }
 
+// U = G g G^T for n filters: filter c (c < n) has its 3x3 taps (row-major)
+// at w[k * ws + c], k < 9 (the caller gathers them so: unit-stride streams
+// let the loop over filters vectorise); u[xi * us + c] = U[xi]. Computed in
+// double whatever T, rounded once at the end, so that U is as exact as T
+// holds it (the fractions 1/6, 1/12, 1/24 are not exact in any precision).
+template <int M, typename T>
+CONVCORE_WINO_INLINE void filter_row_body(const T* __restrict w, int64_t ws, int64_t n,
+                                          T* __restrict u, int64_t us) {
+  using V = Variant<M>;
+  constexpr int A = V::kTile;
+#pragma GCC ivdep
+  for (int64_t c = 0; c < n; ++c) {
+    double g[9];
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) g[k] = w[k * ws + c];
+    double cols[3][A];  // G applied to each column of g
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j) {
+      const double d[3] = {g[j], g[3 + j], g[6 + j]};
+      V::filter(d, cols[j]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < A; ++i) {  // then to each row of G g
+      const double r[3] = {cols[0][i], cols[1][i], cols[2][i]};
+      double q[A];
+      V::filter(r, q);
+#pragma GCC unroll 8
+      for (int j = 0; j < A; ++j) u[(i * A + j) * us + c] = static_cast<T>(q[j]);
+    }
+  }
+}
+
 // Run-time dispatch: target_clones on plain (non-template) functions, so the
 // vector code is built for AVX-512, AVX2 and the baseline and picked by CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
@@ -211,13 +218,17 @@ CONVCORE_WINO_INLINE void output_row_body(const T* __restrict m, int64_t mstride
 #endif
 
 #define CONVCORE_WINO_ROWS(M, T)                                                              \
-  CONVCORE_WINO_CLONES inline void input_row_##M(const T* slab, int64_t ss, int64_t nt, T* v, \
-                                                 int64_t vstride) {                           \
-    input_row_body<M>(slab, ss, nt, v, vstride);                                              \
+  CONVCORE_WINO_CLONES inline void input_tiles_##M(const T* in, int64_t ss, int64_t nt,     \
+                                                   T* v, int64_t vstride) {                   \
+    input_tiles_body<M>(in, ss, nt, v, vstride);                                              \
   }                                                                                           \
-  CONVCORE_WINO_CLONES inline void output_row_##M(const T* m, int64_t mstride, int64_t nt,   \
-                                                  T bias, T* out, int64_t os) {               \
-    output_row_body<M>(m, mstride, nt, bias, out, os);                                        \
+  CONVCORE_WINO_CLONES inline void output_tiles_##M(const T* m, int64_t mstride, int64_t nt, \
+                                                    T bias, T* out, int64_t os) {             \
+    output_tiles_body<M>(m, mstride, nt, bias, out, os);                                      \
+  }                                                                                           \
+  CONVCORE_WINO_CLONES inline void filter_row_##M(const T* w, int64_t ws, int64_t n, T* u,  \
+                                                  int64_t us) {                               \
+    filter_row_body<M>(w, ws, n, u, us);                                                      \
   }
 CONVCORE_WINO_ROWS(2, float)
 CONVCORE_WINO_ROWS(2, double)
@@ -227,18 +238,26 @@ CONVCORE_WINO_ROWS(4, double)
 
 // The driver's entry to the row transforms of variant M.
 template <int M, typename T>
-inline void input_row(const T* slab, int64_t ss, int64_t nt, T* v, int64_t vstride) {
+inline void filter_row(const T* w, int64_t ws, int64_t n, T* u, int64_t us) {
   if constexpr (M == 2)
-    input_row_2(slab, ss, nt, v, vstride);
+    filter_row_2(w, ws, n, u, us);
   else
-    input_row_4(slab, ss, nt, v, vstride);
+    filter_row_4(w, ws, n, u, us);
 }
 template <int M, typename T>
-inline void output_row(const T* m, int64_t mstride, int64_t nt, T bias, T* out, int64_t os) {
+inline void input_tiles(const T* in, int64_t ss, int64_t nt, T* v, int64_t vstride) {
   if constexpr (M == 2)
-    output_row_2(m, mstride, nt, bias, out, os);
+    input_tiles_2(in, ss, nt, v, vstride);
   else
-    output_row_4(m, mstride, nt, bias, out, os);
+    input_tiles_4(in, ss, nt, v, vstride);
+}
+template <int M, typename T>
+inline void output_tiles(const T* m, int64_t mstride, int64_t nt, T bias, T* out,
+                         int64_t os) {
+  if constexpr (M == 2)
+    output_tiles_2(m, mstride, nt, bias, out, os);
+  else
+    output_tiles_4(m, mstride, nt, bias, out, os);
 }
 
 }  // namespace winograd

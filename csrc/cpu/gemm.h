@@ -102,15 +102,6 @@ void pack_a_part(int64_t M, int64_t K, const T* a, int64_t rs, int64_t cs, T* ds
   }
 }
 
-// Where pack_a puts A(i, k) of an M x K matrix: for callers that write the
-// packed form element by element (rows i in [M, Mpad) are theirs to zero).
-template <typename T>
-int64_t packed_a_index(int64_t M, int64_t K, int64_t i, int64_t k) {
-  constexpr int MR = Tile<T>::MR;
-  const int64_t k0 = k / KC * KC, kc = std::min(KC, K - k0);
-  return k0 * round_up(M, MR) + (i / MR) * MR * kc + (k - k0) * MR + i % MR;
-}
-
 template <typename T>
 void pack_a(int64_t M, int64_t K, const T* a, int64_t rs, int64_t cs, T* dst) {
   pack_a_part(M, K, a, rs, cs, dst, 0, pack_a_units<T>(M, K));
