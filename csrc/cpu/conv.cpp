@@ -383,11 +383,13 @@ template <int M, typename T>
 void winograd_conv(const WinogradConv<T>& a, const T* bias, T* out) {
   using V = winograd::Variant<M>;
   constexpr int kPoints = V::kPoints, MR = gemm::Tile<T>::MR;
-  // U[xi] (Cout x C) = G g G^T, written into the packed form (pack_a's
-  // layout) of the A operands of the kPoints GEMMs, one unit (MR-row panel
-  // x KC block) at a time through a per-thread buffer: no unpacked copy of
-  // all U is held (for 512 x 512 channels F(4x4)'s 36 matrices take 38 MB
-  // in float32), and each matrix's panel is written contiguously.
+  // U[xi] (Cout x C) = G g G^T, written straight into the packed form
+  // (pack_a's layout) of the A operands of the kPoints GEMMs, one unit
+  // (MR-row panel x KC block) at a time: the unit's filters are gathered
+  // tap by tap in the panel's order (k-major, MR rows per k; zero filters
+  // for the rows past Cout), so that the transform's output streams are the
+  // kPoints packed panels themselves. No unpacked copy of U is held (for
+  // 512 x 512 channels F(4x4)'s 36 matrices take 38 MB in float32).
   const int64_t a_size = gemm::packed_a_size<T>(a.Cout, a.C);
   detail::Workspace<T> u_ws(1, kPoints * a_size);
   T* a_packed = u_ws.get();
@@ -395,28 +397,22 @@ void winograd_conv(const WinogradConv<T>& a, const T* bias, T* out) {
     const int64_t Mpad = gemm::round_up(a.Cout, MR), panels = Mpad / MR;
     const int64_t units = panels * ((a.C + gemm::KC - 1) / gemm::KC);
     const int uthreads = detail::threads_for(units, a.Cout * a.C * kPoints * 8);
-    detail::Workspace<T> unit_ws(uthreads, (kPoints * MR + 9) * gemm::KC);
+    detail::Workspace<T> taps_ws(uthreads, 9 * MR * gemm::KC);
 #pragma omp parallel for num_threads(uthreads) schedule(static)
     for (int64_t u = 0; u < units; ++u) {
-      T* loc = unit_ws.get(omp_get_thread_num());  // loc[(xi * MR + i) * kc + k]
-      T* taps = loc + kPoints * MR * gemm::KC;     // taps[t * kc + k]: one row's filters
+      T* taps = taps_ws.get(omp_get_thread_num());  // taps[t * kc * MR + k * MR + i]
       const int64_t i0 = (u % panels) * MR, k0 = (u / panels) * gemm::KC;
-      const int64_t kc = std::min(gemm::KC, a.C - k0);
+      const int64_t kc = std::min(gemm::KC, a.C - k0), len = kc * MR;
       const int64_t rows = std::min<int64_t>(MR, a.Cout - i0);
-      for (int64_t i = 0; i < rows; ++i) {
-        const T* w = a.w + (i0 + i) * a.w_so + k0 * a.w_sc;
-        for (int64_t k = 0; k < kc; ++k)
-          for (int t = 0; t < 9; ++t) taps[t * kc + k] = w[k * a.w_sc + t * a.w_sk];
-        winograd::filter_row<M>(taps, kc, kc, loc + i * kc, MR * kc);
-      }
-      for (int xi = 0; xi < kPoints; ++xi) {
-        T* dst = a_packed + xi * a_size + k0 * Mpad + i0 * kc;
-        const T* src = loc + xi * MR * kc;
-        for (int64_t k = 0; k < kc; ++k) {
-          for (int64_t i = 0; i < rows; ++i) dst[k * MR + i] = src[i * kc + k];
-          for (int64_t i = rows; i < MR; ++i) dst[k * MR + i] = T(0);
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* w = a.w + (i0 + i) * a.w_so + (k0 + k) * a.w_sc;
+          for (int t = 0; t < 9; ++t) taps[t * len + k * MR + i] = w[t * a.w_sk];
         }
+        for (int64_t i = rows; i < MR; ++i)
+          for (int t = 0; t < 9; ++t) taps[t * len + k * MR + i] = T(0);
       }
+      winograd::filter_row<M>(taps, len, len, a_packed + k0 * Mpad + i0 * kc, a_size);
     }
   }
 
