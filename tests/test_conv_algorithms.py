@@ -164,3 +164,31 @@ def test_winograd4_accuracy_float32():
     err_gx = np.abs(gx - exact_gx).max() / np.abs(exact_gx).max()
     assert err < 3e-5, err
     assert err_gx < 3e-5, err_gx
+
+
+def test_auto_uses_winograd4_where_it_pays(two_threads):
+    """algorithm='auto' takes F(4x4, 3x3) on 64+ channels with 56x56+ outputs
+    (winograd4_pays in csrc/cpu/conv.cpp; update this test with that rule),
+    for forward and grad_input alike: the results are bitwise those of
+    algorithm='winograd4' there, and not on a 14x14 layer."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 64, 56, 56)).astype(np.float32)
+    w = (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
+    gy = rng.standard_normal((1, 64, 56, 56)).astype(np.float32)
+    auto_y = convcore.conv2d(x, w, padding=1)
+    auto_gx = convcore.conv2d_backward(gy, x, w, padding=1)[0]
+    np.testing.assert_array_equal(auto_y, convcore.conv2d(x, w, padding=1, algorithm="winograd4"))
+    np.testing.assert_array_equal(
+        auto_gx, convcore.conv2d_backward(gy, x, w, padding=1, algorithm="winograd4")[0])
+    small = x[:, :, :14, :14]
+    assert not np.array_equal(convcore.conv2d(small, w, padding=1),
+                              convcore.conv2d(small, w, padding=1, algorithm="winograd4"))
+
+
+@pytest.fixture(autouse=False)
+def two_threads():
+    """The rule also asks for a band of tiles per thread: pin the count."""
+    before = convcore.get_num_threads()
+    convcore.set_num_threads(2)
+    yield
+    convcore.set_num_threads(before)

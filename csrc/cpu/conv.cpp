@@ -71,9 +71,20 @@ bool winograd_shape(const ConvGeometry& G) {
   return G.KH == 3 && G.KW == 3 && G.p.stride_h == 1 && G.p.stride_w == 1 &&
          G.p.dilation_h == 1 && G.p.dilation_w == 1 && G.G == 1;
 }
-// Winograd tasks take bands of whole tile rows, about band_tiles tiles each.
+// Winograd tasks take bands of whole tile rows, at most about band_tiles
+// tiles each, the rows shared evenly among the bands (14 rows in 2 bands of
+// 7, not 9 + 5, which would leave one of two threads idle a third of the time).
 int64_t winograd_band(int64_t tiles_h, int64_t tiles_w, int64_t band_tiles) {
-  return std::max<int64_t>(1, std::min<int64_t>(tiles_h, band_tiles / tiles_w));
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(tiles_h, band_tiles / tiles_w));
+  const int64_t bands = (tiles_h + most - 1) / most;
+  return (tiles_h + bands - 1) / bands;
+}
+// The number of those tasks for F(M x M, 3x3).
+template <int M>
+int64_t winograd_tasks(const ConvGeometry& G) {
+  const int64_t tiles_h = (G.Ho + M - 1) / M, tiles_w = (G.Wo + M - 1) / M;
+  const int64_t band = winograd_band(tiles_h, tiles_w, winograd::Variant<M>::kBandTiles);
+  return G.N * ((tiles_h + band - 1) / band);
 }
 
 // Measured on the development machine (docs/benchmarks.md): F(2x2, 3x3)
@@ -83,10 +94,22 @@ int64_t winograd_band(int64_t tiles_h, int64_t tiles_w, int64_t band_tiles) {
 // images (13x13, 14x14), or when too few bands of tiles keep both cores busy.
 bool winograd_pays(const ConvGeometry& G) {
   if (!winograd_shape(G) || G.C < 256 || G.Cout < 256 || G.Ho < 24 || G.Wo < 24) return false;
-  const int64_t tiles_h = (G.Ho + 1) / 2, tiles_w = (G.Wo + 1) / 2;
-  const int64_t band = winograd_band(tiles_h, tiles_w, winograd::Variant<2>::kBandTiles);
-  const int64_t tasks = G.N * ((tiles_h + band - 1) / band);
-  return tasks >= 2 * static_cast<int64_t>(get_num_threads());
+  return winograd_tasks<2>(G) >= 2 * static_cast<int64_t>(get_num_threads());
+}
+
+// F(4x4, 3x3), measured on the development machine with one thread (and
+// spot-checked with two), min and median of interleaved runs on a busy
+// machine: 1.6-2.3x faster than the GEMM path and 1.2-1.4x faster than
+// F(2x2) on 64- to 256-channel layers with 56x56 and larger outputs (VGG
+// conv1_2 to conv3_x, ResNet's 64-channel stage), batch 1 to 16, forward
+// and grad_input. On 28x28 outputs it is level with F(2x2) (an image holds
+// only 7x7 of its tiles, too few per task to reuse the transformed filters
+// well), and on 13x13/14x14 it loses to both: the ragged last tiles waste
+// up to 30% of the work and transforming the 36 filter matrices costs more
+// than the products save. Below 64 channels was not measured.
+bool winograd4_pays(const ConvGeometry& G) {
+  if (!winograd_shape(G) || G.C < 64 || G.Cout < 64 || G.Ho < 56 || G.Wo < 56) return false;
+  return winograd_tasks<4>(G) >= static_cast<int64_t>(get_num_threads());
 }
 bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
 bool is_pointwise(const ConvGeometry& G) {
@@ -234,6 +257,7 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
   switch (G.p.algorithm) {
     case ConvAlgorithm::Auto:
       if (depthwise) return ConvAlgorithm::Depthwise;
+      if (winograd4_pays(G)) return ConvAlgorithm::Winograd4x4;
       if (winograd_pays(G)) return ConvAlgorithm::Winograd;
       if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
       return ConvAlgorithm::Gemm;
