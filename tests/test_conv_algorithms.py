@@ -167,10 +167,11 @@ def test_winograd4_accuracy_float32():
 
 
 def test_auto_uses_winograd4_where_it_pays(two_threads):
-    """algorithm='auto' takes F(4x4, 3x3) on 64+ channels with 56x56+ outputs
-    (winograd4_pays in csrc/cpu/conv.cpp; update this test with that rule),
-    for forward and grad_input alike: the results are bitwise those of
-    algorithm='winograd4' there, and not on a 14x14 layer."""
+    """algorithm='auto' takes F(4x4, 3x3) on 64- to 255-channel layers with
+    56x56+ outputs (winograd4_pays in csrc/cpu/conv.cpp; update this test
+    with that rule), for forward and grad_input alike: the results are
+    bitwise those of algorithm='winograd4' there, not on a 14x14 layer, and
+    F(2x2)'s on 256 channels in and out."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, 64, 56, 56)).astype(np.float32)
     w = (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
@@ -183,6 +184,10 @@ def test_auto_uses_winograd4_where_it_pays(two_threads):
     small = x[:, :, :14, :14]
     assert not np.array_equal(convcore.conv2d(small, w, padding=1),
                               convcore.conv2d(small, w, padding=1, algorithm="winograd4"))
+    x256 = rng.standard_normal((1, 256, 56, 56)).astype(np.float32)
+    w256 = (rng.standard_normal((256, 256, 3, 3)) / 48).astype(np.float32)
+    np.testing.assert_array_equal(convcore.conv2d(x256, w256, padding=1),
+                                  convcore.conv2d(x256, w256, padding=1, algorithm="winograd"))
 
 
 @pytest.fixture(autouse=False)

@@ -98,19 +98,24 @@ bool winograd_pays(const ConvGeometry& G) {
 }
 
 // F(4x4, 3x3), measured on the development machine with one thread (and
-// spot-checked with two), min and median of interleaved runs on a busy
-// machine: 1.6-2.3x faster than the GEMM path and 1.2-1.4x faster than
-// F(2x2) on 64- to 256-channel layers with 56x56 and larger outputs (VGG
-// conv1_2 to conv3_x, ResNet's 64-channel stage), batch 1 to 16, forward
-// and grad_input. On 28x28 outputs it is level with F(2x2) (an image holds
-// only 7x7 of its tiles, too few per task to reuse the transformed filters
-// well), and on 13x13/14x14 it loses to both: the ragged last tiles waste
-// up to 30% of the work and transforming the 36 filter matrices costs more
-// than the products save. Below 64 channels was not measured.
+// spot-checked with two), medians of interleaved runs on a busy machine:
+// 1.6-2.4x faster than the GEMM path and 1.1-1.4x faster than F(2x2) on 64-
+// and 128-channel layers with 56x56 and larger outputs (VGG conv1_2 and
+// conv2_2, ResNet's 64-channel stage), batch 1 to 16, forward and
+// grad_input. Where F(2x2) already applies (256+ channels in and out) its
+// lead shrinks to 0-1.2x, not worth 15x F(2x2)'s rounding error, so F(2x2)
+// keeps those layers. On 28x28 outputs it is level with F(2x2) (an image
+// holds only 7x7 of its tiles: too few per task to reuse the transformed
+// filters well), and on 13x13/14x14 it loses to both: the ragged last
+// tiles waste up to 30% of the work, and transforming the 36 filter
+// matrices costs more than the products save. Below 64 channels was not
+// measured.
 bool winograd4_pays(const ConvGeometry& G) {
   if (!winograd_shape(G) || G.C < 64 || G.Cout < 64 || G.Ho < 56 || G.Wo < 56) return false;
+  if (G.C >= 256 && G.Cout >= 256) return false;  // F(2x2)'s layers, see above
   return winograd_tasks<4>(G) >= static_cast<int64_t>(get_num_threads());
 }
+
 bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
 bool is_pointwise(const ConvGeometry& G) {
   return G.p.algorithm == ConvAlgorithm::Pointwise && rows_contiguous(G);
