@@ -55,17 +55,25 @@ struct Variant<2> {
   }
 };
 
-// F(4, 3), interpolation points 0, 1, -1, 2, -2, infinity (Lavin & Gray's
-// choice; F(4, 3) has room for five finite points, and these keep the
-// transform entries small integers):
-//   B^T = [4  0 -5  0 1 0;     G = [ 1/4     0    0  ;   A^T = [1 1  1 1  1 0;
-//          0 -4 -4  1 1 0;          -1/6  -1/6 -1/6 ;          0 1 -1 2 -2 0;
-//          0  4 -4 -1 1 0;          -1/6   1/6 -1/6 ;          0 1  1 4  4 0;
-//          0 -2 -1  2 1 0;           1/24  1/12 1/6 ;          0 1 -1 8 -8 1]
-//          0  2 -1 -2 1 0;           1/24 -1/12 1/6 ;
-//          0  4  0 -5 0 1]           0      0    1  ]
-// (derived from the Lagrange interpolation at those points; checked against
-// direct convolution by tests/test_conv_algorithms.py).
+// F(4, 3), interpolation points 0, 1, -1, 1/2, -2 and infinity (F(4, 3)
+// has room for five finite points). Lavin & Gray's 0, 1, -1, 2, -2 keep the
+// matrices integral, but 1/2 in place of 2 rounds 2.5-3.5x less in float32
+// (simulated on 64- to 512-channel sums, and measured on the layers of
+// docs/benchmarks.md; Barabasz et al. 2020 report the same), at a few more
+// operations in the input transform. Derived from the Lagrange
+// interpolation at those points (checked with exact rationals against
+// direct convolution, and by tests/test_conv_algorithms.py):
+//   B^T = [1 -3/2   -2  3/2   1 0;   G = [   1      0     0  ;
+//          0   -1  1/2  5/2   1 0;          1/3    1/3   1/3 ;
+//          0    1 -5/2  1/2   1 0;         -1/3    1/3  -1/3 ;
+//          0   -2   -1    2   1 0;        -16/15 -8/15 -4/15 ;
+//          0  1/2   -1 -1/2   1 0;          1/15 -2/15  4/15 ;
+//          0    1 -3/2   -2 3/2 1]          0      0     1   ]
+//   A^T = [1 1  1   1    1 0;
+//          0 1 -1 1/2   -2 0;
+//          0 1  1 1/4    4 0;
+//          0 1 -1 1/8   -8 1]
+// (all entries of B^T and A^T exact in binary floating point).
 template <>
 struct Variant<4> {
   static constexpr int kOut = 4, kTile = 6, kPoints = 36;
@@ -76,36 +84,32 @@ struct Variant<4> {
   static constexpr int64_t kBandTiles = 128;
   template <typename T>
   static CONVCORE_WINO_INLINE void input(const T* d, T* v) {  // B^T d
-    const T d13 = d[1] + d[2], d31 = d[3] + d[4];  // shared sums, factored as
-    const T e13 = d[1] - d[2], e31 = d[4] - d[3];  // (Lavin & Gray)
-    const T f = d[4] - d[2], h = d[3] - d[1];
-    v[0] = T(4) * d[0] - T(5) * d[2] + d[4];
-    v[1] = d31 - T(4) * d13;
-    v[2] = e31 + T(4) * e13;
+    const T h = d[3] - d[1], f = d[4] - d[2];  // shared differences
+    v[0] = (d[0] - T(2) * d[2] + d[4]) + T(1.5) * h;
+    v[1] = (d[4] - d[1]) + T(0.5) * d[2] + T(2.5) * d[3];
+    v[2] = (d[4] + d[1]) - T(2.5) * d[2] + T(0.5) * d[3];
     v[3] = f + T(2) * h;
-    v[4] = f - T(2) * h;
-    v[5] = T(4) * d[1] - T(5) * d[3] + d[5];
+    v[4] = f - T(0.5) * h;
+    v[5] = (d[1] - T(2) * d[3] + d[5]) + T(1.5) * f;
   }
   template <typename T>
   static CONVCORE_WINO_INLINE void output(const T* m, T* y) {  // A^T m
     const T s12 = m[1] + m[2], d12 = m[1] - m[2];
-    const T s34 = m[3] + m[4], d34 = m[3] - m[4];
-    y[0] = m[0] + s12 + s34;
-    y[1] = d12 + T(2) * d34;
-    y[2] = s12 + T(4) * s34;
-    y[3] = d12 + T(8) * d34 + m[5];
+    y[0] = m[0] + s12 + (m[3] + m[4]);
+    y[1] = d12 + T(0.5) * m[3] - T(2) * m[4];
+    y[2] = s12 + T(0.25) * m[3] + T(4) * m[4];
+    y[3] = d12 + T(0.125) * m[3] - T(8) * m[4] + m[5];
   }
   template <typename S>
   static CONVCORE_WINO_INLINE void filter(const S* g, S* u) {  // G g
-    // Multiplications by 1/6 rather than divisions (which do not
-    // vectorise as well); S is double, so the rounding of 1/6 is far below
-    // float's and the scaled results are within a double ulp of exact.
-    const S s02 = g[0] + g[2], t = S(0.25) * g[0] + g[2], h = S(0.5) * g[1];
-    u[0] = S(0.25) * g[0];
-    u[1] = S(-1.0 / 6) * (s02 + g[1]);
-    u[2] = S(-1.0 / 6) * (s02 - g[1]);
-    u[3] = S(1.0 / 6) * (t + h);  // g0/24 + g1/12 + g2/6
-    u[4] = S(1.0 / 6) * (t - h);  // g0/24 - g1/12 + g2/6
+    // Multiplications by 1/3 and 1/15 rather than divisions (which do not
+    // vectorise as well); S is double, so their rounding is far below
+    // float's and the results are within a few double ulps of exact.
+    u[0] = g[0];
+    u[1] = S(1.0 / 3) * (g[0] + g[1] + g[2]);
+    u[2] = S(-1.0 / 3) * (g[0] - g[1] + g[2]);
+    u[3] = S(-1.0 / 15) * (S(16) * g[0] + S(8) * g[1] + S(4) * g[2]);
+    u[4] = S(1.0 / 15) * (g[0] - S(2) * g[1] + S(4) * g[2]);
     u[5] = g[2];
   }
 };
