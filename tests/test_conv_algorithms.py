@@ -199,3 +199,23 @@ def two_threads():
     convcore.set_num_threads(2)
     yield
     convcore.set_num_threads(before)
+
+
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
+def test_winograd_workspace_does_not_grow_with_batch(algorithm, two_threads):
+    """The Winograd paths hold the transformed filters plus per-thread
+    buffers for one band of tiles (never the transformed input of the whole
+    batch): the scratch the call reports is the same for 2 and 16 images, and
+    less than half of what the transformed input of 16 images would take."""
+    from convcore import _core
+    w = np.zeros((32, 32, 3, 3), np.float32)
+    peaks = []
+    for n in (2, 16):
+        x = np.zeros((n, 32, 40, 40), np.float32)
+        _core.reset_workspace_peak()
+        convcore.conv2d(x, w, padding=1, algorithm=algorithm)
+        peaks.append(_core.workspace_peak())
+    assert peaks[0] == peaks[1], peaks
+    m = 2 if algorithm == "winograd" else 4  # output tile; input tiles are m + 2 wide
+    whole_batch = 16 * 32 * (40 // m) ** 2 * (m + 2) ** 2 * 4  # bytes: images x channels x tiles x points
+    assert peaks[1] < whole_batch / 2, (peaks, whole_batch)

@@ -103,7 +103,7 @@ bool winograd_pays(const ConvGeometry& G) {
 // and 128-channel layers with 56x56 and larger outputs (VGG conv1_2 and
 // conv2_2, ResNet's 64-channel stage), batch 1 to 16, forward and
 // grad_input. Where F(2x2) already applies (256+ channels in and out) its
-// lead shrinks to 0-1.2x, not worth 15x F(2x2)'s rounding error, so F(2x2)
+// lead shrinks to 1.0-1.2x, not worth 5-8x F(2x2)'s rounding error, so F(2x2)
 // keeps those layers. On 28x28 outputs it is level with F(2x2) (an image
 // holds only 7x7 of its tiles: too few per task to reuse the transformed
 // filters well), and on 13x13/14x14 it loses to both: the ragged last
