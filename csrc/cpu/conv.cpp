@@ -467,7 +467,9 @@ void winograd_conv(const WinogradConv<T>& a, const T* bias, T* out) {
   const int threads = detail::threads_for(tasks, a.N * a.Cout * a.C * a.Ho * a.Wo * 9);
   const int64_t bsize = gemm::b_workspace_size<T>();
   const int64_t vsize = kPoints * a.C * wblock, msize = kPoints * a.Cout * block;
-  const int64_t ssize = A * band * seg, ysize = M * M * block;
+  // The unused last tile of a row reads A - M columns past its segment:
+  // the next segment's, or, after the last one, a few slack values.
+  const int64_t ssize = A * band * seg + (A - M), ysize = M * M * block;
   detail::Workspace<T> ws(threads, bsize + vsize + msize + ssize + ysize);
 #pragma omp parallel num_threads(threads)
   {
@@ -476,6 +478,7 @@ void winograd_conv(const WinogradConv<T>& a, const T* bias, T* out) {
     T* m = v + vsize;          // m[(xi * Cout + o) * block + tile]
     T* stacked = m + msize;    // stacked[k * band * seg + r * seg + column]
     T* ystreams = stacked + ssize;  // ystreams[i * M * nt + r * M * tiles_w + column]
+    std::fill(stacked + ssize - (A - M), stacked + ssize, T(0));  // the slack
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t n = task / bands, th0 = (task % bands) * band;

@@ -367,7 +367,10 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
     const int64_t gs0 = grad_output.strides[0], gs1 = grad_output.strides[1];
 #ifdef CONVCORE_SMALL_LINEAR
     const auto kernels = small_kernels<T>();
-    if (M <= kSmallBatch && weight.strides[1] == 1 && kernels.axpy) {
+    // Not for an empty batch: the streaming kernels sum over its (no) rows
+    // without writing grad_weight, which must come out zero (the GEMM path
+    // writes it).
+    if (M > 0 && M <= kSmallBatch && weight.strides[1] == 1 && kernels.axpy) {
       const detail::Contiguous<T> gc(grad_output);
       const T* g = gc.data();  // (M x N)
       if (grad_input) {
