@@ -8,9 +8,9 @@
 //   F(2x2, 3x3): 4x4 tiles, 16 products per 4 outputs, 2.25x fewer
 //                multiplications than direct convolution;
 //   F(4x4, 3x3): 6x6 tiles, 36 products per 16 outputs, 4x fewer, at the
-//                cost of larger transforms and more rounding error (the
-//                transform entries grow to 4, 5 and 8; measured in the tests
-//                and docs/benchmarks.md).
+//                cost of larger transforms and more rounding error (A^T's
+//                entries grow to 8; measured in the tests and
+//                docs/benchmarks.md).
 // Each variant is its three 1-D transforms (B^T, A^T, G applied to one
 // column); the 2-D transforms apply them to the columns, then the rows.
 #pragma once
