@@ -71,9 +71,20 @@ bool winograd_shape(const ConvGeometry& G) {
   return G.KH == 3 && G.KW == 3 && G.p.stride_h == 1 && G.p.stride_w == 1 &&
          G.p.dilation_h == 1 && G.p.dilation_w == 1 && G.G == 1;
 }
-// Winograd tasks take bands of whole tile rows, about 128 tiles each.
-int64_t winograd_band(int64_t tiles_h, int64_t tiles_w) {
-  return std::max<int64_t>(1, std::min<int64_t>(tiles_h, 128 / tiles_w));
+// Winograd tasks take bands of whole tile rows, at most about band_tiles
+// tiles each, the rows shared evenly among the bands (14 rows in 2 bands of
+// 7, not 9 + 5, which would leave one of two threads idle a third of the time).
+int64_t winograd_band(int64_t tiles_h, int64_t tiles_w, int64_t band_tiles) {
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(tiles_h, band_tiles / tiles_w));
+  const int64_t bands = (tiles_h + most - 1) / most;
+  return (tiles_h + bands - 1) / bands;
+}
+// The number of those tasks for F(M x M, 3x3).
+template <int M>
+int64_t winograd_tasks(const ConvGeometry& G) {
+  const int64_t tiles_h = (G.Ho + M - 1) / M, tiles_w = (G.Wo + M - 1) / M;
+  const int64_t band = winograd_band(tiles_h, tiles_w, winograd::Variant<M>::kBandTiles);
+  return G.N * ((tiles_h + band - 1) / band);
 }
 
 // Measured on the development machine (docs/benchmarks.md): F(2x2, 3x3)
@@ -83,11 +94,28 @@ int64_t winograd_band(int64_t tiles_h, int64_t tiles_w) {
 // images (13x13, 14x14), or when too few bands of tiles keep both cores busy.
 bool winograd_pays(const ConvGeometry& G) {
   if (!winograd_shape(G) || G.C < 256 || G.Cout < 256 || G.Ho < 24 || G.Wo < 24) return false;
-  const int64_t tiles_h = (G.Ho + 1) / 2, tiles_w = (G.Wo + 1) / 2;
-  const int64_t band = winograd_band(tiles_h, tiles_w);
-  const int64_t tasks = G.N * ((tiles_h + band - 1) / band);
-  return tasks >= 2 * static_cast<int64_t>(get_num_threads());
+  return winograd_tasks<2>(G) >= 2 * static_cast<int64_t>(get_num_threads());
 }
+
+// F(4x4, 3x3), measured on the development machine with one thread (and
+// spot-checked with two), medians of interleaved runs on a busy machine:
+// 1.6-2.4x faster than the GEMM path and 1.1-1.4x faster than F(2x2) on 64-
+// and 128-channel layers with 56x56 and larger outputs (VGG conv1_2 and
+// conv2_2, ResNet's 64-channel stage), batch 1 to 16, forward and
+// grad_input. Where F(2x2) already applies (256+ channels in and out) its
+// lead shrinks to 1.0-1.2x, not worth 5-8x F(2x2)'s rounding error, so F(2x2)
+// keeps those layers. On 28x28 outputs it is level with F(2x2) (an image
+// holds only 7x7 of its tiles: too few per task to reuse the transformed
+// filters well), and on 13x13/14x14 it loses to both: the ragged last
+// tiles waste up to 30% of the work, and transforming the 36 filter
+// matrices costs more than the products save. Below 64 channels was not
+// measured.
+bool winograd4_pays(const ConvGeometry& G) {
+  if (!winograd_shape(G) || G.C < 64 || G.Cout < 64 || G.Ho < 56 || G.Wo < 56) return false;
+  if (G.C >= 256 && G.Cout >= 256) return false;  // F(2x2)'s layers, see above
+  return winograd_tasks<4>(G) >= static_cast<int64_t>(get_num_threads());
+}
+
 bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
 bool is_pointwise(const ConvGeometry& G) {
   return G.p.algorithm == ConvAlgorithm::Pointwise && rows_contiguous(G);
@@ -234,6 +262,7 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
   switch (G.p.algorithm) {
     case ConvAlgorithm::Auto:
       if (depthwise) return ConvAlgorithm::Depthwise;
+      if (winograd4_pays(G)) return ConvAlgorithm::Winograd4x4;
       if (winograd_pays(G)) return ConvAlgorithm::Winograd;
       if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
       return ConvAlgorithm::Gemm;
@@ -249,10 +278,11 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
                          "padding");
       return ConvAlgorithm::Pointwise;
     case ConvAlgorithm::Winograd:
+    case ConvAlgorithm::Winograd4x4:
       if (!winograd_shape(G))
-        throw ValueError("algorithm='winograd' needs a 3x3 kernel with stride 1, dilation 1 "
-                         "and groups=1");
-      return ConvAlgorithm::Winograd;
+        throw ValueError(std::string("algorithm='") + conv_algorithm_name(G.p.algorithm) +
+                         "' needs a 3x3 kernel with stride 1, dilation 1 and groups=1");
+      return G.p.algorithm;
     case ConvAlgorithm::Gemm:
       return ConvAlgorithm::Gemm;
   }
@@ -338,131 +368,186 @@ void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeome
   }
 }
 
-// A 3x3 stride-1 convolution as Winograd F(2x2, 3x3) sees it: an image x
-// (N, C, H, W; any strides), filters given by filter(o, c, g[9]), padding
-// top/left (the output size fixes the rest), output (N, Cout, Ho, Wo).
+// Packs B(k, j) = b[k * rs + j + j / run]: the columns of b, skipping one
+// after every run of `run` (the unused tile at the end of each tile row of
+// the Winograd transforms). Copies contiguous runs.
+template <typename T>
+struct SkipPackB {
+  const T* b;
+  int64_t rs, run;
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+      T* panel = dst + jp * kc;
+      const int64_t w = std::min<int64_t>(NR, nc - jp);
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = b + (k0 + k) * rs;
+        T* out = panel + k * NR;
+        for (int64_t j = 0; j < w;) {  // runs of columns within one tile row
+          const int64_t col = j0 + jp + j, len = std::min(w - j, run - col % run);
+          std::copy(src + col + col / run, src + col + col / run + len, out + j);
+          j += len;
+        }
+        std::fill(out + w, out + NR, T(0));
+      }
+    }
+  }
+};
+
+// A 3x3 stride-1 convolution as Winograd sees it: an image x (N, C, H, W;
+// any strides), filters w (filter (o, c) has its taps, row-major, at
+// w[o * w_so + c * w_sc + k * w_sk], k < 9: a tap stride of -1 flips them),
+// padding top/left (the output size fixes the rest), output (N, Cout, Ho, Wo).
 template <typename T>
 struct WinogradConv {
   const T* x;
   int64_t N, C, H, W, xs_n, xs_c, xs_h, xs_w;
   int64_t Cout, pad_top, pad_left, Ho, Wo;
+  const T* w;
+  int64_t w_so, w_sc, w_sk;
 };
 
-template <typename T, typename FilterFn>
-void winograd_conv(const WinogradConv<T>& a, FilterFn&& filter, const T* bias, T* out) {
-  using namespace winograd;
-  // U[xi] (Cout x C) = G g G^T, packed once as the A operands of 16 GEMMs.
+// Winograd F(M x M, 3x3), M = 2 or 4 (conv_winograd.h).
+template <int M, typename T>
+void winograd_conv(const WinogradConv<T>& a, const T* bias, T* out) {
+  using V = winograd::Variant<M>;
+  constexpr int kPoints = V::kPoints, MR = gemm::Tile<T>::MR;
+  // U[xi] (Cout x C) = G g G^T, written straight into the packed form
+  // (pack_a's layout) of the A operands of the kPoints GEMMs, one unit
+  // (MR-row panel x KC block) at a time: the unit's filters are gathered
+  // tap by tap in the panel's order (k-major, MR rows per k; zero filters
+  // for the rows past Cout), so that the transform's output streams are the
+  // kPoints packed panels themselves. No unpacked copy of U is held (for
+  // 512 x 512 channels F(4x4)'s 36 matrices take 38 MB in float32).
   const int64_t a_size = gemm::packed_a_size<T>(a.Cout, a.C);
-  detail::Workspace<T> u_ws(1, kPoints * a.Cout * a.C + kPoints * a_size);
-  T* u = u_ws.get();
-  T* a_packed = u + kPoints * a.Cout * a.C;
-#pragma omp parallel for num_threads(detail::threads_for(a.Cout)) schedule(static)
-  for (int64_t o = 0; o < a.Cout; ++o) {
-    T g[9], ut[kPoints];
-    for (int64_t c = 0; c < a.C; ++c) {
-      filter(o, c, g);
-      transform_filter(g, ut);
-      for (int xi = 0; xi < kPoints; ++xi) u[(xi * a.Cout + o) * a.C + c] = ut[xi];
+  detail::Workspace<T> u_ws(1, kPoints * a_size);
+  T* a_packed = u_ws.get();
+  {
+    const int64_t Mpad = gemm::round_up(a.Cout, MR), panels = Mpad / MR;
+    const int64_t units = panels * ((a.C + gemm::KC - 1) / gemm::KC);
+    const int uthreads = detail::threads_for(units, a.Cout * a.C * kPoints * 8);
+    detail::Workspace<T> taps_ws(uthreads, 9 * MR * gemm::KC);
+#pragma omp parallel for num_threads(uthreads) schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      T* taps = taps_ws.get(omp_get_thread_num());  // taps[t * kc * MR + k * MR + i]
+      const int64_t i0 = (u % panels) * MR, k0 = (u / panels) * gemm::KC;
+      const int64_t kc = std::min(gemm::KC, a.C - k0), len = kc * MR;
+      const int64_t rows = std::min<int64_t>(MR, a.Cout - i0);
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* w = a.w + (i0 + i) * a.w_so + (k0 + k) * a.w_sc;
+          for (int t = 0; t < 9; ++t) taps[t * len + k * MR + i] = w[t * a.w_sk];
+        }
+        for (int64_t i = rows; i < MR; ++i)
+          for (int t = 0; t < 9; ++t) taps[t * len + k * MR + i] = T(0);
+      }
+      winograd::filter_row<M>(taps, len, len, a_packed + k0 * Mpad + i0 * kc, a_size);
     }
   }
-#pragma omp parallel for num_threads(detail::threads_for(kPoints)) schedule(static)
-  for (int xi = 0; xi < kPoints; ++xi)
-    gemm::pack_a(a.Cout, a.C, u + xi * a.Cout * a.C, a.C, int64_t(1), a_packed + xi * a_size);
 
-  // Tasks: (image, band of tile rows); each pads its band of the image
-  // channel by channel into a small slab, transforms it row by row (the
-  // tiles of a row vectorise), runs 16 GEMMs and the output transform.
-  const int64_t tiles_h = (a.Ho + kOut - 1) / kOut, tiles_w = (a.Wo + kOut - 1) / kOut;
-  const int64_t band = winograd_band(tiles_h, tiles_w);
+  // Tasks: (image, band of tile rows). Each task lays out its band of each
+  // input channel as A row streams ("stacked": stream k holds input row
+  // M*r + k of every tile row r, zero padded, one segment of M*(tiles_w + 1)
+  // columns per tile row), so that tile t of tile row r starts at column
+  // M*(r*(tiles_w + 1) + t) of every stream: one flat, vectorisable loop
+  // transforms the whole band, with one unused tile per row (it reads the
+  // segment's padding) that the GEMMs' packing skips. The products are
+  // transformed back the same way, into M row streams per output channel,
+  // whose valid part (ragged edges dropped) is copied to the output.
+  // The workspace is per thread and bounded by the band, whatever the batch.
+  constexpr int A = V::kTile;
+  const int64_t tiles_h = (a.Ho + M - 1) / M, tiles_w = (a.Wo + M - 1) / M;
+  const int64_t band = winograd_band(tiles_h, tiles_w, V::kBandTiles);
   const int64_t bands = (tiles_h + band - 1) / band;
-  const int64_t block = band * tiles_w;  // tiles per task, at most
+  const int64_t block = band * tiles_w;         // tiles per task, at most
+  const int64_t wide = tiles_w + 1;             // tiles per row, with the unused one
+  const int64_t wblock = band * wide;           // the same, counting them
+  const int64_t seg = M * wide;                 // >= M * tiles_w + 2, what a row of tiles reads
   const int64_t tasks = a.N * bands;
   const int threads = detail::threads_for(tasks, a.N * a.Cout * a.C * a.Ho * a.Wo * 9);
   const int64_t bsize = gemm::b_workspace_size<T>();
-  const int64_t vsize = kPoints * a.C * block, msize = kPoints * a.Cout * block;
-  const int64_t sw = 2 * tiles_w + 2, sh = 2 * band + 2;  // slab: rows x columns
-  detail::Workspace<T> ws(threads, bsize + vsize + msize + sh * sw);
+  const int64_t vsize = kPoints * a.C * wblock, msize = kPoints * a.Cout * block;
+  // The unused last tile of a row reads A - M columns past its segment:
+  // the next segment's, or, after the last one, a few slack values.
+  const int64_t ssize = A * band * seg + (A - M), ysize = M * M * block;
+  detail::Workspace<T> ws(threads, bsize + vsize + msize + ssize + ysize);
 #pragma omp parallel num_threads(threads)
   {
     T* bbuf = ws.get(omp_get_thread_num());
-    T* v = bbuf + bsize;
-    T* m = v + vsize;
-    T* slab = m + msize;
+    T* v = bbuf + bsize;       // v[(xi * C + c) * wblock + wide tile]
+    T* m = v + vsize;          // m[(xi * Cout + o) * block + tile]
+    T* stacked = m + msize;    // stacked[k * band * seg + r * seg + column]
+    T* ystreams = stacked + ssize;  // ystreams[i * M * nt + r * M * tiles_w + column]
+    std::fill(stacked + ssize - (A - M), stacked + ssize, T(0));  // the slack
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t n = task / bands, th0 = (task % bands) * band;
       const int64_t rows = std::min(band, tiles_h - th0), nt = rows * tiles_w;
-      const int64_t ih0 = th0 * kOut - a.pad_top, iw0 = -a.pad_left;
+      const int64_t ih0 = th0 * M - a.pad_top, iw0 = -a.pad_left;
       const T* xn = a.x + n * a.xs_n;
+      // The segment columns inside the image: [jlo, jhi).
+      const int64_t jlo = std::clamp<int64_t>(-iw0, 0, seg);
+      const int64_t jhi = std::clamp<int64_t>(a.W - iw0, jlo, seg);
       for (int64_t c = 0; c < a.C; ++c) {
-        // The band's input rows, zero outside the image.
         const T* xc = xn + c * a.xs_c;
-        for (int64_t r = 0; r < 2 * rows + 2; ++r) {
-          T* dst = slab + r * sw;
-          const int64_t ih = ih0 + r;
-          if (ih < 0 || ih >= a.H) {
-            std::fill(dst, dst + sw, T(0));
-            continue;
-          }
-          for (int64_t j = 0; j < sw; ++j) {
-            const int64_t iw = iw0 + j;
-            dst[j] = (iw >= 0 && iw < a.W) ? xc[ih * a.xs_h + iw * a.xs_w] : T(0);
+        for (int k = 0; k < A; ++k) {
+          for (int64_t r = 0; r < rows; ++r) {
+            T* dst = stacked + (k * band + r) * seg;
+            const int64_t ih = ih0 + M * r + k;
+            if (ih < 0 || ih >= a.H) {
+              std::fill(dst, dst + seg, T(0));
+              continue;
+            }
+            const T* src = xc + ih * a.xs_h;  // segment column j is input column iw0 + j
+            std::fill(dst, dst + jlo, T(0));
+            if (a.xs_w == 1)
+              std::copy(src + iw0 + jlo, src + iw0 + jhi, dst + jlo);
+            else
+              for (int64_t j = jlo; j < jhi; ++j) dst[j] = src[(iw0 + j) * a.xs_w];
+            std::fill(dst + jhi, dst + seg, T(0));
           }
         }
-        for (int64_t r = 0; r < rows; ++r)
-          input_row(slab + 2 * r * sw, sw, tiles_w, v + c * block + r * tiles_w, a.C * block);
+        winograd::input_tiles<M>(stacked, band * seg, rows * wide, v + c * wblock, a.C * wblock);
       }
       // M[xi] (Cout x nt) = U[xi] (Cout x C) * V[xi] (C x nt)
       for (int xi = 0; xi < kPoints; ++xi)
         gemm::gemm_packed(a.Cout, nt, a.C, a_packed + xi * a_size, a.Cout, 0,
-                          gemm::StridedPackB<T>{v + xi * a.C * block, block, 1},
+                          SkipPackB<T>{v + xi * a.C * wblock, wblock, tiles_w},
                           m + xi * a.Cout * block, block, false, bbuf);
-      // Output transform, 2x2 outputs per tile; a ragged last row/column of
-      // tiles (odd output size) goes through the scalar transform.
-      const int64_t full_w = a.Wo / kOut;
       for (int64_t o = 0; o < a.Cout; ++o) {
-        const T b = bias ? bias[o] : T(0);
+        winograd::output_tiles<M>(m + o * block, a.Cout * block, nt, bias ? bias[o] : T(0),
+                                ystreams, M * nt);
         T* plane = out + (n * a.Cout + o) * a.Ho * a.Wo;
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t oh0 = (th0 + r) * kOut;
-          const T* mr = m + o * block + r * tiles_w;
-          if (oh0 + 1 < a.Ho)
-            output_row(mr, a.Cout * block, full_w, b, plane + oh0 * a.Wo,
-                       plane + (oh0 + 1) * a.Wo);
-          for (int64_t t = (oh0 + 1 < a.Ho ? full_w : 0); t < tiles_w; ++t) {
-            T mt[kPoints], y[kOut * kOut];
-            for (int xi = 0; xi < kPoints; ++xi) mt[xi] = mr[xi * a.Cout * block + t];
-            transform_output(mt, y);
-            for (int i = 0; i < kOut && oh0 + i < a.Ho; ++i)
-              for (int j = 0; j < kOut && t * kOut + j < a.Wo; ++j)
-                plane[(oh0 + i) * a.Wo + t * kOut + j] = y[i * kOut + j] + b;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int i = 0; i < M; ++i) {
+            const int64_t oh = (th0 + r) * M + i;
+            if (oh >= a.Ho) break;
+            const T* src = ystreams + i * M * nt + r * M * tiles_w;
+            std::copy(src, src + a.Wo, plane + oh * a.Wo);
           }
-        }
       }
     }
   }
 }
 
-template <typename T>
+template <int M, typename T>
 void forward_winograd(const TensorView& input, const T* weight, const T* bias,
                       const ConvGeometry& G, T* out) {
   const WinogradConv<T> a{input.ptr<const T>(), G.N, G.C, G.H, G.W, G.xs_n, G.xs_c, G.xs_h,
-                          G.xs_w, G.Cout, G.p.pad_top, G.p.pad_left, G.Ho, G.Wo};
-  winograd_conv(a, [&](int64_t o, int64_t c, T* g) {
-    std::copy(weight + (o * G.C + c) * 9, weight + (o * G.C + c) * 9 + 9, g);
-  }, bias, out);
+                          G.xs_w, G.Cout, G.p.pad_top, G.p.pad_left, G.Ho, G.Wo,
+                          weight, G.C * 9, 9, 1};
+  winograd_conv<M>(a, bias, out);
 }
 
 // grad_input of a 3x3 stride-1 convolution is itself one: grad_output
 // convolved with the flipped, transposed filters and padding 2 - p.
-template <typename T>
+template <int M, typename T>
 void grad_input_winograd(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
+  // Its filter (c, o) is weight[o, c] flipped: taps read backwards from the last.
   const WinogradConv<T> a{gy, G.N, G.Cout, G.Ho, G.Wo, G.Cout * G.P, G.P, G.Wo, 1,
-                          G.C, 2 - G.p.pad_top, 2 - G.p.pad_left, G.H, G.W};
-  winograd_conv(a, [&](int64_t c, int64_t o, T* g) {
-    const T* f = weight + (o * G.C + c) * 9;
-    for (int k = 0; k < 9; ++k) g[k] = f[8 - k];
-  }, static_cast<const T*>(nullptr), gx);
+                          G.C, 2 - G.p.pad_top, 2 - G.p.pad_left, G.H, G.W,
+                          weight + 8, 9, G.C * 9, -1};
+  winograd_conv<M>(a, static_cast<const T*>(nullptr), gx);
 }
 
 template <typename T>
@@ -878,7 +963,9 @@ void conv2d_forward(const TensorView& input, const TensorView& weight, const Ten
       case ConvAlgorithm::Depthwise:
         return forward_depthwise<T>(input, w.data(), bias_data, G, output.ptr<T>());
       case ConvAlgorithm::Winograd:
-        return forward_winograd<T>(input, w.data(), bias_data, G, output.ptr<T>());
+        return forward_winograd<2, T>(input, w.data(), bias_data, G, output.ptr<T>());
+      case ConvAlgorithm::Winograd4x4:
+        return forward_winograd<4, T>(input, w.data(), bias_data, G, output.ptr<T>());
       case ConvAlgorithm::Pointwise:
         if (!rows_contiguous(G)) {  // the pointwise GEMM reads whole rows
           const detail::Contiguous<T> xc(input);
@@ -921,7 +1008,9 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
       if (depthwise)
         grad_input_depthwise<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
       else if (G.p.algorithm == ConvAlgorithm::Winograd && pads_fit)
-        grad_input_winograd<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+        grad_input_winograd<2, T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+      else if (G.p.algorithm == ConvAlgorithm::Winograd4x4 && pads_fit)
+        grad_input_winograd<4, T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
       else
         grad_input_impl<T>(gy.data(), w, Gx, grad_input->ptr<T>());
     }

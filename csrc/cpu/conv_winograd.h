@@ -1,11 +1,18 @@
-// Winograd F(2x2, 3x3) for 3x3, stride-1, undilated, ungrouped convolution
-// (Lavin & Gray 2015): each 2x2 block of outputs comes from a 4x4 block of
-// input through 16 elementwise products instead of 36 multiply-adds, so the
-// 16 products become 16 independent GEMMs over channels:
+// Winograd F(m x m, 3x3) for 3x3, stride-1, undilated, ungrouped convolution
+// (Lavin & Gray 2015): each m x m block of outputs comes from an a x a block
+// of input (a = m + 2) through a*a elementwise products, so the products
+// become a*a independent GEMMs over channels:
 //   U = G g G^T (weights, once per call), V = B^T d B (input tiles),
 //   M[xi] = U[xi] (Cout x C) * V[xi] (C x tiles), Y = A^T M A.
-// 2.25x fewer multiplications than direct convolution, at the cost of the
-// transforms and a little accuracy (measured in tests and docs).
+// Two variants share one driver (conv.cpp, winograd_conv<M>):
+//   F(2x2, 3x3): 4x4 tiles, 16 products per 4 outputs, 2.25x fewer
+//                multiplications than direct convolution;
+//   F(4x4, 3x3): 6x6 tiles, 36 products per 16 outputs, 4x fewer, at the
+//                cost of larger transforms and more rounding error (A^T's
+//                entries grow to 8; measured in the tests and
+//                docs/benchmarks.md).
+// Each variant is its three 1-D transforms (B^T, A^T, G applied to one
+// column); the 2-D transforms apply them to the columns, then the rows.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -13,150 +20,250 @@
 namespace convcore {
 namespace winograd {
 
-constexpr int kTile = 4;     // input tile
-constexpr int kOut = 2;      // output tile
-constexpr int kPoints = 16;  // products per tile
+#define CONVCORE_WINO_INLINE inline __attribute__((always_inline))
 
-// U = G g G^T for one 3x3 filter g (row-major); u[16] row-major 4x4.
-template <typename T>
-inline void transform_filter(const T* g, T* u) {
-  T t[4][3];  // G g
-  for (int j = 0; j < 3; ++j) {
-    const T g0 = g[0 * 3 + j], g1 = g[1 * 3 + j], g2 = g[2 * 3 + j];
-    t[0][j] = g0;
-    t[1][j] = T(0.5) * (g0 + g1 + g2);
-    t[2][j] = T(0.5) * (g0 - g1 + g2);
-    t[3][j] = g2;
+template <int M>
+struct Variant;
+
+// F(2, 3), interpolation points 0, 1, -1, infinity.
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+//   G   = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+//   A^T = [1 1 1 0; 0 1 -1 -1]
+template <>
+struct Variant<2> {
+  static constexpr int kOut = 2, kTile = 4, kPoints = 16;
+  // Tiles per task (a band of whole tile rows): 128 tiles of 2x2 outputs.
+  static constexpr int64_t kBandTiles = 128;
+  template <typename T>
+  static CONVCORE_WINO_INLINE void input(const T* d, T* v) {  // B^T d
+    v[0] = d[0] - d[2];
+    v[1] = d[1] + d[2];
+    v[2] = d[2] - d[1];
+    v[3] = d[1] - d[3];
   }
-  for (int i = 0; i < 4; ++i) {  // (G g) G^T
-    const T a = t[i][0], b = t[i][1], c = t[i][2];
-    u[i * 4 + 0] = a;
-    u[i * 4 + 1] = T(0.5) * (a + b + c);
-    u[i * 4 + 2] = T(0.5) * (a - b + c);
-    u[i * 4 + 3] = c;
+  template <typename T>
+  static CONVCORE_WINO_INLINE void output(const T* m, T* y) {  // A^T m
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
   }
-}
-
-// V = B^T d B for one 4x4 input tile d (row-major); v[16].
-template <typename T>
-inline void transform_input(const T d[16], T v[16]) {
-  T t[16];  // B^T d
-  for (int j = 0; j < 4; ++j) {
-    const T d0 = d[0 * 4 + j], d1 = d[1 * 4 + j], d2 = d[2 * 4 + j], d3 = d[3 * 4 + j];
-    t[0 * 4 + j] = d0 - d2;
-    t[1 * 4 + j] = d1 + d2;
-    t[2 * 4 + j] = d2 - d1;
-    t[3 * 4 + j] = d1 - d3;
+  template <typename S>
+  static CONVCORE_WINO_INLINE void filter(const S* g, S* u) {  // G g
+    u[0] = g[0];
+    u[1] = S(0.5) * (g[0] + g[1] + g[2]);
+    u[2] = S(0.5) * (g[0] - g[1] + g[2]);
+    u[3] = g[2];
   }
-  for (int i = 0; i < 4; ++i) {  // (B^T d) B
-    const T a = t[i * 4 + 0], b = t[i * 4 + 1], c = t[i * 4 + 2], e = t[i * 4 + 3];
-    v[i * 4 + 0] = a - c;
-    v[i * 4 + 1] = b + c;
-    v[i * 4 + 2] = c - b;
-    v[i * 4 + 3] = b - e;
+};
+
+// F(4, 3), interpolation points 0, 1, -1, 1/2, -2 and infinity (F(4, 3)
+// has room for five finite points). Lavin & Gray's 0, 1, -1, 2, -2 keep the
+// matrices integral, but 1/2 in place of 2 rounds 2.5-3.5x less in float32
+// (simulated on 64- to 512-channel sums, and measured on the layers of
+// docs/benchmarks.md; Barabasz et al. 2020 report the same), at a few more
+// operations in the input transform. Derived from the Lagrange
+// interpolation at those points (checked with exact rationals against
+// direct convolution, and by tests/test_conv_algorithms.py):
+//   B^T = [1 -3/2   -2  3/2   1 0;   G = [   1      0     0  ;
+//          0   -1  1/2  5/2   1 0;          1/3    1/3   1/3 ;
+//          0    1 -5/2  1/2   1 0;         -1/3    1/3  -1/3 ;
+//          0   -2   -1    2   1 0;        -16/15 -8/15 -4/15 ;
+//          0  1/2   -1 -1/2   1 0;          1/15 -2/15  4/15 ;
+//          0    1 -3/2   -2 3/2 1]          0      0     1   ]
+//   A^T = [1 1  1   1    1 0;
+//          0 1 -1 1/2   -2 0;
+//          0 1  1 1/4    4 0;
+//          0 1 -1 1/8   -8 1]
+// (all entries of B^T and A^T exact in binary floating point).
+template <>
+struct Variant<4> {
+  static constexpr int kOut = 4, kTile = 6, kPoints = 36;
+  // 128 tiles, as F(2x2): each of the 36 transformed filter matrices is
+  // read once per task, and 64 tiles per task measured 5-10% slower on
+  // 256-channel layers. The task's 36 V and 36 M matrices then take 2.25x
+  // F(2x2)'s memory (10 MB per thread for 256 channels in and out).
+  static constexpr int64_t kBandTiles = 128;
+  template <typename T>
+  static CONVCORE_WINO_INLINE void input(const T* d, T* v) {  // B^T d
+    const T h = d[3] - d[1], f = d[4] - d[2];  // shared differences
+    v[0] = (d[0] - T(2) * d[2] + d[4]) + T(1.5) * h;
+    v[1] = (d[4] - d[1]) + T(0.5) * d[2] + T(2.5) * d[3];
+    v[2] = (d[4] + d[1]) - T(2.5) * d[2] + T(0.5) * d[3];
+    v[3] = f + T(2) * h;
+    v[4] = f - T(0.5) * h;
+    v[5] = (d[1] - T(2) * d[3] + d[5]) + T(1.5) * f;
   }
-}
-
-// Y = A^T m A for one tile of products m[16]; y[4] row-major 2x2.
-template <typename T>
-inline void transform_output(const T m[16], T y[4]) {
-  T t[2][4];  // A^T m
-  for (int j = 0; j < 4; ++j) {
-    const T m0 = m[0 * 4 + j], m1 = m[1 * 4 + j], m2 = m[2 * 4 + j], m3 = m[3 * 4 + j];
-    t[0][j] = m0 + m1 + m2;
-    t[1][j] = m1 - m2 - m3;
+  template <typename T>
+  static CONVCORE_WINO_INLINE void output(const T* m, T* y) {  // A^T m
+    const T s12 = m[1] + m[2], d12 = m[1] - m[2];
+    y[0] = m[0] + s12 + (m[3] + m[4]);
+    y[1] = d12 + T(0.5) * m[3] - T(2) * m[4];
+    y[2] = s12 + T(0.25) * m[3] + T(4) * m[4];
+    y[3] = d12 + T(0.125) * m[3] - T(8) * m[4] + m[5];
   }
-  for (int i = 0; i < 2; ++i) {
-    y[i * 2 + 0] = t[i][0] + t[i][1] + t[i][2];
-    y[i * 2 + 1] = t[i][1] - t[i][2] - t[i][3];
+  template <typename S>
+  static CONVCORE_WINO_INLINE void filter(const S* g, S* u) {  // G g
+    // Multiplications by 1/3 and 1/15 rather than divisions (which do not
+    // vectorise as well); S is double, so their rounding is far below
+    // float's and the results are within a few double ulps of exact.
+    u[0] = g[0];
+    u[1] = S(1.0 / 3) * (g[0] + g[1] + g[2]);
+    u[2] = S(-1.0 / 3) * (g[0] - g[1] + g[2]);
+    u[3] = S(-1.0 / 15) * (S(16) * g[0] + S(8) * g[1] + S(4) * g[2]);
+    u[4] = S(1.0 / 15) * (g[0] - S(2) * g[1] + S(4) * g[2]);
+    u[5] = g[2];
   }
-}
+};
 
-}  // namespace winograd
-}  // namespace convcore
+// Transforms of many tiles at once, written so that the loop over tiles
+// vectorises: tile t's a x a patch is columns m*t .. m*t + a - 1 of a row
+// streams, and its a*a transformed values go to a*a streams, contiguous in
+// the tile. The loops within a tile are fully unrolled (forced: F(4x4) has
+// 36 values) so that only the loop over tiles is left to vectorise. GCC
+// cannot prove that the streams (a runtime stride apart) do not overlap,
+// and gives up after a few run-time alias checks, so each loop over
+// tiles/filters carries `GCC ivdep`: true, as every caller's stride is at
+// least the length of a stream (see winograd_conv in conv.cpp).
 
-namespace convcore {
-namespace winograd {
-
-// Row-at-a-time transforms over a zero-padded slab, written so the loop over
-// tiles vectorises: each tile's 4x4 patch starts 2 columns after the last,
-// and the 16 transformed values go to 16 streams contiguous in the tile.
-
-// v[xi * vstride + t] = (B^T d B)[xi] for tiles t < nt of one tile row, whose
-// patches are rows r0..r0+3 of the slab (row stride ss) at columns 2t..2t+3.
-template <typename T>
-inline __attribute__((always_inline)) void input_row_body(const T* __restrict slab, int64_t ss,
-                                                          int64_t nt, T* __restrict v,
-                                                          int64_t vstride) {
-  const T* r0 = slab;
-  const T* r1 = slab + ss;
-  const T* r2 = slab + 2 * ss;
-  const T* r3 = slab + 3 * ss;
+// v[xi * vstride + t] = (B^T d B)[xi] for tiles t < nt, whose patches are
+// rows 0..a-1 of `in` (row stride ss) at columns m*t .. m*t + a - 1.
+template <int M, typename T>
+CONVCORE_WINO_INLINE void input_tiles_body(const T* __restrict in, int64_t ss, int64_t nt,
+                                           T* __restrict v, int64_t vstride) {
+  using V = Variant<M>;
+  constexpr int A = V::kTile;
+#pragma GCC ivdep
   for (int64_t t = 0; t < nt; ++t) {
-    const int64_t c = 2 * t;
-    // B^T d: rows combined
-    T a[4], b[4], e[4], f[4];
-    for (int j = 0; j < 4; ++j) {
-      a[j] = r0[c + j] - r2[c + j];
-      b[j] = r1[c + j] + r2[c + j];
-      e[j] = r2[c + j] - r1[c + j];
-      f[j] = r1[c + j] - r3[c + j];
+    const T* p = in + M * t;
+    T cols[A][A];  // cols[j] = B^T (column j of the patch)
+#pragma GCC unroll 8
+    for (int j = 0; j < A; ++j) {
+      T d[A];
+#pragma GCC unroll 8
+      for (int k = 0; k < A; ++k) d[k] = p[k * ss + j];
+      V::input(d, cols[j]);
     }
-    const T* rows[4] = {a, b, e, f};
-    for (int i = 0; i < 4; ++i) {  // (B^T d) B: columns combined
-      const T* q = rows[i];
-      v[(i * 4 + 0) * vstride + t] = q[0] - q[2];
-      v[(i * 4 + 1) * vstride + t] = q[1] + q[2];
-      v[(i * 4 + 2) * vstride + t] = q[2] - q[1];
-      v[(i * 4 + 3) * vstride + t] = q[1] - q[3];
+#pragma GCC unroll 8
+    for (int i = 0; i < A; ++i) {  // (B^T d) B: row i of B^T d, transformed
+      T r[A], q[A];
+#pragma GCC unroll 8
+      for (int j = 0; j < A; ++j) r[j] = cols[j][i];
+      V::input(r, q);
+#pragma GCC unroll 8
+      for (int j = 0; j < A; ++j) v[(i * A + j) * vstride + t] = q[j];
     }
   }
 }
 
-// The output transform of nt tiles of one tile row: m[xi * mstride + t]
-// -> 2x2 outputs at out0[2t], out0[2t+1], out1[2t], out1[2t+1], plus bias.
-// Only tiles wholly inside the output (the caller does the ragged edge).
-template <typename T>
-inline __attribute__((always_inline)) void output_row_body(const T* __restrict m,
-                                                           int64_t mstride, int64_t nt, T bias,
-                                                           T* __restrict out0,
-                                                           T* __restrict out1) {
+// The output transform of nt tiles: m[xi * mstride + t] -> m x m outputs
+// at out[i * os + m*t + j] (m row streams), plus bias.
+template <int M, typename T>
+CONVCORE_WINO_INLINE void output_tiles_body(const T* __restrict m, int64_t mstride, int64_t nt,
+                                          T bias, T* __restrict out, int64_t os) {
+  using V = Variant<M>;
+  constexpr int A = V::kTile;
+#pragma GCC ivdep
   for (int64_t t = 0; t < nt; ++t) {
-    T q[16];
-    for (int xi = 0; xi < 16; ++xi) q[xi] = m[xi * mstride + t];
-    T s0[4], s1[4];  // A^T m
-    for (int j = 0; j < 4; ++j) {
-      s0[j] = q[j] + q[4 + j] + q[8 + j];
-      s1[j] = q[4 + j] - q[8 + j] - q[12 + j];
+    T rows[M][A];  // A^T m
+#pragma GCC unroll 8
+    for (int j = 0; j < A; ++j) {
+      T c[A], q[M];
+#pragma GCC unroll 8
+      for (int k = 0; k < A; ++k) c[k] = m[(k * A + j) * mstride + t];
+      V::output(c, q);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) rows[i][j] = q[i];
     }
-    out0[2 * t] = s0[0] + s0[1] + s0[2] + bias;
-    out0[2 * t + 1] = s0[1] - s0[2] - s0[3] + bias;
-    out1[2 * t] = s1[0] + s1[1] + s1[2] + bias;
-    out1[2 * t + 1] = s1[1] - s1[2] - s1[3] + bias;
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+      T y[M];
+      V::output(rows[i], y);
+#pragma GCC unroll 8
+      for (int j = 0; j < M; ++j) out[i * os + M * t + j] = y[j] + bias;
+    }
   }
 }
 
+// U = G g G^T for n filters: filter c (c < n) has its 3x3 taps (row-major)
+// at w[k * ws + c], k < 9 (the caller gathers them so: unit-stride streams
+// let the loop over filters vectorise); u[xi * us + c] = U[xi]. Computed in
+// double whatever T, rounded once at the end, so that U is as exact as T
+// holds it (the fractions 1/6, 1/12, 1/24 are not exact in any precision).
+template <int M, typename T>
+CONVCORE_WINO_INLINE void filter_row_body(const T* __restrict w, int64_t ws, int64_t n,
+                                          T* __restrict u, int64_t us) {
+  using V = Variant<M>;
+  constexpr int A = V::kTile;
+#pragma GCC ivdep
+  for (int64_t c = 0; c < n; ++c) {
+    double g[9];
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) g[k] = w[k * ws + c];
+    double cols[3][A];  // G applied to each column of g
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j) {
+      const double d[3] = {g[j], g[3 + j], g[6 + j]};
+      V::filter(d, cols[j]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < A; ++i) {  // then to each row of G g
+      const double r[3] = {cols[0][i], cols[1][i], cols[2][i]};
+      double q[A];
+      V::filter(r, q);
+#pragma GCC unroll 8
+      for (int j = 0; j < A; ++j) u[(i * A + j) * us + c] = static_cast<T>(q[j]);
+    }
+  }
+}
+
+// Run-time dispatch: target_clones on plain (non-template) functions, so the
+// vector code is built for AVX-512, AVX2 and the baseline and picked by CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
 #define CONVCORE_WINO_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CONVCORE_WINO_CLONES
 #endif
 
-CONVCORE_WINO_CLONES inline void input_row(const float* slab, int64_t ss, int64_t nt, float* v,
-                                           int64_t vstride) {
-  input_row_body(slab, ss, nt, v, vstride);
+#define CONVCORE_WINO_ROWS(M, T)                                                              \
+  CONVCORE_WINO_CLONES inline void input_tiles_##M(const T* in, int64_t ss, int64_t nt,     \
+                                                   T* v, int64_t vstride) {                   \
+    input_tiles_body<M>(in, ss, nt, v, vstride);                                              \
+  }                                                                                           \
+  CONVCORE_WINO_CLONES inline void output_tiles_##M(const T* m, int64_t mstride, int64_t nt, \
+                                                    T bias, T* out, int64_t os) {             \
+    output_tiles_body<M>(m, mstride, nt, bias, out, os);                                      \
+  }                                                                                           \
+  CONVCORE_WINO_CLONES inline void filter_row_##M(const T* w, int64_t ws, int64_t n, T* u,  \
+                                                  int64_t us) {                               \
+    filter_row_body<M>(w, ws, n, u, us);                                                      \
+  }
+CONVCORE_WINO_ROWS(2, float)
+CONVCORE_WINO_ROWS(2, double)
+CONVCORE_WINO_ROWS(4, float)
+CONVCORE_WINO_ROWS(4, double)
+#undef CONVCORE_WINO_ROWS
+
+// The driver's entry to the row transforms of variant M.
+template <int M, typename T>
+inline void filter_row(const T* w, int64_t ws, int64_t n, T* u, int64_t us) {
+  if constexpr (M == 2)
+    filter_row_2(w, ws, n, u, us);
+  else
+    filter_row_4(w, ws, n, u, us);
 }
-CONVCORE_WINO_CLONES inline void input_row(const double* slab, int64_t ss, int64_t nt,
-                                           double* v, int64_t vstride) {
-  input_row_body(slab, ss, nt, v, vstride);
+template <int M, typename T>
+inline void input_tiles(const T* in, int64_t ss, int64_t nt, T* v, int64_t vstride) {
+  if constexpr (M == 2)
+    input_tiles_2(in, ss, nt, v, vstride);
+  else
+    input_tiles_4(in, ss, nt, v, vstride);
 }
-CONVCORE_WINO_CLONES inline void output_row(const float* m, int64_t mstride, int64_t nt,
-                                            float bias, float* out0, float* out1) {
-  output_row_body(m, mstride, nt, bias, out0, out1);
-}
-CONVCORE_WINO_CLONES inline void output_row(const double* m, int64_t mstride, int64_t nt,
-                                            double bias, double* out0, double* out1) {
-  output_row_body(m, mstride, nt, bias, out0, out1);
+template <int M, typename T>
+inline void output_tiles(const T* m, int64_t mstride, int64_t nt, T bias, T* out,
+                         int64_t os) {
+  if constexpr (M == 2)
+    output_tiles_2(m, mstride, nt, bias, out, os);
+  else
+    output_tiles_4(m, mstride, nt, bias, out, os);
 }
 
 }  // namespace winograd

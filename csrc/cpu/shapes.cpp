@@ -145,8 +145,9 @@ ConvAlgorithm parse_conv_algorithm(const std::string& name) {
   if (name == "pointwise") return ConvAlgorithm::Pointwise;
   if (name == "depthwise") return ConvAlgorithm::Depthwise;
   if (name == "winograd") return ConvAlgorithm::Winograd;
-  fail("algorithm must be one of 'auto', 'gemm', 'pointwise', 'depthwise', 'winograd', got '",
-       name, "'");
+  if (name == "winograd4") return ConvAlgorithm::Winograd4x4;
+  fail("algorithm must be one of 'auto', 'gemm', 'pointwise', 'depthwise', 'winograd', "
+       "'winograd4', got '", name, "'");
 }
 
 const char* conv_algorithm_name(ConvAlgorithm algorithm) {
@@ -156,6 +157,7 @@ const char* conv_algorithm_name(ConvAlgorithm algorithm) {
     case ConvAlgorithm::Pointwise: return "pointwise";
     case ConvAlgorithm::Depthwise: return "depthwise";
     case ConvAlgorithm::Winograd: return "winograd";
+    case ConvAlgorithm::Winograd4x4: return "winograd4";
   }
   return "unknown";
 }

@@ -127,6 +127,13 @@ class CallScope {
 // so that an allocation failure throws std::bad_alloc to the caller instead
 // of terminating inside OpenMP. All scratch memory of the core goes through
 // here, so that it is counted.
+// Large buffers are 2 MB aligned and advised to use transparent huge
+// pages: glibc maps anything over 32 MB afresh on every call, and faulting
+// in 4 KB pages then cost 15 ms per call for the 38 MB of F(4x4, 3x3)
+// filters at 512 x 512 channels (measured), against about 1 ms in 2 MB pages.
+void* allocate_scratch(size_t bytes);
+void free_scratch(void* p);
+
 template <typename T>
 class Workspace {
  public:
@@ -151,14 +158,17 @@ class Workspace {
   int64_t bytes() const { return static_cast<int64_t>(size_ * sizeof(T)); }
   static T* allocate(size_t n) {
     try {
-      return new T[n ? n : 1];
+      return static_cast<T*>(allocate_scratch((n ? n : 1) * sizeof(T)));
     } catch (const std::bad_alloc&) {
       workspace_failed(n * sizeof(T), "a call's workspace");
     }
   }
   int64_t per_thread_;
   size_t size_;
-  std::unique_ptr<T[]> buf_;
+  struct Free {
+    void operator()(T* p) const { free_scratch(p); }
+  };
+  std::unique_ptr<T, Free> buf_;
 };
 
 // Output views are written in full and must be C-contiguous.

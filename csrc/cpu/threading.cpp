@@ -4,9 +4,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <new>
 #include <string>
 
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "convcore/errors.h"
 #include "strided.h"
@@ -82,6 +87,23 @@ void workspace_acquired(int64_t bytes) {
   t_workspace_peak = std::max(t_workspace_peak, t_workspace_now);
 }
 void workspace_released(int64_t bytes) { t_workspace_now -= bytes; }
+
+void* allocate_scratch(size_t bytes) {
+  constexpr size_t kHuge = size_t(2) << 20;  // x86-64's transparent huge page
+  if (bytes < 4 * kHuge) {
+    void* p = std::malloc(bytes);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, rounded);
+  if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure leaves 4 KB pages
+#endif
+  return p;
+}
+void free_scratch(void* p) { std::free(p); }
 
 CallScope::CallScope() { g_calls_in_flight.fetch_add(1); }
 CallScope::~CallScope() { g_calls_in_flight.fetch_sub(1); }

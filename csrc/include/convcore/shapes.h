@@ -11,12 +11,13 @@ namespace convcore {
 
 // How a convolution is computed. Auto picks per shape: Depthwise for one
 // input channel per group, Pointwise for 1x1 stride-1 unpadded kernels, Gemm
-// (implicit im2col into the packed GEMM) otherwise. Winograd (F(2x2, 3x3),
-// 3x3 stride 1) is used when asked for, and by Auto where it pays.
-enum class ConvAlgorithm { Auto, Gemm, Pointwise, Depthwise, Winograd };
+// (implicit im2col into the packed GEMM) otherwise. Winograd (F(2x2, 3x3))
+// and Winograd4x4 (F(4x4, 3x3)), for 3x3 stride-1 undilated ungrouped
+// layers, are used when asked for, and by Auto where they pay.
+enum class ConvAlgorithm { Auto, Gemm, Pointwise, Depthwise, Winograd, Winograd4x4 };
 
-// "auto", "gemm", "pointwise", "depthwise", "winograd"; ValueError naming
-// `algorithm` otherwise.
+// "auto", "gemm", "pointwise", "depthwise", "winograd", "winograd4";
+// ValueError naming `algorithm` otherwise.
 ConvAlgorithm parse_conv_algorithm(const std::string& name);
 const char* conv_algorithm_name(ConvAlgorithm algorithm);
 
