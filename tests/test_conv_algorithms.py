@@ -168,28 +168,36 @@ def test_winograd4_accuracy_float32():
     assert err_gx < 5e-6, err_gx
 
 
-def test_auto_uses_winograd4_where_it_pays(two_threads):
-    """algorithm='auto' takes F(4x4, 3x3) on 64- to 255-channel layers with
-    56x56+ outputs (winograd4_pays in csrc/cpu/conv.cpp; update this test
-    with that rule), for forward and grad_input alike: the results are
-    bitwise those of algorithm='winograd4' there, not on a 14x14 layer, and
-    F(2x2)'s on 256 channels in and out."""
+def test_auto_picks_winograd_where_it_pays(two_threads):
+    """algorithm='auto' (winograd4_pays / winograd_pays in csrc/cpu/conv.cpp;
+    update this test with those rules), for forward and grad_input alike:
+    F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2) on smaller
+    images with a band of tiles per thread, the GEMM path on a small image
+    at batch 1 and with fewer than 64 channels. Results are bitwise those of
+    the named algorithm."""
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((1, 64, 56, 56)).astype(np.float32)
-    w = (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
-    gy = rng.standard_normal((1, 64, 56, 56)).astype(np.float32)
-    auto_y = convcore.conv2d(x, w, padding=1)
-    auto_gx = convcore.conv2d_backward(gy, x, w, padding=1)[0]
-    np.testing.assert_array_equal(auto_y, convcore.conv2d(x, w, padding=1, algorithm="winograd4"))
-    np.testing.assert_array_equal(
-        auto_gx, convcore.conv2d_backward(gy, x, w, padding=1, algorithm="winograd4")[0])
-    small = x[:, :, :14, :14]
-    assert not np.array_equal(convcore.conv2d(small, w, padding=1),
-                              convcore.conv2d(small, w, padding=1, algorithm="winograd4"))
-    x256 = rng.standard_normal((1, 256, 56, 56)).astype(np.float32)
-    w256 = (rng.standard_normal((256, 256, 3, 3)) / 48).astype(np.float32)
-    np.testing.assert_array_equal(convcore.conv2d(x256, w256, padding=1),
-                                  convcore.conv2d(x256, w256, padding=1, algorithm="winograd"))
+
+    def case(n, c, cout, h):
+        x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+        w = (rng.standard_normal((cout, c, 3, 3)) / (3 * np.sqrt(c))).astype(np.float32)
+        gy = rng.standard_normal((n, cout, h, h)).astype(np.float32)
+        return x, w, gy
+
+    def auto_is(algorithm, x, w, gy):
+        np.testing.assert_array_equal(convcore.conv2d(x, w, padding=1),
+                                      convcore.conv2d(x, w, padding=1, algorithm=algorithm))
+        np.testing.assert_array_equal(
+            convcore.conv2d_backward(gy, x, w, padding=1)[0],
+            convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm)[0])
+
+    auto_is("winograd4", *case(1, 64, 64, 56))      # two bands of 4x4 tiles per image
+    auto_is("winograd4", *case(2, 256, 256, 28))
+    auto_is("winograd", *case(2, 128, 96, 14))      # 14x14: F(4x4) tiles are ragged
+    auto_is("gemm", *case(1, 128, 96, 14))          # one band at batch 1
+    auto_is("gemm", *case(4, 32, 64, 28))           # too few channels
+    x, w, gy = case(1, 64, 64, 56)
+    assert not np.array_equal(convcore.conv2d(x, w, padding=1),
+                              convcore.conv2d(x, w, padding=1, algorithm="gemm"))
 
 
 @pytest.fixture(autouse=False)

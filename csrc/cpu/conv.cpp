@@ -87,33 +87,31 @@ int64_t winograd_tasks(const ConvGeometry& G) {
   return G.N * ((tiles_h + band - 1) / band);
 }
 
-// Measured on the development machine (docs/benchmarks.md): F(2x2, 3x3)
-// beats the GEMM path by about 1.1x with 256+ channels in and out on 28x28
-// and larger outputs at batch 16, and loses with fewer channels (its
-// transforms then weigh more than the multiplications saved), on small
-// images (13x13, 14x14), or when too few bands of tiles keep both cores busy.
-bool winograd_pays(const ConvGeometry& G) {
-  if (!winograd_shape(G) || G.C < 256 || G.Cout < 256 || G.Ho < 24 || G.Wo < 24) return false;
-  return winograd_tasks<2>(G) >= 2 * static_cast<int64_t>(get_num_threads());
+// When auto takes Winograd: measured on the development machine, idle, 2
+// threads, min of interleaved runs (docs/benchmarks.md). Both variants need
+// 64+ channels in and out (with fewer, the transforms weigh more than the
+// multiplications saved) and at least one band of tiles per thread, so a
+// small image at batch 1 (one band) keeps the GEMM path, which splits the
+// output channels across the cores instead.
+//  - F(4x4, 3x3) on 28x28 and larger outputs: 1.2-1.9x faster than the GEMM
+//    path and 1.05-1.35x faster than F(2x2) (VGG conv1_2-conv4_2, ResNet's
+//    64-channel stage; batch 1 to 16, forward and grad_input). On 13x13 and
+//    14x14 it loses (ragged 4x4 tiles waste up to 30% of the work, and the
+//    36 filter matrices cost more to transform than the products save).
+//    Its float32 error is about 3e-6 of the output scale against 4e-7 for
+//    the GEMM path and F(2x2).
+//  - F(2x2, 3x3) elsewhere: 1.15-1.5x faster than the GEMM path on AlexNet's
+//    13x13 and VGG's 14x14 layers at batch 16, and on 28x28 at batch 1.
+bool winograd_channels(const ConvGeometry& G) {
+  return winograd_shape(G) && G.C >= 64 && G.Cout >= 64;
 }
-
-// F(4x4, 3x3), measured on the development machine with one thread (and
-// spot-checked with two), medians of interleaved runs on a busy machine:
-// 1.6-2.4x faster than the GEMM path and 1.1-1.4x faster than F(2x2) on 64-
-// and 128-channel layers with 56x56 and larger outputs (VGG conv1_2 and
-// conv2_2, ResNet's 64-channel stage), batch 1 to 16, forward and
-// grad_input. Where F(2x2) already applies (256+ channels in and out) its
-// lead shrinks to 1.0-1.2x, not worth 5-8x F(2x2)'s rounding error, so F(2x2)
-// keeps those layers. On 28x28 outputs it is level with F(2x2) (an image
-// holds only 7x7 of its tiles: too few per task to reuse the transformed
-// filters well), and on 13x13/14x14 it loses to both: the ragged last
-// tiles waste up to 30% of the work, and transforming the 36 filter
-// matrices costs more than the products save. Below 64 channels was not
-// measured.
+bool winograd_pays(const ConvGeometry& G) {
+  return winograd_channels(G) &&
+         winograd_tasks<2>(G) >= static_cast<int64_t>(get_num_threads());
+}
 bool winograd4_pays(const ConvGeometry& G) {
-  if (!winograd_shape(G) || G.C < 64 || G.Cout < 64 || G.Ho < 56 || G.Wo < 56) return false;
-  if (G.C >= 256 && G.Cout >= 256) return false;  // F(2x2)'s layers, see above
-  return winograd_tasks<4>(G) >= static_cast<int64_t>(get_num_threads());
+  return winograd_channels(G) && G.Ho >= 28 && G.Wo >= 28 &&
+         winograd_tasks<4>(G) >= static_cast<int64_t>(get_num_threads());
 }
 
 bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
