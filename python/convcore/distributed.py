@@ -61,6 +61,9 @@ class ProcessGroup:
         self.timeout = float(timeout)
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
+        # A wait first polls without sleeping (a step's all-reduce usually lands
+        # within this), then backs off to sleeps of up to 1 ms.
+        self.spin_seconds = 2e-3
 
     @property
     def is_root(self) -> bool:
@@ -77,15 +80,18 @@ class ProcessGroup:
         MPI = _mpi()
         if not isinstance(requests, list):
             requests = [requests]
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
+        deadline = start + self.timeout
         delay = 0.0
         while not MPI.Request.Testall(requests):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise DistributedError(
                     f"rank {self.rank} of {self.size}: {what} did not complete within "
                     f"{self.timeout:g} s: another rank has died, stalled or left the job")
-            time.sleep(delay)
-            delay = min(2 * delay if delay else 1e-5, 1e-3)
+            if now - start > self.spin_seconds:
+                time.sleep(delay)
+                delay = min(2 * delay if delay else 1e-5, 1e-3)
 
     # -- collectives -----------------------------------------------------------------
     def allreduce_(self, array: np.ndarray, what: str = "all-reduce") -> np.ndarray:
