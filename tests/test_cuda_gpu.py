@@ -11,6 +11,7 @@ Each test runs on two devices:
 """
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -330,6 +331,37 @@ def test_dropout_mask_follows_the_input_to_the_device(dev):
     host = dev.host(y)
     assert set(np.unique(host)) <= {0.0, 2.0} and 0 < (host == 0).sum() < host.size
     check(dev, drop.backward(dev.put(np.ones((4, 50), np.float32))), host, "grad")
+
+
+def test_dropout_draws_its_gpu_mask_on_the_device(dev, monkeypatch):
+    """With CuPy's generators available, the mask is drawn on the GPU: no host
+    array is copied over (a host sync in every training step otherwise)."""
+    if dev.real:
+        pytest.skip("checked with the stand-in cupy, whose host copies can be forbidden")
+    import cupy
+    to_device = cupy.asarray
+
+    class RandomState:      # CuPy's API, numpy's numbers, device arrays out
+        def __init__(self, seed):
+            self.rng = np.random.default_rng(seed)
+
+        def random_sample(self, size, dtype):
+            return to_device(self.rng.random(size).astype(dtype))
+
+    monkeypatch.setattr(cupy, "random", types.SimpleNamespace(RandomState=RandomState),
+                        raising=False)
+    cc.manual_seed(0)
+    drop = cc.nn.Dropout(0.25)
+    x = dev.put(np.ones((8, 64), np.float32))
+
+    def no_host_copies(*args, **kwargs):
+        raise AssertionError("a host array was copied to the device")
+    monkeypatch.setattr(cupy, "asarray", no_host_copies)
+    y = drop(x)
+    host = dev.host(y)
+    assert set(np.unique(host)) <= {0.0, np.float32(1 / 0.75)}
+    assert 0 < (host == 0).sum() < host.size
+    assert type(drop.backward(y)).__module__ == "cupy"
 
 
 def test_conv2d_padding_modes_other_than_zeros_say_cpu_only(dev):

@@ -435,6 +435,11 @@ class Dropout(Module):
             return x
         if self.p == 1.0:
             self._mask = np.zeros_like(x)
+        elif _on_gpu(x) and self._gpu_random() is not None:
+            # drawn on the GPU: a mask drawn on the host would be copied over,
+            # a host synchronisation in every training step
+            keep = self._gpu_random().random_sample(x.shape, dtype=x.dtype) >= self.p
+            self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
         else:
             keep = init.generator().random(x.shape) >= self.p
             self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
@@ -442,6 +447,19 @@ class Dropout(Module):
                 import cupy
                 self._mask = cupy.asarray(self._mask)
         return _as_array(x * self._mask)
+
+    def _gpu_random(self):
+        """CuPy's generator for this layer's GPU masks, seeded once from
+        convcore's generator (so manual_seed repeats a run); None where the
+        cupy module has no random number generators."""
+        rng = self.__dict__.get("_gpu_rng")
+        if rng is None:
+            import cupy
+            if not hasattr(getattr(cupy, "random", None), "RandomState"):
+                return None
+            rng = cupy.random.RandomState(int(init.generator().integers(0, 2**63 - 1)))
+            object.__setattr__(self, "_gpu_rng", rng)
+        return rng
 
     def backward(self, grad_output):
         if self._mask is None:
