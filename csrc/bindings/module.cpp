@@ -361,7 +361,11 @@ py::array relu(const py::array& input, const std::optional<py::array>& out_arg) 
   return out;
 }
 
-py::array relu_backward(const py::array& grad_output, const py::array& input) {
+// grad_input of an elementwise op: a new array the shape of input, filled by
+// core(grad_output, input, grad_input) with the GIL released.
+template <typename Core>
+py::array elementwise_backward(const py::array& grad_output, const py::array& input,
+                               Core&& core) {
   Arrays arrays;
   const TensorView gy = arrays.view(grad_output, "grad_output");
   const TensorView x = arrays.view(input, "input");
@@ -369,9 +373,13 @@ py::array relu_backward(const py::array& grad_output, const py::array& input) {
   const TensorView gx_v = out_view(gx);
   {
     py::gil_scoped_release release;
-    convcore::relu_backward(gy, x, gx_v);
+    core(gy, x, gx_v);
   }
   return gx;
+}
+
+py::array relu_backward(const py::array& grad_output, const py::array& input) {
+  return elementwise_backward(grad_output, input, convcore::relu_backward);
 }
 
 convcore::Activation activation_kind(const std::string& name) {
@@ -401,16 +409,11 @@ py::array activation(const std::string& name, const py::array& input) {
 py::array activation_backward(const std::string& name, const py::array& grad_output,
                               const py::array& input) {
   const convcore::Activation kind = activation_kind(name);
-  Arrays arrays;
-  const TensorView gy = arrays.view(grad_output, "grad_output");
-  const TensorView x = arrays.view(input, "input");
-  py::array gx = new_array(x, dims(x));
-  const TensorView gx_v = out_view(gx);
-  {
-    py::gil_scoped_release release;
-    convcore::activation_backward(kind, gy, x, gx_v);
-  }
-  return gx;
+  return elementwise_backward(grad_output, input,
+                              [kind](const TensorView& gy, const TensorView& x,
+                                     const TensorView& gx) {
+                                convcore::activation_backward(kind, gy, x, gx);
+                              });
 }
 
 py::array local_response_norm(const py::array& input, int64_t size, double alpha, double beta,

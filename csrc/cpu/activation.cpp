@@ -22,10 +22,10 @@ void check_same_shape(const TensorView& t, const char* name, const TensorView& r
   check_shape(t, name, ref.ndim, ref.shape);
 }
 
-}  // namespace
-
-void relu_forward(const TensorView& input, const TensorView& output) {
-  const detail::CallScope scope;  // shares the threads among concurrent calls
+// output[i] = f(input[i]) for every element (input of any strides); f is
+// called with float or double and inlined, so each op's loop vectorises.
+template <typename F>
+void map_forward(const TensorView& input, const TensorView& output, F&& f) {
   check_float(input, "input");
   detail::check_output(output, "output", input, input.ndim, input.shape);
   detail::dispatch_float(input.dtype, [&](auto zero) {
@@ -35,13 +35,14 @@ void relu_forward(const TensorView& input, const TensorView& output) {
     T* dst = output.ptr<T>();
     const int64_t n = input.numel();
 #pragma omp parallel for num_threads(threads_for_elements(n)) schedule(static)
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] < T(0) ? T(0) : src[i];
+    for (int64_t i = 0; i < n; ++i) dst[i] = f(src[i]);
   });
 }
 
-void relu_backward(const TensorView& grad_output, const TensorView& input,
-                   const TensorView& grad_input) {
-  const detail::CallScope scope;  // shares the threads among concurrent calls
+// grad_input[i] = f(input[i], grad_output[i]) for every element.
+template <typename F>
+void map_backward(const TensorView& grad_output, const TensorView& input,
+                  const TensorView& grad_input, F&& f) {
   check_float(input, "input");
   check_same_dtype(grad_output, "grad_output", input, "input");
   check_same_shape(grad_output, "grad_output", input);
@@ -54,9 +55,23 @@ void relu_backward(const TensorView& grad_output, const TensorView& input,
     T* dst = grad_input.ptr<T>();
     const int64_t n = input.numel();
 #pragma omp parallel for num_threads(threads_for_elements(n)) schedule(static)
-    // As PyTorch: zero where input <= 0, so a NaN input passes the gradient.
-    for (int64_t i = 0; i < n; ++i) dst[i] = xs[i] <= T(0) ? T(0) : g[i];
+    for (int64_t i = 0; i < n; ++i) dst[i] = f(xs[i], g[i]);
   });
+}
+
+}  // namespace
+
+void relu_forward(const TensorView& input, const TensorView& output) {
+  const detail::CallScope scope;  // shares the threads among concurrent calls
+  map_forward(input, output, [](auto v) { return v < decltype(v)(0) ? decltype(v)(0) : v; });
+}
+
+void relu_backward(const TensorView& grad_output, const TensorView& input,
+                   const TensorView& grad_input) {
+  const detail::CallScope scope;
+  // As PyTorch: zero where input <= 0, so a NaN input passes the gradient.
+  map_backward(grad_output, input, grad_input,
+               [](auto v, auto g) { return v <= decltype(v)(0) ? decltype(v)(0) : g; });
 }
 
 // --- the smooth and clipped activations of MobileNet, SENet and EfficientNet
@@ -150,39 +165,17 @@ void with_kind(Activation kind, F&& f) {
 
 void activation_forward(Activation kind, const TensorView& input, const TensorView& output) {
   const detail::CallScope scope;  // shares the threads among concurrent calls
-  check_float(input, "input");
-  detail::check_output(output, "output", input, input.ndim, input.shape);
-  detail::dispatch_float(input.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    const detail::Contiguous<T> x(input);
-    const T* src = x.data();
-    T* dst = output.ptr<T>();
-    const int64_t n = input.numel();
-    with_kind(kind, [&](auto k) {
-#pragma omp parallel for num_threads(threads_for_elements(n)) schedule(static)
-      for (int64_t i = 0; i < n; ++i) dst[i] = activate<decltype(k)::value>(src[i]);
-    });
+  with_kind(kind, [&](auto k) {
+    map_forward(input, output, [](auto v) { return activate<decltype(k)::value>(v); });
   });
 }
 
 void activation_backward(Activation kind, const TensorView& grad_output, const TensorView& input,
                          const TensorView& grad_input) {
-  const detail::CallScope scope;  // shares the threads among concurrent calls
-  check_float(input, "input");
-  check_same_dtype(grad_output, "grad_output", input, "input");
-  check_same_shape(grad_output, "grad_output", input);
-  detail::check_output(grad_input, "grad_input", input, input.ndim, input.shape);
-  detail::dispatch_float(input.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    const detail::Contiguous<T> x(input), gy(grad_output);
-    const T* xs = x.data();
-    const T* g = gy.data();
-    T* dst = grad_input.ptr<T>();
-    const int64_t n = input.numel();
-    with_kind(kind, [&](auto k) {
-#pragma omp parallel for num_threads(threads_for_elements(n)) schedule(static)
-      for (int64_t i = 0; i < n; ++i) dst[i] = derivative<decltype(k)::value>(xs[i], g[i]);
-    });
+  const detail::CallScope scope;
+  with_kind(kind, [&](auto k) {
+    map_backward(grad_output, input, grad_input,
+                 [](auto v, auto g) { return derivative<decltype(k)::value>(v, g); });
   });
 }
 
