@@ -154,13 +154,13 @@ def main(argv=None) -> None:
     accuracy, n_test = result["test_accuracy"], result["test_size"]
     say()
     say(f"Test accuracy:   {100 * accuracy:.1f}% ({round(accuracy * n_test)}/{n_test} "
-          f"held-out images)")
+        f"held-out images)")
     say(f"Time per epoch:  {result['seconds_per_epoch']:.2f} s, "
-          f"{result['images_per_sec']:,.0f} training images/s (medians over "
-          f"{len(result['history'])} epochs, {F.get_num_threads()} threads"
-          + (f" x {group.size} ranks)" if group is not None else ")"))
+        f"{result['images_per_sec']:,.0f} training images/s (medians over "
+        f"{len(result['history'])} epochs, {F.get_num_threads()} threads"
+        + (f" x {group.size} ranks)" if group is not None else ")"))
     say(f"Total time:      {total:.1f} s ({result['training_seconds']:.1f} s training and "
-          f"validation)")
+        f"validation)")
     if args.plot and is_root:
         result["history"].plot(args.plot)
         say(f"Training curves: {args.plot}")

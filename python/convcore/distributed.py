@@ -53,6 +53,10 @@ class ProcessGroup:
     """The ranks of one job and the collectives convcore needs, each bounded
     by `timeout` seconds. Made by init()."""
 
+    # A wait polls without sleeping this long (a step's all-reduce usually
+    # lands within it), then backs off to sleeps of up to 1 ms.
+    SPIN_SECONDS = 2e-3
+
     def __init__(self, comm, timeout: float = 300.0):
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
                 not timeout > 0 or not math.isfinite(timeout):
@@ -61,9 +65,6 @@ class ProcessGroup:
         self.timeout = float(timeout)
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        # A wait first polls without sleeping (a step's all-reduce usually lands
-        # within this), then backs off to sleeps of up to 1 ms.
-        self.spin_seconds = 2e-3
 
     @property
     def is_root(self) -> bool:
@@ -75,8 +76,8 @@ class ProcessGroup:
     # -- waiting, with a deadline ------------------------------------------------------
     def wait(self, requests, what: str) -> None:
         """Completes MPI requests, or raises DistributedError after `timeout`
-        seconds. Polls with short sleeps so that a rank waiting for a slower
-        one leaves the cores to it."""
+        seconds. Polls, first without sleeping, then with short sleeps so that
+        a rank waiting long for a slower one leaves the cores to it."""
         MPI = _mpi()
         if not isinstance(requests, list):
             requests = [requests]
@@ -86,12 +87,15 @@ class ProcessGroup:
         while not MPI.Request.Testall(requests):
             now = time.monotonic()
             if now > deadline:
-                raise DistributedError(
-                    f"rank {self.rank} of {self.size}: {what} did not complete within "
-                    f"{self.timeout:g} s: another rank has died, stalled or left the job")
-            if now - start > self.spin_seconds:
+                raise self.timed_out(what)
+            if now - start > self.SPIN_SECONDS:
                 time.sleep(delay)
                 delay = min(2 * delay if delay else 1e-5, 1e-3)
+
+    def timed_out(self, what: str) -> DistributedError:
+        return DistributedError(
+            f"rank {self.rank} of {self.size}: {what} did not complete within "
+            f"{self.timeout:g} s: another rank has died, stalled or left the job")
 
     # -- collectives -----------------------------------------------------------------
     def allreduce_(self, array: np.ndarray, what: str = "all-reduce") -> np.ndarray:
@@ -109,11 +113,10 @@ class ProcessGroup:
         self.wait(self.comm.Ibcast(array, root=root), what)
         return array
 
-    def barrier(self, what: str = "barrier") -> None:
-        self.wait(self.comm.Ibarrier(), what)
-
     def allgather_bytes(self, data: bytes, what: str = "all-gather") -> List[bytes]:
         """Every rank's bytes, in rank order."""
+        if self.size == 1:
+            return [data]
         MPI = _mpi()
         sizes = np.zeros(self.size, dtype=np.int64)
         self.wait(self.comm.Iallgather(np.array([len(data)], dtype=np.int64), sizes),
@@ -250,10 +253,6 @@ class ShardedLoader:
                 f"{self.batch_size} per rank, {self.loader!r})")
 
 
-def _is_gpu(array) -> bool:
-    return type(array).__module__.split(".")[0] == "cupy"
-
-
 class NcclAllReduce:
     """Sums GPU buffers over the ranks with NCCL (through CuPy), on the current
     CUDA stream: the GPU counterpart of MPI_Iallreduce for a model on the GPU
@@ -289,10 +288,7 @@ class NcclAllReduce:
         while not done.done:
             if time.monotonic() > deadline:
                 self.comm.abort()
-                raise DistributedError(
-                    f"rank {self.group.rank} of {self.group.size}: {what} did not complete "
-                    f"within {self.group.timeout:g} s: another rank has died, stalled or left "
-                    f"the job")
+                raise self.group.timed_out(what)
             time.sleep(1e-4)
 
 
@@ -326,8 +322,8 @@ class GradientReducer:
                     seen.add(id(p))
                     params.append(p)
         from .nn.module import _xp
-        self.gpu = bool(params) and _is_gpu(params[0].data)
         self.xp = _xp(params[0].data) if params else np
+        self.gpu = self.xp is not np
         self._nccl = NcclAllReduce(group) if self.gpu else None
         self.buckets: List[Tuple[list, np.ndarray]] = []
         limit = int(bucket_mb * 2**20)
@@ -341,30 +337,25 @@ class GradientReducer:
         if current:
             self._add_bucket(current)
         bucket_of = {id(p): i for i, (ps, _) in enumerate(self.buckets) for p in ps}
-        # how many owning modules each bucket waits for, and which buckets each module feeds
-        self._feeds = {}
-        self._needed = [0] * len(self.buckets)
-        for m in owners:
-            feeds = sorted({bucket_of[id(p)] for p in m._parameters.values()})
-            self._feeds[id(m)] = feeds
-            for i in feeds:
-                self._needed[i] += 1
         self._modules = owners
         self._weight = None
         self._requests: list = []
         self._next = 0
-        self.comm_seconds = 0.0     # time spent waiting for the all-reduce after backward
-        if self.overlap:
-            for m in owners:
-                self._wrap(m)
+        # how many owning modules each bucket waits for, and which buckets each module feeds
+        self._needed = [0] * len(self.buckets)
+        for m in owners:
+            feeds = sorted({bucket_of[id(p)] for p in m._parameters.values()})
+            for i in feeds:
+                self._needed[i] += 1
+            if self.overlap:
+                self._wrap(m, feeds)
 
     def _add_bucket(self, params) -> None:
         size = sum(p.data.size for p in params)
         self.buckets.append((params, self.xp.empty(size, dtype=params[0].data.dtype)))
 
-    def _wrap(self, module) -> None:
+    def _wrap(self, module, feeds) -> None:
         original = module.backward
-        feeds = self._feeds[id(module)]
 
         def backward(grad_output):
             result = original(grad_output)
@@ -430,12 +421,10 @@ class GradientReducer:
 
     def finish(self, total_weight: float) -> None:
         """Waits for every bucket and writes sum / total_weight into the grads."""
-        start = time.perf_counter()
         if self.gpu:
             self._nccl.wait("the all-reduce of the gradients")
         else:
             self.group.wait(self._requests, "the all-reduce of the gradients")
-        self.comm_seconds += time.perf_counter() - start
         scale = 1.0 / total_weight if total_weight > 0 else 0.0
         for params, flat in self.buckets:
             pos = 0

@@ -103,12 +103,9 @@ def _batch_loss_sum(loss_fn, loss, n: int) -> float:
 def _on_model_device(model: Module):
     """A function that moves a numpy batch to where the model's parameters
     are: cupy after model.to("cuda"), else the batch as it is."""
-    for p in model.parameters():
-        xp = _xp(p.data)
-        if xp is not np:
-            return xp.asarray
-        break
-    return lambda batch: batch
+    params = model.parameters()
+    xp = _xp(params[0].data) if params else np
+    return (lambda batch: batch) if xp is np else xp.asarray
 
 
 def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[float, float]:
