@@ -93,14 +93,15 @@ int64_t winograd_tasks(const ConvGeometry& G) {
 // multiplications saved) and at least one band of tiles per thread, so a
 // small image at batch 1 (one band) keeps the GEMM path, which splits the
 // output channels across the cores instead.
-//  - F(4x4, 3x3) on 28x28 and larger outputs: 1.2-1.9x faster than the GEMM
-//    path and 1.05-1.35x faster than F(2x2) (VGG conv1_2-conv4_2, ResNet's
-//    64-channel stage; batch 1 to 16, forward and grad_input). On 13x13 and
+//  - F(4x4, 3x3) on 28x28 and larger outputs: 1.3-2.1x faster than the GEMM
+//    path and 1.2-1.35x faster than F(2x2) in forward (VGG conv3_2 and
+//    conv4_2, ResNet's 64-channel stage; batch 1 and 16), level with F(2x2)
+//    at 128 channels on 28x28. On 13x13 and
 //    14x14 it loses (ragged 4x4 tiles waste up to 30% of the work, and the
 //    36 filter matrices cost more to transform than the products save).
 //    Its float32 error is about 3e-6 of the output scale against 4e-7 for
 //    the GEMM path and F(2x2).
-//  - F(2x2, 3x3) elsewhere: 1.15-1.5x faster than the GEMM path on AlexNet's
+//  - F(2x2, 3x3) elsewhere: 1.1-1.5x faster than the GEMM path on AlexNet's
 //    13x13 and VGG's 14x14 layers at batch 16, and on 28x28 at batch 1.
 bool winograd_channels(const ConvGeometry& G) {
   return winograd_shape(G) && G.C >= 64 && G.Cout >= 64;
