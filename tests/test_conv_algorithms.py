@@ -131,7 +131,8 @@ def test_winograd_many_channels(algorithm, dtype):
     """More channels than one K block (256) of the packed GEMM and output
     channels not a multiple of its 12-row panels: the filter transform
     writes the packed operands unit by unit, and grad_input swaps the roles
-    (26 input, 300 output channels). Ragged 7x9 images, batch 2."""
+    (26 input, 300 output channels), and grad_weight, through the same
+    transforms, reduces over 300 channels. Ragged 7x9 images, batch 2."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 300, 7, 9)).astype(dtype)
     w = (rng.standard_normal((26, 300, 3, 3)) / np.sqrt(300 * 9)).astype(dtype)
@@ -141,9 +142,10 @@ def test_winograd_many_channels(algorithm, dtype):
     assert_close(convcore.conv2d(x, w, b, padding=1, algorithm=algorithm), expect, dtype, tol,
                  what=f"{algorithm} forward")
     gy = rng.standard_normal(expect.shape).astype(dtype)
-    egx, _, _ = ref.conv2d_backward_ref(gy, x, w, padding=1)
-    gx, _, _ = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm)
+    egx, egw, _ = ref.conv2d_backward_ref(gy, x, w, padding=1)
+    gx, gw, _ = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm)
     assert_close(gx, egx, dtype, tol, what=f"{algorithm} grad_input")
+    assert_close(gw, egw, dtype, tol, what=f"{algorithm} grad_weight")
 
 
 def test_winograd4_accuracy_float32():
@@ -159,18 +161,51 @@ def test_winograd4_accuracy_float32():
     gy = rng.standard_normal((2, 64, 28, 28)).astype(np.float32)
     x64, w64, gy64 = x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64)
     exact = convcore.conv2d(x64, w64, padding=1)
-    exact_gx = convcore.conv2d_backward(gy64, x64, w64, padding=1)[0]
+    exact_gx, exact_gw, _ = convcore.conv2d_backward(gy64, x64, w64, padding=1)
     y = convcore.conv2d(x, w, padding=1, algorithm="winograd4")
-    gx = convcore.conv2d_backward(gy, x, w, padding=1, algorithm="winograd4")[0]
+    gx, gw, _ = convcore.conv2d_backward(gy, x, w, padding=1, algorithm="winograd4")
     err = np.abs(y - exact).max() / np.abs(exact).max()
     err_gx = np.abs(gx - exact_gx).max() / np.abs(exact_gx).max()
+    err_gw = np.abs(gw - exact_gw).max() / np.abs(exact_gw).max()
     assert err < 5e-6, err
     assert err_gx < 5e-6, err_gx
+    assert err_gw < 5e-6, err_gw  # measured 2.0e-6 (GEMM path: 3.0e-7)
+
+
+@pytest.mark.parametrize("algorithm,n,h", [("winograd", 10, 14), ("winograd4", 4, 28)])
+def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h):
+    """grad_weight through the Winograd transforms sums the products of a
+    chunk of images into dU, chunk after chunk (32 MB of transformed tiles
+    each: 8 images of 14x14 for F(2x2), 3 of 28x28 for F(4x4) at 512
+    channels in and out, so these batches take two chunks, the second
+    short). It matches the float64 GEMM path, and is bit-identical at 1, 2
+    and 40 threads (with 40 the products also split the output channels
+    into blocks)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n, 512, h, h)).astype(np.float32)
+    w = (rng.standard_normal((512, 512, 3, 3)) / 64).astype(np.float32)
+    gy = rng.standard_normal((n, 512, h, h)).astype(np.float32)
+    exact = convcore.conv2d_backward(gy.astype(np.float64), x.astype(np.float64),
+                                     w.astype(np.float64), padding=1, algorithm="gemm")[1]
+    before = convcore.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 40):
+            convcore.set_num_threads(threads)
+            results.append(convcore.conv2d_backward(gy, x, w, padding=1,
+                                                    algorithm=algorithm)[1])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(results[0], exact, np.float32, rtol(algorithm, np.float32),
+                 what=f"{algorithm} grad_weight")
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
 
 
 def test_auto_picks_winograd_where_it_pays(two_threads):
     """algorithm='auto' (winograd4_pays / winograd_pays in csrc/cpu/conv.cpp;
-    update this test with those rules), for forward and grad_input alike:
+    update this test with those rules), for forward and grad_input alike, and
+    for grad_weight (winograd_grad_weight_pays):
     F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2) on smaller
     images with a band of tiles per thread, the GEMM path on a small image
     at batch 1 and with fewer than 64 channels. Results are bitwise those of
@@ -183,16 +218,22 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
         gy = rng.standard_normal((n, cout, h, h)).astype(np.float32)
         return x, w, gy
 
-    def auto_is(algorithm, x, w, gy):
+    def auto_is(algorithm, x, w, gy, grad_weight_by=None):
         np.testing.assert_array_equal(convcore.conv2d(x, w, padding=1),
                                       convcore.conv2d(x, w, padding=1, algorithm=algorithm))
-        np.testing.assert_array_equal(
-            convcore.conv2d_backward(gy, x, w, padding=1)[0],
-            convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm)[0])
+        auto = convcore.conv2d_backward(gy, x, w, padding=1)
+        named = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm)
+        np.testing.assert_array_equal(auto[0], named[0])
+        # grad_weight: by the same algorithm, except F(2x2) with fewer than
+        # 512 channels (winograd_grad_weight_pays), which keeps the GEMM path.
+        by = convcore.conv2d_backward(gy, x, w, padding=1,
+                                      algorithm=grad_weight_by or algorithm)
+        np.testing.assert_array_equal(auto[1], by[1])
 
     auto_is("winograd4", *case(1, 64, 64, 56))      # two bands of 4x4 tiles per image
     auto_is("winograd4", *case(2, 256, 256, 28))
-    auto_is("winograd", *case(2, 128, 96, 14))      # 14x14: F(4x4) tiles are ragged
+    auto_is("winograd", *case(2, 128, 96, 14), grad_weight_by="gemm")  # 14x14: F(4x4) ragged
+    auto_is("winograd", *case(2, 512, 512, 7))      # grad_weight too, with 512 channels
     auto_is("gemm", *case(1, 128, 96, 14))          # one band at batch 1
     auto_is("gemm", *case(4, 32, 64, 28))           # too few channels
     x, w, gy = case(1, 64, 64, 56)

@@ -28,7 +28,8 @@ struct ConvGeometry {
   int64_t Ho, Wo, P;           // output spatial size, P = Ho * Wo
   int64_t G, Cg, Coutg, Kc;    // groups; per-group channels; Kc = Cg * KH * KW
   int64_t xs_n, xs_c, xs_h, xs_w;  // input strides (elements)
-  Conv2dParams p;
+  Conv2dParams p;                  // p.algorithm: the one chosen (never Auto)
+  bool auto_algorithm;             // whether it was chosen by auto
 };
 
 ConvAlgorithm choose_algorithm(const ConvGeometry& G);
@@ -49,6 +50,7 @@ ConvGeometry make_geometry(const TensorView& input, const TensorView& weight,
   g.xs_n = input.strides[0], g.xs_c = input.strides[1];
   g.xs_h = input.strides[2], g.xs_w = input.strides[3];
   g.p = p;
+  g.auto_algorithm = p.algorithm == ConvAlgorithm::Auto;
   g.p.algorithm = choose_algorithm(g);
   return g;
 }
@@ -109,6 +111,19 @@ bool winograd_channels(const ConvGeometry& G) {
 bool winograd_pays(const ConvGeometry& G) {
   return winograd_channels(G) &&
          winograd_tasks<2>(G) >= static_cast<int64_t>(get_num_threads());
+}
+// grad_weight through the same transforms (grad_weight_winograd) against
+// the GEMM path, 2 threads, batch 16: F(4x4) is faster on every layer it is
+// chosen for (VGG conv1_2-conv4_2 1.6-2.0x, ResNet's 64-channel 3x3 at 56
+// 1.25x); F(2x2) only with 512+ channels in and out (VGG conv5_2 at 14x14
+// 1.3-1.6x), where the GEMM path re-reads its large grad_weight for every
+// image. With fewer channels its transposed packing of V weighs more than
+// the multiplications saved: AlexNet's 256-384 channels at 13x13 are level
+// (0.9-1.05x), 128 channels at 14x14 2x slower. A Winograd algorithm asked
+// for by name is used for grad_weight too.
+bool winograd_grad_weight_pays(const ConvGeometry& G) {
+  if (G.p.algorithm == ConvAlgorithm::Winograd4x4 || !G.auto_algorithm) return true;
+  return G.C >= 512 && G.Cout >= 512;
 }
 bool winograd4_pays(const ConvGeometry& G) {
   return winograd_channels(G) && G.Ho >= 28 && G.Wo >= 28 &&
@@ -393,6 +408,36 @@ struct SkipPackB {
   }
 };
 
+// Lays out a band of one plane (H x W, strides hs, ws) as the row streams
+// of the Winograd transforms: stream k (k < streams) holds plane row
+// ih0 + step * r + k for each of the band's `rows` tile rows r, in segments of
+// seg columns (segment r of stream k at out + (k * band + r) * seg), column j
+// of a segment being plane column iw0 + j, zero outside the plane.
+template <typename T>
+void stack_band(const T* plane, int64_t H, int64_t W, int64_t hs, int64_t ws, int64_t ih0,
+                int64_t iw0, int step, int streams, int64_t rows, int64_t band, int64_t seg,
+                T* out) {
+  const int64_t jlo = std::clamp<int64_t>(-iw0, 0, seg);  // columns inside: [jlo, jhi)
+  const int64_t jhi = std::clamp<int64_t>(W - iw0, jlo, seg);
+  for (int k = 0; k < streams; ++k) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = out + (k * band + r) * seg;
+      const int64_t ih = ih0 + step * r + k;
+      if (ih < 0 || ih >= H) {
+        std::fill(dst, dst + seg, T(0));
+        continue;
+      }
+      const T* src = plane + ih * hs;
+      std::fill(dst, dst + jlo, T(0));
+      if (ws == 1)
+        std::copy(src + iw0 + jlo, src + iw0 + jhi, dst + jlo);
+      else
+        for (int64_t j = jlo; j < jhi; ++j) dst[j] = src[(iw0 + j) * ws];
+      std::fill(dst + jhi, dst + seg, T(0));
+    }
+  }
+}
+
 // A 3x3 stride-1 convolution as Winograd sees it: an image x (N, C, H, W;
 // any strides), filters w (filter (o, c) has its taps, row-major, at
 // w[o * w_so + c * w_sc + k * w_sk], k < 9: a tap stride of -1 flips them),
@@ -484,28 +529,9 @@ void winograd_conv(const WinogradConv<T>& a, const T* bias, T* out) {
       const int64_t rows = std::min(band, tiles_h - th0), nt = rows * tiles_w;
       const int64_t ih0 = th0 * M - a.pad_top, iw0 = -a.pad_left;
       const T* xn = a.x + n * a.xs_n;
-      // The segment columns inside the image: [jlo, jhi).
-      const int64_t jlo = std::clamp<int64_t>(-iw0, 0, seg);
-      const int64_t jhi = std::clamp<int64_t>(a.W - iw0, jlo, seg);
       for (int64_t c = 0; c < a.C; ++c) {
-        const T* xc = xn + c * a.xs_c;
-        for (int k = 0; k < A; ++k) {
-          for (int64_t r = 0; r < rows; ++r) {
-            T* dst = stacked + (k * band + r) * seg;
-            const int64_t ih = ih0 + M * r + k;
-            if (ih < 0 || ih >= a.H) {
-              std::fill(dst, dst + seg, T(0));
-              continue;
-            }
-            const T* src = xc + ih * a.xs_h;  // segment column j is input column iw0 + j
-            std::fill(dst, dst + jlo, T(0));
-            if (a.xs_w == 1)
-              std::copy(src + iw0 + jlo, src + iw0 + jhi, dst + jlo);
-            else
-              for (int64_t j = jlo; j < jhi; ++j) dst[j] = src[(iw0 + j) * a.xs_w];
-            std::fill(dst + jhi, dst + seg, T(0));
-          }
-        }
+        stack_band(xn + c * a.xs_c, a.H, a.W, a.xs_h, a.xs_w, ih0, iw0, M, A, rows, band, seg,
+                   stacked);
         winograd::input_tiles<M>(stacked, band * seg, rows * wide, v + c * wblock, a.C * wblock);
       }
       // M[xi] (Cout x nt) = U[xi] (Cout x C) * V[xi] (C x nt)
@@ -547,6 +573,94 @@ void grad_input_winograd(const T* gy, const T* weight, const ConvGeometry& G, T*
                           G.C, 2 - G.p.pad_top, 2 - G.p.pad_left, G.H, G.W,
                           weight + 8, 9, G.C * 9, -1};
   winograd_conv<M>(a, static_cast<const T*>(nullptr), gx);
+}
+
+// grad_weight of a 3x3 stride-1 convolution through the same transforms:
+//   dU[xi] (Cout x C) = sum over tiles of dM[xi] (Cout x tiles) * V[xi]^T,
+// V = B^T d B being the forward's input tiles and dM = A dY A^T the
+// transposed output transform of grad_output; then dW = G^T dU G.
+// Work comes in units of (image, band of tile rows), laid out as in
+// forward (the unused tile of each tile row gets a zero dM, so it adds
+// nothing). A chunk of units is transformed (parallel over channels), then
+// the kPoints products accumulate into dU (parallel over (xi, block of
+// output channels)), chunk after chunk: every sum runs in the same order
+// whatever the thread count.
+template <int M, typename T>
+void grad_weight_winograd(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  using V = winograd::Variant<M>;
+  constexpr int kPoints = V::kPoints, A = V::kTile, MR = gemm::Tile<T>::MR;
+  const int64_t C = G.C, Cout = G.Cout;
+  const int64_t tiles_h = (G.Ho + M - 1) / M, tiles_w = (G.Wo + M - 1) / M;
+  const int64_t band = winograd_band(tiles_h, tiles_w, V::kBandTiles);
+  const int64_t bands = (tiles_h + band - 1) / band;
+  const int64_t wide = tiles_w + 1, seg = M * wide, unit_tiles = band * wide;
+  const int64_t units = G.N * bands;
+  // Units per chunk: as many as the transformed tiles of kChunkBytes hold
+  // (the products' reductions grow with it; dU is read and written once
+  // per chunk).
+  constexpr int64_t kChunkBytes = int64_t(32) << 20;
+  const int64_t unit_bytes = kPoints * (C + Cout) * unit_tiles * int64_t(sizeof(T));
+  const int64_t per_chunk = std::clamp<int64_t>(kChunkBytes / unit_bytes, 1, units);
+  const int64_t kmax = per_chunk * unit_tiles;  // tiles of a chunk
+  detail::Workspace<T> vd_ws(1, kPoints * (C + Cout) * kmax + kPoints * Cout * C);
+  T* v = vd_ws.get();                    // v[(xi * C + c) * kmax + tile]
+  T* dm = v + kPoints * C * kmax;        // dm[(xi * Cout + o) * kmax + tile]
+  T* du = dm + kPoints * Cout * kmax;    // du[(xi * Cout + o) * C + c]
+  // Touch the fresh pages from one thread first: faulting them in from both
+  // threads' scattered transform writes measured 5 ms slower for 15 MB
+  // (16 x 128 x 14 x 14, 128 out) than this fill (0.65 ms).
+  std::fill(v, du, T(0));
+  const int64_t want = get_num_threads();
+  const int64_t mrows = gemm::round_up(
+      std::max<int64_t>(4 * MR, Cout / std::max<int64_t>(1, (2 * want + kPoints - 1) / kPoints)),
+      MR);
+  const int64_t mblocks = (Cout + mrows - 1) / mrows;
+  const int threads = detail::threads_for(units * (C + Cout), G.N * Cout * C * G.P * 9);
+  const int64_t ssize = A * band * seg + (A - M);
+  detail::Workspace<T> ws(threads, std::max(ssize, gemm::b_workspace_size<T>()));
+  const T* x = input.ptr<const T>();
+#pragma omp parallel num_threads(threads)
+  {
+    T* buf = ws.get(omp_get_thread_num());  // the stacked rows, then packed B
+    for (int64_t u0 = 0; u0 < units; u0 += per_chunk) {
+      const int64_t nu = std::min(per_chunk, units - u0), K = nu * unit_tiles;
+#pragma omp for schedule(dynamic, 8)
+      for (int64_t item = 0; item < nu * (C + Cout); ++item) {
+        const int64_t u = item / (C + Cout), ch = item % (C + Cout);
+        const int64_t n = (u0 + u) / bands, th0 = ((u0 + u) % bands) * band;
+        const int64_t rows = std::min(band, tiles_h - th0), nt = rows * wide;
+        const int64_t col = u * unit_tiles;
+        T* dst;
+        int64_t stride;
+        if (ch < C) {  // V of input channel ch
+          stack_band(x + n * G.xs_n + ch * G.xs_c, G.H, G.W, G.xs_h, G.xs_w,
+                     th0 * M - G.p.pad_top, -G.p.pad_left, M, A, rows, band, seg, buf);
+          std::fill(buf + ssize - (A - M), buf + ssize, T(0));  // the last tile's slack
+          dst = v + ch * kmax + col, stride = C * kmax;
+          winograd::input_tiles<M>(buf, band * seg, nt, dst, stride);
+        } else {  // dM of output channel ch - C
+          const int64_t o = ch - C;
+          stack_band(gy + (n * Cout + o) * G.P, G.Ho, G.Wo, G.Wo, int64_t(1), th0 * M,
+                     int64_t(0), M, M, rows, band, seg, buf);
+          dst = dm + o * kmax + col, stride = Cout * kmax;
+          winograd::grad_output_tiles<M>(buf, band * seg, nt, dst, stride);
+        }
+        for (int xi = 0; xi < kPoints; ++xi)  // a short last band: zero tiles
+          std::fill(dst + xi * stride + nt, dst + xi * stride + unit_tiles, T(0));
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < kPoints * mblocks; ++task) {
+        const int64_t xi = task / mblocks, m0 = (task % mblocks) * mrows;
+        const int64_t nm = std::min(mrows, Cout - m0);
+        gemm::gemm_packed(nm, C, K, dm + xi * Cout * kmax, Cout, m0,
+                          gemm::StridedPackB<T>{v + xi * C * kmax, 1, kmax},
+                          du + (xi * Cout + m0) * C, C, u0 > 0, buf, kmax);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < Cout; ++o)
+      winograd::grad_filter_row<M>(du + o * C, Cout * C, C, gw + o * C * 9);
+  }
 }
 
 template <typename T>
@@ -1016,6 +1130,10 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
     if (grad_weight && grad_weight->numel() > 0) {
       if (depthwise)
         grad_weight_depthwise<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
+      else if (G.p.algorithm == ConvAlgorithm::Winograd && winograd_grad_weight_pays(G))
+        grad_weight_winograd<2, T>(gy.data(), x, Gx, grad_weight->ptr<T>());
+      else if (G.p.algorithm == ConvAlgorithm::Winograd4x4)
+        grad_weight_winograd<4, T>(gy.data(), x, Gx, grad_weight->ptr<T>());
       else
         grad_weight_impl<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
     }

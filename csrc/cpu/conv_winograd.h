@@ -53,6 +53,21 @@ struct Variant<2> {
     u[2] = S(0.5) * (g[0] - g[1] + g[2]);
     u[3] = g[2];
   }
+  // The transposes, for grad_weight: A y and G^T u.
+  template <typename T>
+  static CONVCORE_WINO_INLINE void output_transposed(const T* y, T* m) {  // A y
+    m[0] = y[0];
+    m[1] = y[0] + y[1];
+    m[2] = y[0] - y[1];
+    m[3] = -y[1];
+  }
+  template <typename S>
+  static CONVCORE_WINO_INLINE void filter_transposed(const S* u, S* g) {  // G^T u
+    const S s = S(0.5) * (u[1] + u[2]);
+    g[0] = u[0] + s;
+    g[1] = S(0.5) * (u[1] - u[2]);
+    g[2] = s + u[3];
+  }
 };
 
 // F(4, 3), interpolation points 0, 1, -1, 1/2, -2 and infinity (F(4, 3)
@@ -111,6 +126,24 @@ struct Variant<4> {
     u[3] = S(-1.0 / 15) * (S(16) * g[0] + S(8) * g[1] + S(4) * g[2]);
     u[4] = S(1.0 / 15) * (g[0] - S(2) * g[1] + S(4) * g[2]);
     u[5] = g[2];
+  }
+  // The transposes, for grad_weight: A y and G^T u.
+  template <typename T>
+  static CONVCORE_WINO_INLINE void output_transposed(const T* y, T* m) {  // A y
+    const T s02 = y[0] + y[2], s13 = y[1] + y[3];
+    m[0] = y[0];
+    m[1] = s02 + s13;
+    m[2] = s02 - s13;
+    m[3] = y[0] + T(0.5) * y[1] + T(0.25) * y[2] + T(0.125) * y[3];
+    m[4] = y[0] - T(2) * y[1] + T(4) * y[2] - T(8) * y[3];
+    m[5] = y[3];
+  }
+  template <typename S>
+  static CONVCORE_WINO_INLINE void filter_transposed(const S* u, S* g) {  // G^T u
+    const S p = S(1.0 / 3) * (u[1] + u[2]), q = S(1.0 / 3) * (u[1] - u[2]);
+    g[0] = u[0] + q + S(1.0 / 15) * (u[4] - S(16) * u[3]);
+    g[1] = p - S(2.0 / 15) * (S(4) * u[3] + u[4]);
+    g[2] = q + S(4.0 / 15) * (u[4] - u[3]) + u[5];
   }
 };
 
@@ -183,6 +216,67 @@ CONVCORE_WINO_INLINE void output_tiles_body(const T* __restrict m, int64_t mstri
   }
 }
 
+// The transpose of the output transform, for grad_weight: m x m gradients of
+// nt tiles at dy[i * ss + m*t + j] (m row streams) -> dm[xi * mstride + t] =
+// (A dY A^T)[xi].
+template <int M, typename T>
+CONVCORE_WINO_INLINE void grad_output_tiles_body(const T* __restrict dy, int64_t ss, int64_t nt,
+                                                 T* __restrict dm, int64_t mstride) {
+  using V = Variant<M>;
+  constexpr int A = V::kTile;
+#pragma GCC ivdep
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* p = dy + M * t;
+    T cols[M][A];  // cols[j] = A (column j of the tile's gradient)
+#pragma GCC unroll 8
+    for (int j = 0; j < M; ++j) {
+      T y[M];
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) y[i] = p[i * ss + j];
+      V::output_transposed(y, cols[j]);
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < A; ++a) {  // then each row of A dY
+      T r[M], q[A];
+#pragma GCC unroll 8
+      for (int j = 0; j < M; ++j) r[j] = cols[j][a];
+      V::output_transposed(r, q);
+#pragma GCC unroll 8
+      for (int b = 0; b < A; ++b) dm[(a * A + b) * mstride + t] = q[b];
+    }
+  }
+}
+
+// The transpose of the filter transform, for grad_weight: dg = G^T dU G for
+// n filters, dU[xi] at du[xi * dus + c], the 3x3 result (row-major) at
+// g[c * 9 + k]. In double, like the forward filter transform.
+template <int M, typename T>
+CONVCORE_WINO_INLINE void grad_filter_row_body(const T* __restrict du, int64_t dus, int64_t n,
+                                               T* __restrict g) {
+  using V = Variant<M>;
+  constexpr int A = V::kTile;
+#pragma GCC ivdep
+  for (int64_t c = 0; c < n; ++c) {
+    double cols[A][3];  // G^T applied to each column of dU
+#pragma GCC unroll 8
+    for (int b = 0; b < A; ++b) {
+      double u[A];
+#pragma GCC unroll 8
+      for (int a = 0; a < A; ++a) u[a] = du[(a * A + b) * dus + c];
+      V::filter_transposed(u, cols[b]);
+    }
+#pragma GCC unroll 3
+    for (int p = 0; p < 3; ++p) {  // then to each row of G^T dU
+      double r[A], q[3];
+#pragma GCC unroll 8
+      for (int b = 0; b < A; ++b) r[b] = cols[b][p];
+      V::filter_transposed(r, q);
+#pragma GCC unroll 3
+      for (int k = 0; k < 3; ++k) g[c * 9 + p * 3 + k] = static_cast<T>(q[k]);
+    }
+  }
+}
+
 // U = G g G^T for n filters: filter c (c < n) has its 3x3 taps (row-major)
 // at w[k * ws + c], k < 9 (the caller gathers them so: unit-stride streams
 // let the loop over filters vectorise); u[xi * us + c] = U[xi]. Computed in
@@ -235,6 +329,14 @@ CONVCORE_WINO_INLINE void filter_row_body(const T* __restrict w, int64_t ws, int
   CONVCORE_WINO_CLONES inline void filter_row_##M(const T* w, int64_t ws, int64_t n, T* u,  \
                                                   int64_t us) {                               \
     filter_row_body<M>(w, ws, n, u, us);                                                      \
+  }                                                                                           \
+  CONVCORE_WINO_CLONES inline void grad_output_tiles_##M(const T* dy, int64_t ss, int64_t nt, \
+                                                         T* dm, int64_t mstride) {            \
+    grad_output_tiles_body<M>(dy, ss, nt, dm, mstride);                                       \
+  }                                                                                           \
+  CONVCORE_WINO_CLONES inline void grad_filter_row_##M(const T* du, int64_t dus, int64_t n,   \
+                                                       T* g) {                                \
+    grad_filter_row_body<M>(du, dus, n, g);                                                   \
   }
 CONVCORE_WINO_ROWS(2, float)
 CONVCORE_WINO_ROWS(2, double)
@@ -264,6 +366,21 @@ inline void output_tiles(const T* m, int64_t mstride, int64_t nt, T bias, T* out
     output_tiles_2(m, mstride, nt, bias, out, os);
   else
     output_tiles_4(m, mstride, nt, bias, out, os);
+}
+
+template <int M, typename T>
+inline void grad_output_tiles(const T* dy, int64_t ss, int64_t nt, T* dm, int64_t mstride) {
+  if constexpr (M == 2)
+    grad_output_tiles_2(dy, ss, nt, dm, mstride);
+  else
+    grad_output_tiles_4(dy, ss, nt, dm, mstride);
+}
+template <int M, typename T>
+inline void grad_filter_row(const T* du, int64_t dus, int64_t n, T* g) {
+  if constexpr (M == 2)
+    grad_filter_row_2(du, dus, n, g);
+  else
+    grad_filter_row_4(du, dus, n, g);
 }
 
 }  // namespace winograd
