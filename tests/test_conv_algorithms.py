@@ -268,3 +268,27 @@ def test_winograd_workspace_does_not_grow_with_batch(algorithm, two_threads):
     m = 2 if algorithm == "winograd" else 4  # output tile; input tiles are m + 2 wide
     whole_batch = 16 * 32 * (40 // m) ** 2 * (m + 2) ** 2 * 4  # bytes: images x channels x tiles x points
     assert peaks[1] < whole_batch / 2, (peaks, whole_batch)
+
+
+def test_small_grad_weight_in_rounds_of_partials():
+    """A small grad_weight (at most 256 KB: first layers) is summed from one
+    partial per (image, chunk of 4096 positions), 64 partials per round: a
+    batch of 70 takes two rounds, 2 groups and a strided kernel on the way.
+    Matches the reference and is bit-identical at 1, 2 and 5 threads."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((70, 4, 11, 11))
+    w = rng.standard_normal((6, 2, 3, 3))
+    kw = dict(stride=2, padding=1, groups=2)
+    gy = rng.standard_normal(ref.conv2d_ref(x, w, None, **kw).shape)
+    expect = ref.conv2d_backward_ref(gy, x, w, **kw)[1]
+    before = convcore.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 5):
+            convcore.set_num_threads(threads)
+            results.append(convcore.conv2d_backward(gy, x, w, **kw)[1])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(results[0], expect, np.float64, what="grad_weight")
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
