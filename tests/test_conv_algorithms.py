@@ -172,15 +172,15 @@ def test_winograd4_accuracy_float32():
     assert err_gw < 5e-6, err_gw  # measured 2.0e-6 (GEMM path: 3.0e-7)
 
 
-@pytest.mark.parametrize("algorithm,n,h", [("winograd", 10, 14), ("winograd4", 4, 28)])
+@pytest.mark.parametrize("algorithm,n,h", [("winograd", 10, 14), ("winograd4", 5, 28)])
 def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h):
     """grad_weight through the Winograd transforms sums the products of a
-    chunk of images into dU, chunk after chunk (32 MB of transformed tiles
-    each: 8 images of 14x14 for F(2x2), 3 of 28x28 for F(4x4) at 512
-    channels in and out, so these batches take two chunks, the second
-    short). It matches the float64 GEMM path, and is bit-identical at 1, 2
-    and 40 threads (with 40 the products also split the output channels
-    into blocks)."""
+    chunk of images into dU, chunk after chunk (at most 32 MB of transformed
+    tiles each: at 512 channels in and out, 9 images of 14x14 for F(2x2), 4
+    of 28x28 for F(4x4), so these batches take two chunks, the second
+    short). It matches the float64 GEMM path, is bit-identical at 1, 2 and
+    40 threads (with 40 the products also split the output channels into
+    blocks), and holds less scratch than the whole batch's tiles would."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((n, 512, h, h)).astype(np.float32)
     w = (rng.standard_normal((512, 512, 3, 3)) / 64).astype(np.float32)
@@ -200,12 +200,21 @@ def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h):
                  what=f"{algorithm} grad_weight")
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
+    # The chunks bound the scratch: less than dU plus the whole batch's
+    # transformed tiles (input and grad_output, padded rows of tiles).
+    from convcore import _core
+    _core.reset_workspace_peak()
+    _core.conv2d_backward(gy, x, w, (1, 1), [1] * 4, (1, 1), 1, False, True, False, algorithm)
+    m = 2 if algorithm == "winograd" else 4
+    points, tiles = (m + 2) ** 2, (h // m) * (h // m + 1)
+    du, whole = points * 512 * 512 * 4, points * 1024 * n * tiles * 4
+    assert _core.workspace_peak() < du + whole, (_core.workspace_peak(), du, whole)
 
 
 def test_auto_picks_winograd_where_it_pays(two_threads):
     """algorithm='auto' (winograd4_pays / winograd_pays in csrc/cpu/conv.cpp;
     update this test with those rules), for forward and grad_input alike, and
-    for grad_weight (winograd_grad_weight_pays):
+    for grad_weight (winograd2_grad_weight_pays):
     F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2) on smaller
     images with a band of tiles per thread, the GEMM path on a small image
     at batch 1 and with fewer than 64 channels. Results are bitwise those of
@@ -225,7 +234,7 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
         named = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm)
         np.testing.assert_array_equal(auto[0], named[0])
         # grad_weight: by the same algorithm, except F(2x2) with fewer than
-        # 512 channels (winograd_grad_weight_pays), which keeps the GEMM path.
+        # 512 channels (winograd2_grad_weight_pays), which keeps the GEMM path.
         by = convcore.conv2d_backward(gy, x, w, padding=1,
                                       algorithm=grad_weight_by or algorithm)
         np.testing.assert_array_equal(auto[1], by[1])
@@ -292,3 +301,20 @@ def test_small_grad_weight_in_rounds_of_partials():
     assert_close(results[0], expect, np.float64, what="grad_weight")
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "winograd", "winograd4"])
+def test_empty_batch_has_zero_grad_weight(algorithm):
+    """No images: grad_weight is exactly zero on every path (the call before
+    leaves its scratch memory full of nonzero values for the allocator to
+    hand out again)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 16, 9, 9)).astype(np.float32)
+    convcore.conv2d_backward(np.ones((2, 16, 9, 9), np.float32), x, w, padding=1,
+                             algorithm=algorithm)
+    empty = np.zeros((0, 16, 9, 9), np.float32)
+    gx, gw, gb = convcore.conv2d_backward(empty, empty, w, padding=1, algorithm=algorithm)
+    assert gx.shape == (0, 16, 9, 9)
+    np.testing.assert_array_equal(gw, np.zeros_like(w))
+    np.testing.assert_array_equal(gb, np.zeros(16, np.float32))

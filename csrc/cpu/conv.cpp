@@ -114,16 +114,15 @@ bool winograd_pays(const ConvGeometry& G) {
 }
 // grad_weight through the same transforms (grad_weight_winograd) against
 // the GEMM path, 2 threads, batch 16: F(4x4) is faster on every layer it is
-// chosen for (VGG conv1_2-conv4_2 1.6-2.0x, ResNet's 64-channel 3x3 at 56
-// 1.25x); F(2x2) only with 512+ channels in and out (VGG conv5_2 at 14x14
-// 1.3-1.6x), where the GEMM path re-reads its large grad_weight for every
-// image. With fewer channels its transposed packing of V weighs more than
-// the multiplications saved: AlexNet's 256-384 channels at 13x13 are level
-// (0.9-1.05x), 128 channels at 14x14 2x slower. A Winograd algorithm asked
-// for by name is used for grad_weight too.
-bool winograd_grad_weight_pays(const ConvGeometry& G) {
-  if (G.p.algorithm == ConvAlgorithm::Winograd4x4 || !G.auto_algorithm) return true;
-  return G.C >= 512 && G.Cout >= 512;
+// chosen for (VGG conv1_2-conv4_2 1.7-2.0x, ResNet's 64-channel 3x3 at 56
+// 1.25-1.6x), so it always takes it. F(2x2) pays only with 512+ channels in
+// and out (VGG conv5_2 at 14x14 1.3-1.6x), where the GEMM path re-reads its
+// large grad_weight for every image; with fewer, its transposed packing of
+// V weighs more than the multiplications saved: AlexNet's 256-384 channels
+// at 13x13 are level (0.9-1.06x), 128 channels at 14x14 1.6x slower. F(2x2)
+// asked for by name is used for grad_weight too.
+bool winograd2_grad_weight_pays(const ConvGeometry& G) {
+  return !G.auto_algorithm || (G.C >= 512 && G.Cout >= 512);
 }
 bool winograd4_pays(const ConvGeometry& G) {
   return winograd_channels(G) && G.Ho >= 28 && G.Wo >= 28 &&
@@ -1032,18 +1031,22 @@ void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeome
 
 template <typename T>
 void grad_weight_impl(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
-  if (G.N > 0 && grad_weight_by_taps_applies(G)) return grad_weight_by_taps(gy, input, G, gw);
-  if (G.N > 0 && grad_weight_by_chunks_applies<T>(G)) return grad_weight_by_chunks(gy, input, G, gw);
+  if (G.N == 0) {  // no images: the paths below assume at least one
+    std::fill(gw, gw + G.Cout * G.Kc, T(0));
+    return;
+  }
+  if (G.p.algorithm == ConvAlgorithm::Winograd4x4)
+    return grad_weight_winograd<4, T>(gy, input, G, gw);
+  if (G.p.algorithm == ConvAlgorithm::Winograd && winograd2_grad_weight_pays(G))
+    return grad_weight_winograd<2, T>(gy, input, G, gw);
+  if (grad_weight_by_taps_applies(G)) return grad_weight_by_taps(gy, input, G, gw);
+  if (grad_weight_by_chunks_applies<T>(G)) return grad_weight_by_chunks(gy, input, G, gw);
   // grad_weight[g] (Coutg x Kc) = sum over images n and chunks of positions
   // of gy[n, g] (Coutg x positions) * im2col(x[n, g])^T (positions x Kc).
   // Each chunk of gy is packed once (shared), then tasks over blocks of
   // (output channels, kernel rows) accumulate into disjoint parts of
   // grad_weight, every sum in a fixed order whatever the thread count.
   constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
-  if (G.N == 0) {
-    std::fill(gw, gw + G.Cout * G.Kc, T(0));
-    return;
-  }
   const int64_t chunk = kGradWeightChunk;
   const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
   const int64_t panels = (G.Kc + NR - 1) / NR;
@@ -1192,10 +1195,6 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
     if (grad_weight && grad_weight->numel() > 0) {
       if (depthwise)
         grad_weight_depthwise<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
-      else if (G.p.algorithm == ConvAlgorithm::Winograd && winograd_grad_weight_pays(G))
-        grad_weight_winograd<2, T>(gy.data(), x, Gx, grad_weight->ptr<T>());
-      else if (G.p.algorithm == ConvAlgorithm::Winograd4x4)
-        grad_weight_winograd<4, T>(gy.data(), x, Gx, grad_weight->ptr<T>());
       else
         grad_weight_impl<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
     }
