@@ -157,6 +157,29 @@ struct Variant<4> {
 // tiles/filters carries `GCC ivdep`: true, as every caller's stride is at
 // least the length of a stream (see winograd_conv in conv.cpp).
 
+// The 2-D form of a 1-D transform f (NI values -> NO values): f applied to
+// each column of the NI x NI block `in`, then to each row of the result,
+// giving the NO x NO block `out`. B^T d B, A^T m A, G g G^T and the
+// transposes grad_weight uses are all this, with their own f.
+template <int NI, int NO, typename S, typename F>
+CONVCORE_WINO_INLINE void separable(const S (&in)[NI][NI], S (&out)[NO][NO], F f) {
+  S cols[NI][NO];  // cols[j] = f(column j of in)
+#pragma GCC unroll 8
+  for (int j = 0; j < NI; ++j) {
+    S c[NI];
+#pragma GCC unroll 8
+    for (int k = 0; k < NI; ++k) c[k] = in[k][j];
+    f(c, cols[j]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NO; ++i) {
+    S r[NI];
+#pragma GCC unroll 8
+    for (int j = 0; j < NI; ++j) r[j] = cols[j][i];
+    f(r, out[i]);
+  }
+}
+
 // v[xi * vstride + t] = (B^T d B)[xi] for tiles t < nt, whose patches are
 // rows 0..a-1 of `in` (row stride ss) at columns m*t .. m*t + a - 1.
 template <int M, typename T>
@@ -166,24 +189,16 @@ CONVCORE_WINO_INLINE void input_tiles_body(const T* __restrict in, int64_t ss, i
   constexpr int A = V::kTile;
 #pragma GCC ivdep
   for (int64_t t = 0; t < nt; ++t) {
-    const T* p = in + M * t;
-    T cols[A][A];  // cols[j] = B^T (column j of the patch)
+    T d[A][A], q[A][A];
 #pragma GCC unroll 8
-    for (int j = 0; j < A; ++j) {
-      T d[A];
+    for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
-      for (int k = 0; k < A; ++k) d[k] = p[k * ss + j];
-      V::input(d, cols[j]);
-    }
+      for (int j = 0; j < A; ++j) d[i][j] = in[i * ss + M * t + j];
+    separable(d, q, [](const T* x, T* y) { V::input(x, y); });
 #pragma GCC unroll 8
-    for (int i = 0; i < A; ++i) {  // (B^T d) B: row i of B^T d, transformed
-      T r[A], q[A];
+    for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
-      for (int j = 0; j < A; ++j) r[j] = cols[j][i];
-      V::input(r, q);
-#pragma GCC unroll 8
-      for (int j = 0; j < A; ++j) v[(i * A + j) * vstride + t] = q[j];
-    }
+      for (int j = 0; j < A; ++j) v[(i * A + j) * vstride + t] = q[i][j];
   }
 }
 
@@ -196,23 +211,16 @@ CONVCORE_WINO_INLINE void output_tiles_body(const T* __restrict m, int64_t mstri
   constexpr int A = V::kTile;
 #pragma GCC ivdep
   for (int64_t t = 0; t < nt; ++t) {
-    T rows[M][A];  // A^T m
+    T c[A][A], y[M][M];
 #pragma GCC unroll 8
-    for (int j = 0; j < A; ++j) {
-      T c[A], q[M];
+    for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
-      for (int k = 0; k < A; ++k) c[k] = m[(k * A + j) * mstride + t];
-      V::output(c, q);
+      for (int j = 0; j < A; ++j) c[i][j] = m[(i * A + j) * mstride + t];
+    separable(c, y, [](const T* x, T* z) { V::output(x, z); });
 #pragma GCC unroll 8
-      for (int i = 0; i < M; ++i) rows[i][j] = q[i];
-    }
+    for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) {
-      T y[M];
-      V::output(rows[i], y);
-#pragma GCC unroll 8
-      for (int j = 0; j < M; ++j) out[i * os + M * t + j] = y[j] + bias;
-    }
+      for (int j = 0; j < M; ++j) out[i * os + M * t + j] = y[i][j] + bias;
   }
 }
 
@@ -226,24 +234,16 @@ CONVCORE_WINO_INLINE void grad_output_tiles_body(const T* __restrict dy, int64_t
   constexpr int A = V::kTile;
 #pragma GCC ivdep
   for (int64_t t = 0; t < nt; ++t) {
-    const T* p = dy + M * t;
-    T cols[M][A];  // cols[j] = A (column j of the tile's gradient)
+    T y[M][M], q[A][A];
 #pragma GCC unroll 8
-    for (int j = 0; j < M; ++j) {
-      T y[M];
+    for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
-      for (int i = 0; i < M; ++i) y[i] = p[i * ss + j];
-      V::output_transposed(y, cols[j]);
-    }
+      for (int j = 0; j < M; ++j) y[i][j] = dy[i * ss + M * t + j];
+    separable(y, q, [](const T* x, T* z) { V::output_transposed(x, z); });
 #pragma GCC unroll 8
-    for (int a = 0; a < A; ++a) {  // then each row of A dY
-      T r[M], q[A];
+    for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
-      for (int j = 0; j < M; ++j) r[j] = cols[j][a];
-      V::output_transposed(r, q);
-#pragma GCC unroll 8
-      for (int b = 0; b < A; ++b) dm[(a * A + b) * mstride + t] = q[b];
-    }
+      for (int j = 0; j < A; ++j) dm[(i * A + j) * mstride + t] = q[i][j];
   }
 }
 
@@ -257,23 +257,16 @@ CONVCORE_WINO_INLINE void grad_filter_row_body(const T* __restrict du, int64_t d
   constexpr int A = V::kTile;
 #pragma GCC ivdep
   for (int64_t c = 0; c < n; ++c) {
-    double cols[A][3];  // G^T applied to each column of dU
+    double u[A][A], q[3][3];
 #pragma GCC unroll 8
-    for (int b = 0; b < A; ++b) {
-      double u[A];
+    for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
-      for (int a = 0; a < A; ++a) u[a] = du[(a * A + b) * dus + c];
-      V::filter_transposed(u, cols[b]);
-    }
+      for (int j = 0; j < A; ++j) u[i][j] = du[(i * A + j) * dus + c];
+    separable(u, q, [](const double* x, double* z) { V::filter_transposed(x, z); });
 #pragma GCC unroll 3
-    for (int p = 0; p < 3; ++p) {  // then to each row of G^T dU
-      double r[A], q[3];
-#pragma GCC unroll 8
-      for (int b = 0; b < A; ++b) r[b] = cols[b][p];
-      V::filter_transposed(r, q);
+    for (int i = 0; i < 3; ++i)
 #pragma GCC unroll 3
-      for (int k = 0; k < 3; ++k) g[c * 9 + p * 3 + k] = static_cast<T>(q[k]);
-    }
+      for (int j = 0; j < 3; ++j) g[c * 9 + i * 3 + j] = static_cast<T>(q[i][j]);
   }
 }
 
@@ -289,23 +282,16 @@ CONVCORE_WINO_INLINE void filter_row_body(const T* __restrict w, int64_t ws, int
   constexpr int A = V::kTile;
 #pragma GCC ivdep
   for (int64_t c = 0; c < n; ++c) {
-    double g[9];
-#pragma GCC unroll 9
-    for (int k = 0; k < 9; ++k) g[k] = w[k * ws + c];
-    double cols[3][A];  // G applied to each column of g
+    double g[3][3], q[A][A];
 #pragma GCC unroll 3
-    for (int j = 0; j < 3; ++j) {
-      const double d[3] = {g[j], g[3 + j], g[6 + j]};
-      V::filter(d, cols[j]);
-    }
+    for (int i = 0; i < 3; ++i)
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; ++j) g[i][j] = w[(i * 3 + j) * ws + c];
+    separable(g, q, [](const double* x, double* z) { V::filter(x, z); });
 #pragma GCC unroll 8
-    for (int i = 0; i < A; ++i) {  // then to each row of G g
-      const double r[3] = {cols[0][i], cols[1][i], cols[2][i]};
-      double q[A];
-      V::filter(r, q);
+    for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
-      for (int j = 0; j < A; ++j) u[(i * A + j) * us + c] = static_cast<T>(q[j]);
-    }
+      for (int j = 0; j < A; ++j) u[(i * A + j) * us + c] = static_cast<T>(q[i][j]);
   }
 }
 
