@@ -169,13 +169,39 @@ std::string pair_str(int64_t a, int64_t b) {
   return "(" + std::to_string(a) + ", " + std::to_string(b) + ")";
 }
 
+// A layer over (N, C, H, W) batches whose output shape follows from the
+// input's (convolution, pooling): one sample's shape (summary, checks) and
+// each batch's output buffer both come from out_shape, then compute fills it.
+class ImageModule : public Module {
+ public:
+  using Module::Module;
+
+ protected:
+  virtual Shape4 out_shape(const Shape4& in) const = 0;
+  virtual void compute(const TensorView& x, const TensorView& y) const = 0;
+
+  Shape shape_of(const Shape& s, std::vector<SummaryRow>*) const override {
+    check_image_sample(s, type().c_str());
+    const Shape4 o = out_shape({1, s[0], s[1], s[2]});
+    return {o.c, o.h, o.w};
+  }
+  Tensor forward_ref(const Tensor& x) const override {
+    check_image_batch(x);
+    const TensorView xv = x.view();
+    const Shape4 o = out_shape(shape4(xv));
+    Tensor y = Tensor::empty(x.dtype(), {o.n, o.c, o.h, o.w});
+    compute(xv, y.view());
+    return y;
+  }
+};
+
 // --- Conv2d
 
-class Conv2dModule : public Module {
+class Conv2dModule : public ImageModule {
  public:
   Conv2dModule(std::string path, int64_t in, int64_t out, int64_t kh, int64_t kw,
                Conv2dParams p, PadMode mode, bool bias, std::string padding_text)
-      : Module(std::move(path), "Conv2d"), in_(in), out_(out), kh_(kh), kw_(kw), p_(p),
+      : ImageModule(std::move(path), "Conv2d"), in_(in), out_(out), kh_(kh), kw_(kw), p_(p),
         mode_(mode), has_bias_(bias), padding_text_(std::move(padding_text)) {}
 
   void tensors(std::vector<TensorSpec>& out) override {
@@ -210,7 +236,7 @@ class Conv2dModule : public Module {
     return q;
   }
 
-  Shape4 out_shape(const Shape4& in) const {
+  Shape4 out_shape(const Shape4& in) const override {
     const Shape4 w{out_, in_ / p_.groups, kh_, kw_};
     if (mode_ == PadMode::Zeros) return conv2d_output_shape(in, w, p_);
     const Shape4 padded{in.n, in.c, in.h + p_.pad_top + p_.pad_bottom,
@@ -218,39 +244,20 @@ class Conv2dModule : public Module {
     return conv2d_output_shape(padded, w, unpadded());
   }
 
-  Shape shape_of(const Shape& s, std::vector<SummaryRow>*) const override {
-    check_image_sample(s, "Conv2d");
-    const Shape4 o = out_shape({1, s[0], s[1], s[2]});
-    return {o.c, o.h, o.w};
-  }
-
-  Tensor forward_ref(const Tensor& x) const override {
-    check_image_batch(x);
+  void compute(const TensorView& x, const TensorView& y) const override {
     const TensorView* b = nullptr;
     TensorView bv;
     if (has_bias_) {
       bv = bias_.view();
       b = &bv;
     }
-    if (mode_ == PadMode::Zeros) {
-      const TensorView xv = x.view();
-      const Shape4 o = out_shape(shape4(xv));
-      Tensor y = Tensor::empty(x.dtype(), {o.n, o.c, o.h, o.w});
-      conv2d_forward(xv, weight_.view(), b, p_, y.view());
-      return y;
-    }
+    if (mode_ == PadMode::Zeros) return conv2d_forward(x, weight_.view(), b, p_, y);
     const Pad2dParams pp = explicit_pad();
-    const TensorView xv = x.view();
     int64_t padded_shape[kMaxDims];
-    pad2d_output_shape(xv, pp, padded_shape);
-    Tensor padded = Tensor::empty(x.dtype(), Shape(padded_shape, padded_shape + 4));
-    pad2d_forward(xv, pp, padded.view());
-    const TensorView pv = padded.view();
-    const Shape4 w{out_, in_ / p_.groups, kh_, kw_};
-    const Shape4 o = conv2d_output_shape(shape4(pv), w, unpadded());
-    Tensor y = Tensor::empty(x.dtype(), {o.n, o.c, o.h, o.w});
-    conv2d_forward(pv, weight_.view(), b, unpadded(), y.view());
-    return y;
+    pad2d_output_shape(x, pp, padded_shape);
+    Tensor padded = Tensor::empty(x.dtype, Shape(padded_shape, padded_shape + 4));
+    pad2d_forward(x, pp, padded.view());
+    conv2d_forward(padded.view(), weight_.view(), b, unpadded(), y);
   }
 
  private:
@@ -264,10 +271,10 @@ class Conv2dModule : public Module {
 
 // --- pooling
 
-class MaxPool2dModule : public Module {
+class MaxPool2dModule : public ImageModule {
  public:
   MaxPool2dModule(std::string path, Pool2dParams p)
-      : Module(std::move(path), "MaxPool2d"), p_(p) {}
+      : ImageModule(std::move(path), "MaxPool2d"), p_(p) {}
   std::string args() const override {
     return "kernel_size=" + pair_str(p_.kernel_h, p_.kernel_w) +
            ", stride=" + pair_str(p_.stride_h, p_.stride_w) +
@@ -277,28 +284,19 @@ class MaxPool2dModule : public Module {
   }
 
  protected:
-  Shape shape_of(const Shape& s, std::vector<SummaryRow>*) const override {
-    check_image_sample(s, "MaxPool2d");
-    const Shape4 o = max_pool2d_output_shape({1, s[0], s[1], s[2]}, p_);
-    return {o.c, o.h, o.w};
-  }
-  Tensor forward_ref(const Tensor& x) const override {
-    check_image_batch(x);
-    const TensorView xv = x.view();
-    const Shape4 o = max_pool2d_output_shape(shape4(xv), p_);
-    Tensor y = Tensor::empty(x.dtype(), {o.n, o.c, o.h, o.w});
-    max_pool2d_forward(xv, p_, y.view(), nullptr);
-    return y;
+  Shape4 out_shape(const Shape4& in) const override { return max_pool2d_output_shape(in, p_); }
+  void compute(const TensorView& x, const TensorView& y) const override {
+    max_pool2d_forward(x, p_, y, nullptr);
   }
 
  private:
   Pool2dParams p_;
 };
 
-class AvgPool2dModule : public Module {
+class AvgPool2dModule : public ImageModule {
  public:
   AvgPool2dModule(std::string path, Pool2dParams p)
-      : Module(std::move(path), "AvgPool2d"), p_(p) {}
+      : ImageModule(std::move(path), "AvgPool2d"), p_(p) {}
   std::string args() const override {
     std::string s = "kernel_size=" + pair_str(p_.kernel_h, p_.kernel_w) +
                     ", stride=" + pair_str(p_.stride_h, p_.stride_w) +
@@ -310,50 +308,31 @@ class AvgPool2dModule : public Module {
   }
 
  protected:
-  Shape shape_of(const Shape& s, std::vector<SummaryRow>*) const override {
-    check_image_sample(s, "AvgPool2d");
-    const Shape4 o = avg_pool2d_output_shape({1, s[0], s[1], s[2]}, p_);
-    return {o.c, o.h, o.w};
-  }
-  Tensor forward_ref(const Tensor& x) const override {
-    check_image_batch(x);
-    const TensorView xv = x.view();
-    const Shape4 o = avg_pool2d_output_shape(shape4(xv), p_);
-    Tensor y = Tensor::empty(x.dtype(), {o.n, o.c, o.h, o.w});
-    avg_pool2d_forward(xv, p_, y.view());
-    return y;
+  Shape4 out_shape(const Shape4& in) const override { return avg_pool2d_output_shape(in, p_); }
+  void compute(const TensorView& x, const TensorView& y) const override {
+    avg_pool2d_forward(x, p_, y);
   }
 
  private:
   Pool2dParams p_;
 };
 
-class AdaptiveAvgPool2dModule : public Module {
+class AdaptiveAvgPool2dModule : public ImageModule {
  public:
   // -1: None (keep the input's size)
   AdaptiveAvgPool2dModule(std::string path, int64_t oh, int64_t ow)
-      : Module(std::move(path), "AdaptiveAvgPool2d"), oh_(oh), ow_(ow) {}
+      : ImageModule(std::move(path), "AdaptiveAvgPool2d"), oh_(oh), ow_(ow) {}
   std::string args() const override {
     auto s = [](int64_t v) { return v < 0 ? std::string("None") : std::to_string(v); };
     return "output_size=(" + s(oh_) + ", " + s(ow_) + ")";
   }
 
  protected:
-  Shape4 out_shape(const Shape4& in) const {
+  Shape4 out_shape(const Shape4& in) const override {
     return adaptive_avg_pool2d_output_shape(in, oh_ < 0 ? in.h : oh_, ow_ < 0 ? in.w : ow_);
   }
-  Shape shape_of(const Shape& s, std::vector<SummaryRow>*) const override {
-    check_image_sample(s, "AdaptiveAvgPool2d");
-    const Shape4 o = out_shape({1, s[0], s[1], s[2]});
-    return {o.c, o.h, o.w};
-  }
-  Tensor forward_ref(const Tensor& x) const override {
-    check_image_batch(x);
-    const TensorView xv = x.view();
-    const Shape4 o = out_shape(shape4(xv));
-    Tensor y = Tensor::empty(x.dtype(), {o.n, o.c, o.h, o.w});
-    adaptive_avg_pool2d_forward(xv, y.view());
-    return y;
+  void compute(const TensorView& x, const TensorView& y) const override {
+    adaptive_avg_pool2d_forward(x, y);
   }
 
  private:
