@@ -149,38 +149,25 @@ class TorchResNet(tnn.Module):
 
 def small_net_pair():
     """Conv padding modes, BN, LRN, grouped/dilated 'same' conv, pools, GAP:
-    a convcore Sequential and its torch twin (keys "0.weight", ...)."""
-    cc_net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.LocalResponseNorm(3, alpha=0.05, beta=0.75, k=1.0),
-        nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, padding_mode="circular"),
-        nn.BatchNorm2d(8, momentum=0.3),
-        nn.ReLU(),
-        nn.MaxPool2d(3, stride=2, padding=1),
-        nn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(1, 1), padding_mode="replicate"),
-        nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(24, 5),
-    )
-    t_net = tnn.Sequential(
-        tnn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
-        tnn.BatchNorm2d(8),
-        tnn.ReLU(),
-        tnn.LocalResponseNorm(3, alpha=0.05, beta=0.75, k=1.0),
-        tnn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, padding_mode="circular"),
-        tnn.BatchNorm2d(8, momentum=0.3),
-        tnn.ReLU(),
-        tnn.MaxPool2d(3, stride=2, padding=1),
-        tnn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(1, 1), padding_mode="replicate"),
-        tnn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
-        tnn.AdaptiveAvgPool2d(2),
-        tnn.Flatten(),
-        tnn.Linear(24, 5),
-    )
-    return cc_net, t_net
+    a convcore Sequential and its torch twin (keys "0.weight", ...), built by
+    the same constructor calls (convcore's layer API is torch's)."""
+    def build(lib):
+        return lib.Sequential(
+            lib.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+            lib.BatchNorm2d(8),
+            lib.ReLU(),
+            lib.LocalResponseNorm(3, alpha=0.05, beta=0.75, k=1.0),
+            lib.Conv2d(8, 8, 3, padding="same", dilation=2, groups=2, padding_mode="circular"),
+            lib.BatchNorm2d(8, momentum=0.3),
+            lib.ReLU(),
+            lib.MaxPool2d(3, stride=2, padding=1),
+            lib.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(1, 1), padding_mode="replicate"),
+            lib.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
+            lib.AdaptiveAvgPool2d(2),
+            lib.Flatten(),
+            lib.Linear(24, 5),
+        )
+    return build(nn), build(tnn)
 
 
 def _randomise_bn(cc_model, seed):
