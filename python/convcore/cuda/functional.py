@@ -305,13 +305,21 @@ def _pool_planes(be, input):
     return x, unbatched
 
 
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, out=None):
-    be, xp = _be(), _be().xp
+def _pool_setup(be, input, kernel_size, stride, padding, dilation, ceil_mode, avg):
+    """The batched input, the pooling arguments as pairs and the output shape
+    (by the CPU core's shape rule): (x, unbatched, k, s, p, d, shape)."""
     x, unbatched = _pool_planes(be, input)
     k, s, p, d = F._pool_args(kernel_size, stride, padding, dilation)
     shape = tuple(int(v) for v in _core.pool2d_output_shape(
-        list(x.shape), k, s, p, d, bool(ceil_mode), False))
+        list(x.shape), k, s, p, d, bool(ceil_mode), avg))
+    return x, unbatched, k, s, p, d, shape
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False, out=None):
+    be, xp = _be(), _be().xp
+    x, unbatched, k, s, p, d, shape = _pool_setup(be, input, kernel_size, stride, padding,
+                                                  dilation, ceil_mode, False)
     N, C, H, W = (int(v) for v in x.shape)
     y = _dest(be, out, shape[1:] if unbatched else shape)
     if out is not None:
@@ -329,10 +337,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, dilation=1,
                         ceil_mode=False, indices=None):
     be, xp = _be(), _be().xp
-    x, unbatched = _pool_planes(be, input)
-    k, s, p, d = F._pool_args(kernel_size, stride, padding, dilation)
-    shape = tuple(int(v) for v in _core.pool2d_output_shape(
-        list(x.shape), k, s, p, d, bool(ceil_mode), False))
+    x, unbatched, k, s, p, d, shape = _pool_setup(be, input, kernel_size, stride, padding,
+                                                  dilation, ceil_mode, False)
     gy = _grad_out(be, grad_output, unbatched, shape)
     if indices is None:
         _, idx = max_pool2d(x, k, s, p, d, ceil_mode, return_indices=True)
@@ -353,10 +359,8 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
 
 def _avg_setup(be, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                divisor_override):
-    x, unbatched = _pool_planes(be, input)
-    k, s, p, _ = F._pool_args(kernel_size, stride, padding)
-    shape = tuple(int(v) for v in _core.pool2d_output_shape(
-        list(x.shape), k, s, p, (1, 1), bool(ceil_mode), True))
+    x, unbatched, k, s, p, _, shape = _pool_setup(be, input, kernel_size, stride, padding, 1,
+                                                  ceil_mode, True)
     N, C, H, W = (int(v) for v in x.shape)
     args = tuple(map(_i32, (N * C, H, W, shape[2], shape[3], k[0], k[1], s[0], s[1],
                             p[0], p[1], bool(count_include_pad), F._divisor(divisor_override))))
