@@ -33,7 +33,7 @@ def algorithm_cases(draw, algorithm):
         kh = kw = 3
         stride, dilation = 1, 1
         padding = draw(st.sampled_from([0, 1, 2, (1, 0), (0, 2), "same"]))
-    else:  # gemm: anything
+    else:  # gemm and direct: anything
         groups = draw(st.sampled_from([1, 1, 2]))
         cin, cout = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 4))
         kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
@@ -60,7 +60,8 @@ def rtol(algorithm, dtype):
     return F32_RTOL.get(algorithm) if np.dtype(dtype) == np.float32 else None
 
 
-@pytest.mark.parametrize("algorithm", ["gemm", "pointwise", "depthwise", "winograd", "winograd4"])
+@pytest.mark.parametrize("algorithm", ["gemm", "direct", "pointwise", "depthwise", "winograd",
+                                       "winograd4"])
 @given(data=st.data(), seed=seeds, dtype=dtypes, layout=layouts)
 def test_algorithm_matches_reference(algorithm, data, seed, dtype, layout):
     case = data.draw(algorithm_cases(algorithm))
@@ -216,7 +217,7 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     update this test with those rules), for forward and grad_input alike, and
     for grad_weight (winograd2_grad_weight_pays):
     F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2) on smaller
-    images with a band of tiles per thread, the GEMM path on a small image
+    images with a band of tiles per thread, the direct kernel on a small image
     at batch 1 and with fewer than 64 channels. Results are bitwise those of
     the named algorithm."""
     rng = np.random.default_rng(2)
@@ -234,17 +235,17 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
         named = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm)
         np.testing.assert_array_equal(auto[0], named[0])
         # grad_weight: by the same algorithm, except F(2x2) with fewer than
-        # 512 channels (winograd2_grad_weight_pays), which keeps the GEMM path.
+        # 512 channels (winograd2_grad_weight_pays), which takes the direct kernel.
         by = convcore.conv2d_backward(gy, x, w, padding=1,
                                       algorithm=grad_weight_by or algorithm)
         np.testing.assert_array_equal(auto[1], by[1])
 
     auto_is("winograd4", *case(1, 64, 64, 56))      # two bands of 4x4 tiles per image
     auto_is("winograd4", *case(2, 256, 256, 28))
-    auto_is("winograd", *case(2, 128, 96, 14), grad_weight_by="gemm")  # 14x14: F(4x4) ragged
+    auto_is("winograd", *case(2, 128, 96, 14), grad_weight_by="direct")  # 14x14: F(4x4) ragged
     auto_is("winograd", *case(2, 512, 512, 7))      # grad_weight too, with 512 channels
-    auto_is("gemm", *case(1, 128, 96, 14))          # one band at batch 1
-    auto_is("gemm", *case(4, 32, 64, 28))           # too few channels
+    auto_is("direct", *case(1, 128, 96, 14))        # one band at batch 1
+    auto_is("direct", *case(4, 32, 64, 28))         # too few channels
     x, w, gy = case(1, 64, 64, 56)
     assert not np.array_equal(convcore.conv2d(x, w, padding=1),
                               convcore.conv2d(x, w, padding=1, algorithm="gemm"))
@@ -303,7 +304,7 @@ def test_small_grad_weight_in_rounds_of_partials():
     np.testing.assert_array_equal(results[0], results[2])
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "gemm", "winograd", "winograd4"])
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct", "winograd", "winograd4"])
 def test_empty_batch_has_zero_grad_weight(algorithm):
     """No images: grad_weight is exactly zero on every path (the call before
     leaves its scratch memory full of nonzero values for the allocator to
@@ -318,3 +319,55 @@ def test_empty_batch_has_zero_grad_weight(algorithm):
     assert gx.shape == (0, 16, 9, 9)
     np.testing.assert_array_equal(gw, np.zeros_like(w))
     np.testing.assert_array_equal(gb, np.zeros(16, np.float32))
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=(2, 0), dilation=(1, 2), groups=2)])
+def test_direct_over_several_chunks_of_images(kw):
+    """The direct paths pad the images in chunks (8 MB of frames in forward,
+    16 MB with grad_output's packing in grad_weight) and reduce grad_weight
+    over segments of 4096 positions that cross image boundaries: three
+    120x120 images of 64 channels take two chunks. Forward, grad_input and
+    grad_weight against float64, and the same bits at 1, 2 and 3 threads."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 64, 120, 120)).astype(np.float32)
+    w = (rng.standard_normal((40, 64 // kw.get("groups", 1), 3, 3)) / 24).astype(np.float32)
+    exact = convcore.conv2d(x.astype(np.float64), w.astype(np.float64), algorithm="gemm", **kw)
+    gy = rng.standard_normal(exact.shape).astype(np.float32)
+    egx, egw, _ = convcore.conv2d_backward(gy.astype(np.float64), x.astype(np.float64),
+                                           w.astype(np.float64), algorithm="gemm", **kw)
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            y = convcore.conv2d(x, w, algorithm="direct", **kw)
+            gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)
+            runs.append((y, gx, gw))
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(runs[0][0], exact, np.float32, what="direct forward")
+    assert_close(runs[0][1], egx, np.float32, what="direct grad_input")
+    assert_close(runs[0][2], egw, np.float32, 2e-6, what="direct grad_weight")
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_auto_takes_direct_unless_gemm_is_named():
+    """auto runs every non-1x1 layer that Winograd does not take on the direct
+    kernel (bitwise equal to algorithm='direct'); algorithm='gemm' keeps all
+    three passes on the GEMM paths (different rounding: 300 taps are two of
+    the GEMM's K blocks, one sum for the direct kernel)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 12, 21, 21)).astype(np.float32)
+    w = rng.standard_normal((20, 12, 5, 5)).astype(np.float32)
+    kw = dict(stride=2, padding=2)
+    auto = convcore.conv2d(x, w, **kw)
+    np.testing.assert_array_equal(auto, convcore.conv2d(x, w, algorithm="direct", **kw))
+    gy = rng.standard_normal(auto.shape).astype(np.float32)
+    a = convcore.conv2d_backward(gy, x, w, **kw)
+    d = convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)
+    g = convcore.conv2d_backward(gy, x, w, algorithm="gemm", **kw)
+    np.testing.assert_array_equal(a[1], d[1])
+    assert not np.array_equal(a[1], g[1])
+    assert not np.array_equal(auto, convcore.conv2d(x, w, algorithm="gemm", **kw))

@@ -171,7 +171,9 @@ def _every_op(dtype, seed=0):
     for algo, w, kw in (("gemm", r(8, 8, 3, 3), {}), ("winograd", r(8, 8, 3, 3), {}),
                         ("pointwise", r(8, 8, 1, 1), {}),
                         ("depthwise", r(8, 1, 3, 3), {"groups": 8}),
-                        ("gemm", r(8, 4, 3, 3), {"stride": 2, "padding": 1, "groups": 2})):
+                        ("gemm", r(8, 4, 3, 3), {"stride": 2, "padding": 1, "groups": 2}),
+                        ("direct", r(8, 4, 3, 3), {"stride": 2, "padding": 1, "groups": 2}),
+                        ("direct", r(8, 8, 5, 5), {"padding": 4, "dilation": 2})):
         y = convcore.conv2d(x, w, r(8), algorithm=algo, **kw)
         out.append(y)
         out += list(convcore.conv2d_backward(np.ones_like(y) * 0.5, x, w, algorithm=algo, **kw))

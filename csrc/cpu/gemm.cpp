@@ -51,6 +51,11 @@ inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T
   for (int i = 0; i < MR; ++i) row_off[i] = kPackedA ? i : (i < mr ? i : mr - 1) * lda;
   constexpr int W = sizeof(V) / sizeof(T);
   static_assert(NR % (VP * W) == 0, "NR must be a multiple of the pass width");
+  // The C tile is read (or written) only after the k loop: fetching its
+  // lines now hides the misses of a C far bigger than the caches.
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; j += 64 / static_cast<int>(sizeof(T)))
+      __builtin_prefetch(c + i * ldc + j, 1);
   for (int j0 = 0; j0 < NR; j0 += VP * W) {
     if (j0 >= nr) break;
     V acc[MR][VP];
@@ -103,7 +108,59 @@ inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* a, 
   else
     micro_vector_body<T, V, VP, false>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
 }
+
+// The gather microkernel (direct convolution): A(i, k) = rows[i][koff[k]],
+// B packed in one NR-column panel, the tile written whole to tile[i * NR + j]
+// (rows past mr repeat the last one and are discarded by the caller).
+template <typename T, typename V, int VP>
+inline __attribute__((always_inline)) void gather_vector_body(int64_t kc, const int64_t* koff,
+                                                              const T* const* rows,
+                                                              const T* __restrict b,
+                                                              T* __restrict tile, int mr) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr int W = sizeof(V) / sizeof(T);
+  const T* r[MR];
+  for (int i = 0; i < MR; ++i) r[i] = rows[i < mr ? i : mr - 1];
+  for (int j0 = 0; j0 < NR; j0 += VP * W) {
+    V acc[MR][VP];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) acc[i][v] = V{};
+    const T* bp = b + j0;
+    for (int64_t k = 0; k < kc; ++k, bp += NR) {
+      const int64_t off = koff[k];
+      V bv[VP];
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const T ai = r[i][off];
+#pragma GCC unroll 4
+        for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v)
+        __builtin_memcpy(tile + i * NR + j0 + v * W, &acc[i][v], sizeof(V));
+  }
+}
 #endif
+
+template <typename T>
+inline void gather_generic(int64_t kc, const int64_t* koff, const T* const* rows, const T* b,
+                           T* tile, int mr) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  for (int i = 0; i < MR; ++i) {
+    const T* r = rows[i < mr ? i : mr - 1];
+    T acc[NR] = {};
+    for (int64_t k = 0; k < kc; ++k)
+      for (int j = 0; j < NR; ++j) acc[j] += r[koff[k]] * b[k * NR + j];
+    std::memcpy(tile + i * NR, acc, sizeof(acc));
+  }
+}
 
 using KernelF = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int, int,
                          bool);
@@ -117,6 +174,18 @@ void kernel_generic_f(int64_t kc, const float* a, int64_t lda, const float* b, f
 void kernel_generic_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c, int64_t ldc,
                       int mr, int nr, bool acc) {
   micro_generic<double>(kc, a, lda, b, c, ldc, mr, nr, acc);
+}
+
+using GatherF = void (*)(int64_t, const int64_t*, const float* const*, const float*, float*, int);
+using GatherD = void (*)(int64_t, const int64_t*, const double* const*, const double*, double*,
+                         int);
+void gather_generic_f(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
+                      float* tile, int mr) {
+  gather_generic<float>(kc, koff, rows, b, tile, mr);
+}
+void gather_generic_d(int64_t kc, const int64_t* koff, const double* const* rows,
+                      const double* b, double* tile, int mr) {
+  gather_generic<double>(kc, koff, rows, b, tile, mr);
 }
 
 #if defined(__x86_64__) && defined(CONVCORE_VECTOR_KERNELS)
@@ -144,11 +213,34 @@ __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const do
                                                             bool acc) {
   micro_vector<double, f64x8, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
+__attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t* koff,
+                                                       const float* const* rows, const float* b,
+                                                       float* tile, int mr) {
+  gather_vector_body<float, f32x8, 1>(kc, koff, rows, b, tile, mr);
+}
+__attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t* koff,
+                                                       const double* const* rows,
+                                                       const double* b, double* tile, int mr) {
+  gather_vector_body<double, f64x4, 1>(kc, koff, rows, b, tile, mr);
+}
+__attribute__((target("avx512f,fma"))) void gather_avx512_f(int64_t kc, const int64_t* koff,
+                                                            const float* const* rows,
+                                                            const float* b, float* tile, int mr) {
+  gather_vector_body<float, f32x16, 2>(kc, koff, rows, b, tile, mr);
+}
+__attribute__((target("avx512f,fma"))) void gather_avx512_d(int64_t kc, const int64_t* koff,
+                                                            const double* const* rows,
+                                                            const double* b, double* tile,
+                                                            int mr) {
+  gather_vector_body<double, f64x8, 2>(kc, koff, rows, b, tile, mr);
+}
 #endif
 
 struct Dispatch {
   KernelF f = kernel_generic_f;
   KernelD d = kernel_generic_d;
+  GatherF gf = gather_generic_f;
+  GatherD gd = gather_generic_d;
   const char* name = "generic";
   Dispatch() {
 #ifdef CONVCORE_X86_DISPATCH
@@ -163,11 +255,15 @@ struct Dispatch {
     if (max_level >= 2 && __builtin_cpu_supports("avx512f")) {
       f = kernel_avx512_f;
       d = kernel_avx512_d;
+      gf = gather_avx512_f;
+      gd = gather_avx512_d;
       name = "avx512";
     } else if (max_level >= 1 && __builtin_cpu_supports("avx2") &&
                __builtin_cpu_supports("fma")) {
       f = kernel_avx2_f;
       d = kernel_avx2_d;
+      gf = gather_avx2_f;
+      gd = gather_avx2_d;
       name = "avx2";
     }
 #endif
@@ -188,6 +284,15 @@ void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float
 void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
                   int64_t ldc, int mr, int nr, bool accumulate) {
   dispatch().d(kc, a, lda, b, c, ldc, mr, nr, accumulate);
+}
+
+void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
+                   float* tile, int mr) {
+  dispatch().gf(kc, koff, rows, b, tile, mr);
+}
+void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
+                   double* tile, int mr) {
+  dispatch().gd(kc, koff, rows, b, tile, mr);
 }
 
 const char* isa_name() { return dispatch().name; }

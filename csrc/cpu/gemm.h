@@ -48,6 +48,17 @@ void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float
 void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
                   int64_t ldc, int mr, int nr, bool accumulate);
 
+// The microkernel with a gathered A, for direct convolution:
+// tile[i * NR + j] = sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for i < MR
+// (rows i >= mr read row mr - 1), j < NR; b is one packed NR-column panel.
+// A(i, k) is read in place, so an image needs no im2col packing: row i
+// points at the input window of output position i, koff[k] is the offset of
+// tap k inside every window.
+void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
+                   float* tile, int mr);
+void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
+                   double* tile, int mr);
+
 // Name of the instruction set the microkernel was dispatched to.
 const char* isa_name();
 
@@ -122,6 +133,10 @@ struct StridedPackB {
         for (int64_t k = 0; k < kc; ++k) {
           const T* src = b + (k0 + k) * rs + (j0 + jp) * cs;
           T* out = panel + k * NR;
+          if (cs == 1 && w == NR) {  // the common case: one contiguous row
+            std::memcpy(out, src, NR * sizeof(T));
+            continue;
+          }
           for (int64_t j = 0; j < w; ++j) out[j] = src[j * cs];
           for (int64_t j = w; j < NR; ++j) out[j] = T(0);
         }

@@ -142,11 +142,12 @@ int64_t pool_output_size(int64_t input, int64_t kernel, int64_t stride, int64_t 
 ConvAlgorithm parse_conv_algorithm(const std::string& name) {
   if (name == "auto") return ConvAlgorithm::Auto;
   if (name == "gemm") return ConvAlgorithm::Gemm;
+  if (name == "direct") return ConvAlgorithm::Direct;
   if (name == "pointwise") return ConvAlgorithm::Pointwise;
   if (name == "depthwise") return ConvAlgorithm::Depthwise;
   if (name == "winograd") return ConvAlgorithm::Winograd;
   if (name == "winograd4") return ConvAlgorithm::Winograd4x4;
-  fail("algorithm must be one of 'auto', 'gemm', 'pointwise', 'depthwise', 'winograd', "
+  fail("algorithm must be one of 'auto', 'gemm', 'direct', 'pointwise', 'depthwise', 'winograd', "
        "'winograd4', got '", name, "'");
 }
 
@@ -154,6 +155,7 @@ const char* conv_algorithm_name(ConvAlgorithm algorithm) {
   switch (algorithm) {
     case ConvAlgorithm::Auto: return "auto";
     case ConvAlgorithm::Gemm: return "gemm";
+    case ConvAlgorithm::Direct: return "direct";
     case ConvAlgorithm::Pointwise: return "pointwise";
     case ConvAlgorithm::Depthwise: return "depthwise";
     case ConvAlgorithm::Winograd: return "winograd";

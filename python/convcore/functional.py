@@ -159,7 +159,8 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Union[IntPair
     input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, kH, kW);
     bias (C_out,) or None. Returns (N, C_out, H_out, W_out) with
     H_out = floor((H + pad_top + pad_bottom - dilation * (kH - 1) - 1) / stride) + 1.
-    algorithm: 'auto' (chosen per shape), or 'gemm', 'pointwise' (1x1),
+    algorithm: 'auto' (chosen per shape), or 'gemm', 'direct' (the GEMM
+    microkernel reading the padded image in place), 'pointwise' (1x1),
     'depthwise' (one input channel per group), 'winograd' (Winograd F(2x2, 3x3))
     or 'winograd4' (F(4x4, 3x3): fewer multiplications, about 5x the float32
     rounding error of the others; both need 3x3, stride 1, dilation 1,

@@ -290,12 +290,12 @@ TEST(conv2d_matches_naive_loops) {
 TEST(conv2d_algorithms_agree) {
   Rng rng(2);
   const Tensor x = random_tensor(DType::Float32, {2, 8, 10, 9}, rng);
-  // 3x3 stride 1: gemm, winograd F(2x2) and F(4x4), auto
+  // 3x3 stride 1: gemm, direct, winograd F(2x2) and F(4x4), auto
   const Tensor w3 = random_tensor(DType::Float32, {5, 8, 3, 3}, rng);
   Conv2dParams p = conv_params(1, 1, 1, 1, 1, 1, 1, 1, 1);
   const Tensor ref3 = naive_conv2d(x, w3, nullptr, p);
-  for (ConvAlgorithm a : {ConvAlgorithm::Auto, ConvAlgorithm::Gemm, ConvAlgorithm::Winograd,
-                          ConvAlgorithm::Winograd4x4}) {
+  for (ConvAlgorithm a : {ConvAlgorithm::Auto, ConvAlgorithm::Gemm, ConvAlgorithm::Direct,
+                          ConvAlgorithm::Winograd, ConvAlgorithm::Winograd4x4}) {
     p.algorithm = a;
     // F(4x4): 2.3e-6 worst measured on such shapes (tests/test_conv_algorithms.py)
     const double tol = a == ConvAlgorithm::Winograd4x4 ? 1e-5 : a == ConvAlgorithm::Winograd ? 2e-5 : 2e-6;
@@ -308,6 +308,14 @@ TEST(conv2d_algorithms_agree) {
   for (ConvAlgorithm a : {ConvAlgorithm::Pointwise, ConvAlgorithm::Gemm}) {
     p.algorithm = a;
     CHECK(rel_error(conv(x, w1, nullptr, p), ref1) < 2e-6);
+  }
+  // strided, dilated, grouped: direct vs gemm
+  const Tensor wg = random_tensor(DType::Float32, {6, 4, 3, 2}, rng);
+  p = conv_params(2, 1, 2, 0, 1, 1, 2, 1, 2);
+  const Tensor refg = naive_conv2d(x, wg, nullptr, p);
+  for (ConvAlgorithm a : {ConvAlgorithm::Direct, ConvAlgorithm::Gemm}) {
+    p.algorithm = a;
+    CHECK(rel_error(conv(x, wg, nullptr, p), refg) < 2e-6);
   }
   // depthwise vs gemm
   const Tensor wd = random_tensor(DType::Float32, {8, 1, 3, 3}, rng);

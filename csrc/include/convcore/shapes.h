@@ -14,9 +14,9 @@ namespace convcore {
 // (implicit im2col into the packed GEMM) otherwise. Winograd (F(2x2, 3x3))
 // and Winograd4x4 (F(4x4, 3x3)), for 3x3 stride-1 undilated ungrouped
 // layers, are used when asked for, and by Auto where they pay.
-enum class ConvAlgorithm { Auto, Gemm, Pointwise, Depthwise, Winograd, Winograd4x4 };
+enum class ConvAlgorithm { Auto, Gemm, Direct, Pointwise, Depthwise, Winograd, Winograd4x4 };
 
-// "auto", "gemm", "pointwise", "depthwise", "winograd", "winograd4";
+// "auto", "gemm", "direct", "pointwise", "depthwise", "winograd", "winograd4";
 // ValueError naming `algorithm` otherwise.
 ConvAlgorithm parse_conv_algorithm(const std::string& name);
 const char* conv_algorithm_name(ConvAlgorithm algorithm);
