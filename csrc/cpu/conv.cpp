@@ -363,8 +363,7 @@ void grad_input_depthwise(const T* gy, const T* weight, const ConvGeometry& G, T
         depthwise::grad_input_padded(pl, gy + (n * G.Cout + o) * G.P, weight + o * taps, buf);
       T* plane = gx + t * G.H * G.W;
       for (int64_t ih = 0; ih < G.H; ++ih)
-        std::copy(buf + (ih + pl.pt) * Wp + pl.pl, buf + (ih + pl.pt) * Wp + pl.pl + G.W,
-                  plane + ih * G.W);
+        depthwise::copy_row(buf + (ih + pl.pt) * Wp + pl.pl, G.W, plane + ih * G.W);
     }
   }
 }
