@@ -32,25 +32,27 @@ inline void micro_generic(int64_t kc, const T* __restrict a, int64_t lda, const 
 }
 
 // The vector microkernel, written with GCC/Clang vector extensions so one
-// body serves every instruction set: V is a vector of W lanes of T. The NR
-// columns of the tile are covered in passes of VP vectors; each pass keeps
-// MR x VP vector accumulators in registers (24 with AVX-512's 32 registers,
-// 12 with AVX2's 16).
+// body serves every instruction set: V is a vector of W lanes of T. The
+// MR x NR tile is computed in blocks of RB rows by VP vectors, each block's
+// RB x VP accumulators held in registers for the whole k loop: 12 x 2 with
+// AVX-512's 32 registers (the whole tile in one block), 6 x 2 with AVX2's 16
+// (four blocks). Two vectors of B per row keep the loads per FMA low: with
+// AVX2, 6 broadcasts + 2 loads feed 12 FMAs (12 x 1 blocks needed 13 loads
+// for 12 FMAs and reached 60% of numpy's SGEMM on a Zen 3 core).
 #if defined(__GNUC__) || defined(__clang__)
 #define CONVCORE_VECTOR_KERNELS 1
 // A is packed (a[k * MR + i]) when lda == 0, else row-major
 // (a[i * lda + k]; rows past mr repeat the last one and are discarded).
-template <typename T, typename V, int VP, bool kPackedA>
+template <typename T, typename V, int RB, int VP, bool kPackedA>
 inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T* __restrict a,
                                                              int64_t lda,
                                                              const T* __restrict b,
                                                              T* __restrict c, int64_t ldc, int mr,
                                                              int nr, bool accumulate) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  int64_t row_off[MR];
-  for (int i = 0; i < MR; ++i) row_off[i] = kPackedA ? i : (i < mr ? i : mr - 1) * lda;
   constexpr int W = sizeof(V) / sizeof(T);
   static_assert(NR % (VP * W) == 0, "NR must be a multiple of the pass width");
+  static_assert(MR % RB == 0, "MR must be a multiple of the row block");
   // The C tile is read (or written) only after the k loop: fetching its
   // lines now hides the misses of a C far bigger than the caches.
   for (int i = 0; i < mr; ++i)
@@ -58,93 +60,103 @@ inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T
       __builtin_prefetch(c + i * ldc + j, 1);
   for (int j0 = 0; j0 < NR; j0 += VP * W) {
     if (j0 >= nr) break;
-    V acc[MR][VP];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v) acc[i][v] = V{};
-    const T* bp = b + j0;
-    const T* ap = a;
-    for (int64_t k = 0; k < kc; ++k, bp += NR, ap += kPackedA ? MR : 1) {
-      V bv[VP];
-#pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const T ai = kPackedA ? ap[i] : ap[row_off[i]];
-#pragma GCC unroll 4
-        for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
-      }
-    }
     const int width = nr - j0 < VP * W ? nr - j0 : VP * W;
-    for (int i = 0; i < mr; ++i) {
-      T* ci = c + i * ldc + j0;
-      if (width == VP * W) {
+    for (int i0 = 0; i0 < mr; i0 += RB) {
+      int64_t row_off[RB];
+      for (int i = 0; i < RB; ++i)
+        row_off[i] = kPackedA ? i0 + i : (i0 + i < mr ? i0 + i : mr - 1) * lda;
+      V acc[RB][VP];
+#pragma GCC unroll 16
+      for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
-        for (int v = 0; v < VP; ++v) {
-          V out = acc[i][v];
-          if (accumulate) {
-            V old;
-            __builtin_memcpy(&old, ci + v * W, sizeof(V));
-            out += old;
-          }
-          __builtin_memcpy(ci + v * W, &out, sizeof(V));
+        for (int v = 0; v < VP; ++v) acc[i][v] = V{};
+      const T* bp = b + j0;
+      const T* ap = a;
+      for (int64_t k = 0; k < kc; ++k, bp += NR, ap += kPackedA ? MR : 1) {
+        V bv[VP];
+#pragma GCC unroll 4
+        for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
+#pragma GCC unroll 16
+        for (int i = 0; i < RB; ++i) {
+          const T ai = ap[row_off[i]];
+#pragma GCC unroll 4
+          for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
         }
-      } else {
-        T tmp[VP * W];
-        __builtin_memcpy(tmp, &acc[i][0], sizeof(tmp));
-        for (int j = 0; j < width; ++j) ci[j] = accumulate ? ci[j] + tmp[j] : tmp[j];
+      }
+      const int rows = mr - i0 < RB ? mr - i0 : RB;
+      for (int i = 0; i < rows; ++i) {
+        T* ci = c + (i0 + i) * ldc + j0;
+        if (width == VP * W) {
+#pragma GCC unroll 4
+          for (int v = 0; v < VP; ++v) {
+            V out = acc[i][v];
+            if (accumulate) {
+              V old;
+              __builtin_memcpy(&old, ci + v * W, sizeof(V));
+              out += old;
+            }
+            __builtin_memcpy(ci + v * W, &out, sizeof(V));
+          }
+        } else {
+          T tmp[VP * W];
+          __builtin_memcpy(tmp, &acc[i][0], sizeof(tmp));
+          for (int j = 0; j < width; ++j) ci[j] = accumulate ? ci[j] + tmp[j] : tmp[j];
+        }
       }
     }
   }
 }
 
-template <typename T, typename V, int VP>
+template <typename T, typename V, int RB, int VP>
 inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* a, int64_t lda,
                                                         const T* b, T* c, int64_t ldc, int mr,
                                                         int nr, bool accumulate) {
   if (lda == 0)
-    micro_vector_body<T, V, VP, true>(kc, a, 0, b, c, ldc, mr, nr, accumulate);
+    micro_vector_body<T, V, RB, VP, true>(kc, a, 0, b, c, ldc, mr, nr, accumulate);
   else
-    micro_vector_body<T, V, VP, false>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
+    micro_vector_body<T, V, RB, VP, false>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
 }
 
 // The gather microkernel (direct convolution): A(i, k) = rows[i][koff[k]],
 // B packed in one NR-column panel, the tile written whole to tile[i * NR + j]
-// (rows past mr repeat the last one and are discarded by the caller).
-template <typename T, typename V, int VP>
+// (rows past mr are not computed; the caller discards them). Blocks as in
+// micro_vector_body.
+template <typename T, typename V, int RB, int VP>
 inline __attribute__((always_inline)) void gather_vector_body(int64_t kc, const int64_t* koff,
                                                               const T* const* rows,
                                                               const T* __restrict b,
                                                               T* __restrict tile, int mr) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
-  const T* r[MR];
-  for (int i = 0; i < MR; ++i) r[i] = rows[i < mr ? i : mr - 1];
+  static_assert(MR % RB == 0, "MR must be a multiple of the row block");
   for (int j0 = 0; j0 < NR; j0 += VP * W) {
-    V acc[MR][VP];
+    for (int i0 = 0; i0 < mr; i0 += RB) {
+      const T* r[RB];
+      for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
+      V acc[RB][VP];
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
+      for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v) acc[i][v] = V{};
-    const T* bp = b + j0;
-    for (int64_t k = 0; k < kc; ++k, bp += NR) {
-      const int64_t off = koff[k];
-      V bv[VP];
+        for (int v = 0; v < VP; ++v) acc[i][v] = V{};
+      const T* bp = b + j0;
+      for (int64_t k = 0; k < kc; ++k, bp += NR) {
+        const int64_t off = koff[k];
+        V bv[VP];
 #pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
+        for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
 #pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const T ai = r[i][off];
+        for (int i = 0; i < RB; ++i) {
+          const T ai = r[i][off];
 #pragma GCC unroll 4
-        for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+          for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+        }
       }
-    }
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
+      for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v)
-        __builtin_memcpy(tile + i * NR + j0 + v * W, &acc[i][v], sizeof(V));
+        for (int v = 0; v < VP; ++v)
+          __builtin_memcpy(tile + (i0 + i) * NR + j0 + v * W, &acc[i][v], sizeof(V));
+    }
   }
 }
 #endif
@@ -197,42 +209,42 @@ typedef double f64x8 __attribute__((vector_size(64)));
 
 __attribute__((target("avx2,fma"))) void kernel_avx2_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
-  micro_vector<float, f32x8, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  micro_vector<float, f32x8, 6, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx2,fma"))) void kernel_avx2_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
-  micro_vector<double, f64x4, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  micro_vector<double, f64x4, 6, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx512f,fma"))) void kernel_avx512_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
-  micro_vector<float, f32x16, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  micro_vector<float, f32x16, 12, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
-  micro_vector<double, f64x8, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  micro_vector<double, f64x8, 12, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t* koff,
                                                        const float* const* rows, const float* b,
                                                        float* tile, int mr) {
-  gather_vector_body<float, f32x8, 1>(kc, koff, rows, b, tile, mr);
+  gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr);
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t* koff,
                                                        const double* const* rows,
                                                        const double* b, double* tile, int mr) {
-  gather_vector_body<double, f64x4, 1>(kc, koff, rows, b, tile, mr);
+  gather_vector_body<double, f64x4, 6, 2>(kc, koff, rows, b, tile, mr);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_f(int64_t kc, const int64_t* koff,
                                                             const float* const* rows,
                                                             const float* b, float* tile, int mr) {
-  gather_vector_body<float, f32x16, 2>(kc, koff, rows, b, tile, mr);
+  gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_d(int64_t kc, const int64_t* koff,
                                                             const double* const* rows,
                                                             const double* b, double* tile,
                                                             int mr) {
-  gather_vector_body<double, f64x8, 2>(kc, koff, rows, b, tile, mr);
+  gather_vector_body<double, f64x8, 12, 2>(kc, koff, rows, b, tile, mr);
 }
 #endif
 
@@ -314,6 +326,21 @@ template void pack_a_parallel<float>(int64_t, int64_t, const float*, int64_t, in
 template void pack_a_parallel<double>(int64_t, int64_t, const double*, int64_t, int64_t,
                                       double*);
 
+int64_t balanced_width(int64_t n, int64_t max_width, int64_t grain, int threads) {
+  const int64_t fewest = (n + max_width - 1) / max_width;
+  int64_t best = round_up((n + fewest - 1) / fewest, grain), best_span = INT64_MAX;
+  // Try block counts up to twice the fewest; a thread's share is its number
+  // of blocks (ceil(blocks / threads)) times the width.
+  for (int64_t blocks = fewest; blocks <= 2 * fewest; ++blocks) {
+    const int64_t w = round_up((n + blocks - 1) / blocks, grain);
+    if (w > max_width) continue;
+    const int64_t used = (n + w - 1) / w;
+    const int64_t span = (used + threads - 1) / threads * w;
+    if (span < best_span) best_span = span, best = w;
+  }
+  return best;
+}
+
 template <typename T>
 void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
                   const T* b, int64_t b_rs, int64_t b_cs, T* c, int64_t ldc, bool accumulate) {
@@ -324,11 +351,16 @@ void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int
   // Tasks are column blocks of C with all its rows, so each packed block of
   // B serves every row (packing it once per row block cost more than the
   // multiply); rows are split only when there are too few column blocks.
-  // Each element's K reduction runs in a fixed order whatever the split.
-  const int64_t nblocks = (N + NC - 1) / NC;
+  // The block width evens out the threads' shares: 2048 columns in blocks
+  // of NC = 384 gave 2 threads 1152 and 896 columns (2-thread SGEMM at 1.8x
+  // one thread's rate); balanced_width makes 8 blocks of 256. Each element's
+  // K reduction runs in a fixed order whatever the split.
+  const int nthreads = get_num_threads();
+  const int64_t width = balanced_width(N, NC, Tile<T>::NR, nthreads);
+  const int64_t nblocks = (N + width - 1) / width;
   int64_t mblocks = 1;
-  if (nblocks < get_num_threads())
-    mblocks = std::min<int64_t>((get_num_threads() + nblocks - 1) / nblocks, (M + MC - 1) / MC);
+  if (nblocks < nthreads)
+    mblocks = std::min<int64_t>((nthreads + nblocks - 1) / nblocks, (M + MC - 1) / MC);
   const int64_t mrows = round_up((M + mblocks - 1) / mblocks, Tile<T>::MR);
   mblocks = (M + mrows - 1) / mrows;
   const int64_t tasks = mblocks * nblocks;
@@ -339,8 +371,8 @@ void gemm_strided(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int
     T* bbuf = ws.get(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t i0 = (t % mblocks) * mrows, j0 = (t / mblocks) * NC;
-      const int64_t mc = std::min(mrows, M - i0), nc = std::min(NC, N - j0);
+      const int64_t i0 = (t % mblocks) * mrows, j0 = (t / mblocks) * width;
+      const int64_t mc = std::min(mrows, M - i0), nc = std::min(width, N - j0);
       const StridedPackB<T> pack_block{b + j0 * b_cs, b_rs, b_cs};
       gemm_packed(mc, nc, K, a_packed, M, i0, pack_block, c + i0 * ldc + j0, ldc,
                   accumulate, bbuf);

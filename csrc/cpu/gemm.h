@@ -21,7 +21,8 @@ template <typename T>
 struct Tile;
 // 12 x 2 vectors of AVX-512: 24 accumulators, enough independent FMA chains
 // to hide FMA latency on both pipes (12 were measured to reach only half
-// of the FMA peak on the development machine).
+// of the FMA peak on an AVX-512 machine). AVX2 computes the same tile in
+// four 6 x 2-vector blocks (gemm.cpp).
 template <>
 struct Tile<float> {
   static constexpr int MR = 12, NR = 32;
@@ -49,8 +50,9 @@ void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, dou
                   int64_t ldc, int mr, int nr, bool accumulate);
 
 // The microkernel with a gathered A, for direct convolution:
-// tile[i * NR + j] = sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for i < MR
-// (rows i >= mr read row mr - 1), j < NR; b is one packed NR-column panel.
+// tile[i * NR + j] = sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for i < mr,
+// j < NR (rows i >= mr of tile may be left unwritten); b is one packed
+// NR-column panel.
 // A(i, k) is read in place, so an image needs no im2col packing: row i
 // points at the input window of output position i, koff[k] is the offset of
 // tap k inside every window.
@@ -140,13 +142,18 @@ struct StridedPackB {
           for (int64_t j = 0; j < w; ++j) out[j] = src[j * cs];
           for (int64_t j = w; j < NR; ++j) out[j] = T(0);
         }
-      } else {  // columns of B contiguous (a transposed operand): column by column
-        for (int64_t j = 0; j < w; ++j) {
-          const T* src = b + k0 * rs + (j0 + jp + j) * cs;
-          for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = src[k * rs];
+      } else {  // columns of B contiguous (a transposed operand): column by column,
+        // 64 rows at a time, so the panel lines being filled stay in L1 (one
+        // column over the whole panel at once touched kc lines per column).
+        for (int64_t kb = 0; kb < kc; kb += 64) {
+          const int64_t ke = std::min<int64_t>(kc, kb + 64);
+          for (int64_t j = 0; j < w; ++j) {
+            const T* src = b + k0 * rs + (j0 + jp + j) * cs;
+            for (int64_t k = kb; k < ke; ++k) panel[k * NR + j] = src[k * rs];
+          }
+          for (int64_t k = kb; k < ke; ++k)
+            for (int64_t j = w; j < NR; ++j) panel[k * NR + j] = T(0);
         }
-        for (int64_t k = 0; k < kc; ++k)
-          for (int64_t j = w; j < NR; ++j) panel[k * NR + j] = T(0);
       }
     }
   }
@@ -201,6 +208,11 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, int64_t a_r
     }
   }
 }
+
+// The width (a multiple of grain, at most max_width unless grain is larger)
+// of the blocks that split n columns among threads with the smallest share
+// for the busiest thread, fewest blocks on a tie.
+int64_t balanced_width(int64_t n, int64_t max_width, int64_t grain, int threads);
 
 // C (M x N, row stride ldc) (+)= A (M x K) * B (K x N), both given by strides;
 // parallel over blocks of C with the core's thread count.
