@@ -139,9 +139,11 @@ def test_relu_nan_follows_pytorch():
 
 
 # Batches up to 32 rows take the streaming kernels (vectors along in_features,
-# register tiles of 4 x 5 / 6 x 3 with edge tiles, in_features chunks of 2048,
-# out_features slabs of 512); these shapes reach every edge of them, and 33 rows
-# the GEMM path.
+# register tiles of 4 x 5 / 6 x 3 (AVX2: 2 x 5 / 6 x 2) with edge tiles,
+# in_features chunks of 2048; grad_input in bands of column blocks per task
+# and slabs of out_features rows, its last block in whole vectors then a
+# scalar edge of fewer than a vector: in_features 47, 2049 and 4100 reach
+# both); these shapes reach every edge of them, and 33 rows the GEMM path.
 @pytest.mark.parametrize("m,k,n", [(1, 100, 7), (3, 15, 4), (4, 2049, 13), (6, 47, 5),
                                    (7, 48, 6), (16, 4100, 1030), (17, 96, 11),
                                    (32, 4145, 521), (33, 50, 9)])
