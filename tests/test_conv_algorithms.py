@@ -321,6 +321,30 @@ def test_empty_batch_has_zero_grad_weight(algorithm):
     np.testing.assert_array_equal(gb, np.zeros(16, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cin,kw", [(30, dict(padding=1)),                     # K = 270
+                                    (29, dict(stride=2, dilation=(2, 1))),     # K = 261
+                                    (15, dict(padding=2, groups=1))])          # K = 135
+def test_direct_kernel_over_chunks_of_taps(dtype, cin, kw):
+    """With AVX2 the direct kernel sums the C * KH * KW taps in chunks of 128
+    (each chunk's slice of the weight panel shared by the tile's row blocks
+    in L1): two full chunks and a partial one, a tile of 12 positions with a
+    ragged last tile (7 x 9 outputs), 40 output channels (a full and a
+    partial panel), forward and both gradients against the reference."""
+    rng = np.random.default_rng(cin)
+    x = rng.standard_normal((2, cin, 9, 11)).astype(dtype)
+    w = (rng.standard_normal((40, cin, 3, 3)) / np.sqrt(9 * cin)).astype(dtype)
+    b = rng.standard_normal(40).astype(dtype)
+    expect = ref.conv2d_ref(x, w, b, **kw)
+    assert_close(convcore.conv2d(x, w, b, algorithm="direct", **kw), expect, dtype,
+                 what="direct forward")
+    gy = rng.standard_normal(expect.shape).astype(dtype)
+    egx, egw, _ = ref.conv2d_backward_ref(gy, x, w, **kw)
+    gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)
+    assert_close(gx, egx, dtype, what="direct grad_input")
+    assert_close(gw, egw, dtype, what="direct grad_weight")
+
+
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=(2, 0), dilation=(1, 2), groups=2)])
 def test_direct_over_several_chunks_of_images(kw):
     """The direct paths pad the images in chunks (8 MB of frames in forward,
