@@ -803,6 +803,19 @@ void pad_planes(const T* x, int64_t n, const ConvGeometry& G, int64_t Hp, int64_
 // channels that packing took a fifth of forward_impl's time. The tile is
 // then written transposed into the NCHW output. Images are padded in chunks
 // of at most kChunkBytes; tasks are (image, block of positions).
+//
+// The tiles of a task go in blocks of kDirectBlockTiles (96 positions), each
+// block taking every panel of the task with the taps in slices of
+// kDirectTaps, so that the block's rows of the image and the slice of the
+// panel stay in cache while all the block's tiles use them. One tile at a
+// time over all K taps streamed the whole panel (300 KB for AlexNet's conv2)
+// through L2 per tile. A/B on a 2-core Zen 3 (AVX2), min of 8 interleaved
+// runs: AlexNet conv2 forward 1.10x (155 -> 171 GFLOP/s, 2 threads) and
+// backward 1.08x, 13x13 at batch 1 1.12x, ResNet 3x3/2 1.05x, the rest level;
+// 128 or 512 taps and 4 or 16 tiles measured the same within 2%; blocks of
+// one tile with sliced taps lost 5-15%.
+constexpr int64_t kDirectTaps = 256, kDirectBlockTiles = 8;
+
 template <typename T>
 void forward_direct(const TensorView& input, const T* weight, const T* bias,
                     const ConvGeometry& G, T* out) {
@@ -851,10 +864,10 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
     pad_planes(x + n0 * G.xs_n, nn, G, Hp, Wp, xpad);
     const int64_t tasks = nn * G.G * ochunks * pblocks;
     const int threads = detail::threads_for(tasks, work);
-    detail::Workspace<T> tile_ws(threads, MR * NR);
+    detail::Workspace<T> tile_ws(threads, kDirectBlockTiles * MR * NR);
 #pragma omp parallel num_threads(threads)
     {
-      T* tile = tile_ws.get(omp_get_thread_num());
+      T* tiles = tile_ws.get(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t n = t / (G.G * ochunks * pblocks), g = (t / (ochunks * pblocks)) % G.G;
@@ -862,22 +875,29 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
         const int64_t u_end = std::min(panels, u_begin + oblock);
         const int64_t q_begin = (t % pblocks) * pblock, q_end = std::min(G.P, q_begin + pblock);
         const T* xg = xpad + (n * G.C + g * G.Cg) * plane;
-        for (int64_t u = u_begin; u < u_end; ++u) {
-          const int64_t o0 = u * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
-          const T* b = wpacked + (g * panels + u) * K * NR;
-          T* c = out + ((n0 + n) * G.Cout + g * G.Coutg + o0) * G.P;
-          for (int64_t q0 = q_begin; q0 < q_end; q0 += MR) {
-            const int mr = static_cast<int>(std::min<int64_t>(MR, q_end - q0));
-            const T* rows[MR];
-            for (int i = 0; i < mr; ++i) {
-              const int64_t q = q0 + i, oh = q / G.Wo, ow = q % G.Wo;
-              rows[i] = xg + oh * sh * Wp + ow * sw;
+        for (int64_t qb = q_begin; qb < q_end; qb += kDirectBlockTiles * MR) {
+          const int64_t qe = std::min(q_end, qb + kDirectBlockTiles * MR);
+          for (int64_t u = u_begin; u < u_end; ++u) {
+            const int64_t o0 = u * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
+            const T* b = wpacked + (g * panels + u) * K * NR;
+            for (int64_t k0 = 0; k0 < K; k0 += kDirectTaps) {
+              const int64_t kc = std::min(kDirectTaps, K - k0);
+              for (int64_t q0 = qb; q0 < qe; q0 += MR) {
+                const int mr = static_cast<int>(std::min<int64_t>(MR, qe - q0));
+                const T* rows[MR];
+                for (int i = 0; i < mr; ++i) {
+                  const int64_t q = q0 + i, oh = q / G.Wo, ow = q % G.Wo;
+                  rows[i] = xg + oh * sh * Wp + ow * sw;
+                }
+                gemm::gather_kernel(kc, koff.data() + k0, rows, b + k0 * NR,
+                                    tiles + (q0 - qb) * NR, mr, k0 > 0);
+              }
             }
-            gemm::gather_kernel(K, koff.data(), rows, b, tile, mr);
+            T* c = out + ((n0 + n) * G.Cout + g * G.Coutg + o0) * G.P;
             for (int64_t j = 0; j < no; ++j) {
               const T bj = bias ? bias[g * G.Coutg + o0 + j] : T(0);
-              T* dst = c + j * G.P + q0;
-              for (int i = 0; i < mr; ++i) dst[i] = tile[i * NR + j] + bj;
+              T* dst = c + j * G.P;
+              for (int64_t q = qb; q < qe; ++q) dst[q] = tiles[(q - qb) * NR + j] + bj;
             }
           }
         }

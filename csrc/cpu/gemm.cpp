@@ -133,7 +133,8 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
                                                               const int64_t* koff_all,
                                                               const T* const* rows,
                                                               const T* __restrict b_all,
-                                                              T* __restrict tile, int mr) {
+                                                              T* __restrict tile, int mr,
+                                                              bool accumulate) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
   static_assert(MR % RB == 0, "MR must be a multiple of the row block");
@@ -169,7 +170,7 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
 #pragma GCC unroll 4
           for (int v = 0; v < VP; ++v) {
             T* dst = tile + (i0 + i) * NR + j0 + v * W;
-            if (kb > 0) {
+            if (kb > 0 || accumulate) {
               V old;
               __builtin_memcpy(&old, dst, sizeof(V));
               acc[i][v] += old;
@@ -183,14 +184,14 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
 
 template <typename T>
 inline void gather_generic(int64_t kc, const int64_t* koff, const T* const* rows, const T* b,
-                           T* tile, int mr) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  for (int i = 0; i < MR; ++i) {
-    const T* r = rows[i < mr ? i : mr - 1];
+                           T* tile, int mr, bool accumulate) {
+  constexpr int NR = Tile<T>::NR;
+  for (int i = 0; i < mr; ++i) {
+    const T* r = rows[i];
     T acc[NR] = {};
     for (int64_t k = 0; k < kc; ++k)
       for (int j = 0; j < NR; ++j) acc[j] += r[koff[k]] * b[k * NR + j];
-    std::memcpy(tile + i * NR, acc, sizeof(acc));
+    for (int j = 0; j < NR; ++j) tile[i * NR + j] = accumulate ? tile[i * NR + j] + acc[j] : acc[j];
   }
 }
 
@@ -208,16 +209,17 @@ void kernel_generic_d(int64_t kc, const double* a, int64_t lda, const double* b,
   micro_generic<double>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 
-using GatherF = void (*)(int64_t, const int64_t*, const float* const*, const float*, float*, int);
+using GatherF = void (*)(int64_t, const int64_t*, const float* const*, const float*, float*, int,
+                         bool);
 using GatherD = void (*)(int64_t, const int64_t*, const double* const*, const double*, double*,
-                         int);
+                         int, bool);
 void gather_generic_f(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                      float* tile, int mr) {
-  gather_generic<float>(kc, koff, rows, b, tile, mr);
+                      float* tile, int mr, bool acc) {
+  gather_generic<float>(kc, koff, rows, b, tile, mr, acc);
 }
 void gather_generic_d(int64_t kc, const int64_t* koff, const double* const* rows,
-                      const double* b, double* tile, int mr) {
-  gather_generic<double>(kc, koff, rows, b, tile, mr);
+                      const double* b, double* tile, int mr, bool acc) {
+  gather_generic<double>(kc, koff, rows, b, tile, mr, acc);
 }
 
 #if defined(__x86_64__) && defined(CONVCORE_VECTOR_KERNELS)
@@ -247,24 +249,24 @@ __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const do
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t* koff,
                                                        const float* const* rows, const float* b,
-                                                       float* tile, int mr) {
-  gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr);
+                                                       float* tile, int mr, bool acc) {
+  gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr, acc);
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t* koff,
                                                        const double* const* rows,
-                                                       const double* b, double* tile, int mr) {
-  gather_vector_body<double, f64x4, 6, 2>(kc, koff, rows, b, tile, mr);
+                                                       const double* b, double* tile, int mr, bool acc) {
+  gather_vector_body<double, f64x4, 6, 2>(kc, koff, rows, b, tile, mr, acc);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_f(int64_t kc, const int64_t* koff,
                                                             const float* const* rows,
-                                                            const float* b, float* tile, int mr) {
-  gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr);
+                                                            const float* b, float* tile, int mr, bool acc) {
+  gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr, acc);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_d(int64_t kc, const int64_t* koff,
                                                             const double* const* rows,
                                                             const double* b, double* tile,
-                                                            int mr) {
-  gather_vector_body<double, f64x8, 12, 2>(kc, koff, rows, b, tile, mr);
+                                                            int mr, bool acc) {
+  gather_vector_body<double, f64x8, 12, 2>(kc, koff, rows, b, tile, mr, acc);
 }
 #endif
 
@@ -319,12 +321,12 @@ void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, dou
 }
 
 void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                   float* tile, int mr) {
-  dispatch().gf(kc, koff, rows, b, tile, mr);
+                   float* tile, int mr, bool accumulate) {
+  dispatch().gf(kc, koff, rows, b, tile, mr, accumulate);
 }
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
-                   double* tile, int mr) {
-  dispatch().gd(kc, koff, rows, b, tile, mr);
+                   double* tile, int mr, bool accumulate) {
+  dispatch().gd(kc, koff, rows, b, tile, mr, accumulate);
 }
 
 const char* isa_name() { return dispatch().name; }

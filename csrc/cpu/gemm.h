@@ -50,16 +50,16 @@ void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, dou
                   int64_t ldc, int mr, int nr, bool accumulate);
 
 // The microkernel with a gathered A, for direct convolution:
-// tile[i * NR + j] = sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for i < mr,
-// j < NR (rows i >= mr of tile may be left unwritten); b is one packed
+// tile[i * NR + j] (+)= sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for
+// i < mr, j < NR (rows i >= mr of tile may be left unwritten); b is one packed
 // NR-column panel.
 // A(i, k) is read in place, so an image needs no im2col packing: row i
 // points at the input window of output position i, koff[k] is the offset of
 // tap k inside every window.
 void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                   float* tile, int mr);
+                   float* tile, int mr, bool accumulate = false);
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
-                   double* tile, int mr);
+                   double* tile, int mr, bool accumulate = false);
 
 // Name of the instruction set the microkernel was dispatched to.
 const char* isa_name();
