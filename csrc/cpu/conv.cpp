@@ -877,6 +877,13 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
         const T* xg = xpad + (n * G.C + g * G.Cg) * plane;
         for (int64_t qb = q_begin; qb < q_end; qb += kDirectBlockTiles * MR) {
           const int64_t qe = std::min(q_end, qb + kDirectBlockTiles * MR);
+          // The window of each position of the block, found once for all
+          // its panels and slices.
+          const T* rows[kDirectBlockTiles * MR];
+          for (int64_t q = qb, oh = qb / G.Wo, ow = qb % G.Wo; q < qe; ++q) {
+            rows[q - qb] = xg + oh * sh * Wp + ow * sw;
+            if (++ow == G.Wo) ow = 0, ++oh;
+          }
           for (int64_t u = u_begin; u < u_end; ++u) {
             const int64_t o0 = u * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
             const T* b = wpacked + (g * panels + u) * K * NR;
@@ -884,12 +891,7 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
               const int64_t kc = std::min(kDirectTaps, K - k0);
               for (int64_t q0 = qb; q0 < qe; q0 += MR) {
                 const int mr = static_cast<int>(std::min<int64_t>(MR, qe - q0));
-                const T* rows[MR];
-                for (int i = 0; i < mr; ++i) {
-                  const int64_t q = q0 + i, oh = q / G.Wo, ow = q % G.Wo;
-                  rows[i] = xg + oh * sh * Wp + ow * sw;
-                }
-                gemm::gather_kernel(kc, koff.data() + k0, rows, b + k0 * NR,
+                gemm::gather_kernel(kc, koff.data() + k0, rows + (q0 - qb), b + k0 * NR,
                                     tiles + (q0 - qb) * NR, mr, k0 > 0);
               }
             }
