@@ -177,3 +177,33 @@ def test_linear_empty_dimensions(m, k, n, dtype):
     np.testing.assert_array_equal(gx, np.full((m, k), float(n), dtype))
     np.testing.assert_array_equal(gw, np.full((n, k), float(m), dtype))
     np.testing.assert_array_equal(gb, np.full(n, float(m), dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_large_batch_gemm_slabs(dtype):
+    """48+ rows take the GEMM in the BLIS order: slabs of 256 rows of B and
+    at most 4096 columns packed once by all threads, row blocks of C per
+    thread. 97 rows (ragged row blocks), in_features 600 (three slabs, the
+    last short) and out_features 4100 (two column slabs); grad_weight is a
+    GEMM of 4100 rows, grad_input one of 97. Against float64, and the same
+    bits at 1, 2 and 3 threads."""
+    rng = np.random.default_rng(97)
+    x = randn(rng, (97, 600), dtype)
+    w = randn(rng, (4100, 600), dtype)
+    gy = randn(rng, (97, 4100), dtype)
+    expect = ref.linear_ref(x, w)
+    egx, egw, _ = ref.linear_backward_ref(gy, x, w)
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            runs.append((convcore.linear(x, w),) + convcore.linear_backward(gy, x, w)[:2])
+    finally:
+        convcore.set_num_threads(before)
+    check_output(runs[0][0], expect, dtype, "linear")
+    check_output(runs[0][1], egx, dtype, "grad_input")
+    check_output(runs[0][2], egw, dtype, "grad_weight")
+    for other in runs[1:]:
+        for got, first in zip(other, runs[0]):
+            np.testing.assert_array_equal(got, first)
