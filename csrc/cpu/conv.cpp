@@ -813,7 +813,7 @@ void pad_planes(const T* x, int64_t n, const ConvGeometry& G, int64_t Hp, int64_
 // runs: AlexNet conv2 forward 1.10x (155 -> 171 GFLOP/s, 2 threads) and
 // backward 1.08x, 13x13 at batch 1 1.12x, ResNet 3x3/2 1.05x, the rest level;
 // 128 or 512 taps and 4 or 16 tiles measured the same within 2%; blocks of
-// one tile with sliced taps lost 5-15%.
+// one tile with sliced taps lost 3-15%.
 constexpr int64_t kDirectTaps = 256, kDirectBlockTiles = 8;
 
 template <typename T>

@@ -249,10 +249,9 @@ struct SmallLinear {
   }
 
   static int64_t forward_tasks(int64_t N) { return (N + kDotN - 1) / kDotN; }
-  static int64_t column_blocks(int64_t K) { return (K + kAxV * W - 1) / (kAxV * W); }
   static int64_t axpy_tasks(int64_t rows, int64_t K, int64_t kb_group) {
-    return kb_group > 0 ? (column_blocks(K) + kb_group - 1) / kb_group
-                        : (rows + kAxM - 1) / kAxM;
+    const int64_t column_blocks = (K + kAxV * W - 1) / (kAxV * W);
+    return kb_group > 0 ? (column_blocks + kb_group - 1) / kb_group : (rows + kAxM - 1) / kAxM;
   }
 };
 
@@ -263,7 +262,6 @@ struct SmallKernelSet {
                int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*forward_tasks)(int64_t) = nullptr;
   int64_t (*axpy_tasks)(int64_t, int64_t, int64_t) = nullptr;
-  int64_t (*column_blocks)(int64_t) = nullptr;
   int64_t column_block = 0;  // columns of one block of axpy_tasks' split
 };
 
@@ -281,7 +279,6 @@ struct SmallKernelSet {
   const SmallKernelSet<T> kernels_##NAME = {forward_##NAME, axpy_##NAME,                       \
                                             SmallLinear<T, V>::forward_tasks,                  \
                                             SmallLinear<T, V>::axpy_tasks,                     \
-                                            SmallLinear<T, V>::column_blocks,                  \
                                             SmallLinear<T, V>::kAxV * SmallLinear<T, V>::W};
 CONVCORE_SMALL_KERNELS(float, avx512_f, "avx512f,fma", f32x16)
 CONVCORE_SMALL_KERNELS(double, avx512_d, "avx512f,fma", f64x8)
@@ -326,7 +323,7 @@ void small_axpy(const SmallKernelSet<T>& k, int64_t rows, int64_t R, int64_t K, 
                 bool split_k) {
   int64_t group = 0, chunk_r = R;
   if (split_k) {
-    const int64_t blocks = k.column_blocks(K);
+    const int64_t blocks = (K + k.column_block - 1) / k.column_block;
     group = std::max<int64_t>(1, (blocks + 2 * get_num_threads() - 1) / (2 * get_num_threads()));
     chunk_r = std::max<int64_t>(
         8, kSlabBytes / (group * k.column_block * static_cast<int64_t>(sizeof(T))));
