@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "convcore/threading.h"
+#include "simd.h"
 #include "strided.h"
 
 namespace convcore {
@@ -225,10 +226,10 @@ void gather_generic_d(int64_t kc, const int64_t* koff, const double* const* rows
 
 #if defined(__x86_64__) && defined(CONVCORE_VECTOR_KERNELS)
 #define CONVCORE_X86_DISPATCH 1
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef double f64x8 __attribute__((vector_size(64)));
+using simd::f32x8;
+using simd::f32x16;
+using simd::f64x4;
+using simd::f64x8;
 
 __attribute__((target("avx2,fma"))) void kernel_avx2_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {

@@ -9,6 +9,7 @@
 #include "convcore/ops.h"
 #include "convcore/threading.h"
 #include "gemm.h"
+#include "simd.h"
 #include "strided.h"
 
 namespace convcore {
@@ -40,20 +41,12 @@ constexpr int64_t kSlabBytes = 128 << 10;  // grad_input: a task's slab of weigh
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CONVCORE_SMALL_LINEAR 1
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef double f64x8 __attribute__((vector_size(64)));
-
-// (by reference: a vector passed by value outside a target function changes the ABI)
-template <typename V>
-inline __attribute__((always_inline)) void load_vec(V& v, const void* p) {
-  __builtin_memcpy(&v, p, sizeof(V));
-}
-template <typename V>
-inline __attribute__((always_inline)) void store_vec(void* p, const V& v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
+using simd::f32x8;
+using simd::f32x16;
+using simd::f64x4;
+using simd::f64x8;
+using simd::load_vec;
+using simd::store_vec;
 
 // y[i, j] (+)= dot(x[i, k0:k1], w[j, k0:k1]) for an MB x NB tile; lanes summed in order.
 template <typename T, typename V, int MB, int NB>

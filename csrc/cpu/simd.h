@@ -1,0 +1,33 @@
+// GCC/Clang vector types for the kernels compiled per instruction set
+// (function attributes target("avx2,fma") etc.), and unaligned loads and
+// stores of them. One body template serves every level: V is a vector of
+// sizeof(V) / sizeof(T) lanes.
+#pragma once
+#include <cstring>
+
+namespace convcore {
+namespace simd {
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CONVCORE_HAVE_VECTOR_TYPES 1
+
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x2 __attribute__((vector_size(16)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
+#endif
+
+// (by reference: a vector passed by value outside a target function changes the ABI)
+template <typename V>
+inline void load_vec(V& v, const void* p) {
+  std::memcpy(&v, p, sizeof(V));
+}
+template <typename V>
+inline void store_vec(void* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+}  // namespace simd
+}  // namespace convcore
