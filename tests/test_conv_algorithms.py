@@ -431,3 +431,47 @@ def test_direct_grad_input_of_strided_layers(shape, weight, kw, dtype):
         gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm=algorithm, **kw)
         assert_close(gx, egx, dtype, what=f"{algorithm} grad_input")
         assert_close(gw, egw, dtype, what=f"{algorithm} grad_weight")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels,mult,hw,kernel,kw", [
+    (16, 1, (14, 14), (3, 3), dict(padding=1)),                       # flat, by channel
+    (3, 2, (14, 14), (3, 3), dict(padding=1)),                        # flat, by plane
+    (16, 2, (9, 23), (5, 5), dict(padding=(2, 1), dilation=(1, 2))),  # 25 taps: 9+9+3+3+1
+    (16, 1, (7, 6), (2, 2), dict(padding=(1, 0))),                    # 4 taps, asymmetric
+    (3, 1, (11, 10), (1, 1), dict()),                                 # 1 tap, no padding
+    (16, 1, (70, 61), (3, 3), dict(padding=1)),                       # too big for flat
+    (3, 1, (70, 61), (3, 3), dict(padding=1)),
+    (16, 1, (15, 13), (3, 3), dict(stride=2, padding=1)),             # strided: row kernels
+])
+def test_depthwise_paths(dtype, channels, mult, hw, kernel, kw):
+    """The depthwise kernels: flat (stride 1, planes up to 4096 padded
+    elements; blocks of vectors that run past the plane's end into slack)
+    and by rows (larger or strided planes); backward one task per channel
+    over all images (grad_input, grad_weight and grad_bias together) when
+    there are 4+ channels per thread, else grad_input by plane. Against the
+    reference, and the same bits at 1, 2 and 3 threads."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, channels) + hw).astype(dtype)
+    w = rng.standard_normal((channels * mult, 1) + kernel).astype(dtype)
+    b = rng.standard_normal(channels * mult).astype(dtype)
+    kw = dict(kw, groups=channels)
+    expect = ref.conv2d_ref(x, w, b, **kw)
+    gy = rng.standard_normal(expect.shape).astype(dtype)
+    egx, egw, egb = ref.conv2d_backward_ref(gy, x, w, **kw)
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            y = convcore.conv2d(x, w, b, algorithm="depthwise", **kw)
+            runs.append((y,) + tuple(convcore.conv2d_backward(gy, x, w, algorithm="depthwise",
+                                                              **kw)))
+    finally:
+        convcore.set_num_threads(before)
+    for got, want, what in zip(runs[0], (expect, egx, egw, egb),
+                               ("forward", "grad_input", "grad_weight", "grad_bias")):
+        assert_close(got, want, dtype, what=f"depthwise {what}")
+    for other in runs[1:]:
+        for a, b_ in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b_)

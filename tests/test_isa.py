@@ -1,6 +1,6 @@
-"""Every GEMM microkernel path (AVX-512, AVX2+FMA, portable) against the
-reference, each in a subprocess with CONVCORE_ISA capping the dispatch
-(the choice is made once per process)."""
+"""Every GEMM microkernel path (AVX-512, AVX2+FMA, portable), and the depthwise
+flat kernels picked with it, against the reference, each in a subprocess with
+CONVCORE_ISA capping the dispatch (the choice is made once per process)."""
 import json
 import os
 import subprocess
@@ -26,11 +26,18 @@ for dtype in ("float32", "float64"):
     gy = rng.standard_normal(y.shape).astype(dtype)
     gx, gw, gb = convcore.conv2d_backward(gy, x, w, stride=(2, 1), padding=1, dilation=(1, 2),
                                           groups=2)
+    # depthwise, stride 1: the flat kernels (a multiplier of 2, 5x5 taps: groups of 9, 3, 1)
+    dw = rng.standard_normal((8, 1, 5, 5)).astype(dtype)
+    dy = convcore.conv2d(x[:, :4], dw, b[:8], padding=(2, 1), dilation=(1, 2), groups=4)
+    dgy = rng.standard_normal(dy.shape).astype(dtype)
+    dgx, dgw, dgb = convcore.conv2d_backward(dgy, x[:, :4], dw, padding=(2, 1), dilation=(1, 2),
+                                             groups=4)
     a = rng.standard_normal((37, 300)).astype(dtype)
     lw = rng.standard_normal((45, 300)).astype(dtype)
     ly = convcore.linear(a, lw)
     out[dtype] = {k: v.tolist() for k, v in dict(x=x, w=w, b=b, y=y, gy=gy, gx=gx, gw=gw,
-                                                 a=a, lw=lw, ly=ly).items()}
+                                                 dw=dw, dy=dy, dgy=dgy, dgx=dgx, dgw=dgw,
+                                                 dgb=dgb, a=a, lw=lw, ly=ly).items()}
 json.dump(out, sys.stdout)
 """
 
@@ -65,8 +72,14 @@ def test_gemm_paths_match_reference(isa):
         expect_y = ref.conv2d_ref(d["x"], d["w"], d["b"], **kw)
         expect_gx, expect_gw, _ = ref.conv2d_backward_ref(d["gy"], d["x"], d["w"], **kw)
         expect_ly = ref.linear_ref(d["a"], d["lw"])
+        dkw = dict(padding=(2, 1), dilation=(1, 2), groups=4)
+        dx = d["x"][:, :4]
+        expect_dy = ref.conv2d_ref(dx, d["dw"], d["b"][:8], **dkw)
+        expect_dgx, expect_dgw, expect_dgb = ref.conv2d_backward_ref(d["dgy"], dx, d["dw"], **dkw)
         for name, got, expect in (("y", d["y"], expect_y), ("gx", d["gx"], expect_gx),
-                                  ("gw", d["gw"], expect_gw), ("ly", d["ly"], expect_ly)):
+                                  ("gw", d["gw"], expect_gw), ("ly", d["ly"], expect_ly),
+                                  ("dy", d["dy"], expect_dy), ("dgx", d["dgx"], expect_dgx),
+                                  ("dgw", d["dgw"], expect_dgw), ("dgb", d["dgb"], expect_dgb)):
             scale = np.abs(expect).max()
             np.testing.assert_allclose(got, expect, rtol=0, atol=rtol * scale * 10,
                                        err_msg=f"{isa} {dtype} {name}")

@@ -333,75 +333,95 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
 template <typename T>
 void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
                        const ConvGeometry& G, T* out) {
-  const depthwise::Plane pl = plane_of(G);
+  const depthwise::PlaneOps<T> ops(plane_of(G));
   const T* x = input.ptr<const T>();
   const int64_t planes = G.N * G.C, taps = G.KH * G.KW;
   const int threads = detail::threads_for(planes, G.N * G.Cout * G.P * G.KH * G.KW);
-  detail::Workspace<T> ws(threads, pl.Hp() * pl.Wp());
+  detail::Workspace<T> ws(threads, ops.scratch_size());
 #pragma omp parallel num_threads(threads)
   {
-    T* buf = ws.get(omp_get_thread_num());
+    depthwise::PlaneWork<T> work(ops, ws.get(omp_get_thread_num()));
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < planes; ++t) {
       const int64_t n = t / G.C, g = t % G.C;
-      depthwise::pad_plane(pl, x + n * G.xs_n + g * G.xs_c, buf);
+      work.load_input(x + n * G.xs_n + g * G.xs_c);
       for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
-        depthwise::forward_padded(pl, buf, weight + o * taps, bias ? bias[o] : T(0),
-                                  out + (n * G.Cout + o) * G.P);
+        work.forward(weight + o * taps, bias ? bias[o] : T(0), out + (n * G.Cout + o) * G.P);
     }
   }
 }
 
-// Depthwise grad_input: one task per input plane (image, channel); the
-// output channels of its group add into a padded scratch plane in a fixed
-// order, whose interior is the gradient.
+// Depthwise backward. With enough channels for the threads, one task per
+// channel (group) does everything for it over all images: each image's
+// input plane and grad_output planes are read once for grad_input,
+// grad_weight and grad_bias together, and grad_weight sums over images in
+// the task (in double), so no reduction across threads. With few channels,
+// grad_input runs one task per plane and grad_weight one per channel.
 template <typename T>
-void grad_input_depthwise(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
-  const depthwise::Plane pl = plane_of(G);
-  const int64_t planes = G.N * G.C, taps = G.KH * G.KW, Wp = pl.Wp();
-  const int threads = detail::threads_for(planes, G.N * G.Cout * G.P * G.KH * G.KW);
-  detail::Workspace<T> ws(threads, pl.Hp() * Wp);
-#pragma omp parallel num_threads(threads)
-  {
-    T* buf = ws.get(omp_get_thread_num());
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < planes; ++t) {
-      const int64_t n = t / G.C, g = t % G.C;
-      std::fill(buf, buf + pl.Hp() * Wp, T(0));
-      for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
-        depthwise::grad_input_padded(pl, gy + (n * G.Cout + o) * G.P, weight + o * taps, buf);
-      T* plane = gx + t * G.H * G.W;
-      for (int64_t ih = 0; ih < G.H; ++ih)
-        depthwise::copy_row(buf + (ih + pl.pt) * Wp + pl.pl, G.W, plane + ih * G.W);
-    }
-  }
-}
-
-// Depthwise grad_weight: one task per group (input channel), summing over
-// images for each of its output channels; sums in double.
-template <typename T>
-void grad_weight_depthwise(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
-  const depthwise::Plane pl = plane_of(G);
+void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
+                        const ConvGeometry& G, T* gx, T* gw, T* gb) {
+  const depthwise::PlaneOps<T> ops(plane_of(G));
   const T* x = input.ptr<const T>();
-  const int64_t taps = G.KH * G.KW;
-  const int threads = detail::threads_for(G.C, G.N * G.Cout * G.P * G.KH * G.KW);
-  detail::Workspace<T> ws(threads, pl.Hp() * pl.Wp());
-  detail::Workspace<double> acc_ws(threads, taps * G.Coutg);
-#pragma omp parallel num_threads(threads)
-  {
-    T* buf = ws.get(omp_get_thread_num());
-    double* acc = acc_ws.get(omp_get_thread_num());
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < G.C; ++g) {
-      std::fill(acc, acc + taps * G.Coutg, 0.0);
-      for (int64_t n = 0; n < G.N; ++n) {
-        depthwise::pad_plane(pl, x + n * G.xs_n + g * G.xs_c, buf);
-        for (int64_t m = 0; m < G.Coutg; ++m)
-          depthwise::grad_weight_padded(pl, gy + (n * G.Cout + g * G.Coutg + m) * G.P, buf,
-                                        acc + m * taps);
+  const int64_t taps = G.KH * G.KW, work_size = G.N * G.Cout * G.P * G.KH * G.KW;
+  const int threads = detail::threads_for(G.C, work_size);
+  const bool by_channel = G.C >= 4 * threads;
+  // One channel's gradients over images [0, N) (grad_input unless gx is
+  // null, grad_weight and grad_bias into acc unless gw / gb are null).
+  auto channel = [&](depthwise::PlaneWork<T>& work, double* acc, int64_t g, T* gx_,
+                     T* gw_, T* gb_) {
+    double* bias_acc = acc + taps * G.Coutg;
+    std::fill(acc, bias_acc + G.Coutg, 0.0);
+    for (int64_t n = 0; n < G.N; ++n) {
+      if (gw_) work.load_input(x + n * G.xs_n + g * G.xs_c);
+      for (int64_t m = 0; m < G.Coutg; ++m) {
+        const int64_t o = g * G.Coutg + m;
+        const T* gyp = gy + (n * G.Cout + o) * G.P;
+        work.add_output_grad(gyp, weight + o * taps, gw_ ? acc + m * taps : nullptr,
+                             gx_ != nullptr, m == 0);
+        if (gb_) bias_acc[m] += detail::sum_to_double(gyp, G.P);
       }
-      for (int64_t k = 0; k < taps * G.Coutg; ++k)
-        gw[g * G.Coutg * taps + k] = static_cast<T>(acc[k]);
+      if (gx_) work.store_grad_input(gx_ + (n * G.C + g) * G.H * G.W);
+    }
+    for (int64_t k = 0; gw_ && k < taps * G.Coutg; ++k)
+      gw_[g * G.Coutg * taps + k] = static_cast<T>(acc[k]);
+    for (int64_t m = 0; gb_ && m < G.Coutg; ++m)
+      gb_[g * G.Coutg + m] = static_cast<T>(bias_acc[m]);
+  };
+  const int plane_threads = by_channel ? threads : detail::threads_for(G.N * G.C, work_size);
+  const int most = std::max(threads, plane_threads);
+  detail::Workspace<T> ws(most, ops.scratch_size());
+  detail::Workspace<double> acc_ws(most, (taps + 1) * G.Coutg);
+  if (by_channel) {
+#pragma omp parallel num_threads(threads)
+    {
+      depthwise::PlaneWork<T> work(ops, ws.get(omp_get_thread_num()));
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < G.C; ++g)
+        channel(work, acc_ws.get(omp_get_thread_num()), g, gx, gw, gb);
+    }
+    return;
+  }
+  if (gx) {
+#pragma omp parallel num_threads(plane_threads)
+    {
+      depthwise::PlaneWork<T> work(ops, ws.get(omp_get_thread_num()));
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < G.N * G.C; ++t) {
+        const int64_t n = t / G.C, g = t % G.C;
+        for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
+          work.add_output_grad(gy + (n * G.Cout + o) * G.P, weight + o * taps, nullptr, true,
+                               o == g * G.Coutg);
+        work.store_grad_input(gx + t * G.H * G.W);
+      }
+    }
+  }
+  if (gw || gb) {
+#pragma omp parallel num_threads(threads)
+    {
+      depthwise::PlaneWork<T> work(ops, ws.get(omp_get_thread_num()));
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < G.C; ++g)
+        channel(work, acc_ws.get(omp_get_thread_num()), g, nullptr, gw, gb);
     }
   }
 }
@@ -1517,10 +1537,7 @@ void grad_bias_impl(const T* gy, const ConvGeometry& G, T* gb) {
 #pragma omp parallel for num_threads(detail::threads_for(G.Cout, G.N * G.Cout * G.P)) schedule(static)
   for (int64_t o = 0; o < G.Cout; ++o) {
     double s = 0;
-    for (int64_t n = 0; n < G.N; ++n) {
-      const T* row = gy + (n * G.Cout + o) * G.P;
-      for (int64_t q = 0; q < G.P; ++q) s += row[q];
-    }
+    for (int64_t n = 0; n < G.N; ++n) s += detail::sum_to_double(gy + (n * G.Cout + o) * G.P, G.P);
     gb[o] = static_cast<T>(s);
   }
 }
@@ -1590,26 +1607,25 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
     if (copy_input) xc.emplace(input);
     const TensorView& x = copy_input ? xc->view() : input;
     const ConvGeometry Gx = copy_input ? with_input(G, x) : G;
-    const bool depthwise = G.p.algorithm == ConvAlgorithm::Depthwise;
+    auto wanted = [](const TensorView* t) { return t && t->numel() > 0 ? t->ptr<T>() : nullptr; };
+    if (G.p.algorithm == ConvAlgorithm::Depthwise) {
+      const detail::Contiguous<T> w(weight);
+      return backward_depthwise<T>(gy.data(), x, w.data(), Gx, wanted(grad_input),
+                                   wanted(grad_weight), wanted(grad_bias));
+    }
     if (grad_input && grad_input->numel() > 0) {
       const detail::Contiguous<T> w(weight);
       const bool pads_fit = std::max({G.p.pad_top, G.p.pad_bottom, G.p.pad_left,
                                        G.p.pad_right}) <= 2;
-      if (depthwise)
-        grad_input_depthwise<T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
-      else if (G.p.algorithm == ConvAlgorithm::Winograd && pads_fit)
+      if (G.p.algorithm == ConvAlgorithm::Winograd && pads_fit)
         grad_input_winograd<2, T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
       else if (G.p.algorithm == ConvAlgorithm::Winograd4x4 && pads_fit)
         grad_input_winograd<4, T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
       else
         grad_input_impl<T>(gy.data(), w, Gx, grad_input->ptr<T>());
     }
-    if (grad_weight && grad_weight->numel() > 0) {
-      if (depthwise)
-        grad_weight_depthwise<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
-      else
-        grad_weight_impl<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
-    }
+    if (grad_weight && grad_weight->numel() > 0)
+      grad_weight_impl<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
     if (grad_bias && grad_bias->numel() > 0) grad_bias_impl<T>(gy.data(), G, grad_bias->ptr<T>());
   });
 }

@@ -107,6 +107,20 @@ inline void inside_range(int64_t first, int64_t stride, int64_t n, int64_t size,
   *hi = std::max(std::min(h, n), *lo);
 }
 
+// sum of p[0:n] in double, in 8 partial sums (a single running sum is one
+// long chain of dependent additions; these vectorise), then added in order.
+template <typename T>
+inline double sum_to_double(const T* p, int64_t n) {
+  double part[8] = {};
+  const int64_t main = n / 8 * 8;
+  for (int64_t q = 0; q < main; q += 8)
+    for (int l = 0; l < 8; ++l) part[l] += static_cast<double>(p[q + l]);
+  double sum = 0;
+  for (int l = 0; l < 8; ++l) sum += part[l];
+  for (int64_t q = main; q < n; ++q) sum += static_cast<double>(p[q]);
+  return sum;
+}
+
 // Threads for a parallel loop of `tasks` independent pieces of work: the
 // core's thread count, shared among the calls in flight (calls from several
 // caller threads split the cores instead of oversubscribing them).
