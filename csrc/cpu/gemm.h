@@ -61,6 +61,15 @@ void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, co
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
                    double* tile, int mr, bool accumulate = false);
 
+// dst[j * ld + q] = tile[q * NR + j] (+ bias[j] unless null) for q < rows,
+// j < cols: gather_kernel's tiles (positions x channels) written out as
+// channel rows (NCHW), in 8 x 8 blocks transposed in registers where the ISA
+// has 8-lane float vectors.
+void store_transposed(const float* tile, int64_t rows, int64_t cols, const float* bias,
+                      float* dst, int64_t ld);
+void store_transposed(const double* tile, int64_t rows, int64_t cols, const double* bias,
+                      double* dst, int64_t ld);
+
 // Name of the instruction set the microkernel was dispatched to.
 const char* isa_name();
 
