@@ -475,3 +475,32 @@ def test_depthwise_paths(dtype, channels, mult, hw, kernel, kw):
     for other in runs[1:]:
         for a, b_ in zip(runs[0], other):
             np.testing.assert_array_equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,weight,kw", [
+    ((2, 40, 9, 30), (20, 40, 3, 3), dict(padding=3)),                   # whole tiles in padding
+    ((2, 40, 6, 5), (20, 40, 3, 3), dict(padding=(3, 1))),               # tiles across rows
+    ((1, 12, 11, 26), (33, 12, 5, 5), dict(padding=(4, 2), dilation=(2, 1))),
+    ((2, 7, 15, 28), (9, 7, 5, 3), dict(stride=(2, 1), padding=(5, 1))),
+    ((1, 2, 4, 40), (5, 2, 3, 3), dict(padding=(6, 1))),                 # every tile in padding at top
+])
+def test_direct_skips_padding_rows(dtype, shape, weight, kw):
+    """The direct forward orders the taps of each slice (a block of up to
+    256 / (KH * KW) channels) by kernel row, and skips the rows that read
+    only the zero padding for every position of a tile (a tile wholly in the
+    padding is zero, then the bias). Forward, and grad_input (a stride-1
+    layer's runs the forward with the flipped filters), against the
+    reference."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal(weight).astype(dtype)
+    b = rng.standard_normal(weight[0]).astype(dtype)
+    expect = ref.conv2d_ref(x, w, b, **kw)
+    assert_close(convcore.conv2d(x, w, b, algorithm="direct", **kw), expect, dtype,
+                 what="direct forward")
+    gy = rng.standard_normal(expect.shape).astype(dtype)
+    egx, egw, egb = ref.conv2d_backward_ref(gy, x, w, **kw)
+    gx, gw, gb = convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)
+    assert_close(gx, egx, dtype, what="direct grad_input")
+    assert_close(gw, egw, dtype, what="direct grad_weight")
