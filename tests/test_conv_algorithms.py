@@ -440,12 +440,13 @@ def test_direct_grad_input_of_strided_layers(shape, weight, kw, dtype):
     (16, 2, (9, 23), (5, 5), dict(padding=(2, 1), dilation=(1, 2))),  # 25 taps: 9+9+3+3+1
     (16, 1, (7, 6), (2, 2), dict(padding=(1, 0))),                    # 4 taps, asymmetric
     (3, 1, (11, 10), (1, 1), dict()),                                 # 1 tap, no padding
-    (16, 1, (70, 61), (3, 3), dict(padding=1)),                       # too big for flat
-    (3, 1, (70, 61), (3, 3), dict(padding=1)),
+    (16, 1, (70, 61), (3, 3), dict(padding=1)),                       # flat, 18 KB planes
+    (16, 1, (130, 127), (3, 3), dict(padding=1)),                     # too big for flat
+    (3, 1, (130, 127), (3, 3), dict(padding=1)),
     (16, 1, (15, 13), (3, 3), dict(stride=2, padding=1)),             # strided: row kernels
 ])
 def test_depthwise_paths(dtype, channels, mult, hw, kernel, kw):
-    """The depthwise kernels: flat (stride 1, planes up to 4096 padded
+    """The depthwise kernels: flat (stride 1, planes up to 16384 padded
     elements; blocks of vectors that run past the plane's end into slack)
     and by rows (larger or strided planes); backward one task per channel
     over all images (grad_input, grad_weight and grad_bias together) when
