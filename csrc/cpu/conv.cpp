@@ -849,41 +849,13 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
   // Taps in slices of up to kDirectTaps: blocks of cb channels, each
   // ordered (kernel row i, channel c, column j), so that inside a slice
   // each kernel row is one run of taps and a tile whose positions all read
-  // zero padding rows for some i skips that run (row_range below). perm[k]
-  // is where the weights' tap k = (c, i, j) goes. A/B against the same
-  // slices without skipping (2-core Zen 3, min of 8): AlexNet conv2
-  // forward 1.04-1.05x (5x5, pad 2 on 27x27: 4% of its taps are skipped),
-  // backward 1.02x, conv4 at batch 1 1.04-1.05x, ResNet 3x3/2 1.04x,
-  // ResNet conv1 0.97-0.98x (3 channels: the reordering costs more than
-  // the few skipped taps save).
+  // zero padding rows for some i skips that run (row_range). A/B against
+  // the same slices in (c, i, j) order without skipping (2-core Zen 3, min
+  // of 8, three runs): AlexNet conv2 forward 1.02-1.14x (5x5 / pad 2 on
+  // 27x27: 4.4% of its taps skipped), backward 1.00-1.03x (its grad_input
+  // is this forward), conv4 at batch 1 1.04-1.18x, VGG conv5_2 at batch 1
+  // 1.0-1.12x; ResNet conv1 0.97-1.01x.
   const int64_t khw = G.KH * G.KW, cb = std::max<int64_t>(1, kDirectTaps / khw);
-  std::vector<int64_t> koff(static_cast<size_t>(K)), perm(static_cast<size_t>(K));
-  for (int64_t c = 0; c < G.Cg; ++c)
-    for (int64_t i = 0; i < G.KH; ++i)
-      for (int64_t j = 0; j < G.KW; ++j) {
-        const int64_t c0 = c / cb * cb, nc = std::min(cb, G.Cg - c0);
-        const int64_t k = c0 * khw + (i * nc + c - c0) * G.KW + j;
-        perm[static_cast<size_t>((c * G.KH + i) * G.KW + j)] = k;
-        koff[static_cast<size_t>(k)] = c * plane + i * dh * Wp + j * dw;
-      }
-  // Weights: per group, `panels` panels of K x NR, B(perm[k], j) = weight[o0 + j, k],
-  // 64 taps at a time (the rows they fill stay in L1 while each output
-  // channel's weights are read along k).
-  detail::Workspace<T> w_ws(1, G.G * panels * K * NR);
-  T* wpacked = w_ws.get();
-#pragma omp parallel for num_threads(detail::threads_for(G.G * panels, G.Cout * K)) schedule(static)
-  for (int64_t u = 0; u < G.G * panels; ++u) {
-    const int64_t g = u / panels, o0 = (u % panels) * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
-    const T* w = weight + (g * G.Coutg + o0) * K;
-    T* panel = wpacked + u * K * NR;
-    for (int64_t kb = 0; kb < K; kb += 64) {
-      const int64_t ke = std::min(K, kb + 64);
-      for (int64_t j = 0; j < no; ++j)
-        for (int64_t k = kb; k < ke; ++k) panel[perm[static_cast<size_t>(k)] * NR + j] = w[j * K + k];
-      for (int64_t k = kb; k < ke; ++k)
-        std::fill(panel + perm[static_cast<size_t>(k)] * NR + no, panel + (perm[static_cast<size_t>(k)] + 1) * NR, T(0));
-    }
-  }
   // The kernel rows [*lo, *hi) that positions [q0, q1) read inside the
   // image: some position's frame row oh * sh + i * dh in [pad_top, pad_top + H).
   auto row_range = [&](int64_t q0, int64_t q1, int64_t* lo, int64_t* hi) {
@@ -892,7 +864,45 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
     *lo = std::min(G.KH, top <= 0 ? 0 : (top + dh - 1) / dh);
     *hi = std::max(*lo, bottom < 0 ? 0 : std::min(G.KH, bottom / dh + 1));
   };
-
+  // Where tap (c, i, j) of the slice of nc channels from c0 goes.
+  auto tap_index = [&](int64_t c0, int64_t nc, int64_t c, int64_t i, int64_t j) {
+    return c0 * khw + (i * nc + c - c0) * G.KW + j;
+  };
+  std::vector<int64_t> koff(static_cast<size_t>(K));
+  for (int64_t c = 0; c < G.Cg; ++c)
+    for (int64_t i = 0; i < G.KH; ++i)
+      for (int64_t j = 0; j < G.KW; ++j) {
+        const int64_t c0 = c / cb * cb, nc = std::min(cb, G.Cg - c0);
+        koff[static_cast<size_t>(tap_index(c0, nc, c, i, j))] = c * plane + i * dh * Wp + j * dw;
+      }
+  // Weights: per group, `panels` panels of K x NR in the slices' tap order,
+  // B(slice tap, j) = weight[o0 + j, tap], one slice at a time (the
+  // slice's rows stay in L1 while each output channel's weights are read
+  // along the taps).
+  detail::Workspace<T> w_ws(1, G.G * panels * K * NR);
+  T* wpacked = w_ws.get();
+#pragma omp parallel for num_threads(detail::threads_for(G.G * panels, G.Cout * K)) schedule(static)
+  for (int64_t u = 0; u < G.G * panels; ++u) {
+    const int64_t g = u / panels, o0 = (u % panels) * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
+    T* panel = wpacked + u * K * NR;
+    for (int64_t c0 = 0; c0 < G.Cg; c0 += cb) {
+      const int64_t nc = std::min(cb, G.Cg - c0);
+      T* slice = panel + c0 * khw * NR;
+      for (int64_t j = 0; j < NR; ++j) {
+        if (j >= no) {  // the panel's columns past the last output channel
+          for (int64_t k = 0; k < nc * khw; ++k) slice[k * NR + j] = T(0);
+          continue;
+        }
+        const T* w = weight + (g * G.Coutg + o0 + j) * K + c0 * khw;  // taps (c, i, kw)
+        for (int64_t c = 0; c < nc; ++c)
+          for (int64_t i = 0; i < G.KH; ++i) {
+            T* dst = panel + tap_index(c0, nc, c0 + c, i, 0) * NR + j;
+            const T* src = w + (c * G.KH + i) * G.KW;
+            for (int64_t kw = 0; kw < G.KW; ++kw) dst[kw * NR] = src[kw];
+          }
+      }
+    }
+  }
   constexpr int64_t kChunkBytes = int64_t(8) << 20;
   const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (image * int64_t(sizeof(T))), 1, G.N);
   detail::Workspace<T> x_ws(1, chunk * image);
