@@ -24,7 +24,8 @@ def _example():
 
 def _read_png(path):
     """Decodes the example's own PNGs (8-bit, filter 0 rows, one IDAT)."""
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:  # closed at once (a ResourceWarning otherwise)
+        data = f.read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}
     while pos < len(data):
