@@ -321,6 +321,18 @@ def test_empty_batch_has_zero_grad_weight(algorithm):
     np.testing.assert_array_equal(gb, np.zeros(16, np.float32))
 
 
+def _check_direct(rng, x, w, b, dtype, **kw):
+    """algorithm='direct' forward, grad_input and grad_weight against the reference."""
+    expect = ref.conv2d_ref(x, w, b, **kw)
+    assert_close(convcore.conv2d(x, w, b, algorithm="direct", **kw), expect, dtype,
+                 what="direct forward")
+    gy = rng.standard_normal(expect.shape).astype(dtype)
+    egx, egw, _ = ref.conv2d_backward_ref(gy, x, w, **kw)
+    gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)
+    assert_close(gx, egx, dtype, what="direct grad_input")
+    assert_close(gw, egw, dtype, what="direct grad_weight")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cin,kw", [(30, dict(padding=1)),                     # K = 270
                                     (29, dict(stride=2, dilation=(2, 1))),     # K = 261
@@ -335,14 +347,7 @@ def test_direct_kernel_over_chunks_of_taps(dtype, cin, kw):
     x = rng.standard_normal((2, cin, 9, 11)).astype(dtype)
     w = (rng.standard_normal((40, cin, 3, 3)) / np.sqrt(9 * cin)).astype(dtype)
     b = rng.standard_normal(40).astype(dtype)
-    expect = ref.conv2d_ref(x, w, b, **kw)
-    assert_close(convcore.conv2d(x, w, b, algorithm="direct", **kw), expect, dtype,
-                 what="direct forward")
-    gy = rng.standard_normal(expect.shape).astype(dtype)
-    egx, egw, _ = ref.conv2d_backward_ref(gy, x, w, **kw)
-    gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)
-    assert_close(gx, egx, dtype, what="direct grad_input")
-    assert_close(gw, egw, dtype, what="direct grad_weight")
+    _check_direct(rng, x, w, b, dtype, **kw)
 
 
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=(2, 0), dilation=(1, 2), groups=2)])
@@ -497,11 +502,4 @@ def test_direct_skips_padding_rows(dtype, shape, weight, kw):
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal(weight).astype(dtype)
     b = rng.standard_normal(weight[0]).astype(dtype)
-    expect = ref.conv2d_ref(x, w, b, **kw)
-    assert_close(convcore.conv2d(x, w, b, algorithm="direct", **kw), expect, dtype,
-                 what="direct forward")
-    gy = rng.standard_normal(expect.shape).astype(dtype)
-    egx, egw, egb = ref.conv2d_backward_ref(gy, x, w, **kw)
-    gx, gw, gb = convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)
-    assert_close(gx, egx, dtype, what="direct grad_input")
-    assert_close(gw, egw, dtype, what="direct grad_weight")
+    _check_direct(rng, x, w, b, dtype, **kw)
