@@ -376,8 +376,9 @@ void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
       for (int64_t m = 0; m < G.Coutg; ++m) {
         const int64_t o = g * G.Coutg + m;
         const T* gyp = gy + (n * G.Cout + o) * G.P;
-        work.add_output_grad(gyp, weight + o * taps, gw_ ? acc + m * taps : nullptr,
-                             gx_ != nullptr, m == 0);
+        if (gw_ || gx_)
+          work.add_output_grad(gyp, weight + o * taps, gw_ ? acc + m * taps : nullptr,
+                               gx_ != nullptr, m == 0);
         if (gb_) bias_acc[m] += detail::sum_to_double(gyp, G.P);
       }
       if (gx_) work.store_grad_input(gx_ + (n * G.C + g) * G.H * G.W);
@@ -1660,26 +1661,28 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
     if (copy_input) xc.emplace(input);
     const TensorView& x = copy_input ? xc->view() : input;
     const ConvGeometry Gx = copy_input ? with_input(G, x) : G;
+    // The gradients asked for and not empty (null: skipped).
     auto wanted = [](const TensorView* t) { return t && t->numel() > 0 ? t->ptr<T>() : nullptr; };
+    T* gx = wanted(grad_input);
+    T* gw = wanted(grad_weight);
+    T* gb = wanted(grad_bias);
     if (G.p.algorithm == ConvAlgorithm::Depthwise) {
       const detail::Contiguous<T> w(weight);
-      return backward_depthwise<T>(gy.data(), x, w.data(), Gx, wanted(grad_input),
-                                   wanted(grad_weight), wanted(grad_bias));
+      return backward_depthwise<T>(gy.data(), x, w.data(), Gx, gx, gw, gb);
     }
-    if (grad_input && grad_input->numel() > 0) {
+    if (gx) {
       const detail::Contiguous<T> w(weight);
       const bool pads_fit = std::max({G.p.pad_top, G.p.pad_bottom, G.p.pad_left,
                                        G.p.pad_right}) <= 2;
       if (G.p.algorithm == ConvAlgorithm::Winograd && pads_fit)
-        grad_input_winograd<2, T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+        grad_input_winograd<2, T>(gy.data(), w.data(), Gx, gx);
       else if (G.p.algorithm == ConvAlgorithm::Winograd4x4 && pads_fit)
-        grad_input_winograd<4, T>(gy.data(), w.data(), Gx, grad_input->ptr<T>());
+        grad_input_winograd<4, T>(gy.data(), w.data(), Gx, gx);
       else
-        grad_input_impl<T>(gy.data(), w, Gx, grad_input->ptr<T>());
+        grad_input_impl<T>(gy.data(), w, Gx, gx);
     }
-    if (grad_weight && grad_weight->numel() > 0)
-      grad_weight_impl<T>(gy.data(), x, Gx, grad_weight->ptr<T>());
-    if (grad_bias && grad_bias->numel() > 0) grad_bias_impl<T>(gy.data(), G, grad_bias->ptr<T>());
+    if (gw) grad_weight_impl<T>(gy.data(), x, Gx, gw);
+    if (gb) grad_bias_impl<T>(gy.data(), G, gb);
   });
 }
 

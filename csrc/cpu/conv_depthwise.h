@@ -311,12 +311,6 @@ CONVCORE_CLONES inline void grad_input_padded(const Plane& p, const double* gy, 
   grad_input_padded_body(p, gy, w, gbuf);
 }
 
-}  // namespace depthwise
-}  // namespace convcore
-
-namespace convcore {
-namespace depthwise {
-
 // What the plane-by-plane drivers share (read-only): the plane's geometry,
 // whether it takes the flat kernels, and those kernels' tap offsets.
 template <typename T>

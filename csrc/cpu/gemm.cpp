@@ -312,10 +312,10 @@ inline __attribute__((always_inline)) void store_transposed_f32x8(const float* t
   const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
   for (int64_t j0 = 0; j0 < cols8; j0 += 8) {
     f32x8 bv = f32x8{};
-    if (bias) __builtin_memcpy(&bv, bias + j0, sizeof bv);
+    if (bias) simd::load_vec(bv, bias + j0);
     for (int64_t q0 = 0; q0 < rows8; q0 += 8) {
       f32x8 r[8];
-      for (int i = 0; i < 8; ++i) __builtin_memcpy(&r[i], tile + (q0 + i) * NR + j0, sizeof(f32x8));
+      for (int i = 0; i < 8; ++i) simd::load_vec(r[i], tile + (q0 + i) * NR + j0);
       f32x8 t[8], u[8], c[8];
       for (int i = 0; i < 8; i += 2) {
         t[i] = CONVCORE_SHUFFLE8(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
@@ -332,8 +332,7 @@ inline __attribute__((always_inline)) void store_transposed_f32x8(const float* t
         c[m + 4] = CONVCORE_SHUFFLE8(u[m], u[m + 4], 4, 5, 6, 7, 12, 13, 14, 15);
       }
       for (int j = 0; j < 8; ++j) {
-        const f32x8 out = c[j] + bv[j];
-        __builtin_memcpy(dst + (j0 + j) * ld + q0, &out, sizeof out);
+        simd::store_vec(dst + (j0 + j) * ld + q0, c[j] + bv[j]);
       }
     }
     store_transposed_scalar(tile, rows8, rows, j0, j0 + 8, bias, dst, ld);

@@ -19,13 +19,20 @@ typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x8 __attribute__((vector_size(64)));
 #endif
 
-// (by reference: a vector passed by value outside a target function changes the ABI)
+#if defined(__GNUC__) || defined(__clang__)
+#define CONVCORE_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define CONVCORE_ALWAYS_INLINE inline
+#endif
+// (by reference: a vector passed by value outside a target function changes
+// the ABI; always inlined, so that a kernel compiled for AVX2 never calls a
+// baseline copy)
 template <typename V>
-inline void load_vec(V& v, const void* p) {
+CONVCORE_ALWAYS_INLINE void load_vec(V& v, const void* p) {
   std::memcpy(&v, p, sizeof(V));
 }
 template <typename V>
-inline void store_vec(void* p, const V& v) {
+CONVCORE_ALWAYS_INLINE void store_vec(void* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
