@@ -852,10 +852,12 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
   // each kernel row is one run of taps and a tile whose positions all read
   // zero padding rows for some i skips that run (row_range). A/B against
   // the same slices in (c, i, j) order without skipping (2-core Zen 3, min
-  // of 8, three runs): AlexNet conv2 forward 1.02-1.14x (5x5 / pad 2 on
-  // 27x27: 4.4% of its taps skipped), backward 1.00-1.03x (its grad_input
-  // is this forward), conv4 at batch 1 1.04-1.18x, VGG conv5_2 at batch 1
-  // 1.0-1.12x; ResNet conv1 0.97-1.01x.
+  // of 8, two runs): AlexNet conv2 forward 1.04-1.05x (5x5 / pad 2 on
+  // 27x27: 4.4% of its taps skipped), backward 1.02x (its grad_input is
+  // this forward), conv4 at batch 1 1.04-1.05x, ResNet conv1 0.97-0.98x. A
+  // third, noisier run gave conv4 and VGG conv5_2 at batch 1 1.18-1.20x
+  // and 1.13-1.14x, ResNet conv1 1.01x (and conv2 forward 0.98x and 1.16x
+  // for two settings that ran the same code).
   const int64_t khw = G.KH * G.KW, cb = std::max<int64_t>(1, kDirectTaps / khw);
   // The kernel rows [*lo, *hi) that positions [q0, q1) read inside the
   // image: some position's frame row oh * sh + i * dh in [pad_top, pad_top + H).
