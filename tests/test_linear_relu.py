@@ -207,3 +207,23 @@ def test_linear_large_batch_gemm_slabs(dtype):
     for other in runs[1:]:
         for got, first in zip(other, runs[0]):
             np.testing.assert_array_equal(got, first)
+
+
+@pytest.mark.parametrize("m,k,n", [(50, 601, 70), (61, 3, 33), (48, 130, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sliced", [False, True])
+def test_linear_gemm_transposing_packs(m, k, n, dtype, sliced):
+    """The GEMM packs x (rows contiguous) and weight (read as its transpose)
+    by transposing copies: 4 x 4 register blocks (float32), scalar edges of
+    rows and columns, 64 columns at a time. Ragged panels (50 and 61 rows:
+    last A panels of 2 and 1 rows; 70, 33 and 5 columns: last B panels of 6,
+    1 and 5), K tails of 89 and of 3 (no whole block), and, sliced, operands
+    that are column slices of wider arrays (row stride != K)."""
+    rng = np.random.default_rng(m + k + n)
+    x = randn(rng, (m, k + 5), dtype)
+    w = randn(rng, (n, k + 3), dtype)
+    x, w = (x[:, 2:2 + k], w[:, 1:1 + k]) if sliced else (x[:, :k].copy(), w[:, :k].copy())
+    check_output(convcore.linear(x, w), ref.linear_ref(x, w), dtype, "linear")
+    gy = randn(rng, (m, n), dtype)
+    egx, _, _ = ref.linear_backward_ref(gy, x, w)
+    check_output(convcore.linear_backward(gy, x, w)[0], egx, dtype, "grad_input")
