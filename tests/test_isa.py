@@ -1,6 +1,7 @@
-"""Every GEMM microkernel path (AVX-512, AVX2+FMA, portable), and the depthwise
-flat kernels picked with it, against the reference, each in a subprocess with
-CONVCORE_ISA capping the dispatch (the choice is made once per process)."""
+"""Every GEMM microkernel path (AVX-512, AVX2+FMA, portable), and the kernels
+dispatched with it (depthwise flat and row kernels, Winograd's transforms),
+against the reference, each in a subprocess with CONVCORE_ISA capping the
+dispatch (the choice is made once per process)."""
 import json
 import os
 import subprocess
@@ -32,12 +33,26 @@ for dtype in ("float32", "float64"):
     dgy = rng.standard_normal(dy.shape).astype(dtype)
     dgx, dgw, dgb = convcore.conv2d_backward(dgy, x[:, :4], dw, padding=(2, 1), dilation=(1, 2),
                                              groups=4)
+    # depthwise, stride 2: the row kernels
+    sy = convcore.conv2d(x[:, :4], dw[::2], b[:4], stride=2, padding=2, groups=4)
+    sgy = rng.standard_normal(sy.shape).astype(dtype)
+    sgx, sgw, _ = convcore.conv2d_backward(sgy, x[:, :4], dw[::2], stride=2, padding=2,
+                                           groups=4)
+    # Winograd F(2x2, 3x3) and F(4x4, 3x3): the tile transforms
+    ww = rng.standard_normal((5, 6, 3, 3)).astype(dtype)
+    wino = {}
+    for algo in ("winograd", "winograd4"):
+        wy = convcore.conv2d(x, ww, b[:5], padding=1, algorithm=algo)
+        wgy = rng.standard_normal(wy.shape).astype(dtype)
+        wgx, wgw, _ = convcore.conv2d_backward(wgy, x, ww, padding=1, algorithm=algo)
+        wino.update({algo + "_y": wy, algo + "_gy": wgy, algo + "_gx": wgx, algo + "_gw": wgw})
     a = rng.standard_normal((37, 300)).astype(dtype)
     lw = rng.standard_normal((45, 300)).astype(dtype)
     ly = convcore.linear(a, lw)
     out[dtype] = {k: v.tolist() for k, v in dict(x=x, w=w, b=b, y=y, gy=gy, gx=gx, gw=gw,
                                                  dw=dw, dy=dy, dgy=dgy, dgx=dgx, dgw=dgw,
-                                                 dgb=dgb, a=a, lw=lw, ly=ly).items()}
+                                                 dgb=dgb, a=a, lw=lw, ly=ly, sy=sy, sgy=sgy,
+                                                 sgx=sgx, sgw=sgw, ww=ww, **wino).items()}
 json.dump(out, sys.stdout)
 """
 
@@ -76,10 +91,21 @@ def test_gemm_paths_match_reference(isa):
         dx = d["x"][:, :4]
         expect_dy = ref.conv2d_ref(dx, d["dw"], d["b"][:8], **dkw)
         expect_dgx, expect_dgw, expect_dgb = ref.conv2d_backward_ref(d["dgy"], dx, d["dw"], **dkw)
-        for name, got, expect in (("y", d["y"], expect_y), ("gx", d["gx"], expect_gx),
-                                  ("gw", d["gw"], expect_gw), ("ly", d["ly"], expect_ly),
-                                  ("dy", d["dy"], expect_dy), ("dgx", d["dgx"], expect_dgx),
-                                  ("dgw", d["dgw"], expect_dgw), ("dgb", d["dgb"], expect_dgb)):
+        skw = dict(stride=2, padding=2, groups=4)
+        expect_sy = ref.conv2d_ref(dx, d["dw"][::2], d["b"][:4], **skw)
+        expect_sgx, expect_sgw, _ = ref.conv2d_backward_ref(d["sgy"], dx, d["dw"][::2], **skw)
+        checks = [("y", d["y"], expect_y), ("gx", d["gx"], expect_gx),
+                  ("gw", d["gw"], expect_gw), ("ly", d["ly"], expect_ly),
+                  ("dy", d["dy"], expect_dy), ("dgx", d["dgx"], expect_dgx),
+                  ("dgw", d["dgw"], expect_dgw), ("dgb", d["dgb"], expect_dgb),
+                  ("sy", d["sy"], expect_sy), ("sgx", d["sgx"], expect_sgx),
+                  ("sgw", d["sgw"], expect_sgw)]
+        for algo in ("winograd", "winograd4"):
+            wgx, wgw, _ = ref.conv2d_backward_ref(d[algo + "_gy"], d["x"], d["ww"], padding=1)
+            checks += [(algo + "_y", d[algo + "_y"],
+                        ref.conv2d_ref(d["x"], d["ww"], d["b"][:5], padding=1)),
+                       (algo + "_gx", d[algo + "_gx"], wgx), (algo + "_gw", d[algo + "_gw"], wgw)]
+        for name, got, expect in checks:
             scale = np.abs(expect).max()
             np.testing.assert_allclose(got, expect, rtol=0, atol=rtol * scale * 10,
                                        err_msg=f"{isa} {dtype} {name}")

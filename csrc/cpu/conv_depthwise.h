@@ -277,39 +277,27 @@ inline __attribute__((always_inline)) void grad_input_padded_body(const Plane& p
   }
 }
 
-// The plane kernels compiled for AVX-512, AVX2 and the baseline, picked by
-// the CPU at load time (the build itself targets baseline x86-64): their
-// short rows gain most from wider vectors.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
-#define CONVCORE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CONVCORE_CLONES
-#endif
-
-CONVCORE_CLONES inline void forward_padded(const Plane& p, const float* buf, const float* w,
-                                           float bias, float* out) {
-  forward_padded_body(p, buf, w, bias, out);
-}
-CONVCORE_CLONES inline void forward_padded(const Plane& p, const double* buf, const double* w,
-                                           double bias, double* out) {
-  forward_padded_body(p, buf, w, bias, out);
-}
-CONVCORE_CLONES inline void grad_weight_padded(const Plane& p, const float* gy, const float* buf,
-                                               double* gw) {
-  grad_weight_padded_body(p, gy, buf, gw);
-}
-CONVCORE_CLONES inline void grad_weight_padded(const Plane& p, const double* gy,
-                                               const double* buf, double* gw) {
-  grad_weight_padded_body(p, gy, buf, gw);
-}
-CONVCORE_CLONES inline void grad_input_padded(const Plane& p, const float* gy, const float* w,
-                                              float* gbuf) {
-  grad_input_padded_body(p, gy, w, gbuf);
-}
-CONVCORE_CLONES inline void grad_input_padded(const Plane& p, const double* gy, const double* w,
-                                              double* gbuf) {
-  grad_input_padded_body(p, gy, w, gbuf);
-}
+// The row kernels for every instruction set level: their short rows gain
+// most from wider vectors.
+CONVCORE_ISA_DISPATCH(forward_padded, forward_padded_body,
+                      (const Plane& p, const float* buf, const float* w, float bias, float* out),
+                      (p, buf, w, bias, out))
+CONVCORE_ISA_DISPATCH(forward_padded, forward_padded_body,
+                      (const Plane& p, const double* buf, const double* w, double bias,
+                       double* out),
+                      (p, buf, w, bias, out))
+CONVCORE_ISA_DISPATCH(grad_weight_padded, grad_weight_padded_body,
+                      (const Plane& p, const float* gy, const float* buf, double* gw),
+                      (p, gy, buf, gw))
+CONVCORE_ISA_DISPATCH(grad_weight_padded, grad_weight_padded_body,
+                      (const Plane& p, const double* gy, const double* buf, double* gw),
+                      (p, gy, buf, gw))
+CONVCORE_ISA_DISPATCH(grad_input_padded, grad_input_padded_body,
+                      (const Plane& p, const float* gy, const float* w, float* gbuf),
+                      (p, gy, w, gbuf))
+CONVCORE_ISA_DISPATCH(grad_input_padded, grad_input_padded_body,
+                      (const Plane& p, const double* gy, const double* w, double* gbuf),
+                      (p, gy, w, gbuf))
 
 // What the plane-by-plane drivers share (read-only): the plane's geometry,
 // whether it takes the flat kernels, and those kernels' tap offsets.

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "gemm.h"
+
 namespace convcore {
 namespace winograd {
 
@@ -295,35 +297,23 @@ CONVCORE_WINO_INLINE void filter_row_body(const T* __restrict w, int64_t ws, int
   }
 }
 
-// Run-time dispatch: target_clones on plain (non-template) functions, so the
-// vector code is built for AVX-512, AVX2 and the baseline and picked by CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
-#define CONVCORE_WINO_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CONVCORE_WINO_CLONES
-#endif
-
+// Run-time dispatch: the row transforms built for AVX-512, AVX2 and the
+// baseline, picked by the GEMM's level (CONVCORE_ISA caps it).
 #define CONVCORE_WINO_ROWS(M, T)                                                              \
-  CONVCORE_WINO_CLONES inline void input_tiles_##M(const T* in, int64_t ss, int64_t nt,     \
-                                                   T* v, int64_t vstride) {                   \
-    input_tiles_body<M>(in, ss, nt, v, vstride);                                              \
-  }                                                                                           \
-  CONVCORE_WINO_CLONES inline void output_tiles_##M(const T* m, int64_t mstride, int64_t nt, \
-                                                    T bias, T* out, int64_t os) {             \
-    output_tiles_body<M>(m, mstride, nt, bias, out, os);                                      \
-  }                                                                                           \
-  CONVCORE_WINO_CLONES inline void filter_row_##M(const T* w, int64_t ws, int64_t n, T* u,  \
-                                                  int64_t us) {                               \
-    filter_row_body<M>(w, ws, n, u, us);                                                      \
-  }                                                                                           \
-  CONVCORE_WINO_CLONES inline void grad_output_tiles_##M(const T* dy, int64_t ss, int64_t nt, \
-                                                         T* dm, int64_t mstride) {            \
-    grad_output_tiles_body<M>(dy, ss, nt, dm, mstride);                                       \
-  }                                                                                           \
-  CONVCORE_WINO_CLONES inline void grad_filter_row_##M(const T* du, int64_t dus, int64_t n,   \
-                                                       T* g) {                                \
-    grad_filter_row_body<M>(du, dus, n, g);                                                   \
-  }
+  CONVCORE_ISA_DISPATCH(input_tiles_##M, input_tiles_body<M>,                                 \
+                        (const T* in, int64_t ss, int64_t nt, T* v, int64_t vstride),         \
+                        (in, ss, nt, v, vstride))                                             \
+  CONVCORE_ISA_DISPATCH(output_tiles_##M, output_tiles_body<M>,                               \
+                        (const T* m, int64_t mstride, int64_t nt, T bias, T* out, int64_t os), \
+                        (m, mstride, nt, bias, out, os))                                      \
+  CONVCORE_ISA_DISPATCH(filter_row_##M, filter_row_body<M>,                                   \
+                        (const T* w, int64_t ws, int64_t n, T* u, int64_t us),                \
+                        (w, ws, n, u, us))                                                    \
+  CONVCORE_ISA_DISPATCH(grad_output_tiles_##M, grad_output_tiles_body<M>,                     \
+                        (const T* dy, int64_t ss, int64_t nt, T* dm, int64_t mstride),        \
+                        (dy, ss, nt, dm, mstride))                                            \
+  CONVCORE_ISA_DISPATCH(grad_filter_row_##M, grad_filter_row_body<M>,                         \
+                        (const T* du, int64_t dus, int64_t n, T* g), (du, dus, n, g))
 CONVCORE_WINO_ROWS(2, float)
 CONVCORE_WINO_ROWS(2, double)
 CONVCORE_WINO_ROWS(4, float)

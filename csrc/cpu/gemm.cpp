@@ -355,6 +355,7 @@ struct Dispatch {
   StoreF sf = store_transposed_generic_f;
   StoreD sd = store_transposed_generic_d;
   const char* name = "generic";
+  int level = 0;
   Dispatch() {
 #ifdef CONVCORE_X86_DISPATCH
     // CONVCORE_ISA=generic|avx2|avx512 caps the level, so every path can be
@@ -372,6 +373,7 @@ struct Dispatch {
       gd = gather_avx512_d;
       sf = store_transposed_avx2_f;  // 8 lanes suffice: the stores bound it
       name = "avx512";
+      level = 2;
     } else if (max_level >= 1 && __builtin_cpu_supports("avx2") &&
                __builtin_cpu_supports("fma")) {
       f = kernel_avx2_f;
@@ -380,6 +382,7 @@ struct Dispatch {
       gd = gather_avx2_d;
       sf = store_transposed_avx2_f;
       name = "avx2";
+      level = 1;
     }
 #endif
   }
@@ -420,6 +423,7 @@ void store_transposed(const double* tile, int64_t rows, int64_t cols, const doub
 }
 
 const char* isa_name() { return dispatch().name; }
+int isa_level() { return dispatch().level; }
 
 }  // namespace gemm
 

@@ -73,8 +73,32 @@ void store_transposed(const float* tile, int64_t rows, int64_t cols, const float
 void store_transposed(const double* tile, int64_t rows, int64_t cols, const double* bias,
                       double* dst, int64_t ld);
 
-// Name of the instruction set the microkernel was dispatched to.
+// Name of the instruction set the microkernel was dispatched to, and its
+// level: 0 the portable code, 1 AVX2 + FMA, 2 AVX-512. CONVCORE_ISA caps it.
 const char* isa_name();
+int isa_level();
+
+// Defines `void NAME PARAMS` as a call of BODY ARGS (an always-inline
+// template) compiled for AVX-512, AVX2 and the baseline, picked by
+// isa_level(), so that CONVCORE_ISA caps these kernels as it caps the GEMM
+// and the tests reach every level on one machine (target_clones picked by
+// the CPU alone).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CONVCORE_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS)                            \
+  __attribute__((target("avx512f,fma"))) inline void NAME##_avx512 PARAMS { BODY ARGS; } \
+  __attribute__((target("avx2,fma"))) inline void NAME##_avx2 PARAMS { BODY ARGS; }     \
+  inline void NAME##_generic PARAMS { BODY ARGS; }                                      \
+  inline void NAME PARAMS {                                                             \
+    switch (::convcore::gemm::isa_level()) {                                            \
+      case 2: NAME##_avx512 ARGS; return;                                               \
+      case 1: NAME##_avx2 ARGS; return;                                                 \
+      default: NAME##_generic ARGS; return;                                             \
+    }                                                                                   \
+  }
+#else
+#define CONVCORE_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS) \
+  inline void NAME PARAMS { BODY ARGS; }
+#endif
 
 // Size of the packed form of an M x K matrix A.
 template <typename T>
