@@ -227,3 +227,29 @@ def test_linear_gemm_transposing_packs(m, k, n, dtype, sliced):
     gy = randn(rng, (m, n), dtype)
     egx, _, _ = ref.linear_backward_ref(gy, x, w)
     check_output(convcore.linear_backward(gy, x, w)[0], egx, dtype, "grad_input")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_small_batch_same_bits_any_thread_count(dtype):
+    """The small-batch grad_input goes down the weight in slabs of rows,
+    adding each slab's partial sums into the result: the slab height sets
+    the order of every sum, so it must not follow the thread count (it did,
+    through the width of a thread's band of columns: 16 rows at 1 thread,
+    32 at 2). 4096 in_features and 100 out_features: several slabs."""
+    rng = np.random.default_rng(4096)
+    x = randn(rng, (16, 4096), dtype)
+    w = randn(rng, (100, 4096), dtype)
+    gy = randn(rng, (16, 100), dtype)
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            runs.append((convcore.linear(x, w),) + convcore.linear_backward(gy, x, w))
+    finally:
+        convcore.set_num_threads(before)
+    egx, egw, egb = ref.linear_backward_ref(gy, x, w)
+    check_output(runs[0][1], egx, dtype, "grad_input")
+    for other in runs[1:]:
+        for got, first in zip(other, runs[0]):
+            np.testing.assert_array_equal(got, first)

@@ -37,6 +37,7 @@ void check_linear(const TensorView& input, const TensorView& weight) {
 constexpr int64_t kSmallBatch = 32;
 constexpr int64_t kChunkK = 2048;  // forward: a chunk of the input rows stays in L2
 constexpr int64_t kSlabBytes = 128 << 10;  // grad_input: a task's slab of weight rows stays in L2
+constexpr int64_t kSlabBand = 1024;         // columns of the band the slab is sized for
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CONVCORE_SMALL_LINEAR 1
@@ -318,8 +319,11 @@ void small_axpy(const SmallKernelSet<T>& k, int64_t rows, int64_t R, int64_t K, 
   if (split_k) {
     const int64_t blocks = (K + k.column_block - 1) / k.column_block;
     group = std::max<int64_t>(1, (blocks + 2 * get_num_threads() - 1) / (2 * get_num_threads()));
-    chunk_r = std::max<int64_t>(
-        8, kSlabBytes / (group * k.column_block * static_cast<int64_t>(sizeof(T))));
+    // The slab's rows are where each element's sum is cut (partial sums are
+    // added into c slab by slab), so their number depends on the layer
+    // alone, never on the thread count as the band's width does: sized for
+    // a band of kSlabBand columns, fc7's at 2 threads.
+    chunk_r = std::max<int64_t>(8, kSlabBytes / (kSlabBand * static_cast<int64_t>(sizeof(T))));
   }
   const int64_t tasks = k.axpy_tasks(rows, K, group);
 #pragma omp parallel for num_threads(detail::threads_for(tasks, rows * R * K)) schedule(static)
