@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -183,12 +182,12 @@ template <typename T>
 FlatKernels<T> flat_kernels() {
   constexpr bool f = std::is_same_v<T, float>;
 #if defined(CONVCORE_FLAT_X86)
-  const std::string isa = gemm::isa_name();
-  if (isa == "avx512") {
+  const int level = gemm::isa_level();
+  if (level == 2) {
     if constexpr (f) return {correlate_avx512_f, tap_dots_avx512_f};
     else return {correlate_avx512_d, tap_dots_avx512_d};
   }
-  if (isa == "avx2") {
+  if (level == 1) {
     if constexpr (f) return {correlate_avx2_f, tap_dots_avx2_f};
     else return {correlate_avx2_d, tap_dots_avx2_d};
   }
@@ -279,25 +278,18 @@ inline __attribute__((always_inline)) void grad_input_padded_body(const Plane& p
 
 // The row kernels for every instruction set level: their short rows gain
 // most from wider vectors.
-CONVCORE_ISA_DISPATCH(forward_padded, forward_padded_body,
-                      (const Plane& p, const float* buf, const float* w, float bias, float* out),
-                      (p, buf, w, bias, out))
-CONVCORE_ISA_DISPATCH(forward_padded, forward_padded_body,
-                      (const Plane& p, const double* buf, const double* w, double bias,
-                       double* out),
-                      (p, buf, w, bias, out))
-CONVCORE_ISA_DISPATCH(grad_weight_padded, grad_weight_padded_body,
-                      (const Plane& p, const float* gy, const float* buf, double* gw),
-                      (p, gy, buf, gw))
-CONVCORE_ISA_DISPATCH(grad_weight_padded, grad_weight_padded_body,
-                      (const Plane& p, const double* gy, const double* buf, double* gw),
-                      (p, gy, buf, gw))
-CONVCORE_ISA_DISPATCH(grad_input_padded, grad_input_padded_body,
-                      (const Plane& p, const float* gy, const float* w, float* gbuf),
-                      (p, gy, w, gbuf))
-CONVCORE_ISA_DISPATCH(grad_input_padded, grad_input_padded_body,
-                      (const Plane& p, const double* gy, const double* w, double* gbuf),
-                      (p, gy, w, gbuf))
+#define CONVCORE_DW_ROWS(T)                                                                  \
+  CONVCORE_ISA_DISPATCH(forward_padded, forward_padded_body,                                 \
+                        (const Plane& p, const T* buf, const T* w, T bias, T* out),          \
+                        (p, buf, w, bias, out))                                              \
+  CONVCORE_ISA_DISPATCH(grad_weight_padded, grad_weight_padded_body,                         \
+                        (const Plane& p, const T* gy, const T* buf, double* gw),             \
+                        (p, gy, buf, gw))                                                    \
+  CONVCORE_ISA_DISPATCH(grad_input_padded, grad_input_padded_body,                           \
+                        (const Plane& p, const T* gy, const T* w, T* gbuf), (p, gy, w, gbuf))
+CONVCORE_DW_ROWS(float)
+CONVCORE_DW_ROWS(double)
+#undef CONVCORE_DW_ROWS
 
 // What the plane-by-plane drivers share (read-only): the plane's geometry,
 // whether it takes the flat kernels, and those kernels' tap offsets.

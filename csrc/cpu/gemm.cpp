@@ -295,12 +295,7 @@ using StoreF = void (*)(const float*, int64_t, int64_t, const float*, float*, in
 using StoreD = void (*)(const double*, int64_t, int64_t, const double*, double*, int64_t);
 
 #if defined(CONVCORE_X86_DISPATCH)
-typedef int i32x8 __attribute__((vector_size(32)));
-#if defined(__clang__)
-#define CONVCORE_SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define CONVCORE_SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (i32x8){__VA_ARGS__})
-#endif
+#define CONVCORE_SHUFFLE8(a, b, ...) CONVCORE_SHUFFLE(simd::i32x8, a, b, __VA_ARGS__)
 // 8 x 8 blocks: 8 rows of the tile (8 channels each) loaded, transposed in
 // three rounds of shuffles, stored as 8 positions of each channel. The
 // scalar loop, one strided load per element, took a fifth of ResNet conv1's
@@ -354,8 +349,7 @@ struct Dispatch {
   GatherD gd = gather_generic_d;
   StoreF sf = store_transposed_generic_f;
   StoreD sd = store_transposed_generic_d;
-  const char* name = "generic";
-  int level = 0;
+  int level = 0;  // 0 generic, 1 avx2, 2 avx512
   Dispatch() {
 #ifdef CONVCORE_X86_DISPATCH
     // CONVCORE_ISA=generic|avx2|avx512 caps the level, so every path can be
@@ -372,7 +366,6 @@ struct Dispatch {
       gf = gather_avx512_f;
       gd = gather_avx512_d;
       sf = store_transposed_avx2_f;  // 8 lanes suffice: the stores bound it
-      name = "avx512";
       level = 2;
     } else if (max_level >= 1 && __builtin_cpu_supports("avx2") &&
                __builtin_cpu_supports("fma")) {
@@ -381,7 +374,6 @@ struct Dispatch {
       gf = gather_avx2_f;
       gd = gather_avx2_d;
       sf = store_transposed_avx2_f;
-      name = "avx2";
       level = 1;
     }
 #endif
@@ -422,7 +414,10 @@ void store_transposed(const double* tile, int64_t rows, int64_t cols, const doub
   dispatch().sd(tile, rows, cols, bias, dst, ld);
 }
 
-const char* isa_name() { return dispatch().name; }
+const char* isa_name() {
+  static const char* const names[] = {"generic", "avx2", "avx512"};
+  return names[dispatch().level];
+}
 int isa_level() { return dispatch().level; }
 
 }  // namespace gemm

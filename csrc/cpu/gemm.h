@@ -13,9 +13,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "simd.h"
-#include <vector>
 
 namespace convcore {
 namespace gemm {
@@ -120,12 +120,7 @@ inline void transpose_copy(const T* src, int64_t ld, int64_t rows, int64_t cols,
 #if defined(CONVCORE_HAVE_VECTOR_TYPES)
     if constexpr (std::is_same_v<T, float>) {
       using simd::f32x4;
-      typedef int i32x4 __attribute__((vector_size(16)));
-#if defined(__clang__)
-#define CONVCORE_SHUFFLE4(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define CONVCORE_SHUFFLE4(a, b, ...) __builtin_shuffle(a, b, (i32x4){__VA_ARGS__})
-#endif
+#define CONVCORE_SHUFFLE4(a, b, ...) CONVCORE_SHUFFLE(simd::i32x4, a, b, __VA_ARGS__)
       for (; r0 + 4 <= rows; r0 += 4) {
         int64_t c0 = cb;
         for (; c0 + 4 <= ce; c0 += 4) {

@@ -3,7 +3,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <string>
 #include <type_traits>
 
 #include "convcore/ops.h"
@@ -284,13 +283,13 @@ CONVCORE_SMALL_KERNELS(double, avx2_d, "avx2,fma", f64x4)
 // which keeps the GEMM path), so CONVCORE_ISA caps these too.
 template <typename T>
 SmallKernelSet<T> small_kernels() {
-  const std::string isa = gemm::isa_name();
+  const int level = gemm::isa_level();
   if constexpr (std::is_same_v<T, float>) {
-    if (isa == "avx512") return kernels_avx512_f;
-    if (isa == "avx2") return kernels_avx2_f;
+    if (level == 2) return kernels_avx512_f;
+    if (level == 1) return kernels_avx2_f;
   } else {
-    if (isa == "avx512") return kernels_avx512_d;
-    if (isa == "avx2") return kernels_avx2_d;
+    if (level == 2) return kernels_avx512_d;
+    if (level == 1) return kernels_avx2_d;
   }
   return {};
 }

@@ -17,6 +17,17 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x2 __attribute__((vector_size(16)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x8 __attribute__((vector_size(64)));
+typedef int i32x4 __attribute__((vector_size(16)));
+typedef int i32x8 __attribute__((vector_size(32)));
+
+// r[i] = lane IDX[i] of the concatenation of a and b; IDX_T the integer
+// vector of as many lanes (GCC spells the indices as a vector, Clang as
+// arguments).
+#if defined(__clang__)
+#define CONVCORE_SHUFFLE(IDX_T, a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define CONVCORE_SHUFFLE(IDX_T, a, b, ...) __builtin_shuffle(a, b, (IDX_T){__VA_ARGS__})
+#endif
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
