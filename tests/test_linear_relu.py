@@ -143,10 +143,12 @@ def test_relu_nan_follows_pytorch():
 # in_features chunks of 2048; grad_input in bands of column blocks per task
 # and slabs of out_features rows, its last block in whole vectors then a
 # scalar edge of fewer than a vector: in_features 47, 2049 and 4100 reach
-# both); these shapes reach every edge of them, and 33 rows the GEMM path.
+# both; grad_weight from a copy of the input whose rows are an odd number of
+# cache lines apart, 4096 in_features being rows of 16 KB); these shapes
+# reach every edge of them, and 33 rows the GEMM path.
 @pytest.mark.parametrize("m,k,n", [(1, 100, 7), (3, 15, 4), (4, 2049, 13), (6, 47, 5),
-                                   (7, 48, 6), (16, 4100, 1030), (17, 96, 11),
-                                   (32, 4145, 521), (33, 50, 9)])
+                                   (7, 48, 6), (16, 4100, 1030), (16, 4096, 37),
+                                   (17, 96, 11), (32, 4145, 521), (33, 50, 9)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_linear_small_batch_paths(m, k, n, dtype, layout):

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "convcore/ops.h"
@@ -37,6 +38,24 @@ constexpr int64_t kSmallBatch = 32;
 constexpr int64_t kChunkK = 2048;  // forward: a chunk of the input rows stays in L2
 constexpr int64_t kSlabBytes = 128 << 10;  // grad_input: a task's slab of weight rows stays in L2
 constexpr int64_t kSlabBand = 1024;         // columns of the band the slab is sized for
+
+// A row stride, in elements, for `cols` elements that is a whole, odd number
+// of cache lines: rows of a staged copy then fall in different sets of L1
+// and L2. (Rows 16 KB apart, as fc7's and fc8's inputs have, all share one
+// L1 set, so grad_weight's tiles, which read 16 of them, missed L1 on each.)
+template <typename T>
+int64_t staged_stride(int64_t cols) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  const int64_t lines = (cols + kLine - 1) / kLine;
+  return (lines | 1) * kLine;
+}
+
+// The first 64-byte boundary at or after p (scratch from malloc is 16-byte aligned).
+template <typename T>
+T* align_line(T* p) {
+  const auto u = reinterpret_cast<std::uintptr_t>(p);
+  return reinterpret_cast<T*>((u + 63) & ~static_cast<std::uintptr_t>(63));
+}
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CONVCORE_SMALL_LINEAR 1
@@ -85,7 +104,10 @@ inline __attribute__((always_inline)) void dot_tile(int64_t k0, int64_t k1, cons
 // acc tile c[i, 0:KV*W] (+)= sum_r a[i, r] * b[r, k0:k0+KV*W] over r in [0, R): the
 // shared shape of grad_input (a = grad_output, b = weight, r = out_features) and
 // grad_weight (a = grad_output^T, b = input, r = batch). a(i, r) = a[i * ais + r * ars].
-template <typename T, typename V, int MB, int KV>
+// kPrefetchC: c is written once and is far larger than the caches
+// (grad_weight): ask for the lines of the tile 4 blocks on, so that its
+// stores need not wait for them.
+template <typename T, typename V, int MB, int KV, bool kPrefetchC>
 inline __attribute__((always_inline)) void axpy_tile(int64_t R, const T* a, int64_t ais,
                                                      int64_t ars, const T* b, int64_t ldb, T* c,
                                                      int64_t ldc, bool accumulate) {
@@ -95,6 +117,10 @@ inline __attribute__((always_inline)) void axpy_tile(int64_t R, const T* a, int6
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < KV; ++v) acc[i][v] = V{};
+  if constexpr (kPrefetchC) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) __builtin_prefetch(c + i * ldc + 4 * KV * W);
+  }
   for (int64_t r = 0; r < R; ++r) {
     // The rows of b lie ldb apart (the weight's rows, for grad_input): the
     // hardware prefetcher does not follow so many streams, so fetch the
@@ -111,7 +137,11 @@ inline __attribute__((always_inline)) void axpy_tile(int64_t R, const T* a, int6
       for (int v = 0; v < KV; ++v) acc[i][v] += ai * bv[v];
     }
   }
+  // (unrolled, so that the accumulators stay in registers: fc8's grad_weight
+  // went through the stack without it)
+#pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
     for (int v = 0; v < KV; ++v) {
       T* out = c + i * ldc + v * W;
       V sum = acc[i][v];
@@ -160,16 +190,17 @@ inline __attribute__((always_inline)) void dot_tile_upto(int mb, int nb, int64_t
   dot_tile<T, V, MB, NB>(k0, k1, x, ldx, w, ldw, y, ldy, accumulate);
 }
 
-template <typename T, typename V, int MB, int KV>
+template <typename T, typename V, int MB, int KV, bool kPrefetchC>
 inline __attribute__((always_inline)) void axpy_tile_upto(int mb, int64_t R, const T* a,
                                                           int64_t ais, int64_t ars, const T* b,
                                                           int64_t ldb, T* c, int64_t ldc,
                                                           bool accumulate) {
   if constexpr (MB > 1) {
     if (mb < MB)
-      return axpy_tile_upto<T, V, MB - 1, KV>(mb, R, a, ais, ars, b, ldb, c, ldc, accumulate);
+      return axpy_tile_upto<T, V, MB - 1, KV, kPrefetchC>(mb, R, a, ais, ars, b, ldb, c, ldc,
+                                                          accumulate);
   }
-  axpy_tile<T, V, MB, KV>(R, a, ais, ars, b, ldb, c, ldc, accumulate);
+  axpy_tile<T, V, MB, KV, kPrefetchC>(R, a, ais, ars, b, ldb, c, ldc, accumulate);
 }
 
 // One task of each kernel; the OpenMP loops over tasks live outside, in
@@ -200,62 +231,87 @@ struct SmallLinear {
     }
   }
 
-  // c (rows x K) = sum over r < R of a(i, r) * b[r, :]. Task t is kb_group
-  // blocks of kAxV vectors of columns (kb_group > 0), or a block of kAxM rows
-  // of c (kb_group == 0). Used by grad_input and grad_weight.
-  static inline __attribute__((always_inline)) void axpy_task(
+  // The tiles of column block [k0, k0 + KB) for row blocks [rb_lo, rb_hi) of c:
+  // c[i, k] (+)= sum over r < R of a(i, r) * b[r, k]. A block past K - KB is
+  // the last, partial one: whole vectors, then fewer than W columns (a
+  // column-by-column scalar edge here took as long as the rest of fc7's
+  // grad_input).
+  template <bool kPrefetchC>
+  static inline __attribute__((always_inline)) void block_tiles(
+      int64_t rb_lo, int64_t rb_hi, int64_t rows, int64_t R, int64_t K, int64_t k0, const T* a,
+      int64_t ais, int64_t ars, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+    constexpr int64_t KB = kAxV * W;
+    for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
+      const int64_t i0 = rb * kAxM;
+      const int mb = static_cast<int>(std::min<int64_t>(kAxM, rows - i0));
+      const T* ap = a + i0 * ais;
+      T* cp = c + i0 * ldc;
+      if (k0 + KB <= K) {
+        axpy_tile_upto<T, V, kAxM, kAxV, kPrefetchC>(mb, R, ap, ais, ars, b + k0, ldb, cp + k0,
+                                                     ldc, accumulate);
+        continue;
+      }
+      int64_t k = k0;
+      for (; k + W <= K; k += W)
+        axpy_tile_upto<T, V, kAxM, 1, false>(mb, R, ap, ais, ars, b + k, ldb, cp + k, ldc,
+                                             accumulate);
+      if (k < K) axpy_edge<T>(mb, R, ap, ais, ars, b, ldb, k, K, cp, ldc, accumulate);
+    }
+  }
+
+  // grad_weight's task t: rows [t * kAxM, t * kAxM + kAxM) of c (rows x K) =
+  // sum over r < R of a(i, r) * b[r, :], where b (the input, R <= kSmallBatch
+  // rows) is staged in L2 and c is written once.
+  static inline __attribute__((always_inline)) void rows_task(int64_t rows, int64_t R, int64_t K,
+                                                             const T* a, int64_t ais, int64_t ars,
+                                                             const T* b, int64_t ldb, T* c,
+                                                             int64_t ldc, int64_t t) {
+    constexpr int64_t KB = kAxV * W;
+    for (int64_t k0 = 0; k0 < K; k0 += KB)
+      block_tiles<true>(t, t + 1, rows, R, K, k0, a, ais, ars, b, ldb, c, ldc, false);
+  }
+
+  // grad_input's task t: blocks [t * kb_group, t * kb_group + kb_group) of
+  // columns of c (rows x K) = sum over r < R of a(i, r) * b[r, :], b being the
+  // weight (R x K, rows ldb apart) read in place. Every element is summed slab
+  // by slab, chunk_r rows of b at a time, in order, whatever the thread count.
+  // (Staging each slab in a buffer with rows an odd number of lines apart,
+  // copying the next slab in between the tiles of this one, was slower:
+  // fc8 2.2 -> 2.8-3.5 ms, fc6 23 -> 25-44 ms.)
+  static inline __attribute__((always_inline)) void band_task(
       int64_t rows, int64_t R, int64_t K, const T* a, int64_t ais, int64_t ars, const T* b,
       int64_t ldb, T* c, int64_t ldc, int64_t kb_group, int64_t chunk_r, int64_t t) {
     constexpr int64_t KB = kAxV * W;
     const int64_t kblocks = (K + KB - 1) / KB;
+    const int64_t kb_lo = t * kb_group, kb_hi = std::min(kblocks, kb_lo + kb_group);
     const int64_t rblocks = (rows + kAxM - 1) / kAxM;
-    const bool split_k = kb_group > 0;
-    const int64_t kb_lo = split_k ? t * kb_group : 0;
-    const int64_t kb_hi = split_k ? std::min(kblocks, kb_lo + kb_group) : kblocks;
-    const int64_t rb_lo = split_k ? 0 : t, rb_hi = split_k ? rblocks : t + 1;
     for (int64_t r0 = 0; r0 < R; r0 += chunk_r) {
       const int64_t rc = std::min(chunk_r, R - r0);
-      for (int64_t kb = kb_lo; kb < kb_hi; ++kb) {
-        const int64_t k0 = kb * KB;
-        for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
-          const int64_t i0 = rb * kAxM;
-          const int mb = static_cast<int>(std::min<int64_t>(kAxM, rows - i0));
-          const T* ap = a + i0 * ais + r0 * ars;
-          const T* bp = b + r0 * ldb;
-          T* cp = c + i0 * ldc;
-          if (k0 + KB <= K) {
-            axpy_tile_upto<T, V, kAxM, kAxV>(mb, rc, ap, ais, ars, bp + k0, ldb, cp + k0, ldc,
-                                             r0 > 0);
-            continue;
-          }
-          // The last, partial block: whole vectors, then fewer than W
-          // columns (a column-by-column scalar edge here took as long as
-          // the rest of fc7's grad_input).
-          int64_t k = k0;
-          for (; k + W <= K; k += W)
-            axpy_tile_upto<T, V, kAxM, 1>(mb, rc, ap, ais, ars, bp + k, ldb, cp + k, ldc,
-                                          r0 > 0);
-          if (k < K) axpy_edge<T>(mb, rc, ap, ais, ars, bp, ldb, k, K, cp, ldc, r0 > 0);
-        }
-      }
+      for (int64_t kb = kb_lo; kb < kb_hi; ++kb)
+        block_tiles<false>(0, rblocks, rows, rc, K, kb * KB, a + r0 * ars, ais, ars,
+                           b + r0 * ldb, ldb, c, ldc, r0 > 0);
     }
   }
 
   static int64_t forward_tasks(int64_t N) { return (N + kDotN - 1) / kDotN; }
-  static int64_t axpy_tasks(int64_t rows, int64_t K, int64_t kb_group) {
+  static int64_t rows_tasks(int64_t rows) { return (rows + kAxM - 1) / kAxM; }
+  static int64_t band_tasks(int64_t K, int64_t kb_group) {
     const int64_t column_blocks = (K + kAxV * W - 1) / (kAxV * W);
-    return kb_group > 0 ? (column_blocks + kb_group - 1) / kb_group : (rows + kAxM - 1) / kAxM;
+    return (column_blocks + kb_group - 1) / kb_group;
   }
 };
 
 template <typename T>
 struct SmallKernelSet {
   void (*forward)(int64_t, int64_t, int64_t, const T*, const T*, int64_t, T*, int64_t) = nullptr;
-  void (*axpy)(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*,
-               int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*forward_tasks)(int64_t) = nullptr;
-  int64_t (*axpy_tasks)(int64_t, int64_t, int64_t) = nullptr;
-  int64_t column_block = 0;  // columns of one block of axpy_tasks' split
+  void (*rows)(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*,
+               int64_t, int64_t) = nullptr;
+  int64_t (*rows_tasks)(int64_t) = nullptr;
+  void (*band)(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*,
+               int64_t, int64_t, int64_t, int64_t) = nullptr;
+  int64_t (*band_tasks)(int64_t, int64_t) = nullptr;
+  int64_t column_block = 0;  // columns of one block of band_tasks' split
 };
 
 #define CONVCORE_SMALL_KERNELS(T, NAME, TARGET, V)                                             \
@@ -264,15 +320,21 @@ struct SmallKernelSet {
                                                       T* y, int64_t t) {                       \
     SmallLinear<T, V>::forward_task(M, N, K, x, w, ldw, y, t);                                 \
   }                                                                                            \
-  __attribute__((target(TARGET))) void axpy_##NAME(                                            \
+  __attribute__((target(TARGET))) void rows_##NAME(                                            \
+      int64_t rows, int64_t R, int64_t K, const T* a, int64_t ais, int64_t ars, const T* b,    \
+      int64_t ldb, T* c, int64_t ldc, int64_t t) {                                             \
+    SmallLinear<T, V>::rows_task(rows, R, K, a, ais, ars, b, ldb, c, ldc, t);                  \
+  }                                                                                            \
+  __attribute__((target(TARGET))) void band_##NAME(                                            \
       int64_t rows, int64_t R, int64_t K, const T* a, int64_t ais, int64_t ars, const T* b,    \
       int64_t ldb, T* c, int64_t ldc, int64_t group, int64_t chunk, int64_t t) {               \
-    SmallLinear<T, V>::axpy_task(rows, R, K, a, ais, ars, b, ldb, c, ldc, group, chunk, t);    \
+    SmallLinear<T, V>::band_task(rows, R, K, a, ais, ars, b, ldb, c, ldc, group, chunk, t);    \
   }                                                                                            \
-  const SmallKernelSet<T> kernels_##NAME = {forward_##NAME, axpy_##NAME,                       \
-                                            SmallLinear<T, V>::forward_tasks,                  \
-                                            SmallLinear<T, V>::axpy_tasks,                     \
-                                            SmallLinear<T, V>::kAxV * SmallLinear<T, V>::W};
+  const SmallKernelSet<T> kernels_##NAME = {                                                   \
+      forward_##NAME,                SmallLinear<T, V>::forward_tasks,                         \
+      rows_##NAME,                   SmallLinear<T, V>::rows_tasks,                            \
+      band_##NAME,                   SmallLinear<T, V>::band_tasks,                            \
+      SmallLinear<T, V>::kAxV * SmallLinear<T, V>::W};
 CONVCORE_SMALL_KERNELS(float, avx512_f, "avx512f,fma", f32x16)
 CONVCORE_SMALL_KERNELS(double, avx512_d, "avx512f,fma", f64x8)
 CONVCORE_SMALL_KERNELS(float, avx2_f, "avx2,fma", f32x8)
@@ -302,32 +364,38 @@ void small_forward(const SmallKernelSet<T>& k, int64_t M, int64_t N, int64_t K, 
   for (int64_t t = 0; t < tasks; ++t) k.forward(M, N, K, x, w, ldw, y, t);
 }
 
-// c (rows x K) = sum over r < R of a(i, r) * b[r, :], split over rows of c
-// (grad_weight: each task reads all of b, R being the batch) or, with
-// split_k, over columns (grad_input: b is the weight, R x K). With split_k
-// a task takes a wide band of columns, and goes down the weight in slabs of
-// rows that stay in L2 while every column block of the band is done: tasks
-// of one 24-column block each walked all R rows 16 KB apart (a TLB miss and
-// two partly used lines per row) and fc7's grad_input (16 x 4096 x 4096)
-// took 20 ms against numpy's 6.
+// grad_weight: c (rows x K) = sum over r < R of a(i, r) * b[r, :], split over
+// blocks of rows of c; every task reads all of b (the input, staged).
 template <typename T>
-void small_axpy(const SmallKernelSet<T>& k, int64_t rows, int64_t R, int64_t K, const T* a,
-                int64_t ais, int64_t ars, const T* b, int64_t ldb, T* c, int64_t ldc,
-                bool split_k) {
-  int64_t group = 0, chunk_r = R;
-  if (split_k) {
-    const int64_t blocks = (K + k.column_block - 1) / k.column_block;
-    group = std::max<int64_t>(1, (blocks + 2 * get_num_threads() - 1) / (2 * get_num_threads()));
-    // The slab's rows are where each element's sum is cut (partial sums are
-    // added into c slab by slab), so their number depends on the layer
-    // alone, never on the thread count as the band's width does: sized for
-    // a band of kSlabBand columns, fc7's at 2 threads.
-    chunk_r = std::max<int64_t>(8, kSlabBytes / (kSlabBand * static_cast<int64_t>(sizeof(T))));
-  }
-  const int64_t tasks = k.axpy_tasks(rows, K, group);
+void small_rows(const SmallKernelSet<T>& k, int64_t rows, int64_t R, int64_t K, const T* a,
+                int64_t ais, int64_t ars, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  const int64_t tasks = k.rows_tasks(rows);
+#pragma omp parallel for num_threads(detail::threads_for(tasks, rows * R * K)) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) k.rows(rows, R, K, a, ais, ars, b, ldb, c, ldc, t);
+}
+
+// grad_input: the same sum with b the weight (R x K), split over columns. A
+// task takes a wide band of columns and goes down the weight in slabs of rows
+// that stay in L2 while every column block of the band is done: tasks of one
+// 24-column block each walked all R rows 16 KB apart (a TLB miss and two
+// partly used lines per row) and fc7's grad_input (16 x 4096 x 4096) took
+// 20 ms against numpy's 6.
+template <typename T>
+void small_band(const SmallKernelSet<T>& k, int64_t rows, int64_t R, int64_t K, const T* a,
+                int64_t ais, int64_t ars, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  const int64_t blocks = (K + k.column_block - 1) / k.column_block;
+  const int64_t group =
+      std::max<int64_t>(1, (blocks + 2 * get_num_threads() - 1) / (2 * get_num_threads()));
+  // The slab's rows are where each element's sum is cut (partial sums are
+  // added into c slab by slab), so their number depends on the layer alone,
+  // never on the thread count as the band's width does: sized for a band of
+  // kSlabBand columns, fc7's at 2 threads.
+  const int64_t chunk_r =
+      std::max<int64_t>(8, kSlabBytes / (kSlabBand * static_cast<int64_t>(sizeof(T))));
+  const int64_t tasks = k.band_tasks(K, group);
 #pragma omp parallel for num_threads(detail::threads_for(tasks, rows * R * K)) schedule(static)
   for (int64_t t = 0; t < tasks; ++t)
-    k.axpy(rows, R, K, a, ais, ars, b, ldb, c, ldc, group, chunk_r, t);
+    k.band(rows, R, K, a, ais, ars, b, ldb, c, ldc, group, chunk_r, t);
 }
 #endif  // small-batch kernels
 
@@ -405,7 +473,7 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
 #ifdef CONVCORE_SMALL_LINEAR
     const auto kernels = small_kernels<T>();
     if (M > 0 && M <= kSmallBatch && K > 0 && N > 0 && weight.strides[1] == 1 &&
-        kernels.axpy) {
+        kernels.band) {
       const detail::Contiguous<T> gc(grad_output);
       const T* g = gc.data();  // (M x N)
       if (grad_input) {
@@ -415,13 +483,25 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
         T* gt = gt_ws.get();
         for (int64_t n = 0; n < N; ++n)
           for (int64_t m = 0; m < M; ++m) gt[n * M + m] = g[m * N + n];
-        small_axpy<T>(kernels, M, N, K, gt, 1, M, weight.ptr<const T>(), weight.strides[0],
-                      grad_input->ptr<T>(), K, true);
+        small_band<T>(kernels, M, N, K, gt, 1, M, weight.ptr<const T>(), weight.strides[0],
+                      grad_input->ptr<T>(), K);
       }
       if (grad_weight) {
-        // grad_weight[n, :] = sum_m g[m, n] input[m, :]
-        const detail::Contiguous<T> xc(input);
-        small_axpy<T>(kernels, N, M, K, g, 1, N, xc.data(), K, grad_weight->ptr<T>(), K, false);
+        // grad_weight[n, :] = sum_m g[m, n] input[m, :], from the input staged with
+        // its rows an odd number of lines apart (they lie 16 KB apart in fc7 and fc8)
+        const int64_t ldx = staged_stride<T>(K);
+        detail::Workspace<T> xs_ws(1, M * ldx + 64 / static_cast<int64_t>(sizeof(T)));
+        T* xs = align_line(xs_ws.get());
+        const T* x = input.ptr<const T>();
+        const int64_t xs0 = input.strides[0], xs1 = input.strides[1];
+        for (int64_t m = 0; m < M; ++m) {
+          if (xs1 == 1) {
+            std::copy(x + m * xs0, x + m * xs0 + K, xs + m * ldx);
+          } else {
+            for (int64_t k = 0; k < K; ++k) xs[m * ldx + k] = x[m * xs0 + k * xs1];
+          }
+        }
+        small_rows<T>(kernels, N, M, K, g, 1, N, xs, ldx, grad_weight->ptr<T>(), K);
       }
       if (grad_bias) linear_grad_bias<T>(M, N, gy, gs0, gs1, grad_bias->ptr<T>());
       return;
