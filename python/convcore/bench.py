@@ -222,8 +222,29 @@ def _fc_fns(f: Fc, torch, with_numpy: bool, backward: bool, rng):
 
 # ---------------------------------------------------------------------------- runner
 
+def memory_gauge(megabytes: int = 16, repeat: int = 9) -> float:
+    """GB/s of a numpy copy of `megabytes` (read plus write), median of
+    `repeat`: a gauge of the memory system at the time of a run. Other
+    virtual machines on the host share its caches and memory bandwidth, and
+    the memory-bound rows (pooling, linear, the first layers) follow it from
+    run to run; the run prints it at its start and its end."""
+    n = megabytes * 2**20 // 4
+    src = np.ones(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
 def run(threads: Optional[int] = None, repeat: int = 7, quick: bool = False,
-        with_torch: bool = True, with_numpy: bool = True, out=print) -> dict:
+        with_torch: bool = True, with_numpy: bool = True, out=print,
+        cases: Optional[List[object]] = None, gemm_n: int = 2048) -> dict:
+    """Times every case (the suite by default) and the SGEMM row; returns the
+    rows, the SGEMM figures, the geometric means against PyTorch and the
+    machine's details, printing a table line by line through `out`."""
     threads = threads or F.get_num_threads()
     F.set_num_threads(threads)
     torch = _torch(threads) if with_torch else None
@@ -233,6 +254,8 @@ def run(threads: Optional[int] = None, repeat: int = 7, quick: bool = False,
                 python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
     out(f"convcore bench: {info['machine']}, {threads} threads, float32, GEMM kernel "
         f"{info['gemm_isa']}, numpy {info['numpy']}, torch {info['torch'] or '-'}")
+    gauge_start = memory_gauge()
+    out(f"memory gauge at the start: numpy copies 16 MB at {gauge_start:.1f} GB/s")
     if os.environ.get("OPENBLAS_CORETYPE"):
         out(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; numpy's "
             f"BLAS may run a slower kernel than this CPU allows")
@@ -241,7 +264,7 @@ def run(threads: Optional[int] = None, repeat: int = 7, quick: bool = False,
               f"{'torch':>10} {'ratio':>6} {'numpy':>10} {'ratio':>6} {'workspace':>10}")
     out(header)
     out("-" * len(header))
-    for case in suite(quick):
+    for case in suite(quick) if cases is None else cases:
         passes = [("fwd", False, None), ("bwd", True, None)]
         if isinstance(case, Conv):
             passes.append(("fwd", False, 1))
@@ -265,12 +288,15 @@ def run(threads: Optional[int] = None, repeat: int = 7, quick: bool = False,
                        workspace_bytes=workspace)
             rows.append(row)
             out(_format_row(row))
-    gemm = _gemm_row(rng, repeat)
-    out(f"SGEMM 2048x2048x2048: convcore {gemm['convcore_gflops']:.0f} GFLOP/s, numpy "
+    gemm = _gemm_row(rng, repeat, gemm_n)
+    out(f"SGEMM {gemm_n}x{gemm_n}x{gemm_n}: convcore {gemm['convcore_gflops']:.0f} GFLOP/s, numpy "
         f"{gemm['numpy_gflops']:.0f} GFLOP/s: {gemm['ratio']:.2f} of numpy")
     summary = _geomeans(rows, "torch") if torch is not None else {}
     for key, value in summary.items():
         out(f"geometric mean torch/convcore {key}: {value:.2f}")
+    gauge_end = memory_gauge()
+    out(f"memory gauge at the end: numpy copies 16 MB at {gauge_end:.1f} GB/s")
+    info["memory_gauge_gbps"] = dict(start=gauge_start, end=gauge_end)
     return dict(info=info, rows=rows, sgemm=gemm, geomean_vs_torch=summary)
 
 
@@ -300,7 +326,8 @@ def _geomeans(rows: List[dict], peer: str) -> Dict[str, float]:
         "conv forward (suite batch)": gm([r for r in convs if r["pass_"] == "fwd"
                                           and r["batch"] != 1]),
         "conv backward": gm([r for r in convs if r["pass_"] == "bwd"]),
-        "conv forward batch 1": gm([r for r in convs if r["batch"] == 1]),
+        "conv forward batch 1": gm([r for r in convs if r["pass_"] == "fwd"
+                                    and r["batch"] == 1]),
         "pooling": gm([r for r in rows if r["kind"] == "pool"]),
         "linear backward": gm([r for r in rows if r["kind"] == "fc" and r["pass_"] == "bwd"]),
     }
