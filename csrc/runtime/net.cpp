@@ -239,8 +239,14 @@ class Conv2dModule : public ImageModule {
   Shape4 out_shape(const Shape4& in) const override {
     const Shape4 w{out_, in_ / p_.groups, kh_, kw_};
     if (mode_ == PadMode::Zeros) return conv2d_output_shape(in, w, p_);
-    const Shape4 padded{in.n, in.c, in.h + p_.pad_top + p_.pad_bottom,
-                        in.w + p_.pad_left + p_.pad_right};
+    // (added with a check: a model file may declare any input size, and the
+    // shape rule's own checks come after the sum; the loader's fuzzer found
+    // an input height of 2^63 - 1)
+    Shape4 padded = in;
+    if (__builtin_add_overflow(in.h, p_.pad_top + p_.pad_bottom, &padded.h) ||
+        __builtin_add_overflow(in.w, p_.pad_left + p_.pad_right, &padded.w))
+      throw ValueError("the input's height and width plus the padding must fit in 64 bits, "
+                       "got (" + std::to_string(in.h) + ", " + std::to_string(in.w) + ")");
     return conv2d_output_shape(padded, w, unpadded());
   }
 

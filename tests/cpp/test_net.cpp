@@ -332,6 +332,12 @@ TEST(net_rejects_inconsistent_files) {
   CHECK_LOAD_FAILS(with_arch(network(kLayers, "[1, 6, 6]", R"({"features": {"type": "Sequential"}})")),
                    "Network at the root: the architecture lists children ['features'] but the config builds ['features', 'classifier']");
   CHECK_LOAD_FAILS(with_arch(network(kLayers, "[1, 6]")), "input_shape must be (C, H, W) or (features,)");
+  // a declared input size that overflows once padded (found by the loader's fuzzer)
+  CHECK_LOAD_FAILS(with_arch(network(R"([{"type": "conv", "out_channels": 2, "kernel_size": 3, "padding": 2, )"
+                                     R"("padding_mode": "reflect"}, {"type": "fc", "out_features": 3}])",
+                                     "[1, 9223372036854775807, 6]")),
+                   "the input's height and width plus the padding must fit in 64 bits, "
+                   "got (9223372036854775807, 6)");
   CHECK_LOAD_FAILS(with_arch(network("[]")), "a network needs at least one layer");
   CHECK_LOAD_FAILS(with_arch(network(R"([{"type": "conv", "out_channels": 2, "kernel_size": 3}, {"type": "swish"}])")),
                    "layer 1 (swish) on input (2, 4, 4): unknown type 'swish' (known: conv, maxpool");
