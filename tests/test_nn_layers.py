@@ -5,6 +5,7 @@ state dicts, dtype conversion, initialisation, seeding, architecture
 round trips)."""
 
 import math
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -292,6 +293,23 @@ def test_dropout_seeded():
     convcore.manual_seed(17)
     b = nn.Dropout(0.5)(x)
     np.testing.assert_array_equal(a, b)
+
+
+def test_dropout_of_inf_is_nan_where_dropped_without_a_warning():
+    """As PyTorch's dropout (inf * 0): NaN where dropped, inf kept where kept,
+    and no numpy RuntimeWarning (the API fuzz met one with an inf input)."""
+    x = np.array([np.inf, -np.inf, np.nan, 1.0] * 16)
+    convcore.manual_seed(18)
+    m = nn.Dropout(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = m(x)
+        g = m.backward(np.full_like(x, np.inf))
+    kept = m._mask != 0
+    assert 0 < kept.sum() < x.size
+    np.testing.assert_array_equal(y, np.where(kept, x * 2, np.where(np.isfinite(x), 0, np.nan)))
+    assert np.isnan(g[~kept]).all()
+    assert np.isposinf(g[kept]).all()
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.5])

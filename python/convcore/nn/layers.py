@@ -415,6 +415,13 @@ class Flatten(Module):
         return dict(start_dim=self.start_dim, end_dim=self.end_dim)
 
 
+def _masked(a, mask):
+    """a * mask, where a dropped inf or NaN gives NaN, as PyTorch's dropout
+    does (inf * 0), without numpy's RuntimeWarning for it."""
+    with np.errstate(invalid="ignore"):
+        return a * mask
+
+
 class Dropout(Module):
     """Zeroes each element with probability p while training and scales the
     rest by 1 / (1 - p); the identity in eval mode."""
@@ -446,7 +453,7 @@ class Dropout(Module):
             if _on_gpu(x):  # the mask follows x to the GPU
                 import cupy
                 self._mask = cupy.asarray(self._mask)
-        return _as_array(x * self._mask)
+        return _as_array(_masked(x, self._mask))
 
     def _gpu_random(self):
         """CuPy's generator for this layer's GPU masks, seeded once from
@@ -467,7 +474,7 @@ class Dropout(Module):
         gy = _layer_array(grad_output, "grad_output")
         if gy.shape != self._mask.shape:  # no silent broadcasting
             raise ValueError(f"grad_output must have shape {self._mask.shape}, got {gy.shape}")
-        return _as_array(gy * self._mask)
+        return _as_array(_masked(gy, self._mask))
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
