@@ -937,7 +937,9 @@ class GraphModule : public Module {
         if (in[k].empty() || in[k].size() != in[0].size() ||
             !std::equal(in[k].begin() + 1, in[k].end(), in[0].begin() + 1))
           throw ValueError(where + "concat needs inputs that differ only in channels");
-        if (k) out[0] += in[k][0];
+        // (checked: a graph's declared input_shape may be any size)
+        if (k && __builtin_add_overflow(out[0], in[k][0], &out[0]))
+          throw ValueError(where + "the concatenated channels do not fit in 64 bits");
       }
       return out;
     }

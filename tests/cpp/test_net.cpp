@@ -332,7 +332,10 @@ TEST(net_rejects_inconsistent_files) {
   CHECK_LOAD_FAILS(with_arch(network(kLayers, "[1, 6, 6]", R"({"features": {"type": "Sequential"}})")),
                    "Network at the root: the architecture lists children ['features'] but the config builds ['features', 'classifier']");
   CHECK_LOAD_FAILS(with_arch(network(kLayers, "[1, 6]")), "input_shape must be (C, H, W) or (features,)");
-  // a declared input size that overflows once padded (found by the loader's fuzzer)
+  // declared sizes that overflow: channels concatenated, an input padded (found by the loader's fuzzer)
+  CHECK_LOAD_FAILS(with_arch(R"j({"type": "Graph", "config": {"nodes": ["y = concat(x, x)"], )j"
+                             R"j("input_shape": [4611686018427387904, 2, 2]}, "children": {}})j"),
+                   "the concatenated channels do not fit in 64 bits");
   CHECK_LOAD_FAILS(with_arch(network(R"([{"type": "conv", "out_channels": 2, "kernel_size": 3, "padding": 2, )"
                                      R"("padding_mode": "reflect"}, {"type": "fc", "out_features": 3}])",
                                      "[1, 9223372036854775807, 6]")),
