@@ -3,6 +3,8 @@ numpy references in reference.py, backward against central finite
 differences (float64), both against torch.nn.functional when PyTorch is
 installed, and argument errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -276,6 +278,22 @@ def test_batch_norm_momentum_extremes(momentum):
     convcore.batch_norm(x, rm, rv, training=True, momentum=momentum)
     assert_close(rm, erm, rtol=1e-12, what="running_mean")
     assert_close(rv, erv, rtol=1e-12, what="running_var")
+
+
+def test_batch_norm_inf_running_stats_give_nan_without_a_warning():
+    """momentum 1 replaces the running statistics; an inf one gives NaN
+    (inf * 0), as PyTorch's does (checked: the same values), and numpy must
+    not warn (the API fuzz met it)."""
+    x = np.random.default_rng(11).standard_normal((4, 3, 2, 2))
+    rm, rv = np.array([np.inf, 1.0, -np.inf]), np.array([1.0, np.inf, 2.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convcore.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    _, _, _, erm, erv = ref.batch_norm_ref(x, np.zeros(3), np.ones(3), training=True,
+                                           momentum=1.0)
+    assert np.isnan(rm[[0, 2]]).all() and np.isnan(rv[1])
+    assert_close(rm[1], erm[1], rtol=1e-12, what="running_mean")
+    assert_close(rv[[0, 2]], erv[[0, 2]], rtol=1e-12, what="running_var")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -457,12 +457,15 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     out, mean, var = _core.batch_norm(x, rm, rv, w, b, bool(training), eps)
     if training:
         count = x.size // max(x.shape[1], 1)
-        if rm is not None:
-            rm *= 1 - momentum
-            rm += momentum * mean
-        if rv is not None:
-            rv *= 1 - momentum
-            rv += momentum * var * (count / max(count - 1, 1))
+        # an inf running statistic with momentum 1 gives NaN (inf * 0), as
+        # in PyTorch: without numpy's RuntimeWarning for it
+        with np.errstate(invalid="ignore", over="ignore"):
+            if rm is not None:
+                rm *= 1 - momentum
+                rm += momentum * mean
+            if rv is not None:
+                rv *= 1 - momentum
+                rv += momentum * var * (count / max(count - 1, 1))
     else:
         mean, var = rm, rv
     return (out, mean, var) if return_stats else out
