@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import functional as F
+from .lowering import cannot_lower, join
 from .module import Module
 
 JOINS = ("concat", "add", "mul", "relu")
@@ -200,6 +201,33 @@ class Graph(Module):
         if len(outputs) > 1:
             return tuple(values[o] for o in outputs)
         return values[outputs[0]]
+
+    def lower_outputs(self, g, x, prefix):
+        """Every node in order (as training runs them; nodes that only the
+        auxiliary outputs need hold tensors too), and the values of all the
+        outputs, the inference one first."""
+        if type(self).lower is not Graph.lower:  # a subclass's own lowering wins
+            return [self.lower(g, x, prefix)]
+        return self._lower_nodes(g, x, prefix)
+
+    def lower(self, g, x, prefix):
+        # nested, a graph gives its inference output (eval mode's forward)
+        return self._lower_nodes(g, x, prefix)[0]
+
+    def _lower_nodes(self, g, x, prefix):
+        if type(self).forward is not Graph.forward:
+            raise cannot_lower(self, prefix, "it overrides Graph's forward, so it needs its own "
+                                             "`lower` method")
+        values = {"x": x}
+        for out, op, inputs in self.nodes:
+            args = [values[v] for v in inputs]
+            if op in self._modules:
+                values[out] = self._modules[op].lower(g, args[0], join(prefix, op))
+            elif op == "relu":  # F.relu: the ReLU layer without a module
+                values[out] = g.node("ReLU", args, value=join(prefix, "relu"))
+            else:  # concat, add, mul: the format's joins of the same names
+                values[out] = g.node(op, args, value=join(prefix, op))
+        return [values[o] for o in self.outputs]
 
     def backward(self, grad_output):
         if self._cache is None:

@@ -14,6 +14,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from .lowering import LAYER_OPS, cannot_lower, join, to_graph
+
 
 def _xp(a):
     """The array module of `a`: numpy, or cupy for a GPU array (after
@@ -253,6 +255,28 @@ class Module:
             node["children"] = {name: child.architecture() for name, child in self._modules.items()}
         return node
 
+    # -- the network graph (docs/format.md; what the C++ runtime runs) -----------------
+    def lower(self, g, x: str, prefix: str) -> str:
+        """Writes this module's computation into the GraphWriter `g`, taking
+        the value `x`, and returns the value of its output; `prefix` is the
+        module's path ("" for the root). A layer the format knows is one
+        node; a container overrides this next to its forward."""
+        if self._modules or type(self).__name__ not in LAYER_OPS:
+            raise cannot_lower(self, prefix, f"it is not one of the graph format's layers "
+                                             f"({', '.join(sorted(LAYER_OPS))}), so it needs a "
+                                             f"`lower(g, x, prefix)` method that writes what its "
+                                             f"forward computes (see convcore.nn.lowering)")
+        return g.node(type(self).__name__, [x], name=prefix, attrs=self.config())
+
+    def lower_outputs(self, g, x: str, prefix: str) -> List[str]:
+        """The values of all this module's outputs (a Graph with auxiliary
+        heads has several; the first is the inference output)."""
+        return [self.lower(g, x, prefix)]
+
+    def to_graph(self) -> dict:
+        """The network graph that save() stores (see convcore.nn.lowering.to_graph)."""
+        return to_graph(self)
+
     # -- display -----------------------------------------------------------------------
     def extra_repr(self) -> str:
         return ""
@@ -318,6 +342,15 @@ class Sequential(Module):
             return sequential_forward(list(self._modules.values()), x)
         for m in self._modules.values():
             x = m(x)
+        return x
+
+    def lower(self, g, x, prefix):
+        # The chain forward computes (the GPU's fused path computes the same).
+        if type(self).forward is not Sequential.forward:
+            raise cannot_lower(self, prefix, "it overrides Sequential's forward, so it needs its "
+                                             "own `lower` method")
+        for name, m in self._modules.items():
+            x = m.lower(g, x, join(prefix, name))
         return x
 
     def backward(self, grad_output):

@@ -7,6 +7,7 @@ import numpy as np
 
 from .. import functional as F
 from .layers import Conv2d
+from .lowering import cannot_lower, join
 from .module import Module, Sequential
 from .norm import BatchNorm2d
 
@@ -36,6 +37,24 @@ class _Residual(Module):
         out = out + identity
         self._relu_inputs.append(out)
         return F.relu(out)
+
+    def lower(self, g, x, prefix):
+        # forward's order: the shortcut, the body with a ReLU after each
+        # BatchNorm2d but the last, the sum, the final ReLU
+        if type(self).forward is not _Residual.forward:
+            raise cannot_lower(self, prefix, "it overrides the residual block's forward, so it "
+                                             "needs its own `lower` method")
+        identity = x if self.downsample is None else \
+            self.downsample.lower(g, x, join(prefix, "downsample"))
+        out = x
+        layers = self._body_layers()
+        names = {id(m): name for name, m in self._modules.items()}
+        for i, layer in enumerate(layers):
+            out = layer.lower(g, out, join(prefix, names[id(layer)]))
+            if isinstance(layer, BatchNorm2d) and i != len(layers) - 1:
+                out = g.node("ReLU", [out], value=join(prefix, "relu"))
+        out = g.node("add", [out, identity], value=join(prefix, "add"))
+        return g.node("ReLU", [out], value=join(prefix, "relu"))
 
     def backward(self, grad_output):
         relu_inputs = list(self._relu_inputs)
