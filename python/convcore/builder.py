@@ -33,6 +33,7 @@ import numpy as np
 
 from .nn.layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Linear,
                         MaxPool2d, ReLU)
+from .nn.lowering import cannot_lower, join
 from .nn.module import Module, Sequential
 from .nn.norm import BatchNorm2d, LocalResponseNorm
 
@@ -340,6 +341,18 @@ class Network(Module):
         if len(self.classifier):
             self._flat_shape = x.shape
             x = self.classifier(x.reshape(x.shape[0], -1))
+        return x
+
+    def lower(self, g, x, prefix):
+        # forward's reshape to (N, -1) before a classifier is a Flatten node
+        if type(self).forward is not Network.forward:
+            raise cannot_lower(self, prefix, "it overrides Network's forward, so it needs its "
+                                             "own `lower` method")
+        x = self.features.lower(g, x, join(prefix, "features"))
+        if len(self.classifier):
+            x = g.node("Flatten", [x], attrs=dict(start_dim=1, end_dim=-1),
+                       value=join(prefix, "flatten"))
+            x = self.classifier.lower(g, x, join(prefix, "classifier"))
         return x
 
     def backward(self, grad_output):

@@ -13,6 +13,7 @@ import numpy as np
 from .builder import Network, build
 from .nn import init
 from .nn.layers import AdaptiveAvgPool2d, Conv2d, Linear, MaxPool2d
+from .nn.lowering import cannot_lower, join
 from .nn.module import Module, Sequential
 from .nn.norm import BatchNorm2d
 from .nn.residual import BasicBlock, Bottleneck
@@ -149,6 +150,22 @@ class ResNet(Module):
         x = self.avgpool(x)
         self._pooled_shape = x.shape
         return self.fc(x.reshape(x.shape[0], -1))
+
+    def lower(self, g, x, prefix):
+        # as forward: F.relu is a ReLU node, the reshape to (N, -1) a Flatten
+        if type(self).forward is not ResNet.forward:
+            raise cannot_lower(self, prefix, "it overrides ResNet's forward, so it needs its "
+                                             "own `lower` method")
+        x = self.conv1.lower(g, x, join(prefix, "conv1"))
+        x = self.bn1.lower(g, x, join(prefix, "bn1"))
+        x = g.node("ReLU", [x], value=join(prefix, "relu"))
+        x = self.maxpool.lower(g, x, join(prefix, "maxpool"))
+        for i, stage in enumerate(self._stages()):
+            x = stage.lower(g, x, join(prefix, f"layer{i + 1}"))
+        x = self.avgpool.lower(g, x, join(prefix, "avgpool"))
+        x = g.node("Flatten", [x], attrs=dict(start_dim=1, end_dim=-1),
+                   value=join(prefix, "flatten"))
+        return self.fc.lower(g, x, join(prefix, "fc"))
 
     def backward(self, grad_output):
         from . import functional as F
