@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -59,7 +60,7 @@ _WRITE_NAMES = {
     np.dtype(np.uint16): "U16", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
 }
 
-_RESERVED_METADATA = ("format", "convcore_version", "convcore_architecture",
+_RESERVED_METADATA = ("format", "convcore_version", "convcore_graph", "convcore_architecture",
                       "convcore_training")
 
 
@@ -208,9 +209,14 @@ def save_state_dict_file(tensors: Mapping[str, np.ndarray], path,
 
 def save(model, path, metadata: Optional[Mapping[str, str]] = None) -> None:
     """Saves a model: its state dict (PyTorch's key names) and, in the file's
-    metadata, its architecture, so that `load(path)` rebuilds it. `metadata`
-    adds str -> str entries of your own (e.g. {"epoch": "12"})."""
+    metadata, its network graph (what the C++ runtime and convcore.compile
+    run, docs/format.md) and its architecture, so that `load(path)` rebuilds
+    it. A model that cannot be written as a graph (a Module subclass with its
+    own forward and no `lower` method) is saved without one, with a
+    UserWarning. `metadata` adds str -> str entries of your own (e.g.
+    {"epoch": "12"})."""
     from . import __version__
+    from .nn.lowering import LoweringError, to_graph
     from .nn.module import Module
 
     if not isinstance(model, Module):
@@ -224,9 +230,23 @@ def save(model, path, metadata: Optional[Mapping[str, str]] = None) -> None:
         arch = json.dumps(model.architecture(), allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model: its architecture() is not JSON-serialisable ({e})") from None
-    meta = {"format": "convcore", "convcore_version": str(__version__),
-            "convcore_architecture": arch,
-            "convcore_training": "true" if model.training else "false"}
+    meta = {"format": "convcore", "convcore_version": str(__version__)}
+    try:
+        graph = to_graph(model)
+    except LoweringError as e:
+        # Python rebuilds the model from its architecture; only the graph's
+        # readers need the lowering.
+        graph = None
+        warnings.warn(f"{e}. Saved without a network graph: the file loads in Python "
+                      f"(convcore.load) but the C++ runtime and convcore.compile cannot run it",
+                      UserWarning, stacklevel=2)
+    if graph is not None:
+        try:
+            meta["convcore_graph"] = json.dumps(graph, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model: its network graph is not JSON-serialisable ({e})") from None
+    meta.update({"convcore_architecture": arch,
+                 "convcore_training": "true" if model.training else "false"})
     meta.update(user)
     save_state_dict_file(model.state_dict(), path, meta)
 
