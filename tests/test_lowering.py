@@ -239,6 +239,10 @@ def test_value_names_are_unique_and_the_input_keeps_x():
     with pytest.raises(ValueError, match="'nope'"):
         g.node("ReLU", ["nope"])
     assert JOIN_OPS == ("add", "mul", "concat")
+    long = "a" * 300  # a value name is cut to the format's 256 characters; a name cannot be
+    assert len(g.node("add", ["x", "x"], value=long)) <= 256
+    with pytest.raises(LoweringError, match="300 characters"):
+        g.node("ReLU", ["x"], name=long)
 
 
 def test_an_empty_model_is_one_identity_node():

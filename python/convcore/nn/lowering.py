@@ -28,8 +28,9 @@ LAYER_OPS = frozenset({
 
 JOIN_OPS = ("add", "mul", "concat")
 
-# The format's bound on a value's length; longer derived names are cut
-# (keeping the end, the most specific part of a module path).
+# The format's bound on a value's length (the C++ reader applies it to node
+# names too); longer derived value names are cut, keeping the end, the most
+# specific part of a module path.
 _MAX_VALUE_CHARS = 256
 
 
@@ -86,6 +87,10 @@ class GraphWriter:
                 raise ValueError(f"node {op!r} ({name or 'unnamed'}) takes {v!r}, which no "
                                  f"earlier node defines")
         if name is not None:
+            # (a name cannot be cut as a value can: the file's tensors carry it)
+            if len(name) > _MAX_VALUE_CHARS:
+                raise LoweringError(f"module path {name[:40]!r}... has {len(name)} characters; "
+                                    f"the graph format allows {_MAX_VALUE_CHARS}")
             if name in self._names:
                 raise ValueError(f"two nodes are named {name!r}; a node's name is its module "
                                  f"path and must be unique")
