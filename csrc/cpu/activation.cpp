@@ -8,6 +8,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "activation_math.h"
 #include "convcore/ops.h"
 #include "convcore/threading.h"
 #include "strided.h"
@@ -78,56 +79,9 @@ void relu_backward(const TensorView& grad_output, const TensorView& input,
 
 namespace {
 
-// exp(x) for x <= 0 in float32, branch-free so the loops vectorise (std::exp
-// is a call per element): Cephes' expf, x = n ln2 + r with |r| <= ln2 / 2,
-// a degree-6 polynomial for e^r and 2^n put into the exponent bits. Within
-// 2 ulp of the correctly rounded value; 0 below -87.3, where the true value
-// is under 1.2e-38.
-inline float exp_nonpositive(float x_in) {
-  const float x = std::max(x_in, -87.3f);
-  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round(x / ln2)
-  const float g = static_cast<float>(n);
-  const float r = (x - g * 0.693359375f) + g * 2.12194440e-4f;  // ln2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;  // 2^n, n >= -126 here
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const float y = er * scale;
-  return x_in < -87.3f ? 0.0f : y;  // underflow: 0 (the true value is < 1.2e-38)
-}
-
-inline float exp_nonpositive_of(float x) { return exp_nonpositive(x); }
-inline double exp_nonpositive_of(double x) { return std::exp(x); }
-
-// The logistic function without overflow: exp of a non-positive number only.
-template <typename T>
-inline T sigmoid_of(T v) {
-  const T e = exp_nonpositive_of(-std::fabs(v));
-  const T t = T(1) / (T(1) + e), et = e * t;  // both sides computed: a select
-  return v >= T(0) ? t : et;
-}
-
-template <typename T>
-inline T clip06(T v) {  // min(max(v, 0), 6), NaN stays NaN
-  return std::min(std::max(v, T(0)), T(6));
-}
-
-template <Activation kind, typename T>
-inline T activate(T v) {
-  switch (kind) {  // a compile-time constant: each kind's loop vectorises on its own
-    case Activation::Sigmoid: return sigmoid_of(v);
-    case Activation::SiLU: return v * sigmoid_of(v);
-    case Activation::ReLU6: return clip06(v);
-    case Activation::Hardswish: return v * clip06(v + T(3)) / T(6);
-    default: return clip06(v + T(3)) / T(6);  // Hardsigmoid
-  }
-}
+using act_math::activate;
+using act_math::sigmoid_of;
+using act_math::clip06;
 
 // d activation / d input at v, times g; PyTorch's values at the kinks.
 template <Activation kind, typename T>

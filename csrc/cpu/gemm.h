@@ -82,23 +82,28 @@ int isa_level();
 // template) compiled for AVX-512, AVX2 and the baseline, picked by
 // isa_level(), so that CONVCORE_ISA caps these kernels as it caps the GEMM
 // and the tests reach every level on one machine (target_clones picked by
-// the CPU alone).
+// the CPU alone). CONVCORE_ISA_DISPATCH3 takes a body per level (the
+// blocked kernels' BODY<16> for AVX-512, BODY<8> for the others).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CONVCORE_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS)                            \
-  __attribute__((target("avx512f,fma"))) inline void NAME##_avx512 PARAMS { BODY ARGS; } \
-  __attribute__((target("avx2,fma"))) inline void NAME##_avx2 PARAMS { BODY ARGS; }     \
-  inline void NAME##_generic PARAMS { BODY ARGS; }                                      \
-  inline void NAME PARAMS {                                                             \
-    switch (::convcore::gemm::isa_level()) {                                            \
-      case 2: NAME##_avx512 ARGS; return;                                               \
-      case 1: NAME##_avx2 ARGS; return;                                                 \
-      default: NAME##_generic ARGS; return;                                             \
-    }                                                                                   \
+#define CONVCORE_ISA_DISPATCH3(NAME, BODY_AVX512, BODY_AVX2, BODY_GENERIC, PARAMS, ARGS)     \
+  __attribute__((target("avx512f,fma"))) inline void NAME##_avx512 PARAMS {                \
+    BODY_AVX512 ARGS;                                                                      \
+  }                                                                                        \
+  __attribute__((target("avx2,fma"))) inline void NAME##_avx2 PARAMS { BODY_AVX2 ARGS; }    \
+  inline void NAME##_generic PARAMS { BODY_GENERIC ARGS; }                                 \
+  inline void NAME PARAMS {                                                                \
+    switch (::convcore::gemm::isa_level()) {                                               \
+      case 2: NAME##_avx512 ARGS; return;                                                  \
+      case 1: NAME##_avx2 ARGS; return;                                                    \
+      default: NAME##_generic ARGS; return;                                                \
+    }                                                                                      \
   }
 #else
-#define CONVCORE_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS) \
-  inline void NAME PARAMS { BODY ARGS; }
+#define CONVCORE_ISA_DISPATCH3(NAME, BODY_AVX512, BODY_AVX2, BODY_GENERIC, PARAMS, ARGS) \
+  inline void NAME PARAMS { BODY_GENERIC ARGS; }
 #endif
+#define CONVCORE_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS) \
+  CONVCORE_ISA_DISPATCH3(NAME, BODY, BODY, BODY, PARAMS, ARGS)
 
 // Size of the packed form of an M x K matrix A.
 template <typename T>

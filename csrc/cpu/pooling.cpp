@@ -155,29 +155,6 @@ void max_backward(const T* gy, const TensorView& in, const Pool2dParams& p, cons
   }
 }
 
-// PyTorch's average-pool window: the divisor counts the window clipped to
-// the padded input (count_include_pad) or to the input itself.
-struct AvgWindow {
-  int64_t h0, h1, w0, w1, divisor;
-};
-
-AvgWindow avg_window(int64_t H, int64_t W, const Pool2dParams& p, int64_t oh, int64_t ow) {
-  int64_t h0 = oh * p.stride_h - p.pad_h, w0 = ow * p.stride_w - p.pad_w;
-  int64_t h1 = std::min(h0 + p.kernel_h, H + p.pad_h);
-  int64_t w1 = std::min(w0 + p.kernel_w, W + p.pad_w);
-  const int64_t padded_size = (h1 - h0) * (w1 - w0);
-  h0 = std::max<int64_t>(h0, 0), w0 = std::max<int64_t>(w0, 0);
-  h1 = std::min(h1, H), w1 = std::min(w1, W);
-  int64_t divisor;
-  if (p.divisor_override != 0)  // PyTorch takes any non-zero divisor, negative too
-    divisor = p.divisor_override;
-  else if (p.count_include_pad)
-    divisor = padded_size;
-  else
-    divisor = (h1 - h0) * (w1 - w0);
-  return {h0, h1, w0, w1, divisor};
-}
-
 template <typename T>
 void avg_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T* out) {
   const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
@@ -188,7 +165,7 @@ void avg_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T
     const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
     for (int64_t oh = 0; oh < o.h; ++oh) {
       for (int64_t ow = 0; ow < o.w; ++ow) {
-        const AvgWindow win = avg_window(H, W, p, oh, ow);
+        const AvgPoolWindow win = avg_pool_window(H, W, p, oh, ow);
         // Summed in double: a float32 sum of a large window (millions of
         // terms) stops growing and the mean comes out wrong by orders of
         // magnitude.
@@ -214,7 +191,7 @@ void avg_backward(const T* gy, int64_t H, int64_t W, const Pool2dParams& p, cons
     std::fill(g, g + H * W, T(0));
     for (int64_t oh = 0; oh < o.h; ++oh) {
       for (int64_t ow = 0; ow < o.w; ++ow) {
-        const AvgWindow win = avg_window(H, W, p, oh, ow);
+        const AvgPoolWindow win = avg_pool_window(H, W, p, oh, ow);
         if (win.divisor == 0) continue;
         const T share = gy[(pl * o.h + oh) * o.w + ow] / T(win.divisor);
         for (int64_t ih = win.h0; ih < win.h1; ++ih)

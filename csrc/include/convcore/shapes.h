@@ -75,6 +75,27 @@ Shape4 max_pool2d_output_shape(const Shape4& input, const Pool2dParams& p);
 Shape4 avg_pool2d_output_shape(const Shape4& input, const Pool2dParams& p);
 Shape4 adaptive_avg_pool2d_output_shape(const Shape4& input, int64_t out_h, int64_t out_w);
 
+// PyTorch's average-pool window of output (oh, ow) on an H x W input: the
+// input rows [h0, h1) and columns [w0, w1) it sums and its divisor, which
+// counts the window clipped to the padded input (count_include_pad) or to
+// the input itself, unless divisor_override gives it.
+struct AvgPoolWindow {
+  int64_t h0, h1, w0, w1, divisor;
+};
+inline AvgPoolWindow avg_pool_window(int64_t H, int64_t W, const Pool2dParams& p, int64_t oh,
+                                     int64_t ow) {
+  int64_t h0 = oh * p.stride_h - p.pad_h, w0 = ow * p.stride_w - p.pad_w;
+  int64_t h1 = h0 + p.kernel_h < H + p.pad_h ? h0 + p.kernel_h : H + p.pad_h;
+  int64_t w1 = w0 + p.kernel_w < W + p.pad_w ? w0 + p.kernel_w : W + p.pad_w;
+  const int64_t padded_size = (h1 - h0) * (w1 - w0);
+  h0 = h0 > 0 ? h0 : 0, w0 = w0 > 0 ? w0 : 0;
+  h1 = h1 < H ? h1 : H, w1 = w1 < W ? w1 : W;
+  const int64_t divisor = p.divisor_override != 0 ? p.divisor_override  // any non-zero, as PyTorch
+                          : p.count_include_pad   ? padded_size
+                                                  : (h1 - h0) * (w1 - w0);
+  return {h0, h1, w0, w1, divisor};
+}
+
 // Throws ValueError if the view does not have exactly this shape.
 void check_shape(const TensorView& t, const char* name, int ndim, const int64_t* shape);
 void check_ndim(const TensorView& t, const char* name, int ndim, const char* layout);

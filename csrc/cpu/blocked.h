@@ -1,0 +1,122 @@
+// Kernels over the blocked channel layout that the compiled engine keeps
+// between layers: an image of C channels is stored as ceil(C / B) planes of
+// H x W positions, each position holding B consecutive channels
+// ((N, C/B, H, W, B), oneDNN's nChw8c / nChw16c). B is the vector width: 16
+// floats with AVX-512, 8 otherwise. Every kernel then works on whole
+// vectors of channels: a depthwise or pooling window is B lanes wide at any
+// image size, and a convolution writes each output position's channels
+// with one store per block.
+//
+// The channels past C in the last block ("pad lanes") are written by every
+// producer with finite values and read by no consumer's result (packed
+// weights are zero there), so a buffer reused from the arena never feeds
+// stale NaNs into a product.
+//
+// float32 only; the engine runs float64 nets with the plain-layout ops.
+// Kernels are plain functions over pointers; a tensor may be a slice of a
+// larger one (a concatenation written in place), so images are addressed
+// by an explicit image stride. `threads` is the engine's thread count.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "convcore/shapes.h"
+
+namespace convcore {
+namespace blocked {
+
+// Lanes per channel block for the instruction set the kernels run with
+// (CONVCORE_ISA caps it as it caps the GEMM).
+int block();
+
+// The activation of a kernel's output stage.
+enum class Act { None, ReLU, ReLU6, Sigmoid, SiLU, Hardswish, Hardsigmoid };
+const char* act_name(Act act);
+
+// A 4-D float tensor in a buffer: image i at data + i * image_stride.
+// Blocked: channel block cb, position (h, w), lane l at
+// image + (cb * h_size * w_size + h * w_size + w) * B + l. Plain: NCHW.
+struct Image {
+  float* data = nullptr;
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  int64_t image_stride = 0;
+  bool blocked = true;
+};
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// Floats of one image: blocked with its channels rounded up to B.
+int64_t image_size(int64_t c, int64_t h, int64_t w, bool is_blocked);
+
+// What a producer adds to its result before storing it: bias[channel] (B
+// lanes per block, zeros in the pad lanes), then a residual tensor of the
+// output's shape and layout, then the activation.
+struct Epilogue {
+  const float* bias = nullptr;
+  const float* residual = nullptr;
+  int64_t residual_image_stride = 0;
+  Act act = Act::None;
+};
+
+// ----------------------------------------------------------------- convolution
+
+// Weights (Cout, Cin, KH, KW) of a groups=1 convolution packed for the
+// direct kernel (gemm::gather_kernel): panels of NR output channels, taps in
+// the order the input's layout stores them, zero for pad channels.
+struct ConvWeights {
+  std::vector<float> panels;  // panels x (taps x NR)
+  int64_t cout = 0, cin = 0, kh = 0, kw = 0;
+  int64_t taps = 0;  // per panel: cin (rounded to B when blocked) * kh * kw
+  bool blocked_input = true;
+  int lanes = 8;  // B when packed
+};
+ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, int64_t kh,
+                              int64_t kw, bool blocked_input);
+
+// A convolution's per-shape plan: the input frame it pads into and the tap
+// offsets inside a window of it, fixed for one input size.
+struct ConvPlan {
+  int64_t hp = 0, wp = 0;     // the frame the output windows read
+  bool copy_frame = false;    // false: the input itself is the frame
+  int64_t chunk = 1;          // images padded at once
+  int64_t frame_floats = 0;   // scratch of the frame (chunk images)
+  int64_t tile_floats = 0;    // scratch of the tiles, per thread
+  std::vector<int64_t> koff;  // tap offsets in a window
+};
+ConvPlan plan_conv(const ConvWeights& w, const Conv2dParams& p, const Image& in,
+                   const Image& out, int threads);
+// out = epilogue(conv(in, w)); out blocked, in blocked or plain as packed.
+// scratch: plan.frame_floats + threads * plan.tile_floats floats.
+void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const ConvPlan& plan,
+            const Epilogue& e, const Image& out, float* scratch, int threads);
+
+// Depthwise convolution (one input and one output channel per group),
+// blocked in and out. weights: packed by pack_depthwise_weights.
+std::vector<float> pack_depthwise_weights(const float* weight, int64_t c, int64_t kh, int64_t kw);
+void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t kw,
+                      const Conv2dParams& p, const Epilogue& e, const Image& out, int threads);
+
+// ----------------------------------------------------------------- pooling
+
+void max_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads);
+void avg_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads);
+// The mean of each channel over H x W, blocked (N, C, 1, 1).
+void global_avg_pool(const Image& in, const Image& out, int threads);
+
+// ----------------------------------------------------------------- elementwise
+
+// out = act(a + b + ...), all of one shape and layout.
+void add(const std::vector<Image>& in, Act act, const Image& out, int threads);
+// out = x * s, s of shape (N, C, 1, 1) (squeeze-and-excitation) or of x's shape.
+void mul(const Image& x, const Image& s, const Image& out, int threads);
+// out = act(x * scale[c] + shift[c]) (an unfolded batch norm); scale or
+// shift may be null (1 and 0).
+void affine(const Image& x, const float* scale, const float* shift, Act act, const Image& out,
+            int threads);
+// Copies x into out's channels (a concatenation's slice when out is one).
+void copy(const Image& x, const Image& out, int threads);
+
+// Layout changes: the plain NCHW tensor to blocked (pad lanes zero) and back.
+void to_blocked(const Image& plain, const Image& out, int threads);
+void to_plain(const Image& in, const Image& plain, int threads);
+
+}  // namespace blocked
+}  // namespace convcore

@@ -1,0 +1,231 @@
+// Convolution in the blocked layout (blocked.h): the direct algorithm of
+// conv.cpp's forward_direct with the tile written straight into the output
+// blocks. A tile is MR output positions (in output order, across row ends)
+// by NR output channels; gemm::gather_kernel broadcasts each input value
+// from a window of the input (tap k at the fixed offset koff[k] inside
+// every window), so strides and dilations cost nothing and nothing is
+// packed per tile. With a blocked input the taps run (channel block, kernel
+// row, kernel column, lane), so the B channels of one input position are
+// read together. The output stage adds the bias and a residual and applies
+// the activation while the tile is in L1, and stores one vector per
+// position and channel block.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "activation_math.h"
+#include "blocked.h"
+#include "blocked_kernels.h"
+#include "gemm.h"
+
+namespace convcore {
+namespace blocked {
+
+namespace {
+
+constexpr int MR = gemm::Tile<float>::MR, NR = gemm::Tile<float>::NR;
+// Tiles of a block of positions that take every panel and slice of taps
+// while the block's input rows stay in cache (conv.cpp's kDirectBlockTiles).
+constexpr int64_t kBlockTiles = 8;
+// Taps per slice of a panel (whole channels or channel blocks): the slice's
+// rows of the panel stay in L1 while every tile of the block uses them.
+constexpr int64_t kSliceTaps = 256;
+// Images padded at once, at most this many bytes.
+constexpr int64_t kFrameBytes = int64_t(8) << 20;
+
+// Rows of a tile (positions) stored as vectors of B lanes per channel block:
+// out = act(tile + bias (+ residual)).
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void store_tile_act(const float* tile, int64_t rows, int64_t blocks,
+                                           const float* bias, const float* res,
+                                           int64_t res_stride, float* dst, int64_t dst_stride) {
+  for (int64_t jb = 0; jb < blocks; ++jb) {
+    const Vec<B> b = bias ? load<B>(bias + jb * B) : Vec<B>{};
+    float* d = dst + jb * dst_stride;
+    const float* t = tile + jb * B;
+    if (res) {
+      const float* r = res + jb * res_stride;
+      for (int64_t i = 0; i < rows; ++i)
+        store<B>(d + i * B, apply<A>(load<B>(t + i * NR) + b + load<B>(r + i * B)));
+    } else {
+      for (int64_t i = 0; i < rows; ++i) store<B>(d + i * B, apply<A>(load<B>(t + i * NR) + b));
+    }
+  }
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void store_tile_body(const float* tile, int64_t rows, int64_t blocks,
+                                            const float* bias, const float* res,
+                                            int64_t res_stride, float* dst, int64_t dst_stride,
+                                            Act act) {
+  CONVCORE_ACT_SWITCH(act, store_tile_act, B, tile, rows, blocks, bias, res, res_stride, dst,
+                      dst_stride)
+}
+
+CONVCORE_BLOCKED_DISPATCH(store_tile, store_tile_body,
+                          (const float* tile, int64_t rows, int64_t blocks, const float* bias,
+                           const float* res, int64_t res_stride, float* dst, int64_t dst_stride,
+                           Act act),
+                          (tile, rows, blocks, bias, res, res_stride, dst, dst_stride, act))
+
+int64_t input_channels(const ConvWeights& w) {
+  return w.blocked_input ? round_up(w.cin, w.lanes) : w.cin;
+}
+
+}  // namespace
+
+ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, int64_t kh,
+                              int64_t kw, bool blocked_input) {
+  ConvWeights w;
+  w.cout = cout, w.cin = cin, w.kh = kh, w.kw = kw;
+  w.blocked_input = blocked_input;
+  w.lanes = block();
+  const int64_t B = w.lanes, cin_eff = input_channels(w), khw = kh * kw;
+  w.taps = cin_eff * khw;
+  const int64_t panels = (cout + NR - 1) / NR;
+  w.panels.assign(static_cast<std::size_t>(panels * w.taps * NR), 0.0f);
+  for (int64_t o = 0; o < cout; ++o) {
+    float* panel = w.panels.data() + (o / NR) * w.taps * NR + o % NR;
+    for (int64_t c = 0; c < cin; ++c)
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j) {
+          // blocked: taps (channel block, i, j, lane); plain: (channel, i, j)
+          const int64_t tap = blocked_input ? ((c / B * kh + i) * kw + j) * B + c % B
+                                            : (c * kh + i) * kw + j;
+          panel[tap * NR] = weight[((o * cin + c) * kh + i) * kw + j];
+        }
+  }
+  return w;
+}
+
+ConvPlan plan_conv(const ConvWeights& w, const Conv2dParams& p, const Image& in,
+                   const Image& out, int threads) {
+  ConvPlan plan;
+  plan.hp = (out.h - 1) * p.stride_h + (w.kh - 1) * p.dilation_h + 1;
+  plan.wp = (out.w - 1) * p.stride_w + (w.kw - 1) * p.dilation_w + 1;
+  plan.copy_frame = p.pad_top || p.pad_bottom || p.pad_left || p.pad_right;
+  // the frame's plane: a padded copy, or the input itself
+  const int64_t hf = plan.copy_frame ? plan.hp : in.h, wf = plan.copy_frame ? plan.wp : in.w;
+  const int64_t lanes = w.blocked_input ? w.lanes : 1;
+  const int64_t cin_eff = input_channels(w);
+  if (plan.copy_frame) {
+    const int64_t image = cin_eff * hf * wf;
+    plan.chunk = std::clamp<int64_t>(kFrameBytes / std::max<int64_t>(1, image * 4), 1, in.n);
+    plan.frame_floats = plan.chunk * image;
+  } else {
+    plan.chunk = in.n;
+  }
+  plan.tile_floats = kBlockTiles * MR * NR;
+  // the input's channel (block) planes: the frame's, or the input's own
+  const int64_t plane = hf * wf * lanes;
+  plan.koff.resize(static_cast<std::size_t>(w.taps));
+  for (int64_t c = 0; c < cin_eff; ++c)
+    for (int64_t i = 0; i < w.kh; ++i)
+      for (int64_t j = 0; j < w.kw; ++j) {
+        const int64_t within = (i * p.dilation_h * wf + j * p.dilation_w) * lanes;
+        if (w.blocked_input)
+          plan.koff[static_cast<std::size_t>(((c / lanes * w.kh + i) * w.kw + j) * lanes +
+                                             c % lanes)] = c / lanes * plane + within + c % lanes;
+        else
+          plan.koff[static_cast<std::size_t>((c * w.kh + i) * w.kw + j)] = c * plane + within;
+      }
+  (void)threads;
+  return plan;
+}
+
+void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const ConvPlan& plan,
+            const Epilogue& e, const Image& out, float* scratch, int threads) {
+  const int64_t B = w.lanes;
+  const int64_t lanes = w.blocked_input ? B : 1;
+  const int64_t P = out.h * out.w, panels = (w.cout + NR - 1) / NR;
+  const int64_t out_blocks = (w.cout + B - 1) / B, blocks_per_panel = NR / B;
+  const int64_t cin_eff = input_channels(w);
+  const int64_t hf = plan.copy_frame ? plan.hp : in.h, wf = plan.copy_frame ? plan.wp : in.w;
+  const int64_t frame_image = plan.copy_frame ? cin_eff * hf * wf : in.image_stride;
+  const int64_t khw = w.kh * w.kw, unit = khw * lanes;  // taps per input channel (block)
+  const int64_t slice = std::max<int64_t>(1, kSliceTaps / unit) * unit;
+  float* frame = scratch;
+  float* tile_scratch = scratch + plan.frame_floats;
+  const int64_t sh = p.stride_h, sw = p.stride_w;
+  for (int64_t n0 = 0; n0 < in.n; n0 += plan.chunk) {
+    const int64_t nn = std::min(plan.chunk, in.n - n0);
+    const float* base = in.data + n0 * in.image_stride;
+    if (plan.copy_frame) {
+      // zero-padded copies of the chunk's channel planes
+      const int64_t planes = nn * (cin_eff / lanes);
+#pragma omp parallel for num_threads(threads) schedule(static)
+      for (int64_t t = 0; t < planes; ++t) {
+        const int64_t n = t / (cin_eff / lanes), c = t % (cin_eff / lanes);
+        const float* src = base + n * in.image_stride + c * in.h * in.w * lanes;
+        float* dst = frame + n * frame_image + c * hf * wf * lanes;
+        for (int64_t r = 0; r < hf; ++r) {
+          const int64_t ih = r - p.pad_top;
+          float* drow = dst + r * wf * lanes;
+          if (ih < 0 || ih >= in.h) {
+            std::fill(drow, drow + wf * lanes, 0.0f);
+            continue;
+          }
+          const int64_t lo = std::clamp<int64_t>(p.pad_left, 0, wf);
+          const int64_t hi = std::clamp<int64_t>(p.pad_left + in.w, lo, wf);
+          std::fill(drow, drow + lo * lanes, 0.0f);
+          std::memcpy(drow + lo * lanes, src + (ih * in.w + lo - p.pad_left) * lanes,
+                      static_cast<std::size_t>((hi - lo) * lanes) * sizeof(float));
+          std::fill(drow + hi * lanes, drow + wf * lanes, 0.0f);
+        }
+      }
+    }
+    const float* frames = plan.copy_frame ? frame : base;
+    // Tasks: as forward_direct: whole images when there are 8 per thread,
+    // else the panels split first, then the positions.
+    const int64_t want = 8 * static_cast<int64_t>(threads);
+    const int64_t oblocks = std::clamp<int64_t>((want + nn - 1) / nn, 1, panels);
+    const int64_t oblock = (panels + oblocks - 1) / oblocks;
+    const int64_t ochunks = (panels + oblock - 1) / oblock;
+    const int64_t split = std::max<int64_t>(1, (want + nn * ochunks - 1) / (nn * ochunks));
+    const int64_t pblock = round_up((P + split - 1) / split, MR);
+    const int64_t pblocks = (P + pblock - 1) / pblock;
+    const int64_t tasks = nn * ochunks * pblocks;
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, tasks)))
+    {
+      float* tiles = tile_scratch + omp_get_thread_num() * plan.tile_floats;
+      const float* rows[kBlockTiles * MR];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n = t / (ochunks * pblocks);
+        const int64_t u_begin = ((t / pblocks) % ochunks) * oblock;
+        const int64_t u_end = std::min(panels, u_begin + oblock);
+        const int64_t q_begin = (t % pblocks) * pblock, q_end = std::min(P, q_begin + pblock);
+        const float* xg = frames + n * frame_image;
+        float* out_image = out.data + (n0 + n) * out.image_stride;
+        const float* res_image =
+            e.residual ? e.residual + (n0 + n) * e.residual_image_stride : nullptr;
+        for (int64_t qb = q_begin; qb < q_end; qb += kBlockTiles * MR) {
+          const int64_t qe = std::min(q_end, qb + kBlockTiles * MR);
+          for (int64_t q = qb, oh = qb / out.w, ow = qb % out.w; q < qe; ++q) {
+            rows[q - qb] = xg + (oh * sh * wf + ow * sw) * lanes;
+            if (++ow == out.w) ow = 0, ++oh;
+          }
+          for (int64_t u = u_begin; u < u_end; ++u) {
+            const float* b = w.panels.data() + u * w.taps * NR;
+            for (int64_t k0 = 0; k0 < w.taps; k0 += slice) {
+              const int64_t kc = std::min(slice, w.taps - k0);
+              for (int64_t q0 = qb; q0 < qe; q0 += MR)
+                gemm::gather_kernel(kc, plan.koff.data() + k0, rows + (q0 - qb), b + k0 * NR,
+                                    tiles + (q0 - qb) * NR,
+                                    static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0);
+            }
+            const int64_t jb0 = u * blocks_per_panel;
+            const int64_t nb = std::min(blocks_per_panel, out_blocks - jb0);
+            store_tile(tiles, qe - qb, nb, e.bias ? e.bias + jb0 * B : nullptr,
+                       res_image ? res_image + (jb0 * P + qb) * B : nullptr, P * B,
+                       out_image + (jb0 * P + qb) * B, P * B, e.act);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace blocked
+}  // namespace convcore

@@ -1,0 +1,90 @@
+// Internals shared by the blocked-layout kernels (blocked_conv.cpp,
+// blocked_ops.cpp): the output stage's activation as a compile-time
+// constant, and the per-instruction-set dispatch with B as a template
+// argument (16 lanes with AVX-512, 8 with AVX2 and the portable code).
+#pragma once
+
+#include "activation_math.h"
+#include "blocked.h"
+#include "gemm.h"
+#include "simd.h"
+
+namespace convcore {
+namespace blocked {
+
+// B lanes of floats (and of doubles, for the pooling sums) as one GCC
+// vector, with unaligned loads and stores.
+template <int B>
+struct Lanes;
+template <>
+struct Lanes<8> {
+  using type = simd::f32x8;
+  using wide = simd::f64x8;
+};
+typedef double f64x16 __attribute__((vector_size(128)));
+template <>
+struct Lanes<16> {
+  using type = simd::f32x16;
+  using wide = f64x16;
+};
+template <int B>
+using Vec = typename Lanes<B>::type;
+template <int B>
+using WideVec = typename Lanes<B>::wide;
+
+template <int B>
+CONVCORE_ALWAYS_INLINE Vec<B> load(const float* p) {
+  Vec<B> v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int B>
+CONVCORE_ALWAYS_INLINE void store(float* p, const Vec<B>& v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+template <int B>
+CONVCORE_ALWAYS_INLINE Vec<B> splat(float v) {
+  return Vec<B>{} + v;
+}
+
+// The activation A of B values (the eager ops' arithmetic: activation.cpp
+// and relu_forward).
+template <Act A, typename V>
+CONVCORE_ALWAYS_INLINE V apply(V v) {
+  switch (A) {
+    case Act::None: return v;
+    case Act::ReLU: return v < V{} ? V{} : v;  // a NaN passes, as relu_forward
+    case Act::ReLU6: return act_math::activate<Activation::ReLU6>(v);
+    case Act::Sigmoid: return act_math::activate<Activation::Sigmoid>(v);
+    case Act::SiLU: return act_math::activate<Activation::SiLU>(v);
+    case Act::Hardswish: return act_math::activate<Activation::Hardswish>(v);
+    case Act::Hardsigmoid: return act_math::activate<Activation::Hardsigmoid>(v);
+  }
+  return v;
+}
+
+// Calls FN<B, A>(ARGS...) for the run-time activation `act`, so each
+// activation's loop is compiled (and vectorised) on its own. A switch, not
+// a generic lambda: a lambda's body would be compiled for the baseline
+// instruction set, outside the caller's target attribute.
+#define CONVCORE_ACT_SWITCH(act, FN, B, ...)                                       \
+  switch (act) {                                                                   \
+    case Act::None: FN<B, Act::None>(__VA_ARGS__); break;                          \
+    case Act::ReLU: FN<B, Act::ReLU>(__VA_ARGS__); break;                          \
+    case Act::ReLU6: FN<B, Act::ReLU6>(__VA_ARGS__); break;                        \
+    case Act::Sigmoid: FN<B, Act::Sigmoid>(__VA_ARGS__); break;                    \
+    case Act::SiLU: FN<B, Act::SiLU>(__VA_ARGS__); break;                          \
+    case Act::Hardswish: FN<B, Act::Hardswish>(__VA_ARGS__); break;                \
+    case Act::Hardsigmoid: FN<B, Act::Hardsigmoid>(__VA_ARGS__); break;            \
+  }
+
+// Defines `void NAME PARAMS` calling BODY<B> ARGS compiled for AVX-512
+// (B = 16), AVX2 (B = 8) and the baseline (B = 8), picked by
+// gemm::isa_level() as block() is. BODY runs on one thread: the parallel
+// loops stay outside, in code compiled for the baseline, and call it per
+// task (as conv_depthwise.h's row kernels are called).
+#define CONVCORE_BLOCKED_DISPATCH(NAME, BODY, PARAMS, ARGS) \
+  CONVCORE_ISA_DISPATCH3(NAME, BODY<16>, BODY<8>, BODY<8>, PARAMS, ARGS)
+
+}  // namespace blocked
+}  // namespace convcore

@@ -1,0 +1,422 @@
+// The blocked-layout kernels other than the dense convolution (blocked.h):
+// depthwise convolution, pooling, the elementwise output stages and the
+// layout changes. Each loops over whole channel blocks with the B lanes
+// innermost, so the compiler turns every lane loop into one vector
+// operation; windows are clipped to the image (no padded copies).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "blocked_kernels.h"
+#include "convcore/threading.h"
+#include "gemm.h"
+
+namespace convcore {
+namespace blocked {
+
+int block() { return gemm::isa_level() == 2 ? 16 : 8; }
+
+const char* act_name(Act act) {
+  switch (act) {
+    case Act::None: return "none";
+    case Act::ReLU: return "ReLU";
+    case Act::ReLU6: return "ReLU6";
+    case Act::Sigmoid: return "Sigmoid";
+    case Act::SiLU: return "SiLU";
+    case Act::Hardswish: return "Hardswish";
+    case Act::Hardsigmoid: return "Hardsigmoid";
+  }
+  return "?";
+}
+
+int64_t image_size(int64_t c, int64_t h, int64_t w, bool is_blocked) {
+  return (is_blocked ? round_up(c, block()) : c) * h * w;
+}
+
+namespace {
+
+int64_t blocks_of(const Image& t, int64_t B) { return (t.c + B - 1) / B; }
+
+// Splits `units` of work (images x channel blocks x row bands) so that every
+// thread has a few tasks: rows are split only when images x blocks are few.
+int64_t row_bands(int64_t planes, int64_t rows, int threads) {
+  const int64_t want = 4 * static_cast<int64_t>(threads);
+  return std::clamp<int64_t>((want + planes - 1) / planes, 1, rows);
+}
+
+// --- depthwise convolution
+
+// One output column whose window crosses the image's edge: the kernel
+// columns [j_lo, j_hi) that fall inside, found first. (A loop that skipped
+// the outside taps with `continue` was miscompiled by GCC 12 at -O3:
+// versioning the loop for a unit dilation dropped taps.)
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void depthwise_edge(const float* x, int64_t W, const float* w,
+                                           int64_t kw, const Conv2dParams& p, Vec<B> b,
+                                           int64_t ih0, int64_t i_lo, int64_t i_hi, int64_t ow,
+                                           float* yr) {
+  const int64_t iw0 = ow * p.stride_w - p.pad_left;
+  int64_t j_lo = 0, j_hi = kw;
+  while (j_lo < kw && iw0 + j_lo * p.dilation_w < 0) ++j_lo;
+  while (j_hi > j_lo && iw0 + (j_hi - 1) * p.dilation_w >= W) --j_hi;
+  Vec<B> acc = b;
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const float* xr = x + (ih0 + i * p.dilation_h) * W * B;
+    for (int64_t j = j_lo; j < j_hi; ++j)
+      acc += load<B>(xr + (iw0 + j * p.dilation_w) * B) * load<B>(w + (i * kw + j) * B);
+  }
+  store<B>(yr + ow * B, apply<A>(acc));
+}
+
+// Output rows [oh0, oh1) of one channel block: every tap of the window that
+// lies in the image, B lanes at a time. The columns whose window lies inside
+// the image (most of them) run without bounds checks, U at a time.
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_t W,
+                                               const float* w, int64_t kh, int64_t kw,
+                                               const Conv2dParams& p, const float* bias,
+                                               int64_t oh0, int64_t oh1, int64_t Wo, float* y) {
+  // columns whose whole window is inside: iw0 >= 0 and iw0 + (kw - 1) dw < W
+  const int64_t span = (kw - 1) * p.dilation_w;
+  int64_t ow_lo = (p.pad_left + p.stride_w - 1) / p.stride_w;
+  int64_t ow_hi = W - span + p.pad_left <= 0 ? 0 : (W - span + p.pad_left - 1) / p.stride_w + 1;
+  ow_lo = std::min(ow_lo, Wo);
+  ow_hi = std::clamp(ow_hi, ow_lo, Wo);
+  const Vec<B> b = bias ? load<B>(bias) : Vec<B>{};
+  const int64_t step = p.stride_w * B;
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih0 = oh * p.stride_h - p.pad_top;
+    int64_t i_lo = 0, i_hi = kh;  // kernel rows inside the image
+    while (i_lo < kh && ih0 + i_lo * p.dilation_h < 0) ++i_lo;
+    while (i_hi > i_lo && ih0 + (i_hi - 1) * p.dilation_h >= H) --i_hi;
+    float* yr = y + oh * Wo * B;
+    for (int64_t ow = 0; ow < ow_lo; ++ow)
+      depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
+    constexpr int U = 4;  // output columns at once: independent accumulators
+    int64_t ow = ow_lo;
+    for (; ow + U <= ow_hi; ow += U) {
+      Vec<B> acc[U];
+      for (int u = 0; u < U; ++u) acc[u] = b;
+      const int64_t iw0 = ow * p.stride_w - p.pad_left;
+      for (int64_t i = i_lo; i < i_hi; ++i) {
+        const float* xr = x + ((ih0 + i * p.dilation_h) * W + iw0) * B;
+        for (int64_t j = 0; j < kw; ++j) {
+          const Vec<B> wv = load<B>(w + (i * kw + j) * B);
+          const float* xv = xr + j * p.dilation_w * B;
+          for (int u = 0; u < U; ++u) acc[u] += load<B>(xv + u * step) * wv;
+        }
+      }
+      for (int u = 0; u < U; ++u) store<B>(yr + (ow + u) * B, apply<A>(acc[u]));
+    }
+    for (; ow < Wo; ++ow) depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
+  }
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void depthwise_rows_body(const float* x, int64_t H, int64_t W,
+                                                const float* w, int64_t kh, int64_t kw,
+                                                const Conv2dParams& p, const float* bias,
+                                                int64_t oh0, int64_t oh1, int64_t Wo, float* y,
+                                                Act act) {
+  CONVCORE_ACT_SWITCH(act, depthwise_rows_act, B, x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y)
+}
+
+CONVCORE_BLOCKED_DISPATCH(depthwise_rows, depthwise_rows_body,
+                          (const float* x, int64_t H, int64_t W, const float* w, int64_t kh,
+                           int64_t kw, const Conv2dParams& p, const float* bias, int64_t oh0,
+                           int64_t oh1, int64_t Wo, float* y, Act act),
+                          (x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y, act))
+
+// --- pooling: one channel block's plane each
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void max_pool_plane_body(const float* x, int64_t H, int64_t W,
+                                                const Pool2dParams& p, int64_t Ho, int64_t Wo,
+                                                float* y) {
+  for (int64_t oh = 0; oh < Ho; ++oh)
+    for (int64_t ow = 0; ow < Wo; ++ow) {
+      // the window's taps inside the image (ranges, as depthwise_edge)
+      const int64_t ih0 = oh * p.stride_h - p.pad_h, iw0 = ow * p.stride_w - p.pad_w;
+      int64_t i_lo = 0, i_hi = p.kernel_h, j_lo = 0, j_hi = p.kernel_w;
+      while (i_lo < i_hi && ih0 + i_lo * p.dilation_h < 0) ++i_lo;
+      while (i_hi > i_lo && ih0 + (i_hi - 1) * p.dilation_h >= H) --i_hi;
+      while (j_lo < j_hi && iw0 + j_lo * p.dilation_w < 0) ++j_lo;
+      while (j_hi > j_lo && iw0 + (j_hi - 1) * p.dilation_w >= W) --j_hi;
+      Vec<B> m = splat<B>(-std::numeric_limits<float>::infinity());
+      for (int64_t i = i_lo; i < i_hi; ++i)
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          const Vec<B> v =
+              load<B>(x + ((ih0 + i * p.dilation_h) * W + iw0 + j * p.dilation_w) * B);
+          m = ((v > m) | (v != v)) ? v : m;  // a NaN wins, as in PyTorch's max pooling
+        }
+      store<B>(y + (oh * Wo + ow) * B, m);
+    }
+}
+
+CONVCORE_BLOCKED_DISPATCH(max_pool_plane, max_pool_plane_body,
+                          (const float* x, int64_t H, int64_t W, const Pool2dParams& p,
+                           int64_t Ho, int64_t Wo, float* y),
+                          (x, H, W, p, Ho, Wo, y))
+
+// PyTorch's average-pool window (shapes.h); sums in double as the plain op
+// does.
+template <int B>
+CONVCORE_ALWAYS_INLINE void avg_pool_plane_body(const float* x, int64_t H, int64_t W,
+                                                const Pool2dParams& p, int64_t Ho, int64_t Wo,
+                                                float* y) {
+  for (int64_t oh = 0; oh < Ho; ++oh)
+    for (int64_t ow = 0; ow < Wo; ++ow) {
+      const AvgPoolWindow win = avg_pool_window(H, W, p, oh, ow);
+      const int64_t h0 = win.h0, h1 = win.h1, w0 = win.w0, w1 = win.w1, divisor = win.divisor;
+      WideVec<B> s{};
+      for (int64_t ih = h0; ih < h1; ++ih)
+        for (int64_t iw = w0; iw < w1; ++iw)
+          s += __builtin_convertvector(load<B>(x + (ih * W + iw) * B), WideVec<B>);
+      const Vec<B> mean = __builtin_convertvector(s / double(divisor != 0 ? divisor : 1), Vec<B>);
+      store<B>(y + (oh * Wo + ow) * B, divisor != 0 ? mean : Vec<B>{});
+    }
+}
+
+CONVCORE_BLOCKED_DISPATCH(avg_pool_plane, avg_pool_plane_body,
+                          (const float* x, int64_t H, int64_t W, const Pool2dParams& p,
+                           int64_t Ho, int64_t Wo, float* y),
+                          (x, H, W, p, Ho, Wo, y))
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void global_avg_plane_body(const float* x, int64_t hw, float* y) {
+  WideVec<B> s{};
+  for (int64_t q = 0; q < hw; ++q) s += __builtin_convertvector(load<B>(x + q * B), WideVec<B>);
+  store<B>(y, __builtin_convertvector(s / double(hw), Vec<B>));
+}
+
+CONVCORE_BLOCKED_DISPATCH(global_avg_plane, global_avg_plane_body,
+                          (const float* x, int64_t hw, float* y), (x, hw, y))
+
+// --- elementwise, over runs of whole vectors
+
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void add_run_act(const float* const* x, int k, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; i += B) {
+    Vec<B> v = load<B>(x[0] + i) + load<B>(x[1] + i);
+    for (int j = 2; j < k; ++j) v += load<B>(x[j] + i);
+    store<B>(y + i, apply<A>(v));
+  }
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void add_run_body(const float* const* x, int k, int64_t n, float* y,
+                                         Act act) {
+  CONVCORE_ACT_SWITCH(act, add_run_act, B, x, k, n, y)
+}
+
+CONVCORE_BLOCKED_DISPATCH(add_run, add_run_body,
+                          (const float* const* x, int k, int64_t n, float* y, Act act),
+                          (x, k, n, y, act))
+
+// y = x * s over n floats; s per channel block (B lanes, advancing every
+// `per` floats) or, with per == 0, elementwise.
+template <int B>
+CONVCORE_ALWAYS_INLINE void mul_run_body(const float* x, const float* s, int64_t per,
+                                         int64_t first, int64_t n, float* y) {
+  if (per == 0) {
+    for (int64_t i = 0; i < n; i += B) store<B>(y + i, load<B>(x + i) * load<B>(s + i));
+    return;
+  }
+  for (int64_t i = 0; i < n; i += B)
+    store<B>(y + i, load<B>(x + i) * load<B>(s + ((first + i) / per) * B));
+}
+
+CONVCORE_BLOCKED_DISPATCH(mul_run, mul_run_body,
+                          (const float* x, const float* s, int64_t per, int64_t first, int64_t n,
+                           float* y),
+                          (x, s, per, first, n, y))
+
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void affine_plane_act(const float* x, const float* scale,
+                                             const float* shift, int64_t hw, float* y) {
+  const Vec<B> m = scale ? load<B>(scale) : splat<B>(1.0f);
+  const Vec<B> k = shift ? load<B>(shift) : Vec<B>{};
+  for (int64_t q = 0; q < hw; ++q) store<B>(y + q * B, apply<A>(load<B>(x + q * B) * m + k));
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void affine_plane_body(const float* x, const float* scale,
+                                              const float* shift, int64_t hw, float* y, Act act) {
+  CONVCORE_ACT_SWITCH(act, affine_plane_act, B, x, scale, shift, hw, y)
+}
+
+CONVCORE_BLOCKED_DISPATCH(affine_plane, affine_plane_body,
+                          (const float* x, const float* scale, const float* shift, int64_t hw,
+                           float* y, Act act),
+                          (x, scale, shift, hw, y, act))
+
+// --- layout changes, one channel block's plane each
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void to_blocked_plane_body(const float* x, int64_t hw, int64_t lanes,
+                                                  float* y) {
+  for (int64_t q0 = 0; q0 < hw; q0 += 64) {  // 64 positions: the lines stay in L1
+    const int64_t q1 = std::min(hw, q0 + 64);
+    for (int64_t q = q0; q < q1; ++q)
+      for (int l = 0; l < B; ++l) y[q * B + l] = l < lanes ? x[l * hw + q] : 0.0f;
+  }
+}
+
+CONVCORE_BLOCKED_DISPATCH(to_blocked_plane, to_blocked_plane_body,
+                          (const float* x, int64_t hw, int64_t lanes, float* y),
+                          (x, hw, lanes, y))
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void to_plain_plane_body(const float* x, int64_t hw, int64_t lanes,
+                                                float* y) {
+  for (int64_t q0 = 0; q0 < hw; q0 += 64) {  // 64 positions: the lines stay in L1
+    const int64_t q1 = std::min(hw, q0 + 64);
+    for (int64_t l = 0; l < lanes; ++l)
+      for (int64_t q = q0; q < q1; ++q) y[l * hw + q] = x[q * B + l];
+  }
+}
+
+CONVCORE_BLOCKED_DISPATCH(to_plain_plane, to_plain_plane_body,
+                          (const float* x, int64_t hw, int64_t lanes, float* y),
+                          (x, hw, lanes, y))
+
+// Calls f(image, begin, end) over every image's floats in chunks (multiples
+// of 64 floats) that give each thread a share: an image of a deep layer at
+// batch 1 is one chunk per thread.
+template <typename F>
+void for_chunks(int64_t images, int64_t floats, int threads, F&& f) {
+  const int64_t per = std::clamp<int64_t>((4 * threads + images - 1) / images, 1,
+                                          std::max<int64_t>(1, floats / 4096));
+  const int64_t len = round_up((floats + per - 1) / per, 64);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < images * per; ++t) {
+    const int64_t begin = (t % per) * len, end = std::min(floats, begin + len);
+    if (begin < end) f(t / per, begin, end);
+  }
+}
+
+// Calls f(image, channel block) for every plane of t, in parallel.
+template <typename F>
+void for_planes(const Image& t, int threads, F&& f) {
+  const int64_t cb = blocks_of(t, block());
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t pl = 0; pl < t.n * cb; ++pl) f(pl / cb, pl % cb);
+}
+
+}  // namespace
+
+std::vector<float> pack_depthwise_weights(const float* weight, int64_t c, int64_t kh,
+                                          int64_t kw) {
+  const int64_t B = block();
+  std::vector<float> packed(static_cast<std::size_t>(round_up(c, B) * kh * kw), 0.0f);
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int64_t t = 0; t < kh * kw; ++t)
+      packed[static_cast<std::size_t>(((ch / B) * kh * kw + t) * B + ch % B)] =
+          weight[ch * kh * kw + t];
+  return packed;
+}
+
+void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t kw,
+                      const Conv2dParams& p, const Epilogue& e, const Image& out, int threads) {
+  const int64_t B = block(), cb = blocks_of(in, B), planes = in.n * cb;
+  const int64_t bands = row_bands(planes, out.h, threads);
+  const int64_t band = (out.h + bands - 1) / bands;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < planes * bands; ++t) {
+    const int64_t pl = t / bands, n = pl / cb, c = pl % cb;
+    const int64_t oh0 = (t % bands) * band, oh1 = std::min(out.h, oh0 + band);
+    if (oh0 >= oh1) continue;
+    depthwise_rows(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w,
+                   packed + c * kh * kw * B, kh, kw, p, e.bias ? e.bias + c * B : nullptr, oh0,
+                   oh1, out.w, out.data + n * out.image_stride + c * out.h * out.w * B, e.act);
+  }
+}
+
+void max_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads) {
+  const int64_t B = block();
+  for_planes(in, threads, [&](int64_t n, int64_t c) {
+    max_pool_plane(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w, p, out.h,
+                   out.w, out.data + n * out.image_stride + c * out.h * out.w * B);
+  });
+}
+
+void avg_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads) {
+  const int64_t B = block();
+  for_planes(in, threads, [&](int64_t n, int64_t c) {
+    avg_pool_plane(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w, p, out.h,
+                   out.w, out.data + n * out.image_stride + c * out.h * out.w * B);
+  });
+}
+
+void global_avg_pool(const Image& in, const Image& out, int threads) {
+  const int64_t B = block(), hw = in.h * in.w;
+  for_planes(in, threads, [&](int64_t n, int64_t c) {
+    global_avg_plane(in.data + n * in.image_stride + c * hw * B, hw,
+                     out.data + n * out.image_stride + c * B);
+  });
+}
+
+void add(const std::vector<Image>& in, Act act, const Image& out, int threads) {
+  const int64_t floats = image_size(out.c, out.h, out.w, true);
+  for_chunks(out.n, floats, threads, [&](int64_t n, int64_t b, int64_t e) {
+    const float* x[16];
+    std::vector<const float*> many;
+    const float** xs = x;
+    if (in.size() > 16) {
+      many.resize(in.size());
+      xs = many.data();
+    }
+    for (std::size_t k = 0; k < in.size(); ++k) xs[k] = in[k].data + n * in[k].image_stride + b;
+    add_run(xs, static_cast<int>(in.size()), e - b, out.data + n * out.image_stride + b, act);
+  });
+}
+
+void mul(const Image& x, const Image& s, const Image& out, int threads) {
+  const int64_t B = block(), hw = x.h * x.w, floats = image_size(x.c, x.h, x.w, true);
+  const bool per_channel = s.h == 1 && s.w == 1 && hw != 1;
+  for_chunks(out.n, floats, threads, [&](int64_t n, int64_t b, int64_t e) {
+    const float* sv = s.data + n * s.image_stride;
+    mul_run(x.data + n * x.image_stride + b, per_channel ? sv : sv + b, per_channel ? hw * B : 0,
+            b, e - b, out.data + n * out.image_stride + b);
+  });
+}
+
+void affine(const Image& x, const float* scale, const float* shift, Act act, const Image& out,
+            int threads) {
+  const int64_t B = block(), hw = x.h * x.w;
+  for_planes(x, threads, [&](int64_t n, int64_t c) {
+    affine_plane(x.data + n * x.image_stride + c * hw * B, scale ? scale + c * B : nullptr,
+                 shift ? shift + c * B : nullptr, hw, out.data + n * out.image_stride + c * hw * B,
+                 act);
+  });
+}
+
+void copy(const Image& x, const Image& out, int threads) {
+  const int64_t floats = image_size(x.c, x.h, x.w, x.blocked);
+  for_chunks(x.n, floats, threads, [&](int64_t n, int64_t b, int64_t e) {
+    std::memcpy(out.data + n * out.image_stride + b, x.data + n * x.image_stride + b,
+                static_cast<std::size_t>(e - b) * sizeof(float));
+  });
+}
+
+void to_blocked(const Image& plain, const Image& out, int threads) {
+  const int64_t B = block(), hw = plain.h * plain.w;
+  for_planes(plain, threads, [&](int64_t n, int64_t c) {
+    to_blocked_plane(plain.data + n * plain.image_stride + c * B * hw, hw,
+                     std::min<int64_t>(B, plain.c - c * B), out.data + n * out.image_stride + c * B * hw);
+  });
+}
+
+void to_plain(const Image& in, const Image& plain, int threads) {
+  const int64_t B = block(), hw = in.h * in.w;
+  for_planes(in, threads, [&](int64_t n, int64_t c) {
+    to_plain_plane(in.data + n * in.image_stride + c * B * hw, hw,
+                   std::min<int64_t>(B, in.c - c * B), plain.data + n * plain.image_stride + c * B * hw);
+  });
+}
+
+}  // namespace blocked
+}  // namespace convcore
