@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <system_error>
@@ -178,7 +179,20 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   std::error_code ec;
   const uint64_t size = std::filesystem::file_size(path, ec);
   if (ec) throw Error("cannot open " + json::repr(path, 4096) + ": " + ec.message());
+  return from_reader(path, size, [&](uint64_t offset, void* dst, uint64_t n) {
+    read_at(in, path, offset, dst, n);
+  });
+}
 
+SafetensorsFile SafetensorsFile::parse(const std::string& path, const void* data, uint64_t size) {
+  return from_reader(path, size, [&](uint64_t offset, void* dst, uint64_t n) {
+    std::memcpy(dst, static_cast<const unsigned char*>(data) + offset, static_cast<std::size_t>(n));
+  });
+}
+
+SafetensorsFile SafetensorsFile::from_reader(
+    const std::string& path, uint64_t size,
+    const std::function<void(uint64_t, void*, uint64_t)>& read) {
   SafetensorsFile file;
   file.path_ = path;
   file.file_size_ = size;
@@ -187,7 +201,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     bad(path, "truncated file: " + std::to_string(size) +
                   " bytes, fewer than the 8-byte header length");
   unsigned char len_bytes[8];
-  read_at(in, path, 0, len_bytes, 8);
+  read(0, len_bytes, 8);
   const uint64_t n = read_le64(len_bytes);
   if (n > kMaxSafetensorsHeaderBytes)
     bad(path, "bad header length " + std::to_string(n) + " (more than the " +
@@ -198,7 +212,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
                   " bytes follow it (truncated file?)");
   if (n < 2) bad(path, "bad header length " + std::to_string(n) + ": too short for a JSON object");
   std::string text(static_cast<std::size_t>(n), '\0');
-  read_at(in, path, 8, &text[0], n);
+  read(8, &text[0], n);
 
   const std::string invalid = utf8_error(text);
   if (!invalid.empty()) bad(path, "the header is not valid UTF-8 (" + invalid + ")");

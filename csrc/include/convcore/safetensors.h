@@ -11,6 +11,7 @@
 // reader (python/convcore/io.py).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -43,6 +44,9 @@ class SafetensorsFile {
   // cannot be opened; ValueError naming the file and the fault if it is
   // malformed.
   static SafetensorsFile open(const std::string& path);
+  // The same checks on a file's bytes held in memory (size bytes at data),
+  // naming `path` in the messages; read() then reads from `path`.
+  static SafetensorsFile parse(const std::string& path, const void* data, uint64_t size);
 
   const std::string& path() const { return path_; }
   // In the header's order.
@@ -62,6 +66,9 @@ class SafetensorsFile {
   uint64_t data_start() const { return data_start_; }
 
  private:
+  static SafetensorsFile from_reader(const std::string& path, uint64_t size,
+                                     const std::function<void(uint64_t, void*, uint64_t)>& read);
+
   std::string path_;
   std::vector<SafetensorsEntry> entries_;
   std::map<std::string, std::string> metadata_;
