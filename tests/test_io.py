@@ -96,6 +96,36 @@ def test_round_trip_gives_identical_state_and_outputs(tmp_path, name, dtype):
     loaded.backward(np.ones_like(out))
 
 
+def _as_format_1(src, dst):
+    """A copy of a saved file as convcore wrote it before the network graph
+    existed (format 1): the same tensors and architecture, no convcore_graph."""
+    tensors, metadata = cio.load_state_dict_file(src)
+    del metadata["convcore_graph"]
+    cio.save_state_dict_file(tensors, dst, metadata)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_files_of_format_1_still_load_and_compile(tmp_path, name):
+    """Nothing a user saved is lost: a format-1 file loads in Python (from its
+    module tree) and in the C++ reader (its tree lowered to a graph), and
+    both compute what the saved model computed."""
+    init.manual_seed(1)
+    build, shape = MODELS[name]
+    model = trained_state(build(), shape).eval()
+    new, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    cio.save(model, new)
+    _as_format_1(new, old)
+    assert "convcore_graph" not in cio.load_state_dict_file(old)[1]
+    loaded = cio.load(old)
+    assert_same_state(model, loaded)
+    x = np.random.default_rng(2).standard_normal((3,) + shape).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x), model(x))
+    # the C++ reader lowers the module tree to the graph Python writes: the
+    # same engine, bit for bit
+    from_file = convcore._core.CompiledNet(str(old))
+    np.testing.assert_array_equal(from_file.forward(x), convcore.compile(model)(x))
+
+
 def test_training_mode_is_restored(tmp_path):
     model = tiny_net().train()
     cio.save(model, tmp_path / "m.safetensors")
@@ -114,6 +144,7 @@ def test_file_layout(tmp_path):
     assert meta["format"] == "convcore"
     assert meta["convcore_version"] == convcore.__version__
     assert json.loads(meta["convcore_architecture"]) == model.architecture()
+    assert json.loads(meta["convcore_graph"]) == model.to_graph()
     assert meta["epoch"] == "12" and meta["note"] == "héllo"
     assert list(header) == list(model.state_dict())
     assert header["1.num_batches_tracked"]["dtype"] == "I64"
@@ -213,6 +244,7 @@ def test_readable_by_the_safetensors_package(tmp_path):
         meta = f.metadata()
     assert meta["format"] == "convcore" and meta["epoch"] == "5"
     assert json.loads(meta["convcore_architecture"]) == model.architecture()
+    assert json.loads(meta["convcore_graph"]) == model.to_graph()
 
 
 def test_reads_files_written_by_the_safetensors_package(tmp_path):

@@ -70,14 +70,14 @@ def test_zoo_model_graph_runs_as_the_model(name):
         model = models.get(name, **kwargs)
     graph = assert_graph_runs_as_model(model, model.input_shape)
     assert graph["input_shape"] == list(model.input_shape)
-    assert graph["name"] == getattr(model, "name", None)  # ResNet has none
+    assert graph["name"] == (getattr(model, "name", None) or type(model).__name__)  # "ResNet"
     assert len(graph["outputs"]) == (3 if name == "googlenet" else 1)
 
 
 def test_resnet_graph_is_forward_spelled_out():
     model = models.resnet18(num_classes=10, input_size=32)
     graph = to_graph(model)
-    assert graph["name"] is None and graph["outputs"] == ["fc"]
+    assert graph["name"] == "ResNet" and graph["outputs"] == ["fc"]
     head = [(n["op"], n.get("name"), n["inputs"], n["outputs"]) for n in graph["nodes"][:11]]
     assert head == [
         ("Conv2d", "conv1", ["x"], ["conv1"]),
@@ -181,7 +181,7 @@ def test_every_layer_type_lowers_to_its_node():
     model = every_layer_net()
     graph = assert_graph_runs_as_model(model, (3, 10, 10))
     assert {n["op"] for n in graph["nodes"]} == LAYER_OPS
-    assert graph["name"] is None and graph["input_shape"] is None
+    assert graph["name"] == "Sequential" and graph["input_shape"] is None
     conv = graph["nodes"][0]
     assert conv == {"op": "Conv2d", "name": "conv", "inputs": ["x"], "outputs": ["conv"],
                     "attrs": model.conv.config()}

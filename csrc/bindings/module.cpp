@@ -6,11 +6,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+#include <map>
+#include <memory>
 #include <optional>
+#include <string_view>
 #include <string>
 #include <vector>
 
 #include "convcore/convcore.h"
+#include "model_file.h"  // the runtime's reader of model files (not installed)
 
 namespace py = pybind11;
 using convcore::DType;
@@ -498,6 +503,116 @@ py::tuple batch_norm_backward(const py::array& grad_output, const py::array& inp
   return py::make_tuple(gx, gw, gb);
 }
 
+
+// --- model files and the compiled engine (runtime/)
+
+// A safetensors file's header, checked by the C++ reader: the tensors'
+// (name, dtype, shape, begin, end) in header order, the metadata, and where
+// the data starts. Python makes the arrays from its own copy of the bytes.
+py::tuple safetensors_header(const py::bytes& buf, const std::string& path) {
+  const std::string_view data = buf;
+  const convcore::SafetensorsFile f =
+      convcore::SafetensorsFile::parse(path, data.data(), static_cast<uint64_t>(data.size()));
+  py::list entries;
+  for (const auto& e : f.entries())
+    entries.append(py::make_tuple(e.name, e.dtype, e.shape, e.begin, e.end));
+  return py::make_tuple(entries, f.metadata(), f.data_start());
+}
+
+std::vector<convcore::TensorInfo> tensor_infos(const py::list& infos) {
+  std::vector<convcore::TensorInfo> out;
+  for (const auto& item : infos) {
+    const auto t = item.cast<py::tuple>();
+    out.push_back({t[0].cast<std::string>(), t[1].cast<std::string>(),
+                   t[2].cast<std::vector<int64_t>>()});
+  }
+  return out;
+}
+
+// The graph of a file's metadata checked against its tensors (name,
+// safetensors dtype, shape), as convcore::Net::load checks them; returns the
+// net's dtype ("float32" / "float64"). ValueError "cannot load '<path>': ...".
+std::string check_model(const std::map<std::string, std::string>& metadata,
+                        const py::list& infos, const std::string& path) {
+  try {
+    const convcore::graph::Graph g = convcore::graph_from_metadata(metadata);
+    const DType dt = convcore::match_tensors(g, tensor_infos(infos));
+    convcore::check_input_shape(g);
+    return convcore::dtype_name(dt);
+  } catch (const convcore::ValueError& e) {
+    throw convcore::ValueError("cannot load " + py::repr(py::str(path)).cast<std::string>() +
+                               ": " + e.what());
+  }
+}
+
+// convcore.compile's engine: a convcore::Net over a graph and its tensors.
+class CompiledNet {
+ public:
+  CompiledNet(const std::string& graph_json, const py::dict& tensors, bool blocked, bool fuse,
+              int threads) {
+    Arrays arrays;
+    std::map<std::string, TensorView> views;
+    for (const auto& kv : tensors) {
+      const std::string name = kv.first.cast<std::string>();
+      py::array a = py::array::ensure(kv.second);
+      if (a.dtype().kind() == 'i' || a.dtype().kind() == 'u') {  // num_batches_tracked
+        // (np.array: ascontiguousarray would make a 0-d array 1-d)
+        py::array i64 = py::module_::import("numpy").attr("array")(a, "int64", py::arg("order") = "C");
+        arrays.keep.push_back(i64);
+        TensorView t;
+        t.data = const_cast<void*>(i64.data());
+        t.dtype = DType::Int64;
+        t.ndim = static_cast<int>(i64.ndim());
+        for (int i = 0; i < t.ndim; ++i) t.shape[i] = i64.shape(i), t.strides[i] = i64.strides(i) / 8;
+        views[name] = t;
+      } else {
+        views[name] = arrays.view(a, name.c_str());
+      }
+    }
+    convcore::NetOptions options;
+    options.blocked = blocked, options.fuse = fuse, options.threads = threads;
+    net_ = std::make_unique<convcore::Net>(convcore::Net::from_graph(graph_json, views, options));
+  }
+  explicit CompiledNet(const std::string& path, bool blocked, bool fuse, int threads) {
+    convcore::NetOptions options;
+    options.blocked = blocked, options.fuse = fuse, options.threads = threads;
+    net_ = std::make_unique<convcore::Net>(convcore::Net::load(path, options));
+  }
+
+  py::array forward(const py::array& input) const {
+    Arrays arrays;
+    const TensorView x = arrays.view(input, "input");
+    convcore::Tensor y;
+    {
+      py::gil_scoped_release release;
+      y = net_->forward(x);
+    }
+    py::array out = y.dtype() == DType::Float32
+                        ? py::array(py::array_t<float>(std::vector<py::ssize_t>(y.shape().begin(), y.shape().end())))
+                        : py::array(py::array_t<double>(std::vector<py::ssize_t>(y.shape().begin(), y.shape().end())));
+    std::memcpy(out.mutable_data(), y.data(), y.nbytes());
+    return out;
+  }
+  py::list profile(const py::array& input, int runs) const {
+    Arrays arrays;
+    const TensorView x = arrays.view(input, "input");
+    std::vector<convcore::NetStep> steps;
+    {
+      py::gil_scoped_release release;
+      steps = net_->profile(x, runs);
+    }
+    py::list rows;
+    for (const auto& s : steps)
+      rows.append(py::make_tuple(s.label, s.kind, s.layout, s.shape, s.seconds));
+    return rows;
+  }
+  const convcore::Net& net() const { return *net_; }
+  convcore::Net& net() { return *net_; }
+
+ private:
+  std::unique_ptr<convcore::Net> net_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -574,4 +689,33 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_workspace_limit", &convcore::set_workspace_limit, py::arg("bytes"),
         "Most bytes one piece of scratch memory may take (0: physical memory)");
   m.def("workspace_limit", &convcore::workspace_limit);
+
+  m.def("safetensors_header", &safetensors_header, py::arg("buf"), py::arg("path"));
+  m.def("check_model", &check_model, py::arg("metadata"), py::arg("tensors"), py::arg("path"));
+  py::class_<CompiledNet>(m, "CompiledNet")
+      .def(py::init<const std::string&, const py::dict&, bool, bool, int>(), py::arg("graph"),
+           py::arg("tensors"), py::arg("blocked") = true, py::arg("fuse") = true,
+           py::arg("threads") = 0)
+      .def(py::init<const std::string&, bool, bool, int>(), py::arg("path"),
+           py::arg("blocked") = true, py::arg("fuse") = true, py::arg("threads") = 0)
+      .def("forward", &CompiledNet::forward, py::arg("input"))
+      .def("profile", &CompiledNet::profile, py::arg("input"), py::arg("runs"))
+      .def("plan", [](const CompiledNet& c, int64_t batch, std::vector<int64_t> sample) {
+             return c.net().plan(batch, sample);
+           }, py::arg("batch"), py::arg("sample_shape") = std::vector<int64_t>{})
+      .def("arena_bytes", [](const CompiledNet& c, int64_t batch, std::vector<int64_t> sample) {
+             return c.net().arena_bytes(batch, sample);
+           }, py::arg("batch"), py::arg("sample_shape") = std::vector<int64_t>{})
+      .def("summary", [](const CompiledNet& c) { return c.net().summary(); })
+      .def("output_shape", [](const CompiledNet& c, std::vector<int64_t> sample) {
+             return c.net().output_shape(sample);
+           })
+      .def_property_readonly("input_shape", [](const CompiledNet& c) { return c.net().input_shape(); })
+      .def_property_readonly("name", [](const CompiledNet& c) { return c.net().name(); })
+      .def_property_readonly("dtype", [](const CompiledNet& c) {
+             return std::string(convcore::dtype_name(c.net().dtype()));
+           })
+      .def_property("threads", [](const CompiledNet& c) { return c.net().num_threads(); },
+                    [](CompiledNet& c, int t) { c.net().set_num_threads(t); })
+      .def_property_readonly("num_parameters", [](const CompiledNet& c) { return c.net().num_parameters(); });
 }

@@ -38,11 +38,13 @@ from .train import evaluate, fit, predict  # noqa: E402
 
 
 from .io import load, load_state_dict_file, save  # noqa: E402
+from .compiled import CompiledModel, compile  # noqa: E402,A004  (inference by the C++ engine)
 from .cuda import to_dlpack  # noqa: E402  (GPU results to torch.from_dlpack; no cupy import)
 
 
 __all__ = [
     "build", "build_graph",
+    "compile", "CompiledModel",
     "data",
     "evaluate",
     "fit",

@@ -1,11 +1,12 @@
-"""Saving and loading models in the safetensors format, written and read with
-numpy alone (the `safetensors` package is not needed at run time).
+"""Saving and loading models in the safetensors format (docs/format.md);
+the `safetensors` package is not needed at run time.
 
 A file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON
 (padded with spaces to a multiple of 8) and the raw little-endian C-order
 tensor bytes::
 
     {"__metadata__": {"format": "convcore", "convcore_version": "...",
+                      "convcore_graph": "<the network graph as JSON>",
                       "convcore_architecture": "<Module.architecture() as JSON>", ...},
      "features.0.weight": {"dtype": "F32", "shape": [64, 3, 11, 11],
                            "data_offsets": [0, 92928]}, ...}
@@ -14,9 +15,13 @@ Tensor names are those of Module.state_dict() (PyTorch's), so the files are
 readable by the `safetensors` package and by PyTorch, and state dicts saved
 from PyTorch load with `load_state_dict_file`.
 
-Reading never trusts the file: the header length, the JSON, every dtype,
-shape and byte range, and the architecture are checked before anything is
-built, and every problem is a ValueError naming the file and the fault.
+Reading never trusts the file. The header (its length, the JSON, every
+dtype, shape and byte range) and the network graph with its tensors are
+checked by the C++ reader that convcore::Net uses (convcore._core), so a
+file is refused for the same reasons, in the same words, from Python and
+from C++; the architecture (the module tree Python rebuilds to train) is
+checked here before anything is built. Every problem is a ValueError naming
+the file and the fault.
 """
 from __future__ import annotations
 
@@ -258,100 +263,19 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
-def _parse(buf: bytes, path: str) -> Tuple["OrderedDict[str, np.ndarray]", Dict[str, str]]:
-    """Validates a whole safetensors file in memory and returns its tensors
-    (native-endian copies) and metadata."""
-    size = len(buf)
-    if size < 8:
-        raise _bad(path, f"truncated file: {size} bytes, fewer than the 8-byte header length")
-    (n,) = struct.unpack_from("<Q", buf, 0)
-    if n > MAX_HEADER_BYTES:
-        raise _bad(path, f"bad header length {n} (more than the {MAX_HEADER_BYTES}-byte limit; "
-                         f"not a safetensors file, or a corrupt one)")
-    if n > size - 8:
-        raise _bad(path, f"bad header length {n}: only {size - 8} bytes follow it "
-                         f"(truncated file?)")
-    if n < 2:
-        raise _bad(path, f"bad header length {n}: too short for a JSON object")
-    try:
-        text = bytes(buf[8:8 + n]).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _bad(path, f"the header is not valid UTF-8 ({e})") from None
-    if not text.lstrip().startswith("{"):
-        raise _bad(path, "the header is not a JSON object")
-    try:
-        header = _parse_json(text)
-    except (ValueError, RecursionError) as e:
-        raise _bad(path, f"the header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _bad(path, "the header is not a JSON object")
+def _parse(buf: bytes, path: str):
+    """Checks a whole safetensors file in memory with the C++ reader (the one
+    convcore::Net uses: the same checks and messages) and returns its tensors
+    (native-endian copies), its metadata and each tensor's (name, file dtype,
+    shape)."""
+    from . import _core
 
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:
-        metadata = {}
-    elif not isinstance(metadata, dict):
-        raise _bad(path, "__metadata__ must be an object of string values")
-    else:
-        for key, value in metadata.items():
-            if not isinstance(value, str):
-                raise _bad(path, f"__metadata__[{_short(key)}] is not a string")
-
-    data_start = 8 + n
-    data_len = size - data_start
-    entries = []
-    for name, info in header.items():
-        where = f"tensor {_short(name)}"
-        if not isinstance(info, dict):
-            raise _bad(path, f"{where}: its header entry is not an object")
-        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
-        if missing:
-            raise _bad(path, f"{where}: the header entry lacks {missing}")
-        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype_name, str) or dtype_name not in _FILE_DTYPES:
-            raise _bad(path, f"{where}: unknown dtype {_short(dtype_name)} "
-                             f"(known: {', '.join(_FILE_DTYPES)})")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise _bad(path, f"{where}: shape must be a list of non-negative ints, got "
-                             f"{_short(shape)}")
-        if len(shape) > _MAX_NDIM:
-            raise _bad(path, f"{where}: {len(shape)} dimensions (at most {_MAX_NDIM})")
-        if any(d >= 2 ** 62 for d in shape):  # numpy cannot even describe such an array
-            raise _bad(path, f"{where}: shape {_short(shape)} has an impossibly large dimension")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_int(o) for o in offsets)):
-            raise _bad(path, f"{where}: data_offsets must be [begin, end] ints, got "
-                             f"{_short(offsets)}")
-        begin, end = offsets
-        if not 0 <= begin <= end:
-            raise _bad(path, f"{where}: bad data_offsets [{begin}, {end}]")
-        if end > data_len:
-            raise _bad(path, f"{where}: data_offsets [{begin}, {end}] run past the end of the "
-                             f"data ({data_len} bytes; truncated file?)")
-        count = 1
-        for d in shape:  # Python ints: no overflow however large the shape
-            count *= d
-        nbytes = count * _FILE_DTYPES[dtype_name].itemsize
-        if nbytes != end - begin:
-            raise _bad(path, f"{where}: shape {shape} of {dtype_name} needs {nbytes} bytes but "
-                             f"data_offsets [{begin}, {end}] hold {end - begin}")
-        entries.append((name, dtype_name, shape, count, begin, end))
-
-    # the data must be covered exactly once: no overlaps, no holes (as the format requires)
-    pos = 0
-    for name, _, _, _, begin, end in sorted((e for e in entries if e[5] > e[4]),
-                                            key=lambda e: (e[4], e[5])):
-        if begin < pos:
-            raise _bad(path, f"tensor {_short(name)}: data_offsets [{begin}, {end}] overlap "
-                             f"another tensor's bytes")
-        if begin > pos:
-            raise _bad(path, f"bytes {pos}..{begin} of the data belong to no tensor")
-        pos = end
-    if pos != data_len:
-        raise _bad(path, f"{data_len - pos} bytes after the last tensor belong to no tensor")
-
+    entries, metadata, data_start = _core.safetensors_header(buf, path)
     tensors = OrderedDict()
-    for name, dtype_name, shape, count, begin, end in entries:
+    infos = []
+    for name, dtype_name, shape, begin, end in entries:
         file_dtype = _FILE_DTYPES[dtype_name]
+        count = (end - begin) // file_dtype.itemsize
         if count == 0:
             flat = np.zeros(0, dtype=file_dtype)
         else:
@@ -365,7 +289,8 @@ def _parse(buf: bytes, path: str) -> Tuple["OrderedDict[str, np.ndarray]", Dict[
             # bindings recognise dtypes by identity, so not a byte-order variant)
             arr = flat.astype(_NATIVE[dtype_name])
         tensors[name] = arr.reshape(shape)
-    return tensors, dict(metadata)
+        infos.append((name, dtype_name, list(shape)))
+    return tensors, dict(metadata), infos
 
 
 def load_state_dict_file(path) -> Tuple["OrderedDict[str, np.ndarray]", Dict[str, str]]:
@@ -374,7 +299,8 @@ def load_state_dict_file(path) -> Tuple["OrderedDict[str, np.ndarray]", Dict[str
     name in the header's order, metadata dict, empty when the file has none).
     BF16 tensors are widened to float32. Raises ValueError for a malformed file."""
     path = _fspath(path)
-    return _parse(_read_file(path), path)
+    tensors, metadata, _ = _parse(_read_file(path), path)
+    return tensors, metadata
 
 
 def _check_tree(node, path: str, depth: int = 0, count=None) -> int:
@@ -451,10 +377,13 @@ def load(path):
     file's metadata and loads its tensors (strictly: every name and shape must
     match). A float64 file gives a float64 model. Raises ValueError, naming the
     file and the fault, for anything malformed or inconsistent."""
+    from . import _core
     from .nn.module import from_architecture
 
     path = _fspath(path)
-    tensors, metadata = load_state_dict_file(path)
+    tensors, metadata, infos = _parse(_read_file(path), path)
+    if "convcore_graph" in metadata:  # the graph and the tensors, checked as C++ checks them
+        _core.check_model(metadata, infos, path)
     if "convcore_architecture" not in metadata:
         raise _bad(path, "no convcore architecture in the metadata (not saved by "
                          "convcore.save? read its tensors with load_state_dict_file)")

@@ -119,7 +119,8 @@ def to_graph(model) -> dict:
     shape = getattr(model, "input_shape", None)
     return {
         "version": GRAPH_VERSION,
-        "name": name if isinstance(name, str) else None,
+        # (a model without a name of its own is called by its type: "ResNet")
+        "name": name if isinstance(name, str) else type(model).__name__,
         "input_shape": [int(d) for d in shape] if isinstance(shape, (tuple, list)) else None,
         "inputs": [g.input],
         "outputs": outputs,

@@ -1,0 +1,287 @@
+"""The compiled engine (convcore.compile, csrc/runtime/engine.cpp) against
+the eager model in eval mode: every zoo model, each fusion and the cases
+where it must not happen, the blocked layout at every instruction-set cap,
+and the engine against its own plain, unfused steps.
+
+Tolerance: float32 results within 1e-5 of the output's scale (folding a
+batch norm into a convolution's weights rounds differently from applying it
+after); the plain, unfused engine runs the core's ops, bit for bit."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import convcore
+import convcore.nn as nn
+from convcore import _core, models
+
+from test_lowering import randomize_batch_norm
+
+# A stable record of the largest difference per model, printed by -rA runs
+# and kept in docs/engine.md's table.
+ERRORS = {}
+
+
+def rel_diff(got, expected):
+    return float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max())))
+
+
+def compiled_and_eager(model, shape, batch=2, seed=0, **kwargs):
+    rng = np.random.default_rng(seed)
+    model = randomize_batch_norm(model, rng).eval()
+    x = rng.standard_normal((batch,) + tuple(shape)).astype(model.dtype)
+    return convcore.compile(model, **kwargs), model, x
+
+
+def engine(model, blocked=True, fuse=True):
+    """The engine with its options (convcore.compile takes the defaults)."""
+    from convcore.nn.lowering import to_graph
+    return _core.CompiledNet(json.dumps(to_graph(model)), dict(model.state_dict()),
+                             blocked=blocked, fuse=fuse)
+
+
+# --------------------------------------------------------------------------- the zoo
+
+ZOO_SMALL = {"lenet5": {}, "alexnet": dict(input_size=67), "zfnet": dict(input_size=67),
+             "vgg16": dict(input_size=32), "googlenet": dict(aux_logits=True)}
+SLOW = {"resnet34", "wide_resnet50_2", "vgg16", "zfnet"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in models._ZOO])
+def test_zoo_model_compiled_equals_eager(name):
+    convcore.manual_seed(0)
+    kwargs = dict(num_classes=10)
+    kwargs.update(ZOO_SMALL.get(name, {"input_size": 64}))
+    model = models.get(name, **kwargs)
+    compiled, model, x = compiled_and_eager(model, model.input_shape)
+    expected = model(x)
+    got = compiled(x)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    ERRORS[name] = rel_diff(got, expected)
+    assert ERRORS[name] <= 1e-5, f"{name}: {ERRORS[name]:.2e}"
+    # the plain, unfused engine is the core's ops, bit for bit
+    plain = engine(model, blocked=False, fuse=False)
+    np.testing.assert_array_equal(plain.forward(x), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(models._ZOO))
+def test_zoo_model_at_full_size(name):
+    convcore.manual_seed(0)
+    model = models.get(name, num_classes=1000)
+    compiled, model, x = compiled_and_eager(model, model.input_shape, batch=1)
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+
+
+def test_float64_model_runs_plain_and_matches():
+    convcore.manual_seed(0)
+    model = models.resnet18(num_classes=5, input_size=32).to(np.float64)
+    compiled, model, x = compiled_and_eager(model, model.input_shape)
+    assert compiled.dtype == np.float64
+    assert rel_diff(compiled(x), model(x)) <= 1e-12
+    assert "blocked" not in compiled.plan(2)
+
+
+# --------------------------------------------------------------------------- fusions
+
+def plan_steps(compiled, batch=2):
+    lines = compiled.plan(batch).splitlines()
+    return lines[0], [line.split("  ")[0].strip() for line in lines[2:]]
+
+
+def test_batch_norm_activation_and_residual_fuse_into_the_convolution():
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.BasicBlock(8, 8), nn.Dropout(0.3), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    compiled, model, x = compiled_and_eager(model, (3, 10, 10))
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    head, steps = plan_steps(compiled)
+    assert "3 batch norms folded" in head
+    assert steps[0] == "0 + 1 + ReLU"
+    assert "3.conv1 + 3.bn1 + ReLU" in steps
+    assert "3.conv2 + 3.bn2 + add + ReLU" in steps
+    assert not any("Dropout" in s or s.startswith("4") for s in steps)  # the identity removed
+
+
+def test_an_output_read_twice_is_not_fused_away():
+    # the convolution's output feeds the batch norm and the add: no folding
+    # (its unnormalised value is needed), no activation fused into the add's input
+    convcore.manual_seed(0)
+    model = nn.Graph({"conv": nn.Conv2d(4, 4, 3, padding=1), "bn": nn.BatchNorm2d(4),
+                      "act": nn.ReLU6()},
+                     ["c = conv(x)", "b = bn(c)", "s = add(b, c)", "y = act(s)"])
+    compiled, model, x = compiled_and_eager(model, (4, 7, 7))
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    head, steps = plan_steps(compiled)
+    assert "0 batch norms folded" in head
+    assert "bn" in steps  # a scale-and-shift step of its own
+    assert any(s.startswith("conv") and "bn" not in s for s in steps)
+
+
+def test_batch_norm_with_batch_statistics_is_not_folded():
+    # track_running_stats=False normalises with the batch's statistics even in
+    # eval mode (as PyTorch): it cannot be folded into the weights
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.ReLU())
+    compiled, model, x = compiled_and_eager(model, (3, 8, 8), batch=3)
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    head, steps = plan_steps(compiled)
+    assert "0 batch norms folded" in head and "1" in steps
+
+
+def test_a_model_in_training_mode_compiles_its_eval_computation_with_a_warning():
+    convcore.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)),
+                                 np.random.default_rng(0))
+    model.train()
+    with pytest.warns(UserWarning, match="evaluation mode"):
+        compiled = convcore.compile(model)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert model.training  # left as it was
+    assert rel_diff(compiled(x), model.eval()(x)) <= 1e-5
+
+
+def test_concatenation_branches_write_in_place():
+    convcore.manual_seed(0)
+    model = models.densenet121(num_classes=10, input_size=32)
+    compiled, model, x = compiled_and_eager(model, model.input_shape)
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    head, steps = plan_steps(compiled)
+    in_place = int(head.split(" concatenation inputs")[0].rsplit(", ", 1)[1])
+    assert in_place >= 58  # every dense layer's output and each block's input
+
+
+def test_squeeze_and_excitation_and_every_activation():
+    convcore.manual_seed(0)
+    acts = [nn.ReLU6(), nn.Sigmoid(), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid()]
+    for act in acts:
+        se = nn.Graph({"pool": nn.AdaptiveAvgPool2d(1), "fc1": nn.Conv2d(16, 4, 1),
+                       "fc2": nn.Conv2d(4, 16, 1), "gate": nn.Sigmoid(), "act": act},
+                      ["p = pool(x)", "a = fc1(p)", "b = relu(a)", "c = fc2(b)", "g = gate(c)",
+                       "y = mul(x, g)", "z = act(y)"])
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), se, nn.MaxPool2d(2),
+                              nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False))
+        compiled, model, x = compiled_and_eager(model, (3, 9, 9))
+        assert rel_diff(compiled(x), model(x)) <= 1e-5, type(act).__name__
+
+
+def test_layers_that_stay_plain_and_their_reorders():
+    # LRN, a grouped (not depthwise) convolution, a padding mode and ceil-mode
+    # pooling run on the core's plain-layout ops between blocked steps
+    convcore.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convcore.build("CONV3-8-RELU-NORM-CONV3-8/g2-CONV3-8/p2-MAXPOOL3/s2/ceil-"
+                               "CONV1-6-GAP-FC-5", (3, 15, 13))
+    model.features[4].padding_mode = "reflect"
+    compiled, model, x = compiled_and_eager(model, (3, 15, 13))
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    plan = compiled.plan(2)
+    assert "lrn" in plan and "conv(core)" in plan and "reorder" in plan
+
+
+# --------------------------------------------------------------------------- the engine itself
+
+def test_any_batch_size_and_repeated_calls_are_identical():
+    convcore.manual_seed(0)
+    model = models.mobilenet_v2(num_classes=10, input_size=32)
+    compiled, model, x = compiled_and_eager(model, model.input_shape, batch=5)
+    first = compiled(x)
+    np.testing.assert_array_equal(compiled(x), first)  # the arena reused
+    for n in (1, 3, 5):
+        np.testing.assert_array_equal(compiled(x[:n]), first[:n])
+    assert compiled(x[:0]).shape == (0, 10)
+    # a strided batch (every other image) gives what its copy gives
+    np.testing.assert_array_equal(compiled(x[::2]), compiled(np.ascontiguousarray(x[::2])))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    convcore.manual_seed(0)
+    model = models.resnet18(num_classes=10, input_size=32)
+    compiled, model, x = compiled_and_eager(model, model.input_shape, batch=3)
+    one = convcore.compile(model, threads=1)
+    assert one.threads == 1
+    np.testing.assert_array_equal(one(x), compiled(x))
+    one.threads = 2
+    np.testing.assert_array_equal(one(x), compiled(x))
+
+
+def test_summary_profile_and_arena():
+    convcore.manual_seed(0)
+    model = models.resnet18(num_classes=10, input_size=32)
+    compiled, model, x = compiled_and_eager(model, model.input_shape)
+    text = compiled.summary(batch=4, print_fn=None)
+    assert "20 batch norms folded" in text and "arena" in text
+    assert "conv1 + bn1 + ReLU" in text and "blocked" in text
+    assert compiled.arena_bytes(16) > compiled.arena_bytes(1) > 0
+    rows = compiled.profile(x, runs=2)
+    assert rows[0]["step"] == "conv1 + bn1 + ReLU" and rows[0]["kind"] == "conv"
+    assert all(r["seconds"] >= 0 for r in rows)
+
+
+def test_bad_inputs_get_clear_errors():
+    convcore.manual_seed(0)
+    compiled = convcore.compile(models.lenet5().eval())
+    with pytest.raises(ValueError, match=r"input must be a batch of shape \(N, 1, 32, 32\)"):
+        compiled(np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(TypeError, match="input has dtype float64 but the compiled model is float32"):
+        compiled(np.zeros((2, 1, 32, 32)))
+    with pytest.raises(TypeError, match="numpy array"):
+        compiled([[1.0]])
+    with pytest.raises(TypeError, match="convcore.nn.Module"):
+        convcore.compile("lenet5")
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        convcore.compile(models.lenet5().eval(), threads=0)
+    with pytest.raises(ValueError, match="runs must be a positive int"):
+        compiled.profile(np.zeros((1, 1, 32, 32), np.float32), runs=0)
+
+    class Doubler(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    with pytest.raises(TypeError, match="Doubler"):
+        convcore.compile(nn.Sequential(nn.ReLU(), Doubler()).eval())
+
+
+# --------------------------------------------------------------------------- instruction sets
+
+ISA_SCRIPT = r"""
+import json, sys
+import numpy as np
+import convcore
+from convcore import _core, models
+sys.path.insert(0, sys.argv[1])
+from test_lowering import randomize_batch_norm
+out = {"isa": _core.gemm_isa(), "errors": {}}
+for name, kw in [("mobilenet_v2", {}), ("resnet18", {}), ("densenet121", {}),
+                 ("efficientnet_b0", {}), ("googlenet", {})]:
+    convcore.manual_seed(0)
+    m = randomize_batch_norm(models.get(name, num_classes=10, input_size=32),
+                             np.random.default_rng(0)).eval()
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    e = m(x)
+    out["errors"][name] = float(np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_blocked_layout_at_every_instruction_set_cap(isa):
+    env = dict(os.environ, CONVCORE_ISA=isa)
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", ISA_SCRIPT, here], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if isa == "avx512" and out["isa"] != "avx512":
+        pytest.skip(f"no AVX-512 on this machine (the kernels ran as {out['isa']})")
+    assert out["isa"] == isa or isa == "avx512"
+    for name, err in out["errors"].items():
+        assert err <= 1e-5, f"{name} at {isa}: {err:.2e}"
