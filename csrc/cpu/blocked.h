@@ -88,6 +88,26 @@ ConvPlan plan_conv(const ConvWeights& w, const Conv2dParams& p, const Image& in,
 void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const ConvPlan& plan,
             const Epilogue& e, const Image& out, float* scratch, int threads);
 
+// Winograd F(m x m, 3x3), m = 2 or 4, for 3x3 stride-1 undilated groups=1
+// convolutions with zero padding, blocked in and out (blocked_winograd.cpp).
+struct WinogradWeights {
+  int m = 4;
+  int64_t cout = 0, cin = 0, cin_pad = 0, panels = 0;
+  int lanes = 8;
+  std::vector<float> u;  // U = G g G^T: [(m+2)^2 points][panel][cin_pad][NR]
+};
+WinogradWeights pack_winograd_weights(const float* weight, int64_t cout, int64_t cin, int m);
+struct WinogradPlan {
+  int64_t tiles_h = 0, tiles_w = 0, band = 0, bands = 0;  // tiles per task, tasks per image
+  int64_t v_floats = 0, m_floats = 0;  // scratch per thread: V then M
+  std::vector<int64_t> koff;
+};
+WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Image& out, int threads);
+// scratch: threads * (plan.v_floats + plan.m_floats) floats.
+void winograd_conv2d(const Image& in, const WinogradWeights& w, const Conv2dParams& p,
+                     const WinogradPlan& plan, const Epilogue& e, const Image& out,
+                     float* scratch, int threads);
+
 // Depthwise convolution (one input and one output channel per group),
 // blocked in and out. weights: packed by pack_depthwise_weights.
 std::vector<float> pack_depthwise_weights(const float* weight, int64_t c, int64_t kh, int64_t kw);

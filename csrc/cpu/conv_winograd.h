@@ -24,6 +24,9 @@ namespace winograd {
 
 #define CONVCORE_WINO_INLINE inline __attribute__((always_inline))
 
+// The input and output transforms are written with float constants (all
+// exact in binary), not T(...), so that T may be float, double or a GCC
+// vector of floats (the blocked kernels, blocked_winograd.cpp).
 template <int M>
 struct Variant;
 
@@ -102,20 +105,20 @@ struct Variant<4> {
   template <typename T>
   static CONVCORE_WINO_INLINE void input(const T* d, T* v) {  // B^T d
     const T h = d[3] - d[1], f = d[4] - d[2];  // shared differences
-    v[0] = (d[0] - T(2) * d[2] + d[4]) + T(1.5) * h;
-    v[1] = (d[4] - d[1]) + T(0.5) * d[2] + T(2.5) * d[3];
-    v[2] = (d[4] + d[1]) - T(2.5) * d[2] + T(0.5) * d[3];
-    v[3] = f + T(2) * h;
-    v[4] = f - T(0.5) * h;
-    v[5] = (d[1] - T(2) * d[3] + d[5]) + T(1.5) * f;
+    v[0] = (d[0] - 2.0f * d[2] + d[4]) + 1.5f * h;
+    v[1] = (d[4] - d[1]) + 0.5f * d[2] + 2.5f * d[3];
+    v[2] = (d[4] + d[1]) - 2.5f * d[2] + 0.5f * d[3];
+    v[3] = f + 2.0f * h;
+    v[4] = f - 0.5f * h;
+    v[5] = (d[1] - 2.0f * d[3] + d[5]) + 1.5f * f;
   }
   template <typename T>
   static CONVCORE_WINO_INLINE void output(const T* m, T* y) {  // A^T m
     const T s12 = m[1] + m[2], d12 = m[1] - m[2];
     y[0] = m[0] + s12 + (m[3] + m[4]);
-    y[1] = d12 + T(0.5) * m[3] - T(2) * m[4];
-    y[2] = s12 + T(0.25) * m[3] + T(4) * m[4];
-    y[3] = d12 + T(0.125) * m[3] - T(8) * m[4] + m[5];
+    y[1] = d12 + 0.5f * m[3] - 2.0f * m[4];
+    y[2] = s12 + 0.25f * m[3] + 4.0f * m[4];
+    y[3] = d12 + 0.125f * m[3] - 8.0f * m[4] + m[5];
   }
   template <typename S>
   static CONVCORE_WINO_INLINE void filter(const S* g, S* u) {  // G g
@@ -136,8 +139,8 @@ struct Variant<4> {
     m[0] = y[0];
     m[1] = s02 + s13;
     m[2] = s02 - s13;
-    m[3] = y[0] + T(0.5) * y[1] + T(0.25) * y[2] + T(0.125) * y[3];
-    m[4] = y[0] - T(2) * y[1] + T(4) * y[2] - T(8) * y[3];
+    m[3] = y[0] + 0.5f * y[1] + 0.25f * y[2] + 0.125f * y[3];
+    m[4] = y[0] - 2.0f * y[1] + 4.0f * y[2] - 8.0f * y[3];
     m[5] = y[3];
   }
   template <typename S>

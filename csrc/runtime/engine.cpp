@@ -122,13 +122,14 @@ std::string node_label(const Node& n, const std::vector<std::string>& values) {
 // --------------------------------------------------------------- steps
 
 enum class Kind {
-  Conv, Depthwise, ConvPlain, Pad, Linear, Affine, BatchNormBatch, Act, MaxPool, AvgPool,
+  Conv, Winograd, Depthwise, ConvPlain, Pad, Linear, Affine, BatchNormBatch, Act, MaxPool, AvgPool,
   GlobalPool, AdaptivePool, LRN, Add, Mul, Concat, ToBlocked, ToPlain,
 };
 
 const char* kind_name(Kind k) {
   switch (k) {
     case Kind::Conv: return "conv";
+    case Kind::Winograd: return "winograd";
     case Kind::Depthwise: return "depthwise";
     case Kind::ConvPlain: return "conv(core)";
     case Kind::Pad: return "pad";
@@ -172,6 +173,7 @@ struct Step {
   int64_t kh = 0, kw = 0;
   Tensor weight, bias;  // plain (core) steps; Affine: scale, shift
   blocked::ConvWeights packed;
+  blocked::WinogradWeights winograd;
   std::vector<float> depthwise;
   std::vector<float> bias_blocked, scale_blocked;  // padded to whole blocks
   std::vector<bool> copy_input;  // Concat: inputs not written in place
@@ -188,9 +190,25 @@ struct Plan {
   int threads = 1;
   std::vector<Place> places;  // by Val
   std::vector<blocked::ConvPlan> conv_plans;  // by step
+  std::vector<blocked::WinogradPlan> winograd_plans;  // by step
   int64_t values_elements = 0, scratch_elements = 0;
   bool input_copied = false;  // a strided input is copied into the arena
 };
+
+// The Winograd variant for a convolution in the blocked layout, 0 for the
+// direct kernel: F(m x m, 3x3) needs a 3x3, stride-1, undilated kernel, and
+// pays where the images hold enough tiles and the channels are many (the
+// transforms are memory passes over the channels; measured in
+// docs/engine.md).
+int winograd_m(const graph::ConvAttrs& a, const Shape& out) {
+  if (a.kh != 3 || a.kw != 3 || a.p.stride_h != 1 || a.p.stride_w != 1 || a.p.dilation_h != 1 ||
+      a.p.dilation_w != 1 || a.p.groups != 1 || a.in < 32 || a.out < 32)
+    return 0;
+  const int64_t side = std::min(out[1], out[2]);
+  if (side >= 28) return 4;  // F(4x4): fewest products, ragged tiles rare
+  if (side >= 7) return 2;   // F(2x2): 4x4 tiles waste less of a small image
+  return 0;
+}
 
 std::vector<float> padded_floats(const Tensor& t, int64_t n_padded) {
   std::vector<float> v(static_cast<std::size_t>(n_padded), 0.0f);
@@ -395,6 +413,10 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
             s.kind = Kind::Depthwise;
             s.depthwise = blocked::pack_depthwise_weights(s.weight.data_as<float>(), a.out, a.kh, a.kw);
             s.in = {want(x, true)};
+          } else if (const int m = winograd_m(a, c.shapes[static_cast<std::size_t>(f.out)])) {
+            s.kind = Kind::Winograd;
+            s.in = {want(x, true)};
+            s.winograd = blocked::pack_winograd_weights(s.weight.data_as<float>(), a.out, a.in, m);
           } else {
             s.kind = Kind::Conv;
             const bool in_blocked = has(x, true) || !has(x, false);
@@ -615,6 +637,7 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
   touch(c.output_val, static_cast<int>(ns));  // read after the last step
   p->places.assign(nv, Place{});
   p->conv_plans.resize(ns);
+  p->winograd_plans.resize(ns);
   // sizes of the root buffers; the caller's input is used where it lies
   struct Buffer {
     int val;
@@ -692,12 +715,18 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
   // scratch: the most any step needs
   for (std::size_t i = 0; i < ns; ++i) {
     const Step& s = c.steps[i];
-    if (s.kind != Kind::Conv) continue;
+    if (s.kind != Kind::Conv && s.kind != Kind::Winograd) continue;
     const Shape& xs = shapes[static_cast<std::size_t>(s.in[0])];
     const Shape& os = shapes[static_cast<std::size_t>(s.out)];
     blocked::Image in{nullptr, batch, xs[0], xs[1], xs[2], p->places[static_cast<std::size_t>(s.in[0])].image_stride,
                       c.vals[static_cast<std::size_t>(s.in[0])].blocked};
     blocked::Image out{nullptr, batch, os[0], os[1], os[2], 0, true};
+    if (s.kind == Kind::Winograd) {
+      p->winograd_plans[i] = blocked::plan_winograd(s.winograd, in, out, threads);
+      const auto& wp = p->winograd_plans[i];
+      p->scratch_elements = std::max(p->scratch_elements, threads * (wp.v_floats + wp.m_floats));
+      continue;
+    }
     p->conv_plans[i] = blocked::plan_conv(s.packed, s.conv, in, out, threads);
     const auto& cp = p->conv_plans[i];
     p->scratch_elements = std::max(p->scratch_elements, cp.frame_floats + threads * cp.tile_floats);
@@ -807,6 +836,13 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
       float* scratch = reinterpret_cast<float*>(arena + static_cast<std::size_t>(p.values_elements) * item);
       blocked::conv2d(image(s.in[0]), s.packed, s.conv, p.conv_plans[i], e, image(s.out), scratch,
                       threads);
+      return;
+    }
+    case Kind::Winograd: {
+      const std::size_t i = static_cast<std::size_t>(&s - c.steps.data());
+      float* scratch = reinterpret_cast<float*>(arena + static_cast<std::size_t>(p.values_elements) * item);
+      blocked::winograd_conv2d(image(s.in[0]), s.winograd, s.conv, p.winograd_plans[i], e,
+                               image(s.out), scratch, threads);
       return;
     }
     case Kind::Depthwise:

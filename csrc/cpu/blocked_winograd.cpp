@@ -1,0 +1,276 @@
+// Winograd F(m x m, 3x3) convolution in the blocked layout (blocked.h), for
+// the compiled engine's 3x3, stride-1 layers: the transforms of
+// conv_winograd.h (one definition of B^T, A^T and G) applied to vectors of B
+// channels, which the blocked layout holds at each position.
+//
+// Per task (an image and a band of tiles):
+//   1. each tile's (m+2) x (m+2) patch of input vectors -> V = B^T d B,
+//      stored V[xi][tile][channel] (a row per tile);
+//   2. for each of the (m+2)^2 points xi, M[xi] (tiles x Cout) = V[xi]
+//      (tiles x Cin) * U[xi] (Cin x Cout), with gemm::gather_kernel reading V's
+//      rows in place and U packed once in panels of NR output channels;
+//      each tile of the product lands where the output transform reads it;
+//   3. each tile's M vectors -> Y = A^T M A, plus bias and residual, the
+//      activation, stored in the output blocks.
+// F(4x4) does 4x fewer multiplications than direct convolution, F(2x2)
+// 2.25x; the transforms cost memory passes, so the engine takes Winograd
+// where the images are large enough (engine.cpp).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "blocked.h"
+#include "blocked_kernels.h"
+#include "conv_winograd.h"
+#include "gemm.h"
+
+namespace convcore {
+namespace blocked {
+
+namespace {
+
+constexpr int MR = gemm::Tile<float>::MR, NR = gemm::Tile<float>::NR;
+// The most tiles a task transforms at once: its V and M matrices
+// ((m+2)^2 x tiles x channels each) are then a few hundred KB for 64
+// channels.
+constexpr int64_t kBandTiles = 48;
+
+// The input transform of tiles [t0, t1) of a band: V[xi][t - t0][c].
+template <int M, int B>
+CONVCORE_ALWAYS_INLINE void input_tiles_body(const float* x, int64_t H, int64_t W,
+                                             int64_t cblocks, int64_t tiles_w, int64_t pad_top,
+                                             int64_t pad_left, int64_t t0, int64_t t1,
+                                             int64_t band, int64_t cin_pad, float* v) {
+  using WV = winograd::Variant<M>;
+  constexpr int A = WV::kTile;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t ih0 = (t / tiles_w) * M - pad_top, iw0 = (t % tiles_w) * M - pad_left;
+    const bool inside = ih0 >= 0 && iw0 >= 0 && ih0 + A <= H && iw0 + A <= W;
+    for (int64_t cb = 0; cb < cblocks; ++cb) {
+      const float* plane = x + cb * H * W * B;
+      Vec<B> d[A][A];
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) {
+          const int64_t ih = ih0 + i, iw = iw0 + j;
+          d[i][j] = inside || (ih >= 0 && ih < H && iw >= 0 && iw < W)
+                        ? load<B>(plane + (ih * W + iw) * B)
+                        : Vec<B>{};
+        }
+      Vec<B> cols[A][A];  // B^T applied to each column, then to each row
+#pragma GCC unroll 8
+      for (int j = 0; j < A; ++j) {
+        Vec<B> c[A];
+#pragma GCC unroll 8
+        for (int k = 0; k < A; ++k) c[k] = d[k][j];
+        WV::input(c, cols[j]);
+      }
+      float* out = v + (t - t0) * cin_pad + cb * B;
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i) {
+        Vec<B> r[A], q[A];
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) r[j] = cols[j][i];
+        WV::input(r, q);
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) store<B>(out + (i * A + j) * band * cin_pad, q[j]);
+      }
+    }
+  }
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void input_tiles_dispatch_body(int m, const float* x, int64_t H, int64_t W,
+                                                      int64_t cblocks, int64_t tiles_w,
+                                                      int64_t pad_top, int64_t pad_left,
+                                                      int64_t t0, int64_t t1, int64_t band,
+                                                      int64_t cin_pad, float* v) {
+  if (m == 4)
+    input_tiles_body<4, B>(x, H, W, cblocks, tiles_w, pad_top, pad_left, t0, t1, band, cin_pad, v);
+  else
+    input_tiles_body<2, B>(x, H, W, cblocks, tiles_w, pad_top, pad_left, t0, t1, band, cin_pad, v);
+}
+
+CONVCORE_BLOCKED_DISPATCH(input_tiles, input_tiles_dispatch_body,
+                          (int m, const float* x, int64_t H, int64_t W, int64_t cblocks,
+                           int64_t tiles_w, int64_t pad_top, int64_t pad_left, int64_t t0,
+                           int64_t t1, int64_t band, int64_t cin_pad, float* v),
+                          (m, x, H, W, cblocks, tiles_w, pad_top, pad_left, t0, t1, band,
+                           cin_pad, v))
+
+// The output transform of tiles [t0, t1): Y = A^T M A + bias (+ residual),
+// activated, for every output channel block. mb: the band's products,
+// M[xi][panel][tile][NR].
+template <int M, int B, Act Ac>
+CONVCORE_ALWAYS_INLINE void output_tiles_act(const float* mb, int64_t panels, int64_t band,
+                                             int64_t t0, int64_t t1, int64_t tiles_w,
+                                             int64_t oblocks, int64_t Ho, int64_t Wo,
+                                             const float* bias, const float* res, float* y) {
+  using WV = winograd::Variant<M>;
+  constexpr int A = WV::kTile;
+  const int64_t P = Ho * Wo;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t oh0 = (t / tiles_w) * M, ow0 = (t % tiles_w) * M;
+    for (int64_t cob = 0; cob < oblocks; ++cob) {
+      const int64_t u = cob * B / NR, j0 = cob * B % NR;
+      const float* src = mb + (u * band + (t - t0)) * NR + j0;
+      Vec<B> cols[A][M];  // A^T applied to each column of M, then to each row
+#pragma GCC unroll 8
+      for (int j = 0; j < A; ++j) {
+        Vec<B> c[A];
+#pragma GCC unroll 8
+        for (int k = 0; k < A; ++k) c[k] = load<B>(src + (k * A + j) * panels * band * NR);
+        WV::output(c, cols[j]);
+      }
+      const Vec<B> b = bias ? load<B>(bias + cob * B) : Vec<B>{};
+      float* yb = y + cob * P * B;
+      const float* rb = res ? res + cob * P * B : nullptr;
+#pragma GCC unroll 4
+      for (int i = 0; i < M; ++i) {
+        if (oh0 + i >= Ho) break;
+        Vec<B> r[A], out[M];
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) r[j] = cols[j][i];
+        WV::output(r, out);
+#pragma GCC unroll 4
+        for (int j = 0; j < M; ++j) {
+          if (ow0 + j >= Wo) break;
+          const int64_t q = ((oh0 + i) * Wo + ow0 + j) * B;
+          Vec<B> val = out[j] + b;
+          if (rb) val += load<B>(rb + q);
+          store<B>(yb + q, apply<Ac>(val));
+        }
+      }
+    }
+  }
+}
+
+template <int B, Act Ac>
+CONVCORE_ALWAYS_INLINE void output_tiles_m(int m, const float* mb, int64_t panels, int64_t band,
+                                           int64_t t0, int64_t t1, int64_t tiles_w,
+                                           int64_t oblocks, int64_t Ho, int64_t Wo,
+                                           const float* bias, const float* res, float* y) {
+  if (m == 4)
+    output_tiles_act<4, B, Ac>(mb, panels, band, t0, t1, tiles_w, oblocks, Ho, Wo, bias, res, y);
+  else
+    output_tiles_act<2, B, Ac>(mb, panels, band, t0, t1, tiles_w, oblocks, Ho, Wo, bias, res, y);
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void output_tiles_body(int m, const float* mb, int64_t panels,
+                                              int64_t band, int64_t t0, int64_t t1,
+                                              int64_t tiles_w, int64_t oblocks, int64_t Ho,
+                                              int64_t Wo, const float* bias, const float* res,
+                                              float* y, Act act) {
+  CONVCORE_ACT_SWITCH(act, output_tiles_m, B, m, mb, panels, band, t0, t1, tiles_w, oblocks, Ho,
+                      Wo, bias, res, y)
+}
+
+CONVCORE_BLOCKED_DISPATCH(output_tiles, output_tiles_body,
+                          (int m, const float* mb, int64_t panels, int64_t band, int64_t t0,
+                           int64_t t1, int64_t tiles_w, int64_t oblocks, int64_t Ho, int64_t Wo,
+                           const float* bias, const float* res, float* y, Act act),
+                          (m, mb, panels, band, t0, t1, tiles_w, oblocks, Ho, Wo, bias, res, y,
+                           act))
+
+// U = G g G^T of one 3x3 filter, in double.
+template <int M>
+void filter_transform(const float* g, double* u) {
+  using WV = winograd::Variant<M>;
+  constexpr int A = WV::kTile;
+  double cols[3][A];  // G applied to each column of g, then to each row
+  for (int j = 0; j < 3; ++j) {
+    const double c[3] = {g[j], g[3 + j], g[6 + j]};
+    WV::filter(c, cols[j]);
+  }
+  for (int i = 0; i < A; ++i) {
+    const double r[3] = {cols[0][i], cols[1][i], cols[2][i]};
+    WV::filter(r, u + i * A);
+  }
+}
+
+}  // namespace
+
+WinogradWeights pack_winograd_weights(const float* weight, int64_t cout, int64_t cin, int m) {
+  WinogradWeights w;
+  w.m = m;
+  w.cout = cout, w.cin = cin;
+  w.lanes = block();
+  w.cin_pad = round_up(cin, w.lanes);
+  w.panels = (cout + NR - 1) / NR;
+  const int a = m + 2, points = a * a;
+  w.u.assign(static_cast<std::size_t>(points * w.panels * w.cin_pad * NR), 0.0f);
+  double u[36];
+  for (int64_t o = 0; o < cout; ++o)
+    for (int64_t c = 0; c < cin; ++c) {
+      const float* g = weight + (o * cin + c) * 9;
+      if (m == 4)
+        filter_transform<4>(g, u);
+      else
+        filter_transform<2>(g, u);
+      for (int xi = 0; xi < points; ++xi)
+        w.u[static_cast<std::size_t>(((xi * w.panels + o / NR) * w.cin_pad + c) * NR + o % NR)] =
+            static_cast<float>(u[xi]);
+    }
+  return w;
+}
+
+WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Image& out,
+                           int threads) {
+  WinogradPlan plan;
+  plan.tiles_h = (out.h + w.m - 1) / w.m;
+  plan.tiles_w = (out.w + w.m - 1) / w.m;
+  const int64_t tiles = plan.tiles_h * plan.tiles_w;
+  // bands of whole tiles of the microkernel, enough of them for the threads
+  int64_t bands = std::max<int64_t>(1, (tiles + kBandTiles - 1) / kBandTiles);
+  const int64_t want = 2 * static_cast<int64_t>(threads);
+  if (in.n * bands < want) bands = std::min((want + in.n - 1) / in.n, (tiles + MR - 1) / MR);
+  plan.band = round_up((tiles + bands - 1) / bands, MR);
+  plan.bands = (tiles + plan.band - 1) / plan.band;
+  const int64_t points = (w.m + 2) * (w.m + 2);
+  plan.v_floats = points * plan.band * w.cin_pad;
+  plan.m_floats = points * w.panels * plan.band * NR;
+  plan.koff.resize(static_cast<std::size_t>(w.cin_pad));
+  for (int64_t k = 0; k < w.cin_pad; ++k) plan.koff[static_cast<std::size_t>(k)] = k;
+  return plan;
+}
+
+void winograd_conv2d(const Image& in, const WinogradWeights& w, const Conv2dParams& p,
+                     const WinogradPlan& plan, const Epilogue& e, const Image& out,
+                     float* scratch, int threads) {
+  const int64_t B = w.lanes, cblocks = w.cin_pad / B, oblocks = (w.cout + B - 1) / B;
+  const int64_t tiles = plan.tiles_h * plan.tiles_w, points = (w.m + 2) * (w.m + 2);
+  const int64_t band = plan.band, tasks = in.n * plan.bands;
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, tasks)))
+  {
+    float* v = scratch + omp_get_thread_num() * (plan.v_floats + plan.m_floats);
+    float* mb = v + plan.v_floats;
+    const float* rows[kBandTiles + MR];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t n = task / plan.bands;
+      const int64_t t0 = (task % plan.bands) * band, t1 = std::min(tiles, t0 + band);
+      input_tiles(w.m, in.data + n * in.image_stride, in.h, in.w, cblocks, plan.tiles_w,
+                  p.pad_top, p.pad_left, t0, t1, band, w.cin_pad, v);
+      for (int64_t xi = 0; xi < points; ++xi) {
+        const float* vx = v + xi * band * w.cin_pad;
+        for (int64_t t = 0; t < t1 - t0; ++t) rows[t] = vx + t * w.cin_pad;
+        for (int64_t u = 0; u < w.panels; ++u) {
+          const float* ub = w.u.data() + (xi * w.panels + u) * w.cin_pad * NR;
+          float* mt = mb + ((xi * w.panels + u) * band) * NR;
+          for (int64_t q = 0; q < t1 - t0; q += MR)
+            gemm::gather_kernel(w.cin_pad, plan.koff.data(), rows + q, ub, mt + q * NR,
+                                static_cast<int>(std::min<int64_t>(MR, t1 - t0 - q)));
+        }
+      }
+      output_tiles(w.m, mb, w.panels, band, t0, t1, plan.tiles_w, oblocks, out.h, out.w, e.bias,
+                   e.residual ? e.residual + n * e.residual_image_stride : nullptr,
+                   out.data + n * out.image_stride, e.act);
+    }
+  }
+}
+
+}  // namespace blocked
+}  // namespace convcore
