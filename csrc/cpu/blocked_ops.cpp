@@ -71,14 +71,48 @@ CONVCORE_ALWAYS_INLINE void depthwise_edge(const float* x, int64_t W, const floa
   store<B>(yr + ow * B, apply<A>(acc));
 }
 
+// U output columns from ow, whose windows lie inside the image: U independent
+// accumulator chains.
+template <int B, Act A, int KW, int SW, int U>
+CONVCORE_ALWAYS_INLINE void depthwise_columns(const float* x, int64_t W, const float* w,
+                                              int64_t kw_runtime, const Conv2dParams& p,
+                                              Vec<B> b, int64_t ih0, int64_t i_lo, int64_t i_hi,
+                                              int64_t ow, int64_t step, int64_t tap_step,
+                                              float* yr) {
+  const int64_t kw = KW > 0 ? KW : kw_runtime;
+  Vec<B> acc[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) acc[u] = b;
+  const int64_t iw0 = ow * (SW > 0 ? SW : p.stride_w) - p.pad_left;
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const float* xr = x + ((ih0 + i * p.dilation_h) * W + iw0) * B;
+    const float* wr = w + i * kw * B;
+#pragma GCC unroll 5
+    for (int64_t j = 0; j < kw; ++j) {
+      const Vec<B> wv = load<B>(wr + j * B);
+      const float* xv = xr + j * tap_step;
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) acc[u] += load<B>(xv + u * step) * wv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) store<B>(yr + (ow + u) * B, apply<A>(acc[u]));
+}
+
 // Output rows [oh0, oh1) of one channel block: every tap of the window that
 // lies in the image, B lanes at a time. The columns whose window lies inside
-// the image (most of them) run without bounds checks, U at a time.
-template <int B, Act A>
+// the image (most of them) run without bounds checks, U at a time: U
+// independent accumulator chains keep both FMA pipes busy (4 left them
+// waiting on the FMA latency). KW > 0: the kernel width known at compile
+// time (3 and 5, MobileNet's and EfficientNet's), so the taps unroll, and
+// SW > 0 the stride (1 or 2) with dilation 1, so the U columns' offsets are
+// constants (runtime offsets spilled the registers).
+template <int B, Act A, int KW, int SW>
 CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_t W,
-                                               const float* w, int64_t kh, int64_t kw,
+                                               const float* w, int64_t kh, int64_t kw_runtime,
                                                const Conv2dParams& p, const float* bias,
                                                int64_t oh0, int64_t oh1, int64_t Wo, float* y) {
+  const int64_t kw = KW > 0 ? KW : kw_runtime;
   // columns whose whole window is inside: iw0 >= 0 and iw0 + (kw - 1) dw < W
   const int64_t span = (kw - 1) * p.dilation_w;
   int64_t ow_lo = (p.pad_left + p.stride_w - 1) / p.stride_w;
@@ -86,7 +120,8 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
   ow_lo = std::min(ow_lo, Wo);
   ow_hi = std::clamp(ow_hi, ow_lo, Wo);
   const Vec<B> b = bias ? load<B>(bias) : Vec<B>{};
-  const int64_t step = p.stride_w * B;
+  const int64_t step = (SW > 0 ? SW : p.stride_w) * B;
+  const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const int64_t ih0 = oh * p.stride_h - p.pad_top;
     int64_t i_lo = 0, i_hi = kh;  // kernel rows inside the image
@@ -95,24 +130,33 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
     float* yr = y + oh * Wo * B;
     for (int64_t ow = 0; ow < ow_lo; ++ow)
       depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
-    constexpr int U = 4;  // output columns at once: independent accumulators
     int64_t ow = ow_lo;
-    for (; ow + U <= ow_hi; ow += U) {
-      Vec<B> acc[U];
-      for (int u = 0; u < U; ++u) acc[u] = b;
-      const int64_t iw0 = ow * p.stride_w - p.pad_left;
-      for (int64_t i = i_lo; i < i_hi; ++i) {
-        const float* xr = x + ((ih0 + i * p.dilation_h) * W + iw0) * B;
-        for (int64_t j = 0; j < kw; ++j) {
-          const Vec<B> wv = load<B>(w + (i * kw + j) * B);
-          const float* xv = xr + j * p.dilation_w * B;
-          for (int u = 0; u < U; ++u) acc[u] += load<B>(xv + u * step) * wv;
-        }
-      }
-      for (int u = 0; u < U; ++u) store<B>(yr + (ow + u) * B, apply<A>(acc[u]));
-    }
+    for (; ow + 8 <= ow_hi; ow += 8)
+      depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
+    for (; ow + 4 <= ow_hi; ow += 4)
+      depthwise_columns<B, A, KW, SW, 4>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
+    for (; ow < ow_hi; ++ow)
+      depthwise_columns<B, A, KW, SW, 1>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
     for (; ow < Wo; ++ow) depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
   }
+}
+
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void depthwise_rows_kw(const float* x, int64_t H, int64_t W,
+                                              const float* w, int64_t kh, int64_t kw,
+                                              const Conv2dParams& p, const float* bias,
+                                              int64_t oh0, int64_t oh1, int64_t Wo, float* y) {
+  const bool plain = p.dilation_w == 1 && (p.stride_w == 1 || p.stride_w == 2);
+  if (plain && kw == 3 && p.stride_w == 1)
+    depthwise_rows_act<B, A, 3, 1>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
+  else if (plain && kw == 3)
+    depthwise_rows_act<B, A, 3, 2>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
+  else if (plain && kw == 5 && p.stride_w == 1)
+    depthwise_rows_act<B, A, 5, 1>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
+  else if (plain && kw == 5)
+    depthwise_rows_act<B, A, 5, 2>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
+  else
+    depthwise_rows_act<B, A, 0, 0>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
 }
 
 template <int B>
@@ -121,7 +165,7 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_body(const float* x, int64_t H, int64
                                                 const Conv2dParams& p, const float* bias,
                                                 int64_t oh0, int64_t oh1, int64_t Wo, float* y,
                                                 Act act) {
-  CONVCORE_ACT_SWITCH(act, depthwise_rows_act, B, x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y)
+  CONVCORE_ACT_SWITCH(act, depthwise_rows_kw, B, x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y)
 }
 
 CONVCORE_BLOCKED_DISPATCH(depthwise_rows, depthwise_rows_body,
@@ -185,10 +229,27 @@ CONVCORE_BLOCKED_DISPATCH(avg_pool_plane, avg_pool_plane_body,
                            int64_t Ho, int64_t Wo, float* y),
                           (x, H, W, p, Ho, Wo, y))
 
+// The mean of each lane over hw positions: runs of 64 positions summed in
+// float by four independent chains (one chain waited on the add latency at
+// every position: squeeze-and-excitation's pools were 5x slower than
+// ONNX Runtime's), the runs summed in double (a float sum of a large plane
+// stops growing).
 template <int B>
 CONVCORE_ALWAYS_INLINE void global_avg_plane_body(const float* x, int64_t hw, float* y) {
   WideVec<B> s{};
-  for (int64_t q = 0; q < hw; ++q) s += __builtin_convertvector(load<B>(x + q * B), WideVec<B>);
+  for (int64_t q0 = 0; q0 < hw; q0 += 64) {
+    const int64_t q1 = std::min(hw, q0 + 64);
+    Vec<B> a0{}, a1{}, a2{}, a3{};
+    int64_t q = q0;
+    for (; q + 4 <= q1; q += 4) {
+      a0 += load<B>(x + q * B);
+      a1 += load<B>(x + (q + 1) * B);
+      a2 += load<B>(x + (q + 2) * B);
+      a3 += load<B>(x + (q + 3) * B);
+    }
+    for (; q < q1; ++q) a0 += load<B>(x + q * B);
+    s += __builtin_convertvector((a0 + a1) + (a2 + a3), WideVec<B>);
+  }
   store<B>(y, __builtin_convertvector(s / double(hw), Vec<B>));
 }
 
@@ -324,14 +385,34 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
   const int64_t B = block(), cb = blocks_of(in, B), planes = in.n * cb;
   const int64_t bands = row_bands(planes, out.h, threads);
   const int64_t band = (out.h + bands - 1) / bands;
+  // A small image is mostly edge columns (7x7 with a 5x5 kernel: all of
+  // them), which run one column at a time: each task then pads its plane
+  // into a frame on the stack, where every window lies inside.
+  const int64_t hp = in.h + p.pad_top + p.pad_bottom, wp = in.w + p.pad_left + p.pad_right;
+  constexpr int64_t kFrameFloats = 8192;
+  const bool framed = out.w < 16 && hp * wp * B <= kFrameFloats &&
+                      (p.pad_top || p.pad_bottom || p.pad_left || p.pad_right);
+  Conv2dParams unpadded = p;
+  unpadded.pad_top = unpadded.pad_bottom = unpadded.pad_left = unpadded.pad_right = 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < planes * bands; ++t) {
     const int64_t pl = t / bands, n = pl / cb, c = pl % cb;
     const int64_t oh0 = (t % bands) * band, oh1 = std::min(out.h, oh0 + band);
     if (oh0 >= oh1) continue;
-    depthwise_rows(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w,
-                   packed + c * kh * kw * B, kh, kw, p, e.bias ? e.bias + c * B : nullptr, oh0,
-                   oh1, out.w, out.data + n * out.image_stride + c * out.h * out.w * B, e.act);
+    const float* x = in.data + n * in.image_stride + c * in.h * in.w * B;
+    float* y = out.data + n * out.image_stride + c * out.h * out.w * B;
+    const float* w = packed + c * kh * kw * B;
+    const float* bias = e.bias ? e.bias + c * B : nullptr;
+    if (framed) {
+      alignas(64) float frame[kFrameFloats];
+      std::fill(frame, frame + hp * wp * B, 0.0f);
+      for (int64_t r = 0; r < in.h; ++r)
+        std::memcpy(frame + ((r + p.pad_top) * wp + p.pad_left) * B, x + r * in.w * B,
+                    static_cast<std::size_t>(in.w * B) * sizeof(float));
+      depthwise_rows(frame, hp, wp, w, kh, kw, unpadded, bias, oh0, oh1, out.w, y, e.act);
+    } else {
+      depthwise_rows(x, in.h, in.w, w, kh, kw, p, bias, oh0, oh1, out.w, y, e.act);
+    }
   }
 }
 
