@@ -208,12 +208,13 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
           }
           for (int64_t u = u_begin; u < u_end; ++u) {
             const float* b = w.panels.data() + u * w.taps * NR;
+            const int nr = static_cast<int>(std::min<int64_t>(NR, w.cout - u * NR));
             for (int64_t k0 = 0; k0 < w.taps; k0 += slice) {
               const int64_t kc = std::min(slice, w.taps - k0);
               for (int64_t q0 = qb; q0 < qe; q0 += MR)
                 gemm::gather_kernel(kc, plan.koff.data() + k0, rows + (q0 - qb), b + k0 * NR,
                                     tiles + (q0 - qb) * NR,
-                                    static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0);
+                                    static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0, nr);
             }
             const int64_t jb0 = u * blocks_per_panel;
             const int64_t nb = std::min(blocks_per_panel, out_blocks - jb0);

@@ -260,9 +260,10 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const Conv2dPara
         for (int64_t u = 0; u < w.panels; ++u) {
           const float* ub = w.u.data() + (xi * w.panels + u) * w.cin_pad * NR;
           float* mt = mb + ((xi * w.panels + u) * band) * NR;
+          const int nr = static_cast<int>(std::min<int64_t>(NR, w.cout - u * NR));
           for (int64_t q = 0; q < t1 - t0; q += MR)
             gemm::gather_kernel(w.cin_pad, plan.koff.data(), rows + q, ub, mt + q * NR,
-                                static_cast<int>(std::min<int64_t>(MR, t1 - t0 - q)));
+                                static_cast<int>(std::min<int64_t>(MR, t1 - t0 - q)), false, nr);
         }
       }
       output_tiles(w.m, mb, w.panels, band, t0, t1, plan.tiles_w, oblocks, out.h, out.w, e.bias,

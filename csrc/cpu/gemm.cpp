@@ -136,7 +136,7 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
                                                               const T* const* rows,
                                                               const T* __restrict b_all,
                                                               T* __restrict tile, int mr,
-                                                              bool accumulate) {
+                                                              bool accumulate, int nr) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
   static_assert(MR % RB == 0, "MR must be a multiple of the row block");
@@ -145,7 +145,7 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
     const int64_t kc = std::min<int64_t>(kChunk, kc_all - kb);
     const int64_t* koff = koff_all + kb;
     const T* b = b_all + kb * NR;
-    for (int j0 = 0; j0 < NR; j0 += VP * W)
+    for (int j0 = 0; j0 < NR && j0 < nr; j0 += VP * W)
       for (int i0 = 0; i0 < mr; i0 += RB) {
         const T* r[RB];
         for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
@@ -212,15 +212,15 @@ void kernel_generic_d(int64_t kc, const double* a, int64_t lda, const double* b,
 }
 
 using GatherF = void (*)(int64_t, const int64_t*, const float* const*, const float*, float*, int,
-                         bool);
+                         bool, int);
 using GatherD = void (*)(int64_t, const int64_t*, const double* const*, const double*, double*,
-                         int, bool);
+                         int, bool, int);
 void gather_generic_f(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                      float* tile, int mr, bool acc) {
+                      float* tile, int mr, bool acc, int) {
   gather_generic<float>(kc, koff, rows, b, tile, mr, acc);
 }
 void gather_generic_d(int64_t kc, const int64_t* koff, const double* const* rows,
-                      const double* b, double* tile, int mr, bool acc) {
+                      const double* b, double* tile, int mr, bool acc, int) {
   gather_generic<double>(kc, koff, rows, b, tile, mr, acc);
 }
 
@@ -251,24 +251,24 @@ __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const do
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t* koff,
                                                        const float* const* rows, const float* b,
-                                                       float* tile, int mr, bool acc) {
-  gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr, acc);
+                                                       float* tile, int mr, bool acc, int nr) {
+  gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr, acc, nr);
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t* koff,
                                                        const double* const* rows,
-                                                       const double* b, double* tile, int mr, bool acc) {
-  gather_vector_body<double, f64x4, 6, 2>(kc, koff, rows, b, tile, mr, acc);
+                                                       const double* b, double* tile, int mr, bool acc, int nr) {
+  gather_vector_body<double, f64x4, 6, 2>(kc, koff, rows, b, tile, mr, acc, nr);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_f(int64_t kc, const int64_t* koff,
                                                             const float* const* rows,
-                                                            const float* b, float* tile, int mr, bool acc) {
-  gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr, acc);
+                                                            const float* b, float* tile, int mr, bool acc, int nr) {
+  gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr, acc, nr);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_d(int64_t kc, const int64_t* koff,
                                                             const double* const* rows,
                                                             const double* b, double* tile,
-                                                            int mr, bool acc) {
-  gather_vector_body<double, f64x8, 12, 2>(kc, koff, rows, b, tile, mr, acc);
+                                                            int mr, bool acc, int nr) {
+  gather_vector_body<double, f64x8, 12, 2>(kc, koff, rows, b, tile, mr, acc, nr);
 }
 #endif
 
@@ -397,12 +397,12 @@ void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, dou
 }
 
 void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                   float* tile, int mr, bool accumulate) {
-  dispatch().gf(kc, koff, rows, b, tile, mr, accumulate);
+                   float* tile, int mr, bool accumulate, int nr) {
+  dispatch().gf(kc, koff, rows, b, tile, mr, accumulate, nr);
 }
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
-                   double* tile, int mr, bool accumulate) {
-  dispatch().gd(kc, koff, rows, b, tile, mr, accumulate);
+                   double* tile, int mr, bool accumulate, int nr) {
+  dispatch().gd(kc, koff, rows, b, tile, mr, accumulate, nr);
 }
 
 void store_transposed(const float* tile, int64_t rows, int64_t cols, const float* bias,

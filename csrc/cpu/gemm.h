@@ -55,14 +55,15 @@ void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, dou
 // The microkernel with a gathered A, for direct convolution:
 // tile[i * NR + j] (+)= sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for
 // i < mr, j < NR (rows i >= mr of tile may be left unwritten); b is one packed
-// NR-column panel.
+// NR-column panel. With nr < NR, only the columns j < nr are needed: vector
+// blocks of columns past nr may be skipped (AVX2 computes 16 at a time).
 // A(i, k) is read in place, so an image needs no im2col packing: row i
 // points at the input window of output position i, koff[k] is the offset of
 // tap k inside every window.
 void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                   float* tile, int mr, bool accumulate = false);
+                   float* tile, int mr, bool accumulate = false, int nr = Tile<float>::NR);
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
-                   double* tile, int mr, bool accumulate = false);
+                   double* tile, int mr, bool accumulate = false, int nr = Tile<double>::NR);
 
 // dst[j * ld + q] = tile[q * NR + j] (+ bias[j] unless null) for q < rows,
 // j < cols: gather_kernel's tiles (positions x channels) written out as

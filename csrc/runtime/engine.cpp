@@ -191,8 +191,8 @@ struct Plan {
   std::vector<Place> places;  // by Val
   std::vector<blocked::ConvPlan> conv_plans;  // by step
   std::vector<blocked::WinogradPlan> winograd_plans;  // by step
+  std::vector<int> step_threads;  // by step: fewer than `threads` for small steps
   int64_t values_elements = 0, scratch_elements = 0;
-  bool input_copied = false;  // a strided input is copied into the arena
 };
 
 // The Winograd variant for a convolution in the blocked layout, 0 for the
@@ -710,8 +710,26 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
     if (c.vals[v].alias >= 0) p->places[v].image_stride = p->places[static_cast<std::size_t>(r)].image_stride;
   }
   p->places[static_cast<std::size_t>(input_root)].offset = -1;
-  p->input_copied = false;
   (void)input_copy_offset;
+  // Threads per step: a parallel region costs a few microseconds, more than
+  // a small step's work (LeNet-5's pooling, a squeeze-and-excitation's 1x1
+  // convolutions on one position), which then runs on one thread.
+  p->step_threads.assign(ns, threads);
+  for (std::size_t i = 0; i < ns; ++i) {
+    const Step& s = c.steps[i];
+    const Shape& os = shapes[static_cast<std::size_t>(s.out)];
+    int64_t work = batch * graph::numel(os);  // elements written
+    int64_t grain = 32768;
+    if (s.kind == Kind::Conv || s.kind == Kind::Winograd || s.kind == Kind::ConvPlain) {
+      const Shape& xs = shapes[static_cast<std::size_t>(s.in[0])];
+      work *= xs[0] / s.conv.groups * s.kh * s.kw;  // multiply-adds
+      grain = 262144;
+    } else if (s.kind == Kind::Depthwise) {
+      work *= s.kh * s.kw;
+      grain = 131072;
+    }
+    p->step_threads[i] = static_cast<int>(std::clamp<int64_t>(work / grain, 1, threads));
+  }
   // scratch: the most any step needs
   for (std::size_t i = 0; i < ns; ++i) {
     const Step& s = c.steps[i];
@@ -787,7 +805,7 @@ void activation_in_place(Act act, T* data, int64_t n) {
 void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, char* arena,
                             const void* input) const {
   const std::size_t item = dtype_size(dtype);
-  const int threads = p.threads;
+  const int threads = p.step_threads[static_cast<std::size_t>(&s - c.steps.data())];
   auto data = [&](int v) -> void* {
     const Place& pl = p.places[static_cast<std::size_t>(v)];
     return pl.offset < 0 ? const_cast<void*>(input) : arena + static_cast<std::size_t>(pl.offset) * item;
