@@ -223,7 +223,25 @@ def write_nets():
         print(f"net_{name}.safetensors: {type(model).__name__}, output {y.shape}")
 
 
+def write_graph_nets():
+    """The nets again in the graph format (format 2, docs/format.md), as
+    net_<name>_graph.safetensors: the checked-in net_<name>.safetensors were
+    written before the graph existed and stay as the format-1 fixtures, so
+    the C++ tests (and the loader fuzzer, which seeds from this folder) read
+    both formats against the same _io outputs."""
+    import convcore as cc
+
+    for name in ("mix", "mix64", "residual", "gap"):
+        model = cc.load(os.path.join(DATA, f"net_{name}.safetensors"))
+        model.save(os.path.join(DATA, f"net_{name}_graph.safetensors"))
+        print(f"net_{name}_graph.safetensors")
+
+
 if __name__ == "__main__":
     os.makedirs(DATA, exist_ok=True)
+    if sys.argv[1:] == ["--graph-nets"]:  # only the format-2 copies of the nets
+        write_graph_nets()
+        sys.exit(0)
     write_ops()
     write_nets()
+    write_graph_nets()

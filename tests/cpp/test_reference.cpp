@@ -136,14 +136,18 @@ TEST(ops_match_stored_numpy_references) {
 }
 
 TEST(nets_match_python_outputs) {
-  for (const char* name : {"mix", "mix64", "residual", "gap"}) {
-    const Net net = Net::load(data(std::string("net_") + name + ".safetensors"));
-    const SafetensorsFile io = SafetensorsFile::open(data(std::string("net_") + name + "_io.safetensors"));
+  // net_<name>.safetensors: format 1 (the module tree only, written before
+  // the graph existed); net_<name>_graph.safetensors: format 2
+  for (const std::string name : {"mix", "mix64", "residual", "gap", "mix_graph", "mix64_graph",
+                                 "residual_graph", "gap_graph"}) {
+    const std::string io_name = name.substr(0, name.find("_graph"));
+    const Net net = Net::load(data("net_" + name + ".safetensors"));
+    const SafetensorsFile io = SafetensorsFile::open(data("net_" + io_name + "_io.safetensors"));
     const Tensor x = io.read("input"), expected = io.read("output");
     const Tensor y = net.forward(x);
     const double err = testutil::rel_error(y, expected);
     const bool f32 = y.dtype() == DType::Float32;
-    std::printf("  net_%s: %s, output %s, relative error %.3g%s\n", name, net.name().c_str(),
+    std::printf("  net_%s: %s, output %s, relative error %.3g%s\n", name.c_str(), net.name().c_str(),
                 y.shape_str().c_str(), err, testutil::bit_equal(y, expected) ? " (bit-identical)" : "");
     CHECK(y.dtype() == expected.dtype());
     CHECK(err < (f32 ? 1e-5 : 1e-12));

@@ -1,6 +1,8 @@
 """Coverage-guided fuzzing (atheris, libFuzzer's engine) of the Python
 model-file loader: convcore.load_state_dict_file and convcore.load on
-mutated model files, then a forward pass of what loads.
+mutated model files (the C++ reader checks the header and the network graph
+for both), then a forward pass of what loads, eager and compiled (the C++
+engine, compiled from the graph of the file).
 
     python tests/fuzz/fuzz_loader.py [libFuzzer flags] CORPUS_DIR
     python tests/fuzz/fuzz_loader.py -max_total_time=30 -seed=1 /tmp/corpus
@@ -78,10 +80,15 @@ def one_input(data: bytes) -> None:
     shape = getattr(model, "input_shape", None)
     if shape and int(np.prod(shape)) <= 4096:  # a forward pass only where it is cheap
         model.eval()
+        x = np.zeros((1,) + tuple(shape), model.dtype)
         try:
-            model(np.zeros((1,) + tuple(shape), np.float32))
+            model(x)
         except ALLOWED:
             pass
+        try:  # the engine on the same model (its own compile-time checks)
+            convcore.compile(model)(x)
+        except ALLOWED as e:
+            assert str(e), f"{type(e).__name__} without a message"
 
 
 def main(argv):
