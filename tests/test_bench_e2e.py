@@ -181,6 +181,7 @@ def test_memory_run_measures_ort_without_torch_in_its_child(capsys):
     assert row["errors"] == {}
     assert row["memory"]["ort"]["imported"] == ["onnxruntime"]
     assert row["memory"]["ort"]["peak_mb"] > 0 and row["memory"]["convcore"]["peak_mb"] > 0
+    assert row["memory"]["compiled"]["imported"] == ["convcore"]  # from the saved file
     assert "torch" not in row["memory"]
     print(bench_e2e.markdown(result))
     assert "| lenet5 (1x32x32) | 2 |" in capsys.readouterr().out

@@ -226,6 +226,22 @@ def test_summary_profile_and_arena():
     assert all(r["seconds"] >= 0 for r in rows)
 
 
+def test_a_saved_file_compiles_straight_from_the_c_reader(tmp_path):
+    convcore.manual_seed(0)
+    model = models.mobilenet_v2(num_classes=10, input_size=32)
+    compiled, model, x = compiled_and_eager(model, model.input_shape)
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    from_file = convcore.compile(path)
+    assert from_file.input_shape == (3, 32, 32) and from_file.name == "mobilenet_v2"
+    np.testing.assert_array_equal(from_file(x), compiled(x))
+    with pytest.raises(FileNotFoundError):
+        convcore.compile(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
+    with pytest.raises(ValueError, match="cannot load .*bad header length 16"):
+        convcore.compile(tmp_path / "bad.safetensors")
+
+
 def test_bad_inputs_get_clear_errors():
     convcore.manual_seed(0)
     compiled = convcore.compile(models.lenet5().eval())
@@ -236,7 +252,7 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(TypeError, match="numpy array"):
         compiled([[1.0]])
     with pytest.raises(TypeError, match="convcore.nn.Module"):
-        convcore.compile("lenet5")
+        convcore.compile(42)
     with pytest.raises(ValueError, match="threads must be a positive int"):
         convcore.compile(models.lenet5().eval(), threads=0)
     with pytest.raises(ValueError, match="runs must be a positive int"):

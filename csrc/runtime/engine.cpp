@@ -273,7 +273,7 @@ std::vector<FusedOp> Engine::Impl::fuse(const std::vector<Shape>& shapes, Compil
     f.out = n.output;
     for (int v : n.inputs) f.in.push_back(rep[static_cast<std::size_t>(v)]);
     f.label = node_label(n, g.values);
-    if (n.op == Op::Conv2d || n.op == Op::Linear) {
+    if (n.op == Op::Conv2d) {  // a copy: folding and packing change it
       f.weight = *n.tensor("weight");
       if (const Tensor* b = n.tensor("bias")) f.bias = *b;
     }
@@ -450,10 +450,8 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
         s.out = new_val(f.out, false);
         break;
       }
-      case Op::Linear:
+      case Op::Linear:  // reads the graph's own tensors (no copy)
         s.kind = Kind::Linear;
-        s.weight = std::move(f.weight);
-        s.bias = std::move(f.bias);
         s.in = {want(x, false)};
         s.out = new_val(f.out, false);
         break;
@@ -878,10 +876,12 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
       const Shape xs = shape_of(s.in[0]);
       const int64_t rows = p.batch * graph::numel(xs) / xs.back();
       const int64_t in_shape[2] = {rows, xs.back()};
-      const int64_t out_shape[2] = {rows, s.weight.size(0)};
-      const TensorView b = s.bias.defined() ? s.bias.view() : TensorView();
-      linear_forward(contiguous_view(data(s.in[0]), dtype, 2, in_shape), s.weight.view(),
-                     s.bias.defined() ? &b : nullptr, contiguous_view(data(s.out), dtype, 2, out_shape));
+      const Tensor& weight = *s.node->tensor("weight");
+      const Tensor* bias = s.node->tensor("bias");
+      const int64_t out_shape[2] = {rows, weight.size(0)};
+      const TensorView b = bias ? bias->view() : TensorView();
+      linear_forward(contiguous_view(data(s.in[0]), dtype, 2, in_shape), weight.view(),
+                     bias ? &b : nullptr, contiguous_view(data(s.out), dtype, 2, out_shape));
       return finish_plain();
     }
     case Kind::Affine:
@@ -1038,6 +1038,11 @@ Engine& Engine::operator=(Engine&&) noexcept = default;
 const graph::Graph& Engine::graph() const { return impl_->g; }
 DType Engine::dtype() const { return impl_->dtype; }
 int Engine::threads() const { return impl_->threads(); }
+
+void Engine::prepare(const Shape& sample) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->compile(sample);
+}
 void Engine::set_threads(int threads) {
   if (threads < 0) throw ValueError("threads must be >= 0 (0: the core's count), got " + std::to_string(threads));
   std::lock_guard<std::mutex> lock(impl_->mutex);

@@ -48,6 +48,9 @@ class Engine {
   // up and is not counted); returns the steps with their total seconds.
   std::vector<StepInfo> profile(const TensorView& input, int runs) const;
 
+  // Compiles for a sample shape now (the first forward of that shape would).
+  void prepare(const std::vector<int64_t>& sample_shape);
+
   const graph::Graph& graph() const;
   DType dtype() const;
   int threads() const;

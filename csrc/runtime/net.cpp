@@ -30,6 +30,13 @@ struct Net::Impl {
   std::string path, name;
   std::map<std::string, std::string> metadata;
   std::unique_ptr<engine::Engine> engine;
+
+  // Compiles for the declared input shape at load (packing the weights
+  // then, not at the first forward); a net without one compiles per shape.
+  void prepare() {
+    const auto& shape = engine->graph().input_shape;
+    if (!shape.empty()) engine->prepare(shape);
+  }
 };
 
 Net::Net(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -63,6 +70,7 @@ Net Net::load(const std::string& path, const NetOptions& options) {
   impl->metadata = file.metadata();
   impl->name = g.name.empty() ? "Net" : g.name;
   impl->engine = std::make_unique<engine::Engine>(std::move(g), dtype, options);
+  impl->prepare();
   return Net(std::move(impl));
 }
 
@@ -86,6 +94,7 @@ Net Net::from_graph(const std::string& graph_json, const std::map<std::string, T
   auto impl = std::make_unique<Impl>();
   impl->name = g.name.empty() ? "Net" : g.name;
   impl->engine = std::make_unique<engine::Engine>(std::move(g), dtype, options);
+  impl->prepare();
   return Net(std::move(impl));
 }
 

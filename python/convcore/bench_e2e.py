@@ -49,10 +49,11 @@ the run.
 Memory (--memory; no timing): each (library, model, batch) in a fresh
 process (sys.executable -c _MEMORY_CHILD) that imports only what that
 library needs (numpy and convcore; onnxruntime alone for ONNX Runtime, which
-loads the .onnx file this process exported once per model; torch and
-convcore for PyTorch, whose child builds the convcore model, mirrors it and
-frees it), builds the model with the same seed, prepares its engine, then
-runs 3 inferences on the batch. Reported, from VmHWM/VmRSS in
+loads the .onnx file this process exported once per model; convcore.compile
+loads the model this process saved once, straight into the engine, as a
+deployment would, with no eager model; torch and convcore for PyTorch, whose
+child builds the convcore model, mirrors it and frees it), builds the model
+with the same seed, prepares its engine, then runs 3 inferences on the batch. Reported, from VmHWM/VmRSS in
 /proc/self/status, in MB (2**20 bytes):
   setup_mb        the peak resident memory after setup: interpreter,
                   imports, weights, engine or session, the input batch
@@ -663,9 +664,9 @@ else:
     model = convcore.models.get(spec["model"], **spec["kwargs"]).eval()
     if lib == "convcore":
         infer = lambda: model(x)
-    elif lib == "compiled":
-        engine = convcore.compile(model, threads=threads)
+    elif lib == "compiled":  # from the saved file, as ORT from its ONNX file
         del model
+        engine = convcore.compile(spec["saved"], threads=threads)
         infer = lambda: engine(x)
     else:
         tmodel = to_torch(model).eval()
@@ -691,18 +692,22 @@ print(json.dumps(dict(imports=imports["VmRSS"], setup_peak=setup["VmHWM"],
 
 def memory_child(library: str, model: str, batch: int, input_shape: Sequence[int],
                  threads: int = 2, size: Optional[int] = None, onnx_path: Optional[str] = None,
-                 timeout: Optional[float] = 1800) -> dict:
+                 timeout: Optional[float] = 1800, saved_path: Optional[str] = None) -> dict:
     """Measures one (library, model, batch) in a fresh process (see the
     module's docstring); returns imports_mb, setup_mb, peak_mb,
     infer_extra_mb, exact_extra and imported (which of convcore, onnxruntime
     and torch the child had imported). library: convcore, compiled, torch or
-    ort (which needs onnx_path, the model's export)."""
+    ort (which needs onnx_path, the model's export); compiled loads
+    saved_path (the model saved by convcore.save) straight into the engine,
+    as a deployment would, with no eager model in the process."""
     if library not in LIBRARIES:
         raise ValueError(f"library must be one of {', '.join(LIBRARIES)}, got {library!r}")
     if library == "ort" and not onnx_path:
         raise ValueError("the ort child needs onnx_path, the model exported by export_onnx")
+    if library == "compiled" and not saved_path:
+        raise ValueError("the compiled child needs saved_path, the model saved by convcore.save")
     spec = dict(library=library, model=model, batch=int(batch), threads=int(threads),
-                input_shape=[int(d) for d in input_shape], onnx=onnx_path,
+                input_shape=[int(d) for d in input_shape], onnx=onnx_path, saved=saved_path,
                 kwargs={} if size is None else {"input_size": int(size)})
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if library != "ort":  # the convcore this process runs, wherever it comes from
@@ -781,6 +786,10 @@ def measure_memory(models: Optional[Sequence[str]] = None,
                     export_onnx(to_torch(model), make_input(shape, 1)[0], torch, onnx_path)
                 except Exception as e:  # noqa: BLE001
                     setup_errors["ort"], onnx_path = _error(e), None
+            saved_path = None
+            if "compiled" in libs:
+                saved_path = os.path.join(tmp, f"{name}.safetensors")
+                model.eval().save(saved_path)
             del model
             gc.collect()
             for n in batches:
@@ -789,7 +798,8 @@ def measure_memory(models: Optional[Sequence[str]] = None,
                     if lib in errors:
                         continue
                     try:
-                        memory[lib] = memory_child(lib, name, n, shape, threads, size, onnx_path)
+                        memory[lib] = memory_child(lib, name, n, shape, threads, size, onnx_path,
+                                                   saved_path=saved_path)
                     except Exception as e:  # noqa: BLE001
                         errors[lib] = _error(e)
                 row = dict(model=name, batch=n, input_shape=list(shape), threads=threads,
@@ -803,8 +813,9 @@ def measure_memory(models: Optional[Sequence[str]] = None,
                     print_fn(f"{name:16} {n:5d} {_shape_text(shape):>9} " + " ".join(cells))
                     for lib, err in errors.items():
                         print_fn(f"  {LABELS[lib]}: {err}")
-            if onnx_path and os.path.exists(onnx_path):
-                os.remove(onnx_path)
+            for path in (onnx_path, saved_path):
+                if path and os.path.exists(path):
+                    os.remove(path)
     return dict(info, memory_rows=rows, skipped=skipped, notes=notes, size=size,
                 batches=list(batches), models=models)
 

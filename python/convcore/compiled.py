@@ -18,6 +18,7 @@ model does not follow later changes to the eager one (compile again).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from typing import List, Optional
 
@@ -116,15 +117,26 @@ class CompiledModel:
 
 
 def compile(model, threads: Optional[int] = None) -> CompiledModel:  # noqa: A001 (torch.compile's name)
-    """Compiles a model for inference (see the module docstring). `threads`
-    fixes this model's thread count (default: convcore.set_num_threads's)."""
+    """Compiles a model for inference (see the module docstring): a module,
+    or the path of a file saved by `save` (read by the C++ reader straight
+    into the engine, with no eager model in between: what a deployment
+    needs). `threads` fixes this model's thread count (default:
+    convcore.set_num_threads's)."""
     from .nn.module import Module
 
-    if not isinstance(model, Module):
-        raise TypeError(f"model must be a convcore.nn.Module, got {type(model).__name__}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        with open(path, "rb"):  # a missing file is an OSError, as for convcore.load
+            pass
+        net = _core.CompiledNet(path, threads=threads or 0)
+        shape = tuple(net.input_shape)
+        return CompiledModel(net, shape or None)
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a convcore.nn.Module or the path of a saved model, got "
+                        f"{type(model).__name__}")
     if model.training:
         warnings.warn("convcore.compile runs the model in evaluation mode (BatchNorm with its "
                       "running statistics, Dropout off); it was in training mode. Call "
