@@ -20,6 +20,7 @@
 // allocate nothing but their result.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -50,6 +51,9 @@ class Engine {
 
   // Compiles for a sample shape now (the first forward of that shape would).
   void prepare(const std::vector<int64_t>& sample_shape);
+  // How to read the graph's tensors again: the engine then frees its copy
+  // of the weights it packs, and reloads them for another sample shape.
+  void set_reload(std::function<void(graph::Graph&)> reload);
 
   const graph::Graph& graph() const;
   DType dtype() const;

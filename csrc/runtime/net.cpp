@@ -16,12 +16,33 @@ namespace convcore {
 
 namespace {
 
+// (from the shapes: the engine may have freed the graph's copy of packed weights)
+int64_t count_parameters(const graph::Node& node) {
+  int64_t n = 0;
+  for (const auto& s : graph::tensor_specs(node))
+    if (s.trainable) n += graph::numel(s.shape);
+  return n;
+}
+
 int64_t count_parameters(const graph::Graph& g) {
   int64_t n = 0;
-  for (const auto& node : g.nodes)
-    for (const auto& s : graph::tensor_specs(node))
-      if (s.trainable) n += node.tensor(s.role)->numel();
+  for (const auto& node : g.nodes) n += count_parameters(node);
   return n;
+}
+
+// Reads a node's tensors from the file, in the net's dtype.
+void read_tensors(const SafetensorsFile& file, graph::Node& node, DType dtype) {
+  node.tensors.clear();
+  for (const auto& s : graph::tensor_specs(node)) {
+    Tensor t = file.read(s.key);
+    if (t.shape() != s.shape)  // (a file replaced since it was checked)
+      throw ValueError("tensor " + json::repr(s.key) + " of " + json::repr(file.path()) +
+                       " has shape " + t.shape_str() + ", not " + shape_str(s.shape) +
+                       " as when the file was loaded");
+    // (converted only when it must be: a copy of ZFNet's fc6 is 1.4 GB)
+    if (s.is_float && t.dtype() != dtype) t = t.to(dtype);
+    node.tensors.emplace_back(s.role, std::move(t));
+  }
 }
 
 }  // namespace
@@ -60,16 +81,23 @@ Net Net::load(const std::string& path, const NetOptions& options) {
   } catch (const ValueError& e) {
     bad(e.what());
   }
-  for (auto& node : g.nodes)
-    for (const auto& s : graph::tensor_specs(node)) {
-      Tensor t = file.read(s.key);
-      node.tensors.emplace_back(s.role, s.is_float ? t.to(dtype) : std::move(t));
-    }
+  for (auto& node : g.nodes) read_tensors(file, node, dtype);
   auto impl = std::make_unique<Impl>();
   impl->path = path;
   impl->metadata = file.metadata();
   impl->name = g.name.empty() ? "Net" : g.name;
   impl->engine = std::make_unique<engine::Engine>(std::move(g), dtype, options);
+  // the weights the engine packs are freed, and read from the file again
+  // for another input shape
+  impl->engine->set_reload([path, dtype](graph::Graph& graph) {
+    const SafetensorsFile f = SafetensorsFile::open(path);
+    for (auto& node : graph.nodes)
+      for (const auto& t : node.tensors)
+        if (!t.second.defined()) {
+          read_tensors(f, node, dtype);
+          break;
+        }
+  });
   impl->prepare();
   return Net(std::move(impl));
 }
@@ -89,7 +117,8 @@ Net Net::from_graph(const std::string& graph_json, const std::map<std::string, T
   for (auto& node : g.nodes)
     for (const auto& s : graph::tensor_specs(node)) {
       Tensor t = Tensor::from_view(tensors.at(s.key));
-      node.tensors.emplace_back(s.role, s.is_float ? t.to(dtype) : std::move(t));
+      if (s.is_float && t.dtype() != dtype) t = t.to(dtype);
+      node.tensors.emplace_back(s.role, std::move(t));
     }
   auto impl = std::make_unique<Impl>();
   impl->name = g.name.empty() ? "Net" : g.name;
@@ -182,9 +211,7 @@ std::string Net::summary() const {
   std::vector<Row> rows;
   for (const auto& n : g.nodes) {
     if (n.name.empty() && n.tensors.empty()) continue;  // the joins and the containers' ReLUs
-    int64_t params = 0;
-    for (const auto& s : graph::tensor_specs(n))
-      if (s.trainable) params += n.tensor(s.role)->numel();
+    const int64_t params = count_parameters(n);
     rows.push_back({n.name, n.type, n.args,
                     shapes.empty() ? "-" : shape_str(shapes[static_cast<std::size_t>(n.output)]),
                     params});

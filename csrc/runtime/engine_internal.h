@@ -1,0 +1,183 @@
+// Internals of the compiled engine shared by its two halves:
+// engine_compile.cpp (graph -> fused ops -> steps over values in a layout)
+// and engine.cpp (a plan per batch size, and running it). Not installed.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../cpu/blocked.h"
+#include "convcore/ops.h"
+#include "convcore/padding.h"
+#include "convcore/threading.h"
+#include "engine.h"
+
+namespace convcore {
+namespace engine {
+
+using graph::Node;
+using graph::Op;
+using graph::Shape;
+using blocked::Act;
+
+inline Act act_of(Op op) {
+  switch (op) {
+    case Op::ReLU: return Act::ReLU;
+    case Op::ReLU6: return Act::ReLU6;
+    case Op::Sigmoid: return Act::Sigmoid;
+    case Op::SiLU: return Act::SiLU;
+    case Op::Hardswish: return Act::Hardswish;
+    case Op::Hardsigmoid: return Act::Hardsigmoid;
+    default: return Act::None;
+  }
+}
+
+inline bool is_activation(Op op) { return act_of(op) != Act::None; }
+
+// Calls f(float{}) or f(double{}) for the net's dtype.
+template <typename F>
+void with_type(DType dtype, F&& f) {
+  if (dtype == DType::Float64)
+    f(double{});
+  else
+    f(float{});
+}
+
+// --------------------------------------------------------------- fused ops
+
+// An op after folding and fusion, over graph values (its layout not yet chosen).
+struct FusedOp {
+  Op op = Op::Identity;
+  const Node* node = nullptr;  // the graph node it started from
+  std::vector<int> in;
+  int out = 0;
+  int residual = -1;  // a value added before the activation
+  Act act = Act::None;
+  Tensor weight, bias;  // Conv2d / Linear (BatchNorm folded in); BatchNorm: scale, shift
+  std::string label;
+  bool dead = false;
+};
+
+// --------------------------------------------------------------- steps
+
+enum class Kind {
+  Conv, Winograd, Depthwise, ConvPlain, Pad, Linear, Affine, BatchNormBatch, Act, MaxPool, AvgPool,
+  GlobalPool, AdaptivePool, LRN, Add, Mul, Concat, ToBlocked, ToPlain,
+};
+
+inline const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::Conv: return "conv";
+    case Kind::Winograd: return "winograd";
+    case Kind::Depthwise: return "depthwise";
+    case Kind::ConvPlain: return "conv(core)";
+    case Kind::Pad: return "pad";
+    case Kind::Linear: return "linear";
+    case Kind::Affine: return "scale+shift";
+    case Kind::BatchNormBatch: return "batchnorm";
+    case Kind::Act: return "activation";
+    case Kind::MaxPool: return "maxpool";
+    case Kind::AvgPool: return "avgpool";
+    case Kind::GlobalPool: return "globalpool";
+    case Kind::AdaptivePool: return "adaptivepool";
+    case Kind::LRN: return "lrn";
+    case Kind::Add: return "add";
+    case Kind::Mul: return "mul";
+    case Kind::Concat: return "concat";
+    case Kind::ToBlocked: return "reorder";
+    case Kind::ToPlain: return "reorder";
+  }
+  return "?";
+}
+
+// A value in a layout: graph value gv's data, blocked or plain.
+struct Val {
+  int gv;
+  bool blocked;
+  int alias = -1;          // a concatenation this value is a slice of (its Val)
+  int64_t channel0 = 0;    // the slice's first channel
+  int view = -1;           // Flatten: the same buffer as this Val
+};
+
+struct Step {
+  Kind kind;
+  std::vector<int> in;  // Vals
+  int out;
+  int residual = -1;
+  Act act = Act::None;
+  const Node* node = nullptr;
+  std::string label;
+  Conv2dParams conv;
+  Pad2dParams pad;
+  int64_t kh = 0, kw = 0;
+  Tensor weight, bias;  // plain (core) steps; Affine: scale, shift
+  blocked::ConvWeights packed;
+  blocked::WinogradWeights winograd;
+  std::vector<float> depthwise;
+  std::vector<float> bias_blocked, scale_blocked;  // padded to whole blocks
+  std::vector<bool> copy_input;  // Concat: inputs not written in place
+};
+
+// One value's place in a plan.
+struct Place {
+  int64_t offset = 0;        // elements into the arena (-1: the caller's input)
+  int64_t image_stride = 0;  // elements between images
+};
+
+struct Plan {
+  int64_t batch = 0;
+  int threads = 1;
+  std::vector<Place> places;  // by Val
+  std::vector<blocked::ConvPlan> conv_plans;  // by step
+  std::vector<blocked::WinogradPlan> winograd_plans;  // by step
+  std::vector<int> step_threads;  // by step: fewer than `threads` for small steps
+  int64_t values_elements = 0, scratch_elements = 0;
+};
+
+// The steps for one sample shape.
+struct Compiled {
+  Shape sample;
+  std::vector<Shape> shapes;  // by graph value, one sample
+  std::vector<Val> vals;
+  std::vector<Step> steps;
+  int input_val = 0, output_val = 0;
+  int folded = 0, fused = 0, in_place = 0;
+  std::map<std::pair<int64_t, int>, std::unique_ptr<Plan>> plans;  // (batch, threads)
+};
+
+struct Engine::Impl {
+  graph::Graph g;
+  DType dtype;
+  Options options;
+  int lanes = 8;
+  mutable std::mutex mutex;
+  mutable std::map<Shape, std::unique_ptr<Compiled>> compiled;
+  mutable std::vector<Tensor> arenas;  // free arenas, reused by later forwards
+  // Reads the graph's tensors again (a file's); when set, compile() frees
+  // the graph's copy of the weights it packs, and reloads them to compile
+  // another sample shape.
+  std::function<void(graph::Graph&)> reload;
+  mutable bool released = false;
+
+  int threads() const { return options.threads > 0 ? options.threads : get_num_threads(); }
+  bool use_blocked() const { return options.blocked && dtype == DType::Float32; }
+
+  Compiled& compile(const Shape& sample) const;
+  std::vector<FusedOp> fuse(const std::vector<Shape>& shapes, Compiled& c) const;
+  void lower(std::vector<FusedOp>& ops, Compiled& c) const;
+  Plan& plan(Compiled& c, int64_t batch, int threads) const;
+  void run(const Compiled& c, const Plan& p, const TensorView& input, char* arena,
+           Tensor& result, std::vector<double>* times) const;
+  void run_step(const Compiled& c, const Plan& p, const Step& s, char* arena,
+                const void* input) const;
+};
+
+// A Val's shape for one sample (the padded input of a Pad step has its own).
+Shape val_shape(const Compiled& c, const std::vector<Step>& steps, int v);
+
+}  // namespace engine
+}  // namespace convcore
