@@ -659,15 +659,14 @@ if lib == "ort":  # bench_e2e.ort_session
     session = ort.InferenceSession(spec["onnx"], sess_options=so,
                                    providers=["CPUExecutionProvider"])
     infer = lambda: session.run(["y"], {"x": x})[0]
+elif lib == "compiled":  # from the saved file, as ORT from its ONNX file
+    engine = convcore.compile(spec["saved"], threads=threads)
+    infer = lambda: engine(x)
 else:
     convcore.manual_seed(0)  # bench_e2e.build_model
     model = convcore.models.get(spec["model"], **spec["kwargs"]).eval()
     if lib == "convcore":
         infer = lambda: model(x)
-    elif lib == "compiled":  # from the saved file, as ORT from its ONNX file
-        del model
-        engine = convcore.compile(spec["saved"], threads=threads)
-        infer = lambda: engine(x)
     else:
         tmodel = to_torch(model).eval()
         del model
