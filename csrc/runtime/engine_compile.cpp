@@ -14,31 +14,38 @@ namespace engine {
 
 namespace {
 
-// The weights of a convolution or linear layer with the batch norm that
-// follows folded in: w' = w * s, b' = (b - mean) * s + beta, s = gamma /
-// sqrt(var + eps), in double.
-void fold_batch_norm(FusedOp& f, const Node& bn) {
+// A convolution's weights and bias (copies), with the batch norm folded into
+// them when f folds one: w' = w * s, b' = (b - mean) * s + beta, s = gamma /
+// sqrt(var + eps), in double. Made one layer at a time, just before its
+// packing: copies of every layer at once were a transient second copy of
+// the net (ResNet-34's setup peak).
+void conv_weights(const FusedOp& f, Tensor& weight, Tensor& bias) {
+  const Node& conv = *f.node;
+  weight = *conv.tensor("weight");
+  bias = conv.tensor("bias") ? *conv.tensor("bias") : Tensor();
+  if (!f.bn) return;
+  const Node& bn = *f.bn;
   const Tensor* gamma = bn.tensor("weight");
   const Tensor* beta = bn.tensor("bias");
   const Tensor& mean = *bn.tensor("running_mean");
   const Tensor& var = *bn.tensor("running_var");
-  const int64_t cout = f.weight.size(0), per = f.weight.numel() / cout;
-  const DType dt = f.weight.dtype();
-  Tensor w64 = f.weight.to(DType::Float64), m64 = mean.to(DType::Float64),
+  const int64_t cout = weight.size(0), per = weight.numel() / cout;
+  const DType dt = weight.dtype();
+  Tensor w64 = weight.to(DType::Float64), m64 = mean.to(DType::Float64),
          v64 = var.to(DType::Float64);
   Tensor g64 = gamma ? gamma->to(DType::Float64) : Tensor();
   Tensor be64 = beta ? beta->to(DType::Float64) : Tensor();
-  Tensor b64 = f.bias.defined() ? f.bias.to(DType::Float64) : Tensor(DType::Float64, {cout});
+  Tensor b64 = bias.defined() ? bias.to(DType::Float64) : Tensor(DType::Float64, {cout});
   double* w = w64.data_as<double>();
   double* b = b64.data_as<double>();
   for (int64_t o = 0; o < cout; ++o) {
-    const double s = (gamma ? g64.data_as<double>()[o] : 1.0) /
-                     std::sqrt(v64.data_as<double>()[o] + bn.bn.eps);
-    for (int64_t k = 0; k < per; ++k) w[o * per + k] *= s;
-    b[o] = (b[o] - m64.data_as<double>()[o]) * s + (beta ? be64.data_as<double>()[o] : 0.0);
+    const double sc = (gamma ? g64.data_as<double>()[o] : 1.0) /
+                      std::sqrt(v64.data_as<double>()[o] + bn.bn.eps);
+    for (int64_t k = 0; k < per; ++k) w[o * per + k] *= sc;
+    b[o] = (b[o] - m64.data_as<double>()[o]) * sc + (beta ? be64.data_as<double>()[o] : 0.0);
   }
-  f.weight = w64.to(dt);
-  f.bias = b64.to(dt);
+  weight = w64.to(dt);
+  bias = b64.to(dt);
 }
 
 // A BatchNorm2d in evaluation mode as scale and shift per channel.
@@ -111,10 +118,6 @@ std::vector<FusedOp> Engine::Impl::fuse(const std::vector<Shape>& shapes, Compil
     f.out = n.output;
     for (int v : n.inputs) f.in.push_back(rep[static_cast<std::size_t>(v)]);
     f.label = node_label(n, g.values);
-    if (n.op == Op::Conv2d) {  // a copy: folding and packing change it
-      f.weight = *n.tensor("weight");
-      if (const Tensor* b = n.tensor("bias")) f.bias = *b;
-    }
     producer[static_cast<std::size_t>(n.output)] = static_cast<int>(ops.size());
     ops.push_back(std::move(f));
   }
@@ -146,7 +149,7 @@ std::vector<FusedOp> Engine::Impl::fuse(const std::vector<Shape>& shapes, Compil
       if (f.dead || f.op != Op::BatchNorm2d || !f.node->bn.track) continue;
       FusedOp* p = fusable(f.in[0]);
       if (!p || (p->op != Op::Conv2d) || p->act != Act::None || p->residual >= 0) continue;
-      fold_batch_norm(*p, *f.node);
+      p->bn = f.node;  // folded into its weights when they are packed (lower)
       p->label += " + " + f.label;
       const int idx = producer[static_cast<std::size_t>(f.in[0])];
       p->out = f.out;
@@ -241,8 +244,7 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
         const auto& a = n.conv;
         s.conv = a.p;
         s.kh = a.kh, s.kw = a.kw;
-        s.weight = std::move(f.weight);
-        s.bias = std::move(f.bias);
+        conv_weights(f, s.weight, s.bias);
         const bool depthwise = a.p.groups == a.in && a.in == a.out;
         if (blk && a.mode == PadMode::Zeros && (a.p.groups == 1 || depthwise)) {
           const int64_t cpad = blocked::round_up(a.out, B);
@@ -263,6 +265,14 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
                                                   a.kw, in_blocked);
           }
           s.weight = Tensor();  // packed: the plain copy is not needed
+          // The graph's copy goes too when it can be read again (a file), as
+          // ONNX Runtime gives up an initializer it prepacked, here layer by
+          // layer, so a net never holds its weights twice (compile reloads
+          // them for another sample shape).
+          if (reload) {
+            for (auto& t : const_cast<Node&>(n).tensors) t.second = Tensor();
+            released = true;
+          }
           if (f.residual >= 0) s.residual = want(f.residual, true);
           s.out = new_val(f.out, true);
           break;
@@ -414,16 +424,6 @@ Compiled& Engine::Impl::compile(const Shape& sample) const {
   }
   std::vector<FusedOp> ops = fuse(c->shapes, *c);
   lower(ops, *c);
-  // Convolutions whose weights are now packed in their steps give up the
-  // graph's copy when it can be read again (a file), as ONNX Runtime gives
-  // up an initializer it prepacked: a net then holds its weights once.
-  if (reload) {
-    for (const Step& st : c->steps)
-      if (st.node && (st.kind == Kind::Conv || st.kind == Kind::Winograd ||
-                      st.kind == Kind::Depthwise))
-        for (auto& t : const_cast<Node*>(st.node)->tensors) t.second = Tensor();
-    released = true;
-  }
   Compiled& ref = *c;
   compiled[sample] = std::move(c);
   return ref;

@@ -57,7 +57,8 @@ struct FusedOp {
   int out = 0;
   int residual = -1;  // a value added before the activation
   Act act = Act::None;
-  Tensor weight, bias;  // Conv2d / Linear (BatchNorm folded in); BatchNorm: scale, shift
+  const Node* bn = nullptr;  // Conv2d: the batch norm folded into it
+  Tensor weight, bias;  // BatchNorm: its scale and shift
   std::string label;
   bool dead = false;
 };
