@@ -9,9 +9,6 @@
 #include <cmath>
 #include <cstring>
 #include <iomanip>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 #include <sstream>
 
 #include "convcore/errors.h"
@@ -489,11 +486,9 @@ void Engine::set_reload(std::function<void(graph::Graph&)> reload) {
 void Engine::prepare(const Shape& sample) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   impl_->compile(sample);
-#if defined(__GLIBC__)
   // Compiling freed the copies it packed (and the graph's weights, from a
   // file); give the heap's free pages back, so they do not stay resident.
-  malloc_trim(0);
-#endif
+  return_free_heap_pages();
 }
 void Engine::set_threads(int threads) {
   if (threads < 0) throw ValueError("threads must be >= 0 (0: the core's count), got " + std::to_string(threads));

@@ -5,12 +5,23 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "convcore/errors.h"
 #include "engine_internal.h"
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 namespace convcore {
 namespace engine {
+
+void return_free_heap_pages() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
 
 namespace {
 
@@ -19,9 +30,14 @@ namespace {
 // sqrt(var + eps), in double. Made one layer at a time, just before its
 // packing: copies of every layer at once were a transient second copy of
 // the net (ResNet-34's setup peak).
-void conv_weights(const FusedOp& f, Tensor& weight, Tensor& bias) {
+// With take, the graph's weight moves out instead (a file's, read again
+// when needed).
+void conv_weights(const FusedOp& f, bool take, Tensor& weight, Tensor& bias) {
   const Node& conv = *f.node;
-  weight = *conv.tensor("weight");
+  if (take)
+    weight = std::move(*const_cast<Tensor*>(conv.tensor("weight")));
+  else
+    weight = *conv.tensor("weight");
   bias = conv.tensor("bias") ? *conv.tensor("bias") : Tensor();
   if (!f.bn) return;
   const Node& bn = *f.bn;
@@ -31,20 +47,26 @@ void conv_weights(const FusedOp& f, Tensor& weight, Tensor& bias) {
   const Tensor& var = *bn.tensor("running_var");
   const int64_t cout = weight.size(0), per = weight.numel() / cout;
   const DType dt = weight.dtype();
-  Tensor w64 = weight.to(DType::Float64), m64 = mean.to(DType::Float64),
-         v64 = var.to(DType::Float64);
+  Tensor m64 = mean.to(DType::Float64), v64 = var.to(DType::Float64);
   Tensor g64 = gamma ? gamma->to(DType::Float64) : Tensor();
   Tensor be64 = beta ? beta->to(DType::Float64) : Tensor();
   Tensor b64 = bias.defined() ? bias.to(DType::Float64) : Tensor(DType::Float64, {cout});
-  double* w = w64.data_as<double>();
   double* b = b64.data_as<double>();
-  for (int64_t o = 0; o < cout; ++o) {
-    const double sc = (gamma ? g64.data_as<double>()[o] : 1.0) /
-                      std::sqrt(v64.data_as<double>()[o] + bn.bn.eps);
-    for (int64_t k = 0; k < per; ++k) w[o * per + k] *= sc;
-    b[o] = (b[o] - m64.data_as<double>()[o]) * sc + (beta ? be64.data_as<double>()[o] : 0.0);
-  }
-  weight = w64.to(dt);
+  // the weights scaled in place, each product in double (no double copy of
+  // a large layer)
+  auto scale_rows = [&](auto* w) {
+    for (int64_t o = 0; o < cout; ++o) {
+      const double sc = (gamma ? g64.data_as<double>()[o] : 1.0) /
+                        std::sqrt(v64.data_as<double>()[o] + bn.bn.eps);
+      for (int64_t k = 0; k < per; ++k)
+        w[o * per + k] = static_cast<std::remove_reference_t<decltype(*w)>>(w[o * per + k] * sc);
+      b[o] = (b[o] - m64.data_as<double>()[o]) * sc + (beta ? be64.data_as<double>()[o] : 0.0);
+    }
+  };
+  if (dt == DType::Float64)
+    scale_rows(weight.data_as<double>());
+  else
+    scale_rows(weight.data_as<float>());
   bias = b64.to(dt);
 }
 
@@ -203,6 +225,7 @@ std::vector<FusedOp> Engine::Impl::fuse(const std::vector<Shape>& shapes, Compil
 }
 
 void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
+  std::size_t freed_bytes = 0;  // graph weights released since the last trim
   const bool blk = use_blocked();
   const int B = lanes;
   std::map<std::pair<int, bool>, int> val_of;  // (graph value, blocked) -> Val
@@ -244,7 +267,8 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
         const auto& a = n.conv;
         s.conv = a.p;
         s.kh = a.kh, s.kw = a.kw;
-        conv_weights(f, s.weight, s.bias);
+        conv_weights(f, reload != nullptr, s.weight, s.bias);
+        if (reload) released = true;
         const bool depthwise = a.p.groups == a.in && a.in == a.out;
         if (blk && a.mode == PadMode::Zeros && (a.p.groups == 1 || depthwise)) {
           const int64_t cpad = blocked::round_up(a.out, B);
@@ -264,14 +288,24 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
             s.packed = blocked::pack_conv_weights(s.weight.data_as<float>(), a.out, a.in, a.kh,
                                                   a.kw, in_blocked);
           }
+          freed_bytes += s.weight.nbytes();
           s.weight = Tensor();  // packed: the plain copy is not needed
           // The graph's copy goes too when it can be read again (a file), as
           // ONNX Runtime gives up an initializer it prepacked, here layer by
           // layer, so a net never holds its weights twice (compile reloads
           // them for another sample shape).
           if (reload) {
-            for (auto& t : const_cast<Node&>(n).tensors) t.second = Tensor();
-            released = true;
+            for (auto& t : const_cast<Node&>(n).tensors) {
+              freed_bytes += t.second.nbytes();
+              t.second = Tensor();
+            }
+          }
+          // glibc keeps freed blocks in its heap, where the larger packed
+          // weights cannot reuse them: hand them back as they add up, or
+          // the heap grows by the net's size while it compiles.
+          if (freed_bytes > (16 << 20)) {
+            return_free_heap_pages();
+            freed_bytes = 0;
           }
           if (f.residual >= 0) s.residual = want(f.residual, true);
           s.out = new_val(f.out, true);

@@ -150,6 +150,9 @@ struct Compiled {
   std::map<std::pair<int64_t, int>, std::unique_ptr<Plan>> plans;  // (batch, threads)
 };
 
+// Returns the heap's free pages to the system (glibc; elsewhere nothing).
+void return_free_heap_pages();
+
 struct Engine::Impl {
   graph::Graph g;
   DType dtype;

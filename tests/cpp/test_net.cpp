@@ -368,6 +368,30 @@ TEST(net_runs_a_small_network) {
                "the tensors do not match the graph: missing ['classifier.0.bias']");
 }
 
+// A net read from a file gives up the weights it packed, and reads them
+// again to compile another image size: every size right, in any order.
+TEST(net_reads_its_weights_again_for_another_image_size) {
+  TempDir tmp;
+  const Params p = tiny_params();
+  const std::string path = tmp.path("conv.safetensors");
+  write_net(path, graph_json({kConv, node("ReLU", "features.1", "{}", "\"features.0\"", "features.1")},
+                             "[1, 6, 6]", "features.1"),
+            {{"features.0.weight", p.w1.view()}, {"features.0.bias", p.b1.view()}});
+  const Net net = Net::load(path);
+  auto by_hand = [&](const Tensor& x) {
+    Tensor y = Tensor::empty(x.dtype(), {x.size(0), 2, x.size(2) - 2, x.size(3) - 2});
+    const TensorView b = p.b1.view();
+    conv2d_forward(x.view(), p.w1.view(), &b, Conv2dParams(), y.view());
+    relu_forward(y.view(), y.view());
+    return y;
+  };
+  Rng rng(9);
+  for (int64_t side : {6, 11, 6, 20, 11}) {
+    const Tensor x = random_tensor(DType::Float32, {2, 1, side, side}, rng);
+    CHECK(rel_diff(net.forward(x), by_hand(x)) < 1e-6);
+  }
+}
+
 TEST(net_rejects_inconsistent_files) {
   TempDir tmp;
   const Params p = tiny_params();
