@@ -16,6 +16,7 @@ from convcore.bench_e2e import main, run, to_torch  # noqa: E402
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet18", {}), ("mobilenet_v2", {}), ("efficientnet_b0", {}), ("densenet121", {}),
     ("googlenet", dict(aux_logits=True)), ("alexnet", dict(input_size=67)),
+    ("zfnet", dict(input_size=67)),     # ceil-mode pools and the stride-2 CONV2
 ])
 def test_torch_mirror_computes_the_same(name, kwargs):
     convcore.manual_seed(0)

@@ -52,7 +52,7 @@ def assert_graph_runs_as_model(model, input_shape, batch=2, seed=0):
 
 # --------------------------------------------------------------------------- the zoo
 
-ZOO_KWARGS = {"alexnet": dict(input_size=67), "zfnet": dict(input_size=35),
+ZOO_KWARGS = {"alexnet": dict(input_size=67), "zfnet": dict(input_size=67),
               "googlenet": dict(aux_logits=True)}
 # The biggest models, each lowered by the same code as a smaller one kept in
 # the default run (resnet18, resnext50_32x4d, alexnet): built twice, they

@@ -1,5 +1,5 @@
 """The model zoo: parameter counts, input sizes, the AlexNet summary against
-the lecture's table, ZFNet per the notes, forward/backward of the small
+the lecture's table, ZFNet as published, forward/backward of the small
 models, and torchvision's state-dict key names."""
 
 import os
@@ -186,7 +186,7 @@ def test_alexnet_at_another_size():
 
 @pytest.mark.parametrize("make,size", [(models.alexnet, 63), (models.alexnet, 11),
                                        (models.lenet5, 8), (models.vgg16, 16),
-                                       (models.zfnet, 23)])
+                                       (models.zfnet, 62)])
 def test_too_small_input_raises(make, size):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", convcore.builder.MisfitWarning)
@@ -267,38 +267,105 @@ def test_lenet5_summary():
 # ZFNet
 # ===========================================================================
 
-ZFNET_CONVS = [  # (kernel, stride, padding, filters)
-    ((7, 7), (2, 2), (0, 0), 96), ((5, 5), (1, 1), (2, 2), 256), ((3, 3), (1, 1), (1, 1), 512),
+ZFNET_CONVS = [  # (kernel, stride, padding, filters): Zeiler and Fergus (2013), Figure 3
+    ((7, 7), (2, 2), (1, 1), 96), ((5, 5), (2, 2), (0, 0), 256), ((3, 3), (1, 1), (1, 1), 512),
     ((3, 3), (1, 1), (1, 1), 1024), ((3, 3), (1, 1), (1, 1), 512)]
 
 
 def test_zfnet_structure_small_input():
-    """AlexNet but CONV1 7x7 stride 2 and CONV3, 4, 5 with 512, 1024, 512
-    filters. At 51x51: CONV1 23, POOL1 11, POOL2 5, POOL3 2."""
-    m = _no_warnings(models.zfnet, num_classes=10, input_size=51)
+    """CONV1 7x7/2 and CONV2 5x5/2, each followed by a 3x3/2 pool (ceil mode)
+    and NORM; CONV3, 4, 5 with the lecture's 512, 1024, 512 filters. At 67x67:
+    CONV1 (67 + 2 - 7) // 2 + 1 = 32, POOL1 16, CONV2 6, POOL2 3, POOL3 1."""
+    m = _no_warnings(models.zfnet, num_classes=10, input_size=67)
     convs = [l for l in m.features if isinstance(l, nn.Conv2d)]
     assert [(c.kernel_size, c.stride, c.padding, c.out_channels) for c in convs] == ZFNET_CONVS
-    rows = m.summary((3, 51, 51), print_fn=None)
+    pools = [l for l in m.features if isinstance(l, nn.MaxPool2d)]
+    assert [(p.kernel_size, p.stride, p.ceil_mode) for p in pools] == [
+        ((3, 3), (2, 2), True), ((3, 3), (2, 2), True), ((3, 3), (2, 2), False)]
+    rows = m.summary((3, 67, 67), print_fn=None)
     assert [(r["name"], _volume(r["output"])) for r in rows] == [
-        ("CONV1", "23x23x96"), ("MAX POOL1", "11x11x96"), ("NORM1", "11x11x96"),
-        ("CONV2", "11x11x256"), ("MAX POOL2", "5x5x256"), ("NORM2", "5x5x256"),
-        ("CONV3", "5x5x512"), ("CONV4", "5x5x1024"), ("CONV5", "5x5x512"),
-        ("MAX POOL3", "2x2x512"), ("FC6", "4096"), ("FC7", "4096"), ("FC8", "10")]
+        ("CONV1", "32x32x96"), ("MAX POOL1", "16x16x96"), ("NORM1", "16x16x96"),
+        ("CONV2", "6x6x256"), ("MAX POOL2", "3x3x256"), ("NORM2", "3x3x256"),
+        ("CONV3", "3x3x512"), ("CONV4", "3x3x1024"), ("CONV5", "3x3x512"),
+        ("MAX POOL3", "1x1x512"), ("FC6", "4096"), ("FC7", "4096"), ("FC8", "10")]
     assert [r["params"] for r in rows[:9] if r["params"]] == [
         (7 * 7 * 3 + 1) * 96, (5 * 5 * 96 + 1) * 256, (3 * 3 * 256 + 1) * 512,
         (3 * 3 * 512 + 1) * 1024, (3 * 3 * 1024 + 1) * 512]
+    # 63x63 is the smallest input: POOL2 must leave 3x3 for POOL3's window
+    assert models.zfnet(num_classes=10, input_size=63).output_shape((3, 63, 63)) == (10,)
 
 
-@pytest.mark.slow
-def test_zfnet_at_227():
-    m = _no_warnings(models.zfnet)
-    rows = m.summary((3, 227, 227), print_fn=None)
-    assert (rows[0]["name"], _volume(rows[0]["output"])) == ("CONV1", "111x111x96")
-    assert [_volume(r["output"]) for r in rows] == [
-        "111x111x96", "55x55x96", "55x55x96", "55x55x256", "27x27x256", "27x27x256",
-        "27x27x512", "27x27x1024", "27x27x512", "13x13x512", "4096", "4096", "1000"]
-    assert m.classifier[1].in_features == 13 * 13 * 512 == 86_528
-    assert m.num_parameters() == 386_548_840
+# The published sizes at 224x224x3, 1000 classes: (layer, volume); CONV3-5's
+# filters are the only difference between the two options.
+ZFNET_VOLUMES = {
+    "lecture": ["110x110x96", "55x55x96", "55x55x96", "26x26x256", "13x13x256", "13x13x256",
+                "13x13x512", "13x13x1024", "13x13x512", "6x6x512", "4096", "4096", "1000"],
+    "paper": ["110x110x96", "55x55x96", "55x55x96", "26x26x256", "13x13x256", "13x13x256",
+              "13x13x384", "13x13x384", "13x13x256", "6x6x256", "4096", "4096", "1000"],
+}
+ZFNET_PARAMS = {"lecture": 107_627_624, "paper": 62_357_608}
+ZFNET_MACS = {"lecture": 2_476_704_896, "paper": 1_168_032_896}
+
+
+@pytest.mark.parametrize("filters", ["lecture", "paper"])
+def test_zfnet_summary_at_224(filters):
+    """224 -> 110 -> 55 -> 26 -> 13 -> 13 -> 13 -> 6, as the paper's Figure 3;
+    no layer warns (the odd sizes floor and the pools ceil on purpose)."""
+    kwargs = {} if filters == "lecture" else dict(filters="paper")
+    m = _no_warnings(models.zfnet, **kwargs)
+    assert m.input_shape == (3, 224, 224)
+    lines = []
+    rows = m.summary((3, 224, 224), print_fn=lines.append)
+    assert [r["name"] for r in rows] == [name for name, _, _ in ALEXNET_TABLE]
+    assert [_volume(r["output"]) for r in rows] == ZFNET_VOLUMES[filters]
+    c3, c4, c5 = (512, 1024, 512) if filters == "lecture" else (384, 384, 256)
+    assert [r["params"] for r in rows if r["params"]] == [
+        (7 * 7 * 3 + 1) * 96, (5 * 5 * 96 + 1) * 256, (3 * 3 * 256 + 1) * c3,
+        (3 * 3 * c3 + 1) * c4, (3 * 3 * c4 + 1) * c5, (6 * 6 * c5 + 1) * 4096,
+        (4096 + 1) * 4096, (4096 + 1) * 1000]
+    assert m.num_parameters() == sum(r["params"] for r in rows) == ZFNET_PARAMS[filters]
+    assert [r["macs"] for r in rows if r["macs"]] == [
+        110 * 110 * 96 * 7 * 7 * 3, 26 * 26 * 256 * 5 * 5 * 96, 13 * 13 * c3 * 3 * 3 * 256,
+        13 * 13 * c4 * 3 * 3 * c3, 13 * 13 * c5 * 3 * 3 * c4, 6 * 6 * c5 * 4096, 4096 * 4096,
+        4096 * 1000]
+    assert sum(r["macs"] for r in rows) == ZFNET_MACS[filters]
+    total = [line for line in lines if line.startswith("total")]
+    assert len(total) == 1 and f"{ZFNET_PARAMS[filters]:,}" in total[0]
+    assert f"{ZFNET_MACS[filters]:,}" in total[0]
+
+
+def test_zfnet_filters_option():
+    with pytest.raises(ValueError, match="filters must be 'lecture' .* or 'paper'"):
+        models.zfnet(filters="alexnet")
+    with pytest.raises(ValueError, match="filters must be"):
+        models.zfnet(filters=None)
+    m = models.zfnet(num_classes=10, input_size=67, filters="paper")
+    assert [l.out_channels for l in m.features if isinstance(l, nn.Conv2d)] == \
+        [96, 256, 384, 384, 256]
+    assert models.get("zfnet", num_classes=10, input_size=67, filters="paper").name == \
+        "zfnet_paper"
+
+
+# ZFNet as convcore built it before it followed the paper: CONV2 at stride 1.
+OLD_ZFNET_SPEC = ("CONV7-96/s2/p0-RELU-POOL3/s2-NORM-CONV5-256/p2-RELU-POOL3/s2-NORM-"
+                  "CONV3-512/p1-RELU-CONV3-1024/p1-RELU-CONV3-512/p1-RELU-POOL3/s2-"
+                  "DROPOUT-FC-4096-RELU-DROPOUT-FC-4096-RELU-FC-10")
+
+
+def test_zfnet_saved_before_the_change_loads_as_saved(tmp_path):
+    """A file keeps its own architecture (its layer list and graph), so a
+    zfnet saved with the stride-1 CONV2 still loads and runs as it was."""
+    convcore.manual_seed(0)
+    old = convcore.build(OLD_ZFNET_SPEC, (3, 35, 35), name="zfnet").eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 35, 35)).astype(np.float32)
+    path = str(tmp_path / "zfnet_old.safetensors")
+    old.save(path)
+    loaded = convcore.load(path).eval()
+    assert loaded.layers == old.layers
+    assert loaded.features[4].stride == (1, 1)              # CONV2 as it was saved
+    np.testing.assert_array_equal(loaded(x), old(x))
+    engine = convcore.compile(path)
+    np.testing.assert_allclose(engine(x), old(x), rtol=1e-5, atol=1e-5 * np.abs(old(x)).max())
 
 
 # ===========================================================================

@@ -11,10 +11,9 @@ peak resident memory of each.
     python -m convcore bench --e2e --load out.json [--markdown]
 
 Models: every model of the zoo (models._ZOO) by default, each at its own
-input (model.input_shape: 3x224x224; lenet5 1x32x32, alexnet and zfnet
-3x227x227); --size S builds every model for an SxS input instead (a model
-too small for it is skipped with a note). Weights: models.get after
-manual_seed(0).
+input (model.input_shape: 3x224x224; lenet5 1x32x32, alexnet 3x227x227);
+--size S builds every model for an SxS input instead (a model too small for
+it is skipped with a note). Weights: models.get after manual_seed(0).
 
 Libraries (inference: eval mode, forward only):
   convcore eager     the module tree, model(x)
