@@ -172,9 +172,29 @@ def test_squeeze_and_excitation_and_every_activation():
         assert rel_diff(compiled(x), model(x)) <= 1e-5, type(act).__name__
 
 
+@pytest.mark.parametrize("cin,cout,groups,stride,dilation", [
+    (128, 128, 32, 1, 1),  # ResNeXt's 4 channels per group: two groups per block
+    (64, 64, 8, 2, 1),     # 8 per group: one block per group
+    (96, 96, 6, 1, 1),     # 16 per group: panels of two blocks
+    (64, 128, 2, 1, 2),    # 32 in, 64 out per group, dilated
+    (12, 18, 3, 2, 1),     # groups across block edges, pad lanes
+    (10, 20, 5, 1, 1),     # 2 in, 4 out per group
+])
+def test_grouped_convolutions_run_blocked(cin, cout, groups, stride, dilation):
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation,
+                                    dilation=dilation, groups=groups),
+                          nn.BatchNorm2d(cout), nn.ReLU(),
+                          nn.Conv2d(cout, cout, 3, padding=1, groups=groups, bias=False))
+    compiled, model, x = compiled_and_eager(model, (cin, 11, 9))
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    plan = compiled.plan(2)
+    assert "conv(core)" not in plan and plan.count("reorder") == 2, plan
+
+
 def test_layers_that_stay_plain_and_their_reorders():
-    # LRN, a grouped (not depthwise) convolution, a padding mode and ceil-mode
-    # pooling run on the core's plain-layout ops between blocked steps
+    # LRN, a padding mode and ceil-mode pooling run on the core's plain-layout
+    # ops between blocked steps
     convcore.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -277,7 +297,7 @@ sys.path.insert(0, sys.argv[1])
 from test_lowering import randomize_batch_norm
 out = {"isa": _core.gemm_isa(), "errors": {}}
 for name, kw in [("mobilenet_v2", {}), ("resnet18", {}), ("densenet121", {}),
-                 ("efficientnet_b0", {})]:
+                 ("efficientnet_b0", {}), ("resnext50_32x4d", {})]:
     convcore.manual_seed(0)
     m = randomize_batch_norm(models.get(name, num_classes=10, input_size=32),
                              np.random.default_rng(0)).eval()

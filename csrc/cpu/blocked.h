@@ -58,18 +58,24 @@ struct Epilogue {
 
 // ----------------------------------------------------------------- convolution
 
-// Weights (Cout, Cin, KH, KW) of a groups=1 convolution packed for the
-// direct kernel (gemm::gather_kernel): panels of NR output channels, taps in
-// the order the input's layout stores them, zero for pad channels.
+// Weights (Cout, Cin / groups, KH, KW) of a convolution packed for the
+// direct kernel (gemm::gather_kernel): panels of `width` output channels
+// (NR, or fewer blocks for grouped layers whose groups are narrower), each
+// over the taps of the input channel blocks its groups read, in the order
+// the input's layout stores them (channel block, kernel row, kernel
+// column, lane), zero for channels outside a channel's group and for pad
+// channels. Grouped convolutions need a blocked input.
 struct ConvWeights {
-  std::vector<float> panels;  // panels x (taps x NR)
-  int64_t cout = 0, cin = 0, kh = 0, kw = 0;
-  int64_t taps = 0;  // per panel: cin (rounded to B when blocked) * kh * kw
+  std::vector<float> panels;  // panel u: panel_taps[u] x NR floats at panel_offset[u]
+  int64_t cout = 0, cin = 0, kh = 0, kw = 0, groups = 1;
+  int64_t taps = 0;   // of the whole input: cin (rounded to B when blocked) * kh * kw
+  int64_t width = 0;  // output channels per panel
+  std::vector<int64_t> panel_tap0, panel_taps, panel_offset;  // per panel
   bool blocked_input = true;
   int lanes = 8;  // B when packed
 };
 ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, int64_t kh,
-                              int64_t kw, bool blocked_input);
+                              int64_t kw, int64_t groups, bool blocked_input);
 
 // A convolution's per-shape plan: the input frame it pads into and the tap
 // offsets inside a window of it, fixed for one input size.

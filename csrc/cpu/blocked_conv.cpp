@@ -76,25 +76,59 @@ int64_t input_channels(const ConvWeights& w) {
 }  // namespace
 
 ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, int64_t kh,
-                              int64_t kw, bool blocked_input) {
+                              int64_t kw, int64_t groups, bool blocked_input) {
   ConvWeights w;
-  w.cout = cout, w.cin = cin, w.kh = kh, w.kw = kw;
-  w.blocked_input = blocked_input;
+  w.cout = cout, w.cin = cin, w.kh = kh, w.kw = kw, w.groups = groups;
+  w.blocked_input = blocked_input || groups > 1;
   w.lanes = block();
-  const int64_t B = w.lanes, cin_eff = input_channels(w), khw = kh * kw;
-  w.taps = cin_eff * khw;
-  const int64_t panels = (cout + NR - 1) / NR;
-  w.panels.assign(static_cast<std::size_t>(panels * w.taps * NR), 0.0f);
+  const int64_t B = w.lanes, lanes = w.blocked_input ? B : 1, khw = kh * kw;
+  w.taps = input_channels(w) * khw;
+  const int64_t cin_g = cin / groups, cout_g = cout / groups;
+  // The input channels that output channels [o_lo, o_hi) read (their
+  // groups'), widened to whole blocks: [0, cin rounded up) when groups is 1.
+  auto reads = [&](int64_t o_lo, int64_t o_hi) {
+    const int64_t lo = o_lo / cout_g * cin_g, hi = ((o_hi - 1) / cout_g + 1) * cin_g;
+    return std::make_pair(lo / lanes * lanes, round_up(hi, lanes));
+  };
+  // Products per position with panels of `width` channels, zeros included.
+  auto products = [&](int64_t width) {
+    int64_t sum = 0;
+    for (int64_t o = 0; o < cout; o += width) {
+      const auto r = reads(o, std::min(cout, o + width));
+      sum += (r.second - r.first) * width;
+    }
+    return sum;
+  };
+  // Narrow groups: panels narrower than NR (whole blocks) read fewer
+  // channels of other groups (zeros); the widest of the fewest products.
+  w.width = NR;
+  if (groups > 1)
+    for (int64_t width = NR - B; width >= B; width -= B)
+      if (products(width) < products(w.width)) w.width = width;
+  const int64_t panels = (cout + w.width - 1) / w.width;
+  int64_t floats = 0;
+  for (int64_t u = 0; u < panels; ++u) {
+    const auto r = reads(u * w.width, std::min(cout, (u + 1) * w.width));
+    w.panel_tap0.push_back(r.first * khw);
+    w.panel_taps.push_back((r.second - r.first) * khw);
+    w.panel_offset.push_back(floats);
+    floats += w.panel_taps.back() * NR;
+  }
+  w.panels.assign(static_cast<std::size_t>(floats), 0.0f);
   for (int64_t o = 0; o < cout; ++o) {
-    float* panel = w.panels.data() + (o / NR) * w.taps * NR + o % NR;
-    for (int64_t c = 0; c < cin; ++c)
+    const std::size_t u = static_cast<std::size_t>(o / w.width);
+    float* panel = w.panels.data() + w.panel_offset[u] + o % w.width;
+    const int64_t g = o / cout_g;
+    for (int64_t cg = 0; cg < cin_g; ++cg) {
+      const int64_t c = g * cin_g + cg;
       for (int64_t i = 0; i < kh; ++i)
         for (int64_t j = 0; j < kw; ++j) {
           // blocked: taps (channel block, i, j, lane); plain: (channel, i, j)
-          const int64_t tap = blocked_input ? ((c / B * kh + i) * kw + j) * B + c % B
-                                            : (c * kh + i) * kw + j;
-          panel[tap * NR] = weight[((o * cin + c) * kh + i) * kw + j];
+          const int64_t tap = w.blocked_input ? ((c / B * kh + i) * kw + j) * B + c % B
+                                              : (c * kh + i) * kw + j;
+          panel[(tap - w.panel_tap0[u]) * NR] = weight[((o * cin_g + cg) * kh + i) * kw + j];
         }
+    }
   }
   return w;
 }
@@ -138,8 +172,8 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
             const Epilogue& e, const Image& out, float* scratch, int threads) {
   const int64_t B = w.lanes;
   const int64_t lanes = w.blocked_input ? B : 1;
-  const int64_t P = out.h * out.w, panels = (w.cout + NR - 1) / NR;
-  const int64_t out_blocks = (w.cout + B - 1) / B, blocks_per_panel = NR / B;
+  const int64_t P = out.h * out.w, panels = (w.cout + w.width - 1) / w.width;
+  const int64_t out_blocks = (w.cout + B - 1) / B, blocks_per_panel = w.width / B;
   const int64_t cin_eff = input_channels(w);
   const int64_t hf = plan.copy_frame ? plan.hp : in.h, wf = plan.copy_frame ? plan.wp : in.w;
   const int64_t frame_image = plan.copy_frame ? cin_eff * hf * wf : in.image_stride;
@@ -207,12 +241,15 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
             if (++ow == out.w) ow = 0, ++oh;
           }
           for (int64_t u = u_begin; u < u_end; ++u) {
-            const float* b = w.panels.data() + u * w.taps * NR;
-            const int nr = static_cast<int>(std::min<int64_t>(NR, w.cout - u * NR));
-            for (int64_t k0 = 0; k0 < w.taps; k0 += slice) {
-              const int64_t kc = std::min(slice, w.taps - k0);
+            const std::size_t ui = static_cast<std::size_t>(u);
+            const float* b = w.panels.data() + w.panel_offset[ui];
+            const int64_t* koff = plan.koff.data() + w.panel_tap0[ui];
+            const int64_t taps = w.panel_taps[ui];
+            const int nr = static_cast<int>(std::min<int64_t>(w.width, w.cout - u * w.width));
+            for (int64_t k0 = 0; k0 < taps; k0 += slice) {
+              const int64_t kc = std::min(slice, taps - k0);
               for (int64_t q0 = qb; q0 < qe; q0 += MR)
-                gemm::gather_kernel(kc, plan.koff.data() + k0, rows + (q0 - qb), b + k0 * NR,
+                gemm::gather_kernel(kc, koff + k0, rows + (q0 - qb), b + k0 * NR,
                                     tiles + (q0 - qb) * NR,
                                     static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0, nr);
             }

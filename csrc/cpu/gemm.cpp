@@ -252,7 +252,10 @@ __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const do
 __attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t* koff,
                                                        const float* const* rows, const float* b,
                                                        float* tile, int mr, bool acc, int nr) {
-  gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr, acc, nr);
+  if (nr <= 8)  // one vector of columns: every row at once
+    gather_vector_body<float, f32x8, 12, 1>(kc, koff, rows, b, tile, mr, acc, nr);
+  else
+    gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr, acc, nr);
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t* koff,
                                                        const double* const* rows,
@@ -262,7 +265,10 @@ __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t
 __attribute__((target("avx512f,fma"))) void gather_avx512_f(int64_t kc, const int64_t* koff,
                                                             const float* const* rows,
                                                             const float* b, float* tile, int mr, bool acc, int nr) {
-  gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr, acc, nr);
+  if (nr <= 16)  // one vector of columns
+    gather_vector_body<float, f32x16, 12, 1>(kc, koff, rows, b, tile, mr, acc, nr);
+  else
+    gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr, acc, nr);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_d(int64_t kc, const int64_t* koff,
                                                             const double* const* rows,

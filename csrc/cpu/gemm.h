@@ -55,8 +55,9 @@ void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, dou
 // The microkernel with a gathered A, for direct convolution:
 // tile[i * NR + j] (+)= sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for
 // i < mr, j < NR (rows i >= mr of tile may be left unwritten); b is one packed
-// NR-column panel. With nr < NR, only the columns j < nr are needed: vector
-// blocks of columns past nr may be skipped (AVX2 computes 16 at a time).
+// NR-column panel. With nr < NR, only the columns j < nr are needed and
+// those past them may be left unwritten: nr within one vector runs every
+// row against that one vector (blocked grouped convolutions' narrow panels).
 // A(i, k) is read in place, so an image needs no im2col packing: row i
 // points at the input window of output position i, koff[k] is the offset of
 // tap k inside every window.

@@ -270,7 +270,7 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
         conv_weights(f, reload != nullptr, s.weight, s.bias);
         if (reload) released = true;
         const bool depthwise = a.p.groups == a.in && a.in == a.out;
-        if (blk && a.mode == PadMode::Zeros && (a.p.groups == 1 || depthwise)) {
+        if (blk && a.mode == PadMode::Zeros) {
           const int64_t cpad = blocked::round_up(a.out, B);
           s.bias_blocked = padded_floats(s.bias, cpad);
           if (depthwise) {
@@ -283,10 +283,11 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
             s.winograd = blocked::pack_winograd_weights(s.weight.data_as<float>(), a.out, a.in, m);
           } else {
             s.kind = Kind::Conv;
-            const bool in_blocked = has(x, true) || !has(x, false);
+            // grouped layers read whole channel blocks of a blocked input
+            const bool in_blocked = a.p.groups > 1 || has(x, true) || !has(x, false);
             s.in = {want(x, in_blocked)};
             s.packed = blocked::pack_conv_weights(s.weight.data_as<float>(), a.out, a.in, a.kh,
-                                                  a.kw, in_blocked);
+                                                  a.kw, a.p.groups, in_blocked);
           }
           freed_bytes += s.weight.nbytes();
           s.weight = Tensor();  // packed: the plain copy is not needed
