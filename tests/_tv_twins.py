@@ -73,9 +73,10 @@ class InceptionAux(nn.Module):
 
 
 class GoogLeNet(nn.Module):
-    def __init__(self, num_classes=1000, aux_logits=False, dropout=0.2):
+    def __init__(self, num_classes=1000, aux_logits=False, dropout=0.2, transform_input=False):
         super().__init__()
         self.aux_logits = aux_logits
+        self.transform_input = transform_input
         self.conv1 = BasicConv2d(3, 64, kernel_size=7, stride=2, padding=3)
         self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.conv2 = BasicConv2d(64, 64, kernel_size=1)
@@ -99,7 +100,16 @@ class GoogLeNet(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(1024, num_classes)
 
+    def _transform_input(self, x):
+        # ImageNet's Normalize(mean, std) -> (x - 0.5) / 0.5, with torchvision's
+        # Python-float constants, channel by channel
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        return torch.cat([x[:, c:c + 1] * (std[c] / 0.5) + (mean[c] - 0.5) / 0.5
+                          for c in range(3)], 1)
+
     def forward(self, x):
+        if self.transform_input:
+            x = self._transform_input(x)
         x = self.maxpool2(self.conv3(self.conv2(self.maxpool1(self.conv1(x)))))
         x = self.maxpool3(self.inception3b(self.inception3a(x)))
         x = self.inception4a(x)

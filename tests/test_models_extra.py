@@ -196,9 +196,9 @@ def test_save_load_same_outputs(name, tmp_path):
 
 # ---------------------------------------------------------------- whole-model twins
 
-def _twin_pair(name, dtype):
-    kwargs = dict(num_classes=10, input_size=SMALL)
-    tkw = dict(num_classes=10)
+def _twin_pair(name, dtype, **both):
+    kwargs = dict(num_classes=10, input_size=SMALL, **both)
+    tkw = dict(num_classes=10, **both)
     if name in ("googlenet", "mobilenet_v1", "mobilenet_v2"):   # dropout masks differ
         kwargs["dropout"] = tkw["dropout"] = 0.0
     if name == "efficientnet_b0":
@@ -215,8 +215,10 @@ def _twin_pair(name, dtype):
             m.running_mean[:] = rng.standard_normal(c) * 0.1
             m.running_var[:] = rng.uniform(0.5, 1.5, c)
     twin = tv.TWINS[name](**tkw).to(torch.float64 if dtype == np.float64 else torch.float32)
+    # (GoogLeNet's transform_input: constants in torchvision, buffers in convcore)
     twin.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
-                          for k, v in ours.state_dict().items()})
+                          for k, v in ours.state_dict().items()
+                          if not k.startswith("transform_input.")})
     return ours, twin
 
 
@@ -238,11 +240,22 @@ def test_model_twin(name, train):
     gradient of a cross-entropy loss equal the twin's."""
     from _helpers import PARITY_ERRORS
     ours, twin = _twin_pair(name, np.float64)
+    errs = _twin_errors(ours, twin, train)
+    mode = "train" if train else "eval"
+    for what, e in errs.items():
+        MODEL_TABLE[(name, mode, what)] = e
+        PARITY_ERRORS[f"model {name} {mode} {what}[float64]"] = e
+    assert max(errs.values()) < 1e-9, errs
+
+
+def _twin_errors(ours, twin, train, dtype=np.float64):
+    """Relative differences of the logits, the input gradient and the
+    parameter gradients of a cross-entropy loss, batch 2."""
     ours.train(train), twin.train(train)
     # Training-mode BN over a batch of 2 at 1x1 (32x32 input) normalises two
     # numbers: ill-conditioned, so train mode runs at 64x64 (2x2 at the end).
     x, y = _batch(2, side=64 if train else SMALL)
-    x = x.astype(np.float64)
+    x = x.astype(dtype)
     out = ours(x)
     loss_fn = nn.CrossEntropyLoss()
     loss_fn(out, y)
@@ -257,8 +270,127 @@ def test_model_twin(name, train):
             "grad params": max(float(np.abs(p.grad - tp[k].grad.numpy()).max()) /
                                max(float(tp[k].grad.abs().max()), 1e-3 * largest)
                                for k, p in ours.named_parameters())}
+    return errs
+
+
+# ------------------------------------------------------ GoogLeNet's transform_input
+
+TRANSFORM_KEYS = ["transform_input.running_mean", "transform_input.running_var",
+                  "transform_input.num_batches_tracked"]
+
+
+def test_googlenet_transform_input_adds_no_parameters():
+    plain = models.googlenet()
+    model = _quiet(models.googlenet, transform_input=True)
+    assert model.num_parameters() == REFERENCE["googlenet"]
+    assert list(model.state_dict()) == TRANSFORM_KEYS + list(plain.state_dict())
+    # torchvision's constants: x * (std / 0.5) + (mean - 0.5) / 0.5 is
+    # (x - running_mean) / sqrt(running_var)
+    t = model.transform_input
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(1 / np.sqrt(t.running_var), std / 0.5, rtol=1e-15)
+    np.testing.assert_allclose(-t.running_mean / np.sqrt(t.running_var), (mean - 0.5) / 0.5,
+                               rtol=1e-14)
+    rows = model.summary((3, 224, 224), print_fn=None)
+    assert (rows[0]["layer"], rows[0]["params"], rows[0]["output"]) == \
+        ("transform_input", 0, (3, 224, 224))
+    assert sum(r["params"] for r in rows) == REFERENCE["googlenet"]
+    with pytest.raises(ValueError, match="transform_input rescales the three ImageNet"):
+        models.googlenet(input_size=(1, 64, 64), transform_input=True)
+    with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, H, W\)"):
+        model.transform_input(np.zeros((1, 4, 8, 8), np.float32))
+
+
+@needs_torch
+def test_googlenet_transform_input_is_torchvisions_bit_for_bit():
+    """float32: the same scale and shift as torchvision's (its Python-float
+    constants rounded once to float32), so the transformed input is equal."""
+    model = models.googlenet(num_classes=10, input_size=SMALL, transform_input=True)
+    twin = tv.GoogLeNet(num_classes=10, transform_input=True)
+    x = _batch()[0] * 3
+    np.testing.assert_array_equal(model.transform_input(x),
+                                  twin._transform_input(torch.from_numpy(x)).numpy())
+
+
+@needs_torch
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_googlenet_transform_input_twin(train):
+    """float64: logits, input gradient and parameter gradients equal
+    torchvision's GoogLeNet(transform_input=True) twin's."""
+    from _helpers import PARITY_ERRORS
+    ours, twin = _twin_pair("googlenet", np.float64, transform_input=True)
+    assert sorted(set(ours.state_dict()) - set(twin.state_dict())) == sorted(TRANSFORM_KEYS)
+    errs = _twin_errors(ours, twin, train)
     mode = "train" if train else "eval"
     for what, e in errs.items():
-        MODEL_TABLE[(name, mode, what)] = e
-        PARITY_ERRORS[f"model {name} {mode} {what}[float64]"] = e
+        MODEL_TABLE[("googlenet, transform_input=True", mode, what)] = e
+        PARITY_ERRORS[f"model googlenet transform_input {mode} {what}[float64]"] = e
     assert max(errs.values()) < 1e-9, errs
+
+
+@needs_torch
+def test_googlenet_transform_input_loads_torchvision_weights():
+    """torchvision's state dict lacks only the transform's three buffers:
+    it loads with strict=False and gives torchvision's logits (float32)."""
+    torch.manual_seed(0)
+    twin = tv.GoogLeNet(num_classes=10, transform_input=True).eval()
+    # He-normal convolutions and batch norm away from the identity: with the
+    # default initialisation the eval logits hardly depend on the input
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_in")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    model = models.googlenet(num_classes=10, input_size=SMALL, transform_input=True).eval()
+    state = {k: v.numpy() for k, v in twin.state_dict().items()}
+    with pytest.raises(KeyError, match="transform_input.running_mean"):
+        model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)
+    x = _batch(2)[0]
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x)).numpy()
+    assert _rel(model(x), expected) < 1e-5
+    plain = models.googlenet(num_classes=10, input_size=SMALL).eval()
+    plain.load_state_dict(state)
+    assert _rel(plain(x), expected) > 1e-2      # the comparison sees the transform
+
+
+def test_googlenet_transform_input_saves_lowers_and_compiles(tmp_path):
+    """Saved, the transform is a BatchNorm2d node (eval, no affine, eps 0)
+    that convcore.load, the graph's reference interpreter and the compiled
+    engine (convcore::Net's) all run as eager does."""
+    from test_lowering import assert_graph_runs_as_model, randomize_batch_norm
+    convcore.manual_seed(4)
+    model = models.googlenet(num_classes=10, input_size=SMALL, aux_logits=True,
+                             transform_input=True)
+    x, y = _batch(2)
+    _loss_after_steps(model, x, y)      # trained weights; the transform stays fixed
+    t = model.transform_input
+    np.testing.assert_array_equal(t.running_var, _quiet(models.googlenet, transform_input=True)
+                                  .transform_input.running_var)
+    # He-normal convolutions: with GoogLeNet's N(0, 0.01) ones and batch norm's
+    # running statistics, the eval logits hardly depend on the input at all
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = nn.init.kaiming_normal(m.weight.shape, mode="fan_in")
+    model = randomize_batch_norm(model, np.random.default_rng(5)).eval()
+    graph = assert_graph_runs_as_model(model, model.input_shape)
+    assert graph["nodes"][0] == {
+        "op": "BatchNorm2d", "name": "transform_input", "inputs": ["x"],
+        "outputs": ["transform_input"],
+        "attrs": {"num_features": 3, "eps": 0.0, "affine": False, "track_running_stats": True}}
+    assert graph["nodes"][1]["inputs"] == ["transform_input"]
+    expected = model(x)
+    path = str(tmp_path / "googlenet_t.safetensors")
+    model.save(path)
+    again = convcore.load(path)
+    assert isinstance(again.transform_input, type(t)) and not again.training
+    np.testing.assert_array_equal(again(x), expected)
+    for engine in (convcore.compile(model), convcore.compile(path)):
+        assert _rel(engine(x), expected) < 1e-5
+    # without the transform the logits differ far beyond that bound
+    model.transform_input._set_buffer("running_var", np.ones(3))
+    model.transform_input._set_buffer("running_mean", np.zeros(3))
+    assert _rel(model(x), expected) > 1e-2

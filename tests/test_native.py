@@ -318,6 +318,8 @@ def test_cpp_loader_refuses_bad_files_with_the_python_message(examples, tmp_path
     # the later case studies (graphs): every join, SE, the new activations
     ("googlenet", dict(num_classes=10, input_size=(3, 32, 32)), 2),
     ("googlenet", dict(num_classes=10, input_size=(3, 32, 32), aux_logits=True), 2),
+    # transform_input: a BatchNorm2d node with float64 statistics in a float32 file
+    ("googlenet", dict(num_classes=10, input_size=(3, 32, 32), transform_input=True), 2),
     ("mobilenet_v1", dict(num_classes=10, input_size=(3, 32, 32)), 2),
     ("mobilenet_v2", dict(num_classes=10, input_size=(3, 64, 64)), 2),
     ("resnext50_32x4d", dict(num_classes=10, input_size=(3, 32, 32)), 2),

@@ -25,7 +25,7 @@ from .nn.module import Module, Sequential
 from .nn.norm import BatchNorm2d
 
 __all__ = ["googlenet", "mobilenet_v1", "mobilenet_v2", "resnext50_32x4d", "wide_resnet50_2",
-           "densenet121", "se_resnet50", "efficientnet_b0"]
+           "densenet121", "se_resnet50", "efficientnet_b0", "Normalize"]
 
 
 def _input_shape(input_size) -> tuple:
@@ -78,6 +78,90 @@ def _init(model: Module, conv: str, linear: str) -> None:
 
 # ----------------------------------------------------------------------- GoogLeNet
 
+class Normalize(Module):
+    """y = (x - mean) / std per channel, with mean and std fixed (not trained):
+    torchvision's transforms.Normalize as a layer; GoogLeNet's transform_input
+    is one. The graph format needs no op of its own for it: it is saved as
+    what it equals, a BatchNorm2d in evaluation mode without affine
+    parameters (running_mean = mean, running_var = std ** 2, eps 0), which
+    the C++ runner and convcore.compile run as a per-channel scale and shift.
+    So its state-dict entries carry BatchNorm2d's names. The statistics are
+    made float64 whatever the model's dtype, as torchvision's constants are
+    Python floats: a float64 model gets them unrounded, a float32 one rounds
+    the scale and shift once, to float32 (its file holds the two tensors as
+    F64, which every reader takes; model.to() converts them as any buffer)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        std = np.asarray(std, dtype=np.float64).reshape(-1)
+        if mean.size < 1 or mean.shape != std.shape:
+            raise ValueError(f"mean and std must be two lists of one value per channel, got "
+                             f"{mean.size} and {std.size} values")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+            raise ValueError(f"mean must be finite and std positive and finite, got mean "
+                             f"{mean.tolist()}, std {std.tolist()}")
+        self.mean, self.std = mean.tolist(), std.tolist()
+        self.num_features = mean.size
+        self.register_buffer("running_mean", mean)
+        self.register_buffer("running_var", std * std)
+        self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+
+    def _scale_shift(self, x):
+        # as the engine computes a batch norm's scale and shift: in double from
+        # the stored statistics, then in the input's dtype (operators only, so
+        # GPU arrays work too)
+        scale = 1.0 / self.running_var.astype(np.float64) ** 0.5
+        shift = -self.running_mean.astype(np.float64) * scale
+        shape = (1, self.num_features, 1, 1)
+        return scale.astype(x.dtype).reshape(shape), shift.astype(x.dtype).reshape(shape)
+
+    def _check(self, x):
+        if x.ndim != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"Normalize({self.num_features} channels) expects input of shape "
+                             f"(N, {self.num_features}, H, W), got {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check(x)
+        scale, shift = self._scale_shift(x)
+        return x * scale + shift
+
+    def backward(self, grad_output):
+        self._check(grad_output)
+        return grad_output * self._scale_shift(grad_output)[0]
+
+    def output_shape(self, input_shape):
+        shape = tuple(int(d) for d in input_shape)
+        if len(shape) != 3 or shape[0] != self.num_features:
+            raise ValueError(f"Normalize({self.num_features} channels) expects one sample of "
+                             f"shape ({self.num_features}, H, W), got {shape}")
+        return shape
+
+    def lower(self, g, x, prefix):
+        return g.node("BatchNorm2d", [x], name=prefix,
+                      attrs=dict(num_features=self.num_features, eps=0.0, affine=False,
+                                 track_running_stats=True))
+
+    def config(self):
+        return dict(mean=self.mean, std=self.std)
+
+    def extra_repr(self):
+        return f"mean={self.mean}, std={self.std}"
+
+
+# torchvision's transform_input: input normalised with ImageNet's mean and std
+# (transforms.Normalize) is rescaled to the (x - 0.5) / 0.5 normalisation that
+# the Inception weights ported from TensorFlow were trained with:
+# x * (std / 0.5) + (mean - 0.5) / 0.5, i.e. (x - (0.5 - mean) / std) / (0.5 / std).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _transform_input() -> Normalize:
+    return Normalize(mean=[(0.5 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+                     std=[0.5 / s for s in IMAGENET_STD])
+
+
 # (in, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj): the paper's Table 1
 _INCEPTION = {
     "inception3a": (192, 64, 96, 128, 16, 32, 32),
@@ -103,14 +187,27 @@ def _inception_aux(in_channels: int, num_classes: int, dropout: float = 0.7) -> 
 
 
 def googlenet(num_classes: int = 1000, input_size=(3, 224, 224), aux_logits: bool = False,
-              dropout: float = 0.2) -> Graph:
+              dropout: float = 0.2, transform_input: bool = False) -> Graph:
     """GoogLeNet (Inception v1, Szegedy et al. 2014) as torchvision defines
     it (BN after every conv; 6,624,904 parameters with 1000 classes, 13,004,888
     with the auxiliary classifiers). With aux_logits, forward returns
     (logits, aux2, aux1) while training, as torchvision's GoogLeNetOutputs,
-    and backward takes a tuple of three gradients; eval returns the logits."""
+    and backward takes a tuple of three gradients; eval returns the logits.
+
+    transform_input=True (torchvision's, which its pretrained weights use)
+    first rescales input normalised with ImageNet's mean and std to the
+    (x - 0.5) / 0.5 normalisation: x[:, c] * (std[c] / 0.5) + (mean[c] - 0.5) / 0.5.
+    It is a fixed `Normalize` child, `transform_input`, with no parameters;
+    its three buffers are the only state-dict keys torchvision's lacks, so
+    torchvision's weights load with load_state_dict(state, strict=False)."""
     nc, shape = _classes(num_classes), _input_shape(input_size)
-    m = OrderedDict(
+    m = OrderedDict()
+    if transform_input:
+        if shape[0] != 3:
+            raise ValueError(f"transform_input rescales the three ImageNet channels (RGB); the "
+                             f"input has {shape[0]} (input_size {shape})")
+        m["transform_input"] = _transform_input()
+    m.update(
         conv1=basic_conv2d(shape[0], 64, 7, stride=2, padding=3),
         maxpool1=MaxPool2d(3, stride=2, ceil_mode=True),
         conv2=basic_conv2d(64, 64, 1),
@@ -134,7 +231,8 @@ def googlenet(num_classes: int = 1000, input_size=(3, 224, 224), aux_logits: boo
     m["dropout"] = Dropout(dropout)
     m["fc"] = Linear(1024, nc)
     nodes, prev = [], "x"
-    for name in order + ["avgpool", "flatten", "dropout", "fc"]:
+    first = ["transform_input"] if transform_input else []
+    for name in first + order + ["avgpool", "flatten", "dropout", "fc"]:
         nodes.append(f"{name}_out = {name}({prev})")
         prev = f"{name}_out"
         if aux_logits and name == "inception4a":
