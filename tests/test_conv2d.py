@@ -447,3 +447,16 @@ def test_byte_order_correct_or_rejected(dtype):
         return
     exp = ref.conv2d_ref(x.astype(np.float64), w.astype(np.float64), padding=1)
     check_output(out, exp, np.dtype(dtype).newbyteorder("="))
+
+
+def test_one_element_tuples_as_pytorch():
+    """PyTorch's conv2d takes stride=(2,), padding=(1,), dilation=(2,) for
+    both dimensions (its pooling does too: test_pooling.py)."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: parity skipped")
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((2, 3, 9, 8)), rng.standard_normal((4, 3, 3, 3))
+    out = convcore.conv2d(x, w, stride=(2,), padding=(1,), dilation=(2,))
+    np.testing.assert_array_equal(out, convcore.conv2d(x, w, stride=2, padding=1, dilation=2))
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
+                                          stride=(2,), padding=(1,), dilation=(2,))
+    check_output(out, expected.numpy(), np.float64)

@@ -106,7 +106,9 @@ CONV_VALUE_ERRORS = [
     P(conv(stride=-1), "stride", id="stride-neg"),
     P(conv(stride=(1, 0)), "stride", id="stride-pair-0"),
     P(conv(stride=(1, 2, 3)), "stride", id="stride-len3"),
-    P(conv(stride=(1,)), "stride", id="stride-len1"),
+    # (a 1-tuple such as stride=(1,) means both dimensions, as in PyTorch:
+    # test_conv2d.py checks it; an empty one is refused, as PyTorch's conv2d does)
+    P(conv(stride=()), "stride", id="stride-empty"),
     P(conv(padding=-1), "padding", id="padding-neg"),
     P(conv(padding=(0, -2)), "padding", id="padding-pair-neg"),
     P(conv(padding=(1, 1, 1)), "padding", id="padding-len3"),
@@ -246,7 +248,9 @@ def _common_pool_errors(f, f_bw, has_dilation):
         P(f(kernel_size=(2, 2, 2)), "kernel_size", id=f"{tag}-kernel-len3"),
         P(f(stride=0), "stride", id=f"{tag}-stride-0"),
         P(f(stride=(2, -1)), "stride", id=f"{tag}-stride-neg"),
-        P(f(stride=(2,)), "stride", id=f"{tag}-stride-len1"),
+        # (stride=(2,) and stride=() are PyTorch's forms, checked in test_pooling.py)
+        P(f(kernel_size=()), "kernel_size", id=f"{tag}-kernel-empty"),
+        P(f(padding=()), "padding", id=f"{tag}-padding-empty"),
         P(f(padding=-1), "padding", id=f"{tag}-padding-neg"),
         P(f(kernel_size=3, padding=2), "padding", id=f"{tag}-padding-gt-half"),
         P(f(kernel_size=(3, 1), padding=(1, 1)), "padding",

@@ -198,6 +198,9 @@ def test_adaptive_avg_pool2d_layer_gradcheck(output_size):
 def test_pool_stride_defaults_to_kernel():
     assert nn.MaxPool2d(3).stride == (3, 3)
     assert nn.AvgPool2d((2, 3)).stride == (2, 3)
+    # PyTorch's default stride=() and a 1-tuple mean the same
+    assert nn.MaxPool2d(3, stride=()).stride == (3, 3)
+    assert nn.AvgPool2d((2, 3), stride=[], padding=(1,)).padding == (1, 1)
 
 
 # ===========================================================================

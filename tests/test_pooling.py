@@ -430,3 +430,43 @@ def test_avg_pool2d_extended_sweep(case, dtype, seed):
     gy = randn(rng, out.shape, dtype)
     check_output(convcore.avg_pool2d_backward(gy, x, **kw),
                  ref.avg_pool2d_backward_ref(gy, x, **kw), dtype)
+
+
+# ---------------------------------------------------------------------------
+# PyTorch's argument forms
+# ---------------------------------------------------------------------------
+
+def _torch():
+    return pytest.importorskip(
+        "torch", reason="PyTorch not installed: parity with torch.nn.functional skipped")
+
+
+POOL_FORMS = [  # (op, the PyTorch form, the same call spelled out)
+    ("avg", dict(kernel_size=3, padding=(1,)), dict(kernel_size=3, padding=1)),
+    ("avg", dict(kernel_size=3, stride=()), dict(kernel_size=3, stride=3)),
+    ("avg", dict(kernel_size=(3, 2), stride=[]), dict(kernel_size=(3, 2), stride=(3, 2))),
+    ("avg", dict(kernel_size=(3,), stride=(2,), padding=(1,)),
+     dict(kernel_size=3, stride=2, padding=1)),
+    ("max", dict(kernel_size=3, stride=(), padding=(1,)), dict(kernel_size=3, padding=1)),
+    ("max", dict(kernel_size=(2,), stride=(1,), dilation=(2,)),
+     dict(kernel_size=2, stride=1, dilation=2)),
+]
+
+
+@pytest.mark.parametrize("op,form,spelled", POOL_FORMS)
+def test_pool_pytorch_argument_forms(op, form, spelled):
+    """A 1-tuple means both dimensions and stride=() the default stride, as in
+    PyTorch; the result is torch's exactly (float64 average pooling and max
+    pooling are bit-identical to it)."""
+    torch = _torch()
+    import torch.nn.functional as F
+    x = randn(np.random.default_rng(8), (2, 3, 7, 8), np.float64)
+    ours, theirs = (convcore.avg_pool2d, F.avg_pool2d) if op == "avg" else \
+        (convcore.max_pool2d, F.max_pool2d)
+    out = ours(x, **form)
+    np.testing.assert_array_equal(out, ours(x, **spelled))
+    np.testing.assert_array_equal(out, theirs(torch.from_numpy(x), **form).numpy())
+    layer = (convcore.nn.AvgPool2d if op == "avg" else convcore.nn.MaxPool2d)(**form)
+    np.testing.assert_array_equal(layer(x), out)
+    assert convcore.pool2d_output_shape(x.shape, kind=op, **form) == out.shape
+

@@ -64,16 +64,18 @@ def _int(value, name: str) -> int:
 
 
 def _pair(value, name: str) -> Tuple[int, int]:
-    """An int or an (h, w) pair of ints, as PyTorch's _pair."""
+    """An int, a 1-tuple (v,) or an (h, w) pair of ints: PyTorch's conv and
+    pooling ops take a one-element list for both dimensions."""
     if _is_int(value):
         v = _int64(int(value), name)
         return v, v
     if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+        if len(value) not in (1, 2):
+            raise ValueError(f"{name} must be an int, a 1-tuple (v,) or a pair (h, w), "
+                             f"got {value!r}")
         if not all(_is_int(v) for v in value):
             raise TypeError(f"{name} must contain ints, got {value!r}")
-        return _int64(int(value[0]), name), _int64(int(value[1]), name)
+        return _int64(int(value[0]), name), _int64(int(value[-1]), name)
     raise TypeError(f"{name} must be an int or a pair (h, w) of ints, got "
                     f"{type(value).__name__} {value!r}")
 
@@ -211,10 +213,17 @@ def conv2d_output_shape(input_shape, weight_shape, stride: IntPair = 1, padding=
 
 # ---------------------------------------------------------------------- pooling
 
+def _pool_stride(stride, kernel: Tuple[int, int]) -> Tuple[int, int]:
+    """A pooling stride: None or an empty tuple/list (PyTorch's default
+    `stride=()`) mean the kernel size."""
+    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
+        return kernel
+    return _pair(stride, "stride")
+
+
 def _pool_args(kernel_size, stride, padding, dilation=1):
     k = _pair(kernel_size, "kernel_size")
-    s = k if stride is None else _pair(stride, "stride")
-    return k, s, _pair(padding, "padding"), _pair(dilation, "dilation")
+    return k, _pool_stride(stride, k), _pair(padding, "padding"), _pair(dilation, "dilation")
 
 
 def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, dilation=1,

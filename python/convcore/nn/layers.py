@@ -213,7 +213,7 @@ class MaxPool2d(Module):
                  padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False):
         super().__init__()
         self.kernel_size = F._pair(kernel_size, "kernel_size")
-        self.stride = self.kernel_size if stride is None else F._pair(stride, "stride")
+        self.stride = F._pool_stride(stride, self.kernel_size)
         self.padding = F._pair(padding, "padding")
         self.dilation = F._pair(dilation, "dilation")
         self.ceil_mode = bool(ceil_mode)
@@ -252,7 +252,7 @@ class AvgPool2d(Module):
                  divisor_override: Optional[int] = None):
         super().__init__()
         self.kernel_size = F._pair(kernel_size, "kernel_size")
-        self.stride = self.kernel_size if stride is None else F._pair(stride, "stride")
+        self.stride = F._pool_stride(stride, self.kernel_size)
         self.padding = F._pair(padding, "padding")
         self.ceil_mode = bool(ceil_mode)
         self.count_include_pad = bool(count_include_pad)
