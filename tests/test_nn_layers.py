@@ -203,6 +203,34 @@ def test_pool_stride_defaults_to_kernel():
     assert nn.AvgPool2d((2, 3), stride=[], padding=(1,)).padding == (1, 1)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_max_pool2d_layer_return_indices_vs_torch(training):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pooling parity skipped")
+    kw = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    m = nn.MaxPool2d(return_indices=True, **kw).train(training)
+    t = torch.nn.MaxPool2d(return_indices=True, **kw).train(training)
+    x = distinct_values(np.random.default_rng(9), (2, 3, 7, 6), np.float64, gap=0.01)
+    out, idx = m(x)
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    out_t, idx_t = t(xt)
+    np.testing.assert_array_equal(out, out_t.detach().numpy())
+    np.testing.assert_array_equal(idx, idx_t.numpy())
+    assert idx.dtype == np.int64
+    gy = np.random.default_rng(10).standard_normal(out.shape)
+    out_t.backward(torch.from_numpy(gy))
+    np.testing.assert_array_equal(m.backward(gy), xt.grad.numpy())
+    assert "return_indices=True" in repr(m)
+    again = nn.from_architecture(m.architecture())
+    assert again.return_indices and again.config() == m.config()
+
+
+def test_max_pool2d_return_indices_cannot_be_a_graph_node():
+    from convcore.nn.lowering import LoweringError
+    with pytest.raises(LoweringError, match="return_indices"):
+        nn.Sequential(nn.MaxPool2d(2, return_indices=True)).to_graph()
+    node = nn.Sequential(nn.MaxPool2d(2)).to_graph()["nodes"][0]
+    assert "return_indices" not in node["attrs"]    # not an attribute of the format
+
 # ===========================================================================
 # linear, relu, flatten
 # ===========================================================================

@@ -10,6 +10,7 @@ import numpy as np
 from .. import functional as F
 from .. import _core
 from . import init
+from .lowering import cannot_lower
 from .module import Module, Parameter
 
 IntPair = Union[int, Tuple[int, int]]
@@ -209,13 +210,19 @@ class Conv2d(Module):
 # ------------------------------------------------------------------------ pooling
 
 class MaxPool2d(Module):
+    """Max pooling; with return_indices, forward returns (output, indices) as
+    max_pool2d(..., return_indices=True) does, and backward takes the
+    gradient of the output."""
+
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None,
-                 padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False):
+                 padding: IntPair = 0, dilation: IntPair = 1, return_indices: bool = False,
+                 ceil_mode: bool = False):
         super().__init__()
         self.kernel_size = F._pair(kernel_size, "kernel_size")
         self.stride = F._pool_stride(stride, self.kernel_size)
         self.padding = F._pair(padding, "padding")
         self.dilation = F._pair(dilation, "dilation")
+        self.return_indices = bool(return_indices)
         self.ceil_mode = bool(ceil_mode)
         self._x = self._indices = None
 
@@ -225,12 +232,12 @@ class MaxPool2d(Module):
 
     def forward(self, x):
         self._x = x
-        if not self.training:
+        if not (self.training or self.return_indices):
             self._indices = None
             return F.max_pool2d(x, **self._args())
         # Training keeps where each max came from, so backward is a scatter.
         out, self._indices = F.max_pool2d(x, return_indices=True, **self._args())
-        return out
+        return (out, self._indices) if self.return_indices else out
 
     def backward(self, grad_output):
         return F.max_pool2d_backward(grad_output, self._x, indices=self._indices, **self._args())
@@ -240,10 +247,20 @@ class MaxPool2d(Module):
         return tuple(F.pool2d_output_shape((1, c, h, w), kind="max", **self._args())[1:])
 
     def config(self):
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._args().items()}
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._args().items()}
+        if self.return_indices:  # only when True: the C++ readers know no such attribute
+            config["return_indices"] = True
+        return config
+
+    def lower(self, g, x, prefix):
+        if self.return_indices:
+            raise cannot_lower(self, prefix, "return_indices=True gives a second output, the "
+                                             "indices, which the graph format has no node for")
+        return super().lower(g, x, prefix)
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v}" for k, v in self._args().items())
+        s = ", ".join(f"{k}={v}" for k, v in self._args().items())
+        return s + ", return_indices=True" if self.return_indices else s
 
 
 class AvgPool2d(Module):
