@@ -231,6 +231,7 @@ def test_max_pool2d_return_indices_cannot_be_a_graph_node():
     node = nn.Sequential(nn.MaxPool2d(2)).to_graph()["nodes"][0]
     assert "return_indices" not in node["attrs"]    # not an attribute of the format
 
+
 # ===========================================================================
 # linear, relu, flatten
 # ===========================================================================
@@ -424,6 +425,122 @@ def test_batchnorm2d_running_stats_vs_torch():
     m.eval(), t.eval()
     x = rng.standard_normal((2, 4, 3, 2))
     assert_close(m(x), t(torch.from_numpy(x)).detach().numpy(), rtol=1e-12)
+
+
+def _bn_twins(torch, *args, **kwargs):
+    m = nn.BatchNorm2d(*args, dtype=np.float64, **kwargs)
+    t = torch.nn.BatchNorm2d(*args, **kwargs).double()
+    rng = np.random.default_rng(23)
+    if m.weight is not None:
+        m.weight.data[:] = rng.uniform(0.5, 1.5, m.num_features)
+        t.weight.data[:] = torch.from_numpy(m.weight.data)
+    if m.bias is not None:
+        m.bias.data[:] = rng.standard_normal(m.num_features)
+        t.bias.data[:] = torch.from_numpy(m.bias.data)
+    return m, t
+
+
+def _bn_step(m, t, torch, x, gy):
+    """One forward and backward of both twins; returns the largest differences
+    of output, input gradient and parameter gradients."""
+    t.zero_grad()
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    yt = t(xt)
+    yt.backward(torch.from_numpy(gy))
+    m.zero_grad()
+    y = m(x)
+    gx = m.backward(gy)
+    assert y.shape == tuple(yt.shape) and gx.shape == x.shape
+    diffs = [np.abs(y - yt.detach().numpy()).max(initial=0),
+             np.abs(gx - xt.grad.numpy()).max(initial=0)]
+    for name, p in m.named_parameters():
+        diffs.append(np.abs(p.grad - getattr(t, name).grad.numpy()).max(initial=0))
+    return max(diffs)
+
+
+def _bn_state_diff(m, t):
+    sd = m.state_dict()
+    assert list(sd) == list(t.state_dict())
+    return max(np.abs(np.asarray(sd[k], np.float64) - v.double().numpy()).max(initial=0)
+               for k, v in t.state_dict().items())
+
+
+def test_batchnorm2d_momentum_none_is_a_cumulative_average_as_torch():
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: BN parity skipped")
+    m, t = _bn_twins(torch, 3, 0.001, None)       # PyTorch's positional form
+    assert m.momentum is None and m.eps == 0.001
+    rng = np.random.default_rng(24)
+    for step in range(4):
+        x = rng.standard_normal((4, 3, 2, 3)) * (step + 1) + step
+        assert _bn_step(m, t, torch, x, rng.standard_normal(x.shape)) <= 1e-12
+        assert _bn_state_diff(m, t) <= 1e-12
+    assert int(m.num_batches_tracked) == 4
+    # the running mean is the mean of the four batch means, not a decayed one
+    m.eval(), t.eval()
+    x = rng.standard_normal((2, 3, 2, 3))
+    assert _bn_step(m, t, torch, x, rng.standard_normal(x.shape)) <= 1e-12
+    assert m.config()["momentum"] is None
+    assert nn.from_architecture(m.architecture()).momentum is None
+    node = nn.Sequential(m).to_graph()["nodes"][0]
+    assert "momentum" not in node["attrs"]    # the format's momentum is a number (unused)
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(momentum="0.1"), TypeError, "momentum"),
+    (dict(momentum=True), TypeError, "momentum"),
+    (dict(eps=None), TypeError, "eps"),
+])
+def test_batchnorm2d_bad_arguments_name_themselves(kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        nn.BatchNorm2d(3, **kwargs)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm2d_without_bias_as_torch(training):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: BN parity skipped")
+    m, t = _bn_twins(torch, 3, bias=False)
+    assert m.bias is None and t.bias is None
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in t.named_parameters()]
+    m.train(training), t.train(training)
+    rng = np.random.default_rng(25)
+    x = rng.standard_normal((3, 3, 2, 2)) * 2 + 1
+    assert _bn_step(m, t, torch, x, rng.standard_normal(x.shape)) <= 1e-12
+    assert _bn_state_diff(m, t) <= 1e-12
+    assert "bias=False" in repr(m)
+    gradcheck_module(m, x)
+    again = nn.from_architecture(m.architecture())
+    assert again.bias is None and again.weight is not None
+
+
+def test_batchnorm2d_without_bias_cannot_be_a_graph_node():
+    from convcore.nn.lowering import LoweringError
+    with pytest.raises(LoweringError, match="bias=False"):
+        nn.Sequential(nn.BatchNorm2d(3, bias=False)).to_graph()
+    attrs = nn.Sequential(nn.BatchNorm2d(3)).to_graph()["nodes"][0]["attrs"]
+    assert attrs == {"num_features": 3, "eps": 1e-5, "momentum": 0.1, "affine": True,
+                     "track_running_stats": True}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("track_running_stats", [True, False])
+def test_batchnorm2d_empty_batch_as_torch(momentum, track_running_stats):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: BN parity skipped")
+    m, t = _bn_twins(torch, 3, momentum=momentum, track_running_stats=track_running_stats)
+    rng = np.random.default_rng(26)
+    x = rng.standard_normal((4, 3, 2, 2))
+    _bn_step(m, t, torch, x, rng.standard_normal(x.shape))      # running stats away from init
+    before = m.state_dict()
+    empty = np.zeros((0, 3, 5, 5))
+    assert _bn_step(m, t, torch, empty, empty) == 0      # empty output and input gradient,
+    for p in m.parameters():                             # zero parameter gradients
+        assert p.grad.shape == (3,) and not p.grad.any()
+    assert _bn_state_diff(m, t) <= 1e-12  # statistics kept, num_batches_tracked counted
+    if track_running_stats:
+        assert int(m.num_batches_tracked) == int(before["num_batches_tracked"]) + 1
+        np.testing.assert_array_equal(m.running_mean, before["running_mean"])
+        np.testing.assert_array_equal(m.running_var, before["running_var"])
+    m.eval(), t.eval()
+    assert _bn_step(m, t, torch, empty, empty) == 0
 
 
 def test_batchnorm2d_without_running_stats_uses_batch_stats_in_eval():

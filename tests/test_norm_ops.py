@@ -509,8 +509,6 @@ BN_ERRORS = [
      ["momentum"]),
     (lambda: convcore.batch_norm(_x().astype(np.int64), None, None, training=True), TypeError,
      ["input"]),
-    (lambda: convcore.batch_norm(_x((0, 4, 3, 3)), None, None, training=True), ValueError,
-     ["input"]),
     (lambda: convcore.batch_norm(_x((5,)), None, None, training=True), ValueError, ["input"]),
     (lambda: convcore.batch_norm_backward(_x(), _x(), np.zeros(3), np.ones(4)), ValueError,
      ["mean", "shape"]),
@@ -553,6 +551,47 @@ def test_batch_norm_training_needs_more_than_one_value_per_channel(shape):
     unbiased running variance would divide by zero)."""
     with pytest.raises(ValueError, match="input|value"):
         convcore.batch_norm(_x(shape), np.zeros(shape[1]), np.ones(shape[1]), training=True)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (0, 3, 4, 4), (2, 3, 0, 4)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_empty_input_as_torch(shape, training, dtype):
+    """PyTorch returns an empty result for an empty input (an empty batch, or
+    an empty 1-D input), in training too, and leaves the running statistics
+    alone."""
+    torch = _torch()
+    import torch.nn.functional as F
+    x = np.zeros(shape, dtype)
+    channels = shape[1] if len(shape) > 1 else 0
+    rng = np.random.default_rng(3)
+    rm, rv = rng.standard_normal(channels).astype(dtype), rng.uniform(1, 2, channels).astype(dtype)
+    w, b = rng.standard_normal(channels).astype(dtype), rng.standard_normal(channels).astype(dtype)
+    rmt, rvt = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    yt = F.batch_norm(torch.from_numpy(x), rmt, rvt, None, None, training, 0.1, 1e-5)
+    out, mean, var = convcore.batch_norm(x, rm, rv, None, None, training=training,
+                                         return_stats=True)
+    check_output(out, yt.numpy(), dtype)
+    np.testing.assert_array_equal(rm, rmt.numpy())
+    np.testing.assert_array_equal(rv, rvt.numpy())
+    if training:  # the statistics of no values
+        assert mean.shape == var.shape == (channels,) and np.isnan(mean).all()
+    if len(shape) == 4:  # ... and what backward makes of them: zero weight and bias gradients
+        xt = torch.from_numpy(x).requires_grad_(True)
+        wt, bt = torch.from_numpy(w).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
+        F.batch_norm(xt, torch.from_numpy(rm), torch.from_numpy(rv), wt, bt, training).sum() \
+            .backward()
+        gx, gw, gb = convcore.batch_norm_backward(out, x, mean, var, w, training=training)
+        check_output(gx, xt.grad.numpy(), dtype)
+        np.testing.assert_array_equal(gw, wt.grad.numpy())
+        np.testing.assert_array_equal(gb, bt.grad.numpy())
+
+
+def test_batch_norm_empty_input_is_still_checked():
+    with pytest.raises(TypeError, match="input"):
+        convcore.batch_norm(np.zeros((0, 3), np.int64), None, None, training=True)
+    with pytest.raises(TypeError, match="momentum"):
+        convcore.batch_norm(np.zeros(0), None, None, training=True, momentum=None)
 
 
 def test_batch_norm_one_value_per_channel_fine_in_eval():

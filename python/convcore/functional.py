@@ -446,14 +446,27 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     """Batch normalisation per channel of input (N, C, ...), as
     torch.nn.functional.batch_norm. When training, normalises with the batch
     statistics and updates running_mean / running_var in place (unbiased
-    variance, weight `momentum`); otherwise uses them. With return_stats,
-    also returns the (mean, var) it normalised with, for batch_norm_backward."""
+    variance, weight `momentum`); otherwise uses them. An empty input gives
+    an empty output and updates nothing. With return_stats, also returns the
+    (mean, var) it normalised with, for batch_norm_backward."""
     x = _array(input, "input")
     rm = None if running_mean is None else _array(running_mean, "running_mean")
     rv = None if running_var is None else _array(running_var, "running_var")
     w = None if weight is None else _array(weight, "weight")
     b = None if bias is None else _array(bias, "bias")
     momentum, eps = _float(momentum, "momentum"), _float(eps, "eps")
+    if x.ndim >= 1 and x.size == 0 and x.dtype in (np.float32, np.float64):
+        # As PyTorch: an empty input (an empty batch, or an empty 1-D input)
+        # gives an empty output and leaves the running statistics alone; a
+        # batch of no values has no mean or variance (NaN). (Other dtypes go
+        # on to the core's dtype error.)
+        out = np.empty(x.shape, dtype=x.dtype)
+        if not return_stats:
+            return out
+        if training:
+            channels = x.shape[1] if x.ndim >= 2 else 0
+            return out, np.full(channels, np.nan, x.dtype), np.full(channels, np.nan, x.dtype)
+        return out, rm, rv
     if x.ndim < 2:  # (the checks below index x.shape[1])
         raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got "
                          f"{x.ndim}-D with shape {x.shape}")

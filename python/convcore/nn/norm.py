@@ -1,10 +1,13 @@
 """Normalisation layers: LocalResponseNorm (AlexNet's NORM) and BatchNorm2d."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from .. import functional as F
 from .layers import _dtype, _positive_int
+from .lowering import cannot_lower
 from .module import Module, Parameter
 
 
@@ -40,21 +43,24 @@ class LocalResponseNorm(Module):
 
 class BatchNorm2d(Module):
     """Batch normalisation per channel. Training normalises with the batch's
-    statistics and updates the running ones (momentum 0.1, unbiased
-    variance); eval normalises with the running statistics."""
+    statistics and updates the running ones (unbiased variance, weight
+    `momentum`; momentum None: a cumulative moving average, weight 1 /
+    num_batches_tracked, as PyTorch); eval normalises with the running
+    statistics. bias=False keeps the weight and drops the bias (PyTorch 2.13)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, dtype=np.float32, *,
+                 bias: bool = True):
         super().__init__()
         self.num_features = _positive_int(num_features, "num_features")
-        self.eps, self.momentum = float(eps), float(momentum)
+        self.eps = F._float(eps, "eps")
+        if momentum is not None:
+            momentum = F._float(momentum, "momentum")
+        self.momentum = momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         dt = _dtype(dtype)
-        if affine:
-            self.weight = Parameter(np.ones(num_features, dtype=dt))
-            self.bias = Parameter(np.zeros(num_features, dtype=dt))
-        else:
-            self.weight = self.bias = None
+        self.weight = Parameter(np.ones(num_features, dtype=dt)) if affine else None
+        self.bias = Parameter(np.zeros(num_features, dtype=dt)) if affine and bias else None
         if track_running_stats:
             self.register_buffer("running_mean", np.zeros(num_features, dtype=dt))
             self.register_buffer("running_var", np.ones(num_features, dtype=dt))
@@ -67,12 +73,15 @@ class BatchNorm2d(Module):
         use_batch = self.training or not self.track_running_stats
         weight = None if self.weight is None else self.weight.data
         bias = None if self.bias is None else self.bias.data
+        factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self._set_buffer("num_batches_tracked", self.num_batches_tracked + 1)
+            if self.momentum is None:  # the mean of all batches so far
+                factor = 1.0 / float(self.num_batches_tracked)
         out, mean, var = F.batch_norm(
             x, self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None, weight, bias,
-            training=use_batch, momentum=self.momentum, eps=self.eps, return_stats=True)
+            training=use_batch, momentum=factor, eps=self.eps, return_stats=True)
         self._saved = (x, mean, var, use_batch)
         return out
 
@@ -83,6 +92,7 @@ class BatchNorm2d(Module):
                                            training=use_batch, eps=self.eps)
         if self.weight is not None:
             self.weight.grad += gw
+        if self.bias is not None:
             self.bias.grad += gb
         return gx
 
@@ -94,8 +104,25 @@ class BatchNorm2d(Module):
         return shape
 
     def config(self):
-        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum,
-                    affine=self.affine, track_running_stats=self.track_running_stats)
+        config = dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum,
+                      affine=self.affine, track_running_stats=self.track_running_stats)
+        if self.affine and self.bias is None:
+            # only when False: the C++ readers of the architecture know no
+            # bias attribute (their BatchNorm2d has one whenever it is affine)
+            config["bias"] = False
+        return config
+
+    def lower(self, g, x, prefix):
+        if self.affine and self.bias is None:
+            raise cannot_lower(self, prefix, "bias=False is not in the graph format's "
+                                             "BatchNorm2d (affine means weight and bias)")
+        attrs = self.config()
+        if self.momentum is None:  # the format's momentum is a number, unused by inference
+            del attrs["momentum"]
+        return g.node("BatchNorm2d", [x], name=prefix, attrs=attrs)
 
     def extra_repr(self):
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        s = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        if self.affine and self.bias is None:
+            s += ", bias=False"
+        return s
