@@ -215,6 +215,21 @@ def test_training_steps_on_device_match_cpu(dev, optimizer):
     assert_close(gpu(x), cpu(x), np.float32, rtol=1e-3)
 
 
+def test_cross_entropy_loss_on_device(dev):
+    """The layer hands its options to the GPU kernel: those the kernel has
+    give the CPU's loss and gradient (times grad_output); the others say
+    they are CPU-only."""
+    z, t = rnd(4, 10, seed=7), np.array([1, 0, 9, 3])
+    cpu = cc.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum", ignore_index=-1)
+    gpu = cc.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum", ignore_index=-1)
+    check(dev, gpu(dev.put(z), t), np.asarray(cpu(z, t)), "loss")
+    check(dev, gpu.backward(0.5), cpu.backward(0.5), "grad")
+    with pytest.raises(NotImplementedError, match="weight"):
+        cc.nn.CrossEntropyLoss(weight=dev.put(np.ones(10, np.float32)))(dev.put(z), t)
+    with pytest.raises(NotImplementedError, match="reduction='none'"):
+        cc.nn.CrossEntropyLoss(reduction="none")(dev.put(z), t)
+
+
 def test_fit_evaluate_predict_on_device_match_cpu(dev):
     """fit() moves each numpy batch to the model's device; the figures and the
     trained weights match a CPU run."""

@@ -436,6 +436,43 @@ def test_cross_entropy_bad_targets(sh):
         G.cross_entropy(z, np.array([0.0, 1.0]))
 
 
+@pytest.mark.parametrize("logits,targets,kwargs,words", [
+    ((2, 3), [0, 1], dict(weight=np.ones(3, np.float32)), "weight"),
+    ((2, 3), [0, 1], dict(reduction="none"), "reduction='none'"),
+    ((2, 3), [0, 2], dict(ignore_index=1), "ignore_index"),       # a class: could occur
+    ((2, 3), [0, -100], dict(), "ignore_index"),                  # host targets hold it
+    ((2, 3), np.full((2, 3), 1 / 3, np.float32), dict(), "class-probability"),
+    ((2, 3, 4), np.zeros((2, 4), np.int64), dict(), r"\(N, classes\)"),
+], ids=["weight", "none", "ignore-class", "ignore-held", "probabilities", "3-D"])
+def test_cross_entropy_options_the_kernel_lacks_say_so(sh, logits, targets, kwargs, words):
+    """The CPU's cross_entropy options the GPU kernel does not have raise
+    NotImplementedError naming the option (never a wrong loss)."""
+    with pytest.raises(NotImplementedError, match=words):
+        G.cross_entropy(rnd(*logits), np.asarray(targets), **kwargs)
+
+
+def test_cross_entropy_options_are_checked_as_on_the_cpu(sh):
+    with pytest.raises(ValueError, match="reduction"):
+        G.cross_entropy(rnd(2, 3), np.array([0, 1]), reduction="avg")
+    with pytest.raises(TypeError, match="ignore_index"):
+        G.cross_entropy(rnd(2, 3), np.array([0, 1]), ignore_index=0.5)
+    # an ignore_index that is no class and no target is fine
+    loss, _ = G.cross_entropy(rnd(2, 3), np.array([0, 1]), ignore_index=-1)
+    assert_close(loss, cc.nn.CrossEntropyLoss()(rnd(2, 3).astype(np.float64),
+                                                np.array([0, 1])), np.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_of_an_empty_batch(sh, reduction):
+    """The mean of no rows is NaN and their sum 0, as on the CPU and in PyTorch."""
+    z, t = rnd(0, 4), np.zeros(0, np.int64)
+    loss, grad = G.cross_entropy(z, t, reduction=reduction)
+    expected = cc.nn.CrossEntropyLoss(reduction=reduction)(z, t)
+    np.testing.assert_array_equal(loss, np.float32(expected))
+    assert np.isnan(expected) == (reduction == "mean")
+    assert grad.shape == (0, 4)
+
+
 @pytest.mark.parametrize("kw", [dict(momentum=0.0), dict(momentum=0.9, weight_decay=0.01),
                                 dict(momentum=0.9, nesterov=True),
                                 dict(momentum=0.5, dampening=0.3)])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import convcore
+import convcore.functional as F
 import reference as ref
 from _helpers import numerical_grad
 from _helpers import assert_close, distinct_values
@@ -678,24 +679,108 @@ def test_cross_entropy_finite_differences(label_smoothing, reduction):
     assert value == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def _ce_case(rng, shape, dtype, target, weighted, ignore_index):
+    """Logits of `shape` (classes on dimension 1, or 0 when 1-D), targets of
+    kind `target` ('index': class indices, the first one set to
+    ignore_index when that is a class; 'prob': class probabilities) and
+    an optional weight per class."""
+    axis = 0 if len(shape) == 1 else 1
+    classes = shape[axis]
+    logits = (rng.standard_normal(shape) * 3).astype(dtype)
+    if target == "prob":
+        t = rng.random(shape).astype(dtype)
+        t /= t.sum(axis=axis, keepdims=True)
+    else:
+        t = rng.integers(0, classes, shape[:axis] + shape[axis + 1:])
+        if 0 <= ignore_index < classes and t.size:
+            t.flat[0] = ignore_index
+    weight = rng.uniform(0.5, 2.0, classes).astype(dtype) if weighted else None
+    return logits, t, weight
+
+
+CE_OPTIONS = [  # (target, weighted, ignore_index)
+    ("index", False, -100), ("index", True, -100), ("index", False, 2), ("index", True, 2),
+    ("prob", False, -100), ("prob", True, -100)]
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 5, 2, 3), (5,), (0, 5)],
+                         ids=["N,C", "N,C,d1,d2", "C", "empty"])
+@pytest.mark.parametrize("target,weighted,ignore_index", CE_OPTIONS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cross_entropy_vs_torch(dtype, label_smoothing, reduction):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_vs_torch(shape, target, weighted, ignore_index, reduction,
+                                label_smoothing, dtype):
+    """Loss and gradient of every option against torch's autograd (an empty
+    batch's mean is NaN in both)."""
     torch = pytest.importorskip("torch", reason="PyTorch not installed: loss parity skipped")
     rng = np.random.default_rng(33)
-    logits = (rng.standard_normal((6, 10)) * 4).astype(dtype)
-    targets = rng.integers(0, 10, 6)
+    logits, t, weight = _ce_case(rng, shape, dtype, target, weighted, ignore_index)
+    options = dict(ignore_index=ignore_index, reduction=reduction,
+                   label_smoothing=label_smoothing)
     lt = torch.from_numpy(logits.copy()).requires_grad_(True)
-    vt = torch.nn.functional.cross_entropy(lt, torch.from_numpy(targets),
-                                           label_smoothing=label_smoothing, reduction=reduction)
-    vt.backward()
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction=reduction)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    assert loss_fn(logits, targets) == pytest.approx(float(vt.detach()), rel=tol)
-    grad = loss_fn.backward()
-    assert grad.dtype == dtype
-    assert_close(grad, lt.grad.numpy(), rtol=tol)
+    vt = torch.nn.functional.cross_entropy(
+        lt, torch.from_numpy(t), None if weight is None else torch.from_numpy(weight),
+        **options)
+    gy = rng.standard_normal(tuple(vt.shape)).astype(dtype) if reduction == "none" else None
+    vt.backward(None if gy is None else torch.from_numpy(gy))
+    loss_fn = nn.CrossEntropyLoss(weight, **options)
+    value = loss_fn(logits, t)
+    grad = loss_fn.backward(gy)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    if reduction == "none":
+        assert isinstance(value, np.ndarray) and value.dtype == dtype
+        assert_close(value, vt.detach().numpy(), rtol=tol, what="losses")
+    else:
+        assert isinstance(value, float)
+        expected = float(vt.detach())
+        assert (math.isnan(value) and math.isnan(expected)) or \
+            value == pytest.approx(expected, rel=tol, abs=tol)
+    assert grad.dtype == dtype and grad.flags.c_contiguous
+    assert_close(grad, lt.grad.numpy(), rtol=tol, what="grad")
+    # the functional form computes the same
+    np.testing.assert_array_equal(F.cross_entropy(logits, t, weight, **options),
+                                  value if reduction == "none" else np.asarray(value, dtype))
+
+
+@pytest.mark.parametrize("target,weighted,ignore_index", CE_OPTIONS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cross_entropy_options_finite_differences(target, weighted, ignore_index, reduction):
+    rng = np.random.default_rng(34)
+    logits, t, weight = _ce_case(rng, (3, 4, 2), np.float64, target, weighted, ignore_index)
+    options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                   label_smoothing=0.1)
+    loss_fn = nn.CrossEntropyLoss(**options)
+    R = rng.standard_normal((3, 2)) if reduction == "none" else 1.0
+
+    def loss():
+        return float((np.asarray(loss_fn(logits, t)) * R).sum())
+
+    loss()
+    grad = loss_fn.backward(R if reduction == "none" else None)
+    assert_close(grad, numerical_grad(loss, logits), rtol=FD_RTOL, what="d loss / d logits")
+    if ignore_index == 2:     # an ignored position has no gradient
+        assert not grad[0, :, 0].any()
+
+
+def test_cross_entropy_all_ignored_and_masked_classes_as_torch():
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: loss parity skipped")
+    rng = np.random.default_rng(35)
+    for logits, t, kw in [
+            (rng.standard_normal((2, 3)), np.array([-100, -100]), {}),       # mean of nothing
+            (rng.standard_normal((2, 3)), np.array([-100, -100]), dict(label_smoothing=0.3)),
+            (np.array([[0.0, -np.inf, 1.0]]), np.array([0]), {}),           # a masked class
+            (np.array([[0.0, -np.inf, 1.0]]), np.array([0]), dict(label_smoothing=0.1))]:
+        lt = torch.from_numpy(logits.copy()).requires_grad_(True)
+        vt = torch.nn.functional.cross_entropy(lt, torch.from_numpy(t), **kw)
+        vt.backward()
+        loss_fn = nn.CrossEntropyLoss(**kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")    # no numpy RuntimeWarning on the way
+            value = loss_fn(logits, t)
+            grad = loss_fn.backward()
+        np.testing.assert_allclose(value, float(vt.detach()), rtol=1e-12)   # NaN == NaN
+        np.testing.assert_allclose(grad, lt.grad.numpy(), rtol=1e-12, atol=1e-15)
 
 
 def test_cross_entropy_large_logits_stable():
@@ -706,17 +791,47 @@ def test_cross_entropy_large_logits_stable():
     assert np.isfinite(loss_fn.backward()).all()
 
 
-@pytest.mark.parametrize("call,exc", [
-    (lambda: nn.CrossEntropyLoss(label_smoothing=1.5), ValueError),
-    (lambda: nn.CrossEntropyLoss(reduction="none"), ValueError),
-    (lambda: nn.CrossEntropyLoss()(np.zeros(3), np.array([0])), ValueError),
-    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0, 3])), ValueError),
-    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0.0, 1.0])), ValueError),
-    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0])), ValueError),
-    (lambda: nn.CrossEntropyLoss().backward(), RuntimeError),
+def _ce_backward_none(grad_output):
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    loss_fn(np.zeros((2, 3)), np.array([0, 1]))
+    return loss_fn.backward(grad_output)
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: nn.CrossEntropyLoss(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda: nn.CrossEntropyLoss(label_smoothing="0.1"), TypeError, "label_smoothing"),
+    (lambda: nn.CrossEntropyLoss(reduction="avg"), ValueError, "reduction"),
+    (lambda: nn.CrossEntropyLoss(ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros(3), np.array([0])), ValueError, "target"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros(()), np.array(0)), ValueError, "input"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 0)), np.zeros(2, int)), ValueError, "class"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3), int), np.array([0, 1])), TypeError, "input"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0, 3])), ValueError, "target"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0, -1])), ValueError, "target"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0.0, 1.0])), ValueError, "target"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.array([0])), ValueError, "target"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3, 4)), np.zeros((2, 5), int)), ValueError,
+     r"target must be integer class indices of shape \(2, 4\)"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), None), TypeError, "target"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.zeros((2, 3), int)), TypeError,
+     "target"),
+    (lambda: nn.CrossEntropyLoss()(np.zeros((2, 3)), np.zeros((2, 3), np.float32)), TypeError,
+     "target"),
+    (lambda: nn.CrossEntropyLoss(ignore_index=0)(np.zeros((2, 3)), np.zeros((2, 3))),
+     ValueError, "ignore_index"),
+    (lambda: nn.CrossEntropyLoss(np.ones(4))(np.zeros((2, 3)), np.array([0, 1])), ValueError,
+     "weight"),
+    (lambda: nn.CrossEntropyLoss(np.ones(3, np.float32))(np.zeros((2, 3)), np.array([0, 1])),
+     TypeError, "weight"),
+    (lambda: nn.CrossEntropyLoss([1.0, 1.0, 1.0])(np.zeros((2, 3)), np.array([0, 1])),
+     TypeError, "weight"),
+    (lambda: nn.CrossEntropyLoss().backward(), RuntimeError, "before"),
+    (lambda: _ce_backward_none(None), TypeError, "grad_output"),
+    (lambda: _ce_backward_none(np.ones(3)), ValueError, "grad_output"),
+    (lambda: _ce_backward_none(np.ones(2, np.float32)), TypeError, "grad_output"),
 ])
-def test_cross_entropy_errors(call, exc):
-    with pytest.raises(exc):
+def test_cross_entropy_errors(call, exc, words):
+    with pytest.raises(exc, match=words):
         call()
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "local_response_norm_backward",
     "batch_norm",
     "batch_norm_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
     "conv2d_output_shape",
     "pool2d_output_shape",
     "set_num_threads",
@@ -503,6 +505,151 @@ def batch_norm_backward(grad_output, input, mean, var, weight=None, training: bo
         _array(grad_output, "grad_output"), _array(input, "input"), _array(mean, "mean"),
         _array(var, "var"), None if weight is None else _array(weight, "weight"),
         bool(training), _float(eps, "eps"))
+
+
+# ------------------------------------------------------------------------- loss
+
+def _cross_entropy_options(ignore_index, reduction, label_smoothing):
+    """cross_entropy's scalar options, checked here for the CPU and GPU paths
+    and CrossEntropyLoss."""
+    ignore_index = _int(ignore_index, "ignore_index")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    label_smoothing = _float(label_smoothing, "label_smoothing")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    return ignore_index, reduction, label_smoothing
+
+
+def _cross_entropy_parts(input, target, weight, ignore_index, reduction, label_smoothing):
+    """What cross_entropy and its gradient share: the log-softmax of input
+    with the class axis moved last, the weighted target distribution q over
+    it (each position's loss is -sum(q * log p)), the divisor of the mean,
+    and where the class axis was. As PyTorch, a target of input's shape holds
+    class probabilities, any other one class indices."""
+    x = _array(input, "input")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"input must be float32 or float64, got {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError("input must be logits of shape (C,), (N, C) or (N, C, d1, ...), "
+                         "got a scalar")
+    ignore_index, reduction, smoothing = _cross_entropy_options(ignore_index, reduction,
+                                                                label_smoothing)
+    axis = 0 if x.ndim == 1 else 1
+    classes = x.shape[axis]
+    if classes == 0:
+        raise ValueError(f"input must have at least one class (dimension {axis}), got shape "
+                         f"{x.shape}")
+    w = None
+    if weight is not None:
+        w = _array(weight, "weight")
+        if w.dtype != x.dtype:
+            raise TypeError(f"weight must have input's dtype {x.dtype}, got {w.dtype}")
+        if w.shape != (classes,):
+            raise ValueError(f"weight must have shape ({classes},), one value per class, got "
+                             f"{w.shape}")
+    if target is None:
+        raise TypeError("target must be a numpy.ndarray of class indices or probabilities, "
+                        "got None")
+    t = np.asarray(target)
+    if t.shape == x.shape:
+        if t.dtype != x.dtype:
+            raise TypeError(f"target has input's shape {x.shape}, so it holds class "
+                            f"probabilities and must be {x.dtype}, got {t.dtype}")
+        if ignore_index >= 0:
+            raise ValueError(f"ignore_index is not supported for class-probability targets, "
+                             f"got ignore_index={ignore_index}")
+        q = np.moveaxis(t, axis, -1)
+        if smoothing:
+            q = q * x.dtype.type(1.0 - smoothing) + x.dtype.type(smoothing / classes)
+        if w is not None:
+            q = q * w
+        divisor = x.dtype.type(x.size // classes)  # the number of positions
+    else:
+        positions = x.shape[:axis] + x.shape[axis + 1:]
+        if t.shape != positions or t.dtype.kind not in "iu":
+            raise ValueError(f"target must be integer class indices of shape {positions} or "
+                             f"class probabilities of shape {x.shape}, got {t.dtype} {t.shape}")
+        kept = t != ignore_index
+        bad = kept & ((t < 0) | (t >= classes))
+        if bad.any():
+            raise ValueError(f"target must hold class indices in [0, {classes}) or "
+                             f"ignore_index ({ignore_index}), got {t[bad].flat[0]}")
+        class_weight = np.ones(classes, x.dtype) if w is None else w
+        index = np.where(kept, t, 0)
+        target_weight = np.where(kept, class_weight[index], 0).astype(x.dtype)
+        # As PyTorch: (1 - s) of the target class's weight on the target, plus
+        # s / classes of every class's weight; nothing where ignored.
+        one_hot = np.arange(classes) == index[..., None]
+        q = (x.dtype.type(1.0 - smoothing) * target_weight[..., None] * one_hot
+             + x.dtype.type(smoothing / classes) * class_weight)
+        q[~kept] = 0
+        divisor = target_weight.sum(dtype=x.dtype)
+    z = np.moveaxis(x, axis, -1)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return log_p, q, divisor, axis
+
+
+def cross_entropy(input, target, weight=None, *, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> np.ndarray:
+    """Softmax cross-entropy, as torch.nn.functional.cross_entropy.
+
+    input: logits (C,), (N, C) or (N, C, d1, ...). target: class indices
+    (the shape without C; positions equal to ignore_index count for nothing)
+    or class probabilities (input's shape and dtype). weight: (C,), a
+    weight per class. label_smoothing s mixes s / C of every class into the
+    target. reduction 'none' returns each position's loss, 'sum' their sum,
+    'mean' their sum over the total weight of the targets (class indices) or
+    over the number of positions (probabilities): NaN when that is 0, as in
+    PyTorch. Returns an array of input's dtype (0-d unless 'none')."""
+    log_p, q, divisor, _ = _cross_entropy_parts(input, target, weight, ignore_index, reduction,
+                                                label_smoothing)
+    # where q is 0, a logit of -inf (a masked class) adds nothing, not 0 * inf
+    with np.errstate(invalid="ignore"):
+        losses = -np.where(q != 0, q * log_p, 0).sum(axis=-1)
+    if reduction == "none":
+        return np.asarray(losses)  # (0-d for unbatched input, where numpy gives a scalar)
+    total = losses.sum(dtype=log_p.dtype)
+    if reduction == "sum":
+        return np.asarray(total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(total / divisor)
+
+
+def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_index: int = -100,
+                           reduction: str = "mean", label_smoothing: float = 0.0) -> np.ndarray:
+    """Gradient of cross_entropy with respect to input. grad_output: a
+    number (or a 0-d array) for 'mean' and 'sum', an array of the loss's
+    shape for 'none'."""
+    log_p, q, divisor, axis = _cross_entropy_parts(input, target, weight, ignore_index,
+                                                   reduction, label_smoothing)
+    dtype = log_p.dtype
+    if reduction == "none":
+        if grad_output is None:
+            raise TypeError(f"grad_output must be an array of the loss's shape "
+                            f"{log_p.shape[:-1]} (reduction='none'), got None")
+        gy = _array(grad_output, "grad_output")
+        if gy.dtype != dtype:
+            raise TypeError(f"grad_output must have input's dtype {dtype}, got {gy.dtype}")
+        if gy.shape != log_p.shape[:-1]:
+            raise ValueError(f"grad_output must have the loss's shape {log_p.shape[:-1]} "
+                             f"(reduction='none'), got {gy.shape}")
+        scale = gy[..., None]
+    else:
+        if isinstance(grad_output, np.ndarray) and grad_output.ndim == 0:
+            grad_output = grad_output.item()
+        scale = dtype.type(_float(grad_output, "grad_output"))
+        if reduction == "mean":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                scale = scale / divisor
+    # d/dz of -sum(q * log softmax(z)) = softmax(z) * sum(q) - q
+    with np.errstate(invalid="ignore"):
+        grad = (np.exp(log_p) * q.sum(axis=-1, keepdims=True) - q) * scale
+    # A position without a target (ignored) has no gradient, also where the
+    # mean divides by 0 (all ignored: scale inf), as in PyTorch.
+    grad = np.where((q != 0).any(axis=-1, keepdims=True), grad, 0)
+    return np.ascontiguousarray(np.moveaxis(grad.astype(dtype, copy=False), -1, axis))
 
 
 # ---------------------------------------------------------------------- threads

@@ -648,31 +648,49 @@ def batch_norm_backward(grad_output, input, mean, var, weight=None, training=Tru
 
 # ------------------------------------------------------------------------- loss
 
-def cross_entropy(logits, targets, label_smoothing: float = 0.0, reduction: str = "mean"):
+def cross_entropy(logits, targets, label_smoothing: float = 0.0, reduction: str = "mean", *,
+                  weight=None, ignore_index: int = -100):
     """Softmax cross-entropy on the GPU: (loss as a 0-d device array, gradient
-    with respect to the logits). The loss stays on the device (no sync)."""
+    with respect to the logits). The loss stays on the device (no sync).
+    The kernel covers (N, classes) logits against class indices, with label
+    smoothing, 'mean' or 'sum'; the other options of
+    convcore.functional.cross_entropy raise NotImplementedError here."""
     be, xp = _be(), _be().xp
+    ignore_index, reduction, smoothing = F._cross_entropy_options(ignore_index, reduction,
+                                                                  label_smoothing)
     z = _arr(be, logits, "logits")
+    on_cpu = "; compute the loss on the CPU (numpy logits) for it"
+    if weight is not None:
+        raise NotImplementedError(f"cross_entropy on the GPU: weight is not supported{on_cpu}")
+    if reduction == "none":
+        raise NotImplementedError(f"cross_entropy on the GPU: reduction='none' is not "
+                                  f"supported{on_cpu}")
     if z.ndim != 2:
-        raise ValueError(f"logits must be a 2-D array (N, classes), got shape {tuple(z.shape)}")
+        raise NotImplementedError(f"cross_entropy on the GPU: logits must be (N, classes), got "
+                                  f"shape {tuple(z.shape)}{on_cpu}")
     host_targets = isinstance(targets, (np.ndarray, list, tuple))
     t = np.asarray(targets) if host_targets else be.asarray(targets, "targets")
     n, classes = int(z.shape[0]), int(z.shape[1])
+    if tuple(t.shape) == (n, classes) and t.dtype.kind == "f":
+        raise NotImplementedError(f"cross_entropy on the GPU: class-probability targets are not "
+                                  f"supported{on_cpu}")
     if tuple(t.shape) != (n,) or t.dtype.kind not in "iu":
         raise ValueError(f"targets must be {n} integer class indices, got {t.dtype} "
                          f"{tuple(t.shape)}")
+    # The kernel ignores no target: an ignore_index that is a class, or one
+    # that host targets hold, cannot be honoured. (Device targets are not
+    # read back: one equal to an out-of-range ignore_index makes its row NaN.)
+    if 0 <= ignore_index < classes or (host_targets and n and (t == ignore_index).any()):
+        raise NotImplementedError(f"cross_entropy on the GPU: targets equal to ignore_index "
+                                  f"({ignore_index}) cannot be ignored{on_cpu}")
     # Host targets are range-checked here for free; checking device targets
     # would cost a sync, so the kernel turns an out-of-range row into NaN.
     if host_targets and n and (t.min() < 0 or t.max() >= classes):
         raise ValueError(f"targets must be in [0, {classes}), got values in "
                          f"[{t.min()}, {t.max()}]")
     t = xp.ascontiguousarray(xp.asarray(t).astype(np.int64, copy=False))
-    smoothing = F._float(label_smoothing, "label_smoothing")
-    if not 0.0 <= smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {smoothing}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    scale = 1.0 / n if (reduction == "mean" and n) else 1.0
+    # the mean of no rows is NaN, as on the CPU and in PyTorch
+    scale = (1.0 / n if n else float("nan")) if reduction == "mean" else 1.0
     rows = xp.empty((n,), dtype=np.float32)
     grad = xp.empty(z.shape, dtype=np.float32)
     if n:
