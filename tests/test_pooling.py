@@ -433,7 +433,7 @@ def test_avg_pool2d_extended_sweep(case, dtype, seed):
 
 
 # ---------------------------------------------------------------------------
-# PyTorch's argument forms
+# PyTorch's argument forms, and how exactly pooling matches PyTorch
 # ---------------------------------------------------------------------------
 
 def _torch():
@@ -457,7 +457,7 @@ POOL_FORMS = [  # (op, the PyTorch form, the same call spelled out)
 def test_pool_pytorch_argument_forms(op, form, spelled):
     """A 1-tuple means both dimensions and stride=() the default stride, as in
     PyTorch; the result is torch's exactly (float64 average pooling and max
-    pooling are bit-identical to it)."""
+    pooling are bit-identical to it, see below)."""
     torch = _torch()
     import torch.nn.functional as F
     x = randn(np.random.default_rng(8), (2, 3, 7, 8), np.float64)
@@ -470,3 +470,74 @@ def test_pool_pytorch_argument_forms(op, form, spelled):
     np.testing.assert_array_equal(layer(x), out)
     assert convcore.pool2d_output_shape(x.shape, kind=op, **form) == out.shape
 
+
+def _pool_cases(rng, count):
+    """Random (N, C, H, W) inputs with average-pooling and adaptive arguments."""
+    for _ in range(count):
+        h, w = (int(v) for v in rng.integers(3, 24, 2))
+        k = int(rng.integers(1, min(h, w) + 1))
+        kw = dict(kernel_size=k, stride=int(rng.integers(1, 4)),
+                  padding=int(rng.integers(0, k // 2 + 1)), ceil_mode=bool(rng.integers(2)))
+        size = (int(rng.integers(1, h + 3)), int(rng.integers(1, w + 3)))
+        yield rng.standard_normal((2, 3, h, w)), kw, size
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pooling_exactness_against_torch(dtype):
+    """What the README states: max pooling (values, indices, gradients) and
+    avg_pool2d's gradient are bit-identical to PyTorch's, and so is
+    avg_pool2d's float64 output. convcore sums each average-pooling window in
+    double and rounds once where PyTorch sums in float32, and divides an
+    adaptive bin by its area once where PyTorch divides by its height, then
+    its width: those results differ from PyTorch's within PyTorch's rounding,
+    |convcore - torch| <= window size * u * mean |x| + 2u |torch| (u = 2^-24
+    in float32, 2^-53 in float64; for adaptive_avg_pool2d's gradient, 2m + 1
+    roundings of the m shares an input position sums)."""
+    torch = _torch()
+    import torch.nn.functional as F
+    u = 2.0 ** -24 if dtype == np.float32 else 2.0 ** -53
+    rng = np.random.default_rng(9)
+    worst = 0.0
+
+    def within(ours, theirs, window, mean_abs):
+        nonlocal worst
+        bound = window * u * mean_abs + 2 * u * np.abs(theirs)
+        worst = max(worst, float((np.abs(ours - theirs.astype(np.float64)) / bound).max()))
+
+    for x64, kw, size in _pool_cases(rng, 40):
+        x = x64.astype(dtype)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        yt, it = F.max_pool2d(xt, return_indices=True, **kw)
+        y, idx = convcore.max_pool2d(x, return_indices=True, **kw)
+        np.testing.assert_array_equal(y, yt.detach().numpy())
+        np.testing.assert_array_equal(idx, it.numpy())
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        yt.backward(torch.from_numpy(gy))
+        np.testing.assert_array_equal(convcore.max_pool2d_backward(gy, x, **kw),
+                                      xt.grad.numpy())
+
+        xt = torch.from_numpy(x).requires_grad_(True)
+        yt = F.avg_pool2d(xt, **kw)
+        y = convcore.avg_pool2d(x, **kw)
+        if dtype == np.float64:
+            np.testing.assert_array_equal(y, yt.detach().numpy())
+        window = kw["kernel_size"] ** 2
+        within(y, yt.detach().numpy(), window, convcore.avg_pool2d(np.abs(x64), **kw))
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        yt.backward(torch.from_numpy(gy))
+        np.testing.assert_array_equal(convcore.avg_pool2d_backward(gy, x, **kw),
+                                      xt.grad.numpy())
+
+        xt = torch.from_numpy(x).requires_grad_(True)
+        yt = F.adaptive_avg_pool2d(xt, size)
+        window = (-(-x.shape[2] // size[0]) + 1) * (-(-x.shape[3] // size[1]) + 1)
+        within(convcore.adaptive_avg_pool2d(x, size), yt.detach().numpy(), window,
+               convcore.adaptive_avg_pool2d(np.abs(x64), size))
+        # the gradient: each input position sums the shares of the m bins
+        # over it, each share rounded once (convcore) or twice (PyTorch)
+        gy = rng.standard_normal(yt.shape).astype(dtype)
+        yt.backward(torch.from_numpy(gy))
+        m = (-(-size[0] // x.shape[2]) + 1) * (-(-size[1] // x.shape[3]) + 1)
+        shares = convcore.adaptive_avg_pool2d_backward(np.abs(gy).astype(np.float64), x64)
+        within(convcore.adaptive_avg_pool2d_backward(gy, x), xt.grad.numpy(), 2 * m + 1, shares)
+    assert worst <= 1.0, f"differences up to {worst:.2f} times PyTorch's rounding bound"
