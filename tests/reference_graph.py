@@ -46,7 +46,9 @@ def layer_tensors(op, attrs):
     if op == "BatchNorm2d":
         n, t = attrs["num_features"], {}
         if attrs.get("affine", True):
-            t.update(weight=(n,), bias=(n,))
+            t["weight"] = (n,)
+            if attrs.get("bias", True):
+                t["bias"] = (n,)
         if attrs.get("track_running_stats", True):
             t.update(running_mean=(n,), running_var=(n,), num_batches_tracked=())
         return t

@@ -513,13 +513,35 @@ def test_batchnorm2d_without_bias_as_torch(training):
     assert again.bias is None and again.weight is not None
 
 
-def test_batchnorm2d_without_bias_cannot_be_a_graph_node():
-    from convcore.nn.lowering import LoweringError
-    with pytest.raises(LoweringError, match="bias=False"):
-        nn.Sequential(nn.BatchNorm2d(3, bias=False)).to_graph()
+def test_batchnorm2d_without_bias_saves_loads_and_compiles(tmp_path):
+    import convcore
+    # the attribute only when False: files of default norms stay as they were
     attrs = nn.Sequential(nn.BatchNorm2d(3)).to_graph()["nodes"][0]["attrs"]
     assert attrs == {"num_features": 3, "eps": 1e-5, "momentum": 0.1, "affine": True,
                      "track_running_stats": True}
+    convcore.manual_seed(0)
+    rng = np.random.default_rng(3)
+    # folded into a convolution, as a scale on its own (after a ReLU), and
+    # normalising with the batch's statistics
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, bias=False), nn.ReLU(),
+                          nn.BatchNorm2d(8, bias=False),
+                          nn.BatchNorm2d(8, bias=False, track_running_stats=False))
+    for bn in (model[1], model[3]):
+        bn.running_mean[:] = rng.standard_normal(8)
+        bn.running_var[:] = rng.uniform(0.5, 2, 8)
+    for bn in (model[1], model[3], model[4]):
+        bn.weight.data[:] = rng.standard_normal(8)
+    model.eval()
+    assert model.to_graph()["nodes"][1]["attrs"]["bias"] is False
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    expected = model(x)
+    path = tmp_path / "bn.safetensors"
+    model.save(path)
+    loaded = convcore.load(path)
+    assert loaded[1].bias is None and loaded[1].weight is not None
+    np.testing.assert_array_equal(loaded.eval()(x), expected)
+    for compiled in (convcore.compile(model), convcore.compile(path)):
+        assert np.abs(compiled(x) - expected).max() <= 1e-5 * max(1, np.abs(expected).max())
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

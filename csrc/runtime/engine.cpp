@@ -356,8 +356,9 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
       const int64_t ch = n.bn.channels;
       Tensor m(dtype, {ch}), v(dtype, {ch});
       const TensorView wv = n.bn.affine ? n.tensor("weight")->view() : TensorView();
-      const TensorView bv = n.bn.affine ? n.tensor("bias")->view() : TensorView();
-      batch_norm_forward(view(s.in[0]), n.bn.affine ? &wv : nullptr, n.bn.affine ? &bv : nullptr,
+      const bool shift = n.bn.affine && n.bn.bias;
+      const TensorView bv = shift ? n.tensor("bias")->view() : TensorView();
+      batch_norm_forward(view(s.in[0]), n.bn.affine ? &wv : nullptr, shift ? &bv : nullptr,
                          true, n.bn.eps, m.view(), v.view(), view(s.out));
       return finish_plain();
     }

@@ -265,9 +265,11 @@ void parse_batch_norm(Node& n, const Attrs& a) {
   if (!(b.eps >= 0.0)) a.fail("eps must be a non-negative number");
   b.affine = a.boolean("affine", true);
   b.track = a.boolean("track_running_stats", true);
+  b.bias = a.boolean("bias", true);
   std::ostringstream os;
   os << b.channels << ", eps=" << b.eps;
   if (!b.affine) os << ", affine=False";
+  if (b.affine && !b.bias) os << ", bias=False";
   if (!b.track) os << ", track_running_stats=False";
   n.args = os.str();
 }
@@ -296,7 +298,7 @@ const std::vector<OpInfo>& op_table() {
                               "dilation", "groups", "bias", "padding_mode", "dtype"}},
       {"Linear", Op::Linear, {"in_features", "out_features", "bias", "dtype"}},
       {"BatchNorm2d", Op::BatchNorm2d,
-       {"num_features", "eps", "momentum", "affine", "track_running_stats", "dtype"}},
+       {"num_features", "eps", "momentum", "affine", "track_running_stats", "bias", "dtype"}},
       {"MaxPool2d", Op::MaxPool2d, {"kernel_size", "stride", "padding", "dilation", "ceil_mode"}},
       {"AvgPool2d", Op::AvgPool2d,
        {"kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"}},
@@ -678,7 +680,7 @@ std::vector<TensorSpec> tensor_specs(const Node& n) {
     case Op::BatchNorm2d:
       if (n.bn.affine) {
         add("weight", {n.bn.channels}, true, true);
-        add("bias", {n.bn.channels}, true, true);
+        if (n.bn.bias) add("bias", {n.bn.channels}, true, true);
       }
       if (n.bn.track) {
         add("running_mean", {n.bn.channels}, true, false);

@@ -45,6 +45,7 @@ struct BatchNormAttrs {
   int64_t channels = 0;
   double eps = 1e-5;
   bool affine = true, track = true;
+  bool bias = true;  // affine with a shift (PyTorch's bias=False keeps the weight only)
 };
 
 struct Node {

@@ -7,7 +7,6 @@ import numpy as np
 
 from .. import functional as F
 from .layers import _dtype, _positive_int
-from .lowering import cannot_lower
 from .module import Module, Parameter
 
 
@@ -107,15 +106,12 @@ class BatchNorm2d(Module):
         config = dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum,
                       affine=self.affine, track_running_stats=self.track_running_stats)
         if self.affine and self.bias is None:
-            # only when False: the C++ readers of the architecture know no
-            # bias attribute (their BatchNorm2d has one whenever it is affine)
+            # only when False: files before the attribute stay as they were,
+            # and readers before it refuse it rather than ignore it
             config["bias"] = False
         return config
 
     def lower(self, g, x, prefix):
-        if self.affine and self.bias is None:
-            raise cannot_lower(self, prefix, "bias=False is not in the graph format's "
-                                             "BatchNorm2d (affine means weight and bias)")
         attrs = self.config()
         if self.momentum is None:  # the format's momentum is a number, unused by inference
             del attrs["momentum"]
