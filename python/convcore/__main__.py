@@ -23,6 +23,8 @@ def main(argv=None) -> None:
               "  demo      the lecture's worked examples, then LeNet-5 trained on the digits\n"
               "  bench     AlexNet conv layers vs numpy im2col (and PyTorch if installed)\n"
               "  bench --e2e  whole models, images/s, vs PyTorch\n"
+              "  bench --zoo  every distinct conv/linear layer of the zoo, forward and\n"
+              "               backward at batch 1 and 16, vs PyTorch and the measured peak\n"
               "  bench --gpu  the CUDA kernels vs PyTorch CUDA/cuDNN (needs a GPU)\n"
               "  summary   the layer table of a zoo model: summary alexnet [--all]\n"
               "  --cmake-dir    the directory of convcoreConfig.cmake, for C++ apps:\n"

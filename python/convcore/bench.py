@@ -8,6 +8,8 @@ by run). Ratios are peer time / convcore time (above 1: convcore is faster).
 
     python -m convcore bench [--threads 2] [--repeat 7] [--quick] [--json out.json]
                              [--plot out.png] [--no-torch] [--no-numpy]
+    python -m convcore bench --e2e ...   whole models (bench_e2e.py)
+    python -m convcore bench --zoo ...   every distinct zoo layer (bench_zoo.py)
 """
 from __future__ import annotations
 
@@ -387,6 +389,9 @@ def main(argv=None) -> None:
     if "--e2e" in (argv or []):  # whole models, images/s (bench_e2e.py has its own options)
         from .bench_e2e import main as e2e
         return e2e([a for a in argv if a != "--e2e"])
+    if "--zoo" in (argv or []):  # every distinct zoo layer (bench_zoo.py has its own options)
+        from .bench_zoo import main as zoo
+        return zoo([a for a in argv if a != "--zoo"])
     args = parser.parse_args(argv)
     result = run(args.threads, args.repeat, args.quick, not args.no_torch, not args.no_numpy)
     if args.json:
