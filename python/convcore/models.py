@@ -225,13 +225,15 @@ _ZOO = {"lenet5": lenet5, "alexnet": alexnet, "zfnet": zfnet, "vgg16": vgg16,
 
 # The later case studies (models_extra.py), by graph.
 from .models_extra import (densenet121, efficientnet_b0, googlenet, mobilenet_v1,  # noqa: E402
-                           mobilenet_v2, resnext50_32x4d, se_resnet50, wide_resnet50_2)
+                           mobilenet_v2, nasnet_a_large, nasnet_a_mobile, resnext50_32x4d,
+                           se_resnet50, wide_resnet50_2)
 
 __all__ += ["googlenet", "mobilenet_v1", "mobilenet_v2", "resnext50_32x4d", "wide_resnet50_2",
-            "densenet121", "se_resnet50", "efficientnet_b0"]
+            "densenet121", "se_resnet50", "efficientnet_b0", "nasnet_a_mobile", "nasnet_a_large"]
 _ZOO.update(googlenet=googlenet, mobilenet_v1=mobilenet_v1, mobilenet_v2=mobilenet_v2,
             resnext50_32x4d=resnext50_32x4d, wide_resnet50_2=wide_resnet50_2,
-            densenet121=densenet121, se_resnet50=se_resnet50, efficientnet_b0=efficientnet_b0)
+            densenet121=densenet121, se_resnet50=se_resnet50, efficientnet_b0=efficientnet_b0,
+            nasnet_a_mobile=nasnet_a_mobile, nasnet_a_large=nasnet_a_large)
 
 
 def get(name: str, **kwargs) -> Module:

@@ -25,7 +25,8 @@ from .nn.module import Module, Sequential
 from .nn.norm import BatchNorm2d
 
 __all__ = ["googlenet", "mobilenet_v1", "mobilenet_v2", "resnext50_32x4d", "wide_resnet50_2",
-           "densenet121", "se_resnet50", "efficientnet_b0", "Normalize"]
+           "densenet121", "se_resnet50", "efficientnet_b0", "Normalize", "nasnet_a_mobile",
+           "nasnet_a_large"]
 
 
 def _input_shape(input_size) -> tuple:
@@ -406,3 +407,8 @@ def se_resnet50(num_classes: int = 1000, input_size=(3, 224, 224),
     model = Graph(m, nodes, name="se_resnet50", input_shape=shape)
     _init(model, conv="fan_out", linear="default")
     return _checked(model)
+
+
+# ---------------------------------------------------------------------------- NASNet
+# NASNet-A Mobile and Large, as Keras defines them (their own file: python/convcore/nasnet.py)
+from .nasnet import nasnet_a_large, nasnet_a_mobile  # noqa: E402
