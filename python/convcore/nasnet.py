@@ -345,7 +345,7 @@ def _nasnet(name, num_classes, input_size, penultimate_filters, num_blocks, stem
     for stage in range(3):
         f = filters * fm ** stage
         for i in range(num_blocks):
-            block = stage * (num_blocks + 1) + i
+            block = stage * num_blocks + i + (stage > 0)  # Keras' block ids
             prev = (x, c, size)
             x, c = net.normal_cell(f"cell_{block}", x, c, p, pc, size, psize, f)
             p, pc, psize = prev
