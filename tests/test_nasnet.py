@@ -239,3 +239,137 @@ def test_default_drop_path_is_tf_slims():
     import inspect
     assert inspect.signature(nasnet_a_large).parameters["drop_path_prob"].default == 0.3
     assert inspect.signature(nasnet_a_mobile).parameters["drop_path_prob"].default == 0.0
+
+
+# ------------------------------------------------------------- the Keras twin (keras + jax)
+
+# Keras' separable-block ids -> convcore's branch names, per cell type
+_KERAS_BRANCH = {"normal_left1": "comb_iter_0_left", "normal_right1": "comb_iter_0_right",
+                 "normal_left2": "comb_iter_1_left", "normal_right2": "comb_iter_1_right",
+                 "normal_left5": "comb_iter_4_left",
+                 "reduction_left1": "comb_iter_0_left", "reduction_right1": "comb_iter_0_right",
+                 "reduction_right2": "comb_iter_1_right", "reduction_right3": "comb_iter_2_right",
+                 "reduction_left4": "comb_iter_4_left"}
+
+
+def _convcore_module(model, keras_name):
+    """The convcore module holding the weights of Keras' layer keras_name."""
+    import re
+    fixed = {"stem_conv1": "conv0", "stem_bn1": "conv0_bn", "predictions": "last_linear"}
+    if keras_name in fixed:
+        return getattr(model, fixed[keras_name])
+
+    def cell(block):  # Keras' block id -> convcore's cell name
+        return f"cell_{block}"
+
+    m = re.fullmatch(r"separable_conv_([12])(_bn)?_(normal_left\d|normal_right\d|"
+                     r"reduction_left\d|reduction_right\d)_(.+)", keras_name)
+    if m:
+        i, bn, branch, block = m.groups()
+        b = getattr(model, f"{cell(block)}_{_KERAS_BRANCH[branch]}")
+        return getattr(b, f"bn_sep_{i}" if bn else f"separable_{i}")
+    m = re.fullmatch(r"(normal|reduction)_(conv|bn)_1_(.+)", keras_name)
+    if m:
+        return getattr(getattr(model, f"{cell(m.group(3))}_conv_1x1"), m.group(2))
+    m = re.fullmatch(r"adjust_(conv_1|conv_2|conv_projection|bn)_(.+)", keras_name)
+    if m:
+        part, c = m.group(1), cell(m.group(2))
+        if part == "conv_1":
+            return getattr(model, f"{c}_path_1").conv
+        if part == "conv_2":
+            return getattr(model, f"{c}_path_2").conv
+        if part == "conv_projection":
+            return getattr(model, f"{c}_conv_prev_1x1").conv
+        return getattr(model, f"{c}_final_path_bn", None) or \
+            getattr(model, f"{c}_conv_prev_1x1").bn
+    raise KeyError(keras_name)
+
+
+def _to_keras(model, kmodel):
+    """Copies every convcore weight into the Keras model (layouts: Keras
+    kernels are (kh, kw, in, out), depthwise (kh, kw, in, 1), Dense (in, out))."""
+    copied = set()
+    for layer in kmodel.layers:
+        if not layer.weights:
+            continue
+        m = _convcore_module(model, layer.name)
+        kind = type(layer).__name__
+        if kind == "SeparableConv2D":
+            w = [m.depthwise.weight.data.transpose(2, 3, 0, 1),
+                 m.pointwise.weight.data.transpose(2, 3, 1, 0)]
+            copied.update({id(m.depthwise.weight), id(m.pointwise.weight)})
+        elif kind == "Conv2D":
+            w = [m.weight.data.transpose(2, 3, 1, 0)]
+            copied.add(id(m.weight))
+        elif kind == "BatchNormalization":
+            assert layer.epsilon == m.eps and abs(layer.momentum - (1 - m.momentum)) < 1e-12
+            w = [m.weight.data, m.bias.data, m.running_mean, m.running_var]
+            copied.update({id(m.weight), id(m.bias)})
+        elif kind == "Dense":
+            w = [m.weight.data.T, m.bias.data]
+            copied.update({id(m.weight), id(m.bias)})
+        else:
+            raise AssertionError(f"unexpected Keras layer {layer.name} ({kind})")
+        layer.set_weights([np.asarray(a, dtype=np.float32) for a in w])
+    # every trainable convcore tensor went to exactly one Keras weight
+    assert copied == {id(p) for p in model.parameters()}
+
+
+def _randomise_bn(model, rng):
+    for m in model.modules():
+        if isinstance(m, cc.nn.BatchNorm2d):
+            c = m.num_features
+            m.weight.data = rng.uniform(0.5, 1.5, c).astype(np.float32)
+            m.bias.data = rng.uniform(-0.3, 0.3, c).astype(np.float32)
+            m.running_mean = rng.uniform(-0.3, 0.3, c).astype(np.float32)
+            m.running_var = rng.uniform(0.5, 2.0, c).astype(np.float32)
+
+
+def _keras_twin_differences(variant, size, classes=10, batch=2):
+    """Largest |convcore - Keras| / max|Keras| of the logits: eval mode (moving
+    statistics) and training mode (batch statistics), Keras' weights copied from
+    a convcore model with random BN affine parameters and statistics."""
+    import os
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("jax")
+    if keras.backend.backend() != "jax":
+        pytest.skip("the Keras twin runs with KERAS_BACKEND=jax")
+    build = {"mobile": (nasnet_a_mobile, keras.applications.NASNetMobile),
+             "large": (nasnet_a_large, keras.applications.NASNetLarge)}[variant]
+    cc.manual_seed(0)
+    model = build[0](num_classes=classes, input_size=size)
+    _randomise_bn(model, _rng(4))
+    kmodel = build[1](weights=None, input_shape=(size, size, 3), classes=classes,
+                      classifier_activation=None)
+    assert sum(int(np.prod(w.shape)) for w in kmodel.trainable_weights) == \
+        model.num_parameters()
+    _to_keras(model, kmodel)
+    x = _rng(5).standard_normal((batch, 3, size, size)).astype(np.float32)
+    xk = x.transpose(0, 2, 3, 1)
+    diffs = {}
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        ours = model(x)
+        theirs = np.asarray(kmodel(xk, training=mode == "train"))
+        diffs[mode] = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+    return diffs
+
+
+@pytest.mark.slow
+def test_keras_twin_mobile_64():
+    """64x64 and a batch of 8: training mode normalises the last cells over
+    2x2x8 values per channel (at 32x32 with a batch of 2, over two values,
+    float32 alone moves the logits by 7%: convcore's own float32 and float64
+    differ that much)."""
+    diffs = _keras_twin_differences("mobile", 64, batch=8)
+    print("NASNet-A Mobile 64x64 vs Keras:", diffs)
+    assert diffs["eval"] <= 1e-5 and diffs["train"] <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,size", [("mobile", 224), ("large", 331)])
+def test_keras_twin_full_size(variant, size):
+    diffs = _keras_twin_differences(variant, size, classes=1000)
+    print(f"NASNet-A {variant} {size}x{size} vs Keras:", diffs)
+    assert diffs["eval"] <= 1e-5 and diffs["train"] <= 1e-4
