@@ -17,6 +17,8 @@ from convcore.bench_e2e import main, run, to_torch  # noqa: E402
     ("resnet18", {}), ("mobilenet_v2", {}), ("efficientnet_b0", {}), ("densenet121", {}),
     ("googlenet", dict(aux_logits=True)), ("alexnet", dict(input_size=67)),
     ("zfnet", dict(input_size=67)),     # ceil-mode pools and the stride-2 CONV2
+    ("nasnet_a_mobile", {}),            # its fixed resamplings and drop paths
+    ("googlenet", dict(transform_input=True)),  # the Normalize child
 ])
 def test_torch_mirror_computes_the_same(name, kwargs):
     convcore.manual_seed(0)
@@ -30,6 +32,19 @@ def test_torch_mirror_computes_the_same(name, kwargs):
         expected = mirror(torch.from_numpy(x)).numpy()
     got = model(x)
     assert np.abs(got - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+def test_torch_mirror_of_a_batch_norm_without_bias():
+    convcore.manual_seed(0)
+    model = convcore.nn.Sequential(convcore.nn.Conv2d(3, 4, 3),
+                                   convcore.nn.BatchNorm2d(4, bias=False)).eval()
+    model[1].weight.data[:] = [0.5, -1.0, 2.0, 3.0]
+    mirror = to_torch(model).eval()
+    assert list(mirror.state_dict()) == list(model.state_dict())
+    x = np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        expected = mirror(torch.from_numpy(x)).numpy()
+    assert np.abs(model(x) - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
 
 
 def test_tiny_run_gives_rows(tmp_path, capsys):

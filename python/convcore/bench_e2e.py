@@ -111,6 +111,8 @@ def to_torch(model):
 
     from .builder import Network
     from .models import ResNet
+    from .models_extra import Normalize
+    from .nasnet import _OneHotDepthwise
     from .nn import activation as act
     from .nn import layers as L
     from .nn.graph import Graph
@@ -219,7 +221,12 @@ def to_torch(model):
             return tnn.Linear(m.in_features, m.out_features, m.bias is not None)
         if isinstance(m, BatchNorm2d):
             return tnn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine,
-                                   m.track_running_stats)
+                                   m.track_running_stats, bias=m.bias is not None or not m.affine)
+        if isinstance(m, Normalize):  # its buffers are an eval batch norm's (eps 0)
+            return tnn.BatchNorm2d(m.num_features, eps=0.0, affine=False)
+        if isinstance(m, _OneHotDepthwise):  # NASNet's fixed resamplings, as they are saved
+            return tnn.Conv2d(m.channels, m.channels, m.kernel, m.stride, m.padding,
+                              groups=m.channels, bias=False)
         if isinstance(m, L.MaxPool2d):
             return tnn.MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation,
                                  ceil_mode=m.ceil_mode)
