@@ -158,6 +158,25 @@ def test_concatenation_branches_write_in_place():
     assert in_place >= 58  # every dense layer's output and each block's input
 
 
+def test_concatenation_branches_inside_channel_blocks():
+    # NASNet's branches of 11 and 22 channels: starts and ends inside a block
+    # (copied lane by lane), whole-block branches in place, a ragged last one
+    from convcore.nn.graph import Graph
+    convcore.manual_seed(0)
+    widths = [3, 5, 16, 11, 8, 7]
+    branches = {f"b{i}": nn.Sequential(nn.Conv2d(4, w, 3, padding=1), nn.ReLU())
+                for i, w in enumerate(widths)}
+    nodes = [f"y{i} = b{i}(x)" for i in range(len(widths))]
+    nodes.append("c = concat(" + ", ".join(f"y{i}" for i in range(len(widths))) + ")")
+    model = nn.Sequential(Graph(dict(branches, head=nn.Conv2d(sum(widths), 6, 1)),
+                                nodes + ["out = head(c)"]))
+    compiled, model, x = compiled_and_eager(model, (4, 7, 6), batch=3)
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    plan = compiled.plan(3)
+    assert plan.count("reorder") == 1, plan  # to NCHW at the end only
+    assert "1 concatenation inputs written in place" in plan  # the 16 at channel 8
+
+
 def test_squeeze_and_excitation_and_every_activation():
     convcore.manual_seed(0)
     acts = [nn.ReLU6(), nn.Sigmoid(), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid()]
@@ -297,7 +316,7 @@ sys.path.insert(0, sys.argv[1])
 from test_lowering import randomize_batch_norm
 out = {"isa": _core.gemm_isa(), "errors": {}}
 for name, kw in [("mobilenet_v2", {}), ("resnet18", {}), ("densenet121", {}),
-                 ("efficientnet_b0", {}), ("resnext50_32x4d", {})]:
+                 ("efficientnet_b0", {}), ("resnext50_32x4d", {}), ("nasnet_a_mobile", {})]:
     convcore.manual_seed(0)
     m = randomize_batch_norm(models.get(name, num_classes=10, input_size=32),
                              np.random.default_rng(0)).eval()

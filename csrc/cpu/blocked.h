@@ -139,6 +139,12 @@ void affine(const Image& x, const float* scale, const float* shift, Act act, con
             int threads);
 // Copies x into out's channels (a concatenation's slice when out is one).
 void copy(const Image& x, const Image& out, int threads);
+// Copies x's channels into out's channels [channel0, channel0 + x.c), lane
+// by lane (a concatenation's branch that starts or ends inside a block);
+// nothing else of out is written.
+void copy_channels(const Image& x, const Image& out, int64_t channel0, int threads);
+// Zeroes out's pad lanes (after copy_channels wrote its last block).
+void clear_pad_lanes(const Image& out, int threads);
 
 // Layout changes: the plain NCHW tensor to blocked (pad lanes zero) and back.
 void to_blocked(const Image& plain, const Image& out, int threads);

@@ -205,21 +205,42 @@ CONVCORE_BLOCKED_DISPATCH(max_pool_plane, max_pool_plane_body,
                            int64_t Ho, int64_t Wo, float* y),
                           (x, H, W, p, Ho, Wo, y))
 
-// PyTorch's average-pool window (shapes.h); sums in double as the plain op
-// does.
+// PyTorch's average-pool window (shapes.h). Windows of up to kFloatSumTaps
+// taps are summed in float, in two chains (as PyTorch sums them; the sum in
+// double, two conversions and a double division per position made NASNet's
+// 3x3 pools a third of its time), larger ones in double as the plain op
+// does (a float sum of a large window stops growing).
+constexpr int64_t kFloatSumTaps = 64;
+
 template <int B>
 CONVCORE_ALWAYS_INLINE void avg_pool_plane_body(const float* x, int64_t H, int64_t W,
                                                 const Pool2dParams& p, int64_t Ho, int64_t Wo,
                                                 float* y) {
+  const bool in_float = p.kernel_h * p.kernel_w <= kFloatSumTaps;
   for (int64_t oh = 0; oh < Ho; ++oh)
     for (int64_t ow = 0; ow < Wo; ++ow) {
       const AvgPoolWindow win = avg_pool_window(H, W, p, oh, ow);
       const int64_t h0 = win.h0, h1 = win.h1, w0 = win.w0, w1 = win.w1, divisor = win.divisor;
-      WideVec<B> s{};
-      for (int64_t ih = h0; ih < h1; ++ih)
-        for (int64_t iw = w0; iw < w1; ++iw)
-          s += __builtin_convertvector(load<B>(x + (ih * W + iw) * B), WideVec<B>);
-      const Vec<B> mean = __builtin_convertvector(s / double(divisor != 0 ? divisor : 1), Vec<B>);
+      Vec<B> mean;
+      if (in_float) {
+        Vec<B> s0{}, s1{};
+        for (int64_t ih = h0; ih < h1; ++ih) {
+          const float* row = x + ih * W * B;
+          int64_t iw = w0;
+          for (; iw + 2 <= w1; iw += 2) {
+            s0 += load<B>(row + iw * B);
+            s1 += load<B>(row + (iw + 1) * B);
+          }
+          if (iw < w1) s0 += load<B>(row + iw * B);
+        }
+        mean = (s0 + s1) / splat<B>(static_cast<float>(divisor != 0 ? divisor : 1));
+      } else {
+        WideVec<B> s{};
+        for (int64_t ih = h0; ih < h1; ++ih)
+          for (int64_t iw = w0; iw < w1; ++iw)
+            s += __builtin_convertvector(load<B>(x + (ih * W + iw) * B), WideVec<B>);
+        mean = __builtin_convertvector(s / double(divisor != 0 ? divisor : 1), Vec<B>);
+      }
       store<B>(y + (oh * Wo + ow) * B, divisor != 0 ? mean : Vec<B>{});
     }
 }
@@ -430,6 +451,33 @@ void avg_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int th
     avg_pool_plane(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w, p, out.h,
                    out.w, out.data + n * out.image_stride + c * out.h * out.w * B);
   });
+}
+
+void copy_channels(const Image& x, const Image& out, int64_t channel0, int threads) {
+  const int64_t B = block(), hw = x.h * x.w, xb = blocks_of(x, B);
+  // tasks write disjoint lanes (of shared cache lines at worst)
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < x.n * xb; ++t) {
+    const int64_t n = t / xb, b = t % xb, lanes = std::min(B, x.c - b * B);
+    const float* src = x.data + n * x.image_stride + b * hw * B;
+    float* image = out.data + n * out.image_stride;
+    for (int64_t l = 0; l < lanes; ++l) {
+      const int64_t oc = channel0 + b * B + l;
+      float* dst = image + (oc / B) * hw * B + oc % B;
+      for (int64_t q = 0; q < hw; ++q) dst[q * B] = src[q * B + l];
+    }
+  }
+}
+
+void clear_pad_lanes(const Image& out, int threads) {
+  const int64_t B = block(), hw = out.h * out.w, used = out.c % B;
+  if (used == 0) return;
+  const int64_t last = blocks_of(out, B) - 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < out.n; ++n) {
+    float* plane = out.data + n * out.image_stride + last * hw * B;
+    for (int64_t q = 0; q < hw; ++q) std::fill(plane + q * B + used, plane + (q + 1) * B, 0.0f);
+  }
 }
 
 void global_avg_pool(const Image& in, const Image& out, int threads) {

@@ -409,17 +409,25 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
     }
     case Kind::Concat: {
       if (c.vals[static_cast<std::size_t>(s.out)].blocked) {
+        const int64_t B = blocked::block();
+        const blocked::Image y = image(s.out);
         int64_t ch = 0;
+        bool by_lane = false;
         for (std::size_t k = 0; k < s.in.size(); ++k) {
           blocked::Image x = image(s.in[k]);
-          if (s.copy_input[k]) {
-            blocked::Image slice = image(s.out);
+          if (!s.copy_input[k]) {  // written in place
+          } else if (ch % B == 0 && (x.c % B == 0 || k + 1 == s.in.size())) {
+            blocked::Image slice = y;  // whole blocks
             slice.data += ch * x.h * x.w;
             slice.c = x.c;
             blocked::copy(x, slice, threads);
+          } else {  // a branch that starts or ends inside a block
+            blocked::copy_channels(x, y, ch, threads);
+            by_lane = true;
           }
           ch += x.c;
         }
+        if (by_lane) blocked::clear_pad_lanes(y, threads);
         return;
       }
       const int64_t out_sample = graph::numel(shape_of(s.out)) * static_cast<int64_t>(item);

@@ -401,7 +401,6 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
           any_blocked = any_blocked || (blk && has(v, true));
           if (f.op == Op::Add) b = b && sv == o;
           if (f.op == Op::Mul) b = b && (sv == o || (sv.size() == 3 && sv[0] == o[0] && sv[1] == 1 && sv[2] == 1));
-          if (f.op == Op::Concat) b = b && (k + 1 == f.in.size() || sv[0] % B == 0);
         }
         b = b && any_blocked;
         s.kind = f.op == Op::Add ? Kind::Add : f.op == Op::Mul ? Kind::Mul : Kind::Concat;
@@ -435,8 +434,12 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
       const int v = s.in[k];
       Val& val = c.vals[static_cast<std::size_t>(v)];
       const bool once = std::count(s.in.begin(), s.in.end(), v) == 1;
-      if (val.blocked && val.alias < 0 && val.view < 0 && produced_by[static_cast<std::size_t>(v)] >= 0 &&
-          v != c.output_val && once) {
+      // in place only from a block's first lane, and with whole blocks but
+      // for the last branch: a producer writes its pad lanes too
+      const int64_t channels = c.shapes[static_cast<std::size_t>(val.gv)][0];
+      const bool whole = ch % B == 0 && (channels % B == 0 || k + 1 == s.in.size());
+      if (whole && val.blocked && val.alias < 0 && val.view < 0 &&
+          produced_by[static_cast<std::size_t>(v)] >= 0 && v != c.output_val && once) {
         val.alias = s.out;
         val.channel0 = ch;
         s.copy_input[k] = false;
