@@ -206,9 +206,9 @@ CONVCORE_BLOCKED_DISPATCH(max_pool_plane, max_pool_plane_body,
                           (x, H, W, p, Ho, Wo, y))
 
 // PyTorch's average-pool window (shapes.h). Windows of up to kFloatSumTaps
-// taps are summed in float, in two chains (as PyTorch sums them; the sum in
-// double, two conversions and a double division per position made NASNet's
-// 3x3 pools a third of its time), larger ones in double as the plain op
+// taps are summed in float, in two chains (a sum in double, with two
+// conversions and a double division per position, made NASNet's small
+// pools a large share of its time), larger ones in double as the plain op
 // does (a float sum of a large window stops growing).
 constexpr int64_t kFloatSumTaps = 64;
 

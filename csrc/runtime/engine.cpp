@@ -409,7 +409,7 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
     }
     case Kind::Concat: {
       if (c.vals[static_cast<std::size_t>(s.out)].blocked) {
-        const int64_t B = blocked::block();
+        const int64_t B = lanes;
         const blocked::Image y = image(s.out);
         int64_t ch = 0;
         bool by_lane = false;

@@ -373,6 +373,17 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def write_results(result, json_path: Optional[str] = None,
+                  markdown_table: Optional[str] = None) -> None:
+    """--json FILE and --markdown, the same for every benchmark."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    if markdown_table is not None:
+        print()
+        print(markdown_table)
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -394,8 +405,6 @@ def main(argv=None) -> None:
         return zoo([a for a in argv if a != "--zoo"])
     args = parser.parse_args(argv)
     result = run(args.threads, args.repeat, args.quick, not args.no_torch, not args.no_numpy)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_results(result, args.json)
     if args.plot:
         plot(result, args.plot)

@@ -90,7 +90,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import _core
-from .bench import cpu_name, interleaved_medians
+from .bench import cpu_name, interleaved_medians, write_results
 from .builder import MisfitWarning
 from .models import _ZOO
 
@@ -928,12 +928,7 @@ def main(argv=None) -> None:
         result = measure_memory(**common)
     else:
         result = run(repeat=args.repeat, train=not args.no_train, **common)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.markdown:
-        print()
-        print(markdown(result))
+    write_results(result, args.json, markdown(result) if args.markdown else None)
 
 
 if __name__ == "__main__":

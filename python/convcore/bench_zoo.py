@@ -37,7 +37,6 @@ the ratio and of the peak fraction.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -50,7 +49,8 @@ import numpy as np
 from . import _core
 from . import functional as F
 from . import models
-from .bench import _gemm_row, _torch, cpu_name, interleaved_medians, memory_gauge
+from .bench import (_gemm_row, _torch, cpu_name, interleaved_medians, memory_gauge,
+                    write_results)
 from .nn.layers import Conv2d, Linear
 from .summary import summary
 
@@ -472,9 +472,4 @@ def main(argv=None) -> None:
         model_names = [(args.models or [QUICK_MODEL])[0]]
         batches, repeat, gemm_n = [1], min(repeat, 3), 1024
     result = run(model_names, batches, args.threads, repeat, not args.no_torch, gemm_n)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.markdown:
-        print()
-        print(markdown(result))
+    write_results(result, args.json, markdown(result) if args.markdown else None)

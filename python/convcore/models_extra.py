@@ -22,7 +22,7 @@ from .nn.blocks import (_make_divisible, basic_conv2d, conv_norm_act, dense_bloc
 from .nn.graph import Graph
 from .nn.layers import AdaptiveAvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from .nn.module import Module, Sequential
-from .nn.norm import BatchNorm2d
+from .nn.norm import BatchNorm2d, channel_sample_shape
 
 __all__ = ["googlenet", "mobilenet_v1", "mobilenet_v2", "resnext50_32x4d", "wide_resnet50_2",
            "densenet121", "se_resnet50", "efficientnet_b0", "Normalize", "nasnet_a_mobile",
@@ -132,11 +132,8 @@ class Normalize(Module):
         return grad_output * self._scale_shift(grad_output)[0]
 
     def output_shape(self, input_shape):
-        shape = tuple(int(d) for d in input_shape)
-        if len(shape) != 3 or shape[0] != self.num_features:
-            raise ValueError(f"Normalize({self.num_features} channels) expects one sample of "
-                             f"shape ({self.num_features}, H, W), got {shape}")
-        return shape
+        return channel_sample_shape(f"Normalize({self.num_features} channels)",
+                                    self.num_features, input_shape)
 
     def lower(self, g, x, prefix):
         return g.node("BatchNorm2d", [x], name=prefix,

@@ -10,6 +10,15 @@ from .layers import _dtype, _positive_int
 from .module import Module, Parameter
 
 
+def channel_sample_shape(label: str, channels: int, input_shape) -> tuple:
+    """The sample shape (C, H, W) of a per-channel layer; ValueError naming
+    `label` when the input is not one."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or shape[0] != channels:
+        raise ValueError(f"{label} expects one sample of shape ({channels}, H, W), got {shape}")
+    return shape
+
+
 class LocalResponseNorm(Module):
     """PyTorch's LocalResponseNorm: x / (k + alpha / size * sum of x^2 over
     `size` neighbouring channels) ** beta."""
@@ -96,11 +105,8 @@ class BatchNorm2d(Module):
         return gx
 
     def output_shape(self, input_shape):
-        shape = tuple(int(d) for d in input_shape)
-        if len(shape) != 3 or shape[0] != self.num_features:
-            raise ValueError(f"BatchNorm2d({self.num_features}) expects one sample of shape "
-                             f"({self.num_features}, H, W), got {shape}")
-        return shape
+        return channel_sample_shape(f"BatchNorm2d({self.num_features})", self.num_features,
+                                    input_shape)
 
     def config(self):
         config = dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum,
