@@ -1,20 +1,25 @@
-"""Data for training: scikit-learn's handwritten digits, a seeded
-train/validation/test split, a batching DataLoader and two augmentations.
+"""Data for training: scikit-learn's handwritten digits, pictures in a
+folder per class, a seeded train/validation/test split, a batching
+DataLoader and two augmentations.
 
     x, y = load_digits(size=28, padding=2)   # (1797, 1, 32, 32)
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = train_val_test_split(x, y, seed=0)
     loader = DataLoader(x_train, y_train, batch_size=32, shuffle=True, seed=0,
                         augment=RandomShift(2))
+
+    pictures = ImageFolder("pets/train", size=64, mean=0.5, std=0.25)  # pets/train/cat/*.jpg, ...
+    loader = DataLoader(pictures, batch_size=32, shuffle=True, seed=0)
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional, Tuple
+import os
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["load_digits", "resize", "train_val_test_split", "DataLoader", "RandomShift",
-           "RandomAffine"]
+__all__ = ["load_digits", "resize", "train_val_test_split", "ImageFolder", "IMG_EXTENSIONS",
+           "DataLoader", "RandomShift", "RandomAffine"]
 
 
 def _positive_int(value, name: str) -> int:
@@ -131,10 +136,207 @@ def train_val_test_split(x, y, val_fraction: float = 0.1, test_fraction: float =
     return (x[train], y[train]), (x[val], y[val]), (x[test], y[test])
 
 
+# ---------------------------------------------------------------- image folders
+
+# torchvision's list, matched case-insensitively
+IMG_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff",
+                  ".webp")
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def _pillow():
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise ImportError('ImageFolder needs Pillow: pip install "convcore[data]"') from None
+    return Image, ImageOps
+
+
+def _size_pair(size) -> Tuple[int, int]:
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return _positive_int(size[0], "size[0] (height)"), _positive_int(size[1], "size[1] (width)")
+    if isinstance(size, (tuple, list)):
+        raise ValueError(f"size must be an int or a pair (height, width), got {size!r}")
+    side = _positive_int(size, "size")
+    return side, side
+
+
+def _per_channel(value, name: str, channels: int, default: float) -> np.ndarray:
+    """mean or std as a (C, 1, 1) float32 array: one number for every channel
+    or one number per channel."""
+    if value is None:
+        value = default
+    try:
+        arr = np.asarray(value, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        arr = np.empty(0, np.float32)
+    if arr.size == 1:
+        arr = np.repeat(arr, channels)
+    if arr.size != channels or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be a number or {channels} numbers (one per channel), "
+                         f"got {value!r}")
+    return arr.reshape(channels, 1, 1)
+
+
+class ImageFolder:
+    """Pictures stored in one sub-folder per class, as torchvision's ImageFolder:
+
+        root/cat/001.png
+        root/cat/nested/002.jpg
+        root/dog/xyz.jpeg
+
+    Classes are the sorted names of root's sub-folders (hidden ones, starting
+    with '.', are skipped); class_to_idx maps them to 0, 1, ...; samples
+    lists every (path, class index), the files of each class folder and its
+    sub-folders in sorted order, with an extension in `extensions`
+    (case-insensitive); targets holds the class indices.
+
+    dataset[i] reads the i-th picture with Pillow and returns (image, label):
+    image a float32 (C, height, width) array, label an int. The picture is
+    converted to RGB (C = 3), or to one grey channel with grayscale=True;
+    brought to `size` (an int for a square, or (height, width)): with
+    crop=True scaled until it covers the size, keeping its aspect ratio, and
+    centre-cropped; with crop=False stretched to the size; scaled to [0, 1]
+    and normalised per channel as (x - mean) / std (mean and std: one number
+    or one per channel; by default 0 and 1). interpolation is Pillow's filter
+    for the resizing (antialiased when shrinking).
+
+    DataLoader(dataset, batch_size=...) reads the pictures of each batch as
+    it is drawn; arrays() reads them all at once into (x, y) arrays."""
+
+    def __init__(self, root, size, crop: bool = True, mean=None, std=None,
+                 grayscale: bool = False, interpolation: str = "bilinear",
+                 extensions: Sequence[str] = IMG_EXTENSIONS):
+        _pillow()  # fail here, before listing the folders, when Pillow is missing
+        if not isinstance(root, (str, bytes, os.PathLike)):
+            raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
+        root = os.fspath(root)
+        if not os.path.exists(root):
+            raise FileNotFoundError(f"root: no such folder: {root}")
+        if not os.path.isdir(root):
+            raise NotADirectoryError(f"root must be a folder of class folders, got the file {root}")
+        self.size = _size_pair(size)
+        if interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got "
+                             f"{interpolation!r}")
+        if isinstance(extensions, str) or not all(isinstance(e, str) for e in extensions) \
+                or not extensions:
+            raise TypeError(f"extensions must be a sequence of strings like ('.png', '.jpg'), "
+                            f"got {extensions!r}")
+        self.root, self.crop, self.grayscale = root, bool(crop), bool(grayscale)
+        self.interpolation = interpolation
+        self.extensions = tuple(e.lower() for e in extensions)
+        channels = 1 if self.grayscale else 3
+        self.mean = _per_channel(mean, "mean", channels, 0.0)
+        self.std = _per_channel(std, "std", channels, 1.0)
+        if np.any(self.std == 0):
+            raise ValueError(f"std must not be zero, got {std!r}")
+
+        self.classes: List[str] = sorted(entry.name for entry in os.scandir(root)
+                                         if entry.is_dir() and not entry.name.startswith("."))
+        if not self.classes:
+            raise FileNotFoundError(f"root: no class folders in {root} (expected one sub-folder "
+                                    f"of pictures per class)")
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples: List[Tuple[str, int]] = []
+        empty = []
+        for index, name in enumerate(self.classes):
+            found = [os.path.join(folder, file)
+                     for folder, _, files in sorted(os.walk(os.path.join(root, name),
+                                                            followlinks=True))
+                     for file in sorted(files) if file.lower().endswith(self.extensions)]
+            if not found:
+                empty.append(name)
+            self.samples += [(path, index) for path in found]
+        if empty:
+            raise FileNotFoundError(
+                f"root: no pictures in the class folder{'s' if len(empty) > 1 else ''} "
+                f"{', '.join(empty)} of {root} (extensions: {' '.join(self.extensions)})")
+        self.targets: List[int] = [index for _, index in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[np.ndarray, int]:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} pictures")
+        path, target = self.samples[index]
+        return self.load(path), target
+
+    def load(self, path) -> np.ndarray:
+        """One picture as the dataset gives it: float32 (C, height, width)."""
+        Image, ImageOps = _pillow()
+        height, width = self.size
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        try:
+            with Image.open(path) as picture:
+                picture = picture.convert("L" if self.grayscale else "RGB")
+            if self.crop:
+                picture = ImageOps.fit(picture, (width, height), method=resample)
+            elif picture.size != (width, height):
+                picture = picture.resize((width, height), resample)
+        except Exception as e:  # Pillow's errors differ by format: name the file whatever they are
+            raise OSError(f"ImageFolder: cannot read the picture {path}: {e}") from e
+        pixels = np.asarray(picture, dtype=np.float32).reshape(height, width, -1)
+        image = pixels.transpose(2, 0, 1) / np.float32(255)
+        return np.ascontiguousarray((image - self.mean) / self.std, dtype=np.float32)
+
+    def arrays(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Every picture at once: x float32 (N, C, height, width), y int64 (N,)."""
+        return _collate([self[i] for i in range(len(self))])
+
+    def __repr__(self) -> str:
+        return (f"ImageFolder({len(self)} pictures, {len(self.classes)} classes, "
+                f"root={self.root!r}, size={self.size}, crop={self.crop}, "
+                f"grayscale={self.grayscale})")
+
+
+def _collate(samples) -> Tuple[np.ndarray, np.ndarray]:
+    """A list of (image, label) pairs as a batch: the stacked images and the
+    labels as int64."""
+    if not samples:
+        raise ValueError("no samples to batch")
+    images, labels = zip(*samples)
+    return np.ascontiguousarray(np.stack(images)), np.asarray(labels, dtype=np.int64)
+
+
 # ----------------------------------------------------------------- batching
 
+class _DatasetColumn:
+    """The images (part 0) or the labels (part 1) of a dataset, indexed like
+    an array: column[indices] reads those samples and stacks that part. The
+    labels come from dataset.targets without reading the images when the
+    dataset has them (ImageFolder does). ShardedLoader reads loader.x and
+    loader.y through these."""
+
+    def __init__(self, dataset, part: int):
+        self.dataset, self.part = dataset, part
+        targets = getattr(dataset, "targets", None) if part == 1 else None
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        indices = np.arange(len(self.dataset))[indices]
+        if self.targets is not None:
+            return self.targets[indices]
+        return _collate([self.dataset[int(i)] for i in indices])[self.part]
+
+
 class DataLoader:
-    """Iterates over (x_batch, y_batch) pairs of arrays.
+    """Iterates over (x_batch, y_batch) pairs of arrays, from arrays or from a
+    dataset:
+
+        DataLoader(x, y, batch_size=32)          # x (N, ...), y (N,)
+        DataLoader(dataset, batch_size=32)       # len(dataset), dataset[i] -> (image, label)
+
+    A dataset (ImageFolder, or any object with __len__ and __getitem__
+    returning (image, label), as in PyTorch) is read one batch at a time:
+    each batch stacks its images and gives its labels as int64.
 
     shuffle: a new order every epoch (every iteration), drawn from a
     generator seeded with `seed` (the same seed repeats the same sequence of
@@ -142,13 +344,25 @@ class DataLoader:
     every batch with the loader's generator, e.g. RandomShift(2).
     drop_last: skip the final batch if it is smaller than batch_size."""
 
-    def __init__(self, x, y, batch_size: int = 32, shuffle: bool = False,
+    def __init__(self, x, y=None, batch_size: int = 32, shuffle: bool = False,
                  seed: Optional[int] = None, augment: Optional[Callable] = None,
                  drop_last: bool = False):
-        x, y = np.asarray(x), np.asarray(y)
-        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
-            raise ValueError(f"x and y must hold the same number of samples, got x {x.shape} "
-                             f"and y {y.shape}")
+        if y is None:
+            if isinstance(x, np.ndarray) or not (hasattr(x, "__len__")
+                                                 and hasattr(x, "__getitem__")):
+                raise TypeError(f"DataLoader takes (x, y) arrays or a dataset with __len__ and "
+                                f"__getitem__ returning (image, label); got "
+                                f"{type(x).__name__} and no y")
+            if len(x) == 0:
+                raise ValueError("dataset must hold at least one sample, got an empty one")
+            self.dataset = x
+            x, y = _DatasetColumn(x, 0), _DatasetColumn(x, 1)
+        else:
+            self.dataset = None
+            x, y = np.asarray(x), np.asarray(y)
+            if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+                raise ValueError(f"x and y must hold the same number of samples, got x "
+                                 f"{x.shape} and y {y.shape}")
         if augment is not None and not callable(augment):
             raise TypeError(f"augment must be callable, got {type(augment).__name__}")
         self.x, self.y = x, y
@@ -166,22 +380,25 @@ class DataLoader:
         """Samples per epoch (fewer than len(x) with drop_last)."""
         return len(self) * self.batch_size if self.drop_last else len(self.y)
 
+    def _take(self, indices) -> Tuple[np.ndarray, np.ndarray]:
+        """The samples at indices (a slice or an index array) as a batch."""
+        if self.dataset is not None:  # each sample read once, images and label together
+            return _collate([self.dataset[int(i)] for i in np.arange(len(self.y))[indices]])
+        return np.ascontiguousarray(self.x[indices]), self.y[indices]
+
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         n = len(self.y)
         order = self.rng.permutation(n) if self.shuffle else None
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n)
-            if order is None:
-                xb, yb = np.ascontiguousarray(self.x[lo:hi]), self.y[lo:hi]
-            else:
-                idx = order[lo:hi]
-                xb, yb = self.x[idx], self.y[idx]
+            xb, yb = self._take(slice(lo, hi) if order is None else order[lo:hi])
             if self.augment is not None:
                 xb = np.ascontiguousarray(self.augment(xb, self.rng))
             yield xb, yb
 
     def __repr__(self) -> str:
-        return (f"DataLoader({len(self.y)} samples, batch_size={self.batch_size}, "
+        source = f"{len(self.y)} samples" if self.dataset is None else repr(self.dataset)
+        return (f"DataLoader({source}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, drop_last={self.drop_last}, augment={self.augment})")
 
 
