@@ -1,5 +1,8 @@
-"""convcore.train: fit, evaluate, predict, History, early stopping, and the demo."""
+"""convcore.train: fit, evaluate, predict, History, early stopping, progress, and the
+demo."""
+import io
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -194,21 +197,56 @@ def test_progress_output_without_a_tty(capsys):
     assert len(lines) == 2
 
 
-def test_live_progress_bar_on_a_terminal():
-    import io
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr does in a console."""
 
+    def isatty(self):
+        return True
+
+
+def test_tqdm_bar_on_a_terminal():
+    pytest.importorskip("tqdm")
     from convcore.train import _Progress
 
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    stream, lines = Tty(), []
+    stream, lines = _Terminal(), []
     bar = _Progress(True, lines.append, stream)
-    bar.batch("epoch 1/1", 5, 5, 0.5, 0.9)
-    bar.epoch("summary")
-    assert stream.getvalue().startswith("\r") and "5/5" in stream.getvalue()
+    try:
+        for done in range(1, 6):
+            bar.batch("epoch 1/1", done, 5, 0.5, 0.9)
+        assert stream.getvalue().startswith("\repoch 1/1:")
+        # tqdm redraws at most every 0.1 s: read the bar's latest text from the bar itself
+        assert "5/5" in str(bar._bar) and "loss 0.5000 acc  90.0%" in str(bar._bar)
+    finally:
+        bar.epoch("summary")
     assert lines == ["summary"]
+    assert stream.getvalue().endswith("\r")  # leave=False: the bar is wiped before the line
+
+
+def test_fit_draws_tqdm_bars_on_a_terminal(monkeypatch):
+    pytest.importorskip("tqdm")
+    model, train, val = _two_class_problem()
+    stream, lines = _Terminal(), []
+    monkeypatch.setattr(sys, "stderr", stream)
+    fit(model, nn.CrossEntropyLoss(), SGD(model.parameters(), 0.1), train, val, epochs=2,
+        print_fn=lines.append)
+    drawn = stream.getvalue()
+    assert drawn.startswith("\repoch 1/2:") and "\repoch 2/2:" in drawn
+    assert len(lines) == 2 and lines[1].startswith("epoch 2/2")  # the lines stay
+    stream.seek(0)
+    stream.truncate()
+    fit(model, nn.CrossEntropyLoss(), SGD(model.parameters(), 0.1), train, val, epochs=1,
+        progress=False, print_fn=lines.append)
+    assert stream.getvalue() == "" and len(lines) == 2
+
+
+def test_fit_on_a_terminal_without_tqdm(monkeypatch):
+    model, train, val = _two_class_problem()
+    stream, lines = _Terminal(), []
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    fit(model, nn.CrossEntropyLoss(), SGD(model.parameters(), 0.1), train, val, epochs=2,
+        print_fn=lines.append)
+    assert stream.getvalue() == "" and len(lines) == 2
 
 
 def test_divergence_raises():

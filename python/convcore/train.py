@@ -173,40 +173,43 @@ def predict(model: Module, x, batch_size: int = 256) -> np.ndarray:
 
 
 class _Progress:
-    """A batch counter redrawn in place with \\r when the stream is a
-    terminal (nothing otherwise), and one summary line per epoch."""
+    """One summary line per epoch through print_fn and, when the stream
+    (stderr) is a terminal and tqdm is installed, a tqdm bar of the epoch's
+    batches that is cleared before the summary line."""
 
     def __init__(self, enabled: bool, print_fn: Callable, stream=None):
         self.enabled = enabled
         self.print_fn = print_fn
         self.stream = sys.stderr if stream is None else stream
         isatty = getattr(self.stream, "isatty", None)
-        self.live = enabled and callable(isatty) and isatty()
-        self._last_draw = 0.0
+        self.tqdm = None
+        if enabled and callable(isatty) and isatty():
+            try:
+                from tqdm import tqdm
+                self.tqdm = tqdm
+            except ImportError:  # tqdm comes with the demo and data extras; lines suffice
+                pass
+        self._bar = None
 
     def batch(self, label: str, done: int, total: Optional[int], loss: float,
               acc: float) -> None:
-        if not self.live:
+        if self.tqdm is None:
             return
-        now = time.perf_counter()
-        if now - self._last_draw < 0.1 and done != total:
-            return
-        self._last_draw = now
-        if total:
-            filled = int(20 * done / total)
-            bar = f"[{'=' * filled}{' ' * (20 - filled)}] {done}/{total}"
-        else:
-            bar = f"{done} batches"
-        self.stream.write(f"\r{label} {bar}  loss {loss:.4f}  acc {100 * acc:5.1f}%")
-        self.stream.flush()
+        if self._bar is None:
+            self._bar = self.tqdm(total=total, desc=label, unit="batch", file=self.stream,
+                                  leave=False, dynamic_ncols=True)
+        self._bar.set_postfix_str(f"loss {loss:.4f} acc {100 * acc:5.1f}%", refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def epoch(self, line: str) -> None:
-        if not self.enabled:
-            return
-        if self.live:
-            self.stream.write("\r\033[K")  # clear the bar before the summary line
-            self.stream.flush()
-        self.print_fn(line)
+        self.close()
+        if self.enabled:
+            self.print_fn(line)
 
 
 def _positive_int(value, name: str, allow_none: bool = False) -> Optional[int]:
@@ -231,8 +234,8 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
     ones without a val_loader. early_stopping=k stops after k epochs without
     a better validation accuracy (equal accuracy with a lower loss counts as
     better) and loads the best epoch's weights back into the model.
-    progress prints one line per epoch through print_fn (and a live batch
-    bar on stderr when it is a terminal).
+    progress prints one line per epoch through print_fn, and shows a tqdm
+    bar of the batches on stderr when it is a terminal and tqdm is installed.
 
     distributed: a convcore.distributed.ProcessGroup for data-parallel
     training. The loaders (DataLoaders) are split across the ranks, their
@@ -379,6 +382,7 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
                              f"epochs")
                 break
     finally:
+        bar.close()
         if reducer is not None:
             reducer.close()
 
