@@ -40,6 +40,7 @@ from .train import evaluate, fit, predict  # noqa: E402
 from .io import load, load_state_dict_file, save  # noqa: E402
 from .compiled import CompiledModel, compile  # noqa: E402,A004  (inference by the C++ engine)
 from .cuda import to_dlpack  # noqa: E402  (GPU results to torch.from_dlpack; no cupy import)
+from . import onnx  # noqa: E402,A004  (ONNX import/export; the onnx package loads on first use)
 
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "manual_seed",
     "models",
     "nn",
+    "onnx",
     "optim",
     "predict",
     "save",
