@@ -330,9 +330,12 @@ class _Importer:
         if node.op not in _FOLDABLE:
             return False
         if node.op == "Shape":
-            if node.inputs[0] not in self.values:
+            if node.inputs and node.inputs[0] in self.values:
+                shape = np.array((_BATCH,) + self.values[node.inputs[0]][1], np.int64)
+            elif node.inputs and node.inputs[0] in self.consts:
+                shape = np.array(self.consts[node.inputs[0]].shape, np.int64)
+            else:
                 return False
-            shape = np.array((_BATCH,) + self.values[node.inputs[0]][1], np.int64)
             start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
             self.consts[node.outputs[0]] = shape[start:None if end is None else int(end)]
             return True
@@ -424,9 +427,10 @@ class _Importer:
         self.add(node, conv, x, key=_layer_key(node, node.inputs[1]))
 
     def _set(self, layer, weight, bias=None):
-        layer.weight = Parameter(np.asarray(weight, np.float32))
+        # copies: onnx's arrays are read-only views of the file's bytes
+        layer.weight = Parameter(np.array(weight, np.float32))
         if bias is not None:
-            layer.bias = Parameter(np.asarray(bias, np.float32))
+            layer.bias = Parameter(np.array(bias, np.float32))
 
     def _pool(self, node: _Node, kind: str):
         x = self.dynamic(node)
@@ -438,11 +442,18 @@ class _Importer:
             self.check_outputs(node)
             if int(node.attrs.get("storage_order", 0)) != 0:
                 raise self.unsupported(node, "storage_order=1 (indices only)")
-            if (top, left) != (bottom, right):
-                padding, ceil_mode = self._one_sided_pool_pad(node, shape, kernel, strides,
-                                                              dilations, pads, ceil_mode)
-            else:
+            if (top, left) == (bottom, right):
                 padding = (top, left)
+            elif self._one_sided_pool_pad(shape, kernel, strides, dilations, pads, ceil_mode):
+                padding, ceil_mode = self._one_sided_pool_pad(shape, kernel, strides, dilations,
+                                                              pads, ceil_mode)
+            elif dilations == [1, 1] and max(pads) < min(kernel):
+                # The edge repeated is never a new maximum: every window that
+                # reaches into that padding also holds the edge itself.
+                x, padding = self._pre_pad(node, x, pads, "replicate")
+            else:
+                raise self.unsupported(node, f"asymmetric pads {pads} with dilations "
+                                             f"{dilations}")
             layer = MaxPool2d(kernel, strides, padding, dilations, ceil_mode=ceil_mode)
         else:
             if dilations != [1, 1]:
@@ -452,20 +463,25 @@ class _Importer:
                 if include:  # zeros counted in the mean: pad them explicitly
                     x, padding = self._pre_pad(node, x, pads)
                 else:
-                    padding, ceil_mode = self._one_sided_pool_pad(node, shape, kernel, strides,
-                                                                  dilations, pads, ceil_mode)
+                    found = self._one_sided_pool_pad(shape, kernel, strides, dilations, pads,
+                                                     ceil_mode)
+                    if found is None:
+                        raise self.unsupported(node, f"asymmetric pads {pads} left out of the "
+                                                     f"mean (count_include_pad=0) here")
+                    padding, ceil_mode = found
             else:
                 padding = (top, left)
             layer = AvgPool2d(kernel, strides, padding, ceil_mode=ceil_mode,
                               count_include_pad=include)
         self.add(node, layer, x)
 
-    def _one_sided_pool_pad(self, node, shape, kernel, strides, dilations, pads, ceil_mode):
+    @staticmethod
+    def _one_sided_pool_pad(shape, kernel, strides, dilations, pads, ceil_mode):
         """Pooling that ignores its padding (max, or average without the pad
         in the count) with more padding at the end than at the start (as
         TensorFlow's 'SAME'): windows start at -top either way, so the
         symmetric padding `top` with ceil_mode gives the same windows when
-        it gives as many."""
+        it gives as many. None where it does not."""
         top, left, bottom, right = pads
         want = []
         for size, k, s, d, b, e in zip(shape[1:], kernel, strides, dilations, (top, left),
@@ -480,8 +496,7 @@ class _Importer:
                     return (top, left), ceil
             except ValueError:
                 pass
-        raise self.unsupported(node, f"asymmetric pads {pads} that no symmetric padding with "
-                                     f"ceil_mode reproduces")
+        return None
 
     def op_MaxPool(self, node):
         self._pool(node, "max")
@@ -654,8 +669,8 @@ class _Importer:
         bn = BatchNorm2d(c, eps=float(node.attrs.get("epsilon", 1e-5)),
                          momentum=1.0 - float(node.attrs.get("momentum", 0.9)))
         self._set(bn, scale, bias)
-        bn._set_buffer("running_mean", np.asarray(mean, np.float32))
-        bn._set_buffer("running_var", np.asarray(var, np.float32))
+        bn._set_buffer("running_mean", np.array(mean, np.float32))
+        bn._set_buffer("running_var", np.array(var, np.float32))
         self.add(node, bn, x, key=_layer_key(node, node.inputs[1]))
 
     def op_LRN(self, node):
@@ -771,7 +786,7 @@ class _Importer:
         key = self.producer.get(x[0])
         layer = self.modules.get(key)
         if (scale == 1.0).all() and isinstance(layer, (Conv2d, Linear)) and \
-                self.consumers.get(self._onnx_name(x[0]), 0) == 1:
+                self._uses(x[0]) == 1:
             out = layer.weight.shape[0]
             old = np.zeros(out) if layer.bias is None else layer.bias.data.astype(np.float64)
             layer.bias = Parameter((old + shift).astype(np.float32))
@@ -783,11 +798,10 @@ class _Importer:
         self._set(conv, scale.reshape(c, 1, 1, 1), shift)
         self.add(node, conv, x)
 
-    def _onnx_name(self, value: str) -> Optional[str]:
-        for k, v in self.values.items():
-            if v[0] == value:
-                return k
-        return None
+    def _uses(self, value: str) -> int:
+        """How many nodes (and graph outputs) take a convcore value, under
+        any of the ONNX names that alias it."""
+        return sum(self.consumers.get(k, 0) for k, v in self.values.items() if v[0] == value)
 
     def op_Pad(self, node):
         x = self.dynamic(node)
