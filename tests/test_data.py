@@ -199,6 +199,22 @@ def test_loader_bad_arguments(kwargs, exc, match):
         DataLoader(x, y[:5])
 
 
+def test_data_loader_takes_any_indexable_dataset():
+    pairs = [(np.full((1, 2, 2), i, np.float32), i % 2) for i in range(5)]
+    loader = DataLoader(pairs, batch_size=2)
+    batches = list(loader)
+    assert [len(yb) for _, yb in batches] == [2, 2, 1]
+    np.testing.assert_array_equal(batches[1][0][:, 0, 0, 0], [2, 3])
+    assert batches[2][1].tolist() == [0] and batches[2][1].dtype == np.int64
+    np.testing.assert_array_equal(loader.y[[1, 4]], [1, 0])  # no targets: read the samples
+    with pytest.raises(TypeError, match=r"\(x, y\) arrays or a dataset"):
+        DataLoader(np.zeros((4, 2)))
+    with pytest.raises(TypeError, match="dataset with __len__"):
+        DataLoader(42)
+    with pytest.raises(ValueError, match="at least one sample"):
+        DataLoader([])
+
+
 # ----------------------------------------------------------------- augmentation
 
 def test_random_shift_moves_whole_images_with_zero_fill():

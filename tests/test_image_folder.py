@@ -208,22 +208,6 @@ def test_data_loader_reads_a_dataset_batch_by_batch(tmp_path):
     assert "ImageFolder(15 pictures" in repr(from_folder)
 
 
-def test_data_loader_takes_any_indexable_dataset():
-    pairs = [(np.full((1, 2, 2), i, np.float32), i % 2) for i in range(5)]
-    loader = DataLoader(pairs, batch_size=2)
-    batches = list(loader)
-    assert [len(yb) for _, yb in batches] == [2, 2, 1]
-    np.testing.assert_array_equal(batches[1][0][:, 0, 0, 0], [2, 3])
-    assert batches[2][1].tolist() == [0] and batches[2][1].dtype == np.int64
-    np.testing.assert_array_equal(loader.y[[1, 4]], [1, 0])  # no targets: read the samples
-    with pytest.raises(TypeError, match=r"\(x, y\) arrays or a dataset"):
-        DataLoader(np.zeros((4, 2)))
-    with pytest.raises(TypeError, match="dataset with __len__"):
-        DataLoader(42)
-    with pytest.raises(ValueError, match="at least one sample"):
-        DataLoader([])
-
-
 # ------------------------------------------------- training: convcore vs PyTorch
 
 SHAPES = ("circle", "square", "triangle")
