@@ -1,4 +1,4 @@
-"""python -m convcore {demo,bench,summary} | --cmake-dir | --include-dir"""
+"""python -m convcore {demo,bench,summary,convert} | --cmake-dir | --include-dir"""
 import os
 import sys
 
@@ -18,8 +18,10 @@ def main(argv=None) -> None:
         from .bench import main as run
     elif command == "summary":
         run = _summary
+    elif command == "convert":
+        run = _convert
     elif command in ("-h", "--help", "help"):
-        print("usage: python -m convcore {demo,bench,summary} [options]\n"
+        print("usage: python -m convcore {demo,bench,summary,convert} [options]\n"
               "  demo      the lecture's worked examples, then LeNet-5 trained on the digits\n"
               "  bench     AlexNet conv layers vs numpy im2col (and PyTorch if installed)\n"
               "  bench --e2e  whole models, images/s, vs PyTorch\n"
@@ -27,12 +29,15 @@ def main(argv=None) -> None:
               "               backward at batch 1 and 16, vs PyTorch and the measured peak\n"
               "  bench --gpu  the CUDA kernels vs PyTorch CUDA/cuDNN (needs a GPU)\n"
               "  summary   the layer table of a zoo model: summary alexnet [--all]\n"
+              "  convert   IN.onnx OUT.safetensors, or IN.safetensors OUT.onnx\n"
+              "            [--input-shape C H W] [--opset 17] (docs/onnx.md)\n"
               "  --cmake-dir    the directory of convcoreConfig.cmake, for C++ apps:\n"
               "                 cmake -Dconvcore_DIR=\"$(python -m convcore --cmake-dir)\" ...\n"
               "  --include-dir  the directory of the C++ headers (convcore/*.h)")
         return
     else:
-        raise SystemExit(f"unknown command {command!r}: use 'demo', 'bench' or 'summary'")
+        raise SystemExit(f"unknown command {command!r}: use 'demo', 'bench', 'summary' "
+                         f"or 'convert'")
     run(argv)
 
 
@@ -72,6 +77,52 @@ def _summary(argv) -> None:
         kwargs["input_size"] = tuple(args.input_size)
     model = models.get(args.model, **kwargs)
     summary(model, model.input_shape, compact=not args.all)
+
+
+def _convert(argv) -> None:
+    """ONNX to a convcore file (which native apps run with convcore::Net)
+    and back; the direction follows the file extensions."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m convcore convert")
+    parser.add_argument("input", help="IN.onnx or IN.safetensors")
+    parser.add_argument("output", help="OUT.safetensors or OUT.onnx")
+    parser.add_argument("--input-shape", type=int, nargs="+", default=None,
+                        help="one sample's shape, e.g. 3 224 224 (default: the file's own)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset to write (11-21)")
+    args = parser.parse_args(argv)
+    src, dst = args.input.lower(), args.output.lower()
+    from . import onnx
+    from .io import load
+
+    try:
+        if src.endswith(".onnx") and dst.endswith(".safetensors"):
+            model = onnx.load(args.input, input_shape=args.input_shape)
+            model.save(args.output)
+        elif src.endswith(".safetensors") and dst.endswith(".onnx"):
+            model = load(args.input)
+            shape = args.input_shape or getattr(model, "input_shape", None) or \
+                _graph_input_shape(args.input)
+            onnx.export(model, args.output, shape, opset=args.opset)
+        else:
+            raise SystemExit(f"convert takes IN.onnx OUT.safetensors or IN.safetensors "
+                             f"OUT.onnx, got {args.input!r} {args.output!r}")
+    except (ValueError, NotImplementedError, TypeError, OSError) as e:
+        raise SystemExit(f"convert: {e}") from None
+    shape = getattr(model, "input_shape", None) if args.input_shape is None else \
+        tuple(args.input_shape)
+    print(f"{args.input} -> {args.output} ({model.num_parameters():,} parameters, input "
+          f"{shape})")
+
+
+def _graph_input_shape(path):
+    """The input shape the saved graph declares (docs/format.md), or None."""
+    import json
+
+    from .io import load_state_dict_file
+
+    graph = json.loads(load_state_dict_file(path)[1].get("convcore_graph", "{}"))
+    return graph.get("input_shape")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,9 @@ class _Exporter:
     def op_Linear(self, node, a, ins, out):
         x = ins[0]
         weight = self.tensor("weight", node)
+        if not self.shapes[x] or self.shapes[x][-1] != self.state[weight].shape[1]:
+            raise ValueError(f"Linear takes {self.state[weight].shape[1]} features, but the "
+                             f"input shape gives a value of shape {('N',) + self.shapes[x]}")
         bias = self.tensor("bias", node) if a.get("bias", True) else None
         name = node.get("name") or out
         if len(self.shapes[x]) == 1:
