@@ -127,6 +127,10 @@ def test_missing_and_empty_folders(tmp_path):
         ImageFolder(tmp_path / "file.png", size=8)
     with pytest.raises(FileNotFoundError, match="no class folders"):
         ImageFolder(tmp_path, size=8)
+    (tmp_path / "ant").mkdir()
+    with pytest.raises(FileNotFoundError, match="no pictures in the class folder ant of"):
+        ImageFolder(tmp_path, size=8)
+    _save(tmp_path / "ant" / "1.png")
     _save(tmp_path / "cat" / "1.png")
     (tmp_path / "dog").mkdir()
     (tmp_path / "emu").mkdir()

@@ -209,7 +209,7 @@ class ImageFolder:
                  grayscale: bool = False, interpolation: str = "bilinear",
                  extensions: Sequence[str] = IMG_EXTENSIONS):
         _pillow()  # fail here, before listing the folders, when Pillow is missing
-        if not isinstance(root, (str, bytes, os.PathLike)):
+        if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
         root = os.fspath(root)
         if not os.path.exists(root):
@@ -270,7 +270,7 @@ class ImageFolder:
         """One picture as the dataset gives it: float32 (C, height, width)."""
         Image, ImageOps = _pillow()
         height, width = self.size
-        resample = getattr(Image.Resampling, self.interpolation.upper())
+        resample = getattr(Image, self.interpolation.upper())  # Image.BILINEAR, ...
         try:
             with Image.open(path) as picture:
                 picture = picture.convert("L" if self.grayscale else "RGB")
