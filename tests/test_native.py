@@ -400,3 +400,51 @@ def test_graph_bad_config_is_refused_as_in_python(examples, tmp_path):
             cc.load(bad)
         r = _run([examples["run_net"], bad])
         assert r.returncode == 1 and words in r.stderr, r.stderr
+
+
+def test_onnx_model_converted_by_the_command_line_runs_in_run_net(examples, tmp_path):
+    """An ONNX file (asymmetric 'SAME' padding, batch norm, a pooled
+    classifier) through `python -m convcore convert` to a convcore file, run
+    by the C++ runner: ONNX Runtime's output."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {"conv.weight": rng.normal(0, 0.3, (8, 3, 3, 3)), "conv.bias": rng.normal(0, 0.1, 8),
+         "bn.weight": rng.uniform(0.5, 1.5, 8), "bn.bias": rng.normal(0, 0.2, 8),
+         "bn.running_mean": rng.normal(0, 0.2, 8), "bn.running_var": rng.uniform(0.5, 1.5, 8),
+         "fc.weight": rng.normal(0, 0.3, (4, 8)), "fc.bias": rng.normal(0, 0.1, 4)}
+    nodes = [
+        helper.make_node("Conv", ["input", "conv.weight", "conv.bias"], ["c"], name="conv",
+                         kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+        helper.make_node("BatchNormalization", ["c", "bn.weight", "bn.bias", "bn.running_mean",
+                                                "bn.running_var"], ["b"], name="bn"),
+        helper.make_node("Clip", ["b", "zero", "six"], ["r"], name="relu6"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in w.items()]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k)
+              for k, v in (("zero", 0.0), ("six", 6.0))]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                      ["N", 3, 10, 10])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    src, dst = str(tmp_path / "tiny.onnx"), str(tmp_path / "tiny.safetensors")
+    onnx.save(model, src)
+    _check(_run([sys.executable, "-m", "convcore", "convert", src, dst],
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                    [os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]))),
+           "convert")
+    x = rng.standard_normal((3, 3, 10, 10)).astype(np.float32)
+    save_state_dict_file({"input": x}, str(tmp_path / "in.safetensors"))
+    out = str(tmp_path / "out.safetensors")
+    _check(_run([examples["run_net"], dst, str(tmp_path / "in.safetensors"), out]), "run_net")
+    got = load_state_dict_file(out)[0]["output"]
+    expected = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    assert float(np.abs(got - expected).max()) <= 1e-5 * float(np.abs(expected).max())

@@ -195,7 +195,7 @@ class _Importer:
             output: int = 0) -> str:
         """Appends `module` as a child applied to `value`; the node's output
         gets the result and its shape."""
-        key = self.fresh(key or node.name)
+        key = self.fresh(key or _node_key(node))
         try:
             shape = tuple(module.output_shape(value[1]))
         except ValueError as e:
@@ -398,7 +398,7 @@ class _Importer:
         ph, pw = min(top, bottom), min(left, right)
         extra = [left - pw, right - pw, top - ph, bottom - ph]
         if any(extra):
-            key = self.add(node, Pad2d(value[1][0], extra, mode), value, key=node.name + "_pad")
+            self.add(node, Pad2d(value[1][0], extra, mode), value, key=_node_key(node) + "_pad")
             value = self.values[node.outputs[0]]
         return value, (ph, pw)
 
@@ -524,8 +524,8 @@ class _Importer:
         if int(node.attrs.get("keepdims", 1)):
             self.add(node, AdaptiveAvgPool2d(1), x)
         else:
-            key = self.add(node, AdaptiveAvgPool2d(1), x, key=node.name + "_pool")
-            self.add(node, Flatten(), self.values[node.outputs[0]], key=node.name + "_flatten")
+            self.add(node, AdaptiveAvgPool2d(1), x, key=_node_key(node) + "_pool")
+            self.add(node, Flatten(), self.values[node.outputs[0]], key=_node_key(node) + "_flatten")
 
     def _linear(self, node, x, weight, bias):
         """A Linear layer of weight (out, in) over a (N, in) value."""
@@ -836,12 +836,29 @@ class _Importer:
                              "replicate" if mode == "edge" else mode), x)
 
 
+def _node_key(node: _Node) -> str:
+    """A module name from the node's: torch.onnx names nodes by module scope,
+    each scope the child's name within the one before, refined step by step
+    ('/features/features.1/block/block.0/Conv'); PyTorch's module path
+    ('features.1.block.0') joins the last refinement of each child."""
+    if not node.name.startswith("/"):
+        return node.name
+    parts = node.name.strip("/").split("/")
+    path: List[str] = []
+    for scope in parts[:-1]:
+        if path and scope.startswith(path[-1] + "."):
+            path[-1] = scope
+        else:
+            path.append(scope)
+    return ".".join(path) or parts[-1]
+
+
 def _layer_key(node: _Node, weight_name: str) -> str:
     """The module name: PyTorch's module path when the weight's initializer
     is named after it ('features.0.weight' -> 'features_0'), else the node's."""
     if weight_name.endswith(".weight") and len(weight_name) > 7:
         return weight_name[:-7]
-    return node.name
+    return _node_key(node)
 
 
 def _evaluate(node: _Node, args: List[Optional[np.ndarray]], opset: int) -> np.ndarray:
