@@ -207,6 +207,7 @@ def test_data_loader_takes_any_indexable_dataset():
     np.testing.assert_array_equal(batches[1][0][:, 0, 0, 0], [2, 3])
     assert batches[2][1].tolist() == [0] and batches[2][1].dtype == np.int64
     np.testing.assert_array_equal(loader.y[[1, 4]], [1, 0])  # no targets: read the samples
+    assert loader.x[2:2].shape == (0, 1, 2, 2) and loader.y[2:2].dtype == np.int64
     with pytest.raises(TypeError, match=r"\(x, y\) arrays or a dataset"):
         DataLoader(np.zeros((4, 2)))
     with pytest.raises(TypeError, match="dataset with __len__"):

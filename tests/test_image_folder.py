@@ -212,6 +212,28 @@ def test_data_loader_reads_a_dataset_batch_by_batch(tmp_path):
     assert "ImageFolder(15 pictures" in repr(from_folder)
 
 
+def test_ranks_share_the_batches_of_an_image_folder(tmp_path):
+    """distributed.ShardedLoader reads loader.x and loader.y: with a dataset
+    the ranks' slices still make up the batches of one process."""
+    from types import SimpleNamespace
+
+    from convcore.distributed import ShardedLoader
+
+    rng = np.random.default_rng(1)
+    for c in "ab":
+        for i in range(7):
+            _save(tmp_path / c / f"{i}.png", colour=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    data = ImageFolder(tmp_path, size=2)
+    whole = list(DataLoader(data, batch_size=6, shuffle=True, seed=3))
+    ranks = [list(ShardedLoader(DataLoader(data, batch_size=3, shuffle=True, seed=3),
+                                SimpleNamespace(rank=r, size=2))) for r in range(2)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 3
+    assert ranks[1][-1][0].shape == (0, 3, 2, 2)  # 14 = 6 + 6 + 2: rank 1's last share is empty
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *ranks):
+        np.testing.assert_array_equal(x, np.concatenate([x0, x1]))
+        np.testing.assert_array_equal(y, np.concatenate([y0, y1]))
+
+
 # ------------------------------------------------- training: convcore vs PyTorch
 
 SHAPES = ("circle", "square", "triangle")

@@ -324,6 +324,11 @@ class _DatasetColumn:
         indices = np.arange(len(self.dataset))[indices]
         if self.targets is not None:
             return self.targets[indices]
+        if len(indices) == 0:  # a rank's empty share of a short last batch
+            if self.part == 1:
+                return np.empty(0, np.int64)
+            image = np.asarray(self.dataset[0][0])
+            return np.empty((0,) + image.shape, image.dtype)
         return _collate([self.dataset[int(i)] for i in indices])[self.part]
 
 
