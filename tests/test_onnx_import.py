@@ -467,3 +467,18 @@ def test_random_mutations_raise_only_clear_errors():
             i = int(rng.integers(len(buf)))
             buf = buf[:i] + bytes(rng.integers(0, 256, 16, dtype=np.uint8)) + buf[i:]
         one_input(bytes(buf))
+
+
+def test_zero_pad_before_a_convolution_joins_its_padding():
+    """Keras' ZeroPadding2D before a 'valid' convolution: one Conv2d with
+    the asymmetric rest padded explicitly, no separate zero Pad."""
+    nodes = [helper.make_node("Pad", ["input", "pads"], ["p"]),
+             helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 0, 1, 0])]
+    inits = {"pads": np.array([0, 0, 0, 1, 0, 0, 1, 2], np.int64), "w": rnd(4, 3, 3, 3)}
+    model = check(make_model(nodes, inits, [3, 7, 8]), [3, 7, 8])
+    kinds = [type(m).__name__ for m in model.children()]
+    assert kinds == ["Pad2d", "Conv2d"]
+    # top 0+1, left 1+0, bottom 1+1, right 2+0: (1, 1) in the Conv2d, the rest before it
+    assert next(model.children()).padding == [0, 1, 0, 1]  # left, right, top, bottom
+    assert list(model.children())[1].padding == (1, 1)

@@ -72,6 +72,11 @@ def _identifier(name: str) -> str:
     return s if not s[0].isdigit() else "v_" + s
 
 
+def _text(value) -> str:
+    """A string attribute (onnx gives bytes)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def _ints(value) -> List[int]:
     return [int(v) for v in value]
 
@@ -89,6 +94,7 @@ class _Importer:
         self.lines: List[str] = []
         self.taken = set(JOINS) | {"x"}
         self.producer: Dict[str, str] = {}  # convcore value -> module name that computed it
+        self.taken_from: Dict[str, Tuple[str, tuple]] = {}  # convcore value -> that module's input
         self.input_shape = input_shape
 
     # -- errors -----------------------------------------------------------------------
@@ -205,6 +211,7 @@ class _Importer:
         out = self.fresh(node.outputs[output])
         self.lines.append(f"{out} = {key}({value[0]})")
         self.producer[out] = key
+        self.taken_from[out] = value
         self.values[node.outputs[output]] = (out, shape)
         return key
 
@@ -358,8 +365,7 @@ class _Importer:
 
     def _pads(self, node: _Node, shape, kernel, strides, dilations) -> List[int]:
         """[top, left, bottom, right] from pads or auto_pad."""
-        auto = node.attrs.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        auto = _text(node.attrs.get("auto_pad", "NOTSET"))
         if auto in ("NOTSET", ""):
             pads = _ints(node.attrs.get("pads", [0, 0, 0, 0]))
             if len(pads) != 4 or min(pads) < 0:
@@ -402,6 +408,20 @@ class _Importer:
             value = self.values[node.outputs[0]]
         return value, (ph, pw)
 
+    def _absorb_pad(self, x, pads):
+        """A zero Pad whose only use is this convolution joins its padding
+        (Keras' ZeroPadding2D before a convolution): the value before the
+        Pad and the padding of both."""
+        key = self.producer.get(x[0])
+        layer = self.modules.get(key)
+        if type(layer) is not Pad2d or layer.mode != "constant" or self._uses(x[0]) != 1:
+            return x, pads
+        self.lines.remove(f"{x[0]} = {key}({self.taken_from[x[0]][0]})")
+        del self.modules[key]
+        left, right, top, bottom = layer.padding
+        return self.taken_from[x[0]], [pads[0] + top, pads[1] + left, pads[2] + bottom,
+                                       pads[3] + right]
+
     def op_Conv(self, node: _Node):
         x = self.dynamic(node)
         shape = self._spatial(node, x)
@@ -420,6 +440,8 @@ class _Importer:
                                   f"{list(w.shape)} with group={group} needs {w.shape[1] * group}")
         if b is not None and b.shape != (w.shape[0],):
             raise self.fail(node, f"bias of shape {b.shape}, expected ({w.shape[0]},)")
+        if _text(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "", "VALID"):
+            x, pads = self._absorb_pad(x, pads)
         x, padding = self._pre_pad(node, x, pads)
         conv = Conv2d(shape[0], int(w.shape[0]), kernel, strides, padding, dilations, group,
                       bias=b is not None)
@@ -806,8 +828,7 @@ class _Importer:
     def op_Pad(self, node):
         x = self.dynamic(node)
         self._spatial(node, x)
-        mode = node.attrs.get("mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        mode = _text(node.attrs.get("mode", "constant"))
         pads = _ints(self.const(node, node.inputs[1], "pads").reshape(-1))
         value = self.optional_const(node, 2, "constant_value")
         axes = self.optional_const(node, 3, "axes") if self.opset >= 18 else None
