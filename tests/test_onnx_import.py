@@ -482,3 +482,19 @@ def test_zero_pad_before_a_convolution_joins_its_padding():
     # top 0+1, left 1+0, bottom 1+1, right 2+0: (1, 1) in the Conv2d, the rest before it
     assert next(model.children()).padding == [0, 1, 0, 1]  # left, right, top, bottom
     assert list(model.children())[1].padding == (1, 1)
+
+
+@pytest.mark.parametrize("nodes,inits", [
+    ([helper.make_node("Pad", ["input", "p"], ["y"])],
+     {"p": np.array([0, 0, 0, 0, 0, 0, 10 ** 9, 0], np.int64)}),
+    ([helper.make_node("Conv", ["input", "w"], ["y"], pads=[0, 0, 10 ** 6, 0])],
+     {"w": rnd(2, 3, 1, 1)}),
+    ([helper.make_node("Conv", ["input", "w"], ["y"], pads=[10 ** 5, 10 ** 5, 10 ** 5, 10 ** 5])],
+     {"w": rnd(2, 3, 1, 1)}),
+    ([helper.make_node("ConstantOfShape", ["s"], ["c"]),
+      helper.make_node("Reshape", ["input", "c"], ["y"])], {"s": np.array([10 ** 6] * 3,
+                                                                             np.int64)}),
+])
+def test_sizes_a_corrupt_file_could_claim_are_refused_before_allocating(nodes, inits):
+    with pytest.raises((ValueError, NotImplementedError)):
+        cc.onnx.load(make_model(nodes, inits, [3, 4, 4]))

@@ -41,6 +41,11 @@ OPSET_RANGE = (11, 21)
 # The batch dimension in constant-folded shapes (what Shape gives for it).
 _BATCH = -(2 ** 62)
 
+# Bounds that a CNN never reaches and a corrupt file would (values of one
+# sample of a tensor, of a folded constant; explicit padding per side).
+_MAX_SAMPLE = 2 ** 28
+_MAX_CONSTANT = 2 ** 24
+
 # ops evaluated with numpy when all their inputs are known
 _FOLDABLE = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast",
              "Reshape", "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal",
@@ -148,8 +153,8 @@ class _Importer:
             shape = tuple(int(d) for d in self.input_shape)
             if len(shape) != len(dims) - 1 or any(
                     d is not None and d != s for d, s in zip(dims[1:], shape)):
-                raise ValueError(f"input_shape {shape} does not match the file's input "
-                                 f"{inp.name!r} of shape {dims} (batch first)")
+                raise ValueError(f"{self.source}: input_shape {shape} does not match the "
+                                 f"file's input {inp.name!r} of shape {dims} (batch first)")
         else:
             if len(dims) not in (2, 4) or any(d is None or d <= 0 for d in dims[1:]):
                 raise ValueError(f"{self.source}: input {inp.name!r} has shape {dims}; convcore "
@@ -197,8 +202,7 @@ class _Importer:
         self.taken.add(name)
         return name
 
-    def add(self, node: _Node, module: Module, value: Tuple[str, tuple], key: str = None,
-            output: int = 0) -> str:
+    def add(self, node: _Node, module: Module, value: Tuple[str, tuple], key: str = None):
         """Appends `module` as a child applied to `value`; the node's output
         gets the result and its shape."""
         key = self.fresh(key or _node_key(node))
@@ -207,13 +211,15 @@ class _Importer:
         except ValueError as e:
             raise self.fail(node, f"cannot apply it to a tensor of shape {('N',) + value[1]}: "
                                   f"{e}") from None
+        if int(np.prod(shape, dtype=np.float64)) > _MAX_SAMPLE:
+            raise self.fail(node, f"its output for one sample, {shape}, has more than "
+                                  f"{_MAX_SAMPLE} values")
         self.modules[key] = module
-        out = self.fresh(node.outputs[output])
+        out = self.fresh(node.outputs[0])
         self.lines.append(f"{out} = {key}({value[0]})")
         self.producer[out] = key
         self.taken_from[out] = value
-        self.values[node.outputs[output]] = (out, shape)
-        return key
+        self.values[node.outputs[0]] = (out, shape)
 
     def join(self, node: _Node, op: str, values: List[Tuple[str, tuple]]):
         out = self.fresh(node.outputs[0])
@@ -238,7 +244,7 @@ class _Importer:
     # -- the walk ---------------------------------------------------------------------------
     def run(self) -> Graph:
         self._initializers()
-        input_name, shape = self._input()
+        _, shape = self._input()
         outputs = [o.name for o in self.graph.output]
         if not outputs:
             raise ValueError(f"{self.source}: the graph has no outputs")
@@ -251,13 +257,13 @@ class _Importer:
                 self.consumers[v] = self.consumers.get(v, 0) + 1
         for o in outputs:
             self.consumers[o] = self.consumers.get(o, 0) + 1
+        self.graph_outputs = set(outputs)
         self.fused = self._fusions(nodes)
-        last = {o: i for i, n in enumerate(nodes) for o in n.outputs}
-        for i, node in enumerate(nodes):
+        for node in nodes:
             if node.domain not in ("", "ai.onnx"):
                 raise self.unsupported(node, f"op domain {node.domain!r} is not the default "
                                              f"ONNX domain")
-            if id(node) in self.fused.get("skip", ()):
+            if id(node) in self.fused["skip"]:
                 continue
             if self._fold(node):
                 continue
@@ -265,24 +271,21 @@ class _Importer:
             if handler is None:
                 raise self.unsupported(node, f"op {node.op} is not supported (convcore imports "
                                              f"{', '.join(SUPPORTED_OPS)})")
-            if node.op == "Softmax":
-                handler(node, outputs, last)
-            else:
-                handler(node)
+            handler(node)
         result = []
         for o in outputs:
             if o not in self.values:
                 raise ValueError(f"{self.source}: output {o!r} does not depend on the input "
                                  f"(a constant output), or no node computes it")
             result.append(self.values[o][0])
-        if all(v == "x" for v in result) or not self.lines:
-            key = self.fresh("identity")
+        if not self.lines:  # the model computes nothing: an Identity layer
+            key, out = self.fresh("identity"), self.fresh("out")
             self.modules[key] = Identity()
-            self.lines.append(f"out = {key}(x)")
-            result = ["out" if v == "x" else v for v in result]
-        for o in result:  # an output that is the input itself
-            if o == "x":
-                raise NotImplementedError(f"{self.source}: an output is the model's input")
+            self.lines.append(f"{out} = {key}(x)")
+            result = [out for _ in result]
+        if "x" in result:
+            raise NotImplementedError(f"{self.source}: an output is the model's input itself, "
+                                      f"beside computed ones")
         name = self.graph.name or os.path.splitext(os.path.basename(self.source))[0] or None
         try:
             return Graph(self.modules, self.lines, outputs=result, name=name,
@@ -403,6 +406,9 @@ class _Importer:
         top, left, bottom, right = pads
         ph, pw = min(top, bottom), min(left, right)
         extra = [left - pw, right - pw, top - ph, bottom - ph]
+        if max(extra[2:]) > value[1][1] or max(extra[:2]) > value[1][2]:
+            raise self.unsupported(node, f"pads {pads} whose asymmetric part is wider than the "
+                                         f"input {value[1][1:]}")
         if any(extra):
             self.add(node, Pad2d(value[1][0], extra, mode), value, key=_node_key(node) + "_pad")
             value = self.values[node.outputs[0]]
@@ -546,8 +552,9 @@ class _Importer:
         if int(node.attrs.get("keepdims", 1)):
             self.add(node, AdaptiveAvgPool2d(1), x)
         else:
-            self.add(node, AdaptiveAvgPool2d(1), x, key=_node_key(node) + "_pool")
-            self.add(node, Flatten(), self.values[node.outputs[0]], key=_node_key(node) + "_flatten")
+            key = _node_key(node)
+            self.add(node, AdaptiveAvgPool2d(1), x, key=key + "_pool")
+            self.add(node, Flatten(), self.values[node.outputs[0]], key=key + "_flatten")
 
     def _linear(self, node, x, weight, bias):
         """A Linear layer of weight (out, in) over a (N, in) value."""
@@ -717,13 +724,14 @@ class _Importer:
     def op_Identity(self, node):
         self.alias(node, self.dynamic(node))
 
-    def op_Softmax(self, node, outputs, last):
+    def op_Softmax(self, node):
         """A softmax whose result is a graph output and feeds nothing else is
         dropped: the imported model returns the logits, as convcore's models
         do (CrossEntropyLoss applies the softmax); anything else is refused."""
         x = self.dynamic(node)
         axis = int(node.attrs.get("axis", -1 if self.opset >= 13 else 1))
-        if node.outputs[0] not in outputs or self.consumers.get(node.outputs[0], 0) != 1 or \
+        if node.outputs[0] not in self.graph_outputs or \
+                self.consumers.get(node.outputs[0], 0) != 1 or \
                 len(x[1]) != 1 or axis % 2 != 1:
             raise self.unsupported(node, "convcore imports a Softmax only as the last op over "
                                          "(N, classes), and returns the logits before it")
@@ -853,6 +861,10 @@ class _Importer:
             raise self.unsupported(node, f"constant_value {float(value.reshape(-1)[0])} "
                                          f"(convcore pads with zeros)")
         top, left, bottom, right = pads[2], pads[3], pads[6], pads[7]
+        h, w = x[1][1:]
+        if max(top, bottom) > h or max(left, right) > w:
+            raise self.unsupported(node, f"pads {pads} wider than the input {x[1][1:]} "
+                                         f"(convcore pads at most the input's size per side)")
         self.add(node, Pad2d(x[1][0], [left, right, top, bottom],
                              "replicate" if mode == "edge" else mode), x)
 
@@ -931,9 +943,14 @@ def _evaluate(node: _Node, args: List[Optional[np.ndarray]], opset: int) -> np.n
     if op == "Transpose":
         return np.transpose(x, a.get("perm"))
     if op == "ConstantOfShape":
+        if np.prod(x.reshape(-1).astype(np.float64)) > _MAX_CONSTANT or (x < 0).any():
+            raise ValueError(f"shape {x.reshape(-1).tolist()} is negative or too large")
         value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
         return np.full([int(d) for d in x.reshape(-1)], value.reshape(-1)[0], value.dtype)
     if op == "Range":
+        start, limit, delta = (float(a.reshape(-1)[0]) for a in args[:3])
+        if delta == 0 or (limit - start) / delta > _MAX_CONSTANT:
+            raise ValueError(f"range({start}, {limit}, {delta}) is empty-stepped or too long")
         return np.arange(x.reshape(-1)[0], args[1].reshape(-1)[0], args[2].reshape(-1)[0])
     unary = {"Neg": np.negative, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal,
              "Floor": np.floor, "Ceil": np.ceil}
