@@ -135,6 +135,16 @@ def test_residual_blocks_se_and_linear_on_images(tmp_path):
     check_export(model, (3, 8, 8), tmp_path, batches=(1, 2))
 
 
+def test_auxiliary_outputs_are_graph_outputs(tmp_path):
+    cc.manual_seed(0)
+    model = cc.models.googlenet(num_classes=10, aux_logits=True, input_size=(3, 64, 64))
+    path = check_export(model, (3, 64, 64), tmp_path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    outputs = sess.run(None, {"x": x})
+    assert [o.shape for o in outputs] == [(2, 10)] * 3
+
+
 def test_builder_network_and_round_trip_through_import(tmp_path):
     model = cc.build("[(CONV3-8-BN-RELU)*2-POOL2]*2-GAP-FLATTEN-FC-10", (3, 16, 16))
     path = check_export(model, (3, 16, 16), tmp_path)

@@ -346,6 +346,9 @@ def test_imported_model_trains_compiles_saves_and_loads(tmp_path):
     assert rel_diff(again.eval()(x), expected) <= 1e-6
     fixed = {k: v.copy() for k, v in model.named_buffers() if "pad" in k.lower()}
     assert fixed
+    # and exported again: the Pad2d as an explicit Pad + Conv
+    cc.onnx.export(model, str(tmp_path / "again.onnx"))
+    assert rel_diff(run_ort(str(tmp_path / "again.onnx"), x), expected) <= TOL
 
     # fine-tuning: a few SGD steps lower the loss; the padding stays fixed
     model.train()

@@ -1,4 +1,5 @@
-// Runs any model saved from Python (model.save(path)) on a tensor.
+// Runs any model saved from Python (model.save(path)) on a tensor, or an ONNX
+// model converted by `python -m convcore convert model.onnx model.safetensors`.
 //
 //   ./run_net MODEL.safetensors                  prints the layer table
 //   ./run_net MODEL.safetensors IN OUT [--threads T] [--repeat R]
