@@ -501,3 +501,49 @@ def test_zero_pad_before_a_convolution_joins_its_padding():
 def test_sizes_a_corrupt_file_could_claim_are_refused_before_allocating(nodes, inits):
     with pytest.raises((ValueError, NotImplementedError)):
         cc.onnx.load(make_model(nodes, inits, [3, 4, 4]))
+
+
+def _window_attrs(data):
+    """kernel_shape, strides, pads (symmetric or not), dilations and
+    ceil_mode drawn within what a window of an 8..11 input allows."""
+    from hypothesis import strategies as st
+
+    k = [data.draw(st.integers(1, 4)) for _ in range(2)]
+    pads = [data.draw(st.integers(0, (kk - 1) // 2 + 1)) for kk in k + k]
+    return dict(kernel_shape=k, strides=[data.draw(st.integers(1, 3)) for _ in range(2)],
+                pads=pads, dilations=[data.draw(st.integers(1, 2)) for _ in range(2)],
+                ceil_mode=data.draw(st.integers(0, 1)))
+
+
+@pytest.mark.parametrize("kind", ["Conv", "MaxPool", "AveragePool"])
+def test_windows_match_onnxruntime_property(kind):
+    """Random windows (asymmetric pads, ceil_mode, dilation) of each kind
+    against ONNX Runtime: each imports and matches, or is refused with
+    NotImplementedError (never a wrong answer)."""
+    from hypothesis import given, strategies as st
+
+    @given(st.data())
+    def prop(data):
+        attrs = _window_attrs(data)
+        h, w = data.draw(st.integers(8, 11)), data.draw(st.integers(8, 11))
+        inits = {}
+        inputs = ["input"]
+        if kind == "Conv":
+            del attrs["ceil_mode"]
+            inits["w"] = rnd(2, 3, *attrs["kernel_shape"])
+            inputs.append("w")
+        elif kind == "AveragePool":
+            del attrs["dilations"]  # (opset 19+)
+            attrs["count_include_pad"] = data.draw(st.integers(0, 1))
+        node = helper.make_node(kind, inputs, ["y"], **attrs)
+        blob = make_model([node], inits, [3, h, w], opset=17)
+        try:
+            run_ort(blob, np.zeros((1, 3, h, w), np.float32))
+        except Exception:  # ONNX Runtime refuses it too (a window past the padding)
+            return
+        try:
+            check(blob, [3, h, w], seed=data.draw(st.integers(0, 3)))
+        except NotImplementedError:
+            pass
+
+    prop()

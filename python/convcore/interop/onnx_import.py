@@ -400,11 +400,14 @@ class _Importer:
         pads = self._pads(node, shape, kernel, strides, dilations)
         return kernel, strides, dilations, pads
 
-    def _pre_pad(self, node: _Node, value, pads, mode="constant"):
-        """Pads the extra of asymmetric pads explicitly; returns the value and
-        the symmetric (h, w) padding that is left for the layer."""
+    def _pre_pad(self, node: _Node, value, pads, mode="constant", limit=None):
+        """Pads explicitly what the layer's symmetric padding (at most
+        `limit` (h, w), PyTorch's half kernel for pooling) cannot hold;
+        returns the value and the (h, w) padding left for the layer."""
         top, left, bottom, right = pads
         ph, pw = min(top, bottom), min(left, right)
+        if limit is not None:
+            ph, pw = min(ph, limit[0]), min(pw, limit[1])
         extra = [left - pw, right - pw, top - ph, bottom - ph]
         if max(extra[2:]) > value[1][1] or max(extra[:2]) > value[1][2]:
             raise self.unsupported(node, f"pads {pads} whose asymmetric part is wider than the "
@@ -465,66 +468,50 @@ class _Importer:
         shape = self._spatial(node, x)
         kernel, strides, dilations, pads = self._window(node, shape)
         ceil_mode = bool(node.attrs.get("ceil_mode", 0))
-        top, left, bottom, right = pads
+        include = kind == "avg" and bool(node.attrs.get("count_include_pad", 0))
         if kind == "max":
             self.check_outputs(node)
             if int(node.attrs.get("storage_order", 0)) != 0:
                 raise self.unsupported(node, "storage_order=1 (indices only)")
-            if (top, left) == (bottom, right):
-                padding = (top, left)
-            elif self._one_sided_pool_pad(shape, kernel, strides, dilations, pads, ceil_mode):
-                padding, ceil_mode = self._one_sided_pool_pad(shape, kernel, strides, dilations,
-                                                              pads, ceil_mode)
-            elif dilations == [1, 1] and max(pads) < min(kernel):
-                # The edge repeated is never a new maximum: every window that
-                # reaches into that padding also holds the edge itself.
-                x, padding = self._pre_pad(node, x, pads, "replicate")
-            else:
-                raise self.unsupported(node, f"asymmetric pads {pads} with dilations "
-                                             f"{dilations}")
-            layer = MaxPool2d(kernel, strides, padding, dilations, ceil_mode=ceil_mode)
-        else:
-            if dilations != [1, 1]:
-                raise self.unsupported(node, f"dilations {dilations} in average pooling")
-            include = bool(node.attrs.get("count_include_pad", 0))
-            if (top, left) != (bottom, right):
-                if include:  # zeros counted in the mean: pad them explicitly
-                    x, padding = self._pre_pad(node, x, pads)
-                else:
-                    found = self._one_sided_pool_pad(shape, kernel, strides, dilations, pads,
-                                                     ceil_mode)
-                    if found is None:
-                        raise self.unsupported(node, f"asymmetric pads {pads} left out of the "
-                                                     f"mean (count_include_pad=0) here")
-                    padding, ceil_mode = found
-            else:
-                padding = (top, left)
-            layer = AvgPool2d(kernel, strides, padding, ceil_mode=ceil_mode,
-                              count_include_pad=include)
-        self.add(node, layer, x)
-
-    @staticmethod
-    def _one_sided_pool_pad(shape, kernel, strides, dilations, pads, ceil_mode):
-        """Pooling that ignores its padding (max, or average without the pad
-        in the count) with more padding at the end than at the start (as
-        TensorFlow's 'SAME'): windows start at -top either way, so the
-        symmetric padding `top` with ceil_mode gives the same windows when
-        it gives as many. None where it does not."""
+        elif dilations != [1, 1]:
+            raise self.unsupported(node, f"dilations {dilations} in average pooling")
+        want = [_pool_size(*a, ceil_mode) for a in zip(shape[1:], kernel, strides, dilations,
+                                                       pads[:2], pads[2:])]
         top, left, bottom, right = pads
-        want = []
-        for size, k, s, d, b, e in zip(shape[1:], kernel, strides, dilations, (top, left),
-                                       (bottom, right)):
-            span = size + b + e - (d * (k - 1) + 1)
-            want.append((-(-span // s) if ceil_mode else span // s) + 1)
-        for ceil in (False, True):
-            layer = MaxPool2d(kernel, strides, (top, left), dilations, ceil_mode=ceil)
+        half = [k // 2 for k in kernel]  # PyTorch's bound on a pooling's padding
+        one_sided = _one_sided_pool_pad(shape, kernel, strides, dilations, pads, want)
+        if top == bottom and left == right and top <= half[0] and left <= half[1]:
+            padding = (top, left)
+        elif one_sided is not None and not include:
+            padding, ceil_mode = one_sided
+        elif include or kind == "max" and dilations == [1, 1]:
+            # The rest padded explicitly: zeros, counted in a mean; for a max
+            # the edge repeated, never a new maximum (every window holds an
+            # input pixel, as ONNX Runtime requires pads < kernel, so one that
+            # reaches into the padding holds the edge itself).
+            x, padding = self._pre_pad(node, x, pads, "constant" if include else "replicate",
+                                       limit=half)
+        else:
+            why = f"dilations {dilations}" if kind == "max" else "count_include_pad=0"
+            raise self.unsupported(node, f"pads {pads} with {why}: convcore pools over at most "
+                                         f"half the kernel of padding, the same on both sides")
+        # Windows start at the same place with either ceil_mode; over explicit
+        # padding, the one that gives ONNX Runtime's count gives its windows.
+        for ceil in (ceil_mode, not ceil_mode):
+            if kind == "max":
+                layer = MaxPool2d(kernel, strides, padding, dilations, ceil_mode=ceil)
+            else:
+                layer = AvgPool2d(kernel, strides, padding, ceil_mode=ceil,
+                                  count_include_pad=include)
             try:
-                if list(layer.output_shape(shape)[1:]) == want and top <= bottom and \
-                        left <= right:
-                    return (top, left), ceil
+                got = list(layer.output_shape(x[1])[1:])
             except ValueError:
-                pass
-        return None
+                got = None
+            if got == want:
+                return self.add(node, layer, x)
+        raise self.unsupported(node, f"this window gives {want[0]}x{want[1]} outputs in ONNX "
+                                     f"Runtime and {got[0]}x{got[1]} in convcore's pooling"
+                               if got else f"pads {pads} beyond what convcore's pooling takes")
 
     def op_MaxPool(self, node):
         self._pool(node, "max")
@@ -884,6 +871,37 @@ def _node_key(node: _Node) -> str:
         else:
             path.append(scope)
     return ".".join(path) or parts[-1]
+
+
+def _pool_size(size, k, s, d, head, tail, ceil_mode) -> int:
+    """Windows of a pooling along one axis, as ONNX Runtime counts them: with
+    ceil_mode, a last window that would start past the input and the head
+    padding is dropped (PyTorch's rule)."""
+    span = size + head + tail - (d * (k - 1) + 1)
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + head:
+        out -= 1
+    return out
+
+
+def _one_sided_pool_pad(shape, kernel, strides, dilations, pads, want):
+    """Pooling that ignores its padding (max, or average without the pad in
+    the count) with more padding at the end than at the start (as
+    TensorFlow's 'SAME'): windows start at -top either way, so the symmetric
+    padding (top, left) with or without ceil_mode gives the same windows when
+    it gives as many. ((top, left), ceil_mode), or None where neither does."""
+    top, left, bottom, right = pads
+    if top > bottom or left > right:
+        return None
+    for ceil in (False, True):
+        try:
+            got = MaxPool2d(kernel, strides, (top, left), dilations,
+                            ceil_mode=ceil).output_shape(shape)[1:]
+        except ValueError:  # padding over half the kernel
+            return None
+        if list(got) == want:
+            return (top, left), ceil
+    return None
 
 
 def _layer_key(node: _Node, weight_name: str) -> str:
