@@ -152,8 +152,22 @@ def test_builder_network_and_round_trip_through_import(tmp_path):
     x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
     assert rel_diff(back.eval()(x), model(x)) <= TOL
     # the file records the input shape (the convert command reads it)
-    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["convcore_input_shape"] == "3 16 16"
+    # which fixes the sample shape when a tool made H and W dynamic
+    for d, name in zip(proto.graph.input[0].type.tensor_type.shape.dim[2:], ("H", "W")):
+        d.dim_param = name
+    assert cc.onnx.load(proto.SerializeToString()).input_shape == (3, 16, 16)
+
+
+def test_fully_connected_network_round_trip(tmp_path):
+    model = cc.build("FC-16-RELU-DROPOUT-FC-4", (12,))
+    path = check_export(model, (12,), tmp_path, batches=(1, 5))
+    back = cc.onnx.load(str(path))
+    x = np.random.default_rng(3).standard_normal((5, 12)).astype(np.float32)
+    assert back.input_shape == (12,)
+    assert rel_diff(back.eval()(x), model(x)) <= TOL
 
 
 def test_export_errors(tmp_path):

@@ -156,6 +156,15 @@ class _Importer:
                 raise ValueError(f"{self.source}: input_shape {shape} does not match the "
                                  f"file's input {inp.name!r} of shape {dims} (batch first)")
         else:
+            meta = {p.key: p.value for p in self.model.metadata_props}
+            if any(d is None for d in dims[1:]) and "convcore_input_shape" in meta:
+                # the sample shape convcore.onnx.export recorded
+                try:
+                    saved = [int(d) for d in meta["convcore_input_shape"].split()]
+                except ValueError:
+                    saved = []
+                if len(saved) == len(dims) - 1:
+                    dims = dims[:1] + saved
             if len(dims) not in (2, 4) or any(d is None or d <= 0 for d in dims[1:]):
                 raise ValueError(f"{self.source}: input {inp.name!r} has shape {dims}; convcore "
                                  f"needs (N, C, H, W) or (N, features) with every dimension but "
