@@ -122,6 +122,11 @@ def test_every_layer_and_padding_mode_at_every_opset(opset, tmp_path):
     check_export(model, (3, 13, 12), tmp_path, opset=opset, batches=(1, 3))
 
 
+@pytest.mark.parametrize("output_size", [1, (None, 1), (2, None), (3, 2), (6, 4)])
+def test_adaptive_average_pooling(output_size, tmp_path):
+    check_export(cc.nn.Sequential(cc.nn.AdaptiveAvgPool2d(output_size)), (2, 6, 4), tmp_path)
+
+
 def test_residual_blocks_se_and_linear_on_images(tmp_path):
     nn = cc.nn
     cc.manual_seed(1)

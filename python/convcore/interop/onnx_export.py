@@ -207,8 +207,10 @@ class _Exporter:
         x = ins[0]
         c, h, w = self.shapes[x]
         size = a["output_size"]
-        oh, ow = (h, w) if size is None else _pair([h if v is None else v for v in size]) \
-            if isinstance(size, (list, tuple)) else (int(size), int(size))
+        if not isinstance(size, (list, tuple)):
+            size = [size, size]
+        # None keeps that dimension's size
+        oh, ow = (d if v is None else int(v) for v, d in zip(size, (h, w)))
         name = node.get("name") or out
         if (oh, ow) == (1, 1):
             self.emit("GlobalAveragePool", [x], out, name)
