@@ -53,8 +53,7 @@ class _Exporter:
         name = f"{node['name']}.{key}" if node.get("name") else key
         if name not in self.state:
             if required:
-                raise ValueError(f"node {node.get('name')!r} ({node['op']}): the model has no "
-                                 f"tensor {name!r}")
+                raise ValueError(f"the model has no tensor {name!r}")
             return None
         self.initializers[name] = self.state[name].astype(np.float32)
         return name
@@ -94,8 +93,8 @@ class _Exporter:
         graph = helper.make_graph(self.nodes, self.name, [inp], outs, inits)
         model = helper.make_model(graph, producer_name="convcore",
                                   opset_imports=[helper.make_opsetid("", self.opset)])
-        # the IR version of the opset, so older runtimes read what they can
-        model.ir_version = min(model.ir_version, 8 if self.opset <= 17 else 9)
+        # the oldest IR version of the opset, so that older runtimes read the file
+        model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
         if self.shapes["x"]:
             model.metadata_props.add(key="convcore_input_shape",
                                      value=" ".join(str(d) for d in self.shapes["x"]))
@@ -117,9 +116,7 @@ class _Exporter:
             ph, pw = _pair(padding)
             pads = [ph, pw, ph, pw]
         mode = a.get("padding_mode", "zeros")
-        explicit = [0]
-        if mode != "zeros" and any(pads):
-            explicit = pads
+        if mode != "zeros" and any(pads):  # a Pad in that mode, then the Conv unpadded
             onnx_mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode]
             if onnx_mode == "wrap" and self.opset < 19:
                 raise NotImplementedError(f"padding_mode='circular' needs opset 19 or later "
@@ -130,16 +127,15 @@ class _Exporter:
             x = self.emit("Pad", [x, p], self.fresh(f"{out}_padded"), f"{out}_pad",
                           mode=onnx_mode)
             h, w = h + top + bottom, w + left + right
-            pads = [0, 0, 0, 0]
+            pads, padding = [0, 0, 0, 0], 0
         weight = self.tensor("weight", node)
         inputs = [x, weight]
         if a.get("bias", True):
             inputs.append(self.tensor("bias", node))
         self.emit("Conv", inputs, out, node.get("name") or out, kernel_shape=kernel,
                   strides=stride, pads=pads, dilations=dilation, group=groups)
-        shape = conv2d_output_shape((1, c, h, w), self.state[weight].shape, stride,
-                                    padding if padding == "same" and not any(explicit) else
-                                    (pads[0], pads[1]), dilation, groups)
+        shape = conv2d_output_shape((1, c, h, w), self.state[weight].shape, stride, padding,
+                                    dilation, groups)
         self.shapes[out] = tuple(shape[1:])
 
     def op_Linear(self, node, a, ins, out):
