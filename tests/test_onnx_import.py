@@ -95,6 +95,24 @@ FAMILY_NAMES = ["resnet18", "resnet50", "resnext50_32x4d", "vgg11", "alexnet", "
                 "regnet_y_400mf"]
 
 
+# torchvision's parameter counts (its model docs), which the twins must have
+TORCHVISION_PARAMETERS = {
+    "resnet18": 11689512, "resnet50": 25557032, "resnext50_32x4d": 25028904,
+    "vgg11": 132863336, "alexnet": 61100840, "googlenet": 6624904, "densenet121": 7978856,
+    "mobilenet_v2": 3504872, "mobilenet_v3_small": 2542856, "mobilenet_v3_large": 5483032,
+    "efficientnet_b0": 5288548, "squeezenet1_1": 1235496, "mnasnet0_5": 2218512,
+    "regnet_x_400mf": 5495976, "regnet_y_400mf": 4344144}
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILY_NAMES if n not in ("vgg11", "alexnet")])
+def test_twins_have_torchvisions_parameter_counts(name):
+    pytest.importorskip("torch")
+    from _onnx_twins import FAMILIES
+
+    model = FAMILIES[name][0]()
+    assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMETERS[name]
+
+
 def _check_family(name, opset, full):
     import torch
 
@@ -121,6 +139,9 @@ def test_torchvision_family_imports_and_matches_onnxruntime(name, opset):
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_torchvision_family_at_224(name, opset):
     _check_family(name, opset, full=True)
+    if opset == 17 and name in ("vgg11", "alexnet"):
+        model, _ = _family(name, full=True)
+        assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMETERS[name]
 
 
 # ------------------------------------------ a torch model of many ops, every opset
