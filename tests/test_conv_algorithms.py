@@ -213,7 +213,7 @@ def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h):
 
 
 def test_auto_picks_winograd_where_it_pays(two_threads):
-    """algorithm='auto' (winograd4_pays / winograd_pays in csrc/cpu/conv.cpp;
+    """algorithm='auto' (winograd4_pays / winograd_pays in csrc/cpu/conv_plan.cpp;
     update this test with those rules), for forward and grad_input alike, and
     for grad_weight (winograd2_grad_weight_pays):
     F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2) on smaller
