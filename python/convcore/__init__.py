@@ -40,6 +40,8 @@ from .train import evaluate, fit, predict  # noqa: E402
 from .io import load, load_state_dict_file, save  # noqa: E402
 from .compiled import CompiledModel, compile  # noqa: E402,A004  (inference by the C++ engine)
 from .cuda import to_dlpack  # noqa: E402  (GPU results to torch.from_dlpack; no cupy import)
+from ._core import get_conv_autotune as get_autotune  # noqa: E402  (convolution plans)
+from ._core import set_conv_autotune as set_autotune  # noqa: E402
 
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "conv2d",
     "conv2d_backward",
     "conv2d_output_shape",
+    "get_autotune",
     "get_num_threads",
     "linear",
     "linear_backward",
@@ -76,6 +79,7 @@ __all__ = [
     "pool2d_output_shape",
     "relu",
     "relu_backward",
+    "set_autotune",
     "set_num_threads",
     "to_dlpack",
 ]
