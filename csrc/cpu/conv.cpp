@@ -53,15 +53,16 @@ void run_forward(const ConvPlan& plan, const TensorView& input, const detail::Co
     case ConvAlgorithm::Winograd4x4:
       return forward_winograd<4, T>(input, w.data(), bias, G, out);
     case ConvAlgorithm::Direct:
-      return forward_direct<T>(input, w.data(), bias, G, out);
+      return forward_direct<T>(input, w.data(), bias, G, plan.direct_split, out);
     case ConvAlgorithm::Pointwise:
       if (!rows_contiguous(G)) {  // the pointwise GEMM reads whole rows
         const detail::Contiguous<T> xc(input);
-        return forward_gemm<T>(xc.view(), w, bias, with_input(G, xc.view()), out);
+        return forward_gemm<T>(xc.view(), w, bias, with_input(G, xc.view()), plan.gemm_split,
+                                 out);
       }
-      return forward_gemm<T>(input, w, bias, G, out);
+      return forward_gemm<T>(input, w, bias, G, plan.gemm_split, out);
     default:
-      return forward_gemm<T>(input, w, bias, G, out);
+      return forward_gemm<T>(input, w, bias, G, plan.gemm_split, out);
   }
 }
 
@@ -93,10 +94,8 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
         grad_input_pointwise<T>(gy, w, Gx, gx);
         break;
       case GradInputPath::AsForwardDirect:
-        grad_input_as_forward<T>(gy, w.data(), Gx, true, gx);
-        break;
       case GradInputPath::AsForwardGemm:
-        grad_input_as_forward<T>(gy, w.data(), Gx, false, gx);
+        grad_input_as_forward<T>(gy, w.data(), Gx, plan, gx);
         break;
       case GradInputPath::DirectStrided:
         grad_input_direct_strided<T>(gy, w.data(), Gx, gx);

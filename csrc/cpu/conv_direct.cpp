@@ -51,6 +51,38 @@ void pad_planes(const T* x, int64_t n, const ConvGeometry& G, int64_t Hp, int64_
 
 }  // namespace
 
+// How forward_direct splits its work: chunks of images, blocks of output
+// channels and positions.
+template <typename T>
+ForwardDirectSplit forward_direct_split(const ConvGeometry& G) {
+  constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
+  const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
+  const int64_t Wp = (G.Wo - 1) * G.p.stride_w + (G.KW - 1) * G.p.dilation_w + 1;
+  const int64_t image = G.C * Hp * Wp, panels = (G.Coutg + NR - 1) / NR;
+  // Images are padded in chunks of at most kChunkBytes.
+  constexpr int64_t kChunkBytes = int64_t(8) << 20;
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (image * int64_t(sizeof(T))), 1, G.N);
+  // Tasks: whole images when a chunk has 8 per thread. With fewer, split
+  // the output channels first (each task then reads only its panels of the
+  // weights: 3.5 MB in all for AlexNet's conv3, which tasks splitting
+  // positions would each stream from memory), then the positions. Two tasks
+  // per thread left threads idle at each chunk's end (ResNet 3x3/2: 4
+  // images of 1.7 MB per 8 MB chunk); eight: ResNet 3x3/2 forward 1.16-1.21x,
+  // dilated 3x3 1.12x, AlexNet conv4 at batch 1 1.25x (2-core Zen 3).
+  const int64_t want = 8 * static_cast<int64_t>(get_num_threads());
+  const int64_t images = chunk * G.G;
+  const int64_t oblocks = std::clamp<int64_t>((want + images - 1) / images, 1, panels);
+  const int64_t oblock = (panels + oblocks - 1) / oblocks;  // panels per task
+  const int64_t pieces = std::max<int64_t>(1, (want + images * oblocks - 1) / (images * oblocks));
+  const int64_t pblock = gemm::round_up((G.P + pieces - 1) / pieces, MR);
+  const int64_t pblocks = (G.P + pblock - 1) / pblock;
+  const int64_t ochunks = (panels + oblock - 1) / oblock;
+  ForwardDirectSplit split;
+  split.chunk = chunk, split.oblock = oblock, split.ochunks = ochunks;
+  split.pblock = pblock, split.pblocks = pblocks;
+  return split;
+}
+
 // Direct convolution: the GEMM of forward_gemm turned around, so that
 // nothing is packed per tile. Output positions are the rows of a tile (MR of
 // them, in output order, across row ends), output channels its columns (one
@@ -77,7 +109,7 @@ constexpr int64_t kDirectTaps = 256, kDirectBlockTiles = 8;
 
 template <typename T>
 void forward_direct(const TensorView& input, const T* weight, const T* bias,
-                    const ConvGeometry& G, T* out) {
+                    const ConvGeometry& G, const ForwardDirectSplit& split, T* out) {
   constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
   const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
   // The padded frame holds exactly what the output reads.
@@ -144,25 +176,11 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
       }
     }
   }
-  constexpr int64_t kChunkBytes = int64_t(8) << 20;
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (image * int64_t(sizeof(T))), 1, G.N);
+  const int64_t chunk = split.chunk;
   detail::Workspace<T> x_ws(1, chunk * image);
   T* xpad = x_ws.get();
-  // Tasks: whole images when a chunk has 8 per thread. With fewer, split
-  // the output channels first (each task then reads only its panels of the
-  // weights: 3.5 MB in all for AlexNet's conv3, which tasks splitting
-  // positions would each stream from memory), then the positions. Two tasks
-  // per thread left threads idle at each chunk's end (ResNet 3x3/2: 4
-  // images of 1.7 MB per 8 MB chunk); eight: ResNet 3x3/2 forward 1.16-1.21x,
-  // dilated 3x3 1.12x, AlexNet conv4 at batch 1 1.25x (2-core Zen 3).
-  const int64_t want = 8 * static_cast<int64_t>(get_num_threads());
-  const int64_t images = chunk * G.G;
-  const int64_t oblocks = std::clamp<int64_t>((want + images - 1) / images, 1, panels);
-  const int64_t oblock = (panels + oblocks - 1) / oblocks;  // panels per task
-  const int64_t split = std::max<int64_t>(1, (want + images * oblocks - 1) / (images * oblocks));
-  const int64_t pblock = gemm::round_up((G.P + split - 1) / split, MR);
-  const int64_t pblocks = (G.P + pblock - 1) / pblock;
-  const int64_t ochunks = (panels + oblock - 1) / oblock;
+  const int64_t oblock = split.oblock, ochunks = split.ochunks;
+  const int64_t pblock = split.pblock, pblocks = split.pblocks;
   const int64_t work = G.N * G.Cout * G.P * K;
   const T* x = input.ptr<const T>();
   for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
@@ -225,11 +243,12 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
 // grad_input of a stride-1 convolution is a forward convolution of
 // grad_output with the flipped, transposed filters (per group) and padding
 // dilation * (k - 1) - p (grad_input_as_forward_geometry), so it runs on the
-// forward path: no column buffer, no scatter. `direct`: on forward_direct,
-// else on forward_gemm.
+// forward path: no column buffer, no scatter; on forward_direct or
+// forward_gemm as the plan says, with its split of the work.
 template <typename T>
-void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G, bool direct,
-                           T* gx) {
+void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
+                           const ConvPlan& plan, T* gx) {
+  const bool direct = plan.grad_input == GradInputPath::AsForwardDirect;
   // flipped[g * Cg + c, o, i, j] = weight[g * Coutg + o, c, KH - 1 - i, KW - 1 - j]
   detail::Workspace<T> w_ws(1, G.Cout * G.Kc);
   T* flipped = w_ws.get();
@@ -250,9 +269,9 @@ void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G, 
   ConvGeometry F = grad_input_as_forward_geometry(G);
   F.p.algorithm = direct ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
   if (!direct)
-    forward_gemm<T>(gyv, wc, nullptr, F, gx);
+    forward_gemm<T>(gyv, wc, nullptr, F, plan.gemm_split, gx);
   else
-    forward_direct<T>(gyv, wc.data(), nullptr, F, gx);
+    forward_direct<T>(gyv, wc.data(), nullptr, F, plan.direct_split, gx);
 }
 
 // grad_input of a strided convolution on the direct kernel. Input row ih
@@ -475,14 +494,16 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
 }
 
 // The kernels above, for float and double.
+template ForwardDirectSplit forward_direct_split<float>(const ConvGeometry&);
+template ForwardDirectSplit forward_direct_split<double>(const ConvGeometry&);
 template void forward_direct<float>(const TensorView&, const float*, const float*,
-                                    const ConvGeometry&, float*);
+                                    const ConvGeometry&, const ForwardDirectSplit&, float*);
 template void forward_direct<double>(const TensorView&, const double*, const double*,
-                                     const ConvGeometry&, double*);
-template void grad_input_as_forward<float>(const float*, const float*, const ConvGeometry&, bool,
-                                           float*);
-template void grad_input_as_forward<double>(const double*, const double*, const ConvGeometry&, bool,
-                                            double*);
+                                     const ConvGeometry&, const ForwardDirectSplit&, double*);
+template void grad_input_as_forward<float>(const float*, const float*, const ConvGeometry&,
+                                           const ConvPlan&, float*);
+template void grad_input_as_forward<double>(const double*, const double*, const ConvGeometry&,
+                                            const ConvPlan&, double*);
 template void grad_input_direct_strided<float>(const float*, const float*, const ConvGeometry&,
                                                float*);
 template void grad_input_direct_strided<double>(const double*, const double*, const ConvGeometry&,

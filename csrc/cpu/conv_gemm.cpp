@@ -150,11 +150,8 @@ void col2im_add(const T* dcol, int64_t rows, int64_t nq, int64_t q0, const ConvG
 
 }  // namespace
 
-// Forward through the packed GEMM: C (Coutg x positions) = W_g * im2col(x),
-// the im2col blocks packed straight from the input (Im2colPackB).
 template <typename T>
-void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
-                  const ConvGeometry& G, T* out) {
+ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
   // Tasks: (image, group, tile of output positions, block of output
   // channels); each writes its own block of the output. When images x tiles
   // give fewer tasks than threads (batch 1), split the output channels first
@@ -179,11 +176,26 @@ void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, 
                       gemm::NC);
     tiles = (G.P + tile - 1) / tile;
   }
-  const int64_t tasks = images * tiles * mblocks;
+  ForwardGemmSplit split;
+  split.tile = tile, split.tiles = tiles, split.mrows = mrows, split.mblocks = mblocks;
   // Weights are packed once, shared by all tasks, when many tiles reuse
   // them; with few tiles (batch 1) packing costs more than it saves and the
   // microkernel reads the weight rows in place.
-  const bool pack_weights = G.N * tiles > 2;
+  split.pack_weights = G.N * tiles > 2;
+  return split;
+}
+
+// Forward through the packed GEMM: C (Coutg x positions) = W_g * im2col(x),
+// the im2col blocks packed straight from the input (Im2colPackB), the work
+// split as forward_gemm_split says.
+template <typename T>
+void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
+                  const ConvGeometry& G, const ForwardGemmSplit& split, T* out) {
+  const int64_t images = G.N * G.G;
+  const int64_t tile = split.tile, tiles = split.tiles;
+  const int64_t mrows = split.mrows, mblocks = split.mblocks;
+  const int64_t tasks = images * tiles * mblocks;
+  const bool pack_weights = split.pack_weights;
   const int64_t a_size = pack_weights ? gemm::packed_a_size<T>(G.Coutg, G.Kc) : 0;
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();
@@ -529,10 +541,13 @@ void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& 
 
 
 // The kernels above, for float and double.
+template ForwardGemmSplit forward_gemm_split<float>(const ConvGeometry&);
+template ForwardGemmSplit forward_gemm_split<double>(const ConvGeometry&);
 template void forward_gemm<float>(const TensorView&, const detail::Contiguous<float>&, const float*,
-                                  const ConvGeometry&, float*);
+                                  const ConvGeometry&, const ForwardGemmSplit&, float*);
 template void forward_gemm<double>(const TensorView&, const detail::Contiguous<double>&,
-                                   const double*, const ConvGeometry&, double*);
+                                   const double*, const ConvGeometry&, const ForwardGemmSplit&,
+                                   double*);
 template void grad_input_pointwise<float>(const float*, const detail::Contiguous<float>&,
                                           const ConvGeometry&, float*);
 template void grad_input_pointwise<double>(const double*, const detail::Contiguous<double>&,

@@ -11,8 +11,10 @@ namespace conv2d_impl {
 
 // conv_gemm.cpp: the packed GEMM over im2col blocks packed on the fly.
 template <typename T>
+ForwardGemmSplit forward_gemm_split(const ConvGeometry& G);
+template <typename T>
 void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
-                  const ConvGeometry& G, T* out);
+                  const ConvGeometry& G, const ForwardGemmSplit& split, T* out);
 template <typename T>
 void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
                           T* gx);
@@ -28,11 +30,14 @@ void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& 
 
 // conv_direct.cpp: the direct kernel over zero-padded copies of the images.
 template <typename T>
-void forward_direct(const TensorView& input, const T* weight, const T* bias,
-                    const ConvGeometry& G, T* out);
+ForwardDirectSplit forward_direct_split(const ConvGeometry& G);
 template <typename T>
-void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G, bool direct,
-                           T* gx);
+void forward_direct(const TensorView& input, const T* weight, const T* bias,
+                    const ConvGeometry& G, const ForwardDirectSplit& split, T* out);
+// grad_input (a plan's AsForwardDirect or AsForwardGemm) with the plan's split.
+template <typename T>
+void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
+                           const ConvPlan& plan, T* gx);
 template <typename T>
 void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry& G, T* gx);
 template <typename T>

@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 
+#include "conv_kernels.h"
 #include "conv_winograd.h"
 #include "convcore/errors.h"
 #include "gemm.h"
@@ -277,14 +278,35 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
   return GradWeightPath::Gemm;
 }
 
+// The split of the work for the forward convolution F when it runs on
+// forward_gemm or forward_direct (F.p.algorithm) and its output is not
+// empty (an empty one runs nothing).
+void set_forward_split(const ConvGeometry& F, DType dtype, ConvPlan* plan) {
+  if (F.N * F.Cout * F.P == 0) return;
+  const bool f32 = dtype == DType::Float32;
+  if (F.p.algorithm == ConvAlgorithm::Direct)
+    plan->direct_split = f32 ? forward_direct_split<float>(F) : forward_direct_split<double>(F);
+  else if (F.p.algorithm == ConvAlgorithm::Gemm || F.p.algorithm == ConvAlgorithm::Pointwise)
+    plan->gemm_split = f32 ? forward_gemm_split<float>(F) : forward_gemm_split<double>(F);
+}
+
 // G.p.algorithm: resolved (never Auto).
 ConvPlan plan_for_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
   ConvPlan plan;
   plan.algorithm = G.p.algorithm;
-  if (pass == ConvPass::Backward) {
+  if (pass == ConvPass::Forward) {
+    set_forward_split(G, dtype, &plan);
+  } else {
     const ConvGeometry B = as_backward_reads(G);
     plan.grad_input = choose_grad_input_path(B, dtype);
     plan.grad_weight = choose_grad_weight_path(B, dtype);
+    if (plan.grad_input == GradInputPath::AsForwardDirect ||
+        plan.grad_input == GradInputPath::AsForwardGemm) {
+      ConvGeometry F = grad_input_as_forward_geometry(B);
+      F.p.algorithm = plan.grad_input == GradInputPath::AsForwardDirect ? ConvAlgorithm::Direct
+                                                                         : ConvAlgorithm::Gemm;
+      set_forward_split(F, dtype, &plan);
+    }
   }
   return plan;
 }

@@ -51,13 +51,42 @@ enum class GradWeightPath { Depthwise, Winograd2, Winograd4, Direct, ByTaps, ByC
 
 enum class ConvPass { Forward, Backward };
 
+// How forward_gemm splits its work (forward_gemm_split): tiles of output
+// positions (tiles per image) and blocks of output channels (blocks per
+// group), and whether the weights are packed once for all tasks.
+struct ForwardGemmSplit {
+  int64_t tile = 0, tiles = 0, mrows = 0, mblocks = 0;
+  bool pack_weights = false;
+  bool operator==(const ForwardGemmSplit& o) const {
+    return tile == o.tile && tiles == o.tiles && mrows == o.mrows && mblocks == o.mblocks &&
+           pack_weights == o.pack_weights;
+  }
+};
+// How forward_direct splits its work (forward_direct_split): images per
+// padded chunk, output-channel panels per task (ochunks blocks of them),
+// positions per task (pblocks blocks).
+struct ForwardDirectSplit {
+  int64_t chunk = 0, oblock = 0, ochunks = 0, pblock = 0, pblocks = 0;
+  bool operator==(const ForwardDirectSplit& o) const {
+    return chunk == o.chunk && oblock == o.oblock && ochunks == o.ochunks &&
+           pblock == o.pblock && pblocks == o.pblocks;
+  }
+};
+
 // The decisions for one convolution shape and pass.
 struct ConvPlan {
   ConvAlgorithm algorithm = ConvAlgorithm::Gemm;  // never Auto
   GradInputPath grad_input = GradInputPath::Gemm;     // backward only
   GradWeightPath grad_weight = GradWeightPath::Gemm;  // backward only
+  // The split of the forward convolution the plan runs on forward_gemm or
+  // forward_direct: the forward pass's, or in backward grad_input's as a
+  // forward convolution (AsForwardGemm, AsForwardDirect). Unset otherwise.
+  ForwardGemmSplit gemm_split;
+  ForwardDirectSplit direct_split;
   bool operator==(const ConvPlan& o) const {
-    return algorithm == o.algorithm && grad_input == o.grad_input && grad_weight == o.grad_weight;
+    return algorithm == o.algorithm && grad_input == o.grad_input &&
+           grad_weight == o.grad_weight && gemm_split == o.gemm_split &&
+           direct_split == o.direct_split;
   }
 };
 
