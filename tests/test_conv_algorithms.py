@@ -610,3 +610,23 @@ def test_autotune_matches_reference(dtype, autotune_off_after):
     convcore.set_autotune(True)
     tuned_named = convcore.conv2d(x, w, b, algorithm="gemm", **PLAN_CASES[0][2])
     assert tuned_named.tobytes() == named.tobytes()
+
+
+def test_autotune_skips_candidates_that_run_out_of_memory(autotune_off_after):
+    """Under a workspace limit the rules' plan (here the direct kernel) fits
+    and Winograd does not: the autotune skips what runs out of memory and
+    leaves the results of a candidate that ran to the end."""
+    from convcore import _core
+    x, w, b = _plan_case_arrays((1, 16, 32, 32), (16, 16, 3, 3), np.float32)
+    expect = convcore.conv2d(x, w, b, padding=1)
+    _core.set_workspace_limit(200 << 10)
+    try:
+        assert convcore.conv2d(x, w, b, padding=1).tobytes() == expect.tobytes()
+        with pytest.raises(MemoryError):
+            convcore.conv2d(x, w, b, padding=1, algorithm="winograd")
+        convcore.set_autotune(True)
+        _core.clear_conv_plan_cache()
+        got = convcore.conv2d(x, w, b, padding=1)
+    finally:
+        _core.set_workspace_limit(0)
+    assert got.tobytes() == expect.tobytes()

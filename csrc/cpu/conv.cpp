@@ -162,8 +162,9 @@ void autotune(const ConvGeometry& G, ConvPass pass, DType dtype, const Run& run)
     if (std::find(candidates.begin(), candidates.end(), plan) == candidates.end())
       candidates.push_back(plan);
   }
-  size_t best = 0, last_completed = 0;
-  double best_seconds = std::numeric_limits<double>::infinity();
+  // Each candidate's faster run; infinite for one that ran out of memory.
+  std::vector<double> seconds(candidates.size(), std::numeric_limits<double>::infinity());
+  size_t last_run = candidates.size();  // whose complete results the buffers hold (none)
   for (size_t i = 0; i < candidates.size(); ++i) {
     for (int repeat = 0; repeat < 2; ++repeat) {
       const auto start = std::chrono::steady_clock::now();
@@ -171,14 +172,18 @@ void autotune(const ConvGeometry& G, ConvPass pass, DType dtype, const Run& run)
         run(candidates[i]);
       } catch (const std::bad_alloc&) {  // MemoryError too
         if (i == 0) throw;
+        seconds[i] = std::numeric_limits<double>::infinity();
+        last_run = candidates.size();
         break;
       }
       const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
-      last_completed = i;
-      if (elapsed.count() < best_seconds) best_seconds = elapsed.count(), best = i;
+      seconds[i] = std::min(seconds[i], elapsed.count());
+      last_run = i;
     }
   }
-  if (best != last_completed) run(candidates[best]);
+  const size_t best = static_cast<size_t>(
+      std::min_element(seconds.begin(), seconds.end()) - seconds.begin());
+  if (best != last_run) run(candidates[best]);
   cache_plan(G, pass, dtype, candidates[best]);
 }
 
