@@ -515,3 +515,33 @@ def test_plan_cache_stays_bounded():
         convcore.conv2d(np.ones((1, 1, 1, width), np.float32), w)
         assert _core.conv_plan_cache_size() <= 4096
     assert _core.conv_plan_cache_size() == 4199 - 4096  # emptied once, at shape 4097
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct", "winograd", "winograd4"])
+def test_no_input_channels_gives_the_bias(algorithm):
+    """in_channels=0: every output is its bias; grad_bias sums grad_output
+    (once a division by zero in the direct kernel's chunking)."""
+    x = np.ones((2, 0, 8, 8), np.float32)
+    w = np.ones((4, 0, 3, 3), np.float32)
+    b = np.arange(4, dtype=np.float32)
+    y = convcore.conv2d(x, w, b, algorithm=algorithm)
+    assert y.shape == (2, 4, 6, 6)
+    np.testing.assert_array_equal(y, np.broadcast_to(b[None, :, None, None], y.shape))
+    gx, gw, gb = convcore.conv2d_backward(np.ones(y.shape, np.float32), x, w,
+                                          algorithm=algorithm)
+    assert gx.shape == x.shape and gw.shape == w.shape
+    np.testing.assert_array_equal(gb, np.full(4, 2 * 6 * 6, np.float32))
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_no_output_channels_gives_zero_grad_input(algorithm, stride):
+    """out_channels=0: grad_input is zero (once a division by zero in the
+    direct grad_input paths)."""
+    x = np.ones((1, 16, 8, 8), np.float32)
+    w = np.ones((0, 16, 3, 3), np.float32)
+    y = convcore.conv2d(x, w, stride=stride, padding=1, algorithm=algorithm)
+    gx, gw, gb = convcore.conv2d_backward(np.ones(y.shape, np.float32), x, w, stride=stride,
+                                          padding=1, algorithm=algorithm)
+    np.testing.assert_array_equal(gx, np.zeros_like(x))
+    assert gw.shape == w.shape and gb.shape == (0,)

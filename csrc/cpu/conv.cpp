@@ -215,6 +215,12 @@ void conv2d_forward(const TensorView& input, const TensorView& weight, const Ten
     }
     if (output.numel() == 0) return;
     const T* bias_data = bias ? b.data() : nullptr;
+    if (G.Kc == 0) {  // no input channels: each output is its bias
+      T* out = output.ptr<T>();
+      for (int64_t i = 0; i < G.N * G.Cout; ++i)
+        std::fill(out + i * G.P, out + (i + 1) * G.P, bias_data ? bias_data[i % G.Cout] : T(0));
+      return;
+    }
     auto run = [&](const ConvPlan& plan_to_run) {
       conv2d_impl::run_forward<T>(plan_to_run, input, w, bias_data, G, output.ptr<T>());
     };
@@ -246,6 +252,12 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
     T* gx = wanted(grad_input);
     T* gw = wanted(grad_weight);
     T* gb = wanted(grad_bias);
+    if (G.N * G.Cout * G.P == 0) {  // no outputs: nothing to propagate
+      if (gx) std::fill(gx, gx + G.N * G.C * G.H * G.W, T(0));
+      if (gw) std::fill(gw, gw + G.Cout * G.Kc, T(0));
+      if (gb) std::fill(gb, gb + G.Cout, T(0));
+      return;
+    }
     auto run = [&](const ConvPlan& plan_to_run) {
       conv2d_impl::run_backward<T>(plan_to_run, gy.data(), input, weight, G, gx, gw, gb);
     };

@@ -279,10 +279,11 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
 }
 
 // The split of the work for the forward convolution F when it runs on
-// forward_gemm or forward_direct (F.p.algorithm) and its output is not
-// empty (an empty one runs nothing).
+// forward_gemm or forward_direct (F.p.algorithm): only where the kernels run,
+// with an output that is not empty and input channels (conv2d_forward and
+// conv2d_backward handle the others without them).
 void set_forward_split(const ConvGeometry& F, DType dtype, ConvPlan* plan) {
-  if (F.N * F.Cout * F.P == 0) return;
+  if (F.N * F.Cout * F.P == 0 || F.Kc == 0) return;
   const bool f32 = dtype == DType::Float32;
   if (F.p.algorithm == ConvAlgorithm::Direct)
     plan->direct_split = f32 ? forward_direct_split<float>(F) : forward_direct_split<double>(F);
