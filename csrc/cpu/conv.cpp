@@ -98,11 +98,11 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
         grad_input_as_forward<T>(gy, w.data(), Gx, plan, gx);
         break;
       case GradInputPath::DirectStrided:
-        grad_input_direct_strided<T>(gy, w.data(), Gx, gx);
+        grad_input_direct_strided<T>(gy, w.data(), Gx, plan.grad_input_direct_split, gx);
         break;
       case GradInputPath::Depthwise:
       case GradInputPath::Gemm:
-        grad_input_gemm<T>(gy, w, Gx, gx);
+        grad_input_gemm<T>(gy, w, Gx, plan.grad_input_gemm_split, gx);
         break;
     }
   }
@@ -118,7 +118,7 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
           grad_weight_winograd<4, T>(gy, x, Gx, gw);
           break;
         case GradWeightPath::Direct:
-          grad_weight_direct<T>(gy, x, Gx, gw);
+          grad_weight_direct<T>(gy, x, Gx, plan.grad_weight_direct_split, gw);
           break;
         case GradWeightPath::ByTaps:
           grad_weight_by_taps<T>(gy, x, Gx, gw);
@@ -128,7 +128,7 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
           break;
         case GradWeightPath::Depthwise:
         case GradWeightPath::Gemm:
-          grad_weight_gemm<T>(gy, x, Gx, gw);
+          grad_weight_gemm<T>(gy, x, Gx, plan.grad_weight_gemm_split, gw);
           break;
       }
     }

@@ -274,6 +274,30 @@ void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
     forward_direct<T>(gyv, wc.data(), nullptr, F, plan.direct_split, gx);
 }
 
+// How grad_input_direct_strided splits its work: images per framed chunk,
+// blocks of input positions per (image, group, phase).
+template <typename T>
+GradInputDirectSplit grad_input_direct_split(const ConvGeometry& G) {
+  constexpr int MR = gemm::Tile<T>::MR;
+  const int64_t sh = G.p.stride_h, sw = G.p.stride_w;
+  const int64_t Mh = (G.KH - 1) * G.p.dilation_h / sh, Mw = (G.KW - 1) * G.p.dilation_w / sw;
+  const int64_t Hf = std::max((G.H - 1 + G.p.pad_top) / sh, G.Ho - 1) + Mh + 1;
+  const int64_t Wf = std::max((G.W - 1 + G.p.pad_left) / sw, G.Wo - 1) + Mw + 1;
+  const int64_t frame = G.Cout * Hf * Wf, phases = sh * sw;
+  constexpr int64_t kChunkBytes = int64_t(8) << 20;
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (frame * int64_t(sizeof(T))), 1, G.N);
+  // Blocks of input positions per (image, group, phase): enough tasks for
+  // every thread at small batch.
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t per_plane = std::max<int64_t>(1, (want + chunk * G.G * phases - 1) /
+                                                     (chunk * G.G * phases));
+  const int64_t HWph = ((G.H + sh - 1) / sh) * ((G.W + sw - 1) / sw);  // largest phase
+  const int64_t pblock = gemm::round_up((HWph + per_plane - 1) / per_plane, MR);
+  GradInputDirectSplit split;
+  split.chunk = chunk, split.pblock = pblock, split.pblocks = (HWph + pblock - 1) / pblock;
+  return split;
+}
+
 // grad_input of a strided convolution on the direct kernel. Input row ih
 // receives from the taps kh with kh * dh = ph + sh * m (ph = (ih + pt) mod sh,
 // m >= 0) at grad_output row (ih + pt - ph) / sh - m: for each phase
@@ -286,7 +310,8 @@ void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
 // reaches (a phase without taps) get zero. Tasks: (image, group, phase,
 // block of positions); images are framed in chunks.
 template <typename T>
-void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry& G, T* gx) {
+void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry& G,
+                               const GradInputDirectSplit& split, T* gx) {
   constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
   const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
   const int64_t pt = G.p.pad_top, pl = G.p.pad_left;
@@ -331,18 +356,9 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
             }
       }
   }
-  constexpr int64_t kChunkBytes = int64_t(8) << 20;
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (frame * int64_t(sizeof(T))), 1, G.N);
+  const int64_t chunk = split.chunk, pblock = split.pblock, pblocks = split.pblocks;
   detail::Workspace<T> f_ws(1, chunk * frame);
   T* gyf = f_ws.get();
-  // Blocks of input positions per (image, group, phase): enough tasks for
-  // every thread at small batch.
-  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
-  const int64_t per_plane = std::max<int64_t>(1, (want + chunk * G.G * phases - 1) /
-                                                     (chunk * G.G * phases));
-  const int64_t HWph = ((G.H + sh - 1) / sh) * ((G.W + sw - 1) / sw);  // largest phase
-  const int64_t pblock = gemm::round_up((HWph + per_plane - 1) / per_plane, MR);
-  const int64_t pblocks = (HWph + pblock - 1) / pblock;
   for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, G.N - n0);
 #pragma omp parallel for num_threads(detail::threads_for(nn * G.Cout, nn * frame)) schedule(static)
@@ -415,6 +431,21 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
   }
 }
 
+// How grad_weight_direct splits its work: images per chunk (padded, their
+// grad_output packed) under kChunkBytes.
+template <typename T>
+GradWeightDirectSplit grad_weight_direct_split(const ConvGeometry& G) {
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
+  const int64_t Wp = (G.Wo - 1) * G.p.stride_w + (G.KW - 1) * G.p.dilation_w + 1;
+  const int64_t image = G.C * Hp * Wp, panels = (G.Coutg + NR - 1) / NR;
+  constexpr int64_t kChunkBytes = int64_t(16) << 20;
+  const int64_t per_image = (image + G.G * panels * NR * G.P) * int64_t(sizeof(T));
+  GradWeightDirectSplit split;
+  split.chunk = std::clamp<int64_t>(kChunkBytes / per_image, 1, G.N);
+  return split;
+}
+
 // grad_weight through the direct kernel: the tile's rows are MR taps k of
 // the filters (row i reads the image at the tap's offset koff[k] in a
 // zero-padded copy), its reduction runs over the output positions q (at
@@ -425,16 +456,15 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
 // in parallel); tasks are (group, MR taps, NR output channels), each adding
 // its images in order: the same sums whatever the thread count.
 template <typename T>
-void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry& G,
+                        const GradWeightDirectSplit& split, T* gw) {
   constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
   const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
   const int64_t Hp = (G.Ho - 1) * sh + (G.KH - 1) * dh + 1;
   const int64_t Wp = (G.Wo - 1) * sw + (G.KW - 1) * dw + 1;
   const int64_t plane = Hp * Wp, image = G.C * plane;
   const int64_t panels = (G.Coutg + NR - 1) / NR, ktiles = (G.Kc + MR - 1) / MR;
-  constexpr int64_t kChunkBytes = int64_t(16) << 20;
-  const int64_t per_image = (image + G.G * panels * NR * G.P) * int64_t(sizeof(T));
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / per_image, 1, G.N);
+  const int64_t chunk = split.chunk;
   // The reduction runs over (image of the chunk, position), in segments of
   // at most kSegment positions, so that a segment of packed grad_output
   // (kSegment x NR) stays in L2 while the tasks of its panel read it.
@@ -504,14 +534,18 @@ template void grad_input_as_forward<float>(const float*, const float*, const Con
                                            const ConvPlan&, float*);
 template void grad_input_as_forward<double>(const double*, const double*, const ConvGeometry&,
                                             const ConvPlan&, double*);
+template GradInputDirectSplit grad_input_direct_split<float>(const ConvGeometry&);
+template GradInputDirectSplit grad_input_direct_split<double>(const ConvGeometry&);
 template void grad_input_direct_strided<float>(const float*, const float*, const ConvGeometry&,
-                                               float*);
+                                               const GradInputDirectSplit&, float*);
 template void grad_input_direct_strided<double>(const double*, const double*, const ConvGeometry&,
-                                                double*);
+                                                const GradInputDirectSplit&, double*);
+template GradWeightDirectSplit grad_weight_direct_split<float>(const ConvGeometry&);
+template GradWeightDirectSplit grad_weight_direct_split<double>(const ConvGeometry&);
 template void grad_weight_direct<float>(const float*, const TensorView&, const ConvGeometry&,
-                                        float*);
+                                        const GradWeightDirectSplit&, float*);
 template void grad_weight_direct<double>(const double*, const TensorView&, const ConvGeometry&,
-                                         double*);
+                                         const GradWeightDirectSplit&, double*);
 
 }  // namespace conv2d_impl
 }  // namespace convcore

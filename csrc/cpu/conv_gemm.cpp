@@ -274,10 +274,8 @@ void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, cons
   }
 }
 
-// grad_input through the GEMM: per block of input channels, dcol = W^T * gy
-// (the im2col rows of the block), scattered into grad_input by col2im_add.
-template <typename T>
-void grad_input_gemm(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G, T* gx) {
+// How grad_input_gemm splits its work.
+GradInputGemmSplit grad_input_gemm_split(const ConvGeometry& G) {
   // Tasks: (image, group, block of input channels). dcol rows of a channel
   // block scatter only into those channels, so tasks never write the same
   // element, and each element's sum runs in a fixed order.
@@ -289,6 +287,18 @@ void grad_input_gemm(const T* gy, const detail::Contiguous<T>& weight, const Con
     nblocks = std::min<int64_t>(G.Cg, (want + G.N * G.G - 1) / (G.N * G.G));
   const int64_t cblock = (G.Cg + nblocks - 1) / nblocks;
   nblocks = (G.Cg + cblock - 1) / cblock;
+  GradInputGemmSplit split;
+  split.cblock = cblock, split.nblocks = nblocks;
+  return split;
+}
+
+// grad_input through the GEMM: per block of input channels, dcol = W^T * gy
+// (the im2col rows of the block), scattered into grad_input by col2im_add.
+template <typename T>
+void grad_input_gemm(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
+                     const GradInputGemmSplit& split, T* gx) {
+  const int64_t khw = G.KH * G.KW;
+  const int64_t cblock = split.cblock, nblocks = split.nblocks;
   const int64_t tasks = G.N * G.G * nblocks;
   const int64_t tile = gemm::NC;
   const int64_t max_rows = cblock * khw;
@@ -477,15 +487,11 @@ void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeome
   }
 }
 
+// How grad_weight_gemm splits its work: blocks of (output channels, kernel
+// rows), enough for the threads.
 template <typename T>
-void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
-  // grad_weight[g] (Coutg x Kc) = sum over images n and chunks of positions
-  // of gy[n, g] (Coutg x positions) * im2col(x[n, g])^T (positions x Kc).
-  // Each chunk of gy is packed once (shared), then tasks over blocks of
-  // (output channels, kernel rows) accumulate into disjoint parts of
-  // grad_weight, every sum in a fixed order whatever the thread count.
+GradWeightGemmSplit grad_weight_gemm_split(const ConvGeometry& G) {
   constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
-  const int64_t chunk = kGradWeightChunk;
   const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
   const int64_t panels = (G.Kc + NR - 1) / NR;
   const int64_t nblocks = std::min<int64_t>(panels, std::max<int64_t>(1, (want + G.G - 1) / G.G));
@@ -496,6 +502,22 @@ void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& 
     mblocks = std::min((want + G.G * ncolblocks - 1) / (G.G * ncolblocks), (G.Coutg + MR - 1) / MR);
   const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
   mblocks = (G.Coutg + mrows - 1) / mrows;
+  GradWeightGemmSplit split;
+  split.cols = cols, split.ncolblocks = ncolblocks, split.mrows = mrows, split.mblocks = mblocks;
+  return split;
+}
+
+template <typename T>
+void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,
+                      const GradWeightGemmSplit& split, T* gw) {
+  // grad_weight[g] (Coutg x Kc) = sum over images n and chunks of positions
+  // of gy[n, g] (Coutg x positions) * im2col(x[n, g])^T (positions x Kc).
+  // Each chunk of gy is packed once (shared), then tasks over blocks of
+  // (output channels, kernel rows) accumulate into disjoint parts of
+  // grad_weight, every sum in a fixed order whatever the thread count.
+  const int64_t chunk = kGradWeightChunk;
+  const int64_t cols = split.cols, ncolblocks = split.ncolblocks;
+  const int64_t mrows = split.mrows, mblocks = split.mblocks;
   const int64_t tasks = G.G * ncolblocks * mblocks;
   const T* x = input.ptr<const T>();
   const bool pointwise = is_pointwise(G);
@@ -553,9 +575,9 @@ template void grad_input_pointwise<float>(const float*, const detail::Contiguous
 template void grad_input_pointwise<double>(const double*, const detail::Contiguous<double>&,
                                            const ConvGeometry&, double*);
 template void grad_input_gemm<float>(const float*, const detail::Contiguous<float>&,
-                                     const ConvGeometry&, float*);
+                                     const ConvGeometry&, const GradInputGemmSplit&, float*);
 template void grad_input_gemm<double>(const double*, const detail::Contiguous<double>&,
-                                      const ConvGeometry&, double*);
+                                      const ConvGeometry&, const GradInputGemmSplit&, double*);
 template void grad_weight_by_taps<float>(const float*, const TensorView&, const ConvGeometry&,
                                          float*);
 template void grad_weight_by_taps<double>(const double*, const TensorView&, const ConvGeometry&,
@@ -564,9 +586,12 @@ template void grad_weight_by_chunks<float>(const float*, const TensorView&, cons
                                            float*);
 template void grad_weight_by_chunks<double>(const double*, const TensorView&, const ConvGeometry&,
                                             double*);
-template void grad_weight_gemm<float>(const float*, const TensorView&, const ConvGeometry&, float*);
+template GradWeightGemmSplit grad_weight_gemm_split<float>(const ConvGeometry&);
+template GradWeightGemmSplit grad_weight_gemm_split<double>(const ConvGeometry&);
+template void grad_weight_gemm<float>(const float*, const TensorView&, const ConvGeometry&,
+                                      const GradWeightGemmSplit&, float*);
 template void grad_weight_gemm<double>(const double*, const TensorView&, const ConvGeometry&,
-                                       double*);
+                                       const GradWeightGemmSplit&, double*);
 
 }  // namespace conv2d_impl
 }  // namespace convcore

@@ -18,15 +18,19 @@ void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, 
 template <typename T>
 void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
                           T* gx);
+GradInputGemmSplit grad_input_gemm_split(const ConvGeometry& G);
 template <typename T>
 void grad_input_gemm(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
-                     T* gx);
+                     const GradInputGemmSplit& split, T* gx);
 template <typename T>
 void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
 template <typename T>
 void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
 template <typename T>
-void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
+GradWeightGemmSplit grad_weight_gemm_split(const ConvGeometry& G);
+template <typename T>
+void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,
+                      const GradWeightGemmSplit& split, T* gw);
 
 // conv_direct.cpp: the direct kernel over zero-padded copies of the images.
 template <typename T>
@@ -39,9 +43,15 @@ template <typename T>
 void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
                            const ConvPlan& plan, T* gx);
 template <typename T>
-void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry& G, T* gx);
+GradInputDirectSplit grad_input_direct_split(const ConvGeometry& G);
 template <typename T>
-void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
+void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry& G,
+                               const GradInputDirectSplit& split, T* gx);
+template <typename T>
+GradWeightDirectSplit grad_weight_direct_split(const ConvGeometry& G);
+template <typename T>
+void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry& G,
+                        const GradWeightDirectSplit& split, T* gw);
 
 // conv_depthwise.cpp: one input channel per group.
 template <typename T>

@@ -291,6 +291,50 @@ void set_forward_split(const ConvGeometry& F, DType dtype, ConvPlan* plan) {
     plan->gemm_split = f32 ? forward_gemm_split<float>(F) : forward_gemm_split<double>(F);
 }
 
+// The splits of the work of backward's kernels for B (the input as backward
+// reads it), where they run: grad_input with grad_input and grad_output not
+// empty, grad_weight with grad_weight and grad_output not empty
+// (conv2d_backward fills the others without them).
+void set_backward_splits(const ConvGeometry& B, DType dtype, ConvPlan* plan) {
+  const bool f32 = dtype == DType::Float32;
+  const bool outputs = B.N * B.Cout * B.P > 0;
+  if (outputs && B.N * B.C * B.H * B.W > 0) {
+    switch (plan->grad_input) {
+      case GradInputPath::AsForwardDirect:
+      case GradInputPath::AsForwardGemm: {
+        ConvGeometry F = grad_input_as_forward_geometry(B);
+        F.p.algorithm = plan->grad_input == GradInputPath::AsForwardDirect ? ConvAlgorithm::Direct
+                                                                            : ConvAlgorithm::Gemm;
+        set_forward_split(F, dtype, plan);
+        break;
+      }
+      case GradInputPath::DirectStrided:
+        plan->grad_input_direct_split =
+            f32 ? grad_input_direct_split<float>(B) : grad_input_direct_split<double>(B);
+        break;
+      case GradInputPath::Gemm:
+        plan->grad_input_gemm_split = grad_input_gemm_split(B);
+        break;
+      default:
+        break;
+    }
+  }
+  if (outputs && B.Cout * B.Kc > 0) {
+    switch (plan->grad_weight) {
+      case GradWeightPath::Direct:
+        plan->grad_weight_direct_split =
+            f32 ? grad_weight_direct_split<float>(B) : grad_weight_direct_split<double>(B);
+        break;
+      case GradWeightPath::Gemm:
+        plan->grad_weight_gemm_split =
+            f32 ? grad_weight_gemm_split<float>(B) : grad_weight_gemm_split<double>(B);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
 // G.p.algorithm: resolved (never Auto).
 ConvPlan plan_for_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
   ConvPlan plan;
@@ -301,13 +345,7 @@ ConvPlan plan_for_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
     const ConvGeometry B = as_backward_reads(G);
     plan.grad_input = choose_grad_input_path(B, dtype);
     plan.grad_weight = choose_grad_weight_path(B, dtype);
-    if (plan.grad_input == GradInputPath::AsForwardDirect ||
-        plan.grad_input == GradInputPath::AsForwardGemm) {
-      ConvGeometry F = grad_input_as_forward_geometry(B);
-      F.p.algorithm = plan.grad_input == GradInputPath::AsForwardDirect ? ConvAlgorithm::Direct
-                                                                         : ConvAlgorithm::Gemm;
-      set_forward_split(F, dtype, &plan);
-    }
+    set_backward_splits(B, dtype, &plan);
   }
   return plan;
 }

@@ -51,26 +51,27 @@ enum class GradWeightPath { Depthwise, Winograd2, Winograd4, Direct, ByTaps, ByC
 
 enum class ConvPass { Forward, Backward };
 
-// How forward_gemm splits its work (forward_gemm_split): tiles of output
-// positions (tiles per image) and blocks of output channels (blocks per
-// group), and whether the weights are packed once for all tasks.
-struct ForwardGemmSplit {
+// How each kernel splits its work, computed once per shape with the plan
+// (the *_split functions beside the kernels): see the kernels for what
+// each field counts.
+struct ForwardGemmSplit {  // forward_gemm: tiles of positions x blocks of output channels
   int64_t tile = 0, tiles = 0, mrows = 0, mblocks = 0;
-  bool pack_weights = false;
-  bool operator==(const ForwardGemmSplit& o) const {
-    return tile == o.tile && tiles == o.tiles && mrows == o.mrows && mblocks == o.mblocks &&
-           pack_weights == o.pack_weights;
-  }
+  bool pack_weights = false;  // the weights packed once for all tasks
 };
-// How forward_direct splits its work (forward_direct_split): images per
-// padded chunk, output-channel panels per task (ochunks blocks of them),
-// positions per task (pblocks blocks).
-struct ForwardDirectSplit {
+struct ForwardDirectSplit {  // forward_direct: image chunks, channel panels x positions
   int64_t chunk = 0, oblock = 0, ochunks = 0, pblock = 0, pblocks = 0;
-  bool operator==(const ForwardDirectSplit& o) const {
-    return chunk == o.chunk && oblock == o.oblock && ochunks == o.ochunks &&
-           pblock == o.pblock && pblocks == o.pblocks;
-  }
+};
+struct GradInputGemmSplit {  // grad_input_gemm: blocks of input channels
+  int64_t cblock = 0, nblocks = 0;
+};
+struct GradInputDirectSplit {  // grad_input_direct_strided: image chunks, position blocks
+  int64_t chunk = 0, pblock = 0, pblocks = 0;
+};
+struct GradWeightGemmSplit {  // grad_weight_gemm: kernel-row blocks x output-channel blocks
+  int64_t cols = 0, ncolblocks = 0, mrows = 0, mblocks = 0;
+};
+struct GradWeightDirectSplit {  // grad_weight_direct: image chunks
+  int64_t chunk = 0;
 };
 
 // The decisions for one convolution shape and pass.
@@ -78,15 +79,19 @@ struct ConvPlan {
   ConvAlgorithm algorithm = ConvAlgorithm::Gemm;  // never Auto
   GradInputPath grad_input = GradInputPath::Gemm;     // backward only
   GradWeightPath grad_weight = GradWeightPath::Gemm;  // backward only
-  // The split of the forward convolution the plan runs on forward_gemm or
-  // forward_direct: the forward pass's, or in backward grad_input's as a
-  // forward convolution (AsForwardGemm, AsForwardDirect). Unset otherwise.
+  // The splits of the kernels the plan runs (the others stay unset). The
+  // forward ones serve the forward pass, or in backward grad_input run as a
+  // forward convolution (AsForwardGemm, AsForwardDirect).
   ForwardGemmSplit gemm_split;
   ForwardDirectSplit direct_split;
+  GradInputGemmSplit grad_input_gemm_split;
+  GradInputDirectSplit grad_input_direct_split;
+  GradWeightGemmSplit grad_weight_gemm_split;
+  GradWeightDirectSplit grad_weight_direct_split;
+  // Whether two plans run the same kernels (their splits follow from those
+  // and the shape).
   bool operator==(const ConvPlan& o) const {
-    return algorithm == o.algorithm && grad_input == o.grad_input &&
-           grad_weight == o.grad_weight && gemm_split == o.gemm_split &&
-           direct_split == o.direct_split;
+    return algorithm == o.algorithm && grad_input == o.grad_input && grad_weight == o.grad_weight;
   }
 };
 
