@@ -66,7 +66,8 @@ void run_forward(const ConvPlan& plan, const TensorView& input, const detail::Co
   }
 }
 
-// Backward as `plan` says, into the gradients wanted (null: skipped).
+// Backward as `plan` says, into the gradients wanted (null: skipped), with
+// at least one output (conv2d_backward fills the gradients without them).
 template <typename T>
 void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
                   const TensorView& weight, ConvGeometry G, T* gx, T* gw, T* gb) {
@@ -107,30 +108,26 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
     }
   }
   if (gw) {
-    if (G.N == 0) {  // no images: the grad_weight paths assume at least one
-      std::fill(gw, gw + G.Cout * G.Kc, T(0));
-    } else {
-      switch (plan.grad_weight) {
-        case GradWeightPath::Winograd2:
-          grad_weight_winograd<2, T>(gy, x, Gx, gw);
-          break;
-        case GradWeightPath::Winograd4:
-          grad_weight_winograd<4, T>(gy, x, Gx, gw);
-          break;
-        case GradWeightPath::Direct:
-          grad_weight_direct<T>(gy, x, Gx, plan.grad_weight_direct_split, gw);
-          break;
-        case GradWeightPath::ByTaps:
-          grad_weight_by_taps<T>(gy, x, Gx, gw);
-          break;
-        case GradWeightPath::ByChunks:
-          grad_weight_by_chunks<T>(gy, x, Gx, gw);
-          break;
-        case GradWeightPath::Depthwise:
-        case GradWeightPath::Gemm:
-          grad_weight_gemm<T>(gy, x, Gx, plan.grad_weight_gemm_split, gw);
-          break;
-      }
+    switch (plan.grad_weight) {
+      case GradWeightPath::Winograd2:
+        grad_weight_winograd<2, T>(gy, x, Gx, gw);
+        break;
+      case GradWeightPath::Winograd4:
+        grad_weight_winograd<4, T>(gy, x, Gx, gw);
+        break;
+      case GradWeightPath::Direct:
+        grad_weight_direct<T>(gy, x, Gx, plan.grad_weight_direct_split, gw);
+        break;
+      case GradWeightPath::ByTaps:
+        grad_weight_by_taps<T>(gy, x, Gx, gw);
+        break;
+      case GradWeightPath::ByChunks:
+        grad_weight_by_chunks<T>(gy, x, Gx, gw);
+        break;
+      case GradWeightPath::Depthwise:
+      case GradWeightPath::Gemm:
+        grad_weight_gemm<T>(gy, x, Gx, plan.grad_weight_gemm_split, gw);
+        break;
     }
   }
   if (gb) grad_bias_impl<T>(gy, G, gb);
