@@ -92,7 +92,7 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
         grad_input_winograd<4, T>(gy, w.data(), Gx, gx);
         break;
       case GradInputPath::Pointwise:
-        grad_input_pointwise<T>(gy, w, Gx, gx);
+        grad_input_pointwise<T>(gy, w, Gx, plan.grad_input_pointwise_split, gx);
         break;
       case GradInputPath::AsForwardDirect:
       case GradInputPath::AsForwardGemm:
@@ -119,7 +119,7 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
         grad_weight_direct<T>(gy, x, Gx, plan.grad_weight_direct_split, gw);
         break;
       case GradWeightPath::ByTaps:
-        grad_weight_by_taps<T>(gy, x, Gx, gw);
+        grad_weight_by_taps<T>(gy, x, Gx, plan.grad_weight_by_taps_split, gw);
         break;
       case GradWeightPath::ByChunks:
         grad_weight_by_chunks<T>(gy, x, Gx, gw);

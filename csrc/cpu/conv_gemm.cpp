@@ -238,25 +238,35 @@ void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, 
   }
 }
 
+// How grad_input_pointwise splits its work: tiles of positions, at least
+// two tasks per thread.
+template <typename T>
+GradInputPointwiseSplit grad_input_pointwise_split(const ConvGeometry& G) {
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t images = G.N * G.G;
+  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
+  GradInputPointwiseSplit split;
+  split.tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
+                          int64_t(NR), gemm::NC);
+  split.tiles = (G.P + split.tile - 1) / split.tile;
+  return split;
+}
+
 // grad_input of a pointwise convolution: gx[n, g] (Cg x P) = W_g^T (Cg x Coutg)
 // * gy[n, g] (Coutg x P), written straight into gx. Tasks: (image, group,
 // tile of positions).
 template <typename T>
 void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
-                          T* gx) {
-  constexpr int NR = gemm::Tile<T>::NR;
+                          const GradInputPointwiseSplit& split, T* gx) {
   const int64_t a_size = gemm::packed_a_size<T>(G.Cg, G.Coutg);
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();
   for (int64_t g = 0; g < G.G; ++g)  // A(c, o) = weight[g * Coutg + o, c]
     gemm::pack_a_parallel(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
                           a_packed + g * a_size);
-  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
   const int64_t images = G.N * G.G;
-  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
-  const int64_t tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
-                                  int64_t(NR), gemm::NC);
-  const int64_t tiles = (G.P + tile - 1) / tile, tasks = images * tiles;
+  const int64_t tile = split.tile, tiles = split.tiles, tasks = images * tiles;
   const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
 #pragma omp parallel num_threads(threads)
@@ -351,6 +361,19 @@ struct PrepackedB {
 
 }  // namespace
 
+// How grad_weight_by_taps splits its work: blocks of input channels per
+// tap, about two per thread.
+template <typename T>
+GradWeightByTapsSplit grad_weight_by_taps_split(const ConvGeometry& G) {
+  constexpr int MR = gemm::Tile<T>::MR;
+  const int64_t taps = G.KH * G.KW;
+  const int64_t want = static_cast<int64_t>(get_num_threads());
+  GradWeightByTapsSplit split;
+  split.mrows = std::max<int64_t>(4 * MR, gemm::round_up((G.Cg * taps / (2 * want) + 1), MR));
+  split.mblocks = (G.Cg + split.mrows - 1) / split.mrows;
+  return split;
+}
+
 // grad_weight of a stride-1 convolution as one GEMM per kernel tap over the
 // zero-padded image laid out flat: with positions indexed Wp wide
 // (q = oh * Wp + ow, the extra columns given zero gradient), tap (i, j) reads
@@ -361,8 +384,9 @@ struct PrepackedB {
 // It pays where packing the im2col side dominates: few output channels per
 // group (each packed element then feeds only 2 * Coutg flops).
 template <typename T>
-void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
-  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
+void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G,
+                         const GradWeightByTapsSplit& split, T* gw) {
+  constexpr int NR = gemm::Tile<T>::NR;
   const int64_t Hp = G.H + G.p.pad_top + G.p.pad_bottom, Wp = G.W + G.p.pad_left + G.p.pad_right;
   const int64_t plane = Hp * Wp, taps = G.KH * G.KW;
   const int64_t n_wide = (G.Ho - 1) * Wp + G.Wo;  // flat positions of the outputs
@@ -375,9 +399,7 @@ void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometr
   T* gyw = gyw_ws.get();
   T* bpack = bpack_ws.get();
   T* acc = acc_ws.get();
-  const int64_t want = static_cast<int64_t>(get_num_threads());
-  const int64_t mrows = std::max<int64_t>(4 * MR, gemm::round_up((G.Cg * taps / (2 * want) + 1), MR));
-  const int64_t mblocks = (G.Cg + mrows - 1) / mrows;
+  const int64_t mrows = split.mrows, mblocks = split.mblocks;
   const int64_t tasks = taps * mblocks;
   const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
@@ -570,18 +592,24 @@ template void forward_gemm<float>(const TensorView&, const detail::Contiguous<fl
 template void forward_gemm<double>(const TensorView&, const detail::Contiguous<double>&,
                                    const double*, const ConvGeometry&, const ForwardGemmSplit&,
                                    double*);
+template GradInputPointwiseSplit grad_input_pointwise_split<float>(const ConvGeometry&);
+template GradInputPointwiseSplit grad_input_pointwise_split<double>(const ConvGeometry&);
 template void grad_input_pointwise<float>(const float*, const detail::Contiguous<float>&,
-                                          const ConvGeometry&, float*);
+                                          const ConvGeometry&, const GradInputPointwiseSplit&,
+                                          float*);
 template void grad_input_pointwise<double>(const double*, const detail::Contiguous<double>&,
-                                           const ConvGeometry&, double*);
+                                           const ConvGeometry&, const GradInputPointwiseSplit&,
+                                           double*);
 template void grad_input_gemm<float>(const float*, const detail::Contiguous<float>&,
                                      const ConvGeometry&, const GradInputGemmSplit&, float*);
 template void grad_input_gemm<double>(const double*, const detail::Contiguous<double>&,
                                       const ConvGeometry&, const GradInputGemmSplit&, double*);
+template GradWeightByTapsSplit grad_weight_by_taps_split<float>(const ConvGeometry&);
+template GradWeightByTapsSplit grad_weight_by_taps_split<double>(const ConvGeometry&);
 template void grad_weight_by_taps<float>(const float*, const TensorView&, const ConvGeometry&,
-                                         float*);
+                                         const GradWeightByTapsSplit&, float*);
 template void grad_weight_by_taps<double>(const double*, const TensorView&, const ConvGeometry&,
-                                          double*);
+                                          const GradWeightByTapsSplit&, double*);
 template void grad_weight_by_chunks<float>(const float*, const TensorView&, const ConvGeometry&,
                                            float*);
 template void grad_weight_by_chunks<double>(const double*, const TensorView&, const ConvGeometry&,

@@ -16,14 +16,19 @@ template <typename T>
 void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
                   const ConvGeometry& G, const ForwardGemmSplit& split, T* out);
 template <typename T>
+GradInputPointwiseSplit grad_input_pointwise_split(const ConvGeometry& G);
+template <typename T>
 void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
-                          T* gx);
+                          const GradInputPointwiseSplit& split, T* gx);
 GradInputGemmSplit grad_input_gemm_split(const ConvGeometry& G);
 template <typename T>
 void grad_input_gemm(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
                      const GradInputGemmSplit& split, T* gx);
 template <typename T>
-void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
+GradWeightByTapsSplit grad_weight_by_taps_split(const ConvGeometry& G);
+template <typename T>
+void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G,
+                         const GradWeightByTapsSplit& split, T* gw);
 template <typename T>
 void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
 template <typename T>

@@ -312,6 +312,10 @@ void set_backward_splits(const ConvGeometry& B, DType dtype, ConvPlan* plan) {
         plan->grad_input_direct_split =
             f32 ? grad_input_direct_split<float>(B) : grad_input_direct_split<double>(B);
         break;
+      case GradInputPath::Pointwise:
+        plan->grad_input_pointwise_split =
+            f32 ? grad_input_pointwise_split<float>(B) : grad_input_pointwise_split<double>(B);
+        break;
       case GradInputPath::Gemm:
         plan->grad_input_gemm_split = grad_input_gemm_split(B);
         break;
@@ -324,6 +328,10 @@ void set_backward_splits(const ConvGeometry& B, DType dtype, ConvPlan* plan) {
       case GradWeightPath::Direct:
         plan->grad_weight_direct_split =
             f32 ? grad_weight_direct_split<float>(B) : grad_weight_direct_split<double>(B);
+        break;
+      case GradWeightPath::ByTaps:
+        plan->grad_weight_by_taps_split =
+            f32 ? grad_weight_by_taps_split<float>(B) : grad_weight_by_taps_split<double>(B);
         break;
       case GradWeightPath::Gemm:
         plan->grad_weight_gemm_split =

@@ -64,11 +64,17 @@ struct ForwardDirectSplit {  // forward_direct: image chunks, channel panels x p
 struct GradInputGemmSplit {  // grad_input_gemm: blocks of input channels
   int64_t cblock = 0, nblocks = 0;
 };
+struct GradInputPointwiseSplit {  // grad_input_pointwise: tiles of positions
+  int64_t tile = 0, tiles = 0;
+};
 struct GradInputDirectSplit {  // grad_input_direct_strided: image chunks, position blocks
   int64_t chunk = 0, pblock = 0, pblocks = 0;
 };
 struct GradWeightGemmSplit {  // grad_weight_gemm: kernel-row blocks x output-channel blocks
   int64_t cols = 0, ncolblocks = 0, mrows = 0, mblocks = 0;
+};
+struct GradWeightByTapsSplit {  // grad_weight_by_taps: blocks of input channels
+  int64_t mrows = 0, mblocks = 0;
 };
 struct GradWeightDirectSplit {  // grad_weight_direct: image chunks
   int64_t chunk = 0;
@@ -85,8 +91,10 @@ struct ConvPlan {
   ForwardGemmSplit gemm_split;
   ForwardDirectSplit direct_split;
   GradInputGemmSplit grad_input_gemm_split;
+  GradInputPointwiseSplit grad_input_pointwise_split;
   GradInputDirectSplit grad_input_direct_split;
   GradWeightGemmSplit grad_weight_gemm_split;
+  GradWeightByTapsSplit grad_weight_by_taps_split;
   GradWeightDirectSplit grad_weight_direct_split;
   // Whether two plans run the same kernels (their splits follow from those
   // and the shape).
