@@ -460,3 +460,88 @@ def test_one_element_tuples_as_pytorch():
     expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
                                           stride=(2,), padding=(1,), dilation=(2,))
     check_output(out, expected.numpy(), np.float64)
+
+
+# ---------------------------------------------------------------------------
+# plans: cached per shape, shared by threads, bounded
+# ---------------------------------------------------------------------------
+
+def test_plans_shared_by_concurrent_calls():
+    """Python threads (the GIL released) planning and reusing the same and
+    different shapes, while another empties the plan cache, get the results
+    of a lone call, bit for bit."""
+    import threading
+    from convcore import _core
+    rng = np.random.default_rng(0)
+    cases = [((2, 8, 12, 12), (8, 8, 3, 3), dict(padding=1)),
+             ((1, 6, 11, 9), (4, 6, 1, 1), dict()),
+             ((2, 4, 13, 13), (4, 1, 3, 3), dict(padding=1, groups=4)),
+             ((1, 3, 17, 15), (5, 3, 5, 5), dict(stride=2, padding=2))]
+    arrays = [(randn(rng, xs, np.float32), randn(rng, ws, np.float32), kw)
+              for xs, ws, kw in cases]
+    expect = [convcore.conv2d(x, w, **kw) for x, w, kw in arrays]
+    errors = []
+
+    def work(offset):
+        try:
+            for i in range(24):
+                k = (i + offset) % len(arrays)
+                x, w, kw = arrays[k]
+                if convcore.conv2d(x, w, **kw).tobytes() != expect[k].tobytes():
+                    errors.append(k)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(repr(e))
+
+    def clear():
+        for _ in range(24):
+            _core.clear_conv_plan_cache()
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(3)]
+    threads.append(threading.Thread(target=clear))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_plan_cache_stays_bounded():
+    """The cache is emptied when it reaches its bound (4096 plans in
+    conv_plan.cpp), so a program making new shapes forever keeps it small."""
+    from convcore import _core
+    _core.clear_conv_plan_cache()
+    w = np.ones((1, 1, 1, 1), np.float32)
+    for width in range(1, 4200):
+        convcore.conv2d(np.ones((1, 1, 1, width), np.float32), w)
+        assert _core.conv_plan_cache_size() <= 4096
+    assert _core.conv_plan_cache_size() == 4199 - 4096  # emptied once, at shape 4097
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct", "winograd", "winograd4"])
+def test_no_input_channels_gives_the_bias(algorithm):
+    """in_channels=0: every output is its bias; grad_bias sums grad_output
+    (once a division by zero in the direct kernel's chunking)."""
+    x = np.ones((2, 0, 8, 8), np.float32)
+    w = np.ones((4, 0, 3, 3), np.float32)
+    b = np.arange(4, dtype=np.float32)
+    y = convcore.conv2d(x, w, b, algorithm=algorithm)
+    assert y.shape == (2, 4, 6, 6)
+    np.testing.assert_array_equal(y, np.broadcast_to(b[None, :, None, None], y.shape))
+    gx, gw, gb = convcore.conv2d_backward(np.ones(y.shape, np.float32), x, w,
+                                          algorithm=algorithm)
+    assert gx.shape == x.shape and gw.shape == w.shape
+    np.testing.assert_array_equal(gb, np.full(4, 2 * 6 * 6, np.float32))
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_no_output_channels_gives_zero_grad_input(algorithm, stride):
+    """out_channels=0: grad_input is zero (once a division by zero in the
+    direct grad_input paths)."""
+    x = np.ones((1, 16, 8, 8), np.float32)
+    w = np.ones((0, 16, 3, 3), np.float32)
+    y = convcore.conv2d(x, w, stride=stride, padding=1, algorithm=algorithm)
+    gx, gw, gb = convcore.conv2d_backward(np.ones(y.shape, np.float32), x, w, stride=stride,
+                                          padding=1, algorithm=algorithm)
+    np.testing.assert_array_equal(gx, np.zeros_like(x))
+    assert gw.shape == w.shape and gb.shape == (0,)

@@ -213,7 +213,7 @@ def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h):
 
 
 def test_auto_picks_winograd_where_it_pays(two_threads):
-    """algorithm='auto' (winograd4_pays / winograd_pays in csrc/cpu/conv.cpp;
+    """algorithm='auto' (winograd4_pays / winograd_pays in csrc/cpu/conv_plan.cpp;
     update this test with those rules), for forward and grad_input alike, and
     for grad_weight (winograd2_grad_weight_pays):
     F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2) on smaller
@@ -503,3 +503,130 @@ def test_direct_skips_padding_rows(dtype, shape, weight, kw):
     w = rng.standard_normal(weight).astype(dtype)
     b = rng.standard_normal(weight[0]).astype(dtype)
     _check_direct(rng, x, w, b, dtype, **kw)
+
+
+# Shapes where several algorithms apply (the autotune's candidates) or the
+# rules take different paths: a 3x3 on 64 channels (Winograd F(2x2), F(4x4),
+# direct, gemm), a pointwise layer, a depthwise one, a strided one, grouped.
+PLAN_CASES = [
+    ((2, 64, 12, 12), (64, 64, 3, 3), dict(padding=1)),
+    ((2, 16, 9, 11), (24, 16, 1, 1), dict()),
+    ((2, 8, 10, 10), (8, 1, 3, 3), dict(padding=1, groups=8)),
+    ((2, 6, 13, 11), (10, 6, 5, 5), dict(stride=2, padding=2)),
+    ((1, 8, 9, 9), (6, 4, 3, 3), dict(padding=1, dilation=2, groups=2)),
+]
+
+
+def _plan_case_arrays(shape, weight, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal(weight) / np.sqrt(np.prod(weight[1:]))).astype(dtype)
+    b = rng.standard_normal(weight[0]).astype(dtype)
+    return x, w, b
+
+
+@pytest.fixture
+def autotune_off_after():
+    yield
+    convcore.set_autotune(False)
+
+
+def test_autotune_is_off_by_default():
+    assert convcore.get_autotune() is False
+
+
+def test_plans_are_cached_per_shape_and_pass():
+    """A shape is planned once per pass: calls with a seen shape add no plan."""
+    from convcore import _core
+    x, w, b = _plan_case_arrays((1, 3, 8, 8), (5, 3, 3, 3), np.float32)
+    _core.clear_conv_plan_cache()
+    assert _core.conv_plan_cache_size() == 0
+    y = convcore.conv2d(x, w, b, padding=1)
+    assert _core.conv_plan_cache_size() == 1
+    convcore.conv2d(x, w, b, padding=1)
+    assert _core.conv_plan_cache_size() == 1
+    convcore.conv2d_backward(np.ones_like(y), x, w, padding=1)
+    assert _core.conv_plan_cache_size() == 2
+    convcore.conv2d(x, w, b, padding=2)  # other parameters: another plan
+    convcore.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)  # another dtype
+    assert _core.conv_plan_cache_size() == 4
+    with pytest.raises(ValueError, match="algorithm='pointwise'"):  # not cached, refused again
+        convcore.conv2d(x, w, algorithm="pointwise")
+    with pytest.raises(ValueError, match="algorithm='pointwise'"):
+        convcore.conv2d(x, w, algorithm="pointwise")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_results_bit_identical_across_runs_with_autotune_off(dtype):
+    """With autotune off the rules choose: the same call gives the same bits,
+    whether its plan is fresh or cached."""
+    from convcore import _core
+    for shape, weight, kw in PLAN_CASES:
+        x, w, b = _plan_case_arrays(shape, weight, dtype)
+        gy = np.random.default_rng(1).standard_normal(
+            convcore.conv2d(x, w, b, **kw).shape).astype(dtype)
+        runs = []
+        for clear in (True, False, True):
+            if clear:
+                _core.clear_conv_plan_cache()
+            y = convcore.conv2d(x, w, b, **kw)
+            runs.append([y] + list(convcore.conv2d_backward(gy, x, w, **kw)))
+        for run in runs[1:]:
+            for got, first in zip(run, runs[0]):
+                assert got.tobytes() == first.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_autotune_matches_reference(dtype, autotune_off_after):
+    """The autotune times the candidates on the caller's buffers and keeps the
+    fastest: its results (first call, then from the cached plan) match the
+    reference, within Winograd F(4x4)'s float32 tolerance, and the cached
+    plan gives the same bits on every later call."""
+    from convcore import _core
+    convcore.set_autotune(True)
+    assert convcore.get_autotune() is True
+    _core.clear_conv_plan_cache()
+    tol = F32_RTOL["winograd4"] if np.dtype(dtype) == np.float32 else None
+    for shape, weight, kw in PLAN_CASES:
+        x, w, b = _plan_case_arrays(shape, weight, dtype)
+        expect = ref.conv2d_ref(x, w, b, **kw)
+        gy = np.random.default_rng(1).standard_normal(expect.shape).astype(dtype)
+        egx, egw, egb = ref.conv2d_backward_ref(gy, x, w, **kw)
+        outs = []
+        for _ in range(2):  # tuned, then from the cache
+            y = convcore.conv2d(x, w, b, **kw)
+            gx, gw, gb = convcore.conv2d_backward(gy, x, w, **kw)
+            assert_close(y, expect, dtype, tol, what="autotuned forward")
+            assert_close(gx, egx, dtype, tol, what="autotuned grad_input")
+            assert_close(gw, egw, dtype, tol, what="autotuned grad_weight")
+            assert_close(gb, egb, dtype, what="autotuned grad_bias")
+            outs.append([y, gx, gw, gb])
+        for got, first in zip(outs[1], outs[0]):  # the tuned call left the chosen plan's bits
+            assert got.tobytes() == first.tobytes()
+    # an algorithm named explicitly is never tuned
+    x, w, b = _plan_case_arrays(*PLAN_CASES[0][:2], dtype)
+    convcore.set_autotune(False)
+    named = convcore.conv2d(x, w, b, algorithm="gemm", **PLAN_CASES[0][2])
+    convcore.set_autotune(True)
+    tuned_named = convcore.conv2d(x, w, b, algorithm="gemm", **PLAN_CASES[0][2])
+    assert tuned_named.tobytes() == named.tobytes()
+
+
+def test_autotune_skips_candidates_that_run_out_of_memory(autotune_off_after):
+    """Under a workspace limit the rules' plan (here the direct kernel) fits
+    and Winograd does not: the autotune skips what runs out of memory and
+    leaves the results of a candidate that ran to the end."""
+    from convcore import _core
+    x, w, b = _plan_case_arrays((1, 16, 32, 32), (16, 16, 3, 3), np.float32)
+    expect = convcore.conv2d(x, w, b, padding=1)
+    _core.set_workspace_limit(200 << 10)
+    try:
+        assert convcore.conv2d(x, w, b, padding=1).tobytes() == expect.tobytes()
+        with pytest.raises(MemoryError):
+            convcore.conv2d(x, w, b, padding=1, algorithm="winograd")
+        convcore.set_autotune(True)
+        _core.clear_conv_plan_cache()
+        got = convcore.conv2d(x, w, b, padding=1)
+    finally:
+        _core.set_workspace_limit(0)
+    assert got.tobytes() == expect.tobytes()

@@ -689,6 +689,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_workspace_limit", &convcore::set_workspace_limit, py::arg("bytes"),
         "Most bytes one piece of scratch memory may take (0: physical memory)");
   m.def("workspace_limit", &convcore::workspace_limit);
+  m.def("set_conv_autotune", &convcore::set_conv_autotune, py::arg("on"),
+        "On: the first conv2d / conv2d_backward call of a shape with algorithm='auto' times the "
+        "algorithms that apply and keeps the fastest for that shape. Off (the default): the "
+        "rules choose, and results are deterministic");
+  m.def("get_conv_autotune", &convcore::get_conv_autotune);
+  m.def("conv_plan_cache_size", &convcore::conv_plan_cache_size,
+        "Convolution plans cached (one per shape, parameters, pass, dtype, ISA, threads)");
+  m.def("clear_conv_plan_cache", &convcore::clear_conv_plan_cache);
 
   m.def("safetensors_header", &safetensors_header, py::arg("buf"), py::arg("path"));
   m.def("check_model", &check_model, py::arg("metadata"), py::arg("tensors"), py::arg("path"));

@@ -41,6 +41,8 @@ from .io import load, load_state_dict_file, save  # noqa: E402
 from .compiled import CompiledModel, compile  # noqa: E402,A004  (inference by the C++ engine)
 from .cuda import to_dlpack  # noqa: E402  (GPU results to torch.from_dlpack; no cupy import)
 from . import onnx  # noqa: E402,A004  (ONNX import/export; the onnx package loads on first use)
+from ._core import get_conv_autotune as get_autotune  # noqa: E402  (convolution plans)
+from ._core import set_conv_autotune as set_autotune  # noqa: E402
 
 
 __all__ = [
@@ -68,6 +70,7 @@ __all__ = [
     "conv2d",
     "conv2d_backward",
     "conv2d_output_shape",
+    "get_autotune",
     "get_num_threads",
     "linear",
     "linear_backward",
@@ -78,6 +81,7 @@ __all__ = [
     "pool2d_output_shape",
     "relu",
     "relu_backward",
+    "set_autotune",
     "set_num_threads",
     "to_dlpack",
 ]

@@ -17,6 +17,16 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
                      const TensorView* grad_input, const TensorView* grad_weight,
                      const TensorView* grad_bias);
 
+// Convolution plans: each (shape, parameters, pass, dtype, instruction set,
+// thread count) is planned once and the plan cached. With autotune on, the
+// first call of a shape with algorithm auto times the algorithms that apply
+// (on the caller's arguments and output buffers) and keeps the fastest; off
+// (the default), the rules choose, and results are deterministic.
+void set_conv_autotune(bool on);
+bool get_conv_autotune();
+int64_t conv_plan_cache_size();
+void clear_conv_plan_cache();
+
 // indices (optional, int64): flat h * W + w index of the max in each input plane.
 void max_pool2d_forward(const TensorView& input, const Pool2dParams& p, const TensorView& output,
                         const TensorView* indices);

@@ -1,0 +1,551 @@
+// 2-D convolution on the direct kernel (gemm::gather_kernel): forward,
+// grad_input (as a forward convolution at stride 1, by phases when strided)
+// and grad_weight, each over zero-padded copies of the images, with no
+// im2col packing.
+#include <omp.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "conv_kernels.h"
+#include "conv_plan.h"
+#include "gemm.h"
+#include "strided.h"
+
+namespace convcore {
+namespace conv2d_impl {
+
+namespace {
+
+// Copies the n images at x (strides of G) into Hp x Wp planes, zero padded:
+// plane (image, channel) at out + (image * C + channel) * Hp * Wp, input row
+// ih at plane row ih + pad_top (rows and columns past Hp, Wp are dropped:
+// no output reads them).
+template <typename T>
+void pad_planes(const T* x, int64_t n, const ConvGeometry& G, int64_t Hp, int64_t Wp, T* out) {
+  const int64_t plane = Hp * Wp;
+  const int64_t lo = std::clamp<int64_t>(G.p.pad_left, 0, Wp);
+  const int64_t hi = std::clamp<int64_t>(G.p.pad_left + G.W, lo, Wp);
+#pragma omp parallel for num_threads(detail::threads_for(n * G.C, n * G.C * plane)) schedule(static)
+  for (int64_t u = 0; u < n * G.C; ++u) {
+    const T* src = x + (u / G.C) * G.xs_n + (u % G.C) * G.xs_c;
+    T* dst = out + u * plane;
+    for (int64_t r = 0; r < Hp; ++r) {
+      const int64_t ih = r - G.p.pad_top;
+      T* drow = dst + r * Wp;
+      if (ih < 0 || ih >= G.H) {
+        std::fill(drow, drow + Wp, T(0));
+        continue;
+      }
+      std::fill(drow, drow + lo, T(0));
+      const T* srow = src + ih * G.xs_h + (lo - G.p.pad_left) * G.xs_w;
+      if (G.xs_w == 1)
+        std::copy(srow, srow + (hi - lo), drow + lo);
+      else
+        for (int64_t j = 0; j < hi - lo; ++j) drow[lo + j] = srow[j * G.xs_w];
+      std::fill(drow + hi, drow + Wp, T(0));
+    }
+  }
+}
+
+}  // namespace
+
+// How forward_direct splits its work: chunks of images, blocks of output
+// channels and positions.
+template <typename T>
+ForwardDirectSplit forward_direct_split(const ConvGeometry& G) {
+  constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
+  const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
+  const int64_t Wp = (G.Wo - 1) * G.p.stride_w + (G.KW - 1) * G.p.dilation_w + 1;
+  const int64_t image = G.C * Hp * Wp, panels = (G.Coutg + NR - 1) / NR;
+  // Images are padded in chunks of at most kChunkBytes.
+  constexpr int64_t kChunkBytes = int64_t(8) << 20;
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (image * int64_t(sizeof(T))), 1, G.N);
+  // Tasks: whole images when a chunk has 8 per thread. With fewer, split
+  // the output channels first (each task then reads only its panels of the
+  // weights: 3.5 MB in all for AlexNet's conv3, which tasks splitting
+  // positions would each stream from memory), then the positions. Two tasks
+  // per thread left threads idle at each chunk's end (ResNet 3x3/2: 4
+  // images of 1.7 MB per 8 MB chunk); eight: ResNet 3x3/2 forward 1.16-1.21x,
+  // dilated 3x3 1.12x, AlexNet conv4 at batch 1 1.25x (2-core Zen 3).
+  const int64_t want = 8 * static_cast<int64_t>(get_num_threads());
+  const int64_t images = chunk * G.G;
+  const int64_t oblocks = std::clamp<int64_t>((want + images - 1) / images, 1, panels);
+  const int64_t oblock = (panels + oblocks - 1) / oblocks;  // panels per task
+  const int64_t pieces = std::max<int64_t>(1, (want + images * oblocks - 1) / (images * oblocks));
+  const int64_t pblock = gemm::round_up((G.P + pieces - 1) / pieces, MR);
+  const int64_t pblocks = (G.P + pblock - 1) / pblock;
+  const int64_t ochunks = (panels + oblock - 1) / oblock;
+  ForwardDirectSplit split;
+  split.chunk = chunk, split.oblock = oblock, split.ochunks = ochunks;
+  split.pblock = pblock, split.pblocks = pblocks;
+  return split;
+}
+
+// Direct convolution: the GEMM of forward_gemm turned around, so that
+// nothing is packed per tile. Output positions are the rows of a tile (MR of
+// them, in output order, across row ends), output channels its columns (one
+// NR-wide panel of the packed weights, B(k, o) = weight[o, k]); the
+// microkernel broadcasts input values straight from a zero-padded copy of
+// the image (gemm::gather_kernel: row i of the tile reads the window of
+// position i, tap k at a fixed offset koff[k] inside it), so strides and
+// dilations cost nothing extra, and no im2col block is packed: for 64
+// channels that packing took a fifth of forward_gemm's time. The tile is
+// then written transposed into the NCHW output. Images are padded in chunks
+// of at most kChunkBytes; tasks are (image, block of positions).
+//
+// The tiles of a task go in blocks of kDirectBlockTiles (96 positions), each
+// block taking every panel of the task with the taps in slices of
+// kDirectTaps, so that the block's rows of the image and the slice of the
+// panel stay in cache while all the block's tiles use them. One tile at a
+// time over all K taps streamed the whole panel (300 KB for AlexNet's conv2)
+// through L2 per tile. A/B on a 2-core Zen 3 (AVX2), min of 8 interleaved
+// runs: AlexNet conv2 forward 1.10x (155 -> 171 GFLOP/s, 2 threads) and
+// backward 1.08x, 13x13 at batch 1 1.12x, ResNet 3x3/2 1.05x, the rest level;
+// 128 or 512 taps and 4 or 16 tiles measured the same within 2%; blocks of
+// one tile with sliced taps lost 3-15%.
+constexpr int64_t kDirectTaps = 256, kDirectBlockTiles = 8;
+
+template <typename T>
+void forward_direct(const TensorView& input, const T* weight, const T* bias,
+                    const ConvGeometry& G, const ForwardDirectSplit& split, T* out) {
+  constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
+  const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
+  // The padded frame holds exactly what the output reads.
+  const int64_t Hp = (G.Ho - 1) * sh + (G.KH - 1) * dh + 1;
+  const int64_t Wp = (G.Wo - 1) * sw + (G.KW - 1) * dw + 1;
+  const int64_t plane = Hp * Wp, image = G.C * plane;
+  const int64_t K = G.Kc, panels = (G.Coutg + NR - 1) / NR;
+  // Taps in slices of up to kDirectTaps: blocks of cb channels, each
+  // ordered (kernel row i, channel c, column j), so that inside a slice
+  // each kernel row is one run of taps and a tile whose positions all read
+  // zero padding rows for some i skips that run (row_range). A/B against
+  // the same slices in (c, i, j) order without skipping (2-core Zen 3, min
+  // of 8, two runs): AlexNet conv2 forward 1.04-1.05x (5x5 / pad 2 on
+  // 27x27: 4.4% of its taps skipped), backward 1.02x (its grad_input is
+  // this forward), conv4 at batch 1 1.04-1.05x, ResNet conv1 0.97-0.98x. A
+  // third, noisier run gave conv4 and VGG conv5_2 at batch 1 1.18-1.20x
+  // and 1.13-1.14x, ResNet conv1 1.01x (and conv2 forward 0.98x and 1.16x
+  // for two settings that ran the same code).
+  const int64_t khw = G.KH * G.KW, cb = std::max<int64_t>(1, kDirectTaps / khw);
+  // The kernel rows [*lo, *hi) that positions [q0, q1) read inside the
+  // image: some position's frame row oh * sh + i * dh in [pad_top, pad_top + H).
+  auto row_range = [&](int64_t q0, int64_t q1, int64_t* lo, int64_t* hi) {
+    const int64_t top = G.p.pad_top - (q1 - 1) / G.Wo * sh;
+    const int64_t bottom = G.p.pad_top + G.H - 1 - q0 / G.Wo * sh;
+    *lo = std::min(G.KH, top <= 0 ? 0 : (top + dh - 1) / dh);
+    *hi = std::max(*lo, bottom < 0 ? 0 : std::min(G.KH, bottom / dh + 1));
+  };
+  // Where tap (c, i, j) of the slice of nc channels from c0 goes.
+  auto tap_index = [&](int64_t c0, int64_t nc, int64_t c, int64_t i, int64_t j) {
+    return c0 * khw + (i * nc + c - c0) * G.KW + j;
+  };
+  std::vector<int64_t> koff(static_cast<size_t>(K));
+  for (int64_t c = 0; c < G.Cg; ++c)
+    for (int64_t i = 0; i < G.KH; ++i)
+      for (int64_t j = 0; j < G.KW; ++j) {
+        const int64_t c0 = c / cb * cb, nc = std::min(cb, G.Cg - c0);
+        koff[static_cast<size_t>(tap_index(c0, nc, c, i, j))] = c * plane + i * dh * Wp + j * dw;
+      }
+  // Weights: per group, `panels` panels of K x NR in the slices' tap order,
+  // B(slice tap, j) = weight[o0 + j, tap], one slice at a time (the
+  // slice's rows stay in L1 while each output channel's weights are read
+  // along the taps).
+  detail::Workspace<T> w_ws(1, G.G * panels * K * NR);
+  T* wpacked = w_ws.get();
+#pragma omp parallel for num_threads(detail::threads_for(G.G * panels, G.Cout * K)) schedule(static)
+  for (int64_t u = 0; u < G.G * panels; ++u) {
+    const int64_t g = u / panels, o0 = (u % panels) * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
+    T* panel = wpacked + u * K * NR;
+    for (int64_t c0 = 0; c0 < G.Cg; c0 += cb) {
+      const int64_t nc = std::min(cb, G.Cg - c0);
+      T* slice = panel + c0 * khw * NR;
+      for (int64_t j = 0; j < NR; ++j) {
+        if (j >= no) {  // the panel's columns past the last output channel
+          for (int64_t k = 0; k < nc * khw; ++k) slice[k * NR + j] = T(0);
+          continue;
+        }
+        const T* w = weight + (g * G.Coutg + o0 + j) * K + c0 * khw;  // taps (c, i, kw)
+        for (int64_t c = 0; c < nc; ++c)
+          for (int64_t i = 0; i < G.KH; ++i) {
+            T* dst = panel + tap_index(c0, nc, c0 + c, i, 0) * NR + j;
+            const T* src = w + (c * G.KH + i) * G.KW;
+            for (int64_t kw = 0; kw < G.KW; ++kw) dst[kw * NR] = src[kw];
+          }
+      }
+    }
+  }
+  const int64_t chunk = split.chunk;
+  detail::Workspace<T> x_ws(1, chunk * image);
+  T* xpad = x_ws.get();
+  const int64_t oblock = split.oblock, ochunks = split.ochunks;
+  const int64_t pblock = split.pblock, pblocks = split.pblocks;
+  const int64_t work = G.N * G.Cout * G.P * K;
+  const T* x = input.ptr<const T>();
+  for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, G.N - n0);
+    pad_planes(x + n0 * G.xs_n, nn, G, Hp, Wp, xpad);
+    const int64_t tasks = nn * G.G * ochunks * pblocks;
+    const int threads = detail::threads_for(tasks, work);
+    detail::Workspace<T> tile_ws(threads, kDirectBlockTiles * MR * NR);
+#pragma omp parallel num_threads(threads)
+    {
+      T* tiles = tile_ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n = t / (G.G * ochunks * pblocks), g = (t / (ochunks * pblocks)) % G.G;
+        const int64_t u_begin = ((t / pblocks) % ochunks) * oblock;
+        const int64_t u_end = std::min(panels, u_begin + oblock);
+        const int64_t q_begin = (t % pblocks) * pblock, q_end = std::min(G.P, q_begin + pblock);
+        const T* xg = xpad + (n * G.C + g * G.Cg) * plane;
+        for (int64_t qb = q_begin; qb < q_end; qb += kDirectBlockTiles * MR) {
+          const int64_t qe = std::min(q_end, qb + kDirectBlockTiles * MR);
+          // The window of each position of the block, found once for all
+          // its panels and slices.
+          const T* rows[kDirectBlockTiles * MR];
+          for (int64_t q = qb, oh = qb / G.Wo, ow = qb % G.Wo; q < qe; ++q) {
+            rows[q - qb] = xg + oh * sh * Wp + ow * sw;
+            if (++ow == G.Wo) ow = 0, ++oh;
+          }
+          int64_t row_lo[kDirectBlockTiles], row_hi[kDirectBlockTiles];
+          for (int64_t q0 = qb; q0 < qe; q0 += MR)
+            row_range(q0, std::min(qe, q0 + MR), &row_lo[(q0 - qb) / MR], &row_hi[(q0 - qb) / MR]);
+          for (int64_t u = u_begin; u < u_end; ++u) {
+            const int64_t o0 = u * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
+            const T* b = wpacked + (g * panels + u) * K * NR;
+            for (int64_t c0 = 0; c0 < G.Cg; c0 += cb) {  // a slice: channels [c0, c0 + nc)
+              const int64_t nc = std::min(cb, G.Cg - c0), k0 = c0 * khw;
+              for (int64_t q0 = qb; q0 < qe; q0 += MR) {
+                const int64_t tq = (q0 - qb) / MR;
+                const int mr = static_cast<int>(std::min<int64_t>(MR, qe - q0));
+                const int64_t lo = k0 + row_lo[tq] * nc * G.KW, hi = k0 + row_hi[tq] * nc * G.KW;
+                if (lo < hi)
+                  gemm::gather_kernel(hi - lo, koff.data() + lo, rows + (q0 - qb), b + lo * NR,
+                                      tiles + (q0 - qb) * NR, mr, c0 > 0);
+              }
+            }
+            for (int64_t q0 = qb; q0 < qe; q0 += MR) {  // all taps in the padding
+              const int64_t tq = (q0 - qb) / MR;
+              if (row_lo[tq] >= row_hi[tq])
+                std::fill(tiles + (q0 - qb) * NR, tiles + std::min(qe - qb, q0 - qb + MR) * NR, T(0));
+            }
+            T* c = out + ((n0 + n) * G.Cout + g * G.Coutg + o0) * G.P;
+            gemm::store_transposed(tiles, qe - qb, no, bias ? bias + g * G.Coutg + o0 : nullptr,
+                                   c + qb, G.P);
+          }
+        }
+      }
+    }
+  }
+}
+
+// grad_input of a stride-1 convolution is a forward convolution of
+// grad_output with the flipped, transposed filters (per group) and padding
+// dilation * (k - 1) - p (grad_input_as_forward_geometry), so it runs on the
+// forward path: no column buffer, no scatter; on forward_direct or
+// forward_gemm as the plan says, with its split of the work.
+template <typename T>
+void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
+                           const ConvPlan& plan, T* gx) {
+  const bool direct = plan.grad_input == GradInputPath::AsForwardDirect;
+  // flipped[g * Cg + c, o, i, j] = weight[g * Coutg + o, c, KH - 1 - i, KW - 1 - j]
+  detail::Workspace<T> w_ws(1, G.Cout * G.Kc);
+  T* flipped = w_ws.get();
+  const int64_t khw = G.KH * G.KW;
+  for (int64_t g = 0; g < G.G; ++g)
+    for (int64_t c = 0; c < G.Cg; ++c)
+      for (int64_t o = 0; o < G.Coutg; ++o) {
+        const T* src = weight + ((g * G.Coutg + o) * G.Cg + c) * khw;
+        T* dst = flipped + ((g * G.Cg + c) * G.Coutg + o) * khw;
+        for (int64_t k = 0; k < khw; ++k) dst[k] = src[khw - 1 - k];
+      }
+  const int64_t wshape[4] = {G.C, G.Coutg, G.KH, G.KW};
+  const DType dtype = std::is_same_v<T, float> ? DType::Float32 : DType::Float64;
+  const TensorView wv = contiguous_view(flipped, dtype, 4, wshape);
+  const detail::Contiguous<T> wc(wv);
+  const int64_t gshape[4] = {G.N, G.Cout, G.Ho, G.Wo};
+  const TensorView gyv = contiguous_view(const_cast<T*>(gy), dtype, 4, gshape);
+  ConvGeometry F = grad_input_as_forward_geometry(G);
+  F.p.algorithm = direct ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
+  if (!direct)
+    forward_gemm<T>(gyv, wc, nullptr, F, plan.gemm_split, gx);
+  else
+    forward_direct<T>(gyv, wc.data(), nullptr, F, plan.direct_split, gx);
+}
+
+// How grad_input_direct_strided splits its work: images per framed chunk,
+// blocks of input positions per (image, group, phase).
+template <typename T>
+GradInputDirectSplit grad_input_direct_split(const ConvGeometry& G) {
+  constexpr int MR = gemm::Tile<T>::MR;
+  const int64_t sh = G.p.stride_h, sw = G.p.stride_w;
+  const int64_t Mh = (G.KH - 1) * G.p.dilation_h / sh, Mw = (G.KW - 1) * G.p.dilation_w / sw;
+  const int64_t Hf = std::max((G.H - 1 + G.p.pad_top) / sh, G.Ho - 1) + Mh + 1;
+  const int64_t Wf = std::max((G.W - 1 + G.p.pad_left) / sw, G.Wo - 1) + Mw + 1;
+  const int64_t frame = G.Cout * Hf * Wf, phases = sh * sw;
+  constexpr int64_t kChunkBytes = int64_t(8) << 20;
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (frame * int64_t(sizeof(T))), 1, G.N);
+  // Blocks of input positions per (image, group, phase): enough tasks for
+  // every thread at small batch.
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t per_plane = std::max<int64_t>(1, (want + chunk * G.G * phases - 1) /
+                                                     (chunk * G.G * phases));
+  const int64_t HWph = ((G.H + sh - 1) / sh) * ((G.W + sw - 1) / sw);  // largest phase
+  const int64_t pblock = gemm::round_up((HWph + per_plane - 1) / per_plane, MR);
+  GradInputDirectSplit split;
+  split.chunk = chunk, split.pblock = pblock, split.pblocks = (HWph + pblock - 1) / pblock;
+  return split;
+}
+
+// grad_input of a strided convolution on the direct kernel. Input row ih
+// receives from the taps kh with kh * dh = ph + sh * m (ph = (ih + pt) mod sh,
+// m >= 0) at grad_output row (ih + pt - ph) / sh - m: for each phase
+// (ph, pw) of the input a stride-1 sum over its own taps. The tile's rows
+// are input positions of one phase, its columns NR input channels (packed
+// weights B((o, kh, kw), c) = weight[o, c, kh, kw] over the phase's taps),
+// and the kernel reads grad_output in place from a zero-framed copy (row i
+// at its (eh, ew) = ((ih + pt - ph) / sh, (iw + pl - pw) / sw), tap k at
+// -(m_h * Wf + m_w) plus its channel's plane). Input positions that no tap
+// reaches (a phase without taps) get zero. Tasks: (image, group, phase,
+// block of positions); images are framed in chunks.
+template <typename T>
+void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry& G,
+                               const GradInputDirectSplit& split, T* gx) {
+  constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
+  const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
+  const int64_t pt = G.p.pad_top, pl = G.p.pad_left;
+  const int64_t Mh = (G.KH - 1) * dh / sh, Mw = (G.KW - 1) * dw / sw;  // largest m
+  // The frame: grad_output rows -Mh .. (H - 1 + pt) / sh, zero outside [0, Ho).
+  const int64_t Hf = std::max((G.H - 1 + pt) / sh, G.Ho - 1) + Mh + 1;
+  const int64_t Wf = std::max((G.W - 1 + pl) / sw, G.Wo - 1) + Mw + 1;
+  const int64_t fplane = Hf * Wf, frame = G.Cout * fplane;
+  const int64_t phases = sh * sw, cpanels = (G.Cg + NR - 1) / NR;
+  // Per phase: its taps (as reduction offsets) and its packed weights.
+  std::vector<std::vector<int64_t>> koff(static_cast<size_t>(phases));
+  std::vector<int64_t> wpos(static_cast<size_t>(phases) + 1, 0);  // packed weights offsets
+  for (int64_t ph = 0; ph < phases; ++ph) {
+    auto& ko = koff[static_cast<size_t>(ph)];
+    for (int64_t o = 0; o < G.Coutg; ++o)
+      for (int64_t kh = 0; kh < G.KH; ++kh)
+        for (int64_t kw = 0; kw < G.KW; ++kw)
+          if ((kh * dh) % sh == ph / sw && (kw * dw) % sw == ph % sw)
+            ko.push_back(o * fplane - (kh * dh / sh) * Wf - (kw * dw / sw));
+    wpos[static_cast<size_t>(ph) + 1] =
+        wpos[static_cast<size_t>(ph)] + static_cast<int64_t>(ko.size()) * G.G * cpanels * NR;
+  }
+  detail::Workspace<T> w_ws(1, std::max<int64_t>(1, wpos.back()));
+  T* wpacked = w_ws.get();  // phase ph, group g, panel u: wpos[ph] + (g * cpanels + u) * K * NR
+  for (int64_t ph = 0; ph < phases; ++ph) {
+    const int64_t K = static_cast<int64_t>(koff[static_cast<size_t>(ph)].size());
+    for (int64_t g = 0; g < G.G; ++g)
+      for (int64_t u = 0; u < cpanels; ++u) {
+        T* dst = wpacked + wpos[static_cast<size_t>(ph)] + (g * cpanels + u) * K * NR;
+        int64_t k = 0;
+        for (int64_t o = 0; o < G.Coutg; ++o)
+          for (int64_t kh = 0; kh < G.KH; ++kh)
+            for (int64_t kw = 0; kw < G.KW; ++kw) {
+              if ((kh * dh) % sh != ph / sw || (kw * dw) % sw != ph % sw) continue;
+              for (int64_t j = 0; j < NR; ++j) {
+                const int64_t c = u * NR + j;
+                dst[k * NR + j] =
+                    c < G.Cg ? weight[(((g * G.Coutg + o) * G.Cg + c) * G.KH + kh) * G.KW + kw]
+                             : T(0);
+              }
+              ++k;
+            }
+      }
+  }
+  const int64_t chunk = split.chunk, pblock = split.pblock, pblocks = split.pblocks;
+  detail::Workspace<T> f_ws(1, chunk * frame);
+  T* gyf = f_ws.get();
+  for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, G.N - n0);
+#pragma omp parallel for num_threads(detail::threads_for(nn * G.Cout, nn * frame)) schedule(static)
+    for (int64_t v = 0; v < nn * G.Cout; ++v) {
+      const T* src = gy + (n0 * G.Cout + v) * G.P;
+      T* dst = gyf + v * fplane;
+      std::fill(dst, dst + Mh * Wf, T(0));
+      for (int64_t r = 0; r < Hf - Mh; ++r) {
+        T* row = dst + (r + Mh) * Wf;
+        std::fill(row, row + Mw, T(0));
+        if (r < G.Ho) {
+          std::copy(src + r * G.Wo, src + (r + 1) * G.Wo, row + Mw);
+          std::fill(row + Mw + G.Wo, row + Wf, T(0));
+        } else {
+          std::fill(row + Mw, row + Wf, T(0));
+        }
+      }
+    }
+    const int64_t tasks = nn * G.G * phases * pblocks;
+    const int threads = detail::threads_for(tasks, nn * G.Cout * G.P * G.Kc);
+    detail::Workspace<T> tile_ws(threads, MR * NR);
+#pragma omp parallel num_threads(threads)
+    {
+      T* tile = tile_ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n = t / (G.G * phases * pblocks), g = (t / (phases * pblocks)) % G.G;
+        const int64_t ph = (t / pblocks) % phases, pb = t % pblocks;
+        const int64_t rh = ph / sw, rw = ph % sw;
+        // The phase's input positions: ih = ih0 + sh * a, iw = iw0 + sw * b.
+        const int64_t ih0 = ((rh - pt) % sh + sh) % sh, iw0 = ((rw - pl) % sw + sw) % sw;
+        const int64_t Ha = ih0 < G.H ? (G.H - ih0 + sh - 1) / sh : 0;
+        const int64_t Wa = iw0 < G.W ? (G.W - iw0 + sw - 1) / sw : 0;
+        const int64_t p_begin = pb * pblock, p_end = std::min(Ha * Wa, p_begin + pblock);
+        if (p_begin >= p_end) continue;
+        const auto& ko = koff[static_cast<size_t>(ph)];
+        const int64_t K = static_cast<int64_t>(ko.size());
+        T* gxg = gx + ((n0 + n) * G.C + g * G.Cg) * G.H * G.W;
+        const T* fg = gyf + (n * G.Cout + g * G.Coutg) * fplane;
+        for (int64_t u = 0; u < cpanels; ++u) {
+          const int64_t c0 = u * NR, nc = std::min<int64_t>(NR, G.Cg - c0);
+          const T* b = wpacked + wpos[static_cast<size_t>(ph)] + (g * cpanels + u) * K * NR;
+          for (int64_t p0 = p_begin; p0 < p_end; p0 += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, p_end - p0));
+            int64_t pos[MR];
+            if (K > 0) {
+              const T* rows[MR];
+              for (int i = 0; i < mr; ++i) {
+                const int64_t a = (p0 + i) / Wa, bb = (p0 + i) % Wa;
+                const int64_t ih = ih0 + sh * a, iw = iw0 + sw * bb;
+                pos[i] = ih * G.W + iw;
+                rows[i] = fg + ((ih + pt - rh) / sh + Mh) * Wf + (iw + pl - rw) / sw + Mw;
+              }
+              gemm::gather_kernel(K, ko.data(), rows, b, tile, mr);
+            } else {
+              for (int i = 0; i < mr; ++i) {
+                const int64_t a = (p0 + i) / Wa, bb = (p0 + i) % Wa;
+                pos[i] = (ih0 + sh * a) * G.W + iw0 + sw * bb;
+              }
+              std::fill(tile, tile + MR * NR, T(0));
+            }
+            for (int64_t j = 0; j < nc; ++j) {
+              T* dst = gxg + (c0 + j) * G.H * G.W;
+              for (int i = 0; i < mr; ++i) dst[pos[i]] = tile[i * NR + j];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// How grad_weight_direct splits its work: images per chunk (padded, their
+// grad_output packed) under kChunkBytes.
+template <typename T>
+GradWeightDirectSplit grad_weight_direct_split(const ConvGeometry& G) {
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
+  const int64_t Wp = (G.Wo - 1) * G.p.stride_w + (G.KW - 1) * G.p.dilation_w + 1;
+  const int64_t image = G.C * Hp * Wp, panels = (G.Coutg + NR - 1) / NR;
+  constexpr int64_t kChunkBytes = int64_t(16) << 20;
+  const int64_t per_image = (image + G.G * panels * NR * G.P) * int64_t(sizeof(T));
+  GradWeightDirectSplit split;
+  split.chunk = std::clamp<int64_t>(kChunkBytes / per_image, 1, G.N);
+  return split;
+}
+
+// grad_weight through the direct kernel: the tile's rows are MR taps k of
+// the filters (row i reads the image at the tap's offset koff[k] in a
+// zero-padded copy), its reduction runs over the output positions q (at
+// offsets pix[q]: a window's origin), its columns are NR output channels of
+// grad_output, packed transposed (B(q, o) = gy[o, q]). So
+//   gw[o, k] = sum over images and q of x_pad[koff[k] + pix[q]] * gy[o, q]
+// with no im2col packing. Images come in chunks (padded, and gy packed,
+// in parallel); tasks are (group, MR taps, NR output channels), each adding
+// its images in order: the same sums whatever the thread count.
+template <typename T>
+void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry& G,
+                        const GradWeightDirectSplit& split, T* gw) {
+  constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
+  const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
+  const int64_t Hp = (G.Ho - 1) * sh + (G.KH - 1) * dh + 1;
+  const int64_t Wp = (G.Wo - 1) * sw + (G.KW - 1) * dw + 1;
+  const int64_t plane = Hp * Wp, image = G.C * plane;
+  const int64_t panels = (G.Coutg + NR - 1) / NR, ktiles = (G.Kc + MR - 1) / MR;
+  const int64_t chunk = split.chunk;
+  // The reduction runs over (image of the chunk, position), in segments of
+  // at most kSegment positions, so that a segment of packed grad_output
+  // (kSegment x NR) stays in L2 while the tasks of its panel read it.
+  constexpr int64_t kSegment = 4096;
+  std::vector<int64_t> koff(static_cast<size_t>(G.Kc)), pix(static_cast<size_t>(chunk * G.P));
+  for (int64_t c = 0; c < G.Cg; ++c)
+    for (int64_t i = 0; i < G.KH; ++i)
+      for (int64_t j = 0; j < G.KW; ++j)
+        koff[static_cast<size_t>((c * G.KH + i) * G.KW + j)] = c * plane + i * dh * Wp + j * dw;
+  for (int64_t n = 0; n < chunk; ++n)
+    for (int64_t q = 0; q < G.P; ++q)
+      pix[static_cast<size_t>(n * G.P + q)] = n * image + (q / G.Wo) * sh * Wp + (q % G.Wo) * sw;
+  const int64_t gy_panel = chunk * G.P * NR;  // one panel of the chunk's grad_output
+  detail::Workspace<T> ws(1, chunk * image + G.G * panels * gy_panel);
+  T* xpad = ws.get();
+  T* gyp = xpad + chunk * image;  // gyp[(g * panels + u) * gy_panel + (n * P + q) * NR + j]
+  const int64_t tasks = G.G * panels * ktiles;
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> tile_ws(threads, MR * NR);
+  for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, G.N - n0), steps = nn * G.P;
+    pad_planes(input.ptr<const T>() + n0 * G.xs_n, nn, G, Hp, Wp, xpad);
+    const int64_t units = nn * G.G * panels;
+#pragma omp parallel for num_threads(detail::threads_for(units, nn * G.Cout * G.P)) schedule(static)
+    for (int64_t v = 0; v < units; ++v) {
+      const int64_t n = v / (G.G * panels), gu = v % (G.G * panels);
+      const int64_t g = gu / panels, o0 = (gu % panels) * NR;
+      const T* src = gy + ((n0 + n) * G.Cout + g * G.Coutg) * G.P;
+      gemm::StridedPackB<T>{src, 1, G.P}(0, G.P, o0, std::min<int64_t>(NR, G.Coutg - o0),
+                                         gyp + gu * gy_panel + n * G.P * NR);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+      T* tile = tile_ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {  // consecutive tasks share a panel
+        const int64_t gu = t / ktiles, g = gu / panels, o0 = (gu % panels) * NR;
+        const int64_t k0 = (t % ktiles) * MR;
+        const int mr = static_cast<int>(std::min<int64_t>(MR, G.Kc - k0));
+        const int64_t no = std::min<int64_t>(NR, G.Coutg - o0);
+        const T* rows[MR];
+        for (int i = 0; i < mr; ++i)
+          rows[i] = xpad + g * G.Cg * plane + koff[static_cast<size_t>(k0 + i)];
+        for (int64_t s0 = 0; s0 < steps; s0 += kSegment) {
+          const int64_t len = std::min(kSegment, steps - s0);
+          gemm::gather_kernel(len, pix.data() + s0, rows, gyp + gu * gy_panel + s0 * NR, tile, mr);
+          const bool first = n0 == 0 && s0 == 0;
+          for (int64_t j = 0; j < no; ++j) {
+            T* dst = gw + (g * G.Coutg + o0 + j) * G.Kc + k0;
+            for (int i = 0; i < mr; ++i)
+              dst[i] = first ? tile[i * NR + j] : dst[i] + tile[i * NR + j];
+          }
+        }
+      }
+    }
+  }
+}
+
+// The kernels above, for float and double.
+template ForwardDirectSplit forward_direct_split<float>(const ConvGeometry&);
+template ForwardDirectSplit forward_direct_split<double>(const ConvGeometry&);
+template void forward_direct<float>(const TensorView&, const float*, const float*,
+                                    const ConvGeometry&, const ForwardDirectSplit&, float*);
+template void forward_direct<double>(const TensorView&, const double*, const double*,
+                                     const ConvGeometry&, const ForwardDirectSplit&, double*);
+template void grad_input_as_forward<float>(const float*, const float*, const ConvGeometry&,
+                                           const ConvPlan&, float*);
+template void grad_input_as_forward<double>(const double*, const double*, const ConvGeometry&,
+                                            const ConvPlan&, double*);
+template GradInputDirectSplit grad_input_direct_split<float>(const ConvGeometry&);
+template GradInputDirectSplit grad_input_direct_split<double>(const ConvGeometry&);
+template void grad_input_direct_strided<float>(const float*, const float*, const ConvGeometry&,
+                                               const GradInputDirectSplit&, float*);
+template void grad_input_direct_strided<double>(const double*, const double*, const ConvGeometry&,
+                                                const GradInputDirectSplit&, double*);
+template GradWeightDirectSplit grad_weight_direct_split<float>(const ConvGeometry&);
+template GradWeightDirectSplit grad_weight_direct_split<double>(const ConvGeometry&);
+template void grad_weight_direct<float>(const float*, const TensorView&, const ConvGeometry&,
+                                        const GradWeightDirectSplit&, float*);
+template void grad_weight_direct<double>(const double*, const TensorView&, const ConvGeometry&,
+                                         const GradWeightDirectSplit&, double*);
+
+}  // namespace conv2d_impl
+}  // namespace convcore

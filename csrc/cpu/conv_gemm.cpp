@@ -1,0 +1,625 @@
+// 2-D convolution lowered to the packed GEMM of gemm.h: forward, grad_input
+// (col2im) and grad_weight, and the pointwise (1x1) forms. The image is never
+// expanded into a full im2col matrix: B panels are packed straight from the
+// (strided) input, one cache block at a time, so the workspace per thread is
+// one KC x NC block plus packed weights.
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "conv_kernels.h"
+#include "conv_plan.h"
+#include "gemm.h"
+#include "strided.h"
+
+namespace convcore {
+namespace conv2d_impl {
+
+namespace {
+
+// Packs B(r, q) = im2col(x)[r, q] for rows r in [k0, k0 + kc) (r = (c, i, j) of
+// the kernel) and output positions q in [j0, j0 + nc) into NR-column panels.
+// x points at channel 0 of one group of one image.
+template <typename T>
+struct Im2colPackB {
+  const T* x;
+  const ConvGeometry* g;
+  int64_t q_offset;  // first output position of the tile
+
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    const ConvGeometry& G = *g;
+    const int64_t khw = G.KH * G.KW;
+    const int64_t sw = G.p.stride_w;
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t r = k0 + k;
+      const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
+      const T* xc = x + c * G.xs_c;
+      const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
+      const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
+      // Gather the row contiguously (zeros where the tap falls in the
+      // padding, strided copies where it is inside), then copy it into the
+      // panels NR values at a time.
+      T row[gemm::NC + NR];
+      const int64_t padded = (nc + NR - 1) / NR * NR;
+      const int64_t q0 = q_offset + j0;
+      int64_t oh = q0 / G.Wo, ow = q0 % G.Wo;
+      for (int64_t jj = 0; jj < nc;) {
+        const int64_t run = std::min(nc - jj, G.Wo - ow);  // the rest of this output row
+        T* out = row + jj;
+        const int64_t ih = oh * G.p.stride_h + ih_off;
+        if (ih < 0 || ih >= G.H) {
+          std::fill(out, out + run, T(0));
+        } else {
+          // Output columns ow + t read input column (ow + t) * sw + iw_off:
+          // inside the image for t in [lo, hi).
+          const int64_t first = ow * sw + iw_off;
+          int64_t lo, hi;
+          detail::inside_range(first, sw, run, G.W, &lo, &hi);
+          const T* src = xc + ih * G.xs_h + first * G.xs_w;
+          const int64_t step = sw * G.xs_w;
+          std::fill(out, out + lo, T(0));
+          if (step == 1)
+            std::copy(src + lo, src + hi, out + lo);
+          else
+            for (int64_t t = lo; t < hi; ++t) out[t] = src[t * step];
+          std::fill(out + hi, out + run, T(0));
+        }
+        jj += run, ow = 0, ++oh;
+      }
+      std::fill(row + nc, row + padded, T(0));
+      for (int64_t p = 0; p < padded / NR; ++p)
+        std::copy(row + p * NR, row + (p + 1) * NR, dst + p * kc * NR + k * NR);
+    }
+  }
+};
+
+// Packs B(q, r) = im2col(x)[r, q]^T: rows are output positions q in
+// [k0, k0 + kc), columns kernel rows r in [j0, j0 + nc). Used for grad_weight.
+template <typename T>
+struct Im2colTransposedPackB {
+  const T* x;
+  const ConvGeometry* g;
+  int64_t r_offset;  // first kernel row of the task's column block
+  int64_t q_offset;  // first output position of the chunk
+
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    const ConvGeometry& G = *g;
+    const int64_t khw = G.KH * G.KW;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+      T* panel = dst + jp * kc;
+      const int64_t width = std::min<int64_t>(NR, nc - jp);
+      for (int64_t jj = 0; jj < NR; ++jj) {
+        if (jj >= width) {
+          for (int64_t k = 0; k < kc; ++k) panel[k * NR + jj] = T(0);
+          continue;
+        }
+        const int64_t r = r_offset + j0 + jp + jj;
+        const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
+        const T* xc = x + c * G.xs_c;
+        const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
+        const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
+        // Runs of positions along one output row: zeros where the tap
+        // falls in the padding, a strided copy where it is inside.
+        const int64_t sw = G.p.stride_w;
+        int64_t oh = (q_offset + k0) / G.Wo, ow = (q_offset + k0) % G.Wo;
+        T* out = panel + jj;
+        for (int64_t k = 0; k < kc;) {
+          const int64_t run = std::min(kc - k, G.Wo - ow);
+          const int64_t ih = oh * G.p.stride_h + ih_off;
+          if (ih < 0 || ih >= G.H) {
+            for (int64_t t = 0; t < run; ++t) out[(k + t) * NR] = T(0);
+          } else {
+            const int64_t first = ow * sw + iw_off;
+            int64_t lo, hi;
+            detail::inside_range(first, sw, run, G.W, &lo, &hi);
+            const T* src = xc + ih * G.xs_h + first * G.xs_w;
+            for (int64_t t = 0; t < lo; ++t) out[(k + t) * NR] = T(0);
+            for (int64_t t = lo; t < hi; ++t) out[(k + t) * NR] = src[t * sw * G.xs_w];
+            for (int64_t t = hi; t < run; ++t) out[(k + t) * NR] = T(0);
+          }
+          k += run, ow = 0, ++oh;
+        }
+      }
+    }
+  }
+};
+
+// grad_x[c, ih, iw] += dcol[r, q] for kernel rows r of channels starting at
+// channel 0 of gx, and output positions q in [q0, q0 + nq).
+template <typename T>
+void col2im_add(const T* dcol, int64_t rows, int64_t nq, int64_t q0, const ConvGeometry& G,
+                T* gx) {
+  const int64_t khw = G.KH * G.KW;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
+    T* gc = gx + c * G.H * G.W;
+    const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
+    const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
+    const T* src = dcol + r * nq;
+    int64_t oh = q0 / G.Wo, ow = q0 % G.Wo;
+    for (int64_t jj = 0; jj < nq; ++jj) {
+      const int64_t ih = oh * G.p.stride_h + ih_off, iw = ow * G.p.stride_w + iw_off;
+      if (ih >= 0 && ih < G.H && iw >= 0 && iw < G.W) gc[ih * G.W + iw] += src[jj];
+      if (++ow == G.Wo) ow = 0, ++oh;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
+  // Tasks: (image, group, tile of output positions, block of output
+  // channels); each writes its own block of the output. When images x tiles
+  // give fewer tasks than threads (batch 1), split the output channels first
+  // (each task keeps whole tiles, so every packed weight is used across
+  // many positions), then, if still short, make the tiles smaller.
+  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
+  const int64_t threads_wanted = get_num_threads();
+  const int64_t images = G.N * G.G;
+  int64_t tile = std::min(gemm::NC, gemm::round_up(G.P, NR));
+  int64_t tiles = (G.P + tile - 1) / tile;
+  int64_t mblocks = 1;
+  if (images * tiles < threads_wanted) {
+    const int64_t min_rows = 4 * MR;  // keep each block at least 4 panels deep
+    mblocks = std::clamp((threads_wanted + images * tiles - 1) / (images * tiles), int64_t(1),
+                         std::max<int64_t>(1, G.Coutg / min_rows));
+  }
+  const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
+  mblocks = (G.Coutg + mrows - 1) / mrows;
+  if (images * tiles * mblocks < threads_wanted) {
+    const int64_t tiles_wanted = (threads_wanted + images * mblocks - 1) / (images * mblocks);
+    tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR), int64_t(NR),
+                      gemm::NC);
+    tiles = (G.P + tile - 1) / tile;
+  }
+  ForwardGemmSplit split;
+  split.tile = tile, split.tiles = tiles, split.mrows = mrows, split.mblocks = mblocks;
+  // Weights are packed once, shared by all tasks, when many tiles reuse
+  // them; with few tiles (batch 1) packing costs more than it saves and the
+  // microkernel reads the weight rows in place.
+  split.pack_weights = G.N * tiles > 2;
+  return split;
+}
+
+// Forward through the packed GEMM: C (Coutg x positions) = W_g * im2col(x),
+// the im2col blocks packed straight from the input (Im2colPackB), the work
+// split as forward_gemm_split says.
+template <typename T>
+void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
+                  const ConvGeometry& G, const ForwardGemmSplit& split, T* out) {
+  const int64_t images = G.N * G.G;
+  const int64_t tile = split.tile, tiles = split.tiles;
+  const int64_t mrows = split.mrows, mblocks = split.mblocks;
+  const int64_t tasks = images * tiles * mblocks;
+  const bool pack_weights = split.pack_weights;
+  const int64_t a_size = pack_weights ? gemm::packed_a_size<T>(G.Coutg, G.Kc) : 0;
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
+  if (pack_weights)
+    for (int64_t g = 0; g < G.G; ++g)
+      gemm::pack_a_parallel(G.Coutg, G.Kc, weight.data() + g * G.Coutg * G.Kc, G.Kc, int64_t(1),
+                            a_packed + g * a_size);
+  const T* a_base = pack_weights ? a_packed : weight.data();
+  const int64_t a_stride = pack_weights ? a_size : G.Coutg * G.Kc;  // per group
+  const int64_t a_lda = pack_weights ? 0 : G.Kc;
+  const bool pointwise = is_pointwise(G);
+  const T* x = input.ptr<const T>();
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t mb = t % mblocks, rest = t / mblocks;
+      const int64_t n = rest / (G.G * tiles), g = (rest / tiles) % G.G;
+      const int64_t q0 = (rest % tiles) * tile, nq = std::min(tile, G.P - q0);
+      const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Coutg - m0);
+      const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+      T* c = out + (n * G.Cout + g * G.Coutg + m0) * G.P + q0;
+      if (pointwise)
+        gemm::gemm_packed(nm, nq, G.Kc, a_base + g * a_stride, G.Coutg, m0,
+                          gemm::StridedPackB<T>{xg + q0, G.xs_c, 1}, c, G.P, false, bbuf, a_lda);
+      else
+        gemm::gemm_packed(nm, nq, G.Kc, a_base + g * a_stride, G.Coutg, m0,
+                          Im2colPackB<T>{xg, &G, q0}, c, G.P, false, bbuf, a_lda);
+      if (bias) {
+        for (int64_t o = 0; o < nm; ++o) {
+          const T b = bias[g * G.Coutg + m0 + o];
+          T* row = c + o * G.P;
+          for (int64_t j = 0; j < nq; ++j) row[j] += b;
+        }
+      }
+    }
+  }
+}
+
+// How grad_input_pointwise splits its work: tiles of positions, at least
+// two tasks per thread.
+template <typename T>
+GradInputPointwiseSplit grad_input_pointwise_split(const ConvGeometry& G) {
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t images = G.N * G.G;
+  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
+  GradInputPointwiseSplit split;
+  split.tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
+                          int64_t(NR), gemm::NC);
+  split.tiles = (G.P + split.tile - 1) / split.tile;
+  return split;
+}
+
+// grad_input of a pointwise convolution: gx[n, g] (Cg x P) = W_g^T (Cg x Coutg)
+// * gy[n, g] (Coutg x P), written straight into gx. Tasks: (image, group,
+// tile of positions).
+template <typename T>
+void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
+                          const GradInputPointwiseSplit& split, T* gx) {
+  const int64_t a_size = gemm::packed_a_size<T>(G.Cg, G.Coutg);
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
+  for (int64_t g = 0; g < G.G; ++g)  // A(c, o) = weight[g * Coutg + o, c]
+    gemm::pack_a_parallel(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
+                          a_packed + g * a_size);
+  const int64_t images = G.N * G.G;
+  const int64_t tile = split.tile, tiles = split.tiles, tasks = images * tiles;
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / (G.G * tiles), g = (t / tiles) % G.G, q0 = (t % tiles) * tile;
+      const int64_t nq = std::min(tile, G.P - q0);
+      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P + q0;
+      T* c = gx + (n * G.C + g * G.Cg) * G.P + q0;
+      gemm::gemm_packed(G.Cg, nq, G.Coutg, a_packed + g * a_size, G.Cg, 0,
+                        gemm::StridedPackB<T>{gyg, G.P, 1}, c, G.P, false, bbuf);
+    }
+  }
+}
+
+// How grad_input_gemm splits its work.
+GradInputGemmSplit grad_input_gemm_split(const ConvGeometry& G) {
+  // Tasks: (image, group, block of input channels). dcol rows of a channel
+  // block scatter only into those channels, so tasks never write the same
+  // element, and each element's sum runs in a fixed order.
+  const int64_t khw = G.KH * G.KW;
+  const int64_t base_block = std::max<int64_t>(1, std::min<int64_t>(G.Cg, 512 / std::max<int64_t>(khw, 1)));
+  int64_t nblocks = (G.Cg + base_block - 1) / base_block;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  if (G.N * G.G * nblocks < want)
+    nblocks = std::min<int64_t>(G.Cg, (want + G.N * G.G - 1) / (G.N * G.G));
+  const int64_t cblock = (G.Cg + nblocks - 1) / nblocks;
+  nblocks = (G.Cg + cblock - 1) / cblock;
+  GradInputGemmSplit split;
+  split.cblock = cblock, split.nblocks = nblocks;
+  return split;
+}
+
+// grad_input through the GEMM: per block of input channels, dcol = W^T * gy
+// (the im2col rows of the block), scattered into grad_input by col2im_add.
+template <typename T>
+void grad_input_gemm(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
+                     const GradInputGemmSplit& split, T* gx) {
+  const int64_t khw = G.KH * G.KW;
+  const int64_t cblock = split.cblock, nblocks = split.nblocks;
+  const int64_t tasks = G.N * G.G * nblocks;
+  const int64_t tile = gemm::NC;
+  const int64_t max_rows = cblock * khw;
+  const int64_t bsize = gemm::b_workspace_size<T>();
+  const int64_t asize = gemm::packed_a_size<T>(max_rows, G.Coutg);
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> ws(threads, bsize + asize + max_rows * tile);
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+    T* a_packed = bbuf + bsize;
+    T* dcol = a_packed + asize;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / (G.G * nblocks), g = (t / nblocks) % G.G;
+      const int64_t c0 = (t % nblocks) * cblock, nc = std::min(cblock, G.Cg - c0);
+      const int64_t rows = nc * khw;
+      // A(r, o) = weight[g * Coutg + o, c0 * khw + r]: the transposed weights of the block.
+      gemm::pack_a(rows, G.Coutg, weight.data() + g * G.Coutg * G.Kc + c0 * khw, int64_t(1),
+                   G.Kc, a_packed);
+      T* gxb = gx + (n * G.C + g * G.Cg + c0) * G.H * G.W;
+      std::fill(gxb, gxb + nc * G.H * G.W, T(0));
+      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P;
+      for (int64_t q0 = 0; q0 < G.P; q0 += tile) {
+        const int64_t nq = std::min(tile, G.P - q0);
+        const gemm::StridedPackB<T> pack{gyg + q0, G.P, 1};
+        gemm::gemm_packed(rows, nq, G.Coutg, a_packed, rows, 0, pack, dcol, nq, false, bbuf);
+        col2im_add(dcol, rows, nq, q0, G, gxb);
+      }
+    }
+  }
+}
+
+namespace {
+
+// Copies B (k, j) blocks out of a buffer packed once in gemm_packed's layout
+// (blocks of KC rows, each NR-column panels), so several GEMMs share one
+// packing of the same operand.
+template <typename T>
+struct PrepackedB {
+  const T* packed;  // block k0 at packed + k0 * Npad, panel p of it at + p * kc * NR
+  int64_t Npad;
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    const int64_t npanels = (nc + NR - 1) / NR;
+    const T* src = packed + k0 * Npad + (j0 / NR) * kc * NR;
+    std::copy(src, src + npanels * kc * NR, dst);
+  }
+};
+
+}  // namespace
+
+// How grad_weight_by_taps splits its work: blocks of input channels per
+// tap, about two per thread.
+template <typename T>
+GradWeightByTapsSplit grad_weight_by_taps_split(const ConvGeometry& G) {
+  constexpr int MR = gemm::Tile<T>::MR;
+  const int64_t taps = G.KH * G.KW;
+  const int64_t want = static_cast<int64_t>(get_num_threads());
+  GradWeightByTapsSplit split;
+  split.mrows = std::max<int64_t>(4 * MR, gemm::round_up((G.Cg * taps / (2 * want) + 1), MR));
+  split.mblocks = (G.Cg + split.mrows - 1) / split.mrows;
+  return split;
+}
+
+// grad_weight of a stride-1 convolution as one GEMM per kernel tap over the
+// zero-padded image laid out flat: with positions indexed Wp wide
+// (q = oh * Wp + ow, the extra columns given zero gradient), tap (i, j) reads
+// the padded plane at q + i * dh * Wp + j * dw, so
+//   dW[:, :, i, j]^T (Cg x Coutg) = xpad (Cg x q, row-major, shifted) * gy_wide^T.
+// The image is used in place (no im2col) and grad_output is packed once per
+// image for all taps.
+// It pays where packing the im2col side dominates: few output channels per
+// group (each packed element then feeds only 2 * Coutg flops).
+template <typename T>
+void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G,
+                         const GradWeightByTapsSplit& split, T* gw) {
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int64_t Hp = G.H + G.p.pad_top + G.p.pad_bottom, Wp = G.W + G.p.pad_left + G.p.pad_right;
+  const int64_t plane = Hp * Wp, taps = G.KH * G.KW;
+  const int64_t n_wide = (G.Ho - 1) * Wp + G.Wo;  // flat positions of the outputs
+  const int64_t Npad = gemm::round_up(G.Coutg, NR);
+  detail::Workspace<T> xpad_ws(1, G.Cg * plane);
+  detail::Workspace<T> gyw_ws(1, G.Coutg * n_wide);
+  detail::Workspace<T> bpack_ws(1, Npad * n_wide);
+  detail::Workspace<T> acc_ws(1, taps * G.Cg * G.Coutg);  // dW^T per tap, summed over images
+  T* xpad = xpad_ws.get();
+  T* gyw = gyw_ws.get();
+  T* bpack = bpack_ws.get();
+  T* acc = acc_ws.get();
+  const int64_t mrows = split.mrows, mblocks = split.mblocks;
+  const int64_t tasks = taps * mblocks;
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+  const T* x = input.ptr<const T>();
+  for (int64_t g = 0; g < G.G; ++g) {
+    for (int64_t n = 0; n < G.N; ++n) {
+      const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P;
+#pragma omp parallel num_threads(threads)
+      {
+        // The padded image and grad_output laid out Wp wide.
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < G.Cg; ++c) {
+          T* dst = xpad + c * plane;
+          std::fill(dst, dst + plane, T(0));
+          for (int64_t ih = 0; ih < G.H; ++ih) {
+            T* row = dst + (ih + G.p.pad_top) * Wp + G.p.pad_left;
+            const T* src = xg + c * G.xs_c + ih * G.xs_h;
+            for (int64_t iw = 0; iw < G.W; ++iw) row[iw] = src[iw * G.xs_w];
+          }
+        }
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < G.Coutg; ++o) {
+          T* dst = gyw + o * n_wide;
+          std::fill(dst, dst + n_wide, T(0));
+          for (int64_t oh = 0; oh < G.Ho; ++oh)
+            std::copy(gyg + o * G.P + oh * G.Wo, gyg + o * G.P + (oh + 1) * G.Wo, dst + oh * Wp);
+        }
+        // B(q, o) = gy_wide[o, q], packed once for all taps: K blocks x panels.
+#pragma omp for schedule(static)
+        for (int64_t k0 = 0; k0 < n_wide; k0 += gemm::KC) {
+          const int64_t kc = std::min(gemm::KC, n_wide - k0);
+          gemm::StridedPackB<T>{gyw, 1, n_wide}(k0, kc, 0, G.Coutg, bpack + k0 * Npad);
+        }
+        T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; ++t) {
+          const int64_t tap = t / mblocks, c0 = (t % mblocks) * mrows;
+          const int64_t nc = std::min(mrows, G.Cg - c0);
+          const int64_t i = tap / G.KW, j = tap % G.KW;
+          const T* a = xpad + i * G.p.dilation_h * Wp + j * G.p.dilation_w;
+          gemm::gemm_packed(nc, G.Coutg, n_wide, a, G.Cg, c0, PrepackedB<T>{bpack, Npad},
+                            acc + (tap * G.Cg + c0) * G.Coutg, G.Coutg, n > 0, bbuf, plane);
+        }
+      }
+    }
+    // dW[g * Coutg + o, c, i, j] = acc[tap][c][o]
+    for (int64_t o = 0; o < G.Coutg; ++o)
+      for (int64_t c = 0; c < G.Cg; ++c)
+        for (int64_t tap = 0; tap < taps; ++tap)
+          gw[((g * G.Coutg + o) * G.Cg + c) * taps + tap] = acc[(tap * G.Cg + c) * G.Coutg + o];
+  }
+}
+
+// grad_weight when it is small (the first layers of AlexNet and ResNet: 3
+// input channels, 37-140 KB): tasks over (image, chunk of positions), each
+// computing the whole grad_weight of its chunk into a partial of its own
+// (both operands packed once, no task with a sliver of columns), then the
+// partials summed in task order, so the result does not depend on the
+// thread count. grad_weight_gemm (below) would split grad_weight's few
+// columns among the threads and pack the image once per block of rows:
+// 2 threads, ResNet's 7x7/2 conv1 at batch 8 went from 16.2 to 10.7 ms,
+// AlexNet's conv1 at batch 16 from 16.0 to 13.6 ms. (Packing the image
+// position by position, contiguous stores instead of stores NR apart, was
+// tried for these strided layers and measured 1.2-1.7x slower.)
+constexpr int64_t kGradWeightChunk = 16 * gemm::KC;  // positions per packed chunk of gy
+
+template <typename T>
+void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  const int64_t chunks = (G.P + kGradWeightChunk - 1) / kGradWeightChunk;
+  const int64_t chunk = (G.P + chunks - 1) / chunks;
+  const int64_t tasks = G.N * chunks, size = G.Cout * G.Kc;
+  // At most 64 partials at a time (16 MB): the tasks go in rounds, each
+  // round's partials added to grad_weight in order.
+  const int64_t round = std::min<int64_t>(tasks, 64);
+  detail::Workspace<T> partial_ws(1, round * size);
+  T* partials = partial_ws.get();
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, chunk);
+  detail::Workspace<T> ws(threads, a_size + gemm::b_workspace_size<T>());
+  const T* x = input.ptr<const T>();
+#pragma omp parallel num_threads(threads)
+  {
+    T* a_packed = ws.get(omp_get_thread_num());
+    T* bbuf = a_packed + a_size;
+    for (int64_t t0 = 0; t0 < tasks; t0 += round) {
+      const int64_t nt = std::min(round, tasks - t0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = t0; t < t0 + nt; ++t) {
+        const int64_t n = t / chunks, q0 = (t % chunks) * chunk, nq = std::min(chunk, G.P - q0);
+        for (int64_t g = 0; g < G.G; ++g) {
+          gemm::pack_a(G.Coutg, nq, gy + (n * G.Cout + g * G.Coutg) * G.P + q0, G.P,
+                       int64_t(1), a_packed);
+          gemm::gemm_packed(
+              G.Coutg, G.Kc, nq, a_packed, G.Coutg, 0,
+              Im2colTransposedPackB<T>{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, 0, q0},
+              partials + (t - t0) * size + g * G.Coutg * G.Kc, G.Kc, false, bbuf);
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < size; ++i) {
+        T s = t0 > 0 ? gw[i] + partials[i] : partials[i];
+        for (int64_t t = 1; t < nt; ++t) s += partials[t * size + i];
+        gw[i] = s;
+      }
+    }
+  }
+}
+
+// How grad_weight_gemm splits its work: blocks of (output channels, kernel
+// rows), enough for the threads.
+template <typename T>
+GradWeightGemmSplit grad_weight_gemm_split(const ConvGeometry& G) {
+  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t panels = (G.Kc + NR - 1) / NR;
+  const int64_t nblocks = std::min<int64_t>(panels, std::max<int64_t>(1, (want + G.G - 1) / G.G));
+  const int64_t cols = ((panels + nblocks - 1) / nblocks) * NR;
+  const int64_t ncolblocks = (G.Kc + cols - 1) / cols;
+  int64_t mblocks = 1;
+  if (G.G * ncolblocks < want)
+    mblocks = std::min((want + G.G * ncolblocks - 1) / (G.G * ncolblocks), (G.Coutg + MR - 1) / MR);
+  const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
+  mblocks = (G.Coutg + mrows - 1) / mrows;
+  GradWeightGemmSplit split;
+  split.cols = cols, split.ncolblocks = ncolblocks, split.mrows = mrows, split.mblocks = mblocks;
+  return split;
+}
+
+template <typename T>
+void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,
+                      const GradWeightGemmSplit& split, T* gw) {
+  // grad_weight[g] (Coutg x Kc) = sum over images n and chunks of positions
+  // of gy[n, g] (Coutg x positions) * im2col(x[n, g])^T (positions x Kc).
+  // Each chunk of gy is packed once (shared), then tasks over blocks of
+  // (output channels, kernel rows) accumulate into disjoint parts of
+  // grad_weight, every sum in a fixed order whatever the thread count.
+  const int64_t chunk = kGradWeightChunk;
+  const int64_t cols = split.cols, ncolblocks = split.ncolblocks;
+  const int64_t mrows = split.mrows, mblocks = split.mblocks;
+  const int64_t tasks = G.G * ncolblocks * mblocks;
+  const T* x = input.ptr<const T>();
+  const bool pointwise = is_pointwise(G);
+  const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, std::min(chunk, G.P));
+  detail::Workspace<T> a_ws(1, a_size * G.G);
+  T* a_packed = a_ws.get();
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+  for (int64_t n = 0; n < G.N; ++n) {
+    for (int64_t q0 = 0; q0 < G.P; q0 += chunk) {
+      const int64_t nq = std::min(chunk, G.P - q0);
+      const int64_t units = gemm::pack_a_units<T>(G.Coutg, nq);
+#pragma omp parallel num_threads(threads)
+      {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < G.G * units; ++u) {
+          const int64_t g = u / units;
+          gemm::pack_a_part(G.Coutg, nq, gy + (n * G.Cout + g * G.Coutg) * G.P + q0, G.P,
+                            int64_t(1), a_packed + g * a_size, u % units, u % units + 1);
+        }
+        T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; ++t) {
+          const int64_t mb = t % mblocks, rest = t / mblocks;
+          const int64_t g = rest / ncolblocks, r0 = (rest % ncolblocks) * cols;
+          const int64_t ncols = std::min(cols, G.Kc - r0);
+          const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Coutg - m0);
+          T* c = gw + (g * G.Coutg + m0) * G.Kc + r0;
+          const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+          const bool acc = n > 0 || q0 > 0;
+          if (pointwise)  // B(q, c) = x[c, q]
+            gemm::gemm_packed(nm, ncols, nq, a_packed + g * a_size, G.Coutg, m0,
+                              gemm::StridedPackB<T>{xg + q0 + r0 * G.xs_c, 1, G.xs_c}, c, G.Kc,
+                              acc, bbuf);
+          else
+            gemm::gemm_packed(nm, ncols, nq, a_packed + g * a_size, G.Coutg, m0,
+                              Im2colTransposedPackB<T>{xg, &G, r0, q0}, c, G.Kc, acc, bbuf);
+        }
+      }
+    }
+  }
+}
+
+
+// The kernels above, for float and double.
+template ForwardGemmSplit forward_gemm_split<float>(const ConvGeometry&);
+template ForwardGemmSplit forward_gemm_split<double>(const ConvGeometry&);
+template void forward_gemm<float>(const TensorView&, const detail::Contiguous<float>&, const float*,
+                                  const ConvGeometry&, const ForwardGemmSplit&, float*);
+template void forward_gemm<double>(const TensorView&, const detail::Contiguous<double>&,
+                                   const double*, const ConvGeometry&, const ForwardGemmSplit&,
+                                   double*);
+template GradInputPointwiseSplit grad_input_pointwise_split<float>(const ConvGeometry&);
+template GradInputPointwiseSplit grad_input_pointwise_split<double>(const ConvGeometry&);
+template void grad_input_pointwise<float>(const float*, const detail::Contiguous<float>&,
+                                          const ConvGeometry&, const GradInputPointwiseSplit&,
+                                          float*);
+template void grad_input_pointwise<double>(const double*, const detail::Contiguous<double>&,
+                                           const ConvGeometry&, const GradInputPointwiseSplit&,
+                                           double*);
+template void grad_input_gemm<float>(const float*, const detail::Contiguous<float>&,
+                                     const ConvGeometry&, const GradInputGemmSplit&, float*);
+template void grad_input_gemm<double>(const double*, const detail::Contiguous<double>&,
+                                      const ConvGeometry&, const GradInputGemmSplit&, double*);
+template GradWeightByTapsSplit grad_weight_by_taps_split<float>(const ConvGeometry&);
+template GradWeightByTapsSplit grad_weight_by_taps_split<double>(const ConvGeometry&);
+template void grad_weight_by_taps<float>(const float*, const TensorView&, const ConvGeometry&,
+                                         const GradWeightByTapsSplit&, float*);
+template void grad_weight_by_taps<double>(const double*, const TensorView&, const ConvGeometry&,
+                                          const GradWeightByTapsSplit&, double*);
+template void grad_weight_by_chunks<float>(const float*, const TensorView&, const ConvGeometry&,
+                                           float*);
+template void grad_weight_by_chunks<double>(const double*, const TensorView&, const ConvGeometry&,
+                                            double*);
+template GradWeightGemmSplit grad_weight_gemm_split<float>(const ConvGeometry&);
+template GradWeightGemmSplit grad_weight_gemm_split<double>(const ConvGeometry&);
+template void grad_weight_gemm<float>(const float*, const TensorView&, const ConvGeometry&,
+                                      const GradWeightGemmSplit&, float*);
+template void grad_weight_gemm<double>(const double*, const TensorView&, const ConvGeometry&,
+                                       const GradWeightGemmSplit&, double*);
+
+}  // namespace conv2d_impl
+}  // namespace convcore

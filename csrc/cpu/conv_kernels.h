@@ -1,0 +1,79 @@
+// Private to the convolution sources: the kernels of each algorithm, one
+// source file each, called by conv.cpp as the plan says. Each is
+// instantiated for float and double in its own file.
+#pragma once
+
+#include "conv_plan.h"
+#include "strided.h"
+
+namespace convcore {
+namespace conv2d_impl {
+
+// conv_gemm.cpp: the packed GEMM over im2col blocks packed on the fly.
+template <typename T>
+ForwardGemmSplit forward_gemm_split(const ConvGeometry& G);
+template <typename T>
+void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
+                  const ConvGeometry& G, const ForwardGemmSplit& split, T* out);
+template <typename T>
+GradInputPointwiseSplit grad_input_pointwise_split(const ConvGeometry& G);
+template <typename T>
+void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
+                          const GradInputPointwiseSplit& split, T* gx);
+GradInputGemmSplit grad_input_gemm_split(const ConvGeometry& G);
+template <typename T>
+void grad_input_gemm(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
+                     const GradInputGemmSplit& split, T* gx);
+template <typename T>
+GradWeightByTapsSplit grad_weight_by_taps_split(const ConvGeometry& G);
+template <typename T>
+void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G,
+                         const GradWeightByTapsSplit& split, T* gw);
+template <typename T>
+void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
+template <typename T>
+GradWeightGemmSplit grad_weight_gemm_split(const ConvGeometry& G);
+template <typename T>
+void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,
+                      const GradWeightGemmSplit& split, T* gw);
+
+// conv_direct.cpp: the direct kernel over zero-padded copies of the images.
+template <typename T>
+ForwardDirectSplit forward_direct_split(const ConvGeometry& G);
+template <typename T>
+void forward_direct(const TensorView& input, const T* weight, const T* bias,
+                    const ConvGeometry& G, const ForwardDirectSplit& split, T* out);
+// grad_input (a plan's AsForwardDirect or AsForwardGemm) with the plan's split.
+template <typename T>
+void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
+                           const ConvPlan& plan, T* gx);
+template <typename T>
+GradInputDirectSplit grad_input_direct_split(const ConvGeometry& G);
+template <typename T>
+void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry& G,
+                               const GradInputDirectSplit& split, T* gx);
+template <typename T>
+GradWeightDirectSplit grad_weight_direct_split(const ConvGeometry& G);
+template <typename T>
+void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry& G,
+                        const GradWeightDirectSplit& split, T* gw);
+
+// conv_depthwise.cpp: one input channel per group.
+template <typename T>
+void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
+                       const ConvGeometry& G, T* out);
+template <typename T>
+void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
+                        const ConvGeometry& G, T* gx, T* gw, T* gb);
+
+// conv_winograd.cpp: F(M x M, 3x3), M = 2 or 4.
+template <int M, typename T>
+void forward_winograd(const TensorView& input, const T* weight, const T* bias,
+                      const ConvGeometry& G, T* out);
+template <int M, typename T>
+void grad_input_winograd(const T* gy, const T* weight, const ConvGeometry& G, T* gx);
+template <int M, typename T>
+void grad_weight_winograd(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
+
+}  // namespace conv2d_impl
+}  // namespace convcore

@@ -1,0 +1,456 @@
+// The plan of a convolution: which algorithm each pass runs and how, from
+// the rules below (measured where they say), or timed by the autotune
+// (conv.cpp); cached per shape, so a shape seen before skips the choice.
+#include "conv_plan.h"
+
+#include <algorithm>
+#include <array>
+#include <map>
+#include <mutex>
+
+#include "conv_kernels.h"
+#include "conv_winograd.h"
+#include "convcore/errors.h"
+#include "gemm.h"
+
+namespace convcore {
+namespace conv2d_impl {
+
+ConvGeometry make_geometry(const TensorView& input, const TensorView& weight,
+                           const Conv2dParams& p) {
+  check_float(input, "input");
+  check_same_dtype(weight, "weight", input, "input");
+  check_ndim(input, "input", 4, "(N, C, H, W)");
+  check_ndim(weight, "weight", 4, "(out_channels, in_channels / groups, kH, kW)");
+  const Shape4 out = conv2d_output_shape(shape4(input), shape4(weight), p);
+  ConvGeometry g;
+  g.N = input.shape[0], g.C = input.shape[1], g.H = input.shape[2], g.W = input.shape[3];
+  g.Cout = weight.shape[0], g.KH = weight.shape[2], g.KW = weight.shape[3];
+  g.Ho = out.h, g.Wo = out.w, g.P = out.h * out.w;
+  g.G = p.groups, g.Cg = g.C / p.groups, g.Coutg = g.Cout / p.groups;
+  g.Kc = g.Cg * g.KH * g.KW;
+  g.xs_n = input.strides[0], g.xs_c = input.strides[1];
+  g.xs_h = input.strides[2], g.xs_w = input.strides[3];
+  g.p = p;
+  g.auto_algorithm = p.algorithm == ConvAlgorithm::Auto;
+  return g;
+}
+
+// The same geometry over another (contiguous) copy of the input.
+ConvGeometry with_input(ConvGeometry g, const TensorView& input) {
+  g.xs_n = input.strides[0], g.xs_c = input.strides[1];
+  g.xs_h = input.strides[2], g.xs_w = input.strides[3];
+  return g;
+}
+
+bool rows_contiguous(const ConvGeometry& G) { return G.xs_w == 1 && G.xs_h == G.W; }
+bool is_pointwise(const ConvGeometry& G) {
+  return G.p.algorithm == ConvAlgorithm::Pointwise && rows_contiguous(G);
+}
+
+// Winograd tasks take bands of whole tile rows, at most about band_tiles
+// tiles each, the rows shared evenly among the bands (14 rows in 2 bands of
+// 7, not 9 + 5, which would leave one of two threads idle a third of the time).
+int64_t winograd_band(int64_t tiles_h, int64_t tiles_w, int64_t band_tiles) {
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(tiles_h, band_tiles / tiles_w));
+  const int64_t bands = (tiles_h + most - 1) / most;
+  return (tiles_h + bands - 1) / bands;
+}
+
+ConvGeometry grad_input_as_forward_geometry(const ConvGeometry& G) {
+  const int64_t khw = G.KH * G.KW;
+  ConvGeometry F;
+  F.N = G.N, F.C = G.Cout, F.H = G.Ho, F.W = G.Wo;
+  F.Cout = G.C, F.KH = G.KH, F.KW = G.KW;
+  F.Ho = G.H, F.Wo = G.W, F.P = G.H * G.W;
+  F.G = G.G, F.Cg = G.Coutg, F.Coutg = G.Cg, F.Kc = G.Coutg * khw;
+  F.xs_n = G.Cout * G.P, F.xs_c = G.P, F.xs_h = G.Wo, F.xs_w = 1;
+  F.p = G.p;
+  F.p.pad_top = G.p.dilation_h * (G.KH - 1) - G.p.pad_top;
+  F.p.pad_bottom = G.p.dilation_h * (G.KH - 1) - G.p.pad_bottom;
+  F.p.pad_left = G.p.dilation_w * (G.KW - 1) - G.p.pad_left;
+  F.p.pad_right = G.p.dilation_w * (G.KW - 1) - G.p.pad_right;
+  F.auto_algorithm = G.auto_algorithm;
+  return F;
+}
+
+namespace {
+
+// 1x1, stride 1, no padding, with the rows of the image contiguous: im2col
+// is the image itself (channels x positions), so plain strided packing and,
+// for grad_input, a GEMM straight into the output replace the lowering.
+bool pointwise_shape(const ConvGeometry& G) {
+  return G.KH == 1 && G.KW == 1 && G.p.stride_h == 1 && G.p.stride_w == 1 && G.p.pad_top == 0 &&
+         G.p.pad_bottom == 0 && G.p.pad_left == 0 && G.p.pad_right == 0;
+}
+bool winograd_shape(const ConvGeometry& G) {
+  return G.KH == 3 && G.KW == 3 && G.p.stride_h == 1 && G.p.stride_w == 1 &&
+         G.p.dilation_h == 1 && G.p.dilation_w == 1 && G.G == 1;
+}
+// The number of those tasks for F(M x M, 3x3).
+template <int M>
+int64_t winograd_tasks(const ConvGeometry& G) {
+  const int64_t tiles_h = (G.Ho + M - 1) / M, tiles_w = (G.Wo + M - 1) / M;
+  const int64_t band = winograd_band(tiles_h, tiles_w, winograd::Variant<M>::kBandTiles);
+  return G.N * ((tiles_h + band - 1) / band);
+}
+
+// When auto takes Winograd: measured on the development machine, idle, 2
+// threads, min of interleaved runs (docs/benchmarks.md). Both variants need
+// 64+ channels in and out (with fewer, the transforms weigh more than the
+// multiplications saved) and at least one band of tiles per thread, so a
+// small image at batch 1 (one band) keeps the GEMM path, which splits the
+// output channels across the cores instead.
+//  - F(4x4, 3x3) on 28x28 and larger outputs: 1.3-2.1x faster than the GEMM
+//    path and 1.2-1.35x faster than F(2x2) in forward (VGG conv3_2 and
+//    conv4_2, ResNet's 64-channel stage; batch 1 and 16), level with F(2x2)
+//    at 128 channels on 28x28. On 13x13 and
+//    14x14 it loses (ragged 4x4 tiles waste up to 30% of the work, and the
+//    36 filter matrices cost more to transform than the products save).
+//    Its float32 error is about 3e-6 of the output scale against 4e-7 for
+//    the GEMM path and F(2x2).
+//  - F(2x2, 3x3) elsewhere: 1.1-1.5x faster than the GEMM path on AlexNet's
+//    13x13 and VGG's 14x14 layers at batch 16, and on 28x28 at batch 1.
+bool winograd_channels(const ConvGeometry& G) {
+  return winograd_shape(G) && G.C >= 64 && G.Cout >= 64;
+}
+bool winograd_pays(const ConvGeometry& G) {
+  return winograd_channels(G) &&
+         winograd_tasks<2>(G) >= static_cast<int64_t>(get_num_threads());
+}
+// grad_weight through the same transforms (grad_weight_winograd) against
+// the GEMM path, 2 threads, batch 16: F(4x4) is faster on every layer it is
+// chosen for (VGG conv1_2-conv4_2 1.7-2.0x, ResNet's 64-channel 3x3 at 56
+// 1.25-1.6x), so it always takes it. F(2x2) pays only with 512+ channels in
+// and out (VGG conv5_2 at 14x14 1.3-1.6x), where the GEMM path re-reads its
+// large grad_weight for every image; with fewer, its transposed packing of
+// V weighs more than the multiplications saved: AlexNet's 256-384 channels
+// at 13x13 are level (0.9-1.06x), 128 channels at 14x14 1.6x slower. F(2x2)
+// asked for by name is used for grad_weight too.
+bool winograd2_grad_weight_pays(const ConvGeometry& G) {
+  return !G.auto_algorithm || (G.C >= 512 && G.Cout >= 512);
+}
+bool winograd4_pays(const ConvGeometry& G) {
+  return winograd_channels(G) && G.Ho >= 28 && G.Wo >= 28 &&
+         winograd_tasks<4>(G) >= static_cast<int64_t>(get_num_threads());
+}
+
+// The direct paths copy each image, zero padded, into the frame its output
+// windows read ((Ho - 1) * stride + (K - 1) * dilation + 1 rows and columns).
+// auto takes them where one image's frame is at most 64 MB; beyond, (a huge
+// image, or strides that skip most of it) the GEMM paths read the input in
+// place.
+bool direct_fits(const ConvGeometry& G) {
+  const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
+  const int64_t Wp = (G.Wo - 1) * G.p.stride_w + (G.KW - 1) * G.p.dilation_w + 1;
+  constexpr int64_t kMostElements = (int64_t(64) << 20) / 4;
+  return Hp <= kMostElements && Wp <= kMostElements && G.C * Hp * Wp <= kMostElements;
+}
+// The same bound for grad_input_direct_strided's frame of grad_output.
+bool direct_grad_input_fits(const ConvGeometry& G) {
+  const int64_t Hf = std::max((G.H - 1 + G.p.pad_top) / G.p.stride_h, G.Ho - 1) +
+                     (G.KH - 1) * G.p.dilation_h / G.p.stride_h + 1;
+  const int64_t Wf = std::max((G.W - 1 + G.p.pad_left) / G.p.stride_w, G.Wo - 1) +
+                     (G.KW - 1) * G.p.dilation_w / G.p.stride_w + 1;
+  constexpr int64_t kMostElements = (int64_t(64) << 20) / 4;
+  return Hf <= kMostElements && Wf <= kMostElements && G.Cout * Hf * Wf <= kMostElements;
+}
+// algorithm='gemm' keeps every pass of the layer on the GEMM paths.
+bool gemm_named(const ConvGeometry& G) {
+  return G.p.algorithm == ConvAlgorithm::Gemm && !G.auto_algorithm;
+}
+
+// grad_input of a stride-1 convolution runs as a forward convolution
+// (grad_input_as_forward). Needs p <= dilation * (k - 1) on every side.
+bool grad_input_as_forward_applies(const ConvGeometry& G) {
+  const int64_t span_h = G.p.dilation_h * (G.KH - 1), span_w = G.p.dilation_w * (G.KW - 1);
+  return G.p.stride_h == 1 && G.p.stride_w == 1 && G.p.pad_top <= span_h &&
+         G.p.pad_bottom <= span_h && G.p.pad_left <= span_w && G.p.pad_right <= span_w;
+}
+
+
+// grad_weight by taps (conv_gemm.cpp) pays where packing the im2col side
+// dominates: few output channels per group.
+bool grad_weight_by_taps_applies(const ConvGeometry& G) {
+  return G.p.stride_h == 1 && G.p.stride_w == 1 && G.KH * G.KW > 1 && G.Coutg <= 96;
+}
+
+// grad_weight by chunks (conv_gemm.cpp) when grad_weight is small.
+constexpr int64_t kSmallGradWeightBytes = 256 << 10;
+
+template <typename T>
+bool grad_weight_by_chunks_applies(const ConvGeometry& G) {
+  return G.Cout * G.Kc * int64_t(sizeof(T)) <= kSmallGradWeightBytes && !is_pointwise(G);
+}
+
+// Resolves Auto, and checks that an algorithm asked for by name applies.
+ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
+  const bool depthwise = G.Cg == 1 && G.G > 1;
+  switch (G.p.algorithm) {
+    case ConvAlgorithm::Auto:
+      if (depthwise) return ConvAlgorithm::Depthwise;
+      if (winograd4_pays(G)) return ConvAlgorithm::Winograd4x4;
+      if (winograd_pays(G)) return ConvAlgorithm::Winograd;
+      if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
+      return direct_fits(G) ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
+    case ConvAlgorithm::Depthwise:
+      if (!depthwise)
+        throw ValueError("algorithm='depthwise' needs one input channel per group "
+                         "(groups == in_channels), got " + std::to_string(G.Cg) +
+                         " input channels per group");
+      return ConvAlgorithm::Depthwise;
+    case ConvAlgorithm::Pointwise:
+      if (!pointwise_shape(G))
+        throw ValueError("algorithm='pointwise' needs a 1x1 kernel with stride 1 and no "
+                         "padding");
+      return ConvAlgorithm::Pointwise;
+    case ConvAlgorithm::Winograd:
+    case ConvAlgorithm::Winograd4x4:
+      if (!winograd_shape(G))
+        throw ValueError(std::string("algorithm='") + conv_algorithm_name(G.p.algorithm) +
+                         "' needs a 3x3 kernel with stride 1, dilation 1 and groups=1");
+      return G.p.algorithm;
+    case ConvAlgorithm::Gemm:
+      return ConvAlgorithm::Gemm;
+    case ConvAlgorithm::Direct:
+      return ConvAlgorithm::Direct;
+  }
+  return ConvAlgorithm::Gemm;
+}
+
+
+// The input as backward's kernels read it: the pointwise paths take a
+// contiguous copy of an input whose rows are not (conv2d_backward).
+ConvGeometry as_backward_reads(ConvGeometry G) {
+  if (G.p.algorithm == ConvAlgorithm::Pointwise && !rows_contiguous(G))
+    G.xs_n = G.C * G.H * G.W, G.xs_c = G.H * G.W, G.xs_h = G.W, G.xs_w = 1;
+  return G;
+}
+
+// G.p.algorithm: resolved (never Auto).
+GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
+  const bool pads_fit =
+      std::max({G.p.pad_top, G.p.pad_bottom, G.p.pad_left, G.p.pad_right}) <= 2;
+  switch (G.p.algorithm) {
+    case ConvAlgorithm::Depthwise:
+      return GradInputPath::Depthwise;
+    case ConvAlgorithm::Winograd:
+      if (pads_fit) return GradInputPath::Winograd2;
+      break;
+    case ConvAlgorithm::Winograd4x4:
+      if (pads_fit) return GradInputPath::Winograd4;
+      break;
+    default:
+      break;
+  }
+  if (is_pointwise(G)) return GradInputPath::Pointwise;
+  // On the direct kernel unless the GEMM path was asked for by name.
+  if (grad_input_as_forward_applies(G))
+    return !gemm_named(G) && direct_fits(grad_input_as_forward_geometry(G))
+               ? GradInputPath::AsForwardDirect
+               : GradInputPath::AsForwardGemm;
+  // The direct kernel (for strided layers, or stride 1 with padding past the
+  // kernel's reach) when each tile fills at least half a panel of input
+  // channels: 128 channels, 3x3 stride 2, batch 16: 17.5 -> 10.0 ms (2
+  // threads, min of 5); with the 3 channels of a first layer (3 of 32 columns
+  // used) it was 2.7-4x slower than the GEMM path.
+  const int64_t nr = dtype == DType::Float32 ? gemm::Tile<float>::NR : gemm::Tile<double>::NR;
+  if (!gemm_named(G) && G.Cg >= nr / 2 && direct_grad_input_fits(G))
+    return GradInputPath::DirectStrided;
+  return GradInputPath::Gemm;
+}
+
+GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
+  if (G.p.algorithm == ConvAlgorithm::Depthwise) return GradWeightPath::Depthwise;
+  if (G.p.algorithm == ConvAlgorithm::Winograd4x4) return GradWeightPath::Winograd4;
+  if (G.p.algorithm == ConvAlgorithm::Winograd && winograd2_grad_weight_pays(G))
+    return GradWeightPath::Winograd2;
+  // The direct kernel unless the GEMM path was asked for by name (or the
+  // layer is 1x1, whose GEMM needs no lowering): against the GEMM paths,
+  // 2 threads, batch 16, it took AlexNet conv1 12.2 -> 9.3 ms, conv2-5
+  // 1.15-1.3x less, ResNet conv1 9.6 -> 7.0, the 3x3 stride-2 layer
+  // 13.3 -> 9.3, the dilated 3x3 12.4 -> 9.5 (min of 5).
+  if (!is_pointwise(G) && !gemm_named(G) && direct_fits(G)) return GradWeightPath::Direct;
+  if (grad_weight_by_taps_applies(G)) return GradWeightPath::ByTaps;
+  const bool small = dtype == DType::Float32 ? grad_weight_by_chunks_applies<float>(G)
+                                             : grad_weight_by_chunks_applies<double>(G);
+  if (small) return GradWeightPath::ByChunks;
+  return GradWeightPath::Gemm;
+}
+
+// The split of the work for the forward convolution F when it runs on
+// forward_gemm or forward_direct (F.p.algorithm): only where the kernels run,
+// with an output that is not empty and input channels (conv2d_forward and
+// conv2d_backward handle the others without them).
+void set_forward_split(const ConvGeometry& F, DType dtype, ConvPlan* plan) {
+  if (F.N * F.Cout * F.P == 0 || F.Kc == 0) return;
+  const bool f32 = dtype == DType::Float32;
+  if (F.p.algorithm == ConvAlgorithm::Direct)
+    plan->direct_split = f32 ? forward_direct_split<float>(F) : forward_direct_split<double>(F);
+  else if (F.p.algorithm == ConvAlgorithm::Gemm || F.p.algorithm == ConvAlgorithm::Pointwise)
+    plan->gemm_split = f32 ? forward_gemm_split<float>(F) : forward_gemm_split<double>(F);
+}
+
+// The splits of the work of backward's kernels for B (the input as backward
+// reads it), where they run: grad_input with grad_input and grad_output not
+// empty, grad_weight with grad_weight and grad_output not empty
+// (conv2d_backward fills the others without them).
+void set_backward_splits(const ConvGeometry& B, DType dtype, ConvPlan* plan) {
+  const bool f32 = dtype == DType::Float32;
+  const bool outputs = B.N * B.Cout * B.P > 0;
+  if (outputs && B.N * B.C * B.H * B.W > 0) {
+    switch (plan->grad_input) {
+      case GradInputPath::AsForwardDirect:
+      case GradInputPath::AsForwardGemm: {
+        ConvGeometry F = grad_input_as_forward_geometry(B);
+        F.p.algorithm = plan->grad_input == GradInputPath::AsForwardDirect ? ConvAlgorithm::Direct
+                                                                            : ConvAlgorithm::Gemm;
+        set_forward_split(F, dtype, plan);
+        break;
+      }
+      case GradInputPath::DirectStrided:
+        plan->grad_input_direct_split =
+            f32 ? grad_input_direct_split<float>(B) : grad_input_direct_split<double>(B);
+        break;
+      case GradInputPath::Pointwise:
+        plan->grad_input_pointwise_split =
+            f32 ? grad_input_pointwise_split<float>(B) : grad_input_pointwise_split<double>(B);
+        break;
+      case GradInputPath::Gemm:
+        plan->grad_input_gemm_split = grad_input_gemm_split(B);
+        break;
+      default:
+        break;
+    }
+  }
+  if (outputs && B.Cout * B.Kc > 0) {
+    switch (plan->grad_weight) {
+      case GradWeightPath::Direct:
+        plan->grad_weight_direct_split =
+            f32 ? grad_weight_direct_split<float>(B) : grad_weight_direct_split<double>(B);
+        break;
+      case GradWeightPath::ByTaps:
+        plan->grad_weight_by_taps_split =
+            f32 ? grad_weight_by_taps_split<float>(B) : grad_weight_by_taps_split<double>(B);
+        break;
+      case GradWeightPath::Gemm:
+        plan->grad_weight_gemm_split =
+            f32 ? grad_weight_gemm_split<float>(B) : grad_weight_gemm_split<double>(B);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+// G.p.algorithm: resolved (never Auto).
+ConvPlan plan_for_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
+  ConvPlan plan;
+  plan.algorithm = G.p.algorithm;
+  if (pass == ConvPass::Forward) {
+    set_forward_split(G, dtype, &plan);
+  } else {
+    const ConvGeometry B = as_backward_reads(G);
+    plan.grad_input = choose_grad_input_path(B, dtype);
+    plan.grad_weight = choose_grad_weight_path(B, dtype);
+    set_backward_splits(B, dtype, &plan);
+  }
+  return plan;
+}
+
+}  // namespace
+
+ConvPlan rule_plan(const ConvGeometry& G, ConvPass pass, DType dtype) {
+  ConvGeometry R = G;
+  R.p.algorithm = choose_algorithm(G);
+  return plan_for_algorithm(R, pass, dtype);
+}
+
+ConvPlan plan_as_if_auto_chose(const ConvGeometry& G, ConvPass pass, DType dtype,
+                               ConvAlgorithm algorithm) {
+  ConvGeometry R = G;
+  R.p.algorithm = algorithm;
+  R.auto_algorithm = true;
+  return plan_for_algorithm(R, pass, dtype);
+}
+
+std::vector<ConvAlgorithm> auto_candidates(const ConvGeometry& G) {
+  std::vector<ConvAlgorithm> out;
+  if (G.Cg == 1 && G.G > 1) out.push_back(ConvAlgorithm::Depthwise);
+  if (winograd_shape(G)) {
+    out.push_back(ConvAlgorithm::Winograd);
+    out.push_back(ConvAlgorithm::Winograd4x4);
+  }
+  if (pointwise_shape(G) && rows_contiguous(G)) out.push_back(ConvAlgorithm::Pointwise);
+  if (direct_fits(G)) out.push_back(ConvAlgorithm::Direct);
+  out.push_back(ConvAlgorithm::Gemm);
+  return out;
+}
+
+namespace {
+
+// Everything a plan depends on: the shapes, the parameters (with the
+// algorithm asked for), whether the input rows are contiguous (the
+// pointwise paths), the pass, the dtype (tile widths), the instruction set
+// and thread count (Winograd's task count) and whether autotune was on.
+using PlanKey = std::array<int64_t, 23>;
+
+PlanKey plan_key(const ConvGeometry& G, ConvPass pass, DType dtype) {
+  const Conv2dParams& p = G.p;
+  return {G.N, G.C, G.H, G.W, G.Cout, G.KH, G.KW,
+          p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left, p.pad_right,
+          p.dilation_h, p.dilation_w, p.groups,
+          static_cast<int64_t>(p.algorithm), rows_contiguous(G) ? 1 : 0,
+          static_cast<int64_t>(pass), static_cast<int64_t>(dtype),
+          gemm::isa_level(), get_num_threads(), get_conv_autotune() ? 1 : 0};
+}
+
+// Plans of the shapes seen, emptied when it reaches kMostPlans (a program
+// that keeps making new shapes then re-plans them, and the map stays small).
+constexpr size_t kMostPlans = 4096;
+
+struct PlanCache {
+  std::mutex mutex;
+  std::map<PlanKey, ConvPlan> plans;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache cache;
+  return cache;
+}
+
+}  // namespace
+
+bool find_cached_plan(const ConvGeometry& G, ConvPass pass, DType dtype, ConvPlan* plan) {
+  const PlanKey key = plan_key(G, pass, dtype);
+  PlanCache& cache = plan_cache();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  const auto it = cache.plans.find(key);
+  if (it == cache.plans.end()) return false;
+  *plan = it->second;
+  return true;
+}
+
+void cache_plan(const ConvGeometry& G, ConvPass pass, DType dtype, const ConvPlan& plan) {
+  const PlanKey key = plan_key(G, pass, dtype);
+  PlanCache& cache = plan_cache();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  if (cache.plans.size() >= kMostPlans) cache.plans.clear();
+  cache.plans[key] = plan;
+}
+
+}  // namespace conv2d_impl
+
+int64_t conv_plan_cache_size() {
+  conv2d_impl::PlanCache& cache = conv2d_impl::plan_cache();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  return static_cast<int64_t>(cache.plans.size());
+}
+
+void clear_conv_plan_cache() {
+  conv2d_impl::PlanCache& cache = conv2d_impl::plan_cache();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.plans.clear();
+}
+
+}  // namespace convcore
