@@ -13,6 +13,7 @@
 
 #include "convcore/errors.h"
 #include "engine_internal.h"
+#include "../cpu/strided.h"
 
 namespace convcore {
 namespace engine {
@@ -455,6 +456,9 @@ void Engine::Impl::run(const Compiled& c, const Plan& p, const TensorView& input
   for (std::size_t i = 0; i < c.steps.size(); ++i) {
     const Step& s = c.steps[i];
     const auto t0 = std::chrono::steady_clock::now();
+    // eager ops inside a step (linear, plain convolution, padding) take the
+    // step's threads, not the process-wide count
+    const detail::ThreadsOverride threads(p.step_threads[i]);
     try {
       run_step(c, p, s, arena, in);
     } catch (const ValueError& e) {
