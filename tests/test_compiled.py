@@ -178,6 +178,28 @@ def test_concatenation_branches_inside_channel_blocks():
     assert "1 concatenation inputs written in place" in plan  # the 16 at channel 16
 
 
+def test_large_batch_runs_in_chunks_of_images():
+    # 16 + 16 channels at 224 x 224 is 6.4 MB an image for the second
+    # convolution: a batch of 5 runs as chunks of 2, 2 and 1, each image's
+    # result that of the image alone (the same plan as a batch of one)
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                          nn.Conv2d(16, 8, 1))
+    compiled, model, x = compiled_and_eager(model, (3, 224, 224), batch=5)
+    y = compiled(x)
+    assert "for a batch of 5 in chunks of 2 images" in compiled.plan(5)
+    assert "chunks" not in compiled.plan(2)
+    assert rel_diff(y, model(x)) <= 1e-5
+    alone = np.concatenate([compiled(x[i:i + 1]) for i in range(5)])
+    assert np.array_equal(y, alone)
+    # a strided view is copied once, then chunked the same way
+    xt = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    assert not xt.flags.c_contiguous
+    assert np.array_equal(compiled(xt), y)
+    assert compiled.arena_bytes(5) == compiled.arena_bytes(2)
+
+
 def test_squeeze_and_excitation_and_every_activation():
     convcore.manual_seed(0)
     acts = [nn.ReLU6(), nn.Sigmoid(), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid()]
