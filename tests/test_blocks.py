@@ -81,6 +81,29 @@ def test_activation_twin(name, dtype):
     assert _err(gx, xt.grad.numpy()) < (1e-7 if name == "Hardsigmoid" else tol)
 
 
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_float32_spans_match_float64(name):
+    # float32 runs through vectors in spans of 4096 shared by the threads,
+    # the tail in scalars: every element as the float64 path, NaN kept
+    rng = np.random.default_rng(2)
+    x = _away_from_kinks(rng.uniform(-10, 10, (3, 5, 37, 29)), name)
+    x.flat[[7, 4100, x.size - 3]] = np.nan
+    g = rng.standard_normal(x.shape)
+    for x32 in (x.astype(np.float32), x.astype(np.float32).transpose(0, 1, 3, 2)):
+        g32 = g.astype(np.float32).reshape(x.shape)
+        if x32.shape != x.shape:
+            g32 = g32.transpose(0, 1, 3, 2)
+        layer32, layer64 = getattr(nn, name)(), getattr(nn, name)()
+        y32, y64 = layer32(x32), layer64(x32.astype(np.float64))
+        gx32 = layer32.backward(g32)
+        gx64 = layer64.backward(g32.astype(np.float64))
+        for a, b in ((y32, y64), (gx32, gx64)):
+            assert a.dtype == np.float32
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+            ok = ~np.isnan(b)
+            assert np.max(np.abs(a[ok] - b[ok])) <= 1e-6 * max(1.0, np.max(np.abs(b[ok])))
+
+
 def test_activation_errors():
     with pytest.raises(TypeError, match="float32 or float64"):
         nn.SiLU()(np.ones((2, 2), dtype=np.int64))

@@ -160,10 +160,11 @@ def test_concatenation_branches_write_in_place():
 
 def test_concatenation_branches_inside_channel_blocks():
     # NASNet's branches of 11 and 22 channels: starts and ends inside a block
-    # (copied lane by lane), whole-block branches in place, a ragged last one
+    # (copied lane by lane), whole-block branches in place, a ragged last one;
+    # the 16 at channel 16 is whole blocks at both block sizes (8 and 16)
     from convcore.nn.graph import Graph
     convcore.manual_seed(0)
-    widths = [3, 5, 16, 11, 8, 7]
+    widths = [3, 13, 16, 11, 8, 7]
     branches = {f"b{i}": nn.Sequential(nn.Conv2d(4, w, 3, padding=1), nn.ReLU())
                 for i, w in enumerate(widths)}
     nodes = [f"y{i} = b{i}(x)" for i in range(len(widths))]
@@ -174,7 +175,29 @@ def test_concatenation_branches_inside_channel_blocks():
     assert rel_diff(compiled(x), model(x)) <= 1e-5
     plan = compiled.plan(3)
     assert plan.count("reorder") == 1, plan  # to NCHW at the end only
-    assert "1 concatenation inputs written in place" in plan  # the 16 at channel 8
+    assert "1 concatenation inputs written in place" in plan  # the 16 at channel 16
+
+
+def test_large_batch_runs_in_chunks_of_images():
+    # 16 + 16 channels at 224 x 224 is 6.4 MB an image for the second
+    # convolution: a batch of 5 runs as chunks of 2, 2 and 1, each image's
+    # result that of the image alone (the same plan as a batch of one)
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                          nn.Conv2d(16, 8, 1))
+    compiled, model, x = compiled_and_eager(model, (3, 224, 224), batch=5)
+    y = compiled(x)
+    assert "for a batch of 5 in chunks of 2 images" in compiled.plan(5)
+    assert "chunks" not in compiled.plan(2)
+    assert rel_diff(y, model(x)) <= 1e-5
+    alone = np.concatenate([compiled(x[i:i + 1]) for i in range(5)])
+    assert np.array_equal(y, alone)
+    # a strided view is copied once, then chunked the same way
+    xt = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    assert not xt.flags.c_contiguous
+    assert np.array_equal(compiled(xt), y)
+    assert compiled.arena_bytes(5) == compiled.arena_bytes(2)
 
 
 def test_squeeze_and_excitation_and_every_activation():

@@ -69,6 +69,81 @@ CONVCORE_BLOCKED_DISPATCH(store_tile, store_tile_body,
                            Act act),
                           (tile, rows, blocks, bias, res, res_stride, dst, dst_stride, act))
 
+// The tile of gather_kernel with the output stage done in registers, for
+// layers whose taps fit one slice (pointwise and small kernels): the
+// accumulators go through bias, residual and activation straight into the
+// output blocks, with no pass through the tile in memory. Rows of RB
+// positions by VP vectors of B channels: 12 x 2 with AVX-512, four 6 x 2
+// blocks with AVX2, as gather_kernel; the same sums in the same order.
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void gather_store_act(int64_t kc, const int64_t* koff,
+                                             const float* const* rows, const float* b, int mr,
+                                             int64_t blocks, const float* bias, const float* res,
+                                             int64_t res_stride, float* dst, int64_t dst_stride) {
+  constexpr int RB = B == 16 ? 12 : 6, VP = 2;
+  static_assert(MR % RB == 0 && NR % (VP * B) == 0, "the tile must split into RB x VP blocks");
+  for (int j0 = 0; j0 < NR && j0 / B < blocks; j0 += VP * B)
+    for (int i0 = 0; i0 < mr; i0 += RB) {
+      const float* r[RB];
+      for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
+      Vec<B> acc[RB][VP];
+#pragma GCC unroll 16
+      for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+        for (int v = 0; v < VP; ++v) acc[i][v] = Vec<B>{};
+      const float* bp = b + j0;
+      for (int64_t k = 0; k < kc; ++k, bp += NR) {
+        const int64_t off = koff[k];
+        Vec<B> bv[VP];
+#pragma GCC unroll 4
+        for (int v = 0; v < VP; ++v) bv[v] = load<B>(bp + v * B);
+#pragma GCC unroll 16
+        for (int i = 0; i < RB; ++i) {
+          const float ai = r[i][off];
+#pragma GCC unroll 4
+          for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+        }
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) {
+        const int64_t jb = j0 / B + v;
+        if (jb >= blocks) break;
+        const Vec<B> bb = bias ? load<B>(bias + jb * B) : Vec<B>{};
+        float* d = dst + jb * dst_stride;
+        const float* rs = res ? res + jb * res_stride : nullptr;
+#pragma GCC unroll 16
+        for (int i = 0; i < RB; ++i) {
+          if (i0 + i >= mr) break;
+          Vec<B> y = acc[i][v] + bb;
+          if (rs) y = y + load<B>(rs + (i0 + i) * B);
+          store<B>(d + (i0 + i) * B, apply<A>(y));
+        }
+      }
+    }
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void gather_store_body(int64_t kc, const int64_t* koff,
+                                              const float* const* rows, const float* b, int mr,
+                                              int64_t blocks, const float* bias, const float* res,
+                                              int64_t res_stride, float* dst, int64_t dst_stride,
+                                              Act act) {
+  CONVCORE_ACT_SWITCH(act, gather_store_act, B, kc, koff, rows, b, mr, blocks, bias, res,
+                      res_stride, dst, dst_stride)
+}
+
+CONVCORE_BLOCKED_DISPATCH(gather_store, gather_store_body,
+                          (int64_t kc, const int64_t* koff, const float* const* rows,
+                           const float* b, int mr, int64_t blocks, const float* bias,
+                           const float* res, int64_t res_stride, float* dst, int64_t dst_stride,
+                           Act act),
+                          (kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst, dst_stride,
+                           act))
+
+// The most taps gather_store takes: one slice, whose rows of the panel stay
+// in L1 (32 KB at 256 taps; AVX2 machines may have an L1 of 32 KB).
+int64_t fused_taps(int64_t lanes) { return lanes == 16 ? kSliceTaps : kSliceTaps / 2; }
+
 int64_t input_channels(const ConvWeights& w) {
   return w.blocked_input ? round_up(w.cin, w.lanes) : w.cin;
 }
@@ -179,6 +254,8 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
   const int64_t frame_image = plan.copy_frame ? cin_eff * hf * wf : in.image_stride;
   const int64_t khw = w.kh * w.kw, unit = khw * lanes;  // taps per input channel (block)
   const int64_t slice = std::max<int64_t>(1, kSliceTaps / unit) * unit;
+  // every panel's taps in one slice, panels of whole NR columns
+  const bool fused = w.width == NR && w.taps <= fused_taps(B) && w.taps <= slice;
   float* frame = scratch;
   float* tile_scratch = scratch + plan.frame_floats;
   const int64_t sh = p.stride_h, sw = p.stride_w;
@@ -246,6 +323,17 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
             const int64_t* koff = plan.koff.data() + w.panel_tap0[ui];
             const int64_t taps = w.panel_taps[ui];
             const int nr = static_cast<int>(std::min<int64_t>(w.width, w.cout - u * w.width));
+            const int64_t jb0 = u * blocks_per_panel;
+            const int64_t nb = std::min(blocks_per_panel, out_blocks - jb0);
+            if (fused) {
+              for (int64_t q0 = qb; q0 < qe; q0 += MR)
+                gather_store(taps, koff, rows + (q0 - qb), b,
+                             static_cast<int>(std::min<int64_t>(MR, qe - q0)), nb,
+                             e.bias ? e.bias + jb0 * B : nullptr,
+                             res_image ? res_image + (jb0 * P + q0) * B : nullptr, P * B,
+                             out_image + (jb0 * P + q0) * B, P * B, e.act);
+              continue;
+            }
             for (int64_t k0 = 0; k0 < taps; k0 += slice) {
               const int64_t kc = std::min(slice, taps - k0);
               for (int64_t q0 = qb; q0 < qe; q0 += MR)
@@ -253,8 +341,6 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
                                     tiles + (q0 - qb) * NR,
                                     static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0, nr);
             }
-            const int64_t jb0 = u * blocks_per_panel;
-            const int64_t nb = std::min(blocks_per_panel, out_blocks - jb0);
             store_tile(tiles, qe - qb, nb, e.bias ? e.bias + jb0 * B : nullptr,
                        res_image ? res_image + (jb0 * P + qb) * B : nullptr, P * B,
                        out_image + (jb0 * P + qb) * B, P * B, e.act);

@@ -189,14 +189,20 @@ CONVCORE_ALWAYS_INLINE void max_pool_plane_body(const float* x, int64_t H, int64
       while (i_hi > i_lo && ih0 + (i_hi - 1) * p.dilation_h >= H) --i_hi;
       while (j_lo < j_hi && iw0 + j_lo * p.dilation_w < 0) ++j_lo;
       while (j_hi > j_lo && iw0 + (j_hi - 1) * p.dilation_w >= W) --j_hi;
-      Vec<B> m = splat<B>(-std::numeric_limits<float>::infinity());
+      // In 8-lane halves: GCC scalarises this select on 16-lane vectors in
+      // a body compiled outside the AVX-512 target (one compare per lane).
+      constexpr int H = B / 8;
+      Vec<8> m[H];
+      for (int h = 0; h < H; ++h) m[h] = splat<8>(-std::numeric_limits<float>::infinity());
       for (int64_t i = i_lo; i < i_hi; ++i)
         for (int64_t j = j_lo; j < j_hi; ++j) {
-          const Vec<B> v =
-              load<B>(x + ((ih0 + i * p.dilation_h) * W + iw0 + j * p.dilation_w) * B);
-          m = ((v > m) | (v != v)) ? v : m;  // a NaN wins, as in PyTorch's max pooling
+          const float* tap = x + ((ih0 + i * p.dilation_h) * W + iw0 + j * p.dilation_w) * B;
+          for (int h = 0; h < H; ++h) {
+            const Vec<8> v = load<8>(tap + 8 * h);
+            m[h] = ((v > m[h]) | (v != v)) ? v : m[h];  // a NaN wins, as in PyTorch's max pooling
+          }
         }
-      store<B>(y + (oh * Wo + ow) * B, m);
+      for (int h = 0; h < H; ++h) store<8>(y + (oh * Wo + ow) * B + 8 * h, m[h]);
     }
 }
 

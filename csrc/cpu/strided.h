@@ -137,6 +137,20 @@ class CallScope {
   CallScope& operator=(const CallScope&) = delete;
 };
 
+// Sets the core's thread count for the calling thread while it lives, over
+// set_num_threads: a compiled network runs its steps, eager ops included, on
+// its own thread count.
+class ThreadsOverride {
+ public:
+  explicit ThreadsOverride(int threads);
+  ~ThreadsOverride();
+  ThreadsOverride(const ThreadsOverride&) = delete;
+  ThreadsOverride& operator=(const ThreadsOverride&) = delete;
+
+ private:
+  int previous_;
+};
+
 // Scratch buffers (one slice per thread), allocated before a parallel region
 // so that an allocation failure throws std::bad_alloc to the caller instead
 // of terminating inside OpenMP. All scratch memory of the core goes through

@@ -21,6 +21,7 @@ namespace convcore {
 namespace {
 std::atomic<int> g_num_threads{0};  // 0: not set yet, use OpenMP's default
 std::atomic<int> g_calls_in_flight{0};
+thread_local int t_threads_override = 0;  // 0: none (detail::ThreadsOverride)
 }
 
 void set_num_threads(int n) {
@@ -29,6 +30,7 @@ void set_num_threads(int n) {
 }
 
 int get_num_threads() {
+  if (t_threads_override > 0) return t_threads_override;
   int n = g_num_threads.load();
   return n > 0 ? n : omp_get_max_threads();
 }
@@ -107,6 +109,11 @@ void free_scratch(void* p) { std::free(p); }
 
 CallScope::CallScope() { g_calls_in_flight.fetch_add(1); }
 CallScope::~CallScope() { g_calls_in_flight.fetch_sub(1); }
+
+ThreadsOverride::ThreadsOverride(int threads) : previous_(t_threads_override) {
+  t_threads_override = threads;
+}
+ThreadsOverride::~ThreadsOverride() { t_threads_override = previous_; }
 
 int threads_for(int64_t tasks, int64_t work) {
   constexpr int64_t kMinWorkPerThread = 32768;

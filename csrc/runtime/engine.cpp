@@ -13,6 +13,7 @@
 
 #include "convcore/errors.h"
 #include "engine_internal.h"
+#include "../cpu/strided.h"
 
 namespace convcore {
 namespace engine {
@@ -450,11 +451,14 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
 }
 
 void Engine::Impl::run(const Compiled& c, const Plan& p, const TensorView& input, char* arena,
-                       Tensor& result, std::vector<double>* times) const {
+                       char* output, std::vector<double>* times) const {
   const void* in = input.data;
   for (std::size_t i = 0; i < c.steps.size(); ++i) {
     const Step& s = c.steps[i];
     const auto t0 = std::chrono::steady_clock::now();
+    // eager ops inside a step (linear, plain convolution, padding) take the
+    // step's threads, not the process-wide count
+    const detail::ThreadsOverride threads(p.step_threads[i]);
     try {
       run_step(c, p, s, arena, in);
     } catch (const ValueError& e) {
@@ -466,9 +470,103 @@ void Engine::Impl::run(const Compiled& c, const Plan& p, const TensorView& input
       (*times)[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   const Place& out = p.places[static_cast<std::size_t>(c.output_val)];
-  const std::size_t bytes = result.nbytes();
+  const std::size_t bytes = static_cast<std::size_t>(
+      p.batch * graph::numel(val_shape(c, c.steps, c.output_val))) * dtype_size(dtype);
   if (bytes)
-    std::memcpy(result.data(), out.offset < 0 ? in : arena + static_cast<std::size_t>(out.offset) * dtype_size(dtype), bytes);
+    std::memcpy(output, out.offset < 0 ? in : arena + static_cast<std::size_t>(out.offset) * dtype_size(dtype), bytes);
+}
+
+// Images per pass over the steps. A batch whose largest step (its inputs and
+// output) overflows kChunkBytes runs in chunks that fit, so that a step's
+// output is still in cache when the next reads it, instead of going through
+// memory; each chunk reads the weights again, so chunks are taken only when
+// those extra reads are fewer bytes than the activations written. The
+// choice depends on the model and the batch alone (not on the threads or
+// the machine), so results stay the same for any thread count.
+int64_t Engine::Impl::chunk_images(const Compiled& c, int64_t batch) const {
+  constexpr int64_t kChunkBytes = int64_t(16) << 20;  // half an L3 of 32 MB
+  if (batch <= 1) return batch;
+  int64_t step_elements = 0, activation_elements = 0, weight_elements = 0;
+  for (const Step& s : c.steps) {
+    int64_t elements = graph::numel(val_shape(c, c.steps, s.out));
+    activation_elements += elements;
+    for (int v : s.in) elements += graph::numel(val_shape(c, c.steps, v));
+    step_elements = std::max(step_elements, elements);
+    weight_elements += (s.weight.defined() ? s.weight.numel() : 0) +
+                       static_cast<int64_t>(s.packed.panels.size() + s.winograd.u.size() +
+                                            s.depthwise.size());
+    if (s.kind == Kind::Linear && s.node) {
+      const Tensor* w = s.node->tensor("weight");
+      if (w) weight_elements += w->numel();
+    }
+  }
+  const int64_t item = static_cast<int64_t>(dtype_size(dtype));
+  const int64_t per_image = std::max<int64_t>(1, step_elements * item);
+  if (per_image * batch <= kChunkBytes) return batch;
+  const int64_t k = std::max<int64_t>(1, kChunkBytes / per_image);
+  if (k >= batch) return batch;
+  const int64_t extra_reads = (batch + k - 1) / k - 1;
+  if (extra_reads * weight_elements > activation_elements * batch) return batch;
+  return k;
+}
+
+Tensor Engine::Impl::run_chunks(const TensorView& input, std::vector<double>* times) const {
+  const Shape sample(input.shape + 1, input.shape + input.ndim);
+  const int threads = this->threads();
+  std::unique_lock<std::mutex> lock(mutex);
+  Compiled& c = compile(sample);
+  Shape out_shape = c.shapes[static_cast<std::size_t>(c.vals[static_cast<std::size_t>(c.output_val)].gv)];
+  out_shape.insert(out_shape.begin(), input.shape[0]);
+  Tensor result = Tensor::empty(dtype, out_shape);
+  const int64_t batch = input.shape[0];
+  if (batch == 0) return result;  // an empty batch: nothing to compute
+  const int64_t k = chunk_images(c, batch);
+  // the plans of a whole chunk and of the last, shorter one
+  const Plan* plans[2] = {&plan(c, k, threads), batch % k ? &plan(c, batch % k, threads) : nullptr};
+  const int64_t sample_elements = graph::numel(sample);
+  int64_t work = 0;
+  for (const Plan* p : plans)
+    if (p) work = std::max(work, p->values_elements + p->scratch_elements);
+  const int64_t need = work + (input.is_contiguous() ? 0 : batch * sample_elements);
+  Tensor arena;
+  for (std::size_t i = 0; i < arenas.size(); ++i)
+    if (arenas[i].numel() >= need) {
+      arena = std::move(arenas[i]);
+      arenas.erase(arenas.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
+  lock.unlock();
+  if (!arena.defined()) arena = Tensor::empty(dtype, {std::max<int64_t>(need, 1)});
+  const std::size_t item = dtype_size(dtype);
+  char* x = static_cast<char*>(input.data);
+  if (!input.is_contiguous()) {  // copied into the arena, past everything else
+    char* dst = static_cast<char*>(arena.data()) + static_cast<std::size_t>(work) * item;
+    Tensor copy = Tensor::from_view(input);
+    std::memcpy(dst, copy.data(), copy.nbytes());
+    x = dst;
+  }
+  const int64_t out_elements = result.numel() / batch;
+  try {
+    for (int64_t n0 = 0; n0 < batch; n0 += k) {
+      const int64_t nk = std::min(k, batch - n0);
+      const Plan& p = nk == k ? *plans[0] : *plans[1];
+      Shape chunk_shape(input.shape, input.shape + input.ndim);
+      chunk_shape[0] = nk;
+      run(c, p,
+          contiguous_view(x + static_cast<std::size_t>(n0 * sample_elements) * item, dtype,
+                          input.ndim, chunk_shape.data()),
+          static_cast<char*>(arena.data()),
+          static_cast<char*>(result.data()) + static_cast<std::size_t>(n0 * out_elements) * item,
+          times);
+    }
+  } catch (...) {
+    lock.lock();
+    arenas.push_back(std::move(arena));
+    throw;
+  }
+  lock.lock();
+  arenas.push_back(std::move(arena));
+  return result;
 }
 
 // --------------------------------------------------------------- Engine
@@ -526,26 +624,20 @@ std::vector<StepInfo> Engine::profile(const TensorView& input, int runs) const {
   const Impl& m = *impl_;
   if (input.ndim < 1 || input.shape[0] < 1) throw ValueError("profile needs a batch of at least one");
   forward(input);  // compiles, plans and warms up
-  std::unique_lock<std::mutex> lock(m.mutex);
-  const Compiled& c = m.compile(sample_of(input));
-  const Plan& p = m.plan(const_cast<Compiled&>(c), input.shape[0], m.threads());
-  Tensor arena = std::move(m.arenas.back());
-  m.arenas.pop_back();
-  lock.unlock();
-  std::vector<double> times(c.steps.size(), 0.0);
-  Shape out_shape = c.shapes[static_cast<std::size_t>(c.vals[static_cast<std::size_t>(c.output_val)].gv)];
-  out_shape.insert(out_shape.begin(), input.shape[0]);
-  Tensor result = Tensor::empty(m.dtype, out_shape);
   const Tensor x = Tensor::from_view(input);
-  for (int r = 0; r < runs; ++r)
-    m.run(c, p, x.view(), static_cast<char*>(arena.data()), result, &times);
-  lock.lock();
-  m.arenas.push_back(std::move(arena));
+  std::vector<double> times;
+  {
+    std::lock_guard<std::mutex> lock(m.mutex);
+    times.assign(m.compile(sample_of(input)).steps.size(), 0.0);
+  }
+  for (int r = 0; r < runs; ++r) m.run_chunks(x.view(), &times);
+  std::lock_guard<std::mutex> lock(m.mutex);
+  const Compiled& c = m.compile(sample_of(input));
   std::vector<StepInfo> rows;
   for (std::size_t i = 0; i < c.steps.size(); ++i) {
     const Step& s = c.steps[i];
     Shape shape = val_shape(c, c.steps, s.out);
-    shape.insert(shape.begin(), p.batch);
+    shape.insert(shape.begin(), input.shape[0]);
     rows.push_back({s.label, kind_name(s.kind), layout_name(c, s, m.lanes), shape, times[i]});
   }
   return rows;
@@ -557,63 +649,22 @@ Tensor Engine::forward(const TensorView& input) const {
   if (input.dtype != m.dtype)
     throw TypeError(std::string("input has dtype ") + dtype_name(input.dtype) + " but the net is " +
                     dtype_name(m.dtype) + " (convert the input)");
-  const Shape sample = sample_of(input);
-  const int threads = m.threads();
-  std::unique_lock<std::mutex> lock(m.mutex);
-  Compiled& c = m.compile(sample);
-  if (input.shape[0] == 0) {  // an empty batch: nothing to compute
-    Shape out_shape = c.shapes[static_cast<std::size_t>(c.vals[static_cast<std::size_t>(c.output_val)].gv)];
-    out_shape.insert(out_shape.begin(), 0);
-    return Tensor::empty(m.dtype, out_shape);
-  }
-  Plan& p = m.plan(c, input.shape[0], threads);
-  Tensor arena;
-  const int64_t need = p.values_elements + p.scratch_elements +
-                       (input.is_contiguous() ? 0 : p.batch * graph::numel(sample));
-  for (std::size_t i = 0; i < m.arenas.size(); ++i)
-    if (m.arenas[i].numel() >= need) {
-      arena = std::move(m.arenas[i]);
-      m.arenas.erase(m.arenas.begin() + static_cast<std::ptrdiff_t>(i));
-      break;
-    }
-  lock.unlock();
-  if (!arena.defined()) arena = Tensor::empty(m.dtype, {std::max<int64_t>(need, 1)});
-  Shape out_shape = c.shapes[static_cast<std::size_t>(c.vals[static_cast<std::size_t>(c.output_val)].gv)];
-  out_shape.insert(out_shape.begin(), input.shape[0]);
-  Tensor result = Tensor::empty(m.dtype, out_shape);
-  TensorView x = input;
-  if (!input.is_contiguous()) {  // copied into the arena, past everything else
-    const std::size_t item = dtype_size(m.dtype);
-    char* dst = static_cast<char*>(arena.data()) +
-                static_cast<std::size_t>(p.values_elements + p.scratch_elements) * item;
-    Tensor copy = Tensor::from_view(input);
-    std::memcpy(dst, copy.data(), copy.nbytes());
-    x = contiguous_view(dst, m.dtype, input.ndim, input.shape);
-  }
-  try {
-    m.run(c, p, x, static_cast<char*>(arena.data()), result, nullptr);
-  } catch (...) {
-    lock.lock();
-    m.arenas.push_back(std::move(arena));
-    throw;
-  }
-  lock.lock();
-  m.arenas.push_back(std::move(arena));
-  return result;
+  return m.run_chunks(input, nullptr);
 }
 
 std::string Engine::summary(const Shape& sample, int64_t batch) const {
   const Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mutex);
   Compiled& c = m.compile(sample);
-  Plan& p = m.plan(c, batch, m.threads());
+  const int64_t k = m.chunk_images(c, batch);
+  Plan& p = m.plan(c, k, m.threads());
   std::ostringstream os;
   const std::size_t item = dtype_size(m.dtype);
   os << "compiled: " << c.steps.size() << " steps, " << c.folded << " batch norms folded, "
      << c.fused << " adds and activations fused, " << c.in_place
      << " concatenation inputs written in place; arena "
      << (p.values_elements + p.scratch_elements) * static_cast<int64_t>(item) << " bytes for a batch of "
-     << batch << " (values " << p.values_elements * static_cast<int64_t>(item) << ", scratch "
+     << batch << (k < batch ? " in chunks of " + std::to_string(k) + " images" : std::string()) << " (values " << p.values_elements * static_cast<int64_t>(item) << ", scratch "
      << p.scratch_elements * static_cast<int64_t>(item) << "), " << p.threads << " threads\n";
   std::size_t wl = 4;
   for (const auto& s : c.steps) wl = std::max(wl, s.label.size());
@@ -633,7 +684,7 @@ int64_t Engine::arena_bytes(const Shape& sample, int64_t batch) const {
   const Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mutex);
   Compiled& c = m.compile(sample);
-  Plan& p = m.plan(c, batch, m.threads());
+  Plan& p = m.plan(c, m.chunk_images(c, batch), m.threads());
   return (p.values_elements + p.scratch_elements) * static_cast<int64_t>(dtype_size(m.dtype));
 }
 

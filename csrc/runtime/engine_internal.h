@@ -174,8 +174,11 @@ struct Engine::Impl {
   std::vector<FusedOp> fuse(const std::vector<Shape>& shapes, Compiled& c) const;
   void lower(std::vector<FusedOp>& ops, Compiled& c) const;
   Plan& plan(Compiled& c, int64_t batch, int threads) const;
-  void run(const Compiled& c, const Plan& p, const TensorView& input, char* arena,
-           Tensor& result, std::vector<double>* times) const;
+  int64_t chunk_images(const Compiled& c, int64_t batch) const;
+  void run(const Compiled& c, const Plan& p, const TensorView& input, char* arena, char* output,
+           std::vector<double>* times) const;
+  // forward and profile: the batch in chunks of chunk_images
+  Tensor run_chunks(const TensorView& input, std::vector<double>* times) const;
   void run_step(const Compiled& c, const Plan& p, const Step& s, char* arena,
                 const void* input) const;
 };

@@ -12,6 +12,7 @@
 #include "convcore/convcore.h"
 #include "convcore/safetensors.h"
 #include "util.h"
+#include "../../csrc/cpu/strided.h"
 
 using namespace convcore;
 using testutil::Rng;
@@ -103,6 +104,26 @@ TEST(concurrent_loads_of_one_file) {
   std::atomic<int> mismatches{0};
   in_threads(4, 5, [&](int) { mismatches += !testutil::bit_equal(Net::load(path).forward(x), expected); });
   CHECK_EQ(mismatches.load(), 0);
+}
+
+TEST(threads_override_is_per_caller_thread_and_restored) {
+  const int before = convcore::get_num_threads();
+  convcore::set_num_threads(2);
+  {
+    const convcore::detail::ThreadsOverride one(1);
+    CHECK(convcore::get_num_threads() == 1);
+    int seen_elsewhere = 0;
+    std::thread other([&] { seen_elsewhere = convcore::get_num_threads(); });
+    other.join();
+    CHECK(seen_elsewhere == 2);  // another caller keeps the process-wide count
+    {
+      const convcore::detail::ThreadsOverride three(3);
+      CHECK(convcore::get_num_threads() == 3);
+    }
+    CHECK(convcore::get_num_threads() == 1);
+  }
+  CHECK(convcore::get_num_threads() == 2);
+  convcore::set_num_threads(before);
 }
 
 TEST_MAIN()
