@@ -1,5 +1,5 @@
 // Convolution in the blocked layout (blocked.h): the direct algorithm of
-// conv.cpp's forward_direct with the tile written straight into the output
+// conv_direct.cpp's forward_direct with the tile written straight into the output
 // blocks. A tile is MR output positions (in output order, across row ends)
 // by NR output channels; gemm::gather_kernel broadcasts each input value
 // from a window of the input (tap k at the fixed offset koff[k] inside
@@ -26,7 +26,7 @@ namespace {
 
 constexpr int MR = gemm::Tile<float>::MR, NR = gemm::Tile<float>::NR;
 // Tiles of a block of positions that take every panel and slice of taps
-// while the block's input rows stay in cache (conv.cpp's kDirectBlockTiles).
+// while the block's input rows stay in cache (conv_direct.cpp's kDirectBlockTiles).
 constexpr int64_t kBlockTiles = 8;
 // Taps per slice of a panel (whole channels or channel blocks): the slice's
 // rows of the panel stay in L1 while every tile of the block uses them.

@@ -319,7 +319,7 @@ struct PlaneOps {
   }
 };
 
-// One thread's scratch and the steps of the drivers in conv.cpp, for one
+// One thread's scratch and the steps of the drivers in conv_depthwise.cpp, for one
 // input plane (one channel of one image) at a time.
 template <typename T>
 class PlaneWork {

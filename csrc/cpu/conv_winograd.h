@@ -4,7 +4,7 @@
 // become a*a independent GEMMs over channels:
 //   U = G g G^T (weights, once per call), V = B^T d B (input tiles),
 //   M[xi] = U[xi] (Cout x C) * V[xi] (C x tiles), Y = A^T M A.
-// Two variants share one driver (conv.cpp, winograd_conv<M>):
+// Two variants share one driver (conv_winograd.cpp, winograd_conv<M>):
 //   F(2x2, 3x3): 4x4 tiles, 16 products per 4 outputs, 2.25x fewer
 //                multiplications than direct convolution;
 //   F(4x4, 3x3): 6x6 tiles, 36 products per 16 outputs, 4x fewer, at the
@@ -160,7 +160,7 @@ struct Variant<4> {
 // cannot prove that the streams (a runtime stride apart) do not overlap,
 // and gives up after a few run-time alias checks, so each loop over
 // tiles/filters carries `GCC ivdep`: true, as every caller's stride is at
-// least the length of a stream (see winograd_conv in conv.cpp).
+// least the length of a stream (see winograd_conv in conv_winograd.cpp).
 
 // The 2-D form of a 1-D transform f (NI values -> NO values): f applied to
 // each column of the NI x NI block `in`, then to each row of the result,

@@ -6,7 +6,7 @@
 //
 // The seam for faster code: a new microkernel plugs into micro_kernel();
 // other algorithms (winograd, direct depthwise) plug in beside gemm_packed()
-// in conv.cpp.
+// in the conv_*.cpp files, chosen by conv_plan.cpp.
 #pragma once
 #include <algorithm>
 #include <cstdlib>

@@ -29,7 +29,7 @@ run: the faster of a square SGEMM through convcore's GEMM and through numpy
 theoretical one.
 
 Summary: convcore binds no query for the algorithm its conv picks per shape
-(choose_algorithm in csrc/cpu/conv.cpp is internal), so the rows are grouped
+(choose_algorithm in csrc/cpu/conv_plan.cpp is internal), so the rows are grouped
 by shape class: first layer (cin <= 4), depthwise, grouped, pointwise 1x1,
 large kernel (> 3), 3x3 stride 1, strided, other (dilated, rectangular), and
 linear; per class, pass and batch: minimum, quartiles and geometric mean of
