@@ -178,6 +178,16 @@ def test_concatenation_branches_inside_channel_blocks():
     assert "1 concatenation inputs written in place" in plan  # the 16 at channel 16
 
 
+def test_step_threads_follow_the_work():
+    # the plan's last column: a large fully connected layer at batch 1 is
+    # 16M multiply-adds and takes both threads; a small one runs on one
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4))
+    compiled = convcore.compile(model.eval(), threads=2)
+    plan = compiled.plan(1, input_shape=(4096, 1, 1))
+    threads = [int(line.split()[-1]) for line in plan.splitlines()[2:]]
+    assert threads == [2, 1], plan
+
+
 def test_large_batch_runs_in_chunks_of_images():
     # 16 + 16 channels at 224 x 224 is 6.4 MB an image for the second
     # convolution: a batch of 5 runs as chunks of 2, 2 and 1, each image's

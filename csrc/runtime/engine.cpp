@@ -165,6 +165,9 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
     } else if (s.kind == Kind::Depthwise) {
       work *= s.kh * s.kw;
       grain = 131072;
+    } else if (s.kind == Kind::Linear) {
+      work *= shapes[static_cast<std::size_t>(s.in[0])].back();  // multiply-adds
+      grain = 262144;
     }
     p->step_threads[i] = static_cast<int>(std::clamp<int64_t>(work / grain, 1, threads));
   }
@@ -669,13 +672,15 @@ std::string Engine::summary(const Shape& sample, int64_t batch) const {
   std::size_t wl = 4;
   for (const auto& s : c.steps) wl = std::max(wl, s.label.size());
   os << std::left << std::setw(static_cast<int>(wl)) << "step" << "  " << std::setw(12) << "kind"
-     << "  " << std::setw(18) << "layout" << "  output\n";
-  for (const auto& s : c.steps) {
+     << "  " << std::setw(18) << "layout" << "  " << std::setw(22) << "output" << "  threads\n";
+  for (std::size_t i = 0; i < c.steps.size(); ++i) {
+    const Step& s = c.steps[i];
     const std::string layout = layout_name(c, s, m.lanes);
     Shape shape = val_shape(c, c.steps, s.out);
     shape.insert(shape.begin(), batch);
     os << std::left << std::setw(static_cast<int>(wl)) << s.label << "  " << std::setw(12)
-       << kind_name(s.kind) << "  " << std::setw(18) << layout << "  " << shape_str(shape) << "\n";
+       << kind_name(s.kind) << "  " << std::setw(18) << layout << "  " << std::setw(22)
+       << shape_str(shape) << "  " << p.step_threads[i] << "\n";
   }
   return os.str();
 }
