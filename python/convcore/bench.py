@@ -3,7 +3,7 @@ is importable) and numpy's im2col approach, on the layers of the classic
 CNNs, forward and backward, float32.
 
 Each timing is the median of `--repeat` runs; the libraries take turns in
-blocks, each after a warm-up run (see interleaved_medians for why not run
+blocks, each after a warm-up of at least 0.1 s (see interleaved_medians for why not run
 by run). Ratios are peer time / convcore time (above 1: convcore is faster).
 
     python -m convcore bench [--threads 2] [--repeat 7] [--quick] [--json out.json]
@@ -110,27 +110,38 @@ def suite(quick: bool = False) -> List[object]:
 # ------------------------------------------------------------------------- timing
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int,
-                        max_repeat: Optional[Dict[str, int]] = None) -> Dict[str, float]:
-    """Median seconds of each fn over `repeat` runs (max_repeat caps the runs
-    of slow peers, e.g. numpy's im2col).
+                        max_repeat: Optional[Dict[str, int]] = None, warmup: float = 0.1,
+                        sample: float = 0.02) -> Dict[str, float]:
+    """Median seconds per call of each fn over `repeat` samples (max_repeat
+    caps the samples of slow peers, e.g. numpy's im2col).
 
-    The libraries take turns in blocks: a warm-up run, then the timed runs,
+    The libraries take turns in blocks: a warm-up, then the timed samples,
     then the next library, and the whole round is done twice with the order
     reversed, so slow drift of the machine hits all alike. Alternating run by
-    run was unfair: PyTorch and convcore each bring an OpenMP runtime whose
-    threads keep spinning after a call, and the other library's next call
-    shared the cores with them (a 0.15 ms call measured 7 ms)."""
+    run was unfair: PyTorch, ONNX Runtime and convcore each bring a thread
+    pool whose threads keep spinning after a call, and the other library's
+    next call shared the cores with them (a 0.15 ms call measured 7 ms). So
+    a block's warm-up lasts at least `warmup` seconds (the previous pool's
+    threads go to sleep meanwhile), and a sample of a fast call is the mean
+    of as many calls as last `sample` seconds."""
     samples = {name: [] for name in fns}
     caps = max_repeat or {}
     names = list(fns)
     for order in (names, names[::-1]):
         for name in order:
             runs = (min(repeat, caps.get(name, repeat)) + 1) // 2
-            fns[name]()  # warm-up: caches, this library's thread pool
+            fn = fns[name]
+            t0 = time.perf_counter()
+            fn()  # warm-up: caches, this library's thread pool
+            one = time.perf_counter() - t0
+            while time.perf_counter() - t0 < warmup:
+                fn()
+            calls = max(1, int(math.ceil(sample / max(one, 1e-9)))) if one < sample else 1
             for _ in range(runs):
                 t0 = time.perf_counter()
-                fns[name]()
-                samples[name].append(time.perf_counter() - t0)
+                for _ in range(calls):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / calls)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
