@@ -74,13 +74,14 @@ CONVCORE_BLOCKED_DISPATCH(store_tile, store_tile_body,
 // accumulators go through bias, residual and activation straight into the
 // output blocks, with no pass through the tile in memory. Rows of RB
 // positions by VP vectors of B channels: 12 x 2 with AVX-512, four 6 x 2
-// blocks with AVX2, as gather_kernel; the same sums in the same order.
-template <int B, Act A>
-CONVCORE_ALWAYS_INLINE void gather_store_act(int64_t kc, const int64_t* koff,
-                                             const float* const* rows, const float* b, int mr,
-                                             int64_t blocks, const float* bias, const float* res,
-                                             int64_t res_stride, float* dst, int64_t dst_stride) {
-  constexpr int RB = B == 16 ? 12 : 6, VP = 2;
+// blocks with AVX2, as gather_kernel, or 12 x 1 for a panel one block wide;
+// the same sums in the same order.
+template <int B, int VP, Act A>
+CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
+                                            const float* const* rows, const float* b, int mr,
+                                            int64_t blocks, const float* bias, const float* res,
+                                            int64_t res_stride, float* dst, int64_t dst_stride) {
+  constexpr int RB = VP == 1 || B == 16 ? 12 : 6;
   static_assert(MR % RB == 0 && NR % (VP * B) == 0, "the tile must split into RB x VP blocks");
   for (int j0 = 0; j0 < NR && j0 / B < blocks; j0 += VP * B)
     for (int i0 = 0; i0 < mr; i0 += RB) {
@@ -120,6 +121,19 @@ CONVCORE_ALWAYS_INLINE void gather_store_act(int64_t kc, const int64_t* koff,
         }
       }
     }
+}
+
+// One vector of columns when the panel is one block wide (no products for
+// columns past the panel), two otherwise.
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void gather_store_act(int64_t kc, const int64_t* koff,
+                                             const float* const* rows, const float* b, int mr,
+                                             int64_t blocks, const float* bias, const float* res,
+                                             int64_t res_stride, float* dst, int64_t dst_stride) {
+  if (blocks == 1)
+    gather_store_vp<B, 1, A>(kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst, dst_stride);
+  else
+    gather_store_vp<B, 2, A>(kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst, dst_stride);
 }
 
 template <int B>
@@ -176,7 +190,9 @@ ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, in
   };
   // Narrow groups: panels narrower than NR (whole blocks) read fewer
   // channels of other groups (zeros); the widest of the fewest products.
-  w.width = NR;
+  // Fewer output channels than NR: one panel of whole blocks (LeNet's 6,
+  // an inverted residual's 16), not NR columns of which most are padding.
+  w.width = std::min<int64_t>(NR, round_up(cout, B));
   if (groups > 1)
     for (int64_t width = NR - B; width >= B; width -= B)
       if (products(width) < products(w.width)) w.width = width;
@@ -254,8 +270,8 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
   const int64_t frame_image = plan.copy_frame ? cin_eff * hf * wf : in.image_stride;
   const int64_t khw = w.kh * w.kw, unit = khw * lanes;  // taps per input channel (block)
   const int64_t slice = std::max<int64_t>(1, kSliceTaps / unit) * unit;
-  // every panel's taps in one slice, panels of whole NR columns
-  const bool fused = w.width == NR && w.taps <= fused_taps(B) && w.taps <= slice;
+  // every panel's taps in one slice
+  const bool fused = w.taps <= fused_taps(B) && w.taps <= slice;
   float* frame = scratch;
   float* tile_scratch = scratch + plan.frame_floats;
   const int64_t sh = p.stride_h, sw = p.stride_w;
