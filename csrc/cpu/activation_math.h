@@ -56,6 +56,18 @@ CONVCORE_ALWAYS_INLINE T from_bits(typename IntOf<T>::type bits) {
   std::memcpy(&out, &bits, sizeof out);
   return out;
 }
+// (n + 127) << 23, the bits of the float 2^n, shifted as unsigned: a NaN's
+// lanes hold INT32_MIN there (the conversion's "indefinite" value), whose
+// signed shift would be undefined.
+template <typename I>
+CONVCORE_ALWAYS_INLINE I exponent_bits(I n) {
+  if constexpr (std::is_same_v<I, int32_t>) {
+    return static_cast<int32_t>(static_cast<uint32_t>(n + 127) << 23);
+  } else {
+    typedef uint32_t U __attribute__((vector_size(sizeof(I))));
+    return reinterpret_cast<I>(reinterpret_cast<U>(n + 127) << 23);
+  }
+}
 // T with every element v.
 template <typename T>
 CONVCORE_ALWAYS_INLINE T splat(float v) {
@@ -84,7 +96,7 @@ CONVCORE_ALWAYS_INLINE T exp_nonpositive(T x_in) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const T er = p * r * r + r + 1.0f;
-  const T scale = from_bits<T>((n + 127) << 23);  // 2^n, n >= -126 here
+  const T scale = from_bits<T>(exponent_bits(n));  // 2^n, n >= -126 here
   const T y = er * scale;
   return x_in < lo ? splat<T>(0.0f) : y;  // underflow: 0 (the true value is < 1.2e-38)
 }
