@@ -30,6 +30,8 @@ __all__ = [
     "linear_backward",
     "relu",
     "relu_backward",
+    "softmax",
+    "softmax_backward",
     "local_response_norm",
     "local_response_norm_backward",
     "batch_norm",
@@ -414,6 +416,22 @@ def relu(input, out: Optional[np.ndarray] = None) -> np.ndarray:
 def relu_backward(grad_output, input) -> np.ndarray:
     """grad_output where input > 0, else 0."""
     return _core.relu_backward(_array(grad_output, "grad_output"), _array(input, "input"))
+
+
+def softmax(input, dim: int) -> np.ndarray:
+    """exp(input) / sum(exp(input)) along dim, as torch.nn.functional.softmax
+    (dim is required: PyTorch's implicit choice is deprecated). Computed with
+    the max subtracted, so large logits do not overflow; a NaN makes its
+    whole line NaN."""
+    x = _array(input, "input")
+    return _core.softmax(x, _int(dim, "dim"))
+
+
+def softmax_backward(grad_output, output, dim: int) -> np.ndarray:
+    """Gradient of softmax with respect to its input, from the forward's
+    output: output * (grad_output - sum(grad_output * output, dim))."""
+    return _core.softmax_backward(_array(grad_output, "grad_output"), _array(output, "output"),
+                                  _int(dim, "dim"))
 
 
 # ---------------------------------------------------------------- normalisation

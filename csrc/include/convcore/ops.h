@@ -65,6 +65,14 @@ void activation_forward(Activation kind, const TensorView& input, const TensorVi
 void activation_backward(Activation kind, const TensorView& grad_output, const TensorView& input,
                          const TensorView& grad_input);
 
+// Softmax along dim (in [-ndim, ndim - 1]; a 0-d input takes 0 or -1), as
+// torch.softmax: exp(x - max) / sum(exp(x - max)); a line holding a NaN is
+// all NaN. The backward takes the forward's output:
+// grad_input = output * (grad_output - sum(grad_output * output, dim)).
+void softmax_forward(const TensorView& input, int64_t dim, const TensorView& output);
+void softmax_backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
+                      const TensorView& grad_input);
+
 }  // namespace convcore
 
 namespace convcore {
