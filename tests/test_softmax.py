@@ -1,5 +1,6 @@
 """Softmax across the stack: convcore.functional.softmax / softmax_backward
-(the C++ core) against PyTorch and finite differences, the nn.Softmax layer,
+and log_softmax / log_softmax_backward (the C++ core) against PyTorch and
+finite differences, the nn.Softmax layer,
 its node in the network format (saved, loaded, compiled, read by the C++
 reader) and its errors."""
 import numpy as np
@@ -11,35 +12,50 @@ from convcore import nn
 
 torch = pytest.importorskip("torch")
 
-# |convcore - torch| for outputs in [0, 1] and gradients of O(1)
+# |convcore - torch| / max(1, |torch|), elementwise
 ATOL = {np.float32: 1e-6, np.float64: 1e-14}
+
+# (forward, backward, torch's forward)
+OPS = {"softmax": (F.softmax, F.softmax_backward, torch.softmax),
+       "log_softmax": (F.log_softmax, F.log_softmax_backward, torch.log_softmax)}
 
 SHAPES_DIMS = [((7,), 0), ((4, 10), 1), ((4, 10), -1), ((4, 10), 0), ((2, 3, 4, 5), 0),
                ((2, 3, 4, 5), 1), ((2, 3, 4, 5), 2), ((2, 3, 4, 5), 3), ((2, 3, 4, 5), -2),
                ((3, 1000), 1), ((), 0), ((0, 5), 1)]
 
 
-def _torch_softmax(x, dim):
-    return torch.softmax(torch.from_numpy(x), dim).numpy()
+def _torch_softmax(x, dim, op="softmax"):
+    return OPS[op][2](torch.from_numpy(x), dim).numpy()
 
 
 def _max_diff(a, b):
+    """The largest |a - b| / max(1, |b|); NaN and infinities where b has them."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert np.array_equal(np.isnan(a), np.isnan(b))
-    return float(np.nanmax(np.abs(a - b), initial=0.0))
+    assert np.array_equal(a[np.isinf(b)], b[np.isinf(b)])
+    a, b = a[np.isfinite(b)], b[np.isfinite(b)]
+    return float(np.max(np.abs(a - b) / np.maximum(1, np.abs(b)), initial=0.0))
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,dim", SHAPES_DIMS)
-def test_forward_matches_torch(dtype, shape, dim):
+def test_forward_matches_torch(op, dtype, shape, dim):
     x = np.asarray((np.random.default_rng(0).standard_normal(shape) * 4).astype(dtype))
-    y = F.softmax(x, dim)
+    y = OPS[op][0](x, dim)
     assert y.dtype == dtype and y.shape == x.shape
-    assert _max_diff(y, _torch_softmax(x, dim)) <= ATOL[dtype]
+    assert _max_diff(y, _torch_softmax(x, dim, op)) <= ATOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_large_logits_infinities_and_nan_as_torch(dtype):
+def test_log_softmax_of_large_logits_is_finite(dtype):
+    x = np.array([[1e4, 0.0, -1e4]], dtype)
+    np.testing.assert_array_equal(F.log_softmax(x, 1), [[0.0, -1e4, -2e4]])
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_logits_infinities_and_nan_as_torch(op, dtype):
     big = np.finfo(dtype).max / 4
     x = np.array([[1e4, 1e4 - 1, -1e4, 0.0],       # exp(1e4) overflows without the max
                   [big, -big, big, 0.0],
@@ -47,10 +63,12 @@ def test_large_logits_infinities_and_nan_as_torch(dtype):
                   [np.nan, 1.0, 2.0, 3.0],          # NaN: the whole row
                   [np.inf, 1.0, 2.0, 3.0],
                   [-np.inf, -np.inf, -np.inf, -np.inf]], dtype)
-    y = F.softmax(x, 1)
-    assert _max_diff(y, _torch_softmax(x, 1)) <= ATOL[dtype]
-    assert np.isnan(y[3]).all() and np.isfinite(y[:3]).all()
-    np.testing.assert_allclose(y[:3].sum(1), 1, rtol=ATOL[dtype] * 10)
+    y = OPS[op][0](x, 1)
+    assert _max_diff(y, _torch_softmax(x, 1, op)) <= ATOL[dtype]
+    assert np.isnan(y[3]).all()
+    if op == "softmax":
+        assert np.isfinite(y[:3]).all()
+        np.testing.assert_allclose(y[:3].sum(1), 1, rtol=ATOL[dtype] * 10)
 
 
 def test_strided_inputs():
@@ -61,16 +79,18 @@ def test_strided_inputs():
                                                                    dim)) <= 1e-15
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,dim", SHAPES_DIMS)
-def test_backward_matches_torch(dtype, shape, dim):
+def test_backward_matches_torch(op, dtype, shape, dim):
+    forward, backward, torch_forward = OPS[op]
     rng = np.random.default_rng(2)
     x = np.asarray((rng.standard_normal(shape) * 3).astype(dtype))
     gy = np.asarray(rng.standard_normal(shape).astype(dtype))
     tx = torch.from_numpy(x).requires_grad_()
-    torch.softmax(tx, dim).backward(torch.from_numpy(gy))
-    y = F.softmax(x, dim)
-    gx = F.softmax_backward(gy, y, dim)
+    torch_forward(tx, dim).backward(torch.from_numpy(gy))
+    y = forward(x, dim)
+    gx = backward(gy, y, dim)
     assert gx.dtype == dtype and gx.shape == x.shape
     assert _max_diff(gx, tx.grad.numpy()) <= 4 * ATOL[dtype]
 
@@ -83,20 +103,22 @@ def test_backward_of_a_nan_row_is_nan_as_torch():
     assert _max_diff(F.softmax_backward(gy, F.softmax(x, 1), 1), tx.grad.numpy()) <= 1e-15
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape,dim", [((3, 5), 1), ((2, 3, 4), 1), ((2, 3, 4), 0),
                                        ((2, 3, 4), -1)])
-def test_gradient_by_finite_differences(shape, dim):
+def test_gradient_by_finite_differences(op, shape, dim):
+    forward, backward, _ = OPS[op]
     rng = np.random.default_rng(3)
     x = rng.standard_normal(shape)
-    w = rng.standard_normal(shape)  # loss = sum(w * softmax(x))
-    grad = F.softmax_backward(w, F.softmax(x, dim), dim)
+    w = rng.standard_normal(shape)  # loss = sum(w * forward(x))
+    grad = backward(w, forward(x, dim), dim)
     eps = 1e-6
     numeric = np.empty_like(x)
     for i in np.ndindex(shape):
         xp, xm = x.copy(), x.copy()
         xp[i] += eps
         xm[i] -= eps
-        numeric[i] = ((w * F.softmax(xp, dim)).sum() - (w * F.softmax(xm, dim)).sum()) / (2 * eps)
+        numeric[i] = ((w * forward(xp, dim)).sum() - (w * forward(xm, dim)).sum()) / (2 * eps)
     np.testing.assert_allclose(grad, numeric, atol=1e-8)
 
 
@@ -119,6 +141,10 @@ def test_errors_name_the_argument():
         F.softmax_backward(np.zeros((2, 4), np.float32), x, 1)
     with pytest.raises(TypeError, match="grad_output"):
         F.softmax_backward(np.zeros((2, 3)), x, 1)
+    with pytest.raises(ValueError, match=r"dim must be in \[-2, 1\].*got 5"):
+        F.log_softmax(x, 5)
+    with pytest.raises(ValueError, match=r"dim must be in \[-2, 1\].*got -3"):
+        F.log_softmax_backward(x, x, -3)
 
 
 # ---------------------------------------------------------------- the layer

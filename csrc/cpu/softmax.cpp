@@ -1,7 +1,8 @@
-// Softmax over one dimension, forward and backward, as torch.softmax:
-// y = exp(x - max) / sum(exp(x - max)) along dim (subtracting the max keeps
-// exp from overflowing). A NaN in a line makes the whole line NaN, as in
-// PyTorch (it reaches every output through the sum).
+// Softmax and log-softmax over one dimension, forward and backward, as
+// torch.softmax and torch.log_softmax: y = exp(x - max) / sum(exp(x - max))
+// along dim, log: y = x - max - log(sum(exp(x - max))) (subtracting the max
+// keeps exp from overflowing). A NaN in a line makes the whole line NaN, as
+// in PyTorch (it reaches every output through the sum).
 #include <omp.h>
 
 #include <cmath>
@@ -55,9 +56,8 @@ void for_each_outer(const Lines& l, F&& line) {
   }
 }
 
-}  // namespace
-
-void softmax_forward(const TensorView& input, int64_t dim, const TensorView& output) {
+// The forward of both: log selects log-softmax.
+void forward(const TensorView& input, int64_t dim, const TensorView& output, bool log) {
   const detail::CallScope scope;  // shares the threads among concurrent calls
   check_float(input, "input");
   const Lines l = lines_of(input, dim);
@@ -85,9 +85,18 @@ void softmax_forward(const TensorView& input, int64_t dim, const TensorView& out
       for (int64_t j = 0; j < n; ++j)
         for (int64_t i = 0; i < in; ++i) {
           const T e = std::exp(xs[j * in + i] - static_cast<T>(m[i]));
-          ys[j * in + i] = e;
+          if (!log) ys[j * in + i] = e;
           sum[i] += static_cast<double>(e);
         }
+      if (log) {
+        // (x - max) - log(sum), not x - (max + log(sum)): a log(sum) far below
+        // the max would be lost in the sum
+        for (int64_t i = 0; i < in; ++i) sum[i] = std::log(sum[i]);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t i = 0; i < in; ++i)
+            ys[j * in + i] = static_cast<T>((static_cast<double>(xs[j * in + i]) - m[i]) - sum[i]);
+        return;
+      }
       for (int64_t j = 0; j < n; ++j)
         for (int64_t i = 0; i < in; ++i)
           ys[j * in + i] = static_cast<T>(static_cast<double>(ys[j * in + i]) / sum[i]);
@@ -95,8 +104,11 @@ void softmax_forward(const TensorView& input, int64_t dim, const TensorView& out
   });
 }
 
-void softmax_backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
-                      const TensorView& grad_input) {
+// The backward of both, from the forward's output y:
+// softmax: grad_input = y * (grad_output - sum(grad_output * y)),
+// log-softmax: grad_input = grad_output - exp(y) * sum(grad_output).
+void backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
+              const TensorView& grad_input, bool log) {
   const detail::CallScope scope;
   check_float(output, "output");
   check_same_dtype(grad_output, "grad_output", output, "output");
@@ -111,23 +123,42 @@ void softmax_backward(const TensorView& grad_output, const TensorView& output, i
     const T* gsrc = gy.data();
     T* dst = grad_input.ptr<T>();
     const int64_t n = l.size, in = l.inner;
-    // d softmax: grad_input = y * (grad_output - sum(grad_output * y)) along dim
     for_each_outer(l, [&](int64_t o, double* dot) {
       const int64_t base = o * n * in;
       for (int64_t i = 0; i < in; ++i) dot[i] = 0.0;
       for (int64_t j = 0; j < n; ++j)
         for (int64_t i = 0; i < in; ++i) {
           const int64_t k = base + j * in + i;
-          dot[i] += static_cast<double>(gsrc[k]) * static_cast<double>(ysrc[k]);
+          dot[i] += static_cast<double>(gsrc[k]) * (log ? 1.0 : static_cast<double>(ysrc[k]));
         }
       for (int64_t j = 0; j < n; ++j)
         for (int64_t i = 0; i < in; ++i) {
           const int64_t k = base + j * in + i;
-          dst[k] = static_cast<T>(static_cast<double>(ysrc[k]) *
-                                  (static_cast<double>(gsrc[k]) - dot[i]));
+          const double g = gsrc[k], v = ysrc[k];
+          dst[k] = static_cast<T>(log ? g - std::exp(v) * dot[i] : v * (g - dot[i]));
         }
     });
   });
+}
+
+}  // namespace
+
+void softmax_forward(const TensorView& input, int64_t dim, const TensorView& output) {
+  forward(input, dim, output, false);
+}
+
+void softmax_backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
+                      const TensorView& grad_input) {
+  backward(grad_output, output, dim, grad_input, false);
+}
+
+void log_softmax_forward(const TensorView& input, int64_t dim, const TensorView& output) {
+  forward(input, dim, output, true);
+}
+
+void log_softmax_backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
+                          const TensorView& grad_input) {
+  backward(grad_output, output, dim, grad_input, true);
 }
 
 }  // namespace convcore

@@ -32,6 +32,8 @@ __all__ = [
     "relu_backward",
     "softmax",
     "softmax_backward",
+    "log_softmax",
+    "log_softmax_backward",
     "local_response_norm",
     "local_response_norm_backward",
     "batch_norm",
@@ -423,8 +425,7 @@ def softmax(input, dim: int) -> np.ndarray:
     (dim is required: PyTorch's implicit choice is deprecated). Computed with
     the max subtracted, so large logits do not overflow; a NaN makes its
     whole line NaN."""
-    x = _array(input, "input")
-    return _core.softmax(x, _int(dim, "dim"))
+    return _core.softmax(_array(input, "input"), _int(dim, "dim"))
 
 
 def softmax_backward(grad_output, output, dim: int) -> np.ndarray:
@@ -432,6 +433,20 @@ def softmax_backward(grad_output, output, dim: int) -> np.ndarray:
     output: output * (grad_output - sum(grad_output * output, dim))."""
     return _core.softmax_backward(_array(grad_output, "grad_output"), _array(output, "output"),
                                   _int(dim, "dim"))
+
+
+def log_softmax(input, dim: int) -> np.ndarray:
+    """log(softmax(input, dim)) in one pass, as torch.nn.functional.log_softmax:
+    input - max - log(sum(exp(input - max))) along dim, finite where softmax
+    underflows to 0."""
+    return _core.softmax(_array(input, "input"), _int(dim, "dim"), log=True)
+
+
+def log_softmax_backward(grad_output, output, dim: int) -> np.ndarray:
+    """Gradient of log_softmax with respect to its input, from the forward's
+    output: grad_output - exp(output) * sum(grad_output, dim)."""
+    return _core.softmax_backward(_array(grad_output, "grad_output"), _array(output, "output"),
+                                  _int(dim, "dim"), log=True)
 
 
 # ---------------------------------------------------------------- normalisation

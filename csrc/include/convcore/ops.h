@@ -72,6 +72,11 @@ void activation_backward(Activation kind, const TensorView& grad_output, const T
 void softmax_forward(const TensorView& input, int64_t dim, const TensorView& output);
 void softmax_backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
                       const TensorView& grad_input);
+// log(softmax) in one pass, as torch.log_softmax: x - max - log(sum(exp(x - max))).
+// The backward takes its output: grad_input = grad_output - exp(output) * sum(grad_output, dim).
+void log_softmax_forward(const TensorView& input, int64_t dim, const TensorView& output);
+void log_softmax_backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
+                          const TensorView& grad_input);
 
 }  // namespace convcore
 
