@@ -15,7 +15,7 @@ import convcore.nn as nn
 
 LAYERS = {"Conv2d", "Linear", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
           "ReLU", "ReLU6", "Sigmoid", "SiLU", "Hardswish", "Hardsigmoid", "LocalResponseNorm",
-          "Flatten", "Dropout", "StochasticDepth", "Identity"}
+          "Flatten", "Softmax", "Dropout", "StochasticDepth", "Identity"}
 JOINS = {"add", "mul", "concat"}
 NODE_KEYS = {"op", "name", "attrs", "inputs", "outputs"}
 

@@ -166,7 +166,7 @@ def every_layer_net():
         hswish=nn.Hardswish(), hsig=nn.Hardsigmoid(), avg=nn.AvgPool2d(2, 1, 1, False, False),
         ident=nn.Identity(), depth=nn.StochasticDepth(0.3, "batch"),
         adapt=nn.AdaptiveAvgPool2d((2, 3)), flat=nn.Flatten(), drop=nn.Dropout(0.2),
-        fc=nn.Linear(8 * 2 * 3, 5)))
+        fc=nn.Linear(8 * 2 * 3, 5), softmax=nn.Softmax(dim=1)))
 
 
 def residual_net():

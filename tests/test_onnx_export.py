@@ -175,6 +175,33 @@ def test_fully_connected_network_round_trip(tmp_path):
     assert rel_diff(back.eval()(x), model(x)) <= TOL
 
 
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_softmax_exports_as_onnx_softmax(opset, tmp_path):
+    nn = cc.nn
+    cc.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 6), nn.Softmax(dim=1))
+    path = check_export(model, (3, 4, 4), tmp_path, opset=opset, batches=(1, 3))
+    softmax = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 1 and softmax[0].attribute[0].i == 1
+    x = np.random.default_rng(4).standard_normal((3, 3, 4, 4)).astype(np.float32) * 4
+    assert np.abs(run_ort(path, x) - model(x)).max() <= 1e-6
+    # and imported back as a Softmax
+    back = cc.onnx.load(str(path))
+    assert np.abs(back.eval()(x) - model(x)).max() <= 1e-6
+
+
+def test_softmax_over_channels_needs_opset_13(tmp_path):
+    nn = cc.nn
+    cc.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Softmax(dim=1))
+    check_export(model, (3, 4, 4), tmp_path, opset=13)
+    with pytest.raises(NotImplementedError, match="export with opset >= 13"):
+        cc.onnx.export(model, str(tmp_path / "b.onnx"), (3, 4, 4), opset=11)
+    with pytest.raises(NotImplementedError, match="batch dimension"):
+        cc.onnx.export(nn.Sequential(nn.Softmax(dim=0)), str(tmp_path / "b.onnx"), (3,))
+    assert not os.path.exists(tmp_path / "b.onnx")
+
+
 def test_export_errors(tmp_path):
     nn = cc.nn
     model = nn.Sequential(nn.Conv2d(3, 4, 3))

@@ -193,12 +193,11 @@ def test_batch_norm_pads_shape_chains_and_final_softmax_at_every_opset(opset):
     assert {"BatchNormalization", "Shape", "Gather", "Pad", "ReduceMean", "Clip",
             "Softmax"} <= ops
     imported = cc.onnx.load(data)
-    logits = imported.eval()(x.numpy())
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)  # the dropped final Softmax
+    probs = imported.eval()(x.numpy())  # the final Softmax computed: probabilities
     assert rel_diff(probs, run_ort(data, x.numpy())) <= TOL
     kinds = {type(m).__name__ for m in imported.modules()}
-    assert {"BatchNorm2d", "Pad2d", "Hardsigmoid", "ReLU6", "AdaptiveAvgPool2d"} <= kinds
+    assert {"BatchNorm2d", "Pad2d", "Hardsigmoid", "ReLU6", "AdaptiveAvgPool2d",
+            "Softmax"} <= kinds
 
 
 # ------------------------------------------------- hand-written graphs of each op
@@ -325,6 +324,59 @@ def test_joins_and_per_channel_constants(opset):
     assert any(type(m).__name__ == "SiLU" for m in model.modules())
 
 
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_torch_model_ending_in_softmax_returns_onnxruntimes_probabilities(opset, tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 10), torch.nn.Softmax(dim=1)).eval()
+    x = torch.randn(3, 3, 8, 8) * 4
+    data = _torch_export(model, x, opset)
+    assert "Softmax" in {n.op_type for n in onnx.load_from_string(data).graph.node}
+    imported = cc.onnx.load(data)
+    assert type(list(imported.children())[-1]).__name__ == "Softmax"
+    expected = run_ort(data, x.numpy())
+    eager = imported.eval()(x.numpy())
+    compiled = cc.compile(imported)(x.numpy())
+    assert np.abs(eager - expected).max() <= 1e-6
+    assert np.abs(compiled - expected).max() <= 1e-6
+    np.testing.assert_allclose(eager.sum(1), 1, rtol=1e-6)
+    with torch.no_grad():
+        assert np.abs(eager - model(x).numpy()).max() <= 1e-6
+    # saved, the C++ reader runs it
+    imported.save(str(tmp_path / "m.safetensors"))
+    assert np.abs(cc.compile(str(tmp_path / "m.safetensors"))(x.numpy()) - expected).max() <= 1e-6
+
+
+@pytest.mark.parametrize("opset,axis,shape", [
+    (11, None, [6]), (11, 1, [6]), (11, -1, [6]), (13, None, [6]),
+    (11, 3, [3, 4, 5]), (11, 1, [6, 1, 1]),      # coerced to 2-D: one dimension all the same
+    (13, 1, [3, 4, 5]), (17, -2, [3, 4, 5]), (21, 2, [3, 4, 5])])
+def test_softmax_axes(opset, axis, shape):
+    attrs = {} if axis is None else {"axis": axis}
+    nodes = [helper.make_node("Softmax", ["input"], ["s"], **attrs),
+             helper.make_node("Relu", ["s"], ["y"])]   # not only as the last op
+    model = check(make_model(nodes, {}, shape, opset=opset), shape, tol=1e-6)
+    assert any(type(m).__name__ == "Softmax" for m in model.modules())
+
+
+@pytest.mark.parametrize("opset,axis,match", [
+    (11, None, "normalises over dimensions 1..3 together"),
+    (12, 2, "normalises over dimensions 2..3 together"),
+    (13, 0, "axis=0"), (11, 0, "axis=0")])
+def test_softmax_that_convcore_cannot_compute_is_refused(opset, axis, match):
+    attrs = {} if axis is None else {"axis": axis}
+    data = make_model([helper.make_node("Softmax", ["input"], ["y"], **attrs)], {}, [3, 4, 5],
+                      opset=opset)
+    with pytest.raises(NotImplementedError, match=match):
+        cc.onnx.load(data)
+    with pytest.raises(ValueError, match="axis=4 is out of range"):
+        cc.onnx.load(make_model([helper.make_node("Softmax", ["input"], ["y"], axis=4)], {},
+                                [3, 4, 5], opset=opset))
+
+
 # ------------------------------------------ the imported model as a convcore model
 
 def _small_imported():
@@ -438,8 +490,8 @@ def test_bad_graphs_raise_value_error_naming_the_node(nodes, inits, match):
      {"lo": np.array(-1.0, np.float32), "hi": np.array(1.0, np.float32)}, "min=-1.0"),
     ([helper.make_node("HardSigmoid", ["input"], ["y"])], {}, "alpha=0.2"),
     ([helper.make_node("Concat", ["input", "input"], ["y"], axis=2)], {}, "axis=2"),
-    ([helper.make_node("Softmax", ["input"], ["s"], axis=1),
-      helper.make_node("Relu", ["s"], ["y"])], {}, "Softmax only as the last op"),
+    ([helper.make_node("Softmax", ["input"], ["y"], axis=0)], {}, "axis=0"),
+    ([helper.make_node("Softmax", ["input"], ["y"], axis=-4)], {}, "axis=0"),
     ([helper.make_node("Pad", ["input", "p"], ["y"], mode="wrap")],
      {"p": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}, "mode 'wrap'"),
     ([helper.make_node("ReduceMean", ["input"], ["y"], axes=[1])], {}, r"axes \[1\]"),

@@ -421,6 +421,34 @@ py::array activation_backward(const std::string& name, const py::array& grad_out
                               });
 }
 
+// softmax or log_softmax (log), forward and backward: new arrays filled
+// by the core with the GIL released.
+py::array softmax(const py::array& input, int64_t dim, bool log) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  py::array out = new_array(x, dims(x));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    (log ? convcore::log_softmax_forward : convcore::softmax_forward)(x, dim, y);
+  }
+  return out;
+}
+
+py::array softmax_backward(const py::array& grad_output, const py::array& output, int64_t dim,
+                           bool log) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const TensorView y = arrays.view(output, "output");
+  py::array gx = new_array(y, dims(y));
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    (log ? convcore::log_softmax_backward : convcore::softmax_backward)(gy, y, dim, gx_v);
+  }
+  return gx;
+}
+
 py::array local_response_norm(const py::array& input, int64_t size, double alpha, double beta,
                               double k) {
   Arrays arrays;
@@ -645,6 +673,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("relu_backward", &relu_backward);
   m.def("activation", &activation);
   m.def("activation_backward", &activation_backward);
+  m.def("softmax", &softmax, py::arg("input"), py::arg("dim"), py::arg("log") = false);
+  m.def("softmax_backward", &softmax_backward, py::arg("grad_output"), py::arg("output"),
+        py::arg("dim"), py::arg("log") = false);
   m.def("local_response_norm", &local_response_norm);
   m.def("local_response_norm_backward", &local_response_norm_backward);
   m.def("batch_norm", &batch_norm);

@@ -382,6 +382,8 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
       return adaptive_avg_pool2d_forward(view(s.in[0]), view(s.out));
     case Kind::LRN:
       return local_response_norm_forward(view(s.in[0]), s.node->lrn, view(s.out));
+    case Kind::Softmax:  // dim counts the batch dimension, as the view's shape does
+      return softmax_forward(view(s.in[0]), s.node->softmax_dim, view(s.out));
     case Kind::Add:
     case Kind::Mul: {
       if (c.vals[static_cast<std::size_t>(s.out)].blocked) {

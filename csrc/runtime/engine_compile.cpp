@@ -383,6 +383,11 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
         s.in = {want(x, false)};
         s.out = new_val(f.out, false);
         break;
+      case Op::Softmax:  // over a dim of the NCHW layout: a blocked input is reordered
+        s.kind = Kind::Softmax;
+        s.in = {want(x, false)};
+        s.out = new_val(f.out, false);
+        break;
       case Op::Flatten: {  // a view of its (plain) input
         const int in = want(x, false);
         const int out = new_val(f.out, false);

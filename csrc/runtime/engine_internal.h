@@ -67,7 +67,7 @@ struct FusedOp {
 
 enum class Kind {
   Conv, Winograd, Depthwise, ConvPlain, Pad, Linear, Affine, BatchNormBatch, Act, MaxPool, AvgPool,
-  GlobalPool, AdaptivePool, LRN, Add, Mul, Concat, ToBlocked, ToPlain,
+  GlobalPool, AdaptivePool, LRN, Softmax, Add, Mul, Concat, ToBlocked, ToPlain,
 };
 
 inline const char* kind_name(Kind k) {
@@ -86,6 +86,7 @@ inline const char* kind_name(Kind k) {
     case Kind::GlobalPool: return "globalpool";
     case Kind::AdaptivePool: return "adaptivepool";
     case Kind::LRN: return "lrn";
+    case Kind::Softmax: return "softmax";
     case Kind::Add: return "add";
     case Kind::Mul: return "mul";
     case Kind::Concat: return "concat";

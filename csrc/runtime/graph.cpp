@@ -311,6 +311,7 @@ const std::vector<OpInfo>& op_table() {
       {"Hardsigmoid", Op::Hardsigmoid, {"inplace"}},
       {"LocalResponseNorm", Op::LocalResponseNorm, {"size", "alpha", "beta", "k"}},
       {"Flatten", Op::Flatten, {"start_dim", "end_dim"}},
+      {"Softmax", Op::Softmax, {"dim"}},
       {"Dropout", Op::Identity, {"p"}},
       {"StochasticDepth", Op::Identity, {"p", "mode"}},
       {"Identity", Op::Identity, {}},
@@ -344,6 +345,10 @@ void parse_attrs(Node& n, const Attrs& a) {
       n.start_dim = a.integer("start_dim", 1);
       n.end_dim = a.integer("end_dim", -1);
       n.args = "start_dim=" + std::to_string(n.start_dim) + ", end_dim=" + std::to_string(n.end_dim);
+      return;
+    case Op::Softmax:
+      n.softmax_dim = a.integer("dim", a.required("dim"));
+      n.args = "dim=" + std::to_string(n.softmax_dim);
       return;
     case Op::ReLU: case Op::ReLU6: case Op::Sigmoid: case Op::SiLU: case Op::Hardswish:
     case Op::Hardsigmoid:
@@ -473,6 +478,18 @@ Shape node_shape(const Node& n, const std::vector<Shape>& in) {
         throw ValueError("Flatten with start_dim=" + std::to_string(n.start_dim) +
                          " would merge the batch dimension");
       return Shape(f.begin() + 1, f.end());
+    }
+    case Op::Softmax: {  // dim counts the batch dimension, which it must not be
+      const int64_t nd = static_cast<int64_t>(s.size()) + 1;
+      const int64_t d = n.softmax_dim;
+      if (d < -nd || d >= nd)
+        throw ValueError("Softmax: dim must be in [" + std::to_string(-nd) + ", " +
+                         std::to_string(nd - 1) + "] for an input of " + std::to_string(nd) +
+                         " dimensions (with the batch), got " + std::to_string(d));
+      if (d == 0 || d == -nd)
+        throw ValueError("Softmax: dim " + std::to_string(d) + " is the batch dimension; the "
+                         "runtime computes each sample on its own");
+      return s;
     }
     case Op::Concat: {
       Shape out = in[0];

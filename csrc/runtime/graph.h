@@ -29,7 +29,7 @@ constexpr std::size_t kMaxValueName = 256;
 enum class Op {
   Conv2d, Linear, BatchNorm2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d,
   ReLU, ReLU6, Sigmoid, SiLU, Hardswish, Hardsigmoid,
-  LocalResponseNorm, Flatten, Identity,  // Identity: also Dropout, StochasticDepth
+  LocalResponseNorm, Flatten, Softmax, Identity,  // Identity: also Dropout, StochasticDepth
   Add, Mul, Concat,
 };
 
@@ -63,6 +63,7 @@ struct Node {
   BatchNormAttrs bn;
   LrnParams lrn;
   int64_t start_dim = 1, end_dim = -1;  // Flatten
+  int64_t softmax_dim = 1;  // Softmax, of the batched input (may be negative)
   Activation activation = Activation::Sigmoid;  // Sigmoid .. Hardsigmoid
   std::string args;  // the attributes as the summary shows them
 

@@ -30,6 +30,10 @@ __all__ = [
     "linear_backward",
     "relu",
     "relu_backward",
+    "softmax",
+    "softmax_backward",
+    "log_softmax",
+    "log_softmax_backward",
     "local_response_norm",
     "local_response_norm_backward",
     "batch_norm",
@@ -414,6 +418,35 @@ def relu(input, out: Optional[np.ndarray] = None) -> np.ndarray:
 def relu_backward(grad_output, input) -> np.ndarray:
     """grad_output where input > 0, else 0."""
     return _core.relu_backward(_array(grad_output, "grad_output"), _array(input, "input"))
+
+
+def softmax(input, dim: int) -> np.ndarray:
+    """exp(input) / sum(exp(input)) along dim, as torch.nn.functional.softmax
+    (dim is required: PyTorch's implicit choice is deprecated). Computed with
+    the max subtracted, so large logits do not overflow; a NaN makes its
+    whole line NaN."""
+    return _core.softmax(_array(input, "input"), _int(dim, "dim"))
+
+
+def softmax_backward(grad_output, output, dim: int) -> np.ndarray:
+    """Gradient of softmax with respect to its input, from the forward's
+    output: output * (grad_output - sum(grad_output * output, dim))."""
+    return _core.softmax_backward(_array(grad_output, "grad_output"), _array(output, "output"),
+                                  _int(dim, "dim"))
+
+
+def log_softmax(input, dim: int) -> np.ndarray:
+    """log(softmax(input, dim)) in one pass, as torch.nn.functional.log_softmax:
+    input - max - log(sum(exp(input - max))) along dim, finite where softmax
+    underflows to 0."""
+    return _core.softmax(_array(input, "input"), _int(dim, "dim"), log=True)
+
+
+def log_softmax_backward(grad_output, output, dim: int) -> np.ndarray:
+    """Gradient of log_softmax with respect to its input, from the forward's
+    output: grad_output - exp(output) * sum(grad_output, dim)."""
+    return _core.softmax_backward(_array(grad_output, "grad_output"), _array(output, "output"),
+                                  _int(dim, "dim"), log=True)
 
 
 # ---------------------------------------------------------------- normalisation

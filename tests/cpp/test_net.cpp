@@ -46,13 +46,15 @@ std::string graph_json(const std::vector<std::string>& nodes, const std::string&
   return s + "]}";
 }
 
-std::string tiny_graph() {
-  return graph_json({kConv, node("ReLU", "features.1", "{}", "\"features.0\"", "features.1"),
-                     node("MaxPool2d", "features.2", R"({"kernel_size": 2})", "\"features.1\"", "features.2"),
-                     node("Flatten", "", R"({"start_dim": 1, "end_dim": -1})", "\"features.2\"", "flatten"),
-                     node("Linear", "classifier.0", R"({"in_features": 8, "out_features": 3})",
-                          "\"flatten\"", "classifier.0")});
+std::vector<std::string> tiny_nodes() {
+  return {kConv, node("ReLU", "features.1", "{}", "\"features.0\"", "features.1"),
+          node("MaxPool2d", "features.2", R"({"kernel_size": 2})", "\"features.1\"", "features.2"),
+          node("Flatten", "", R"({"start_dim": 1, "end_dim": -1})", "\"features.2\"", "flatten"),
+          node("Linear", "classifier.0", R"({"in_features": 8, "out_features": 3})",
+               "\"flatten\"", "classifier.0")};
 }
+
+std::string tiny_graph() { return graph_json(tiny_nodes()); }
 
 // The same network as a format-1 file (the module tree of a builder Network,
 // children listed, as Module.architecture() wrote it).
@@ -366,6 +368,54 @@ TEST(net_runs_a_small_network) {
   tensors.erase("classifier.0.bias");
   CHECK_THROWS(ValueError, Net::from_graph(tiny_graph(), tensors),
                "the tensors do not match the graph: missing ['classifier.0.bias']");
+}
+
+// Softmax, a plain step: over the tiny net's logits (N, 3), and over the
+// channels of a convolution's output (blocked in the fast engine, so
+// reordered to NCHW first); a dim that is the batch is refused at load.
+TEST(net_runs_softmax) {
+  TempDir tmp;
+  const std::string path = tmp.path("softmax.safetensors");
+  for (DType dt : {DType::Float32, DType::Float64}) {
+    const double tol = dt == DType::Float32 ? 1e-6 : 1e-14;
+    const Params p = tiny_params(dt);
+    Rng rng(7);
+    const Tensor x = random_tensor(dt, {4, 1, 6, 6}, rng);
+    NetOptions plain;
+    plain.blocked = false, plain.fuse = false;
+
+    std::vector<std::string> nodes = tiny_nodes();
+    nodes.push_back(node("Softmax", "prob", R"({"dim": -1})", "\"classifier.0\"", "prob"));
+    write_net(path, graph_json(nodes, "[1, 6, 6]", "prob"), tiny_tensors(p));
+    const Tensor logits = tiny_by_hand(p, x);
+    Tensor probs = Tensor::empty(dt, {4, 3});
+    softmax_forward(logits.view(), 1, probs.view());
+    CHECK(rel_diff(Net::load(path).forward(x), probs) < tol);
+    CHECK(testutil::bit_equal(Net::load(path, plain).forward(x), probs));
+    CHECK(check::contains(Net::load(path).summary(), "dim=-1"));
+
+    write_net(path, graph_json({kConv, node("Softmax", "", R"({"dim": 1})", "\"features.0\"", "s")},
+                               "[1, 6, 6]", "s"),
+              {{"features.0.weight", p.w1.view()}, {"features.0.bias", p.b1.view()}});
+    Tensor conv = Tensor::empty(dt, {4, 2, 4, 4});
+    const TensorView b1 = p.b1.view();
+    conv2d_forward(x.view(), p.w1.view(), &b1, Conv2dParams(), conv.view());
+    Tensor expected = Tensor::empty(dt, {4, 2, 4, 4});
+    softmax_forward(conv.view(), 1, expected.view());
+    CHECK(rel_diff(Net::load(path).forward(x), expected) < tol);
+    CHECK(testutil::bit_equal(Net::load(path, plain).forward(x), expected));
+  }
+  auto with_dim = [&](const std::string& dim) {
+    write_net(path, graph_json({node("Softmax", "", R"({"dim": )" + dim + "}", "\"x\"", "s")},
+                               "[1, 6, 6]", "s"), {});
+    return path;
+  };
+  CHECK_LOAD_FAILS(with_dim("0"), "Softmax: dim 0 is the batch dimension");
+  CHECK_LOAD_FAILS(with_dim("-4"), "Softmax: dim -4 is the batch dimension");
+  CHECK_LOAD_FAILS(with_dim("4"), "Softmax: dim must be in [-4, 3]");
+  CHECK_LOAD_FAILS(with_dim("1.5"), "dim must be an int");
+  write_net(path, graph_json({node("Softmax", "", "{}", "\"x\"", "s")}, "[1, 6, 6]", "s"), {});
+  CHECK_LOAD_FAILS(path, "missing 'dim'");
 }
 
 // A net read from a file gives up the weights it packed, and reads them

@@ -65,6 +65,19 @@ void activation_forward(Activation kind, const TensorView& input, const TensorVi
 void activation_backward(Activation kind, const TensorView& grad_output, const TensorView& input,
                          const TensorView& grad_input);
 
+// Softmax along dim (in [-ndim, ndim - 1]; a 0-d input takes 0 or -1), as
+// torch.softmax: exp(x - max) / sum(exp(x - max)); a line holding a NaN is
+// all NaN. The backward takes the forward's output:
+// grad_input = output * (grad_output - sum(grad_output * output, dim)).
+void softmax_forward(const TensorView& input, int64_t dim, const TensorView& output);
+void softmax_backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
+                      const TensorView& grad_input);
+// log(softmax) in one pass, as torch.log_softmax: x - max - log(sum(exp(x - max))).
+// The backward takes its output: grad_input = grad_output - exp(output) * sum(grad_output, dim).
+void log_softmax_forward(const TensorView& input, int64_t dim, const TensorView& output);
+void log_softmax_backward(const TensorView& grad_output, const TensorView& output, int64_t dim,
+                          const TensorView& grad_input);
+
 }  // namespace convcore
 
 namespace convcore {

@@ -272,6 +272,23 @@ class _Exporter:
             self.emit("Reshape", [x, target], out, node.get("name") or out)
         self.shapes[out] = tuple(new[1:])
 
+    def op_Softmax(self, node, a, ins, out):
+        x = ins[0]
+        shape = ("N",) + self.shapes[x]
+        rank, dim = len(shape), int(a["dim"])
+        if not -rank <= dim < rank:
+            raise ValueError(f"Softmax: dim={dim} is out of range for a {rank}-D input")
+        dim %= rank
+        if dim == 0:
+            raise NotImplementedError("Softmax over the batch dimension (dim=0)")
+        # before opset 13, ONNX's Softmax normalises over all dims from axis on together
+        if self.opset < 13 and any(d != 1 for d in shape[dim + 1:]):
+            raise NotImplementedError(f"Softmax over dim {dim} of an input of shape {shape} at "
+                                      f"opset {self.opset} (before 13, ONNX's Softmax "
+                                      f"normalises over every dimension from axis on); export "
+                                      f"with opset >= 13")
+        self._unary("Softmax", ins, out, node, axis=dim)
+
     def _identity(self, node, a, ins, out):
         self._unary("Identity", ins, out, node)
 

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..nn.activation import Hardsigmoid, Hardswish, ReLU6, Sigmoid, SiLU
+from ..nn.activation import Hardsigmoid, Hardswish, ReLU6, Sigmoid, SiLU, Softmax
 from ..nn.graph import JOINS, Graph, join_shape
 from ..nn.layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Linear,
                          MaxPool2d, ReLU)
@@ -717,17 +717,27 @@ class _Importer:
         self.alias(node, self.dynamic(node))
 
     def op_Softmax(self, node):
-        """A softmax whose result is a graph output and feeds nothing else is
-        dropped: the imported model returns the logits, as convcore's models
-        do (CrossEntropyLoss applies the softmax); anything else is refused."""
+        """A softmax over one dimension other than the batch. From opset 13
+        `axis` (default -1) is that dimension; before, the input is coerced
+        to 2-D at `axis` (default 1) and normalised over all dimensions from
+        axis on together, which is one dimension when those after it are 1s
+        (always for the last axis, as in (N, classes) logits)."""
         x = self.dynamic(node)
+        shape = ("N",) + tuple(x[1])
+        rank = len(shape)
         axis = int(node.attrs.get("axis", -1 if self.opset >= 13 else 1))
-        if node.outputs[0] not in self.graph_outputs or \
-                self.consumers.get(node.outputs[0], 0) != 1 or \
-                len(x[1]) != 1 or axis % 2 != 1:
-            raise self.unsupported(node, "convcore imports a Softmax only as the last op over "
-                                         "(N, classes), and returns the logits before it")
-        self.alias(node, x)
+        if not -rank <= axis < rank:
+            raise self.fail(node, f"axis={axis} is out of range for a {rank}-D input")
+        axis %= rank
+        if axis == 0:
+            raise self.unsupported(node, "axis=0: convcore's runtime computes each sample on its "
+                                         "own, so a softmax over the batch is not supported")
+        if self.opset < 13 and any(d != 1 for d in shape[axis + 1:]):
+            raise self.unsupported(node, f"axis={axis} on an input of shape {shape} at opset "
+                                         f"{self.opset}: it normalises over dimensions "
+                                         f"{axis}..{rank - 1} together; convcore's softmax "
+                                         f"takes one dimension")
+        self.add(node, Softmax(axis), x)
 
     def op_Concat(self, node):
         axis = int(node.attrs["axis"]) if "axis" in node.attrs else None
@@ -952,8 +962,7 @@ def load(path_or_bytes, input_shape: Optional[Sequence[int]] = None) -> Graph:
     bytes): its initializers become the layers' parameters and buffers.
 
     input_shape: one sample's (C, H, W) when the file leaves H and W
-    dynamic. A final Softmax is dropped (the model returns logits, as
-    convcore's models do). Raises ValueError for a malformed file and
+    dynamic. Raises ValueError for a malformed file and
     NotImplementedError for an op or attribute convcore does not compute,
     naming the node, its op type and the file."""
     model, source = _parse(path_or_bytes)

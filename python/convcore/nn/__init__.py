@@ -6,7 +6,7 @@ from .loss import CrossEntropyLoss
 from .module import Identity, Module, Parameter, Sequential, from_architecture
 from .norm import BatchNorm2d, LocalResponseNorm
 from .residual import BasicBlock, Bottleneck
-from .activation import Hardsigmoid, Hardswish, ReLU6, Sigmoid, SiLU, StochasticDepth
+from .activation import Hardsigmoid, Hardswish, ReLU6, Sigmoid, SiLU, Softmax, StochasticDepth
 from .graph import Graph
 from . import blocks
 
@@ -14,5 +14,5 @@ __all__ = [
     "AdaptiveAvgPool2d", "AvgPool2d", "BasicBlock", "BatchNorm2d", "Bottleneck", "Conv2d",
     "CrossEntropyLoss", "Dropout", "Flatten", "Identity", "Linear", "LocalResponseNorm",
     "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "from_architecture", "init",
-    "Graph", "Sigmoid", "SiLU", "ReLU6", "Hardswish", "Hardsigmoid", "StochasticDepth", "blocks",
+    "Graph", "Sigmoid", "SiLU", "ReLU6", "Hardswish", "Hardsigmoid", "Softmax", "StochasticDepth", "blocks",
 ]

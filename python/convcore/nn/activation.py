@@ -9,12 +9,17 @@ EfficientNet) and stochastic depth, with PyTorch's definitions:
 
 They run in the C++ core (one OpenMP pass over the array, forward and
 backward), in the input's dtype; the gradients at the kinks are PyTorch's.
+Softmax, not elementwise, is here too: a parameter-free activation over one
+dimension.
 """
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 
 from .. import _core
+from .. import functional as F
 from . import init
 from .module import Module
 
@@ -74,6 +79,45 @@ class Hardswish(_Elementwise):
     """x * ReLU6(x + 3) / 6 (MobileNet v3); PyTorch's gradient: 0 up to -3,
     x / 3 + 1 / 2 strictly between, 1 from 3 on."""
     _kernel = "hardswish"
+
+
+class Softmax(Module):
+    """exp(x) / sum(exp(x)) along dim, as torch.nn.Softmax: probabilities
+    from logits, e.g. at the end of an imported classifier. dim counts the
+    batch dimension (1: the classes of (N, C) logits)."""
+
+    def __init__(self, dim: int = 1):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
+        self.dim = int(dim)
+        self._y = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"Softmax takes float32 or float64 input, got {x.dtype}")
+        self._y = F.softmax(x, self.dim)
+        return self._y
+
+    def backward(self, grad_output):
+        if self._y is None:
+            raise RuntimeError("Softmax.backward called before forward")
+        grad_output = np.asarray(grad_output)
+        if grad_output.shape != self._y.shape:
+            raise ValueError(f"grad_output must have the output's shape {self._y.shape}, "
+                             f"got {grad_output.shape}")
+        return F.softmax_backward(grad_output.astype(self._y.dtype, copy=False), self._y,
+                                  self.dim)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def config(self):
+        return dict(dim=self.dim)
+
+    def extra_repr(self):
+        return f"dim={self.dim}"
 
 
 class StochasticDepth(Module):

@@ -24,7 +24,7 @@ GRAPH_VERSION = 2
 LAYER_OPS = frozenset({
     "Conv2d", "Linear", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "ReLU",
     "ReLU6", "Sigmoid", "SiLU", "Hardswish", "Hardsigmoid", "LocalResponseNorm", "Flatten",
-    "Dropout", "StochasticDepth", "Identity"})
+    "Softmax", "Dropout", "StochasticDepth", "Identity"})
 
 JOIN_OPS = ("add", "mul", "concat")
 
