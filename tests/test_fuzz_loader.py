@@ -96,8 +96,11 @@ def test_atheris_fuzzes_the_loader_without_a_crash(tmp_path):
     pytest.importorskip("atheris")
     seconds = int(os.environ.get("CONVCORE_FUZZ_SECONDS", "20"))
     proc = subprocess.run(
+        # libFuzzer's memory limit reads the peak resident set, which the
+        # child starts with from this pytest process (GBs after the full-size
+        # zoo tests): a limit above that, still far below the machine's
         [sys.executable, HARNESS, f"-max_total_time={seconds}", "-seed=1", "-timeout=20",
-         f"-artifact_prefix={tmp_path}/", str(tmp_path / "corpus")],
+         "-rss_limit_mb=8192", f"-artifact_prefix={tmp_path}/", str(tmp_path / "corpus")],
         capture_output=True, text=True, timeout=seconds + 120,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     tail = (proc.stdout + proc.stderr)[-3000:]
