@@ -1,6 +1,8 @@
 """Shared helpers for the convcore test suite: array layouts, tolerances and
 hypothesis strategies that generate *valid* argument combinations."""
 
+import os
+
 import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
@@ -314,3 +316,15 @@ def numerical_grad(loss, arr, eps=1e-6):
         arr[idx] = old
         g[idx] = (lp - lm) / (2 * eps)
     return g
+
+
+def convcore_env(**extra):
+    """os.environ for a child Python (python -m convcore ..., a job script)
+    that imports the convcore these tests imported: installed, or a source
+    tree with its extension, never the checkout's python/ folder, which has
+    no extension after pip install . on a clean clone (as in CI)."""
+    import convcore
+    root = os.path.dirname(os.path.dirname(os.path.abspath(convcore.__file__)))
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env

@@ -16,6 +16,7 @@ from convcore.models import lenet5
 from convcore.nn import CrossEntropyLoss, init
 from convcore.optim import SGD, ReduceLROnPlateau
 from convcore.train import fit
+from _helpers import convcore_env
 
 JOB = os.path.join(os.path.dirname(__file__), "distributed_job.py")
 
@@ -33,9 +34,7 @@ needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason='needs mpi4py and mpiexec
 
 
 def _job(scenario, tmp_path, timeout=120, extra=(), job_timeout=60):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(cc.__file__)) + os.pathsep + \
-        env.get("PYTHONPATH", "")
+    env = convcore_env()
     env["OMP_NUM_THREADS"] = "1"
     env["CC_TIMEOUT"] = str(job_timeout)
     proc = subprocess.run([MPIEXEC, *extra, "-n", "2", sys.executable, JOB, scenario,

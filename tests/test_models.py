@@ -2,7 +2,6 @@
 the lecture's table, ZFNet as published, forward/backward of the small
 models, and torchvision's state-dict key names."""
 
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import convcore
 from convcore import models, nn
 from convcore.builder import BuildError
+from _helpers import convcore_env
 
 # The lecture's AlexNet table: layer, output volume, parameters.
 ALEXNET_TABLE = [
@@ -246,11 +246,8 @@ def test_alexnet_summary_all_rows(alexnet):
 
 
 def test_summary_command_prints_the_alexnet_table():
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(convcore.__file__)))
-    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-m", "convcore", "summary", "alexnet"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=convcore_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     _check_printed_table(proc.stdout.splitlines())
 

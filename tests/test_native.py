@@ -23,6 +23,7 @@ import pytest
 
 import convcore as cc
 from convcore.io import load_state_dict_file, save_state_dict_file
+from _helpers import convcore_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "cpp")
@@ -436,12 +437,7 @@ def test_onnx_model_converted_by_the_command_line_runs_in_run_net(examples, tmp_
     model.ir_version = 8
     src, dst = str(tmp_path / "tiny.onnx"), str(tmp_path / "tiny.safetensors")
     onnx.save(model, src)
-    # the convcore this test imported (installed, or a source tree with its
-    # extension), not the checkout's python/ folder, which may have none
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cc.__file__)))
-    _check(_run([sys.executable, "-m", "convcore", "convert", src, dst],
-                env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                    [package_root, os.environ.get("PYTHONPATH", "")]))),
+    _check(_run([sys.executable, "-m", "convcore", "convert", src, dst], env=convcore_env()),
            "convert")
     x = rng.standard_normal((3, 3, 10, 10)).astype(np.float32)
     save_state_dict_file({"input": x}, str(tmp_path / "in.safetensors"))

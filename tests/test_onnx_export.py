@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import convcore as cc
+from _helpers import convcore_env
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 TOL = 1e-5  # relative to the largest |output|
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rel_diff(got, expected):
@@ -226,10 +226,8 @@ def test_export_errors(tmp_path):
 # --------------------------------------------------------------- the convert command
 
 def _convert(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(ROOT, "python")] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     return subprocess.run([sys.executable, "-m", "convcore", "convert", *map(str, args)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=convcore_env())
 
 
 def test_convert_both_ways(tmp_path):
