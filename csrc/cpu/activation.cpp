@@ -26,12 +26,24 @@ void check_same_shape(const TensorView& t, const char* name, const TensorView& r
   check_shape(t, name, ref.ndim, ref.shape);
 }
 
+// The arguments of an elementwise forward and backward.
+void check_forward(const TensorView& input, const TensorView& output) {
+  check_float(input, "input");
+  detail::check_output(output, "output", input, input.ndim, input.shape);
+}
+void check_backward(const TensorView& grad_output, const TensorView& input,
+                    const TensorView& grad_input) {
+  check_float(input, "input");
+  check_same_dtype(grad_output, "grad_output", input, "input");
+  check_same_shape(grad_output, "grad_output", input);
+  detail::check_output(grad_input, "grad_input", input, input.ndim, input.shape);
+}
+
 // output[i] = f(input[i]) for every element (input of any strides); f is
 // called with float or double and inlined, so each op's loop vectorises.
 template <typename F>
 void map_forward(const TensorView& input, const TensorView& output, F&& f) {
-  check_float(input, "input");
-  detail::check_output(output, "output", input, input.ndim, input.shape);
+  check_forward(input, output);
   detail::dispatch_float(input.dtype, [&](auto zero) {
     using T = decltype(zero);
     const detail::Contiguous<T> x(input);
@@ -47,10 +59,7 @@ void map_forward(const TensorView& input, const TensorView& output, F&& f) {
 template <typename F>
 void map_backward(const TensorView& grad_output, const TensorView& input,
                   const TensorView& grad_input, F&& f) {
-  check_float(input, "input");
-  check_same_dtype(grad_output, "grad_output", input, "input");
-  check_same_shape(grad_output, "grad_output", input);
-  detail::check_output(grad_input, "grad_input", input, input.ndim, input.shape);
+  check_backward(grad_output, input, grad_input);
   detail::dispatch_float(input.dtype, [&](auto zero) {
     using T = decltype(zero);
     const detail::Contiguous<T> x(input), gy(grad_output);
@@ -214,8 +223,7 @@ void activation_forward(Activation kind, const TensorView& input, const TensorVi
   const detail::CallScope scope;  // shares the threads among concurrent calls
 #if defined(CONVCORE_HAVE_VECTOR_TYPES)
   if (input.dtype == DType::Float32) {
-    check_float(input, "input");
-    detail::check_output(output, "output", input, input.ndim, input.shape);
+    check_forward(input, output);
     return activation_float(kind, input, nullptr, output);
   }
 #endif
@@ -229,10 +237,7 @@ void activation_backward(Activation kind, const TensorView& grad_output, const T
   const detail::CallScope scope;
 #if defined(CONVCORE_HAVE_VECTOR_TYPES)
   if (input.dtype == DType::Float32) {
-    check_float(input, "input");
-    check_same_dtype(grad_output, "grad_output", input, "input");
-    check_same_shape(grad_output, "grad_output", input);
-    detail::check_output(grad_input, "grad_input", input, input.ndim, input.shape);
+    check_backward(grad_output, input, grad_input);
     return activation_float(kind, input, &grad_output, grad_input);
   }
 #endif

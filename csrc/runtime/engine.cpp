@@ -488,30 +488,32 @@ void Engine::Impl::run(const Compiled& c, const Plan& p, const TensorView& input
 // those extra reads are fewer bytes than the activations written. The
 // choice depends on the model and the batch alone (not on the threads or
 // the machine), so results stay the same for any thread count.
-int64_t Engine::Impl::chunk_images(const Compiled& c, int64_t batch) const {
+int64_t Engine::Impl::chunk_images(Compiled& c, int64_t batch) const {
   constexpr int64_t kChunkBytes = int64_t(16) << 20;  // half an L3 of 32 MB
   if (batch <= 1) return batch;
-  int64_t step_elements = 0, activation_elements = 0, weight_elements = 0;
-  for (const Step& s : c.steps) {
-    int64_t elements = graph::numel(val_shape(c, c.steps, s.out));
-    activation_elements += elements;
-    for (int v : s.in) elements += graph::numel(val_shape(c, c.steps, v));
-    step_elements = std::max(step_elements, elements);
-    weight_elements += (s.weight.defined() ? s.weight.numel() : 0) +
-                       static_cast<int64_t>(s.packed.panels.size() + s.winograd.u.size() +
-                                            s.depthwise.size());
-    if (s.kind == Kind::Linear && s.node) {
-      const Tensor* w = s.node->tensor("weight");
-      if (w) weight_elements += w->numel();
+  Compiled::ChunkSizes& z = c.chunk_sizes;
+  if (z.step < 0) {
+    z.step = 0;
+    for (const Step& s : c.steps) {
+      int64_t elements = graph::numel(val_shape(c, c.steps, s.out));
+      z.activations += elements;
+      for (int v : s.in) elements += graph::numel(val_shape(c, c.steps, v));
+      z.step = std::max(z.step, elements);
+      z.weights += (s.weight.defined() ? s.weight.numel() : 0) +
+                   static_cast<int64_t>(s.packed.panels.size() + s.winograd.u.size() +
+                                        s.depthwise.size());
+      if (s.kind == Kind::Linear && s.node) {
+        const Tensor* w = s.node->tensor("weight");
+        if (w) z.weights += w->numel();
+      }
     }
   }
-  const int64_t item = static_cast<int64_t>(dtype_size(dtype));
-  const int64_t per_image = std::max<int64_t>(1, step_elements * item);
+  const int64_t per_image = std::max<int64_t>(1, z.step * static_cast<int64_t>(dtype_size(dtype)));
   if (per_image * batch <= kChunkBytes) return batch;
   const int64_t k = std::max<int64_t>(1, kChunkBytes / per_image);
   if (k >= batch) return batch;
   const int64_t extra_reads = (batch + k - 1) / k - 1;
-  if (extra_reads * weight_elements > activation_elements * batch) return batch;
+  if (extra_reads * z.weights > z.activations * batch) return batch;
   return k;
 }
 

@@ -149,6 +149,10 @@ struct Compiled {
   int input_val = 0, output_val = 0;
   int folded = 0, fused = 0, in_place = 0;
   std::map<std::pair<int64_t, int>, std::unique_ptr<Plan>> plans;  // (batch, threads)
+  // chunk_images' sizes for one image, found on its first call (step < 0: not yet)
+  struct ChunkSizes {
+    int64_t step = -1, activations = 0, weights = 0;  // elements
+  } chunk_sizes;
 };
 
 // Returns the heap's free pages to the system (glibc; elsewhere nothing).
@@ -175,7 +179,7 @@ struct Engine::Impl {
   std::vector<FusedOp> fuse(const std::vector<Shape>& shapes, Compiled& c) const;
   void lower(std::vector<FusedOp>& ops, Compiled& c) const;
   Plan& plan(Compiled& c, int64_t batch, int threads) const;
-  int64_t chunk_images(const Compiled& c, int64_t batch) const;
+  int64_t chunk_images(Compiled& c, int64_t batch) const;
   void run(const Compiled& c, const Plan& p, const TensorView& input, char* arena, char* output,
            std::vector<double>* times) const;
   // forward and profile: the batch in chunks of chunk_images
