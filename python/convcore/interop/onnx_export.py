@@ -15,7 +15,7 @@ import numpy as np
 
 from ..functional import conv2d_output_shape, pool2d_output_shape
 from ..nn.graph import join_shape
-from ..nn.lowering import to_graph
+from ..nn.lowering import fresh_name, to_graph
 
 __all__ = ["export"]
 
@@ -41,12 +41,7 @@ class _Exporter:
         self.name = self.graph.get("name") or type(model).__name__
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)
 
     def tensor(self, key: str, node: dict, required: bool = True) -> Optional[str]:
         """The state-dict tensor `<node name>.<key>` as an initializer."""

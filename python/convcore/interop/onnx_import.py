@@ -30,6 +30,7 @@ from ..nn.activation import Hardsigmoid, Hardswish, ReLU6, Sigmoid, SiLU, Softma
 from ..nn.graph import JOINS, Graph, join_shape
 from ..nn.layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Linear,
                          MaxPool2d, ReLU)
+from ..nn.lowering import fresh_name
 from ..nn.module import Identity, Module, Parameter
 from ..nn.norm import BatchNorm2d, LocalResponseNorm
 from .layers import Pad2d
@@ -200,12 +201,7 @@ class _Importer:
         base = _identifier(base)[-200:]
         if hasattr(Graph, base) or base in ("nodes", "outputs", "name", "input_shape"):
             base += "_"
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
+        return fresh_name(base, self.taken)
 
     def add(self, node: _Node, module: Module, value: Tuple[str, tuple], key: str = None):
         """Appends `module` as a child applied to `value`; the node's output

@@ -34,6 +34,17 @@ JOIN_OPS = ("add", "mul", "concat")
 _MAX_VALUE_CHARS = 256
 
 
+
+def fresh_name(base: str, taken: set) -> str:
+    """base, or base_1, base_2, ... when taken (torch.fx's convention); the
+    name returned is added to taken."""
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
 class LoweringError(TypeError):
     """A module that cannot be written as a graph (a user's own Module
     subclass with a custom forward and no `lower` method)."""
@@ -65,14 +76,7 @@ class GraphWriter:
         self._names = set()
 
     def _fresh(self, base: str) -> str:
-        """base, or base_1, base_2, ... when taken (torch.fx's convention)."""
-        base = base[-(_MAX_VALUE_CHARS - 8):] or "v"
-        value, i = base, 0
-        while value in self._values:
-            i += 1
-            value = f"{base}_{i}"
-        self._values.add(value)
-        return value
+        return fresh_name(base[-(_MAX_VALUE_CHARS - 8):] or "v", self._values)
 
     def node(self, op: str, inputs: Sequence[str], name: Optional[str] = None,
              attrs: Optional[dict] = None, value: Optional[str] = None) -> str:
