@@ -132,7 +132,10 @@ def _directional_check(m, x, g, gx, eps, rtol):
 @pytest.mark.parametrize("size", [32, 44])
 def test_small_forward_backward_matches_finite_differences(size):
     """Eval mode (BN with running statistics): ReLU and max pooling are the
-    only non-linearities, so a small step crosses no kink."""
+    only non-linearities, so a small step crosses no kink (for these
+    weights: the initial ones depend on the generator's state otherwise, and
+    some draws put a ReLU or a max within a step of its kink)."""
+    cc.manual_seed(4)
     m = nasnet_a_mobile(num_classes=3, input_size=size).to(np.float64)
     m.eval()
     x = _rng().standard_normal((2, 3, size, size))
