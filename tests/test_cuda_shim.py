@@ -158,8 +158,11 @@ def test_conv2d_gemm_on_a_depthwise_shape(sh):
     assert_close(G.conv2d(x, w, b, algorithm="gemm", **kw), ref.conv2d_ref(x, w, b, **kw))
 
 
+@pytest.mark.parametrize("bwd_data", ["gemm", "direct"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_conv2d_backward(sh, tile, case):
+def test_conv2d_backward(sh, tile, case, bwd_data, monkeypatch):
+    # grad_input by either kernel, whatever the layer's channels per group
+    monkeypatch.setattr(G, "BWD_DATA_DIRECT_MAX_CG", 0 if bwd_data == "gemm" else 1 << 30)
     x, w, b, kw = _conv_args(case)
     y = ref.conv2d_ref(x, w, b, **kw)
     gy = rnd(*y.shape, seed=3)

@@ -302,6 +302,39 @@ extern "C" __global__ void sum_splits(const float* __restrict__ ws, float* __res
     out[i] = s;
 }
 
+// gx of layers with few input channels per group (first layers' 1-3,
+// ResNeXt's 4): as a GEMM, their tile would be mostly empty rows (3 of 128),
+// and a strided layer's gathered taps mostly zeros. One thread per gx element
+// sums, in a fixed order, over the taps that read it (tap outer, the group's
+// output channels inner). grid ceil(N*C*H*W / 256), block 256.
+extern "C" __global__ void conv2d_bwd_data_direct(const float* __restrict__ gy,
+                                                  const float* __restrict__ w,
+                                                  float* __restrict__ gx,
+                                                  int N, int C, int H, int W, int K, int KH,
+                                                  int KW, int OH, int OW, int sh, int sw,
+                                                  int pt, int pl, int dh, int dw, int groups) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * C * H * W) return;
+    const int iw = i % W, ih = (i / W) % H, c = (i / (W * H)) % C, n = i / (W * H * C);
+    const int Cg = C / groups, Kg = K / groups, g = c / Cg, KHW = KH * KW;
+    const int OHW = OH * OW, wstride = Cg * KHW;
+    const float* gyg = gy + (n * K + g * Kg) * OHW;
+    const float* wc = w + (g * Kg * Cg + (c - g * Cg)) * KHW;  // w[g*Kg + k, c - g*Cg, ...]
+    float s = 0.f;
+    for (int kh = 0; kh < KH; ++kh) {
+        const int ohs = ih + pt - kh * dh;
+        if (ohs < 0 || ohs % sh != 0 || ohs / sh >= OH) continue;
+        for (int kw = 0; kw < KW; ++kw) {
+            const int ows = iw + pl - kw * dw;
+            if (ows < 0 || ows % sw != 0 || ows / sw >= OW) continue;
+            const float* gyp = gyg + (ohs / sh) * OW + ows / sw;
+            const float* wp = wc + kh * KW + kw;
+            for (int k = 0; k < Kg; ++k) s += gyp[k * OHW] * wp[k * wstride];
+        }
+    }
+    gx[i] = s;
+}
+
 // Depthwise (groups == C, K == C * mult, weight (K, 1, KH, KW)): one thread
 // per output element. grid ceil(N*K*OH*OW / 256), block 256.
 extern "C" __global__ void depthwise_fwd(const float* __restrict__ x, const float* __restrict__ w,

@@ -36,6 +36,9 @@ TILE = None
 # conv2d_bwd_weight splits its reduction over (n, oh, ow) into chunks of at
 # least this many positions when the weight alone gives too few blocks.
 BWD_WEIGHT_MIN_CHUNK = 1024
+# conv2d_backward computes grad_input with the direct kernel, not the GEMM,
+# when a group has at most this many input channels (a GEMM tile's rows).
+BWD_DATA_DIRECT_MAX_CG = 8
 # Enough blocks to fill a big GPU (132 SMs on an H100, a few blocks each).
 _TARGET_BLOCKS = 512
 
@@ -264,10 +267,14 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
                   (gy, x, gw) + d32)
     else:
         Cg, Kg = C // g, K // g
-        suffix, edge = _tile(be, Cg, N * H * W, g)
-        be.launch("conv.cu", "conv2d_bwd_data" + suffix,
-                  (_ceil(N * H * W, edge), _ceil(Cg, edge), g),
-                  (_THREADS, 1, 1), (gy, w, gx) + d32 + (_i32(g),))
+        if Cg <= BWD_DATA_DIRECT_MAX_CG:
+            be.launch("conv.cu", "conv2d_bwd_data_direct", _grid1(gx.size), (_THREADS, 1, 1),
+                      (gy, w, gx) + d32 + (_i32(g),))
+        else:
+            suffix, edge = _tile(be, Cg, N * H * W, g)
+            be.launch("conv.cu", "conv2d_bwd_data" + suffix,
+                      (_ceil(N * H * W, edge), _ceil(Cg, edge), g),
+                      (_THREADS, 1, 1), (gy, w, gx) + d32 + (_i32(g),))
         R, P = Cg * KH * KW, N * OH * OW
         # the tile from the output alone; splitting the reduction adds blocks
         suffix, edge = _tile(be, Kg, R, g * max(P // BWD_WEIGHT_MIN_CHUNK, 1))
