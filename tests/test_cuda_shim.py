@@ -131,6 +131,8 @@ CONV_CASES = [
     ((2, 6, 7, 7), (6, 1, 3, 3), 1, 1, 1, 6, True),           # depthwise
     ((1, 4, 9, 9), (8, 1, 3, 3), 2, 1, 2, 4, False),          # depthwise, multiplier 2
     ((3, 5, 5), (4, 3, 3, 3), 1, 1, 1, 1, True),              # unbatched (C, H, W)
+    ((2, 3, 13, 11), (6, 3, 5, 4), 3, 1, 2, 1, True),         # stride 3 not dividing H, W
+    ((1, 16, 7, 7), (6, 8, 3, 3), 2, 1, 1, 2, False),         # 8 channels a group
 ]
 
 
@@ -162,7 +164,7 @@ def test_conv2d_gemm_on_a_depthwise_shape(sh):
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
 def test_conv2d_backward(sh, tile, case, bwd_data, monkeypatch):
     # grad_input by either kernel, whatever the layer's channels per group
-    monkeypatch.setattr(G, "BWD_DATA_DIRECT_MAX_CG", 0 if bwd_data == "gemm" else 1 << 30)
+    monkeypatch.setattr(G, "BWD_DATA_DIRECT_MAX_CG", 0 if bwd_data == "gemm" else 8)
     x, w, b, kw = _conv_args(case)
     y = ref.conv2d_ref(x, w, b, **kw)
     gy = rnd(*y.shape, seed=3)
@@ -187,6 +189,16 @@ def test_conv2d_backward_weight_split(sh, tile, monkeypatch, deterministic):
     assert_close(gx, rx, what="grad_input")
     used_sum = sh.launches["sum_splits"] > kernels_before.get("sum_splits", 0)
     assert used_sum == deterministic
+
+
+@pytest.mark.parametrize("min_chunk", [1, 7, 50, 1 << 20])
+def test_conv2d_bias_gradient_in_chunks(sh, monkeypatch, min_chunk):
+    # chunks of one position, chunks that split an image, whole images, one chunk
+    monkeypatch.setattr(G, "BIAS_GRAD_MIN_CHUNK", min_chunk)
+    x, w, b, kw = _conv_args(CONV_CASES[2])
+    gy = rnd(*ref.conv2d_ref(x, w, **kw).shape, seed=3)
+    assert_close(G.conv2d_backward(gy, x, w, **kw)[2], ref.conv2d_backward_ref(gy, x, w, **kw)[2],
+                 what="grad_bias")
 
 
 def test_conv2d_backward_is_bit_identical_across_runs(sh, monkeypatch):

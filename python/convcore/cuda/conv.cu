@@ -304,23 +304,35 @@ extern "C" __global__ void sum_splits(const float* __restrict__ ws, float* __res
 
 // gx of layers with few input channels per group (first layers' 1-3,
 // ResNeXt's 4): as a GEMM, their tile would be mostly empty rows (3 of 128),
-// and a strided layer's gathered taps mostly zeros. One thread per gx element
-// sums, in a fixed order, over the taps that read it (tap outer, the group's
-// output channels inner). grid ceil(N*C*H*W / 256), block 256.
+// and a strided layer's gathered taps mostly zeros. One thread per input
+// position (n, group, ih, iw) computes all Cg <= CC_DIRECT_MAX_CG channels of
+// the group, summing in a fixed order over the taps that read the position
+// (tap outer, the group's output channels inner). Threads are ordered by
+// stride phase (ih % sh, iw % sw) first, so a warp shares one tap set: its
+// weight loads are one broadcast and its gy loads consecutive.
+// grid ceil(N * groups * sh * sw * ceil(H / sh) * ceil(W / sw) / 256), block 256.
+#define CC_DIRECT_MAX_CG 8
 extern "C" __global__ void conv2d_bwd_data_direct(const float* __restrict__ gy,
                                                   const float* __restrict__ w,
                                                   float* __restrict__ gx,
                                                   int N, int C, int H, int W, int K, int KH,
                                                   int KW, int OH, int OW, int sh, int sw,
                                                   int pt, int pl, int dh, int dw, int groups) {
+    const int QH = (H + sh - 1) / sh, QW = (W + sw - 1) / sw;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N * C * H * W) return;
-    const int iw = i % W, ih = (i / W) % H, c = (i / (W * H)) % C, n = i / (W * H * C);
-    const int Cg = C / groups, Kg = K / groups, g = c / Cg, KHW = KH * KW;
-    const int OHW = OH * OW, wstride = Cg * KHW;
+    if (i >= N * groups * sh * sw * QH * QW) return;
+    const int qw = i % QW, qh = (i / QW) % QH, pw = (i / (QW * QH)) % sw;
+    const int ph = (i / (QW * QH * sw)) % sh, ng = i / (QW * QH * sw * sh);
+    const int g = ng % groups, n = ng / groups;
+    const int ih = qh * sh + ph, iw = qw * sw + pw;
+    if (ih >= H || iw >= W) return;
+    const int Cg = C / groups, Kg = K / groups, KHW = KH * KW, OHW = OH * OW;
+    const int kstride = Cg * KHW;  // from w[k, c, tap] to w[k + 1, c, tap]
     const float* gyg = gy + (n * K + g * Kg) * OHW;
-    const float* wc = w + (g * Kg * Cg + (c - g * Cg)) * KHW;  // w[g*Kg + k, c - g*Cg, ...]
-    float s = 0.f;
+    const float* wg = w + g * Kg * kstride;
+    float acc[CC_DIRECT_MAX_CG];
+#pragma unroll
+    for (int c = 0; c < CC_DIRECT_MAX_CG; ++c) acc[c] = 0.f;
     for (int kh = 0; kh < KH; ++kh) {
         const int ohs = ih + pt - kh * dh;
         if (ohs < 0 || ohs % sh != 0 || ohs / sh >= OH) continue;
@@ -328,11 +340,19 @@ extern "C" __global__ void conv2d_bwd_data_direct(const float* __restrict__ gy,
             const int ows = iw + pl - kw * dw;
             if (ows < 0 || ows % sw != 0 || ows / sw >= OW) continue;
             const float* gyp = gyg + (ohs / sh) * OW + ows / sw;
-            const float* wp = wc + kh * KW + kw;
-            for (int k = 0; k < Kg; ++k) s += gyp[k * OHW] * wp[k * wstride];
+            const float* wp = wg + kh * KW + kw;
+            for (int k = 0; k < Kg; ++k) {
+                const float v = gyp[k * OHW];
+#pragma unroll
+                for (int c = 0; c < CC_DIRECT_MAX_CG; ++c)
+                    if (c < Cg) acc[c] += v * wp[k * kstride + c * KHW];
+            }
         }
     }
-    gx[i] = s;
+    float* gxp = gx + (n * C + g * Cg) * H * W + ih * W + iw;
+#pragma unroll
+    for (int c = 0; c < CC_DIRECT_MAX_CG; ++c)
+        if (c < Cg) gxp[c * H * W] = acc[c];
 }
 
 // Depthwise (groups == C, K == C * mult, weight (K, 1, KH, KW)): one thread

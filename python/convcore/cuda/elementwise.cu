@@ -18,18 +18,23 @@ extern "C" __global__ void relu_bwd(const float* __restrict__ gy, const float* _
     gx[i] = x[i] > 0.f ? gy[i] : 0.f;
 }
 
-// out[c] = sum over (n, hw) of g[n, c, hw]: one block per channel, each
-// thread a fixed strided subset, then a fixed-order tree (deterministic).
+// out[split * C + c] = sum of g[n, c, hw] over the split-th chunk of `chunk`
+// positions e = n * HW + hw: grid (C, splits), each thread a fixed strided
+// subset of its block's chunk, then a fixed-order tree (deterministic). With
+// one split this is the whole sum; more splits fill the GPU when channels are
+// few and images large, and conv.cu's sum_splits adds them in order.
 // block 256 (the static buffer's size; a power of two).
 extern "C" __global__ void channel_sum(const float* __restrict__ g, float* __restrict__ out,
-                                       int N, int C, int HW) {
+                                       int N, int C, int HW, int chunk) {
     __shared__ float buf[256];
-    const int c = blockIdx.x;
+    const int c = blockIdx.x, split = blockIdx.y;
+    const int beg = split * chunk, total = N * HW;
+    const int end = total - beg < chunk ? total : beg + chunk;
     float s = 0.f;
-    for (int e = threadIdx.x; e < N * HW; e += blockDim.x) {
+    for (int e = beg + threadIdx.x; e < end; e += blockDim.x) {
         const int n = e / HW, hw = e - n * HW;
         s += g[(n * C + c) * HW + hw];
     }
     s = cc_block_sum(s, buf);
-    if (threadIdx.x == 0) out[c] = s;
+    if (threadIdx.x == 0) out[split * C + c] = s;
 }

@@ -39,6 +39,10 @@ BWD_WEIGHT_MIN_CHUNK = 1024
 # conv2d_backward computes grad_input with the direct kernel, not the GEMM,
 # when a group has at most this many input channels (a GEMM tile's rows).
 BWD_DATA_DIRECT_MAX_CG = 8
+_DIRECT_MAX_CG = 8  # the kernel's register array (CC_DIRECT_MAX_CG in conv.cu)
+# The bias gradient splits each channel's sum into chunks of at least this
+# many positions when there are too few channels to fill the GPU.
+BIAS_GRAD_MIN_CHUNK = 16384
 # Enough blocks to fill a big GPU (132 SMs on an H100, a few blocks each).
 _TARGET_BLOCKS = 512
 
@@ -240,6 +244,23 @@ def _bwd_weight_splits(P: int, blocks: int) -> int:
     return int(min(by_work, by_blocks, 65535 // max(blocks, 1) or 1))
 
 
+def _channel_sum(be, g, out, N: int, C: int, HW: int) -> None:
+    """out[c] = sum of g[n, c, hw] (a conv's bias gradient), in fixed chunks of
+    at least BIAS_GRAD_MIN_CHUNK positions when C blocks alone are too few,
+    the chunks summed in order."""
+    total = N * HW
+    splits = max(min(max(total // BIAS_GRAD_MIN_CHUNK, 1), _ceil(_TARGET_BLOCKS, max(C, 1)),
+                     65535), 1)
+    chunk = max(_ceil(total, splits), 1)
+    splits = max(_ceil(total, chunk), 1)
+    target = out if splits == 1 else be.xp.empty((splits, C), dtype=np.float32)
+    be.launch("elementwise.cu", "channel_sum", (C, splits, 1), (_THREADS, 1, 1),
+              (g, target, _i32(N), _i32(C), _i32(HW), _i32(chunk)))
+    if splits > 1:
+        be.launch("conv.cu", "sum_splits", _grid1(C), (_THREADS, 1, 1),
+                  (target, out, _i32(splits), _i32(C)))
+
+
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1,
                     algorithm="auto", deterministic: bool = True):
     """(grad_input, grad_weight, grad_bias) of conv2d on the GPU.
@@ -267,8 +288,10 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
                   (gy, x, gw) + d32)
     else:
         Cg, Kg = C // g, K // g
-        if Cg <= BWD_DATA_DIRECT_MAX_CG:
-            be.launch("conv.cu", "conv2d_bwd_data_direct", _grid1(gx.size), (_THREADS, 1, 1),
+        sh, sw = dims[9], dims[10]
+        threads = N * g * sh * sw * _ceil(H, sh) * _ceil(W, sw)  # phases padded
+        if Cg <= min(BWD_DATA_DIRECT_MAX_CG, _DIRECT_MAX_CG) and threads <= _INT32_MAX:
+            be.launch("conv.cu", "conv2d_bwd_data_direct", _grid1(threads), (_THREADS, 1, 1),
                       (gy, w, gx) + d32 + (_i32(g),))
         else:
             suffix, edge = _tile(be, Cg, N * H * W, g)
@@ -297,8 +320,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         if target is not gw:
             be.launch("conv.cu", "sum_splits", _grid1(gw.size), (_THREADS, 1, 1),
                       (target, gw, _i32(splits), _i32(gw.size)))
-    be.launch("elementwise.cu", "channel_sum", (K, 1, 1), (_THREADS, 1, 1),
-              (gy, gb, _i32(N), _i32(K), _i32(OH * OW)))
+    _channel_sum(be, gy, gb, N, K, OH * OW)
     return (gx[0] if unbatched else gx), gw, gb
 
 
