@@ -63,12 +63,15 @@ struct Epilogue {
 // (NR, or fewer blocks for grouped layers whose groups are narrower), each
 // over the taps of the input channel blocks its groups read, in the order
 // the input's layout stores them (channel block, kernel row, kernel
-// column, lane), zero for channels outside a channel's group and for pad
-// channels. Grouped convolutions need a blocked input.
+// column, lane), zero for channels outside a channel's group. The last
+// channel block of a layer whose channels are not a multiple of B has taps
+// for its real lanes only (LeNet's 6 of 16): padding lanes hold zeros, and
+// products with them would be wasted. Grouped convolutions need a blocked
+// input.
 struct ConvWeights {
   std::vector<float> panels;  // panel u: panel_taps[u] x NR floats at panel_offset[u]
   int64_t cout = 0, cin = 0, kh = 0, kw = 0, groups = 1;
-  int64_t taps = 0;   // of the whole input: cin (rounded to B when blocked) * kh * kw
+  int64_t taps = 0;   // of the whole input: cin * kh * kw
   int64_t width = 0;  // output channels per panel
   std::vector<int64_t> panel_tap0, panel_taps, panel_offset;  // per panel
   bool blocked_input = true;

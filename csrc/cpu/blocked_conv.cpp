@@ -69,13 +69,59 @@ CONVCORE_BLOCKED_DISPATCH(store_tile, store_tile_body,
                            Act act),
                           (tile, rows, blocks, bias, res, res_stride, dst, dst_stride, act))
 
+// One block of RB rows (from i0; rows past mr repeat row mr - 1 and are not
+// stored) by VP vectors of columns (from j0) of gather_store_vp.
+template <int B, int VP, int RB, Act A>
+CONVCORE_ALWAYS_INLINE void gather_store_block(int64_t kc, const int64_t* koff,
+                                               const float* const* rows, int i0, int mr,
+                                               const float* bp, int j0, int64_t blocks,
+                                               const float* bias, const float* res,
+                                               int64_t res_stride, float* dst,
+                                               int64_t dst_stride) {
+  const float* r[RB];
+  for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
+  Vec<B> acc[RB][VP];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) acc[i][v] = Vec<B>{};
+  for (int64_t k = 0; k < kc; ++k, bp += NR) {
+    const int64_t off = koff[k];
+    Vec<B> bv[VP];
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) bv[v] = load<B>(bp + v * B);
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const float ai = r[i][off];
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < VP; ++v) {
+    const int64_t jb = j0 / B + v;
+    if (jb >= blocks) break;
+    const Vec<B> bb = bias ? load<B>(bias + jb * B) : Vec<B>{};
+    float* d = dst + jb * dst_stride;
+    const float* rs = res ? res + jb * res_stride : nullptr;
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      if (i0 + i >= mr) break;
+      Vec<B> y = acc[i][v] + bb;
+      if (rs) y = y + load<B>(rs + (i0 + i) * B);
+      store<B>(d + (i0 + i) * B, apply<A>(y));
+    }
+  }
+}
+
 // The tile of gather_kernel with the output stage done in registers, for
 // layers whose taps fit one slice (pointwise and small kernels): the
 // accumulators go through bias, residual and activation straight into the
 // output blocks, with no pass through the tile in memory. Rows of RB
 // positions by VP vectors of B channels: 12 x 2 with AVX-512, four 6 x 2
 // blocks with AVX2, as gather_kernel, or 12 x 1 for a panel one block wide;
-// the same sums in the same order.
+// a short last block of rows takes a smaller block (as gather_kernel); the
+// same sums in the same order.
 template <int B, int VP, Act A>
 CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
                                             const float* const* rows, const float* b, int mr,
@@ -84,42 +130,29 @@ CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
   constexpr int RB = VP == 1 || B == 16 ? 12 : 6;
   static_assert(MR % RB == 0 && NR % (VP * B) == 0, "the tile must split into RB x VP blocks");
   for (int j0 = 0; j0 < NR && j0 / B < blocks; j0 += VP * B)
-    for (int i0 = 0; i0 < mr; i0 += RB) {
-      const float* r[RB];
-      for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
-      Vec<B> acc[RB][VP];
-#pragma GCC unroll 16
-      for (int i = 0; i < RB; ++i)
-#pragma GCC unroll 4
-        for (int v = 0; v < VP; ++v) acc[i][v] = Vec<B>{};
-      const float* bp = b + j0;
-      for (int64_t k = 0; k < kc; ++k, bp += NR) {
-        const int64_t off = koff[k];
-        Vec<B> bv[VP];
-#pragma GCC unroll 4
-        for (int v = 0; v < VP; ++v) bv[v] = load<B>(bp + v * B);
-#pragma GCC unroll 16
-        for (int i = 0; i < RB; ++i) {
-          const float ai = r[i][off];
-#pragma GCC unroll 4
-          for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+    for (int i0 = 0; i0 < mr;) {
+      const int rem = mr - i0;
+      if constexpr (RB == 12) {
+        if (rem <= 4) {
+          gather_store_block<B, VP, 4, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
+                                          res, res_stride, dst, dst_stride);
+          break;
+        }
+        if (rem <= 8) {
+          gather_store_block<B, VP, 8, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
+                                          res, res_stride, dst, dst_stride);
+          break;
+        }
+      } else {
+        if (rem <= 3) {
+          gather_store_block<B, VP, 3, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
+                                          res, res_stride, dst, dst_stride);
+          break;
         }
       }
-#pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v) {
-        const int64_t jb = j0 / B + v;
-        if (jb >= blocks) break;
-        const Vec<B> bb = bias ? load<B>(bias + jb * B) : Vec<B>{};
-        float* d = dst + jb * dst_stride;
-        const float* rs = res ? res + jb * res_stride : nullptr;
-#pragma GCC unroll 16
-        for (int i = 0; i < RB; ++i) {
-          if (i0 + i >= mr) break;
-          Vec<B> y = acc[i][v] + bb;
-          if (rs) y = y + load<B>(rs + (i0 + i) * B);
-          store<B>(d + (i0 + i) * B, apply<A>(y));
-        }
-      }
+      gather_store_block<B, VP, RB, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias, res,
+                                       res_stride, dst, dst_stride);
+      i0 += RB;
     }
 }
 
@@ -162,6 +195,15 @@ int64_t input_channels(const ConvWeights& w) {
   return w.blocked_input ? round_up(w.cin, w.lanes) : w.cin;
 }
 
+// The tap of input channel c at kernel position (i, j): blocked, taps run
+// (channel block, i, j, lane) over each block's real lanes (all B but in a
+// last, partial block); plain, (channel, i, j).
+int64_t tap_index(const ConvWeights& w, int64_t c, int64_t i, int64_t j) {
+  if (!w.blocked_input) return (c * w.kh + i) * w.kw + j;
+  const int64_t B = w.lanes, block0 = c / B * B, lanes = std::min(B, w.cin - block0);
+  return block0 * w.kh * w.kw + (i * w.kw + j) * lanes + (c - block0);
+}
+
 }  // namespace
 
 ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, int64_t kh,
@@ -171,13 +213,14 @@ ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, in
   w.blocked_input = blocked_input || groups > 1;
   w.lanes = block();
   const int64_t B = w.lanes, lanes = w.blocked_input ? B : 1, khw = kh * kw;
-  w.taps = input_channels(w) * khw;
+  w.taps = cin * khw;
   const int64_t cin_g = cin / groups, cout_g = cout / groups;
   // The input channels that output channels [o_lo, o_hi) read (their
-  // groups'), widened to whole blocks: [0, cin rounded up) when groups is 1.
+  // groups'), widened to whole blocks but not past cin: [0, cin) when
+  // groups is 1.
   auto reads = [&](int64_t o_lo, int64_t o_hi) {
     const int64_t lo = o_lo / cout_g * cin_g, hi = ((o_hi - 1) / cout_g + 1) * cin_g;
-    return std::make_pair(lo / lanes * lanes, round_up(hi, lanes));
+    return std::make_pair(lo / lanes * lanes, std::min(round_up(hi, lanes), cin));
   };
   // Products per position with panels of `width` channels, zeros included.
   auto products = [&](int64_t width) {
@@ -213,12 +256,9 @@ ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, in
     for (int64_t cg = 0; cg < cin_g; ++cg) {
       const int64_t c = g * cin_g + cg;
       for (int64_t i = 0; i < kh; ++i)
-        for (int64_t j = 0; j < kw; ++j) {
-          // blocked: taps (channel block, i, j, lane); plain: (channel, i, j)
-          const int64_t tap = w.blocked_input ? ((c / B * kh + i) * kw + j) * B + c % B
-                                              : (c * kh + i) * kw + j;
-          panel[(tap - w.panel_tap0[u]) * NR] = weight[((o * cin_g + cg) * kh + i) * kw + j];
-        }
+        for (int64_t j = 0; j < kw; ++j)
+          panel[(tap_index(w, c, i, j) - w.panel_tap0[u]) * NR] =
+              weight[((o * cin_g + cg) * kh + i) * kw + j];
     }
   }
   return w;
@@ -245,15 +285,12 @@ ConvPlan plan_conv(const ConvWeights& w, const Conv2dParams& p, const Image& in,
   // the input's channel (block) planes: the frame's, or the input's own
   const int64_t plane = hf * wf * lanes;
   plan.koff.resize(static_cast<std::size_t>(w.taps));
-  for (int64_t c = 0; c < cin_eff; ++c)
+  for (int64_t c = 0; c < w.cin; ++c)
     for (int64_t i = 0; i < w.kh; ++i)
       for (int64_t j = 0; j < w.kw; ++j) {
         const int64_t within = (i * p.dilation_h * wf + j * p.dilation_w) * lanes;
-        if (w.blocked_input)
-          plan.koff[static_cast<std::size_t>(((c / lanes * w.kh + i) * w.kw + j) * lanes +
-                                             c % lanes)] = c / lanes * plane + within + c % lanes;
-        else
-          plan.koff[static_cast<std::size_t>((c * w.kh + i) * w.kw + j)] = c * plane + within;
+        plan.koff[static_cast<std::size_t>(tap_index(w, c, i, j))] =
+            c / lanes * plane + within + c % lanes;
       }
   (void)threads;
   return plan;
