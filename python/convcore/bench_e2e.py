@@ -110,9 +110,9 @@ def to_torch(model):
     from torch import nn as tnn
 
     from .builder import Network
-    from .models import ResNet
-    from .models_extra import Normalize
-    from .nasnet import _OneHotDepthwise
+    from .models.inception import Normalize
+    from .models.nasnet import _OneHotDepthwise
+    from .models.resnet import ResNet
     from .nn import activation as act
     from .nn import layers as L
     from .nn.graph import Graph
