@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convcore.interop.torch import TorchStochasticDepth
+
 
 def make_divisible(v, divisor=8, min_value=None):
     min_value = min_value or divisor
@@ -194,19 +196,9 @@ class SqueezeExcitation(nn.Module):
         return s * x
 
 
-class StochasticDepth(nn.Module):
-    """torchvision.ops.StochasticDepth (the identity in eval mode or at p=0)."""
-
-    def __init__(self, p, mode):
-        super().__init__()
-        self.p, self.mode = p, mode
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        shape = [x.shape[0]] + [1] * (x.ndim - 1) if self.mode == "row" else [1] * x.ndim
-        noise = torch.empty(shape, dtype=x.dtype).bernoulli_(1 - self.p)
-        return x * noise / (1 - self.p)
+# torchvision.ops.StochasticDepth (the identity in eval mode or at p=0): the
+# one of convcore's torch mirror, which is written as torchvision's
+StochasticDepth = TorchStochasticDepth
 
 
 class MBConv(nn.Module):

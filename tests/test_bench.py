@@ -3,11 +3,14 @@ JSON and chart, on tiny layers so that it runs in seconds. Speed itself is
 never asserted here: the figures are the benchmark's to report."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from convcore import bench
+from _helpers import convcore_env
 
 
 def tiny_cases():
@@ -98,7 +101,7 @@ def test_main_writes_json_and_chart(tmp_path, monkeypatch):
         calls.append(args)
         return tiny
 
-    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench.layers, "run", fake_run)  # what the suite's command line runs
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     bench.main(["--threads", "1", "--repeat", "3", "--no-numpy", "--json", str(out_json),
                 "--plot", str(out_png)])
@@ -133,3 +136,37 @@ def test_suite_is_the_issues_layers():
     fc6 = by_name["alexnet.fc6"]
     assert (fc6.cin, fc6.cout) == (9216, 4096)
     np.testing.assert_allclose(fc6.flops(), 2 * 16 * 9216 * 4096)
+
+
+def test_the_package_keeps_the_old_module_names():
+    """convcore.bench is a package now (timing, layers, e2e, zoo); its
+    namespace keeps what the flat module held, and convcore.bench_e2e and
+    convcore.bench_zoo re-export the same objects for old code."""
+    import convcore.bench_e2e
+    import convcore.bench_zoo
+    from convcore.bench import e2e, layers, timing, zoo
+    from convcore.interop import torch as mirror
+
+    for name in ("Conv", "Pool", "Fc", "suite", "run", "plot", "_geomeans"):
+        assert getattr(bench, name) is getattr(layers, name)
+    for name in ("interleaved_medians", "cpu_name", "memory_gauge", "write_results"):
+        assert getattr(bench, name) is getattr(timing, name)
+    for name in convcore.bench_e2e.__all__:
+        assert getattr(convcore.bench_e2e, name) is getattr(
+            mirror if name == "to_torch" else e2e, name)
+    for name in convcore.bench_zoo.__all__:
+        assert getattr(convcore.bench_zoo, name) is getattr(
+            timing if name == "measure_peak" else zoo, name)
+
+
+def test_importing_the_package_never_imports_torch():
+    """torch is optional: only making a mirror (or running a benchmark)
+    imports it, not importing any of these modules."""
+    code = ("import sys\n"
+            "import convcore, convcore.interop, convcore.interop.torch, convcore.bench, "
+            "convcore.bench.e2e, convcore.bench.zoo, convcore.bench_e2e, convcore.bench_zoo, "
+            "convcore.models_extra, convcore.nasnet, convcore.cuda.bench\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=convcore_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,8 @@ import convcore
 from convcore import models
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: the e2e mirror skipped")
-from convcore.bench_e2e import main, run, to_torch  # noqa: E402
+from convcore.bench.e2e import main, run  # noqa: E402
+from convcore.interop.torch import to_torch  # noqa: E402
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -71,7 +72,7 @@ def test_run_without_torch_times_convcore_alone():
 
 # ------------------------------------------------- compiled engine, ONNX Runtime, memory
 
-from convcore import bench_e2e  # noqa: E402
+from convcore.bench import e2e as bench_e2e  # noqa: E402
 
 try:
     import onnxruntime  # noqa: F401

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from convcore import bench, bench_zoo, models
+from convcore import bench, models
+from convcore.bench import zoo as bench_zoo
 from convcore.nn.layers import Conv2d, Linear
 
 # LeNet-5 at its own 1x32x32 input: conv 5x5 1->6, conv 5x5 6->16, fc 400-120-84-10

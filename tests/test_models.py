@@ -137,6 +137,51 @@ def test_num_classes_must_be_positive(make):
         make(num_classes=0)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "10", True, False, None])
+@pytest.mark.parametrize("name", list(models._ZOO))
+def test_one_num_classes_rule_for_the_whole_zoo(name, bad):
+    """Every builder checks num_classes by the same rule (models/_common.py),
+    before it builds anything: a positive int, bools refused."""
+    with pytest.raises(ValueError, match=r"^num_classes must be a positive int, got "):
+        models.get(name, num_classes=bad)
+
+
+def test_num_classes_takes_numpy_ints():
+    assert models.lenet5(num_classes=np.int64(3)).output_shape((1, 32, 32)) == (3,)
+    assert models.resnet18(num_classes=np.int32(3), input_size=32).num_classes == 3
+
+
+def test_the_package_exports_what_the_flat_modules_did():
+    """convcore.models is a package now; its names, the zoo's order and the
+    old modules (kept for compatibility) are unchanged."""
+    import convcore.models_extra
+    import convcore.nasnet
+    from convcore.models import inception as inception_module, nasnet as nasnet_module
+
+    assert sorted(models.__all__) == sorted([
+        "lenet5", "alexnet", "zfnet", "vgg16", "resnet18", "resnet34", "ResNet", "SPECS", "get",
+        "googlenet", "mobilenet_v1", "mobilenet_v2", "resnext50_32x4d", "wide_resnet50_2",
+        "densenet121", "se_resnet50", "efficientnet_b0", "nasnet_a_mobile", "nasnet_a_large"])
+    assert all(hasattr(models, name) for name in models.__all__)
+    assert list(models._ZOO) == [
+        "lenet5", "alexnet", "zfnet", "vgg16", "resnet18", "resnet34", "googlenet",
+        "mobilenet_v1", "mobilenet_v2", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
+        "se_resnet50", "efficientnet_b0", "nasnet_a_mobile", "nasnet_a_large"]
+    old = convcore.models_extra
+    assert sorted(old.__all__) == sorted([
+        "googlenet", "mobilenet_v1", "mobilenet_v2", "resnext50_32x4d", "wide_resnet50_2",
+        "densenet121", "se_resnet50", "efficientnet_b0", "Normalize", "nasnet_a_mobile",
+        "nasnet_a_large"])
+    assert all(getattr(old, n) is getattr(models, n, None) or n == "Normalize"
+               for n in old.__all__)
+    assert old.Normalize is inception_module.Normalize
+    assert (old.IMAGENET_MEAN, old.IMAGENET_STD) == (inception_module.IMAGENET_MEAN,
+                                                     inception_module.IMAGENET_STD)
+    assert sorted(convcore.nasnet.__all__) == sorted(nasnet_module.__all__)
+    assert all(getattr(convcore.nasnet, n) is getattr(nasnet_module, n)
+               for n in nasnet_module.__all__)
+
+
 def test_get():
     assert isinstance(models.get("lenet5"), type(models.lenet5()))
     assert models.get("resnet18", num_classes=5, input_size=32).fc.out_features == 5

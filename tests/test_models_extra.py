@@ -1,8 +1,9 @@
-"""The later case studies of the zoo (models_extra.py): parameter counts
-against the references, torchvision's state-dict keys and shapes, the
-summary's totals and multiply-adds against the twins' own layers, one
-training step whose loss falls, save/load, GoogLeNet's auxiliary outputs,
-and whole-model parity with the torch twins (tests/_tv_twins.py)."""
+"""The later case studies of the zoo (convcore/models/: inception.py,
+mobilenet.py, densenet.py, resnet.py): parameter counts against the
+references, torchvision's state-dict keys and shapes, the summary's totals
+and multiply-adds against the twins' own layers, one training step whose
+loss falls, save/load, GoogLeNet's auxiliary outputs, and whole-model
+parity with the torch twins (tests/_tv_twins.py)."""
 import warnings
 
 import numpy as np

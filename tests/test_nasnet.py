@@ -1,4 +1,4 @@
-"""NASNet-A Mobile and Large (python/convcore/nasnet.py): Keras' parameter
+"""NASNet-A Mobile and Large (python/convcore/models/nasnet.py): Keras' parameter
 counts, shapes, the TensorFlow-style padding rewritten with symmetric
 layers, forward/backward, ScheduledDropPath, save/load and compile."""
 import numpy as np
@@ -7,8 +7,9 @@ import pytest
 import convcore as cc
 from convcore import functional as F
 from convcore import models
-from convcore.nasnet import (ScheduledDropPath, ShiftedSubsample, ZeroPad, _Net, _separable,
-                             nasnet_a_large, nasnet_a_mobile, set_drop_path_progress)
+from convcore.models.nasnet import (ScheduledDropPath, ShiftedSubsample, ZeroPad, _Net,
+                                   _separable, nasnet_a_large, nasnet_a_mobile,
+                                   set_drop_path_progress)
 
 # Keras' count_params() minus the BN moving statistics (convcore's buffers)
 MOBILE_PARAMS, LARGE_PARAMS = 5_289_978, 88_753_150

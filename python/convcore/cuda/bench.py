@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .. import bench as cpu_bench
+from ..bench.layers import Conv, Fc, Pool, suite
+from ..bench.timing import geomean
 from . import availability
 
 
@@ -64,7 +64,7 @@ def _cases(c, cupy, torch, rng):
         return cupy.asarray(a)
 
     fns = {}
-    if isinstance(c, cpu_bench.Conv):
+    if isinstance(c, Conv):
         x = dev(rng.standard_normal((c.n, c.cin, c.h, c.h), dtype=np.float32))
         w = dev(rng.standard_normal((c.cout, c.cin // c.groups, c.k, c.k), dtype=np.float32) * 0.05)
         b = dev(np.zeros(c.cout, np.float32))
@@ -84,13 +84,13 @@ def _cases(c, cupy, torch, rng):
 
             fns[("fwd", "torch")] = lambda: F.conv2d(tx, tw, tb, **args)
             fns[("bwd", "torch")] = t_bwd
-    elif isinstance(c, cpu_bench.Pool):
+    elif isinstance(c, Pool):
         x = dev(rng.standard_normal((c.n, c.c, c.h, c.h), dtype=np.float32))
         fns[("fwd", "convcore")] = lambda: cc.max_pool2d(x, c.k, c.stride)
         if torch is not None:
             tx = torch.from_dlpack(x)
             fns[("fwd", "torch")] = lambda: torch.nn.functional.max_pool2d(tx, c.k, c.stride)
-    elif isinstance(c, cpu_bench.Fc):
+    elif isinstance(c, Fc):
         x = dev(rng.standard_normal((c.n, c.cin), dtype=np.float32))
         w = dev(rng.standard_normal((c.cout, c.cin), dtype=np.float32) * 0.01)
         b = dev(np.zeros(c.cout, np.float32))
@@ -126,7 +126,7 @@ def run(repeat: int = 20, quick: bool = False, out=print, cases=None) -> dict:
     cc.relu(cupy.zeros(1, np.float32))
     out(f"first call (import + compile of elementwise.cu): {time.perf_counter() - first_call:.2f} s")
     out(f"{'layer':<24} {'dir':<4} {'convcore':>9} {'torch':>9} {'ratio':>6}")
-    for c in cpu_bench.suite(quick) if cases is None else cases:
+    for c in suite(quick) if cases is None else cases:
         fns = _cases(c, cupy, torch, rng)
         for direction in ("fwd", "bwd"):
             if (direction, "convcore") not in fns:
@@ -148,7 +148,7 @@ def run(repeat: int = 20, quick: bool = False, out=print, cases=None) -> dict:
             r = [row["ratio"] for row in rows if row["ratio"] and row["direction"] == direction
                  and row["layer"].startswith(prefixes)]
             if r:
-                summary[f"{label} {direction}"] = math.exp(sum(map(math.log, r)) / len(r))
+                summary[f"{label} {direction}"] = geomean(r)
     for k, v in summary.items():
         out(f"geomean ratio (torch / convcore, 1 = cuDNN speed; goal 0.7) {k}: {v:.2f}")
     return dict(device=name, rows=rows, compile_seconds=compile_times, geomeans=summary)

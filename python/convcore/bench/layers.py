@@ -3,30 +3,30 @@ is importable) and numpy's im2col approach, on the layers of the classic
 CNNs, forward and backward, float32.
 
 Each timing is the median of `--repeat` runs; the libraries take turns in
-blocks, each after a warm-up of at least 0.1 s (see interleaved_medians for why not run
-by run). Ratios are peer time / convcore time (above 1: convcore is faster).
+blocks, each after a warm-up of at least 0.1 s (see interleaved_medians in
+bench/timing.py for why not run by run). Ratios are peer time / convcore
+time (above 1: convcore is faster).
 
     python -m convcore bench [--threads 2] [--repeat 7] [--quick] [--json out.json]
                              [--plot out.png] [--no-torch] [--no-numpy]
-    python -m convcore bench --e2e ...   whole models (bench_e2e.py)
-    python -m convcore bench --zoo ...   every distinct zoo layer (bench_zoo.py)
+    python -m convcore bench --e2e ...   whole models (bench/e2e.py)
+    python -m convcore bench --zoo ...   every distinct zoo layer (bench/zoo.py)
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
-import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import _core
-from . import _im2col_numpy as im2col
-from . import functional as F
+from .. import _core
+from .. import _im2col_numpy as im2col
+from .. import functional as F
+from .timing import (cpu_name, gemm_row, geomean, import_torch, interleaved_medians,
+                     memory_gauge, write_results)
 
 
 # ------------------------------------------------------------------------ the suite
@@ -107,64 +107,6 @@ def suite(quick: bool = False) -> List[object]:
     return cases
 
 
-# ------------------------------------------------------------------------- timing
-
-def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int,
-                        max_repeat: Optional[Dict[str, int]] = None, warmup: float = 0.1,
-                        sample: float = 0.02) -> Dict[str, float]:
-    """Median seconds per call of each fn over `repeat` samples (max_repeat
-    caps the samples of slow peers, e.g. numpy's im2col).
-
-    The libraries take turns in blocks: a warm-up, then the timed samples,
-    then the next library, and the whole round is done twice with the order
-    reversed, so slow drift of the machine hits all alike. Alternating run by
-    run was unfair: PyTorch, ONNX Runtime and convcore each bring a thread
-    pool whose threads keep spinning after a call, and the other library's
-    next call shared the cores with them (a 0.15 ms call measured 7 ms). So
-    a block's warm-up lasts at least `warmup` seconds (the previous pool's
-    threads go to sleep meanwhile), and a sample of a fast call is the mean
-    of as many calls as last `sample` seconds."""
-    samples = {name: [] for name in fns}
-    caps = max_repeat or {}
-    names = list(fns)
-    for order in (names, names[::-1]):
-        for name in order:
-            runs = (min(repeat, caps.get(name, repeat)) + 1) // 2
-            fn = fns[name]
-            t0 = time.perf_counter()
-            fn()  # warm-up: caches, this library's thread pool
-            one = time.perf_counter() - t0
-            while time.perf_counter() - t0 < warmup:
-                fn()
-            calls = max(1, int(math.ceil(sample / max(one, 1e-9)))) if one < sample else 1
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) / calls)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def _torch(threads: int):
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(threads)
-    return torch
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # -------------------------------------------------------------- per-kind benchmarks
 
 def _conv_fns(c: Conv, n: int, torch, with_numpy: bool, backward: bool, rng):
@@ -235,23 +177,6 @@ def _fc_fns(f: Fc, torch, with_numpy: bool, backward: bool, rng):
 
 # ---------------------------------------------------------------------------- runner
 
-def memory_gauge(megabytes: int = 16, repeat: int = 9) -> float:
-    """GB/s of a numpy copy of `megabytes` (read plus write), median of
-    `repeat`: a gauge of the memory system at the time of a run. Other
-    virtual machines on the host share its caches and memory bandwidth, and
-    the memory-bound rows (pooling, linear, the first layers) follow it from
-    run to run; the run prints it at its start and its end."""
-    n = megabytes * 2**20 // 4
-    src = np.ones(n, dtype=np.float32)
-    dst = np.empty_like(src)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.nbytes / statistics.median(times) / 1e9
-
-
 def run(threads: Optional[int] = None, repeat: int = 7, quick: bool = False,
         with_torch: bool = True, with_numpy: bool = True, out=print,
         cases: Optional[List[object]] = None, gemm_n: int = 2048) -> dict:
@@ -260,7 +185,7 @@ def run(threads: Optional[int] = None, repeat: int = 7, quick: bool = False,
     machine's details, printing a table line by line through `out`."""
     threads = threads or F.get_num_threads()
     F.set_num_threads(threads)
-    torch = _torch(threads) if with_torch else None
+    torch = import_torch(threads) if with_torch else None
     rng = np.random.default_rng(0)
     info = dict(machine=cpu_name(), threads=threads, gemm_isa=_core.gemm_isa(),
                 numpy=np.__version__, torch=getattr(torch, "__version__", None),
@@ -301,7 +226,7 @@ def run(threads: Optional[int] = None, repeat: int = 7, quick: bool = False,
                        workspace_bytes=workspace)
             rows.append(row)
             out(_format_row(row))
-    gemm = _gemm_row(rng, repeat, gemm_n)
+    gemm = gemm_row(rng, repeat, gemm_n)
     out(f"SGEMM {gemm_n}x{gemm_n}x{gemm_n}: convcore {gemm['convcore_gflops']:.0f} GFLOP/s, numpy "
         f"{gemm['numpy_gflops']:.0f} GFLOP/s: {gemm['ratio']:.2f} of numpy")
     summary = _geomeans(rows, "torch") if torch is not None else {}
@@ -330,9 +255,8 @@ def _format_row(row: dict) -> str:
 
 def _geomeans(rows: List[dict], peer: str) -> Dict[str, float]:
     def gm(selected):
-        ratios = [r["times"][peer] / r["times"]["convcore"] for r in selected
-                  if peer in r["times"]]
-        return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
+        return geomean(r["times"][peer] / r["times"]["convcore"] for r in selected
+                       if peer in r["times"])
 
     convs = [r for r in rows if r["kind"] == "conv"]
     return {
@@ -344,18 +268,6 @@ def _geomeans(rows: List[dict], peer: str) -> Dict[str, float]:
         "pooling": gm([r for r in rows if r["kind"] == "pool"]),
         "linear backward": gm([r for r in rows if r["kind"] == "fc" and r["pass_"] == "bwd"]),
     }
-
-
-def _gemm_row(rng, repeat: int, n: int = 2048) -> dict:
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    bt = np.ascontiguousarray(b.T)
-    times = interleaved_medians({"convcore": lambda: F.linear(a, bt),
-                                 "numpy": lambda: a @ b}, max(3, repeat // 2))
-    flop = 2.0 * n ** 3
-    return dict(convcore_gflops=flop / times["convcore"] / 1e9,
-                numpy_gflops=flop / times["numpy"] / 1e9,
-                ratio=times["numpy"] / times["convcore"])
 
 
 def plot(result: dict, path: str) -> None:
@@ -384,18 +296,9 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_results(result, json_path: Optional[str] = None,
-                  markdown_table: Optional[str] = None) -> None:
-    """--json FILE and --markdown, the same for every benchmark."""
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-    if markdown_table is not None:
-        print()
-        print(markdown_table)
-
-
 def main(argv=None) -> None:
+    """The layer suite's command line (python -m convcore bench without --e2e,
+    --zoo or --gpu)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m convcore bench",
@@ -408,12 +311,6 @@ def main(argv=None) -> None:
     parser.add_argument("--no-numpy", action="store_true", help="skip numpy's im2col")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--plot", help="write a PNG chart of the ratios to this file")
-    if "--e2e" in (argv or []):  # whole models, images/s (bench_e2e.py has its own options)
-        from .bench_e2e import main as e2e
-        return e2e([a for a in argv if a != "--e2e"])
-    if "--zoo" in (argv or []):  # every distinct zoo layer (bench_zoo.py has its own options)
-        from .bench_zoo import main as zoo
-        return zoo([a for a in argv if a != "--zoo"])
     args = parser.parse_args(argv)
     result = run(args.threads, args.repeat, args.quick, not args.no_torch, not args.no_numpy)
     write_results(result, args.json)
