@@ -17,7 +17,7 @@
 namespace convcore {
 namespace act_math {
 
-// The int32 counterpart of a float type, and conversions by value and by bits.
+// The int32 counterpart of a float type, and conversion by bits.
 template <typename T>
 struct IntOf;
 template <>
@@ -36,20 +36,6 @@ struct IntOf<simd::f32x16> {
 };
 #endif
 
-template <typename T>
-CONVCORE_ALWAYS_INLINE typename IntOf<T>::type truncate_to_int(T x) {
-  if constexpr (std::is_same_v<T, float>)
-    return static_cast<int32_t>(x);
-  else
-    return __builtin_convertvector(x, typename IntOf<T>::type);
-}
-template <typename T>
-CONVCORE_ALWAYS_INLINE T to_float(typename IntOf<T>::type n) {
-  if constexpr (std::is_same_v<T, float>)
-    return static_cast<float>(n);
-  else
-    return __builtin_convertvector(n, T);
-}
 template <typename T>
 CONVCORE_ALWAYS_INLINE T from_bits(typename IntOf<T>::type bits) {
   T out;
@@ -77,18 +63,20 @@ CONVCORE_ALWAYS_INLINE T splat(float v) {
     return T{} + v;
 }
 
-// exp(x) for x <= 0 in float32, branch-free so the loops vectorise (std::exp
-// is a call per element): Cephes' expf, x = n ln2 + r with |r| <= ln2 / 2,
-// a degree-6 polynomial for e^r and 2^n put into the exponent bits. Within
-// 2 ulp of the correctly rounded value; 0 below -87.3, where the true value
-// is under 1.2e-38. T: float or a vector of floats.
+// exp(z) in float32 for z in [-87.3, 88.7] (a NaN stays NaN), branch-free so
+// the loops vectorise (std::exp is a call per element): Cephes' expf,
+// z = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r and 2^n
+// put into the exponent bits; n = round(z / ln2) by adding 1.5 * 2^23, whose
+// sum holds n in its low bits (no conversion instructions). Within 2 ulp of
+// the correctly rounded value; inf where n reaches 128 (z above 88.03).
+// T: float or a vector of floats.
 template <typename T>
-CONVCORE_ALWAYS_INLINE T exp_nonpositive(T x_in) {
-  const T lo = splat<T>(-87.3f);
-  const T x = x_in < lo ? lo : x_in;  // max(x_in, -87.3), a NaN kept
-  const auto n = truncate_to_int<T>(x * 1.44269504088896341f - 0.5f);  // round(x / ln2)
-  const T g = to_float<T>(n);
-  const T r = (x - g * 0.693359375f) + g * 2.12194440e-4f;  // ln2 in two parts
+CONVCORE_ALWAYS_INLINE T exp_in_range(T z) {
+  using I = typename IntOf<T>::type;
+  const T magic = splat<T>(12582912.0f);  // 1.5 * 2^23: the sum's ulp is 1
+  const T s = z * 1.44269504088896341f + magic;
+  const T g = s - magic;  // round(z / ln2), exactly
+  const T r = (z - g * 0.693359375f) + g * 2.12194440e-4f;  // ln2 in two parts
   T p = splat<T>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -96,26 +84,36 @@ CONVCORE_ALWAYS_INLINE T exp_nonpositive(T x_in) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const T er = p * r * r + r + 1.0f;
-  const T scale = from_bits<T>(exponent_bits(n));  // 2^n, n >= -126 here
-  const T y = er * scale;
-  return x_in < lo ? splat<T>(0.0f) : y;  // underflow: 0 (the true value is < 1.2e-38)
+  I n;  // the rounded integer, from the sum's low bits
+  if constexpr (std::is_same_v<T, float>) {
+    int32_t sb, mb;
+    std::memcpy(&sb, &s, sizeof sb);
+    std::memcpy(&mb, &magic, sizeof mb);
+    n = sb - mb;
+  } else {
+    n = reinterpret_cast<I>(s) - reinterpret_cast<I>(magic);
+  }
+  return er * from_bits<T>(exponent_bits(n));  // 2^n: inf at n = 128
 }
 
-template <typename T>
-CONVCORE_ALWAYS_INLINE T exp_nonpositive_of(T x) {
-  if constexpr (std::is_same_v<T, double>)
-    return std::exp(x);
-  else
-    return exp_nonpositive(x);
-}
-
-// The logistic function without overflow: exp of a non-positive number only.
+// The logistic function 1 / (1 + exp(-v)) in float32, with one exp and no
+// select between the signs: exp's argument is kept in [-87.3, 88.7], so
+// for v > 87.3 the result is exactly 1, and below -88.03 exp is inf and the
+// result 0 (the true value is under 1e-38 there).
 template <typename T>
 CONVCORE_ALWAYS_INLINE T sigmoid_of(T v) {
-  const T zero = splat<T>(0.0f), one = splat<T>(1.0f);
-  const T e = exp_nonpositive_of(v < zero ? v : -v);  // exp(-|v|)
-  const T t = one / (one + e), et = e * t;  // both sides computed: a select
-  return v >= zero ? t : et;
+  const T one = splat<T>(1.0f);
+  if constexpr (std::is_same_v<T, double>) {
+    // exp of a non-positive number only: no overflow
+    const T e = std::exp(v < 0 ? v : -v), t = one / (one + e);
+    return v >= 0 ? t : e * t;
+  } else {
+    const T lo = splat<T>(-87.3f), hi = splat<T>(88.7f);
+    T z = -v;
+    z = z < lo ? lo : z;  // max and min that keep a NaN (one compare each)
+    z = z > hi ? hi : z;
+    return one / (one + exp_in_range(z));
+  }
 }
 
 template <typename T>
