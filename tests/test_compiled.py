@@ -373,3 +373,27 @@ def test_blocked_layout_at_every_instruction_set_cap(isa):
     assert out["isa"] == isa or isa == "avx512"
     for name, err in out["errors"].items():
         assert err <= 1e-5, f"{name} at {isa}: {err:.2e}"
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation",
+                         [(3, 2, 1, 1), (2, 2, 0, 1), (3, 1, 1, 2), (3, 2, 0, 1)])
+def test_blocked_max_pool_nan_inf_and_ties_as_eager(kernel, stride, padding, dilation):
+    # NaN wins, +-inf and ties (-0 before +0) as PyTorch's max pooling: the
+    # blocked kernel tracks NaNs apart from its running max
+    m = nn.Sequential(nn.Conv2d(3, 20, 1, bias=False),
+                      nn.MaxPool2d(kernel, stride, padding, dilation=dilation)).eval()
+    w = np.zeros((20, 3, 1, 1), np.float32)
+    w[:, 0, 0, 0] = np.where(np.arange(20) % 2 == 0, 1.0, -1.0)  # copies of channel 0, signed
+    m[0].weight.data[...] = w
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, (2, 3, 11, 13)).astype(np.float32)  # many ties
+    x[0, 0, 1, 1] = np.nan
+    x[0, 0, 4, 7] = np.inf
+    x[1, 0, 6, 2] = -np.inf
+    x[1, 0, 3, 3:6] = -0.0
+    x[1, 0, 9, 9] = np.nan
+    eager = m(x)
+    got = convcore.compile(m)(x)
+    assert np.isnan(eager).any() and np.isinf(eager).any()
+    np.testing.assert_array_equal(got, eager)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(eager))

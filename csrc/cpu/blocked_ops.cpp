@@ -180,30 +180,45 @@ template <int B>
 CONVCORE_ALWAYS_INLINE void max_pool_plane_body(const float* x, int64_t H, int64_t W,
                                                 const Pool2dParams& p, int64_t Ho, int64_t Wo,
                                                 float* y) {
-  for (int64_t oh = 0; oh < Ho; ++oh)
+  typedef int32_t Bits __attribute__((vector_size(B * sizeof(float))));
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    // the window's rows inside the image (ranges, as depthwise_edge)
+    const int64_t ih0 = oh * p.stride_h - p.pad_h;
+    int64_t i_lo = 0, i_hi = p.kernel_h;
+    while (i_lo < i_hi && ih0 + i_lo * p.dilation_h < 0) ++i_lo;
+    while (i_hi > i_lo && ih0 + (i_hi - 1) * p.dilation_h >= H) --i_hi;
     for (int64_t ow = 0; ow < Wo; ++ow) {
-      // the window's taps inside the image (ranges, as depthwise_edge)
-      const int64_t ih0 = oh * p.stride_h - p.pad_h, iw0 = ow * p.stride_w - p.pad_w;
-      int64_t i_lo = 0, i_hi = p.kernel_h, j_lo = 0, j_hi = p.kernel_w;
-      while (i_lo < i_hi && ih0 + i_lo * p.dilation_h < 0) ++i_lo;
-      while (i_hi > i_lo && ih0 + (i_hi - 1) * p.dilation_h >= H) --i_hi;
-      while (j_lo < j_hi && iw0 + j_lo * p.dilation_w < 0) ++j_lo;
-      while (j_hi > j_lo && iw0 + (j_hi - 1) * p.dilation_w >= W) --j_hi;
-      // In 8-lane halves: GCC scalarises this select on 16-lane vectors in
-      // a body compiled outside the AVX-512 target (one compare per lane).
-      constexpr int H = B / 8;
-      Vec<8> m[H];
-      for (int h = 0; h < H; ++h) m[h] = splat<8>(-std::numeric_limits<float>::infinity());
-      for (int64_t i = i_lo; i < i_hi; ++i)
+      const int64_t iw0 = ow * p.stride_w - p.pad_w;
+      int64_t j_lo = 0, j_hi = p.kernel_w;
+      if (p.dilation_w == 1) {  // the common case, without a loop per position
+        j_lo = std::max<int64_t>(0, -iw0);
+        j_hi = std::max(j_lo, std::min<int64_t>(p.kernel_w, W - iw0));
+      } else {
+        while (j_lo < j_hi && iw0 + j_lo * p.dilation_w < 0) ++j_lo;
+        while (j_hi > j_lo && iw0 + (j_hi - 1) * p.dilation_w >= W) --j_hi;
+      }
+      // A NaN wins, as in PyTorch's max pooling. The running max is one
+      // single-compare select (vmaxps), and NaNs are tracked apart as the
+      // largest magnitude bits (NaN: above inf's 0x7f800000): a select with
+      // a compound or unordered condition on 16-lane vectors is scalarised
+      // by GCC in a body compiled outside the AVX-512 target.
+      Vec<B> m = splat<B>(-std::numeric_limits<float>::infinity());
+      Bits nan_bits = Bits{};
+      for (int64_t i = i_lo; i < i_hi; ++i) {
+        const float* row = x + ((ih0 + i * p.dilation_h) * W + iw0) * B;
         for (int64_t j = j_lo; j < j_hi; ++j) {
-          const float* tap = x + ((ih0 + i * p.dilation_h) * W + iw0 + j * p.dilation_w) * B;
-          for (int h = 0; h < H; ++h) {
-            const Vec<8> v = load<8>(tap + 8 * h);
-            m[h] = ((v > m[h]) | (v != v)) ? v : m[h];  // a NaN wins, as in PyTorch's max pooling
-          }
+          const Vec<B> v = load<B>(row + j * p.dilation_w * B);
+          m = v > m ? v : m;
+          Bits b;
+          std::memcpy(&b, &v, sizeof b);
+          b &= 0x7fffffff;
+          nan_bits = b > nan_bits ? b : nan_bits;
         }
-      for (int h = 0; h < H; ++h) store<8>(y + (oh * Wo + ow) * B + 8 * h, m[h]);
+      }
+      m = nan_bits > 0x7f800000 ? splat<B>(std::numeric_limits<float>::quiet_NaN()) : m;
+      store<B>(y + (oh * Wo + ow) * B, m);
     }
+  }
 }
 
 CONVCORE_BLOCKED_DISPATCH(max_pool_plane, max_pool_plane_body,
