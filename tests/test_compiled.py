@@ -397,3 +397,27 @@ def test_blocked_max_pool_nan_inf_and_ties_as_eager(kernel, stride, padding, dil
     assert np.isnan(eager).any() and np.isinf(eager).any()
     np.testing.assert_array_equal(got, eager)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(eager))
+
+
+@pytest.mark.parametrize("cin, cout, kernel, stride, padding, dilation, width, act", [
+    (1, 6, 5, 1, 0, 1, 32, nn.ReLU),        # LeNet's first layer
+    (3, 4, 3, (2, 1), 1, 1, 19, nn.SiLU),   # row stride only; padding copied into a frame
+    (2, 8, 3, 1, (0, 2), 2, 16, None),      # dilation; a row exactly one vector wide
+    (1, 3, (1, 4), 1, 0, 1, 40, nn.Sigmoid),  # padding lanes hold the activation of 0
+    (3, 16, 3, 1, 1, 1, 20, nn.ReLU6),      # a full block (AVX-512; AVX2 takes gather_store)
+])
+def test_first_layer_with_few_output_channels(cin, cout, kernel, stride, padding, dilation,
+                                              width, act):
+    # lanes_row: output positions along the lanes for plain-input layers
+    # with at most one block of output channels
+    layers = [nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation)]
+    if act is not None:
+        layers.append(act())
+    layers.append(nn.Conv2d(cout, 5, 1))  # a blocked consumer, reading every lane
+    m = nn.Sequential(*layers).eval()
+    rng = np.random.default_rng(5)
+    for prm in m.parameters():
+        prm.data[...] = rng.standard_normal(prm.data.shape).astype(np.float32)
+    x = rng.standard_normal((3, cin, 13, width)).astype(np.float32)
+    assert rel_diff(convcore.compile(m)(x), m(x)) <= 1e-5
+    assert rel_diff(convcore.compile(m, threads=2)(x[1:2]), m(x[1:2])) <= 1e-5

@@ -187,6 +187,74 @@ CONVCORE_BLOCKED_DISPATCH(gather_store, gather_store_body,
                           (kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst, dst_stride,
                            act))
 
+// A plain-input layer with at most B output channels and stride 1 along
+// rows (LeNet's first, 1 -> 6): with the channels along the lanes, most
+// lanes of every product would be padding. Here the lanes hold B
+// consecutive output positions of one row instead: each tap is one
+// unaligned load of the input row, times each output channel's weight. The
+// channels are then moved into the lanes of each position's output block.
+// A row's last vector ends at the row's end (overlapping the one before),
+// so no load passes the row's last window. Same sums in the same order (tap
+// by tap) as gather_store.
+// NC >= cout accumulators (4, 8 or B: a compile-time count keeps them in
+// registers; the extra ones multiply zero weights).
+template <int B, int NC, Act A>
+CONVCORE_ALWAYS_INLINE void lanes_row_nc(const float* x, const int64_t* koff, int64_t taps,
+                                         const float* panel, int cout, int64_t Wo,
+                                         const float* bias, float* out) {
+  // padding channels: the activation of zero (their weights and bias are 0)
+  const Vec<B> pad = apply<A>(Vec<B>{});
+  alignas(64) float t[NC][B];  // t[channel][position], activated
+  for (int64_t ow0 = 0; ow0 < Wo; ow0 += B) {
+    const int64_t s = std::min<int64_t>(ow0, Wo - B);
+    Vec<B> acc[NC];
+#pragma GCC unroll 16
+    for (int o = 0; o < NC; ++o) acc[o] = Vec<B>{};
+    for (int64_t k = 0; k < taps; ++k) {
+      const Vec<B> xv = load<B>(x + koff[k] + s);
+      const float* wk = panel + k * NR;
+#pragma GCC unroll 16
+      for (int o = 0; o < NC; ++o) acc[o] += wk[o] * xv;
+    }
+#pragma GCC unroll 16
+    for (int o = 0; o < NC; ++o)
+      store<B>(t[o], apply<A>(acc[o] + (bias ? bias[o] : 0.0f)));
+    // each position's channels into the lanes of its block, element by
+    // element in registers (a vector load of scalars just stored would stall)
+    for (int q = 0; q < B; ++q) {
+      Vec<B> y = pad;
+#pragma GCC unroll 16
+      for (int o = 0; o < NC; ++o)
+        if (o < cout) y[o] = t[o][q];
+      store<B>(out + (s + q) * B, y);
+    }
+  }
+}
+
+template <int B, Act A>
+CONVCORE_ALWAYS_INLINE void lanes_row_act(const float* x, const int64_t* koff, int64_t taps,
+                                          const float* panel, int cout, int64_t Wo,
+                                          const float* bias, float* out) {
+  if (cout <= 4)
+    lanes_row_nc<B, 4, A>(x, koff, taps, panel, cout, Wo, bias, out);
+  else if (cout <= 8)
+    lanes_row_nc<B, 8, A>(x, koff, taps, panel, cout, Wo, bias, out);
+  else
+    lanes_row_nc<B, B, A>(x, koff, taps, panel, cout, Wo, bias, out);
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void lanes_row_body(const float* x, const int64_t* koff, int64_t taps,
+                                           const float* panel, int cout, int64_t Wo,
+                                           const float* bias, float* out, Act act) {
+  CONVCORE_ACT_SWITCH(act, lanes_row_act, B, x, koff, taps, panel, cout, Wo, bias, out)
+}
+
+CONVCORE_BLOCKED_DISPATCH(lanes_row, lanes_row_body,
+                          (const float* x, const int64_t* koff, int64_t taps, const float* panel,
+                           int cout, int64_t Wo, const float* bias, float* out, Act act),
+                          (x, koff, taps, panel, cout, Wo, bias, out, act))
+
 // The most taps gather_store takes: one slice, whose rows of the panel stay
 // in L1 (32 KB at 256 taps; AVX2 machines may have an L1 of 32 KB).
 int64_t fused_taps(int64_t lanes) { return lanes == 16 ? kSliceTaps : kSliceTaps / 2; }
@@ -340,6 +408,19 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
       }
     }
     const float* frames = plan.copy_frame ? frame : base;
+    if (!w.blocked_input && w.cout <= B && p.stride_w == 1 && out.w >= B && !e.residual) {
+      // positions along the lanes (lanes_row): one task per output row
+      const int64_t rows_all = nn * out.h;
+#pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(threads, rows_all))) \
+    schedule(static)
+      for (int64_t t = 0; t < rows_all; ++t) {
+        const int64_t n = t / out.h, oh = t % out.h;
+        lanes_row(frames + n * frame_image + oh * sh * wf, plan.koff.data(), w.taps,
+                  w.panels.data(), static_cast<int>(w.cout), out.w, e.bias,
+                  out.data + (n0 + n) * out.image_stride + oh * out.w * B, e.act);
+      }
+      continue;
+    }
     // Tasks: as forward_direct: whole images when there are 8 per thread,
     // else the panels split first, then the positions.
     const int64_t want = 8 * static_cast<int64_t>(threads);
