@@ -18,6 +18,7 @@
 #include "blocked.h"
 #include "blocked_kernels.h"
 #include "gemm.h"
+#include "strided.h"
 
 namespace convcore {
 namespace blocked {
@@ -386,8 +387,7 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
     if (plan.copy_frame) {
       // zero-padded copies of the chunk's channel planes
       const int64_t planes = nn * (cin_eff / lanes);
-#pragma omp parallel for num_threads(threads) schedule(static)
-      for (int64_t t = 0; t < planes; ++t) {
+      detail::parallel_for(threads, planes, [&](int64_t t) {
         const int64_t n = t / (cin_eff / lanes), c = t % (cin_eff / lanes);
         const float* src = base + n * in.image_stride + c * in.h * in.w * lanes;
         float* dst = frame + n * frame_image + c * hf * wf * lanes;
@@ -405,20 +405,18 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
                       static_cast<std::size_t>((hi - lo) * lanes) * sizeof(float));
           std::fill(drow + hi * lanes, drow + wf * lanes, 0.0f);
         }
-      }
+      });
     }
     const float* frames = plan.copy_frame ? frame : base;
     if (!w.blocked_input && w.cout <= B && p.stride_w == 1 && out.w >= B && !e.residual) {
       // positions along the lanes (lanes_row): one task per output row
       const int64_t rows_all = nn * out.h;
-#pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(threads, rows_all))) \
-    schedule(static)
-      for (int64_t t = 0; t < rows_all; ++t) {
+      detail::parallel_for(threads, rows_all, [&](int64_t t) {
         const int64_t n = t / out.h, oh = t % out.h;
         lanes_row(frames + n * frame_image + oh * sh * wf, plan.koff.data(), w.taps,
                   w.panels.data(), static_cast<int>(w.cout), out.w, e.bias,
                   out.data + (n0 + n) * out.image_stride + oh * out.w * B, e.act);
-      }
+      });
       continue;
     }
     // Tasks: as forward_direct: whole images when there are 8 per thread,
@@ -431,56 +429,65 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
     const int64_t pblock = round_up((P + split - 1) / split, MR);
     const int64_t pblocks = (P + pblock - 1) / pblock;
     const int64_t tasks = nn * ochunks * pblocks;
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, tasks)))
+    // One task: image n's positions [q_begin, q_end) for panels [u_begin, u_end),
+    // with the calling thread's tile scratch and row pointers.
+    auto run_task = [&](int64_t t, float* tiles, const float** rows) {
+      const int64_t n = t / (ochunks * pblocks);
+      const int64_t u_begin = ((t / pblocks) % ochunks) * oblock;
+      const int64_t u_end = std::min(panels, u_begin + oblock);
+      const int64_t q_begin = (t % pblocks) * pblock, q_end = std::min(P, q_begin + pblock);
+      const float* xg = frames + n * frame_image;
+      float* out_image = out.data + (n0 + n) * out.image_stride;
+      const float* res_image =
+          e.residual ? e.residual + (n0 + n) * e.residual_image_stride : nullptr;
+      for (int64_t qb = q_begin; qb < q_end; qb += kBlockTiles * MR) {
+        const int64_t qe = std::min(q_end, qb + kBlockTiles * MR);
+        for (int64_t q = qb, oh = qb / out.w, ow = qb % out.w; q < qe; ++q) {
+          rows[q - qb] = xg + (oh * sh * wf + ow * sw) * lanes;
+          if (++ow == out.w) ow = 0, ++oh;
+        }
+        for (int64_t u = u_begin; u < u_end; ++u) {
+          const std::size_t ui = static_cast<std::size_t>(u);
+          const float* b = w.panels.data() + w.panel_offset[ui];
+          const int64_t* koff = plan.koff.data() + w.panel_tap0[ui];
+          const int64_t taps = w.panel_taps[ui];
+          const int nr = static_cast<int>(std::min<int64_t>(w.width, w.cout - u * w.width));
+          const int64_t jb0 = u * blocks_per_panel;
+          const int64_t nb = std::min(blocks_per_panel, out_blocks - jb0);
+          if (fused) {
+            for (int64_t q0 = qb; q0 < qe; q0 += MR)
+              gather_store(taps, koff, rows + (q0 - qb), b,
+                           static_cast<int>(std::min<int64_t>(MR, qe - q0)), nb,
+                           e.bias ? e.bias + jb0 * B : nullptr,
+                           res_image ? res_image + (jb0 * P + q0) * B : nullptr, P * B,
+                           out_image + (jb0 * P + q0) * B, P * B, e.act);
+            continue;
+          }
+          for (int64_t k0 = 0; k0 < taps; k0 += slice) {
+            const int64_t kc = std::min(slice, taps - k0);
+            for (int64_t q0 = qb; q0 < qe; q0 += MR)
+              gemm::gather_kernel(kc, koff + k0, rows + (q0 - qb), b + k0 * NR,
+                                  tiles + (q0 - qb) * NR,
+                                  static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0, nr);
+          }
+          store_tile(tiles, qe - qb, nb, e.bias ? e.bias + jb0 * B : nullptr,
+                     res_image ? res_image + (jb0 * P + qb) * B : nullptr, P * B,
+                     out_image + (jb0 * P + qb) * B, P * B, e.act);
+        }
+      }
+    };
+    const int team = static_cast<int>(std::min<int64_t>(threads, tasks));
+    if (team <= 1) {  // no OpenMP region for one thread (see detail::parallel_for)
+      const float* rows[kBlockTiles * MR];
+      for (int64_t t = 0; t < tasks; ++t) run_task(t, tile_scratch, rows);
+      continue;
+    }
+#pragma omp parallel num_threads(team)
     {
       float* tiles = tile_scratch + omp_get_thread_num() * plan.tile_floats;
       const float* rows[kBlockTiles * MR];
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t n = t / (ochunks * pblocks);
-        const int64_t u_begin = ((t / pblocks) % ochunks) * oblock;
-        const int64_t u_end = std::min(panels, u_begin + oblock);
-        const int64_t q_begin = (t % pblocks) * pblock, q_end = std::min(P, q_begin + pblock);
-        const float* xg = frames + n * frame_image;
-        float* out_image = out.data + (n0 + n) * out.image_stride;
-        const float* res_image =
-            e.residual ? e.residual + (n0 + n) * e.residual_image_stride : nullptr;
-        for (int64_t qb = q_begin; qb < q_end; qb += kBlockTiles * MR) {
-          const int64_t qe = std::min(q_end, qb + kBlockTiles * MR);
-          for (int64_t q = qb, oh = qb / out.w, ow = qb % out.w; q < qe; ++q) {
-            rows[q - qb] = xg + (oh * sh * wf + ow * sw) * lanes;
-            if (++ow == out.w) ow = 0, ++oh;
-          }
-          for (int64_t u = u_begin; u < u_end; ++u) {
-            const std::size_t ui = static_cast<std::size_t>(u);
-            const float* b = w.panels.data() + w.panel_offset[ui];
-            const int64_t* koff = plan.koff.data() + w.panel_tap0[ui];
-            const int64_t taps = w.panel_taps[ui];
-            const int nr = static_cast<int>(std::min<int64_t>(w.width, w.cout - u * w.width));
-            const int64_t jb0 = u * blocks_per_panel;
-            const int64_t nb = std::min(blocks_per_panel, out_blocks - jb0);
-            if (fused) {
-              for (int64_t q0 = qb; q0 < qe; q0 += MR)
-                gather_store(taps, koff, rows + (q0 - qb), b,
-                             static_cast<int>(std::min<int64_t>(MR, qe - q0)), nb,
-                             e.bias ? e.bias + jb0 * B : nullptr,
-                             res_image ? res_image + (jb0 * P + q0) * B : nullptr, P * B,
-                             out_image + (jb0 * P + q0) * B, P * B, e.act);
-              continue;
-            }
-            for (int64_t k0 = 0; k0 < taps; k0 += slice) {
-              const int64_t kc = std::min(slice, taps - k0);
-              for (int64_t q0 = qb; q0 < qe; q0 += MR)
-                gemm::gather_kernel(kc, koff + k0, rows + (q0 - qb), b + k0 * NR,
-                                    tiles + (q0 - qb) * NR,
-                                    static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0, nr);
-            }
-            store_tile(tiles, qe - qb, nb, e.bias ? e.bias + jb0 * B : nullptr,
-                       res_image ? res_image + (jb0 * P + qb) * B : nullptr, P * B,
-                       out_image + (jb0 * P + qb) * B, P * B, e.act);
-          }
-        }
-      }
+      for (int64_t t = 0; t < tasks; ++t) run_task(t, tiles, rows);
     }
   }
 }

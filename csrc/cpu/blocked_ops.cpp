@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "blocked_kernels.h"
+#include "strided.h"
 #include "convcore/threading.h"
 #include "gemm.h"
 
@@ -394,19 +395,17 @@ void for_chunks(int64_t images, int64_t floats, int threads, F&& f) {
   const int64_t per = std::clamp<int64_t>((4 * threads + images - 1) / images, 1,
                                           std::max<int64_t>(1, floats / 4096));
   const int64_t len = round_up((floats + per - 1) / per, 64);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < images * per; ++t) {
+  detail::parallel_for(threads, images * per, [&](int64_t t) {
     const int64_t begin = (t % per) * len, end = std::min(floats, begin + len);
     if (begin < end) f(t / per, begin, end);
-  }
+    });
 }
 
 // Calls f(image, channel block) for every plane of t, in parallel.
 template <typename F>
 void for_planes(const Image& t, int threads, F&& f) {
   const int64_t cb = blocks_of(t, block());
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t pl = 0; pl < t.n * cb; ++pl) f(pl / cb, pl % cb);
+  detail::parallel_for(threads, t.n * cb, [&](int64_t pl) { f(pl / cb, pl % cb); });
 }
 
 }  // namespace
@@ -436,11 +435,10 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
                       (p.pad_top || p.pad_bottom || p.pad_left || p.pad_right);
   Conv2dParams unpadded = p;
   unpadded.pad_top = unpadded.pad_bottom = unpadded.pad_left = unpadded.pad_right = 0;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < planes * bands; ++t) {
+  detail::parallel_for(threads, planes * bands, [&](int64_t t) {
     const int64_t pl = t / bands, n = pl / cb, c = pl % cb;
     const int64_t oh0 = (t % bands) * band, oh1 = std::min(out.h, oh0 + band);
-    if (oh0 >= oh1) continue;
+    if (oh0 >= oh1) return;
     const float* x = in.data + n * in.image_stride + c * in.h * in.w * B;
     float* y = out.data + n * out.image_stride + c * out.h * out.w * B;
     const float* w = packed + c * kh * kw * B;
@@ -455,7 +453,7 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
     } else {
       depthwise_rows(x, in.h, in.w, w, kh, kw, p, bias, oh0, oh1, out.w, y, e.act);
     }
-  }
+    });
 }
 
 void max_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads) {
@@ -477,8 +475,7 @@ void avg_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int th
 void copy_channels(const Image& x, const Image& out, int64_t channel0, int threads) {
   const int64_t B = block(), hw = x.h * x.w, xb = blocks_of(x, B);
   // tasks write disjoint lanes (of shared cache lines at worst)
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < x.n * xb; ++t) {
+  detail::parallel_for(threads, x.n * xb, [&](int64_t t) {
     const int64_t n = t / xb, b = t % xb, lanes = std::min(B, x.c - b * B);
     const float* src = x.data + n * x.image_stride + b * hw * B;
     float* image = out.data + n * out.image_stride;
@@ -487,18 +484,17 @@ void copy_channels(const Image& x, const Image& out, int64_t channel0, int threa
       float* dst = image + (oc / B) * hw * B + oc % B;
       for (int64_t q = 0; q < hw; ++q) dst[q * B] = src[q * B + l];
     }
-  }
+    });
 }
 
 void clear_pad_lanes(const Image& out, int threads) {
   const int64_t B = block(), hw = out.h * out.w, used = out.c % B;
   if (used == 0) return;
   const int64_t last = blocks_of(out, B) - 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < out.n; ++n) {
+  detail::parallel_for(threads, out.n, [&](int64_t n) {
     float* plane = out.data + n * out.image_stride + last * hw * B;
     for (int64_t q = 0; q < hw; ++q) std::fill(plane + q * B + used, plane + (q + 1) * B, 0.0f);
-  }
+    });
 }
 
 void global_avg_pool(const Image& in, const Image& out, int threads) {

@@ -360,8 +360,8 @@ template <typename T>
 void small_forward(const SmallKernelSet<T>& k, int64_t M, int64_t N, int64_t K, const T* x,
                    const T* w, int64_t ldw, T* y) {
   const int64_t tasks = k.forward_tasks(N);
-#pragma omp parallel for num_threads(detail::threads_for(tasks, M * N * K)) schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) k.forward(M, N, K, x, w, ldw, y, t);
+  detail::parallel_for(detail::threads_for(tasks, M * N * K), tasks,
+                       [&](int64_t t) { k.forward(M, N, K, x, w, ldw, y, t); });
 }
 
 // grad_weight: c (rows x K) = sum over r < R of a(i, r) * b[r, :], split over
@@ -447,9 +447,9 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
     if (bias && M > 0) {
       const T* b = bias->ptr<const T>();
       const int64_t bs = bias->strides[0];
-#pragma omp parallel for num_threads(detail::threads_for(M, M * N)) schedule(static)
-      for (int64_t i = 0; i < M; ++i)
+      detail::parallel_for(detail::threads_for(M, M * N), M, [&](int64_t i) {
         for (int64_t j = 0; j < N; ++j) y[i * N + j] += b[j * bs];
+      });
     }
   });
 }
