@@ -79,25 +79,8 @@ CONVCORE_ALWAYS_INLINE void gather_store_block(int64_t kc, const int64_t* koff,
                                                const float* bias, const float* res,
                                                int64_t res_stride, float* dst,
                                                int64_t dst_stride) {
-  const float* r[RB];
-  for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
   Vec<B> acc[RB][VP];
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < VP; ++v) acc[i][v] = Vec<B>{};
-  for (int64_t k = 0; k < kc; ++k, bp += NR) {
-    const int64_t off = koff[k];
-    Vec<B> bv[VP];
-#pragma GCC unroll 4
-    for (int v = 0; v < VP; ++v) bv[v] = load<B>(bp + v * B);
-#pragma GCC unroll 16
-    for (int i = 0; i < RB; ++i) {
-      const float ai = r[i][off];
-#pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
-    }
-  }
+  gemm::gather_sums<float, Vec<B>, RB, VP>(kc, koff, rows, i0, mr, bp, acc);
 #pragma GCC unroll 4
   for (int v = 0; v < VP; ++v) {
     const int64_t jb = j0 / B + v;

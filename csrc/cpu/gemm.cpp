@@ -139,25 +139,8 @@ inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const in
                                                             T* __restrict tile, bool add) {
   constexpr int NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
-  const T* r[RB];
-  for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
   V acc[RB][VP];
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < VP; ++v) acc[i][v] = V{};
-  for (int64_t k = 0; k < kc; ++k, bp += NR) {
-    const int64_t off = koff[k];
-    V bv[VP];
-#pragma GCC unroll 4
-    for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
-#pragma GCC unroll 16
-    for (int i = 0; i < RB; ++i) {
-      const T ai = r[i][off];
-#pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
-    }
-  }
+  gather_sums<T, V, RB, VP>(kc, koff, rows, i0, mr, bp, acc);
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4

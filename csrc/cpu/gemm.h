@@ -66,6 +66,35 @@ void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, co
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
                    double* tile, int mr, bool accumulate = false, int nr = Tile<double>::NR);
 
+// The gather microkernel's sums, shared by gather_kernel and the blocked
+// convolution's output-stage kernel: acc[i][v] = sum over k < kc of
+// rows[i0 + i][koff[k]] * b[k * NR + v * W ...] for a block of RB rows (rows
+// past mr repeat row mr - 1) by VP vectors V of W lanes, b starting at the
+// block's columns. Always inlined: compiled for the caller's instruction set.
+template <typename T, typename V, int RB, int VP>
+CONVCORE_ALWAYS_INLINE void gather_sums(int64_t kc, const int64_t* koff, const T* const* rows,
+                                        int i0, int mr, const T* b, V (&acc)[RB][VP]) {
+  constexpr int NR = Tile<T>::NR, W = sizeof(V) / sizeof(T);
+  const T* r[RB];
+  for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) acc[i][v] = V{};
+  for (int64_t k = 0; k < kc; ++k, b += NR) {
+    const int64_t off = koff[k];
+    V bv[VP];
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], b + v * W, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const T ai = r[i][off];
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+}
+
 // dst[j * ld + q] = tile[q * NR + j] (+ bias[j] unless null) for q < rows,
 // j < cols: gather_kernel's tiles (positions x channels) written out as
 // channel rows (NCHW), in 8 x 8 blocks transposed in registers where the ISA
