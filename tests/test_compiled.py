@@ -196,7 +196,7 @@ def test_large_batch_runs_in_chunks_of_images():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
                           nn.Conv2d(16, 8, 1))
-    compiled, model, x = compiled_and_eager(model, (3, 224, 224), batch=5)
+    compiled, model, x = compiled_and_eager(model, (3, 224, 224), batch=5, threads=1)
     y = compiled(x)
     assert "for a batch of 5 in chunks of 2 images" in compiled.plan(5)
     assert "chunks" not in compiled.plan(2)
@@ -208,6 +208,14 @@ def test_large_batch_runs_in_chunks_of_images():
     assert not xt.flags.c_contiguous
     assert np.array_equal(compiled(xt), y)
     assert compiled.arena_bytes(5) == compiled.arena_bytes(2)
+    # on two threads the chunks run side by side, one per thread and each on
+    # one thread, with half the budget each: the same values
+    two = convcore.compile(model, threads=2)
+    assert np.array_equal(two(x), y)
+    assert "for a batch of 5 in chunks of 1 image, 2 side by side" in two.plan(5)
+    assert np.array_equal(two(xt), y)
+    assert two.arena_bytes(5) == 2 * compiled.arena_bytes(1)
+    assert "side by side" not in two.plan(1)
 
 
 def test_squeeze_and_excitation_and_every_activation():

@@ -180,9 +180,16 @@ struct Engine::Impl {
   void lower(std::vector<FusedOp>& ops, Compiled& c) const;
   Plan& plan(Compiled& c, int64_t batch, int threads) const;
   int64_t chunk_images(Compiled& c, int64_t batch) const;
+  // How a batch runs: chunks of `images`, `team` of them side by side (one
+  // per thread), each step on `step_threads` threads.
+  struct Chunking {
+    int64_t images = 1;
+    int team = 1, step_threads = 1;
+  };
+  Chunking chunking(Compiled& c, int64_t batch, bool profiling) const;
   void run(const Compiled& c, const Plan& p, const TensorView& input, char* arena, char* output,
            std::vector<double>* times) const;
-  // forward and profile: the batch in chunks of chunk_images
+  // forward and profile: the batch in chunks (chunking)
   Tensor run_chunks(const TensorView& input, std::vector<double>* times) const;
   void run_step(const Compiled& c, const Plan& p, const Step& s, char* arena,
                 const void* input) const;
