@@ -508,7 +508,7 @@ int64_t Engine::Impl::chunk_images(Compiled& c, int64_t batch) const {
                                         s.depthwise.size());
       if (s.kind == Kind::Linear && s.node) {
         const Tensor* w = s.node->tensor("weight");
-        if (w) z.weights += w->numel();
+        if (w) z.weights += w->numel(), z.linear_weights += w->numel();
       }
     }
   }
@@ -533,7 +533,15 @@ Engine::Impl::Chunking Engine::Impl::chunking(Compiled& c, int64_t batch, bool p
   const int threads = this->threads();
   how.images = chunk_images(c, batch);
   how.step_threads = threads;
-  if (profiling || threads <= 1 || how.images >= batch) return how;
+  if (profiling || threads <= 1 || batch < threads) return how;
+  if (how.images >= batch) {
+    // An unchunked batch too, one share per thread, unless its linear
+    // layers' weights are large against the activations: each thread
+    // streams those from memory again, where a convolution's stay in cache
+    // (VGG-16's and AlexNet's classifiers ran slower side by side).
+    const Compiled::ChunkSizes& z = c.chunk_sizes;
+    if (8 * (threads - 1) * z.linear_weights > z.activations * batch) return how;
+  }
   const int64_t share = std::max<int64_t>(1, how.images / threads);
   const int64_t chunks = (batch + share - 1) / share;
   const int64_t even = (chunks + threads - 1) / threads * threads;

@@ -152,6 +152,7 @@ struct Compiled {
   // chunk_images' sizes for one image, found on its first call (step < 0: not yet)
   struct ChunkSizes {
     int64_t step = -1, activations = 0, weights = 0;  // elements
+    int64_t linear_weights = 0;  // of the linear steps (among weights)
   } chunk_sizes;
 };
 
