@@ -134,6 +134,14 @@ def test_batch_norm_with_batch_statistics_is_not_folded():
     assert rel_diff(compiled(x), model(x)) <= 1e-5
     head, steps = plan_steps(compiled)
     assert "0 batch norms folded" in head and "1" in steps
+    # nor split into chunks or shares of images, side by side or not: the
+    # statistics are the whole batch's
+    big = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1),
+                        nn.BatchNorm2d(16, track_running_stats=False), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1)).eval()
+    xb = np.random.default_rng(1).standard_normal((5, 3, 224, 224)).astype(np.float32)
+    for threads in (1, 2):
+        assert rel_diff(convcore.compile(big, threads=threads)(xb), big(xb)) <= 1e-5
 
 
 def test_a_model_in_training_mode_compiles_its_eval_computation_with_a_warning():

@@ -489,7 +489,8 @@ void Engine::Impl::run(const Compiled& c, const Plan& p, const TensorView& input
 // output) overflows kChunkBytes runs in chunks that fit, so that a step's
 // output is still in cache when the next reads it, instead of going through
 // memory; each chunk reads the weights again, so chunks are taken only when
-// those extra reads are fewer bytes than the activations written. The
+// those extra reads are fewer bytes than the activations written, and never
+// when a step normalises with the batch's own statistics. The
 // choice depends on the model and the batch alone (not on the threads or
 // the machine), so results stay the same for any thread count.
 int64_t Engine::Impl::chunk_images(Compiled& c, int64_t batch) const {
@@ -499,6 +500,7 @@ int64_t Engine::Impl::chunk_images(Compiled& c, int64_t batch) const {
   if (z.step < 0) {
     z.step = 0;
     for (const Step& s : c.steps) {
+      z.couples_images = z.couples_images || s.kind == Kind::BatchNormBatch;
       int64_t elements = graph::numel(val_shape(c, c.steps, s.out));
       z.activations += elements;
       for (int v : s.in) elements += graph::numel(val_shape(c, c.steps, v));
@@ -512,6 +514,7 @@ int64_t Engine::Impl::chunk_images(Compiled& c, int64_t batch) const {
       }
     }
   }
+  if (z.couples_images) return batch;  // the statistics are the whole batch's
   const int64_t per_image = std::max<int64_t>(1, z.step * static_cast<int64_t>(dtype_size(dtype)));
   if (per_image * batch <= kChunkBytes) return batch;
   const int64_t k = std::max<int64_t>(1, kChunkBytes / per_image);
@@ -533,7 +536,7 @@ Engine::Impl::Chunking Engine::Impl::chunking(Compiled& c, int64_t batch, bool p
   const int threads = this->threads();
   how.images = chunk_images(c, batch);
   how.step_threads = threads;
-  if (profiling || threads <= 1 || batch < threads) return how;
+  if (profiling || threads <= 1 || batch < threads || c.chunk_sizes.couples_images) return how;
   if (how.images >= batch) {
     // An unchunked batch too, one share per thread, unless its linear
     // layers' weights are large against the activations: each thread

@@ -153,6 +153,7 @@ struct Compiled {
   struct ChunkSizes {
     int64_t step = -1, activations = 0, weights = 0;  // elements
     int64_t linear_weights = 0;  // of the linear steps (among weights)
+    bool couples_images = false;  // a step mixes the batch's images (batch statistics)
   } chunk_sizes;
 };
 
