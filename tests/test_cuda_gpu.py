@@ -302,7 +302,7 @@ def test_gpu_benchmark_runs(dev, monkeypatch):
     """The benchmark's code path on tiny layers (on the shim its times mean
     nothing; on a GPU this is a smoke run of python -m convcore bench --gpu)."""
     from convcore import bench as cpu_bench
-    from convcore.cuda import bench as gpu_bench
+    from convcore.bench import gpu as gpu_bench
     if not dev.real:
         monkeypatch.setattr(gpu_bench, "_torch_cuda", lambda: None)  # no CUDA torch here
     lines = []
