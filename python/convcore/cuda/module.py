@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._arrays import to_host
 from . import availability
-
-
-def _on_gpu(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
 
 
 def move(module, device: str):
@@ -29,7 +26,7 @@ def move(module, device: str):
                                 f".to(np.float32) first")
         convert = cupy.asarray
     else:
-        convert = (lambda a: a.get() if _on_gpu(a) else a)
+        convert = to_host
     for mod in module.modules():
         for p in mod._parameters.values():
             p.data = convert(p.data)
