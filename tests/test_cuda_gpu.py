@@ -317,6 +317,24 @@ def test_gpu_benchmark_runs(dev, monkeypatch):
     assert any("first-call compile" in line for line in lines)
 
 
+def test_fusion_is_a_pass_of_to_cuda(dev):
+    """Module.to("cuda") gives every Sequential the GPU's fused runner (nn
+    itself imports no GPU code); a slice of it keeps the runner, and
+    to("cpu") runs each module in turn again."""
+    cc.manual_seed(6)
+    net = cc.nn.Sequential(cc.nn.Conv2d(3, 6, 3, padding=1), cc.nn.ReLU(), cc.nn.Flatten(),
+                           cc.nn.Linear(6 * 25, 4))
+    x = rnd(2, 3, 5, 5)
+    expected, expected_head = net(x), net[0:2](x)
+    net.to("cuda")
+    relu_before = None if dev.real else fake_cupy._Function.backend.launches["relu_fwd"]
+    check(dev, net[0:2](dev.put(x)), expected_head, "slice output")
+    if not dev.real:  # the slice's ReLU ran inside the convolution's epilogue
+        assert fake_cupy._Function.backend.launches["relu_fwd"] == relu_before
+    net.to("cpu")
+    assert_close(net(x), expected, np.float32)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_residual_net_and_remaining_layers_on_device(dev, training):
     """BasicBlock / Bottleneck (projection shortcuts), AvgPool2d, Dropout
