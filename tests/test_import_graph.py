@@ -1,8 +1,8 @@
 """The package's imports go one way (docs/architecture.md): the import graph
 that scripts/import_graph.py reads from the source, imports inside functions
-included, has no cycle, not even through the package's __init__.py. (CI's
-`lint-imports` checks the direction of the layers, pyproject.toml's
-contracts.)"""
+included, has no cycle, not even through the package's __init__.py, module
+by module or folded into the layers of pyproject.toml's import-linter
+contract. (CI's `lint-imports` checks those contracts themselves.)"""
 import importlib.util
 import os
 
@@ -23,6 +23,14 @@ def edges():
 @pytest.mark.parametrize("view", ["all", "no-root", "module"])
 def test_the_import_graph_has_no_cycle(edges, view):
     assert import_graph.cycles(edges, view) == []
+
+
+@pytest.mark.parametrize("view", ["all", "no-root", "module"])
+def test_the_graph_of_the_declared_layers_has_no_cycle(edges, view):
+    pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+    layers = import_graph.declared_layers()
+    assert "convcore.nn" in layers and "convcore.functional" in layers
+    assert import_graph.cycles(import_graph.fold(edges, layers), view) == []
 
 
 def test_the_checker_sees_imports_inside_functions(edges):
