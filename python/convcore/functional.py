@@ -1,8 +1,8 @@
 """The functional API: torch.nn.functional's signatures over numpy arrays (NCHW).
 
 This module normalises the *forms* arguments come in (an int or an (h, w)
-pair, 'same'/'valid', None, unbatched 3-D input; with convcore._args, which
-the GPU ops and the layers share) and hands the C++ core
+pair, 'same'/'valid', None, unbatched 3-D input), with convcore._args's
+helpers, which the GPU ops and the layers share, and hands the C++ core
 plain numbers. The core checks the *values* (positive strides, channel
 counts, kernel vs. padded input, ...) and computes output shapes, so those
 rules live in one place (csrc/cpu/shapes.cpp) for every caller.
