@@ -18,9 +18,11 @@ module, first over every edge (m and f), then over the same edges less those
 into the top package itself (its __init__.py is the facade that imports
 nearly every module, so one function-level `from . import __version__`
 puts the whole package in one cycle and hides the smaller ones), then over
-the module-level edges alone (the cycles that decide the import order). --layers folds each module
-into its layer (nn.*, models.*, bench.*, interop.*, cuda.*; a top-level
-module is its own layer) before finding them; --edges lists every edge.
+the module-level edges alone (the cycles that decide the import order).
+--layers folds each module into its layer, as pyproject.toml's import-linter
+layers contract declares them (a module no layer holds, such as the package's
+__init__ or an entry point, stays itself), before finding them; a cycle there
+is a layer that imports one above it. --edges lists every edge.
 """
 from __future__ import annotations
 
@@ -116,20 +118,47 @@ def graph(package_dir: str) -> Dict[str, Dict[str, str]]:
     return edges
 
 
-def layer_of(module: str) -> str:
-    parts = module.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
+PYPROJECT = os.path.join(os.path.dirname(HERE), "pyproject.toml")
 
 
-def fold(edges: Dict[str, Dict[str, str]]) -> Dict[str, Dict[str, str]]:
+def declared_layers(pyproject: str = PYPROJECT) -> List[str]:
+    """The layers of pyproject.toml's import-linter layers contract, top
+    first, each as written ("convcore.builder : convcore.io : ...")."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        raise SystemExit("--layers reads pyproject.toml with tomllib: it needs Python 3.11+")
+    with open(pyproject, "rb") as f:
+        config = tomllib.load(f)
+    contracts = config.get("tool", {}).get("importlinter", {}).get("contracts", [])
+    for contract in contracts:
+        if contract.get("type") == "layers":
+            return [" ".join(layer.split()) for layer in contract["layers"]]
+    raise SystemExit(f"{pyproject} has no import-linter layers contract")
+
+
+def layer_of(module: str, layers: List[str]) -> str:
+    """The declared layer that holds module (itself or a package above it is
+    one of the layer's modules; the deepest such wins), else module itself."""
+    best, depth = module, -1
+    for layer in layers:
+        for member in layer.replace("|", ":").split(":"):
+            member = member.strip()
+            if (module == member or module.startswith(member + ".")) and \
+                    member.count(".") > depth:
+                best, depth = layer, member.count(".")
+    return best
+
+
+def fold(edges: Dict[str, Dict[str, str]], layers: List[str]) -> Dict[str, Dict[str, str]]:
     """The graph of layers: an edge between two layers when some module of
     one imports a module of the other."""
     out: Dict[str, Dict[str, str]] = {}
     for src, targets in edges.items():
-        a = layer_of(src)
+        a = layer_of(src, layers)
         out.setdefault(a, {})
         for dst, where in targets.items():
-            b = layer_of(dst)
+            b = layer_of(dst, layers)
             out.setdefault(b, {})
             if a != b and out[a].get(b) != "m":
                 out[a][b] = where
@@ -219,7 +248,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     edges = graph(args.package)
     if args.layers:
-        edges = fold(edges)
+        edges = fold(edges, declared_layers())
     print("\n".join(report(edges, args.edges)))
 
 

@@ -140,11 +140,13 @@ def test_suite_is_the_issues_layers():
 
 def test_the_package_keeps_the_old_module_names():
     """convcore.bench is a package now (timing, layers, e2e, zoo); its
-    namespace keeps what the flat module held, and convcore.bench_e2e and
-    convcore.bench_zoo re-export the same objects for old code."""
+    namespace keeps what the flat module held, and convcore.bench_e2e,
+    convcore.bench_zoo and convcore.cuda.bench (the GPU benchmark, now
+    convcore.bench.gpu) re-export the same objects for old code."""
     import convcore.bench_e2e
     import convcore.bench_zoo
-    from convcore.bench import e2e, layers, timing, zoo
+    import convcore.cuda.bench
+    from convcore.bench import e2e, gpu, layers, timing, zoo
     from convcore.interop import torch as mirror
 
     for name in ("Conv", "Pool", "Fc", "suite", "run", "plot", "_geomeans"):
@@ -157,6 +159,8 @@ def test_the_package_keeps_the_old_module_names():
     for name in convcore.bench_zoo.__all__:
         assert getattr(convcore.bench_zoo, name) is getattr(
             timing if name == "measure_peak" else zoo, name)
+    for name in convcore.cuda.bench.__all__:
+        assert getattr(convcore.cuda.bench, name) is getattr(gpu, name)
 
 
 def test_importing_the_package_never_imports_torch():
@@ -165,7 +169,7 @@ def test_importing_the_package_never_imports_torch():
     code = ("import sys\n"
             "import convcore, convcore.interop, convcore.interop.torch, convcore.bench, "
             "convcore.bench.e2e, convcore.bench.zoo, convcore.bench_e2e, convcore.bench_zoo, "
-            "convcore.models_extra, convcore.nasnet, convcore.cuda.bench\n"
+            "convcore.models_extra, convcore.nasnet, convcore.bench.gpu, convcore.cuda.bench\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=convcore_env(), timeout=120)

@@ -302,7 +302,7 @@ def test_gpu_benchmark_runs(dev, monkeypatch):
     """The benchmark's code path on tiny layers (on the shim its times mean
     nothing; on a GPU this is a smoke run of python -m convcore bench --gpu)."""
     from convcore import bench as cpu_bench
-    from convcore.cuda import bench as gpu_bench
+    from convcore.bench import gpu as gpu_bench
     if not dev.real:
         monkeypatch.setattr(gpu_bench, "_torch_cuda", lambda: None)  # no CUDA torch here
     lines = []
@@ -315,6 +315,24 @@ def test_gpu_benchmark_runs(dev, monkeypatch):
     assert all(r["convcore_ms"] > 0 for r in result["rows"])
     assert any(k.startswith("conv.cu@") for k in result["compile_seconds"])
     assert any("first-call compile" in line for line in lines)
+
+
+def test_fusion_is_a_pass_of_to_cuda(dev):
+    """Module.to("cuda") gives every Sequential the GPU's fused runner (nn
+    itself imports no GPU code); a slice of it keeps the runner, and
+    to("cpu") runs each module in turn again."""
+    cc.manual_seed(6)
+    net = cc.nn.Sequential(cc.nn.Conv2d(3, 6, 3, padding=1), cc.nn.ReLU(), cc.nn.Flatten(),
+                           cc.nn.Linear(6 * 25, 4))
+    x = rnd(2, 3, 5, 5)
+    expected, expected_head = net(x), net[0:2](x)
+    net.to("cuda")
+    relu_before = None if dev.real else fake_cupy._Function.backend.launches["relu_fwd"]
+    check(dev, net[0:2](dev.put(x)), expected_head, "slice output")
+    if not dev.real:  # the slice's ReLU ran inside the convolution's epilogue
+        assert fake_cupy._Function.backend.launches["relu_fwd"] == relu_before
+    net.to("cpu")
+    assert_close(net(x), expected, np.float32)
 
 
 @pytest.mark.parametrize("training", [True, False])

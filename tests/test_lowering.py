@@ -13,7 +13,7 @@ import convcore.nn as nn
 from convcore import io as cio
 from convcore import models
 from convcore.builder import MisfitWarning
-from convcore.nn.graph import build_graph
+from convcore.builder import build_graph
 from convcore.nn.lowering import JOIN_OPS, LAYER_OPS, GraphWriter, LoweringError, to_graph
 from reference_graph import check_graph, run_graph
 

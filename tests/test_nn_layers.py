@@ -1111,3 +1111,19 @@ def test_module_attribute_registration():
     assert m.parameters() == []
     with pytest.raises(NotImplementedError):
         m.forward(np.zeros(1))
+
+
+def test_module_methods_carried_out_above_nn_are_registered():
+    """Module.save, Module.summary and Module.to(device) call what convcore.io,
+    convcore.summary and convcore.cuda.module registered with nn (which
+    imports none of them); registering names the method."""
+    from convcore.nn import module as nn_module
+    from convcore import io, summary
+    from convcore.cuda import module as cuda_module
+
+    assert nn_module._provided("save") is io.save
+    assert nn_module._provided("summary") is summary.summary
+    assert nn_module._provided("to") is cuda_module.move
+    with pytest.raises(ValueError, match=r"method must be one of \['save', 'summary', 'to'\], "
+                                         r"got 'fit'"):
+        nn_module.provide("fit", print)

@@ -28,16 +28,20 @@ from .functional import (
     workspace_peak,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import data, models, nn, optim, train  # noqa: E402  (built on the functional API)
-from .builder import build  # noqa: E402
-from .nn.graph import build_graph  # noqa: E402  (branches in the notation: Inception, ...)
+from .builder import build, build_graph  # noqa: E402  (build_graph: branches in the notation)
 from .nn.init import manual_seed  # noqa: E402
 from .train import evaluate, fit, predict  # noqa: E402
 
 
 from .io import load, load_state_dict_file, save  # noqa: E402
+# Module.save, Module.summary and Module.to("cuda") are carried out by io,
+# summary and cuda.module, which register them with nn when imported (nn
+# imports none of them): importing them here makes that happen for every user.
+from . import summary  # noqa: E402
+from .cuda import module as _cuda_module  # noqa: E402,F401
 from .compiled import CompiledModel, compile  # noqa: E402,A004  (inference by the C++ engine)
 from .cuda import to_dlpack  # noqa: E402  (GPU results to torch.from_dlpack; no cupy import)
 from . import onnx  # noqa: E402,A004  (ONNX import/export; the onnx package loads on first use)

@@ -13,7 +13,7 @@ def main(argv=None) -> None:
         from .demo import main as run
     elif command == "bench" and "--gpu" in argv:  # the CUDA kernels vs PyTorch CUDA
         argv.remove("--gpu")
-        from .cuda.bench import main as run
+        from .bench.gpu import main as run
     elif command == "bench":
         from .bench import main as run
     elif command == "summary":

@@ -27,17 +27,19 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .nn.graph import JOINS, Graph, join_shape, parse_node
 from .nn.layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Linear,
                         MaxPool2d, ReLU)
 from .nn.lowering import cannot_lower, join
 from .nn.module import Module, Sequential
 from .nn.norm import BatchNorm2d, LocalResponseNorm
 
-__all__ = ["build", "parse", "Network", "BuildError", "MisfitWarning"]
+__all__ = ["build", "build_graph", "parse", "Network", "BuildError", "MisfitWarning"]
 
 
 class BuildError(ValueError):
@@ -388,3 +390,47 @@ def build(spec: Union[str, Sequence[dict]], input_shape: Sequence[int], strict: 
         raise TypeError("spec must be a string or a list of layer dicts")
     mode = on_misfit or ("error" if strict else "warn")
     return Network(layers, input_shape, on_misfit=mode, name=name)
+
+
+def build_graph(modules, nodes: Sequence[str], input_shape: Sequence[int],
+                outputs: Optional[Sequence[str]] = None, name: Optional[str] = None) -> Graph:
+    """A Graph whose branches may be written in the lecture's chain notation:
+    each value of `modules` is a Module or a spec string for
+    `convcore.build`, built for the shape that reaches it (so channel counts
+    are inferred). Inception's module, for example::
+
+        build_graph({"b1": "CONV1-64-RELU",
+                     "b2": "CONV1-96-RELU-CONV3-128-RELU",
+                     "b3": "CONV1-16-RELU-CONV5-32-RELU",
+                     "b4": "MAXPOOL3/s1/p1-CONV1-32-RELU"},
+                    ["y1 = b1(x)", "y2 = b2(x)", "y3 = b3(x)", "y4 = b4(x)",
+                     "out = concat(y1, y2, y3, y4)"], input_shape=(192, 28, 28))
+
+    gives 28x28x256."""
+    if not isinstance(modules, dict):
+        raise TypeError(f"modules must be a dict of name -> Module or spec string, got "
+                        f"{type(modules).__name__}")
+    shapes = {"x": tuple(int(d) for d in input_shape)}
+    built = OrderedDict((k, m) for k, m in modules.items() if isinstance(m, Module))
+    parsed = [parse_node(line) for line in nodes]
+    for out, op, inputs in parsed:
+        args = []
+        for v in inputs:
+            if v not in shapes:
+                raise ValueError(f"graph node {out!r} takes {v!r}, which no earlier node defines")
+            args.append(shapes[v])
+        spec = modules.get(op)
+        if isinstance(spec, str):
+            if op in built:
+                raise ValueError(f"module {op!r} is called twice (give each call its own module)")
+            built[op] = build(spec, args[0], name=op)
+        elif spec is not None and not isinstance(spec, Module):
+            raise TypeError(f"modules[{op!r}] must be a Module or a spec string, got "
+                            f"{type(spec).__name__}")
+        if op in built:
+            shapes[out] = tuple(built[op].output_shape(args[0]))
+        else:
+            shapes[out] = join_shape(out, op, args) if op in JOINS else args[0]
+    # the children in the order the caller listed them (their state-dict order)
+    ordered = OrderedDict((k, built[k]) for k in modules if k in built)
+    return Graph(ordered, nodes, outputs=outputs, name=name, input_shape=input_shape)

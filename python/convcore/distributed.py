@@ -32,6 +32,8 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
+from ._arrays import array_module
+
 __all__ = ["DistributedError", "GradientReducer", "NcclAllReduce", "ProcessGroup", "ShardedLoader",
            "init"]
 
@@ -321,8 +323,7 @@ class GradientReducer:
                 if id(p) not in seen:      # a shared parameter is reduced once
                     seen.add(id(p))
                     params.append(p)
-        from .nn.module import _xp
-        self.xp = _xp(params[0].data) if params else np
+        self.xp = array_module(params[0].data) if params else np
         self.gpu = self.xp is not np
         self._nccl = NcclAllReduce(group) if self.gpu else None
         self.buckets: List[Tuple[list, np.ndarray]] = []

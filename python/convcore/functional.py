@@ -1,19 +1,23 @@
 """The functional API: torch.nn.functional's signatures over numpy arrays (NCHW).
 
 This module normalises the *forms* arguments come in (an int or an (h, w)
-pair, 'same'/'valid', None, unbatched 3-D input) and hands the C++ core
+pair, 'same'/'valid', None, unbatched 3-D input), with convcore._args's
+helpers, which the GPU ops and the layers share, and hands the C++ core
 plain numbers. The core checks the *values* (positive strides, channel
 counts, kernel vs. padded input, ...) and computes output shapes, so those
 rules live in one place (csrc/cpu/shapes.cpp) for every caller.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
+from ._args import (adaptive_size, conv_padding, cross_entropy_options, integer, number,
+                    pair, pool_args, pool_divisor)
+from ._arrays import is_gpu_array
+from ._backends import gpu_functional
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -48,43 +52,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- argument forms
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-_INT64_MAX = 2 ** 63 - 1
-
-
-def _int64(value: int, name: str) -> int:
-    """Python ints are unbounded; the core's are int64 (it checks tighter limits)."""
-    if not -_INT64_MAX <= value <= _INT64_MAX:
-        raise ValueError(f"{name} is out of range: {value}")
-    return value
-
-
-def _int(value, name: str) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return _int64(int(value), name)
-
-
-def _pair(value, name: str) -> Tuple[int, int]:
-    """An int, a 1-tuple (v,) or an (h, w) pair of ints: PyTorch's conv and
-    pooling ops take a one-element list for both dimensions."""
-    if _is_int(value):
-        v = _int64(int(value), name)
-        return v, v
-    if isinstance(value, (tuple, list)):
-        if len(value) not in (1, 2):
-            raise ValueError(f"{name} must be an int, a 1-tuple (v,) or a pair (h, w), "
-                             f"got {value!r}")
-        if not all(_is_int(v) for v in value):
-            raise TypeError(f"{name} must contain ints, got {value!r}")
-        return _int64(int(value[0]), name), _int64(int(value[-1]), name)
-    raise TypeError(f"{name} must be an int or a pair (h, w) of ints, got "
-                    f"{type(value).__name__} {value!r}")
-
 
 def _array(value, name: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
@@ -129,28 +96,6 @@ def _batched(x: np.ndarray, name: str) -> Tuple[np.ndarray, bool]:
     return x, False
 
 
-def _conv_padding(padding, weight: np.ndarray, stride: Tuple[int, int],
-                  dilation: Tuple[int, int]) -> list:
-    """(top, bottom, left, right) for padding given as int, pair, 'valid' or 'same'."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return [0, 0, 0, 0]
-        if padding == "same":
-            if stride != (1, 1):
-                raise ValueError(f"padding='same' is not supported for strided convolutions "
-                                 f"(stride={stride})")
-            if weight.ndim != 4:
-                raise ValueError(f"weight must be 4-D (out_channels, in_channels / groups, kH, "
-                                 f"kW), got shape {weight.shape}")
-            top, bottom = _core.same_padding(int(weight.shape[2]), dilation[0])
-            left, right = _core.same_padding(int(weight.shape[3]), dilation[1])
-            return [top, bottom, left, right]
-        raise ValueError(f"padding must be 'same', 'valid', an int or a pair (h, w), "
-                         f"got {padding!r}")
-    ph, pw = _pair(padding, "padding")
-    return [ph, ph, pw, pw]
-
-
 # ------------------------------------------------------------------ convolution
 
 def _algorithm(algorithm) -> str:
@@ -178,9 +123,9 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Union[IntPair
     x, unbatched = _batched(_array(input, "input"), "input")
     w = _array(weight, "weight")
     b = None if bias is None else _array(bias, "bias")
-    s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
-    pad = _conv_padding(padding, w, s, d)
-    g = _int(groups, "groups")
+    s, d = pair(stride, "stride"), pair(dilation, "dilation")
+    pad = conv_padding(padding, w, s, d)
+    g = integer(groups, "groups")
     if out is not None:
         shape = _core.conv2d_output_shape(list(x.shape), list(w.shape), s, pad, d, g) \
             if x.ndim == 4 and w.ndim == 4 else None
@@ -200,9 +145,9 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding=0,
     if unbatched:
         gy = gy[None] if gy.ndim == 3 else gy
     w = _array(weight, "weight")
-    s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
-    pad = _conv_padding(padding, w, s, d)
-    gx, gw, gb = _core.conv2d_backward(gy, x, w, s, pad, d, _int(groups, "groups"),
+    s, d = pair(stride, "stride"), pair(dilation, "dilation")
+    pad = conv_padding(padding, w, s, d)
+    gx, gw, gb = _core.conv2d_backward(gy, x, w, s, pad, d, integer(groups, "groups"),
                                        True, True, True, _algorithm(algorithm))
     return (gx[0] if unbatched else gx), gw, gb
 
@@ -210,34 +155,21 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding=0,
 def conv2d_output_shape(input_shape, weight_shape, stride: IntPair = 1, padding=0,
                         dilation: IntPair = 1, groups: int = 1) -> Tuple[int, int, int, int]:
     """The output shape conv2d would give (and the same errors), without computing."""
-    s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
+    s, d = pair(stride, "stride"), pair(dilation, "dilation")
     fake_w = np.empty(tuple(weight_shape), dtype=np.uint8) if isinstance(padding, str) else None
-    pad = _conv_padding(padding, fake_w, s, d)
+    pad = conv_padding(padding, fake_w, s, d)
     return _core.conv2d_output_shape(list(input_shape), list(weight_shape), s, pad, d,
-                                     _int(groups, "groups"))
+                                     integer(groups, "groups"))
 
 
 # ---------------------------------------------------------------------- pooling
-
-def _pool_stride(stride, kernel: Tuple[int, int]) -> Tuple[int, int]:
-    """A pooling stride: None or an empty tuple/list (PyTorch's default
-    `stride=()`) mean the kernel size."""
-    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
-        return kernel
-    return _pair(stride, "stride")
-
-
-def _pool_args(kernel_size, stride, padding, dilation=1):
-    k = _pair(kernel_size, "kernel_size")
-    return k, _pool_stride(stride, k), _pair(padding, "padding"), _pair(dilation, "dilation")
-
 
 def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, dilation=1,
                         ceil_mode: bool = False, kind: str = "max") -> Tuple[int, int, int, int]:
     """The output shape of max_pool2d (kind='max') or avg_pool2d (kind='avg')."""
     if kind not in ("max", "avg"):
         raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
-    k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
+    k, s, p, d = pool_args(kernel_size, stride, padding, dilation)
     return _core.pool2d_output_shape(list(input_shape), k, s, p, d, bool(ceil_mode),
                                      kind == "avg")
 
@@ -259,7 +191,7 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
     (h * W + w) within its input plane.
     """
     x, unbatched = _batched(_array(input, "input"), "input")
-    k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
+    k, s, p, d = pool_args(kernel_size, stride, padding, dilation)
     out = _pool_out(out, x, unbatched, input, k, s, p, d, ceil_mode, "max")
     result = _core.max_pool2d(x, k, s, p, d, bool(ceil_mode), bool(return_indices), out)
     if not unbatched:
@@ -279,7 +211,7 @@ def max_pool2d_backward(grad_output, input, kernel_size: IntPair,
     gy = _array(grad_output, "grad_output")
     if unbatched and gy.ndim == 3:
         gy = gy[None]
-    k, s, p, d = _pool_args(kernel_size, stride, padding, dilation)
+    k, s, p, d = pool_args(kernel_size, stride, padding, dilation)
     if indices is not None:
         idx = _array(indices, "indices")
         if unbatched and idx.ndim == 3:
@@ -293,25 +225,16 @@ def max_pool2d_backward(grad_output, input, kernel_size: IntPair,
     return gx[0] if unbatched else gx
 
 
-def _divisor(divisor_override) -> int:
-    if divisor_override is None:
-        return 0
-    value = _int(divisor_override, "divisor_override")
-    if value == 0:
-        raise ValueError("divisor_override must be a non-zero int or None, got 0")
-    return value
-
-
 def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
                padding: IntPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: Optional[int] = None,
                out: Optional[np.ndarray] = None) -> np.ndarray:
     """Average pooling, as torch.nn.functional.avg_pool2d."""
     x, unbatched = _batched(_array(input, "input"), "input")
-    k, s, p, _ = _pool_args(kernel_size, stride, padding)
+    k, s, p, _ = pool_args(kernel_size, stride, padding)
     out = _pool_out(out, x, unbatched, input, k, s, p, (1, 1), ceil_mode, "avg")
     y = _core.avg_pool2d(x, k, s, p, bool(ceil_mode), bool(count_include_pad),
-                         _divisor(divisor_override), out)
+                         pool_divisor(divisor_override), out)
     return y[0] if unbatched else y
 
 
@@ -324,39 +247,17 @@ def avg_pool2d_backward(grad_output, input, kernel_size: IntPair,
     gy = _array(grad_output, "grad_output")
     if unbatched and gy.ndim == 3:
         gy = gy[None]
-    k, s, p, _ = _pool_args(kernel_size, stride, padding)
+    k, s, p, _ = pool_args(kernel_size, stride, padding)
     gx = _core.avg_pool2d_backward(gy, x, k, s, p, bool(ceil_mode), bool(count_include_pad),
-                                   _divisor(divisor_override))
+                                   pool_divisor(divisor_override))
     return gx[0] if unbatched else gx
-
-
-def _adaptive_size(output_size, x: np.ndarray) -> Tuple[int, int]:
-    if output_size is None:
-        raise TypeError("output_size must be an int or a pair (h, w), got None")
-    if _is_int(output_size):
-        v = _int64(int(output_size), "output_size")
-        return v, v
-    if isinstance(output_size, (tuple, list)):
-        if len(output_size) != 2:
-            raise ValueError(f"output_size must be an int or a pair (h, w), got {output_size!r}")
-        out = []
-        for v, dim in zip(output_size, (-2, -1)):
-            if v is None:
-                out.append(int(x.shape[dim]) if x.ndim >= 2 else 0)
-            elif _is_int(v):
-                out.append(_int64(int(v), "output_size"))
-            else:
-                raise TypeError(f"output_size must contain ints or None, got {output_size!r}")
-        return out[0], out[1]
-    raise TypeError(f"output_size must be an int or a pair (h, w), got "
-                    f"{type(output_size).__name__}")
 
 
 def adaptive_avg_pool2d(input, output_size) -> np.ndarray:
     """Adaptive average pooling, as torch.nn.functional.adaptive_avg_pool2d: bin i
     of n over a length L spans [floor(i L / n), ceil((i + 1) L / n))."""
     x, unbatched = _batched(_array(input, "input"), "input")
-    out = _core.adaptive_avg_pool2d(x, _adaptive_size(output_size, x))
+    out = _core.adaptive_avg_pool2d(x, adaptive_size(output_size, x))
     return out[0] if unbatched else out
 
 
@@ -425,54 +326,48 @@ def softmax(input, dim: int) -> np.ndarray:
     (dim is required: PyTorch's implicit choice is deprecated). Computed with
     the max subtracted, so large logits do not overflow; a NaN makes its
     whole line NaN."""
-    return _core.softmax(_array(input, "input"), _int(dim, "dim"))
+    return _core.softmax(_array(input, "input"), integer(dim, "dim"))
 
 
 def softmax_backward(grad_output, output, dim: int) -> np.ndarray:
     """Gradient of softmax with respect to its input, from the forward's
     output: output * (grad_output - sum(grad_output * output, dim))."""
     return _core.softmax_backward(_array(grad_output, "grad_output"), _array(output, "output"),
-                                  _int(dim, "dim"))
+                                  integer(dim, "dim"))
 
 
 def log_softmax(input, dim: int) -> np.ndarray:
     """log(softmax(input, dim)) in one pass, as torch.nn.functional.log_softmax:
     input - max - log(sum(exp(input - max))) along dim, finite where softmax
     underflows to 0."""
-    return _core.softmax(_array(input, "input"), _int(dim, "dim"), log=True)
+    return _core.softmax(_array(input, "input"), integer(dim, "dim"), log=True)
 
 
 def log_softmax_backward(grad_output, output, dim: int) -> np.ndarray:
     """Gradient of log_softmax with respect to its input, from the forward's
     output: grad_output - exp(output) * sum(grad_output, dim)."""
     return _core.softmax_backward(_array(grad_output, "grad_output"), _array(output, "output"),
-                                  _int(dim, "dim"), log=True)
+                                  integer(dim, "dim"), log=True)
 
 
 # ---------------------------------------------------------------- normalisation
-
-def _float(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    return float(value)
-
 
 def local_response_norm(input, size: int, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 1.0) -> np.ndarray:
     """Local response normalisation across channels, as
     torch.nn.functional.local_response_norm: input / (k + alpha / size *
     sum of squares over the size neighbouring channels) ** beta."""
-    return _core.local_response_norm(_array(input, "input"), _int(size, "size"),
-                                     _float(alpha, "alpha"), _float(beta, "beta"),
-                                     _float(k, "k"))
+    return _core.local_response_norm(_array(input, "input"), integer(size, "size"),
+                                     number(alpha, "alpha"), number(beta, "beta"),
+                                     number(k, "k"))
 
 
 def local_response_norm_backward(grad_output, input, size: int, alpha: float = 1e-4,
                                  beta: float = 0.75, k: float = 1.0) -> np.ndarray:
     """Gradient of local_response_norm with respect to its input."""
     return _core.local_response_norm_backward(
-        _array(grad_output, "grad_output"), _array(input, "input"), _int(size, "size"),
-        _float(alpha, "alpha"), _float(beta, "beta"), _float(k, "k"))
+        _array(grad_output, "grad_output"), _array(input, "input"), integer(size, "size"),
+        number(alpha, "alpha"), number(beta, "beta"), number(k, "k"))
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -489,7 +384,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     rv = None if running_var is None else _array(running_var, "running_var")
     w = None if weight is None else _array(weight, "weight")
     b = None if bias is None else _array(bias, "bias")
-    momentum, eps = _float(momentum, "momentum"), _float(eps, "eps")
+    momentum, eps = number(momentum, "momentum"), number(eps, "eps")
     if x.ndim >= 1 and x.size == 0 and x.dtype in (np.float32, np.float64):
         # As PyTorch: an empty input (an empty batch, or an empty 1-D input)
         # gives an empty output and leaves the running statistics alone; a
@@ -537,22 +432,10 @@ def batch_norm_backward(grad_output, input, mean, var, weight=None, training: bo
     return _core.batch_norm_backward(
         _array(grad_output, "grad_output"), _array(input, "input"), _array(mean, "mean"),
         _array(var, "var"), None if weight is None else _array(weight, "weight"),
-        bool(training), _float(eps, "eps"))
+        bool(training), number(eps, "eps"))
 
 
 # ------------------------------------------------------------------------- loss
-
-def _cross_entropy_options(ignore_index, reduction, label_smoothing):
-    """cross_entropy's scalar options, checked here for the CPU and GPU paths
-    and CrossEntropyLoss."""
-    ignore_index = _int(ignore_index, "ignore_index")
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    label_smoothing = _float(label_smoothing, "label_smoothing")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    return ignore_index, reduction, label_smoothing
-
 
 def _cross_entropy_parts(input, target, weight, ignore_index, reduction, label_smoothing):
     """What cross_entropy and its gradient share: the log-softmax of input
@@ -566,7 +449,7 @@ def _cross_entropy_parts(input, target, weight, ignore_index, reduction, label_s
     if x.ndim == 0:
         raise ValueError("input must be logits of shape (C,), (N, C) or (N, C, d1, ...), "
                          "got a scalar")
-    ignore_index, reduction, smoothing = _cross_entropy_options(ignore_index, reduction,
+    ignore_index, reduction, smoothing = cross_entropy_options(ignore_index, reduction,
                                                                 label_smoothing)
     axis = 0 if x.ndim == 1 else 1
     classes = x.shape[axis]
@@ -672,7 +555,7 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
     else:
         if isinstance(grad_output, np.ndarray) and grad_output.ndim == 0:
             grad_output = grad_output.item()
-        scale = dtype.type(_float(grad_output, "grad_output"))
+        scale = dtype.type(number(grad_output, "grad_output"))
         if reduction == "mean":
             with np.errstate(invalid="ignore", divide="ignore"):
                 scale = scale / divisor
@@ -689,7 +572,7 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
 
 def set_num_threads(n: int) -> None:
     """Threads used by the core (global; default: OMP_NUM_THREADS or all cores)."""
-    _core.set_num_threads(_int(n, "n"))
+    _core.set_num_threads(integer(n, "n"))
 
 
 def get_num_threads() -> int:
@@ -700,7 +583,7 @@ def set_workspace_limit(nbytes: int) -> None:
     """The most bytes one piece of the core's scratch memory may take; a call
     that would need more raises MemoryError before allocating (0: the
     machine's physical memory, the default)."""
-    nbytes = _int(nbytes, "nbytes")
+    nbytes = integer(nbytes, "nbytes")
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     _core.set_workspace_limit(nbytes)
@@ -723,11 +606,9 @@ def reset_workspace_peak() -> None:
 
 # ------------------------------------------------------------------ GPU dispatch
 # A call with an array argument on a GPU (a cupy array, a torch CUDA tensor,
-# anything exposing __cuda_array_interface__) runs the same op from
-# convcore.cuda.functional instead (CUDA kernels through CuPy); all other
-# calls take the CPU path above, which never imports cupy.
-
-from .cuda import is_gpu_array as _is_gpu_array  # noqa: E402  (imports no cupy)
+# anything exposing __cuda_array_interface__) runs the same op from the GPU
+# backend instead (convcore._backends finds it; CUDA kernels through CuPy);
+# all other calls take the CPU path above, which never imports cupy.
 
 # argument types that are never GPU arrays: skipped without a closer look,
 # so the CPU path pays well under a microsecond for the dispatch
@@ -742,21 +623,18 @@ def _gpu_dispatch(fn):
     signature = inspect.signature(fn)
 
     def on_gpu(values) -> bool:
-        return any(type(v) not in _HOST_TYPES and _is_gpu_array(v) for v in values)
+        return any(type(v) not in _HOST_TYPES and is_gpu_array(v) for v in values)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if not (on_gpu(args) or (kwargs and on_gpu(kwargs.values()))):
             return fn(*args, **kwargs)
-        from . import cuda
-        ok, why = cuda.availability()
-        if not ok:
+
+        def gpu_argument() -> str:
             bound = signature.bind_partial(*args, **kwargs).arguments
-            arg = next((k for k, v in bound.items() if _is_gpu_array(v)), "input")
-            raise RuntimeError(f"{name}: {arg} is a GPU array but convcore's GPU backend "
-                               f"cannot run: {why}")
-        from .cuda import functional as gpu
-        return getattr(gpu, name)(*args, **kwargs)
+            return next((k for k, v in bound.items() if is_gpu_array(v)), "input")
+
+        return getattr(gpu_functional(name, gpu_argument), name)(*args, **kwargs)
 
     return wrapper
 

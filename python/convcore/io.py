@@ -34,6 +34,10 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ._version import __version__
+from .nn.lowering import LoweringError, to_graph
+from .nn.module import Module, from_architecture, provide
+
 __all__ = ["save", "load", "save_state_dict_file", "load_state_dict_file", "MAX_HEADER_BYTES"]
 
 # The same bound as the safetensors reference implementation: a header larger
@@ -220,10 +224,6 @@ def save(model, path, metadata: Optional[Mapping[str, str]] = None) -> None:
     own forward and no `lower` method) is saved without one, with a
     UserWarning. `metadata` adds str -> str entries of your own (e.g.
     {"epoch": "12"})."""
-    from . import __version__
-    from .nn.lowering import LoweringError, to_graph
-    from .nn.module import Module
-
     if not isinstance(model, Module):
         raise TypeError(f"model must be a convcore.nn.Module, got {type(model).__name__}")
     path = _fspath(path)
@@ -378,7 +378,6 @@ def load(path):
     match). A float64 file gives a float64 model. Raises ValueError, naming the
     file and the fault, for anything malformed or inconsistent."""
     from . import _core
-    from .nn.module import from_architecture
 
     path = _fspath(path)
     tensors, metadata, infos = _parse(_read_file(path), path)
@@ -430,3 +429,6 @@ def load(path):
     training = metadata.get("convcore_training", "true")
     model.train(training != "false")
     return model
+
+
+provide("save", save)  # Module.save (nn does not import this module)

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ._arrays import is_cupy
 from .nn.module import Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "StepLR", "ReduceLROnPlateau"]
@@ -53,10 +54,6 @@ def _param_list(params) -> List[Parameter]:
     return params
 
 
-def _on_gpu(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
 class Optimizer:
     """Base class: a list of Parameters, a learning rate `lr` and per-parameter
     state (`self.state[i]` is a dict of arrays for `self.params[i]`)."""
@@ -90,7 +87,7 @@ class Optimizer:
         return {
             "type": type(self).__name__,
             "hyperparameters": {name: getattr(self, name) for name in self.hyperparameters},
-            "state": [{k: np.array(v.get() if _on_gpu(v) else v, copy=True) for k, v in s.items()}
+            "state": [{k: np.array(v.get() if is_cupy(v) else v, copy=True) for k, v in s.items()}
                       for s in self.state],
             **self._extra_state(),
         }
@@ -117,7 +114,7 @@ class Optimizer:
                     raise ValueError(f"state[{i}][{key!r}] has shape {value.shape}, the "
                                      f"parameter has shape {p.data.shape}")
                 entry[key] = np.array(value, dtype=p.data.dtype, copy=True)
-                if _on_gpu(p.data):
+                if is_cupy(p.data):
                     import cupy
                     entry[key] = cupy.asarray(entry[key])
             new_state.append(entry)
@@ -165,7 +162,7 @@ class SGD(Optimizer):
 
     def step(self) -> None:
         for p, state in zip(self.params, self.state):
-            if _on_gpu(p.data):  # after model.to("cuda"): optim.cu's kernel, in place
+            if is_cupy(p.data):  # after model.to("cuda"): optim.cu's kernel, in place
                 from .cuda.functional import sgd_step
                 first = self.momentum != 0 and "momentum_buffer" not in state
                 if first:
@@ -223,7 +220,7 @@ class Adam(Optimizer):
         step_size = self.lr / (1.0 - beta1 ** self.steps)
         root_correction2 = math.sqrt(1.0 - beta2 ** self.steps)
         for p, state in zip(self.params, self.state):
-            if _on_gpu(p.data):  # after model.to("cuda"): optim.cu's kernel, in place
+            if is_cupy(p.data):  # after model.to("cuda"): optim.cu's kernel, in place
                 from .cuda.functional import adam_step
                 if "exp_avg" not in state:
                     import cupy

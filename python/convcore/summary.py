@@ -9,7 +9,7 @@ import numpy as np
 
 from .nn.layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Linear,
                         MaxPool2d, ReLU)
-from .nn.module import Module, Sequential
+from .nn.module import Module, Sequential, provide
 from .nn.norm import BatchNorm2d, LocalResponseNorm
 from .nn.graph import Graph
 from .nn.residual import _Residual
@@ -145,3 +145,6 @@ def _bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GB"
+
+
+provide("summary", summary)  # Module.summary (nn does not import this module)

@@ -18,7 +18,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .nn.module import Module, _host, _xp
+from ._arrays import array_module, to_host
+from .nn.module import Module
 from .optim import Optimizer, ReduceLROnPlateau
 
 __all__ = ["History", "fit", "evaluate", "predict"]
@@ -89,7 +90,7 @@ def _check_model(model) -> None:
 
 
 def _count_correct(logits, targets) -> int:
-    predicted = _host(logits.argmax(axis=1))   # N class indices, from the GPU if there
+    predicted = to_host(logits.argmax(axis=1))   # N class indices, from the GPU if there
     return int(np.count_nonzero(predicted == np.asarray(targets)))
 
 
@@ -104,7 +105,7 @@ def _on_model_device(model: Module):
     """A function that moves a numpy batch to where the model's parameters
     are: cupy after model.to("cuda"), else the batch as it is."""
     params = model.parameters()
-    xp = _xp(params[0].data) if params else np
+    xp = array_module(params[0].data) if params else np
     return (lambda batch: batch) if xp is np else xp.asarray
 
 
@@ -165,7 +166,7 @@ def predict(model: Module, x, batch_size: int = 256) -> np.ndarray:
     model.eval()
     to_device = _on_model_device(model)
     try:
-        outputs = [_host(model(to_device(np.ascontiguousarray(x[i:i + batch_size]))))
+        outputs = [to_host(model(to_device(np.ascontiguousarray(x[i:i + batch_size]))))
                    for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)

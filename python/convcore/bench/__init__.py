@@ -9,9 +9,10 @@
              PyTorch and ONNX Runtime (--e2e)
     zoo      every distinct conv/linear layer of the zoo vs PyTorch and the
              peak (--zoo)
+    gpu      the CUDA kernels vs PyTorch CUDA on the layer suite (--gpu;
+             convcore.cuda.bench re-exports it for old code)
 
-The GPU benchmark (--gpu) is convcore.cuda.bench; it times the same layer
-suite. This package's namespace keeps what `convcore.bench` held when it
+This package's namespace keeps what `convcore.bench` held when it
 was one module (the layer suite and the timing helpers).
 """
 from .layers import Conv, Fc, Pool, _geomeans, plot, run, suite

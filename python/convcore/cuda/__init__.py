@@ -20,6 +20,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .._arrays import is_gpu_array  # noqa: F401  (the backend's public name for it)
+
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
 # One file per op family; each is one RawModule.
 SOURCES = ("conv.cu", "pool.cu", "linear.cu", "elementwise.cu", "norm.cu", "loss.cu",
@@ -63,21 +65,6 @@ def require(what: str = "input") -> None:
     ok, why = availability()
     if not ok:
         raise RuntimeError(f"{what} is a GPU array but convcore's GPU backend cannot run: {why}")
-
-
-def is_gpu_array(value) -> bool:
-    """A cupy array, a torch CUDA tensor, or anything else exposing
-    __cuda_array_interface__ (checked without importing cupy)."""
-    if value is None:
-        return False
-    if type(value).__module__.split(".")[0] == "cupy":
-        return True
-    if isinstance(value, (np.ndarray, np.generic)):
-        return False
-    try:
-        return hasattr(value, "__cuda_array_interface__")
-    except Exception:  # a property that raises something other than AttributeError
-        return False
 
 
 class CupyBackend:

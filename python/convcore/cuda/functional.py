@@ -1,9 +1,11 @@
 """The GPU versions of convcore's functional ops (float32, NCHW).
 
 Same signatures, argument forms and shape rules as convcore.functional:
-arguments are normalised by its helpers and output shapes come from the
-core's shape functions (`_core.conv2d_output_shape`, ...), so each rule
-lives in one place. Each op here only checks what is GPU-specific (dtype,
+arguments are normalised by the helpers both use (convcore._args) and
+output shapes come from the core's shape functions
+(`_core.conv2d_output_shape`, ...), so each rule lives in one place. This
+module imports neither convcore.functional nor convcore.nn: they reach it
+through convcore._backends. Each op here only checks what is GPU-specific (dtype,
 device, size), picks a launch configuration and launches kernels through
 a backend:
 
@@ -21,7 +23,9 @@ from typing import Optional
 import numpy as np
 
 from .. import _core
-from .. import functional as F
+from .._args import (adaptive_size, conv_padding, cross_entropy_options, integer, number,
+                     pair, pool_args, pool_divisor)
+from .._arrays import is_cupy
 from . import backend as _default_backend
 
 _THREADS = 256
@@ -173,9 +177,9 @@ _ALGORITHMS = ("auto", "gemm", "depthwise")
 def _conv_setup(x, w, stride, padding, dilation, groups, algorithm):
     if not isinstance(algorithm, str) or algorithm not in _ALGORITHMS:
         raise ValueError(f"algorithm must be one of {_ALGORITHMS} on the GPU, got {algorithm!r}")
-    s, d = F._pair(stride, "stride"), F._pair(dilation, "dilation")
-    pad = F._conv_padding(padding, w, s, d)
-    g = F._int(groups, "groups")
+    s, d = pair(stride, "stride"), pair(dilation, "dilation")
+    pad = conv_padding(padding, w, s, d)
+    g = integer(groups, "groups")
     # The core's shape rules and errors (channels, groups, kernel vs input).
     shape = _core.conv2d_output_shape(list(x.shape), list(w.shape), s, pad, d, g)
     N, C, H, W = (int(v) for v in x.shape)
@@ -338,7 +342,7 @@ def _pool_setup(be, input, kernel_size, stride, padding, dilation, ceil_mode, av
     """The batched input, the pooling arguments as pairs and the output shape
     (by the CPU core's shape rule): (x, unbatched, k, s, p, d, shape)."""
     x, unbatched = _pool_planes(be, input)
-    k, s, p, d = F._pool_args(kernel_size, stride, padding, dilation)
+    k, s, p, d = pool_args(kernel_size, stride, padding, dilation)
     shape = tuple(int(v) for v in _core.pool2d_output_shape(
         list(x.shape), k, s, p, d, bool(ceil_mode), avg))
     return x, unbatched, k, s, p, d, shape
@@ -392,7 +396,7 @@ def _avg_setup(be, input, kernel_size, stride, padding, ceil_mode, count_include
                                                   ceil_mode, True)
     N, C, H, W = (int(v) for v in x.shape)
     args = tuple(map(_i32, (N * C, H, W, shape[2], shape[3], k[0], k[1], s[0], s[1],
-                            p[0], p[1], bool(count_include_pad), F._divisor(divisor_override))))
+                            p[0], p[1], bool(count_include_pad), pool_divisor(divisor_override))))
     return x, unbatched, shape, args
 
 
@@ -427,7 +431,7 @@ def _adaptive_check(oh, ow):
 def adaptive_avg_pool2d(input, output_size):
     be = _be()
     x, unbatched = _pool_planes(be, input)
-    oh, ow = F._adaptive_size(output_size, x)
+    oh, ow = adaptive_size(output_size, x)
     _adaptive_check(oh, ow)
     N, C, H, W = (int(v) for v in x.shape)
     y = _dest(be, None, (N, C, oh, ow))
@@ -575,11 +579,11 @@ def _ncs(x, name="input"):
 
 
 def _lrn_args(size, alpha, beta, k):
-    size = F._int(size, "size")
+    size = integer(size, "size")
     if size <= 0:
         raise ValueError(f"size must be a positive int, got {size}")
-    return (_i32(size), _f32(F._float(alpha, "alpha")), _f32(F._float(beta, "beta")),
-            _f32(F._float(k, "k")))
+    return (_i32(size), _f32(number(alpha, "alpha")), _f32(number(beta, "beta")),
+            _f32(number(k, "k")))
 
 
 def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
@@ -619,7 +623,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     be, xp = _be(), _be().xp
     x = _arr(be, input, "input")
     N, C, S = _ncs(x)
-    momentum, eps = F._float(momentum, "momentum"), F._float(eps, "eps")
+    momentum, eps = number(momentum, "momentum"), number(eps, "eps")
     if not eps >= 0:
         raise ValueError("eps must be a non-negative number")
     # running stats are updated in place: no contiguous copy may stand in
@@ -663,7 +667,7 @@ def batch_norm_backward(grad_output, input, mean, var, weight=None, training=Tru
     gy = _grad_out(be, grad_output, False, x.shape)
     mean, var = _channel_vec(be, mean, "mean", C, False), _channel_vec(be, var, "var", C, False)
     w = _channel_vec(be, weight, "weight", C)
-    eps = F._float(eps, "eps")
+    eps = number(eps, "eps")
     gx = xp.empty(x.shape, dtype=np.float32)
     gw = xp.empty((C,), dtype=np.float32)
     gb = xp.empty((C,), dtype=np.float32)
@@ -685,7 +689,7 @@ def cross_entropy(logits, targets, label_smoothing: float = 0.0, reduction: str 
     smoothing, 'mean' or 'sum'; the other options of
     convcore.functional.cross_entropy raise NotImplementedError here."""
     be, xp = _be(), _be().xp
-    ignore_index, reduction, smoothing = F._cross_entropy_options(ignore_index, reduction,
+    ignore_index, reduction, smoothing = cross_entropy_options(ignore_index, reduction,
                                                                   label_smoothing)
     z = _arr(be, logits, "logits")
     on_cpu = "; compute the loss on the CPU (numpy logits) for it"
@@ -778,7 +782,7 @@ def _on_array_device(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         for a in list(args) + list(kwargs.values()):
-            if type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "device"):
+            if is_cupy(a) and hasattr(a, "device"):
                 with a.device:
                     return fn(*args, **kwargs)
         return fn(*args, **kwargs)

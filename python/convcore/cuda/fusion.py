@@ -1,6 +1,6 @@
-"""Layer fusion on the GPU: in a Sequential run on cupy arrays, a Conv2d or
-Linear directly followed by a ReLU runs as one kernel, with bias and ReLU in
-the GEMM's epilogue (conv2d_relu / linear_relu), saving a full pass over the
+"""Layer fusion on the GPU: in a Sequential moved to the GPU (Module.to("cuda")
+makes sequential_forward its runner), a Conv2d or Linear directly followed
+by a ReLU runs as one kernel, with bias and ReLU in the GEMM's epilogue (conv2d_relu / linear_relu), saving a full pass over the
 activation. The layers' saved state is what their own forwards would have
 kept, so backward is unchanged: the ReLU keeps the fused output as its input,
 which gives the same gradient mask (relu(v) > 0 exactly when v > 0)."""

@@ -9,6 +9,8 @@ import numpy as np
 
 from .. import functional as F
 from .. import _core
+from .._args import adaptive_size, is_int, pair, pool_stride
+from .._arrays import array_module, is_cupy
 from . import init
 from .lowering import cannot_lower
 from .module import Module, Parameter
@@ -16,23 +18,19 @@ from .module import Module, Parameter
 IntPair = Union[int, Tuple[int, int]]
 
 
-def _on_gpu(x) -> bool:
-    return type(x).__module__.split(".")[0] == "cupy"
-
-
 def _layer_array(value, name: str):
     """value checked as a numpy array, or a GPU (cupy) array as it is: the
     layers that do their own arithmetic run on either."""
-    return value if _on_gpu(value) else F._array(value, name)
+    return value if is_cupy(value) else F._array(value, name)
 
 
 def _as_array(value):
     """A product as an array: numpy turns a 0-d product into a scalar."""
-    return value if _on_gpu(value) else np.asarray(value)
+    return value if is_cupy(value) else np.asarray(value)
 
 
 def _positive_int(value, name: str) -> int:
-    if not F._is_int(value) or int(value) <= 0:
+    if not is_int(value) or int(value) <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
@@ -93,11 +91,11 @@ class Conv2d(Module):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
-        self.kernel_size = F._pair(kernel_size, "kernel_size")
+        self.kernel_size = pair(kernel_size, "kernel_size")
         if min(self.kernel_size) < 1:
             raise ValueError(f"kernel_size must be positive, got {kernel_size!r}")
-        self.stride = F._pair(stride, "stride")
-        self.dilation = F._pair(dilation, "dilation")
+        self.stride = pair(stride, "stride")
+        self.dilation = pair(dilation, "dilation")
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be 'same', 'valid', an int or a pair, "
@@ -106,7 +104,7 @@ class Conv2d(Module):
                 raise ValueError("padding='same' is not supported for strided convolutions")
             self.padding = padding
         else:
-            self.padding = F._pair(padding, "padding")
+            self.padding = pair(padding, "padding")
         if padding_mode not in _PAD_MODES:
             raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, "
                              f"got {padding_mode!r}")
@@ -149,7 +147,7 @@ class Conv2d(Module):
             self._x = x
             return F.conv2d(x, self.weight.data, bias, self.stride, self.padding,
                             self.dilation, self.groups)
-        if type(x).__module__.split(".")[0] == "cupy":
+        if is_cupy(x):
             raise NotImplementedError(f"Conv2d(padding_mode={self.padding_mode!r}) runs on the "
                                       f"CPU only; on the GPU use padding_mode='zeros'")
         self._x = self._explicit_pad(F._array(x, "input"))
@@ -218,10 +216,10 @@ class MaxPool2d(Module):
                  padding: IntPair = 0, dilation: IntPair = 1, return_indices: bool = False,
                  ceil_mode: bool = False):
         super().__init__()
-        self.kernel_size = F._pair(kernel_size, "kernel_size")
-        self.stride = F._pool_stride(stride, self.kernel_size)
-        self.padding = F._pair(padding, "padding")
-        self.dilation = F._pair(dilation, "dilation")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pool_stride(stride, self.kernel_size)
+        self.padding = pair(padding, "padding")
+        self.dilation = pair(dilation, "dilation")
         self.return_indices = bool(return_indices)
         self.ceil_mode = bool(ceil_mode)
         self._x = self._indices = None
@@ -268,9 +266,9 @@ class AvgPool2d(Module):
                  padding: IntPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                  divisor_override: Optional[int] = None):
         super().__init__()
-        self.kernel_size = F._pair(kernel_size, "kernel_size")
-        self.stride = F._pool_stride(stride, self.kernel_size)
-        self.padding = F._pair(padding, "padding")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pool_stride(stride, self.kernel_size)
+        self.padding = pair(padding, "padding")
         self.ceil_mode = bool(ceil_mode)
         self.count_include_pad = bool(count_include_pad)
         self.divisor_override = divisor_override
@@ -315,7 +313,7 @@ class AdaptiveAvgPool2d(Module):
 
     def output_shape(self, input_shape):
         c, h, w = _sample_shape(input_shape, 3, "AdaptiveAvgPool2d", "(C, H, W)")
-        oh, ow = F._adaptive_size(self.output_size, np.empty((h, w), dtype=np.uint8))
+        oh, ow = adaptive_size(self.output_size, np.empty((h, w), dtype=np.uint8))
         return (c, oh, ow)
 
     def config(self):
@@ -459,7 +457,7 @@ class Dropout(Module):
             return x
         if self.p == 1.0:
             self._mask = np.zeros_like(x)
-        elif _on_gpu(x) and self._gpu_random() is not None:
+        elif is_cupy(x) and self._gpu_random() is not None:
             # drawn on the GPU: a mask drawn on the host would be copied over,
             # a host synchronisation in every training step
             keep = self._gpu_random().random_sample(x.shape, dtype=x.dtype) >= self.p
@@ -467,9 +465,7 @@ class Dropout(Module):
         else:
             keep = init.generator().random(x.shape) >= self.p
             self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
-            if _on_gpu(x):  # the mask follows x to the GPU
-                import cupy
-                self._mask = cupy.asarray(self._mask)
+            self._mask = array_module(x).asarray(self._mask)  # follows x to the GPU
         return _as_array(_masked(x, self._mask))
 
     def _gpu_random(self):

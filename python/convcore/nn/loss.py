@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from .. import functional as F
+from .._args import cross_entropy_options
+from .._arrays import is_cupy
+from .._backends import gpu_functional
 
 
 class CrossEntropyLoss:
@@ -15,7 +18,7 @@ class CrossEntropyLoss:
 
     def __init__(self, weight=None, *, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0):
-        self.ignore_index, self.reduction, self.label_smoothing = F._cross_entropy_options(
+        self.ignore_index, self.reduction, self.label_smoothing = cross_entropy_options(
             ignore_index, reduction, label_smoothing)
         self.weight = weight  # checked against the logits' classes at each call
         self._saved = None
@@ -28,12 +31,12 @@ class CrossEntropyLoss:
         return self.forward(input, target)
 
     def forward(self, input, target):
-        if type(input).__module__.split(".")[0] == "cupy":
+        if is_cupy(input):
             # On the GPU (loss.cu): the loss comes back as a 0-d cupy array,
             # so a training step needs no device-to-host sync; float() it to print.
-            from ..cuda.functional import cross_entropy
-            loss, grad = cross_entropy(input, target, self.label_smoothing, self.reduction,
-                                       weight=self.weight, ignore_index=self.ignore_index)
+            gpu = gpu_functional("CrossEntropyLoss", lambda: "input")
+            loss, grad = gpu.cross_entropy(input, target, self.label_smoothing, self.reduction,
+                                           weight=self.weight, ignore_index=self.ignore_index)
             self._saved = ("gpu", grad)
             return loss
         loss = F.cross_entropy(input, target, self.weight, **self._options())

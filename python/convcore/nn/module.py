@@ -10,25 +10,38 @@ in a training step. Names of parameters and buffers follow PyTorch
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from .._arrays import array_module, to_host
 from .lowering import LAYER_OPS, cannot_lower, join, to_graph
 
 
-def _xp(a):
-    """The array module of `a`: numpy, or cupy for a GPU array (after
-    Module.to("cuda")); cupy is imported only when such an array exists."""
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-        return cupy
-    return np
+# -- what the layers above nn carry out ------------------------------------------------
+# Module.save, Module.summary and Module.to("cuda" / "cpu") are carried out by
+# convcore.io, convcore.summary and convcore.cuda.module, which import nn; nn
+# imports none of them. Each registers its function here when it is imported
+# (convcore/__init__.py imports all three, so importing any part of convcore
+# registers them).
+_PROVIDED: Dict[str, Callable] = {}
+_PROVIDERS = {"save": "convcore.io", "summary": "convcore.summary", "to": "convcore.cuda.module"}
 
 
-def _host(a):
-    """A numpy copy of a GPU array; numpy arrays and scalars as they are."""
-    return a.get() if type(a).__module__.split(".")[0] == "cupy" else a
+def provide(method: str, function: Callable) -> None:
+    """Registers `function(module, ...)` as what Module.<method> calls; method
+    is "save", "summary" or "to" (the devices)."""
+    if method not in _PROVIDERS:
+        raise ValueError(f"method must be one of {sorted(_PROVIDERS)}, got {method!r}")
+    _PROVIDED[method] = function
+
+
+def _provided(method: str) -> Callable:
+    function = _PROVIDED.get(method)
+    if function is None:
+        raise RuntimeError(f"Module.{method} is carried out by {_PROVIDERS[method]}, which "
+                           f"has not registered it: import convcore")
+    return function
 
 
 class Parameter:
@@ -39,19 +52,19 @@ class Parameter:
     __slots__ = ("data", "_grad")
 
     def __init__(self, data: np.ndarray):
-        self.data = _xp(data).ascontiguousarray(data)
+        self.data = array_module(data).ascontiguousarray(data)
         self._grad = None
 
     @property
     def grad(self) -> np.ndarray:
         if self._grad is None or self._grad.shape != self.data.shape or \
                 self._grad.dtype != self.data.dtype:
-            self._grad = _xp(self.data).zeros_like(self.data)
+            self._grad = array_module(self.data).zeros_like(self.data)
         return self._grad
 
     @grad.setter
     def grad(self, value) -> None:
-        xp = _xp(self.data)
+        xp = array_module(self.data)
         value = xp.asarray(value)
         if value.shape != self.data.shape:
             raise ValueError(f"grad must have shape {self.data.shape}, got {value.shape}")
@@ -184,9 +197,9 @@ class Module:
         state = OrderedDict()
         for mod_name, mod in self.named_modules():
             for name, p in mod._parameters.items():
-                state[f"{mod_name}.{name}" if mod_name else name] = np.array(_host(p.data))
+                state[f"{mod_name}.{name}" if mod_name else name] = np.array(to_host(p.data))
             for name, b in mod._buffers.items():
-                state[f"{mod_name}.{name}" if mod_name else name] = np.array(_host(b), copy=True)
+                state[f"{mod_name}.{name}" if mod_name else name] = np.array(to_host(b), copy=True)
         return state
 
     def load_state_dict(self, state: Dict[str, np.ndarray], strict: bool = True) -> None:
@@ -206,24 +219,24 @@ class Module:
                     if value.shape != p.data.shape:
                         raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
                                          f"model expects {p.data.shape}")
-                    p.data = _xp(p.data).array(value, dtype=p.data.dtype, order="C", copy=True)
+                    p.data = array_module(p.data).array(value, dtype=p.data.dtype, order="C",
+                                                        copy=True)
                     p._grad = None
             for name, b in list(mod._buffers.items()):
                 key = f"{mod_name}.{name}" if mod_name else name
                 if key in state:
                     value = np.asarray(state[key])
-                    if value.shape != np.shape(_host(b)):
+                    if value.shape != np.shape(to_host(b)):
                         raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
-                                         f"model expects {np.shape(_host(b))}")
-                    mod._set_buffer(name, _xp(b).array(value, dtype=np.asarray(_host(b)).dtype,
-                                                       copy=True))
+                                         f"model expects {np.shape(to_host(b))}")
+                    dtype = np.asarray(to_host(b)).dtype
+                    mod._set_buffer(name, array_module(b).array(value, dtype=dtype, copy=True))
 
     def to(self, target) -> "Module":
         """Converts parameters and float buffers to a dtype (np.float32 or
         np.float64), or moves them to "cuda" (cupy arrays, float32) / "cpu"."""
         if isinstance(target, str) and target in ("cuda", "gpu", "cpu"):
-            from ..cuda.module import move
-            return move(self, target)
+            return _provided("to")(self, target)
         dtype = np.dtype(target)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"to() takes float32 or float64, got {dtype}")
@@ -232,7 +245,7 @@ class Module:
                 p.data = p.data.astype(dtype)
                 p._grad = None if p._grad is None else p._grad.astype(dtype)
             for name, b in list(mod._buffers.items()):
-                b = _xp(b).asarray(b)
+                b = array_module(b).asarray(b)
                 if b.dtype.kind == "f":
                     mod._set_buffer(name, b.astype(dtype))
         return self
@@ -295,19 +308,19 @@ class Module:
     def save(self, path, metadata=None) -> None:
         """Writes the parameters, buffers and architecture to a safetensors file
         (read back with convcore.load)."""
-        from ..io import save
-        save(self, path, metadata=metadata)
+        _provided("save")(self, path, metadata=metadata)
 
     def summary(self, input_shape: Shape, print_fn=print):
         """Prints the per-layer table (output volume, parameters, multiply-adds,
         activation memory) for one sample of input_shape (C, H, W); returns its rows."""
-        from ..summary import summary
-        return summary(self, input_shape, print_fn=print_fn)
+        return _provided("summary")(self, input_shape, print_fn=print_fn)
 
 
 class Sequential(Module):
     """Modules applied in order; children are named "0", "1", ... (or by the
     keys of an OrderedDict)."""
+
+    _runner = None  # see set_runner
 
     def __init__(self, *modules):
         super().__init__()
@@ -320,6 +333,14 @@ class Sequential(Module):
                     raise TypeError(f"Sequential takes Modules, got {type(m).__name__} at {i}")
                 setattr(self, str(i), m)
 
+    def set_runner(self, runner) -> None:
+        """How forward runs the chain from now on: runner(modules, x), which
+        must compute what the modules in turn compute, or None (each module
+        in turn). Module.to's device pass sets it: on the GPU,
+        convcore.cuda.fusion's runner fuses Conv2d / Linear + ReLU into one
+        kernel; to("cpu") sets None again."""
+        object.__setattr__(self, "_runner", runner)
+
     def append(self, module: Module) -> "Sequential":
         setattr(self, str(len(self._modules)), module)
         return self
@@ -330,22 +351,23 @@ class Sequential(Module):
     def __getitem__(self, index):
         mods = list(self._modules.values())
         if isinstance(index, slice):
-            return Sequential(*mods[index])
+            part = Sequential(*mods[index])
+            part.set_runner(self._runner)  # the same modules, on the same device
+            return part
         return mods[index]
 
     def __iter__(self):
         return iter(self._modules.values())
 
     def forward(self, x):
-        if type(x).__module__.split(".")[0] == "cupy":  # GPU: Conv2d/Linear + ReLU fused
-            from ..cuda.fusion import sequential_forward
-            return sequential_forward(list(self._modules.values()), x)
+        if self._runner is not None:
+            return self._runner(list(self._modules.values()), x)
         for m in self._modules.values():
             x = m(x)
         return x
 
     def lower(self, g, x, prefix):
-        # The chain forward computes (the GPU's fused path computes the same).
+        # The chain forward computes (a runner computes the same).
         if type(self).forward is not Sequential.forward:
             raise cannot_lower(self, prefix, "it overrides Sequential's forward, so it needs its "
                                              "own `lower` method")

@@ -6,6 +6,7 @@ from typing import Optional
 import numpy as np
 
 from .. import functional as F
+from .._args import number
 from .layers import _dtype, _positive_int
 from .module import Module, Parameter
 
@@ -61,9 +62,9 @@ class BatchNorm2d(Module):
                  bias: bool = True):
         super().__init__()
         self.num_features = _positive_int(num_features, "num_features")
-        self.eps = F._float(eps, "eps")
+        self.eps = number(eps, "eps")
         if momentum is not None:
-            momentum = F._float(momentum, "momentum")
+            momentum = number(momentum, "momentum")
         self.momentum = momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         dt = _dtype(dtype)
