@@ -25,6 +25,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import _core
+from ._arrays import is_cupy
 from .nn.lowering import to_graph
 
 __all__ = ["compile", "CompiledModel"]
@@ -43,7 +44,7 @@ class CompiledModel:
         self._last_sample = None  # the sample shape of the last call
 
     def _check(self, x) -> np.ndarray:
-        if type(x).__module__.split(".")[0] == "cupy":
+        if is_cupy(x):
             raise TypeError("input: a compiled model runs on the CPU; pass a numpy array "
                             "(x.get()), or run the eager model on the GPU")
         if not isinstance(x, np.ndarray):
