@@ -34,6 +34,8 @@ from typing import Dict, List, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PACKAGE = os.path.join(os.path.dirname(HERE), "python", "convcore")
+# The package's compiled modules (CMakeLists.txt's pybind11 module).
+EXTENSIONS = ("_core",)
 
 
 def modules(package_dir: str) -> Dict[str, str]:
@@ -50,10 +52,13 @@ def modules(package_dir: str) -> Dict[str, str]:
                 stem = name[:-3]
                 dotted = ".".join(parts if stem == "__init__" else parts + [stem])
                 found[dotted] = os.path.join(dirpath, name)
-    # the compiled extension(s): nodes without source
-    for name in os.listdir(package_dir):
-        if name.endswith((".so", ".pyd")):
-            found.setdefault(f"{root}.{name.split('.')[0]}", "")
+    # the compiled extension(s): nodes without source, whether built into
+    # this tree or not (a clean clone has none: `from . import _core` must
+    # not read as an import of the package itself)
+    names = set(EXTENSIONS)
+    names.update(n.split(".")[0] for n in os.listdir(package_dir) if n.endswith((".so", ".pyd")))
+    for name in sorted(names):
+        found.setdefault(f"{root}.{name}", "")
     return found
 
 
