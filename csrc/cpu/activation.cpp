@@ -50,13 +50,7 @@ void map_forward(const TensorView& input, const TensorView& output, F&& f) {
     const T* src = x.data();
     T* dst = output.ptr<T>();
     const int64_t n = input.numel();
-    const int threads = threads_for_elements(n);
-    if (threads <= 1) {  // no OpenMP region for one thread (see detail::parallel_for)
-      for (int64_t i = 0; i < n; ++i) dst[i] = f(src[i]);
-      return;
-    }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; ++i) dst[i] = f(src[i]);
+    detail::parallel_for(threads_for_elements(n), n, [&](int64_t i) { dst[i] = f(src[i]); });
   });
 }
 
@@ -217,7 +211,7 @@ void activation_float(Activation kind, const TensorView& input, const TensorView
   detail::parallel_for(threads_for_elements(n), spans, [&](int64_t t) {
     const int64_t i = t * kSpan, len = std::min(kSpan, n - i);
     activation_span_isa(kind, x.data() + i, g ? g + i : nullptr, y + i, len);
-    });
+  });
 }
 #endif
 

@@ -42,9 +42,8 @@ CONVCORE_ALWAYS_INLINE T from_bits(typename IntOf<T>::type bits) {
   std::memcpy(&out, &bits, sizeof out);
   return out;
 }
-// (n + 127) << 23, the bits of the float 2^n, shifted as unsigned: a NaN's
-// lanes hold INT32_MIN there (the conversion's "indefinite" value), whose
-// signed shift would be undefined.
+// (n + 127) << 23, the bits of the float 2^n, shifted as unsigned: for a
+// NaN, n is whatever its bits give, whose signed shift would be undefined.
 template <typename I>
 CONVCORE_ALWAYS_INLINE I exponent_bits(I n) {
   if constexpr (std::is_same_v<I, int32_t>) {

@@ -398,7 +398,7 @@ void for_chunks(int64_t images, int64_t floats, int threads, F&& f) {
   detail::parallel_for(threads, images * per, [&](int64_t t) {
     const int64_t begin = (t % per) * len, end = std::min(floats, begin + len);
     if (begin < end) f(t / per, begin, end);
-    });
+  });
 }
 
 // Calls f(image, channel block) for every plane of t, in parallel.
@@ -453,7 +453,7 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
     } else {
       depthwise_rows(x, in.h, in.w, w, kh, kw, p, bias, oh0, oh1, out.w, y, e.act);
     }
-    });
+  });
 }
 
 void max_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads) {
@@ -484,7 +484,7 @@ void copy_channels(const Image& x, const Image& out, int64_t channel0, int threa
       float* dst = image + (oc / B) * hw * B + oc % B;
       for (int64_t q = 0; q < hw; ++q) dst[q * B] = src[q * B + l];
     }
-    });
+  });
 }
 
 void clear_pad_lanes(const Image& out, int threads) {
@@ -494,7 +494,7 @@ void clear_pad_lanes(const Image& out, int threads) {
   detail::parallel_for(threads, out.n, [&](int64_t n) {
     float* plane = out.data + n * out.image_stride + last * hw * B;
     for (int64_t q = 0; q < hw; ++q) std::fill(plane + q * B + used, plane + (q + 1) * B, 0.0f);
-    });
+  });
 }
 
 void global_avg_pool(const Image& in, const Image& out, int threads) {

@@ -119,17 +119,6 @@ inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* a, 
     micro_vector_body<T, V, RB, VP, false>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
 }
 
-// The gather microkernel (direct convolution): A(i, k) = rows[i][koff[k]],
-// B packed in one NR-column panel, the tile written whole to tile[i * NR + j]
-// (rows past mr are not computed; the caller discards them). Blocks as in
-// micro_vector_body. k covers all C * KH * KW taps of a layer, so the B panel
-// is far bigger than L1 (300 KB for AlexNet's conv2); with several row
-// blocks per tile (AVX2), k runs in chunks of 128 whose slice of the panel
-// (8 KB per block of columns) every row block reads while it is in L1, the
-// blocks adding into the tile. A/B on this Zen 3 machine, 2 threads, min of
-// 8 interleaved runs: AlexNet conv2 backward 1.08-1.11x, ResNet 3x3/2 forward
-// 1.04-1.14x, 13x13 and 14x14 layers at batch 1 1.05-1.22x, the rest level
-// within noise (+-4%). With one block per tile (AVX-512) nothing is reread.
 // One block of RB rows (from i0; rows past mr repeat row mr - 1 and are
 // discarded) by VP vectors of columns (from j0) of gather_vector_body's tile.
 template <typename T, typename V, int RB, int VP>
@@ -155,6 +144,17 @@ inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const in
     }
 }
 
+// The gather microkernel (direct convolution): A(i, k) = rows[i][koff[k]],
+// B packed in one NR-column panel, the tile written whole to tile[i * NR + j]
+// (rows past mr are not computed; the caller discards them). Blocks as in
+// micro_vector_body. k covers all C * KH * KW taps of a layer, so the B panel
+// is far bigger than L1 (300 KB for AlexNet's conv2); with several row
+// blocks per tile (AVX2), k runs in chunks of 128 whose slice of the panel
+// (8 KB per block of columns) every row block reads while it is in L1, the
+// blocks adding into the tile. A/B on this Zen 3 machine, 2 threads, min of
+// 8 interleaved runs: AlexNet conv2 backward 1.08-1.11x, ResNet 3x3/2 forward
+// 1.04-1.14x, 13x13 and 14x14 layers at batch 1 1.05-1.22x, the rest level
+// within noise (+-4%). With one block per tile (AVX-512) nothing is reread.
 template <typename T, typename V, int RB, int VP>
 inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
                                                               const int64_t* koff_all,

@@ -11,8 +11,8 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
-#include <mutex>
 #include <iomanip>
+#include <mutex>
 #include <sstream>
 
 #include "convcore/errors.h"

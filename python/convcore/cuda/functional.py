@@ -253,8 +253,7 @@ def _channel_sum(be, g, out, N: int, C: int, HW: int) -> None:
     at least BIAS_GRAD_MIN_CHUNK positions when C blocks alone are too few,
     the chunks summed in order."""
     total = N * HW
-    splits = max(min(max(total // BIAS_GRAD_MIN_CHUNK, 1), _ceil(_TARGET_BLOCKS, max(C, 1)),
-                     65535), 1)
+    splits = min(max(total // BIAS_GRAD_MIN_CHUNK, 1), _ceil(_TARGET_BLOCKS, max(C, 1)), 65535)
     chunk = max(_ceil(total, splits), 1)
     splits = max(_ceil(total, chunk), 1)
     target = out if splits == 1 else be.xp.empty((splits, C), dtype=np.float32)
