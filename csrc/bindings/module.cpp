@@ -16,6 +16,7 @@
 
 #include "convcore/convcore.h"
 #include "model_file.h"  // the runtime's reader of model files (not installed)
+#include "scratch.h"     // the core's cache of large blocks (not installed)
 
 namespace py = pybind11;
 using convcore::DType;
@@ -67,9 +68,24 @@ struct Arrays {
   }
 };
 
+// A new C-contiguous array. A large one takes a block of the core's cache
+// (scratch.h), returned to it when the array and every view of it are gone:
+// a training step's arrays of the shapes of the step before then need no
+// fresh pages (numpy's own would be zeroed by the kernel at first touch).
+template <typename T>
+py::array new_array_of(std::vector<py::ssize_t> shape) {
+  constexpr std::size_t kCachedBytes = std::size_t(8) << 20;
+  std::size_t bytes = sizeof(T);
+  for (py::ssize_t d : shape) bytes *= static_cast<std::size_t>(d);
+  if (bytes < kCachedBytes) return py::array_t<T>(shape);
+  void* block = convcore::detail::allocate_scratch(bytes);
+  py::capsule owner(block, [](void* p) { convcore::detail::free_scratch(p); });
+  return py::array_t<T>(shape, static_cast<T*>(block), owner);
+}
+
 py::array new_array(const TensorView& like, std::vector<py::ssize_t> shape) {
-  if (like.dtype == DType::Float32) return py::array_t<float>(shape);
-  return py::array_t<double>(shape);
+  if (like.dtype == DType::Float32) return new_array_of<float>(std::move(shape));
+  return new_array_of<double>(std::move(shape));
 }
 
 // The caller's `out` array (checked in functional.py: dtype, shape,
@@ -204,7 +220,7 @@ py::object max_pool2d(const py::array& input, Pair kernel, Pair stride, Pair pad
   const TensorView y = out_view(out);
   py::array idx;
   TensorView idx_v;
-  if (return_indices) idx = py::array_t<int64_t>(dims(shape)), idx_v = out_view(idx);
+  if (return_indices) idx = new_array_of<int64_t>(dims(shape)), idx_v = out_view(idx);
   {
     py::gil_scoped_release release;
     convcore::max_pool2d_forward(x, p, y, return_indices ? &idx_v : nullptr);
@@ -720,6 +736,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_workspace_limit", &convcore::set_workspace_limit, py::arg("bytes"),
         "Most bytes one piece of scratch memory may take (0: physical memory)");
   m.def("workspace_limit", &convcore::workspace_limit);
+  m.def("set_scratch_cache_limit", &convcore::set_scratch_cache_limit, py::arg("bytes"),
+        "Most bytes of freed large scratch blocks kept for later calls (0: keep none)");
+  m.def("scratch_cache_limit", &convcore::scratch_cache_limit);
+  m.def("scratch_cache_bytes", &convcore::scratch_cache_bytes);
   m.def("set_conv_autotune", &convcore::set_conv_autotune, py::arg("on"),
         "On: the first conv2d / conv2d_backward call of a shape with algorithm='auto' times the "
         "algorithms that apply and keeps the fastest for that shape. Off (the default): the "

@@ -9,6 +9,7 @@
 #include "convcore/errors.h"
 #include "convcore/shapes.h"
 #include "convcore/tensor.h"
+#include "scratch.h"
 
 namespace convcore {
 namespace detail {
@@ -169,12 +170,7 @@ class ThreadsOverride {
 // so that an allocation failure throws std::bad_alloc to the caller instead
 // of terminating inside OpenMP. All scratch memory of the core goes through
 // here, so that it is counted.
-// Large buffers are 2 MB aligned and advised to use transparent huge
-// pages: glibc maps anything over 32 MB afresh on every call, and faulting
-// in 4 KB pages then cost 15 ms per call for the 38 MB of F(4x4, 3x3)
-// filters at 512 x 512 channels (measured), against about 1 ms in 2 MB pages.
-void* allocate_scratch(size_t bytes);
-void free_scratch(void* p);
+// allocate_scratch / free_scratch: scratch.h.
 
 template <typename T>
 class Workspace {

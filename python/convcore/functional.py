@@ -594,6 +594,29 @@ def workspace_limit() -> int:
     return _core.workspace_limit()
 
 
+def set_scratch_cache_limit(nbytes: int) -> None:
+    """Large blocks (8 MB and more) of the core's scratch memory and of the
+    arrays its functions return are kept when freed, for the next call that
+    needs about as much, up to nbytes in all (default 256 MB; 0 frees them
+    and keeps none). A fresh block costs a page fault and a zeroing by the
+    kernel for every page it touches: a training step that allocates the
+    same shapes as the step before finds them here."""
+    nbytes = integer(nbytes, "nbytes")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    _core.set_scratch_cache_limit(nbytes)
+
+
+def scratch_cache_limit() -> int:
+    """The most bytes of freed large blocks kept (see set_scratch_cache_limit)."""
+    return _core.scratch_cache_limit()
+
+
+def scratch_cache_bytes() -> int:
+    """The bytes of freed large blocks kept now."""
+    return _core.scratch_cache_bytes()
+
+
 def workspace_peak() -> int:
     """The most scratch bytes this thread's calls held at once since
     reset_workspace_peak(): what a layer costs beyond its inputs and outputs."""

@@ -20,6 +20,13 @@ void reset_workspace_peak();
 // the process be killed later when it touches the memory.
 void set_workspace_limit(int64_t bytes);
 int64_t workspace_limit();
+// Large scratch blocks (8 MB and more) freed by a call are kept for the next
+// calls, up to this many bytes in all (default 256 MB; 0 frees them and keeps
+// none): a fresh block costs the kernel a zeroing of every page it touches.
+void set_scratch_cache_limit(int64_t bytes);
+int64_t scratch_cache_limit();
+// Bytes of scratch blocks kept idle now.
+int64_t scratch_cache_bytes();
 // The machine's physical memory in bytes (INT64_MAX when unknown).
 int64_t physical_memory_bytes();
 
