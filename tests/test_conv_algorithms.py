@@ -217,9 +217,10 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     update this test with those rules), for forward and grad_input alike, and
     for grad_weight (winograd2_grad_weight_pays):
     F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2) on smaller
-    images with a band of tiles per thread, the direct kernel on a small image
-    at batch 1 and with fewer than 64 channels. Results are bitwise those of
-    the named algorithm."""
+    images (not 7x7) with a band of tiles per thread, the direct kernel on a
+    small image at batch 1 and with fewer than 64 channels, the GEMM path with
+    fewer than 128 output positions in all (direct_pays). Results are bitwise
+    those of the named algorithm."""
     rng = np.random.default_rng(2)
 
     def case(n, c, cout, h):
@@ -243,7 +244,9 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("winograd4", *case(1, 64, 64, 56))      # two bands of 4x4 tiles per image
     auto_is("winograd4", *case(2, 256, 256, 28))
     auto_is("winograd", *case(2, 128, 96, 14), grad_weight_by="direct")  # 14x14: F(4x4) ragged
-    auto_is("winograd", *case(2, 512, 512, 7))      # grad_weight too, with 512 channels
+    auto_is("winograd", *case(2, 512, 512, 14))     # grad_weight too, with 512 channels
+    auto_is("gemm", *case(2, 512, 512, 7))          # 7x7: no F(2x2); 98 positions: no direct
+    auto_is("direct", *case(4, 512, 512, 7))        # 196 positions: the direct kernel
     auto_is("direct", *case(1, 128, 96, 14))        # one band at batch 1
     auto_is("direct", *case(4, 32, 64, 28))         # too few channels
     x, w, gy = case(1, 64, 64, 56)

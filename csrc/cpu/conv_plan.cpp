@@ -114,8 +114,11 @@ int64_t winograd_tasks(const ConvGeometry& G) {
 bool winograd_channels(const ConvGeometry& G) {
   return winograd_shape(G) && G.C >= 64 && G.Cout >= 64;
 }
+// Not on 7x7 outputs (ResNet's last stage): 16 tiles of 4x4 cover 64
+// positions for 49, and the 16 transformed filter matrices, made on every
+// call, outweigh the products saved at every batch (docs/benchmarks.md).
 bool winograd_pays(const ConvGeometry& G) {
-  return winograd_channels(G) &&
+  return winograd_channels(G) && G.Ho >= 8 && G.Wo >= 8 &&
          winograd_tasks<2>(G) >= static_cast<int64_t>(get_num_threads());
 }
 // grad_weight through the same transforms (grad_weight_winograd) against
@@ -140,6 +143,12 @@ bool winograd4_pays(const ConvGeometry& G) {
 // auto takes them where one image's frame is at most 64 MB; beyond, (a huge
 // image, or strides that skip most of it) the GEMM paths read the input in
 // place.
+// The direct paths pack the weights into panels on every call: with few
+// output positions in all (a 7x7 image at batch 1 or 2) that copy outweighs
+// the products, and the GEMM path, which reads the weights in place, is
+// about twice as fast (docs/benchmarks.md).
+constexpr int64_t kDirectMinPositions = 128;
+bool direct_pays(const ConvGeometry& G) { return G.N * G.Ho * G.Wo >= kDirectMinPositions; }
 bool direct_fits(const ConvGeometry& G) {
   const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
   const int64_t Wp = (G.Wo - 1) * G.p.stride_w + (G.KW - 1) * G.p.dilation_w + 1;
@@ -192,7 +201,7 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
       if (winograd4_pays(G)) return ConvAlgorithm::Winograd4x4;
       if (winograd_pays(G)) return ConvAlgorithm::Winograd;
       if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
-      return direct_fits(G) ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
+      return direct_fits(G) && direct_pays(G) ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
     case ConvAlgorithm::Depthwise:
       if (!depthwise)
         throw ValueError("algorithm='depthwise' needs one input channel per group "
@@ -246,7 +255,7 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
   if (is_pointwise(G)) return GradInputPath::Pointwise;
   // On the direct kernel unless the GEMM path was asked for by name.
   if (grad_input_as_forward_applies(G))
-    return !gemm_named(G) && direct_fits(grad_input_as_forward_geometry(G))
+    return !gemm_named(G) && direct_pays(G) && direct_fits(grad_input_as_forward_geometry(G))
                ? GradInputPath::AsForwardDirect
                : GradInputPath::AsForwardGemm;
   // The direct kernel (for strided layers, or stride 1 with padding past the
@@ -255,7 +264,7 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
   // threads, min of 5); with the 3 channels of a first layer (3 of 32 columns
   // used) it was 2.7-4x slower than the GEMM path.
   const int64_t nr = dtype == DType::Float32 ? gemm::Tile<float>::NR : gemm::Tile<double>::NR;
-  if (!gemm_named(G) && G.Cg >= nr / 2 && direct_grad_input_fits(G))
+  if (!gemm_named(G) && direct_pays(G) && G.Cg >= nr / 2 && direct_grad_input_fits(G))
     return GradInputPath::DirectStrided;
   return GradInputPath::Gemm;
 }
@@ -270,7 +279,8 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
   // 2 threads, batch 16, it took AlexNet conv1 12.2 -> 9.3 ms, conv2-5
   // 1.15-1.3x less, ResNet conv1 9.6 -> 7.0, the 3x3 stride-2 layer
   // 13.3 -> 9.3, the dilated 3x3 12.4 -> 9.5 (min of 5).
-  if (!is_pointwise(G) && !gemm_named(G) && direct_fits(G)) return GradWeightPath::Direct;
+  if (!is_pointwise(G) && !gemm_named(G) && direct_pays(G) && direct_fits(G))
+    return GradWeightPath::Direct;
   if (grad_weight_by_taps_applies(G)) return GradWeightPath::ByTaps;
   const bool small = dtype == DType::Float32 ? grad_weight_by_chunks_applies<float>(G)
                                              : grad_weight_by_chunks_applies<double>(G);
