@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+import convcore
 from convcore.nn import Linear, Parameter
 from convcore.optim import SGD, Adam, ReduceLROnPlateau, StepLR
 
@@ -308,3 +309,76 @@ def test_scheduler_state_dict_round_trip():
 def test_scheduler_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call(SGD(_params(), lr=0.1))
+
+
+# ------------------------------------------------- the one-pass update (sgd_step)
+
+def _sgd_reference(w, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """torch.optim.SGD's rule in numpy expressions, operation by operation
+    (what convcore.optim.SGD computed before the core's sgd_step)."""
+    g = grad
+    if weight_decay:
+        g = g + weight_decay * w
+    if momentum:
+        buf = np.array(g, copy=True) if first else buf * momentum + (1.0 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    return w - lr * g, buf
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum,dampening,weight_decay,nesterov", [
+    (0.0, 0.0, 0.0, False), (0.9, 0.0, 0.0, False), (0.9, 0.1, 5e-4, False),
+    (0.9, 0.0, 1e-2, True), (0.0, 0.0, 1e-3, False)])
+def test_sgd_step_is_the_numpy_rule_bit_for_bit(dtype, momentum, dampening, weight_decay,
+                                                nesterov):
+    rng = np.random.default_rng(7)
+    shape = (70, 1100)  # 77,000 elements: several tasks of the core's split
+    w = rng.standard_normal(shape).astype(dtype)
+    buf = np.empty_like(w)
+    ref_w, ref_buf = w.copy(), None
+    for step in range(3):
+        grad = rng.standard_normal(shape).astype(dtype)
+        first = step == 0
+        ref_w, ref_buf = _sgd_reference(ref_w, grad, ref_buf, 0.05, momentum, dampening,
+                                        weight_decay, nesterov, first)
+        convcore.functional.sgd_step(w, grad, buf, 0.05, momentum, dampening, weight_decay,
+                                     nesterov, first)
+        np.testing.assert_array_equal(w, ref_w)
+        if momentum:
+            np.testing.assert_array_equal(buf, ref_buf)
+
+
+def test_sgd_step_of_non_contiguous_parameters_and_gradients():
+    """A parameter that is a strided view is updated through a copy; a
+    strided gradient is read through a copy."""
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal((8, 12)).astype(np.float32)
+    p = Parameter(base.copy())
+    p.data = p.data[:, ::2]  # a view: not contiguous
+    p.grad = np.asfortranarray(rng.standard_normal((8, 6)).astype(np.float32))
+    expected = p.data - np.float32(0.1) * p.grad
+    SGD([p], lr=0.1).step()
+    np.testing.assert_array_equal(p.data, expected)
+    q = Parameter(base.astype(">f4"))  # byte-swapped: updated through a native copy
+    q.grad = np.ones((8, 12), np.float32)
+    SGD([q], lr=0.5, momentum=0.9).step()
+    np.testing.assert_array_equal(q.data, base - np.float32(0.5))
+    r = Parameter(base.copy())  # a dtype equal to float32 but another object
+    r.data = r.data.view(np.dtype("<f4", metadata={"m": 1}))
+    r.grad = np.ones((8, 12), np.float32)
+    SGD([r], lr=0.5, momentum=0.9).step()
+    np.testing.assert_array_equal(r.data, base - np.float32(0.5))
+
+
+def test_sgd_step_bad_arguments():
+    w = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="grad"):
+        convcore.functional.sgd_step(w, np.zeros((4, 5), np.float32), None, 0.1)
+    with pytest.raises(TypeError, match="grad"):
+        convcore.functional.sgd_step(w, np.zeros((4, 4), np.float64), None, 0.1)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        convcore.functional.sgd_step(w, np.zeros((4, 4), np.float32), None, 0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="data must be a writeable C-contiguous"):
+        convcore.functional.sgd_step(w.astype(">f4"), np.zeros((4, 4), np.float32), None, 0.1)
+    with pytest.raises(ValueError, match="data must be a writeable C-contiguous"):
+        convcore.functional.sgd_step(w[:, ::2], np.zeros((4, 2), np.float32), None, 0.1)

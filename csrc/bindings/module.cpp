@@ -103,9 +103,11 @@ py::array out_or_new(const std::optional<py::array>& out, const TensorView& like
 TensorView out_view(py::array& a) {
   TensorView t;
   t.data = a.mutable_data();
-  t.dtype = a.dtype().is(py::dtype::of<float>())    ? DType::Float32
-            : a.dtype().is(py::dtype::of<double>()) ? DType::Float64
-                                                    : DType::Int64;
+  // by kind and size, as Arrays::view (an equal dtype may be another object)
+  const py::dtype dt = a.dtype();
+  t.dtype = dt.kind() == 'f' && dt.itemsize() == 4   ? DType::Float32
+            : dt.kind() == 'f' && dt.itemsize() == 8 ? DType::Float64
+                                                     : DType::Int64;
   t.ndim = static_cast<int>(a.ndim());
   for (int i = 0; i < t.ndim; ++i) {
     t.shape[i] = a.shape(i);
@@ -403,6 +405,23 @@ py::array relu_backward(const py::array& grad_output, const py::array& input) {
   return elementwise_backward(grad_output, input, convcore::relu_backward);
 }
 
+// data and momentum_buffer are updated in place: the caller's arrays
+// themselves (functional.sgd_step checks them: writeable, C-contiguous).
+void sgd_step(py::array data, const py::array& grad, std::optional<py::array> momentum_buffer,
+              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+              bool first) {
+  Arrays arrays;
+  const TensorView g = arrays.view(grad, "grad");
+  const TensorView w = out_view(data);
+  convcore::SgdParams p;
+  p.lr = lr, p.momentum = momentum, p.dampening = dampening, p.weight_decay = weight_decay;
+  p.nesterov = nesterov, p.first = first;
+  TensorView buf;
+  if (momentum_buffer) buf = out_view(*momentum_buffer);
+  py::gil_scoped_release release;
+  convcore::sgd_step(w, g, momentum_buffer ? &buf : nullptr, p);
+}
+
 convcore::Activation activation_kind(const std::string& name) {
   using convcore::Activation;
   if (name == "sigmoid") return Activation::Sigmoid;
@@ -687,6 +706,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("linear_backward", &linear_backward);
   m.def("relu", &relu);
   m.def("relu_backward", &relu_backward);
+  m.def("sgd_step", &sgd_step);
   m.def("activation", &activation);
   m.def("activation_backward", &activation_backward);
   m.def("softmax", &softmax, py::arg("input"), py::arg("dim"), py::arg("log") = false);

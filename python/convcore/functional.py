@@ -568,6 +568,35 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
     return np.ascontiguousarray(np.moveaxis(grad.astype(dtype, copy=False), -1, axis))
 
 
+# -------------------------------------------------------------------- optimisers
+
+def sgd_step(data, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+             nesterov=False, first=False) -> None:
+    """One step of torch.optim.SGD's rule on `data`, in place, in one pass
+    over memory (convcore.optim.SGD's update):
+
+        g = grad + weight_decay * data
+        buf = g (first), else momentum * buf + (1 - dampening) * g   (momentum != 0)
+        g = g + momentum * buf if nesterov else buf                   (momentum != 0)
+        data -= lr * g
+
+    momentum_buffer: an array of data's shape and dtype, written when
+    momentum != 0 (read unless first). data and momentum_buffer must be
+    writeable and C-contiguous; grad is copied when it is not contiguous."""
+    w = _array(data, "data")
+    if not (w.flags.c_contiguous and w.flags.writeable and w.dtype.isnative):
+        raise ValueError("data must be a writeable C-contiguous array of native byte order")
+    g = np.ascontiguousarray(_array(grad, "grad"))
+    buf = None
+    if momentum_buffer is not None:
+        buf = _array(momentum_buffer, "momentum_buffer")
+        if not (buf.flags.c_contiguous and buf.flags.writeable and buf.dtype.isnative):
+            raise ValueError("momentum_buffer must be a writeable C-contiguous array of "
+                             "native byte order")
+    _core.sgd_step(w, g, buf, float(lr), float(momentum), float(dampening),
+                   float(weight_decay), bool(nesterov), bool(first))
+
+
 # ---------------------------------------------------------------------- threads
 
 def set_num_threads(n: int) -> None:
@@ -665,6 +694,6 @@ def _gpu_dispatch(fn):
 for _name in ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
               "avg_pool2d_backward", "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward",
               "linear", "linear_backward", "relu", "relu_backward", "local_response_norm",
-              "local_response_norm_backward", "batch_norm", "batch_norm_backward"):
+              "local_response_norm_backward", "batch_norm", "batch_norm_backward", "sgd_step"):
     globals()[_name] = _gpu_dispatch(globals()[_name])
 del _name

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ._arrays import is_cupy
+from . import functional as F
+from ._arrays import array_module, is_cupy
 from .nn.module import Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "StepLR", "ReduceLROnPlateau"]
@@ -113,7 +114,7 @@ class Optimizer:
                 if value.shape != p.data.shape:
                     raise ValueError(f"state[{i}][{key!r}] has shape {value.shape}, the "
                                      f"parameter has shape {p.data.shape}")
-                entry[key] = np.array(value, dtype=p.data.dtype, copy=True)
+                entry[key] = np.array(value, dtype=p.data.dtype.newbyteorder("="), copy=True)
                 if is_cupy(p.data):
                     import cupy
                     entry[key] = cupy.asarray(entry[key])
@@ -162,27 +163,18 @@ class SGD(Optimizer):
 
     def step(self) -> None:
         for p, state in zip(self.params, self.state):
-            if is_cupy(p.data):  # after model.to("cuda"): optim.cu's kernel, in place
-                from .cuda.functional import sgd_step
-                first = self.momentum != 0 and "momentum_buffer" not in state
-                if first:
-                    import cupy
-                    state["momentum_buffer"] = cupy.empty_like(p.data)  # the kernel fills it
-                sgd_step(p.data, p.grad, state.get("momentum_buffer"), self.lr, self.momentum,
-                         self.dampening, self.weight_decay, self.nesterov, first)
-                continue
-            g = p.grad
-            if self.weight_decay:
-                g = g + self.weight_decay * p.data
-            if self.momentum:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = np.array(g, dtype=p.data.dtype, copy=True)
-                else:
-                    buf *= self.momentum
-                    buf += (1.0 - self.dampening) * g
-                g = g + self.momentum * buf if self.nesterov else buf
-            p.data -= self.lr * g
+            first = self.momentum != 0 and "momentum_buffer" not in state
+            if first:  # the update fills it
+                state["momentum_buffer"] = array_module(p.data).empty(
+                    p.data.shape, p.data.dtype.newbyteorder("="))
+            # the update runs in place: on a contiguous copy of an odd array
+            in_place = is_cupy(p.data) or (p.data.flags.c_contiguous and p.data.flags.writeable
+                                           and p.data.dtype.isnative)
+            data = p.data if in_place else np.array(p.data, dtype=p.data.dtype.newbyteorder("="))
+            F.sgd_step(data, p.grad, state.get("momentum_buffer"), self.lr, self.momentum,
+                       self.dampening, self.weight_decay, self.nesterov, first)
+            if data is not p.data:
+                p.data[...] = data
 
 
 class Adam(Optimizer):

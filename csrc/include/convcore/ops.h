@@ -52,6 +52,20 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
                      const TensorView& weight, const TensorView* grad_input,
                      const TensorView* grad_weight, const TensorView* grad_bias);
 
+// One step of torch.optim.SGD on one parameter, in place:
+//   g = grad + weight_decay * param
+//   buf = g (first), else momentum * buf + (1 - dampening) * g   (momentum != 0)
+//   g = g + momentum * buf if nesterov else buf                   (momentum != 0)
+//   param -= lr * g
+// All contiguous and of param's shape and dtype; momentum_buffer is read
+// (unless first) and written when momentum != 0, ignored otherwise.
+struct SgdParams {
+  double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false, first = false;
+};
+void sgd_step(const TensorView& param, const TensorView& grad, const TensorView* momentum_buffer,
+              const SgdParams& p);
+
 // Elementwise over views of any (equal) shape.
 void relu_forward(const TensorView& input, const TensorView& output);
 void relu_backward(const TensorView& grad_output, const TensorView& input,
