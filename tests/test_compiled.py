@@ -64,8 +64,11 @@ def test_zoo_model_compiled_equals_eager(name):
     assert got.shape == expected.shape and got.dtype == np.float32
     ERRORS[name] = rel_diff(got, expected)
     assert ERRORS[name] <= 1e-5, f"{name}: {ERRORS[name]:.2e}"
-    # the plain, unfused engine is the core's ops, bit for bit
+    # the plain, unfused engine is the core's ops, bit for bit (on one
+    # thread: with two, each runs a share of the batch, and the core's
+    # algorithm for a layer may depend on the batch it sees)
     plain = engine(model, blocked=False, fuse=False)
+    plain.threads = 1
     np.testing.assert_array_equal(plain.forward(x), expected)
 
 
@@ -437,3 +440,30 @@ def test_first_layer_with_few_output_channels(cin, cout, kernel, stride, padding
     x = rng.standard_normal((3, cin, 13, width)).astype(np.float32)
     assert rel_diff(convcore.compile(m)(x), m(x)) <= 1e-5
     assert rel_diff(convcore.compile(m, threads=2)(x[1:2]), m(x[1:2])) <= 1e-5
+
+
+# ------------------------------------------------------------ batch-dependent plans
+
+def test_winograd_on_7x7_images_only_in_a_wide_batch():
+    """A 3x3 convolution with a 7x7 output takes the direct kernel for small
+    batches and F(2x2) Winograd from 16 images on (winograd_m: the engine
+    compiles such a net once per batch class); a 14x14 one takes F(2x2) at
+    every batch. Both variants match the eager model, and a batch of one
+    image gives the same result in both."""
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1))
+    for side, small_kind in ((7, "conv"), (14, "winograd")):
+        compiled, model, x = compiled_and_eager(model, (32, side, side), batch=16)
+        kinds = {b: [k for k in ([f for f in line.split("  ") if f.strip()][1].strip()
+                                 for line in compiled.plan(b, x.shape[1:]).splitlines()[2:])
+                     if k != "reorder"]
+                 for b in (1, 15, 16, 40)}
+        assert kinds[1][:2] == kinds[15][:2] == [small_kind] * 2, kinds
+        assert kinds[16][:2] == kinds[40][:2] == ["winograd"] * 2, kinds
+        wide = compiled(x)
+        assert rel_diff(wide, model(x)) <= 1e-5
+        for i in (0, 15):  # the small-batch variant, image by image
+            one = compiled(x[i:i + 1])
+            assert rel_diff(one, model(x[i:i + 1])) <= 1e-5
+            assert rel_diff(one, wide[i:i + 1]) <= 1e-5

@@ -557,7 +557,7 @@ Engine::Impl::Chunking Engine::Impl::chunking(Compiled& c, int64_t batch, bool p
 Tensor Engine::Impl::run_chunks(const TensorView& input, std::vector<double>* times) const {
   const Shape sample(input.shape + 1, input.shape + input.ndim);
   std::unique_lock<std::mutex> lock(mutex);
-  Compiled& c = compile(sample);
+  Compiled& c = compile(sample, input.shape[0]);
   Shape out_shape = c.shapes[static_cast<std::size_t>(c.vals[static_cast<std::size_t>(c.output_val)].gv)];
   out_shape.insert(out_shape.begin(), input.shape[0]);
   Tensor result = Tensor::empty(dtype, out_shape);
@@ -659,7 +659,7 @@ void Engine::set_reload(std::function<void(graph::Graph&)> reload) {
 
 void Engine::prepare(const Shape& sample) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  impl_->compile(sample);
+  impl_->compile(sample, 1);
   // Compiling freed the copies it packed (and the graph's weights, from a
   // file); give the heap's free pages back, so they do not stay resident.
   return_free_heap_pages();
@@ -695,11 +695,11 @@ std::vector<StepInfo> Engine::profile(const TensorView& input, int runs) const {
   std::vector<double> times;
   {
     std::lock_guard<std::mutex> lock(m.mutex);
-    times.assign(m.compile(sample_of(input)).steps.size(), 0.0);
+    times.assign(m.compile(sample_of(input), input.shape[0]).steps.size(), 0.0);
   }
   for (int r = 0; r < runs; ++r) m.run_chunks(x.view(), &times);
   std::lock_guard<std::mutex> lock(m.mutex);
-  const Compiled& c = m.compile(sample_of(input));
+  const Compiled& c = m.compile(sample_of(input), input.shape[0]);
   std::vector<StepInfo> rows;
   for (std::size_t i = 0; i < c.steps.size(); ++i) {
     const Step& s = c.steps[i];
@@ -722,7 +722,7 @@ Tensor Engine::forward(const TensorView& input) const {
 std::string Engine::summary(const Shape& sample, int64_t batch) const {
   const Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  Compiled& c = m.compile(sample);
+  Compiled& c = m.compile(sample, batch);
   const Impl::Chunking how = m.chunking(c, batch, false);
   const int64_t k = how.images;
   Plan& p = m.plan(c, k, how.step_threads);
@@ -758,7 +758,7 @@ std::string Engine::summary(const Shape& sample, int64_t batch) const {
 int64_t Engine::arena_bytes(const Shape& sample, int64_t batch) const {
   const Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  Compiled& c = m.compile(sample);
+  Compiled& c = m.compile(sample, batch);
   const Impl::Chunking how = m.chunking(c, batch, false);
   Plan& p = m.plan(c, how.images, how.step_threads);
   return how.team * (p.values_elements + p.scratch_elements) *

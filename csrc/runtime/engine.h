@@ -49,7 +49,9 @@ class Engine {
   // up and is not counted); returns the steps with their total seconds.
   std::vector<StepInfo> profile(const TensorView& input, int runs) const;
 
-  // Compiles for a sample shape now (the first forward of that shape would).
+  // Compiles for a sample shape now (the first forward of that shape would),
+  // for small batches: a net with an algorithm that depends on the batch
+  // (Winograd on 7x7 images) compiles again at its first batch of 16 or more.
   void prepare(const std::vector<int64_t>& sample_shape);
   // How to read the graph's tensors again: the engine then frees its copy
   // of the weights it packs, and reloads them for another sample shape.

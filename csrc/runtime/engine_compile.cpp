@@ -101,15 +101,30 @@ std::string node_label(const Node& n, const std::vector<std::string>& values) {
 // direct kernel: F(m x m, 3x3) needs a 3x3, stride-1, undilated kernel, and
 // pays where the images hold enough tiles and the channels are many (the
 // transforms are memory passes over the channels; measured in
-// docs/engine.md).
-int winograd_m(const graph::ConvAttrs& a, const Shape& out) {
+// docs/engine.md). A 7x7 output (16 tiles an image) takes F(2x2) only in a
+// wide batch: with few images its transformed filters, 16/9 of the
+// weights, are streamed from memory for a few tiles each.
+int winograd_m(const graph::ConvAttrs& a, const Shape& out, bool wide_batch) {
   if (a.kh != 3 || a.kw != 3 || a.p.stride_h != 1 || a.p.stride_w != 1 || a.p.dilation_h != 1 ||
       a.p.dilation_w != 1 || a.p.groups != 1 || a.in < 32 || a.out < 32)
     return 0;
   const int64_t side = std::min(out[1], out[2]);
   if (side >= 28) return 4;  // F(4x4): fewest products, ragged tiles rare
-  if (side >= 7) return 2;   // F(2x2): 4x4 tiles waste less of a small image
+  if (side >= 8) return 2;   // F(2x2): 4x4 tiles waste less of a small image
+  if (side >= 7 && wide_batch) return 2;
   return 0;
+}
+
+// Whether some convolution's algorithm depends on the batch (winograd_m):
+// only such a net is compiled once per batch class.
+bool depends_on_batch(const graph::Graph& g, const std::vector<Shape>& shapes) {
+  for (const Node& n : g.nodes) {
+    if (n.op != Op::Conv2d) continue;
+    const Shape& out = shapes[static_cast<std::size_t>(n.output)];
+    if (out.size() == 3 && winograd_m(n.conv, out, false) != winograd_m(n.conv, out, true))
+      return true;
+  }
+  return false;
 }
 
 std::vector<float> padded_floats(const Tensor& t, int64_t n_padded) {
@@ -277,7 +292,7 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
             s.kind = Kind::Depthwise;
             s.depthwise = blocked::pack_depthwise_weights(s.weight.data_as<float>(), a.out, a.kh, a.kw);
             s.in = {want(x, true)};
-          } else if (const int m = winograd_m(a, c.shapes[static_cast<std::size_t>(f.out)])) {
+          } else if (const int m = winograd_m(a, c.shapes[static_cast<std::size_t>(f.out)], c.wide_batch)) {
             s.kind = Kind::Winograd;
             s.in = {want(x, true)};
             s.winograd = blocked::pack_winograd_weights(s.weight.data_as<float>(), a.out, a.in, m);
@@ -455,11 +470,18 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
   }
 }
 
-Compiled& Engine::Impl::compile(const Shape& sample) const {
-  auto it = compiled.find(sample);
+Compiled& Engine::Impl::compile(const Shape& sample, int64_t batch) const {
+  auto sensitive = batch_sensitive.find(sample);
+  if (sensitive == batch_sensitive.end())
+    sensitive =
+        batch_sensitive.emplace(sample, depends_on_batch(g, graph::infer_shapes(g, sample))).first;
+  const bool wide = sensitive->second && batch >= kWideBatch;
+  const auto key = std::make_pair(sample, wide);
+  auto it = compiled.find(key);
   if (it != compiled.end()) return *it->second;
   auto c = std::make_unique<Compiled>();
   c->sample = sample;
+  c->wide_batch = wide;
   c->shapes = graph::infer_shapes(g, sample);
   if (released) {  // the weights given up after an earlier compile, read again
     reload(const_cast<graph::Graph&>(g));
@@ -468,7 +490,7 @@ Compiled& Engine::Impl::compile(const Shape& sample) const {
   std::vector<FusedOp> ops = fuse(c->shapes, *c);
   lower(ops, *c);
   Compiled& ref = *c;
-  compiled[sample] = std::move(c);
+  compiled[key] = std::move(c);
   return ref;
 }
 

@@ -143,6 +143,7 @@ struct Plan {
 // The steps for one sample shape.
 struct Compiled {
   Shape sample;
+  bool wide_batch = false;  // compiled for batches of kWideBatch images and more
   std::vector<Shape> shapes;  // by graph value, one sample
   std::vector<Val> vals;
   std::vector<Step> steps;
@@ -166,7 +167,10 @@ struct Engine::Impl {
   Options options;
   int lanes = 8;
   mutable std::mutex mutex;
-  mutable std::map<Shape, std::unique_ptr<Compiled>> compiled;
+  // by sample shape and batch class (wide: kWideBatch images and more; only
+  // where an algorithm depends on it, see batch_sensitive)
+  mutable std::map<std::pair<Shape, bool>, std::unique_ptr<Compiled>> compiled;
+  mutable std::map<Shape, bool> batch_sensitive;
   mutable std::vector<Tensor> arenas;  // free arenas, reused by later forwards
   // Reads the graph's tensors again (a file's); when set, compile() frees
   // the graph's copy of the weights it packs, and reloads them to compile
@@ -177,7 +181,11 @@ struct Engine::Impl {
   int threads() const { return options.threads > 0 ? options.threads : get_num_threads(); }
   bool use_blocked() const { return options.blocked && dtype == DType::Float32; }
 
-  Compiled& compile(const Shape& sample) const;
+  // The steps for a sample shape and a batch of `batch` images (a net with
+  // a batch-dependent algorithm, as Winograd on 7x7 images, is compiled once
+  // per batch class).
+  static constexpr int64_t kWideBatch = 16;
+  Compiled& compile(const Shape& sample, int64_t batch) const;
   std::vector<FusedOp> fuse(const std::vector<Shape>& shapes, Compiled& c) const;
   void lower(std::vector<FusedOp>& ops, Compiled& c) const;
   Plan& plan(Compiled& c, int64_t batch, int threads) const;

@@ -70,7 +70,10 @@ class CompiledModel:
     @property
     def threads(self) -> int:
         """Threads of this model's kernels (0, the default, follows
-        convcore.set_num_threads). Results do not depend on it."""
+        convcore.set_num_threads). Results do not depend on it, except in
+        steps that run the core's own ops (float64 models, padding modes
+        other than zeros): with several threads each runs a share of the
+        batch, and an op's algorithm may depend on the batch it sees."""
         return self._net.threads
 
     @threads.setter
