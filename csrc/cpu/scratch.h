@@ -12,6 +12,10 @@
 namespace convcore {
 namespace detail {
 
+// Blocks of at least this many bytes are the large ones (cached); smaller
+// ones come from malloc.
+constexpr std::size_t kLargeScratchBytes = std::size_t(8) << 20;
+
 // Throws std::bad_alloc when the memory cannot be had.
 void* allocate_scratch(std::size_t bytes);
 void free_scratch(void* p);

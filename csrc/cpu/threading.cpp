@@ -149,7 +149,7 @@ void workspace_acquired(int64_t bytes) {
 void workspace_released(int64_t bytes) { t_workspace_now -= bytes; }
 
 void* allocate_scratch(size_t bytes) {
-  if (bytes < 4 * kHugePage) {
+  if (bytes < kLargeScratchBytes) {
     void* p = std::malloc(bytes);
     if (!p) throw std::bad_alloc();
     return p;
