@@ -285,3 +285,28 @@ def test_module_methods_carried_out_above_nn_are_registered():
     with pytest.raises(ValueError, match=r"method must be one of \['save', 'summary', 'to'\], "
                                          r"got 'fit'"):
         nn_module.provide("fit", print)
+
+
+def test_zero_grad_is_lazy_and_gradients_still_accumulate():
+    """zero_grad marks the gradients zero without a sweep; the next backward's
+    gradient takes their place, a second backward adds to it, and reading a
+    gradient after zero_grad gives zeros."""
+    rng = np.random.default_rng(0)
+    layer = nn.Conv2d(3, 4, 3)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    gy = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    layer(x)
+    layer.backward(gy)
+    once = layer.weight.grad.copy()
+    layer.backward(gy)  # accumulates
+    np.testing.assert_allclose(layer.weight.grad, 2 * once, rtol=1e-6)
+    kept = layer.weight.grad
+    layer.zero_grad()
+    assert not layer.weight.grad.any() and not layer.bias.grad.any()
+    layer.zero_grad()
+    layer(x)
+    layer.backward(gy)
+    np.testing.assert_array_equal(layer.weight.grad, once)
+    np.testing.assert_allclose(kept, 0)  # read after zero_grad: zeroed in place then
+    layer.backward(gy)
+    np.testing.assert_allclose(layer.weight.grad, 2 * once, rtol=1e-6)

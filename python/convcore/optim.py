@@ -78,7 +78,7 @@ class Optimizer:
     def zero_grad(self) -> None:
         """Sets every parameter's gradient to zero (gradients accumulate)."""
         for p in self.params:
-            p.grad[...] = 0
+            p.zero_grad()
 
     def step(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not implement step")

@@ -160,9 +160,9 @@ class Conv2d(Module):
         padding = self.padding if self.padding_mode == "zeros" else 0
         gx, gw, gb = F.conv2d_backward(grad_output, self._x, self.weight.data, self.stride,
                                        padding, self.dilation, self.groups)
-        self.weight.grad += gw
+        self.weight.accumulate_grad(gw)
         if self.bias is not None:
-            self.bias.grad += gb
+            self.bias.accumulate_grad(gb)
         if self.padding_mode != "zeros":
             t, b, left, right = self._pads()
             h, w = gx.shape[-2] - t - b, gx.shape[-1] - left - right
@@ -347,9 +347,9 @@ class Linear(Module):
 
     def backward(self, grad_output):
         gx, gw, gb = F.linear_backward(grad_output, self._x, self.weight.data)
-        self.weight.grad += gw
+        self.weight.accumulate_grad(gw)
         if self.bias is not None:
-            self.bias.grad += gb
+            self.bias.accumulate_grad(gb)
         return gx
 
     def output_shape(self, input_shape):

@@ -47,19 +47,29 @@ def _provided(method: str) -> Callable:
 class Parameter:
     """A trainable array and the gradient accumulated for it. The gradient is
     allocated on first use, so a model that only runs inference (or is only
-    summarised) holds its weights once, not twice."""
+    summarised) holds its weights once, not twice. zero_grad marks it zero
+    without writing it: the next backward's gradient then takes its place
+    (no sweep to zero it, none to add to zeros), and reading `grad` first
+    gives zeros, as before."""
 
-    __slots__ = ("data", "_grad")
+    __slots__ = ("data", "_grad", "_grad_is_zero")
 
     def __init__(self, data: np.ndarray):
         self.data = array_module(data).ascontiguousarray(data)
         self._grad = None
+        self._grad_is_zero = False
+
+    def _grad_fits(self) -> bool:
+        return (self._grad is not None and self._grad.shape == self.data.shape and
+                self._grad.dtype == self.data.dtype)
 
     @property
     def grad(self) -> np.ndarray:
-        if self._grad is None or self._grad.shape != self.data.shape or \
-                self._grad.dtype != self.data.dtype:
+        if not self._grad_fits():
             self._grad = array_module(self.data).zeros_like(self.data)
+        elif self._grad_is_zero:
+            self._grad[...] = 0
+        self._grad_is_zero = False
         return self._grad
 
     @grad.setter
@@ -69,6 +79,20 @@ class Parameter:
         if value.shape != self.data.shape:
             raise ValueError(f"grad must have shape {self.data.shape}, got {value.shape}")
         self._grad = xp.ascontiguousarray(value, dtype=self.data.dtype)
+        self._grad_is_zero = False
+
+    def zero_grad(self) -> None:
+        """The gradient becomes zero (lazily: see the class docstring)."""
+        if self._grad is not None:
+            self._grad_is_zero = True
+
+    def accumulate_grad(self, g) -> None:
+        """grad += g. g must be a new array the caller does not keep (a
+        backward's result): after zero_grad it becomes the gradient itself."""
+        if self._grad_is_zero or not self._grad_fits():
+            self.grad = g  # checked and converted as by the setter
+        else:
+            self._grad += g
 
     @property
     def shape(self):
@@ -181,8 +205,7 @@ class Module:
     # -- state -------------------------------------------------------------------------
     def zero_grad(self) -> None:
         for p in self.parameters():
-            if p._grad is not None:
-                p._grad[...] = 0
+            p.zero_grad()
 
     def train(self, mode: bool = True) -> "Module":
         for m in self.modules():

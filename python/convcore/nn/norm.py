@@ -100,9 +100,9 @@ class BatchNorm2d(Module):
         gx, gw, gb = F.batch_norm_backward(grad_output, x, mean, var, weight,
                                            training=use_batch, eps=self.eps)
         if self.weight is not None:
-            self.weight.grad += gw
+            self.weight.accumulate_grad(gw)
         if self.bias is not None:
-            self.bias.grad += gb
+            self.bias.accumulate_grad(gb)
         return gx
 
     def output_shape(self, input_shape):
