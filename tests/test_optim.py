@@ -382,3 +382,51 @@ def test_sgd_step_bad_arguments():
         convcore.functional.sgd_step(w.astype(">f4"), np.zeros((4, 4), np.float32), None, 0.1)
     with pytest.raises(ValueError, match="data must be a writeable C-contiguous"):
         convcore.functional.sgd_step(w[:, ::2], np.zeros((4, 2), np.float32), None, 0.1)
+
+
+def _adam_reference(w, grad, m, v, step_size, beta1, beta2, root_correction2, eps, weight_decay):
+    """torch.optim.Adam's rule in numpy expressions (convcore.optim.Adam's
+    update before the core's adam_step)."""
+    g = grad + weight_decay * w if weight_decay else grad
+    m = m * beta1 + (1.0 - beta1) * g
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    return w - step_size * (m / (np.sqrt(v) / root_correction2 + eps)), m, v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_adam_step_is_the_numpy_rule_bit_for_bit(dtype, weight_decay):
+    rng = np.random.default_rng(9)
+    shape = (70, 1100)
+    w = rng.standard_normal(shape).astype(dtype)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    ref = (w.copy(), m.copy(), v.copy())
+    beta1, beta2 = 0.9, 0.999
+    for t in range(1, 4):
+        grad = rng.standard_normal(shape).astype(dtype)
+        step_size, rc2 = 1e-3 / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)
+        ref = _adam_reference(*ref[:1], grad, *ref[1:], step_size, beta1, beta2, rc2, 1e-8,
+                              weight_decay)
+        convcore.functional.adam_step(w, grad, m, v, step_size, beta1, beta2, rc2, 1e-8,
+                                      weight_decay)
+        for got, expected in zip((w, m, v), ref):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_adam_updates_a_non_contiguous_parameter_and_checks_its_state():
+    rng = np.random.default_rng(10)
+    base = rng.standard_normal((6, 10)).astype(np.float32)
+    p, q = Parameter(base.copy()), Parameter(base.copy())
+    p.data = p.data[:, ::2]  # a view: updated through a contiguous copy
+    q.data = np.ascontiguousarray(q.data[:, ::2])
+    p.grad = q.grad = rng.standard_normal((6, 5)).astype(np.float32)
+    Adam([p], lr=0.01).step()
+    Adam([q], lr=0.01).step()
+    np.testing.assert_array_equal(p.data, q.data)
+    w = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="exp_avg_sq must be a writeable C-contiguous"):
+        convcore.functional.adam_step(w, w.copy(), w.copy(), w.copy()[:, ::2], 0.1, 0.9, 0.999,
+                                      1.0, 1e-8)
+    with pytest.raises(ValueError, match="exp_avg"):
+        convcore.functional.adam_step(w, w.copy(), np.zeros((4, 5), np.float32), w.copy(), 0.1,
+                                      0.9, 0.999, 1.0, 1e-8)

@@ -421,6 +421,21 @@ void sgd_step(py::array data, const py::array& grad, std::optional<py::array> mo
   convcore::sgd_step(w, g, momentum_buffer ? &buf : nullptr, p);
 }
 
+// data, exp_avg and exp_avg_sq are updated in place (functional.adam_step
+// checks them: writeable, C-contiguous).
+void adam_step(py::array data, const py::array& grad, py::array exp_avg, py::array exp_avg_sq,
+               double step_size, double beta1, double beta2, double root_correction2, double eps,
+               double weight_decay) {
+  Arrays arrays;
+  const TensorView g = arrays.view(grad, "grad");
+  const TensorView w = out_view(data), m = out_view(exp_avg), v = out_view(exp_avg_sq);
+  convcore::AdamParams p;
+  p.step_size = step_size, p.beta1 = beta1, p.beta2 = beta2;
+  p.root_correction2 = root_correction2, p.eps = eps, p.weight_decay = weight_decay;
+  py::gil_scoped_release release;
+  convcore::adam_step(w, g, m, v, p);
+}
+
 convcore::Activation activation_kind(const std::string& name) {
   using convcore::Activation;
   if (name == "sigmoid") return Activation::Sigmoid;
@@ -706,6 +721,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("relu", &relu);
   m.def("relu_backward", &relu_backward);
   m.def("sgd_step", &sgd_step);
+  m.def("adam_step", &adam_step);
   m.def("activation", &activation);
   m.def("activation_backward", &activation_backward);
   m.def("softmax", &softmax, py::arg("input"), py::arg("dim"), py::arg("log") = false);

@@ -2,6 +2,7 @@
 // expressions of the same rule sweep the parameter, the gradient and the
 // momentum buffer five or six times and allocate temporaries.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -18,8 +19,7 @@ namespace {
 constexpr int64_t kChunk = 32768;
 
 void check_contiguous(const TensorView& t, const char* name) {
-  if (!t.is_contiguous())
-    throw ValueError(std::string("sgd_step: ") + name + " must be contiguous");
+  if (!t.is_contiguous()) throw ValueError(std::string(name) + " must be contiguous");
 }
 
 // The same float operations, in the same order, as the numpy rule of
@@ -54,23 +54,76 @@ void sgd_typed(const TensorView& param, const TensorView& grad, const TensorView
   });
 }
 
-}  // namespace
+// The numpy rule of convcore.optim.Adam, operation by operation.
+template <typename T>
+void adam_elements(T* w, const T* grad, T* m, T* v, int64_t n, const AdamParams& p) {
+  const T step_size = static_cast<T>(p.step_size), beta1 = static_cast<T>(p.beta1);
+  const T beta2 = static_cast<T>(p.beta2), keep1 = static_cast<T>(1.0 - p.beta1);
+  const T keep2 = static_cast<T>(1.0 - p.beta2), rc2 = static_cast<T>(p.root_correction2);
+  const T eps = static_cast<T>(p.eps), decay = static_cast<T>(p.weight_decay);
+  for (int64_t i = 0; i < n; ++i) {
+    T g = grad[i];
+    if (p.weight_decay != 0) g = g + decay * w[i];
+    const T mi = m[i] * beta1 + keep1 * g;
+    const T vi = v[i] * beta2 + keep2 * (g * g);
+    m[i] = mi;
+    v[i] = vi;
+    const T denom = std::sqrt(vi) / rc2 + eps;
+    w[i] = w[i] - step_size * (mi / denom);
+  }
+}
 
-void sgd_step(const TensorView& param, const TensorView& grad, const TensorView* momentum_buffer,
-              const SgdParams& p) {
-  detail::CallScope scope;
+template <typename T>
+void adam_typed(const TensorView& param, const TensorView& grad, const TensorView& exp_avg,
+                const TensorView& exp_avg_sq, const AdamParams& p) {
+  const int64_t n = param.numel(), tasks = (n + kChunk - 1) / kChunk;
+  T* w = static_cast<T*>(param.data);
+  const T* g = static_cast<const T*>(grad.data);
+  T* m = static_cast<T*>(exp_avg.data);
+  T* v = static_cast<T*>(exp_avg_sq.data);
+  detail::parallel_for(detail::threads_for(tasks, 8 * n), tasks, [&](int64_t t) {
+    const int64_t i0 = t * kChunk, count = std::min(kChunk, n - i0);
+    adam_elements(w + i0, g + i0, m + i0, v + i0, count, p);
+  });
+}
+
+void check_param_and_grad(const TensorView& param, const TensorView& grad, const char* op) {
   if (param.dtype != DType::Float32 && param.dtype != DType::Float64)
-    throw TypeError("sgd_step: param must be float32 or float64");
+    throw TypeError(std::string(op) + ": param must be float32 or float64");
   check_shape(grad, "grad", param.ndim, param.shape);
   check_same_dtype(grad, "grad", param, "param");
   check_contiguous(param, "param");
   check_contiguous(grad, "grad");
+}
+
+void check_state(const TensorView& t, const char* name, const TensorView& param) {
+  check_shape(t, name, param.ndim, param.shape);
+  check_same_dtype(t, name, param, "param");
+  check_contiguous(t, name);
+}
+
+}  // namespace
+
+void adam_step(const TensorView& param, const TensorView& grad, const TensorView& exp_avg,
+               const TensorView& exp_avg_sq, const AdamParams& p) {
+  detail::CallScope scope;
+  check_param_and_grad(param, grad, "adam_step");
+  check_state(exp_avg, "exp_avg", param);
+  check_state(exp_avg_sq, "exp_avg_sq", param);
+  if (param.dtype == DType::Float32)
+    adam_typed<float>(param, grad, exp_avg, exp_avg_sq, p);
+  else
+    adam_typed<double>(param, grad, exp_avg, exp_avg_sq, p);
+}
+
+void sgd_step(const TensorView& param, const TensorView& grad, const TensorView* momentum_buffer,
+              const SgdParams& p) {
+  detail::CallScope scope;
+  check_param_and_grad(param, grad, "sgd_step");
   if (p.momentum != 0) {
     if (!momentum_buffer)
       throw ValueError("sgd_step: momentum != 0 needs a momentum_buffer");
-    check_shape(*momentum_buffer, "momentum_buffer", param.ndim, param.shape);
-    check_same_dtype(*momentum_buffer, "momentum_buffer", param, "param");
-    check_contiguous(*momentum_buffer, "momentum_buffer");
+    check_state(*momentum_buffer, "momentum_buffer", param);
   }
   const TensorView* buf = p.momentum != 0 ? momentum_buffer : nullptr;
   if (param.dtype == DType::Float32)

@@ -570,6 +570,14 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
 
 # -------------------------------------------------------------------- optimisers
 
+def _in_place(value, name: str) -> np.ndarray:
+    """An array an optimiser step updates in place: the caller's own."""
+    a = _array(value, name)
+    if not (a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative):
+        raise ValueError(f"{name} must be a writeable C-contiguous array of native byte order")
+    return a
+
+
 def sgd_step(data, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
              nesterov=False, first=False) -> None:
     """One step of torch.optim.SGD's rule on `data`, in place, in one pass
@@ -583,18 +591,31 @@ def sgd_step(data, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, weigh
     momentum_buffer: an array of data's shape and dtype, written when
     momentum != 0 (read unless first). data and momentum_buffer must be
     writeable and C-contiguous; grad is copied when it is not contiguous."""
-    w = _array(data, "data")
-    if not (w.flags.c_contiguous and w.flags.writeable and w.dtype.isnative):
-        raise ValueError("data must be a writeable C-contiguous array of native byte order")
+    w = _in_place(data, "data")
     g = np.ascontiguousarray(_array(grad, "grad"))
-    buf = None
-    if momentum_buffer is not None:
-        buf = _array(momentum_buffer, "momentum_buffer")
-        if not (buf.flags.c_contiguous and buf.flags.writeable and buf.dtype.isnative):
-            raise ValueError("momentum_buffer must be a writeable C-contiguous array of "
-                             "native byte order")
+    buf = None if momentum_buffer is None else _in_place(momentum_buffer, "momentum_buffer")
     _core.sgd_step(w, g, buf, float(lr), float(momentum), float(dampening),
                    float(weight_decay), bool(nesterov), bool(first))
+
+
+def adam_step(data, grad, exp_avg, exp_avg_sq, step_size, beta1, beta2, root_correction2, eps,
+              weight_decay=0.0) -> None:
+    """One step of torch.optim.Adam's rule on `data`, in place, in one pass
+    over memory (convcore.optim.Adam's update, t the step count from 1):
+
+        g = grad + weight_decay * data
+        exp_avg = beta1 * exp_avg + (1 - beta1) * g
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+        data -= step_size * exp_avg / (sqrt(exp_avg_sq) / root_correction2 + eps)
+
+    with step_size = lr / (1 - beta1^t) and root_correction2 = sqrt(1 - beta2^t).
+    data, exp_avg and exp_avg_sq (arrays of data's shape and dtype) must be
+    writeable and C-contiguous; grad is copied when it is not contiguous."""
+    w = _in_place(data, "data")
+    g = np.ascontiguousarray(_array(grad, "grad"))
+    m, v = _in_place(exp_avg, "exp_avg"), _in_place(exp_avg_sq, "exp_avg_sq")
+    _core.adam_step(w, g, m, v, float(step_size), float(beta1), float(beta2),
+                    float(root_correction2), float(eps), float(weight_decay))
 
 
 # ---------------------------------------------------------------------- threads
@@ -694,6 +715,7 @@ def _gpu_dispatch(fn):
 for _name in ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
               "avg_pool2d_backward", "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward",
               "linear", "linear_backward", "relu", "relu_backward", "local_response_norm",
-              "local_response_norm_backward", "batch_norm", "batch_norm_backward", "sgd_step"):
+              "local_response_norm_backward", "batch_norm", "batch_norm_backward", "sgd_step",
+              "adam_step"):
     globals()[_name] = _gpu_dispatch(globals()[_name])
 del _name

@@ -36,6 +36,15 @@ def _number(value, name: str, low: float = 0.0, high: float = math.inf,
     return value
 
 
+def _updatable(data):
+    """data, or a native contiguous copy of an odd array: the optimisers'
+    steps update in place (the copy is written back)."""
+    if is_cupy(data) or (data.flags.c_contiguous and data.flags.writeable and
+                         data.dtype.isnative):
+        return data
+    return np.array(data, dtype=data.dtype.newbyteorder("="))
+
+
 def _param_list(params) -> List[Parameter]:
     if isinstance(params, Parameter) or isinstance(params, np.ndarray):
         raise TypeError("params must be an iterable of Parameters (e.g. model.parameters()), "
@@ -167,10 +176,100 @@ class SGD(Optimizer):
             if first:  # the update fills it
                 state["momentum_buffer"] = array_module(p.data).empty(
                     p.data.shape, p.data.dtype.newbyteorder("="))
-            # the update runs in place: on a contiguous copy of an odd array
-            in_place = is_cupy(p.data) or (p.data.flags.c_contiguous and p.data.flags.writeable
-                                           and p.data.dtype.isnative)
-            data = p.data if in_place else np.array(p.data, dtype=p.data.dtype.newbyteorder("="))
+            data = _updatable(p.data)
+            F.sgd_step(data, p.grad, state.get("momentum_buffer"), self.lr, self.momentum,
+                       self.dampening, self.weight_decay, self.nesterov, first)
+            if data is not p.data:
+                p.data[...] = data
+
+
+class Adam(Optimizer):
+    """Adam, torch.optim.Adam's rule (L2 weight decay added to the gradient;
+    bias-corrected moments; eps added after the square root):
+
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        w = w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    hyperparameters = ("lr", "betas", "eps", "weight_decay")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, lr)
+        self.betas = betas
+        self.eps = _number(eps, "eps")
+        self.weight_decay = _number(weight_decay, "weight_decay")
+        self.steps = 0
+
+    @property
+    def betas(self):
+        return self._betas
+
+    @betas.setter
+    def betas(self, value) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(f"betas must be a pair of numbers, got {value!r}")
+        self._betas = (_number(value[0], "betas[0]", 0.0, 1.0, high_open=True),
+                       _number(value[1], "betas[1]", 0.0, 1.0, high_open=True))
+
+    def step(self) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1.0 - beta1 ** self.steps)
+        root_correction2 = math.sqrt(1.0 - beta2 ** self.steps)
+        for p, state in zip(self.params, self.state):
+            if "exp_avg" not in state:
+                xp = array_module(p.data)
+                state["exp_avg"] = xp.zeros(p.data.shape, p.data.dtype.newbyteorder("="))
+                state["exp_avg_sq"] = xp.zeros(p.data.shape, p.data.dtype.newbyteorder("="))
+            data = _updatable(p.data)
+            F.adam_step(data, p.grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1,
+                        beta2, root_correction2, self.eps, self.weight_decay)
+            if data is not p.data:
+                p.data[...] = data
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={getattr(self, n)}" for n in self.hyperparameters)
+        return f"{type(self).__name__}({len(self.params)} parameters, {args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, torch.optim.SGD's rule:
+
+        g = grad + weight_decay * w
+        buf = g (first step), else momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf   (when momentum > 0)
+        w = w - lr * g
+    """
+
+    hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False):
+        super().__init__(params, lr)
+        self.momentum = _number(momentum, "momentum")
+        self.dampening = _number(dampening, "dampening", 0.0, 1.0)
+        self.weight_decay = _number(weight_decay, "weight_decay")
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+        self.nesterov = bool(nesterov)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0, got "
+                             f"momentum={self.momentum}, dampening={self.dampening}")
+
+    def step(self) -> None:
+        for p, state in zip(self.params, self.state):
+            first = self.momentum != 0 and "momentum_buffer" not in state
+            if first:  # the update fills it
+                state["momentum_buffer"] = array_module(p.data).empty(
+                    p.data.shape, p.data.dtype.newbyteorder("="))
+            data = _updatable(p.data)
             F.sgd_step(data, p.grad, state.get("momentum_buffer"), self.lr, self.momentum,
                        self.dampening, self.weight_decay, self.nesterov, first)
             if data is not p.data:

@@ -66,6 +66,20 @@ struct SgdParams {
 void sgd_step(const TensorView& param, const TensorView& grad, const TensorView* momentum_buffer,
               const SgdParams& p);
 
+// One step of torch.optim.Adam on one parameter, in place (L2 weight decay
+// added to the gradient, eps after the square root):
+//   g = grad + weight_decay * param
+//   exp_avg = beta1 * exp_avg + (1 - beta1) * g
+//   exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+//   param -= step_size * exp_avg / (sqrt(exp_avg_sq) / root_correction2 + eps)
+// with step_size = lr / (1 - beta1^t), root_correction2 = sqrt(1 - beta2^t).
+struct AdamParams {
+  double step_size = 0, beta1 = 0.9, beta2 = 0.999, root_correction2 = 1, eps = 1e-8,
+         weight_decay = 0;
+};
+void adam_step(const TensorView& param, const TensorView& grad, const TensorView& exp_avg,
+               const TensorView& exp_avg_sq, const AdamParams& p);
+
 // Elementwise over views of any (equal) shape.
 void relu_forward(const TensorView& input, const TensorView& output);
 void relu_backward(const TensorView& grad_output, const TensorView& input,
