@@ -436,6 +436,21 @@ void adam_step(py::array data, const py::array& grad, py::array exp_avg, py::arr
   convcore::adam_step(w, g, m, v, p);
 }
 
+py::array concatenate(const std::vector<py::array>& inputs, int64_t dim) {
+  Arrays arrays;
+  std::vector<TensorView> views;
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    views.push_back(arrays.view(inputs[i], ("inputs[" + std::to_string(i) + "]").c_str()));
+  const std::vector<int64_t> shape = convcore::concatenate_shape(views, dim);
+  py::array out = new_array(views[0], std::vector<py::ssize_t>(shape.begin(), shape.end()));
+  const TensorView out_v = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::concatenate(views, dim, out_v);
+  }
+  return out;
+}
+
 convcore::Activation activation_kind(const std::string& name) {
   using convcore::Activation;
   if (name == "sigmoid") return Activation::Sigmoid;
@@ -721,6 +736,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("relu", &relu);
   m.def("relu_backward", &relu_backward);
   m.def("sgd_step", &sgd_step);
+  m.def("concatenate", &concatenate);
   m.def("adam_step", &adam_step);
   m.def("activation", &activation);
   m.def("activation_backward", &activation_backward);

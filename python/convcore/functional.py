@@ -16,7 +16,7 @@ import numpy as np
 from . import _core
 from ._args import (adaptive_size, conv_padding, cross_entropy_options, integer, number,
                     pair, pool_args, pool_divisor)
-from ._arrays import is_gpu_array
+from ._arrays import array_module, is_gpu_array
 from ._backends import gpu_functional
 
 IntPair = Union[int, Tuple[int, int]]
@@ -569,6 +569,19 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
 
 
 # -------------------------------------------------------------------- optimisers
+
+def cat(tensors, dim: int = 0) -> np.ndarray:
+    """The arrays joined along dim, as torch.cat (numpy.concatenate): one
+    dtype (float32 or float64), equal shapes outside dim. A large result
+    comes from the core's cache of blocks (see set_scratch_cache_limit),
+    so a training step's concatenations (DenseNet's dense blocks) need no
+    fresh pages. GPU arrays are joined by their own library."""
+    tensors = list(tensors)
+    if any(is_gpu_array(t) for t in tensors):
+        return array_module(tensors[0]).concatenate(tensors, axis=integer(dim, "dim"))
+    return _core.concatenate([_array(t, f"tensors[{i}]") for i, t in enumerate(tensors)],
+                             integer(dim, "dim"))
+
 
 def _in_place(value, name: str) -> np.ndarray:
     """An array an optimiser step updates in place: the caller's own."""

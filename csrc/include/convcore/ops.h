@@ -2,6 +2,8 @@
 // be C-contiguous views of the exact output shape (see shapes.h), written
 // in full. float32 and float64; all arrays of one call share one dtype.
 #pragma once
+#include <vector>
+
 #include "convcore/shapes.h"
 #include "convcore/tensor.h"
 
@@ -51,6 +53,12 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
 void linear_backward(const TensorView& grad_output, const TensorView& input,
                      const TensorView& weight, const TensorView* grad_input,
                      const TensorView* grad_weight, const TensorView* grad_bias);
+
+// Concatenation along dim (negative counts from the end), as torch.cat:
+// the inputs of one dtype and of equal shapes outside dim; concatenate_shape
+// checks them and gives the output's shape.
+std::vector<int64_t> concatenate_shape(const std::vector<TensorView>& inputs, int64_t dim);
+void concatenate(const std::vector<TensorView>& inputs, int64_t dim, const TensorView& output);
 
 // One step of torch.optim.SGD on one parameter, in place:
 //   g = grad + weight_decay * param

@@ -186,7 +186,7 @@ class Graph(Module):
             if op in self._modules:
                 values[out] = self._modules[op](args[0])
             elif op == "concat":
-                values[out] = np.concatenate(args, axis=1)
+                values[out] = F.cat(args, 1)
             elif op == "add":
                 y = args[0] + args[1]
                 for a in args[2:]:

@@ -1,0 +1,56 @@
+"""functional.cat (the core's concatenate): numpy.concatenate's results for
+every dim, dtype and stride, large results from the cache of blocks, and
+clear errors naming the argument."""
+import numpy as np
+import pytest
+
+import convcore
+from convcore import functional as F
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dim", [0, 1, 2, 3, -1, -3])
+def test_cat_is_numpys_concatenate(dtype, dim):
+    rng = np.random.default_rng(0)
+    shapes = [[2, 3, 4, 5] for _ in range(3)]
+    for i, s in enumerate(shapes):
+        s[dim] = i + 1
+    arrays = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    got = F.cat(arrays, dim)
+    assert got.dtype == dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, np.concatenate(arrays, axis=dim))
+
+
+def test_cat_of_strided_and_empty_inputs():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((2, 6, 5, 8)).astype(np.float32)[:, ::2, :, 1::2]  # strided
+    b = np.asfortranarray(rng.standard_normal((2, 4, 5, 4)).astype(np.float32))
+    c = np.zeros((2, 0, 5, 4), np.float32)
+    np.testing.assert_array_equal(F.cat([a, c, b], 1), np.concatenate([a, c, b], axis=1))
+    np.testing.assert_array_equal(F.cat([a], 1), a)
+
+
+def test_a_large_cat_comes_from_the_cache_and_dense_blocks_train():
+    x = np.ones((2, 64, 128, 128), np.float32)  # 8.4 MB each, 16.8 MB joined
+    y = F.cat([x, 2 * x], 1)
+    assert y.shape == (2, 128, 128, 128) and y[:, 64:].min() == 2 and y[:, :64].max() == 1
+    convcore.manual_seed(0)
+    model = convcore.models.densenet121(num_classes=3, input_size=32)
+    out = model(np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    model.backward(np.ones_like(out))  # the concat's backward slices the gradient
+
+
+def test_cat_errors_name_the_argument():
+    a = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"inputs\[1\] has shape \(2, 3, 5\)"):
+        F.cat([a, np.zeros((2, 3, 5), np.float32)], 1)
+    with pytest.raises(TypeError, match=r"inputs\[1\]"):
+        F.cat([a, a.astype(np.float64)], 0)
+    with pytest.raises(ValueError, match="dim must be in"):
+        F.cat([a, a], 3)
+    with pytest.raises(ValueError, match="at least one"):
+        F.cat([], 0)
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a numpy.ndarray"):
+        F.cat([[1.0, 2.0]], 0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        F.cat([np.zeros(3, np.int64)], 0)
