@@ -1,6 +1,7 @@
-"""functional.cat (the core's concatenate): numpy.concatenate's results for
-every dim, dtype and stride, large results from the cache of blocks, and
-clear errors naming the argument."""
+"""The joins of the eager layers: functional.cat (the core's concatenate):
+numpy.concatenate's results for every dim, dtype and stride; functional.add
+(residual sums, gradients of a value read twice); large results from the
+cache of blocks; clear errors naming the argument."""
 import numpy as np
 import pytest
 
@@ -54,3 +55,32 @@ def test_cat_errors_name_the_argument():
         F.cat([[1.0, 2.0]], 0)
     with pytest.raises(TypeError, match="float32 or float64"):
         F.cat([np.zeros(3, np.int64)], 0)
+
+
+def test_add_is_numpys_sum_into_a_cached_block():
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        a = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+        b = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+        got = F.add(a, b[:, :, :, :])
+        np.testing.assert_array_equal(got, a + b)
+        assert got.dtype == dtype and not np.shares_memory(got, a)
+        np.testing.assert_array_equal(F.add(a[:, ::-1], b), a[:, ::-1] + b)  # strided
+    big = np.ones((4, 64, 96, 96), np.float32)  # 9.4 MB: a block of the cache
+    convcore.set_scratch_cache_limit(convcore.scratch_cache_limit())
+    np.testing.assert_array_equal(F.add(big, big), 2 * big)
+
+
+def test_add_and_empty_errors():
+    from convcore import _core
+    a = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="other must have input's shape"):
+        F.add(a, np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="dtype float32"):
+        F.add(a, a.astype(np.float64))
+    with pytest.raises(TypeError, match="other must be a numpy.ndarray"):
+        F.add(a, 1.0)
+    with pytest.raises(ValueError, match="negative"):
+        _core.empty([2, -1], np.dtype(np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _core.empty([2], np.dtype(np.int32))

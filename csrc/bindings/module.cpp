@@ -436,6 +436,16 @@ void adam_step(py::array data, const py::array& grad, py::array exp_avg, py::arr
   convcore::adam_step(w, g, m, v, p);
 }
 
+// An uninitialised float array (functional.empty_like): from the cache of
+// blocks when large, as the ops' results.
+py::array empty(std::vector<py::ssize_t> shape, const py::dtype& dtype) {
+  for (py::ssize_t d : shape)
+    if (d < 0) throw convcore::ValueError("shape must not hold negative sizes");
+  if (dtype.kind() == 'f' && dtype.itemsize() == 4) return new_array_of<float>(std::move(shape));
+  if (dtype.kind() == 'f' && dtype.itemsize() == 8) return new_array_of<double>(std::move(shape));
+  throw convcore::TypeError("dtype must be float32 or float64, got " + std::string(py::str(dtype)));
+}
+
 py::array concatenate(const std::vector<py::array>& inputs, int64_t dim) {
   Arrays arrays;
   std::vector<TensorView> views;
@@ -737,6 +747,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("relu_backward", &relu_backward);
   m.def("sgd_step", &sgd_step);
   m.def("concatenate", &concatenate);
+  m.def("empty", &empty);
   m.def("adam_step", &adam_step);
   m.def("activation", &activation);
   m.def("activation_backward", &activation_backward);

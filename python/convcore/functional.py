@@ -570,6 +570,20 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
 
 # -------------------------------------------------------------------- optimisers
 
+def add(input, other) -> np.ndarray:
+    """input + other (same shape and dtype, float32 or float64) into a new
+    array that, when large, comes from the core's cache of blocks (see
+    set_scratch_cache_limit): the layers' sums (residual blocks, a branch's
+    gradients) then need no fresh pages. GPU arrays add by their own library."""
+    if is_gpu_array(input) or is_gpu_array(other):
+        return input + other
+    a, b = _array(input, "input"), _array(other, "other")
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"other must have input's shape {a.shape} and dtype {a.dtype}, got "
+                         f"{b.shape} {b.dtype}")
+    return np.add(a, b, out=_core.empty(list(a.shape), a.dtype))
+
+
 def cat(tensors, dim: int = 0) -> np.ndarray:
     """The arrays joined along dim, as torch.cat (numpy.concatenate): one
     dtype (float32 or float64), equal shapes outside dim. A large result

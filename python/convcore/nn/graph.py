@@ -242,7 +242,7 @@ class Graph(Module):
             grads = {outputs[0]: grad_output}
 
         def accumulate(name, g):
-            grads[name] = g if name not in grads else grads[name] + g
+            grads[name] = g if name not in grads else F.add(grads[name], g)
 
         for (out, op, inputs), need in zip(reversed(self.nodes), reversed(needed)):
             g = grads.pop(out, None)

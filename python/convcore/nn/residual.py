@@ -34,7 +34,7 @@ class _Residual(Module):
             if isinstance(layer, BatchNorm2d) and i != len(layers) - 1:
                 self._relu_inputs.append(out)
                 out = F.relu(out)
-        out = out + identity
+        out = F.add(out, identity)
         self._relu_inputs.append(out)
         return F.relu(out)
 
@@ -66,7 +66,7 @@ class _Residual(Module):
             if isinstance(layer, BatchNorm2d) and i != len(layers) - 1:
                 g = F.relu_backward(g, relu_inputs.pop())
             g = layer.backward(g)
-        return g + g_shortcut
+        return F.add(g, g_shortcut)
 
     def output_shape(self, input_shape):
         shape = tuple(input_shape)
