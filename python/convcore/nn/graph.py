@@ -43,6 +43,14 @@ from .module import Module
 
 JOINS = ("concat", "add", "mul", "relu")
 
+
+def _sum(a, b):
+    """a + b into a new array: F.add's (a block of the core's cache when
+    large) where the shapes and dtypes agree, else numpy's broadcasting sum."""
+    if a.shape == b.shape and a.dtype == b.dtype:
+        return F.add(a, b)
+    return a + b
+
 _NODE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(\s*"
                    r"([A-Za-z_][A-Za-z0-9_]*(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*)\s*\)\s*$")
 
@@ -188,7 +196,7 @@ class Graph(Module):
             elif op == "concat":
                 values[out] = F.cat(args, 1)
             elif op == "add":
-                y = args[0] + args[1]
+                y = _sum(args[0], args[1])
                 for a in args[2:]:
                     y += a
                 values[out] = y
@@ -242,7 +250,7 @@ class Graph(Module):
             grads = {outputs[0]: grad_output}
 
         def accumulate(name, g):
-            grads[name] = g if name not in grads else F.add(grads[name], g)
+            grads[name] = g if name not in grads else _sum(grads[name], g)
 
         for (out, op, inputs), need in zip(reversed(self.nodes), reversed(needed)):
             g = grads.pop(out, None)
