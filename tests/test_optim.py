@@ -430,3 +430,19 @@ def test_adam_updates_a_non_contiguous_parameter_and_checks_its_state():
     with pytest.raises(ValueError, match="exp_avg"):
         convcore.functional.adam_step(w, w.copy(), np.zeros((4, 5), np.float32), w.copy(), 0.1,
                                       0.9, 0.999, 1.0, 1e-8)
+
+
+def test_optimisers_update_through_the_functional_steps(monkeypatch):
+    """SGD and Adam take functional.sgd_step / adam_step (one path for CPU
+    and GPU, dispatched by array type), once per parameter and step."""
+    calls = []
+    for name in ("sgd_step", "adam_step"):
+        original = getattr(convcore.functional, name)
+        monkeypatch.setattr(convcore.functional, name,
+                            lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k)))
+    layer = Linear(3, 2)
+    for p in layer.parameters():
+        p.grad = np.ones_like(p.data)
+    SGD(layer.parameters(), lr=0.1, momentum=0.9).step()
+    Adam(layer.parameters()).step()
+    assert calls == ["sgd_step"] * 2 + ["adam_step"] * 2
