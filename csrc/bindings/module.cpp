@@ -24,6 +24,14 @@ using convcore::TensorView;
 
 namespace {
 
+// float32 or float64, told by kind and size (an equal dtype may be another
+// object); nothing for any other dtype.
+std::optional<DType> float_dtype(const py::dtype& dt) {
+  if (dt.kind() == 'f' && dt.itemsize() == 4) return DType::Float32;
+  if (dt.kind() == 'f' && dt.itemsize() == 8) return DType::Float64;
+  return std::nullopt;
+}
+
 // Holds the arrays a call looks at (including any copies made to fix odd
 // strides or alignment) alive until the call returns.
 struct Arrays {
@@ -33,14 +41,11 @@ struct Arrays {
     // Compare dtypes by kind and size (an equal dtype may be another object);
     // a non-native byte order is converted below.
     const py::dtype dt = a.dtype();
-    DType dtype;
-    if (dt.kind() == 'f' && dt.itemsize() == 4)
-      dtype = DType::Float32;
-    else if (dt.kind() == 'f' && dt.itemsize() == 8)
-      dtype = DType::Float64;
-    else
+    const std::optional<DType> floating = float_dtype(dt);
+    if (!floating)
       throw convcore::TypeError(std::string(name) + " must be float32 or float64, got " +
                                 std::string(py::str(dt)));
+    const DType dtype = *floating;
     if (a.ndim() > convcore::kMaxDims)
       throw convcore::ValueError(std::string(name) + " has too many dimensions (" +
                                  std::to_string(a.ndim()) + ")");
@@ -102,11 +107,7 @@ py::array out_or_new(const std::optional<py::array>& out, const TensorView& like
 TensorView out_view(py::array& a) {
   TensorView t;
   t.data = a.mutable_data();
-  // by kind and size, as Arrays::view (an equal dtype may be another object)
-  const py::dtype dt = a.dtype();
-  t.dtype = dt.kind() == 'f' && dt.itemsize() == 4   ? DType::Float32
-            : dt.kind() == 'f' && dt.itemsize() == 8 ? DType::Float64
-                                                     : DType::Int64;
+  t.dtype = float_dtype(a.dtype()).value_or(DType::Int64);
   t.ndim = static_cast<int>(a.ndim());
   for (int i = 0; i < t.ndim; ++i) {
     t.shape[i] = a.shape(i);
@@ -441,9 +442,11 @@ void adam_step(py::array data, const py::array& grad, py::array exp_avg, py::arr
 py::array empty(std::vector<py::ssize_t> shape, const py::dtype& dtype) {
   for (py::ssize_t d : shape)
     if (d < 0) throw convcore::ValueError("shape must not hold negative sizes");
-  if (dtype.kind() == 'f' && dtype.itemsize() == 4) return new_array_of<float>(std::move(shape));
-  if (dtype.kind() == 'f' && dtype.itemsize() == 8) return new_array_of<double>(std::move(shape));
-  throw convcore::TypeError("dtype must be float32 or float64, got " + std::string(py::str(dtype)));
+  const std::optional<DType> floating = float_dtype(dtype);
+  if (!floating)
+    throw convcore::TypeError("dtype must be float32 or float64, got " + std::string(py::str(dtype)));
+  if (*floating == DType::Float32) return new_array_of<float>(std::move(shape));
+  return new_array_of<double>(std::move(shape));
 }
 
 py::array concatenate(const std::vector<py::array>& inputs, int64_t dim) {

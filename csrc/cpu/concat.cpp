@@ -59,8 +59,7 @@ void concatenate(const std::vector<TensorView>& inputs, int64_t dim, const Tenso
   for (std::size_t i = 1; i < inputs.size(); ++i)
     offset[i] = offset[i - 1] + inputs[i - 1].shape[dim] * inner;
   const int64_t row = total * inner, pieces = outer * static_cast<int64_t>(inputs.size());
-  const int64_t bytes = outer * row * static_cast<int64_t>(item);
-  detail::parallel_for(detail::threads_for(pieces, bytes / 4), pieces, [&](int64_t t) {
+  detail::parallel_for(detail::threads_for(pieces, outer * row), pieces, [&](int64_t t) {
     const int64_t o = t / static_cast<int64_t>(inputs.size());
     const std::size_t i = static_cast<std::size_t>(t % static_cast<int64_t>(inputs.size()));
     const TensorView& in = inputs[i];

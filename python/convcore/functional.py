@@ -568,7 +568,7 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
     return np.ascontiguousarray(np.moveaxis(grad.astype(dtype, copy=False), -1, axis))
 
 
-# -------------------------------------------------------------------- optimisers
+# ------------------------------------------------------------------------- joins
 
 def add(input, other) -> np.ndarray:
     """input + other (same shape and dtype, float32 or float64) into a new
@@ -596,6 +596,8 @@ def cat(tensors, dim: int = 0) -> np.ndarray:
     return _core.concatenate([_array(t, f"tensors[{i}]") for i, t in enumerate(tensors)],
                              integer(dim, "dim"))
 
+
+# -------------------------------------------------------------------- optimisers
 
 def _in_place(value, name: str) -> np.ndarray:
     """An array an optimiser step updates in place: the caller's own."""
@@ -656,14 +658,18 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+def _byte_count(nbytes) -> int:
+    nbytes = integer(nbytes, "nbytes")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    return nbytes
+
+
 def set_workspace_limit(nbytes: int) -> None:
     """The most bytes one piece of the core's scratch memory may take; a call
     that would need more raises MemoryError before allocating (0: the
     machine's physical memory, the default)."""
-    nbytes = integer(nbytes, "nbytes")
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    _core.set_workspace_limit(nbytes)
+    _core.set_workspace_limit(_byte_count(nbytes))
 
 
 def workspace_limit() -> int:
@@ -678,10 +684,7 @@ def set_scratch_cache_limit(nbytes: int) -> None:
     and keeps none). A fresh block costs a page fault and a zeroing by the
     kernel for every page it touches: a training step that allocates the
     same shapes as the step before finds them here."""
-    nbytes = integer(nbytes, "nbytes")
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    _core.set_scratch_cache_limit(nbytes)
+    _core.set_scratch_cache_limit(_byte_count(nbytes))
 
 
 def scratch_cache_limit() -> int:
