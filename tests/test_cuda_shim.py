@@ -312,6 +312,32 @@ def test_linear_forward_and_backward(sh, tile, xs, out, has_b):
     assert_close(gb, rb, what="grad_bias")
 
 
+@pytest.mark.parametrize("mask", [(False, True, True), (True, False, False),
+                                  (False, False, True)])
+def test_backward_output_mask_skips_the_kernels(sh, mask):
+    # A gradient left out is None and launches nothing; the others are as before.
+    x, w, b, kw = _conv_args(CONV_CASES[2])
+    gy = rnd(*ref.conv2d_ref(x, w, **kw).shape, seed=3)
+    before = dict(sh.launches)
+    got = G.conv2d_backward(gy, x, w, output_mask=mask, **kw)
+    launched = {k for k, v in sh.launches.items() if v > before.get(k, 0)}
+    for g, e, need, what in zip(got, ref.conv2d_backward_ref(gy, x, w, **kw), mask,
+                                ("grad_input", "grad_weight", "grad_bias")):
+        if need:
+            assert_close(g, e, what=what)
+        else:
+            assert g is None, what
+    assert any("bwd_data" in k for k in launched) == mask[0]
+    assert any("bwd_weight" in k for k in launched) == mask[1]
+    xl, wl, gyl = rnd(4, 9), rnd(5, 9, seed=1), rnd(4, 5, seed=2)
+    for g, e, need in zip(G.linear_backward(gyl, xl, wl, output_mask=mask),
+                          ref.linear_backward_ref(gyl, xl, wl), mask):
+        if need:
+            assert_close(g, e)
+        else:
+            assert g is None
+
+
 @pytest.mark.parametrize("min_chunk", [16, 40])
 def test_linear_split_reduction(sh, tile, monkeypatch, min_chunk):
     # A long reduction over few output blocks is split in fixed chunks,

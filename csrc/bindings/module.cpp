@@ -122,6 +122,29 @@ std::vector<py::ssize_t> dims(const TensorView& t) {
 
 std::vector<py::ssize_t> dims(const convcore::Shape4& s) { return {s.n, s.c, s.h, s.w}; }
 
+// The three gradients of a conv or linear backward (input, weight, bias):
+// a new array for each one asked for, None for the others, which the core
+// skips (it takes a null view).
+struct RequestedGrads {
+  py::object result[3] = {py::none(), py::none(), py::none()};
+  TensorView view[3];
+  bool need[3];
+  RequestedGrads(const TensorView& input, const TensorView& weight, bool need_input,
+                 bool need_weight, bool need_bias)
+      : need{need_input, need_weight, need_bias} {
+    const std::vector<py::ssize_t> shapes[3] = {
+        dims(input), dims(weight), {static_cast<py::ssize_t>(weight.shape[0])}};
+    for (int i = 0; i < 3; ++i) {
+      if (!need[i]) continue;
+      py::array a = new_array(input, shapes[i]);
+      view[i] = out_view(a);
+      result[i] = a;
+    }
+  }
+  const TensorView* ptr(int i) const { return need[i] ? &view[i] : nullptr; }
+  py::tuple tuple() const { return py::make_tuple(result[0], result[1], result[2]); }
+};
+
 convcore::Conv2dParams conv_params(std::pair<int64_t, int64_t> stride,
                                    std::vector<int64_t> padding,
                                    std::pair<int64_t, int64_t> dilation, int64_t groups) {
@@ -193,21 +216,12 @@ py::tuple conv2d_backward(const py::array& grad_output, const py::array& input,
   convcore::check_same_dtype(gy, "grad_output", x, "input");
   convcore::check_ndim(x, "input", 4, "(N, C, H, W)");
   convcore::check_ndim(w, "weight", 4, "(out_channels, in_channels / groups, kH, kW)");
-  py::object gx = py::none(), gw = py::none(), gb = py::none();
-  py::array gx_a, gw_a, gb_a;
-  TensorView gx_v, gw_v, gb_v;
-  if (need_input) gx_a = new_array(x, dims(x)), gx_v = out_view(gx_a), gx = gx_a;
-  if (need_weight) gw_a = new_array(x, dims(w)), gw_v = out_view(gw_a), gw = gw_a;
-  if (need_bias) {
-    gb_a = new_array(x, {static_cast<py::ssize_t>(w.shape[0])});
-    gb_v = out_view(gb_a), gb = gb_a;
-  }
+  const RequestedGrads grads(x, w, need_input, need_weight, need_bias);
   {
     py::gil_scoped_release release;
-    convcore::conv2d_backward(gy, x, w, p, need_input ? &gx_v : nullptr,
-                              need_weight ? &gw_v : nullptr, need_bias ? &gb_v : nullptr);
+    convcore::conv2d_backward(gy, x, w, p, grads.ptr(0), grads.ptr(1), grads.ptr(2));
   }
-  return py::make_tuple(gx, gw, gb);
+  return grads.tuple();
 }
 
 py::object max_pool2d(const py::array& input, Pair kernel, Pair stride, Pair padding,
@@ -354,7 +368,8 @@ py::array linear(const py::array& input, const py::array& weight,
 }
 
 py::tuple linear_backward(const py::array& grad_output, const py::array& input,
-                          const py::array& weight) {
+                          const py::array& weight, bool need_input, bool need_weight,
+                          bool need_bias) {
   Arrays arrays;
   const TensorView gy = arrays.view(grad_output, "grad_output");
   const TensorView x = arrays.view(input, "input");
@@ -362,14 +377,12 @@ py::tuple linear_backward(const py::array& grad_output, const py::array& input,
   convcore::check_ndim(x, "input", 2, "(batch, in_features)");
   convcore::check_ndim(w, "weight", 2, "(out_features, in_features)");
   convcore::check_same_dtype(w, "weight", x, "input");
-  py::array gx = new_array(x, dims(x)), gw = new_array(x, dims(w));
-  py::array gb = new_array(x, {static_cast<py::ssize_t>(w.shape[0])});
-  const TensorView gx_v = out_view(gx), gw_v = out_view(gw), gb_v = out_view(gb);
+  const RequestedGrads grads(x, w, need_input, need_weight, need_bias);
   {
     py::gil_scoped_release release;
-    convcore::linear_backward(gy, x, w, &gx_v, &gw_v, &gb_v);
+    convcore::linear_backward(gy, x, w, grads.ptr(0), grads.ptr(1), grads.ptr(2));
   }
-  return py::make_tuple(gx, gw, gb);
+  return grads.tuple();
 }
 
 py::array relu(const py::array& input, const std::optional<py::array>& out_arg) {

@@ -58,6 +58,16 @@ def pair(value, name: str) -> Tuple[int, int]:
                     f"{type(value).__name__} {value!r}")
 
 
+def output_mask(value) -> Tuple[bool, bool, bool]:
+    """Which of (grad_input, grad_weight, grad_bias) a backward computes:
+    three bools, as PyTorch's convolution_backward takes them."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3 or \
+            not all(isinstance(v, (bool, np.bool_)) for v in value):
+        raise TypeError(f"output_mask must be three bools (grad_input, grad_weight, "
+                        f"grad_bias), got {value!r}")
+    return bool(value[0]), bool(value[1]), bool(value[2])
+
+
 def conv_padding(padding, weight: np.ndarray, stride: Tuple[int, int],
                   dilation: Tuple[int, int]) -> list:
     """(top, bottom, left, right) for padding given as int, pair, 'valid' or 'same'."""

@@ -360,8 +360,13 @@ class Network(Module):
     def backward(self, grad_output):
         if len(self.classifier):
             grad_output = self.classifier.backward(grad_output)
+            if grad_output is None:  # no features, and set_input_grad(False)
+                return None
             grad_output = grad_output.reshape(self._flat_shape)
         return self.features.backward(grad_output)
+
+    def input_layers(self):
+        return [self.features if len(self.features) else self.classifier]
 
     def output_shape(self, input_shape):
         shape = self.features.output_shape(tuple(input_shape))

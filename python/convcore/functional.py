@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _core
 from ._args import (adaptive_size, conv_padding, cross_entropy_options, integer, number,
-                    pair, pool_args, pool_divisor)
+                    output_mask as _output_mask, pair, pool_args, pool_divisor)
 from ._arrays import array_module, is_gpu_array
 from ._backends import gpu_functional
 
@@ -138,8 +138,11 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Union[IntPair
 
 
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding=0,
-                    dilation: IntPair = 1, groups: int = 1, algorithm: str = "auto"):
-    """Gradients of conv2d: (grad_input, grad_weight, grad_bias)."""
+                    dilation: IntPair = 1, groups: int = 1, algorithm: str = "auto",
+                    output_mask=(True, True, True)):
+    """Gradients of conv2d: (grad_input, grad_weight, grad_bias). Those that
+    output_mask leaves out are None and cost nothing (a first layer's
+    grad_input takes as long as its forward)."""
     x, unbatched = _batched(_array(input, "input"), "input")
     gy = _array(grad_output, "grad_output")
     if unbatched:
@@ -148,8 +151,8 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding=0,
     s, d = pair(stride, "stride"), pair(dilation, "dilation")
     pad = conv_padding(padding, w, s, d)
     gx, gw, gb = _core.conv2d_backward(gy, x, w, s, pad, d, integer(groups, "groups"),
-                                       True, True, True, _algorithm(algorithm))
-    return (gx[0] if unbatched else gx), gw, gb
+                                       *_output_mask(output_mask), _algorithm(algorithm))
+    return (gx[0] if unbatched and gx is not None else gx), gw, gb
 
 
 def conv2d_output_shape(input_shape, weight_shape, stride: IntPair = 1, padding=0,
@@ -294,8 +297,9 @@ def linear(input, weight, bias=None, out: Optional[np.ndarray] = None) -> np.nda
     return y.reshape(x.shape[:-1] + (y.shape[1],))
 
 
-def linear_backward(grad_output, input, weight):
-    """Gradients of linear: (grad_input, grad_weight, grad_bias)."""
+def linear_backward(grad_output, input, weight, output_mask=(True, True, True)):
+    """Gradients of linear: (grad_input, grad_weight, grad_bias); None for
+    those that output_mask leaves out."""
     x = _array(input, "input")
     w = _array(weight, "weight")
     gy = _array(grad_output, "grad_output")
@@ -304,8 +308,8 @@ def linear_backward(grad_output, input, weight):
         if gy.shape != expected:
             raise ValueError(f"grad_output must have shape {expected}, got {gy.shape}")
     gx, gw, gb = _core.linear_backward(_flatten_features(gy) if gy.ndim else gy,
-                                       _flatten_features(x), w)
-    return gx.reshape(x.shape), gw, gb
+                                       _flatten_features(x), w, *_output_mask(output_mask))
+    return (None if gx is None else gx.reshape(x.shape)), gw, gb
 
 
 # ------------------------------------------------------------------- activation

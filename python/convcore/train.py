@@ -295,6 +295,8 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
         total_batches = None
     width = len(str(epochs))
 
+    input_grad = model.input_grad
+    model.set_input_grad(False)  # the loop never reads the input's gradient
     try:
         for epoch in range(first_epoch, epochs + 1):
             lr = optimizer.lr
@@ -383,6 +385,7 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
                              f"epochs")
                 break
     finally:
+        model.set_input_grad(input_grad)
         bar.close()
         if reducer is not None:
             reducer.close()

@@ -214,6 +214,9 @@ def _convcore_fns(model, x: np.ndarray, y: np.ndarray):
 
     loss_fn = CrossEntropyLoss()
     opt = optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    # no gradient for the images, as PyTorch computes none for an input that
+    # does not require grad
+    model.set_input_grad(False)
 
     def infer():
         model.eval()

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _core
 from .._args import (adaptive_size, conv_padding, cross_entropy_options, integer, number,
-                     pair, pool_args, pool_divisor)
+                     output_mask as _output_mask, pair, pool_args, pool_divisor)
 from .._arrays import is_cupy
 from . import backend as _default_backend
 
@@ -264,14 +264,68 @@ def _channel_sum(be, g, out, N: int, C: int, HW: int) -> None:
                   (target, out, _i32(splits), _i32(C)))
 
 
+def _conv_grad_input(be, gy, w, gx, dims, g, depthwise):
+    d32 = tuple(map(_i32, dims))
+    if depthwise:
+        be.launch("conv.cu", "depthwise_bwd_data", _grid1(gx.size), (_THREADS, 1, 1),
+                  (gy, w, gx) + d32)
+        return
+    N, C, H, W = dims[:4]
+    Cg, sh, sw = C // g, dims[9], dims[10]
+    threads = N * g * sh * sw * _ceil(H, sh) * _ceil(W, sw)  # phases padded
+    if Cg <= min(BWD_DATA_DIRECT_MAX_CG, _DIRECT_MAX_CG) and threads <= _INT32_MAX:
+        be.launch("conv.cu", "conv2d_bwd_data_direct", _grid1(threads), (_THREADS, 1, 1),
+                  (gy, w, gx) + d32 + (_i32(g),))
+    else:
+        suffix, edge = _tile(be, Cg, N * H * W, g)
+        be.launch("conv.cu", "conv2d_bwd_data" + suffix,
+                  (_ceil(N * H * W, edge), _ceil(Cg, edge), g),
+                  (_THREADS, 1, 1), (gy, w, gx) + d32 + (_i32(g),))
+
+
+def _conv_grad_weight(be, gy, x, gw, dims, g, depthwise, deterministic):
+    d32 = tuple(map(_i32, dims))
+    if depthwise:
+        be.launch("conv.cu", "depthwise_bwd_weight", (gw.size, 1, 1), (_THREADS, 1, 1),
+                  (gy, x, gw) + d32)
+        return
+    N, C, H, W, K, KH, KW, OH, OW = dims[:9]
+    Cg, Kg = C // g, K // g
+    R, P = Cg * KH * KW, N * OH * OW
+    # the tile from the output alone; splitting the reduction adds blocks
+    suffix, edge = _tile(be, Kg, R, g * max(P // BWD_WEIGHT_MIN_CHUNK, 1))
+    blocks = _ceil(R, edge) * _ceil(Kg, edge) * g
+    splits = _bwd_weight_splits(P, blocks)
+    chunk = _ceil(_ceil(max(P, 1), splits), 16) * 16
+    splits = max(_ceil(P, chunk), 1)  # an empty batch: one (zero) chunk
+    grid = (_ceil(R, edge), _ceil(Kg, edge), g * splits)
+    if splits == 1:
+        target, atomic = gw, 0
+    elif deterministic:
+        if splits * gw.size > _INT32_MAX:
+            raise ValueError("the weight gradient's workspace is too large for 32-bit indexing")
+        target, atomic = be.xp.empty((splits,) + tuple(gw.shape), dtype=np.float32), 0
+    else:
+        gw.fill(0)
+        target, atomic = gw, 1
+    be.launch("conv.cu", "conv2d_bwd_weight" + suffix, grid, (_THREADS, 1, 1),
+              (gy, x, target) + d32 + (_i32(g), _i32(splits), _i32(chunk), _i32(atomic)))
+    if target is not gw:
+        be.launch("conv.cu", "sum_splits", _grid1(gw.size), (_THREADS, 1, 1),
+                  (target, gw, _i32(splits), _i32(gw.size)))
+
+
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1,
-                    algorithm="auto", deterministic: bool = True):
-    """(grad_input, grad_weight, grad_bias) of conv2d on the GPU.
+                    algorithm="auto", output_mask=(True, True, True),
+                    deterministic: bool = True):
+    """(grad_input, grad_weight, grad_bias) of conv2d on the GPU; None for
+    those that output_mask leaves out.
 
     deterministic=True (default): every sum in a fixed order, bit-identical
     runs. False lets the weight gradient add its split partial sums with
     float atomics (no workspace, one kernel less; order varies)."""
     be, xp = _be(), _be().xp
+    need_x, need_w, need_b = _output_mask(output_mask)
     x, unbatched = _batched(be, input, "input")
     w = _arr(be, weight, "weight")
     if x.ndim != 4 or w.ndim != 4:
@@ -279,52 +333,19 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
                          f"{tuple(x.shape)} and {tuple(w.shape)}")
     shape, dims, g, depthwise = _conv_setup(x, w, stride, padding, dilation, groups, algorithm)
     gy = _grad_out(be, grad_output, unbatched, shape)
-    N, C, H, W, K, KH, KW, OH, OW = dims[:9]
-    d32 = tuple(map(_i32, dims))
-    gx = xp.empty(x.shape, dtype=np.float32)
-    gw = xp.empty(w.shape, dtype=np.float32)
-    gb = xp.empty((K,), dtype=np.float32)
-    if depthwise:
-        be.launch("conv.cu", "depthwise_bwd_data", _grid1(gx.size), (_THREADS, 1, 1),
-                  (gy, w, gx) + d32)
-        be.launch("conv.cu", "depthwise_bwd_weight", (gw.size, 1, 1), (_THREADS, 1, 1),
-                  (gy, x, gw) + d32)
-    else:
-        Cg, Kg = C // g, K // g
-        sh, sw = dims[9], dims[10]
-        threads = N * g * sh * sw * _ceil(H, sh) * _ceil(W, sw)  # phases padded
-        if Cg <= min(BWD_DATA_DIRECT_MAX_CG, _DIRECT_MAX_CG) and threads <= _INT32_MAX:
-            be.launch("conv.cu", "conv2d_bwd_data_direct", _grid1(threads), (_THREADS, 1, 1),
-                      (gy, w, gx) + d32 + (_i32(g),))
-        else:
-            suffix, edge = _tile(be, Cg, N * H * W, g)
-            be.launch("conv.cu", "conv2d_bwd_data" + suffix,
-                      (_ceil(N * H * W, edge), _ceil(Cg, edge), g),
-                      (_THREADS, 1, 1), (gy, w, gx) + d32 + (_i32(g),))
-        R, P = Cg * KH * KW, N * OH * OW
-        # the tile from the output alone; splitting the reduction adds blocks
-        suffix, edge = _tile(be, Kg, R, g * max(P // BWD_WEIGHT_MIN_CHUNK, 1))
-        blocks = _ceil(R, edge) * _ceil(Kg, edge) * g
-        splits = _bwd_weight_splits(P, blocks)
-        chunk = _ceil(_ceil(max(P, 1), splits), 16) * 16
-        splits = max(_ceil(P, chunk), 1)  # an empty batch: one (zero) chunk
-        grid = (_ceil(R, edge), _ceil(Kg, edge), g * splits)
-        if splits == 1:
-            target, atomic = gw, 0
-        elif deterministic:
-            if splits * gw.size > _INT32_MAX:
-                raise ValueError("the weight gradient's workspace is too large for 32-bit indexing")
-            target, atomic = xp.empty((splits,) + tuple(w.shape), dtype=np.float32), 0
-        else:
-            gw.fill(0)
-            target, atomic = gw, 1
-        be.launch("conv.cu", "conv2d_bwd_weight" + suffix, grid, (_THREADS, 1, 1),
-                  (gy, x, target) + d32 + (_i32(g), _i32(splits), _i32(chunk), _i32(atomic)))
-        if target is not gw:
-            be.launch("conv.cu", "sum_splits", _grid1(gw.size), (_THREADS, 1, 1),
-                      (target, gw, _i32(splits), _i32(gw.size)))
-    _channel_sum(be, gy, gb, N, K, OH * OW)
-    return (gx[0] if unbatched else gx), gw, gb
+    gx = gw = gb = None
+    if need_x:
+        gx = xp.empty(x.shape, dtype=np.float32)
+        _conv_grad_input(be, gy, w, gx, dims, g, depthwise)
+        gx = gx[0] if unbatched else gx
+    if need_w:
+        gw = xp.empty(w.shape, dtype=np.float32)
+        _conv_grad_weight(be, gy, x, gw, dims, g, depthwise, deterministic)
+    if need_b:
+        N, K, OH, OW = dims[0], dims[4], dims[7], dims[8]
+        gb = xp.empty((K,), dtype=np.float32)
+        _channel_sum(be, gy, gb, N, K, OH * OW)
+    return gx, gw, gb
 
 
 # ---------------------------------------------------------------------- pooling
@@ -524,21 +545,26 @@ def linear_relu(input, weight, bias=None, out=None):
     return _linear(input, weight, bias, out, relu=True)
 
 
-def linear_backward(grad_output, input, weight):
+def linear_backward(grad_output, input, weight, output_mask=(True, True, True)):
     be, xp = _be(), _be().xp
+    need_x, need_w, need_b = _output_mask(output_mask)
     x, w = _arr(be, input, "input"), _arr(be, weight, "weight")
     M, O, I = _linear_shapes(x, w)
     gy = _arr(be, grad_output, "grad_output")
     expected = tuple(x.shape[:-1]) + (O,)
     if tuple(gy.shape) != expected:
         raise ValueError(f"grad_output must have shape {expected}, got {tuple(gy.shape)}")
-    gx = xp.empty(x.shape, dtype=np.float32)
-    gw = xp.empty((O, I), dtype=np.float32)
-    gb = xp.empty((O,), dtype=np.float32)
-    _gemm(be, gy, w, None, gx, M, I, O, (O, 1, I, 1))      # gx = gy @ w
-    _gemm(be, gy, x, None, gw, O, I, M, (1, O, I, 1))      # gw = gy^T @ x
-    be.launch("linear.cu", "column_sum", _grid1(O), (_THREADS, 1, 1),
-              (gy, gb, _i32(M), _i32(O)))
+    gx = gw = gb = None
+    if need_x:
+        gx = xp.empty(x.shape, dtype=np.float32)
+        _gemm(be, gy, w, None, gx, M, I, O, (O, 1, I, 1))      # gx = gy @ w
+    if need_w:
+        gw = xp.empty((O, I), dtype=np.float32)
+        _gemm(be, gy, x, None, gw, O, I, M, (1, O, I, 1))      # gw = gy^T @ x
+    if need_b:
+        gb = xp.empty((O,), dtype=np.float32)
+        be.launch("linear.cu", "column_sum", _grid1(O), (_THREADS, 1, 1),
+                  (gy, gb, _i32(M), _i32(O)))
     return gx, gw, gb
 
 

@@ -111,6 +111,9 @@ class ResNet(Module):
         g = F.relu_backward(self.maxpool.backward(g), self._stem_bn)
         return self.conv1.backward(self.bn1.backward(g))
 
+    def input_layers(self):
+        return [self.conv1]
+
     def output_shape(self, input_shape):
         shape = self.conv1.output_shape(tuple(input_shape))
         shape = self.maxpool.output_shape(shape)

@@ -251,6 +251,8 @@ class Graph(Module):
             grads = {outputs[0]: grad_output}
 
         def accumulate(name, g):
+            if g is None:  # a module that skips its input's gradient (set_input_grad)
+                return
             grads[name] = g if name not in grads else _sum(grads[name], g)
 
         for (out, op, inputs), need in zip(reversed(self.nodes), reversed(needed)):
@@ -275,7 +277,15 @@ class Graph(Module):
             else:  # relu
                 accumulate(inputs[0], F.relu_backward(np.ascontiguousarray(g), values[inputs[0]]))
         g = grads.get("x")
-        return np.zeros_like(values["x"]) if g is None else g
+        if g is None and self.input_grad:
+            return np.zeros_like(values["x"])
+        return g
+
+    def input_layers(self):
+        readers = [op for _, op, inputs in self.nodes if "x" in inputs]
+        if len(readers) == 1 and readers[0] in self._modules:
+            return [self._modules[readers[0]]]
+        return []
 
     # -- shapes ---------------------------------------------------------------------
     def _join_shape(self, out: str, op: str, shapes: List[tuple]) -> tuple:

@@ -159,11 +159,12 @@ class Conv2d(Module):
             raise RuntimeError("Conv2d.backward called before forward")
         padding = self.padding if self.padding_mode == "zeros" else 0
         gx, gw, gb = F.conv2d_backward(grad_output, self._x, self.weight.data, self.stride,
-                                       padding, self.dilation, self.groups)
+                                       padding, self.dilation, self.groups,
+                                       output_mask=(self.input_grad, True, self.bias is not None))
         self.weight.accumulate_grad(gw)
         if self.bias is not None:
             self.bias.accumulate_grad(gb)
-        if self.padding_mode != "zeros":
+        if gx is not None and self.padding_mode != "zeros":
             t, b, left, right = self._pads()
             h, w = gx.shape[-2] - t - b, gx.shape[-1] - left - right
             gx = _fold_padding(gx, gx.ndim - 2, h, t, b, _PAD_MODES[self.padding_mode])
@@ -346,7 +347,8 @@ class Linear(Module):
         return F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def backward(self, grad_output):
-        gx, gw, gb = F.linear_backward(grad_output, self._x, self.weight.data)
+        gx, gw, gb = F.linear_backward(grad_output, self._x, self.weight.data,
+                                       output_mask=(self.input_grad, True, self.bias is not None))
         self.weight.accumulate_grad(gw)
         if self.bias is not None:
             self.bias.accumulate_grad(gb)

@@ -158,6 +158,31 @@ class Module:
     def backward(self, grad_output):
         raise NotImplementedError(f"{type(self).__name__} does not implement backward")
 
+    # Whether backward computes the gradient with respect to the input (see
+    # set_input_grad); layers that can skip it read this flag.
+    input_grad = True
+
+    def input_layers(self) -> List["Module"]:
+        """The children that read this module's input (and nothing else reads
+        it): where set_input_grad passes its flag. None by default."""
+        return []
+
+    def set_input_grad(self, flag: bool) -> "Module":
+        """Whether backward computes the gradient with respect to the input.
+
+        Off, the layers that read the input (a network's first convolution
+        or linear layer, found through input_layers) compute only their
+        parameters' gradients and backward returns None, as PyTorch skips an
+        input that does not require grad: a first convolution's input
+        gradient costs as much as its forward. On by default; train.fit
+        turns it off while it runs, as its loop discards that gradient."""
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"flag must be a bool, got {type(flag).__name__} {flag!r}")
+        object.__setattr__(self, "input_grad", bool(flag))
+        for m in self.input_layers():
+            m.set_input_grad(flag)
+        return self
+
     def __call__(self, x):
         return self.forward(x)
 
@@ -402,6 +427,9 @@ class Sequential(Module):
         for m in reversed(list(self._modules.values())):
             grad_output = m.backward(grad_output)
         return grad_output
+
+    def input_layers(self):
+        return list(self._modules.values())[:1]
 
     def output_shape(self, input_shape):
         for m in self._modules.values():
