@@ -155,4 +155,5 @@ def compile_seconds() -> Dict[Tuple[int, str], float]:
 def to_dlpack(array):
     """A DLPack capsule of a convcore GPU result (a cupy array), for
     torch.from_dlpack and friends. Zero-copy."""
-    return array.toDlpack() if hasattr(array, "toDlpack") else array.__dlpack__()
+    # __dlpack__ first: CuPy deprecates toDlpack (older CuPy has only that)
+    return array.__dlpack__() if hasattr(array, "__dlpack__") else array.toDlpack()
