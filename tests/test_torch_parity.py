@@ -89,6 +89,27 @@ def test_max_pool2d_parity(case, dtype, seed, xl, ties):
             convcore.max_pool2d_backward(gy, x, **kw), xt.grad)
 
 
+@given(case=pool_cases(max_pool=True), dtype=dtypes, seed=seeds, xl=layouts)
+def test_max_pool2d_parity_nan_and_signed_zeros(case, dtype, seed, xl):
+    # Windows with several NaNs, and ties of -0 and +0: the same index and
+    # the same zero as PyTorch, forward and backward.
+    rng = np.random.default_rng(seed)
+    x = np.round(randn(rng, pool_shape(case), dtype))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[rng.random(x.shape) < 0.2] = -0.0
+    x[rng.random(x.shape) < 0.2] = 0.0
+    kw = max_pool_kwargs(case)
+    xt = T(x, True)
+    yt, it = F.max_pool2d(xt, return_indices=True, **kw)
+    y, idx = convcore.max_pool2d(with_layout(x, xl), return_indices=True, **kw)
+    np.testing.assert_array_equal(idx, it.numpy())
+    np.testing.assert_array_equal(y, yt.detach().numpy())
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(yt.detach().numpy()))
+    gy = randn(rng, y.shape, dtype)
+    yt.backward(T(gy))
+    np.testing.assert_array_equal(convcore.max_pool2d_backward(gy, x, **kw), xt.grad.numpy())
+
+
 @given(case=pool_cases(max_pool=False), dtype=dtypes, seed=seeds, xl=layouts)
 def test_avg_pool2d_parity(case, dtype, seed, xl):
     rng = np.random.default_rng(seed)

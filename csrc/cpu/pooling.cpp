@@ -9,6 +9,7 @@
 
 #include "convcore/ops.h"
 #include "convcore/threading.h"
+#include "gemm.h"
 #include "strided.h"
 
 namespace convcore {
@@ -28,83 +29,122 @@ inline T max_nan(T a, T b) {
   return (b > a || b != b) ? b : a;
 }
 
-// Max and argmax of every window of output row oh, all columns at once: taps
-// in window order (row by row), the output row inside, so the comparisons
-// vectorise. PyTorch's rules: the first valid element starts each window, a
-// later one wins if greater or NaN. idx -1: an empty window.
+// Max pooling of one plane, values only: separable, first the max over each
+// window's rows for every input column (Ho x W in `cols`, contiguous,
+// vectorises), then over each window's columns for the rows left (the taps
+// outside, the output row inside). Values equal the windowed max exactly
+// (max is associative; a NaN wins either way).
 template <typename T>
-void row_argmax(const T* plane, const PlaneStrides& s, int64_t H, int64_t W,
-                const Pool2dParams& p, int64_t Wo, int64_t oh, T* val, int64_t* idx) {
-  std::fill(val, val + Wo, -std::numeric_limits<T>::infinity());
-  std::fill(idx, idx + Wo, int64_t(-1));
-  const int64_t ih0 = oh * p.stride_h - p.pad_h;
-  for (int64_t i = 0; i < p.kernel_h; ++i) {
-    const int64_t ih = ih0 + i * p.dilation_h;
-    if (ih < 0 || ih >= H) continue;
-    const T* xr = plane + ih * s.h;
+void max_plane(const T* plane, const PlaneStrides& s, int64_t H, int64_t W,
+               const Pool2dParams& p, const Shape4& o, T* cols, T* y) {
+  const T lowest = -std::numeric_limits<T>::infinity();
+  for (int64_t oh = 0; oh < o.h; ++oh) {
+    T* c = cols + oh * W;
+    std::fill(c, c + W, lowest);
+    const int64_t ih0 = oh * p.stride_h - p.pad_h;
+    for (int64_t i = 0; i < p.kernel_h; ++i) {
+      const int64_t ih = ih0 + i * p.dilation_h;
+      if (ih < 0 || ih >= H) continue;
+      const T* xr = plane + ih * s.h;
+      if (s.w == 1) {
+        for (int64_t iw = 0; iw < W; ++iw) c[iw] = max_nan(c[iw], xr[iw]);
+      } else {
+        for (int64_t iw = 0; iw < W; ++iw) c[iw] = max_nan(c[iw], xr[iw * s.w]);
+      }
+    }
+  }
+  for (int64_t oh = 0; oh < o.h; ++oh) {
+    const T* c = cols + oh * W;
+    T* yr = y + oh * o.w;
+    std::fill(yr, yr + o.w, lowest);
     for (int64_t j = 0; j < p.kernel_w; ++j) {
+      // output columns whose tap j lands inside the row: iw = ow * sw + off
       const int64_t off = j * p.dilation_w - p.pad_w;
       int64_t lo, hi;
-      detail::inside_range(off, p.stride_w, Wo, W, &lo, &hi);
-      const int64_t base = ih * W + off;
-      for (int64_t ow = lo; ow < hi; ++ow) {
-        const T v = xr[(ow * p.stride_w + off) * s.w];
-        const bool take = idx[ow] < 0 || v > val[ow] || v != v;
-        val[ow] = take ? v : val[ow];
-        idx[ow] = take ? base + ow * p.stride_w : idx[ow];
-      }
+      detail::inside_range(off, p.stride_w, o.w, W, &lo, &hi);
+      const T* src = c + off;
+      for (int64_t ow = lo; ow < hi; ++ow) yr[ow] = max_nan(yr[ow], src[ow * p.stride_w]);
     }
   }
 }
 
-// Max pooling values only (no indices): separable, first the max over each
-// window's rows for every input column (Ho x W, contiguous, vectorises),
-// then over each window's columns for the rows left (the taps outside, the
-// output row inside). Values equal the windowed max exactly (max is
-// associative; a NaN wins either way).
+// ir[ow] = base + ow * sw where tap (xr[(ow * sw + off) * xs]) equals the
+// window's max yr[ow], for ow in [lo, hi): compiled per instruction set, as
+// the baseline build cannot select 64-bit lanes by a float compare.
+template <typename T, int SW>
+CONVCORE_ALWAYS_INLINE void mark_tap_row(const T* xr, int64_t xs, const T* yr, int64_t* ir,
+                                         int64_t lo, int64_t hi, int64_t sw, int64_t off,
+                                         int64_t base) {
+  if constexpr (SW > 0) sw = SW, xs = 1;  // compile-time strides vectorise
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    const int64_t hit = -static_cast<int64_t>(xr[(ow * sw + off) * xs] == yr[ow]);
+    ir[ow] = (ir[ow] & ~hit) | ((base + ow * sw) & hit);
+  }
+}
 template <typename T>
-void max_forward_separable(const TensorView& in, const Pool2dParams& p, const Shape4& o,
-                           T* out) {
-  const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
-  const PlaneStrides s = strides_of(in);
-  const T* x = in.ptr<const T>();
-  const T lowest = -std::numeric_limits<T>::infinity();
-  const int threads = detail::threads_for(planes, planes * H * W);
-  detail::Workspace<T> ws(threads, o.h * W);
-#pragma omp parallel num_threads(threads)
-  {
-    T* cols = ws.get(omp_get_thread_num());
-#pragma omp for schedule(static)
-    for (int64_t pl = 0; pl < planes; ++pl) {
-      const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
-      for (int64_t oh = 0; oh < o.h; ++oh) {
-        T* c = cols + oh * W;
-        std::fill(c, c + W, lowest);
-        const int64_t ih0 = oh * p.stride_h - p.pad_h;
+CONVCORE_ALWAYS_INLINE void mark_tap_body(const T* xr, int64_t xs, const T* yr, int64_t* ir,
+                                          int64_t lo, int64_t hi, int64_t sw, int64_t off,
+                                          int64_t base) {
+  if (xs == 1 && sw == 1)
+    mark_tap_row<T, 1>(xr, xs, yr, ir, lo, hi, sw, off, base);
+  else if (xs == 1 && sw == 2)
+    mark_tap_row<T, 2>(xr, xs, yr, ir, lo, hi, sw, off, base);
+  else
+    mark_tap_row<T, 0>(xr, xs, yr, ir, lo, hi, sw, off, base);
+}
+#define CONVCORE_MARK_TAP(NAME, T)                                                           \
+  CONVCORE_ISA_DISPATCH(NAME, mark_tap_body<T>,                                              \
+                        (const T* xr, int64_t xs, const T* yr, int64_t* ir, int64_t lo,      \
+                         int64_t hi, int64_t sw, int64_t off, int64_t base),                 \
+                        (xr, xs, yr, ir, lo, hi, sw, off, base))
+CONVCORE_MARK_TAP(mark_tap, float)
+CONVCORE_MARK_TAP(mark_tap, double)
+#undef CONVCORE_MARK_TAP
+
+// The index of each window's max, from the maxima y of max_plane, by
+// PyTorch's rule in window order (row by row): the first valid element
+// starts, a later one wins if greater or NaN; so the first element equal to
+// the max, or the last NaN. The taps go in reverse window order, each
+// marking the outputs whose max it equals (the last mark is the first
+// match): a compare and a select per output and tap, which vectorise. Rows
+// with a NaN maximum are then scanned in window order, and a zero maximum
+// is read back from its element (a tie of -0 and +0 gives the zero PyTorch
+// gives). idx -1: an empty window.
+template <typename T>
+void argmax_plane(const T* plane, const PlaneStrides& s, int64_t H, int64_t W,
+                  const Pool2dParams& p, const Shape4& o, T* y, int64_t* idx) {
+  for (int64_t oh = 0; oh < o.h; ++oh) {
+    T* yr = y + oh * o.w;
+    int64_t* ir = idx + oh * o.w;
+    std::fill(ir, ir + o.w, int64_t(-1));
+    const int64_t ih0 = oh * p.stride_h - p.pad_h;
+    bool nan = false;
+    for (int64_t ow = 0; ow < o.w; ++ow) nan |= yr[ow] != yr[ow];
+    for (int64_t i = p.kernel_h - 1; i >= 0; --i) {
+      const int64_t ih = ih0 + i * p.dilation_h;
+      if (ih < 0 || ih >= H) continue;
+      const T* xr = plane + ih * s.h;
+      for (int64_t j = p.kernel_w - 1; j >= 0; --j) {
+        const int64_t off = j * p.dilation_w - p.pad_w;
+        int64_t lo, hi;
+        detail::inside_range(off, p.stride_w, o.w, W, &lo, &hi);
+        mark_tap(xr, s.w, yr, ir, lo, hi, p.stride_w, off, ih * W + off);
+      }
+    }
+    for (int64_t ow = 0; ow < o.w; ++ow) {
+      if (nan && yr[ow] != yr[ow]) {  // the last NaN, in window order
+        const int64_t iw0 = ow * p.stride_w - p.pad_w;
         for (int64_t i = 0; i < p.kernel_h; ++i) {
           const int64_t ih = ih0 + i * p.dilation_h;
           if (ih < 0 || ih >= H) continue;
-          const T* xr = plane + ih * s.h;
-          if (s.w == 1) {
-            for (int64_t iw = 0; iw < W; ++iw) c[iw] = max_nan(c[iw], xr[iw]);
-          } else {
-            for (int64_t iw = 0; iw < W; ++iw) c[iw] = max_nan(c[iw], xr[iw * s.w]);
+          for (int64_t j = 0; j < p.kernel_w; ++j) {
+            const int64_t iw = iw0 + j * p.dilation_w;
+            if (iw >= 0 && iw < W && plane[ih * s.h + iw * s.w] != plane[ih * s.h + iw * s.w])
+              ir[ow] = ih * W + iw;
           }
         }
-      }
-      T* y = out + pl * o.h * o.w;
-      for (int64_t oh = 0; oh < o.h; ++oh) {
-        const T* c = cols + oh * W;
-        T* yr = y + oh * o.w;
-        std::fill(yr, yr + o.w, lowest);
-        for (int64_t j = 0; j < p.kernel_w; ++j) {
-          // output columns whose tap j lands inside the row: iw = ow * sw + off
-          const int64_t off = j * p.dilation_w - p.pad_w;
-          int64_t lo, hi;
-          detail::inside_range(off, p.stride_w, o.w, W, &lo, &hi);
-          const T* src = c + off;
-          for (int64_t ow = lo; ow < hi; ++ow) yr[ow] = max_nan(yr[ow], src[ow * p.stride_w]);
-        }
+      } else if (yr[ow] == T(0)) {
+        yr[ow] = plane[(ir[ow] / W) * s.h + (ir[ow] % W) * s.w];
       }
     }
   }
@@ -113,16 +153,20 @@ void max_forward_separable(const TensorView& in, const Pool2dParams& p, const Sh
 template <typename T>
 void max_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T* out,
                  int64_t* idx) {
-  if (!idx) return max_forward_separable(in, p, o, out);
   const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
-#pragma omp parallel for num_threads(detail::threads_for(planes, planes * H * W)) schedule(static)
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
-    for (int64_t oh = 0; oh < o.h; ++oh) {
-      const int64_t k = (pl * o.h + oh) * o.w;
-      row_argmax(plane, s, H, W, p, o.w, oh, out + k, idx + k);
+  const int threads = detail::threads_for(planes, planes * H * W);
+  detail::Workspace<T> ws(threads, o.h * W);
+#pragma omp parallel num_threads(threads)
+  {
+    T* cols = ws.get(omp_get_thread_num());
+#pragma omp for schedule(static)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
+      T* y = out + pl * o.h * o.w;
+      max_plane(plane, s, H, W, p, o, cols, y);
+      if (idx) argmax_plane(plane, s, H, W, p, o, y, idx + pl * o.h * o.w);
     }
   }
 }
@@ -130,27 +174,27 @@ void max_forward(const TensorView& in, const Pool2dParams& p, const Shape4& o, T
 template <typename T>
 void max_backward(const T* gy, const TensorView& in, const Pool2dParams& p, const Shape4& o,
                   T* gx) {
-  const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c;
+  const int64_t H = in.shape[2], W = in.shape[3], planes = o.n * o.c, P = o.h * o.w;
   const PlaneStrides s = strides_of(in);
   const T* x = in.ptr<const T>();
   const int threads = detail::threads_for(planes, planes * H * W);
-  detail::Workspace<T> val_ws(threads, o.w);
-  detail::Workspace<int64_t> idx_ws(threads, o.w);
+  detail::Workspace<T> val_ws(threads, o.h * W + P);
+  detail::Workspace<int64_t> idx_ws(threads, P);
 #pragma omp parallel num_threads(threads)
   {
-    T* val = val_ws.get(omp_get_thread_num());
+    T* cols = val_ws.get(omp_get_thread_num());
+    T* val = cols + o.h * W;
     int64_t* idx = idx_ws.get(omp_get_thread_num());
 #pragma omp for schedule(static)
     for (int64_t pl = 0; pl < planes; ++pl) {
       const T* plane = x + (pl / o.c) * s.n + (pl % o.c) * s.c;
+      max_plane(plane, s, H, W, p, o, cols, val);
+      argmax_plane(plane, s, H, W, p, o, val, idx);
       T* g = gx + pl * H * W;
       std::fill(g, g + H * W, T(0));
-      for (int64_t oh = 0; oh < o.h; ++oh) {
-        row_argmax(plane, s, H, W, p, o.w, oh, val, idx);
-        const T* gr = gy + (pl * o.h + oh) * o.w;
-        for (int64_t ow = 0; ow < o.w; ++ow)
-          if (idx[ow] >= 0) g[idx[ow]] += gr[ow];
-      }
+      const T* gr = gy + pl * P;
+      for (int64_t q = 0; q < P; ++q)
+        if (idx[q] >= 0) g[idx[q]] += gr[q];
     }
   }
 }
