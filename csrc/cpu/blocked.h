@@ -106,6 +106,18 @@ struct WinogradWeights {
   std::vector<float> u;  // U = G g G^T: [(m+2)^2 points][panel][cin_pad][NR]
 };
 WinogradWeights pack_winograd_weights(const float* weight, int64_t cout, int64_t cin, int m);
+// Where filter (o, c)'s tap t (row-major 3x3) is: weight[o * out_stride +
+// c * in_stride + t * tap_step]; a grad_input reads its weights transposed
+// and flipped.
+struct FilterAccess {
+  int64_t out_stride, in_stride, tap_step;
+};
+// The same packing into a caller's buffer of winograd_floats(layout) floats
+// (layout from winograd_layout; its u stays empty), `threads` panels at once.
+WinogradWeights winograd_layout(int64_t cout, int64_t cin, int m);
+int64_t winograd_floats(const WinogradWeights& layout);
+void pack_winograd(const float* weight, const FilterAccess& f, const WinogradWeights& layout,
+                   float* u, int threads);
 struct WinogradPlan {
   int64_t tiles_h = 0, tiles_w = 0, band = 0, bands = 0;  // tiles per task, tasks per image
   int64_t v_floats = 0, m_floats = 0;  // scratch per thread: V then M
@@ -113,9 +125,10 @@ struct WinogradPlan {
 };
 WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Image& out, int threads);
 // scratch: threads * (plan.v_floats + plan.m_floats) floats.
-void winograd_conv2d(const Image& in, const WinogradWeights& w, const Conv2dParams& p,
-                     const WinogradPlan& plan, const Epilogue& e, const Image& out,
-                     float* scratch, int threads);
+// u: the packed filters (w.u.data(), or pack_winograd's buffer).
+void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u,
+                     const Conv2dParams& p, const WinogradPlan& plan, const Epilogue& e,
+                     const Image& out, float* scratch, int threads);
 
 // Depthwise convolution (one input and one output channel per group),
 // blocked in and out. weights: packed by pack_depthwise_weights.

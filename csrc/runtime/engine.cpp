@@ -304,7 +304,7 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
     case Kind::Winograd: {
       const std::size_t i = static_cast<std::size_t>(&s - c.steps.data());
       float* scratch = reinterpret_cast<float*>(arena + static_cast<std::size_t>(p.values_elements) * item);
-      blocked::winograd_conv2d(image(s.in[0]), s.winograd, s.conv, p.winograd_plans[i], e,
+      blocked::winograd_conv2d(image(s.in[0]), s.winograd, s.winograd.u.data(), s.conv, p.winograd_plans[i], e,
                                image(s.out), scratch, threads);
       return;
     }
