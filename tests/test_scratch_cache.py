@@ -1,5 +1,5 @@
-"""The core's cache of large blocks (csrc/cpu/scratch.h): scratch memory and
-the arrays the bindings return (8 MB and more) are kept when freed and handed
+"""The core's cache of blocks (csrc/cpu/scratch.h): scratch memory and the
+arrays the bindings return (256 KB and more) are kept when freed and handed
 to the next call that needs about as much. What must hold: a block is never
 handed out while any array or view still uses it, results are the same with
 the cache on or off, and the limit bounds what is kept."""
@@ -10,7 +10,7 @@ import pytest
 
 import convcore
 
-BIG = (4, 64, 96, 96)  # 9.4 MB of float32: above the cache's 8 MB threshold
+BIG = (4, 64, 96, 96)  # 9.4 MB of float32: a large block, in 2 MB pages
 
 
 @pytest.fixture
@@ -52,6 +52,23 @@ def test_a_freed_output_is_reused_and_the_limit_bounds_what_is_kept(cache_limit)
     del y
     gc.collect()
     assert convcore.scratch_cache_bytes() == 0  # limit 0: nothing kept
+
+
+@pytest.mark.parametrize("shape, kept", [((1, 64, 40, 40), True),    # 400 KB: kept
+                                          ((1, 16, 40, 40), False)])  # 100 KB: malloc's
+def test_mid_size_blocks_are_kept_in_whole_pages(cache_limit, shape, kept):
+    convcore.set_scratch_cache_limit(0)
+    convcore.set_scratch_cache_limit(256 << 20)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    y = convcore.relu(x)
+    address = y.__array_interface__["data"][0]
+    del y
+    gc.collect()
+    assert convcore.scratch_cache_bytes() == (-(-x.nbytes // 4096) * 4096 if kept else 0)
+    if kept:
+        y = convcore.relu(x)
+        assert y.__array_interface__["data"][0] == address
+        np.testing.assert_array_equal(y, np.maximum(x, 0))
 
 
 def test_live_arrays_and_views_keep_their_block(cache_limit):

@@ -12,8 +12,13 @@
 namespace convcore {
 namespace detail {
 
-// Blocks of at least this many bytes are the large ones (cached); smaller
-// ones come from malloc.
+// Blocks of at least kCachedScratchBytes are kept when freed (smaller ones
+// come from malloc): glibc returns freed blocks of a few MB to the kernel,
+// and a batch-1 training step's workspaces and arrays (0.2-4 MB) were
+// faulted in afresh on every call, half a millisecond of a 1 ms
+// convolution. Blocks of at least kLargeScratchBytes are the large ones:
+// 2 MB aligned, in huge pages.
+constexpr std::size_t kCachedScratchBytes = std::size_t(256) << 10;
 constexpr std::size_t kLargeScratchBytes = std::size_t(8) << 20;
 
 // Throws std::bad_alloc when the memory cannot be had.

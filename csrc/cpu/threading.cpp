@@ -70,9 +70,10 @@ int64_t workspace_limit() {
 
 namespace {
 constexpr size_t kHugePage = size_t(2) << 20;  // x86-64's transparent huge page
+constexpr size_t kPage = size_t(4) << 10;
 
-// Freed large scratch blocks, kept for the next call: a fresh block's huge
-// pages are zeroed by the kernel at first touch, so a training step of
+// Freed scratch blocks (kCachedScratchBytes and more), kept for the next
+// call: a fresh block's pages are zeroed by the kernel at first touch, so a training step of
 // ResNet-18 at batch 16 (about 20 blocks of 9-38 MB) spent a quarter of its
 // CPU time zeroing pages. Blocks are handed out best fit (at most twice the
 // size asked for); the least recently freed go first past the limit.
@@ -149,12 +150,14 @@ void workspace_acquired(int64_t bytes) {
 void workspace_released(int64_t bytes) { t_workspace_now -= bytes; }
 
 void* allocate_scratch(size_t bytes) {
-  if (bytes < kLargeScratchBytes) {
+  if (bytes < kCachedScratchBytes) {
     void* p = std::malloc(bytes);
     if (!p) throw std::bad_alloc();
     return p;
   }
-  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  const bool large = bytes >= kLargeScratchBytes;
+  const size_t align = large ? kHugePage : kPage;
+  const size_t rounded = (bytes + align - 1) / align * align;
   ScratchCache& c = scratch_cache();
   {
     std::lock_guard<std::mutex> lock(c.mutex);
@@ -172,10 +175,10 @@ void* allocate_scratch(size_t bytes) {
       return p;
     }
   }
-  void* p = std::aligned_alloc(kHugePage, rounded);
+  void* p = std::aligned_alloc(align, rounded);
   if (!p) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure leaves 4 KB pages
+  if (large) madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure leaves 4 KB pages
 #endif
   std::lock_guard<std::mutex> lock(c.mutex);
   c.sizes.emplace(p, rounded);
