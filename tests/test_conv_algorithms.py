@@ -213,20 +213,25 @@ def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h):
 
 
 def test_auto_picks_winograd_where_it_pays(two_threads):
-    """algorithm='auto' (winograd4_pays / winograd_pays in csrc/cpu/conv_plan.cpp;
-    update this test with those rules), for forward and grad_input alike, and
-    for grad_weight (winograd2_grad_weight_pays):
-    F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2) on smaller
-    images (not 7x7) with a band of tiles per thread, the direct kernel on a
-    small image at batch 1 and with fewer than 64 channels, the GEMM path with
-    fewer than 128 output positions in all (direct_pays). Results are bitwise
-    those of the named algorithm."""
+    """algorithm='auto' (choose_algorithm in csrc/cpu/conv_plan.cpp; update
+    this test with its rules), for forward and grad_input alike, and for
+    grad_weight (winograd2_grad_weight_pays). Results are bitwise those of
+    the named algorithm.
+
+    float32 on contiguous images (blocked_winograd_choice): F(4x4) on 32+
+    channel layers with 56x56 outputs, or 28x28 in a batch of 4+; F(2x2)
+    down to 8x8, and on 7x7 in a batch of 16+, but not with few positions
+    and more than 256 x 256 channels. float64 (winograd4_pays /
+    winograd_pays): F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2)
+    on smaller images (not 7x7) with a band of tiles per thread. Otherwise
+    the direct kernel, or the GEMM path with fewer than 128 output
+    positions in all (direct_pays)."""
     rng = np.random.default_rng(2)
 
-    def case(n, c, cout, h):
-        x = rng.standard_normal((n, c, h, h)).astype(np.float32)
-        w = (rng.standard_normal((cout, c, 3, 3)) / (3 * np.sqrt(c))).astype(np.float32)
-        gy = rng.standard_normal((n, cout, h, h)).astype(np.float32)
+    def case(n, c, cout, h, dtype=np.float32):
+        x = rng.standard_normal((n, c, h, h)).astype(dtype)
+        w = (rng.standard_normal((cout, c, 3, 3)) / (3 * np.sqrt(c))).astype(dtype)
+        gy = rng.standard_normal((n, cout, h, h)).astype(dtype)
         return x, w, gy
 
     def auto_is(algorithm, x, w, gy, grad_weight_by=None):
@@ -241,14 +246,25 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
                                       algorithm=grad_weight_by or algorithm)
         np.testing.assert_array_equal(auto[1], by[1])
 
-    auto_is("winograd4", *case(1, 64, 64, 56))      # two bands of 4x4 tiles per image
-    auto_is("winograd4", *case(2, 256, 256, 28))
-    auto_is("winograd", *case(2, 128, 96, 14), grad_weight_by="direct")  # 14x14: F(4x4) ragged
-    auto_is("winograd", *case(2, 512, 512, 14))     # grad_weight too, with 512 channels
-    auto_is("gemm", *case(2, 512, 512, 7))          # 7x7: no F(2x2); 98 positions: no direct
+    # float32, contiguous: the blocked Winograd's rules
+    auto_is("winograd4", *case(1, 64, 64, 56))      # 56x56 at batch 1
+    auto_is("winograd4", *case(4, 32, 64, 28))      # 28x28 in a batch of 4
+    auto_is("winograd", *case(2, 256, 256, 28), grad_weight_by="direct")  # 28x28, batch 2
+    auto_is("winograd", *case(1, 128, 96, 14), grad_weight_by="direct")
+    auto_is("winograd", *case(16, 512, 512, 7))     # 7x7 in a batch of 16
+    auto_is("direct", *case(2, 512, 512, 14))       # 392 positions, 512 x 512 filters
+    auto_is("gemm", *case(2, 512, 512, 7))          # 98 positions: no direct
     auto_is("direct", *case(4, 512, 512, 7))        # 196 positions: the direct kernel
-    auto_is("direct", *case(1, 128, 96, 14))        # one band at batch 1
-    auto_is("direct", *case(4, 32, 64, 28))         # too few channels
+    auto_is("direct", *case(4, 16, 64, 28))         # too few channels
+    # float64: the NCHW transforms' rules
+    f64 = np.float64
+    auto_is("winograd4", *case(1, 64, 64, 56, f64))  # two bands of 4x4 tiles per image
+    auto_is("winograd4", *case(2, 256, 256, 28, f64))
+    auto_is("winograd", *case(2, 128, 96, 14, f64), grad_weight_by="direct")  # 14x14: F(4x4) ragged
+    auto_is("winograd", *case(2, 512, 512, 14, f64))  # grad_weight too, with 512 channels
+    auto_is("gemm", *case(2, 512, 512, 7, f64))      # 7x7: no F(2x2); 98 positions: no direct
+    auto_is("direct", *case(1, 128, 96, 14, f64))    # one band at batch 1
+    auto_is("direct", *case(4, 32, 64, 28, f64))     # too few channels
     x, w, gy = case(1, 64, 64, 56)
     assert not np.array_equal(convcore.conv2d(x, w, padding=1),
                               convcore.conv2d(x, w, padding=1, algorithm="gemm"))

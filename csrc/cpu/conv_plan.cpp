@@ -192,14 +192,43 @@ bool grad_weight_by_chunks_applies(const ConvGeometry& G) {
   return G.Cout * G.Kc * int64_t(sizeof(T)) <= kSmallGradWeightBytes && !is_pointwise(G);
 }
 
+// float32 over a contiguous NCHW image runs Winograd in the blocked layout
+// (conv_winograd.cpp's winograd_conv_blocked; grad_input's source, the
+// output gradient, always is): its transforms are cheaper and it splits a
+// small batch into bands itself, so it pays on more layers than the NCHW
+// transforms. Measured (docs/training.md, Zen 5, 2 threads, against the
+// direct and GEMM paths, batch 1 and 16): F(4x4) on 28x28 and larger
+// outputs with 32+ channels, at batch 1 only from 56x56 (F(2x2) is 15-35%
+// faster at 28x28 there); F(2x2) down to 8x8, and on 7x7 in a batch of 16+
+// (20% faster than direct at 512 channels); not at batch 1 with fewer
+// than 512 output positions and more than 256 x 256 channels, where
+// transforming the filters on every call (16/9 of the weights) outweighs
+// the products saved (512 channels at 14x14: GEMM 3.4, F(2x2) 4.3 ms).
+bool blocked_winograd(const ConvGeometry& G, DType dtype) {
+  return dtype == DType::Float32 && G.xs_w == 1 && G.xs_h == G.W && G.xs_c == G.H * G.W &&
+         winograd_shape(G) && G.C >= 32 && G.Cout >= 32;
+}
+ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
+  const int64_t side = std::min(G.Ho, G.Wo);
+  if (side >= 56 || (side >= 28 && G.N >= 4)) return ConvAlgorithm::Winograd4x4;
+  const bool filters_weigh = G.N * G.P < 512 && G.C * G.Cout > 256 * 256;
+  if ((side >= 8 || (side >= 7 && G.N >= 16)) && !filters_weigh) return ConvAlgorithm::Winograd;
+  return ConvAlgorithm::Auto;  // not Winograd
+}
+
 // Resolves Auto, and checks that an algorithm asked for by name applies.
-ConvAlgorithm choose_algorithm(const ConvGeometry& G) {
+ConvAlgorithm choose_algorithm(const ConvGeometry& G, DType dtype) {
   const bool depthwise = G.Cg == 1 && G.G > 1;
   switch (G.p.algorithm) {
     case ConvAlgorithm::Auto:
       if (depthwise) return ConvAlgorithm::Depthwise;
-      if (winograd4_pays(G)) return ConvAlgorithm::Winograd4x4;
-      if (winograd_pays(G)) return ConvAlgorithm::Winograd;
+      if (blocked_winograd(G, dtype)) {
+        const ConvAlgorithm w = blocked_winograd_choice(G);
+        if (w != ConvAlgorithm::Auto) return w;
+      } else {
+        if (winograd4_pays(G)) return ConvAlgorithm::Winograd4x4;
+        if (winograd_pays(G)) return ConvAlgorithm::Winograd;
+      }
       if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
       return direct_fits(G) && direct_pays(G) ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
     case ConvAlgorithm::Depthwise:
@@ -372,7 +401,7 @@ ConvPlan plan_for_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
 
 ConvPlan rule_plan(const ConvGeometry& G, ConvPass pass, DType dtype) {
   ConvGeometry R = G;
-  R.p.algorithm = choose_algorithm(G);
+  R.p.algorithm = choose_algorithm(G, dtype);
   return plan_for_algorithm(R, pass, dtype);
 }
 
