@@ -251,7 +251,7 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("winograd4", *case(4, 32, 64, 28))      # 28x28 in a batch of 4
     auto_is("winograd", *case(2, 256, 256, 28), grad_weight_by="direct")  # 28x28, batch 2
     auto_is("winograd", *case(1, 128, 96, 14), grad_weight_by="direct")
-    auto_is("winograd", *case(16, 512, 512, 7))     # 7x7 in a batch of 16
+    auto_is("winograd", *case(16, 512, 512, 7), grad_weight_by="direct")  # 7x7, batch 16
     auto_is("direct", *case(2, 512, 512, 14))       # 392 positions, 512 x 512 filters
     auto_is("gemm", *case(2, 512, 512, 7))          # 98 positions: no direct
     auto_is("direct", *case(4, 512, 512, 7))        # 196 positions: the direct kernel
