@@ -253,13 +253,16 @@ void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
   detail::Workspace<T> w_ws(1, G.Cout * G.Kc);
   T* flipped = w_ws.get();
   const int64_t khw = G.KH * G.KW;
-  for (int64_t g = 0; g < G.G; ++g)
-    for (int64_t c = 0; c < G.Cg; ++c)
-      for (int64_t o = 0; o < G.Coutg; ++o) {
-        const T* src = weight + ((g * G.Coutg + o) * G.Cg + c) * khw;
-        T* dst = flipped + ((g * G.Cg + c) * G.Coutg + o) * khw;
-        for (int64_t k = 0; k < khw; ++k) dst[k] = src[khw - 1 - k];
-      }
+  // in parallel: at batch 1 the copy is as costly as the products (512
+  // channels at 7x7: 0.8 of 1.7 ms on one thread)
+  detail::parallel_for(detail::threads_for(G.C, G.Cout * G.Kc), G.C, [&](int64_t gc) {
+    const int64_t g = gc / G.Cg, c = gc % G.Cg;
+    for (int64_t o = 0; o < G.Coutg; ++o) {
+      const T* src = weight + ((g * G.Coutg + o) * G.Cg + c) * khw;
+      T* dst = flipped + (gc * G.Coutg + o) * khw;
+      for (int64_t k = 0; k < khw; ++k) dst[k] = src[khw - 1 - k];
+    }
+  });
   const int64_t wshape[4] = {G.C, G.Coutg, G.KH, G.KW};
   const DType dtype = std::is_same_v<T, float> ? DType::Float32 : DType::Float64;
   const TensorView wv = contiguous_view(flipped, dtype, 4, wshape);
