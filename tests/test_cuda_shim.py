@@ -456,6 +456,24 @@ def test_batch_norm_eval_forward_and_backward(sh):
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_with_relu(sh, training):
+    # relu=True / relu_output: the GPU's result is its batch norm then its ReLU
+    x, C = rnd(3, 4, 5, 5), 4
+    w, b = rnd(C, seed=1), rnd(C, seed=2)
+    rm, rv = rnd(C, seed=3), np.abs(rnd(C, seed=4)) + 0.5
+    y, mean, var = G.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training,
+                                return_stats=True)
+    fused, _, _ = G.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training,
+                               return_stats=True, relu=True)
+    np.testing.assert_array_equal(fused, G.relu(y))
+    gy = rnd(3, 4, 5, 5, seed=5)
+    expect = G.batch_norm_backward(G.relu_backward(gy, y), x, mean, var, w, training=training)
+    got = G.batch_norm_backward(gy, x, mean, var, w, training=training, relu_output=fused)
+    for a, e in zip(got, expect):
+        np.testing.assert_array_equal(a, e)
+
+
 @pytest.mark.parametrize("n,classes,smoothing,reduction",
                          [(5, 10, 0.0, "mean"), (3, 300, 0.1, "sum"), (1, 2, 1.0, "mean")])
 def test_cross_entropy_forward_and_backward(sh, n, classes, smoothing, reduction):

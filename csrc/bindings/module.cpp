@@ -569,7 +569,8 @@ py::array local_response_norm_backward(const py::array& grad_output, const py::a
 // Training: returns (output, batch_mean, batch_var); evaluation: (output, None, None).
 py::tuple batch_norm(const py::array& input, const std::optional<py::array>& mean,
                      const std::optional<py::array>& var, const std::optional<py::array>& weight,
-                     const std::optional<py::array>& bias, bool training, double eps) {
+                     const std::optional<py::array>& bias, bool training, double eps,
+                     bool relu) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
   TensorView w, b, m, v;
@@ -592,7 +593,7 @@ py::tuple batch_norm(const py::array& input, const std::optional<py::array>& mea
   {
     py::gil_scoped_release release;
     convcore::batch_norm_forward(x, weight ? &w : nullptr, bias ? &b : nullptr, training, eps, m,
-                                 v, y);
+                                 v, y, relu);
   }
   if (training) return py::make_tuple(out, mean_a, var_a);
   return py::make_tuple(out, py::none(), py::none());
@@ -600,13 +601,15 @@ py::tuple batch_norm(const py::array& input, const std::optional<py::array>& mea
 
 py::tuple batch_norm_backward(const py::array& grad_output, const py::array& input,
                               const py::array& mean, const py::array& var,
-                              const std::optional<py::array>& weight, bool training, double eps) {
+                              const std::optional<py::array>& weight, bool training, double eps,
+                              const std::optional<py::array>& relu_output) {
   Arrays arrays;
   const TensorView gy = arrays.view(grad_output, "grad_output");
   const TensorView x = arrays.view(input, "input");
   const TensorView m = arrays.view(mean, "mean"), v = arrays.view(var, "var");
-  TensorView w;
+  TensorView w, y;
   if (weight) w = arrays.view(*weight, "weight");
+  if (relu_output) y = arrays.view(*relu_output, "output");
   if (x.ndim < 2)
     throw convcore::ValueError("input must have at least 2 dimensions (N, C, ...), got " +
                                std::to_string(x.ndim) + "-D with shape " + convcore::shape_str(x));
@@ -616,7 +619,7 @@ py::tuple batch_norm_backward(const py::array& grad_output, const py::array& inp
   {
     py::gil_scoped_release release;
     convcore::batch_norm_backward(gy, x, weight ? &w : nullptr, training, eps, m, v, &gx_v,
-                                  &gw_v, &gb_v);
+                                  &gw_v, &gb_v, relu_output ? &y : nullptr);
   }
   return py::make_tuple(gx, gw, gb);
 }

@@ -58,6 +58,12 @@ def pair(value, name: str) -> Tuple[int, int]:
                     f"{type(value).__name__} {value!r}")
 
 
+def flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def output_mask(value) -> Tuple[bool, bool, bool]:
     """Which of (grad_input, grad_weight, grad_bias) a backward computes:
     three bools, as PyTorch's convolution_backward takes them."""

@@ -14,8 +14,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._args import (adaptive_size, conv_padding, cross_entropy_options, integer, number,
-                    output_mask as _output_mask, pair, pool_args, pool_divisor)
+from ._args import (adaptive_size, conv_padding, cross_entropy_options, flag as _flag,
+                    integer, number, output_mask as _output_mask, pair, pool_args, pool_divisor)
 from ._arrays import array_module, is_gpu_array
 from ._backends import gpu_functional
 
@@ -376,13 +376,14 @@ def local_response_norm_backward(grad_output, input, size: int, alpha: float = 1
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-               return_stats: bool = False):
+               return_stats: bool = False, relu: bool = False):
     """Batch normalisation per channel of input (N, C, ...), as
     torch.nn.functional.batch_norm. When training, normalises with the batch
     statistics and updates running_mean / running_var in place (unbiased
     variance, weight `momentum`); otherwise uses them. An empty input gives
     an empty output and updates nothing. With return_stats, also returns the
-    (mean, var) it normalised with, for batch_norm_backward."""
+    (mean, var) it normalised with, for batch_norm_backward. relu=True
+    applies relu to the result in the same pass (a BatchNorm2d then a ReLU)."""
     x = _array(input, "input")
     rm = None if running_mean is None else _array(running_mean, "running_mean")
     rv = None if running_var is None else _array(running_var, "running_var")
@@ -395,6 +396,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         # batch of no values has no mean or variance (NaN). (Other dtypes go
         # on to the core's dtype error.)
         out = np.empty(x.shape, dtype=x.dtype)
+        _flag(relu, "relu")
         if not return_stats:
             return out
         if training:
@@ -410,7 +412,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
                                      or not stat.flags.writeable):
                 raise ValueError(f"{name} must be a writeable {x.dtype} array of shape "
                                  f"({x.shape[1]},) to be updated, got {stat.dtype} {stat.shape}")
-    out, mean, var = _core.batch_norm(x, rm, rv, w, b, bool(training), eps)
+    out, mean, var = _core.batch_norm(x, rm, rv, w, b, bool(training), eps, _flag(relu, "relu"))
     if training:
         count = x.size // max(x.shape[1], 1)
         # an inf running statistic with momentum 1 gives NaN (inf * 0), as
@@ -428,15 +430,18 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
 
 
 def batch_norm_backward(grad_output, input, mean, var, weight=None, training: bool = True,
-                        eps: float = 1e-5):
+                        eps: float = 1e-5, relu_output=None):
     """Gradients of batch_norm: (grad_input, grad_weight, grad_bias). mean and
     var are the statistics the forward normalised with (the batch's, from
     batch_norm(..., return_stats=True), when training; the running ones
-    otherwise)."""
+    otherwise). relu_output: the output of batch_norm(..., relu=True), whose
+    gradient grad_output is; it flows back only where that output is
+    positive, as relu_backward's."""
     return _core.batch_norm_backward(
         _array(grad_output, "grad_output"), _array(input, "input"), _array(mean, "mean"),
         _array(var, "var"), None if weight is None else _array(weight, "weight"),
-        bool(training), number(eps, "eps"))
+        bool(training), number(eps, "eps"),
+        None if relu_output is None else _array(relu_output, "relu_output"))
 
 
 # ------------------------------------------------------------------------- loss

@@ -135,16 +135,19 @@ void local_response_norm_backward(const TensorView& grad_output, const TensorVie
 // Training: normalises with the batch statistics and writes them to
 // batch_mean and batch_var (biased) for the caller's running averages.
 // Evaluation: normalises with the given mean and var.
-// weight and bias may be null (1 and 0).
+// weight and bias may be null (1 and 0). relu: output = max(bn(x), 0), in
+// the same pass (a BatchNorm followed by a ReLU).
 void batch_norm_forward(const TensorView& input, const TensorView* weight, const TensorView* bias,
                         bool training, double eps, const TensorView& mean, const TensorView& var,
-                        const TensorView& output);
+                        const TensorView& output, bool relu = false);
 // grad_input from the statistics the forward used (the batch's when
-// training, recomputed from input; mean and var when not).
+// training, recomputed from input; mean and var when not). relu_output:
+// the output of a forward with relu, whose gradient grad_output is (it
+// flows only where that output is positive, as relu_backward).
 void batch_norm_backward(const TensorView& grad_output, const TensorView& input,
                          const TensorView* weight, bool training, double eps,
                          const TensorView& mean, const TensorView& var,
                          const TensorView* grad_input, const TensorView* grad_weight,
-                         const TensorView* grad_bias);
+                         const TensorView* grad_bias, const TensorView* relu_output = nullptr);
 
 }  // namespace convcore

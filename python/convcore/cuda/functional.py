@@ -23,8 +23,8 @@ from typing import Optional
 import numpy as np
 
 from .. import _core
-from .._args import (adaptive_size, conv_padding, cross_entropy_options, integer, number,
-                     output_mask as _output_mask, pair, pool_args, pool_divisor)
+from .._args import (adaptive_size, conv_padding, cross_entropy_options, flag as _flag,
+                     integer, number, output_mask as _output_mask, pair, pool_args, pool_divisor)
 from .._arrays import is_cupy
 from . import backend as _default_backend
 
@@ -642,9 +642,9 @@ def _channel_vec(be, value, name, C, optional=True):
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, return_stats=False):
+               training=False, momentum=0.1, eps=1e-5, return_stats=False, relu=False):
     """As convcore.batch_norm; running_mean / running_var are updated in
-    place on the device when training."""
+    place on the device when training. relu: a ReLU pass after it."""
     be, xp = _be(), _be().xp
     x = _arr(be, input, "input")
     N, C, S = _ncs(x)
@@ -673,10 +673,14 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         if rm is None or rv is None:
             raise ValueError("running_mean and running_var are needed when not training")
         mean, var = rm, rv
+    apply_relu = _flag(relu, "relu")
     y = xp.empty(x.shape, dtype=np.float32)
     be.launch("norm.cu", "bn_apply", _grid1(x.size), (_THREADS, 1, 1),
               (x, mean, var, w, b, y, _i32(N), _i32(C), _i32(S), _f32(eps),
                _i32(w is not None), _i32(b is not None)))
+    if apply_relu:  # in place
+        be.launch("elementwise.cu", "relu_fwd", _grid1(y.size), (_THREADS, 1, 1),
+                  (y, y, _i32(y.size)))
     if training and (rm is not None or rv is not None):
         m = N * S
         be.launch("norm.cu", "bn_update_running", _grid1(C), (_THREADS, 1, 1),
@@ -685,11 +689,14 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     return (y, mean, var) if return_stats else y
 
 
-def batch_norm_backward(grad_output, input, mean, var, weight=None, training=True, eps=1e-5):
+def batch_norm_backward(grad_output, input, mean, var, weight=None, training=True, eps=1e-5,
+                        relu_output=None):
     be, xp = _be(), _be().xp
     x = _arr(be, input, "input")
     N, C, S = _ncs(x)
     gy = _grad_out(be, grad_output, False, x.shape)
+    if relu_output is not None:  # a ReLU pass first (zero where its output is <= 0)
+        gy = relu_backward(gy, _grad_out(be, relu_output, False, x.shape))
     mean, var = _channel_vec(be, mean, "mean", C, False), _channel_vec(be, var, "var", C, False)
     w = _channel_vec(be, weight, "weight", C)
     eps = number(eps, "eps")

@@ -76,10 +76,7 @@ class ResNet(Module):
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward(self, x):
-        from .. import functional as F
-        x = self.bn1(self.conv1(x))
-        self._stem_bn = x
-        x = self.maxpool(F.relu(x))
+        x = self.maxpool(self.bn1.forward_fused(self.conv1(x)))  # bn1 and the ReLU in one pass
         for stage in self._stages():
             x = stage(x)
         x = self.avgpool(x)
@@ -103,13 +100,11 @@ class ResNet(Module):
         return self.fc.lower(g, x, join(prefix, "fc"))
 
     def backward(self, grad_output):
-        from .. import functional as F
         g = self.fc.backward(grad_output).reshape(self._pooled_shape)
         g = self.avgpool.backward(g)
         for stage in reversed(self._stages()):
             g = stage.backward(g)
-        g = F.relu_backward(self.maxpool.backward(g), self._stem_bn)
-        return self.conv1.backward(self.bn1.backward(g))
+        return self.conv1.backward(self.bn1.backward_fused(self.maxpool.backward(g)))
 
     def input_layers(self):
         return [self.conv1]

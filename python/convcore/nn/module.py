@@ -162,6 +162,20 @@ class Module:
     # set_input_grad); layers that can skip it read this flag.
     input_grad = True
 
+    def fuses(self, following: "Module") -> bool:
+        """Whether this module and the one after it in a Sequential run as one
+        (forward_fused, backward_fused): a BatchNorm2d and a ReLU make one
+        pass over memory each way instead of two."""
+        return False
+
+    def forward_fused(self, x):
+        """forward of this module and the following one that fuses() accepted."""
+        raise NotImplementedError(f"{type(self).__name__} fuses with no module")
+
+    def backward_fused(self, grad_output):
+        """backward of forward_fused: grad_output is the following module's."""
+        raise NotImplementedError(f"{type(self).__name__} fuses with no module")
+
     def input_layers(self) -> List["Module"]:
         """The children that read this module's input (and nothing else reads
         it): where set_input_grad passes its flag. None by default."""
@@ -407,11 +421,23 @@ class Sequential(Module):
     def __iter__(self):
         return iter(self._modules.values())
 
+    _fused = ()  # the modules forward ran with the next one (Module.fuses)
+
     def forward(self, x):
+        modules = list(self._modules.values())
         if self._runner is not None:
-            return self._runner(list(self._modules.values()), x)
-        for m in self._modules.values():
-            x = m(x)
+            object.__setattr__(self, "_fused", ())
+            return self._runner(modules, x)
+        fused, i = [], 0
+        while i < len(modules):
+            if i + 1 < len(modules) and modules[i].fuses(modules[i + 1]):
+                x = modules[i].forward_fused(x)
+                fused.append(i)
+                i += 2
+            else:
+                x = modules[i](x)
+                i += 1
+        object.__setattr__(self, "_fused", tuple(fused))
         return x
 
     def lower(self, g, x, prefix):
@@ -424,8 +450,15 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_output):
-        for m in reversed(list(self._modules.values())):
-            grad_output = m.backward(grad_output)
+        modules = list(self._modules.values())
+        i = len(modules) - 1
+        while i >= 0:
+            if i - 1 in self._fused:
+                grad_output = modules[i - 1].backward_fused(grad_output)
+                i -= 2
+            else:
+                grad_output = modules[i].backward(grad_output)
+                i -= 1
         return grad_output
 
     def input_layers(self):

@@ -7,7 +7,7 @@ import numpy as np
 
 from .. import functional as F
 from .._args import number
-from .layers import _dtype, _positive_int
+from .layers import ReLU, _dtype, _positive_int
 from .module import Module, Parameter
 
 
@@ -79,6 +79,16 @@ class BatchNorm2d(Module):
         self._saved = None
 
     def forward(self, x):
+        return self._forward(x, False)
+
+    def fuses(self, following):
+        return type(following) is ReLU
+
+    def forward_fused(self, x):
+        """relu(batch_norm(x)) in one pass; backward_fused is its backward."""
+        return self._forward(x, True)
+
+    def _forward(self, x, relu: bool):
         use_batch = self.training or not self.track_running_stats
         weight = None if self.weight is None else self.weight.data
         bias = None if self.bias is None else self.bias.data
@@ -90,15 +100,28 @@ class BatchNorm2d(Module):
         out, mean, var = F.batch_norm(
             x, self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None, weight, bias,
-            training=use_batch, momentum=factor, eps=self.eps, return_stats=True)
-        self._saved = (x, mean, var, use_batch)
+            training=use_batch, momentum=factor, eps=self.eps, return_stats=True, relu=relu)
+        self._saved = (x, mean, var, use_batch, out if relu else None)
         return out
 
     def backward(self, grad_output):
-        x, mean, var, use_batch = self._saved
+        if self._saved is not None and self._saved[4] is not None:
+            raise RuntimeError("BatchNorm2d.backward after forward_fused: use backward_fused")
+        return self._backward(grad_output)
+
+    def backward_fused(self, grad_output):
+        if self._saved is None or self._saved[4] is None:
+            raise RuntimeError("BatchNorm2d.backward_fused needs forward_fused before it")
+        return self._backward(grad_output)
+
+    def _backward(self, grad_output):
+        if self._saved is None:
+            raise RuntimeError("BatchNorm2d.backward called before forward")
+        x, mean, var, use_batch, relu_output = self._saved
         weight = None if self.weight is None else self.weight.data
         gx, gw, gb = F.batch_norm_backward(grad_output, x, mean, var, weight,
-                                           training=use_batch, eps=self.eps)
+                                           training=use_batch, eps=self.eps,
+                                           relu_output=relu_output)
         if self.weight is not None:
             self.weight.accumulate_grad(gw)
         if self.bias is not None:

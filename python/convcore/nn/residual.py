@@ -27,15 +27,13 @@ class _Residual(Module):
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = x
-        self._relu_inputs = []
         layers = self._body_layers()
         for i, layer in enumerate(layers):
-            out = layer(out)
-            if isinstance(layer, BatchNorm2d) and i != len(layers) - 1:
-                self._relu_inputs.append(out)
-                out = F.relu(out)
+            # a ReLU after each BatchNorm2d but the last, in the same pass
+            fused = isinstance(layer, BatchNorm2d) and i != len(layers) - 1
+            out = layer.forward_fused(out) if fused else layer(out)
         out = F.add(out, identity)
-        self._relu_inputs.append(out)
+        self._sum = out
         return F.relu(out)
 
     def lower(self, g, x, prefix):
@@ -57,15 +55,13 @@ class _Residual(Module):
         return g.node("ReLU", [out], value=join(prefix, "relu"))
 
     def backward(self, grad_output):
-        relu_inputs = list(self._relu_inputs)
-        g = F.relu_backward(grad_output, relu_inputs.pop())
+        g = F.relu_backward(grad_output, self._sum)
         g_shortcut = g if self.downsample is None else self.downsample.backward(g)
         layers = self._body_layers()
         for i in range(len(layers) - 1, -1, -1):
             layer = layers[i]
-            if isinstance(layer, BatchNorm2d) and i != len(layers) - 1:
-                g = F.relu_backward(g, relu_inputs.pop())
-            g = layer.backward(g)
+            fused = isinstance(layer, BatchNorm2d) and i != len(layers) - 1
+            g = layer.backward_fused(g) if fused else layer.backward(g)
         return F.add(g, g_shortcut)
 
     def output_shape(self, input_shape):
