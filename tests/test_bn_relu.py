@@ -122,3 +122,31 @@ def test_backward_must_match_the_forward_that_ran():
         bn.backward_fused(x)
     with pytest.raises(RuntimeError, match="before forward"):
         nn.BatchNorm2d(3).backward(x)
+
+
+def test_a_replaced_forward_still_runs_and_trains_alike():
+    # viz.activations replaces a layer's forward on the instance to capture
+    # its output: a fused BatchNorm2d (in a Sequential, a residual block or
+    # ResNet's stem) must still call it, and train as it would unfused.
+    from convcore import viz
+    from convcore.bench import e2e as bench_e2e
+    model = bench_e2e.build_model("resnet18", size=32)
+    x = rnd(2, 3, 32, 32)
+    for name in ("bn1", "layer1.0.bn1"):
+        out = viz.activations(model, x[0], name)
+        assert out.ndim == 3 and np.isfinite(out).all()
+    bn = model.layer1[0].bn1
+    calls = []
+    original = bn.forward
+
+    def hooked(inp):
+        calls.append(inp.shape)
+        return original(inp)
+
+    g = rnd(*model.train()(x).shape, seed=1)
+    expect = _train_step(model, x, g)
+    object.__setattr__(bn, "forward", hooked)
+    got = _train_step(model, x, g)
+    assert calls
+    for k in expect[2]:
+        np.testing.assert_array_equal(got[2][k], expect[2][k], err_msg=k)

@@ -358,6 +358,31 @@ def test_residual_net_and_remaining_layers_on_device(dev, training):
         check(dev, p.grad, q.grad, name)
 
 
+def test_graph_relu_node_fused_batch_norm_and_no_input_grad_on_device(dev):
+    """A Graph's relu node (its backward used numpy: a GPU training step of
+    such a graph failed), a Sequential's fused BatchNorm2d + ReLU, and
+    set_input_grad(False): forward and backward match the CPU."""
+    def net():
+        cc.manual_seed(5)
+        body = cc.nn.Sequential(cc.nn.Conv2d(3, 8, 3, padding=1), cc.nn.BatchNorm2d(8),
+                                cc.nn.ReLU())
+        return cc.nn.Graph({"body": body, "head": cc.nn.Conv2d(8, 4, 1)},
+                           ["a = body(x)", "b = relu(a)", "y = head(b)"])
+    x, gy = rnd(2, 3, 6, 6), rnd(2, 4, 6, 6, seed=3)
+    cpu, gpu = net().train(), net().train().to("cuda")
+    check(dev, gpu(dev.put(x)), cpu(x), "output")
+    check(dev, gpu.backward(dev.put(gy)), cpu.backward(gy), "grad_input")
+    cpu.set_input_grad(False)
+    gpu.set_input_grad(False)
+    for m in (cpu, gpu):
+        m.zero_grad()
+    cpu(x)
+    gpu(dev.put(x))
+    assert cpu.backward(gy) is None and gpu.backward(dev.put(gy)) is None
+    for (name, p), q in zip(gpu.named_parameters(), cpu.parameters()):
+        check(dev, p.grad, q.grad, name)
+
+
 def test_dropout_mask_follows_the_input_to_the_device(dev):
     drop = cc.nn.Dropout(0.5)
     y = drop(dev.put(np.ones((4, 50), np.float32)))

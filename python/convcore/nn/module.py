@@ -430,7 +430,10 @@ class Sequential(Module):
             return self._runner(modules, x)
         fused, i = [], 0
         while i < len(modules):
-            if i + 1 < len(modules) and modules[i].fuses(modules[i + 1]):
+            # (not when a forward was replaced on the instance: viz's capture)
+            if i + 1 < len(modules) and modules[i].fuses(modules[i + 1]) and \
+                    "forward" not in modules[i].__dict__ and \
+                    "forward" not in modules[i + 1].__dict__:
                 x = modules[i].forward_fused(x)
                 fused.append(i)
                 i += 2

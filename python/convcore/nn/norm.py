@@ -77,6 +77,7 @@ class BatchNorm2d(Module):
         else:
             self.running_mean = self.running_var = None
         self._saved = None
+        self._relu_input = None
 
     def forward(self, x):
         return self._forward(x, False)
@@ -85,7 +86,14 @@ class BatchNorm2d(Module):
         return type(following) is ReLU
 
     def forward_fused(self, x):
-        """relu(batch_norm(x)) in one pass; backward_fused is its backward."""
+        """relu(batch_norm(x)) in one pass; backward_fused is its backward. A
+        forward replaced on this instance (viz's capture, a user's hook)
+        still runs, then the ReLU."""
+        if "forward" in self.__dict__:
+            y = self.forward(x)
+            self._relu_input = y
+            return F.relu(y)
+        self._relu_input = None
         return self._forward(x, True)
 
     def _forward(self, x, relu: bool):
@@ -110,6 +118,8 @@ class BatchNorm2d(Module):
         return self._backward(grad_output)
 
     def backward_fused(self, grad_output):
+        if self._relu_input is not None:  # forward_fused ran a replaced forward
+            return self.backward(F.relu_backward(grad_output, self._relu_input))
         if self._saved is None or self._saved[4] is None:
             raise RuntimeError("BatchNorm2d.backward_fused needs forward_fused before it")
         return self._backward(grad_output)
