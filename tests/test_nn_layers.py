@@ -14,7 +14,7 @@ import convcore.functional as F
 import reference as ref
 from _helpers import numerical_grad
 from _helpers import assert_close, distinct_values
-from convcore import nn
+from convcore import _core, nn
 
 EPS = 1e-6  # the finite-difference step of numerical_grad (tests/_helpers.py)
 FD_RTOL = 1e-6      # scaled: |num - ana| <= FD_RTOL * max(1, max|ana|)
@@ -108,6 +108,61 @@ def test_conv2d_padding_modes_match_explicit_padding(padding_mode):
     xp = np.pad(x, [(0, 0), (0, 0), (2, 2), (1, 1)], mode=np_mode)
     expected = ref.conv2d_ref(xp, m.weight.data, m.bias.data)
     assert_close(m(x), expected, rtol=1e-12, what=padding_mode)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [(2, 1), (1, 3), "same"])
+def test_conv2d_padding_mode_gradients_match_torch(padding_mode, padding):
+    """The layer's backward through the core's pad2d_backward: grad_input and
+    grad_weight as PyTorch's Conv2d(padding_mode=...)."""
+    torch = pytest.importorskip("torch")
+    kernel = (3, 4) if padding == "same" else 3
+    m = nn.Conv2d(2, 3, kernel, padding=padding, padding_mode=padding_mode, dtype=np.float64)
+    t = torch.nn.Conv2d(2, 3, kernel, padding=padding, padding_mode=padding_mode,
+                        dtype=torch.float64)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(m.weight.data))
+        t.bias.copy_(torch.from_numpy(m.bias.data))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 2, 5, 6))
+    y = m(x)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = t(xt)
+    assert_close(y, yt.detach().numpy(), rtol=1e-12, what="output")
+    g = rng.standard_normal(y.shape)
+    gx = m.backward(g)
+    yt.backward(torch.from_numpy(g))
+    assert_close(gx, xt.grad.numpy(), rtol=1e-12, what="grad_input")
+    assert_close(m.weight.grad, t.weight.grad.numpy(), rtol=1e-12, what="grad_weight")
+
+
+@pytest.mark.parametrize("mode, np_mode", [("zeros", "constant"), ("reflect", "reflect"),
+                                           ("replicate", "edge"), ("circular", "wrap")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pad2d_is_numpy_pad_and_its_gradient(mode, np_mode, dtype):
+    """_core.pad2d / pad2d_backward (the C++ core's padding, shared with the
+    engine): numpy.pad's modes, and the sum of each padded position's
+    gradient into the position it was copied from (strided input too)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 6, 5)).astype(dtype)[:, ::2]  # strided channels
+    pads = [2, 1, 0, 3]
+    width = [(0, 0), (0, 0), (2, 1), (0, 3)]
+    y = _core.pad2d(x, pads, mode)
+    np.testing.assert_array_equal(y, np.pad(x, width, mode=np_mode))
+    g = rng.standard_normal(y.shape).astype(dtype)
+    expect = np.zeros(x.shape, np.float64)
+    extra = dict(constant_values=-1) if mode == "zeros" else {}  # -1: a zero, from no input
+    rows = np.pad(np.arange(6), (2, 1), mode=np_mode, **extra)
+    cols = np.pad(np.arange(5), (0, 3), mode=np_mode, **extra)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            if r >= 0 and c >= 0:
+                expect[..., r, c] += g[..., i, j]
+    np.testing.assert_allclose(_core.pad2d_backward(g, pads, mode), expect, rtol=1e-6)
+    with pytest.raises(ValueError, match="padding_mode"):
+        _core.pad2d(x, pads, "edge")
+    with pytest.raises(ValueError, match="pads"):
+        _core.pad2d(x, [1, 2], mode)
 
 
 def test_conv2d_unbatched_input_with_padding_mode():

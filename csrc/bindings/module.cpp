@@ -566,6 +566,56 @@ py::array local_response_norm_backward(const py::array& grad_output, const py::a
   return gx;
 }
 
+// Explicit padding of the last two dims (Conv2d's padding modes); pads as
+// [top, bottom, left, right].
+convcore::Pad2dParams pad2d_params(const std::vector<int64_t>& pads, const std::string& mode) {
+  if (pads.size() != 4)
+    throw convcore::ValueError("pads must be [top, bottom, left, right], got " +
+                               std::to_string(pads.size()) + " values");
+  convcore::Pad2dParams p;
+  p.top = pads[0], p.bottom = pads[1], p.left = pads[2], p.right = pads[3];
+  p.mode = convcore::parse_pad_mode(mode);
+  return p;
+}
+
+py::array pad2d(const py::array& input, const std::vector<int64_t>& pads,
+                const std::string& mode) {
+  Arrays arrays;
+  const TensorView x = arrays.view(input, "input");
+  const convcore::Pad2dParams p = pad2d_params(pads, mode);
+  int64_t shape[convcore::kMaxDims];
+  convcore::pad2d_output_shape(x, p, shape);
+  py::array out = new_array(x, std::vector<py::ssize_t>(shape, shape + x.ndim));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::pad2d_forward(x, p, y);
+  }
+  return out;
+}
+
+// grad_input (..., H, W) of pad2d from grad_output (..., H + top + bottom, W + left + right).
+py::array pad2d_backward(const py::array& grad_output, const std::vector<int64_t>& pads,
+                         const std::string& mode) {
+  Arrays arrays;
+  const TensorView gy = arrays.view(grad_output, "grad_output");
+  const convcore::Pad2dParams p = pad2d_params(pads, mode);
+  if (gy.ndim < 2 || gy.shape[gy.ndim - 2] < p.top + p.bottom ||
+      gy.shape[gy.ndim - 1] < p.left + p.right)
+    throw convcore::ValueError("grad_output of shape " + convcore::shape_str(gy) +
+                               " is smaller than the pads");
+  std::vector<py::ssize_t> shape(gy.shape, gy.shape + gy.ndim);
+  shape[gy.ndim - 2] -= p.top + p.bottom;
+  shape[gy.ndim - 1] -= p.left + p.right;
+  py::array gx = new_array(gy, shape);
+  const TensorView gx_v = out_view(gx);
+  {
+    py::gil_scoped_release release;
+    convcore::pad2d_backward(gy, p, gx_v);
+  }
+  return gx;
+}
+
 // Training: returns (output, batch_mean, batch_var); evaluation: (output, None, None).
 py::tuple batch_norm(const py::array& input, const std::optional<py::array>& mean,
                      const std::optional<py::array>& var, const std::optional<py::array>& weight,
@@ -777,6 +827,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("local_response_norm_backward", &local_response_norm_backward);
   m.def("batch_norm", &batch_norm);
   m.def("batch_norm_backward", &batch_norm_backward);
+  m.def("pad2d", &pad2d, py::arg("input"), py::arg("pads"), py::arg("mode"));
+  m.def("pad2d_backward", &pad2d_backward, py::arg("grad_output"), py::arg("pads"),
+        py::arg("mode"));
 
   // Shape rules, shared with the Python layer and the network builder.
   m.def("conv_output_size", &convcore::conv_output_size, py::arg("input"), py::arg("kernel"),

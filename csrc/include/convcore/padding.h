@@ -1,6 +1,7 @@
 // Explicit 2-D padding of the last two dims, the padding modes of Conv2d:
 // zeros, reflect, replicate and circular (numpy.pad's constant, reflect, edge
-// and wrap, which Conv2d(padding_mode=...) uses in Python). Pads larger than
+// and wrap); Conv2d(padding_mode=...) runs it in Python too, through the
+// bindings' pad2d / pad2d_backward. Pads larger than
 // the input repeat the pattern as numpy.pad does: reflect is periodic with
 // period 2 * (size - 1), circular with period size.
 #pragma once

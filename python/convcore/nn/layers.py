@@ -51,29 +51,7 @@ def _sample_shape(input_shape, ndim: int, layer: str, layout: str) -> Tuple[int,
 
 # ------------------------------------------------------------------- convolution
 
-_PAD_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
-
-
-def _fold_padding(grad: np.ndarray, axis: int, size: int, before: int, after: int,
-                  mode: str) -> np.ndarray:
-    """Gradient of np.pad(mode) along one axis: every padded position adds its
-    gradient to the input position it was copied from."""
-    positions = np.arange(-before, size + after)
-    if mode == "reflect":
-        period = 2 * (size - 1) if size > 1 else 1
-        source = np.abs(positions) % period
-        source = np.where(source >= size, period - source, source)
-    elif mode == "edge":
-        source = np.clip(positions, 0, size - 1)
-    else:  # wrap
-        source = positions % size
-    shape = list(grad.shape)
-    shape[axis] = size
-    out = np.zeros(shape, dtype=grad.dtype)
-    index = [slice(None)] * grad.ndim
-    index[axis] = source
-    np.add.at(out, tuple(index), grad)
-    return out
+_PAD_MODES = ("circular", "reflect", "replicate", "zeros")  # the core's pad2d modes
 
 
 class Conv2d(Module):
@@ -106,7 +84,7 @@ class Conv2d(Module):
         else:
             self.padding = pair(padding, "padding")
         if padding_mode not in _PAD_MODES:
-            raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, "
+            raise ValueError(f"padding_mode must be one of {list(_PAD_MODES)}, "
                              f"got {padding_mode!r}")
         self.padding_mode = padding_mode
         dt = _dtype(dtype)
@@ -138,8 +116,7 @@ class Conv2d(Module):
             if self.padding_mode == "circular" and pad > size:
                 raise ValueError(f"padding {pad} must be at most the input {name} {size} for "
                                  f"padding_mode='circular' (it would wrap around more than once)")
-        width = [(0, 0)] * (x.ndim - 2) + [(t, b), (left, right)]
-        return np.pad(x, width, mode=_PAD_MODES[self.padding_mode])
+        return _core.pad2d(x, [t, b, left, right], self.padding_mode)
 
     def forward(self, x):
         bias = self.bias.data if self.bias is not None else None
@@ -165,10 +142,8 @@ class Conv2d(Module):
         if self.bias is not None:
             self.bias.accumulate_grad(gb)
         if gx is not None and self.padding_mode != "zeros":
-            t, b, left, right = self._pads()
-            h, w = gx.shape[-2] - t - b, gx.shape[-1] - left - right
-            gx = _fold_padding(gx, gx.ndim - 2, h, t, b, _PAD_MODES[self.padding_mode])
-            gx = _fold_padding(gx, gx.ndim - 1, w, left, right, _PAD_MODES[self.padding_mode])
+            # each padded position's gradient back to the one it was copied from
+            gx = _core.pad2d_backward(gx, self._pads(), self.padding_mode)
         return gx
 
     def output_shape(self, input_shape):
