@@ -212,6 +212,21 @@ def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h):
     assert _core.workspace_peak() < du + whole, (_core.workspace_peak(), du, whole)
 
 
+@pytest.mark.parametrize("n, c, cout, h", [(16, 64, 128, 56), (1, 128, 256, 28)])
+def test_auto_takes_gemm_for_strided_1x1(two_threads, n, c, cout, h):
+    """A 1x1 kernel with a stride (ResNet's projections) runs every pass on
+    the GEMM paths (one_by_one in conv_plan.cpp): bitwise algorithm='gemm'."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+    w = rng.standard_normal((cout, c, 1, 1)).astype(np.float32)
+    gy = rng.standard_normal((n, cout, h // 2, h // 2)).astype(np.float32)
+    np.testing.assert_array_equal(convcore.conv2d(x, w, stride=2),
+                                  convcore.conv2d(x, w, stride=2, algorithm="gemm"))
+    for a, b in zip(convcore.conv2d_backward(gy, x, w, stride=2),
+                    convcore.conv2d_backward(gy, x, w, stride=2, algorithm="gemm")):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_auto_picks_winograd_where_it_pays(two_threads):
     """algorithm='auto' (choose_algorithm in csrc/cpu/conv_plan.cpp; update
     this test with its rules), for forward and grad_input alike, and for
