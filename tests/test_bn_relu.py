@@ -150,3 +150,24 @@ def test_a_replaced_forward_still_runs_and_trains_alike():
     assert calls
     for k in expect[2]:
         np.testing.assert_array_equal(got[2][k], expect[2][k], err_msg=k)
+
+
+def test_a_wrapped_backward_is_called():
+    # The distributed reducer wraps each module's backward on the instance to
+    # send gradients as they complete: a fused pair must still call it.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    calls = []
+    for m in model:
+        original = m.backward
+
+        def wrapped(g, original=original, m=m):
+            calls.append(type(m).__name__)
+            return original(g)
+
+        object.__setattr__(m, "backward", wrapped)
+    x = rnd(2, 3, 6, 6)
+    model.train()
+    y = model(x)
+    model.backward(rnd(*y.shape, seed=1))
+    assert calls == ["ReLU", "BatchNorm2d", "Conv2d"]
+    assert model._fused == ()

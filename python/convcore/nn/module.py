@@ -378,6 +378,11 @@ class Module:
         return _provided("summary")(self, input_shape, print_fn=print_fn)
 
 
+def _replaced(module: Module) -> bool:
+    """Whether forward or backward was replaced on this instance."""
+    return "forward" in module.__dict__ or "backward" in module.__dict__
+
+
 class Sequential(Module):
     """Modules applied in order; children are named "0", "1", ... (or by the
     keys of an OrderedDict)."""
@@ -430,10 +435,10 @@ class Sequential(Module):
             return self._runner(modules, x)
         fused, i = [], 0
         while i < len(modules):
-            # (not when a forward was replaced on the instance: viz's capture)
+            # (not when a method was replaced on the instance: viz's capture,
+            # the distributed reducer's backward wrapper)
             if i + 1 < len(modules) and modules[i].fuses(modules[i + 1]) and \
-                    "forward" not in modules[i].__dict__ and \
-                    "forward" not in modules[i + 1].__dict__:
+                    not _replaced(modules[i]) and not _replaced(modules[i + 1]):
                 x = modules[i].forward_fused(x)
                 fused.append(i)
                 i += 2

@@ -87,9 +87,10 @@ class BatchNorm2d(Module):
 
     def forward_fused(self, x):
         """relu(batch_norm(x)) in one pass; backward_fused is its backward. A
-        forward replaced on this instance (viz's capture, a user's hook)
-        still runs, then the ReLU."""
-        if "forward" in self.__dict__:
+        forward or backward replaced on this instance (viz's capture, the
+        distributed reducer's wrapper, a user's hook) still runs: then this
+        is forward, then the ReLU, and backward_fused goes through backward."""
+        if "forward" in self.__dict__ or "backward" in self.__dict__:
             y = self.forward(x)
             self._relu_input = y
             return F.relu(y)
@@ -118,7 +119,7 @@ class BatchNorm2d(Module):
         return self._backward(grad_output)
 
     def backward_fused(self, grad_output):
-        if self._relu_input is not None:  # forward_fused ran a replaced forward
+        if self._relu_input is not None:  # forward_fused ran unfused (replaced methods)
             return self.backward(F.relu_backward(grad_output, self._relu_input))
         if self._saved is None or self._saved[4] is None:
             raise RuntimeError("BatchNorm2d.backward_fused needs forward_fused before it")
