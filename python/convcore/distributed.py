@@ -451,6 +451,9 @@ def init(comm=None, timeout: float = 300.0, abort_on_exception: bool = True) -> 
             sys.stderr.write(f"convcore.distributed: rank {group.rank} failed; ending the job on "
                              f"all {group.size} ranks\n")
             sys.stderr.flush()
+            # a moment for mpiexec to pass the traceback on: the abort kills its
+            # forwarding too, and under load the whole message was lost
+            time.sleep(0.5)
             group.abort(1)
 
         sys.excepthook = abort_job
