@@ -213,7 +213,7 @@ bool grad_weight_by_chunks_applies(const ConvGeometry& G) {
 // transforming the filters on every call (16/9 of the weights) outweighs
 // the products saved (512 channels at 14x14: GEMM 3.4, F(2x2) 4.3 ms).
 bool blocked_winograd(const ConvGeometry& G, DType dtype) {
-  return dtype == DType::Float32 && G.xs_w == 1 && G.xs_h == G.W && G.xs_c == G.H * G.W &&
+  return dtype == DType::Float32 && rows_contiguous(G) && G.xs_c == G.H * G.W &&
          winograd_shape(G) && G.C >= 32 && G.Cout >= 32;
 }
 ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {

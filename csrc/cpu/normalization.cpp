@@ -142,9 +142,10 @@ struct ChannelRows {
   int64_t rows, stride, s;
 };
 
-// sum of x, or of (x - mu)^2 when squares.
+// *out = the sum of x, or of (x - mu)^2 when squares.
 template <typename T>
-CONVCORE_ALWAYS_INLINE double bn_sum_body(const T* x, ChannelRows r, double mu, bool squares) {
+CONVCORE_ALWAYS_INLINE void bn_sum_body(const T* x, ChannelRows r, double mu, bool squares,
+                                        double* out) {
   double acc[8] = {};
   for (int64_t n = 0; n < r.rows; ++n) {
     const T* row = x + n * r.stride;
@@ -165,7 +166,7 @@ CONVCORE_ALWAYS_INLINE double bn_sum_body(const T* x, ChannelRows r, double mu, 
       for (; j < r.s; ++j) acc[j % 8] += double(row[j]);
     }
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  *out = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 // y = x * scale + shift, then max(y, 0) when relu.
@@ -287,14 +288,9 @@ CONVCORE_ALWAYS_INLINE void bn_grad_sums_avx2_body(const T* g, const T* x, const
                         (const T* g, const T* x, const T* y, T* gx, ChannelRows r, T ga, T gb, \
                          T xc, T gc),                                                          \
                         (g, x, y, gx, r, ga, gb, xc, gc))                                      \
-  CONVCORE_ISA_DISPATCH(bn_sum_into, bn_sum_into_body<T>,                                      \
+  CONVCORE_ISA_DISPATCH(bn_sum_into, bn_sum_body<T>,                                           \
                         (const T* x, ChannelRows r, double mu, bool squares, double* out),     \
                         (x, r, mu, squares, out))
-template <typename T>
-CONVCORE_ALWAYS_INLINE void bn_sum_into_body(const T* x, ChannelRows r, double mu, bool squares,
-                                             double* out) {
-  *out = bn_sum_body(x, r, mu, squares);
-}
 CONVCORE_BN_KERNELS(float)
 CONVCORE_BN_KERNELS(double)
 #undef CONVCORE_BN_KERNELS

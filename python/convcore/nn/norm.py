@@ -8,7 +8,7 @@ import numpy as np
 from .. import functional as F
 from .._args import number
 from .layers import ReLU, _dtype, _positive_int
-from .module import Module, Parameter
+from .module import Module, Parameter, _replaced
 
 
 def channel_sample_shape(label: str, channels: int, input_shape) -> tuple:
@@ -90,7 +90,7 @@ class BatchNorm2d(Module):
         forward or backward replaced on this instance (viz's capture, the
         distributed reducer's wrapper, a user's hook) still runs: then this
         is forward, then the ReLU, and backward_fused goes through backward."""
-        if "forward" in self.__dict__ or "backward" in self.__dict__:
+        if _replaced(self):
             y = self.forward(x)
             self._relu_input = y
             return F.relu(y)
