@@ -35,7 +35,7 @@ import numpy as np
 from ._arrays import array_module
 
 __all__ = ["DistributedError", "GradientReducer", "NcclAllReduce", "ProcessGroup", "ShardedLoader",
-           "init"]
+           "SingleProcessGroup", "init"]
 
 
 class DistributedError(RuntimeError):
@@ -190,6 +190,81 @@ class ProcessGroup:
     def shard(self, loader) -> "ShardedLoader":
         """This rank's view of a DataLoader whose batch_size is per rank."""
         return loader if isinstance(loader, ShardedLoader) else ShardedLoader(loader, self)
+
+    def gradient_reducer(self, model) -> "GradientReducer":
+        """What sums the model's gradients over the ranks in fit()."""
+        return GradientReducer(model, self)
+
+
+class SingleProcessGroup:
+    """The group of one process that fit() and evaluate() run in when
+    training is not distributed: the interface of ProcessGroup, with every
+    collective returning its input and every model check passing, so that
+    one code path serves both. Needs no MPI. (A ProcessGroup of size 1, from
+    init() without mpiexec, still shards the loaders and reduces gradients.)"""
+
+    rank = 0
+    size = 1
+    is_root = True
+
+    def __repr__(self) -> str:
+        return "SingleProcessGroup()"
+
+    def allreduce_(self, array: np.ndarray, what: str = "all-reduce") -> np.ndarray:
+        return array
+
+    def broadcast_(self, array: np.ndarray, root: int = 0, what: str = "broadcast") -> np.ndarray:
+        return array
+
+    def allgather_bytes(self, data: bytes, what: str = "all-gather") -> List[bytes]:
+        return [data]
+
+    def broadcast_object(self, obj=None, root: int = 0, what: str = "broadcast"):
+        return obj
+
+    def abort(self, code: int = 1) -> None:
+        """Ends the job, which is this process (SystemExit)."""
+        raise SystemExit(code)
+
+    def check_same_model(self, model) -> None:
+        pass
+
+    def broadcast_model(self, model, root: int = 0) -> None:
+        pass
+
+    def broadcast_model_buffers(self, model, root: int = 0) -> None:
+        pass
+
+    def check_identical(self, model) -> None:
+        pass
+
+    def shard(self, loader):
+        """The loader itself: any iterable of batches, not only a DataLoader."""
+        return loader
+
+    def gradient_reducer(self, model) -> "_LocalGradients":
+        return _LocalGradients(model)
+
+
+class _LocalGradients:
+    """The GradientReducer of a SingleProcessGroup: backward() runs the
+    model's backward and the gradients stay as it leaves them (no buckets,
+    no weighting, so they are bit for bit those of a plain backward)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def backward(self, grad_output, weight: float) -> None:
+        self.model.backward(grad_output)
+
+    def skip_backward(self) -> None:
+        """A batch without samples: the gradients stay zero."""
+
+    def finish(self, total_weight: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _first_difference(ref, other, rank: int) -> str:
