@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from ._arrays import array_module, to_host
 from .nn.module import Module
 from .optim import Optimizer, ReduceLROnPlateau
 
-__all__ = ["History", "fit", "evaluate", "predict"]
+__all__ = ["EarlyStopping", "History", "fit", "evaluate", "predict"]
 
 
 class History:
@@ -119,9 +119,8 @@ def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[flo
     if loss_fn is None:
         from .nn.loss import CrossEntropyLoss
         loss_fn = CrossEntropyLoss()
-    if distributed is not None:
-        _check_group(distributed)
-        loader = distributed.shard(loader)
+    group = _process_group(distributed)
+    loader = group.shard(loader)
     to_device = _on_model_device(model)
     was_training = model.training
     model.eval()
@@ -136,20 +135,24 @@ def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[flo
             seen += len(yb)
     finally:
         model.train(was_training)
-    if distributed is not None:
-        sums = distributed.allreduce_(np.array([total_loss, correct, seen], dtype=np.float64),
-                                      "the all-reduce of the evaluation")
-        total_loss, correct, seen = float(sums[0]), int(sums[1]), int(sums[2])
+    sums = group.allreduce_(np.array([total_loss, correct, seen], dtype=np.float64),
+                            "the all-reduce of the evaluation")
+    total_loss, correct, seen = float(sums[0]), int(sums[1]), int(sums[2])
     if seen == 0:
         raise ValueError("loader yielded no samples")
     return total_loss / seen, correct / seen
 
 
-def _check_group(group) -> None:
-    from .distributed import ProcessGroup
-    if not isinstance(group, ProcessGroup):
+def _process_group(distributed):
+    """The group that fit() and evaluate() run in: `distributed`, or a group
+    of this one process when it is None, so that both take one code path."""
+    from .distributed import ProcessGroup, SingleProcessGroup
+    if distributed is None:
+        return SingleProcessGroup()
+    if not isinstance(distributed, (ProcessGroup, SingleProcessGroup)):
         raise TypeError(f"distributed must be a convcore.distributed.ProcessGroup (from "
-                        f"convcore.distributed.init()), got {type(group).__name__}")
+                        f"convcore.distributed.init()), got {type(distributed).__name__}")
+    return distributed
 
 
 def predict(model: Module, x, batch_size: int = 256) -> np.ndarray:
@@ -209,6 +212,9 @@ class _Progress:
 
     def epoch(self, line: str) -> None:
         self.close()
+        self.message(line)
+
+    def message(self, line: str) -> None:
         if self.enabled:
             self.print_fn(line)
 
@@ -222,8 +228,72 @@ def _positive_int(value, name: str, allow_none: bool = False) -> Optional[int]:
     return int(value)
 
 
+class EarlyStopping:
+    """Stops training after `patience` epochs without a better validation
+    accuracy (equal accuracy with a lower loss counts as better) and keeps
+    the best epoch's weights. fit(early_stopping=k) makes one; fit() starts
+    the one it is given afresh, and writes its state into the checkpoint."""
+
+    def __init__(self, patience: int):
+        self.patience = _positive_int(patience, "patience")
+        self.reset()
+
+    def reset(self) -> None:
+        self.best_key: Optional[Tuple[float, float]] = None   # the best (val_acc, -val_loss)
+        self.best_state: Optional[dict] = None   # the model's state_dict() at that epoch
+        self.bad_epochs = 0                      # epochs since then
+
+    def update(self, val_loss: float, val_acc: float, model: Module) -> bool:
+        """Records an epoch's validation figures: True when the epoch is the
+        best so far (and keeps the model's weights)."""
+        key = (val_acc, -val_loss)
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.best_state, self.bad_epochs = key, model.state_dict(), 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def __repr__(self) -> str:
+        return f"EarlyStopping(patience={self.patience})"
+
+
+class _NoEarlyStopping(EarlyStopping):
+    """fit()'s early stopping when it is off: records nothing and never stops.
+    It still carries what a resumed checkpoint held, as fit() always has:
+    written on into the next checkpoints, those weights loaded at the end."""
+
+    def __init__(self):
+        self.patience = None
+        self.reset()
+
+    def update(self, val_loss: float, val_acc: float, model: Module) -> bool:
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return False
+
+
+def _step_scheduler(scheduler, record: dict, has_val: bool) -> None:
+    """Steps the scheduler after an epoch: a ReduceLROnPlateau gets the
+    validation accuracy (mode='max') or loss (mode='min'), or the training
+    ones without a validation loader; any other scheduler just step()s."""
+    if scheduler is None:
+        return
+    if isinstance(scheduler, ReduceLROnPlateau):
+        split = "val" if has_val else "train"
+        scheduler.step(record[f"{split}_acc"] if scheduler.mode == "max" else
+                       record[f"{split}_loss"])
+    else:
+        scheduler.step()
+
+
 def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=None,
-        epochs: int = 10, scheduler=None, early_stopping: Optional[int] = None,
+        epochs: int = 10, scheduler=None, early_stopping: Union[int, EarlyStopping, None] = None,
         progress: bool = True, print_fn: Callable = print, distributed=None,
         checkpoint=None, resume: bool = False) -> History:
     """Trains model for `epochs` passes over train_loader and returns the History.
@@ -234,7 +304,8 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
     validation accuracy (mode='max') or loss (mode='min'), or the training
     ones without a val_loader. early_stopping=k stops after k epochs without
     a better validation accuracy (equal accuracy with a lower loss counts as
-    better) and loads the best epoch's weights back into the model.
+    better) and loads the best epoch's weights back into the model; it may
+    also be an EarlyStopping(k).
     progress prints one line per epoch through print_fn, and shows a tqdm
     bar of the batches on stderr when it is a terminal and tqdm is installed.
 
@@ -243,11 +314,66 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
     batch_size counting per rank; rank 0's initial weights go to every rank;
     gradients are averaged over the global batch; only rank 0 prints and
     writes the checkpoint; every rank ends with bit-identical parameters.
+    Without it, fit() runs the same steps in a group of this one process.
 
     checkpoint: a file written (atomically) after every epoch with the model,
     the optimiser, the scheduler, the loader's random state and the history.
     resume=True continues from that file when it exists (and starts afresh
     when it does not), so rerunning the same command resumes a stopped job."""
+    epochs, stopper, checkpoint = _checked_fit_arguments(
+        model, loss_fn, optimizer, val_loader, epochs, scheduler, early_stopping, checkpoint,
+        resume)
+    group = _process_group(distributed)
+    train_loader = group.shard(train_loader)
+    group.check_same_model(model)
+    group.broadcast_model(model)
+    reducer = group.gradient_reducer(model)
+    bar = _Progress(bool(progress) and group.is_root, print_fn)
+    history = History()
+    input_grad = model.input_grad
+    model.set_input_grad(False)  # the loop never reads the input's gradient
+    try:
+        first_epoch = 1
+        saved = _read_checkpoint(checkpoint, group) if resume else None
+        if saved is not None:
+            first_epoch = _restore(saved, model, optimizer, scheduler, train_loader, history,
+                                   stopper)
+            bar.message(f"resumed from {checkpoint} after epoch {first_epoch - 1}")
+        for epoch in range(first_epoch, epochs + 1):
+            label = f"epoch {epoch:>{len(str(epochs))}}/{epochs}"
+            record = _run_epoch(model, loss_fn, optimizer, train_loader, val_loader, group,
+                                reducer, bar, epoch, label)
+            history.append(**record)
+            line = _epoch_line(label, record, val_loader is not None)
+            _step_scheduler(scheduler, record, val_loader is not None)
+            if stopper.update(record["val_loss"], record["val_acc"], model):
+                history.best_epoch = epoch
+                line += "  *"
+            bar.epoch(line)
+            if checkpoint is not None and group.is_root:
+                _write_checkpoint(checkpoint, epoch, model, optimizer, scheduler, train_loader,
+                                  history, stopper)
+            if stopper.should_stop:
+                history.stopped_early = True
+                bar.message(f"early stopping: no better validation accuracy for "
+                            f"{stopper.patience} epochs")
+                break
+    finally:
+        model.set_input_grad(input_grad)
+        bar.close()
+        reducer.close()
+
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+        if history.best_epoch != history.epoch[-1]:
+            bar.message(f"restored the weights of epoch {history.best_epoch} (validation "
+                        f"accuracy {100 * history.val_acc[history.best_epoch - 1]:.1f}%)")
+    return history
+
+
+def _checked_fit_arguments(model, loss_fn, optimizer, val_loader, epochs, scheduler,
+                           early_stopping, checkpoint, resume):
+    """fit()'s arguments checked: (epochs, the EarlyStopping, the checkpoint path)."""
     _check_model(model)
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a convcore.optim.Optimizer, got "
@@ -256,9 +382,13 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
         raise TypeError("loss_fn must be callable as loss_fn(logits, targets) and have "
                         f"backward(), got {type(loss_fn).__name__}")
     epochs = _positive_int(epochs, "epochs")
-    patience = _positive_int(early_stopping, "early_stopping", allow_none=True)
-    if patience is not None and val_loader is None:
+    stopper = early_stopping
+    if not isinstance(stopper, EarlyStopping):
+        patience = _positive_int(early_stopping, "early_stopping", allow_none=True)
+        stopper = _NoEarlyStopping() if patience is None else EarlyStopping(patience)
+    if stopper.patience is not None and val_loader is None:
         raise ValueError("early_stopping needs a val_loader")
+    stopper.reset()
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
     if resume and checkpoint is None:
@@ -266,136 +396,73 @@ def fit(model: Module, loss_fn, optimizer: Optimizer, train_loader, val_loader=N
     if checkpoint is not None:
         from .io import _fspath
         checkpoint = _fspath(checkpoint, "checkpoint")
+    return epochs, stopper, checkpoint
 
-    group, reducer = distributed, None
-    if group is not None:
-        _check_group(group)
-        from .distributed import GradientReducer
-        train_loader = group.shard(train_loader)
-        group.check_same_model(model)
-        group.broadcast_model(model)
-        reducer = GradientReducer(model, group)
-    is_root = group is None or group.is_root
+
+def _run_epoch(model, loss_fn, optimizer, train_loader, val_loader, group, reducer, bar,
+               epoch: int, label: str) -> dict:
+    """One epoch, the training pass then the validation: its History record."""
+    lr = optimizer.lr
+    start = time.perf_counter()
+    model.train()
     to_device = _on_model_device(model)   # batches follow the model to the GPU
-    mean_loss = getattr(loss_fn, "reduction", "mean") != "sum"
-
-    bar = _Progress(bool(progress) and is_root, print_fn)
-    history = History()
-    best_key, best_state, bad_epochs, first_epoch = None, None, 0, 1
-    if resume:
-        saved = _read_checkpoint(checkpoint, group)
-        if saved is not None:
-            first_epoch, best_key, best_state, bad_epochs = _restore(
-                saved, model, optimizer, scheduler, train_loader, history)
-            if progress and is_root:
-                print_fn(f"resumed from {checkpoint} after epoch {first_epoch - 1}")
     try:
         total_batches = len(train_loader)
     except TypeError:
         total_batches = None
-    width = len(str(epochs))
+    total_loss, correct, seen = 0.0, 0, 0
+    for b, (xb, yb) in enumerate(train_loader, 1):
+        optimizer.zero_grad()
+        loss_sum, right, n = _train_step(model, loss_fn, to_device, group, reducer, xb, yb)
+        if not math.isfinite(loss_sum):
+            _diverged(loss_sum / max(n, 1), epoch, b)
+        optimizer.step()
+        total_loss += loss_sum
+        correct += right
+        seen += n
+        bar.batch(label, b, total_batches, total_loss / max(seen, 1), correct / max(seen, 1))
+    if seen == 0:
+        raise ValueError("train_loader yielded no samples")
+    train_time = time.perf_counter() - start
+    # batch norm's running statistics come from rank 0's slices
+    group.broadcast_model_buffers(model)
+    group.check_identical(model)
+    val_loss, val_acc = (evaluate(model, val_loader, loss_fn, distributed=group)
+                         if val_loader is not None else (math.nan, math.nan))
+    return dict(epoch=epoch, train_loss=total_loss / seen, train_acc=correct / seen,
+                val_loss=val_loss, val_acc=val_acc, lr=lr,
+                epoch_time=time.perf_counter() - start,
+                images_per_sec=seen / train_time if train_time > 0 else math.inf)
 
-    input_grad = model.input_grad
-    model.set_input_grad(False)  # the loop never reads the input's gradient
-    try:
-        for epoch in range(first_epoch, epochs + 1):
-            lr = optimizer.lr
-            start = time.perf_counter()
-            model.train()
-            total_loss, correct, seen = 0.0, 0, 0
-            for b, (xb, yb) in enumerate(train_loader, 1):
-                optimizer.zero_grad()
-                n = len(yb)
-                loss_sum, right = 0.0, 0
-                if n:
-                    logits = model(to_device(xb))
-                    loss = loss_fn(logits, yb)
-                    loss_sum, right = _batch_loss_sum(loss_fn, loss, n), _count_correct(logits, yb)
-                if reducer is None:
-                    if not math.isfinite(loss_sum):
-                        _diverged(loss_sum, epoch, b)
-                    model.backward(loss_fn.backward())
-                else:
-                    # this rank's gradient, weighted by its samples, summed over the ranks
-                    if n:
-                        reducer.backward(loss_fn.backward(), n if mean_loss else 1)
-                    else:
-                        reducer.skip_backward()
-                    sums = group.allreduce_(np.array([loss_sum, right, n], dtype=np.float64),
-                                            "the all-reduce of the batch statistics")
-                    reducer.finish(sums[2] if mean_loss else 1.0)
-                    loss_sum, right, n = float(sums[0]), int(sums[1]), int(sums[2])
-                    if not math.isfinite(loss_sum):
-                        _diverged(loss_sum / max(n, 1), epoch, b)
-                optimizer.step()
-                total_loss += loss_sum
-                correct += right
-                seen += n
-                bar.batch(f"epoch {epoch:>{width}}/{epochs}", b, total_batches,
-                          total_loss / max(seen, 1), correct / max(seen, 1))
-            if seen == 0:
-                raise ValueError("train_loader yielded no samples")
-            train_time = time.perf_counter() - start
-            if group is not None:
-                # batch norm's running statistics come from rank 0's slices
-                group.broadcast_model_buffers(model)
-                group.check_identical(model)
-            train_loss, train_acc = total_loss / seen, correct / seen
-            val_loss, val_acc = (evaluate(model, val_loader, loss_fn, distributed=group)
-                                 if val_loader is not None else (math.nan, math.nan))
-            epoch_time = time.perf_counter() - start
-            history.append(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
-                           val_loss=val_loss, val_acc=val_acc, lr=lr, epoch_time=epoch_time,
-                           images_per_sec=seen / train_time if train_time > 0 else math.inf)
 
-            line = (f"epoch {epoch:>{width}}/{epochs}  train loss {train_loss:.4f} "
-                    f"acc {100 * train_acc:5.1f}%")
-            if val_loader is not None:
-                line += f"  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}%"
-            line += f"  lr {lr:.3g}  {epoch_time:.2f} s  {seen / train_time:,.0f} img/s"
+def _train_step(model, loss_fn, to_device, group, reducer, xb, yb) -> Tuple[float, int, int]:
+    """Forward and backward of this rank's slice of a batch, the gradients
+    summed over the ranks: the batch's summed loss, correct predictions and
+    samples over all ranks."""
+    n = len(yb)
+    mean_loss = getattr(loss_fn, "reduction", "mean") != "sum"
+    loss_sum, right = 0.0, 0
+    if n:
+        logits = model(to_device(xb))
+        loss = loss_fn(logits, yb)
+        loss_sum, right = _batch_loss_sum(loss_fn, loss, n), _count_correct(logits, yb)
+        # this rank's gradient, weighted by its samples, summed over the ranks
+        reducer.backward(loss_fn.backward(), n if mean_loss else 1)
+    else:
+        reducer.skip_backward()
+    sums = group.allreduce_(np.array([loss_sum, right, n], dtype=np.float64),
+                            "the all-reduce of the batch statistics")
+    reducer.finish(sums[2] if mean_loss else 1.0)
+    return float(sums[0]), int(sums[1]), int(sums[2])
 
-            if scheduler is not None:
-                if isinstance(scheduler, ReduceLROnPlateau):
-                    has_val = val_loader is not None
-                    if scheduler.mode == "max":
-                        scheduler.step(val_acc if has_val else train_acc)
-                    else:
-                        scheduler.step(val_loss if has_val else train_loss)
-                else:
-                    scheduler.step()
 
-            stop = False
-            if patience is not None:
-                key = (val_acc, -val_loss)
-                if best_key is None or key > best_key:
-                    best_key, best_state, bad_epochs = key, model.state_dict(), 0
-                    history.best_epoch = epoch
-                    line += "  *"
-                else:
-                    bad_epochs += 1
-                    stop = bad_epochs >= patience
-            bar.epoch(line)
-            if checkpoint is not None and is_root:
-                _write_checkpoint(checkpoint, epoch, model, optimizer, scheduler, train_loader,
-                                  history, best_key, best_state, bad_epochs)
-            if stop:
-                history.stopped_early = True
-                if progress and is_root:
-                    print_fn(f"early stopping: no better validation accuracy for {patience} "
-                             f"epochs")
-                break
-    finally:
-        model.set_input_grad(input_grad)
-        bar.close()
-        if reducer is not None:
-            reducer.close()
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        if progress and is_root and history.best_epoch != history.epoch[-1]:
-            print_fn(f"restored the weights of epoch {history.best_epoch} (validation "
-                     f"accuracy {100 * history.val_acc[history.best_epoch - 1]:.1f}%)")
-    return history
+def _epoch_line(label: str, record: dict, has_val: bool) -> str:
+    """The summary line of an epoch's History record."""
+    line = f"{label}  train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:5.1f}%"
+    if has_val:
+        line += f"  val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:5.1f}%"
+    return line + (f"  lr {record['lr']:.3g}  {record['epoch_time']:.2f} s  "
+                   f"{record['images_per_sec']:,.0f} img/s")
 
 
 def _diverged(loss: float, epoch: int, batch: int):
@@ -408,8 +475,8 @@ def _diverged(loss: float, epoch: int, batch: int):
 _CHECKPOINT_KEY = "convcore_checkpoint"
 
 
-def _write_checkpoint(path, epoch, model, optimizer, scheduler, loader, history, best_key,
-                      best_state, bad_epochs) -> None:
+def _write_checkpoint(path, epoch, model, optimizer, scheduler, loader, history,
+                      stopper: EarlyStopping) -> None:
     """One safetensors file: the arrays of the model ("model/..."), of the
     optimiser's state ("optimizer/i/name") and of the best epoch's weights
     ("best/..."), and everything else as JSON in the metadata."""
@@ -421,8 +488,8 @@ def _write_checkpoint(path, epoch, model, optimizer, scheduler, loader, history,
     for i, entry in enumerate(opt.pop("state")):
         for name, value in entry.items():
             tensors[f"optimizer/{i}/{name}"] = value
-    if best_state is not None:
-        tensors.update({f"best/{k}": v for k, v in best_state.items()})
+    if stopper.best_state is not None:
+        tensors.update({f"best/{k}": v for k, v in stopper.best_state.items()})
     rng = getattr(loader, "rng", None)
     info = {
         "epoch": epoch,
@@ -431,32 +498,31 @@ def _write_checkpoint(path, epoch, model, optimizer, scheduler, loader, history,
         "rng": None if rng is None else rng.bit_generator.state,
         "history": history.as_dict(),
         "best_epoch": history.best_epoch,
-        "best_key": None if best_key is None else list(best_key),
-        "bad_epochs": bad_epochs,
+        "best_key": None if stopper.best_key is None else list(stopper.best_key),
+        "bad_epochs": stopper.bad_epochs,
     }
     save_state_dict_file(tensors, path, {_CHECKPOINT_KEY: json.dumps(info)})
 
 
 def _read_checkpoint(path, group):
     """The checkpoint's (tensors, info), or None when the file does not exist;
-    with a process group, rank 0 reads it and sends it to the others."""
+    rank 0 of the process group reads it and sends it to the others."""
     import json
     import os
     from .io import load_state_dict_file
 
     saved = None
-    if group is None or group.is_root:
-        if os.path.exists(path):
-            tensors, meta = load_state_dict_file(path)
-            if _CHECKPOINT_KEY not in meta:
-                raise ValueError(f"checkpoint: {path} is not a checkpoint written by fit()")
-            saved = (tensors, json.loads(meta[_CHECKPOINT_KEY]))
-    if group is not None:
-        saved = group.broadcast_object(saved, what="the checkpoint")
-    return saved
+    if group.is_root and os.path.exists(path):
+        tensors, meta = load_state_dict_file(path)
+        if _CHECKPOINT_KEY not in meta:
+            raise ValueError(f"checkpoint: {path} is not a checkpoint written by fit()")
+        saved = (tensors, json.loads(meta[_CHECKPOINT_KEY]))
+    return group.broadcast_object(saved, what="the checkpoint")
 
 
-def _restore(saved, model, optimizer, scheduler, loader, history):
+def _restore(saved, model, optimizer, scheduler, loader, history,
+             stopper: EarlyStopping) -> int:
+    """Loads a checkpoint's state into fit()'s objects: the epoch to go on from."""
     tensors, info = saved
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     opt = dict(info["optimizer"])
@@ -476,5 +542,7 @@ def _restore(saved, model, optimizer, scheduler, loader, history):
         history.append(**dict(zip(History.fields, record)))
     history.best_epoch = info["best_epoch"]
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
-    best_key = None if info["best_key"] is None else tuple(info["best_key"])
-    return info["epoch"] + 1, best_key, (best or None), info["bad_epochs"]
+    stopper.best_key = None if info["best_key"] is None else tuple(info["best_key"])
+    stopper.best_state = best or None
+    stopper.bad_epochs = info["bad_epochs"]
+    return info["epoch"] + 1
