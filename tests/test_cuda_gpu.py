@@ -422,6 +422,72 @@ def test_dropout_draws_its_gpu_mask_on_the_device(dev, monkeypatch):
     assert type(drop.backward(y)).__module__ == "cupy"
 
 
+def test_gpu_backend_on_device(dev):
+    """convcore._backends's GPU backend: what the layers, the loss, the
+    optimisers and training ask it for, on device arrays."""
+    from convcore._backends import GPU, backend_of
+    x = rnd(4, 6)
+    d = dev.put(x)
+    backend = backend_of(d)
+    assert backend is GPU and backend.xp is dev.xp
+    assert backend.asarray(d, "input") is d
+    with pytest.raises(TypeError, match="grad_output is a numpy array"):
+        backend.asarray(x, "grad_output")
+    host = backend.to_host(d)
+    assert type(host) is np.ndarray
+    np.testing.assert_array_equal(host, x)
+    check(dev, backend.from_host(x), x, "from_host")
+    assert backend.updatable(d) is d
+    import convcore.cuda.functional as G
+    assert backend.functional is G
+
+    mask, device_random = backend.dropout_mask((8, 64), np.dtype(np.float32), 0.25,
+                                               np.random.default_rng(0))
+    assert type(mask).__module__.split(".")[0] == "cupy" and mask.dtype == np.float32
+    assert set(np.unique(dev.host(mask))) == {0.0, np.float32(1 / 0.75)}
+    # real CuPy draws on the device with a generator of its own; the stand-in has none
+    assert (device_random is not None) == dev.real
+
+    z, t = rnd(4, 10, seed=7), np.array([1, 0, 9, 3])
+    options = dict(ignore_index=-100, reduction="mean", label_smoothing=0.1)
+    loss, saved = backend.cross_entropy(dev.put(z), t, None, **options)
+    check(dev, loss, cc.functional.cross_entropy(z, t, **options), "loss")
+    expected = cc.functional.cross_entropy_backward(1.0, z, t, **options)
+    check(dev, backend.cross_entropy_grad(saved, None), expected, "grad")
+    check(dev, backend.cross_entropy_grad(saved, 2.0), 2 * expected, "grad times 2")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_optimizer_state_saves_to_the_host_and_loads_onto_the_device(dev, optimizer):
+    model = _net().to("cuda")
+    x, t = dev.put(rnd(4, 3, 8, 8)), np.array([1, 0, 9, 3])
+    loss_fn = cc.nn.CrossEntropyLoss()
+
+    def make():
+        if optimizer == "sgd":
+            return cc.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return cc.optim.Adam(model.parameters(), lr=0.01)
+
+    def step(opt):
+        opt.zero_grad()
+        loss_fn(model(x), t)
+        model.backward(loss_fn.backward())
+        opt.step()
+
+    opt = make()
+    step(opt)
+    state = opt.state_dict()
+    saved = [v for s in state["state"] for v in s.values()]
+    assert saved and all(type(v) is np.ndarray for v in saved)  # host copies
+    loaded = make()
+    loaded.load_state_dict(state)
+    for before, after in zip(opt.state, loaded.state):
+        assert before.keys() == after.keys()
+        for key in before:
+            check(dev, after[key], dev.host(before[key]), key)  # on the device
+    step(loaded)  # the GPU update takes the loaded state
+
+
 def test_conv2d_padding_modes_other_than_zeros_say_cpu_only(dev):
     conv = cc.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").to("cuda")
     with pytest.raises(NotImplementedError, match="CPU only"):

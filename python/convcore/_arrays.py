@@ -38,6 +38,23 @@ def array_module(value):
     return np
 
 
+def host_array(value, name: str) -> np.ndarray:
+    """value checked as a numpy array argument named `name` (a numpy scalar
+    as a 0-d array); TypeError otherwise, which says how to copy a GPU
+    (cupy, torch) array to the host."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, np.generic):  # a numpy scalar: a 0-d array
+        return np.asarray(value)
+    if value is None:
+        raise TypeError(f"{name} must be a numpy.ndarray, got None")
+    module = type(value).__module__.split(".")[0]
+    if module in ("cupy", "torch"):
+        raise TypeError(f"{name} is a {module} array; convcore's CPU functions take "
+                        f"numpy.ndarray (use .get() / .numpy() to copy it to the host)")
+    raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
+
+
 def to_host(value):
     """A numpy copy of a CuPy array; anything else as it is."""
     return value.get() if is_cupy(value) else value

@@ -25,7 +25,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import is_cupy
+from ._backends import backend_of
 from .nn.lowering import to_graph
 
 __all__ = ["compile", "CompiledModel"]
@@ -44,7 +44,7 @@ class CompiledModel:
         self._last_sample = None  # the sample shape of the last call
 
     def _check(self, x) -> np.ndarray:
-        if is_cupy(x):
+        if backend_of(x).is_gpu:
             raise TypeError("input: a compiled model runs on the CPU; pass a numpy array "
                             "(x.get()), or run the eager model on the GPU")
         if not isinstance(x, np.ndarray):

@@ -9,6 +9,7 @@ rules live in one place (csrc/cpu/shapes.cpp) for every caller.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -17,7 +18,8 @@ from . import _core
 from ._args import (adaptive_size, conv_padding, cross_entropy_options, flag as _flag,
                     integer, number, output_mask as _output_mask, pair, pool_args, pool_divisor)
 from ._arrays import array_module, is_gpu_array
-from ._backends import gpu_functional
+from ._arrays import host_array as _array  # the numpy check of every argument (F._array)
+from ._backends import gpu_functional, provide_cpu_functional
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -52,20 +54,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- argument forms
-
-def _array(value, name: str) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, np.generic):  # a numpy scalar: a 0-d array
-        return np.asarray(value)
-    if value is None:
-        raise TypeError(f"{name} must be a numpy.ndarray, got None")
-    module = type(value).__module__.split(".")[0]
-    if module in ("cupy", "torch"):
-        raise TypeError(f"{name} is a {module} array; convcore's CPU functions take "
-                        f"numpy.ndarray (use .get() / .numpy() to copy it to the host)")
-    raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
-
 
 def _out(out, shape, dtype, inputs, inplace_ok: bool = False):
     """Checks a caller's output buffer: a writeable C-contiguous array of the
@@ -758,3 +746,7 @@ for _name in ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", 
               "adam_step"):
     globals()[_name] = _gpu_dispatch(globals()[_name])
 del _name
+
+# The CPU backend's ops are this module's; _backends sits below it and cannot
+# import it, so it is handed over here (see convcore._backends).
+provide_cpu_functional(sys.modules[__name__])

@@ -16,8 +16,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import functional as F
-from ._arrays import array_module, is_cupy
+from ._backends import backend_of
 from .nn.module import Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "StepLR", "ReduceLROnPlateau"]
@@ -34,15 +33,6 @@ def _number(value, name: str, low: float = 0.0, high: float = math.inf,
         bracket = ")" if high_open else "]"
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
     return value
-
-
-def _updatable(data):
-    """data, or a native contiguous copy of an odd array: the optimisers'
-    steps update in place (the copy is written back)."""
-    if is_cupy(data) or (data.flags.c_contiguous and data.flags.writeable and
-                         data.dtype.isnative):
-        return data
-    return np.array(data, dtype=data.dtype.newbyteorder("="))
 
 
 def _param_list(params) -> List[Parameter]:
@@ -97,7 +87,7 @@ class Optimizer:
         return {
             "type": type(self).__name__,
             "hyperparameters": {name: getattr(self, name) for name in self.hyperparameters},
-            "state": [{k: np.array(v.get() if is_cupy(v) else v, copy=True) for k, v in s.items()}
+            "state": [{k: np.array(backend_of(v).to_host(v), copy=True) for k, v in s.items()}
                       for s in self.state],
             **self._extra_state(),
         }
@@ -117,16 +107,15 @@ class Optimizer:
                              f"{len(self.params)}")
         new_state = []
         for i, (p, s) in enumerate(zip(self.params, per_param)):
-            entry = {}
+            backend, entry = backend_of(p.data), {}
             for key, value in s.items():
                 value = np.asarray(value)
                 if value.shape != p.data.shape:
                     raise ValueError(f"state[{i}][{key!r}] has shape {value.shape}, the "
                                      f"parameter has shape {p.data.shape}")
-                entry[key] = np.array(value, dtype=p.data.dtype.newbyteorder("="), copy=True)
-                if is_cupy(p.data):
-                    import cupy
-                    entry[key] = cupy.asarray(entry[key])
+                # on the parameter's device (a copy there, from the host)
+                entry[key] = backend.from_host(
+                    np.array(value, dtype=p.data.dtype.newbyteorder("="), copy=True))
             new_state.append(entry)
         for name, value in state.get("hyperparameters", {}).items():
             if name not in self.hyperparameters:
@@ -172,13 +161,15 @@ class SGD(Optimizer):
 
     def step(self) -> None:
         for p, state in zip(self.params, self.state):
+            backend = backend_of(p.data)  # its array module and its update kernel
             first = self.momentum != 0 and "momentum_buffer" not in state
             if first:  # the update fills it
-                state["momentum_buffer"] = array_module(p.data).empty(
+                state["momentum_buffer"] = backend.xp.empty(
                     p.data.shape, p.data.dtype.newbyteorder("="))
-            data = _updatable(p.data)
-            F.sgd_step(data, p.grad, state.get("momentum_buffer"), self.lr, self.momentum,
-                       self.dampening, self.weight_decay, self.nesterov, first)
+            data = backend.updatable(p.data)  # a copy to write back, for an odd array
+            backend.functional.sgd_step(data, p.grad, state.get("momentum_buffer"), self.lr,
+                                        self.momentum, self.dampening, self.weight_decay,
+                                        self.nesterov, first)
             if data is not p.data:
                 p.data[...] = data
 
@@ -218,13 +209,15 @@ class Adam(Optimizer):
         step_size = self.lr / (1.0 - beta1 ** self.steps)
         root_correction2 = math.sqrt(1.0 - beta2 ** self.steps)
         for p, state in zip(self.params, self.state):
+            backend = backend_of(p.data)  # its array module and its update kernel
             if "exp_avg" not in state:
-                xp = array_module(p.data)
+                xp = backend.xp
                 state["exp_avg"] = xp.zeros(p.data.shape, p.data.dtype.newbyteorder("="))
                 state["exp_avg_sq"] = xp.zeros(p.data.shape, p.data.dtype.newbyteorder("="))
-            data = _updatable(p.data)
-            F.adam_step(data, p.grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1,
-                        beta2, root_correction2, self.eps, self.weight_decay)
+            data = backend.updatable(p.data)  # a copy to write back, for an odd array
+            backend.functional.adam_step(data, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                         step_size, beta1, beta2, root_correction2, self.eps,
+                                         self.weight_decay)
             if data is not p.data:
                 p.data[...] = data
 

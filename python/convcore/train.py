@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from ._arrays import array_module, to_host
+from ._backends import backend_of, to_host
 from .nn.module import Module
 from .optim import Optimizer, ReduceLROnPlateau
 
@@ -105,8 +105,7 @@ def _on_model_device(model: Module):
     """A function that moves a numpy batch to where the model's parameters
     are: cupy after model.to("cuda"), else the batch as it is."""
     params = model.parameters()
-    xp = array_module(params[0].data) if params else np
-    return (lambda batch: batch) if xp is np else xp.asarray
+    return backend_of(params[0].data).from_host if params else (lambda batch: batch)
 
 
 def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[float, float]:

@@ -7,11 +7,12 @@ which gives the same gradient mask (relu(v) > 0 exactly when v > 0)."""
 from __future__ import annotations
 
 from ..nn.layers import Conv2d, Linear, ReLU
-from . import functional as G
 
 
 def _fused(m, x):
     """relu(m(x)) in one kernel, or None where m cannot fuse."""
+    # imported here, on the GPU, so that importing convcore imports no GPU ops
+    from . import functional as G
     bias = None if m.bias is None else m.bias.data
     if isinstance(m, Conv2d) and m.padding_mode == "zeros":
         m._x = x

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import functional as F
-from .._arrays import array_module
+from .._backends import backend_of
 from .lowering import cannot_lower, join
 from .module import Module
 
@@ -276,11 +276,11 @@ class Graph(Module):
                 accumulate(inputs[0], _unbroadcast(g * b, a.shape))
                 accumulate(inputs[1], _unbroadcast(g * a, b.shape))
             else:  # relu
-                xp = array_module(g)  # numpy, or cupy on the GPU
+                xp = backend_of(g).xp  # numpy, or cupy on the GPU
                 accumulate(inputs[0], F.relu_backward(xp.ascontiguousarray(g), values[inputs[0]]))
         g = grads.get("x")
         if g is None and self.input_grad:
-            return array_module(values["x"]).zeros_like(values["x"])
+            return backend_of(values["x"]).xp.zeros_like(values["x"])
         return g
 
     def input_layers(self):

@@ -10,7 +10,7 @@ import numpy as np
 from .. import functional as F
 from .. import _core
 from .._args import adaptive_size, is_int, pair, pool_stride
-from .._arrays import array_module, is_cupy
+from .._backends import backend_of
 from . import init
 from .lowering import cannot_lower
 from .module import Module, Parameter
@@ -19,14 +19,9 @@ IntPair = Union[int, Tuple[int, int]]
 
 
 def _layer_array(value, name: str):
-    """value checked as a numpy array, or a GPU (cupy) array as it is: the
-    layers that do their own arithmetic run on either."""
-    return value if is_cupy(value) else F._array(value, name)
-
-
-def _as_array(value):
-    """A product as an array: numpy turns a 0-d product into a scalar."""
-    return value if is_cupy(value) else np.asarray(value)
+    """value as an array of its backend: checked as a numpy array, or a GPU
+    array (a cupy view): the layers that do their own arithmetic run on either."""
+    return backend_of(value).asarray(value, name)
 
 
 def _positive_int(value, name: str) -> int:
@@ -124,7 +119,7 @@ class Conv2d(Module):
             self._x = x
             return F.conv2d(x, self.weight.data, bias, self.stride, self.padding,
                             self.dilation, self.groups)
-        if is_cupy(x):
+        if backend_of(x).is_gpu:
             raise NotImplementedError(f"Conv2d(padding_mode={self.padding_mode!r}) runs on the "
                                       f"CPU only; on the GPU use padding_mode='zeros'")
         self._x = self._explicit_pad(F._array(x, "input"))
@@ -408,10 +403,12 @@ class Flatten(Module):
 
 
 def _masked(a, mask):
-    """a * mask, where a dropped inf or NaN gives NaN, as PyTorch's dropout
-    does (inf * 0), without numpy's RuntimeWarning for it."""
+    """a * mask as an array (numpy turns a 0-d product into a scalar), where a
+    dropped inf or NaN gives NaN, as PyTorch's dropout does (inf * 0),
+    without numpy's RuntimeWarning for it."""
     with np.errstate(invalid="ignore"):
-        return a * mask
+        product = a * mask
+    return np.asarray(product) if isinstance(product, np.generic) else product
 
 
 class Dropout(Module):
@@ -426,37 +423,23 @@ class Dropout(Module):
         self._mask = None
 
     def forward(self, x):
-        x = _layer_array(x, "input")
+        backend = backend_of(x)
+        x = backend.asarray(x, "input")
         if x.dtype.kind != "f":
             raise TypeError(f"input must be a floating-point array, got {x.dtype}")
         if not self.training or self.p == 0.0:
             self._mask = None
             return x
         if self.p == 1.0:
-            self._mask = np.zeros_like(x)
-        elif is_cupy(x) and self._gpu_random() is not None:
-            # drawn on the GPU: a mask drawn on the host would be copied over,
-            # a host synchronisation in every training step
-            keep = self._gpu_random().random_sample(x.shape, dtype=x.dtype) >= self.p
-            self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
+            self._mask = backend.xp.zeros_like(x)
         else:
-            keep = init.generator().random(x.shape) >= self.p
-            self._mask = keep.astype(x.dtype) / x.dtype.type(1.0 - self.p)
-            self._mask = array_module(x).asarray(self._mask)  # follows x to the GPU
-        return _as_array(_masked(x, self._mask))
-
-    def _gpu_random(self):
-        """CuPy's generator for this layer's GPU masks, seeded once from
-        convcore's generator (so manual_seed repeats a run); None where the
-        cupy module has no random number generators."""
-        rng = self.__dict__.get("_gpu_rng")
-        if rng is None:
-            import cupy
-            if not hasattr(getattr(cupy, "random", None), "RandomState"):
-                return None
-            rng = cupy.random.RandomState(int(init.generator().integers(0, 2**63 - 1)))
-            object.__setattr__(self, "_gpu_rng", rng)
-        return rng
+            # the backend draws it where x lives; on the GPU with a generator
+            # of this layer's, which it hands back to be kept for the next mask
+            self._mask, device_random = backend.dropout_mask(
+                x.shape, x.dtype, self.p, init.generator(), self.__dict__.get("_device_random"))
+            if device_random is not None:
+                object.__setattr__(self, "_device_random", device_random)
+        return _masked(x, self._mask)
 
     def backward(self, grad_output):
         if self._mask is None:
@@ -464,7 +447,7 @@ class Dropout(Module):
         gy = _layer_array(grad_output, "grad_output")
         if gy.shape != self._mask.shape:  # no silent broadcasting
             raise ValueError(f"grad_output must have shape {self._mask.shape}, got {gy.shape}")
-        return _as_array(_masked(gy, self._mask))
+        return _masked(gy, self._mask)
 
     def output_shape(self, input_shape):
         return tuple(input_shape)

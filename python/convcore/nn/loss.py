@@ -1,10 +1,8 @@
 """Softmax cross-entropy."""
 from __future__ import annotations
 
-from .. import functional as F
 from .._args import cross_entropy_options
-from .._arrays import is_cupy
-from .._backends import gpu_functional
+from .._backends import backend_of
 
 
 class CrossEntropyLoss:
@@ -31,28 +29,18 @@ class CrossEntropyLoss:
         return self.forward(input, target)
 
     def forward(self, input, target):
-        if is_cupy(input):
-            # On the GPU (loss.cu): the loss comes back as a 0-d cupy array,
-            # so a training step needs no device-to-host sync; float() it to print.
-            gpu = gpu_functional("CrossEntropyLoss", lambda: "input")
-            loss, grad = gpu.cross_entropy(input, target, self.label_smoothing, self.reduction,
-                                           weight=self.weight, ignore_index=self.ignore_index)
-            self._saved = ("gpu", grad)
-            return loss
-        loss = F.cross_entropy(input, target, self.weight, **self._options())
-        self._saved = (input, target)
-        return loss if self.reduction == "none" else float(loss)
+        # The input's backend computes it: on the CPU the loss is a float (an
+        # array for 'none'); on the GPU (loss.cu) a 0-d device array, so that
+        # a training step needs no device-to-host sync (float() it to print).
+        backend = backend_of(input)
+        loss, saved = backend.cross_entropy(input, target, self.weight, **self._options())
+        self._saved = (backend, saved)
+        return loss
 
     def backward(self, grad_output=None):
         """The gradient of the loss with respect to the logits, times
         grad_output (default 1; required, of the loss's shape, for 'none')."""
         if self._saved is None:
             raise RuntimeError("CrossEntropyLoss.backward called before the loss")
-        if isinstance(self._saved[0], str):  # ("gpu", grad): computed with the loss
-            grad = self._saved[1]
-            return grad if grad_output is None else grad * grad_output
-        if grad_output is None and self.reduction != "none":
-            grad_output = 1.0
-        input, target = self._saved
-        return F.cross_entropy_backward(grad_output, input, target, self.weight,
-                                        **self._options())
+        backend, saved = self._saved
+        return backend.cross_entropy_grad(saved, grad_output)

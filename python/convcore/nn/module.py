@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from .._arrays import array_module, to_host
+from .._backends import backend_of, to_host
 from .lowering import LAYER_OPS, cannot_lower, join, to_graph
 
 
@@ -55,7 +55,7 @@ class Parameter:
     __slots__ = ("data", "_grad", "_grad_is_zero")
 
     def __init__(self, data: np.ndarray):
-        self.data = array_module(data).ascontiguousarray(data)
+        self.data = backend_of(data).xp.ascontiguousarray(data)
         self._grad = None
         self._grad_is_zero = False
 
@@ -66,7 +66,7 @@ class Parameter:
     @property
     def grad(self) -> np.ndarray:
         if not self._grad_fits():
-            self._grad = array_module(self.data).zeros_like(self.data)
+            self._grad = backend_of(self.data).xp.zeros_like(self.data)
         elif self._grad_is_zero:
             self._grad[...] = 0
         self._grad_is_zero = False
@@ -74,7 +74,7 @@ class Parameter:
 
     @grad.setter
     def grad(self, value) -> None:
-        xp = array_module(self.data)
+        xp = backend_of(self.data).xp
         value = xp.asarray(value)
         if value.shape != self.data.shape:
             raise ValueError(f"grad must have shape {self.data.shape}, got {value.shape}")
@@ -281,8 +281,8 @@ class Module:
                     if value.shape != p.data.shape:
                         raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
                                          f"model expects {p.data.shape}")
-                    p.data = array_module(p.data).array(value, dtype=p.data.dtype, order="C",
-                                                        copy=True)
+                    p.data = backend_of(p.data).xp.array(value, dtype=p.data.dtype, order="C",
+                                                         copy=True)
                     p._grad = None
             for name, b in list(mod._buffers.items()):
                 key = f"{mod_name}.{name}" if mod_name else name
@@ -292,7 +292,7 @@ class Module:
                         raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, the "
                                          f"model expects {np.shape(to_host(b))}")
                     dtype = np.asarray(to_host(b)).dtype
-                    mod._set_buffer(name, array_module(b).array(value, dtype=dtype, copy=True))
+                    mod._set_buffer(name, backend_of(b).xp.array(value, dtype=dtype, copy=True))
 
     def to(self, target) -> "Module":
         """Converts parameters and float buffers to a dtype (np.float32 or
@@ -307,7 +307,7 @@ class Module:
                 p.data = p.data.astype(dtype)
                 p._grad = None if p._grad is None else p._grad.astype(dtype)
             for name, b in list(mod._buffers.items()):
-                b = array_module(b).asarray(b)
+                b = backend_of(b).xp.asarray(b)
                 if b.dtype.kind == "f":
                     mod._set_buffer(name, b.astype(dtype))
         return self
