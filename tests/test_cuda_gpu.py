@@ -139,7 +139,7 @@ def test_fused_bias_relu_epilogues(dev):
 
 def test_conv_backward_is_deterministic_on_device(dev, monkeypatch):
     import convcore.cuda.functional as G
-    monkeypatch.setattr(G, "BWD_WEIGHT_MIN_CHUNK", 16)  # force the split reduction
+    monkeypatch.setattr(G, "GRAD_WEIGHT_MIN_CHUNK", 16)  # force the split reduction
     x, w = rnd(2, 8, 12, 12), rnd(16, 8, 3, 3)
     gy = rnd(2, 16, 12, 12)
     args = [dev.put(a) for a in (gy, x, w)]

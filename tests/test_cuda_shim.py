@@ -160,11 +160,11 @@ def test_conv2d_gemm_on_a_depthwise_shape(sh):
     assert_close(G.conv2d(x, w, b, algorithm="gemm", **kw), ref.conv2d_ref(x, w, b, **kw))
 
 
-@pytest.mark.parametrize("bwd_data", ["gemm", "direct"])
+@pytest.mark.parametrize("grad_input", ["gemm", "direct"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_conv2d_backward(sh, tile, case, bwd_data, monkeypatch):
+def test_conv2d_backward(sh, tile, case, grad_input, monkeypatch):
     # grad_input by either kernel, whatever the layer's channels per group
-    monkeypatch.setattr(G, "BWD_DATA_DIRECT_MAX_CG", 0 if bwd_data == "gemm" else 8)
+    monkeypatch.setattr(G, "GRAD_INPUT_DIRECT_MAX_CG", 0 if grad_input == "gemm" else 8)
     x, w, b, kw = _conv_args(case)
     y = ref.conv2d_ref(x, w, b, **kw)
     gy = rnd(*y.shape, seed=3)
@@ -179,7 +179,7 @@ def test_conv2d_backward(sh, tile, case, bwd_data, monkeypatch):
 def test_conv2d_backward_weight_split(sh, tile, monkeypatch, deterministic):
     # Small chunks force the split reduction: a workspace summed in order
     # (deterministic) or float atomics (opt-out).
-    monkeypatch.setattr(G, "BWD_WEIGHT_MIN_CHUNK", 16)
+    monkeypatch.setattr(G, "GRAD_WEIGHT_MIN_CHUNK", 16)
     x, w, b, kw = _conv_args(CONV_CASES[2])
     gy = rnd(*ref.conv2d_ref(x, w, **kw).shape, seed=3)
     kernels_before = dict(sh.launches)
@@ -202,7 +202,7 @@ def test_conv2d_bias_gradient_in_chunks(sh, monkeypatch, min_chunk):
 
 
 def test_conv2d_backward_is_bit_identical_across_runs(sh, monkeypatch):
-    monkeypatch.setattr(G, "BWD_WEIGHT_MIN_CHUNK", 16)
+    monkeypatch.setattr(G, "GRAD_WEIGHT_MIN_CHUNK", 16)
     x, w, b, kw = _conv_args(CONV_CASES[5])
     gy = rnd(*ref.conv2d_ref(x, w, **kw).shape, seed=3)
     first = G.conv2d_backward(gy, x, w, **kw)
@@ -327,8 +327,8 @@ def test_backward_output_mask_skips_the_kernels(sh, mask):
             assert_close(g, e, what=what)
         else:
             assert g is None, what
-    assert any("bwd_data" in k for k in launched) == mask[0]
-    assert any("bwd_weight" in k for k in launched) == mask[1]
+    assert any("grad_input" in k for k in launched) == mask[0]
+    assert any("grad_weight" in k for k in launched) == mask[1]
     xl, wl, gyl = rnd(4, 9), rnd(5, 9, seed=1), rnd(4, 5, seed=2)
     for g, e, need in zip(G.linear_backward(gyl, xl, wl, output_mask=mask),
                           ref.linear_backward_ref(gyl, xl, wl), mask):

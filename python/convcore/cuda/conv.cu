@@ -1,6 +1,6 @@
 // Convolution (NCHW, weight (K, C/groups, KH, KW)), float32, contiguous.
 //
-// conv2d_fwd / conv2d_bwd_data / conv2d_bwd_weight are implicit GEMMs on the
+// conv2d_fwd / conv2d_grad_input / conv2d_grad_weight are implicit GEMMs on the
 // engine of common.cuh (cc_gemm_tile): the im2col matrix is never stored;
 // each thread gathers its share of the next BK-slice of it straight from the
 // input (zero where the window falls in the padding) into registers, then
@@ -10,7 +10,7 @@
 // (their GEMMs would be one row thin).
 //
 // Determinism: every output element is summed by one thread in a fixed
-// order, except conv2d_bwd_weight with atomic=1 (opt-out, see Python side).
+// order, except conv2d_grad_weight with atomic=1 (opt-out, see Python side).
 #include "common.cuh"
 
 // A = weight (rows: output channels m0.., reduction r = (c, kh, kw)),
@@ -138,10 +138,10 @@ struct ConvBwdDataOp {
 // gx[n, g*Cg + m, ih, iw] = sum_r wT[m, r] * gycol[r, (n, ih, iw)].
 // grid (ceil(N*H*W / BN), ceil(Cg / BM), groups), block 256.
 template <int BM, int BN, int BK>
-__device__ __forceinline__ void conv_bwd_data(const float* gy, const float* w, float* gx,
-                                              int N, int C, int H, int W, int K, int KH, int KW,
-                                              int OH, int OW, int sh, int sw, int pt, int pl,
-                                              int dh, int dw, int groups) {
+__device__ __forceinline__ void conv_grad_input(const float* gy, const float* w, float* gx,
+                                                int N, int C, int H, int W, int K, int KH, int KW,
+                                                int OH, int OW, int sh, int sw, int pt, int pl,
+                                                int dh, int dw, int groups) {
     constexpr int TM = BM / 16, TN = BN / 16;
     const int Cg = C / groups, Kg = K / groups, g = blockIdx.z, KHW = KH * KW;
     const int Q = N * H * W, R = Kg * KHW;
@@ -177,21 +177,21 @@ __device__ __forceinline__ void conv_bwd_data(const float* gy, const float* w, f
 }
 
 extern "C" __global__ void __launch_bounds__(CC_THREADS)
-conv2d_bwd_data(const float* __restrict__ gy, const float* __restrict__ w,
-                float* __restrict__ gx,
-                int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-                int sh, int sw, int pt, int pl, int dh, int dw, int groups) {
-    conv_bwd_data<CC_SMALL_BM, CC_SMALL_BN, CC_SMALL_BK>(gy, w, gx, N, C, H, W, K, KH, KW, OH,
-                                                        OW, sh, sw, pt, pl, dh, dw, groups);
+conv2d_grad_input(const float* __restrict__ gy, const float* __restrict__ w,
+                  float* __restrict__ gx,
+                  int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+                  int sh, int sw, int pt, int pl, int dh, int dw, int groups) {
+    conv_grad_input<CC_SMALL_BM, CC_SMALL_BN, CC_SMALL_BK>(gy, w, gx, N, C, H, W, K, KH, KW, OH,
+                                                          OW, sh, sw, pt, pl, dh, dw, groups);
 }
 
 extern "C" __global__ void __launch_bounds__(CC_THREADS)
-conv2d_bwd_data_big(const float* __restrict__ gy, const float* __restrict__ w,
-                    float* __restrict__ gx,
-                    int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-                    int sh, int sw, int pt, int pl, int dh, int dw, int groups) {
-    conv_bwd_data<CC_BIG_BM, CC_BIG_BN, CC_BIG_BK>(gy, w, gx, N, C, H, W, K, KH, KW, OH, OW,
-                                                  sh, sw, pt, pl, dh, dw, groups);
+conv2d_grad_input_big(const float* __restrict__ gy, const float* __restrict__ w,
+                      float* __restrict__ gx,
+                      int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+                      int sh, int sw, int pt, int pl, int dh, int dw, int groups) {
+    conv_grad_input<CC_BIG_BM, CC_BIG_BN, CC_BIG_BK>(gy, w, gx, N, C, H, W, K, KH, KW, OH, OW,
+                                                    sh, sw, pt, pl, dh, dw, groups);
 }
 
 // A = gy (rows: output channels m0.. of the group, reduction p = (n, oh, ow)),
@@ -227,11 +227,11 @@ struct ConvBwdWeightOp {
 // atomic == 0, out is gw itself.
 // grid (ceil(R / BN), ceil(Kg / BM), groups * splits), block 256.
 template <int BM, int BN, int BK>
-__device__ __forceinline__ void conv_bwd_weight(const float* gy, const float* x, float* out,
-                                                int N, int C, int H, int W, int K, int KH,
-                                                int KW, int OH, int OW, int sh, int sw, int pt,
-                                                int pl, int dh, int dw, int groups, int splits,
-                                                int chunk, int atomic) {
+__device__ __forceinline__ void conv_grad_weight(const float* gy, const float* x, float* out,
+                                                 int N, int C, int H, int W, int K, int KH,
+                                                 int KW, int OH, int OW, int sh, int sw, int pt,
+                                                 int pl, int dh, int dw, int groups, int splits,
+                                                 int chunk, int atomic) {
     constexpr int TM = BM / 16, TN = BN / 16;
     const int Cg = C / groups, Kg = K / groups, KHW = KH * KW;
     const int g = blockIdx.z / splits, split = blockIdx.z - g * splits;
@@ -271,25 +271,25 @@ __device__ __forceinline__ void conv_bwd_weight(const float* gy, const float* x,
 }
 
 extern "C" __global__ void __launch_bounds__(CC_THREADS)
-conv2d_bwd_weight(const float* __restrict__ gy, const float* __restrict__ x,
-                  float* __restrict__ out,
-                  int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-                  int sh, int sw, int pt, int pl, int dh, int dw, int groups,
-                  int splits, int chunk, int atomic) {
-    conv_bwd_weight<CC_SMALL_BM, CC_SMALL_BN, CC_SMALL_BK>(gy, x, out, N, C, H, W, K, KH, KW,
-                                                          OH, OW, sh, sw, pt, pl, dh, dw,
-                                                          groups, splits, chunk, atomic);
+conv2d_grad_weight(const float* __restrict__ gy, const float* __restrict__ x,
+                   float* __restrict__ out,
+                   int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+                   int sh, int sw, int pt, int pl, int dh, int dw, int groups,
+                   int splits, int chunk, int atomic) {
+    conv_grad_weight<CC_SMALL_BM, CC_SMALL_BN, CC_SMALL_BK>(gy, x, out, N, C, H, W, K, KH, KW,
+                                                           OH, OW, sh, sw, pt, pl, dh, dw,
+                                                           groups, splits, chunk, atomic);
 }
 
 extern "C" __global__ void __launch_bounds__(CC_THREADS)
-conv2d_bwd_weight_big(const float* __restrict__ gy, const float* __restrict__ x,
-                      float* __restrict__ out,
-                      int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-                      int sh, int sw, int pt, int pl, int dh, int dw, int groups,
-                      int splits, int chunk, int atomic) {
-    conv_bwd_weight<CC_BIG_BM, CC_BIG_BN, CC_BIG_BK>(gy, x, out, N, C, H, W, K, KH, KW, OH, OW,
-                                                    sh, sw, pt, pl, dh, dw, groups, splits,
-                                                    chunk, atomic);
+conv2d_grad_weight_big(const float* __restrict__ gy, const float* __restrict__ x,
+                       float* __restrict__ out,
+                       int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+                       int sh, int sw, int pt, int pl, int dh, int dw, int groups,
+                       int splits, int chunk, int atomic) {
+    conv_grad_weight<CC_BIG_BM, CC_BIG_BN, CC_BIG_BK>(gy, x, out, N, C, H, W, K, KH, KW, OH, OW,
+                                                     sh, sw, pt, pl, dh, dw, groups, splits,
+                                                     chunk, atomic);
 }
 
 // out[i] = sum over s = 0, 1, ... of ws[s * n + i], in that order.
@@ -312,12 +312,12 @@ extern "C" __global__ void sum_splits(const float* __restrict__ ws, float* __res
 // weight loads are one broadcast and its gy loads consecutive.
 // grid ceil(N * groups * sh * sw * ceil(H / sh) * ceil(W / sw) / 256), block 256.
 #define CC_DIRECT_MAX_CG 8
-extern "C" __global__ void conv2d_bwd_data_direct(const float* __restrict__ gy,
-                                                  const float* __restrict__ w,
-                                                  float* __restrict__ gx,
-                                                  int N, int C, int H, int W, int K, int KH,
-                                                  int KW, int OH, int OW, int sh, int sw,
-                                                  int pt, int pl, int dh, int dw, int groups) {
+extern "C" __global__ void conv2d_grad_input_direct(const float* __restrict__ gy,
+                                                    const float* __restrict__ w,
+                                                    float* __restrict__ gx,
+                                                    int N, int C, int H, int W, int K, int KH,
+                                                    int KW, int OH, int OW, int sh, int sw,
+                                                    int pt, int pl, int dh, int dw, int groups) {
     const int QH = (H + sh - 1) / sh, QW = (W + sw - 1) / sw;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N * groups * sh * sw * QH * QW) return;
@@ -383,11 +383,11 @@ extern "C" __global__ void depthwise_fwd(const float* __restrict__ x, const floa
 }
 
 // One thread per input element, gathering the taps that read it.
-extern "C" __global__ void depthwise_bwd_data(const float* __restrict__ gy,
-                                              const float* __restrict__ w, float* __restrict__ gx,
-                                              int N, int C, int H, int W, int K, int KH, int KW,
-                                              int OH, int OW, int sh, int sw, int pt, int pl,
-                                              int dh, int dw) {
+extern "C" __global__ void depthwise_grad_input(const float* __restrict__ gy,
+                                                const float* __restrict__ w, float* __restrict__ gx,
+                                                int N, int C, int H, int W, int K, int KH, int KW,
+                                                int OH, int OW, int sh, int sw, int pt, int pl,
+                                                int dh, int dw) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N * C * H * W) return;
     const int iw = i % W, ih = (i / W) % H, c = (i / (W * H)) % C, n = i / (W * H * C);
@@ -411,11 +411,12 @@ extern "C" __global__ void depthwise_bwd_data(const float* __restrict__ gy,
 
 // One block per weight element (k, kh, kw), blockDim.x a power of two: each
 // thread sums a fixed strided subset of (n, oh, ow), then a fixed-order tree.
-extern "C" __global__ void depthwise_bwd_weight(const float* __restrict__ gy,
-                                                const float* __restrict__ x, float* __restrict__ gw,
-                                                int N, int C, int H, int W, int K, int KH, int KW,
-                                                int OH, int OW, int sh, int sw, int pt, int pl,
-                                                int dh, int dw) {
+extern "C" __global__ void depthwise_grad_weight(const float* __restrict__ gy,
+                                                 const float* __restrict__ x,
+                                                 float* __restrict__ gw,
+                                                 int N, int C, int H, int W, int K, int KH, int KW,
+                                                 int OH, int OW, int sh, int sw, int pt, int pl,
+                                                 int dh, int dw) {
     __shared__ float buf[256];
     const int e = blockIdx.x;  // (k * KH + kh) * KW + kw
     const int kw = e % KW, kh = (e / KW) % KH, k = e / (KW * KH);

@@ -37,12 +37,12 @@ _INT32_MAX = 2 ** 31 - 1
 _TILES = {"small": ("", 64), "big": ("_big", 128)}
 # Tests force one shape with this ("small" / "big"); None: chosen per call.
 TILE = None
-# conv2d_bwd_weight splits its reduction over (n, oh, ow) into chunks of at
+# conv2d_grad_weight splits its reduction over (n, oh, ow) into chunks of at
 # least this many positions when the weight alone gives too few blocks.
-BWD_WEIGHT_MIN_CHUNK = 1024
+GRAD_WEIGHT_MIN_CHUNK = 1024
 # conv2d_backward computes grad_input with the direct kernel, not the GEMM,
 # when a group has at most this many input channels (a GEMM tile's rows).
-BWD_DATA_DIRECT_MAX_CG = 8
+GRAD_INPUT_DIRECT_MAX_CG = 8
 _DIRECT_MAX_CG = 8  # the kernel's register array (CC_DIRECT_MAX_CG in conv.cu)
 # The bias gradient splits each channel's sum into chunks of at least this
 # many positions when there are too few channels to fill the GPU.
@@ -240,10 +240,10 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
                    relu=True)
 
 
-def _bwd_weight_splits(P: int, blocks: int) -> int:
+def _grad_weight_splits(P: int, blocks: int) -> int:
     """How many fixed chunks to split the weight gradient's reduction into:
-    enough blocks to fill the GPU, chunks of at least BWD_WEIGHT_MIN_CHUNK."""
-    by_work = max(P // BWD_WEIGHT_MIN_CHUNK, 1)
+    enough blocks to fill the GPU, chunks of at least GRAD_WEIGHT_MIN_CHUNK."""
+    by_work = max(P // GRAD_WEIGHT_MIN_CHUNK, 1)
     by_blocks = max(_ceil(_TARGET_BLOCKS, max(blocks, 1)), 1)
     return int(min(by_work, by_blocks, 65535 // max(blocks, 1) or 1))
 
@@ -267,18 +267,18 @@ def _channel_sum(be, g, out, N: int, C: int, HW: int) -> None:
 def _conv_grad_input(be, gy, w, gx, dims, g, depthwise):
     d32 = tuple(map(_i32, dims))
     if depthwise:
-        be.launch("conv.cu", "depthwise_bwd_data", _grid1(gx.size), (_THREADS, 1, 1),
+        be.launch("conv.cu", "depthwise_grad_input", _grid1(gx.size), (_THREADS, 1, 1),
                   (gy, w, gx) + d32)
         return
     N, C, H, W = dims[:4]
     Cg, sh, sw = C // g, dims[9], dims[10]
     threads = N * g * sh * sw * _ceil(H, sh) * _ceil(W, sw)  # phases padded
-    if Cg <= min(BWD_DATA_DIRECT_MAX_CG, _DIRECT_MAX_CG) and threads <= _INT32_MAX:
-        be.launch("conv.cu", "conv2d_bwd_data_direct", _grid1(threads), (_THREADS, 1, 1),
+    if Cg <= min(GRAD_INPUT_DIRECT_MAX_CG, _DIRECT_MAX_CG) and threads <= _INT32_MAX:
+        be.launch("conv.cu", "conv2d_grad_input_direct", _grid1(threads), (_THREADS, 1, 1),
                   (gy, w, gx) + d32 + (_i32(g),))
     else:
         suffix, edge = _tile(be, Cg, N * H * W, g)
-        be.launch("conv.cu", "conv2d_bwd_data" + suffix,
+        be.launch("conv.cu", "conv2d_grad_input" + suffix,
                   (_ceil(N * H * W, edge), _ceil(Cg, edge), g),
                   (_THREADS, 1, 1), (gy, w, gx) + d32 + (_i32(g),))
 
@@ -286,16 +286,16 @@ def _conv_grad_input(be, gy, w, gx, dims, g, depthwise):
 def _conv_grad_weight(be, gy, x, gw, dims, g, depthwise, deterministic):
     d32 = tuple(map(_i32, dims))
     if depthwise:
-        be.launch("conv.cu", "depthwise_bwd_weight", (gw.size, 1, 1), (_THREADS, 1, 1),
+        be.launch("conv.cu", "depthwise_grad_weight", (gw.size, 1, 1), (_THREADS, 1, 1),
                   (gy, x, gw) + d32)
         return
     N, C, H, W, K, KH, KW, OH, OW = dims[:9]
     Cg, Kg = C // g, K // g
     R, P = Cg * KH * KW, N * OH * OW
     # the tile from the output alone; splitting the reduction adds blocks
-    suffix, edge = _tile(be, Kg, R, g * max(P // BWD_WEIGHT_MIN_CHUNK, 1))
+    suffix, edge = _tile(be, Kg, R, g * max(P // GRAD_WEIGHT_MIN_CHUNK, 1))
     blocks = _ceil(R, edge) * _ceil(Kg, edge) * g
-    splits = _bwd_weight_splits(P, blocks)
+    splits = _grad_weight_splits(P, blocks)
     chunk = _ceil(_ceil(max(P, 1), splits), 16) * 16
     splits = max(_ceil(P, chunk), 1)  # an empty batch: one (zero) chunk
     grid = (_ceil(R, edge), _ceil(Kg, edge), g * splits)
@@ -308,7 +308,7 @@ def _conv_grad_weight(be, gy, x, gw, dims, g, depthwise, deterministic):
     else:
         gw.fill(0)
         target, atomic = gw, 1
-    be.launch("conv.cu", "conv2d_bwd_weight" + suffix, grid, (_THREADS, 1, 1),
+    be.launch("conv.cu", "conv2d_grad_weight" + suffix, grid, (_THREADS, 1, 1),
               (gy, x, target) + d32 + (_i32(g), _i32(splits), _i32(chunk), _i32(atomic)))
     if target is not gw:
         be.launch("conv.cu", "sum_splits", _grid1(gw.size), (_THREADS, 1, 1),
@@ -705,7 +705,7 @@ def batch_norm_backward(grad_output, input, mean, var, weight=None, training=Tru
     gb = xp.empty((C,), dtype=np.float32)
     be.launch("norm.cu", "bn_bwd_reduce", (C, 1, 1), (_THREADS, 1, 1),
               (gy, x, mean, var, gw, gb, _i32(N), _i32(C), _i32(S), _f32(eps)))
-    be.launch("norm.cu", "bn_bwd_data", _grid1(x.size), (_THREADS, 1, 1),
+    be.launch("norm.cu", "bn_grad_input", _grid1(x.size), (_THREADS, 1, 1),
               (gy, x, mean, var, w, gw, gb, gx, _i32(N), _i32(C), _i32(S), _f32(eps),
                _i32(w is not None), _i32(bool(training))))
     return gx, gw, gb

@@ -105,12 +105,12 @@ extern "C" __global__ void bn_bwd_reduce(const float* __restrict__ gy, const flo
 
 // gx: training (the statistics depend on x) w inv / m (m gy - gb - xhat gw);
 // otherwise gy w inv.
-extern "C" __global__ void bn_bwd_data(const float* __restrict__ gy, const float* __restrict__ x,
-                                       const float* __restrict__ mean,
-                                       const float* __restrict__ var, const float* __restrict__ w,
-                                       const float* __restrict__ gw, const float* __restrict__ gb,
-                                       float* __restrict__ gx, int N, int C, int S, float eps,
-                                       int has_w, int training) {
+extern "C" __global__ void bn_grad_input(const float* __restrict__ gy, const float* __restrict__ x,
+                                         const float* __restrict__ mean,
+                                         const float* __restrict__ var, const float* __restrict__ w,
+                                         const float* __restrict__ gw, const float* __restrict__ gb,
+                                         float* __restrict__ gx, int N, int C, int S, float eps,
+                                         int has_w, int training) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N * C * S) return;
     const int c = (i / S) % C;
