@@ -159,6 +159,38 @@ def test_a_failing_library_drops_out_of_its_row(monkeypatch, capsys):
     assert "no kernel for this layer" in capsys.readouterr().out
 
 
+def test_step_bytes_sees_what_a_step_allocates():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("this kernel refuses to reset the peak resident size")
+
+    def step():
+        a = np.ones(50 * 2**20 // 8)  # 50 MB, touched
+        return a.sum()
+
+    used = bench_e2e._step_bytes(step)
+    assert 45 * 2**20 < used < 200 * 2**20
+
+
+def test_a_training_step_too_big_for_memory_is_skipped(monkeypatch, capsys):
+    # each step measured at 1 GiB at batch 1; 3 GiB available: batch 2
+    # (2 GiB per library, two libraries) must not start, batch 1 runs
+    monkeypatch.setattr(bench_e2e, "_step_bytes", lambda fn: (fn(), 2**30)[1])
+    real = bench_e2e._proc_kb
+    monkeypatch.setattr(bench_e2e, "_proc_kb", lambda path, key: 3 * 2**20
+                        if key == "MemAvailable" else real(path, key))
+    result = run(["lenet5"], [1, 2], threads=1, repeat=1, size=32, with_ort=False,
+                 with_compiled=False)
+    steps = {r["batch"]: r for r in result["rows"] if r["mode"] == "train step"}
+    assert steps[1]["convcore_ips"] > 0 and steps[1]["torch_ips"] > 0
+    assert steps[2]["convcore_ips"] is None and steps[2]["torch_ips"] is None
+    assert set(steps[2]["errors"]) == {"convcore", "torch"}
+    assert "about 4.0 GiB" in steps[2]["errors"]["convcore"]
+    assert "training step skipped" in capsys.readouterr().out
+
+
 def test_a_model_too_small_for_size_is_skipped():
     result = run(["alexnet", "lenet5"], [2], threads=1, repeat=1, size=32, with_torch=False,
                  with_ort=False, train=False, print_fn=None)

@@ -297,6 +297,61 @@ def _prepare(model, input_shape, threads: int, torch, ort, compile_fn, errors: D
     return tmodel, compiled, session
 
 
+# ------------------------------------------------------------ training memory
+
+# A training step that would not fit is skipped with a note instead of
+# being started: a process that runs out of memory is killed, with the
+# table unfinished (NASNet-A Large's step at batch 16, 331x331, needs more
+# than a 24 GB machine has, in PyTorch as in convcore).
+_MEMORY_HEADROOM = 0.85  # of the memory available, the most a step may use
+
+
+def _proc_kb(path: str, key: str) -> Optional[int]:
+    """The value in kB of `key:` in a /proc file; None where unreadable."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _step_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Runs fn once and returns the most bytes it held above the resident size
+    before it (the peak reset by writing 5 to /proc/self/clear_refs, Linux
+    4.0+); None where that cannot be measured."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        fn()
+        return None
+    before = _proc_kb("/proc/self/status", "VmRSS")
+    fn()
+    peak = _proc_kb("/proc/self/status", "VmHWM")
+    return None if before is None or peak is None else max(0, peak - before) * 1024
+
+
+def _step_too_big(measured: Dict[str, tuple], batch: int, fixed: int) -> Optional[str]:
+    """Why the training steps of `batch` would not fit, or None. measured:
+    each library's (smaller batch, bytes of its first step); of these,
+    `fixed` bytes (the gradients and momenta a first step allocates) do not
+    grow with the batch, the rest is scaled by it. All libraries' together,
+    as each keeps its buffers, against the memory available now
+    (MemAvailable)."""
+    available = _proc_kb("/proc/meminfo", "MemAvailable")
+    sizes = [max(0, b - fixed) * batch / m for m, b in measured.values() if m < batch]
+    if available is None or not sizes:
+        return None
+    need = sum(sizes)
+    if need <= _MEMORY_HEADROOM * available * 1024:
+        return None
+    return (f"skipped: the steps need about {need / 2**30:.1f} GiB (scaled from a smaller "
+            f"batch), {available / 2**20:.1f} GiB is available")
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a and b else None
 
@@ -431,6 +486,7 @@ def run(models: Optional[Sequence[str]] = None, batches: Sequence[int] = DEFAULT
                     print_fn(f"  {LABELS[lib]} failed: {err}")
         compiled = session = None  # they hold the weights before the training steps
         gc.collect()
+        step_memory: Dict[str, tuple] = {}  # library: (batch, bytes of a step)
         for n in batches if train else ():  # training step: convcore eager and PyTorch
             x, rng = make_input(shape, n)
             y = rng.integers(0, classes.get(n, 1000), n)
@@ -438,8 +494,17 @@ def run(models: Optional[Sequence[str]] = None, batches: Sequence[int] = DEFAULT
             if tmodel is not None and with_torch:
                 fns["torch"] = _torch_fns(tmodel, x, y, torch)[1]
             errors = {}
+            too_big = _step_too_big(step_memory, n, fixed=2 * 4 * model.num_parameters())
+            if too_big:
+                errors = {lib: too_big for lib in fns}
+                fns = {}
             fns = _guarded(fns, errors)
-            med = interleaved_medians(fns, repeat)
+            for lib, fn in fns.items():  # the first call: its memory
+                used = _step_bytes(fn)
+                if used is not None and lib not in errors and (
+                        lib not in step_memory or step_memory[lib][0] > n):
+                    step_memory[lib] = (n, used)
+            med = interleaved_medians(fns, repeat) if fns else {}
             ips = {k: n / t for k, t in med.items() if k not in errors}
             row = dict(common, batch=n, mode="train step",
                        convcore_ips=ips.get("convcore"), compiled_ips=None,
@@ -450,7 +515,9 @@ def run(models: Optional[Sequence[str]] = None, batches: Sequence[int] = DEFAULT
             rows.append(row)
             if print_fn:
                 print_fn(_format_row(row))
-                for lib, err in errors.items():
+                if too_big:
+                    print_fn(f"  training step {too_big}")
+                for lib, err in errors.items() if not too_big else ():
                     print_fn(f"  {LABELS[lib]} failed: {err}")
         del model, tmodel
         gc.collect()
@@ -734,7 +801,8 @@ def markdown(result: dict) -> str:
         out.append("")
         out += [f"- {note}" for note in result.get("notes") or []]
         out += [f"- {name}: skipped ({err})" for name, err in (result.get("skipped") or {}).items()]
-        out += [f"- {m} batch {n} {mode}: {LABELS.get(lib, lib)} failed ({err})"
+        out += [f"- {m} batch {n} {mode}: {LABELS.get(lib, lib)} "
+                f"{err if err.startswith('skipped') else f'failed ({err})'}"
                 for m, n, mode, lib, err in failures]
     return "\n".join(out)
 
