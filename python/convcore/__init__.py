@@ -36,6 +36,7 @@ from ._version import __version__
 from . import data, models, nn, optim, train  # noqa: E402  (built on the functional API)
 from .builder import build, build_graph  # noqa: E402  (build_graph: branches in the notation)
 from .nn.init import manual_seed  # noqa: E402
+from .nn.module import is_grad_enabled, no_grad  # noqa: E402  (PyTorch's names)
 from .train import evaluate, fit, predict  # noqa: E402
 
 
@@ -61,6 +62,7 @@ __all__ = [
     "load",
     "load_state_dict_file",
     "manual_seed",
+    "no_grad", "is_grad_enabled",
     "models",
     "nn",
     "onnx",

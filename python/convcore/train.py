@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ._backends import backend_of, to_host
-from .nn.module import Module
+from .nn.module import Module, no_grad
 from .optim import Optimizer, ReduceLROnPlateau
 
 __all__ = ["EarlyStopping", "History", "fit", "evaluate", "predict"]
@@ -125,13 +125,14 @@ def evaluate(model: Module, loader, loss_fn=None, distributed=None) -> Tuple[flo
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     try:
-        for xb, yb in loader:
-            if len(yb) == 0:
-                continue
-            logits = model(to_device(xb))
-            total_loss += _batch_loss_sum(loss_fn, loss_fn(logits, yb), len(yb))
-            correct += _count_correct(logits, yb)
-            seen += len(yb)
+        with no_grad():  # nothing kept for a backward
+            for xb, yb in loader:
+                if len(yb) == 0:
+                    continue
+                logits = model(to_device(xb))
+                total_loss += _batch_loss_sum(loss_fn, loss_fn(logits, yb), len(yb))
+                correct += _count_correct(logits, yb)
+                seen += len(yb)
     finally:
         model.train(was_training)
     sums = group.allreduce_(np.array([total_loss, correct, seen], dtype=np.float64),
@@ -168,8 +169,9 @@ def predict(model: Module, x, batch_size: int = 256) -> np.ndarray:
     model.eval()
     to_device = _on_model_device(model)
     try:
-        outputs = [to_host(model(to_device(np.ascontiguousarray(x[i:i + batch_size]))))
-                   for i in range(0, len(x), batch_size)]
+        with no_grad():
+            outputs = [to_host(model(to_device(np.ascontiguousarray(x[i:i + batch_size]))))
+                       for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
     return np.concatenate(outputs)

@@ -93,6 +93,7 @@ from .. import _core
 from ..builder import MisfitWarning
 from ..interop.torch import to_torch
 from ..models import _ZOO
+from ..nn.module import no_grad
 from .timing import cpu_name, import_torch, interleaved_medians, write_results
 
 DEFAULT_MODELS = tuple(_ZOO)
@@ -255,7 +256,8 @@ def _infer_fns(x: np.ndarray, model, compiled, tmodel, session, torch) -> Dict[s
     """One inference of batch x by each library present (None: absent)."""
     def eager():
         model.eval()
-        return model(x)
+        with no_grad():  # as the mirror: nothing kept for a backward
+            return model(x)
 
     fns = {"convcore": eager}
     if compiled is not None:

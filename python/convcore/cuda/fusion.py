@@ -7,6 +7,7 @@ which gives the same gradient mask (relu(v) > 0 exactly when v > 0)."""
 from __future__ import annotations
 
 from ..nn.layers import Conv2d, Linear, ReLU
+from ..nn.module import kept
 
 
 def _fused(m, x):
@@ -15,10 +16,10 @@ def _fused(m, x):
     from . import functional as G
     bias = None if m.bias is None else m.bias.data
     if isinstance(m, Conv2d) and m.padding_mode == "zeros":
-        m._x = x
+        m._x = kept(x)
         return G.conv2d_relu(x, m.weight.data, bias, m.stride, m.padding, m.dilation, m.groups)
     if isinstance(m, Linear):
-        m._x = x
+        m._x = kept(x)
         return G.linear_relu(x, m.weight.data, bias)
     return None
 
@@ -30,7 +31,7 @@ def sequential_forward(modules, x):
         if i + 1 < len(modules) and type(modules[i + 1]) is ReLU:
             y = _fused(m, x)
             if y is not None:
-                modules[i + 1]._x = y
+                modules[i + 1]._x = kept(y)
                 x, i = y, i + 2
                 continue
         x, i = m(x), i + 1

@@ -3,7 +3,8 @@ from . import init
 from .layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d,
                      ReLU)
 from .loss import CrossEntropyLoss
-from .module import Identity, Module, Parameter, Sequential, from_architecture
+from .module import (Identity, Module, Parameter, Sequential, from_architecture,
+                     is_grad_enabled, no_grad)
 from .norm import BatchNorm2d, LocalResponseNorm
 from .residual import BasicBlock, Bottleneck
 from .activation import Hardsigmoid, Hardswish, ReLU6, Sigmoid, SiLU, Softmax, StochasticDepth
@@ -15,4 +16,5 @@ __all__ = [
     "CrossEntropyLoss", "Dropout", "Flatten", "Identity", "Linear", "LocalResponseNorm",
     "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "from_architecture", "init",
     "Graph", "Sigmoid", "SiLU", "ReLU6", "Hardswish", "Hardsigmoid", "Softmax", "StochasticDepth", "blocks",
+    "no_grad", "is_grad_enabled",
 ]

@@ -21,7 +21,7 @@ import numpy as np
 from .. import _core
 from .. import functional as F
 from . import init
-from .module import Module
+from .module import Module, kept, saved
 
 
 class _Elementwise(Module):
@@ -38,12 +38,11 @@ class _Elementwise(Module):
         x = np.asarray(x)
         if x.dtype not in (np.float32, np.float64):
             raise TypeError(f"{type(self).__name__} takes float32 or float64 input, got {x.dtype}")
-        self._x = x
+        self._x = kept(x)
         return _core.activation(self._kernel, x)
 
     def backward(self, grad_output):
-        if self._x is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        saved(self._x, self)
         grad_output = np.asarray(grad_output)
         if grad_output.shape != self._x.shape:
             raise ValueError(f"grad_output must have the output's shape {self._x.shape}, "
@@ -97,12 +96,12 @@ class Softmax(Module):
         x = np.asarray(x)
         if x.dtype not in (np.float32, np.float64):
             raise TypeError(f"Softmax takes float32 or float64 input, got {x.dtype}")
-        self._y = F.softmax(x, self.dim)
-        return self._y
+        y = F.softmax(x, self.dim)
+        self._y = kept(y)
+        return y
 
     def backward(self, grad_output):
-        if self._y is None:
-            raise RuntimeError("Softmax.backward called before forward")
+        saved(self._y, self)
         grad_output = np.asarray(grad_output)
         if grad_output.shape != self._y.shape:
             raise ValueError(f"grad_output must have the output's shape {self._y.shape}, "

@@ -40,7 +40,7 @@ import numpy as np
 from .. import functional as F
 from .._backends import backend_of
 from .lowering import cannot_lower, join
-from .module import Module
+from .module import Module, is_grad_enabled, kept, saved
 
 JOINS = ("concat", "add", "mul", "relu")
 
@@ -185,14 +185,30 @@ class Graph(Module):
     def _outputs_now(self) -> List[str]:
         return self.outputs if self.training else self.outputs[:1]
 
+    def _last_reads(self, needed, outputs) -> Dict[str, int]:
+        """The index of the last needed node that reads each value (outputs:
+        past the end)."""
+        last = {}
+        for i, ((_, _, inputs), need) in enumerate(zip(self.nodes, needed)):
+            if need:
+                last.update((v, i) for v in inputs)
+        last.update((o, len(self.nodes)) for o in outputs)
+        return last
+
     def forward(self, x):
         values: Dict[str, np.ndarray] = {"x": x}
         outputs = self._outputs_now()
         needed = self._needed(outputs)
-        for (out, op, inputs), need in zip(self.nodes, needed):
+        # Under no_grad a value goes as soon as its last reader has run.
+        last_reads = None if is_grad_enabled() else self._last_reads(needed, outputs)
+        for i, ((out, op, inputs), need) in enumerate(zip(self.nodes, needed)):
             if not need:
                 continue
             args = [values[v] for v in inputs]
+            if last_reads is not None:
+                for v in inputs:
+                    if last_reads[v] == i:
+                        values.pop(v, None)
             if op in self._modules:
                 values[out] = self._modules[op](args[0])
             elif op == "concat":
@@ -207,7 +223,7 @@ class Graph(Module):
             else:  # relu
                 values[out] = F.relu(args[0])
         # Backward needs the joins' inputs (mul, relu) and the concat sizes.
-        self._cache = (values, needed, outputs)
+        self._cache = kept((values, needed, outputs))
         if len(outputs) > 1:
             return tuple(values[o] for o in outputs)
         return values[outputs[0]]
@@ -240,9 +256,7 @@ class Graph(Module):
         return [values[o] for o in self.outputs]
 
     def backward(self, grad_output):
-        if self._cache is None:
-            raise RuntimeError("Graph.backward called before forward")
-        values, needed, outputs = self._cache
+        values, needed, outputs = saved(self._cache, self)
         if len(outputs) > 1:
             if not isinstance(grad_output, (tuple, list)) or len(grad_output) != len(outputs):
                 raise ValueError(f"this graph has {len(outputs)} outputs {outputs}; backward "

@@ -13,7 +13,7 @@ from .._args import adaptive_size, is_int, pair, pool_stride
 from .._backends import backend_of
 from . import init
 from .lowering import cannot_lower
-from .module import Module, Parameter
+from .module import Module, Parameter, is_grad_enabled, kept, saved
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -116,21 +116,21 @@ class Conv2d(Module):
     def forward(self, x):
         bias = self.bias.data if self.bias is not None else None
         if self.padding_mode == "zeros":
-            self._x = x
+            self._x = kept(x)
             return F.conv2d(x, self.weight.data, bias, self.stride, self.padding,
                             self.dilation, self.groups)
         if backend_of(x).is_gpu:
             raise NotImplementedError(f"Conv2d(padding_mode={self.padding_mode!r}) runs on the "
                                       f"CPU only; on the GPU use padding_mode='zeros'")
-        self._x = self._explicit_pad(F._array(x, "input"))
-        return F.conv2d(self._x, self.weight.data, bias, self.stride, 0, self.dilation,
+        padded = self._explicit_pad(F._array(x, "input"))
+        self._x = kept(padded)
+        return F.conv2d(padded, self.weight.data, bias, self.stride, 0, self.dilation,
                         self.groups)
 
     def backward(self, grad_output):
-        if self._x is None:
-            raise RuntimeError("Conv2d.backward called before forward")
+        x = saved(self._x, self)
         padding = self.padding if self.padding_mode == "zeros" else 0
-        gx, gw, gb = F.conv2d_backward(grad_output, self._x, self.weight.data, self.stride,
+        gx, gw, gb = F.conv2d_backward(grad_output, x, self.weight.data, self.stride,
                                        padding, self.dilation, self.groups,
                                        output_mask=(self.input_grad, True, self.bias is not None))
         self.weight.accumulate_grad(gw)
@@ -200,16 +200,18 @@ class MaxPool2d(Module):
                     dilation=self.dilation, ceil_mode=self.ceil_mode)
 
     def forward(self, x):
-        self._x = x
-        if not (self.training or self.return_indices):
+        self._x = kept(x)
+        if not ((self.training and is_grad_enabled()) or self.return_indices):
             self._indices = None
             return F.max_pool2d(x, **self._args())
         # Training keeps where each max came from, so backward is a scatter.
-        out, self._indices = F.max_pool2d(x, return_indices=True, **self._args())
-        return (out, self._indices) if self.return_indices else out
+        out, indices = F.max_pool2d(x, return_indices=True, **self._args())
+        self._indices = kept(indices)
+        return (out, indices) if self.return_indices else out
 
     def backward(self, grad_output):
-        return F.max_pool2d_backward(grad_output, self._x, indices=self._indices, **self._args())
+        return F.max_pool2d_backward(grad_output, saved(self._x, self), indices=self._indices,
+                                     **self._args())
 
     def output_shape(self, input_shape):
         c, h, w = _sample_shape(input_shape, 3, "MaxPool2d", "(C, H, W)")
@@ -251,11 +253,11 @@ class AvgPool2d(Module):
                     divisor_override=self.divisor_override)
 
     def forward(self, x):
-        self._x = x
+        self._x = kept(x)
         return F.avg_pool2d(x, **self._args())
 
     def backward(self, grad_output):
-        return F.avg_pool2d_backward(grad_output, self._x, **self._args())
+        return F.avg_pool2d_backward(grad_output, saved(self._x, self), **self._args())
 
     def output_shape(self, input_shape):
         c, h, w = _sample_shape(input_shape, 3, "AvgPool2d", "(C, H, W)")
@@ -276,11 +278,11 @@ class AdaptiveAvgPool2d(Module):
         self._x = None
 
     def forward(self, x):
-        self._x = x
+        self._x = kept(x)
         return F.adaptive_avg_pool2d(x, self.output_size)
 
     def backward(self, grad_output):
-        return F.adaptive_avg_pool2d_backward(grad_output, self._x)
+        return F.adaptive_avg_pool2d_backward(grad_output, saved(self._x, self))
 
     def output_shape(self, input_shape):
         c, h, w = _sample_shape(input_shape, 3, "AdaptiveAvgPool2d", "(C, H, W)")
@@ -313,11 +315,11 @@ class Linear(Module):
         self._x = None
 
     def forward(self, x):
-        self._x = x
+        self._x = kept(x)
         return F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def backward(self, grad_output):
-        gx, gw, gb = F.linear_backward(grad_output, self._x, self.weight.data,
+        gx, gw, gb = F.linear_backward(grad_output, saved(self._x, self), self.weight.data,
                                        output_mask=(self.input_grad, True, self.bias is not None))
         self.weight.accumulate_grad(gw)
         if self.bias is not None:
@@ -352,11 +354,11 @@ class ReLU(Module):
         self._x = None
 
     def forward(self, x):
-        self._x = x
+        self._x = kept(x)
         return F.relu(x)
 
     def backward(self, grad_output):
-        return F.relu_backward(grad_output, self._x)
+        return F.relu_backward(grad_output, saved(self._x, self))
 
     def output_shape(self, input_shape):
         return tuple(input_shape)

@@ -9,6 +9,8 @@ in a training step. Names of parameters and buffers follow PyTorch
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
 from typing import Callable, Dict, Iterator, List, Tuple
 
@@ -16,6 +18,58 @@ import numpy as np
 
 from .._backends import backend_of, to_host
 from .lowering import LAYER_OPS, cannot_lower, join, to_graph
+
+
+# -- what a forward keeps for the backward --------------------------------------------
+# Under no_grad() the layers keep nothing, so an inference holds only the
+# values still to be read (a forward in eval mode alone keeps every layer's
+# input, as training needs: NASNet-A Large's inference at batch 16 held
+# 19 GB). Per thread, as PyTorch's grad mode.
+class _GradMode(threading.local):
+    enabled = True
+
+
+_grad_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    """False inside no_grad(): forward passes keep nothing for a backward."""
+    return _grad_mode.enabled
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Forward passes inside `with convcore.no_grad():` (or a function decorated
+    with it) keep nothing for a backward, as PyTorch's torch.no_grad: an
+    inference then holds only the values still to be read. A backward after
+    such a forward raises RuntimeError. Nests; per thread."""
+
+    def __init__(self):
+        self._previous: List[bool] = []
+
+    def __enter__(self):
+        self._previous.append(_grad_mode.enabled)
+        _grad_mode.enabled = False
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _grad_mode.enabled = self._previous.pop()
+        return False
+
+
+def kept(value):
+    """value when a backward may follow (see no_grad), else None: what a
+    layer's forward stores for its backward."""
+    return value if _grad_mode.enabled else None
+
+
+def saved(value, module: "Module", what: str = "forward"):
+    """value, stored by module's last forward for its backward; RuntimeError
+    naming the module when there is none."""
+    if value is None:
+        raise RuntimeError(f"{type(module).__name__}.backward called before forward, or after "
+                           f"a {what} under convcore.no_grad() (which keeps nothing for a "
+                           f"backward)")
+    return value
 
 
 # -- what the layers above nn carry out ------------------------------------------------

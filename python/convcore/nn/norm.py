@@ -8,7 +8,7 @@ import numpy as np
 from .. import functional as F
 from .._args import number
 from .layers import ReLU, _dtype, _positive_int
-from .module import Module, Parameter, _replaced
+from .module import Module, Parameter, _replaced, kept, saved
 
 
 def channel_sample_shape(label: str, channels: int, input_shape) -> tuple:
@@ -34,11 +34,11 @@ class LocalResponseNorm(Module):
         return dict(size=self.size, alpha=self.alpha, beta=self.beta, k=self.k)
 
     def forward(self, x):
-        self._x = x
+        self._x = kept(x)
         return F.local_response_norm(x, **self._args())
 
     def backward(self, grad_output):
-        return F.local_response_norm_backward(grad_output, self._x, **self._args())
+        return F.local_response_norm_backward(grad_output, saved(self._x, self), **self._args())
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
@@ -92,7 +92,7 @@ class BatchNorm2d(Module):
         is forward, then the ReLU, and backward_fused goes through backward."""
         if _replaced(self):
             y = self.forward(x)
-            self._relu_input = y
+            self._relu_input = kept(y)
             return F.relu(y)
         self._relu_input = None
         return self._forward(x, True)
@@ -110,7 +110,7 @@ class BatchNorm2d(Module):
             x, self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None, weight, bias,
             training=use_batch, momentum=factor, eps=self.eps, return_stats=True, relu=relu)
-        self._saved = (x, mean, var, use_batch, out if relu else None)
+        self._saved = kept((x, mean, var, use_batch, out if relu else None))
         return out
 
     def backward(self, grad_output):
@@ -121,14 +121,12 @@ class BatchNorm2d(Module):
     def backward_fused(self, grad_output):
         if self._relu_input is not None:  # forward_fused ran unfused (replaced methods)
             return self.backward(F.relu_backward(grad_output, self._relu_input))
-        if self._saved is None or self._saved[4] is None:
+        if saved(self._saved, self, "forward_fused")[4] is None:
             raise RuntimeError("BatchNorm2d.backward_fused needs forward_fused before it")
         return self._backward(grad_output)
 
     def _backward(self, grad_output):
-        if self._saved is None:
-            raise RuntimeError("BatchNorm2d.backward called before forward")
-        x, mean, var, use_batch, relu_output = self._saved
+        x, mean, var, use_batch, relu_output = saved(self._saved, self)
         weight = None if self.weight is None else self.weight.data
         gx, gw, gb = F.batch_norm_backward(grad_output, x, mean, var, weight,
                                            training=use_batch, eps=self.eps,

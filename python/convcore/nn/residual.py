@@ -8,7 +8,7 @@ import numpy as np
 from .. import functional as F
 from .layers import Conv2d
 from .lowering import cannot_lower, join
-from .module import Module, Sequential
+from .module import Module, Sequential, kept, saved
 from .norm import BatchNorm2d
 
 
@@ -33,7 +33,7 @@ class _Residual(Module):
             fused = isinstance(layer, BatchNorm2d) and i != len(layers) - 1
             out = layer.forward_fused(out) if fused else layer(out)
         out = F.add(out, identity)
-        self._sum = out
+        self._sum = kept(out)
         return F.relu(out)
 
     def lower(self, g, x, prefix):
@@ -55,7 +55,7 @@ class _Residual(Module):
         return g.node("ReLU", [out], value=join(prefix, "relu"))
 
     def backward(self, grad_output):
-        g = F.relu_backward(grad_output, self._sum)
+        g = F.relu_backward(grad_output, saved(self._sum, self))
         g_shortcut = g if self.downsample is None else self.downsample.backward(g)
         layers = self._body_layers()
         for i in range(len(layers) - 1, -1, -1):
