@@ -19,6 +19,9 @@ from hypothesis import HealthCheck, settings
 # pytest import mode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# the backend fixtures: `device` (cpu, shim, gpu) and `gpu_device` (shim, gpu)
+from _backends_fixture import device, gpu_device  # noqa: E402,F401
+
 _common = dict(
     deadline=None,
     print_blob=True,

@@ -418,8 +418,10 @@ def relu_ref(x):
 
 
 def relu_backward_ref(gy, x):
+    # zero where x <= 0 (so a NaN input passes the gradient, as torch's
+    # threshold_backward)
     x = np.asarray(x)
-    return np.where(x > 0, np.asarray(gy), 0).astype(x.dtype)
+    return np.where(x <= 0, 0, np.asarray(gy)).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -487,3 +489,151 @@ def batch_norm_ref(x, running_mean=None, running_var=None, weight=None, bias=Non
 
 
 __all__ += ["local_response_norm_ref", "batch_norm_ref"]
+
+
+# ---------------------------------------------------------------------------
+# backward of the normalisations, softmax, cross-entropy
+# (test_ops.py checks these against finite differences of the forwards)
+# ---------------------------------------------------------------------------
+
+def local_response_norm_backward_ref(gy, x, size, alpha=1e-4, beta=0.75, k=1.0):
+    """d/dx of sum(gy * local_response_norm_ref(x)): with
+    ``d_c = k + alpha / size * sum_{q in W(c)} x_q^2`` and ``y_c = x_c d_c^-beta``,
+    ``gx_j = gy_j d_j^-beta - 2 alpha beta / size * x_j *
+    sum_{c: j in W(c)} gy_c x_c d_c^(-beta-1)``."""
+    x = np.asarray(x)
+    xd, gyd = x.astype(np.float64), np.asarray(gy, np.float64)
+    C = xd.shape[1]
+    window = [range(max(0, c - size // 2), min(C - 1, c + (size - 1) // 2) + 1)
+              for c in range(C)]
+    d = np.empty_like(xd)
+    for c in range(C):
+        d[:, c] = k + alpha / size * sum(xd[:, q] ** 2 for q in window[c])
+    gx = gyd * d ** -beta
+    for c in range(C):
+        common = gyd[:, c] * xd[:, c] * d[:, c] ** (-beta - 1)
+        for q in window[c]:
+            gx[:, q] -= 2 * alpha * beta / size * xd[:, q] * common
+    return gx.astype(x.dtype)
+
+
+def batch_norm_backward_ref(gy, x, mean, var, weight=None, training=True, eps=1e-5,
+                            relu_output=None):
+    """(grad_input, grad_weight, grad_bias) of batch_norm_ref's output, given
+    the statistics it normalised with (the batch's when training, then a
+    function of x; the running ones, constants, otherwise). relu_output: the
+    output of a fused ReLU, where <= 0 the gradient stops."""
+    x = np.asarray(x)
+    xd, gyd = x.astype(np.float64), np.asarray(gy, np.float64)
+    if relu_output is not None:
+        gyd = np.where(np.asarray(relu_output) <= 0, 0.0, gyd)
+    C = xd.shape[1]
+    gx, gw, gb = np.empty_like(xd), np.empty(C), np.empty(C)
+    for c in range(C):
+        v, g = xd[:, c], gyd[:, c]
+        inv_std = 1.0 / np.sqrt(float(var[c]) + eps)
+        xhat = (v - float(mean[c])) * inv_std
+        w = 1.0 if weight is None else float(weight[c])
+        gb[c], gw[c] = g.sum(), (g * xhat).sum()
+        if training and v.size:
+            gx[:, c] = w * inv_std * (g - g.mean() - xhat * (g * xhat).mean())
+        else:
+            gx[:, c] = w * inv_std * g
+    return gx.astype(x.dtype), gw.astype(x.dtype), gb.astype(x.dtype)
+
+
+def _log_softmax_lines(x, dim):
+    """float64 log_softmax of x along dim, one line at a time."""
+    xd = np.moveaxis(np.asarray(x, np.float64), dim, -1)
+    out = np.empty_like(xd)
+    for idx in np.ndindex(*xd.shape[:-1]):
+        line = xd[idx]
+        m = line.max()
+        out[idx] = line - m - np.log(np.exp(line - m).sum())
+    return np.moveaxis(out, -1, dim)
+
+
+def softmax_ref(x, dim):
+    return np.exp(_log_softmax_lines(x, dim)).astype(np.asarray(x).dtype)
+
+
+def log_softmax_ref(x, dim):
+    return _log_softmax_lines(x, dim).astype(np.asarray(x).dtype)
+
+
+def softmax_backward_ref(gy, y, dim):
+    """From the forward's output y: y * (gy - sum(gy * y, dim))."""
+    gyd, yd = np.asarray(gy, np.float64), np.asarray(y, np.float64)
+    out = yd * (gyd - (gyd * yd).sum(axis=dim, keepdims=True))
+    return out.astype(np.asarray(y).dtype)
+
+
+def log_softmax_backward_ref(gy, y, dim):
+    """From the forward's output y: gy - exp(y) * sum(gy, dim)."""
+    gyd, yd = np.asarray(gy, np.float64), np.asarray(y, np.float64)
+    out = gyd - np.exp(yd) * gyd.sum(axis=dim, keepdims=True)
+    return out.astype(np.asarray(y).dtype)
+
+
+def _cross_entropy_targets(x, target, weight, ignore_index, label_smoothing):
+    """Per position (class axis last): the target distribution q (the loss is
+    -sum(q * log p)) and the position's share of the mean's divisor."""
+    xd = np.moveaxis(np.asarray(x, np.float64), 0 if x.ndim == 1 else 1, -1)
+    C = xd.shape[-1]
+    w = np.ones(C) if weight is None else np.asarray(weight, np.float64)
+    t = np.asarray(target)
+    q = np.zeros(xd.shape)
+    share = np.zeros(xd.shape[:-1])
+    probabilities = t.shape == np.asarray(x).shape
+    if probabilities:
+        t = np.moveaxis(t.astype(np.float64), 0 if x.ndim == 1 else 1, -1)
+    for idx in np.ndindex(*xd.shape[:-1]):
+        if probabilities:
+            q[idx] = ((1 - label_smoothing) * t[idx] + label_smoothing / C) * w
+            share[idx] = 1.0
+        elif t[idx] != ignore_index:
+            cls = int(t[idx])
+            q[idx] = label_smoothing / C * w
+            q[idx][cls] += (1 - label_smoothing) * w[cls]
+            share[idx] = w[cls]
+    return xd, q, share
+
+
+def cross_entropy_ref(x, target, weight=None, ignore_index=-100, reduction="mean",
+                      label_smoothing=0.0):
+    """torch.nn.functional.cross_entropy: logits (C,), (N, C) or (N, C, ...),
+    class-index targets (ignore_index counts for nothing) or class
+    probabilities (x's shape); 'mean' divides by the summed target weights
+    (indices) or the number of positions (probabilities): NaN when 0."""
+    xd, q, share = _cross_entropy_targets(x, target, weight, ignore_index, label_smoothing)
+    log_p = _log_softmax_lines(xd, -1)
+    losses = -np.where(q != 0, q * log_p, 0.0).sum(axis=-1)
+    if reduction == "none":
+        return losses.astype(np.asarray(x).dtype)
+    total = losses.sum()
+    if reduction == "mean":
+        total = total / share.sum() if share.sum() else np.nan
+    return np.asarray(total, dtype=np.asarray(x).dtype)
+
+
+def cross_entropy_backward_ref(grad_output, x, target, weight=None, ignore_index=-100,
+                               reduction="mean", label_smoothing=0.0):
+    """d/dx of cross_entropy_ref times grad_output (a number, or the loss's
+    shape for 'none'): softmax(x) * sum(q) - q per position."""
+    xd, q, share = _cross_entropy_targets(x, target, weight, ignore_index, label_smoothing)
+    p = np.exp(_log_softmax_lines(xd, -1))
+    grad = p * q.sum(axis=-1, keepdims=True) - q
+    if reduction == "none":
+        grad = grad * np.asarray(grad_output, np.float64)[..., None]
+    else:
+        grad = grad * float(grad_output)
+        if reduction == "mean":
+            grad = grad / share.sum() if share.sum() else np.zeros_like(grad)
+    grad[~(q != 0).any(axis=-1)] = 0.0  # positions without a target
+    axis = 0 if np.asarray(x).ndim == 1 else 1
+    return np.moveaxis(grad, -1, axis).astype(np.asarray(x).dtype)
+
+
+__all__ += ["local_response_norm_backward_ref", "batch_norm_backward_ref", "softmax_ref",
+            "log_softmax_ref", "softmax_backward_ref", "log_softmax_backward_ref",
+            "cross_entropy_ref", "cross_entropy_backward_ref"]

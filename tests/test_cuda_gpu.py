@@ -1,16 +1,16 @@
-"""The GPU path end to end: convcore's functional API, layers, optimisers
-and loss on device arrays, checked against the CPU path.
+"""The GPU path end to end: convcore's layers, optimisers, loss and
+training on device arrays, checked against the CPU path (each op on its
+own: test_ops.py, on every backend).
 
-Each test runs on two devices:
-- "cuda": real CuPy on a real GPU (marker `gpu`; skipped, with the reason,
+Each test runs on the two GPU backends of the `gpu_device` fixture
+(_backends_fixture.py):
+- "gpu": real CuPy on a real GPU (marker `gpu`; skipped, with the reason,
   where CuPy or a GPU is missing);
 - "shim": a stand-in cupy module (tests/cuda_shim/fake_cupy.py) whose
   kernels run on the CUDA-execution shim, so the same Python GPU path
   (dispatch, compile cache, launches, Module.to, optimisers) is exercised on
   every machine with g++.
 """
-import os
-import sys
 import types
 
 import numpy as np
@@ -20,44 +20,13 @@ import convcore as cc
 import convcore.cuda as cc_cuda
 from _helpers import assert_close
 
-from cuda_shim import fake_cupy, shim
-
-FILES = tuple(cc_cuda.SOURCES)
-# the same list as test_cuda_shim.py's, so both share one shim library
-SHIM_FILES = FILES + (os.path.join(shim.HERE, "selftest.cu"),)
+from cuda_shim import fake_cupy
 
 
-class Device:
-    def __init__(self, xp, real):
-        self.xp, self.real = xp, real
-
-    def put(self, a):
-        return self.xp.asarray(np.ascontiguousarray(a))
-
-    @staticmethod
-    def host(a):
-        return a.get()
-
-
-@pytest.fixture(params=["shim", pytest.param("cuda", marks=pytest.mark.gpu)])
-def dev(request, monkeypatch, tmp_path_factory):
-    if request.param == "cuda":
-        ok, why = cc_cuda.availability()
-        if not ok:
-            pytest.skip(f"no GPU: {why}")
-        import cupy
-        yield Device(cupy, True)
-        return
-    if shim.find_compiler() is None:
-        pytest.skip("g++ not found: the CUDA-execution shim needs it")
-    backend = shim.session_backend(SHIM_FILES, str(tmp_path_factory.getbasetemp() / "ccshim"))
-    fake = fake_cupy.make_module()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(cc_cuda, "_backend", None)
-    monkeypatch.setattr(fake_cupy._Function, "backend", backend)
-    backend.current_test = request.node.nodeid
-    yield Device(fake, False)
-    backend.current_test = None
+@pytest.fixture
+def dev(gpu_device):
+    """The shim, then a GPU (a Backend: xp, put, host, real)."""
+    return gpu_device
 
 
 def rnd(*shape, seed=0):
@@ -67,65 +36,6 @@ def rnd(*shape, seed=0):
 def check(dev, actual, expected, what=""):
     assert type(actual).__module__.split(".")[0] == "cupy", f"{what}: {type(actual)} is not a device array"
     assert_close(dev.host(actual), expected, np.float32, what=what)
-
-
-def each(results):
-    return results if isinstance(results, tuple) else (results,)
-
-
-OPS = [  # (name, args builder) - every array argument is moved to the device
-    ("conv2d", lambda: ((rnd(2, 4, 9, 9), rnd(6, 2, 3, 3), rnd(6)), dict(stride=2, padding=1, groups=2))),
-    ("conv2d", lambda: ((rnd(2, 4, 9, 9), rnd(8, 1, 3, 3), None), dict(padding=1, groups=4))),
-    ("conv2d", lambda: ((rnd(3, 8, 8), rnd(5, 3, 3, 3), rnd(5)), dict(padding="same", dilation=2))),
-    ("conv2d_backward", lambda: ((rnd(2, 6, 5, 5), rnd(2, 4, 9, 9), rnd(6, 2, 3, 3)),
-                                 dict(stride=2, padding=1, groups=2))),
-    ("conv2d_backward", lambda: ((rnd(2, 8, 9, 9), rnd(2, 4, 9, 9), rnd(8, 1, 3, 3)),
-                                 dict(padding=1, groups=4))),
-    ("max_pool2d", lambda: ((rnd(2, 3, 9, 9),), dict(kernel_size=3, stride=2, ceil_mode=True,
-                                                     return_indices=True))),
-    ("max_pool2d_backward", lambda: ((rnd(2, 3, 4, 4), rnd(2, 3, 9, 9)),
-                                     dict(kernel_size=3, stride=2))),
-    ("avg_pool2d", lambda: ((rnd(2, 3, 9, 9),), dict(kernel_size=3, stride=2, padding=1,
-                                                     count_include_pad=False))),
-    ("avg_pool2d_backward", lambda: ((rnd(2, 3, 5, 5), rnd(2, 3, 9, 9)),
-                                     dict(kernel_size=3, stride=2, padding=1))),
-    ("adaptive_avg_pool2d", lambda: ((rnd(2, 3, 9, 7), (4, 3)), {})),
-    ("adaptive_avg_pool2d_backward", lambda: ((rnd(2, 3, 4, 3), rnd(2, 3, 9, 7)), {})),
-    ("linear", lambda: ((rnd(3, 4, 10), rnd(7, 10), rnd(7)), {})),
-    ("linear_backward", lambda: ((rnd(5, 7), rnd(5, 10), rnd(7, 10)), {})),
-    ("relu", lambda: ((rnd(4, 5),), {})),
-    ("relu_backward", lambda: ((rnd(4, 5), rnd(4, 5, seed=1)), {})),
-    ("local_response_norm", lambda: ((rnd(2, 6, 3, 3), 3), dict(alpha=0.1, k=2.0))),
-    ("local_response_norm_backward", lambda: ((rnd(2, 6, 3, 3), rnd(2, 6, 3, 3, seed=1), 3),
-                                              dict(alpha=0.1, k=2.0))),
-    ("batch_norm_backward", lambda: ((rnd(4, 3, 2, 2), rnd(4, 3, 2, 2, seed=1), rnd(3),
-                                      np.abs(rnd(3)) + 1, rnd(3, seed=2)), dict(training=True))),
-]
-
-
-@pytest.mark.parametrize("name,make", OPS, ids=[f"{i}-{n}" for i, (n, _) in enumerate(OPS)])
-def test_functional_op_on_device_matches_cpu(dev, name, make):
-    args, kwargs = make()
-    expected = each(getattr(cc, name)(*args, **kwargs))
-    on_dev = [dev.put(a) if isinstance(a, np.ndarray) else a for a in args]
-    actual = each(getattr(cc, name)(*on_dev, **kwargs))
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        if e.dtype == np.int64:
-            np.testing.assert_array_equal(dev.host(a), e)
-        else:
-            check(dev, a, e, f"{name} result {i}")
-
-
-def test_batch_norm_training_updates_running_stats_on_device(dev):
-    x, w, b = rnd(4, 3, 5, 5) * 2 + 1, rnd(3, seed=1), rnd(3, seed=2)
-    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    drm, drv = dev.put(rm), dev.put(rv)
-    y = cc.batch_norm(dev.put(x), drm, drv, dev.put(w), dev.put(b), training=True)
-    ey = cc.batch_norm(x, rm, rv, w, b, training=True)
-    check(dev, y, ey, "output")
-    check(dev, drm, rm, "running_mean")
-    check(dev, drv, rv, "running_var")
 
 
 def test_fused_bias_relu_epilogues(dev):
@@ -215,15 +125,10 @@ def test_training_steps_on_device_match_cpu(dev, optimizer):
     assert_close(gpu(x), cpu(x), np.float32, rtol=1e-3)
 
 
-def test_cross_entropy_loss_on_device(dev):
-    """The layer hands its options to the GPU kernel: those the kernel has
-    give the CPU's loss and gradient (times grad_output); the others say
-    they are CPU-only."""
+def test_cross_entropy_loss_options_the_kernel_lacks_say_so(dev):
+    """The layer hands its options to the GPU kernel (its results for those
+    the kernel has: test_ops.py); the others say they are CPU-only."""
     z, t = rnd(4, 10, seed=7), np.array([1, 0, 9, 3])
-    cpu = cc.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum", ignore_index=-1)
-    gpu = cc.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum", ignore_index=-1)
-    check(dev, gpu(dev.put(z), t), np.asarray(cpu(z, t)), "loss")
-    check(dev, gpu.backward(0.5), cpu.backward(0.5), "grad")
     with pytest.raises(NotImplementedError, match="weight"):
         cc.nn.CrossEntropyLoss(weight=dev.put(np.ones(10, np.float32)))(dev.put(z), t)
     with pytest.raises(NotImplementedError, match="reduction='none'"):

@@ -123,7 +123,11 @@ def ascontiguousarray(a, dtype=None):
 
 
 def empty(shape, dtype=np.float32):
-    return np.empty(shape, dtype).view(ndarray)
+    # through the shim's allocator when a test installed it: guard bytes
+    # around the array, which the shim checks after every launch
+    be = _Function.backend
+    raw = be.xp.empty(shape, dtype) if be is not None else np.empty(shape, dtype)
+    return raw.view(ndarray)
 
 
 def zeros(shape, dtype=np.float32):

@@ -10,12 +10,13 @@ extern "C" __global__ void relu_fwd(const float* x, float* y, int n) {
     y[i] = v < 0.f ? 0.f : v;
 }
 
-// gx = gy where x > 0, else 0.
+// gx = 0 where x <= 0, else gy: a NaN input passes the gradient, as on the
+// CPU and in PyTorch (threshold_backward).
 extern "C" __global__ void relu_bwd(const float* __restrict__ gy, const float* __restrict__ x,
                                     float* __restrict__ gx, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    gx[i] = x[i] > 0.f ? gy[i] : 0.f;
+    gx[i] = x[i] <= 0.f ? 0.f : gy[i];
 }
 
 // out[split * C + c] = sum of g[n, c, hw] over the split-th chunk of `chunk`
