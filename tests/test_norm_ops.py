@@ -22,8 +22,6 @@ FD_RTOL = 1e-6      # scaled: |num - ana| <= FD_RTOL * max(1, max|ana|)
 pytestmark = pytest.mark.usefixtures("one_core_thread")
 
 
-
-
 def _torch():
     return pytest.importorskip(
         "torch", reason="PyTorch not installed: parity with torch.nn.functional skipped")
@@ -38,27 +36,9 @@ def _record(name, dtype, got, expected, rtol=None):
 
 
 # ===========================================================================
-# local response norm: forward
+# local response norm: forward (against the reference on every backend,
+# forward and backward: test_ops.py)
 # ===========================================================================
-
-LRN_SHAPES = [
-    (2, 5, 3, 4),       # odd channel count
-    (1, 6, 4, 3),       # even channel count
-    (3, 1, 2, 2),       # a single channel
-    (2, 7, 1, 1),       # 1x1 planes
-    (2, 4, 17, 19),     # a plane larger than the core's 256-position tile
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", LRN_SHAPES)
-@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8])
-def test_lrn_matches_reference(shape, size, dtype):
-    rng = np.random.default_rng(hash((shape, size)) % 2**32)
-    x = randn(rng, shape, dtype) * 3
-    kw = dict(size=size, alpha=0.5, beta=0.75, k=2.0)
-    check_output(convcore.local_response_norm(x, **kw), ref.local_response_norm_ref(x, **kw),
-                 dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -191,56 +171,14 @@ def test_lrn_torch_parity(shape, size, dtype):
 
 
 # ===========================================================================
-# batch norm: forward
+# batch norm: forward (training and eval against the reference on every
+# backend, with the running statistics and the gradients: test_ops.py)
 # ===========================================================================
-
-BN_SHAPES = [(4, 3, 5, 5), (2, 4, 3, 2), (5, 1, 1, 1), (8, 6), (3, 5, 7), (2, 3, 2, 3, 2)]
 
 
 def _bn_params(rng, c, dtype):
     return (randn(rng, (c,), dtype) * 0.5, np.abs(randn(rng, (c,), dtype)) + 0.5,
             randn(rng, (c,), dtype), randn(rng, (c,), dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", BN_SHAPES)
-@pytest.mark.parametrize("affine", [True, False])
-def test_batch_norm_training_matches_reference(shape, dtype, affine):
-    rng = np.random.default_rng(hash((shape, affine)) % 2**32)
-    x = randn(rng, shape, dtype) * 2 + 1
-    rm, rv, w, b = _bn_params(rng, shape[1], dtype)
-    if not affine:
-        w = b = None
-    exp, emean, evar, erm, erv = ref.batch_norm_ref(x, rm, rv, w, b, training=True,
-                                                    momentum=0.2, eps=1e-3)
-    rm_id, rv_id = id(rm), id(rv)
-    out, mean, var = convcore.batch_norm(x, rm, rv, w, b, training=True, momentum=0.2, eps=1e-3,
-                                         return_stats=True)
-    check_output(out, exp, dtype, "output")
-    check_output(mean, emean.astype(dtype), dtype, "batch mean")
-    check_output(var, evar.astype(dtype), dtype, "batch var (biased)")
-    # the running statistics are updated in place, with the unbiased variance
-    assert id(rm) == rm_id and id(rv) == rv_id
-    assert_close(rm, erm.astype(dtype), dtype, what="running_mean")
-    assert_close(rv, erv.astype(dtype), dtype, what="running_var")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", BN_SHAPES)
-def test_batch_norm_eval_matches_reference(shape, dtype):
-    rng = np.random.default_rng(hash(shape) % 2**32)
-    x = randn(rng, shape, dtype)
-    rm, rv, w, b = _bn_params(rng, shape[1], dtype)
-    rm0, rv0 = rm.copy(), rv.copy()
-    exp = ref.batch_norm_ref(x, rm, rv, w, b, training=False, eps=1e-5)[0]
-    out = convcore.batch_norm(x, rm, rv, w, b, training=False)
-    check_output(out, exp, dtype)
-    np.testing.assert_array_equal(rm, rm0)   # eval leaves the running stats alone
-    np.testing.assert_array_equal(rv, rv0)
-    out2, mean, var = convcore.batch_norm(x, rm, rv, w, b, training=False, return_stats=True)
-    np.testing.assert_array_equal(out2, out)
-    np.testing.assert_array_equal(mean, rm)  # eval normalises with the running stats
-    np.testing.assert_array_equal(var, rv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
