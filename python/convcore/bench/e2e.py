@@ -73,6 +73,7 @@ Without /proc (not Linux) only the peaks are known, from ru_maxrss.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import importlib
 import importlib.util
@@ -320,10 +321,24 @@ def _proc_kb(path: str, key: str) -> Optional[int]:
     return None
 
 
+def _return_free_memory() -> None:
+    """Hands the heap's free pages back to the system (glibc's malloc_trim), so
+    that the resident size counts only what is live: the freed blocks of an
+    earlier, larger batch otherwise stay resident, a step that reuses them
+    measured as needing nothing, and MemAvailable does not count them."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _step_bytes(fn: Callable[[], object]) -> Optional[int]:
     """Runs fn once and returns the most bytes it held above the resident size
-    before it (the peak reset by writing 5 to /proc/self/clear_refs, Linux
-    4.0+); None where that cannot be measured."""
+    before it (the heap's free pages handed back first; the peak reset by
+    writing 5 to /proc/self/clear_refs, Linux 4.0+); None where that cannot
+    be measured."""
+    _return_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -343,6 +358,7 @@ def _step_too_big(measured: Dict[str, tuple], batch: int, fixed: int) -> Optiona
     grow with the batch, the rest is scaled by it. All libraries' together,
     as each keeps its buffers, against the memory available now
     (MemAvailable)."""
+    _return_free_memory()
     available = _proc_kb("/proc/meminfo", "MemAvailable")
     sizes = [max(0, b - fixed) * batch / m for m, b in measured.values() if m < batch]
     if available is None or not sizes:
