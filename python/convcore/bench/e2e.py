@@ -422,6 +422,26 @@ def _notes(torch, ort, compile_fn, with_torch, with_ort, with_compiled) -> List[
     return notes
 
 
+def _print_head(print_fn, notes: List[str], header: str) -> None:
+    """Prints the notes, then the table's header and its rule."""
+    for note in notes:
+        print_fn(f"  {note}")
+    print_fn(header)
+    print_fn("-" * len(header))
+
+
+def _build_or_skip(name: str, size: Optional[int], skipped: Dict[str, str], print_fn):
+    """build_model(name, size), or None with the reason kept in skipped[name]
+    (and printed) when the model cannot be built."""
+    try:
+        return build_model(name, size)
+    except Exception as e:  # noqa: BLE001 (e.g. too small an input for this model)
+        skipped[name] = _error(e)
+        if print_fn:
+            print_fn(f"{name:16} skipped: {skipped[name]}")
+        return None
+
+
 def run(models: Optional[Sequence[str]] = None, batches: Sequence[int] = DEFAULT_BATCHES,
         threads: int = 2, repeat: int = 3, size: Optional[int] = None, with_torch: bool = True,
         print_fn=print, with_ort: bool = True, with_compiled: bool = True,
@@ -448,19 +468,12 @@ def run(models: Optional[Sequence[str]] = None, batches: Sequence[int] = DEFAULT
         print_fn("images/s; cmp/ORT, cmp/torch: compiled over ONNX Runtime, over PyTorch; "
                  "eager/torch: convcore eager over PyTorch (above 1: convcore faster); "
                  "rel. diff: largest max|y - y_eager| / max|y_eager|")
-        for note in notes:
-            print_fn(f"  {note}")
-        print_fn(_COLUMNS)
-        print_fn("-" * len(_COLUMNS))
+        _print_head(print_fn, notes, _COLUMNS)
     rows: List[dict] = []
     skipped: Dict[str, str] = {}
     for name in models:
-        try:
-            model = build_model(name, size)
-        except Exception as e:  # noqa: BLE001 (e.g. too small an input for this model)
-            skipped[name] = _error(e)
-            if print_fn:
-                print_fn(f"{name:16} skipped: {skipped[name]}")
+        model = _build_or_skip(name, size, skipped, print_fn)
+        if model is None:
             continue
         shape = tuple(int(d) for d in model.input_shape)
         setup_errors: Dict[str, str] = {}
@@ -698,20 +711,13 @@ def measure_memory(models: Optional[Sequence[str]] = None,
         print_fn(f"memory of one inference: {info['cpu']}, {threads} threads; MB, each in a "
                  f"fresh process: peak after setup / peak after 3 inferences (+ what an "
                  f"inference adds above setup)")
-        for note in notes:
-            print_fn(f"  {note}")
-        print_fn(header)
-        print_fn("-" * len(header))
+        _print_head(print_fn, notes, header)
     rows: List[dict] = []
     skipped: Dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="convcore-e2e-") as tmp:
         for name in models:
-            try:
-                model = build_model(name, size)
-            except Exception as e:  # noqa: BLE001
-                skipped[name] = _error(e)
-                if print_fn:
-                    print_fn(f"{name:16} skipped: {skipped[name]}")
+            model = _build_or_skip(name, size, skipped, print_fn)
+            if model is None:
                 continue
             shape = tuple(int(d) for d in model.input_shape)
             setup_errors: Dict[str, str] = {}
