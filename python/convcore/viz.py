@@ -61,6 +61,17 @@ def _nonneg_int(value, name: str) -> int:
     return int(value)
 
 
+def _grid_options(ncols, padding, pixel_scale, dpi) -> Tuple[Optional[int], int, int]:
+    """The layout options that filters_grid and activation_maps share,
+    checked: (ncols, padding, dpi)."""
+    ncols = _positive_int(ncols, "ncols", allow_none=True)
+    padding = _nonneg_int(padding, "padding")
+    dpi = _positive_int(dpi, "dpi")
+    if not isinstance(pixel_scale, (int, float)) or not 0 < pixel_scale <= 100:
+        raise ValueError(f"pixel_scale must be a number in (0, 100], got {pixel_scale!r}")
+    return ncols, padding, dpi
+
+
 def _real_array(value, name: str) -> np.ndarray:
     """A float64 copy of a real, finite-or-not numeric array (Parameters and
     objects with .data accepted)."""
@@ -154,13 +165,9 @@ def filters_grid(weight, path, *, ncols: Optional[int] = None, max_filters: int 
                          f"got {w.shape}")
     if min(w.shape) == 0:
         raise ValueError(f"weight is empty (shape {w.shape})")
-    ncols = _positive_int(ncols, "ncols", allow_none=True)
+    ncols, padding, dpi = _grid_options(ncols, padding, pixel_scale, dpi)
     max_filters = _positive_int(max_filters, "max_filters")
     max_channels = _positive_int(max_channels, "max_channels")
-    padding = _nonneg_int(padding, "padding")
-    dpi = _positive_int(dpi, "dpi")
-    if not isinstance(pixel_scale, (int, float)) or not 0 < pixel_scale <= 100:
-        raise ValueError(f"pixel_scale must be a number in (0, 100], got {pixel_scale!r}")
     out_c, in_c = w.shape[:2]
     shown = w[:max_filters]
     # small grids (3x3 filters) are drawn larger, up to ~500 screen pixels
@@ -297,12 +304,8 @@ def activation_maps(model_or_output, path, *, x=None, layer: Optional[str] = Non
                          f"{act.shape} (use a convolutional layer's output, not a flat one)")
     if min(act.shape) == 0:
         raise ValueError(f"model_or_output is empty (shape {act.shape})")
-    ncols = _positive_int(ncols, "ncols", allow_none=True)
+    ncols, padding, dpi = _grid_options(ncols, padding, pixel_scale, dpi)
     max_maps = _positive_int(max_maps, "max_maps")
-    padding = _nonneg_int(padding, "padding")
-    dpi = _positive_int(dpi, "dpi")
-    if not isinstance(pixel_scale, (int, float)) or not 0 < pixel_scale <= 100:
-        raise ValueError(f"pixel_scale must be a number in (0, 100], got {pixel_scale!r}")
     if not isinstance(cmap, str):
         raise TypeError(f"cmap must be a colormap name, got {type(cmap).__name__}")
     try:
