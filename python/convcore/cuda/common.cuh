@@ -23,7 +23,8 @@
 //     Dynamic shared memory only through CC_DYNAMIC_SHARED(T, name) below.
 //   - C++17 as both compilers take it: templates, constexpr, static_assert,
 //     structs with __device__ member functions (the operand loaders of
-//     cc_gemm_tile). `#pragma unroll` is fine (g++ ignores it).
+//     cc_gemm_tile), lambdas defined and called in device code (the stores
+//     of cc_gemm_store). `#pragma unroll` is fine (g++ ignores it).
 //   - Every thread of a block reaches every __syncthreads() the same number
 //     of times: no `return` before a barrier (guard the work with an if
 //     instead). The shim reports a violation as "barrier divergence".
@@ -60,16 +61,35 @@ __device__ __forceinline__ float cc_block_sum(float v, float* buf) {
     return total;
 }
 
+// a[i] + a[n + i] + a[2 n + i] + ... over `rows` rows of width n, added in
+// that order (the fixed-order sums of split workspaces and of columns).
+__device__ __forceinline__ float cc_column_sum(const float* a, int rows, int n, int i) {
+    float s = 0.f;
+    for (int r = 0; r < rows; ++r) s += a[r * n + i];
+    return s;
+}
+
+// For the backward kernels that gather, per input position, from the
+// windows that read it: the output position o whose window puts tap k
+// (dilation d) on input position i, i = o * s - p + k * d with 0 <= o < O,
+// for stride s and padding p; -1 when there is none. Per dimension.
+__device__ __forceinline__ int cc_window_at(int i, int k, int s, int p, int d, int O) {
+    const int os = i + p - k * d;
+    return (os < 0 || os % s != 0 || os / s >= O) ? -1 : os / s;
+}
+
 // The GEMM engine shared by the GEMM-shaped kernels (conv.cu, linear.cu).
 //
 // One block of CC_THREADS = 256 threads (16 x 16) computes a BM x BN tile of
-// C = A (M x K) * B (K x N) over the reduction range [kbeg, kend), BK at a
+// C = A (M x K) * B (K x N) over the reduction range [kbeg, kend) into acc
+// (set to zero first), BK at a
 // time: the next BK-slice of A and B is fetched from global memory into
 // registers while the current one, in shared memory, is multiplied
 // (software pipelining), so load latency overlaps the FMAs. Thread (tx, ty)
 // accumulates rows ty + 16 i and columns tx + 16 j (strided ownership: the
 // 16 tx of a half-warp read 16 consecutive shared words and store 16
-// consecutive output columns, so no bank conflicts and coalesced stores).
+// consecutive output columns, so no bank conflicts and coalesced stores);
+// cc_gemm_store hands each of them to the kernel's epilogue.
 //
 // The operands are never materialised: `op` (one object per thread) yields
 // them. A reduction index k usually has to be decoded (into channel and
@@ -98,6 +118,10 @@ __device__ __forceinline__ void cc_gemm_tile(const Op& op, int kbeg, int kend,
     const int t = threadIdx.x, tx = t % 16, ty = t / 16;
     const int bcol = t % BN, brow = t / BN;
     float ra[LA], rb[LB];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
 
     // fetch the BK-slice starting at k0 (decoded in dec[buf]) into registers
 #define CC_FETCH(k0, buf)                                                     \
@@ -141,6 +165,26 @@ __device__ __forceinline__ void cc_gemm_tile(const Op& op, int kbeg, int kend,
         __syncthreads();
     }
 #undef CC_FETCH
+}
+
+// The epilogue's walk over this thread's share of the tile whose corner is
+// (m0, n0) in an M x N result: store(m, n, acc[i][j]) for each row
+// m = m0 + ty + 16 i < M and column n = n0 + tx + 16 j < N.
+template <int BM, int BN, class Store>
+__device__ __forceinline__ void cc_gemm_store(const float (*acc)[BN / 16], int m0, int n0,
+                                              int M, int N, const Store& store) {
+    constexpr int TM = BM / 16, TN = BN / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int m = m0 + ty + 16 * i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + tx + 16 * j;
+            if (n < N) store(m, n, acc[i][j]);
+        }
+    }
 }
 
 // The two tile shapes every GEMM-shaped kernel is instantiated with: a big

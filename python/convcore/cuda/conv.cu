@@ -57,28 +57,14 @@ __device__ __forceinline__ void conv_fwd(const float* x, const float* w, const f
     op.rows = Kg - m0; op.R = R; op.H = H; op.W = W; op.KW = KW; op.KHW = KH * KW;
     op.dh = dh; op.dw = dw; op.valid = p < P;
     float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
     cc_gemm_tile<BM, BN, BK>(op, 0, R, acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty + 16 * i;
-        if (m >= Kg) continue;
+    cc_gemm_store<BM, BN>(acc, m0, p0, Kg, P, [&](int m, int q, float v) {
         const int k = g * Kg + m;
-        const float b = has_bias ? bias[k] : 0.f;
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int q = p0 + tx + 16 * j;
-            if (q >= P) continue;
-            const int qn = q / (OH * OW), qr = q - qn * OH * OW;
-            float v = acc[i][j] + b;
-            if (relu && v < 0.f) v = 0.f;  // NaN stays NaN, as relu()
-            y[(qn * K + k) * OH * OW + qr] = v;
-        }
-    }
+        const int qn = q / (OH * OW), qr = q - qn * OH * OW;
+        v += has_bias ? bias[k] : 0.f;
+        if (relu && v < 0.f) v = 0.f;  // NaN stays NaN, as relu()
+        y[(qn * K + k) * OH * OW + qr] = v;
+    });
 }
 
 extern "C" __global__ void __launch_bounds__(CC_THREADS)
@@ -156,24 +142,11 @@ __device__ __forceinline__ void conv_grad_input(const float* gy, const float* w,
     op.ih_pt = ih + pt; op.iw_pl = iw + pl; op.sh = sh; op.sw = sw; op.dh = dh; op.dw = dw;
     op.valid = q < Q;
     float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
     cc_gemm_tile<BM, BN, BK>(op, 0, R, acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty + 16 * i;
-        if (m >= Cg) continue;
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int qq = q0 + tx + 16 * j;
-            if (qq >= Q) continue;
-            const int qn = qq / (H * W), qr = qq - qn * H * W;
-            gx[(qn * C + g * Cg + m) * H * W + qr] = acc[i][j];
-        }
-    }
+    cc_gemm_store<BM, BN>(acc, m0, q0, Cg, Q, [&](int m, int qq, float v) {
+        const int qn = qq / (H * W), qr = qq - qn * H * W;
+        gx[(qn * C + g * Cg + m) * H * W + qr] = v;
+    });
 }
 
 extern "C" __global__ void __launch_bounds__(CC_THREADS)
@@ -248,26 +221,13 @@ __device__ __forceinline__ void conv_grad_weight(const float* gy, const float* x
     op.rows = Kg - m0; op.K = K; op.C = C; op.H = H; op.W = W; op.OW = OW; op.OHW = OH * OW;
     op.sh = sh; op.sw = sw; op.kh_pt = kh * dh - pt; op.kw_pl = kw * dw - pl; op.valid = r < R;
     float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
     cc_gemm_tile<BM, BN, BK>(op, pbeg, pend, acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float* o = atomic ? out : out + split * K * R;
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty + 16 * i;
-        if (m >= Kg) continue;
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int rr = r0 + tx + 16 * j;
-            if (rr >= R) continue;
-            float* dst = o + (g * Kg + m) * R + rr;
-            if (atomic) atomicAdd(dst, acc[i][j]);
-            else *dst = acc[i][j];
-        }
-    }
+    cc_gemm_store<BM, BN>(acc, m0, r0, Kg, R, [&](int m, int rr, float v) {
+        float* dst = o + (g * Kg + m) * R + rr;
+        if (atomic) atomicAdd(dst, v);
+        else *dst = v;
+    });
 }
 
 extern "C" __global__ void __launch_bounds__(CC_THREADS)
@@ -296,10 +256,7 @@ conv2d_grad_weight_big(const float* __restrict__ gy, const float* __restrict__ x
 extern "C" __global__ void sum_splits(const float* __restrict__ ws, float* __restrict__ out,
                                       int splits, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float s = 0.f;
-    for (int k = 0; k < splits; ++k) s += ws[k * n + i];
-    out[i] = s;
+    if (i < n) out[i] = cc_column_sum(ws, splits, n, i);
 }
 
 // gx of layers with few input channels per group (first layers' 1-3,
@@ -334,12 +291,12 @@ extern "C" __global__ void conv2d_grad_input_direct(const float* __restrict__ gy
 #pragma unroll
     for (int c = 0; c < CC_DIRECT_MAX_CG; ++c) acc[c] = 0.f;
     for (int kh = 0; kh < KH; ++kh) {
-        const int ohs = ih + pt - kh * dh;
-        if (ohs < 0 || ohs % sh != 0 || ohs / sh >= OH) continue;
+        const int oh = cc_window_at(ih, kh, sh, pt, dh, OH);
+        if (oh < 0) continue;
         for (int kw = 0; kw < KW; ++kw) {
-            const int ows = iw + pl - kw * dw;
-            if (ows < 0 || ows % sw != 0 || ows / sw >= OW) continue;
-            const float* gyp = gyg + (ohs / sh) * OW + ows / sw;
+            const int ow = cc_window_at(iw, kw, sw, pl, dw, OW);
+            if (ow < 0) continue;
+            const float* gyp = gyg + oh * OW + ow;
             const float* wp = wg + kh * KW + kw;
             for (int k = 0; k < Kg; ++k) {
                 const float v = gyp[k * OHW];
@@ -397,12 +354,12 @@ extern "C" __global__ void depthwise_grad_input(const float* __restrict__ gy,
         const int k = c * mult + m;
         const float* gyk = gy + (n * K + k) * OH * OW;
         for (int kh = 0; kh < KH; ++kh) {
-            const int ohs = ih + pt - kh * dh;
-            if (ohs < 0 || ohs % sh != 0 || ohs / sh >= OH) continue;
+            const int oh = cc_window_at(ih, kh, sh, pt, dh, OH);
+            if (oh < 0) continue;
             for (int kw = 0; kw < KW; ++kw) {
-                const int ows = iw + pl - kw * dw;
-                if (ows < 0 || ows % sw != 0 || ows / sw >= OW) continue;
-                s += gyk[(ohs / sh) * OW + ows / sw] * w[(k * KH + kh) * KW + kw];
+                const int ow = cc_window_at(iw, kw, sw, pl, dw, OW);
+                if (ow < 0) continue;
+                s += gyk[oh * OW + ow] * w[(k * KH + kh) * KW + kw];
             }
         }
     }

@@ -37,29 +37,15 @@ __device__ __forceinline__ void gemm_tile(const float* A, const float* B, const 
     op.B = B + (n < N ? n : 0) * sbn;
     op.rows = M - m0; op.sam = sam; op.sak = sak; op.sbk = sbk; op.valid = n < N;
     float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
     cc_gemm_tile<BM, BN, BK>(op, kbeg, kend, acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float* o = out + split * M * N;
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty + 16 * i;
-        if (m >= M) continue;
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int nn = n0 + tx + 16 * j;
-            if (nn >= N) continue;
-            float v = acc[i][j];
-            if (gridDim.z == 1) {  // no split: the epilogue is here
-                v += has_bias ? bias[nn] : 0.f;
-                if (relu && v < 0.f) v = 0.f;
-            }
-            o[m * N + nn] = v;
+    cc_gemm_store<BM, BN>(acc, m0, n0, M, N, [&](int m, int nn, float v) {
+        if (gridDim.z == 1) {  // no split: the epilogue is here
+            v += has_bias ? bias[nn] : 0.f;
+            if (relu && v < 0.f) v = 0.f;
         }
-    }
+        o[m * N + nn] = v;
+    });
 }
 
 // grid (ceil(N / 64), ceil(M / 64), splits), block 256.
@@ -87,8 +73,7 @@ extern "C" __global__ void gemm_reduce(const float* __restrict__ ws,
                                        int M, int N, int splits, int has_bias, int relu) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= M * N) return;
-    float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += ws[s * M * N + i];
+    float v = cc_column_sum(ws, splits, M * N, i);
     if (has_bias) v += bias[i % N];
     if (relu && v < 0.f) v = 0.f;
     C[i] = v;
@@ -99,8 +84,5 @@ extern "C" __global__ void gemm_reduce(const float* __restrict__ ws,
 extern "C" __global__ void column_sum(const float* __restrict__ g, float* __restrict__ out,
                                       int M, int N) {
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= N) return;
-    float s = 0.f;
-    for (int m = 0; m < M; ++m) s += g[m * N + n];
-    out[n] = s;
+    if (n < N) out[n] = cc_column_sum(g, M, N, n);
 }

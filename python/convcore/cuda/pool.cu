@@ -44,12 +44,12 @@ extern "C" __global__ void max_pool_bwd(const float* __restrict__ gy,
     const int base = nc * OH * OW;
     float s = 0.f;
     for (int a = 0; a < kh; ++a) {
-        const int ohs = h + ph - a * dh;
-        if (ohs < 0 || ohs % sh != 0 || ohs / sh >= OH) continue;
+        const int oh = cc_window_at(h, a, sh, ph, dh, OH);
+        if (oh < 0) continue;
         for (int b = 0; b < kw; ++b) {
-            const int ows = w + pw - b * dw;
-            if (ows < 0 || ows % sw != 0 || ows / sw >= OW) continue;
-            const int o = base + (ohs / sh) * OW + ows / sw;
+            const int ow = cc_window_at(w, b, sw, pw, dw, OW);
+            if (ow < 0) continue;
+            const int o = base + oh * OW + ow;
             if (idx[o] == me) s += gy[o];
         }
     }
@@ -95,13 +95,11 @@ extern "C" __global__ void avg_pool_bwd(const float* __restrict__ gy, float* __r
     const float* g = gy + nc * OH * OW;
     float s = 0.f;
     for (int a = 0; a < kh; ++a) {
-        const int ohs = h + ph - a;
-        if (ohs < 0 || ohs % sh != 0 || ohs / sh >= OH) continue;
-        const int oh = ohs / sh;
+        const int oh = cc_window_at(h, a, sh, ph, 1, OH);
+        if (oh < 0) continue;
         for (int b = 0; b < kw; ++b) {
-            const int ows = w + pw - b;
-            if (ows < 0 || ows % sw != 0 || ows / sw >= OW) continue;
-            const int ow = ows / sw;
+            const int ow = cc_window_at(w, b, sw, pw, 1, OW);
+            if (ow < 0) continue;
             s += g[oh * OW + ow] /
                  (float)avg_divisor(oh, ow, H, W, kh, kw, sh, sw, ph, pw, include_pad, divisor);
         }
