@@ -24,6 +24,23 @@ from . import init
 from .module import Module, kept, saved
 
 
+def _float_input(x, layer: str) -> np.ndarray:
+    """x as an array, which must be float32 or float64."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{layer} takes float32 or float64 input, got {x.dtype}")
+    return x
+
+
+def _grad_like(grad_output, out: np.ndarray) -> np.ndarray:
+    """grad_output as an array of out's shape (checked) and dtype."""
+    grad_output = np.asarray(grad_output)
+    if grad_output.shape != out.shape:
+        raise ValueError(f"grad_output must have the output's shape {out.shape}, "
+                         f"got {grad_output.shape}")
+    return grad_output.astype(out.dtype, copy=False)
+
+
 class _Elementwise(Module):
     """A parameter-free activation that keeps the shape; subclasses name the
     core's kernel."""
@@ -35,20 +52,13 @@ class _Elementwise(Module):
         self._x = None
 
     def forward(self, x):
-        x = np.asarray(x)
-        if x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"{type(self).__name__} takes float32 or float64 input, got {x.dtype}")
+        x = _float_input(x, type(self).__name__)
         self._x = kept(x)
         return _core.activation(self._kernel, x)
 
     def backward(self, grad_output):
         saved(self._x, self)
-        grad_output = np.asarray(grad_output)
-        if grad_output.shape != self._x.shape:
-            raise ValueError(f"grad_output must have the output's shape {self._x.shape}, "
-                             f"got {grad_output.shape}")
-        return _core.activation_backward(self._kernel, grad_output.astype(self._x.dtype,
-                                                                          copy=False), self._x)
+        return _core.activation_backward(self._kernel, _grad_like(grad_output, self._x), self._x)
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
@@ -93,21 +103,13 @@ class Softmax(Module):
         self._y = None
 
     def forward(self, x):
-        x = np.asarray(x)
-        if x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"Softmax takes float32 or float64 input, got {x.dtype}")
-        y = F.softmax(x, self.dim)
+        y = F.softmax(_float_input(x, "Softmax"), self.dim)
         self._y = kept(y)
         return y
 
     def backward(self, grad_output):
         saved(self._y, self)
-        grad_output = np.asarray(grad_output)
-        if grad_output.shape != self._y.shape:
-            raise ValueError(f"grad_output must have the output's shape {self._y.shape}, "
-                             f"got {grad_output.shape}")
-        return F.softmax_backward(grad_output.astype(self._y.dtype, copy=False), self._y,
-                                  self.dim)
+        return F.softmax_backward(_grad_like(grad_output, self._y), self._y, self.dim)
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
