@@ -80,7 +80,10 @@ CONVCORE_ALWAYS_INLINE void gather_store_block(int64_t kc, const int64_t* koff,
                                                int64_t res_stride, float* dst,
                                                int64_t dst_stride) {
   Vec<B> acc[RB][VP];
-  gemm::gather_sums<float, Vec<B>, RB, VP>(kc, koff, rows, i0, mr, bp, acc);
+  if (gemm::rows_even<float, RB, B>(rows, i0, mr))
+    gemm::gather_sums_even<float, Vec<B>, RB, VP, B>(kc, koff, rows[i0], bp, acc);
+  else
+    gemm::gather_sums<float, Vec<B>, RB, VP>(kc, koff, rows, i0, mr, bp, acc);
 #pragma GCC unroll 4
   for (int v = 0; v < VP; ++v) {
     const int64_t jb = j0 / B + v;

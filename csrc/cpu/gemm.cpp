@@ -129,7 +129,13 @@ inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const in
   constexpr int NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
   V acc[RB][VP];
-  gather_sums<T, V, RB, VP>(kc, koff, rows, i0, mr, bp, acc);
+  // rows one vector apart (a blocked input) or adjacent (a plain one, stride 1)
+  if (rows_even<T, RB, W>(rows, i0, mr))
+    gather_sums_even<T, V, RB, VP, W>(kc, koff, rows[i0], bp, acc);
+  else if (rows_even<T, RB, 1>(rows, i0, mr))
+    gather_sums_even<T, V, RB, VP, 1>(kc, koff, rows[i0], bp, acc);
+  else
+    gather_sums<T, V, RB, VP>(kc, koff, rows, i0, mr, bp, acc);
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4

@@ -95,6 +95,42 @@ CONVCORE_ALWAYS_INLINE void gather_sums(int64_t kc, const int64_t* koff, const T
   }
 }
 
+// gather_sums for rows STEP elements apart (rows[i0 + i] == row0 + i * STEP
+// for every i < RB: positions along one output row at stride 1, or across
+// rows of a 1x1 convolution): each tap's RB values sit at fixed offsets from
+// one pointer, so no row pointer is held per row (12 of them did not fit in
+// the general-purpose registers and were spilled). The same sums.
+template <typename T, typename V, int RB, int VP, int STEP>
+CONVCORE_ALWAYS_INLINE void gather_sums_even(int64_t kc, const int64_t* koff, const T* row0,
+                                             const T* b, V (&acc)[RB][VP]) {
+  constexpr int NR = Tile<T>::NR, W = sizeof(V) / sizeof(T);
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) acc[i][v] = V{};
+  for (int64_t k = 0; k < kc; ++k, b += NR) {
+    const T* a = row0 + koff[k];
+    V bv[VP];
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], b + v * W, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const T ai = a[i * STEP];
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+}
+
+// Whether rows[i0 .. i0 + RB) are STEP elements apart (all RB of them real).
+template <typename T, int RB, int STEP>
+CONVCORE_ALWAYS_INLINE bool rows_even(const T* const* rows, int i0, int mr) {
+  if (i0 + RB > mr) return false;
+  for (int i = 1; i < RB; ++i)
+    if (rows[i0 + i] != rows[i0] + i * STEP) return false;
+  return true;
+}
+
 // dst[j * ld + q] = tile[q * NR + j] (+ bias[j] unless null) for q < rows,
 // j < cols: gather_kernel's tiles (positions x channels) written out as
 // channel rows (NCHW), in 8 x 8 blocks transposed in registers where the ISA
