@@ -28,6 +28,14 @@ def volume(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
+# The numbered layers: (type, label, counter), the first type that matches
+# wins; layers that share a counter are numbered together.
+_NUMBERED = ((Conv2d, "CONV", "weight"), (Linear, "FC", "weight"),
+             (MaxPool2d, "MAX POOL", "pool"), (AvgPool2d, "AVG POOL", "pool"),
+             (AdaptiveAvgPool2d, "ADAPTIVE AVG POOL", "pool"),
+             (LocalResponseNorm, "NORM", "norm"))
+
+
 class _Labeler:
     """CONV1, MAX POOL1, NORM1, ..., FC6: weight layers are numbered together,
     as in the lecture (five CONVs, then FC6)."""
@@ -35,23 +43,11 @@ class _Labeler:
     def __init__(self):
         self.counts: Dict[str, int] = {}
 
-    def _next(self, key: str) -> int:
-        self.counts[key] = self.counts.get(key, 0) + 1
-        return self.counts[key]
-
     def __call__(self, m: Module) -> str:
-        if isinstance(m, Conv2d):
-            return f"CONV{self._next('weight')}"
-        if isinstance(m, Linear):
-            return f"FC{self._next('weight')}"
-        if isinstance(m, MaxPool2d):
-            return f"MAX POOL{self._next('pool')}"
-        if isinstance(m, AvgPool2d):
-            return f"AVG POOL{self._next('pool')}"
-        if isinstance(m, AdaptiveAvgPool2d):
-            return f"ADAPTIVE AVG POOL{self._next('pool')}"
-        if isinstance(m, LocalResponseNorm):
-            return f"NORM{self._next('norm')}"
+        for layer_type, label, counter in _NUMBERED:
+            if isinstance(m, layer_type):
+                self.counts[counter] = self.counts.get(counter, 0) + 1
+                return f"{label}{self.counts[counter]}"
         if isinstance(m, BatchNorm2d):
             return "BN"
         return type(m).__name__.upper()
