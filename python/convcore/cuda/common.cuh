@@ -82,14 +82,13 @@ __device__ __forceinline__ int cc_window_at(int i, int k, int s, int p, int d, i
 //
 // One block of CC_THREADS = 256 threads (16 x 16) computes a BM x BN tile of
 // C = A (M x K) * B (K x N) over the reduction range [kbeg, kend) into acc
-// (set to zero first), BK at a
-// time: the next BK-slice of A and B is fetched from global memory into
-// registers while the current one, in shared memory, is multiplied
-// (software pipelining), so load latency overlaps the FMAs. Thread (tx, ty)
-// accumulates rows ty + 16 i and columns tx + 16 j (strided ownership: the
-// 16 tx of a half-warp read 16 consecutive shared words and store 16
-// consecutive output columns, so no bank conflicts and coalesced stores);
-// cc_gemm_store hands each of them to the kernel's epilogue.
+// (set to zero first), BK at a time: the next BK-slice of A and B is fetched
+// from global memory into registers while the current one, in shared memory,
+// is multiplied (software pipelining), so load latency overlaps the FMAs.
+// Thread (tx, ty) accumulates rows ty + 16 i and columns tx + 16 j (strided
+// ownership: the 16 tx of a half-warp read 16 consecutive shared words and
+// store 16 consecutive output columns, so no bank conflicts and coalesced
+// stores); cc_gemm_store hands each of them to the kernel's epilogue.
 //
 // The operands are never materialised: `op` (one object per thread) yields
 // them. A reduction index k usually has to be decoded (into channel and
