@@ -78,12 +78,12 @@ CONVCORE_ALWAYS_INLINE void gather_store_block(int64_t kc, const int64_t* koff,
                                                const float* bp, int j0, int64_t blocks,
                                                const float* bias, const float* res,
                                                int64_t res_stride, float* dst,
-                                               int64_t dst_stride) {
+                                               int64_t dst_stride, const gemm::Ahead& ahead) {
   Vec<B> acc[RB][VP];
   if (gemm::rows_even<float, RB, B>(rows, i0, mr))
-    gemm::gather_sums_even<float, Vec<B>, RB, VP, B>(kc, koff, rows[i0], bp, acc);
+    gemm::gather_sums_even<float, Vec<B>, RB, VP, B>(kc, koff, rows[i0], bp, acc, ahead);
   else
-    gemm::gather_sums<float, Vec<B>, RB, VP>(kc, koff, rows, i0, mr, bp, acc);
+    gemm::gather_sums<float, Vec<B>, RB, VP>(kc, koff, rows, i0, mr, bp, acc, ahead);
 #pragma GCC unroll 4
   for (int v = 0; v < VP; ++v) {
     const int64_t jb = j0 / B + v;
@@ -113,32 +113,34 @@ template <int B, int VP, Act A>
 CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
                                             const float* const* rows, const float* b, int mr,
                                             int64_t blocks, const float* bias, const float* res,
-                                            int64_t res_stride, float* dst, int64_t dst_stride) {
+                                            int64_t res_stride, float* dst, int64_t dst_stride,
+                                            const gemm::Ahead& ahead_all) {
   constexpr int RB = VP == 1 || B == 16 ? 12 : 6;
   static_assert(MR % RB == 0 && NR % (VP * B) == 0, "the tile must split into RB x VP blocks");
   for (int j0 = 0; j0 < NR && j0 / B < blocks; j0 += VP * B)
     for (int i0 = 0; i0 < mr;) {
       const int rem = mr - i0;
+      const gemm::Ahead ahead = j0 == 0 && i0 == 0 ? ahead_all : gemm::Ahead{};
       if constexpr (RB == 12) {
         if (rem <= 4) {
           gather_store_block<B, VP, 4, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride);
+                                          res, res_stride, dst, dst_stride, ahead);
           break;
         }
         if (rem <= 8) {
           gather_store_block<B, VP, 8, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride);
+                                          res, res_stride, dst, dst_stride, ahead);
           break;
         }
       } else {
         if (rem <= 3) {
           gather_store_block<B, VP, 3, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride);
+                                          res, res_stride, dst, dst_stride, ahead);
           break;
         }
       }
       gather_store_block<B, VP, RB, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias, res,
-                                       res_stride, dst, dst_stride);
+                                       res_stride, dst, dst_stride, ahead);
       i0 += RB;
     }
 }
@@ -149,11 +151,14 @@ template <int B, Act A>
 CONVCORE_ALWAYS_INLINE void gather_store_act(int64_t kc, const int64_t* koff,
                                              const float* const* rows, const float* b, int mr,
                                              int64_t blocks, const float* bias, const float* res,
-                                             int64_t res_stride, float* dst, int64_t dst_stride) {
+                                             int64_t res_stride, float* dst, int64_t dst_stride,
+                                             const gemm::Ahead& ahead) {
   if (blocks == 1)
-    gather_store_vp<B, 1, A>(kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst, dst_stride);
+    gather_store_vp<B, 1, A>(kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst,
+                             dst_stride, ahead);
   else
-    gather_store_vp<B, 2, A>(kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst, dst_stride);
+    gather_store_vp<B, 2, A>(kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst,
+                             dst_stride, ahead);
 }
 
 template <int B>
@@ -161,18 +166,18 @@ CONVCORE_ALWAYS_INLINE void gather_store_body(int64_t kc, const int64_t* koff,
                                               const float* const* rows, const float* b, int mr,
                                               int64_t blocks, const float* bias, const float* res,
                                               int64_t res_stride, float* dst, int64_t dst_stride,
-                                              Act act) {
+                                              Act act, const gemm::Ahead& ahead) {
   CONVCORE_ACT_SWITCH(act, gather_store_act, B, kc, koff, rows, b, mr, blocks, bias, res,
-                      res_stride, dst, dst_stride)
+                      res_stride, dst, dst_stride, ahead)
 }
 
 CONVCORE_BLOCKED_DISPATCH(gather_store, gather_store_body,
                           (int64_t kc, const int64_t* koff, const float* const* rows,
                            const float* b, int mr, int64_t blocks, const float* bias,
                            const float* res, int64_t res_stride, float* dst, int64_t dst_stride,
-                           Act act),
+                           Act act, gemm::Ahead ahead),
                           (kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst, dst_stride,
-                           act))
+                           act, ahead))
 
 // A plain-input layer with at most B output channels and stride 1 along
 // rows (LeNet's first, 1 -> 6): with the channels along the lanes, most
@@ -241,6 +246,16 @@ CONVCORE_BLOCKED_DISPATCH(lanes_row, lanes_row_body,
                           (const float* x, const int64_t* koff, int64_t taps, const float* panel,
                            int cout, int64_t Wo, const float* bias, float* out, Act act),
                           (x, koff, taps, panel, cout, Wo, bias, out, act))
+
+// Tile `part` of `parts`' share of the floats [w, w + floats) to fetch
+// ahead (gemm::Ahead): the weights a task reads next, spread over the tiles
+// that read the weights before them.
+gemm::Ahead ahead_part(const float* w, int64_t floats, int64_t part, int64_t parts) {
+  if (w == nullptr) return {};
+  const int64_t lines = (floats * static_cast<int64_t>(sizeof(float)) + 63) / 64;
+  const int64_t lo = lines * part / parts, hi = lines * (part + 1) / parts;
+  return {reinterpret_cast<const char*>(w) + lo * 64, hi - lo};
+}
 
 // The most taps gather_store takes: one slice, whose rows of the panel stay
 // in L1 (32 KB at 256 taps; AVX2 machines may have an L1 of 32 KB).
@@ -415,12 +430,15 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
     const int64_t pblock = round_up((P + split - 1) / split, MR);
     const int64_t pblocks = (P + pblock - 1) / pblock;
     const int64_t tasks = nn * ochunks * pblocks;
+    auto first_panel = [&](int64_t t) { return ((t / pblocks) % ochunks) * oblock; };
     // One task: image n's positions [q_begin, q_end) for panels [u_begin, u_end),
-    // with the calling thread's tile scratch and row pointers.
-    auto run_task = [&](int64_t t, float* tiles, const float** rows) {
+    // with the calling thread's tile scratch and row pointers; next_task: the
+    // task this thread runs next (-1: none), whose weights it fetches ahead.
+    auto run_task = [&](int64_t t, int64_t next_task, float* tiles, const float** rows) {
       const int64_t n = t / (ochunks * pblocks);
-      const int64_t u_begin = ((t / pblocks) % ochunks) * oblock;
+      const int64_t u_begin = first_panel(t);
       const int64_t u_end = std::min(panels, u_begin + oblock);
+      const int64_t next_u = next_task < 0 ? -1 : first_panel(next_task);
       const int64_t q_begin = (t % pblocks) * pblock, q_end = std::min(P, q_begin + pblock);
       const float* xg = frames + n * frame_image;
       float* out_image = out.data + (n0 + n) * out.image_stride;
@@ -428,6 +446,7 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
           e.residual ? e.residual + (n0 + n) * e.residual_image_stride : nullptr;
       for (int64_t qb = q_begin; qb < q_end; qb += kBlockTiles * MR) {
         const int64_t qe = std::min(q_end, qb + kBlockTiles * MR);
+        const int64_t ntiles = (qe - qb + MR - 1) / MR;
         for (int64_t q = qb, oh = qb / out.w, ow = qb % out.w; q < qe; ++q) {
           rows[q - qb] = xg + (oh * sh * wf + ow * sw) * lanes;
           if (++ow == out.w) ow = 0, ++oh;
@@ -440,21 +459,38 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
           const int nr = static_cast<int>(std::min<int64_t>(w.width, w.cout - u * w.width));
           const int64_t jb0 = u * blocks_per_panel;
           const int64_t nb = std::min(blocks_per_panel, out_blocks - jb0);
+          // the panel read after this one: the task's next, or (after its
+          // last block of positions) the next task's first when it differs
+          const int64_t after = u + 1 < u_end                                ? u + 1
+                                : qe == q_end && next_u >= 0 && next_u != u ? next_u
+                                                                              : -1;
+          const float* after_w =
+              after < 0 ? nullptr
+                        : w.panels.data() + w.panel_offset[static_cast<std::size_t>(after)];
+          const int64_t after_floats =
+              after < 0 ? 0 : w.panel_taps[static_cast<std::size_t>(after)] * NR;
           if (fused) {
             for (int64_t q0 = qb; q0 < qe; q0 += MR)
               gather_store(taps, koff, rows + (q0 - qb), b,
                            static_cast<int>(std::min<int64_t>(MR, qe - q0)), nb,
                            e.bias ? e.bias + jb0 * B : nullptr,
                            res_image ? res_image + (jb0 * P + q0) * B : nullptr, P * B,
-                           out_image + (jb0 * P + q0) * B, P * B, e.act);
+                           out_image + (jb0 * P + q0) * B, P * B, e.act,
+                           ahead_part(after_w, after_floats, (q0 - qb) / MR, ntiles));
             continue;
           }
           for (int64_t k0 = 0; k0 < taps; k0 += slice) {
             const int64_t kc = std::min(slice, taps - k0);
+            // the panel's next slice, else the next panel's first
+            const bool more = k0 + slice < taps;
+            const float* next = more ? b + (k0 + slice) * NR : after_w;
+            const int64_t next_floats = more ? std::min(slice, taps - k0 - slice) * NR
+                                             : std::min(slice * NR, after_floats);
             for (int64_t q0 = qb; q0 < qe; q0 += MR)
               gemm::gather_kernel(kc, koff + k0, rows + (q0 - qb), b + k0 * NR,
                                   tiles + (q0 - qb) * NR,
-                                  static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0, nr);
+                                  static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0, nr,
+                                  ahead_part(next, next_floats, (q0 - qb) / MR, ntiles));
           }
           store_tile(tiles, qe - qb, nb, e.bias ? e.bias + jb0 * B : nullptr,
                      res_image ? res_image + (jb0 * P + qb) * B : nullptr, P * B,
@@ -465,15 +501,20 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
     const int team = static_cast<int>(std::min<int64_t>(threads, tasks));
     if (team <= 1) {  // no OpenMP region for one thread (see detail::parallel_for)
       const float* rows[kBlockTiles * MR];
-      for (int64_t t = 0; t < tasks; ++t) run_task(t, tile_scratch, rows);
+      for (int64_t t = 0; t < tasks; ++t)
+        run_task(t, t + 1 < tasks ? t + 1 : -1, tile_scratch, rows);
       continue;
     }
+    // Each thread runs a contiguous range of the tasks (all of one size), so
+    // it knows its next one and fetches that one's weights ahead.
 #pragma omp parallel num_threads(team)
     {
-      float* tiles = tile_scratch + omp_get_thread_num() * plan.tile_floats;
+      const int me = omp_get_thread_num();
+      float* tiles = tile_scratch + me * plan.tile_floats;
       const float* rows[kBlockTiles * MR];
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) run_task(t, tiles, rows);
+      const int64_t t_begin = tasks * me / team, t_end = tasks * (me + 1) / team;
+      for (int64_t t = t_begin; t < t_end; ++t)
+        run_task(t, t + 1 < t_end ? t + 1 : -1, tiles, rows);
     }
   }
 }

@@ -125,17 +125,18 @@ template <typename T, typename V, int RB, int VP>
 inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const int64_t* koff,
                                                             const T* const* rows, int i0, int mr,
                                                             const T* __restrict bp, int j0,
-                                                            T* __restrict tile, bool add) {
+                                                            T* __restrict tile, bool add,
+                                                            const Ahead& ahead = {}) {
   constexpr int NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
   V acc[RB][VP];
   // rows one vector apart (a blocked input) or adjacent (a plain one, stride 1)
   if (rows_even<T, RB, W>(rows, i0, mr))
-    gather_sums_even<T, V, RB, VP, W>(kc, koff, rows[i0], bp, acc);
+    gather_sums_even<T, V, RB, VP, W>(kc, koff, rows[i0], bp, acc, ahead);
   else if (rows_even<T, RB, 1>(rows, i0, mr))
-    gather_sums_even<T, V, RB, VP, 1>(kc, koff, rows[i0], bp, acc);
+    gather_sums_even<T, V, RB, VP, 1>(kc, koff, rows[i0], bp, acc, ahead);
   else
-    gather_sums<T, V, RB, VP>(kc, koff, rows, i0, mr, bp, acc);
+    gather_sums<T, V, RB, VP>(kc, koff, rows, i0, mr, bp, acc, ahead);
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
@@ -167,7 +168,8 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
                                                               const T* const* rows,
                                                               const T* __restrict b_all,
                                                               T* __restrict tile, int mr,
-                                                              bool accumulate, int nr) {
+                                                              bool accumulate, int nr,
+                                                              const Ahead& ahead_all = {}) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
   static_assert(MR % RB == 0, "MR must be a multiple of the row block");
@@ -179,25 +181,27 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
     const bool add = kb > 0 || accumulate;
     for (int j0 = 0; j0 < NR && j0 < nr; j0 += VP * W)
       for (int i0 = 0; i0 < mr;) {
+        // the first block of rows fetches all the lines ahead
+        const Ahead ahead = kb == 0 && j0 == 0 && i0 == 0 ? ahead_all : Ahead{};
         // A short last block (a 7x7 image's 49 positions leave 1 of 12) takes
         // a block of fewer rows: the same sums, without the discarded rows.
         const int rem = mr - i0;
         if constexpr (RB == 12) {
           if (rem <= 4) {
-            gather_row_block<T, V, 4, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add);
+            gather_row_block<T, V, 4, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
             break;
           }
           if (rem <= 8) {
-            gather_row_block<T, V, 8, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add);
+            gather_row_block<T, V, 8, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
             break;
           }
         } else if constexpr (RB == 6) {
           if (rem <= 3) {
-            gather_row_block<T, V, 3, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add);
+            gather_row_block<T, V, 3, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
             break;
           }
         }
-        gather_row_block<T, V, RB, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add);
+        gather_row_block<T, V, RB, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
         i0 += RB;
       }
   }
@@ -232,11 +236,11 @@ void kernel_generic_d(int64_t kc, const double* a, int64_t lda, const double* b,
 }
 
 using GatherF = void (*)(int64_t, const int64_t*, const float* const*, const float*, float*, int,
-                         bool, int);
+                         bool, int, Ahead);
 using GatherD = void (*)(int64_t, const int64_t*, const double* const*, const double*, double*,
                          int, bool, int);
 void gather_generic_f(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                      float* tile, int mr, bool acc, int) {
+                      float* tile, int mr, bool acc, int, Ahead) {
   gather_generic<float>(kc, koff, rows, b, tile, mr, acc);
 }
 void gather_generic_d(int64_t kc, const int64_t* koff, const double* const* rows,
@@ -271,11 +275,12 @@ __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const do
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t* koff,
                                                        const float* const* rows, const float* b,
-                                                       float* tile, int mr, bool acc, int nr) {
+                                                       float* tile, int mr, bool acc, int nr,
+                                                       Ahead ahead) {
   if (nr <= 8)  // one vector of columns: every row at once
-    gather_vector_body<float, f32x8, 12, 1>(kc, koff, rows, b, tile, mr, acc, nr);
+    gather_vector_body<float, f32x8, 12, 1>(kc, koff, rows, b, tile, mr, acc, nr, ahead);
   else
-    gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr, acc, nr);
+    gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr, acc, nr, ahead);
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t* koff,
                                                        const double* const* rows,
@@ -284,11 +289,12 @@ __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_f(int64_t kc, const int64_t* koff,
                                                             const float* const* rows,
-                                                            const float* b, float* tile, int mr, bool acc, int nr) {
+                                                            const float* b, float* tile, int mr, bool acc, int nr,
+                                                            Ahead ahead) {
   if (nr <= 16)  // one vector of columns
-    gather_vector_body<float, f32x16, 12, 1>(kc, koff, rows, b, tile, mr, acc, nr);
+    gather_vector_body<float, f32x16, 12, 1>(kc, koff, rows, b, tile, mr, acc, nr, ahead);
   else
-    gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr, acc, nr);
+    gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr, acc, nr, ahead);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_d(int64_t kc, const int64_t* koff,
                                                             const double* const* rows,
@@ -423,8 +429,8 @@ void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, dou
 }
 
 void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                   float* tile, int mr, bool accumulate, int nr) {
-  dispatch().gf(kc, koff, rows, b, tile, mr, accumulate, nr);
+                   float* tile, int mr, bool accumulate, int nr, Ahead ahead) {
+  dispatch().gf(kc, koff, rows, b, tile, mr, accumulate, nr, ahead);
 }
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
                    double* tile, int mr, bool accumulate, int nr) {

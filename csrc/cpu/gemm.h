@@ -52,6 +52,19 @@ void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float
 void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
                   int64_t ldc, int mr, int nr, bool accumulate);
 
+// Memory a gather kernel fetches into L2 while it runs, one 64-byte line per
+// tap from the first: the weights its caller reads next. At few positions
+// (batch 1, 7x7 images) each weight serves few tiles, and a tile that
+// streamed a slice of weights from memory waited on it.
+struct Ahead {
+  const void* from = nullptr;
+  int64_t lines = 0;
+};
+
+CONVCORE_ALWAYS_INLINE void fetch_ahead(const Ahead& ahead, int64_t k) {
+  if (k < ahead.lines) __builtin_prefetch(static_cast<const char*>(ahead.from) + k * 64, 0, 1);
+}
+
 // The microkernel with a gathered A, for direct convolution:
 // tile[i * NR + j] (+)= sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for
 // i < mr, j < NR (rows i >= mr of tile may be left unwritten); b is one packed
@@ -62,7 +75,8 @@ void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, dou
 // points at the input window of output position i, koff[k] is the offset of
 // tap k inside every window.
 void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
-                   float* tile, int mr, bool accumulate = false, int nr = Tile<float>::NR);
+                   float* tile, int mr, bool accumulate = false, int nr = Tile<float>::NR,
+                   Ahead ahead = {});
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
                    double* tile, int mr, bool accumulate = false, int nr = Tile<double>::NR);
 
@@ -73,7 +87,8 @@ void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, c
 // block's columns. Always inlined: compiled for the caller's instruction set.
 template <typename T, typename V, int RB, int VP>
 CONVCORE_ALWAYS_INLINE void gather_sums(int64_t kc, const int64_t* koff, const T* const* rows,
-                                        int i0, int mr, const T* b, V (&acc)[RB][VP]) {
+                                        int i0, int mr, const T* b, V (&acc)[RB][VP],
+                                        const Ahead& ahead = {}) {
   constexpr int NR = Tile<T>::NR, W = sizeof(V) / sizeof(T);
   const T* r[RB];
   for (int i = 0; i < RB; ++i) r[i] = rows[i0 + i < mr ? i0 + i : mr - 1];
@@ -82,6 +97,7 @@ CONVCORE_ALWAYS_INLINE void gather_sums(int64_t kc, const int64_t* koff, const T
 #pragma GCC unroll 4
     for (int v = 0; v < VP; ++v) acc[i][v] = V{};
   for (int64_t k = 0; k < kc; ++k, b += NR) {
+    fetch_ahead(ahead, k);
     const int64_t off = koff[k];
     V bv[VP];
 #pragma GCC unroll 4
@@ -102,13 +118,15 @@ CONVCORE_ALWAYS_INLINE void gather_sums(int64_t kc, const int64_t* koff, const T
 // the general-purpose registers and were spilled). The same sums.
 template <typename T, typename V, int RB, int VP, int STEP>
 CONVCORE_ALWAYS_INLINE void gather_sums_even(int64_t kc, const int64_t* koff, const T* row0,
-                                             const T* b, V (&acc)[RB][VP]) {
+                                             const T* b, V (&acc)[RB][VP],
+                                             const Ahead& ahead = {}) {
   constexpr int NR = Tile<T>::NR, W = sizeof(V) / sizeof(T);
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < VP; ++v) acc[i][v] = V{};
   for (int64_t k = 0; k < kc; ++k, b += NR) {
+    fetch_ahead(ahead, k);
     const T* a = row0 + koff[k];
     V bv[VP];
 #pragma GCC unroll 4
