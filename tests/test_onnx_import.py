@@ -61,7 +61,7 @@ def rnd(*shape, seed=1, scale=0.5):
 # ----------------------------------------------------------- torchvision families
 
 def _torch_export(model, x, opset, **kwargs):
-    import torch
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the export needs it")
 
     f = io.BytesIO()
     with warnings.catch_warnings():
@@ -114,7 +114,7 @@ def test_twins_have_torchvisions_parameter_counts(name):
 
 
 def _check_family(name, opset, full):
-    import torch
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the export needs it")
 
     model, size = _family(name, full)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -181,7 +181,7 @@ def _mixed_torch_model():
 
 @pytest.mark.parametrize("opset", [11, 13, 17, 18, 21])
 def test_batch_norm_pads_shape_chains_and_final_softmax_at_every_opset(opset):
-    import torch
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the export needs it")
 
     model = _mixed_torch_model()
     x = torch.randn(2, 3, 10, 10)
@@ -326,7 +326,7 @@ def test_joins_and_per_channel_constants(opset):
 
 @pytest.mark.parametrize("opset", [11, 13, 17])
 def test_torch_model_ending_in_softmax_returns_onnxruntimes_probabilities(opset, tmp_path):
-    import torch
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the export needs it")
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
