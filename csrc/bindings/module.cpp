@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "convcore/convcore.h"
+#include "engine_internal.h"  // return_free_heap_pages (not installed)
 #include "model_file.h"  // the runtime's reader of model files (not installed)
 #include "scratch.h"     // the core's cache of large blocks (not installed)
 
@@ -874,6 +875,8 @@ PYBIND11_MODULE(_core, m) {
         "Most bytes of freed large scratch blocks kept for later calls (0: keep none)");
   m.def("scratch_cache_limit", &convcore::scratch_cache_limit);
   m.def("scratch_cache_bytes", &convcore::scratch_cache_bytes);
+  m.def("return_free_heap_pages", &convcore::engine::return_free_heap_pages,
+        "Hands the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)");
   m.def("set_conv_autotune", &convcore::set_conv_autotune, py::arg("on"),
         "On: the first conv2d / conv2d_backward call of a shape with algorithm='auto' times the "
         "algorithms that apply and keeps the fastest for that shape. Off (the default): the "

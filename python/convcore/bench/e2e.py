@@ -73,7 +73,6 @@ Without /proc (not Linux) only the peaks are known, from ru_maxrss.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import importlib
 import importlib.util
@@ -322,15 +321,13 @@ def _proc_kb(path: str, key: str) -> Optional[int]:
 
 
 def _return_free_memory() -> None:
-    """Hands the heap's free pages back to the system (glibc's malloc_trim), so
-    that the resident size counts only what is live: the freed blocks of an
-    earlier, larger batch otherwise stay resident, a step that reuses them
-    measured as needing nothing, and MemAvailable does not count them."""
+    """Hands the heap's free pages back to the system (the core's
+    return_free_heap_pages, as the engine does after compiling), so that the
+    resident size counts only what is live: the freed blocks of an earlier,
+    larger batch otherwise stay resident, a step that reuses them measured as
+    needing nothing, and MemAvailable does not count them."""
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _core.return_free_heap_pages()
 
 
 def _step_bytes(fn: Callable[[], object]) -> Optional[int]:
