@@ -142,6 +142,39 @@ def test_nests_and_decorates_and_is_per_thread():
     assert cc.is_grad_enabled()
 
 
+def test_one_decorated_function_in_two_threads_restores_each_threads_mode():
+    # A (inside an outer no_grad) enters the decorated function, then B
+    # (grad on) does, then A leaves: A must be back to no grad, B to grad
+    b_entered, a_left = threading.Event(), threading.Event()
+    seen = {}
+
+    @cc.no_grad()
+    def body(name):
+        if name == "a":
+            b_entered.wait(5)
+        else:
+            b_entered.set()
+            a_left.wait(5)
+
+    def a():
+        with cc.no_grad():
+            body("a")
+            seen["a"] = cc.is_grad_enabled()
+        a_left.set()
+
+    def b():
+        body("b")
+        seen["b"] = cc.is_grad_enabled()
+
+    ta = threading.Thread(target=a)
+    ta.start()
+    tb = threading.Thread(target=b)
+    tb.start()
+    ta.join()
+    tb.join()
+    assert seen == dict(a=False, b=True)
+
+
 def test_predict_and_evaluate_keep_nothing():
     model = _seeded(lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(),
                                           nn.Linear(2 * 6 * 6, 3)))

@@ -23,10 +23,13 @@ from .lowering import LAYER_OPS, cannot_lower, join, to_graph
 # -- what a forward keeps for the backward --------------------------------------------
 # Under no_grad() the layers keep nothing, so an inference holds only the
 # values still to be read (a forward in eval mode alone keeps every layer's
-# input, as training needs: NASNet-A Large's inference at batch 16 held
-# 19 GB). Per thread, as PyTorch's grad mode.
+# input, as training needs). Per thread, as PyTorch's grad mode; the modes
+# that no_grad blocks restore are a per-thread stack too, so one instance
+# (a decorator's) may be entered by several threads at once.
 class _GradMode(threading.local):
-    enabled = True
+    def __init__(self):
+        self.enabled = True
+        self.previous: List[bool] = []
 
 
 _grad_mode = _GradMode()
@@ -43,16 +46,13 @@ class no_grad(contextlib.ContextDecorator):
     inference then holds only the values still to be read. A backward after
     such a forward raises RuntimeError. Nests; per thread."""
 
-    def __init__(self):
-        self._previous: List[bool] = []
-
     def __enter__(self):
-        self._previous.append(_grad_mode.enabled)
+        _grad_mode.previous.append(_grad_mode.enabled)
         _grad_mode.enabled = False
         return self
 
     def __exit__(self, *exc) -> bool:
-        _grad_mode.enabled = self._previous.pop()
+        _grad_mode.enabled = _grad_mode.previous.pop()
         return False
 
 
