@@ -505,7 +505,7 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
         run_task(t, t + 1 < tasks ? t + 1 : -1, tile_scratch, rows);
       continue;
     }
-    // Each thread runs a contiguous range of the tasks (all of one size), so
+    // Each thread runs a contiguous range of the tasks (of about one size), so
     // it knows its next one and fetches that one's weights ahead.
 #pragma omp parallel num_threads(team)
     {
