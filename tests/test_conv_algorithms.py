@@ -482,14 +482,21 @@ def test_direct_grad_input_of_strided_layers(shape, weight, kw, dtype):
     (16, 1, (7, 6), (2, 2), dict(padding=(1, 0))),                    # 4 taps, asymmetric
     (3, 1, (11, 10), (1, 1), dict()),                                 # 1 tap, no padding
     (16, 1, (70, 61), (3, 3), dict(padding=1)),                       # flat, 18 KB planes
-    (16, 1, (130, 127), (3, 3), dict(padding=1)),                     # too big for flat
-    (3, 1, (130, 127), (3, 3), dict(padding=1)),
-    (16, 1, (15, 13), (3, 3), dict(stride=2, padding=1)),             # strided: row kernels
+    (3, 1, (256, 255), (3, 3), dict(padding=1)),                      # too big for flat
+    (4, 1, (130, 127), (3, 3), dict(padding=1)),
+    # strided: the flat kernels over phase planes (sh * sw of them)
+    (16, 1, (15, 13), (3, 3), dict(stride=2, padding=1)),
+    (3, 2, (14, 14), (5, 5), dict(stride=2, padding=2)),              # by plane, multiplier 2
+    (16, 1, (21, 21), (7, 7), dict(stride=2, padding=3)),
+    (16, 1, (17, 19), (3, 5), dict(stride=(3, 2), padding=(0, 1), dilation=(2, 1))),
+    (16, 1, (9, 10), (1, 1), dict(stride=2)),                         # phases with no tap
+    (16, 1, (12, 11), (3, 3), dict(stride=(1, 3), padding=(1, 4))),   # padding a whole phase
+    (3, 1, (262, 258), (3, 3), dict(stride=2, padding=1)),            # too big for flat
 ])
 def test_depthwise_paths(dtype, channels, mult, hw, kernel, kw):
-    """The depthwise kernels: flat (stride 1, planes up to 16384 padded
-    elements; blocks of vectors that run past the plane's end into slack)
-    and by rows (larger or strided planes); backward one task per channel
+    """The depthwise kernels: flat (planes up to 65536 padded elements,
+    strided ones split into phase planes; blocks of vectors that run past
+    the plane's end into slack) and by rows (larger planes); backward one task per channel
     over all images (grad_input, grad_weight and grad_bias together) when
     there are 4+ channels per thread, else grad_input by plane. Against the
     reference, and the same bits at 1, 2 and 3 threads."""

@@ -33,7 +33,7 @@ for dtype in ("float32", "float64"):
     dgy = rng.standard_normal(dy.shape).astype(dtype)
     dgx, dgw, dgb = convcore.conv2d_backward(dgy, x[:, :4], dw, padding=(2, 1), dilation=(1, 2),
                                              groups=4)
-    # depthwise, stride 2: the row kernels
+    # depthwise, stride 2: the flat kernels over phase planes
     sy = convcore.conv2d(x[:, :4], dw[::2], b[:4], stride=2, padding=2, groups=4)
     sgy = rng.standard_normal(sy.shape).astype(dtype)
     sgx, sgw, _ = convcore.conv2d_backward(sgy, x[:, :4], dw[::2], stride=2, padding=2,

@@ -32,15 +32,31 @@ inline __attribute__((always_inline)) T dot16(const T* a, const T* b, int64_t n)
   return sum;
 }
 
-// dst[0:n] = src[0:n] for the short rows of small planes, in 16-element
-// moves the compiler inlines (a loop or std::copy becomes a memmove call,
-// which cost as much as the arithmetic on 14-wide rows).
+// dst[0:n] = src[0:n] for the short rows of small planes, in 16-, 8- or
+// 4-element moves the compiler inlines (a loop or std::copy becomes a
+// memmove call, which cost as much as the arithmetic on 14-wide rows); the
+// last move overlaps the one before instead of a scalar tail. src and dst
+// do not overlap.
 template <typename T>
 inline __attribute__((always_inline)) void copy_row(const T* src, int64_t n, T* dst) {
-  int64_t q = 0;
-  for (; q + 16 <= n; q += 16) __builtin_memcpy(dst + q, src + q, 16 * sizeof(T));
-  for (; q < n; ++q) dst[q] = src[q];
+  if (n >= 16) {
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16) __builtin_memcpy(dst + q, src + q, 16 * sizeof(T));
+    if (q < n) __builtin_memcpy(dst + n - 16, src + n - 16, 16 * sizeof(T));
+  } else if (n >= 8) {
+    __builtin_memcpy(dst, src, 8 * sizeof(T));
+    __builtin_memcpy(dst + n - 8, src + n - 8, 8 * sizeof(T));
+  } else if (n >= 4) {
+    __builtin_memcpy(dst, src, 4 * sizeof(T));
+    __builtin_memcpy(dst + n - 4, src + n - 4, 4 * sizeof(T));
+  } else {
+    for (int64_t q = 0; q < n; ++q) dst[q] = src[q];
+  }
 }
+
+// The flat kernels run in whole blocks of up to kFlatSlack elements: every
+// buffer they touch has that many elements past its end, zeros where read.
+constexpr int64_t kFlatSlack = 64;
 
 struct Plane {
   int64_t H, W, Ho, Wo, KH, KW;
@@ -51,26 +67,35 @@ struct Plane {
   int64_t Hp() const { return std::max(H + pt, (Ho - 1) * sh + (KH - 1) * dh + 1); }
   int64_t Wp() const { return std::max(W + pl, (Wo - 1) * sw + (KW - 1) * dw + 1); }
   int64_t taps() const { return KH * KW; }
-  // The flat form (stride 1): output (oh, ow) sits at q = oh * Wp + ow of a
-  // plane Wp wide, and tap (i, j) reads the padded input at q + offset.
-  int64_t flat_length() const { return (Ho - 1) * Wp() + Wo; }
-  int64_t tap_offset(int64_t i, int64_t j) const { return i * dh * Wp() + j * dw; }
-  int64_t max_tap_offset() const { return tap_offset(KH - 1, KW - 1); }
+  // The flat form. A stride (sh, sw) splits the padded plane into sh * sw
+  // phase planes of Hq x Wq: phase (a, b) holds padded rows a, a + sh, ...
+  // and columns b, b + sw, ... (each followed by kFlatSlack elements). Every
+  // tap reads a single phase plane at stride 1, so output (oh, ow) sits at
+  // q = oh * Wq + ow and tap (i, j) reads its phase plane at q + a fixed
+  // offset: the stride-1 kernels run strided layers too. Stride 1 is one
+  // phase, Hp x Wp.
+  int64_t Hq() const { return (Hp() + sh - 1) / sh; }
+  int64_t Wq() const { return (Wp() + sw - 1) / sw; }
+  int64_t phases() const { return sh * sw; }
+  int64_t phase_stride() const { return Hq() * Wq() + kFlatSlack; }
+  int64_t flat_length() const { return (Ho - 1) * Wq() + Wo; }
+  int64_t tap_phase(int64_t i, int64_t j) const { return (i * dh % sh) * sw + j * dw % sw; }
+  // Tap (i, j)'s offset inside its phase plane, and in the whole buffer.
+  int64_t tap_local(int64_t i, int64_t j) const { return i * dh / sh * Wq() + j * dw / sw; }
+  int64_t tap_offset(int64_t i, int64_t j) const {
+    return tap_phase(i, j) * phase_stride() + tap_local(i, j);
+  }
 };
 
-// Stride-1 planes of up to kFlatMax padded elements (64 KB in float: the
-// three buffers of a thread stay in L2) run the flat kernels: each output
-// computed Wp wide (the extra columns dropped), in blocks of vectors that
-// sum all taps in registers. 112x112 planes (13K padded elements) ran
-// 1.5-1.75x faster flat than on the row kernels (forward and backward,
-// batch 16, alternating processes, 2-core Zen 3).
-constexpr int64_t kFlatMax = 16384;
+// Planes of up to kFlatMax padded elements (256 KB in float) run the flat
+// kernels: each output computed Wq wide (the extra columns dropped), in
+// blocks of vectors that sum all taps in registers. They beat the row
+// kernels on every plane measured, most on strided ones (whose rows the
+// row kernels read one element at a time): docs/training.md.
+constexpr int64_t kFlatMax = 65536;
 inline bool flat_applies(const Plane& p) {
-  return p.sh == 1 && p.sw == 1 && p.Hp() * p.Wp() <= kFlatMax;
+  return p.phases() * p.Hq() * p.Wq() <= kFlatMax;
 }
-// The flat kernels run in whole blocks of up to kFlatSlack elements: every
-// buffer they touch has that many elements past its end, zeros where read.
-constexpr int64_t kFlatSlack = 64;
 
 // out[q] = (accumulate ? out[q] : init) + sum_t w[t] * src[q + off[t]] for q
 // in [q0, q1), in blocks of NV vectors (written up to the block's end).
@@ -140,6 +165,107 @@ inline __attribute__((always_inline)) void tap_dots_body(const T* a, const T* sr
   for (; t < taps; ++t) tap_dots_group<T, V, 1>(a, src, off + t, n, dots + t);
 }
 
+// even, odd = lanes 0, 2, 4, ... and 1, 3, 5, ... of the concatenation of a
+// and b (L lanes each; V a GCC/Clang vector type of T).
+template <typename T, typename V>
+inline __attribute__((always_inline)) void split_vector(const V& a, const V& b, V& even, V& odd) {
+  constexpr int L = sizeof(V) / sizeof(T);
+#if defined(CONVCORE_HAVE_VECTOR_TYPES)
+  using namespace simd;
+  if constexpr (L == 16) {
+    even = CONVCORE_SHUFFLE(i32x16, a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    odd = CONVCORE_SHUFFLE(i32x16, a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  } else if constexpr (L == 8 && sizeof(T) == 4) {
+    even = CONVCORE_SHUFFLE(i32x8, a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+    odd = CONVCORE_SHUFFLE(i32x8, a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+  } else if constexpr (L == 8) {
+    even = CONVCORE_SHUFFLE(i64x8, a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+    odd = CONVCORE_SHUFFLE(i64x8, a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+  } else if constexpr (L == 4 && sizeof(T) == 4) {
+    even = CONVCORE_SHUFFLE(i32x4, a, b, 0, 2, 4, 6);
+    odd = CONVCORE_SHUFFLE(i32x4, a, b, 1, 3, 5, 7);
+  } else if constexpr (L == 4) {
+    even = CONVCORE_SHUFFLE(i64x4, a, b, 0, 2, 4, 6);
+    odd = CONVCORE_SHUFFLE(i64x4, a, b, 1, 3, 5, 7);
+  } else if constexpr (L == 2) {
+    even = CONVCORE_SHUFFLE(i64x2, a, b, 0, 2);
+    odd = CONVCORE_SHUFFLE(i64x2, a, b, 1, 3);
+  } else
+#endif
+  {
+    static_assert(L == 1, "no lane split for this vector");
+    even = a;
+    odd = b;
+  }
+}
+
+// The inverse: lo, hi = a[0], b[0], a[1], b[1], ... (2L lanes in two).
+template <typename T, typename V>
+inline __attribute__((always_inline)) void join_vectors(const V& a, const V& b, V& lo, V& hi) {
+  constexpr int L = sizeof(V) / sizeof(T);
+#if defined(CONVCORE_HAVE_VECTOR_TYPES)
+  using namespace simd;
+  if constexpr (L == 16) {
+    lo = CONVCORE_SHUFFLE(i32x16, a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    hi = CONVCORE_SHUFFLE(i32x16, a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
+                          15, 31);
+  } else if constexpr (L == 8 && sizeof(T) == 4) {
+    lo = CONVCORE_SHUFFLE(i32x8, a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+    hi = CONVCORE_SHUFFLE(i32x8, a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+  } else if constexpr (L == 8) {
+    lo = CONVCORE_SHUFFLE(i64x8, a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+    hi = CONVCORE_SHUFFLE(i64x8, a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+  } else if constexpr (L == 4 && sizeof(T) == 4) {
+    lo = CONVCORE_SHUFFLE(i32x4, a, b, 0, 4, 1, 5);
+    hi = CONVCORE_SHUFFLE(i32x4, a, b, 2, 6, 3, 7);
+  } else if constexpr (L == 4) {
+    lo = CONVCORE_SHUFFLE(i64x4, a, b, 0, 4, 1, 5);
+    hi = CONVCORE_SHUFFLE(i64x4, a, b, 2, 6, 3, 7);
+  } else if constexpr (L == 2) {
+    lo = CONVCORE_SHUFFLE(i64x2, a, b, 0, 2);
+    hi = CONVCORE_SHUFFLE(i64x2, a, b, 1, 3);
+  } else
+#endif
+  {
+    static_assert(L == 1, "no lane join for this vector");
+    lo = a;
+    hi = b;
+  }
+}
+
+// even[k] = src[2k], odd[k] = src[2k + 1] for k < n (a row of a stride-2
+// plane into its two column phases), in whole vectors: up to L - 1
+// elements past n written, 2L - 2 past 2n read.
+template <typename T, typename V>
+inline __attribute__((always_inline)) void split_pairs_body(const T* src, int64_t n, T* even,
+                                                            T* odd) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  for (int64_t k = 0; k < n; k += L) {
+    V a, b, e, o;
+    simd::load_vec(a, src + 2 * k);
+    simd::load_vec(b, src + 2 * k + L);
+    split_vector<T>(a, b, e, o);
+    simd::store_vec(even + k, e);
+    simd::store_vec(odd + k, o);
+  }
+}
+
+// The inverse: dst[2k] = even[k], dst[2k + 1] = odd[k] for k < n, in whole
+// vectors (up to 2L - 2 elements past 2n written).
+template <typename T, typename V>
+inline __attribute__((always_inline)) void join_pairs_body(const T* even, const T* odd, int64_t n,
+                                                           T* dst) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  for (int64_t k = 0; k < n; k += L) {
+    V e, o, lo, hi;
+    simd::load_vec(e, even + k);
+    simd::load_vec(o, odd + k);
+    join_vectors<T>(e, o, lo, hi);
+    simd::store_vec(dst + 2 * k, lo);
+    simd::store_vec(dst + 2 * k + L, hi);
+  }
+}
+
 // The flat kernels for one instruction set, picked with the GEMM's (so
 // CONVCORE_ISA caps them too).
 template <typename T>
@@ -148,6 +274,8 @@ struct FlatKernels {
                     T init, int64_t q0, int64_t q1, T* out);
   void (*tap_dots)(const T* a, const T* src, const int64_t* off, int64_t taps, int64_t n,
                    T* dots);
+  void (*split_pairs)(const T* src, int64_t n, T* even, T* odd);
+  void (*join_pairs)(const T* even, const T* odd, int64_t n, T* dst);
 };
 
 #define CONVCORE_FLAT_KERNELS(T, NAME, TARGET, V, NV)                                         \
@@ -159,6 +287,12 @@ struct FlatKernels {
   TARGET inline void tap_dots_##NAME(const T* a, const T* src, const int64_t* off,            \
                                      int64_t taps, int64_t n, T* dots) {                      \
     tap_dots_body<T, V>(a, src, off, taps, n, dots);                                          \
+  }                                                                                           \
+  TARGET inline void split_pairs_##NAME(const T* src, int64_t n, T* even, T* odd) {           \
+    split_pairs_body<T, V>(src, n, even, odd);                                                \
+  }                                                                                           \
+  TARGET inline void join_pairs_##NAME(const T* even, const T* odd, int64_t n, T* dst) {      \
+    join_pairs_body<T, V>(even, odd, n, dst);                                                 \
   }
 #if defined(CONVCORE_HAVE_VECTOR_TYPES)
 // The portable level: 16-byte vectors, which every target GCC and Clang
@@ -184,32 +318,23 @@ FlatKernels<T> flat_kernels() {
 #if defined(CONVCORE_FLAT_X86)
   const int level = gemm::isa_level();
   if (level == 2) {
-    if constexpr (f) return {correlate_avx512_f, tap_dots_avx512_f};
-    else return {correlate_avx512_d, tap_dots_avx512_d};
+    if constexpr (f) return {correlate_avx512_f, tap_dots_avx512_f, split_pairs_avx512_f, join_pairs_avx512_f};
+    else return {correlate_avx512_d, tap_dots_avx512_d, split_pairs_avx512_d, join_pairs_avx512_d};
   }
   if (level == 1) {
-    if constexpr (f) return {correlate_avx2_f, tap_dots_avx2_f};
-    else return {correlate_avx2_d, tap_dots_avx2_d};
+    if constexpr (f) return {correlate_avx2_f, tap_dots_avx2_f, split_pairs_avx2_f, join_pairs_avx2_f};
+    else return {correlate_avx2_d, tap_dots_avx2_d, split_pairs_avx2_d, join_pairs_avx2_d};
   }
 #endif
-  if constexpr (f) return {correlate_generic_f, tap_dots_generic_f};
-  else return {correlate_generic_d, tap_dots_generic_d};
+  if constexpr (f) return {correlate_generic_f, tap_dots_generic_f, split_pairs_generic_f, join_pairs_generic_f};
+  else return {correlate_generic_d, tap_dots_generic_d, split_pairs_generic_d, join_pairs_generic_d};
 }
 
-// Copies one input plane into the interior of a padded buffer (Hp x Wp,
-// contiguous, then kFlatSlack elements), whose padding the caller zeroed
-// once: the kernels then run without bounds tests.
+// Copies n elements src[0], src[step], ... to dst[0:n].
 template <typename T>
-void pad_plane(const Plane& p, const T* x, T* buf) {
-  const int64_t Wp = p.Wp();
-  for (int64_t ih = 0; ih < p.H; ++ih) {
-    T* row = buf + (ih + p.pt) * Wp + p.pl;
-    const T* src = x + ih * p.xs_h;
-    if (p.xs_w == 1)
-      copy_row(src, p.W, row);
-    else
-      for (int64_t iw = 0; iw < p.W; ++iw) row[iw] = src[iw * p.xs_w];
-  }
+inline void copy_strided(const T* src, int64_t step, int64_t n, T* dst) {
+  if (step == 1) return copy_row(src, n, dst);
+  for (int64_t k = 0; k < n; ++k) dst[k] = src[k * step];
 }
 
 // The row kernels (planes the flat kernels do not take).
@@ -292,30 +417,109 @@ CONVCORE_DW_ROWS(double)
 #undef CONVCORE_DW_ROWS
 
 // What the plane-by-plane drivers share (read-only): the plane's geometry,
-// whether it takes the flat kernels, and those kernels' tap offsets.
+// whether it takes the flat kernels, those kernels' taps, and where the
+// input's elements sit in the padded buffer (all worked out once per call:
+// the divisions cost more than a small plane's arithmetic). The flat kernels
+// take the taps phase by phase (row-major within a phase; for stride 1
+// simply row-major), so that grad_input runs each phase plane over a
+// contiguous range of them.
 template <typename T>
 struct PlaneOps {
   Plane p;
   bool flat;
+  bool split;  // the buffer holds phase planes (flat and strided), else rows Wp apart
   FlatKernels<T> k;
-  std::vector<int64_t> off;   // tap t reads the padded input at q + off[t]
-  std::vector<int64_t> back;  // grad_input gathers gy at q + back[t] = q - off[t]
-
+  int64_t row_step;     // Wq, or Wp
+  int64_t plane_step;   // one phase plane and its slack
+  int64_t flat_length;  // Plane::flat_length
+  std::vector<int64_t> order;        // the row-major index of each tap, in phase order
+  std::vector<int64_t> off;          // tap t reads the padded input at q + off[t]
+  std::vector<int64_t> back;         // grad_input gathers gy at q + back[t] (its phase plane's q)
+  std::vector<int64_t> phase_first;  // phase f's taps: [phase_first[f], phase_first[f + 1])
+  std::vector<int64_t> phase_q0, phase_q1;  // phase f's q that hold input rows
+  int64_t max_local = 0;             // the largest -back[t]
+  // A split plane is first padded into staging rows of stage_w = Wq * sw
+  // (stage_rows = Hq * sh of them), then each row dealt to its phases.
+  int64_t stage_w, stage_rows;
   explicit PlaneOps(const Plane& plane)
-      : p(plane), flat(flat_applies(plane)), k(flat_kernels<T>()) {
-    for (int64_t i = 0; i < p.KH; ++i)
-      for (int64_t j = 0; j < p.KW; ++j) {
-        off.push_back(p.tap_offset(i, j));
-        back.push_back(-p.tap_offset(i, j));
-      }
+      : p(plane), flat(flat_applies(plane)), split(flat && plane.phases() > 1),
+        k(flat_kernels<T>()), row_step(split ? p.Wq() : p.Wp()),
+        plane_step(p.phase_stride()), flat_length(p.flat_length()),
+        stage_w(split ? p.Wq() * p.sw : 0), stage_rows(split ? p.Hq() * p.sh : 0) {
+    for (int64_t f = 0; f < p.phases(); ++f) {
+      phase_first.push_back(static_cast<int64_t>(order.size()));
+      for (int64_t i = 0; i < p.KH; ++i)
+        for (int64_t j = 0; j < p.KW; ++j)
+          if (p.tap_phase(i, j) == f) {
+            order.push_back(i * p.KW + j);
+            off.push_back(p.tap_offset(i, j));
+            back.push_back(-p.tap_local(i, j));
+            max_local = std::max(max_local, p.tap_local(i, j));
+          }
+      // Rows r of phase (a, b) hold padded row r * sh + a: input rows for
+      // r * sh + a in [pt, pt + H).
+      const int64_t a = f / p.sw;
+      auto rows_below = [&](int64_t padded_row) {
+        const int64_t n = padded_row - a;
+        return n <= 0 ? 0 : std::min(p.Hq(), (n + p.sh - 1) / p.sh);
+      };
+      phase_q0.push_back(rows_below(p.pt) * row_step);
+      phase_q1.push_back(rows_below(p.pt + p.H) * row_step);
+    }
+    phase_first.push_back(static_cast<int64_t>(order.size()));
   }
-  int64_t padded() const { return p.Hp() * p.Wp() + kFlatSlack; }
-  // gy laid out Wp wide after max_tap_offset() zeros (flat only), so that
+  int64_t padded() const { return p.phases() * plane_step; }
+  // gy laid out row_step wide after max_local zeros (flat only), so that
   // the gather for grad_input reads zeros around it.
-  int64_t gy_margin() const { return flat ? p.max_tap_offset() : 0; }
+  int64_t gy_margin() const { return flat ? max_local : 0; }
+  // The staging plane, then one staging row (split only).
+  int64_t stage_size() const { return split ? stage_rows * stage_w + kFlatSlack : 0; }
+  int64_t stage_row_size() const { return split ? stage_w + kFlatSlack : 0; }
   // T elements of one thread's scratch (PlaneWork's buffers).
   int64_t scratch_size() const {
-    return 2 * padded() + (flat ? gy_margin() + padded() : 0) + p.taps();
+    return 2 * padded() + (flat ? gy_margin() + padded() : 0) + 2 * p.taps() + stage_size() +
+           stage_row_size();
+  }
+  // The input plane x (H x W at strides xs_h, xs_w) into the padded
+  // buffer's interior; the padding stays as the caller left it: zeros (for
+  // a split plane, in the staging plane).
+  void pad_plane(const T* x, T* buf, T* stage) const {
+    if (!split) {
+      for (int64_t ih = 0; ih < p.H; ++ih)
+        copy_strided(x + ih * p.xs_h, p.xs_w, p.W, buf + (ih + p.pt) * row_step + p.pl);
+      return;
+    }
+    for (int64_t ih = 0; ih < p.H; ++ih)
+      copy_strided(x + ih * p.xs_h, p.xs_w, p.W, stage + (ih + p.pt) * stage_w + p.pl);
+    // Every row, in order: a row's whole-vector writes run into the next
+    // row of its phases, which a later row rewrites.
+    for (int64_t r = 0; r < stage_rows; ++r) {
+      const T* src = stage + r * stage_w;
+      T* dst = buf + r % p.sh * p.sw * plane_step + r / p.sh * row_step;
+      if (p.sw == 2)
+        k.split_pairs(src, row_step, dst, dst + plane_step);
+      else
+        for (int64_t b = 0; b < p.sw; ++b)
+          for (int64_t c = 0; c < row_step; ++c) dst[b * plane_step + c] = src[c * p.sw + b];
+    }
+  }
+  // The padded buffer's interior into gx (H x W, contiguous); `row` is
+  // stage_row_size() elements of scratch.
+  void store_interior(const T* buf, T* row, T* gx) const {
+    for (int64_t ih = 0; ih < p.H; ++ih) {
+      const int64_t r = ih + p.pt;
+      if (!split) {
+        copy_row(buf + r * row_step + p.pl, p.W, gx + ih * p.W);
+        continue;
+      }
+      const T* src = buf + r % p.sh * p.sw * plane_step + r / p.sh * row_step;
+      if (p.sw == 2)
+        k.join_pairs(src, src + plane_step, row_step, row);
+      else
+        for (int64_t b = 0; b < p.sw; ++b)
+          for (int64_t c = 0; c < row_step; ++c) row[c * p.sw + b] = src[b * plane_step + c];
+      copy_row(row + p.pl, p.W, gx + ih * p.W);
+    }
   }
 };
 
@@ -327,25 +531,28 @@ class PlaneWork {
   PlaneWork(const PlaneOps<T>& ops, T* scratch)
       : ops_(ops), xbuf_(scratch), gbuf_(xbuf_ + ops.padded()),
         gyz_(gbuf_ + ops.padded()),
-        dots_(gyz_ + (ops.flat ? ops.gy_margin() + ops.padded() : 0)) {
+        dots_(gyz_ + (ops.flat ? ops.gy_margin() + ops.padded() : 0)),
+        wtaps_(dots_ + ops.p.taps()), stage_(wtaps_ + ops.p.taps()),
+        stage_row_(stage_ + ops.stage_size()) {
     // The input's padding, and the gaps between gy's rows and its margins,
     // stay zero from here on.
     std::fill(xbuf_, gbuf_, T(0));
     if (ops.flat) std::fill(gyz_, dots_, T(0));
+    std::fill(stage_, stage_row_, T(0));
   }
 
   // The input plane x (H x W at strides xs_h, xs_w), padded.
-  void load_input(const T* x) { pad_plane(ops_.p, x, xbuf_); }
+  void load_input(const T* x) { ops_.pad_plane(x, xbuf_, stage_); }
 
   // out (Ho x Wo) = bias + the loaded input correlated with w (taps).
   void forward(const T* w, T bias, T* out) {
     const Plane& p = ops_.p;
     if (!ops_.flat) return forward_padded(p, xbuf_, w, bias, out);
-    // Outputs Wp wide into gbuf (free in the forward), then the Wo columns.
-    const int64_t Wp = p.Wp();
-    ops_.k.correlate(xbuf_, ops_.off.data(), w, p.taps(), false, bias, 0, p.flat_length(),
-                     gbuf_);
-    for (int64_t oh = 0; oh < p.Ho; ++oh) copy_row(gbuf_ + oh * Wp, p.Wo, out + oh * p.Wo);
+    // Outputs row_step wide into gbuf (free in the forward), then the Wo columns.
+    const int64_t step = ops_.row_step;
+    ops_.k.correlate(xbuf_, ops_.off.data(), flat_taps(w), p.taps(), false, bias, 0,
+                     ops_.flat_length, gbuf_);
+    for (int64_t oh = 0; oh < p.Ho; ++oh) copy_row(gbuf_ + oh * step, p.Wo, out + oh * p.Wo);
   }
 
   // Adds one output channel's gradient gy (Ho x Wo, contiguous), made with
@@ -360,32 +567,43 @@ class PlaneWork {
       if (with_grad_input) grad_input_padded(p, gy, w, gbuf_);
       return;
     }
-    const int64_t Wp = p.Wp(), taps = p.taps();
+    const int64_t step = ops_.row_step, taps = p.taps();
     T* wide = gyz_ + ops_.gy_margin();
-    for (int64_t oh = 0; oh < p.Ho; ++oh) copy_row(gy + oh * p.Wo, p.Wo, wide + oh * Wp);
+    for (int64_t oh = 0; oh < p.Ho; ++oh) copy_row(gy + oh * p.Wo, p.Wo, wide + oh * step);
     if (gw) {
-      ops_.k.tap_dots(wide, xbuf_, ops_.off.data(), taps, p.flat_length(), dots_);
-      for (int64_t t = 0; t < taps; ++t) gw[t] += dots_[t];
+      ops_.k.tap_dots(wide, xbuf_, ops_.off.data(), taps, ops_.flat_length, dots_);
+      for (int64_t t = 0; t < taps; ++t) gw[ops_.order[t]] += dots_[t];
     }
-    if (with_grad_input)  // only the rows of the input plane (pt .. pt + H)
-      ops_.k.correlate(wide, ops_.back.data(), w, taps, !first, T(0), p.pt * Wp,
-                       (p.pt + p.H) * Wp, gbuf_);
+    if (!with_grad_input) return;
+    // Each phase plane from its own taps, over its rows that hold input.
+    const T* wt = flat_taps(w);
+    for (int64_t f = 0; f < p.phases(); ++f) {
+      const int64_t t0 = ops_.phase_first[f], n = ops_.phase_first[f + 1] - t0;
+      if (ops_.phase_q0[f] < ops_.phase_q1[f])
+        ops_.k.correlate(wide, ops_.back.data() + t0, wt + t0, n, !first, T(0), ops_.phase_q0[f],
+                         ops_.phase_q1[f], gbuf_ + f * ops_.plane_step);
+    }
   }
 
   // The grad_input plane's interior into gx (H x W, contiguous).
-  void store_grad_input(T* gx) const {
-    const Plane& p = ops_.p;
-    const int64_t Wp = p.Wp();
-    for (int64_t ih = 0; ih < p.H; ++ih)
-      copy_row(gbuf_ + (ih + p.pt) * Wp + p.pl, p.W, gx + ih * p.W);
-  }
+  void store_grad_input(T* gx) { ops_.store_interior(gbuf_, stage_row_, gx); }
 
  private:
+  // w (taps, row-major) in the flat kernels' tap order.
+  const T* flat_taps(const T* w) {
+    if (!ops_.split) return w;
+    for (int64_t t = 0; t < ops_.p.taps(); ++t) wtaps_[t] = w[ops_.order[t]];
+    return wtaps_;
+  }
+
   const PlaneOps<T>& ops_;
-  T* xbuf_;  // the padded input plane
-  T* gbuf_;  // the padded grad_input plane (the forward's wide output)
-  T* gyz_;   // gy Wp wide between zero margins (flat only)
-  T* dots_;  // one plane's tap sums
+  T* xbuf_;   // the padded input plane
+  T* gbuf_;   // the padded grad_input plane (the forward's wide output)
+  T* gyz_;    // gy row_step wide between zero margins (flat only)
+  T* dots_;   // one plane's tap sums
+  T* wtaps_;  // the weights in the flat kernels' tap order
+  T* stage_;      // the staging plane (split only)
+  T* stage_row_;  // a staging row for grad_input (split only)
 };
 
 }  // namespace depthwise

@@ -19,6 +19,10 @@ typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef int i32x4 __attribute__((vector_size(16)));
 typedef int i32x8 __attribute__((vector_size(32)));
+typedef int i32x16 __attribute__((vector_size(64)));
+typedef long long i64x2 __attribute__((vector_size(16)));
+typedef long long i64x4 __attribute__((vector_size(32)));
+typedef long long i64x8 __attribute__((vector_size(64)));
 
 // r[i] = lane IDX[i] of the concatenation of a and b; IDX_T the integer
 // vector of as many lanes (GCC spells the indices as a vector, Clang as
