@@ -22,6 +22,13 @@ def algorithm_cases(draw, algorithm):
         stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
         dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
         padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    elif algorithm == "grouped":  # groups of a few channels (the flat plane kernels)
+        groups = draw(st.integers(2, 4))
+        cin, cout = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 3))
+        kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+        dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
     elif algorithm == "pointwise":
         groups = draw(st.sampled_from([1, 1, 2]))
         cin, cout = groups * draw(st.integers(1, 6)), groups * draw(st.integers(1, 6))
@@ -61,7 +68,7 @@ def rtol(algorithm, dtype):
 
 
 @pytest.mark.parametrize("algorithm", ["gemm", "direct", "pointwise", "depthwise", "winograd",
-                                       "winograd4"])
+                                       "winograd4", "grouped"])
 @given(data=st.data(), seed=seeds, dtype=dtypes, layout=layouts)
 def test_algorithm_matches_reference(algorithm, data, seed, dtype, layout):
     case = data.draw(algorithm_cases(algorithm))
@@ -95,6 +102,7 @@ def test_algorithm_matches_reference(algorithm, data, seed, dtype, layout):
     ("winograd4", dict(groups=2), (4, 2, 3, 3)),
     ("winograd4", dict(), (4, 4, 5, 5)),
     ("winograd4", dict(), (4, 4, 3, 1)),
+    ("grouped", dict(groups=1), (4, 4, 3, 3)),
 ])
 def test_algorithm_refuses_shapes_it_does_not_cover(algorithm, kwargs, weight):
     x = np.ones((1, 4, 9, 9), np.float32)
@@ -673,3 +681,52 @@ def test_autotune_skips_candidates_that_run_out_of_memory(autotune_off_after):
     finally:
         _core.set_workspace_limit(0)
     assert got.tobytes() == expect.tobytes()
+
+
+def test_grouped_refuses_planes_too_big():
+    """algorithm='grouped' keeps a group's padded input planes in scratch:
+    planes past the flat kernels' 65536 elements are refused by name."""
+    x = np.ones((1, 4, 300, 300), np.float32)
+    with pytest.raises(ValueError, match="algorithm='grouped'.*65536"):
+        convcore.conv2d(x, np.ones((4, 2, 3, 3), np.float32), groups=2, algorithm="grouped")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cin,cout,groups,hw,kw", [
+    (128, 128, 32, (9, 9), dict(padding=1)),                 # ResNeXt's 4 per group: auto takes it
+    (64, 64, 8, (11, 10), dict(stride=2, padding=1)),        # 8 per group, strided
+    (12, 24, 3, (13, 12), dict(padding=(2, 1), dilation=(1, 2))),  # 4 in, 8 out per group
+    (6, 3, 3, (8, 7), dict(stride=(1, 2))),                  # fewer outputs than inputs
+])
+def test_grouped_planes(dtype, cin, cout, groups, hw, kw):
+    """The grouped algorithm (a group's input planes padded once, each output
+    plane summed over them with the flat depthwise kernels) against the
+    reference, forward and backward, the same bits at 1, 2 and 3 threads,
+    and auto's choice for few channels per group (grouped_pays:
+    up to 8 input and output channels per group)."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, cin) + hw).astype(dtype)
+    w = rng.standard_normal((cout, cin // groups, 3, 3)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    kw = dict(kw, groups=groups)
+    expect = ref.conv2d_ref(x, w, b, **kw)
+    gy = rng.standard_normal(expect.shape).astype(dtype)
+    wants = (expect,) + tuple(ref.conv2d_backward_ref(gy, x, w, **kw))
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            runs.append((convcore.conv2d(x, w, b, algorithm="grouped", **kw),)
+                        + tuple(convcore.conv2d_backward(gy, x, w, algorithm="grouped", **kw)))
+        auto = (convcore.conv2d(x, w, b, **kw),) + tuple(convcore.conv2d_backward(gy, x, w, **kw))
+    finally:
+        convcore.set_num_threads(before)
+    for got, want, what in zip(runs[0], wants, ("forward", "grad_input", "grad_weight",
+                                                "grad_bias")):
+        assert_close(got, want, dtype, what=f"grouped {what}")
+    for other in runs[1:]:
+        for a, b_ in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b_)
+    for a, b_ in zip(runs[-1], auto):
+        np.testing.assert_array_equal(a, b_)  # auto picked grouped (all cases have <= 8 per group)

@@ -190,7 +190,7 @@ def anything():
 @given(x=arrays(), w=arrays(), b=st.one_of(st.none(), arrays(max_dims=2)), stride=int_arg(),
        padding=int_arg(), dilation=int_arg(), groups=nasty_int(),
        algorithm=st.sampled_from(["auto", "gemm", "direct", "pointwise", "depthwise", "winograd",
-                                        "fft", 3]),
+                                  "grouped", "fft", 3]),
        tame=st.sampled_from([None, (1, 0, 1), (2, 1, 1), (1, 1, 2)]))
 def test_fuzz_conv2d(x, w, b, stride, padding, dilation, groups, algorithm, tame):
     if tame:  # half the cases: valid window arguments and a weight (and bias) that fit the

@@ -47,6 +47,7 @@ void run_forward(const ConvPlan& plan, const TensorView& input, const detail::Co
   G.p.algorithm = plan.algorithm;
   switch (plan.algorithm) {
     case ConvAlgorithm::Depthwise:
+    case ConvAlgorithm::Grouped:
       return forward_depthwise<T>(input, w.data(), bias, G, out);
     case ConvAlgorithm::Winograd:
       return forward_winograd<2, T>(input, w.data(), bias, G, out);
@@ -78,7 +79,7 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
   if (copy_input) xc.emplace(input);
   const TensorView& x = copy_input ? xc->view() : input;
   const ConvGeometry Gx = copy_input ? with_input(G, x) : G;
-  if (plan.algorithm == ConvAlgorithm::Depthwise) {
+  if (plan.algorithm == ConvAlgorithm::Depthwise || plan.algorithm == ConvAlgorithm::Grouped) {
     const detail::Contiguous<T> w(weight);
     return backward_depthwise<T>(gy, x, w.data(), Gx, gx, gw, gb);
   }
@@ -101,7 +102,7 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
       case GradInputPath::DirectStrided:
         grad_input_direct_strided<T>(gy, w.data(), Gx, plan.grad_input_direct_split, gx);
         break;
-      case GradInputPath::Depthwise:
+      case GradInputPath::Planes:
       case GradInputPath::Gemm:
         grad_input_gemm<T>(gy, w, Gx, plan.grad_input_gemm_split, gx);
         break;
@@ -124,7 +125,7 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
       case GradWeightPath::ByChunks:
         grad_weight_by_chunks<T>(gy, x, Gx, gw);
         break;
-      case GradWeightPath::Depthwise:
+      case GradWeightPath::Planes:
       case GradWeightPath::Gemm:
         grad_weight_gemm<T>(gy, x, Gx, plan.grad_weight_gemm_split, gw);
         break;

@@ -475,10 +475,11 @@ struct PlaneOps {
   // The staging plane, then one staging row (split only).
   int64_t stage_size() const { return split ? stage_rows * stage_w + kFlatSlack : 0; }
   int64_t stage_row_size() const { return split ? stage_w + kFlatSlack : 0; }
-  // T elements of one thread's scratch (PlaneWork's buffers).
-  int64_t scratch_size() const {
-    return 2 * padded() + (flat ? gy_margin() + padded() : 0) + 2 * p.taps() + stage_size() +
-           stage_row_size();
+  // T elements of one thread's scratch: PlaneWork's buffers for `cin`
+  // input planes.
+  int64_t scratch_size(int64_t cin = 1) const {
+    return 2 * cin * padded() + (flat ? gy_margin() + padded() : 0) + 2 * p.taps() +
+           stage_size() + stage_row_size();
   }
   // The input plane x (H x W at strides xs_h, xs_w) into the padded
   // buffer's interior; the padding stays as the caller left it: zeros (for
@@ -523,42 +524,46 @@ struct PlaneOps {
   }
 };
 
-// One thread's scratch and the steps of the drivers in conv_depthwise.cpp, for one
-// input plane (one channel of one image) at a time.
+// One thread's scratch and the steps of the drivers in conv_depthwise.cpp,
+// for the cin input planes of one group of one image at a time (a
+// depthwise layer: one). More than one plane takes the flat kernels.
 template <typename T>
 class PlaneWork {
  public:
-  PlaneWork(const PlaneOps<T>& ops, T* scratch)
-      : ops_(ops), xbuf_(scratch), gbuf_(xbuf_ + ops.padded()),
-        gyz_(gbuf_ + ops.padded()),
+  PlaneWork(const PlaneOps<T>& ops, int64_t cin, T* scratch)
+      : ops_(ops), cin_(cin), xbuf_(scratch), gbuf_(xbuf_ + cin * ops.padded()),
+        gyz_(gbuf_ + cin * ops.padded()),
         dots_(gyz_ + (ops.flat ? ops.gy_margin() + ops.padded() : 0)),
         wtaps_(dots_ + ops.p.taps()), stage_(wtaps_ + ops.p.taps()),
         stage_row_(stage_ + ops.stage_size()) {
-    // The input's padding, and the gaps between gy's rows and its margins,
+    // The inputs' padding, and the gaps between gy's rows and its margins,
     // stay zero from here on.
     std::fill(xbuf_, gbuf_, T(0));
     if (ops.flat) std::fill(gyz_, dots_, T(0));
     std::fill(stage_, stage_row_, T(0));
   }
 
-  // The input plane x (H x W at strides xs_h, xs_w), padded.
-  void load_input(const T* x) { ops_.pad_plane(x, xbuf_, stage_); }
+  // Input plane c of the group: x (H x W at strides xs_h, xs_w), padded.
+  void load_input(const T* x, int64_t c = 0) {
+    ops_.pad_plane(x, xbuf_ + c * ops_.padded(), stage_);
+  }
 
-  // out (Ho x Wo) = bias + the loaded input correlated with w (taps).
+  // out (Ho x Wo) = bias + the loaded inputs correlated with w (cin x taps).
   void forward(const T* w, T bias, T* out) {
     const Plane& p = ops_.p;
     if (!ops_.flat) return forward_padded(p, xbuf_, w, bias, out);
     // Outputs row_step wide into gbuf (free in the forward), then the Wo columns.
-    const int64_t step = ops_.row_step;
-    ops_.k.correlate(xbuf_, ops_.off.data(), flat_taps(w), p.taps(), false, bias, 0,
-                     ops_.flat_length, gbuf_);
+    const int64_t step = ops_.row_step, taps = p.taps();
+    for (int64_t c = 0; c < cin_; ++c)
+      ops_.k.correlate(xbuf_ + c * ops_.padded(), ops_.off.data(), flat_taps(w + c * taps), taps,
+                       c > 0, bias, 0, ops_.flat_length, gbuf_);
     for (int64_t oh = 0; oh < p.Ho; ++oh) copy_row(gbuf_ + oh * step, p.Wo, out + oh * p.Wo);
   }
 
   // Adds one output channel's gradient gy (Ho x Wo, contiguous), made with
-  // weights w: into gw (taps, in double) unless null, reading the loaded
-  // input, and into the grad_input plane if with_grad_input (which the
-  // first output channel of the plane starts afresh).
+  // weights w (cin x taps): into gw (cin x taps, in double) unless null,
+  // reading the loaded inputs, and into the grad_input planes if
+  // with_grad_input (which the group's first output channel starts afresh).
   void add_output_grad(const T* gy, const T* w, double* gw, bool with_grad_input, bool first) {
     const Plane& p = ops_.p;
     if (!ops_.flat) {
@@ -570,23 +575,29 @@ class PlaneWork {
     const int64_t step = ops_.row_step, taps = p.taps();
     T* wide = gyz_ + ops_.gy_margin();
     for (int64_t oh = 0; oh < p.Ho; ++oh) copy_row(gy + oh * p.Wo, p.Wo, wide + oh * step);
-    if (gw) {
-      ops_.k.tap_dots(wide, xbuf_, ops_.off.data(), taps, ops_.flat_length, dots_);
-      for (int64_t t = 0; t < taps; ++t) gw[ops_.order[t]] += dots_[t];
+    for (int64_t c = 0; gw && c < cin_; ++c) {
+      ops_.k.tap_dots(wide, xbuf_ + c * ops_.padded(), ops_.off.data(), taps, ops_.flat_length,
+                      dots_);
+      for (int64_t t = 0; t < taps; ++t) gw[c * taps + ops_.order[t]] += dots_[t];
     }
     if (!with_grad_input) return;
     // Each phase plane from its own taps, over its rows that hold input.
-    const T* wt = flat_taps(w);
-    for (int64_t f = 0; f < p.phases(); ++f) {
-      const int64_t t0 = ops_.phase_first[f], n = ops_.phase_first[f + 1] - t0;
-      if (ops_.phase_q0[f] < ops_.phase_q1[f])
-        ops_.k.correlate(wide, ops_.back.data() + t0, wt + t0, n, !first, T(0), ops_.phase_q0[f],
-                         ops_.phase_q1[f], gbuf_ + f * ops_.plane_step);
+    for (int64_t c = 0; c < cin_; ++c) {
+      const T* wt = flat_taps(w + c * taps);
+      T* g = gbuf_ + c * ops_.padded();
+      for (int64_t f = 0; f < p.phases(); ++f) {
+        const int64_t t0 = ops_.phase_first[f], n = ops_.phase_first[f + 1] - t0;
+        if (ops_.phase_q0[f] < ops_.phase_q1[f])
+          ops_.k.correlate(wide, ops_.back.data() + t0, wt + t0, n, !first, T(0),
+                           ops_.phase_q0[f], ops_.phase_q1[f], g + f * ops_.plane_step);
+      }
     }
   }
 
-  // The grad_input plane's interior into gx (H x W, contiguous).
-  void store_grad_input(T* gx) { ops_.store_interior(gbuf_, stage_row_, gx); }
+  // Grad_input plane c's interior into gx (H x W, contiguous).
+  void store_grad_input(T* gx, int64_t c = 0) {
+    ops_.store_interior(gbuf_ + c * ops_.padded(), stage_row_, gx);
+  }
 
  private:
   // w (taps, row-major) in the flat kernels' tap order.
@@ -597,8 +608,9 @@ class PlaneWork {
   }
 
   const PlaneOps<T>& ops_;
-  T* xbuf_;   // the padded input plane
-  T* gbuf_;   // the padded grad_input plane (the forward's wide output)
+  int64_t cin_;
+  T* xbuf_;   // the padded input planes
+  T* gbuf_;   // the padded grad_input planes (the first: the forward's wide output)
   T* gyz_;    // gy row_step wide between zero margins (flat only)
   T* dots_;   // one plane's tap sums
   T* wtaps_;  // the weights in the flat kernels' tap order

@@ -58,7 +58,12 @@ template <typename T>
 void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry& G,
                         const GradWeightDirectSplit& split, T* gw);
 
-// conv_depthwise.cpp: one input channel per group.
+// conv_depthwise.cpp: grouped layers plane by plane (Depthwise, Grouped).
+// Whether a layer's planes take the flat kernels, which Grouped needs, and a
+// group's padded input planes together hold at most kGroupedMostElements
+// (scratch per thread: twice that).
+constexpr int64_t kGroupedMostElements = int64_t(1) << 22;
+bool grouped_planes_fit(const ConvGeometry& G);
 template <typename T>
 void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
                        const ConvGeometry& G, T* out);

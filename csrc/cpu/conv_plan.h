@@ -43,11 +43,11 @@ int64_t winograd_band(int64_t tiles_h, int64_t tiles_w, int64_t band_tiles);
 // p.algorithm left for the caller to set.
 ConvGeometry grad_input_as_forward_geometry(const ConvGeometry& G);
 
-// How backward computes grad_input and grad_weight (Depthwise: both in
-// backward_depthwise).
-enum class GradInputPath { Depthwise, Winograd2, Winograd4, Pointwise, AsForwardDirect,
+// How backward computes grad_input and grad_weight (Planes: both in
+// backward_depthwise, for the Depthwise and Grouped algorithms).
+enum class GradInputPath { Planes, Winograd2, Winograd4, Pointwise, AsForwardDirect,
                            AsForwardGemm, DirectStrided, Gemm };
-enum class GradWeightPath { Depthwise, Winograd2, Winograd4, Direct, ByTaps, ByChunks, Gemm };
+enum class GradWeightPath { Planes, Winograd2, Winograd4, Direct, ByTaps, ByChunks, Gemm };
 
 enum class ConvPass { Forward, Backward };
 

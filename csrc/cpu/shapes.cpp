@@ -147,8 +147,9 @@ ConvAlgorithm parse_conv_algorithm(const std::string& name) {
   if (name == "depthwise") return ConvAlgorithm::Depthwise;
   if (name == "winograd") return ConvAlgorithm::Winograd;
   if (name == "winograd4") return ConvAlgorithm::Winograd4x4;
+  if (name == "grouped") return ConvAlgorithm::Grouped;
   fail("algorithm must be one of 'auto', 'gemm', 'direct', 'pointwise', 'depthwise', 'winograd', "
-       "'winograd4', got '", name, "'");
+       "'winograd4', 'grouped', got '", name, "'");
 }
 
 const char* conv_algorithm_name(ConvAlgorithm algorithm) {
@@ -160,6 +161,7 @@ const char* conv_algorithm_name(ConvAlgorithm algorithm) {
     case ConvAlgorithm::Depthwise: return "depthwise";
     case ConvAlgorithm::Winograd: return "winograd";
     case ConvAlgorithm::Winograd4x4: return "winograd4";
+    case ConvAlgorithm::Grouped: return "grouped";
   }
   return "unknown";
 }

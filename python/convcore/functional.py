@@ -102,7 +102,8 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Union[IntPair
     H_out = floor((H + pad_top + pad_bottom - dilation * (kH - 1) - 1) / stride) + 1.
     algorithm: 'auto' (chosen per shape), or 'gemm', 'direct' (the GEMM
     microkernel reading the padded image in place), 'pointwise' (1x1),
-    'depthwise' (one input channel per group), 'winograd' (Winograd F(2x2, 3x3))
+    'depthwise' (one input channel per group), 'grouped' (plane by plane, for
+    groups of few channels), 'winograd' (Winograd F(2x2, 3x3))
     or 'winograd4' (F(4x4, 3x3): fewer multiplications, about 5x the float32
     rounding error of the others; both need 3x3, stride 1, dilation 1,
     groups 1) to force one. out: an array to write the result into (instead

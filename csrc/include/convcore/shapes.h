@@ -13,10 +13,14 @@ namespace convcore {
 // input channel per group, Pointwise for 1x1 stride-1 unpadded kernels, Gemm
 // (implicit im2col into the packed GEMM) otherwise. Winograd (F(2x2, 3x3))
 // and Winograd4x4 (F(4x4, 3x3)), for 3x3 stride-1 undilated ungrouped
-// layers, are used when asked for, and by Auto where they pay.
-enum class ConvAlgorithm { Auto, Gemm, Direct, Pointwise, Depthwise, Winograd, Winograd4x4 };
+// layers, are used when asked for, and by Auto where they pay; so are
+// Direct and Grouped (grouped layers plane by plane, as Depthwise: for few
+// channels per group, whose output channels fill few vector lanes).
+enum class ConvAlgorithm { Auto, Gemm, Direct, Pointwise, Depthwise, Winograd, Winograd4x4,
+                           Grouped };
 
-// "auto", "gemm", "direct", "pointwise", "depthwise", "winograd", "winograd4";
+// "auto", "gemm", "direct", "pointwise", "depthwise", "winograd", "winograd4",
+// "grouped";
 // ValueError naming `algorithm` otherwise.
 ConvAlgorithm parse_conv_algorithm(const std::string& name);
 const char* conv_algorithm_name(ConvAlgorithm algorithm);
