@@ -730,3 +730,27 @@ def test_grouped_planes(dtype, cin, cout, groups, hw, kw):
             np.testing.assert_array_equal(a, b_)
     for a, b_ in zip(runs[-1], auto):
         np.testing.assert_array_equal(a, b_)  # auto picked grouped (all cases have <= 8 per group)
+
+
+def test_auto_picks_grouped_per_pass(two_threads):
+    """grouped_pays (csrc/cpu/conv_plan.cpp): the forward runs plane by
+    plane up to 32 channels per group, the backward up to 16; beyond, and
+    for a layer that is not grouped, the direct kernel. Bitwise the named
+    algorithm's results."""
+    rng = np.random.default_rng(10)
+
+    def check(cin, groups, forward_by, backward_by):
+        x = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
+        w = rng.standard_normal((cin, cin // groups, 3, 3)).astype(np.float32)
+        gy = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
+        kw = dict(padding=1, groups=groups)
+        np.testing.assert_array_equal(convcore.conv2d(x, w, **kw),
+                                      convcore.conv2d(x, w, algorithm=forward_by, **kw))
+        for a, b in zip(convcore.conv2d_backward(gy, x, w, **kw),
+                        convcore.conv2d_backward(gy, x, w, algorithm=backward_by, **kw)):
+            np.testing.assert_array_equal(a, b)
+
+    check(64, 16, "grouped", "grouped")   # 4 per group
+    check(64, 4, "grouped", "grouped")    # 16
+    check(128, 4, "grouped", "direct")    # 32
+    check(128, 2, "direct", "direct")     # 64

@@ -37,17 +37,17 @@ void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
   const T* x = input.ptr<const T>();
   const int64_t tasks = G.N * G.G, filter = G.Cg * G.KH * G.KW;
   const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * filter);
-  detail::Workspace<T> ws(threads, ops.scratch_size(G.Cg));
+  detail::Workspace<T> ws(threads, ops.scratch_size(G.Cg, G.Coutg));
 #pragma omp parallel num_threads(threads)
   {
-    depthwise::PlaneWork<T> work(ops, G.Cg, ws.get(omp_get_thread_num()));
+    depthwise::PlaneWork<T> work(ops, G.Cg, G.Coutg, ws.get(omp_get_thread_num()));
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t n = t / G.G, g = t % G.G;
+      const int64_t n = t / G.G, g = t % G.G, o = g * G.Coutg;
       for (int64_t c = 0; c < G.Cg; ++c)
         work.load_input(x + n * G.xs_n + (g * G.Cg + c) * G.xs_c, c);
-      for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
-        work.forward(weight + o * filter, bias ? bias[o] : T(0), out + (n * G.Cout + o) * G.P);
+      work.forward(weight + o * filter, bias ? bias + o : nullptr, G.Coutg,
+                   out + (n * G.Cout + o) * G.P, G.P);
     }
   }
 }
@@ -94,12 +94,12 @@ void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
   };
   const int plane_threads = by_group ? threads : detail::threads_for(G.N * G.G, work_size);
   const int most = std::max(threads, plane_threads);
-  detail::Workspace<T> ws(most, ops.scratch_size(G.Cg));
+  detail::Workspace<T> ws(most, ops.scratch_size(G.Cg, G.Coutg));
   detail::Workspace<double> acc_ws(most, (filter + 1) * G.Coutg);
   if (by_group) {
 #pragma omp parallel num_threads(threads)
     {
-      depthwise::PlaneWork<T> work(ops, G.Cg, ws.get(omp_get_thread_num()));
+      depthwise::PlaneWork<T> work(ops, G.Cg, G.Coutg, ws.get(omp_get_thread_num()));
 #pragma omp for schedule(static)
       for (int64_t g = 0; g < G.G; ++g)
         group(work, acc_ws.get(omp_get_thread_num()), g, gx, gw, gb);
@@ -109,7 +109,7 @@ void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
   if (gx) {
 #pragma omp parallel num_threads(plane_threads)
     {
-      depthwise::PlaneWork<T> work(ops, G.Cg, ws.get(omp_get_thread_num()));
+      depthwise::PlaneWork<T> work(ops, G.Cg, G.Coutg, ws.get(omp_get_thread_num()));
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < G.N * G.G; ++t) {
         const int64_t n = t / G.G, g = t % G.G;
@@ -124,7 +124,7 @@ void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
   if (gw || gb) {
 #pragma omp parallel num_threads(threads)
     {
-      depthwise::PlaneWork<T> work(ops, G.Cg, ws.get(omp_get_thread_num()));
+      depthwise::PlaneWork<T> work(ops, G.Cg, G.Coutg, ws.get(omp_get_thread_num()));
 #pragma omp for schedule(static)
       for (int64_t g = 0; g < G.G; ++g)
         group(work, acc_ws.get(omp_get_thread_num()), g, nullptr, gw, gb);

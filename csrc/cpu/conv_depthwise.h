@@ -127,6 +127,58 @@ inline __attribute__((always_inline)) void correlate_flat_body(const T* src, con
   }
 }
 
+// OB output planes at once from cin input planes (a group's): for o < OB,
+// out[o * out_step + q] = init[o] (0 if null) + sum over planes c < cin and
+// taps t of w[o * w_o + c * w_c + t] * src[c * src_step + off[t] + q], for q
+// in [q0, q1), in blocks of NV vectors (written up to the block's end).
+// Sums in the order c, then t: with one plane, correlate_flat_body's. Each
+// input vector loaded feeds OB products, where one output at a time took a
+// load per product and a reload of its partial sums per plane.
+template <typename T, typename V, int OB, int NV>
+inline __attribute__((always_inline)) void correlate_planes_block(
+    const T* src, int64_t src_step, int64_t cin, const int64_t* off, const T* w, int64_t w_o,
+    int64_t w_c, int64_t taps, const T* init, int64_t q0, int64_t q1, T* out,
+    int64_t out_step) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  static_assert(NV * L <= kFlatSlack, "a block must fit in the slack");
+  for (int64_t q = q0; q < q1; q += NV * L) {
+    V acc[OB][NV];
+    for (int o = 0; o < OB; ++o)
+      for (int v = 0; v < NV; ++v) acc[o][v] = V{} + (init ? init[o] : T(0));
+    for (int64_t c = 0; c < cin; ++c) {
+      const T* sc = src + c * src_step + q;
+      const T* wc = w + c * w_c;
+      for (int64_t t = 0; t < taps; ++t) {
+        V sv[NV];
+        for (int v = 0; v < NV; ++v) simd::load_vec(sv[v], sc + off[t] + v * L);
+        for (int o = 0; o < OB; ++o) {
+          const V wv = V{} + wc[o * w_o + t];
+          for (int v = 0; v < NV; ++v) acc[o][v] += wv * sv[v];
+        }
+      }
+    }
+    for (int o = 0; o < OB; ++o)
+      for (int v = 0; v < NV; ++v) simd::store_vec(out + o * out_step + q + v * L, acc[o][v]);
+  }
+}
+
+// correlate_planes_block over nout output planes, four at a time.
+template <typename T, typename V, int NV>
+inline __attribute__((always_inline)) void correlate_planes_body(
+    const T* src, int64_t src_step, int64_t cin, const int64_t* off, const T* w, int64_t w_o,
+    int64_t w_c, int64_t taps, const T* init, int64_t nout, int64_t q0, int64_t q1, T* out,
+    int64_t out_step) {
+  int64_t o = 0;
+  for (; o + 4 <= nout; o += 4)
+    correlate_planes_block<T, V, 4, NV>(src, src_step, cin, off, w + o * w_o, w_o, w_c, taps,
+                                        init ? init + o : nullptr, q0, q1, out + o * out_step,
+                                        out_step);
+  for (; o < nout; ++o)
+    correlate_planes_block<T, V, 1, NV>(src, src_step, cin, off, w + o * w_o, w_o, w_c, taps,
+                                        init ? init + o : nullptr, q0, q1, out + o * out_step,
+                                        out_step);
+}
+
 // dots[t] = sum_{q < n} a[q] * src[q + off[t]] for G taps at once (one load
 // of a feeds G products); lanes added in order. a is zero past n.
 template <typename T, typename V, int G>
@@ -274,11 +326,14 @@ struct FlatKernels {
                     T init, int64_t q0, int64_t q1, T* out);
   void (*tap_dots)(const T* a, const T* src, const int64_t* off, int64_t taps, int64_t n,
                    T* dots);
+  void (*correlate_planes)(const T* src, int64_t src_step, int64_t cin, const int64_t* off,
+                           const T* w, int64_t w_o, int64_t w_c, int64_t taps, const T* init,
+                           int64_t nout, int64_t q0, int64_t q1, T* out, int64_t out_step);
   void (*split_pairs)(const T* src, int64_t n, T* even, T* odd);
   void (*join_pairs)(const T* even, const T* odd, int64_t n, T* dst);
 };
 
-#define CONVCORE_FLAT_KERNELS(T, NAME, TARGET, V, NV)                                         \
+#define CONVCORE_FLAT_KERNELS(T, NAME, TARGET, V, NV, NV_PLANES)                              \
   TARGET inline void correlate_##NAME(const T* src, const int64_t* off, const T* w,           \
                                       int64_t taps, bool accumulate, T init, int64_t q0,      \
                                       int64_t q1, T* out) {                                   \
@@ -287,6 +342,13 @@ struct FlatKernels {
   TARGET inline void tap_dots_##NAME(const T* a, const T* src, const int64_t* off,            \
                                      int64_t taps, int64_t n, T* dots) {                      \
     tap_dots_body<T, V>(a, src, off, taps, n, dots);                                          \
+  }                                                                                           \
+  TARGET inline void correlate_planes_##NAME(                                                 \
+      const T* src, int64_t src_step, int64_t cin, const int64_t* off, const T* w, int64_t w_o, \
+      int64_t w_c, int64_t taps, const T* init, int64_t nout, int64_t q0, int64_t q1, T* out,  \
+      int64_t out_step) {                                                                     \
+    correlate_planes_body<T, V, NV_PLANES>(src, src_step, cin, off, w, w_o, w_c, taps, init,  \
+                                           nout, q0, q1, out, out_step);                      \
   }                                                                                           \
   TARGET inline void split_pairs_##NAME(const T* src, int64_t n, T* even, T* odd) {           \
     split_pairs_body<T, V>(src, n, even, odd);                                                \
@@ -297,18 +359,22 @@ struct FlatKernels {
 #if defined(CONVCORE_HAVE_VECTOR_TYPES)
 // The portable level: 16-byte vectors, which every target GCC and Clang
 // support lower to (SSE2 on any x86-64).
-CONVCORE_FLAT_KERNELS(float, generic_f, , simd::f32x4, 4)
-CONVCORE_FLAT_KERNELS(double, generic_d, , simd::f64x2, 4)
+// (Four outputs at once by NV_PLANES vectors: 4 x 4 sums in registers with
+// AVX-512's 32, 4 x 2 with the 16 of AVX2 and SSE.)
+CONVCORE_FLAT_KERNELS(float, generic_f, , simd::f32x4, 4, 2)
+CONVCORE_FLAT_KERNELS(double, generic_d, , simd::f64x2, 4, 2)
 #else
-CONVCORE_FLAT_KERNELS(float, generic_f, , float, 8)
-CONVCORE_FLAT_KERNELS(double, generic_d, , double, 8)
+CONVCORE_FLAT_KERNELS(float, generic_f, , float, 8, 2)
+CONVCORE_FLAT_KERNELS(double, generic_d, , double, 8, 2)
 #endif
 #if defined(CONVCORE_HAVE_VECTOR_TYPES) && defined(__x86_64__)
 #define CONVCORE_FLAT_X86 1
-CONVCORE_FLAT_KERNELS(float, avx2_f, __attribute__((target("avx2,fma"))), simd::f32x8, 4)
-CONVCORE_FLAT_KERNELS(double, avx2_d, __attribute__((target("avx2,fma"))), simd::f64x4, 4)
-CONVCORE_FLAT_KERNELS(float, avx512_f, __attribute__((target("avx512f,fma"))), simd::f32x16, 4)
-CONVCORE_FLAT_KERNELS(double, avx512_d, __attribute__((target("avx512f,fma"))), simd::f64x8, 4)
+CONVCORE_FLAT_KERNELS(float, avx2_f, __attribute__((target("avx2,fma"))), simd::f32x8, 4, 2)
+CONVCORE_FLAT_KERNELS(double, avx2_d, __attribute__((target("avx2,fma"))), simd::f64x4, 4, 2)
+CONVCORE_FLAT_KERNELS(float, avx512_f, __attribute__((target("avx512f,fma"))), simd::f32x16, 4,
+                      4)
+CONVCORE_FLAT_KERNELS(double, avx512_d, __attribute__((target("avx512f,fma"))), simd::f64x8, 4,
+                      4)
 #endif
 #undef CONVCORE_FLAT_KERNELS
 
@@ -318,16 +384,22 @@ FlatKernels<T> flat_kernels() {
 #if defined(CONVCORE_FLAT_X86)
   const int level = gemm::isa_level();
   if (level == 2) {
-    if constexpr (f) return {correlate_avx512_f, tap_dots_avx512_f, split_pairs_avx512_f, join_pairs_avx512_f};
-    else return {correlate_avx512_d, tap_dots_avx512_d, split_pairs_avx512_d, join_pairs_avx512_d};
+    if constexpr (f) return {correlate_avx512_f, tap_dots_avx512_f, correlate_planes_avx512_f,
+            split_pairs_avx512_f, join_pairs_avx512_f};
+    else return {correlate_avx512_d, tap_dots_avx512_d, correlate_planes_avx512_d,
+            split_pairs_avx512_d, join_pairs_avx512_d};
   }
   if (level == 1) {
-    if constexpr (f) return {correlate_avx2_f, tap_dots_avx2_f, split_pairs_avx2_f, join_pairs_avx2_f};
-    else return {correlate_avx2_d, tap_dots_avx2_d, split_pairs_avx2_d, join_pairs_avx2_d};
+    if constexpr (f) return {correlate_avx2_f, tap_dots_avx2_f, correlate_planes_avx2_f,
+            split_pairs_avx2_f, join_pairs_avx2_f};
+    else return {correlate_avx2_d, tap_dots_avx2_d, correlate_planes_avx2_d,
+            split_pairs_avx2_d, join_pairs_avx2_d};
   }
 #endif
-  if constexpr (f) return {correlate_generic_f, tap_dots_generic_f, split_pairs_generic_f, join_pairs_generic_f};
-  else return {correlate_generic_d, tap_dots_generic_d, split_pairs_generic_d, join_pairs_generic_d};
+  if constexpr (f) return {correlate_generic_f, tap_dots_generic_f, correlate_planes_generic_f,
+            split_pairs_generic_f, join_pairs_generic_f};
+  else return {correlate_generic_d, tap_dots_generic_d, correlate_planes_generic_d,
+            split_pairs_generic_d, join_pairs_generic_d};
 }
 
 // Copies n elements src[0], src[step], ... to dst[0:n].
@@ -475,11 +547,16 @@ struct PlaneOps {
   // The staging plane, then one staging row (split only).
   int64_t stage_size() const { return split ? stage_rows * stage_w + kFlatSlack : 0; }
   int64_t stage_row_size() const { return split ? stage_w + kFlatSlack : 0; }
-  // T elements of one thread's scratch: PlaneWork's buffers for `cin`
-  // input planes.
-  int64_t scratch_size(int64_t cin = 1) const {
-    return 2 * cin * padded() + (flat ? gy_margin() + padded() : 0) + 2 * p.taps() +
-           stage_size() + stage_row_size();
+  // Planes of grad_input, which the forward's wide outputs (up to four)
+  // use too.
+  static int64_t grad_planes(int64_t cin, int64_t cout) {
+    return std::max(cin, std::min<int64_t>(cout, 4));
+  }
+  // T elements of one thread's scratch: PlaneWork's buffers for a group of
+  // cin input and cout output planes.
+  int64_t scratch_size(int64_t cin, int64_t cout) const {
+    return (cin + grad_planes(cin, cout)) * padded() + (flat ? gy_margin() + padded() : 0) +
+           p.taps() + cout * cin * p.taps() + stage_size() + stage_row_size();
   }
   // The input plane x (H x W at strides xs_h, xs_w) into the padded
   // buffer's interior; the padding stays as the caller left it: zeros (for
@@ -530,11 +607,11 @@ struct PlaneOps {
 template <typename T>
 class PlaneWork {
  public:
-  PlaneWork(const PlaneOps<T>& ops, int64_t cin, T* scratch)
+  PlaneWork(const PlaneOps<T>& ops, int64_t cin, int64_t cout, T* scratch)
       : ops_(ops), cin_(cin), xbuf_(scratch), gbuf_(xbuf_ + cin * ops.padded()),
-        gyz_(gbuf_ + cin * ops.padded()),
+        gyz_(gbuf_ + PlaneOps<T>::grad_planes(cin, cout) * ops.padded()),
         dots_(gyz_ + (ops.flat ? ops.gy_margin() + ops.padded() : 0)),
-        wtaps_(dots_ + ops.p.taps()), stage_(wtaps_ + ops.p.taps()),
+        wtaps_(dots_ + ops.p.taps()), stage_(wtaps_ + cout * cin * ops.p.taps()),
         stage_row_(stage_ + ops.stage_size()) {
     // The inputs' padding, and the gaps between gy's rows and its margins,
     // stay zero from here on.
@@ -548,16 +625,44 @@ class PlaneWork {
     ops_.pad_plane(x, xbuf_ + c * ops_.padded(), stage_);
   }
 
-  // out (Ho x Wo) = bias + the loaded inputs correlated with w (cin x taps).
-  void forward(const T* w, T bias, T* out) {
+  // Output planes o < nout (Ho x Wo, out_step apart) = bias[o] (0 if bias
+  // is null) + the loaded inputs correlated with w (nout x cin x taps).
+  void forward(const T* w, const T* bias, int64_t nout, T* out, int64_t out_step) {
     const Plane& p = ops_.p;
-    if (!ops_.flat) return forward_padded(p, xbuf_, w, bias, out);
-    // Outputs row_step wide into gbuf (free in the forward), then the Wo columns.
-    const int64_t step = ops_.row_step, taps = p.taps();
-    for (int64_t c = 0; c < cin_; ++c)
-      ops_.k.correlate(xbuf_ + c * ops_.padded(), ops_.off.data(), flat_taps(w + c * taps), taps,
-                       c > 0, bias, 0, ops_.flat_length, gbuf_);
-    for (int64_t oh = 0; oh < p.Ho; ++oh) copy_row(gbuf_ + oh * step, p.Wo, out + oh * p.Wo);
+    const int64_t taps = p.taps(), filter = cin_ * taps, padded = ops_.padded();
+    if (!ops_.flat) {  // one input plane
+      for (int64_t o = 0; o < nout; ++o)
+        forward_padded(p, xbuf_, w + o * taps, bias ? bias[o] : T(0), out + o * out_step);
+      return;
+    }
+    const T* wt = w;
+    if (ops_.split) {
+      for (int64_t k = 0; k < nout * cin_; ++k)
+        for (int64_t t = 0; t < taps; ++t) wtaps_[k * taps + t] = w[k * taps + ops_.order[t]];
+      wt = wtaps_;
+    }
+    // Row_step wide into gbuf (free in the forward), then their Wo columns;
+    // one plane's outputs one at a time (depthwise: correlate_planes is
+    // 5-10% slower there), else four at a time.
+    const int64_t step = ops_.row_step;
+    if (cin_ == 1) {
+      for (int64_t o = 0; o < nout; ++o) {
+        ops_.k.correlate(xbuf_, ops_.off.data(), wt + o * taps, taps, false,
+                         bias ? bias[o] : T(0), 0, ops_.flat_length, gbuf_);
+        for (int64_t oh = 0; oh < p.Ho; ++oh)
+          copy_row(gbuf_ + oh * step, p.Wo, out + o * out_step + oh * p.Wo);
+      }
+      return;
+    }
+    for (int64_t o0 = 0; o0 < nout; o0 += 4) {
+      const int64_t m = std::min<int64_t>(4, nout - o0);
+      ops_.k.correlate_planes(xbuf_, padded, cin_, ops_.off.data(), wt + o0 * filter, filter,
+                              taps, taps, bias ? bias + o0 : nullptr, m, 0, ops_.flat_length,
+                              gbuf_, padded);
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t oh = 0; oh < p.Ho; ++oh)
+          copy_row(gbuf_ + j * padded + oh * step, p.Wo, out + (o0 + j) * out_step + oh * p.Wo);
+    }
   }
 
   // Adds one output channel's gradient gy (Ho x Wo, contiguous), made with

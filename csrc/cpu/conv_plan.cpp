@@ -225,23 +225,26 @@ ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
 }
 
 // Grouped layers with few channels per group run plane by plane: the direct
-// and GEMM kernels put output channels in vector lanes, which 4 or 8 of
-// them fill a quarter or half of. ResNeXt-50's 3x3 layers (2 threads,
-// against the direct path, docs/training.md): 4 channels per group 2-4x
-// faster forward and backward, 8 channels 1.3-1.7x, 16 channels slower.
-constexpr int64_t kGroupedMostChannels = 8;
-bool grouped_pays(const ConvGeometry& G) {
-  return G.G > 1 && G.Cg > 1 && G.Cg <= kGroupedMostChannels &&
-         G.Coutg <= kGroupedMostChannels && grouped_planes_fit(G);
+// and GEMM kernels put output channels in vector lanes, which 4 to 16 of
+// them fill a quarter to half of (AVX-512; AVX2's 8 lanes take two
+// registers of outputs). ResNeXt-50's 3x3 layers, 2 threads, against the
+// direct path (docs/training.md): forward 2-7x faster with 4 to 32
+// channels per group (four output planes summed at once); backward
+// (grad_input and grad_weight a pair of planes at a time) 2-4x faster with
+// 4 and 8, level to 1.4x with 16, 2-3x slower with 32.
+constexpr int64_t kGroupedMostChannels[2] = {32, 16};  // forward, backward
+bool grouped_pays(const ConvGeometry& G, ConvPass pass) {
+  const int64_t most = kGroupedMostChannels[pass == ConvPass::Forward ? 0 : 1];
+  return G.G > 1 && G.Cg > 1 && G.Cg <= most && G.Coutg <= most && grouped_planes_fit(G);
 }
 
 // Resolves Auto, and checks that an algorithm asked for by name applies.
-ConvAlgorithm choose_algorithm(const ConvGeometry& G, DType dtype) {
+ConvAlgorithm choose_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
   const bool depthwise = G.Cg == 1 && G.G > 1;
   switch (G.p.algorithm) {
     case ConvAlgorithm::Auto:
       if (depthwise) return ConvAlgorithm::Depthwise;
-      if (grouped_pays(G)) return ConvAlgorithm::Grouped;
+      if (grouped_pays(G, pass)) return ConvAlgorithm::Grouped;
       if (blocked_winograd(G, dtype)) {
         const ConvAlgorithm w = blocked_winograd_choice(G);
         if (w != ConvAlgorithm::Auto) return w;
@@ -434,7 +437,7 @@ ConvPlan plan_for_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
 
 ConvPlan rule_plan(const ConvGeometry& G, ConvPass pass, DType dtype) {
   ConvGeometry R = G;
-  R.p.algorithm = choose_algorithm(G, dtype);
+  R.p.algorithm = choose_algorithm(G, pass, dtype);
   return plan_for_algorithm(R, pass, dtype);
 }
 
