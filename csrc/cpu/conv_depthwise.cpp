@@ -76,10 +76,14 @@ void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
     for (int64_t n = 0; n < G.N; ++n) {
       for (int64_t c = 0; gw_ && c < G.Cg; ++c)
         work.load_input(x + n * G.xs_n + (g * G.Cg + c) * G.xs_c, c);
+      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P;
+      if (G.Cg > 1 && (gw_ || gx_))
+        work.add_group_grad(gyg, G.Coutg, G.P, weight + g * G.Coutg * filter,
+                            gw_ ? acc : nullptr, gx_ != nullptr);
       for (int64_t m = 0; m < G.Coutg; ++m) {
         const int64_t o = g * G.Coutg + m;
-        const T* gyp = gy + (n * G.Cout + o) * G.P;
-        if (gw_ || gx_)
+        const T* gyp = gyg + m * G.P;
+        if (G.Cg == 1 && (gw_ || gx_))
           work.add_output_grad(gyp, weight + o * filter, gw_ ? acc + m * filter : nullptr,
                                gx_ != nullptr, m == 0);
         if (gb_) bias_acc[m] += detail::sum_to_double(gyp, G.P);
@@ -112,10 +116,13 @@ void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
       depthwise::PlaneWork<T> work(ops, G.Cg, G.Coutg, ws.get(omp_get_thread_num()));
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < G.N * G.G; ++t) {
-        const int64_t n = t / G.G, g = t % G.G;
-        for (int64_t o = g * G.Coutg; o < (g + 1) * G.Coutg; ++o)
+        const int64_t n = t / G.G, g = t % G.G, o0 = g * G.Coutg;
+        if (G.Cg > 1)
+          work.add_group_grad(gy + (n * G.Cout + o0) * G.P, G.Coutg, G.P, weight + o0 * filter,
+                              nullptr, true);
+        for (int64_t o = o0; G.Cg == 1 && o < o0 + G.Coutg; ++o)
           work.add_output_grad(gy + (n * G.Cout + o) * G.P, weight + o * filter, nullptr, true,
-                               o == g * G.Coutg);
+                               o == o0);
         for (int64_t c = 0; c < G.Cg; ++c)
           work.store_grad_input(gx + (n * G.C + g * G.Cg + c) * G.H * G.W, c);
       }

@@ -547,6 +547,10 @@ struct PlaneOps {
   // The staging plane, then one staging row (split only).
   int64_t stage_size() const { return split ? stage_rows * stage_w + kFlatSlack : 0; }
   int64_t stage_row_size() const { return split ? stage_w + kFlatSlack : 0; }
+  // gy planes laid out wide (flat only): one at a time for one input
+  // plane, all of a group's at once for more; wide_step() apart.
+  int64_t wide_planes(int64_t cin, int64_t cout) const { return flat ? (cin > 1 ? cout : 1) : 0; }
+  int64_t wide_step() const { return gy_margin() + padded(); }
   // Planes of grad_input, which the forward's wide outputs (up to four)
   // use too.
   static int64_t grad_planes(int64_t cin, int64_t cout) {
@@ -555,7 +559,7 @@ struct PlaneOps {
   // T elements of one thread's scratch: PlaneWork's buffers for a group of
   // cin input and cout output planes.
   int64_t scratch_size(int64_t cin, int64_t cout) const {
-    return (cin + grad_planes(cin, cout)) * padded() + (flat ? gy_margin() + padded() : 0) +
+    return (cin + grad_planes(cin, cout)) * padded() + wide_planes(cin, cout) * wide_step() +
            p.taps() + cout * cin * p.taps() + stage_size() + stage_row_size();
   }
   // The input plane x (H x W at strides xs_h, xs_w) into the padded
@@ -610,7 +614,7 @@ class PlaneWork {
   PlaneWork(const PlaneOps<T>& ops, int64_t cin, int64_t cout, T* scratch)
       : ops_(ops), cin_(cin), xbuf_(scratch), gbuf_(xbuf_ + cin * ops.padded()),
         gyz_(gbuf_ + PlaneOps<T>::grad_planes(cin, cout) * ops.padded()),
-        dots_(gyz_ + (ops.flat ? ops.gy_margin() + ops.padded() : 0)),
+        dots_(gyz_ + ops.wide_planes(cin, cout) * ops.wide_step()),
         wtaps_(dots_ + ops.p.taps()), stage_(wtaps_ + cout * cin * ops.p.taps()),
         stage_row_(stage_ + ops.stage_size()) {
     // The inputs' padding, and the gaps between gy's rows and its margins,
@@ -699,6 +703,43 @@ class PlaneWork {
     }
   }
 
+  // A group's gradients (more than one input plane: flat), from its cout
+  // output channels' gradients gy (Ho x Wo each, P apart) made with weights
+  // w (cout x cin x taps): into gw (cout x cin x taps, in double) unless
+  // null, reading the loaded inputs, and the grad_input planes if
+  // with_grad_input. The same sums as add_output_grad's for each output.
+  void add_group_grad(const T* gy, int64_t cout, int64_t P, const T* w, double* gw,
+                      bool with_grad_input) {
+    const Plane& p = ops_.p;
+    const int64_t step = ops_.row_step, taps = p.taps(), wide_step = ops_.wide_step();
+    T* wide = gyz_ + ops_.gy_margin();
+    for (int64_t o = 0; o < cout; ++o)
+      for (int64_t oh = 0; oh < p.Ho; ++oh)
+        copy_row(gy + o * P + oh * p.Wo, p.Wo, wide + o * wide_step + oh * step);
+    for (int64_t o = 0; gw && o < cout; ++o)
+      for (int64_t c = 0; c < cin_; ++c) {
+        ops_.k.tap_dots(wide + o * wide_step, xbuf_ + c * ops_.padded(), ops_.off.data(), taps,
+                        ops_.flat_length, dots_);
+        double* g = gw + (o * cin_ + c) * taps;
+        for (int64_t t = 0; t < taps; ++t) g[ops_.order[t]] += dots_[t];
+      }
+    if (!with_grad_input) return;
+    // The filters transposed (cin x cout x taps, taps in flat order); each
+    // phase plane of grad_input sums its taps over the gy planes, four
+    // input planes at a time.
+    for (int64_t c = 0; c < cin_; ++c)
+      for (int64_t o = 0; o < cout; ++o)
+        for (int64_t t = 0; t < taps; ++t)
+          wtaps_[(c * cout + o) * taps + t] = w[(o * cin_ + c) * taps + ops_.order[t]];
+    for (int64_t f = 0; f < p.phases(); ++f) {
+      const int64_t t0 = ops_.phase_first[f], n = ops_.phase_first[f + 1] - t0;
+      if (ops_.phase_q0[f] < ops_.phase_q1[f])
+        ops_.k.correlate_planes(wide, wide_step, cout, ops_.back.data() + t0, wtaps_ + t0,
+                                cout * taps, taps, n, nullptr, cin_, ops_.phase_q0[f],
+                                ops_.phase_q1[f], gbuf_ + f * ops_.plane_step, ops_.padded());
+    }
+  }
+
   // Grad_input plane c's interior into gx (H x W, contiguous).
   void store_grad_input(T* gx, int64_t c = 0) {
     ops_.store_interior(gbuf_ + c * ops_.padded(), stage_row_, gx);
@@ -716,7 +757,7 @@ class PlaneWork {
   int64_t cin_;
   T* xbuf_;   // the padded input planes
   T* gbuf_;   // the padded grad_input planes (the first: the forward's wide output)
-  T* gyz_;    // gy row_step wide between zero margins (flat only)
+  T* gyz_;    // gy planes row_step wide between zero margins (flat only)
   T* dots_;   // one plane's tap sums
   T* wtaps_;  // the weights in the flat kernels' tap order
   T* stage_;      // the staging plane (split only)

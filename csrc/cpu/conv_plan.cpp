@@ -229,9 +229,9 @@ ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
 // them fill a quarter to half of (AVX-512; AVX2's 8 lanes take two
 // registers of outputs). ResNeXt-50's 3x3 layers, 2 threads, against the
 // direct path (docs/training.md): forward 2-7x faster with 4 to 32
-// channels per group (four output planes summed at once); backward
-// (grad_input and grad_weight a pair of planes at a time) 2-4x faster with
-// 4 and 8, level to 1.4x with 16, 2-3x slower with 32.
+// channels per group (four output planes summed at once); backward 4-10x
+// faster with 4 and 8, 1.4-1.9x with 16, and with 32 from 0.4x (7x7, batch
+// 16) to 1.3x (grad_weight takes a pair of planes at a time).
 constexpr int64_t kGroupedMostChannels[2] = {32, 16};  // forward, backward
 bool grouped_pays(const ConvGeometry& G, ConvPass pass) {
   const int64_t most = kGroupedMostChannels[pass == ConvPass::Forward ? 0 : 1];
