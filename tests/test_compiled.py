@@ -244,12 +244,10 @@ def test_squeeze_and_excitation_and_every_activation():
 
 
 @pytest.mark.parametrize("cin,cout,groups,stride,dilation", [
-    (128, 128, 32, 1, 1),  # ResNeXt's 4 channels per group: two groups per block
-    (64, 64, 8, 2, 1),     # 8 per group: one block per group
     (96, 96, 6, 1, 1),     # 16 per group: panels of two blocks
     (64, 128, 2, 1, 2),    # 32 in, 64 out per group, dilated
-    (12, 18, 3, 2, 1),     # groups across block edges, pad lanes
-    (10, 20, 5, 1, 1),     # 2 in, 4 out per group
+    (36, 54, 3, 2, 1),     # 12 in, 18 out per group: groups across block edges, pad lanes
+    (20, 40, 2, 1, 1),     # 10 in, 20 out per group
 ])
 def test_grouped_convolutions_run_blocked(cin, cout, groups, stride, dilation):
     convcore.manual_seed(0)
@@ -261,6 +259,26 @@ def test_grouped_convolutions_run_blocked(cin, cout, groups, stride, dilation):
     assert rel_diff(compiled(x), model(x)) <= 1e-5
     plan = compiled.plan(2)
     assert "conv(core)" not in plan and plan.count("reorder") == 2, plan
+
+
+@pytest.mark.parametrize("cin,cout,groups,stride", [
+    (128, 128, 32, 1),  # ResNeXt's 4 channels per group
+    (64, 64, 8, 2),     # 8 per group, strided
+    (12, 18, 3, 2),     # 4 in, 6 out per group
+    (10, 20, 5, 1),     # 2 in, 4 out per group
+])
+def test_grouped_convolutions_with_few_channels_per_group_run_plain(cin, cout, groups, stride):
+    """Up to 8 channels per group (in and out), the engine runs a grouped
+    layer on the core's plain-layout op (its 'grouped' algorithm, plane by
+    plane), between the blocked 1x1 layers around it."""
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cin, 1), nn.BatchNorm2d(cin), nn.ReLU(),
+                          nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups),
+                          nn.BatchNorm2d(cout), nn.ReLU(), nn.Conv2d(cout, 16, 1))
+    compiled, model, x = compiled_and_eager(model, (cin, 11, 9))
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    plan = compiled.plan(2)
+    assert plan.count("conv(core)") == 1 and plan.count("reorder") >= 2, plan
 
 
 def test_layers_that_stay_plain_and_their_reorders():

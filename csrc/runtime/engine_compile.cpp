@@ -285,7 +285,12 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
         conv_weights(f, reload != nullptr, s.weight, s.bias);
         if (reload) released = true;
         const bool depthwise = a.p.groups == a.in && a.in == a.out;
-        if (blk && a.mode == PadMode::Zeros) {
+        // Groups of a few channels (ResNeXt's) run plane by plane in the
+        // plain layout (the eager op's 'grouped' algorithm): the blocked
+        // kernels put a group's few output channels in a vector's lanes.
+        const bool few_per_group = !depthwise && a.p.groups > 1 && a.in / a.p.groups <= 8 &&
+                                   a.out / a.p.groups <= 8;
+        if (blk && a.mode == PadMode::Zeros && !few_per_group) {
           const int64_t cpad = blocked::round_up(a.out, B);
           s.bias_blocked = padded_floats(s.bias, cpad);
           if (depthwise) {
