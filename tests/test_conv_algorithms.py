@@ -754,3 +754,28 @@ def test_auto_picks_grouped_per_pass(two_threads):
     check(64, 4, "grouped", "grouped")    # 16
     check(128, 4, "grouped", "direct")    # 32
     check(128, 2, "direct", "direct")     # 64
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("algorithm", ["auto", "pointwise", "gemm"])
+def test_one_by_one_on_one_pixel_images(dtype, algorithm):
+    """A 1x1 convolution of 1x1 images (squeeze-and-excitation's gates):
+    auto and 'pointwise' run it as a linear layer over the batch. Against
+    the reference, forward and backward, with a strided input and output
+    gradient, with and without bias, and the edge of no images."""
+    rng = np.random.default_rng(11)
+    for n, c, o in ((1, 64, 16), (16, 96, 24), (3, 5, 7)):
+        x = rng.standard_normal((n, 2 * c, 1, 1)).astype(dtype)[:, ::2]  # strided channels
+        w = rng.standard_normal((o, c, 1, 1)).astype(dtype)
+        b = rng.standard_normal(o).astype(dtype)
+        for bias in (b, None):
+            y = convcore.conv2d(x, w, bias, algorithm=algorithm)
+            assert_close(y, ref.conv2d_ref(x, w, bias), dtype, what="forward")
+        gy = rng.standard_normal((n, 2 * o, 1, 1)).astype(dtype)[:, ::2]
+        got = convcore.conv2d_backward(gy, x, w, algorithm=algorithm)
+        for g, want, what in zip(got, ref.conv2d_backward_ref(gy, x, w),
+                                 ("grad_input", "grad_weight", "grad_bias")):
+            assert_close(g, want, dtype, what=what)
+    empty = convcore.conv2d(np.zeros((0, 4, 1, 1), dtype), np.ones((3, 4, 1, 1), dtype),
+                            algorithm=algorithm)
+    assert empty.shape == (0, 3, 1, 1)
