@@ -225,8 +225,10 @@ inline __attribute__((always_inline)) void split_vector(const V& a, const V& b, 
 #if defined(CONVCORE_HAVE_VECTOR_TYPES)
   using namespace simd;
   if constexpr (L == 16) {
-    even = CONVCORE_SHUFFLE(i32x16, a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    odd = CONVCORE_SHUFFLE(i32x16, a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    even = CONVCORE_SHUFFLE(i32x16, a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                            30);
+    odd = CONVCORE_SHUFFLE(i32x16, a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                           31);
   } else if constexpr (L == 8 && sizeof(T) == 4) {
     even = CONVCORE_SHUFFLE(i32x8, a, b, 0, 2, 4, 6, 8, 10, 12, 14);
     odd = CONVCORE_SHUFFLE(i32x8, a, b, 1, 3, 5, 7, 9, 11, 13, 15);
