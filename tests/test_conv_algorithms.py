@@ -733,25 +733,33 @@ def test_grouped_planes(dtype, cin, cout, groups, hw, kw):
 
 
 def test_auto_picks_grouped_per_pass(two_threads):
-    """grouped_pays (csrc/cpu/conv_plan.cpp): the forward runs plane by
-    plane up to 32 channels per group, the backward up to 16; beyond, and
-    for a layer that is not grouped, the direct kernel. Bitwise the named
-    algorithm's results."""
+    """grouped_pays (csrc/cpu/conv_plan.cpp): up to 32 channels per group
+    the forward and grad_input run plane by plane, and grad_weight too up to
+    8; beyond 8 auto takes grad_weight from the direct path (by name,
+    'grouped' keeps it plane by plane); beyond 32 everything is direct.
+    Bitwise the named algorithms' results."""
     rng = np.random.default_rng(10)
 
-    def check(cin, groups, forward_by, backward_by):
+    def check(cin, groups, by, grad_weight_by):
         x = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
         w = rng.standard_normal((cin, cin // groups, 3, 3)).astype(np.float32)
         gy = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
         kw = dict(padding=1, groups=groups)
         np.testing.assert_array_equal(convcore.conv2d(x, w, **kw),
-                                      convcore.conv2d(x, w, algorithm=forward_by, **kw))
-        for a, b in zip(convcore.conv2d_backward(gy, x, w, **kw),
-                        convcore.conv2d_backward(gy, x, w, algorithm=backward_by, **kw)):
-            np.testing.assert_array_equal(a, b)
+                                      convcore.conv2d(x, w, algorithm=by, **kw))
+        auto = convcore.conv2d_backward(gy, x, w, **kw)
+        named = convcore.conv2d_backward(gy, x, w, algorithm=by, **kw)
+        np.testing.assert_array_equal(auto[0], named[0])
+        np.testing.assert_array_equal(auto[2], named[2])
+        np.testing.assert_array_equal(
+            auto[1], convcore.conv2d_backward(gy, x, w, algorithm=grad_weight_by, **kw)[1])
+        # grad_weight alone (the plane pass skipped) gives the same bits
+        alone = convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False), **kw)[1]
+        np.testing.assert_array_equal(alone, auto[1])
 
     check(64, 16, "grouped", "grouped")   # 4 per group
-    check(64, 4, "grouped", "grouped")    # 16
+    check(64, 8, "grouped", "grouped")    # 8
+    check(64, 4, "grouped", "direct")     # 16
     check(128, 4, "grouped", "direct")    # 32
     check(128, 2, "direct", "direct")     # 64
 

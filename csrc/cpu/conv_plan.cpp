@@ -229,22 +229,24 @@ ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
 // them fill a quarter to half of (AVX-512; AVX2's 8 lanes take two
 // registers of outputs). ResNeXt-50's 3x3 layers, 2 threads, against the
 // direct path (docs/training.md): forward 2-7x faster with 4 to 32
-// channels per group (four output planes summed at once); backward 4-10x
-// faster with 4 and 8, 1.4-1.9x with 16, and with 32 from 0.4x (7x7, batch
-// 16) to 1.3x (grad_weight takes a pair of planes at a time).
-constexpr int64_t kGroupedMostChannels[2] = {32, 16};  // forward, backward
-bool grouped_pays(const ConvGeometry& G, ConvPass pass) {
-  const int64_t most = kGroupedMostChannels[pass == ConvPass::Forward ? 0 : 1];
-  return G.G > 1 && G.Cg > 1 && G.Cg <= most && G.Coutg <= most && grouped_planes_fit(G);
+// channels per group (four output planes summed at once), grad_input
+// 1.6-4x with 4 to 16 and 0.8-2.7x with 32. Its grad_weight takes a pair
+// of planes at a time: 1.5-5x faster with 4 and 8 channels, 1.5-7x slower
+// with 16 and 32, which auto leaves to the direct path's grad_weight.
+constexpr int64_t kGroupedMostChannels = 32;
+constexpr int64_t kGroupedGradWeightMostChannels = 8;
+bool grouped_pays(const ConvGeometry& G) {
+  return G.G > 1 && G.Cg > 1 && G.Cg <= kGroupedMostChannels &&
+         G.Coutg <= kGroupedMostChannels && grouped_planes_fit(G);
 }
 
 // Resolves Auto, and checks that an algorithm asked for by name applies.
-ConvAlgorithm choose_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
+ConvAlgorithm choose_algorithm(const ConvGeometry& G, DType dtype) {
   const bool depthwise = G.Cg == 1 && G.G > 1;
   switch (G.p.algorithm) {
     case ConvAlgorithm::Auto:
       if (depthwise) return ConvAlgorithm::Depthwise;
-      if (grouped_pays(G, pass)) return ConvAlgorithm::Grouped;
+      if (grouped_pays(G)) return ConvAlgorithm::Grouped;
       if (blocked_winograd(G, dtype)) {
         const ConvAlgorithm w = blocked_winograd_choice(G);
         if (w != ConvAlgorithm::Auto) return w;
@@ -334,7 +336,10 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
 }
 
 GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
-  if (G.p.algorithm == ConvAlgorithm::Depthwise || G.p.algorithm == ConvAlgorithm::Grouped)
+  // Grouped by name keeps every pass plane by plane.
+  if (G.p.algorithm == ConvAlgorithm::Depthwise ||
+      (G.p.algorithm == ConvAlgorithm::Grouped &&
+       (!G.auto_algorithm || G.Cg <= kGroupedGradWeightMostChannels)))
     return GradWeightPath::Planes;
   if (G.p.algorithm == ConvAlgorithm::Winograd4x4) return GradWeightPath::Winograd4;
   if (G.p.algorithm == ConvAlgorithm::Winograd && winograd2_grad_weight_pays(G))
@@ -437,7 +442,7 @@ ConvPlan plan_for_algorithm(const ConvGeometry& G, ConvPass pass, DType dtype) {
 
 ConvPlan rule_plan(const ConvGeometry& G, ConvPass pass, DType dtype) {
   ConvGeometry R = G;
-  R.p.algorithm = choose_algorithm(G, pass, dtype);
+  R.p.algorithm = choose_algorithm(G, dtype);
   return plan_for_algorithm(R, pass, dtype);
 }
 
