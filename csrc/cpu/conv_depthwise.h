@@ -646,6 +646,7 @@ class PlaneWork {
       for (int64_t k = 0; k < nout * cin_; ++k)
         for (int64_t t = 0; t < taps; ++t) wtaps_[k * taps + t] = w[k * taps + ops_.order[t]];
       wt = wtaps_;
+      transposed_ = nullptr;
     }
     // Row_step wide into gbuf (free in the forward), then their Wo columns;
     // one plane's outputs one at a time (depthwise: correlate_planes is
@@ -671,10 +672,10 @@ class PlaneWork {
     }
   }
 
-  // Adds one output channel's gradient gy (Ho x Wo, contiguous), made with
-  // weights w (cin x taps): into gw (cin x taps, in double) unless null,
-  // reading the loaded inputs, and into the grad_input planes if
-  // with_grad_input (which the group's first output channel starts afresh).
+  // One input plane (depthwise): adds one output channel's gradient gy (Ho x
+  // Wo, contiguous), made with weights w (taps), into gw (taps, in double)
+  // unless null, reading the loaded input, and into the grad_input plane if
+  // with_grad_input (which the plane's first output channel starts afresh).
   void add_output_grad(const T* gy, const T* w, double* gw, bool with_grad_input, bool first) {
     const Plane& p = ops_.p;
     if (!ops_.flat) {
@@ -686,22 +687,18 @@ class PlaneWork {
     const int64_t step = ops_.row_step, taps = p.taps();
     T* wide = gyz_ + ops_.gy_margin();
     for (int64_t oh = 0; oh < p.Ho; ++oh) copy_row(gy + oh * p.Wo, p.Wo, wide + oh * step);
-    for (int64_t c = 0; gw && c < cin_; ++c) {
-      ops_.k.tap_dots(wide, xbuf_ + c * ops_.padded(), ops_.off.data(), taps, ops_.flat_length,
-                      dots_);
-      for (int64_t t = 0; t < taps; ++t) gw[c * taps + ops_.order[t]] += dots_[t];
+    if (gw) {
+      ops_.k.tap_dots(wide, xbuf_, ops_.off.data(), taps, ops_.flat_length, dots_);
+      for (int64_t t = 0; t < taps; ++t) gw[ops_.order[t]] += dots_[t];
     }
     if (!with_grad_input) return;
     // Each phase plane from its own taps, over its rows that hold input.
-    for (int64_t c = 0; c < cin_; ++c) {
-      const T* wt = flat_taps(w + c * taps);
-      T* g = gbuf_ + c * ops_.padded();
-      for (int64_t f = 0; f < p.phases(); ++f) {
-        const int64_t t0 = ops_.phase_first[f], n = ops_.phase_first[f + 1] - t0;
-        if (ops_.phase_q0[f] < ops_.phase_q1[f])
-          ops_.k.correlate(wide, ops_.back.data() + t0, wt + t0, n, !first, T(0),
-                           ops_.phase_q0[f], ops_.phase_q1[f], g + f * ops_.plane_step);
-      }
+    const T* wt = flat_taps(w);
+    for (int64_t f = 0; f < p.phases(); ++f) {
+      const int64_t t0 = ops_.phase_first[f], n = ops_.phase_first[f + 1] - t0;
+      if (ops_.phase_q0[f] < ops_.phase_q1[f])
+        ops_.k.correlate(wide, ops_.back.data() + t0, wt + t0, n, !first, T(0), ops_.phase_q0[f],
+                         ops_.phase_q1[f], gbuf_ + f * ops_.plane_step);
     }
   }
 
@@ -726,13 +723,16 @@ class PlaneWork {
         for (int64_t t = 0; t < taps; ++t) g[ops_.order[t]] += dots_[t];
       }
     if (!with_grad_input) return;
-    // The filters transposed (cin x cout x taps, taps in flat order); each
-    // phase plane of grad_input sums its taps over the gy planes, four
-    // input planes at a time.
-    for (int64_t c = 0; c < cin_; ++c)
-      for (int64_t o = 0; o < cout; ++o)
-        for (int64_t t = 0; t < taps; ++t)
-          wtaps_[(c * cout + o) * taps + t] = w[(o * cin_ + c) * taps + ops_.order[t]];
+    // The filters transposed (cin x cout x taps, taps in flat order), once
+    // for all the images of a group; each phase plane of grad_input sums its
+    // taps over the gy planes, four input planes at a time.
+    if (w != transposed_) {
+      for (int64_t c = 0; c < cin_; ++c)
+        for (int64_t o = 0; o < cout; ++o)
+          for (int64_t t = 0; t < taps; ++t)
+            wtaps_[(c * cout + o) * taps + t] = w[(o * cin_ + c) * taps + ops_.order[t]];
+      transposed_ = w;
+    }
     for (int64_t f = 0; f < p.phases(); ++f) {
       const int64_t t0 = ops_.phase_first[f], n = ops_.phase_first[f + 1] - t0;
       if (ops_.phase_q0[f] < ops_.phase_q1[f])
@@ -752,6 +752,7 @@ class PlaneWork {
   const T* flat_taps(const T* w) {
     if (!ops_.split) return w;
     for (int64_t t = 0; t < ops_.p.taps(); ++t) wtaps_[t] = w[ops_.order[t]];
+    transposed_ = nullptr;
     return wtaps_;
   }
 
@@ -762,6 +763,7 @@ class PlaneWork {
   T* gyz_;    // gy planes row_step wide between zero margins (flat only)
   T* dots_;   // one plane's tap sums
   T* wtaps_;  // the weights in the flat kernels' tap order
+  const T* transposed_ = nullptr;  // the group filters wtaps_ holds transposed
   T* stage_;      // the staging plane (split only)
   T* stage_row_;  // a staging row for grad_input (split only)
 };

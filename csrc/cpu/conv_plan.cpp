@@ -228,11 +228,12 @@ ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
 // and GEMM kernels put output channels in vector lanes, which 4 to 16 of
 // them fill a quarter to half of (AVX-512; AVX2's 8 lanes take two
 // registers of outputs). ResNeXt-50's 3x3 layers, 2 threads, against the
-// direct path (docs/training.md): forward 2-7x faster with 4 to 32
-// channels per group (four output planes summed at once), grad_input
-// 1.6-4x with 4 to 16 and 0.8-2.7x with 32. Its grad_weight takes a pair
-// of planes at a time: 1.5-5x faster with 4 and 8 channels, 1.5-7x slower
-// with 16 and 32, which auto leaves to the direct path's grad_weight.
+// direct path (docs/training.md): forward 1.9-6x faster with 4 to 32
+// channels per group (four output planes summed at once; with 32 and
+// stride 2 at batch 16 0.7-0.95x), grad_input 1.6-6x with 4 to 16 and
+// 0.8-2.7x with 32. Its grad_weight takes a pair of planes at a time:
+// 1.7-5.6x faster with 4 and 8 channels, 1.5-7x slower with 16 and 32,
+// which auto leaves to the direct path's grad_weight.
 constexpr int64_t kGroupedMostChannels = 32;
 constexpr int64_t kGroupedGradWeightMostChannels = 8;
 bool grouped_pays(const ConvGeometry& G) {
