@@ -322,6 +322,59 @@ def test_results_do_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(one(x), compiled(x))
 
 
+def _every_position_split_step():
+    """A convolution, a depthwise one, Winograd, an unfolded batch norm, a
+    squeeze-and-excitation gate, a residual add, a concatenation and both
+    pools, on odd image sizes: every step that splits a small batch by
+    positions."""
+    convcore.manual_seed(0)
+    se = nn.Graph({"pool": nn.AdaptiveAvgPool2d(1), "fc": nn.Conv2d(40, 40, 1), "gate": nn.Sigmoid()},
+                  ["p = pool(x)", "q = fc(p)", "g = gate(q)", "y = mul(x, g)"])
+    body = nn.Graph({"c1": nn.Conv2d(20, 40, 3, padding=1), "dw": nn.Conv2d(40, 40, 5, padding=2, groups=40),
+                     "w3": nn.Conv2d(40, 40, 3, padding=1), "se": se, "bn": nn.BatchNorm2d(80),
+                     "mp": nn.MaxPool2d(3, 2, padding=1), "ap": nn.AvgPool2d(2, ceil_mode=True)},
+                    ["a0 = c1(x)", "a = relu(a0)", "b0 = dw(a)", "b = relu(b0)", "c = w3(b)",
+                     "d = se(c)", "e = add(d, a)", "f = relu(e)", "g = concat(f, b)", "h0 = bn(g)",
+                     "h = relu(h0)", "i = mp(h)", "y = ap(i)"])
+    return nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.ReLU(), body)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_steps_split_by_positions_give_the_same_result_at_every_thread_count(batch):
+    model = _every_position_split_step()
+    # large enough that the elementwise steps take 3 threads (engine.cpp's grain)
+    compiled, model, x = compiled_and_eager(model, (3, 61, 47), batch=batch, threads=1)
+    one = compiled(x)
+    assert rel_diff(one, model(x)) <= 1e-5
+    for kind in ("depthwise", "winograd", "mul", "add", "scale+shift", "maxpool", "avgpool"):
+        assert kind in compiled.summary(print_fn=None), kind
+    for threads in (2, 3, 4):
+        compiled.threads = threads
+        np.testing.assert_array_equal(compiled(x), one)
+    plan = compiled.summary(print_fn=None).splitlines()[2:]
+    assert [int(line.split()[-1]) for line in plan if " add " in line] == [3], plan
+
+
+def test_elementwise_steps_write_over_inputs_that_die_with_them():
+    convcore.manual_seed(0)
+    # a = conv(x) is read by the add alone; the add's output by the mul
+    # alone: both write over their input, so the blocked values need one
+    # buffer of 16 channels (plus the plain output), not three
+    chain = nn.Graph({"conv": nn.Conv2d(3, 16, 3, padding=1)},
+                     ["a = conv(x)", "b = add(a, a)", "y = mul(b, b)"])
+    compiled, chain, x = compiled_and_eager(chain, (3, 8, 8), batch=1)
+    np.testing.assert_allclose(compiled(x), chain(x), rtol=1e-6)
+    text = compiled.summary(print_fn=None)
+    assert "(values 8192," in text, text  # 16 x 8 x 8 floats blocked, and the plain output
+    # an input read again later is not written over; nor is the caller's array
+    keep = nn.Graph({"conv": nn.Conv2d(3, 16, 3, padding=1), "conv2": nn.Conv2d(16, 16, 1)},
+                    ["a = conv(x)", "b = add(a, a)", "c = conv2(b)", "y = mul(c, a)"])
+    compiled, keep, x = compiled_and_eager(keep, (3, 8, 8), batch=2)
+    before = x.copy()
+    np.testing.assert_allclose(compiled(x), keep(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(x, before)
+
+
 def test_summary_profile_and_arena():
     convcore.manual_seed(0)
     model = models.resnet18(num_classes=10, input_size=32)

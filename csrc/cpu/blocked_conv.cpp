@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 
 #include "activation_math.h"
 #include "blocked.h"
@@ -420,14 +421,27 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
       });
       continue;
     }
-    // Tasks: as forward_direct: whole images when there are 8 per thread,
-    // else the panels split first, then the positions.
+    // Tasks: whole images when there are 8 per thread. Else, when the images
+    // outweigh the weights, each image's positions split among the threads
+    // (the elementwise steps and pools split them alike, blocked_ops.cpp): a
+    // thread reads the positions it wrote, where a line written by the
+    // other core costs several times a local one, and the next layer's
+    // writes do not first take lines back from the other core. When the
+    // weights outweigh the images (deep layers on small images), the panels
+    // split first, then the positions, so each core reads part of them.
     const int64_t want = 8 * static_cast<int64_t>(threads);
-    const int64_t oblocks = std::clamp<int64_t>((want + nn - 1) / nn, 1, panels);
+    const bool spatial = nn * (cin_eff * hf * wf + out_blocks * B * P) >= w.taps * w.cout;
+    const int64_t oblocks = spatial ? 1 : std::clamp<int64_t>((want + nn - 1) / nn, 1, panels);
     const int64_t oblock = (panels + oblocks - 1) / oblocks;
     const int64_t ochunks = (panels + oblock - 1) / oblock;
-    const int64_t split = std::max<int64_t>(1, (want + nn * ochunks - 1) / (nn * ochunks));
-    const int64_t pblock = round_up((P + split - 1) / split, MR);
+    // By positions: as few blocks as give every thread the same share (each
+    // 96 positions of a block read all the weights once, so smaller blocks
+    // read them more often), in multiples of 4 positions (the short tiles'
+    // rows); whole images from 8 per thread on.
+    const int64_t split =
+        spatial ? (nn >= want ? 1 : threads / std::gcd<int64_t>(nn, threads))
+                : std::max<int64_t>(1, (want + nn * ochunks - 1) / (nn * ochunks));
+    const int64_t pblock = round_up((P + split - 1) / split, spatial ? 4 : MR);
     const int64_t pblocks = (P + pblock - 1) / pblock;
     const int64_t tasks = nn * ochunks * pblocks;
     auto first_panel = [&](int64_t t) { return ((t / pblocks) % ochunks) * oblock; };

@@ -41,11 +41,13 @@ namespace {
 
 int64_t blocks_of(const Image& t, int64_t B) { return (t.c + B - 1) / B; }
 
-// Splits `units` of work (images x channel blocks x row bands) so that every
-// thread has a few tasks: rows are split only when images x blocks are few.
-int64_t row_bands(int64_t planes, int64_t rows, int threads) {
-  const int64_t want = 4 * static_cast<int64_t>(threads);
-  return std::clamp<int64_t>((want + planes - 1) / planes, 1, rows);
+// Bands of rows per plane: every thread has a few tasks (images x channel
+// blocks x bands), and a batch smaller than the team has its images' rows
+// split among the threads (as for_positions splits positions).
+int64_t row_bands(const Image& out, int threads) {
+  const int64_t planes = out.n * blocks_of(out, block()), want = 4 * static_cast<int64_t>(threads);
+  const int64_t few = (want + planes - 1) / planes, own = (threads + out.n - 1) / out.n;
+  return std::clamp<int64_t>(std::max(few, own), 1, out.h);
 }
 
 // --- depthwise convolution
@@ -179,10 +181,10 @@ CONVCORE_BLOCKED_DISPATCH(depthwise_rows, depthwise_rows_body,
 
 template <int B>
 CONVCORE_ALWAYS_INLINE void max_pool_plane_body(const float* x, int64_t H, int64_t W,
-                                                const Pool2dParams& p, int64_t Ho, int64_t Wo,
-                                                float* y) {
+                                                const Pool2dParams& p, int64_t oh0, int64_t oh1,
+                                                int64_t Wo, float* y) {
   typedef int32_t Bits __attribute__((vector_size(B * sizeof(float))));
-  for (int64_t oh = 0; oh < Ho; ++oh) {
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
     // the window's rows inside the image (ranges, as depthwise_edge)
     const int64_t ih0 = oh * p.stride_h - p.pad_h;
     int64_t i_lo = 0, i_hi = p.kernel_h;
@@ -224,8 +226,8 @@ CONVCORE_ALWAYS_INLINE void max_pool_plane_body(const float* x, int64_t H, int64
 
 CONVCORE_BLOCKED_DISPATCH(max_pool_plane, max_pool_plane_body,
                           (const float* x, int64_t H, int64_t W, const Pool2dParams& p,
-                           int64_t Ho, int64_t Wo, float* y),
-                          (x, H, W, p, Ho, Wo, y))
+                           int64_t oh0, int64_t oh1, int64_t Wo, float* y),
+                          (x, H, W, p, oh0, oh1, Wo, y))
 
 // PyTorch's average-pool window (shapes.h). Windows of up to kFloatSumTaps
 // taps are summed in float, in two chains (a sum in double, with two
@@ -236,10 +238,10 @@ constexpr int64_t kFloatSumTaps = 64;
 
 template <int B>
 CONVCORE_ALWAYS_INLINE void avg_pool_plane_body(const float* x, int64_t H, int64_t W,
-                                                const Pool2dParams& p, int64_t Ho, int64_t Wo,
-                                                float* y) {
+                                                const Pool2dParams& p, int64_t oh0, int64_t oh1,
+                                                int64_t Wo, float* y) {
   const bool in_float = p.kernel_h * p.kernel_w <= kFloatSumTaps;
-  for (int64_t oh = 0; oh < Ho; ++oh)
+  for (int64_t oh = oh0; oh < oh1; ++oh)
     for (int64_t ow = 0; ow < Wo; ++ow) {
       const AvgPoolWindow win = avg_pool_window(H, W, p, oh, ow);
       const int64_t h0 = win.h0, h1 = win.h1, w0 = win.w0, w1 = win.w1, divisor = win.divisor;
@@ -269,8 +271,8 @@ CONVCORE_ALWAYS_INLINE void avg_pool_plane_body(const float* x, int64_t H, int64
 
 CONVCORE_BLOCKED_DISPATCH(avg_pool_plane, avg_pool_plane_body,
                           (const float* x, int64_t H, int64_t W, const Pool2dParams& p,
-                           int64_t Ho, int64_t Wo, float* y),
-                          (x, H, W, p, Ho, Wo, y))
+                           int64_t oh0, int64_t oh1, int64_t Wo, float* y),
+                          (x, H, W, p, oh0, oh1, Wo, y))
 
 // The mean of each lane over hw positions: runs of 64 positions summed in
 // float by four independent chains (one chain waited on the add latency at
@@ -320,39 +322,38 @@ CONVCORE_BLOCKED_DISPATCH(add_run, add_run_body,
                           (const float* const* x, int k, int64_t n, float* y, Act act),
                           (x, k, n, y, act))
 
-// y = x * s over n floats; s per channel block (B lanes, advancing every
-// `per` floats) or, with per == 0, elementwise.
+// y = x * s over n floats: s elementwise, or (broadcast) one vector of B
+// lanes for the whole run (a channel block's gates).
 template <int B>
-CONVCORE_ALWAYS_INLINE void mul_run_body(const float* x, const float* s, int64_t per,
-                                         int64_t first, int64_t n, float* y) {
-  if (per == 0) {
+CONVCORE_ALWAYS_INLINE void mul_run_body(const float* x, const float* s, bool broadcast,
+                                         int64_t n, float* y) {
+  if (!broadcast) {
     for (int64_t i = 0; i < n; i += B) store<B>(y + i, load<B>(x + i) * load<B>(s + i));
     return;
   }
-  for (int64_t i = 0; i < n; i += B)
-    store<B>(y + i, load<B>(x + i) * load<B>(s + ((first + i) / per) * B));
+  const Vec<B> g = load<B>(s);
+  for (int64_t i = 0; i < n; i += B) store<B>(y + i, load<B>(x + i) * g);
 }
 
 CONVCORE_BLOCKED_DISPATCH(mul_run, mul_run_body,
-                          (const float* x, const float* s, int64_t per, int64_t first, int64_t n,
-                           float* y),
-                          (x, s, per, first, n, y))
+                          (const float* x, const float* s, bool broadcast, int64_t n, float* y),
+                          (x, s, broadcast, n, y))
 
 template <int B, Act A>
-CONVCORE_ALWAYS_INLINE void affine_plane_act(const float* x, const float* scale,
-                                             const float* shift, int64_t hw, float* y) {
+CONVCORE_ALWAYS_INLINE void affine_run_act(const float* x, const float* scale,
+                                           const float* shift, int64_t hw, float* y) {
   const Vec<B> m = scale ? load<B>(scale) : splat<B>(1.0f);
   const Vec<B> k = shift ? load<B>(shift) : Vec<B>{};
   for (int64_t q = 0; q < hw; ++q) store<B>(y + q * B, apply<A>(load<B>(x + q * B) * m + k));
 }
 
 template <int B>
-CONVCORE_ALWAYS_INLINE void affine_plane_body(const float* x, const float* scale,
-                                              const float* shift, int64_t hw, float* y, Act act) {
-  CONVCORE_ACT_SWITCH(act, affine_plane_act, B, x, scale, shift, hw, y)
+CONVCORE_ALWAYS_INLINE void affine_run_body(const float* x, const float* scale,
+                                            const float* shift, int64_t hw, float* y, Act act) {
+  CONVCORE_ACT_SWITCH(act, affine_run_act, B, x, scale, shift, hw, y)
 }
 
-CONVCORE_BLOCKED_DISPATCH(affine_plane, affine_plane_body,
+CONVCORE_BLOCKED_DISPATCH(affine_run, affine_run_body,
                           (const float* x, const float* scale, const float* shift, int64_t hw,
                            float* y, Act act),
                           (x, scale, shift, hw, y, act))
@@ -387,17 +388,36 @@ CONVCORE_BLOCKED_DISPATCH(to_plain_plane, to_plain_plane_body,
                           (const float* x, int64_t hw, int64_t lanes, float* y),
                           (x, hw, lanes, y))
 
-// Calls f(image, begin, end) over every image's floats in chunks (multiples
-// of 64 floats) that give each thread a share: an image of a deep layer at
-// batch 1 is one chunk per thread.
+// Calls f(image, q_begin, q_end) over ranges of every image's positions,
+// each range for all channel blocks, enough ranges for the threads: a deep
+// layer's image at batch 1 is split by positions too. The convolutions split
+// a small batch by positions as well (blocked_conv.cpp), so a thread reads
+// the positions it wrote: a line written by the other core costs several
+// times a local one, to read and to write again.
 template <typename F>
-void for_chunks(int64_t images, int64_t floats, int threads, F&& f) {
-  const int64_t per = std::clamp<int64_t>((4 * threads + images - 1) / images, 1,
-                                          std::max<int64_t>(1, floats / 4096));
-  const int64_t len = round_up((floats + per - 1) / per, 64);
-  detail::parallel_for(threads, images * per, [&](int64_t t) {
-    const int64_t begin = (t % per) * len, end = std::min(floats, begin + len);
-    if (begin < end) f(t / per, begin, end);
+void for_positions(const Image& t, int threads, F&& f) {
+  const int64_t hw = t.h * t.w, floats = image_size(t.c, t.h, t.w, t.blocked);
+  const int64_t per = std::clamp<int64_t>((4 * threads + t.n - 1) / t.n, 1,
+                                          std::max<int64_t>(1, std::min(hw, floats / 4096)));
+  const int64_t len = (hw + per - 1) / per;
+  detail::parallel_for(threads, t.n * per, [&](int64_t k) {
+    const int64_t begin = (k % per) * len, end = std::min(hw, begin + len);
+    if (begin < end) f(k / per, begin, end);
+  });
+}
+
+// Calls f(image, channel block, oh_begin, oh_end) over row_bands' bands of
+// output rows of every plane of `out`, an image's bands before its planes:
+// a thread keeps to its rows of every channel (as for_positions).
+template <typename F>
+void for_row_bands(const Image& out, int threads, F&& f) {
+  const int64_t cb = blocks_of(out, block());
+  const int64_t bands = row_bands(out, threads);
+  const int64_t band = (out.h + bands - 1) / bands;
+  detail::parallel_for(threads, out.n * bands * cb, [&](int64_t t) {
+    const int64_t n = t / (bands * cb), r = (t / cb) % bands, c = t % cb;
+    const int64_t oh0 = r * band, oh1 = std::min(out.h, oh0 + band);
+    if (oh0 < oh1) f(n, c, oh0, oh1);
   });
 }
 
@@ -423,9 +443,7 @@ std::vector<float> pack_depthwise_weights(const float* weight, int64_t c, int64_
 
 void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t kw,
                       const Conv2dParams& p, const Epilogue& e, const Image& out, int threads) {
-  const int64_t B = block(), cb = blocks_of(in, B), planes = in.n * cb;
-  const int64_t bands = row_bands(planes, out.h, threads);
-  const int64_t band = (out.h + bands - 1) / bands;
+  const int64_t B = block();
   // A small image is mostly edge columns (7x7 with a 5x5 kernel: all of
   // them), which run one column at a time: each task then pads its plane
   // into a frame on the stack, where every window lies inside.
@@ -435,10 +453,7 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
                       (p.pad_top || p.pad_bottom || p.pad_left || p.pad_right);
   Conv2dParams unpadded = p;
   unpadded.pad_top = unpadded.pad_bottom = unpadded.pad_left = unpadded.pad_right = 0;
-  detail::parallel_for(threads, planes * bands, [&](int64_t t) {
-    const int64_t pl = t / bands, n = pl / cb, c = pl % cb;
-    const int64_t oh0 = (t % bands) * band, oh1 = std::min(out.h, oh0 + band);
-    if (oh0 >= oh1) return;
+  for_row_bands(out, threads, [&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
     const float* x = in.data + n * in.image_stride + c * in.h * in.w * B;
     float* y = out.data + n * out.image_stride + c * out.h * out.w * B;
     const float* w = packed + c * kh * kw * B;
@@ -458,16 +473,16 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
 
 void max_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads) {
   const int64_t B = block();
-  for_planes(in, threads, [&](int64_t n, int64_t c) {
-    max_pool_plane(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w, p, out.h,
+  for_row_bands(out, threads, [&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
+    max_pool_plane(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w, p, oh0, oh1,
                    out.w, out.data + n * out.image_stride + c * out.h * out.w * B);
   });
 }
 
 void avg_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads) {
   const int64_t B = block();
-  for_planes(in, threads, [&](int64_t n, int64_t c) {
-    avg_pool_plane(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w, p, out.h,
+  for_row_bands(out, threads, [&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
+    avg_pool_plane(in.data + n * in.image_stride + c * in.h * in.w * B, in.h, in.w, p, oh0, oh1,
                    out.w, out.data + n * out.image_stride + c * out.h * out.w * B);
   });
 }
@@ -506,8 +521,8 @@ void global_avg_pool(const Image& in, const Image& out, int threads) {
 }
 
 void add(const std::vector<Image>& in, Act act, const Image& out, int threads) {
-  const int64_t floats = image_size(out.c, out.h, out.w, true);
-  for_chunks(out.n, floats, threads, [&](int64_t n, int64_t b, int64_t e) {
+  const int64_t B = block(), hw = out.h * out.w, cb = blocks_of(out, B);
+  for_positions(out, threads, [&](int64_t n, int64_t q0, int64_t q1) {
     const float* x[16];
     std::vector<const float*> many;
     const float** xs = x;
@@ -515,36 +530,50 @@ void add(const std::vector<Image>& in, Act act, const Image& out, int threads) {
       many.resize(in.size());
       xs = many.data();
     }
-    for (std::size_t k = 0; k < in.size(); ++k) xs[k] = in[k].data + n * in[k].image_stride + b;
-    add_run(xs, static_cast<int>(in.size()), e - b, out.data + n * out.image_stride + b, act);
+    for (int64_t c = 0; c < cb; ++c) {
+      const int64_t at = (c * hw + q0) * B;
+      for (std::size_t k = 0; k < in.size(); ++k) xs[k] = in[k].data + n * in[k].image_stride + at;
+      add_run(xs, static_cast<int>(in.size()), (q1 - q0) * B, out.data + n * out.image_stride + at,
+              act);
+    }
   });
 }
 
 void mul(const Image& x, const Image& s, const Image& out, int threads) {
-  const int64_t B = block(), hw = x.h * x.w, floats = image_size(x.c, x.h, x.w, true);
+  const int64_t B = block(), hw = x.h * x.w, cb = blocks_of(x, B);
   const bool per_channel = s.h == 1 && s.w == 1 && hw != 1;
-  for_chunks(out.n, floats, threads, [&](int64_t n, int64_t b, int64_t e) {
-    const float* sv = s.data + n * s.image_stride;
-    mul_run(x.data + n * x.image_stride + b, per_channel ? sv : sv + b, per_channel ? hw * B : 0,
-            b, e - b, out.data + n * out.image_stride + b);
+  for_positions(out, threads, [&](int64_t n, int64_t q0, int64_t q1) {
+    for (int64_t c = 0; c < cb; ++c) {
+      const int64_t at = (c * hw + q0) * B;
+      const float* sv = s.data + n * s.image_stride + (per_channel ? c * B : at);
+      mul_run(x.data + n * x.image_stride + at, sv, per_channel, (q1 - q0) * B,
+              out.data + n * out.image_stride + at);
+    }
   });
 }
 
 void affine(const Image& x, const float* scale, const float* shift, Act act, const Image& out,
             int threads) {
-  const int64_t B = block(), hw = x.h * x.w;
-  for_planes(x, threads, [&](int64_t n, int64_t c) {
-    affine_plane(x.data + n * x.image_stride + c * hw * B, scale ? scale + c * B : nullptr,
-                 shift ? shift + c * B : nullptr, hw, out.data + n * out.image_stride + c * hw * B,
+  const int64_t B = block(), hw = x.h * x.w, cb = blocks_of(x, B);
+  for_positions(out, threads, [&](int64_t n, int64_t q0, int64_t q1) {
+    for (int64_t c = 0; c < cb; ++c) {
+      const int64_t at = (c * hw + q0) * B;
+      affine_run(x.data + n * x.image_stride + at, scale ? scale + c * B : nullptr,
+                 shift ? shift + c * B : nullptr, q1 - q0, out.data + n * out.image_stride + at,
                  act);
+    }
   });
 }
 
 void copy(const Image& x, const Image& out, int threads) {
-  const int64_t floats = image_size(x.c, x.h, x.w, x.blocked);
-  for_chunks(x.n, floats, threads, [&](int64_t n, int64_t b, int64_t e) {
-    std::memcpy(out.data + n * out.image_stride + b, x.data + n * x.image_stride + b,
-                static_cast<std::size_t>(e - b) * sizeof(float));
+  const int64_t lanes = x.blocked ? block() : 1, hw = x.h * x.w;
+  const int64_t planes = x.blocked ? blocks_of(x, lanes) : x.c;
+  for_positions(x, threads, [&](int64_t n, int64_t q0, int64_t q1) {
+    for (int64_t c = 0; c < planes; ++c) {
+      const int64_t at = (c * hw + q0) * lanes;
+      std::memcpy(out.data + n * out.image_stride + at, x.data + n * x.image_stride + at,
+                  static_cast<std::size_t>((q1 - q0) * lanes) * sizeof(float));
+    }
   });
 }
 

@@ -54,12 +54,16 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
   const std::size_t nv = c.vals.size(), ns = c.steps.size();
   std::vector<Shape> shapes(nv);
   for (std::size_t v = 0; v < nv; ++v) shapes[v] = val_shape(c, c.steps, static_cast<int>(v));
-  // the buffer each Val lives in: its own, its view's, its concatenation's
+  // an elementwise step's output written over its input (below)
+  std::vector<int> over(nv, -1);
+  // the buffer each Val lives in: its own, its view's, its concatenation's,
+  // or the input it was written over
   auto root = [&](int v) {
     while (true) {
       const Val& val = c.vals[static_cast<std::size_t>(v)];
       if (val.view >= 0) v = val.view;
       else if (val.alias >= 0) v = val.alias;
+      else if (over[static_cast<std::size_t>(v)] >= 0) v = over[static_cast<std::size_t>(v)];
       else return v;
     }
   };
@@ -77,6 +81,33 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
     touch(s.out, static_cast<int>(i));
   }
   touch(c.output_val, static_cast<int>(ns));  // read after the last step
+  // A blocked elementwise step (add, mul, affine, activation) writes over an
+  // input of its shape that dies with it: each position is read before it
+  // is written, and the lines it writes are the ones its thread just read
+  // (a fresh buffer's lines may sit in the other core's cache, which makes
+  // every write several times slower), in a smaller arena.
+  const int input_root = root(c.input_val);
+  for (std::size_t i = 0; i < ns; ++i) {
+    const Step& s = c.steps[i];
+    const bool elementwise = s.kind == Kind::Add || s.kind == Kind::Mul ||
+                             s.kind == Kind::Affine || s.kind == Kind::Act;
+    const std::size_t o = static_cast<std::size_t>(s.out);
+    if (!elementwise || !c.vals[o].blocked || root(s.out) != s.out) continue;
+    for (int v : s.in) {
+      const int r = root(v);
+      int u = v;  // v must reach r through outputs written over inputs only
+      while (u != r && c.vals[static_cast<std::size_t>(u)].view < 0 &&
+             c.vals[static_cast<std::size_t>(u)].alias < 0)
+        u = over[static_cast<std::size_t>(u)];
+      const std::size_t ri = static_cast<std::size_t>(r);
+      if (u != r || r == input_root || last[ri] != static_cast<int>(i) || !c.vals[ri].blocked ||
+          shapes[ri] != shapes[o])
+        continue;
+      over[o] = r;
+      last[ri] = std::max(last[ri], last[o]);
+      break;
+    }
+  }
   p->places.assign(nv, Place{});
   p->conv_plans.resize(ns);
   p->winograd_plans.resize(ns);
@@ -88,7 +119,6 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
     int64_t offset = -1;
   };
   std::vector<Buffer> buffers;
-  const int input_root = root(c.input_val);
   for (std::size_t v = 0; v < nv; ++v) {
     if (root(static_cast<int>(v)) != static_cast<int>(v) || last[v] < 0) continue;
     const Val& val = c.vals[v];
@@ -144,12 +174,15 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
         const Shape& s = shapes[static_cast<std::size_t>(u)];
         off += val.channel0 * s[1] * s[2];
         u = val.alias;
-      } else {
+      } else if (val.view >= 0) {
         u = val.view;
+      } else {
+        u = over[static_cast<std::size_t>(u)];
       }
     }
     p->places[v].offset = r == input_root ? -1 : p->places[static_cast<std::size_t>(r)].offset + off;
-    if (c.vals[v].alias >= 0) p->places[v].image_stride = p->places[static_cast<std::size_t>(r)].image_stride;
+    if (c.vals[v].alias >= 0 || over[v] >= 0)
+      p->places[v].image_stride = p->places[static_cast<std::size_t>(r)].image_stride;
   }
   p->places[static_cast<std::size_t>(input_root)].offset = -1;
   (void)input_copy_offset;
