@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "convcore/errors.h"
 #include "convcore/ops.h"
@@ -22,23 +23,47 @@ void check_contiguous(const TensorView& t, const char* name) {
   if (!t.is_contiguous()) throw ValueError(std::string(name) + " must be contiguous");
 }
 
+// Calls f(std::true_type) or f(std::false_type): a loop's options become
+// template arguments, so that its body has no branch and vectorises (with
+// the options read inside, GCC left the updates scalar: SGD with momentum
+// moved 28 GB/s on one core where three vectorised passes moved 42).
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // The same float operations, in the same order, as the numpy rule of
 // convcore.optim.SGD (the file is compiled without FMA contraction, so
 // the results are those bit for bit).
-template <typename T>
-void sgd_elements(T* w, const T* grad, T* buf, int64_t n, const SgdParams& p) {
+template <typename T, bool Decay, bool Momentum, bool Nesterov, bool First>
+void sgd_run(T* __restrict w, const T* __restrict grad, T* __restrict buf, int64_t n,
+             const SgdParams& p) {
   const T lr = static_cast<T>(p.lr), momentum = static_cast<T>(p.momentum);
   const T keep = static_cast<T>(1.0 - p.dampening), decay = static_cast<T>(p.weight_decay);
   for (int64_t i = 0; i < n; ++i) {
     T g = grad[i];
-    if (p.weight_decay != 0) g = g + decay * w[i];
-    if (p.momentum != 0) {
-      const T b = p.first ? g : buf[i] * momentum + keep * g;
+    if constexpr (Decay) g = g + decay * w[i];
+    if constexpr (Momentum) {
+      const T b = First ? g : buf[i] * momentum + keep * g;
       buf[i] = b;
-      g = p.nesterov ? g + momentum * b : b;
+      g = Nesterov ? g + momentum * b : b;
     }
     w[i] = w[i] - lr * g;
   }
+}
+
+template <typename T>
+void sgd_elements(T* w, const T* grad, T* buf, int64_t n, const SgdParams& p) {
+  with_flag(p.weight_decay != 0, [&](auto decay) {
+    if (p.momentum == 0) return sgd_run<T, decltype(decay)::value, false, false, false>(w, grad, buf, n, p);
+    with_flag(p.nesterov, [&](auto nesterov) {
+      with_flag(p.first, [&](auto first) {
+        sgd_run<T, decltype(decay)::value, true, decltype(nesterov)::value, decltype(first)::value>(
+            w, grad, buf, n, p);
+      });
+    });
+  });
 }
 
 template <typename T>
@@ -54,16 +79,19 @@ void sgd_typed(const TensorView& param, const TensorView& grad, const TensorView
   });
 }
 
-// The numpy rule of convcore.optim.Adam, operation by operation.
-template <typename T>
-void adam_elements(T* w, const T* grad, T* m, T* v, int64_t n, const AdamParams& p) {
+// The numpy rule of convcore.optim.Adam, operation by operation (the file
+// is compiled with -fno-math-errno: a sqrt that may set errno is not
+// vectorised).
+template <typename T, bool Decay>
+void adam_run(T* __restrict w, const T* __restrict grad, T* __restrict m, T* __restrict v,
+              int64_t n, const AdamParams& p) {
   const T step_size = static_cast<T>(p.step_size), beta1 = static_cast<T>(p.beta1);
   const T beta2 = static_cast<T>(p.beta2), keep1 = static_cast<T>(1.0 - p.beta1);
   const T keep2 = static_cast<T>(1.0 - p.beta2), rc2 = static_cast<T>(p.root_correction2);
   const T eps = static_cast<T>(p.eps), decay = static_cast<T>(p.weight_decay);
   for (int64_t i = 0; i < n; ++i) {
     T g = grad[i];
-    if (p.weight_decay != 0) g = g + decay * w[i];
+    if constexpr (Decay) g = g + decay * w[i];
     const T mi = m[i] * beta1 + keep1 * g;
     const T vi = v[i] * beta2 + keep2 * (g * g);
     m[i] = mi;
@@ -71,6 +99,12 @@ void adam_elements(T* w, const T* grad, T* m, T* v, int64_t n, const AdamParams&
     const T denom = std::sqrt(vi) / rc2 + eps;
     w[i] = w[i] - step_size * (mi / denom);
   }
+}
+
+template <typename T>
+void adam_elements(T* w, const T* grad, T* m, T* v, int64_t n, const AdamParams& p) {
+  with_flag(p.weight_decay != 0,
+            [&](auto decay) { adam_run<T, decltype(decay)::value>(w, grad, m, v, n, p); });
 }
 
 template <typename T>
