@@ -184,7 +184,7 @@ CONVCORE_BLOCKED_DISPATCH(output_tiles, output_tiles_body,
 // a time the transform took about half of a 256-channel 3x3 layer's time at
 // batch 1: it runs on every call of the core's op).
 template <int M>
-void filter_transform(const double (*g)[NR], double (*u)[NR]) {
+CONVCORE_ALWAYS_INLINE void filter_transform(const double (*g)[NR], double (*u)[NR]) {
   using WV = winograd::Variant<M>;
   constexpr int A = WV::kTile;
   double cols[3][A][NR];
@@ -204,33 +204,51 @@ void filter_transform(const double (*g)[NR], double (*u)[NR]) {
     }
 }
 
-// Panel by panel (in parallel), input channel by channel: the panel's NR
-// filters of the channel are transformed at once, then each point's NR
-// values are written as one contiguous run (writing filter by filter sent
-// every value to one of the points' lines, which sit a multiple of 4 KB
-// apart and evicted each other: 2.6 ms for 128 x 128 channels, F(4x4)).
-template <int M>
-void pack_panels(const float* weight, const FilterAccess& f, const WinogradWeights& w,
-                 float* u, int threads) {
+// One input channel of a panel: its NR filters (the first `no` real, the
+// others and a pad channel zero) transformed, each point's NR values
+// written as one contiguous run at dst + point * point_stride (writing
+// filter by filter sent every value to one of the points' lines, which sit
+// a multiple of 4 KB apart and evicted each other: 2.6 ms for 128 x 128
+// channels, F(4x4)). Compiled per instruction set (B unused).
+template <int B, int M>
+CONVCORE_ALWAYS_INLINE void transform_channel_m(const float* src, const FilterAccess& f,
+                                                int64_t no, int64_t point_stride, float* dst) {
   constexpr int A = M + 2, points = A * A;
+  alignas(64) double g[9][NR], t[points][NR];
+  alignas(64) float run[NR];
+  for (int64_t j = 0; j < NR; ++j)
+    for (int k = 0; k < 9; ++k) g[k][j] = j < no ? src[j * f.out_stride + k * f.tap_step] : 0.0;
+  filter_transform<M>(g, t);
+  for (int xi = 0; xi < points; ++xi) {
+    for (int j = 0; j < NR; ++j) run[j] = static_cast<float>(t[xi][j]);
+    std::memcpy(dst + xi * point_stride, run, sizeof(run));
+  }
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void transform_channel_body(const float* src, const FilterAccess& f,
+                                                   int64_t no, int m, int64_t point_stride,
+                                                   float* dst) {
+  if (m == 4)
+    transform_channel_m<B, 4>(src, f, no, point_stride, dst);
+  else
+    transform_channel_m<B, 2>(src, f, no, point_stride, dst);
+}
+
+CONVCORE_BLOCKED_DISPATCH(transform_channel, transform_channel_body,
+                          (const float* src, const FilterAccess& f, int64_t no, int m,
+                           int64_t point_stride, float* dst),
+                          (src, f, no, m, point_stride, dst))
+
+// Panel by panel (in parallel), input channel by channel.
+void pack_panels(const float* weight, const FilterAccess& f, const WinogradWeights& w, float* u,
+                 int threads) {
   const int64_t point_stride = w.panels * w.cin_pad * NR;
   detail::parallel_for(threads, w.panels, [&](int64_t panel) {
     const int64_t o0 = panel * NR, no = std::min<int64_t>(NR, w.cout - o0);
-    alignas(64) double g[9][NR], t[points][NR];
-    alignas(64) float run[NR];
-    for (int64_t c = 0; c < w.cin_pad; ++c) {
-      for (int64_t j = 0; j < NR; ++j) {
-        const bool real = c < w.cin && j < no;
-        const float* src = weight + (o0 + j) * f.out_stride + c * f.in_stride;
-        for (int k = 0; k < 9; ++k) g[k][j] = real ? src[k * f.tap_step] : 0.0;
-      }
-      filter_transform<M>(g, t);
-      float* dst = u + (panel * w.cin_pad + c) * NR;
-      for (int xi = 0; xi < points; ++xi) {
-        for (int j = 0; j < NR; ++j) run[j] = static_cast<float>(t[xi][j]);
-        std::memcpy(dst + xi * point_stride, run, sizeof(run));
-      }
-    }
+    for (int64_t c = 0; c < w.cin_pad; ++c)
+      transform_channel(weight + o0 * f.out_stride + c * f.in_stride, f, c < w.cin ? no : 0, w.m,
+                        point_stride, u + (panel * w.cin_pad + c) * NR);
   });
 }
 
@@ -252,10 +270,7 @@ int64_t winograd_floats(const WinogradWeights& w) {
 
 void pack_winograd(const float* weight, const FilterAccess& f, const WinogradWeights& w,
                    float* u, int threads) {
-  if (w.m == 4)
-    pack_panels<4>(weight, f, w, u, threads);
-  else
-    pack_panels<2>(weight, f, w, u, threads);
+  pack_panels(weight, f, w, u, threads);
 }
 
 WinogradWeights pack_winograd_weights(const float* weight, int64_t cout, int64_t cin, int m) {
