@@ -434,14 +434,14 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
     const int64_t oblocks = spatial ? 1 : std::clamp<int64_t>((want + nn - 1) / nn, 1, panels);
     const int64_t oblock = (panels + oblocks - 1) / oblocks;
     const int64_t ochunks = (panels + oblock - 1) / oblock;
-    // By positions: as few blocks as give every thread the same share (each
-    // 96 positions of a block read all the weights once, so smaller blocks
-    // read them more often), in multiples of 4 positions (the short tiles'
-    // rows); whole images from 8 per thread on.
-    const int64_t split =
-        spatial ? (nn >= want ? 1 : threads / std::gcd<int64_t>(nn, threads))
-                : std::max<int64_t>(1, (want + nn * ochunks - 1) / (nn * ochunks));
-    const int64_t pblock = round_up((P + split - 1) / split, spatial ? 4 : MR);
+    // By positions: blocks of at most 96 (each such block reads all the
+    // weights once, whatever the task size), each image split in at least as
+    // many as give every thread the same share, in multiples of 4 positions
+    // (the short tiles' rows).
+    const int64_t split = spatial ? std::max<int64_t>(1, threads / std::gcd<int64_t>(nn, threads))
+                                  : std::max<int64_t>(1, (want + nn * ochunks - 1) / (nn * ochunks));
+    const int64_t pblock = spatial ? std::min(kBlockTiles * MR, round_up((P + split - 1) / split, 4))
+                                   : round_up((P + split - 1) / split, MR);
     const int64_t pblocks = (P + pblock - 1) / pblock;
     const int64_t tasks = nn * ochunks * pblocks;
     auto first_panel = [&](int64_t t) { return ((t / pblocks) % ochunks) * oblock; };
@@ -519,16 +519,18 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
         run_task(t, t + 1 < tasks ? t + 1 : -1, tile_scratch, rows);
       continue;
     }
-    // Each thread runs a contiguous range of the tasks (of about one size), so
-    // it knows its next one and fetches that one's weights ahead.
+    // Each thread runs a contiguous range of the tasks, so it knows its next
+    // one and fetches that one's weights ahead, and takes the others' last
+    // tasks when it is done with its own (StealingRanges).
+    detail::StealingRanges ranges(team, tasks);
 #pragma omp parallel num_threads(team)
     {
       const int me = omp_get_thread_num();
       float* tiles = tile_scratch + me * plan.tile_floats;
       const float* rows[kBlockTiles * MR];
-      const int64_t t_begin = tasks * me / team, t_end = tasks * (me + 1) / team;
-      for (int64_t t = t_begin; t < t_end; ++t)
-        run_task(t, t + 1 < t_end ? t + 1 : -1, tiles, rows);
+      const int64_t own_end = tasks * (me + 1) / team;
+      for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me))
+        run_task(t, t + 1 < own_end ? t + 1 : -1, tiles, rows);
     }
   }
 }

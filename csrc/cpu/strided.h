@@ -2,6 +2,7 @@
 // contiguous copies of strided views.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -142,6 +143,62 @@ void parallel_for(int threads, int64_t n, F&& f) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) f(i);
 }
+
+// Runs f(task, thread) for tasks [0, n) inside an OpenMP region of `team`
+// threads (the caller enters it). Thread t owns the contiguous range
+// [n t / team, n (t + 1) / team) and takes its tasks from the front; a
+// thread done with its own takes the others' last tasks from their back.
+// Tasks laid out in order (an image's positions) then stay with the thread
+// whose range they are in - the one that wrote its input, as the steps
+// before split alike - unless a thread falls behind: a busy or slowed core
+// (another process, a neighbour on the host) no longer holds the whole step
+// as a static split does.
+class StealingRanges {
+ public:
+  StealingRanges(int team, int64_t n) : ranges_(static_cast<std::size_t>(team)) {
+    for (int t = 0; t < team; ++t)
+      ranges_[static_cast<std::size_t>(t)].pack(n * t / team, n * (t + 1) / team);
+  }
+  // The next task for thread `me`, or -1 when none is left anywhere.
+  int64_t next(int me) {
+    const int team = static_cast<int>(ranges_.size());
+    const int64_t own = ranges_[static_cast<std::size_t>(me)].take_front();
+    if (own >= 0) return own;
+    for (int k = 1; k < team; ++k) {
+      Range& r = ranges_[static_cast<std::size_t>((me + k) % team)];
+      const int64_t t = r.take_back();
+      if (t >= 0) return t;
+    }
+    return -1;
+  }
+
+ private:
+  struct alignas(64) Range {
+    std::atomic<uint64_t> bounds{0};  // front << 32 | back (tasks < 2^32)
+    void pack(int64_t front, int64_t back) {
+      bounds.store(static_cast<uint64_t>(front) << 32 | static_cast<uint64_t>(back));
+    }
+    int64_t take_front() {
+      uint64_t b = bounds.load(std::memory_order_relaxed);
+      while (true) {
+        const uint64_t front = b >> 32, back = b & 0xffffffffu;
+        if (front >= back) return -1;
+        if (bounds.compare_exchange_weak(b, (front + 1) << 32 | back, std::memory_order_acq_rel))
+          return static_cast<int64_t>(front);
+      }
+    }
+    int64_t take_back() {
+      uint64_t b = bounds.load(std::memory_order_relaxed);
+      while (true) {
+        const uint64_t front = b >> 32, back = b & 0xffffffffu;
+        if (front >= back) return -1;
+        if (bounds.compare_exchange_weak(b, front << 32 | (back - 1), std::memory_order_acq_rel))
+          return static_cast<int64_t>(back - 1);
+      }
+    }
+  };
+  std::vector<Range> ranges_;
+};
 
 // Marks a public op call in flight, for threads_for's sharing.
 class CallScope {

@@ -4,6 +4,7 @@
 // with CONVCORE_SANITIZE=address,undefined this also checks that they touch no
 // memory they should not.
 #include <atomic>
+#include <chrono>
 #include <string>
 #include <thread>
 #include <vector>
@@ -124,6 +125,35 @@ TEST(threads_override_is_per_caller_thread_and_restored) {
   }
   CHECK(convcore::get_num_threads() == 2);
   convcore::set_num_threads(before);
+}
+
+TEST(stealing_ranges_hand_out_every_task_once) {
+  // std::threads stand in for the OpenMP team; thread 0 is slowed, so the
+  // others take its last tasks; each thread first takes its own range in order
+  for (int team : {1, 2, 3, 4})
+    for (int64_t n : {0, 1, 2, 5, 64, 1000}) {
+      convcore::detail::StealingRanges ranges(team, n);
+      std::vector<std::atomic<int>> seen(static_cast<std::size_t>(n));
+      std::vector<std::vector<int64_t>> taken(static_cast<std::size_t>(team));
+      std::vector<std::thread> pool;
+      for (int me = 0; me < team; ++me)
+        pool.emplace_back([&, me] {
+          for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me)) {
+            ++seen[static_cast<std::size_t>(t)];
+            taken[static_cast<std::size_t>(me)].push_back(t);
+            if (me == 0) std::this_thread::sleep_for(std::chrono::microseconds(20));
+          }
+        });
+      for (auto& th : pool) th.join();
+      for (const auto& s : seen) CHECK_EQ(s.load(), 1);
+      for (int me = 0; me < team; ++me) {
+        const auto& own = taken[static_cast<std::size_t>(me)];
+        const int64_t begin = n * me / team, end = n * (me + 1) / team;
+        // a thread's own tasks come first, in order, from the start of its range
+        for (std::size_t k = 0; k < own.size() && own[k] >= begin && own[k] < end; ++k)
+          CHECK_EQ(own[k], begin + static_cast<int64_t>(k));
+      }
+    }
 }
 
 TEST_MAIN()
