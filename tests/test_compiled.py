@@ -197,6 +197,13 @@ def test_step_threads_follow_the_work():
     plan = compiled.plan(1, input_shape=(4096, 1, 1))
     threads = [int(line.split()[-1]) for line in plan.splitlines()[2:]]
     assert threads == [2, 1], plan
+    # a global pool counts the elements it reads: 256 x 56 x 56 takes both
+    # threads (squeeze-and-excitation's pools), 256 x 4 x 4 one
+    pool = nn.Sequential(nn.Conv2d(3, 256, 1), nn.AdaptiveAvgPool2d(1)).eval()
+    for side, want in ((56, 2), (4, 1)):
+        plan = convcore.compile(pool, threads=2).plan(1, input_shape=(3, side, side))
+        line = next(line for line in plan.splitlines() if "globalpool" in line)
+        assert int(line.split()[-1]) == want, plan
 
 
 def test_large_batch_runs_in_chunks_of_images():

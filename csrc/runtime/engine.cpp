@@ -205,6 +205,8 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
     } else if (s.kind == Kind::Linear) {
       work *= shapes[static_cast<std::size_t>(s.in[0])].back();  // multiply-adds
       grain = 262144;
+    } else if (s.kind == Kind::GlobalPool) {
+      work = batch * graph::numel(shapes[static_cast<std::size_t>(s.in[0])]);  // elements read
     }
     p->step_threads[i] = static_cast<int>(std::clamp<int64_t>(work / grain, 1, threads));
   }
