@@ -421,14 +421,15 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
       });
       continue;
     }
-    // Tasks: whole images when there are 8 per thread. Else, when the images
-    // outweigh the weights, each image's positions split among the threads
+    // Tasks: when the images outweigh the weights, blocks of each image's
+    // positions, an image's split among the threads at small batches
     // (the elementwise steps and pools split them alike, blocked_ops.cpp): a
     // thread reads the positions it wrote, where a line written by the
     // other core costs several times a local one, and the next layer's
     // writes do not first take lines back from the other core. When the
-    // weights outweigh the images (deep layers on small images), the panels
-    // split first, then the positions, so each core reads part of them.
+    // weights outweigh the images (deep layers on small images), whole
+    // images when there are 8 per thread, else the panels split first, then
+    // the positions, so each core reads part of the weights.
     const int64_t want = 8 * static_cast<int64_t>(threads);
     const bool spatial = nn * (cin_eff * hf * wf + out_blocks * B * P) >= w.taps * w.cout;
     const int64_t oblocks = spatial ? 1 : std::clamp<int64_t>((want + nn - 1) / nn, 1, panels);

