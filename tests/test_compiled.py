@@ -236,6 +236,18 @@ def test_large_batch_runs_in_chunks_of_images():
     assert "side by side" not in two.plan(1)
 
 
+def test_small_classifiers_run_side_by_side():
+    # LeNet-5's linear weights (236 kB) stay in each core's cache, so a
+    # batch of 16 runs as two shares side by side; a classifier of 4 MB of
+    # weights, many times the activations, keeps one team of two threads
+    # (each share would stream the weights from memory again)
+    lenet = convcore.compile(convcore.models.lenet5().eval(), threads=2)
+    assert "2 side by side" in lenet.plan(16), lenet.plan(16)
+    wide = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 300)).eval()
+    plan = convcore.compile(wide, threads=2).plan(16, input_shape=(1, 32, 32))
+    assert "side by side" not in plan, plan
+
+
 def test_squeeze_and_excitation_and_every_activation():
     convcore.manual_seed(0)
     acts = [nn.ReLU6(), nn.Sigmoid(), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid()]

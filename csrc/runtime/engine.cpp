@@ -576,9 +576,13 @@ Engine::Impl::Chunking Engine::Impl::chunking(Compiled& c, int64_t batch, bool p
     // An unchunked batch too, one share per thread, unless its linear
     // layers' weights are large against the activations: each thread
     // streams those from memory again, where a convolution's stay in cache
-    // (VGG-16's and AlexNet's classifiers ran slower side by side).
+    // (VGG-16's and AlexNet's classifiers ran slower side by side). Weights
+    // that fit a core's L2 cache are read from there, not streamed.
+    constexpr int64_t kCachedWeightBytes = int64_t(512) << 10;
     const Compiled::ChunkSizes& z = c.chunk_sizes;
-    if (8 * (threads - 1) * z.linear_weights > z.activations * batch) return how;
+    if (z.linear_weights * static_cast<int64_t>(dtype_size(dtype)) > kCachedWeightBytes &&
+        8 * (threads - 1) * z.linear_weights > z.activations * batch)
+      return how;
   }
   const int64_t share = std::max<int64_t>(1, how.images / threads);
   const int64_t chunks = (batch + share - 1) / share;
