@@ -534,6 +534,55 @@ def test_depthwise_paths(dtype, channels, mult, hw, kernel, kw):
             np.testing.assert_array_equal(a, b_)
 
 
+@pytest.mark.parametrize("shape,kernel,kw,view", [
+    ((3, 20, 14, 14), (5, 5), dict(padding=2), None),                   # part-filled last block
+    ((2, 37, 7, 7), (7, 7), dict(padding=3), None),                     # every column an edge
+    ((2, 16, 21, 40), (5, 5), dict(stride=2, padding=2), None),         # whole transposes, a tail
+    ((2, 24, 11, 13), (3, 3), dict(stride=(2, 1), padding=(1, 0)), None),
+    ((1, 33, 12, 9), (4, 4), dict(padding="same"), None),               # asymmetric padding
+    ((2, 18, 15, 17), (5, 3), dict(padding=(4, 2), dilation=(2, 1)), None),
+    ((2, 21, 23, 18), (5, 5), dict(stride=2, padding=2), "columns"),    # rows of stride 2
+    ((2, 17, 19, 13), (7, 7), dict(padding=3), "transposed"),           # columns of stride > 1
+    ((2, 16, 11, 11), (5, 5), dict(padding=2), "channels"),             # every other channel
+])
+def test_depthwise_in_lanes(shape, kernel, kw, view):
+    """float32 depthwise layers that are strided or 5x5 and larger (frames up
+    to 256 KB) run the blocked kernels with the channels in the lanes: each
+    task moves the planes of B channels into a padded frame (transposes of B
+    x B, scalar tails), and the result back. Against the reference (bias,
+    channel counts that leave the last block part-filled, views of every
+    kind), the same bits at 1, 2 and 3 threads, and within float rounding
+    of the float64 plane kernels."""
+    rng = np.random.default_rng(21)
+    n, c, h, w_ = shape
+    if view == "columns":
+        x = rng.standard_normal((n, c, h, 2 * w_)).astype(np.float32)[:, :, :, ::2]
+    elif view == "transposed":
+        x = np.ascontiguousarray(rng.standard_normal((n, c, w_, h)).astype(np.float32)
+                                 ).transpose(0, 1, 3, 2)
+    elif view == "channels":
+        x = rng.standard_normal((n, 2 * c, h, w_)).astype(np.float32)[:, ::2]
+    else:
+        x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((c, 1) + kernel).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    kw = dict(kw, groups=c)
+    expect = ref.conv2d_ref(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw)
+    before = convcore.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            runs.append(convcore.conv2d(x, w, b, **kw))
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(runs[0], expect, np.float32, what="depthwise in lanes")
+    for other in runs[1:]:
+        np.testing.assert_array_equal(runs[0], other)
+    planes = convcore.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw)
+    assert np.abs(runs[0] - planes).max() <= 1e-5 * np.abs(planes).max()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,weight,kw", [
     ((2, 40, 9, 30), (20, 40, 3, 3), dict(padding=3)),                   # whole tiles in padding

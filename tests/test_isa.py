@@ -1,5 +1,5 @@
 """Every GEMM microkernel path (AVX-512, AVX2+FMA, portable), and the kernels
-dispatched with it (depthwise flat and row kernels, Winograd's transforms),
+dispatched with it (depthwise flat, row and blocked kernels, Winograd's transforms),
 against the reference, each in a subprocess with CONVCORE_ISA capping the
 dispatch (the choice is made once per process)."""
 import json
@@ -38,6 +38,13 @@ for dtype in ("float32", "float64"):
     sgy = rng.standard_normal(sy.shape).astype(dtype)
     sgx, sgw, _ = convcore.conv2d_backward(sgy, x[:, :4], dw[::2], stride=2, padding=2,
                                            groups=4)
+    # depthwise 5x5 on 20 channels (float32: the blocked kernels with the
+    # channels in the lanes, a last block part-filled; 37 columns: whole
+    # transposes and a tail), and on a view with rows of stride 2
+    px = rng.standard_normal((2, 20, 9, 37)).astype(dtype)
+    pw = rng.standard_normal((20, 1, 5, 5)).astype(dtype)
+    pany = convcore.conv2d(px, pw, None, padding=2, groups=20)
+    psy = convcore.conv2d(px[:, :, :, ::2], pw, None, stride=2, padding=(1, 2), groups=20)
     # Winograd F(2x2, 3x3) and F(4x4, 3x3): the tile transforms
     ww = rng.standard_normal((5, 6, 3, 3)).astype(dtype)
     wino = {}
@@ -52,7 +59,8 @@ for dtype in ("float32", "float64"):
     out[dtype] = {k: v.tolist() for k, v in dict(x=x, w=w, b=b, y=y, gy=gy, gx=gx, gw=gw,
                                                  dw=dw, dy=dy, dgy=dgy, dgx=dgx, dgw=dgw,
                                                  dgb=dgb, a=a, lw=lw, ly=ly, sy=sy, sgy=sgy,
-                                                 sgx=sgx, sgw=sgw, ww=ww, **wino).items()}
+                                                 sgx=sgx, sgw=sgw, ww=ww, px=px, pw=pw,
+                                                 pany=pany, psy=psy, **wino).items()}
 json.dump(out, sys.stdout)
 """
 
@@ -99,7 +107,10 @@ def test_gemm_paths_match_reference(isa):
                   ("dy", d["dy"], expect_dy), ("dgx", d["dgx"], expect_dgx),
                   ("dgw", d["dgw"], expect_dgw), ("dgb", d["dgb"], expect_dgb),
                   ("sy", d["sy"], expect_sy), ("sgx", d["sgx"], expect_sgx),
-                  ("sgw", d["sgw"], expect_sgw)]
+                  ("sgw", d["sgw"], expect_sgw),
+                  ("pany", d["pany"], ref.conv2d_ref(d["px"], d["pw"], padding=2, groups=20)),
+                  ("psy", d["psy"], ref.conv2d_ref(d["px"][:, :, :, ::2], d["pw"], stride=2,
+                                                   padding=(1, 2), groups=20))]
         for algo in ("winograd", "winograd4"):
             wgx, wgw, _ = ref.conv2d_backward_ref(d[algo + "_gy"], d["x"], d["ww"], padding=1)
             checks += [(algo + "_y", d[algo + "_y"],

@@ -136,6 +136,19 @@ std::vector<float> pack_depthwise_weights(const float* weight, int64_t c, int64_
 void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t kw,
                       const Conv2dParams& p, const Epilogue& e, const Image& out, int threads);
 
+// The same kernels on plain NCHW tensors, for the core's eager op: each
+// task moves B channel planes of one image into a padded frame with the
+// channels in the lanes, runs the blocked kernel on it and moves the result
+// back. x: input of n x c x h x w at strides xs[0..3]; y: C-contiguous
+// output; bias: c floats or null; scratch: depthwise_plain_scratch floats a
+// thread (the frame, then the task's result).
+int64_t depthwise_plain_scratch(int64_t h, int64_t w, const Conv2dParams& p, int64_t ho,
+                                int64_t wo);
+void depthwise_conv2d_plain(const float* x, const int64_t* xs, int64_t n, int64_t c, int64_t h,
+                            int64_t w, const float* packed, int64_t kh, int64_t kw,
+                            const Conv2dParams& p, const float* bias, float* y, int64_t ho,
+                            int64_t wo, float* scratch, int threads);
+
 // ----------------------------------------------------------------- pooling
 
 void max_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads);

@@ -4,6 +4,8 @@
 // argument (16 lanes with AVX-512, 8 with AVX2 and the portable code).
 #pragma once
 
+#include <utility>
+
 #include "activation_math.h"
 #include "blocked.h"
 #include "gemm.h"
@@ -20,12 +22,14 @@ template <>
 struct Lanes<8> {
   using type = simd::f32x8;
   using wide = simd::f64x8;
+  using index = simd::i32x8;
 };
 typedef double f64x16 __attribute__((vector_size(128)));
 template <>
 struct Lanes<16> {
   using type = simd::f32x16;
   using wide = f64x16;
+  using index = simd::i32x16;
 };
 template <int B>
 using Vec = typename Lanes<B>::type;
@@ -45,6 +49,45 @@ CONVCORE_ALWAYS_INLINE void store(float* p, const Vec<B>& v) {
 template <int B>
 CONVCORE_ALWAYS_INLINE Vec<B> splat(float v) {
   return Vec<B>{} + v;
+}
+
+// Transposes the B x B matrix of floats whose rows are r[0..B): in log2(B)
+// rounds, each swapping the off-diagonal blocks of D x D between rows i and
+// i + D (two-source shuffles). The layout changes move B positions of B
+// channels at a time with it, instead of one float at a time.
+template <int D, int B>
+constexpr int low_half_lane(int c) {  // row i's lane c after the round of D
+  return (c & D) == 0 ? c : B + c - D;
+}
+template <int D, int B>
+constexpr int high_half_lane(int c) {  // row i + D's
+  return (c & D) == 0 ? c + D : B + c;
+}
+template <int D, int B, int... I>
+CONVCORE_ALWAYS_INLINE void swap_blocks(Vec<B>& a, Vec<B>& b, std::integer_sequence<int, I...>) {
+#if defined(__clang__)
+  const Vec<B> lo = __builtin_shufflevector(a, b, low_half_lane<D, B>(I)...);
+  const Vec<B> hi = __builtin_shufflevector(a, b, high_half_lane<D, B>(I)...);
+#else
+  using Index = typename Lanes<B>::index;
+  const Vec<B> lo = __builtin_shuffle(a, b, (Index){low_half_lane<D, B>(I)...});
+  const Vec<B> hi = __builtin_shuffle(a, b, (Index){high_half_lane<D, B>(I)...});
+#endif
+  a = lo;
+  b = hi;
+}
+template <int B, int D>
+CONVCORE_ALWAYS_INLINE void transpose_round(Vec<B>* r) {
+#pragma GCC unroll 16
+  for (int i = 0; i < B; ++i)
+    if ((i & D) == 0) swap_blocks<D, B>(r[i], r[i + D], std::make_integer_sequence<int, B>{});
+}
+template <int B>
+CONVCORE_ALWAYS_INLINE void transpose(Vec<B>* r) {
+  if constexpr (B == 16) transpose_round<B, 8>(r);
+  transpose_round<B, 4>(r);
+  transpose_round<B, 2>(r);
+  transpose_round<B, 1>(r);
 }
 
 // The activation A of B values (the eager ops' arithmetic: activation.cpp

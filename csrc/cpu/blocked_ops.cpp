@@ -90,7 +90,7 @@ CONVCORE_ALWAYS_INLINE void depthwise_columns(const float* x, int64_t W, const f
   for (int64_t i = i_lo; i < i_hi; ++i) {
     const float* xr = x + ((ih0 + i * p.dilation_h) * W + iw0) * B;
     const float* wr = w + i * kw * B;
-#pragma GCC unroll 5
+#pragma GCC unroll 7
     for (int64_t j = 0; j < kw; ++j) {
       const Vec<B> wv = load<B>(wr + j * B);
       const float* xv = xr + j * tap_step;
@@ -107,7 +107,7 @@ CONVCORE_ALWAYS_INLINE void depthwise_columns(const float* x, int64_t W, const f
 // the image (most of them) run without bounds checks, U at a time: U
 // independent accumulator chains keep both FMA pipes busy (4 left them
 // waiting on the FMA latency). KW > 0: the kernel width known at compile
-// time (3 and 5, MobileNet's and EfficientNet's), so the taps unroll, and
+// time (3, 5 and 7: MobileNet's, EfficientNet's and NASNet's), so the taps unroll, and
 // SW > 0 the stride (1 or 2) with dilation 1, so the U columns' offsets are
 // constants (runtime offsets spilled the registers).
 template <int B, Act A, int KW, int SW>
@@ -133,11 +133,25 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
     float* yr = y + oh * Wo * B;
     for (int64_t ow = 0; ow < ow_lo; ++ow)
       depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
+    // A short rest of columns is taken by one more block that ends at ow_hi
+    // and overlaps the block before (those columns are computed again, to the
+    // same values): one column at a time is a single chain of dependent FMAs,
+    // a quarter of the throughput (an 11-wide plane had 3 of 11 columns so).
     int64_t ow = ow_lo;
     for (; ow + 8 <= ow_hi; ow += 8)
       depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
+    if (ow < ow_hi && ow_hi - ow_lo >= 8) {
+      depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow_hi - 8, step,
+                                         tap_step, yr);
+      ow = ow_hi;
+    }
     for (; ow + 4 <= ow_hi; ow += 4)
       depthwise_columns<B, A, KW, SW, 4>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
+    if (ow < ow_hi && ow_hi - ow_lo >= 4) {
+      depthwise_columns<B, A, KW, SW, 4>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow_hi - 4, step,
+                                         tap_step, yr);
+      ow = ow_hi;
+    }
     for (; ow < ow_hi; ++ow)
       depthwise_columns<B, A, KW, SW, 1>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
     for (; ow < Wo; ++ow) depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
@@ -158,6 +172,10 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_kw(const float* x, int64_t H, int64_t
     depthwise_rows_act<B, A, 5, 1>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
   else if (plain && kw == 5)
     depthwise_rows_act<B, A, 5, 2>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
+  else if (plain && kw == 7 && p.stride_w == 1)
+    depthwise_rows_act<B, A, 7, 1>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
+  else if (plain && kw == 7)
+    depthwise_rows_act<B, A, 7, 2>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
   else
     depthwise_rows_act<B, A, 0, 0>(x, H, W, w, kh, kw, p, bias, oh0, oh1, Wo, y);
 }
@@ -363,11 +381,17 @@ CONVCORE_BLOCKED_DISPATCH(affine_run, affine_run_body,
 template <int B>
 CONVCORE_ALWAYS_INLINE void to_blocked_plane_body(const float* x, int64_t hw, int64_t lanes,
                                                   float* y) {
-  for (int64_t q0 = 0; q0 < hw; q0 += 64) {  // 64 positions: the lines stay in L1
-    const int64_t q1 = std::min(hw, q0 + 64);
-    for (int64_t q = q0; q < q1; ++q)
-      for (int l = 0; l < B; ++l) y[q * B + l] = l < lanes ? x[l * hw + q] : 0.0f;
+  int64_t q0 = 0;
+  for (; q0 + B <= hw; q0 += B) {  // B positions of B channels: one transpose
+    Vec<B> r[B];
+#pragma GCC unroll 16
+    for (int l = 0; l < B; ++l) r[l] = l < lanes ? load<B>(x + l * hw + q0) : Vec<B>{};
+    transpose<B>(r);
+#pragma GCC unroll 16
+    for (int i = 0; i < B; ++i) store<B>(y + (q0 + i) * B, r[i]);
   }
+  for (int64_t q = q0; q < hw; ++q)
+    for (int l = 0; l < B; ++l) y[q * B + l] = l < lanes ? x[l * hw + q] : 0.0f;
 }
 
 CONVCORE_BLOCKED_DISPATCH(to_blocked_plane, to_blocked_plane_body,
@@ -377,11 +401,18 @@ CONVCORE_BLOCKED_DISPATCH(to_blocked_plane, to_blocked_plane_body,
 template <int B>
 CONVCORE_ALWAYS_INLINE void to_plain_plane_body(const float* x, int64_t hw, int64_t lanes,
                                                 float* y) {
-  for (int64_t q0 = 0; q0 < hw; q0 += 64) {  // 64 positions: the lines stay in L1
-    const int64_t q1 = std::min(hw, q0 + 64);
-    for (int64_t l = 0; l < lanes; ++l)
-      for (int64_t q = q0; q < q1; ++q) y[l * hw + q] = x[q * B + l];
+  int64_t q0 = 0;
+  for (; q0 + B <= hw; q0 += B) {
+    Vec<B> r[B];
+#pragma GCC unroll 16
+    for (int i = 0; i < B; ++i) r[i] = load<B>(x + (q0 + i) * B);
+    transpose<B>(r);
+#pragma GCC unroll 16
+    for (int l = 0; l < B; ++l)
+      if (l < lanes) store<B>(y + l * hw + q0, r[l]);
   }
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t q = q0; q < hw; ++q) y[l * hw + q] = x[q * B + l];
 }
 
 CONVCORE_BLOCKED_DISPATCH(to_plain_plane, to_plain_plane_body,
@@ -469,6 +500,101 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
       depthwise_rows(x, in.h, in.w, w, kh, kw, p, bias, oh0, oh1, out.w, y, e.act);
     }
   });
+}
+
+namespace {
+
+// The padded plane a task's windows read: every window lies inside it.
+int64_t frame_h(int64_t h, const Conv2dParams& p) { return h + p.pad_top + p.pad_bottom; }
+int64_t frame_w(int64_t w, const Conv2dParams& p) { return w + p.pad_left + p.pad_right; }
+
+// B channel planes of x (lanes of them real) into the blocked frame, zeros
+// in the padding and the pad lanes.
+template <int B>
+CONVCORE_ALWAYS_INLINE void plain_to_frame_body(const float* x, const int64_t* xs, int64_t lanes,
+                                                int64_t h, int64_t w, const Conv2dParams& p,
+                                                float* frame) {
+  const int64_t hp = frame_h(h, p), wp = frame_w(w, p);
+  std::fill(frame, frame + hp * wp * B, 0.0f);
+  auto at = [&](int64_t row, int64_t col) {
+    return frame + ((row + p.pad_top) * wp + p.pad_left + col) * B;
+  };
+  if (xs[3] == 1 && xs[2] == w) {
+    // contiguous planes, often narrower than B (14 x 14, 7 x 7): B positions
+    // of the flattened plane at a time, across row ends
+    int64_t q0 = 0, row = 0, col = 0;
+    for (; q0 + B <= h * w; q0 += B) {
+      Vec<B> r[B];
+#pragma GCC unroll 16
+      for (int l = 0; l < B; ++l) r[l] = l < lanes ? load<B>(x + l * xs[1] + q0) : Vec<B>{};
+      transpose<B>(r);
+      for (int i = 0; i < B; ++i) {
+        store<B>(at(row, col), r[i]);
+        if (++col == w) col = 0, ++row;
+      }
+    }
+    for (; q0 < h * w; ++q0) {
+      for (int64_t l = 0; l < lanes; ++l) at(row, col)[l] = x[l * xs[1] + q0];
+      if (++col == w) col = 0, ++row;
+    }
+    return;
+  }
+  for (int64_t row = 0; row < h; ++row) {
+    const float* src = x + row * xs[2];
+    float* dst = frame + ((row + p.pad_top) * wp + p.pad_left) * B;
+    int64_t col = 0;
+    if (xs[3] == 1)
+      for (; col + B <= w; col += B) {  // B columns of B channels: one transpose
+        Vec<B> r[B];
+#pragma GCC unroll 16
+        for (int l = 0; l < B; ++l) r[l] = l < lanes ? load<B>(src + l * xs[1] + col) : Vec<B>{};
+        transpose<B>(r);
+#pragma GCC unroll 16
+        for (int i = 0; i < B; ++i) store<B>(dst + (col + i) * B, r[i]);
+      }
+    for (; col < w; ++col)
+      for (int64_t l = 0; l < lanes; ++l) dst[col * B + l] = src[l * xs[1] + col * xs[3]];
+  }
+}
+
+CONVCORE_BLOCKED_DISPATCH(plain_to_frame, plain_to_frame_body,
+                          (const float* x, const int64_t* xs, int64_t lanes, int64_t h, int64_t w,
+                           const Conv2dParams& p, float* frame),
+                          (x, xs, lanes, h, w, p, frame))
+
+}  // namespace
+
+int64_t depthwise_plain_scratch(int64_t h, int64_t w, const Conv2dParams& p, int64_t ho,
+                                int64_t wo) {
+  return (frame_h(h, p) * frame_w(w, p) + ho * wo) * block();
+}
+
+void depthwise_conv2d_plain(const float* x, const int64_t* xs, int64_t n, int64_t c, int64_t h,
+                            int64_t w, const float* packed, int64_t kh, int64_t kw,
+                            const Conv2dParams& p, const float* bias, float* y, int64_t ho,
+                            int64_t wo, float* scratch, int threads) {
+  const int64_t B = block(), cb = (c + B - 1) / B;
+  const int64_t hp = frame_h(h, p), wp = frame_w(w, p);
+  const int64_t per_thread = depthwise_plain_scratch(h, w, p, ho, wo);
+  Conv2dParams unpadded = p;
+  unpadded.pad_top = unpadded.pad_bottom = unpadded.pad_left = unpadded.pad_right = 0;
+  // a region of its own (not parallel_for, which runs a single thread's
+  // share inline): each thread's scratch is found by its number in the team
+#pragma omp parallel num_threads(threads)
+  {
+    float* frame = scratch + omp_get_thread_num() * per_thread;
+    float* result = frame + hp * wp * B;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n * cb; ++t) {
+      const int64_t i = t / cb, c0 = (t % cb) * B, lanes = std::min(B, c - c0);
+      alignas(64) float lane_bias[16] = {};
+      if (bias) std::copy(bias + c0, bias + c0 + lanes, lane_bias);
+      plain_to_frame(x + i * xs[0] + c0 * xs[1], xs, lanes, h, w, p, frame);
+      depthwise_rows(frame, hp, wp, packed + (c0 / B) * kh * kw * B, kh, kw, unpadded,
+                     bias ? lane_bias : nullptr, 0, ho, wo, result, Act::None);
+      to_plain_plane(result, ho * wo, lanes, y + (i * c + c0) * ho * wo);
+    }
+  }
 }
 
 void max_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads) {

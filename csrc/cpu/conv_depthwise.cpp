@@ -5,7 +5,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "blocked.h"
 #include "conv_depthwise.h"
 #include "conv_kernels.h"
 #include "conv_plan.h"
@@ -23,6 +25,19 @@ depthwise::Plane plane_of(const ConvGeometry& G) {
 
 }  // namespace
 
+// Strided and 5x5 or larger layers whose frame stays in L2: there the plane
+// kernels' vectors along a row are part-filled or run over phase planes,
+// where B channels fill every lane (EfficientNet's and NASNet's 5x5 and 7x7
+// layers on 7x7 to 21x21 planes at batch 16). 3x3 stride-1 layers keep the
+// flat plane kernels, which were faster there (docs/zoo_sweep.md).
+bool depthwise_in_lanes(const ConvGeometry& G) {
+  constexpr int64_t kFrameBytes = int64_t(256) << 10;
+  if (G.Cg != 1 || G.Coutg != 1) return false;
+  if (G.p.stride_h == 1 && G.p.stride_w == 1 && G.KH * G.KW <= 9) return false;
+  return blocked::depthwise_plain_scratch(G.H, G.W, G.p, G.Ho, G.Wo) *
+             static_cast<int64_t>(sizeof(float)) <= kFrameBytes;
+}
+
 bool grouped_planes_fit(const ConvGeometry& G) {
   const depthwise::Plane p = plane_of(G);
   return depthwise::flat_applies(p) && G.Cg * p.phases() * p.Hq() * p.Wq() <= kGroupedMostElements;
@@ -33,6 +48,18 @@ bool grouped_planes_fit(const ConvGeometry& G) {
 template <typename T>
 void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
                        const ConvGeometry& G, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (depthwise_in_lanes(G)) {
+      const std::vector<float> packed = blocked::pack_depthwise_weights(weight, G.C, G.KH, G.KW);
+      const int64_t B = blocked::block();
+      const int threads = detail::threads_for(G.N * ((G.C + B - 1) / B), G.N * G.Cout * G.P * G.KH * G.KW);
+      detail::Workspace<float> ws(threads, blocked::depthwise_plain_scratch(G.H, G.W, G.p, G.Ho, G.Wo));
+      const int64_t xs[4] = {G.xs_n, G.xs_c, G.xs_h, G.xs_w};
+      return blocked::depthwise_conv2d_plain(input.ptr<const float>(), xs, G.N, G.C, G.H, G.W,
+                                             packed.data(), G.KH, G.KW, G.p, bias, out, G.Ho,
+                                             G.Wo, ws.get(), threads);
+    }
+  }
   const depthwise::PlaneOps<T> ops(plane_of(G));
   const T* x = input.ptr<const T>();
   const int64_t tasks = G.N * G.G, filter = G.Cg * G.KH * G.KW;
