@@ -534,6 +534,41 @@ def test_depthwise_paths(dtype, channels, mult, hw, kernel, kw):
             np.testing.assert_array_equal(a, b_)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,cout", [
+    ((16, 64, 7, 7), 40),     # 49 positions: panels across image ends
+    ((5, 24, 1, 13), 13),     # planes narrower than a panel
+    ((3, 300, 19, 20), 37),   # 380 positions, just under a block of columns; K over KC
+    ((2, 8, 14, 14), 1),
+])
+def test_pointwise_images_side_by_side(dtype, shape, cout):
+    """A pointwise layer on planes smaller than a block of columns (7x7,
+    14x14) lays its images side by side as the columns of one GEMM (a panel
+    then spans image ends) and scatters the result into the images' planes
+    with the bias: the same sums as image by image, so the same bits as each
+    image alone, at any thread count; and against the reference."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((cout, shape[1], 1, 1)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    before = convcore.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            runs.append(convcore.conv2d(x, w, b, algorithm="pointwise"))
+        alone = np.concatenate([convcore.conv2d(x[i:i + 1], w, b, algorithm="pointwise")
+                                for i in range(shape[0])])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(runs[0], ref.conv2d_ref(x, w, b), dtype, what="pointwise side by side")
+    for other in runs[1:] + [alone]:
+        np.testing.assert_array_equal(runs[0], other)
+    # a view whose planes are not contiguous takes the per-image path: same values
+    xv = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(convcore.conv2d(xv, w, b, algorithm="pointwise"), runs[0])
+
+
 @pytest.mark.parametrize("shape,kernel,kw,view", [
     ((3, 20, 14, 14), (5, 5), dict(padding=2), None),                   # part-filled last block
     ((2, 37, 7, 7), (7, 7), dict(padding=3), None),                     # every column an edge

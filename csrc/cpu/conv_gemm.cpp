@@ -150,6 +150,106 @@ void col2im_add(const T* dcol, int64_t rows, int64_t nq, int64_t q0, const ConvG
 
 }  // namespace
 
+namespace {
+
+// Packs B(c, j) for the columns j in [j0, j0 + nc) of the images laid side
+// by side (column j: image j / P, position j % P) of a pointwise layer: x
+// points at channel 0 of image 0, each image's plane of P positions is
+// contiguous. A panel's NR columns are a few runs, one per image they touch.
+template <typename T>
+struct ImagesPackB {
+  const T* x;
+  int64_t xs_n, xs_c, P;
+  int64_t j_offset;  // first column of the task's tile
+
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    j0 += j_offset;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+      T* panel = dst + jp * kc;
+      const int64_t w = std::min<int64_t>(NR, nc - jp);
+      struct Run {
+        int64_t col, src, len;
+      } runs[NR];
+      int nruns = 0;
+      for (int64_t col = 0; col < w;) {
+        const int64_t j = j0 + jp + col, n = j / P, q = j % P;
+        const int64_t len = std::min(w - col, P - q);
+        runs[nruns++] = {col, n * xs_n + q, len};
+        col += len;
+      }
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* xk = x + (k0 + k) * xs_c;
+        T* out = panel + k * NR;
+        for (int r = 0; r < nruns; ++r)
+          std::copy(xk + runs[r].src, xk + runs[r].src + runs[r].len, out + runs[r].col);
+        std::fill(out + w, out + NR, T(0));
+      }
+    }
+  }
+};
+
+}  // namespace
+
+// Whether a pointwise layer's forward lays its images side by side as the
+// columns of one GEMM: planes smaller than a block of columns (7x7, 14x14)
+// fill a tile's last panel only in part, image by image (49 of 64 columns).
+bool pointwise_images_side_by_side(const ConvGeometry& G) {
+  return is_pointwise(G) && G.G == 1 && G.N > 1 && G.P < gemm::NC && G.xs_h == G.W &&
+         G.xs_w == 1;
+}
+
+// Forward of such a layer: tiles of columns across images, each task C =
+// W * B for all output channels of its tile into a scratch block, then
+// scattered into the images' planes with the bias. The same sums as
+// forward_gemm's, in the same order.
+template <typename T>
+void forward_pointwise_images(const TensorView& input, const detail::Contiguous<T>& weight,
+                              const T* bias, const ConvGeometry& G, T* out) {
+  constexpr int NR = gemm::Tile<T>::NR;
+  constexpr int64_t kTileBytes = int64_t(256) << 10;  // the task's block of C, in L2
+  const int64_t columns = G.N * G.P;
+  const int threads_wanted = get_num_threads();
+  const int64_t widest =
+      std::clamp<int64_t>(kTileBytes / int64_t(sizeof(T)) / G.Coutg / NR * NR, 2 * NR, gemm::NC);
+  // tiles that even out the threads' shares of the columns
+  const int64_t tile = gemm::balanced_width(columns, widest, NR, threads_wanted);
+  const int64_t tasks = (columns + tile - 1) / tile;
+  const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, G.Kc);
+  detail::Workspace<T> a_ws(1, a_size);
+  gemm::pack_a_parallel(G.Coutg, G.Kc, weight.data(), G.Kc, int64_t(1), a_ws.get());
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  const int64_t per_thread = gemm::b_workspace_size<T>() + G.Coutg * tile;
+  detail::Workspace<T> ws(threads, per_thread);
+  const T* x = input.ptr<const T>();
+#pragma omp parallel num_threads(threads)
+  {
+    T* bbuf = ws.get(omp_get_thread_num());
+    T* c = bbuf + gemm::b_workspace_size<T>();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t j0 = t * tile, nq = std::min(tile, columns - j0);
+      gemm::gemm_packed(G.Coutg, nq, G.Kc, a_ws.get(), G.Coutg, 0,
+                        ImagesPackB<T>{x, G.xs_n, G.xs_c, G.P, j0},
+                        c, tile, false, bbuf);
+      for (int64_t col = 0; col < nq;) {
+        const int64_t j = j0 + col, n = j / G.P, q = j % G.P, len = std::min(nq - col, G.P - q);
+        for (int64_t o = 0; o < G.Cout; ++o) {
+          const T* src = c + o * tile + col;
+          T* dst = out + (n * G.Cout + o) * G.P + q;
+          if (bias) {
+            const T b = bias[o];
+            for (int64_t i = 0; i < len; ++i) dst[i] = src[i] + b;
+          } else {
+            std::copy(src, src + len, dst);
+          }
+        }
+        col += len;
+      }
+    }
+  }
+}
+
 template <typename T>
 ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
   // Tasks: (image, group, tile of output positions, block of output
@@ -182,6 +282,7 @@ ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
   // them; with few tiles (batch 1) packing costs more than it saves and the
   // microkernel reads the weight rows in place.
   split.pack_weights = G.N * tiles > 2;
+  split.images_side_by_side = pointwise_images_side_by_side(G);
   return split;
 }
 
@@ -195,6 +296,7 @@ void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, 
   const int64_t tile = split.tile, tiles = split.tiles;
   const int64_t mrows = split.mrows, mblocks = split.mblocks;
   const int64_t tasks = images * tiles * mblocks;
+  if (split.images_side_by_side) return forward_pointwise_images<T>(input, weight, bias, G, out);
   const bool pack_weights = split.pack_weights;
   const int64_t a_size = pack_weights ? gemm::packed_a_size<T>(G.Coutg, G.Kc) : 0;
   detail::Workspace<T> a_ws(1, a_size * G.G);

@@ -57,6 +57,9 @@ enum class ConvPass { Forward, Backward };
 struct ForwardGemmSplit {  // forward_gemm: tiles of positions x blocks of output channels
   int64_t tile = 0, tiles = 0, mrows = 0, mblocks = 0;
   bool pack_weights = false;  // the weights packed once for all tasks
+  // a pointwise layer's images side by side as the columns of one GEMM
+  // (forward_pointwise_images), which then splits its own work
+  bool images_side_by_side = false;
 };
 struct ForwardDirectSplit {  // forward_direct: image chunks, channel panels x positions
   int64_t chunk = 0, oblock = 0, ochunks = 0, pblock = 0, pblocks = 0;
