@@ -545,25 +545,37 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     """A pointwise layer on planes smaller than a block of columns (7x7,
     14x14) lays its images side by side as the columns of one GEMM (a panel
     then spans image ends) and scatters the result into the images' planes
-    with the bias: the same sums as image by image, so the same bits as each
-    image alone, at any thread count; and against the reference."""
+    with the bias, forward and grad_input: the same sums as image by image,
+    so the same bits as each image alone, at any thread count; and against
+    the reference."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((cout, shape[1], 1, 1)).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype)
+    gy = rng.standard_normal((shape[0], cout) + shape[2:]).astype(dtype)
+
+    def run(xs, gys):
+        y = convcore.conv2d(xs, w, b, algorithm="pointwise")
+        gx, _, _ = convcore.conv2d_backward(gys, xs, w, algorithm="pointwise")
+        return y, gx
+
     before = convcore.get_num_threads()
     try:
         runs = []
         for threads in (1, 2, 3):
             convcore.set_num_threads(threads)
-            runs.append(convcore.conv2d(x, w, b, algorithm="pointwise"))
-        alone = np.concatenate([convcore.conv2d(x[i:i + 1], w, b, algorithm="pointwise")
-                                for i in range(shape[0])])
+            runs.append(run(x, gy))
+        each = [run(x[i:i + 1], gy[i:i + 1]) for i in range(shape[0])]
+        alone = tuple(np.concatenate([e[k] for e in each]) for k in range(2))
     finally:
         convcore.set_num_threads(before)
-    assert_close(runs[0], ref.conv2d_ref(x, w, b), dtype, what="pointwise side by side")
+    assert_close(runs[0][0], ref.conv2d_ref(x, w, b), dtype, what="pointwise side by side")
+    assert_close(runs[0][1], ref.conv2d_backward_ref(gy, x, w)[0], dtype,
+                 what="pointwise grad_input side by side")
     for other in runs[1:] + [alone]:
-        np.testing.assert_array_equal(runs[0], other)
+        for got, want in zip(other, runs[0]):
+            np.testing.assert_array_equal(got, want)
+    runs = [r[0] for r in runs]
     # a view whose planes are not contiguous takes the per-image path: same values
     xv = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     np.testing.assert_array_equal(convcore.conv2d(xv, w, b, algorithm="pointwise"), runs[0])

@@ -148,10 +148,6 @@ void col2im_add(const T* dcol, int64_t rows, int64_t nq, int64_t q0, const ConvG
   }
 }
 
-}  // namespace
-
-namespace {
-
 // Packs B(c, j) for the columns j in [j0, j0 + nc) of the images laid side
 // by side (column j: image j / P, position j % P) of a pointwise layer: x
 // points at channel 0 of image 0, each image's plane of P positions is
@@ -189,39 +185,34 @@ struct ImagesPackB {
   }
 };
 
-}  // namespace
-
-// Whether a pointwise layer's forward lays its images side by side as the
-// columns of one GEMM: planes smaller than a block of columns (7x7, 14x14)
-// fill a tile's last panel only in part, image by image (49 of 64 columns).
+// Whether a pointwise layer lays its images side by side as the columns of
+// one GEMM, forward and for grad_input: planes smaller than a block of
+// columns (7x7, 14x14) fill a tile's last panel only in part, image by image
+// (49 positions: 64 columns computed).
 bool pointwise_images_side_by_side(const ConvGeometry& G) {
-  return is_pointwise(G) && G.G == 1 && G.N > 1 && G.P < gemm::NC && G.xs_h == G.W &&
-         G.xs_w == 1;
+  return is_pointwise(G) && G.G == 1 && G.N > 1 && G.P < gemm::NC;
 }
 
-// Forward of such a layer: tiles of columns across images, each task C =
-// W * B for all output channels of its tile into a scratch block, then
-// scattered into the images' planes with the bias. The same sums as
-// forward_gemm's, in the same order.
+// dst[n] (M x P) = A (M x K, packed) * src[n] (K x P, rows src_c apart,
+// images src_n apart) + bias, for the N images laid side by side: tiles of
+// columns across images, each task computing all M rows of its tile into a
+// block of scratch, then scattered into the images' planes. The same sums
+// in the same order as one GEMM per image.
 template <typename T>
-void forward_pointwise_images(const TensorView& input, const detail::Contiguous<T>& weight,
-                              const T* bias, const ConvGeometry& G, T* out) {
+void gemm_images_side_by_side(const T* a_packed, int64_t M, int64_t K, const T* src,
+                              int64_t src_n, int64_t src_c, int64_t N, int64_t P,
+                              const T* bias, T* dst) {
   constexpr int NR = gemm::Tile<T>::NR;
   constexpr int64_t kTileBytes = int64_t(256) << 10;  // the task's block of C, in L2
-  const int64_t columns = G.N * G.P;
-  const int threads_wanted = get_num_threads();
+  const int64_t columns = N * P;
   const int64_t widest =
-      std::clamp<int64_t>(kTileBytes / int64_t(sizeof(T)) / G.Coutg / NR * NR, 2 * NR, gemm::NC);
+      std::clamp<int64_t>(kTileBytes / int64_t(sizeof(T)) / M / NR * NR, 2 * NR, gemm::NC);
   // tiles that even out the threads' shares of the columns
-  const int64_t tile = gemm::balanced_width(columns, widest, NR, threads_wanted);
+  const int64_t tile = gemm::balanced_width(columns, widest, NR, get_num_threads());
   const int64_t tasks = (columns + tile - 1) / tile;
-  const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, G.Kc);
-  detail::Workspace<T> a_ws(1, a_size);
-  gemm::pack_a_parallel(G.Coutg, G.Kc, weight.data(), G.Kc, int64_t(1), a_ws.get());
-  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
-  const int64_t per_thread = gemm::b_workspace_size<T>() + G.Coutg * tile;
+  const int threads = detail::threads_for(tasks, M * K * columns);
+  const int64_t per_thread = gemm::b_workspace_size<T>() + M * tile;
   detail::Workspace<T> ws(threads, per_thread);
-  const T* x = input.ptr<const T>();
 #pragma omp parallel num_threads(threads)
   {
     T* bbuf = ws.get(omp_get_thread_num());
@@ -229,19 +220,18 @@ void forward_pointwise_images(const TensorView& input, const detail::Contiguous<
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t j0 = t * tile, nq = std::min(tile, columns - j0);
-      gemm::gemm_packed(G.Coutg, nq, G.Kc, a_ws.get(), G.Coutg, 0,
-                        ImagesPackB<T>{x, G.xs_n, G.xs_c, G.P, j0},
-                        c, tile, false, bbuf);
+      gemm::gemm_packed(M, nq, K, a_packed, M, 0, ImagesPackB<T>{src, src_n, src_c, P, j0}, c,
+                        tile, false, bbuf);
       for (int64_t col = 0; col < nq;) {
-        const int64_t j = j0 + col, n = j / G.P, q = j % G.P, len = std::min(nq - col, G.P - q);
-        for (int64_t o = 0; o < G.Cout; ++o) {
-          const T* src = c + o * tile + col;
-          T* dst = out + (n * G.Cout + o) * G.P + q;
+        const int64_t j = j0 + col, n = j / P, q = j % P, len = std::min(nq - col, P - q);
+        for (int64_t o = 0; o < M; ++o) {
+          const T* from = c + o * tile + col;
+          T* to = dst + (n * M + o) * P + q;
           if (bias) {
             const T b = bias[o];
-            for (int64_t i = 0; i < len; ++i) dst[i] = src[i] + b;
+            for (int64_t i = 0; i < len; ++i) to[i] = from[i] + b;
           } else {
-            std::copy(src, src + len, dst);
+            std::copy(from, from + len, to);
           }
         }
         col += len;
@@ -249,6 +239,19 @@ void forward_pointwise_images(const TensorView& input, const detail::Contiguous<
     }
   }
 }
+
+// Forward of a layer whose images go side by side: out[n] = W * x[n] + bias.
+template <typename T>
+void forward_pointwise_images(const TensorView& input, const detail::Contiguous<T>& weight,
+                              const T* bias, const ConvGeometry& G, T* out) {
+  const int64_t a_size = gemm::packed_a_size<T>(G.Cout, G.Kc);
+  detail::Workspace<T> a_ws(1, a_size);
+  gemm::pack_a_parallel(G.Cout, G.Kc, weight.data(), G.Kc, int64_t(1), a_ws.get());
+  gemm_images_side_by_side(a_ws.get(), G.Cout, G.Kc, input.ptr<const T>(), G.xs_n, G.xs_c, G.N,
+                           G.P, bias, out);
+}
+
+}  // namespace
 
 template <typename T>
 ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
@@ -352,6 +355,7 @@ GradInputPointwiseSplit grad_input_pointwise_split(const ConvGeometry& G) {
   split.tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
                           int64_t(NR), gemm::NC);
   split.tiles = (G.P + split.tile - 1) / split.tile;
+  split.images_side_by_side = pointwise_images_side_by_side(G);
   return split;
 }
 
@@ -367,6 +371,9 @@ void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, cons
   for (int64_t g = 0; g < G.G; ++g)  // A(c, o) = weight[g * Coutg + o, c]
     gemm::pack_a_parallel(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
                           a_packed + g * a_size);
+  if (split.images_side_by_side)  // gx[n] = W^T gy[n], the images side by side
+    return gemm_images_side_by_side(a_packed, G.C, G.Cout, gy, G.Cout * G.P, G.P, G.N, G.P,
+                                    static_cast<const T*>(nullptr), gx);
   const int64_t images = G.N * G.G;
   const int64_t tile = split.tile, tiles = split.tiles, tasks = images * tiles;
   const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);

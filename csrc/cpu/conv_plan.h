@@ -58,7 +58,7 @@ struct ForwardGemmSplit {  // forward_gemm: tiles of positions x blocks of outpu
   int64_t tile = 0, tiles = 0, mrows = 0, mblocks = 0;
   bool pack_weights = false;  // the weights packed once for all tasks
   // a pointwise layer's images side by side as the columns of one GEMM
-  // (forward_pointwise_images), which then splits its own work
+  // (gemm_images_side_by_side in conv_gemm.cpp), which splits its own work
   bool images_side_by_side = false;
 };
 struct ForwardDirectSplit {  // forward_direct: image chunks, channel panels x positions
@@ -69,6 +69,7 @@ struct GradInputGemmSplit {  // grad_input_gemm: blocks of input channels
 };
 struct GradInputPointwiseSplit {  // grad_input_pointwise: tiles of positions
   int64_t tile = 0, tiles = 0;
+  bool images_side_by_side = false;  // as ForwardGemmSplit's
 };
 struct GradInputDirectSplit {  // grad_input_direct_strided: image chunks, position blocks
   int64_t chunk = 0, pblock = 0, pblocks = 0;
