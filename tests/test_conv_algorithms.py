@@ -540,6 +540,7 @@ def test_depthwise_paths(dtype, channels, mult, hw, kernel, kw):
     ((5, 24, 1, 13), 13),     # planes narrower than a panel
     ((3, 300, 19, 20), 37),   # 380 positions, just under a block of columns; K over KC
     ((2, 8, 14, 14), 1),
+    ((12, 16, 19, 19), 24),   # 4332 positions: grad_weight in two chunks
 ])
 def test_pointwise_images_side_by_side(dtype, shape, cout):
     """A pointwise layer on planes smaller than a block of columns (7x7,
@@ -547,7 +548,7 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     then spans image ends) and scatters the result into the images' planes
     with the bias, forward and grad_input: the same sums as image by image,
     so the same bits as each image alone, at any thread count; and against
-    the reference."""
+    the reference. grad_weight takes chunks of the positions of all images."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((cout, shape[1], 1, 1)).astype(dtype)
@@ -558,6 +559,21 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
         y = convcore.conv2d(xs, w, b, algorithm="pointwise")
         gx, _, _ = convcore.conv2d_backward(gys, xs, w, algorithm="pointwise")
         return y, gx
+
+    # grad_weight sums over the positions of all images in chunks laid side
+    # by side: the same bits at any thread count, within rounding of the reference
+    gws = []
+    before = convcore.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            gws.append(convcore.conv2d_backward(gy, x, w, algorithm="pointwise")[1])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(gws[0], ref.conv2d_backward_ref(gy, x, w)[1], dtype,
+                 what="pointwise grad_weight side by side")
+    for other in gws[1:]:
+        np.testing.assert_array_equal(other, gws[0])
 
     before = convcore.get_num_threads()
     try:

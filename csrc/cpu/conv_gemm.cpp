@@ -185,6 +185,53 @@ struct ImagesPackB {
   }
 };
 
+// Packs A(o, k) = gy[n, o, q] for the positions k in [c0, c0 + K) of the
+// images laid side by side (k: image k / P, position k % P) as pack_a_part
+// packs a matrix: units u0..u1 of (block of KC positions, panel of MR rows),
+// each panel filled run by run (one run per image it touches).
+template <typename T>
+void pack_a_images_part(int64_t M, const T* gy, int64_t P, int64_t c0, int64_t K, T* dst,
+                        int64_t u0, int64_t u1) {
+  constexpr int MR = gemm::Tile<T>::MR;
+  const int64_t Mpad = gemm::round_up(M, MR), panels = Mpad / MR;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t k0 = (u / panels) * gemm::KC, i0 = (u % panels) * MR;
+    const int64_t kc = std::min(gemm::KC, K - k0);
+    T* panel = dst + k0 * Mpad + i0 * kc;
+    for (int64_t k = 0; k < kc;) {
+      const int64_t j = c0 + k0 + k, n = j / P, q = j % P, len = std::min(kc - k, P - q);
+      gemm::pack_a_panel(M, gy + n * M * P + q, P, int64_t(1), i0, int64_t(0), len,
+                         panel + k * MR);
+      k += len;
+    }
+  }
+}
+
+// Packs B(k, c) = x[n, c, q] (positions k of the images side by side from
+// c0, as pack_a_images_part; input channels c from r0) into NR-column panels.
+template <typename T>
+struct ImagesTransposedPackB {
+  const T* x;
+  int64_t xs_n, xs_c, P;
+  int64_t c0, r0;
+
+  void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
+    constexpr int NR = gemm::Tile<T>::NR;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+      T* panel = dst + jp * kc;
+      const int64_t w = std::min<int64_t>(NR, nc - jp);
+      for (int64_t k = 0; k < kc;) {
+        const int64_t j = c0 + k0 + k, n = j / P, q = j % P, len = std::min(kc - k, P - q);
+        gemm::transpose_copy(x + n * xs_n + (r0 + j0 + jp) * xs_c + q, xs_c, w, len,
+                             panel + k * NR, int64_t(NR));
+        k += len;
+      }
+      if (w < NR)
+        for (int64_t k = 0; k < kc; ++k) std::fill(panel + k * NR + w, panel + (k + 1) * NR, T(0));
+    }
+  }
+};
+
 // Whether a pointwise layer lays its images side by side as the columns of
 // one GEMM, forward and for grad_input: planes smaller than a block of
 // columns (7x7, 14x14) fill a tile's last panel only in part, image by image
@@ -635,12 +682,53 @@ GradWeightGemmSplit grad_weight_gemm_split(const ConvGeometry& G) {
   mblocks = (G.Coutg + mrows - 1) / mrows;
   GradWeightGemmSplit split;
   split.cols = cols, split.ncolblocks = ncolblocks, split.mrows = mrows, split.mblocks = mblocks;
+  split.images_side_by_side = pointwise_images_side_by_side(G);
   return split;
+}
+
+// grad_weight of a pointwise layer whose images go side by side: gw (Cout x
+// C) = sum over chunks of the positions of all images, laid side by side,
+// of gy (Cout x chunk) * x^T (chunk x C); the tasks as grad_weight_gemm's.
+// Positions of small planes then fill the GEMM's blocks of KC (a 7x7 plane:
+// 49 of 256), and one parallel region serves a chunk of several images.
+template <typename T>
+void grad_weight_pointwise_images(const T* gy, const TensorView& input, const ConvGeometry& G,
+                                  const GradWeightGemmSplit& split, T* gw) {
+  const int64_t columns = G.N * G.P, chunk = std::min(kGradWeightChunk, columns);
+  const int64_t cols = split.cols, ncolblocks = split.ncolblocks;
+  const int64_t mrows = split.mrows, mblocks = split.mblocks;
+  const int64_t tasks = ncolblocks * mblocks;
+  const T* x = input.ptr<const T>();
+  detail::Workspace<T> a_ws(1, gemm::packed_a_size<T>(G.Cout, chunk));
+  T* a_packed = a_ws.get();
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+  for (int64_t c0 = 0; c0 < columns; c0 += chunk) {
+    const int64_t nk = std::min(chunk, columns - c0);
+    const int64_t units = gemm::pack_a_units<T>(G.Cout, nk);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < units; ++u)
+        pack_a_images_part(G.Cout, gy, G.P, c0, nk, a_packed, u, u + 1);
+      T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t mb = t % mblocks, r0 = (t / mblocks) * cols;
+        const int64_t ncols = std::min(cols, G.Kc - r0);
+        const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Cout - m0);
+        gemm::gemm_packed(nm, ncols, nk, a_packed, G.Cout, m0,
+                          ImagesTransposedPackB<T>{x, G.xs_n, G.xs_c, G.P, c0, r0},
+                          gw + m0 * G.Kc + r0, G.Kc, c0 > 0, bbuf);
+      }
+    }
+  }
 }
 
 template <typename T>
 void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,
                       const GradWeightGemmSplit& split, T* gw) {
+  if (split.images_side_by_side) return grad_weight_pointwise_images(gy, input, G, split, gw);
   // grad_weight[g] (Coutg x Kc) = sum over images n and chunks of positions
   // of gy[n, g] (Coutg x positions) * im2col(x[n, g])^T (positions x Kc).
   // Each chunk of gy is packed once (shared), then tasks over blocks of

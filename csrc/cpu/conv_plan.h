@@ -76,6 +76,7 @@ struct GradInputDirectSplit {  // grad_input_direct_strided: image chunks, posit
 };
 struct GradWeightGemmSplit {  // grad_weight_gemm: kernel-row blocks x output-channel blocks
   int64_t cols = 0, ncolblocks = 0, mrows = 0, mblocks = 0;
+  bool images_side_by_side = false;  // positions of all images in chunks, as ForwardGemmSplit's
 };
 struct GradWeightByTapsSplit {  // grad_weight_by_taps: blocks of input channels
   int64_t mrows = 0, mblocks = 0;
