@@ -630,7 +630,8 @@ def test_depthwise_in_lanes(shape, kernel, kw, view):
     w = rng.standard_normal((c, 1) + kernel).astype(np.float32)
     b = rng.standard_normal(c).astype(np.float32)
     kw = dict(kw, groups=c)
-    expect = ref.conv2d_ref(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw)
+    x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    expect = ref.conv2d_ref(x64, w64, b64, **kw)
     before = convcore.get_num_threads()
     try:
         runs = []
@@ -642,7 +643,7 @@ def test_depthwise_in_lanes(shape, kernel, kw, view):
     assert_close(runs[0], expect, np.float32, what="depthwise in lanes")
     for other in runs[1:]:
         np.testing.assert_array_equal(runs[0], other)
-    planes = convcore.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw)
+    planes = convcore.conv2d(x64, w64, b64, **kw)
     assert np.abs(runs[0] - planes).max() <= 1e-5 * np.abs(planes).max()
 
 

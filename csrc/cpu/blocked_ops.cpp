@@ -107,9 +107,9 @@ CONVCORE_ALWAYS_INLINE void depthwise_columns(const float* x, int64_t W, const f
 // the image (most of them) run without bounds checks, U at a time: U
 // independent accumulator chains keep both FMA pipes busy (4 left them
 // waiting on the FMA latency). KW > 0: the kernel width known at compile
-// time (3, 5 and 7: MobileNet's, EfficientNet's and NASNet's), so the taps unroll, and
-// SW > 0 the stride (1 or 2) with dilation 1, so the U columns' offsets are
-// constants (runtime offsets spilled the registers).
+// time (3, 5 and 7: MobileNet's, EfficientNet's and NASNet's), so the taps
+// unroll, and SW > 0 the stride (1 or 2) with dilation 1, so the U columns'
+// offsets are constants (runtime offsets spilled the registers).
 template <int B, Act A, int KW, int SW>
 CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_t W,
                                                const float* w, int64_t kh, int64_t kw_runtime,

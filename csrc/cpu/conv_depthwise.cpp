@@ -51,9 +51,10 @@ void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
   if constexpr (std::is_same_v<T, float>) {
     if (depthwise_in_lanes(G)) {
       const std::vector<float> packed = blocked::pack_depthwise_weights(weight, G.C, G.KH, G.KW);
-      const int64_t B = blocked::block();
-      const int threads = detail::threads_for(G.N * ((G.C + B - 1) / B), G.N * G.Cout * G.P * G.KH * G.KW);
-      detail::Workspace<float> ws(threads, blocked::depthwise_plain_scratch(G.H, G.W, G.p, G.Ho, G.Wo));
+      const int64_t B = blocked::block(), tasks = G.N * ((G.C + B - 1) / B);
+      const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.KH * G.KW);
+      detail::Workspace<float> ws(threads,
+                                  blocked::depthwise_plain_scratch(G.H, G.W, G.p, G.Ho, G.Wo));
       const int64_t xs[4] = {G.xs_n, G.xs_c, G.xs_h, G.xs_w};
       return blocked::depthwise_conv2d_plain(input.ptr<const float>(), xs, G.N, G.C, G.H, G.W,
                                              packed.data(), G.KH, G.KW, G.p, bias, out, G.Ho,

@@ -314,10 +314,9 @@ ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
   // threads' shares (441 positions in 384 + 57 columns left one of two
   // threads idle for most of a batch-1 layer). A narrower one stays one
   // tile, its rows split below when images are short of threads.
-  int64_t tile = G.P <= gemm::NC
-                     ? gemm::round_up(G.P, NR)
-                     : gemm::balanced_width(G.P, gemm::NC, NR,
-                                            static_cast<int>(std::max<int64_t>(1, threads_wanted / images)));
+  const int share = static_cast<int>(std::max<int64_t>(1, threads_wanted / images));
+  int64_t tile = G.P <= gemm::NC ? gemm::round_up(G.P, NR)
+                                 : gemm::balanced_width(G.P, gemm::NC, NR, share);
   int64_t tiles = (G.P + tile - 1) / tile;
   int64_t mblocks = 1;
   if (images * tiles < threads_wanted) {
