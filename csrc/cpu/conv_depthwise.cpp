@@ -23,13 +23,11 @@ depthwise::Plane plane_of(const ConvGeometry& G) {
           G.p.dilation_w, G.p.pad_top, G.p.pad_left, G.xs_h, G.xs_w};
 }
 
-}  // namespace
-
 // Strided and 5x5 or larger layers whose frame stays in L2: there the plane
 // kernels' vectors along a row are part-filled or run over phase planes,
 // where B channels fill every lane (EfficientNet's and NASNet's 5x5 and 7x7
 // layers on 7x7 to 21x21 planes at batch 16). 3x3 stride-1 layers keep the
-// flat plane kernels, which were faster there (docs/zoo_sweep.md).
+// flat plane kernels, which were faster there (docs/training.md).
 bool depthwise_in_lanes(const ConvGeometry& G) {
   constexpr int64_t kFrameBytes = int64_t(256) << 10;
   if (G.Cg != 1 || G.Coutg != 1) return false;
@@ -37,6 +35,8 @@ bool depthwise_in_lanes(const ConvGeometry& G) {
   return blocked::depthwise_plain_scratch(G.H, G.W, G.p, G.Ho, G.Wo) *
              static_cast<int64_t>(sizeof(float)) <= kFrameBytes;
 }
+
+}  // namespace
 
 bool grouped_planes_fit(const ConvGeometry& G) {
   const depthwise::Plane p = plane_of(G);

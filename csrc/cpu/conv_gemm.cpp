@@ -148,6 +148,18 @@ void col2im_add(const T* dcol, int64_t rows, int64_t nq, int64_t q0, const ConvG
   }
 }
 
+// Calls f(offset, image, position, length) for the runs of `count`
+// consecutive columns from j0 of N images of P positions laid side by side
+// (column j: image j / P, position j % P), one run per image they touch.
+template <typename F>
+void for_image_runs(int64_t j0, int64_t count, int64_t P, F&& f) {
+  for (int64_t offset = 0; offset < count;) {
+    const int64_t j = j0 + offset, q = j % P, len = std::min(count - offset, P - q);
+    f(offset, j / P, q, len);
+    offset += len;
+  }
+}
+
 // Packs B(c, j) for the columns j in [j0, j0 + nc) of the images laid side
 // by side (column j: image j / P, position j % P) of a pointwise layer: x
 // points at channel 0 of image 0, each image's plane of P positions is
@@ -168,12 +180,9 @@ struct ImagesPackB {
         int64_t col, src, len;
       } runs[NR];
       int nruns = 0;
-      for (int64_t col = 0; col < w;) {
-        const int64_t j = j0 + jp + col, n = j / P, q = j % P;
-        const int64_t len = std::min(w - col, P - q);
+      for_image_runs(j0 + jp, w, P, [&](int64_t col, int64_t n, int64_t q, int64_t len) {
         runs[nruns++] = {col, n * xs_n + q, len};
-        col += len;
-      }
+      });
       for (int64_t k = 0; k < kc; ++k) {
         const T* xk = x + (k0 + k) * xs_c;
         T* out = panel + k * NR;
@@ -198,12 +207,10 @@ void pack_a_images_part(int64_t M, const T* gy, int64_t P, int64_t c0, int64_t K
     const int64_t k0 = (u / panels) * gemm::KC, i0 = (u % panels) * MR;
     const int64_t kc = std::min(gemm::KC, K - k0);
     T* panel = dst + k0 * Mpad + i0 * kc;
-    for (int64_t k = 0; k < kc;) {
-      const int64_t j = c0 + k0 + k, n = j / P, q = j % P, len = std::min(kc - k, P - q);
+    for_image_runs(c0 + k0, kc, P, [&](int64_t k, int64_t n, int64_t q, int64_t len) {
       gemm::pack_a_panel(M, gy + n * M * P + q, P, int64_t(1), i0, int64_t(0), len,
                          panel + k * MR);
-      k += len;
-    }
+    });
   }
 }
 
@@ -220,22 +227,20 @@ struct ImagesTransposedPackB {
     for (int64_t jp = 0; jp < nc; jp += NR) {
       T* panel = dst + jp * kc;
       const int64_t w = std::min<int64_t>(NR, nc - jp);
-      for (int64_t k = 0; k < kc;) {
-        const int64_t j = c0 + k0 + k, n = j / P, q = j % P, len = std::min(kc - k, P - q);
+      for_image_runs(c0 + k0, kc, P, [&](int64_t k, int64_t n, int64_t q, int64_t len) {
         gemm::transpose_copy(x + n * xs_n + (r0 + j0 + jp) * xs_c + q, xs_c, w, len,
                              panel + k * NR, int64_t(NR));
-        k += len;
-      }
+      });
       if (w < NR)
         for (int64_t k = 0; k < kc; ++k) std::fill(panel + k * NR + w, panel + (k + 1) * NR, T(0));
     }
   }
 };
 
-// Whether a pointwise layer lays its images side by side as the columns of
-// one GEMM, forward and for grad_input: planes smaller than a block of
-// columns (7x7, 14x14) fill a tile's last panel only in part, image by image
-// (49 positions: 64 columns computed).
+// Whether a pointwise layer lays its images side by side: as the columns of
+// one GEMM forward and for grad_input (planes smaller than a block of
+// columns, 7x7 and 14x14, fill a tile's last panel only in part, image by
+// image: 49 positions, 64 columns computed), and as the depth of grad_weight's.
 bool pointwise_images_side_by_side(const ConvGeometry& G) {
   return is_pointwise(G) && G.G == 1 && G.N > 1 && G.P < gemm::NC;
 }
@@ -269,8 +274,7 @@ void gemm_images_side_by_side(const T* a_packed, int64_t M, int64_t K, const T* 
       const int64_t j0 = t * tile, nq = std::min(tile, columns - j0);
       gemm::gemm_packed(M, nq, K, a_packed, M, 0, ImagesPackB<T>{src, src_n, src_c, P, j0}, c,
                         tile, false, bbuf);
-      for (int64_t col = 0; col < nq;) {
-        const int64_t j = j0 + col, n = j / P, q = j % P, len = std::min(nq - col, P - q);
+      for_image_runs(j0, nq, P, [&](int64_t col, int64_t n, int64_t q, int64_t len) {
         for (int64_t o = 0; o < M; ++o) {
           const T* from = c + o * tile + col;
           T* to = dst + (n * M + o) * P + q;
@@ -281,8 +285,7 @@ void gemm_images_side_by_side(const T* a_packed, int64_t M, int64_t K, const T* 
             std::copy(from, from + len, to);
           }
         }
-        col += len;
-      }
+      });
     }
   }
 }
@@ -348,11 +351,11 @@ ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
 template <typename T>
 void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, const T* bias,
                   const ConvGeometry& G, const ForwardGemmSplit& split, T* out) {
+  if (split.images_side_by_side) return forward_pointwise_images<T>(input, weight, bias, G, out);
   const int64_t images = G.N * G.G;
   const int64_t tile = split.tile, tiles = split.tiles;
   const int64_t mrows = split.mrows, mblocks = split.mblocks;
   const int64_t tasks = images * tiles * mblocks;
-  if (split.images_side_by_side) return forward_pointwise_images<T>(input, weight, bias, G, out);
   const bool pack_weights = split.pack_weights;
   const int64_t a_size = pack_weights ? gemm::packed_a_size<T>(G.Coutg, G.Kc) : 0;
   detail::Workspace<T> a_ws(1, a_size * G.G);

@@ -64,9 +64,6 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
 // (scratch per thread: twice that).
 constexpr int64_t kGroupedMostElements = int64_t(1) << 22;
 bool grouped_planes_fit(const ConvGeometry& G);
-// Whether a float32 depthwise forward runs the blocked kernels with the
-// channels in the lanes (blocked.h's depthwise_conv2d_plain).
-bool depthwise_in_lanes(const ConvGeometry& G);
 template <typename T>
 void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
                        const ConvGeometry& G, T* out);
