@@ -56,11 +56,21 @@ for dtype in ("float32", "float64"):
     a = rng.standard_normal((37, 300)).astype(dtype)
     lw = rng.standard_normal((45, 300)).astype(dtype)
     ly = convcore.linear(a, lw)
+    # the small-batch kernels: 1, 2 and 4-row dot tiles, in_features of a
+    # vector and a tail (21) and under one vector (5), a bias
+    sa = {m: rng.standard_normal((m, 21)).astype(dtype) for m in (1, 3, 6)}
+    slw = rng.standard_normal((19, 21)).astype(dtype)
+    sb = rng.standard_normal(19).astype(dtype)
+    sly = {m: convcore.linear(v, slw, sb) for m, v in sa.items()}
+    sly5 = convcore.linear(sa[3][:, :5], slw[:, :5].copy())
     out[dtype] = {k: v.tolist() for k, v in dict(x=x, w=w, b=b, y=y, gy=gy, gx=gx, gw=gw,
                                                  dw=dw, dy=dy, dgy=dgy, dgx=dgx, dgw=dgw,
                                                  dgb=dgb, a=a, lw=lw, ly=ly, sy=sy, sgy=sgy,
                                                  sgx=sgx, sgw=sgw, ww=ww, px=px, pw=pw,
-                                                 pany=pany, psy=psy, **wino).items()}
+                                                 pany=pany, psy=psy, slw=slw, sb=sb, sly5=sly5,
+                                                 **{f"sa{m}": v for m, v in sa.items()},
+                                                 **{f"sly{m}": v for m, v in sly.items()},
+                                                 **wino).items()}
 json.dump(out, sys.stdout)
 """
 
@@ -111,6 +121,10 @@ def test_gemm_paths_match_reference(isa):
                   ("pany", d["pany"], ref.conv2d_ref(d["px"], d["pw"], padding=2, groups=20)),
                   ("psy", d["psy"], ref.conv2d_ref(d["px"][:, :, :, ::2], d["pw"], stride=2,
                                                    padding=(1, 2), groups=20))]
+        for m in (1, 3, 6):
+            checks.append((f"sly{m}", d[f"sly{m}"], ref.linear_ref(d[f"sa{m}"], d["slw"],
+                                                                   d["sb"])))
+        checks.append(("sly5", d["sly5"], ref.linear_ref(d["sa3"][:, :5], d["slw"][:, :5])))
         for algo in ("winograd", "winograd4"):
             wgx, wgw, _ = ref.conv2d_backward_ref(d[algo + "_gy"], d["x"], d["ww"], padding=1)
             checks += [(algo + "_y", d[algo + "_y"],

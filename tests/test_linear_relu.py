@@ -150,6 +150,23 @@ def test_linear_small_batch_paths(m, k, n, dtype, layout):
     check_output(gb, egb, dtype, "grad_bias")
 
 
+@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_small_batch_inf_anywhere_in_a_row(m, dtype):
+    """The last, partial vector of a row is loaded ending at the row's end,
+    its lanes that the whole vectors summed already cleared by their bits:
+    an inf there must give inf, where clearing by a product with zeros gives
+    NaN. Every position of rows of 12, 20 and 28 (one vector and a tail,
+    or under one vector, at every lane width)."""
+    for k in (12, 20, 28):
+        w = np.ones((3, k), dtype)
+        for p in range(k):
+            x = np.ones((m, k), dtype)
+            x[:, p] = np.inf
+            np.testing.assert_array_equal(convcore.linear(x, w), np.full((m, 3), np.inf, dtype),
+                                          err_msg=f"in_features {k}, inf at {p}")
+
+
 @pytest.mark.parametrize("m,k,n", [(0, 5, 3), (2, 0, 3), (2, 5, 0), (0, 0, 0)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_empty_dimensions(m, k, n, dtype):
@@ -213,17 +230,21 @@ def test_linear_gemm_transposing_packs(m, k, n, dtype, sliced):
     check_output(convcore.linear_backward(gy, x, w)[0], egx, dtype, "grad_input")
 
 
+@pytest.mark.parametrize("m,k,n", [(16, 4096, 100), (6, 300, 40)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_small_batch_same_bits_any_thread_count(dtype):
+def test_linear_small_batch_same_bits_any_thread_count(m, k, n, dtype):
     """The small-batch grad_input goes down the weight in slabs of rows,
     adding each slab's partial sums into the result: the slab height sets
     the order of every sum, so it must not follow the thread count (it did,
     through the width of a thread's band of columns: 16 rows at 1 thread,
-    32 at 2). 4096 in_features and 100 out_features: several slabs."""
-    rng = np.random.default_rng(4096)
-    x = randn(rng, (16, 4096), dtype)
-    w = randn(rng, (100, 4096), dtype)
-    gy = randn(rng, (16, 100), dtype)
+    32 at 2). 4096 in_features and 100 out_features: several slabs. 300
+    in_features: a last column block narrower than a vector, whose edge
+    must not write the columns of the block before it, another task's (a
+    vector ending at the row's end did, and raced with that task)."""
+    rng = np.random.default_rng(k)
+    x = randn(rng, (m, k), dtype)
+    w = randn(rng, (n, k), dtype)
+    gy = randn(rng, (m, n), dtype)
     before = convcore.get_num_threads()
     runs = []
     try:

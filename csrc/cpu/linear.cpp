@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "convcore/ops.h"
 #include "convcore/threading.h"
@@ -67,37 +68,146 @@ using simd::f64x8;
 using simd::load_vec;
 using simd::store_vec;
 
-// y[i, j] (+)= dot(x[i, k0:k1], w[j, k0:k1]) for an MB x NB tile; lanes summed in order.
-template <typename T, typename V, int MB, int NB>
-inline __attribute__((always_inline)) void dot_tile(int64_t k0, int64_t k1, const T* x,
-                                                    int64_t ldx, const T* w, int64_t ldw, T* y,
-                                                    int64_t ldy, bool accumulate) {
+// Bits that keep lanes [W - rem, W) of a W-lane vector: entries
+// [16 - W + rem, 16 - W + rem + W) of this table (rem in [1, W)).
+template <typename U>
+struct LastLanes {
+  static constexpr U kTable[32] = {0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,
+                                   U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0)),
+                                   U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0)),
+                                   U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0))};
+};
+
+// v's lanes [0, W - rem) cleared by their bits: (a product with zeros
+// would turn an inf in those lanes into NaN)
+template <typename T, typename V>
+inline __attribute__((always_inline)) void keep_last_lanes(V& v, int rem) {
   constexpr int W = sizeof(V) / sizeof(T);
-  V acc[MB][NB];
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  typedef U UV __attribute__((vector_size(sizeof(V))));
+  UV bits, mask;
+  __builtin_memcpy(&bits, &v, sizeof(V));
+  __builtin_memcpy(&mask, LastLanes<U>::kTable + (16 - W) + rem, sizeof(V));
+  bits &= mask;
+  __builtin_memcpy(&v, &bits, sizeof(V));
+}
+
+// The fold tree's lanes: the first (kUpper false) or second H lanes of each
+// block of 2H lanes, of a in the block's first half and of b in its second.
+template <int W, int H, bool kUpper>
+constexpr int fold_lane(int l) {
+  const int base = l / (2 * H) * (2 * H) + (kUpper ? H : 0), pos = l % (2 * H);
+  return pos < H ? base + pos : W + base + pos - H;
+}
+
+// out = one level of the fold tree: in each block of 2H lanes, the first H
+// lanes are a's halves of the block added, the last H b's.
+template <typename T, typename V, int H, int... L>
+inline __attribute__((always_inline)) void fold_pair(const V& a, const V& b, V& out,
+                                                     std::integer_sequence<int, L...>) {
+  constexpr int W = sizeof...(L);
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I IV __attribute__((vector_size(sizeof(V))));
+  out = CONVCORE_SHUFFLE(IV, a, b, fold_lane<W, H, false>(L)...) +
+        CONVCORE_SHUFFLE(IV, a, b, fold_lane<W, H, true>(L)...);
+}
+
+// v[0] = the sums of the N (at first W) vectors v[0..N), one per lane: lane
+// l holds the sum of the lanes of v[bit_reversed(l)]. W - 1 shuffle pairs
+// and adds for W sums, where summing each vector alone took W - 1 adds of
+// a dependent chain per sum.
+template <typename T, typename V, int N>
+inline __attribute__((always_inline)) void fold_sums(V* v) {
+  if constexpr (N > 1) {
+    constexpr int W = sizeof(V) / sizeof(T);
 #pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = V{};
+    for (int p = 0; p < N / 2; ++p)
+      fold_pair<T, V, N / 2>(v[2 * p], v[2 * p + 1], v[p], std::make_integer_sequence<int, W>{});
+    fold_sums<T, V, N / 2>(v);
+  }
+}
+
+// l with its log2(W) bits in reverse order
+constexpr int bit_reversed(int l, int W) {
+  int r = 0;
+  for (int bit = 1; bit < W; bit <<= 1, l >>= 1) r = (r << 1) | (l & 1);
+  return r;
+}
+
+// y[i, j] (+)= dot(x[i, k0:k1], w[j, k0:k1]) (+ bias[j]) for i < mb <= MB and
+// j < nb <= NB = W / MB: one accumulator per output, folded into one vector
+// of the W sums at the end (a sum of each accumulator's lanes, one by one,
+// took most of a 28 -> 672 layer's time). Rows past mb or nb repeat the last
+// one and their sums are dropped. The last, partial vector of [k0, k1) is the
+// one that ends at k1 with its lanes before the full vectors' end cleared;
+// with fewer than W elements in the whole row (k1 < W), a zero-padded copy.
+template <typename T, typename V, int MB>
+inline __attribute__((always_inline)) void dot_tile(int mb, int nb, int64_t k0, int64_t k1,
+                                                    const T* x, int64_t ldx, const T* w,
+                                                    int64_t ldw, T* y, int64_t ldy,
+                                                    bool accumulate, const T* bias,
+                                                    int64_t bias_stride) {
+  constexpr int W = sizeof(V) / sizeof(T), NB = W / MB;
+  const T* xr[MB];
+  const T* wr[NB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) xr[i] = x + std::min(i, mb - 1) * ldx;
+#pragma GCC unroll 16
+  for (int j = 0; j < NB; ++j) wr[j] = w + std::min(j, nb - 1) * ldw;
+  V acc[W];  // output (i, j) in slot bit_reversed(i * NB + j), for fold_sums
+#pragma GCC unroll 16
+  for (int s = 0; s < W; ++s) acc[s] = V{};
+  const auto multiply_add = [&](const V* xv, const V* wv) __attribute__((always_inline)) {
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) acc[bit_reversed(i * NB + j, W)] += xv[i] * wv[j];
+  };
   int64_t k = k0;
   for (; k + W <= k1; k += W) {
     V xv[MB], wv[NB];
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) load_vec(xv[i], x + i * ldx + k);
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) load_vec(wv[j], w + j * ldw + k);
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[i][j] += xv[i] * wv[j];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) load_vec(xv[i], xr[i] + k);
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) load_vec(wv[j], wr[j] + k);
+    multiply_add(xv, wv);
   }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      T lanes[W];
-      __builtin_memcpy(lanes, &acc[i][j], sizeof(V));
-      T s = 0;
-      for (int l = 0; l < W; ++l) s += lanes[l];
-      for (int64_t kk = k; kk < k1; ++kk) s += x[i * ldx + kk] * w[j * ldw + kk];
-      y[i * ldy + j] = accumulate ? y[i * ldy + j] + s : s;
+  if (k < k1) {
+    const int rem = static_cast<int>(k1 - k);
+    V xv[MB], wv[NB];
+    if (k1 >= W) {
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        load_vec(xv[i], xr[i] + k1 - W);
+        keep_last_lanes<T>(xv[i], rem);
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) {
+        load_vec(wv[j], wr[j] + k1 - W);
+        keep_last_lanes<T>(wv[j], rem);
+      }
+    } else {
+      T staged[W] = {};
+      for (int i = 0; i < MB; ++i) {
+        __builtin_memcpy(staged, xr[i] + k, rem * sizeof(T));
+        load_vec(xv[i], staged);
+      }
+      for (int j = 0; j < NB; ++j) {
+        __builtin_memcpy(staged, wr[j] + k, rem * sizeof(T));
+        load_vec(wv[j], staged);
+      }
+    }
+    multiply_add(xv, wv);
+  }
+  fold_sums<T, V, W>(acc);
+  T sums[W];
+  __builtin_memcpy(sums, &acc[0], sizeof(V));
+  for (int i = 0; i < mb; ++i)
+    for (int j = 0; j < nb; ++j) {
+      T s = sums[i * NB + j];
+      if (accumulate) s = y[i * ldy + j] + s;
+      if (bias) s += bias[j * bias_stride];
+      y[i * ldy + j] = s;
     }
 }
 
@@ -154,42 +264,80 @@ inline __attribute__((always_inline)) void axpy_tile(int64_t R, const T* a, int6
     }
 }
 
-// Scalar edge of axpy_tile: the last columns [k0, k1), fewer than one
-// vector, each row of b read along the columns.
+// dst's lanes [W - rem, W) replaced by src's, by their bits
+template <typename T, typename V>
+inline __attribute__((always_inline)) void blend_last_lanes(V& dst, const V& src, int rem) {
+  V kept = src;
+  keep_last_lanes<T>(kept, rem);
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  typedef U UV __attribute__((vector_size(sizeof(V))));
+  constexpr int W = sizeof(V) / sizeof(T);
+  UV bits, mask, add;
+  __builtin_memcpy(&bits, &dst, sizeof(V));
+  __builtin_memcpy(&mask, LastLanes<U>::kTable + (16 - W) + rem, sizeof(V));
+  __builtin_memcpy(&add, &kept, sizeof(V));
+  bits = (bits & ~mask) | add;
+  __builtin_memcpy(&dst, &bits, sizeof(V));
+}
+
+// The last rem < W columns [K - rem, K) of axpy_tile's rows i < mb, where
+// the task's columns include [K - W, K): the vector of columns [K - W, K), of which the last rem lanes are
+// added in (the others were, by the whole vectors). Its products and their
+// order are a whole vector's, so the sums of the first lanes are the bits
+// written already, and without accumulating, the whole vector is stored: a
+// load of it after the last store stalls. (A scalar edge, its sums copied out by a memcpy call per row,
+// took most of a 1 x 28 -> 672 grad_weight's time.) Rows past mb repeat
+// the last one and are not written.
+template <typename T, typename V, int MB>
+inline __attribute__((always_inline)) void axpy_last_vector(int mb, int64_t R, const T* a,
+                                                            int64_t ais, int64_t ars,
+                                                            const T* b, int64_t ldb, int64_t K,
+                                                            int rem, T* c, int64_t ldc,
+                                                            bool accumulate) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  const T* ar[MB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) ar[i] = a + std::min(i, mb - 1) * ais;
+  V acc[MB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) acc[i] = V{};
+  for (int64_t r = 0; r < R; ++r) {
+    V bv;
+    load_vec(bv, b + r * ldb + K - W);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[i] += ar[i][r * ars] * bv;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    if (i >= mb) break;
+    T* out = c + i * ldc + K - W;
+    if (!accumulate) {  // the first lanes' sums equal those written already
+      store_vec(out, acc[i]);
+      continue;
+    }
+    V old;
+    load_vec(old, out);
+    V sum = acc[i];
+    sum += old;
+    blend_last_lanes<T>(old, sum, rem);
+    store_vec(out, old);
+  }
+}
+
+// Scalar edge of axpy_tile for rows shorter than a vector: the columns
+// [k0, k1) one at a time, each summed over r in order.
 template <typename T>
 void axpy_edge(int rows, int64_t R, const T* a, int64_t ais, int64_t ars, const T* b,
                int64_t ldb, int64_t k0, int64_t k1, T* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t kMost = 16;  // the widest vector's lanes
-  for (int i = 0; i < rows; ++i) {
-    T s[kMost] = {};
-    for (int64_t r = 0; r < R; ++r) {
-      const T ai = a[i * ais + r * ars];
-      for (int64_t k = k0; k < k1; ++k) s[k - k0] += ai * b[r * ldb + k];
+  for (int i = 0; i < rows; ++i)
+    for (int64_t k = k0; k < k1; ++k) {
+      T s = 0;
+      for (int64_t r = 0; r < R; ++r) s += a[i * ais + r * ars] * b[r * ldb + k];
+      c[i * ldc + k] = accumulate ? c[i * ldc + k] + s : s;
     }
-    for (int64_t k = k0; k < k1; ++k)
-      c[i * ldc + k] = accumulate ? c[i * ldc + k] + s[k - k0] : s[k - k0];
-  }
 }
 
-// The edge tiles: the largest MB <= mb, NB <= nb instantiation, chosen at run time.
-template <typename T, typename V, int MB, int NB>
-inline __attribute__((always_inline)) void dot_tile_upto(int mb, int nb, int64_t k0, int64_t k1,
-                                                         const T* x, int64_t ldx, const T* w,
-                                                         int64_t ldw, T* y, int64_t ldy,
-                                                         bool accumulate) {
-  if constexpr (MB > 1) {
-    if (mb < MB)
-      return dot_tile_upto<T, V, MB - 1, NB>(mb, nb, k0, k1, x, ldx, w, ldw, y, ldy,
-                                             accumulate);
-  }
-  if constexpr (NB > 1) {
-    if (nb < NB)
-      return dot_tile_upto<T, V, MB, NB - 1>(mb, nb, k0, k1, x, ldx, w, ldw, y, ldy,
-                                             accumulate);
-  }
-  dot_tile<T, V, MB, NB>(k0, k1, x, ldx, w, ldw, y, ldy, accumulate);
-}
-
+// The edge tiles: the largest MB <= mb instantiation, chosen at run time.
 template <typename T, typename V, int MB, int KV, bool kPrefetchC>
 inline __attribute__((always_inline)) void axpy_tile_upto(int mb, int64_t R, const T* a,
                                                           int64_t ais, int64_t ars, const T* b,
@@ -209,33 +357,51 @@ inline __attribute__((always_inline)) void axpy_tile_upto(int mb, int64_t R, con
 template <typename T, typename V>
 struct SmallLinear {
   static constexpr int W = sizeof(V) / sizeof(T);
-  // register tiles: 4 x 5 dot products (20 accumulators + 9 loads fit in AVX-512's
-  // 32 registers; AVX2 gets 2 x 5), 6 x 3 vectors for the axpy tiles (AVX2 6 x 2:
-  // 12 accumulators, 2 loads and a broadcast in 16 registers: fc7's grad_input
-  // at batch 16 took 11.2 ms with 3 x 3 tiles, 8.5 ms with these)
-  static constexpr int kDotM = W * sizeof(T) >= 64 ? 4 : 2, kDotN = 5;
+  // dot tiles of MB rows of x by W / MB rows of w: the widest that M fills
+  // (4 x 4 with 16 lanes: 8 loads for 16 vector FMAs)
+  static int tile_rows(int64_t M) { return M >= 4 ? 4 : M >= 2 ? 2 : 1; }
+  // axpy tiles of 6 x 3 vectors (AVX2 6 x 2: 12 accumulators, 2 loads and a
+  // broadcast in 16 registers: fc7's grad_input at batch 16 took 11.2 ms
+  // with 3 x 3 tiles, 8.5 ms with these)
   static constexpr int kAxM = 6, kAxV = W * sizeof(T) >= 64 ? 3 : 2;
 
-  // y (M x N) = x (M x K) @ w (N x K)^T, for the kDotN rows of w of task t
-  static inline __attribute__((always_inline)) void forward_task(
-      int64_t M, int64_t N, int64_t K, const T* x, const T* w, int64_t ldw, T* y, int64_t t) {
-    const int64_t n0 = t * kDotN;
-    const int nb = static_cast<int>(std::min<int64_t>(kDotN, N - n0));
+  template <int MB>
+  static inline __attribute__((always_inline)) void forward_columns(
+      int64_t M, int64_t N, int64_t K, const T* x, const T* w, int64_t ldw, const T* bias,
+      int64_t bias_stride, T* y, int64_t t) {
+    constexpr int NB = W / MB;
+    const int64_t n0 = t * NB;
+    const int nb = static_cast<int>(std::min<int64_t>(NB, N - n0));
     for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
       const int64_t k1 = std::min(K, k0 + kChunkK);
-      for (int64_t m0 = 0; m0 < M; m0 += kDotM) {
-        const int mb = static_cast<int>(std::min<int64_t>(kDotM, M - m0));
-        dot_tile_upto<T, V, kDotM, kDotN>(mb, nb, k0, k1, x + m0 * K, K, w + n0 * ldw, ldw,
-                                          y + m0 * N + n0, N, k0 > 0);
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
+        dot_tile<T, V, MB>(mb, nb, k0, k1, x + m0 * K, K, w + n0 * ldw, ldw, y + m0 * N + n0, N,
+                           k0 > 0, k1 == K && bias ? bias + n0 * bias_stride : nullptr,
+                           bias_stride);
       }
+    }
+  }
+
+  // y (M x N) = x (M x K) @ w (N x K)^T (+ bias), for the W / tile_rows(M)
+  // rows of w of task t
+  static inline __attribute__((always_inline)) void forward_task(
+      int64_t M, int64_t N, int64_t K, const T* x, const T* w, int64_t ldw, const T* bias,
+      int64_t bias_stride, T* y, int64_t t) {
+    switch (tile_rows(M)) {
+      case 1:
+        return forward_columns<1>(M, N, K, x, w, ldw, bias, bias_stride, y, t);
+      case 2:
+        return forward_columns<2>(M, N, K, x, w, ldw, bias, bias_stride, y, t);
+      default:
+        return forward_columns<4>(M, N, K, x, w, ldw, bias, bias_stride, y, t);
     }
   }
 
   // The tiles of column block [k0, k0 + KB) for row blocks [rb_lo, rb_hi) of c:
   // c[i, k] (+)= sum over r < R of a(i, r) * b[r, k]. A block past K - KB is
-  // the last, partial one: whole vectors, then fewer than W columns (a
-  // column-by-column scalar edge here took as long as the rest of fc7's
-  // grad_input).
+  // the last, partial one: whole vectors, then the vector that ends at K
+  // for the last fewer than W columns (scalars where the block has fewer).
   template <bool kPrefetchC>
   static inline __attribute__((always_inline)) void block_tiles(
       int64_t rb_lo, int64_t rb_hi, int64_t rows, int64_t R, int64_t K, int64_t k0, const T* a,
@@ -255,7 +421,13 @@ struct SmallLinear {
       for (; k + W <= K; k += W)
         axpy_tile_upto<T, V, kAxM, 1, false>(mb, R, ap, ais, ars, b + k, ldb, cp + k, ldc,
                                              accumulate);
-      if (k < K) axpy_edge<T>(mb, R, ap, ais, ars, b, ldb, k, K, cp, ldc, accumulate);
+      if (k < K && K - k0 >= W) {  // (the vector stays in this block: another task's columns
+                                    // lie before it)
+        axpy_last_vector<T, V, kAxM>(mb, R, ap, ais, ars, b, ldb, K, static_cast<int>(K - k), cp,
+                                     ldc, accumulate);
+      } else if (k < K) {
+        axpy_edge<T>(mb, R, ap, ais, ars, b, ldb, k, K, cp, ldc, accumulate);
+      }
     }
   }
 
@@ -293,7 +465,10 @@ struct SmallLinear {
     }
   }
 
-  static int64_t forward_tasks(int64_t N) { return (N + kDotN - 1) / kDotN; }
+  static int64_t forward_tasks(int64_t M, int64_t N) {
+    const int64_t columns = W / tile_rows(M);
+    return (N + columns - 1) / columns;
+  }
   static int64_t rows_tasks(int64_t rows) { return (rows + kAxM - 1) / kAxM; }
   static int64_t band_tasks(int64_t K, int64_t kb_group) {
     const int64_t column_blocks = (K + kAxV * W - 1) / (kAxV * W);
@@ -303,8 +478,9 @@ struct SmallLinear {
 
 template <typename T>
 struct SmallKernelSet {
-  void (*forward)(int64_t, int64_t, int64_t, const T*, const T*, int64_t, T*, int64_t) = nullptr;
-  int64_t (*forward_tasks)(int64_t) = nullptr;
+  void (*forward)(int64_t, int64_t, int64_t, const T*, const T*, int64_t, const T*, int64_t, T*,
+                  int64_t) = nullptr;
+  int64_t (*forward_tasks)(int64_t, int64_t) = nullptr;
   void (*rows)(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*,
                int64_t, int64_t) = nullptr;
   int64_t (*rows_tasks)(int64_t) = nullptr;
@@ -315,10 +491,10 @@ struct SmallKernelSet {
 };
 
 #define CONVCORE_SMALL_KERNELS(T, NAME, TARGET, V)                                             \
-  __attribute__((target(TARGET))) void forward_##NAME(int64_t M, int64_t N, int64_t K,         \
-                                                      const T* x, const T* w, int64_t ldw,     \
-                                                      T* y, int64_t t) {                       \
-    SmallLinear<T, V>::forward_task(M, N, K, x, w, ldw, y, t);                                 \
+  __attribute__((target(TARGET))) void forward_##NAME(                                         \
+      int64_t M, int64_t N, int64_t K, const T* x, const T* w, int64_t ldw, const T* b,        \
+      int64_t bs, T* y, int64_t t) {                                                           \
+    SmallLinear<T, V>::forward_task(M, N, K, x, w, ldw, b, bs, y, t);                          \
   }                                                                                            \
   __attribute__((target(TARGET))) void rows_##NAME(                                            \
       int64_t rows, int64_t R, int64_t K, const T* a, int64_t ais, int64_t ars, const T* b,    \
@@ -358,10 +534,11 @@ SmallKernelSet<T> small_kernels() {
 
 template <typename T>
 void small_forward(const SmallKernelSet<T>& k, int64_t M, int64_t N, int64_t K, const T* x,
-                   const T* w, int64_t ldw, T* y) {
-  const int64_t tasks = k.forward_tasks(N);
-  detail::parallel_for(detail::threads_for(tasks, M * N * K), tasks,
-                       [&](int64_t t) { k.forward(M, N, K, x, w, ldw, y, t); });
+                   const T* w, int64_t ldw, const T* bias, int64_t bias_stride, T* y) {
+  const int64_t tasks = k.forward_tasks(M, N);
+  detail::parallel_for(detail::threads_for(tasks, M * N * K), tasks, [&](int64_t t) {
+    k.forward(M, N, K, x, w, ldw, bias, bias_stride, y, t);
+  });
 }
 
 // grad_weight: c (rows x K) = sum over r < R of a(i, r) * b[r, :], split over
@@ -433,7 +610,7 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
       if (kernels.forward) {
         const detail::Contiguous<T> xc(input);
         small_forward<T>(kernels, M, N, K, xc.data(), weight.ptr<const T>(), weight.strides[0],
-                         y);
+                         bias ? bias->ptr<const T>() : nullptr, bias ? bias->strides[0] : 0, y);
         done = true;
       }
     }
@@ -444,7 +621,7 @@ void linear_forward(const TensorView& input, const TensorView& weight, const Ten
                             weight.ptr<const T>(), weight.strides[1], weight.strides[0], y, N,
                             false);
     }
-    if (bias && M > 0) {
+    if (bias && M > 0 && !done) {  // (the small kernels add it as they write)
       const T* b = bias->ptr<const T>();
       const int64_t bs = bias->strides[0];
       detail::parallel_for(detail::threads_for(M, M * N), M, [&](int64_t i) {

@@ -382,7 +382,7 @@ class Flatten(Module):
         if s > e:
             raise ValueError(f"Flatten: start_dim {self.start_dim} comes after end_dim "
                              f"{self.end_dim} for an input of shape {tuple(shape)}")
-        return tuple(shape[:s]) + (int(np.prod(shape[s:e + 1], dtype=np.int64)),) + \
+        return tuple(shape[:s]) + (int(math.prod(shape[s:e + 1])),) + \
             tuple(shape[e + 1:])
 
     def forward(self, x):
@@ -392,7 +392,7 @@ class Flatten(Module):
 
     def backward(self, grad_output):
         gy = _layer_array(grad_output, "grad_output")
-        if self._shape is None or gy.size != int(np.prod(self._shape, dtype=np.int64)):
+        if self._shape is None or gy.size != math.prod(self._shape):
             raise ValueError(f"grad_output of shape {gy.shape} does not match the input of "
                              f"shape {self._shape} of the last forward")
         return gy.reshape(self._shape)  # numpy or cupy
