@@ -607,15 +607,22 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     ((2, 21, 23, 18), (5, 5), dict(stride=2, padding=2), "columns"),    # rows of stride 2
     ((2, 17, 19, 13), (7, 7), dict(padding=3), "transposed"),           # columns of stride > 1
     ((2, 16, 11, 11), (5, 5), dict(padding=2), "channels"),             # every other channel
+    # 3x3 stride 1: the forward on the plane kernels, the backward in lanes
+    ((2, 20, 9, 11), (3, 3), dict(padding=1), None),
+    ((2, 17, 12, 10), (3, 3), dict(padding=(2, 1), dilation=(2, 1)), None),
+    ((1, 18, 8, 9), (3, 3), dict(padding=3), None),     # padding past the kernel: scattered
 ])
 def test_depthwise_in_lanes(shape, kernel, kw, view):
     """float32 depthwise layers that are strided or 5x5 and larger (frames up
     to 256 KB) run the blocked kernels with the channels in the lanes: each
     task moves the planes of B channels into a padded frame (transposes of B
-    x B, scalar tails), and the result back. Against the reference (bias,
-    channel counts that leave the last block part-filled, views of every
-    kind), the same bits at 1, 2 and 3 threads, and within float rounding
-    of the float64 plane kernels."""
+    x B, scalar tails), and the result back. The backward too, 3x3 stride-1
+    layers included: grad_input as a correlation of gy with the kernel
+    turned half a turn (stride 1) or scattered into a frame, and moved back;
+    grad_weight and grad_bias summed per task and added over images. Against the reference (bias, channel
+    counts that leave the last block part-filled, views of every kind), the
+    same bits at 1, 2 and 3 threads, and within float rounding of the
+    float64 plane kernels."""
     rng = np.random.default_rng(21)
     n, c, h, w_ = shape
     if view == "columns":
@@ -632,19 +639,28 @@ def test_depthwise_in_lanes(shape, kernel, kw, view):
     kw = dict(kw, groups=c)
     x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
     expect = ref.conv2d_ref(x64, w64, b64, **kw)
+    gy = rng.standard_normal(expect.shape).astype(np.float32)
+    expect_grads = ref.conv2d_backward_ref(gy.astype(np.float64), x64, w64, **kw)
     before = convcore.get_num_threads()
     try:
         runs = []
         for threads in (1, 2, 3):
             convcore.set_num_threads(threads)
-            runs.append(convcore.conv2d(x, w, b, **kw))
+            runs.append((convcore.conv2d(x, w, b, **kw),)
+                        + tuple(convcore.conv2d_backward(gy, x, w, **kw)))
     finally:
         convcore.set_num_threads(before)
-    assert_close(runs[0], expect, np.float32, what="depthwise in lanes")
+    assert_close(runs[0][0], expect, np.float32, what="depthwise in lanes")
+    for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), runs[0][1:],
+                               expect_grads):
+        assert_close(got, want, np.float32, what=f"depthwise in lanes, {name}")
     for other in runs[1:]:
-        np.testing.assert_array_equal(runs[0], other)
-    planes = convcore.conv2d(x64, w64, b64, **kw)
-    assert np.abs(runs[0] - planes).max() <= 1e-5 * np.abs(planes).max()
+        for got, first in zip(other, runs[0]):
+            np.testing.assert_array_equal(got, first)
+    planes = (convcore.conv2d(x64, w64, b64, **kw),) + tuple(
+        convcore.conv2d_backward(gy.astype(np.float64), x64, w64, **kw))
+    for got, want in zip(runs[0], planes):
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

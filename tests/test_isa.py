@@ -45,6 +45,9 @@ for dtype in ("float32", "float64"):
     pw = rng.standard_normal((20, 1, 5, 5)).astype(dtype)
     pany = convcore.conv2d(px, pw, None, padding=2, groups=20)
     psy = convcore.conv2d(px[:, :, :, ::2], pw, None, stride=2, padding=(1, 2), groups=20)
+    pgy = rng.standard_normal(psy.shape).astype(dtype)
+    pgx, pgw, pgb = convcore.conv2d_backward(pgy, px[:, :, :, ::2], pw, stride=2,
+                                             padding=(1, 2), groups=20)
     # Winograd F(2x2, 3x3) and F(4x4, 3x3): the tile transforms
     ww = rng.standard_normal((5, 6, 3, 3)).astype(dtype)
     wino = {}
@@ -67,7 +70,8 @@ for dtype in ("float32", "float64"):
                                                  dw=dw, dy=dy, dgy=dgy, dgx=dgx, dgw=dgw,
                                                  dgb=dgb, a=a, lw=lw, ly=ly, sy=sy, sgy=sgy,
                                                  sgx=sgx, sgw=sgw, ww=ww, px=px, pw=pw,
-                                                 pany=pany, psy=psy, slw=slw, sb=sb, sly5=sly5,
+                                                 pany=pany, psy=psy, pgy=pgy, pgx=pgx,
+                                                 pgw=pgw, pgb=pgb, slw=slw, sb=sb, sly5=sly5,
                                                  **{f"sa{m}": v for m, v in sa.items()},
                                                  **{f"sly{m}": v for m, v in sly.items()},
                                                  **wino).items()}
@@ -121,6 +125,10 @@ def test_gemm_paths_match_reference(isa):
                   ("pany", d["pany"], ref.conv2d_ref(d["px"], d["pw"], padding=2, groups=20)),
                   ("psy", d["psy"], ref.conv2d_ref(d["px"][:, :, :, ::2], d["pw"], stride=2,
                                                    padding=(1, 2), groups=20))]
+        pkw = dict(stride=2, padding=(1, 2), groups=20)
+        checks += list(zip(("pgx", "pgw", "pgb"), (d["pgx"], d["pgw"], d["pgb"]),
+                           ref.conv2d_backward_ref(d["pgy"], d["px"][:, :, :, ::2], d["pw"],
+                                                   **pkw)))
         for m in (1, 3, 6):
             checks.append((f"sly{m}", d[f"sly{m}"], ref.linear_ref(d[f"sa{m}"], d["slw"],
                                                                    d["sb"])))

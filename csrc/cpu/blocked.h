@@ -149,6 +149,17 @@ void depthwise_conv2d_plain(const float* x, const int64_t* xs, int64_t n, int64_
                             const Conv2dParams& p, const float* bias, float* y, int64_t ho,
                             int64_t wo, float* scratch, int threads);
 
+// The gradients of depthwise_conv2d_plain, task by task as it runs: gy
+// (n x c x ho x wo, C-contiguous) into gx (n x c x h x w, C-contiguous)
+// unless null, and, unless sums is null, each task's (image i, channel
+// block cb) sums over positions, in double, at sums + (i * cb_count + cb) *
+// (kh * kw + 1) * B: for each tap the lanes' grad_weight, then grad_bias.
+// The caller adds them over images, in order. scratch as the forward's.
+void depthwise_backward_plain(const float* x, const int64_t* xs, int64_t n, int64_t c,
+                              int64_t h, int64_t w, const float* packed, int64_t kh, int64_t kw,
+                              const Conv2dParams& p, const float* gy, int64_t ho, int64_t wo,
+                              float* gx, double* sums, float* scratch, int threads);
+
 // ----------------------------------------------------------------- pooling
 
 void max_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int threads);

@@ -562,6 +562,177 @@ CONVCORE_BLOCKED_DISPATCH(plain_to_frame, plain_to_frame_body,
                            const Conv2dParams& p, float* frame),
                           (x, xs, lanes, h, w, p, frame))
 
+// The frame's interior (h x w positions of B channels, at the frame's
+// padding) back to `lanes` contiguous channel planes of y (h * w apart): B
+// positions of the flattened plane at a time, across row ends, as
+// plain_to_frame reads them.
+template <int B>
+CONVCORE_ALWAYS_INLINE void frame_to_plain_body(const float* frame, int64_t h, int64_t w,
+                                                const Conv2dParams& p, int64_t lanes, float* y) {
+  const int64_t wp = frame_w(w, p), hw = h * w;
+  auto at = [&](int64_t row, int64_t col) {
+    return frame + ((row + p.pad_top) * wp + p.pad_left + col) * B;
+  };
+  int64_t q0 = 0, row = 0, col = 0;
+  for (; q0 + B <= hw; q0 += B) {
+    Vec<B> r[B];
+    for (int i = 0; i < B; ++i) {
+      r[i] = load<B>(at(row, col));
+      if (++col == w) col = 0, ++row;
+    }
+    transpose<B>(r);
+#pragma GCC unroll 16
+    for (int l = 0; l < B; ++l)
+      if (l < lanes) store<B>(y + l * hw + q0, r[l]);
+  }
+  for (; q0 < hw; ++q0) {
+    for (int64_t l = 0; l < lanes; ++l) y[l * hw + q0] = at(row, col)[l];
+    if (++col == w) col = 0, ++row;
+  }
+}
+
+// grad_weight's sums of one image's B channels: for each tap, the sum over
+// output positions of gy * the input the tap met there (x: the input's
+// padded frame, hp x wp; gy: ho x wo, both blocked), into sums[tap * B ..]
+// as doubles. KW > 0: the kernel's width at compile time, its sums in
+// registers (two sets, even and odd columns, for more chains in flight).
+template <int B, int KW>
+CONVCORE_ALWAYS_INLINE void depthwise_tap_sums(const float* x, int64_t wp, const float* gy,
+                                               int64_t ho, int64_t wo, int64_t kh, int64_t kw_rt,
+                                               const Conv2dParams& p, double* sums) {
+  const int64_t kw = KW > 0 ? KW : kw_rt;
+  const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
+  for (int64_t ky = 0; ky < kh; ++ky) {
+    if constexpr (KW > 0) {
+      Vec<B> even[KW], odd[KW];
+#pragma GCC unroll 8
+      for (int kx = 0; kx < KW; ++kx) even[kx] = odd[kx] = Vec<B>{};
+      for (int64_t oy = 0; oy < ho; ++oy) {
+        const float* xr = x + (oy * sh + ky * dh) * wp * B;
+        const float* g = gy + oy * wo * B;
+        int64_t ox = 0;
+        for (; ox + 2 <= wo; ox += 2) {
+          const Vec<B> g0 = load<B>(g + ox * B), g1 = load<B>(g + (ox + 1) * B);
+#pragma GCC unroll 8
+          for (int kx = 0; kx < KW; ++kx) {
+            even[kx] += g0 * load<B>(xr + (ox * sw + kx * dw) * B);
+            odd[kx] += g1 * load<B>(xr + ((ox + 1) * sw + kx * dw) * B);
+          }
+        }
+        if (ox < wo) {
+          const Vec<B> g0 = load<B>(g + ox * B);
+#pragma GCC unroll 8
+          for (int kx = 0; kx < KW; ++kx) even[kx] += g0 * load<B>(xr + (ox * sw + kx * dw) * B);
+        }
+      }
+#pragma GCC unroll 8
+      for (int kx = 0; kx < KW; ++kx) {
+        const Vec<B> sum = even[kx] + odd[kx];
+        for (int l = 0; l < B; ++l) sums[(ky * KW + kx) * B + l] = sum[l];
+      }
+    } else {
+      for (int64_t kx = 0; kx < kw; ++kx) {
+        Vec<B> acc{};
+        for (int64_t oy = 0; oy < ho; ++oy) {
+          const float* xr = x + (oy * sh + ky * dh) * wp * B;
+          const float* g = gy + oy * wo * B;
+          for (int64_t ox = 0; ox < wo; ++ox)
+            acc += load<B>(g + ox * B) * load<B>(xr + (ox * sw + kx * dw) * B);
+        }
+        for (int l = 0; l < B; ++l) sums[(ky * kw + kx) * B + l] = acc[l];
+      }
+    }
+  }
+}
+
+// grad_input's frame (hp x wp, zeroed first) += each output position's gy
+// times each tap's weight, at the input position the tap read.
+template <int B>
+CONVCORE_ALWAYS_INLINE void depthwise_scatter(const float* gy, int64_t ho, int64_t wo,
+                                              const float* w, int64_t kh, int64_t kw,
+                                              const Conv2dParams& p, int64_t hp, int64_t wp,
+                                              float* frame) {
+  std::fill(frame, frame + hp * wp * B, 0.0f);
+  const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
+  for (int64_t oy = 0; oy < ho; ++oy)
+    for (int64_t ky = 0; ky < kh; ++ky) {
+      float* row = frame + (oy * sh + ky * dh) * wp * B;
+      const float* wk = w + ky * kw * B;
+      for (int64_t ox = 0; ox < wo; ++ox) {
+        const Vec<B> g = load<B>(gy + (oy * wo + ox) * B);
+        float* at = row + ox * sw * B;
+        for (int64_t kx = 0; kx < kw; ++kx) {
+          float* dst = at + kx * dw * B;
+          store<B>(dst, load<B>(dst) + g * load<B>(wk + kx * B));
+        }
+      }
+    }
+}
+
+// The correlation that gives a stride-1 layer's grad_input: gy, padded so
+// that each input position's window holds the outputs that read it, with
+// the kernel turned half a turn. None (false) when the layer's padding
+// exceeds its kernel's reach, which the scatter takes.
+bool grad_input_as_correlation(int64_t kh, int64_t kw, const Conv2dParams& p,
+                               Conv2dParams* out) {
+  if (p.stride_h != 1 || p.stride_w != 1) return false;
+  const int64_t reach_h = (kh - 1) * p.dilation_h, reach_w = (kw - 1) * p.dilation_w;
+  if (p.pad_top > reach_h || p.pad_bottom > reach_h || p.pad_left > reach_w ||
+      p.pad_right > reach_w)
+    return false;
+  if (out) {
+    *out = p;
+    out->pad_top = reach_h - p.pad_top, out->pad_bottom = reach_h - p.pad_bottom;
+    out->pad_left = reach_w - p.pad_left, out->pad_right = reach_w - p.pad_right;
+  }
+  return true;
+}
+
+// One task of depthwise_backward_plain: B channels (lanes of them real) of
+// one image. scratch: the gy block (ho x wo), then one frame, the input's
+// for grad_weight and then grad_input's (or its blocked result: h x w fits
+// in the padded frame). turned: the block's weights turned half a turn, for
+// grad_input as a correlation (stride 1), else null: a scatter.
+template <int B>
+CONVCORE_ALWAYS_INLINE void depthwise_backward_body(
+    const float* x, const int64_t* xs, int64_t lanes, int64_t h, int64_t w, const float* wpk,
+    const float* turned, int64_t kh, int64_t kw, const Conv2dParams& p, const float* gy,
+    int64_t ho, int64_t wo, float* gx, double* sums, float* scratch) {
+  const int64_t hp = frame_h(h, p), wp = frame_w(w, p);
+  float* gyb = scratch;
+  float* frame = scratch + ho * wo * B;
+  to_blocked_plane_body<B>(gy, ho * wo, lanes, gyb);
+  if (sums) {
+    plain_to_frame_body<B>(x, xs, lanes, h, w, p, frame);
+    const float* xf = frame;  // the windows are read from the frame's origin: padding included
+    switch (kw) {
+      case 3: depthwise_tap_sums<B, 3>(xf, wp, gyb, ho, wo, kh, kw, p, sums); break;
+      case 5: depthwise_tap_sums<B, 5>(xf, wp, gyb, ho, wo, kh, kw, p, sums); break;
+      case 7: depthwise_tap_sums<B, 7>(xf, wp, gyb, ho, wo, kh, kw, p, sums); break;
+      default: depthwise_tap_sums<B, 0>(xf, wp, gyb, ho, wo, kh, kw, p, sums); break;
+    }
+    Vec<B> bias{};
+    for (int64_t q = 0; q < ho * wo; ++q) bias += load<B>(gyb + q * B);
+    for (int l = 0; l < B; ++l) sums[kh * kw * B + l] = bias[l];
+  }
+  Conv2dParams back;
+  if (gx && turned && grad_input_as_correlation(kh, kw, p, &back)) {
+    depthwise_rows_body<B>(gyb, ho, wo, turned, kh, kw, back, nullptr, 0, h, w, frame, Act::None);
+    to_plain_plane_body<B>(frame, h * w, lanes, gx);
+  } else if (gx) {
+    depthwise_scatter<B>(gyb, ho, wo, wpk, kh, kw, p, hp, wp, frame);
+    frame_to_plain_body<B>(frame, h, w, p, lanes, gx);
+  }
+}
+
+CONVCORE_BLOCKED_DISPATCH(depthwise_backward_task, depthwise_backward_body,
+                          (const float* x, const int64_t* xs, int64_t lanes, int64_t h, int64_t w,
+                           const float* wpk, const float* turned, int64_t kh, int64_t kw,
+                           const Conv2dParams& p, const float* gy, int64_t ho, int64_t wo,
+                           float* gx, double* sums, float* scratch),
+                          (x, xs, lanes, h, w, wpk, turned, kh, kw, p, gy, ho, wo, gx, sums,
+                           scratch))
+
 }  // namespace
 
 int64_t depthwise_plain_scratch(int64_t h, int64_t w, const Conv2dParams& p, int64_t ho,
@@ -593,6 +764,37 @@ void depthwise_conv2d_plain(const float* x, const int64_t* xs, int64_t n, int64_
       depthwise_rows(frame, hp, wp, packed + (c0 / B) * kh * kw * B, kh, kw, unpadded,
                      bias ? lane_bias : nullptr, 0, ho, wo, result, Act::None);
       to_plain_plane(result, ho * wo, lanes, y + (i * c + c0) * ho * wo);
+    }
+  }
+}
+
+void depthwise_backward_plain(const float* x, const int64_t* xs, int64_t n, int64_t c,
+                              int64_t h, int64_t w, const float* packed, int64_t kh, int64_t kw,
+                              const Conv2dParams& p, const float* gy, int64_t ho, int64_t wo,
+                              float* gx, double* sums, float* scratch, int threads) {
+  const int64_t B = block(), cb = (c + B - 1) / B, taps = kh * kw;
+  const int64_t per_thread = depthwise_plain_scratch(h, w, p, ho, wo);
+  // (a block's taps in reverse order are its kernel turned half a turn)
+  std::vector<float> turned;
+  if (gx && grad_input_as_correlation(kh, kw, p, nullptr)) {
+    turned.resize(static_cast<std::size_t>(cb * taps * B));
+    for (int64_t b = 0; b < cb; ++b)
+      for (int64_t t = 0; t < taps; ++t)
+        std::copy(packed + (b * taps + t) * B, packed + (b * taps + t + 1) * B,
+                  turned.data() + (b * taps + taps - 1 - t) * B);
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    float* mine = scratch + omp_get_thread_num() * per_thread;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n * cb; ++t) {
+      const int64_t i = t / cb, c0 = (t % cb) * B, lanes = std::min(B, c - c0);
+      depthwise_backward_task(x + i * xs[0] + c0 * xs[1], xs, lanes, h, w,
+                              packed + (c0 / B) * taps * B,
+                              turned.empty() ? nullptr : turned.data() + (c0 / B) * taps * B, kh,
+                              kw, p, gy + (i * c + c0) * ho * wo, ho, wo,
+                              gx ? gx + (i * c + c0) * h * w : nullptr,
+                              sums ? sums + t * (taps + 1) * B : nullptr, mine);
     }
   }
 }

@@ -23,17 +23,52 @@ depthwise::Plane plane_of(const ConvGeometry& G) {
           G.p.dilation_w, G.p.pad_top, G.p.pad_left, G.xs_h, G.xs_w};
 }
 
-// Strided and 5x5 or larger layers whose frame stays in L2: there the plane
-// kernels' vectors along a row are part-filled or run over phase planes,
-// where B channels fill every lane (EfficientNet's and NASNet's 5x5 and 7x7
-// layers on 7x7 to 21x21 planes at batch 16). 3x3 stride-1 layers keep the
-// flat plane kernels, which were faster there (docs/training.md).
-bool depthwise_in_lanes(const ConvGeometry& G) {
+// Where the blocked kernels run with B channels in the lanes (float32, a
+// frame that stays in L2). Forward: strided and 5x5 or larger layers, where
+// the plane kernels' vectors along a row are part-filled or run over phase
+// planes (EfficientNet's and NASNet's 5x5 and 7x7 layers on 7x7 to 21x21
+// planes at batch 16); 3x3 stride-1 layers keep the flat plane kernels,
+// which were faster there. Backward: every depthwise layer, 3x3 stride-1
+// ones too, whose grad_weight the plane kernels sum a plane at a time
+// (docs/training.md).
+bool depthwise_in_lanes(const ConvGeometry& G, bool backward) {
   constexpr int64_t kFrameBytes = int64_t(256) << 10;
   if (G.Cg != 1 || G.Coutg != 1) return false;
-  if (G.p.stride_h == 1 && G.p.stride_w == 1 && G.KH * G.KW <= 9) return false;
+  if (!backward && G.p.stride_h == 1 && G.p.stride_w == 1 && G.KH * G.KW <= 9) return false;
   return blocked::depthwise_plain_scratch(G.H, G.W, G.p, G.Ho, G.Wo) *
              static_cast<int64_t>(sizeof(float)) <= kFrameBytes;
+}
+
+// The backward in lanes, task by task over (image, block of B channels) as
+// the forward: grad_input from each task's
+// frame, and grad_weight and grad_bias from each task's sums over positions
+// (float per image, as the plane kernels'), added over images in double, in
+// image order.
+void backward_depthwise_in_lanes(const float* gy, const TensorView& input, const float* weight,
+                                 const ConvGeometry& G, float* gx, float* gw, float* gb) {
+  const std::vector<float> packed = blocked::pack_depthwise_weights(weight, G.C, G.KH, G.KW);
+  const int64_t B = blocked::block(), cb = (G.C + B - 1) / B, taps = G.KH * G.KW;
+  const int64_t tasks = G.N * cb;
+  const int threads = detail::threads_for(tasks, 2 * G.N * G.Cout * G.P * taps);
+  detail::Workspace<float> ws(threads,
+                              blocked::depthwise_plain_scratch(G.H, G.W, G.p, G.Ho, G.Wo));
+  const bool sums_wanted = gw || gb;
+  detail::Workspace<double> sums_ws(1, sums_wanted ? tasks * (taps + 1) * B : 0);
+  const int64_t xs[4] = {G.xs_n, G.xs_c, G.xs_h, G.xs_w};
+  blocked::depthwise_backward_plain(input.ptr<const float>(), xs, G.N, G.C, G.H, G.W,
+                                    packed.data(), G.KH, G.KW, G.p, gy, G.Ho, G.Wo, gx,
+                                    sums_wanted ? sums_ws.get() : nullptr, ws.get(), threads);
+  if (!sums_wanted) return;
+  const double* sums = sums_ws.get();
+  detail::parallel_for(detail::threads_for(G.C, G.N * G.C * (taps + 1)), G.C, [&](int64_t ch) {
+    const int64_t b = ch / B, l = ch % B;
+    for (int64_t t = 0; t <= taps; ++t) {
+      double s = 0;
+      for (int64_t n = 0; n < G.N; ++n) s += sums[((n * cb + b) * (taps + 1) + t) * B + l];
+      if (t < taps && gw) gw[ch * taps + t] = static_cast<float>(s);
+      if (t == taps && gb) gb[ch] = static_cast<float>(s);
+    }
+  });
 }
 
 }  // namespace
@@ -49,7 +84,7 @@ template <typename T>
 void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
                        const ConvGeometry& G, T* out) {
   if constexpr (std::is_same_v<T, float>) {
-    if (depthwise_in_lanes(G)) {
+    if (depthwise_in_lanes(G, false)) {
       const std::vector<float> packed = blocked::pack_depthwise_weights(weight, G.C, G.KH, G.KW);
       const int64_t B = blocked::block(), tasks = G.N * ((G.C + B - 1) / B);
       const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.KH * G.KW);
@@ -80,8 +115,9 @@ void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
   }
 }
 
-// Backward. With enough groups for the threads, one task per group does
-// everything for it over all images: each image's input planes and
+// Backward: in lanes where depthwise_in_lanes says. Else, with enough
+// groups for the threads, one task per group does everything for it over
+// all images: each image's input planes and
 // grad_output planes are read once for grad_input, grad_weight and
 // grad_bias together, and grad_weight sums over images in the task (in
 // double), so no reduction across threads. With few groups, grad_input
@@ -89,6 +125,10 @@ void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
 template <typename T>
 void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
                         const ConvGeometry& G, T* gx, T* gw, T* gb) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (depthwise_in_lanes(G, true))
+      return backward_depthwise_in_lanes(gy, input, weight, G, gx, gw, gb);
+  }
   const depthwise::PlaneOps<T> ops(plane_of(G));
   const T* x = input.ptr<const T>();
   const int64_t filter = G.Cg * G.KH * G.KW;
