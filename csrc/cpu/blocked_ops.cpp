@@ -646,7 +646,10 @@ CONVCORE_ALWAYS_INLINE void depthwise_tap_sums(const float* x, int64_t wp, const
 }
 
 // grad_input's frame (hp x wp, zeroed first) += each output position's gy
-// times each tap's weight, at the input position the tap read.
+// times each tap's weight, at the input position the tap read. A tap at a
+// time along a row: its positions are distinct, so no update waits on the
+// one before (taps inside the loop over positions updated each input
+// position in a chain of loads after stores).
 template <int B>
 CONVCORE_ALWAYS_INLINE void depthwise_scatter(const float* gy, int64_t ho, int64_t wo,
                                               const float* w, int64_t kh, int64_t kw,
@@ -657,13 +660,13 @@ CONVCORE_ALWAYS_INLINE void depthwise_scatter(const float* gy, int64_t ho, int64
   for (int64_t oy = 0; oy < ho; ++oy)
     for (int64_t ky = 0; ky < kh; ++ky) {
       float* row = frame + (oy * sh + ky * dh) * wp * B;
-      const float* wk = w + ky * kw * B;
-      for (int64_t ox = 0; ox < wo; ++ox) {
-        const Vec<B> g = load<B>(gy + (oy * wo + ox) * B);
-        float* at = row + ox * sw * B;
-        for (int64_t kx = 0; kx < kw; ++kx) {
-          float* dst = at + kx * dw * B;
-          store<B>(dst, load<B>(dst) + g * load<B>(wk + kx * B));
+      const float* g = gy + oy * wo * B;
+      for (int64_t kx = 0; kx < kw; ++kx) {
+        const Vec<B> wv = load<B>(w + (ky * kw + kx) * B);
+        float* at = row + kx * dw * B;
+        for (int64_t ox = 0; ox < wo; ++ox) {
+          float* dst = at + ox * sw * B;
+          store<B>(dst, load<B>(dst) + load<B>(g + ox * B) * wv);
         }
       }
     }
