@@ -186,14 +186,18 @@ inline __attribute__((always_inline)) void dot_tile(int mb, int nb, int64_t k0, 
         load_vec(wv[j], wr[j] + k1 - W);
         keep_last_lanes<T>(wv[j], rem);
       }
-    } else {
-      T staged[W] = {};
+    } else {  // (element by element: a memcpy of rem elements was a call per row)
+      T staged[W];
+#pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) {
-        __builtin_memcpy(staged, xr[i] + k, rem * sizeof(T));
+#pragma GCC unroll 16
+        for (int e = 0; e < W; ++e) staged[e] = e < rem ? xr[i][k + e] : T(0);
         load_vec(xv[i], staged);
       }
+#pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) {
-        __builtin_memcpy(staged, wr[j] + k, rem * sizeof(T));
+#pragma GCC unroll 16
+        for (int e = 0; e < W; ++e) staged[e] = e < rem ? wr[j][k + e] : T(0);
         load_vec(wv[j], staged);
       }
     }
