@@ -607,8 +607,10 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     ((2, 21, 23, 18), (5, 5), dict(stride=2, padding=2), "columns"),    # rows of stride 2
     ((2, 17, 19, 13), (7, 7), dict(padding=3), "transposed"),           # columns of stride > 1
     ((2, 16, 11, 11), (5, 5), dict(padding=2), "channels"),             # every other channel
-    # 3x3 stride 1: the forward on the plane kernels, the backward in lanes
+    # 3x3 stride 1: in lanes on planes up to 14 x 14; the forward on larger
+    # ones runs on the plane kernels, the backward still in lanes
     ((2, 20, 9, 11), (3, 3), dict(padding=1), None),
+    ((1, 19, 15, 17), (3, 3), dict(padding=1), None),
     ((2, 17, 12, 10), (3, 3), dict(padding=(2, 1), dilation=(2, 1)), None),
     ((1, 18, 8, 9), (3, 3), dict(padding=3), None),     # padding past the kernel: scattered
 ])

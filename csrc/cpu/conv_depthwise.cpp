@@ -27,14 +27,17 @@ depthwise::Plane plane_of(const ConvGeometry& G) {
 // frame that stays in L2). Forward: strided and 5x5 or larger layers, where
 // the plane kernels' vectors along a row are part-filled or run over phase
 // planes (EfficientNet's and NASNet's 5x5 and 7x7 layers on 7x7 to 21x21
-// planes at batch 16); 3x3 stride-1 layers keep the flat plane kernels,
-// which were faster there. Backward: every depthwise layer, 3x3 stride-1
-// ones too, whose grad_weight the plane kernels sum a plane at a time
+// planes at batch 16), and 3x3 stride-1 layers on planes of up to 14 x 14
+// (rows of a vector or less); on larger planes those keep the flat plane
+// kernels, which were as fast or faster there. Backward: every depthwise
+// layer, whose grad_weight the plane kernels sum a plane at a time
 // (docs/training.md).
 bool depthwise_in_lanes(const ConvGeometry& G, bool backward) {
-  constexpr int64_t kFrameBytes = int64_t(256) << 10;
+  constexpr int64_t kFrameBytes = int64_t(256) << 10, kSmallPlane = 14 * 14;
   if (G.Cg != 1 || G.Coutg != 1) return false;
-  if (!backward && G.p.stride_h == 1 && G.p.stride_w == 1 && G.KH * G.KW <= 9) return false;
+  if (!backward && G.p.stride_h == 1 && G.p.stride_w == 1 && G.KH * G.KW <= 9 &&
+      G.Ho * G.Wo > kSmallPlane)
+    return false;
   return blocked::depthwise_plain_scratch(G.H, G.W, G.p, G.Ho, G.Wo) *
              static_cast<int64_t>(sizeof(float)) <= kFrameBytes;
 }
