@@ -242,9 +242,11 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     the named algorithm.
 
     float32 on contiguous images (blocked_winograd_choice): F(4x4) on 32+
-    channel layers with 56x56 outputs, or 28x28 in a batch of 4+; F(2x2)
-    down to 8x8, and on 7x7 in a batch of 16+, but not with few positions
-    and more than 256 x 256 channels. float64 (winograd4_pays /
+    channel layers (16+ where the batch holds 512+ output positions) with
+    56x56 outputs, or 28x28 in a batch of 4+, its grad_weight by the direct
+    kernel with fewer than 32 channels in or 64 out; F(2x2) down to 8x8, and
+    on 7x7 in a batch of 16+, but not with few positions and more than 256 x
+    256 channels. float64 (winograd4_pays /
     winograd_pays): F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2)
     on smaller images (not 7x7) with a band of tiles per thread. Otherwise
     the direct kernel, or the GEMM path with fewer than 128 output
@@ -278,7 +280,10 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("direct", *case(2, 512, 512, 14))       # 392 positions, 512 x 512 filters
     auto_is("gemm", *case(2, 512, 512, 7))          # 98 positions: no direct
     auto_is("direct", *case(4, 512, 512, 7))        # 196 positions: the direct kernel
-    auto_is("direct", *case(4, 16, 64, 28))         # too few channels
+    auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in
+    auto_is("winograd4", *case(4, 128, 32, 28), grad_weight_by="direct")  # 32 out
+    auto_is("direct", *case(1, 16, 32, 14))         # 16 channels, 196 positions: too few
+    auto_is("direct", *case(4, 8, 64, 28))          # too few channels
     # float64: the NCHW transforms' rules
     f64 = np.float64
     auto_is("winograd4", *case(1, 64, 64, 56, f64))  # two bands of 4x4 tiles per image
@@ -799,7 +804,7 @@ def test_autotune_skips_candidates_that_run_out_of_memory(autotune_off_after):
     and Winograd does not: the autotune skips what runs out of memory and
     leaves the results of a candidate that ran to the end."""
     from convcore import _core
-    x, w, b = _plan_case_arrays((1, 16, 32, 32), (16, 16, 3, 3), np.float32)
+    x, w, b = _plan_case_arrays((1, 8, 32, 32), (8, 8, 3, 3), np.float32)
     expect = convcore.conv2d(x, w, b, padding=1)
     _core.set_workspace_limit(100 << 10)  # the direct kernel's frame fits, Winograd's band not
     try:

@@ -131,15 +131,21 @@ bool winograd_pays(const ConvGeometry& G) {
 // grad_weight through the same transforms (grad_weight_winograd) against
 // the GEMM path, 2 threads, batch 16: F(4x4) is faster on every layer it is
 // chosen for (VGG conv1_2-conv4_2 1.7-2.0x, ResNet's 64-channel 3x3 at 56
-// 1.25-1.6x), so it always takes it. F(2x2) pays only with 512+ channels in
-// and out (VGG conv5_2 at 14x14 1.3-1.6x), where the GEMM path re-reads its
-// large grad_weight for every image; with fewer, its transposed packing of
-// V weighs more than the multiplications saved: AlexNet's 256-384 channels
-// at 13x13 are level (0.9-1.06x), 128 channels at 14x14 1.6x slower; on
+// 1.25-1.6x), so it takes it there (winograd4_grad_weight_pays). F(2x2)
+// pays only with 512+ channels in and out (VGG conv5_2 at 14x14 1.3-1.6x),
+// where the GEMM path re-reads its large grad_weight for every image; with
+// fewer, its transposed packing of V weighs more than the multiplications
+// saved: AlexNet's 256-384 channels at 13x13 are level (0.9-1.06x), 128 channels at 14x14 1.6x slower; on
 // 7x7 (F(2x2) in a batch of 16+) the direct kernel is 15% faster at 512
 // channels. F(2x2) asked for by name is used for grad_weight too.
 bool winograd2_grad_weight_pays(const ConvGeometry& G) {
   return !G.auto_algorithm || (G.C >= 512 && G.Cout >= 512 && G.Ho >= 8 && G.Wo >= 8);
+}
+// F(4x4)'s grad_weight under auto: with 64+ output channels; with fewer
+// (DenseNet's 128 -> 32, small layers) the direct kernel's was faster
+// (docs/training.md, tenth session).
+bool winograd4_grad_weight_pays(const ConvGeometry& G) {
+  return !G.auto_algorithm || (G.C >= 32 && G.Cout >= 64);
 }
 bool winograd4_pays(const ConvGeometry& G) {
   return winograd_channels(G) && G.Ho >= 28 && G.Wo >= 28 &&
@@ -212,9 +218,16 @@ bool grad_weight_by_chunks_applies(const ConvGeometry& G) {
 // than 512 output positions and more than 256 x 256 channels, where
 // transforming the filters on every call (16/9 of the weights) outweighs
 // the products saved (512 channels at 14x14: GEMM 3.4, F(2x2) 4.3 ms).
+// With 16 to 31 channels in or out (GoogLeNet's reductions, small nets'
+// layers) it still pays, forward and grad_input, where the batch holds 512
+// output positions or more; not on an 8x8 image at batch 1 (docs/training.md,
+// tenth session).
 bool blocked_winograd(const ConvGeometry& G, DType dtype) {
-  return dtype == DType::Float32 && rows_contiguous(G) && G.xs_c == G.H * G.W &&
-         winograd_shape(G) && G.C >= 32 && G.Cout >= 32;
+  if (dtype != DType::Float32 || !rows_contiguous(G) || G.xs_c != G.H * G.W ||
+      !winograd_shape(G))
+    return false;
+  if (G.C >= 32 && G.Cout >= 32) return true;
+  return G.C >= 16 && G.Cout >= 16 && G.N * G.P >= 512;
 }
 ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
   const int64_t side = std::min(G.Ho, G.Wo);
@@ -342,7 +355,8 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
       (G.p.algorithm == ConvAlgorithm::Grouped &&
        (!G.auto_algorithm || G.Cg <= kGroupedGradWeightMostChannels)))
     return GradWeightPath::Planes;
-  if (G.p.algorithm == ConvAlgorithm::Winograd4x4) return GradWeightPath::Winograd4;
+  if (G.p.algorithm == ConvAlgorithm::Winograd4x4 && winograd4_grad_weight_pays(G))
+    return GradWeightPath::Winograd4;
   if (G.p.algorithm == ConvAlgorithm::Winograd && winograd2_grad_weight_pays(G))
     return GradWeightPath::Winograd2;
   // The direct kernel unless the GEMM path was asked for by name (or the

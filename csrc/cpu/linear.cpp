@@ -285,13 +285,14 @@ inline __attribute__((always_inline)) void blend_last_lanes(V& dst, const V& src
 }
 
 // The last rem < W columns [K - rem, K) of axpy_tile's rows i < mb, where
-// the task's columns include [K - W, K): the vector of columns [K - W, K), of which the last rem lanes are
-// added in (the others were, by the whole vectors). Its products and their
-// order are a whole vector's, so the sums of the first lanes are the bits
-// written already, and without accumulating, the whole vector is stored: a
-// load of it after the last store stalls. (A scalar edge, its sums copied out by a memcpy call per row,
-// took most of a 1 x 28 -> 672 grad_weight's time.) Rows past mb repeat
-// the last one and are not written.
+// the task's columns include [K - W, K): the vector of those columns, of
+// which the last rem lanes are added in (the others were, by the whole
+// vectors). Its products and their order are a whole vector's, so the sums
+// of the first lanes are the bits written already, and without
+// accumulating, the whole vector is stored: a load of it after the last
+// store stalls. (A scalar edge, its sums copied out by a memcpy call per
+// row, took most of a 1 x 28 -> 672 grad_weight's time.) Rows past mb
+// repeat the last one and are not written.
 template <typename T, typename V, int MB>
 inline __attribute__((always_inline)) void axpy_last_vector(int mb, int64_t R, const T* a,
                                                             int64_t ais, int64_t ars,
