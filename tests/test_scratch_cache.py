@@ -4,6 +4,7 @@ to the next call that needs about as much. What must hold: a block is never
 handed out while any array or view still uses it, results are the same with
 the cache on or off, and the limit bounds what is kept."""
 import gc
+import os
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ def cache_limit():
 
 
 def test_limit_defaults_and_validation(cache_limit):
-    assert convcore.scratch_cache_limit() == 256 << 20
+    # an eighth of the physical memory (what sysconf says), within [256 MB, 4 GB]
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert convcore.scratch_cache_limit() == min(max(memory // 8, 256 << 20), 4 << 30)
     convcore.set_scratch_cache_limit(12 << 20)
     assert convcore.scratch_cache_limit() == 12 << 20
     with pytest.raises(ValueError, match="nbytes must be >= 0"):

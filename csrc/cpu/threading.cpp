@@ -73,16 +73,27 @@ constexpr size_t kHugePage = size_t(2) << 20;  // x86-64's transparent huge page
 constexpr size_t kPage = size_t(4) << 10;
 
 // Freed scratch blocks (kCachedScratchBytes and more), kept for the next
-// call: a fresh block's pages are zeroed by the kernel at first touch, so a training step of
-// ResNet-18 at batch 16 (about 20 blocks of 9-38 MB) spent a quarter of its
-// CPU time zeroing pages. Blocks are handed out best fit (at most twice the
-// size asked for); the least recently freed go first past the limit.
+// call: a fresh block's pages are zeroed by the kernel at first touch, so a
+// training step of ResNet-18 at batch 16 (about 20 blocks of 9-38 MB) spent
+// a quarter of its CPU time zeroing pages. Blocks are handed out best fit
+// (at most twice the size asked for); the least recently freed go first
+// past the limit. The default limit, an eighth of the machine's memory
+// within [256 MB, 4 GB], holds what a training step at batch 16 frees by
+// its end (DenseNet-121's 620 MB, VGG-16's 1.3 GB) for the next step to
+// find, where 256 MB let DenseNet's concatenations fault in afresh.
+size_t default_scratch_cache_limit() {
+  constexpr int64_t kLeast = int64_t(256) << 20, kMost = int64_t(4) << 30;
+  const int64_t memory = physical_memory_bytes();  // INT64_MAX when unknown
+  if (memory == INT64_MAX) return static_cast<size_t>(kLeast);
+  return static_cast<size_t>(std::clamp(memory / 8, kLeast, kMost));
+}
+
 struct ScratchCache {
   std::mutex mutex;
   std::unordered_map<void*, size_t> sizes;     // every large block alive
   std::vector<std::pair<void*, size_t>> idle;  // freed, oldest first
   size_t idle_bytes = 0;
-  size_t limit = size_t(256) << 20;
+  size_t limit = default_scratch_cache_limit();
 
   void trim_locked() {
     while (idle_bytes > limit) {

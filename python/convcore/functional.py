@@ -677,12 +677,13 @@ def workspace_limit() -> int:
 
 
 def set_scratch_cache_limit(nbytes: int) -> None:
-    """Large blocks (8 MB and more) of the core's scratch memory and of the
+    """Blocks of 256 KB and more of the core's scratch memory and of the
     arrays its functions return are kept when freed, for the next call that
-    needs about as much, up to nbytes in all (default 256 MB; 0 frees them
-    and keeps none). A fresh block costs a page fault and a zeroing by the
-    kernel for every page it touches: a training step that allocates the
-    same shapes as the step before finds them here."""
+    needs about as much, up to nbytes in all (default: an eighth of the
+    machine's physical memory, within 256 MB to 4 GB; 0 frees them and keeps
+    none). A fresh block costs a page fault and a zeroing by the kernel for
+    every page it touches: a training step that allocates the same shapes as
+    the step before finds them here."""
     _core.set_scratch_cache_limit(_byte_count(nbytes))
 
 

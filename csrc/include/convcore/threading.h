@@ -20,9 +20,11 @@ void reset_workspace_peak();
 // the process be killed later when it touches the memory.
 void set_workspace_limit(int64_t bytes);
 int64_t workspace_limit();
-// Large scratch blocks (8 MB and more) freed by a call are kept for the next
-// calls, up to this many bytes in all (default 256 MB; 0 frees them and keeps
-// none): a fresh block costs the kernel a zeroing of every page it touches.
+// Scratch blocks of 256 KB and more (and the arrays the Python bindings
+// return) freed by a call are kept for the next calls, up to this many bytes
+// in all (default: an eighth of the physical memory, within [256 MB, 4 GB];
+// 0 frees them and keeps none): a fresh block costs the kernel a zeroing of
+// every page it touches.
 void set_scratch_cache_limit(int64_t bytes);
 int64_t scratch_cache_limit();
 // Bytes of scratch blocks kept idle now.
