@@ -706,13 +706,12 @@ CONVCORE_ALWAYS_INLINE void depthwise_backward_body(
   float* frame = scratch + ho * wo * B;
   to_blocked_plane_body<B>(gy, ho * wo, lanes, gyb);
   if (sums) {
-    plain_to_frame_body<B>(x, xs, lanes, h, w, p, frame);
-    const float* xf = frame;  // the windows are read from the frame's origin: padding included
+    plain_to_frame_body<B>(x, xs, lanes, h, w, p, frame);  // windows start at its origin
     switch (kw) {
-      case 3: depthwise_tap_sums<B, 3>(xf, wp, gyb, ho, wo, kh, kw, p, sums); break;
-      case 5: depthwise_tap_sums<B, 5>(xf, wp, gyb, ho, wo, kh, kw, p, sums); break;
-      case 7: depthwise_tap_sums<B, 7>(xf, wp, gyb, ho, wo, kh, kw, p, sums); break;
-      default: depthwise_tap_sums<B, 0>(xf, wp, gyb, ho, wo, kh, kw, p, sums); break;
+      case 3: depthwise_tap_sums<B, 3>(frame, wp, gyb, ho, wo, kh, kw, p, sums); break;
+      case 5: depthwise_tap_sums<B, 5>(frame, wp, gyb, ho, wo, kh, kw, p, sums); break;
+      case 7: depthwise_tap_sums<B, 7>(frame, wp, gyb, ho, wo, kh, kw, p, sums); break;
+      default: depthwise_tap_sums<B, 0>(frame, wp, gyb, ho, wo, kh, kw, p, sums); break;
     }
     Vec<B> bias{};
     for (int64_t q = 0; q < ho * wo; ++q) bias += load<B>(gyb + q * B);

@@ -43,10 +43,9 @@ bool depthwise_in_lanes(const ConvGeometry& G, bool backward) {
 }
 
 // The backward in lanes, task by task over (image, block of B channels) as
-// the forward: grad_input from each task's
-// frame, and grad_weight and grad_bias from each task's sums over positions
-// (float per image, as the plane kernels'), added over images in double, in
-// image order.
+// the forward: grad_input from each task's frame, and grad_weight and
+// grad_bias from each task's sums over positions (float per image, as the
+// plane kernels'), added over images in double, in image order.
 void backward_depthwise_in_lanes(const float* gy, const TensorView& input, const float* weight,
                                  const ConvGeometry& G, float* gx, float* gw, float* gb) {
   const std::vector<float> packed = blocked::pack_depthwise_weights(weight, G.C, G.KH, G.KW);
@@ -120,9 +119,8 @@ void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
 
 // Backward: in lanes where depthwise_in_lanes says. Else, with enough
 // groups for the threads, one task per group does everything for it over
-// all images: each image's input planes and
-// grad_output planes are read once for grad_input, grad_weight and
-// grad_bias together, and grad_weight sums over images in the task (in
+// all images: each image's input planes and grad_output planes are read
+// once for grad_input, grad_weight and grad_bias together, and grad_weight sums over images in the task (in
 // double), so no reduction across threads. With few groups, grad_input
 // runs one task per group of an image and grad_weight one per group.
 template <typename T>

@@ -78,16 +78,29 @@ struct LastLanes {
                                    U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0))};
 };
 
+// V's lanes of T as unsigned integers of T's size, and the mask with the
+// bits of lanes [W - rem, W) set.
+template <typename T, typename V>
+struct LaneBitsOf {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  typedef U type __attribute__((vector_size(sizeof(V))));
+};
+template <typename T, typename V>
+using LaneBits = typename LaneBitsOf<T, V>::type;
+template <typename T, typename V>
+inline __attribute__((always_inline)) void last_lanes_mask(LaneBits<T, V>& mask, int rem) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  __builtin_memcpy(&mask, LastLanes<typename LaneBitsOf<T, V>::U>::kTable + (16 - W) + rem,
+                   sizeof(V));
+}
+
 // v's lanes [0, W - rem) cleared by their bits: (a product with zeros
 // would turn an inf in those lanes into NaN)
 template <typename T, typename V>
 inline __attribute__((always_inline)) void keep_last_lanes(V& v, int rem) {
-  constexpr int W = sizeof(V) / sizeof(T);
-  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  typedef U UV __attribute__((vector_size(sizeof(V))));
-  UV bits, mask;
+  LaneBits<T, V> bits, mask;
+  last_lanes_mask<T, V>(mask, rem);
   __builtin_memcpy(&bits, &v, sizeof(V));
-  __builtin_memcpy(&mask, LastLanes<U>::kTable + (16 - W) + rem, sizeof(V));
   bits &= mask;
   __builtin_memcpy(&v, &bits, sizeof(V));
 }
@@ -271,17 +284,12 @@ inline __attribute__((always_inline)) void axpy_tile(int64_t R, const T* a, int6
 // dst's lanes [W - rem, W) replaced by src's, by their bits
 template <typename T, typename V>
 inline __attribute__((always_inline)) void blend_last_lanes(V& dst, const V& src, int rem) {
-  V kept = src;
-  keep_last_lanes<T>(kept, rem);
-  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  typedef U UV __attribute__((vector_size(sizeof(V))));
-  constexpr int W = sizeof(V) / sizeof(T);
-  UV bits, mask, add;
-  __builtin_memcpy(&bits, &dst, sizeof(V));
-  __builtin_memcpy(&mask, LastLanes<U>::kTable + (16 - W) + rem, sizeof(V));
-  __builtin_memcpy(&add, &kept, sizeof(V));
-  bits = (bits & ~mask) | add;
-  __builtin_memcpy(&dst, &bits, sizeof(V));
+  LaneBits<T, V> d, from, mask;
+  last_lanes_mask<T, V>(mask, rem);
+  __builtin_memcpy(&d, &dst, sizeof(V));
+  __builtin_memcpy(&from, &src, sizeof(V));
+  d = (d & ~mask) | (from & mask);
+  __builtin_memcpy(&dst, &d, sizeof(V));
 }
 
 // The last rem < W columns [K - rem, K) of axpy_tile's rows i < mb, where

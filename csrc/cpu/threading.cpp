@@ -79,8 +79,7 @@ constexpr size_t kPage = size_t(4) << 10;
 // (at most twice the size asked for); the least recently freed go first
 // past the limit. The default limit, an eighth of the machine's memory
 // within [256 MB, 4 GB], holds what a training step at batch 16 frees by
-// its end (DenseNet-121's 620 MB, VGG-16's 1.3 GB) for the next step to
-// find, where 256 MB let DenseNet's concatenations fault in afresh.
+// its end for the next step to find (docs/training.md, tenth session).
 size_t default_scratch_cache_limit() {
   constexpr int64_t kLeast = int64_t(256) << 20, kMost = int64_t(4) << 30;
   const int64_t memory = physical_memory_bytes();  // INT64_MAX when unknown
