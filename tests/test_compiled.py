@@ -449,6 +449,31 @@ def test_bad_inputs_get_clear_errors():
         convcore.compile(nn.Sequential(nn.ReLU(), Doubler()).eval())
 
 
+def pointwise_chain():
+    """1x1 convolutions with a residual add and ReLU fused into each: 24 input
+    channels (the kernel with the output stage in registers) and 300 (taps
+    past one slice: tiles through memory)."""
+    return nn.Graph({"a": nn.Conv2d(24, 24, 1), "b": nn.Conv2d(24, 300, 1),
+                     "c": nn.Conv2d(300, 24, 1), "r1": nn.ReLU(), "r2": nn.ReLU(),
+                     "r3": nn.ReLU()},
+                    ["p = a(x)", "s = add(p, x)", "t = r1(s)", "u = b(t)", "v = r2(u)",
+                     "w = c(v)", "z = add(w, t)", "y = r3(z)"])
+
+
+@pytest.mark.parametrize("side", [5, 7, 13])
+def test_pointwise_tiles_of_one_row_more_than_the_kernel_block(side):
+    # 25, 49 and 169 positions leave 13 for the last tile, which the AVX-512
+    # kernels run as one block of 13 rows: the same sums as blocks of 12 and 4
+    convcore.manual_seed(0)
+    compiled, model, x = compiled_and_eager(pointwise_chain(), (24, side, side), batch=3)
+    got = compiled(x)
+    assert rel_diff(got, model(x)) <= 1e-5
+    for i in range(3):  # an image alone: tiles of one image, its 13 rows at the end
+        assert rel_diff(compiled(x[i:i + 1]), got[i:i + 1]) <= 1e-6
+    head, steps = plan_steps(compiled)
+    assert "b + ReLU" in steps and "c + add + ReLU" in steps, steps
+
+
 # --------------------------------------------------------------------------- instruction sets
 
 ISA_SCRIPT = r"""
@@ -467,6 +492,14 @@ for name, kw in [("mobilenet_v2", {}), ("resnet18", {}), ("densenet121", {}),
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     e = m(x)
     out["errors"][name] = float(np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
+from test_compiled import pointwise_chain
+for side in (7, 13):  # last tiles of 13 rows (AVX-512's blocks of 12)
+    convcore.manual_seed(0)
+    m = pointwise_chain().eval()
+    x = np.random.default_rng(2).standard_normal((2, 24, side, side)).astype(np.float32)
+    e = m(x)
+    out["errors"][f"pointwise {side}x{side}"] = float(
+        np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
 print(json.dumps(out))
 """
 

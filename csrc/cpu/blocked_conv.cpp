@@ -123,6 +123,11 @@ CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
       const int rem = mr - i0;
       const gemm::Ahead ahead = j0 == 0 && i0 == 0 ? ahead_all : gemm::Ahead{};
       if constexpr (RB == 12) {
+        if (rem == 13) {  // a tile of MR + 1 rows (see tile_rows)
+          gather_store_block<B, VP, 13, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
+                                           res, res_stride, dst, dst_stride, ahead);
+          break;
+        }
         if (rem <= 4) {
           gather_store_block<B, VP, 4, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
                                           res, res_stride, dst, dst_stride, ahead);
@@ -247,6 +252,16 @@ CONVCORE_BLOCKED_DISPATCH(lanes_row, lanes_row_body,
                           (const float* x, const int64_t* koff, int64_t taps, const float* panel,
                            int cout, int64_t Wo, const float* bias, float* out, Act act),
                           (x, koff, taps, panel, cout, Wo, bias, out, act))
+
+// Rows of the tile from position q0 of a block ending at qe: MR, fewer at
+// the block's end, or MR + 1 where that is all that is left, which the
+// kernels run as one block of 13 rows where their row blocks are 12
+// (AVX-512), instead of a block of 12 and one of 4 for a single row (a 7x7
+// image's 49 positions, a 13x13 image's 169).
+int64_t tile_rows(int64_t q0, int64_t qe) {
+  const int64_t left = qe - q0;
+  return left == MR + 1 ? left : std::min<int64_t>(MR, left);
+}
 
 // Tile `part` of `parts`' share of the floats [w, w + floats) to fetch
 // ahead (gemm::Ahead): the weights a task reads next, spread over the tiles
@@ -461,7 +476,8 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
           e.residual ? e.residual + (n0 + n) * e.residual_image_stride : nullptr;
       for (int64_t qb = q_begin; qb < q_end; qb += kBlockTiles * MR) {
         const int64_t qe = std::min(q_end, qb + kBlockTiles * MR);
-        const int64_t ntiles = (qe - qb + MR - 1) / MR;
+        int64_t ntiles = 0;
+        for (int64_t q0 = qb; q0 < qe; q0 += tile_rows(q0, qe)) ++ntiles;
         for (int64_t q = qb, oh = qb / out.w, ow = qb % out.w; q < qe; ++q) {
           rows[q - qb] = xg + (oh * sh * wf + ow * sw) * lanes;
           if (++ow == out.w) ow = 0, ++oh;
@@ -485,13 +501,12 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
           const int64_t after_floats =
               after < 0 ? 0 : w.panel_taps[static_cast<std::size_t>(after)] * NR;
           if (fused) {
-            for (int64_t q0 = qb; q0 < qe; q0 += MR)
-              gather_store(taps, koff, rows + (q0 - qb), b,
-                           static_cast<int>(std::min<int64_t>(MR, qe - q0)), nb,
-                           e.bias ? e.bias + jb0 * B : nullptr,
+            for (int64_t q0 = qb, part = 0; q0 < qe; q0 += tile_rows(q0, qe), ++part)
+              gather_store(taps, koff, rows + (q0 - qb), b, static_cast<int>(tile_rows(q0, qe)),
+                           nb, e.bias ? e.bias + jb0 * B : nullptr,
                            res_image ? res_image + (jb0 * P + q0) * B : nullptr, P * B,
                            out_image + (jb0 * P + q0) * B, P * B, e.act,
-                           ahead_part(after_w, after_floats, (q0 - qb) / MR, ntiles));
+                           ahead_part(after_w, after_floats, part, ntiles));
             continue;
           }
           for (int64_t k0 = 0; k0 < taps; k0 += slice) {
@@ -501,11 +516,10 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
             const float* next = more ? b + (k0 + slice) * NR : after_w;
             const int64_t next_floats = more ? std::min(slice, taps - k0 - slice) * NR
                                              : std::min(slice * NR, after_floats);
-            for (int64_t q0 = qb; q0 < qe; q0 += MR)
+            for (int64_t q0 = qb, part = 0; q0 < qe; q0 += tile_rows(q0, qe), ++part)
               gemm::gather_kernel(kc, koff + k0, rows + (q0 - qb), b + k0 * NR,
-                                  tiles + (q0 - qb) * NR,
-                                  static_cast<int>(std::min<int64_t>(MR, qe - q0)), k0 > 0, nr,
-                                  ahead_part(next, next_floats, (q0 - qb) / MR, ntiles));
+                                  tiles + (q0 - qb) * NR, static_cast<int>(tile_rows(q0, qe)),
+                                  k0 > 0, nr, ahead_part(next, next_floats, part, ntiles));
           }
           store_tile(tiles, qe - qb, nb, e.bias ? e.bias + jb0 * B : nullptr,
                      res_image ? res_image + (jb0 * P + qb) * B : nullptr, P * B,

@@ -67,7 +67,9 @@ CONVCORE_ALWAYS_INLINE void fetch_ahead(const Ahead& ahead, int64_t k) {
 
 // The microkernel with a gathered A, for direct convolution:
 // tile[i * NR + j] (+)= sum_{k < kc} rows[i][koff[k]] * b[k * NR + j] for
-// i < mr, j < NR (rows i >= mr of tile may be left unwritten); b is one packed
+// i < mr, j < NR (rows i >= mr of tile may be left unwritten); mr <= MR, or
+// MR + 1 where the tile has room for it (a last tile of MR + 1 rows runs as
+// one block instead of two); b is one packed
 // NR-column panel. With nr < NR, only the columns j < nr are needed and
 // those past them may be left unwritten: nr within one vector runs every
 // row against that one vector (blocked grouped convolutions' narrow panels).
