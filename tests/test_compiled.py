@@ -460,6 +460,21 @@ def pointwise_chain():
                      "w = c(v)", "z = add(w, t)", "y = r3(z)"])
 
 
+def test_winograd_band_of_thirteen_tiles():
+    # a 28x28 output is 49 F(4x4) tiles: bands of 36 and 13, the 13 as one
+    # block of rows on AVX-512
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 40, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(40, 32, 3, padding=1))
+    compiled, model, x = compiled_and_eager(model, (32, 28, 28), batch=2)
+    got = compiled(x)
+    kinds = [[f for f in line.split("  ") if f.strip()][1].strip()
+             for line in compiled.plan(2).splitlines()[2:]]
+    assert [k for k in kinds if k != "reorder"] == ["winograd"] * 2, kinds
+    assert rel_diff(got, model(x)) <= 1e-5
+    assert rel_diff(compiled(x[1:]), got[1:]) <= 1e-6
+
+
 @pytest.mark.parametrize("side", [5, 7, 13])
 def test_pointwise_tiles_of_one_row_more_than_the_kernel_block(side):
     # 25, 49 and 169 positions leave 13 for the last tile, which the AVX-512

@@ -253,15 +253,8 @@ CONVCORE_BLOCKED_DISPATCH(lanes_row, lanes_row_body,
                            int cout, int64_t Wo, const float* bias, float* out, Act act),
                           (x, koff, taps, panel, cout, Wo, bias, out, act))
 
-// Rows of the tile from position q0 of a block ending at qe: MR, fewer at
-// the block's end, or MR + 1 where that is all that is left, which the
-// kernels run as one block of 13 rows where their row blocks are 12
-// (AVX-512), instead of a block of 12 and one of 4 for a single row (a 7x7
-// image's 49 positions, a 13x13 image's 169).
-int64_t tile_rows(int64_t q0, int64_t qe) {
-  const int64_t left = qe - q0;
-  return left == MR + 1 ? left : std::min<int64_t>(MR, left);
-}
+// Rows of the tile from position q0 of a block ending at qe.
+int64_t tile_rows(int64_t q0, int64_t qe) { return gemm::gather_tile_rows(qe - q0); }
 
 // Tile `part` of `parts`' share of the floats [w, w + floats) to fetch
 // ahead (gemm::Ahead): the weights a task reads next, spread over the tiles

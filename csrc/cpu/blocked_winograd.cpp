@@ -319,9 +319,11 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
           const float* ub = u_packed + (xi * w.panels + u) * w.cin_pad * NR;
           float* mt = mb + ((xi * w.panels + u) * band) * NR;
           const int nr = static_cast<int>(std::min<int64_t>(NR, w.cout - u * NR));
-          for (int64_t q = 0; q < t1 - t0; q += MR)
+          for (int64_t q = 0, mr; q < t1 - t0; q += mr) {
+            mr = gemm::gather_tile_rows(t1 - t0 - q);
             gemm::gather_kernel(w.cin_pad, plan.koff.data(), rows + q, ub, mt + q * NR,
-                                static_cast<int>(std::min<int64_t>(MR, t1 - t0 - q)), false, nr);
+                                static_cast<int>(mr), false, nr);
+          }
         }
       }
       output_tiles(w.m, mb, w.panels, band, t0, t1, plan.tiles_w, oblocks, out.h, out.w, e.bias,
