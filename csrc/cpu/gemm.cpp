@@ -130,11 +130,14 @@ inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const in
   constexpr int NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
   V acc[RB][VP];
-  // rows one vector apart (a blocked input) or adjacent (a plain one, stride 1)
+  // rows one vector apart (a blocked input), adjacent (a plain one, stride
+  // 1) or two apart (a plain one, stride 2: first layers)
   if (rows_even<T, RB, W>(rows, i0, mr))
     gather_sums_even<T, V, RB, VP, W>(kc, koff, rows[i0], bp, acc, ahead);
   else if (rows_even<T, RB, 1>(rows, i0, mr))
     gather_sums_even<T, V, RB, VP, 1>(kc, koff, rows[i0], bp, acc, ahead);
+  else if (rows_even<T, RB, 2>(rows, i0, mr))
+    gather_sums_even<T, V, RB, VP, 2>(kc, koff, rows[i0], bp, acc, ahead);
   else
     gather_sums<T, V, RB, VP>(kc, koff, rows, i0, mr, bp, acc, ahead);
 #pragma GCC unroll 16
