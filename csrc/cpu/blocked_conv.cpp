@@ -128,7 +128,7 @@ CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
       const int rem = mr - i0;
       const gemm::Ahead ahead = j0 == 0 && i0 == 0 ? ahead_all : gemm::Ahead{};
       if constexpr (RB == 12) {
-        if (rem == 13) {  // a tile of MR + 1 rows (see tile_rows)
+        if (rem == 13) {  // a tile of MR + 1 rows (gemm::gather_tile_rows)
           gather_store_block<B, VP, 13, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
                                            res, res_stride, dst, dst_stride, ahead);
           break;

@@ -263,8 +263,8 @@ void gemm_images_side_by_side(const T* a_packed, int64_t M, int64_t K, const T* 
   const int64_t widest =
       std::clamp<int64_t>(kTileBytes / int64_t(sizeof(T)) / M / NR * NR, 2 * NR, gemm::NC);
   const int threads = detail::threads_for((columns + NR - 1) / NR, M * K * columns);
-  // thread t's columns: [bound(t), bound(t + 1)), the bounds at whole
-  // vectors (of 16 floats: the short panels' cost goes by vectors)
+  // thread t's columns: [bound(t), bound(t + 1)), the bounds at half
+  // panels (a vector with AVX-512: a short panel's cost goes by vectors)
   constexpr int64_t lanes = NR / 2;
   auto bound = [&](int64_t t) {
     return t >= threads ? columns

@@ -188,9 +188,8 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
         const Ahead ahead = kb == 0 && j0 == 0 && i0 == 0 ? ahead_all : Ahead{};
         // A short last block (a 7x7 image's 49 positions leave 1 of 12) takes
         // a block of fewer rows: the same sums, without the discarded rows.
-        // A tile of MR + 1 rows (blocked_conv.cpp gives one where it saves
-        // a block of 4 for one row) ends with a block of 13: 26 accumulators
-        // still fit the 32 vector registers.
+        // A tile of MR + 1 rows (gather_tile_rows, gemm.h) ends with a block
+        // of 13: 26 accumulators still fit the 32 vector registers.
         const int rem = mr - i0;
         if constexpr (RB == 12) {
           if (rem == 13) {

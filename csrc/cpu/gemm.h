@@ -79,6 +79,8 @@ CONVCORE_ALWAYS_INLINE void fetch_ahead(const Ahead& ahead, int64_t k) {
 void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, const float* b,
                    float* tile, int mr, bool accumulate = false, int nr = Tile<float>::NR,
                    Ahead ahead = {});
+void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
+                   double* tile, int mr, bool accumulate = false, int nr = Tile<double>::NR);
 // Rows of the float tile that starts `left` rows before the end of a block:
 // MR, fewer at the end, or MR + 1 where that is all that is left, which the
 // AVX-512 kernels run as one block of 13 rows instead of a block of 12 and
@@ -88,8 +90,6 @@ inline int gather_tile_rows(int64_t left) {
   constexpr int MR = Tile<float>::MR;
   return left == MR + 1 ? MR + 1 : static_cast<int>(left < MR ? left : MR);
 }
-void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
-                   double* tile, int mr, bool accumulate = false, int nr = Tile<double>::NR);
 
 // The gather microkernel's sums, shared by gather_kernel and the blocked
 // convolution's output-stage kernel: acc[i][v] = sum over k < kc of
