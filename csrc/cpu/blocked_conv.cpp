@@ -128,8 +128,8 @@ CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
       const int rem = mr - i0;
       const gemm::Ahead ahead = j0 == 0 && i0 == 0 ? ahead_all : gemm::Ahead{};
       if constexpr (RB == 12) {
-        if (rem == 13) {  // a tile of MR + 1 rows (gemm::gather_tile_rows)
-          gather_store_block<B, VP, 13, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
+        if (rem == RB + 1) {  // a tile of MR + 1 rows (gemm::gather_tile_rows)
+          gather_store_block<B, VP, RB + 1, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
                                            res, res_stride, dst, dst_stride, ahead);
           break;
         }
@@ -257,9 +257,6 @@ CONVCORE_BLOCKED_DISPATCH(lanes_row, lanes_row_body,
                           (const float* x, const int64_t* koff, int64_t taps, const float* panel,
                            int cout, int64_t Wo, const float* bias, float* out, Act act),
                           (x, koff, taps, panel, cout, Wo, bias, out, act))
-
-// Rows of the tile from position q0 of a block ending at qe.
-int64_t tile_rows(int64_t q0, int64_t qe) { return gemm::gather_tile_rows(qe - q0); }
 
 // Tile `part` of `parts`' share of the floats [w, w + floats) to fetch
 // ahead (gemm::Ahead): the weights a task reads next, spread over the tiles
@@ -474,8 +471,11 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
           e.residual ? e.residual + (n0 + n) * e.residual_image_stride : nullptr;
       for (int64_t qb = q_begin; qb < q_end; qb += kBlockTiles * MR) {
         const int64_t qe = std::min(q_end, qb + kBlockTiles * MR);
-        int64_t ntiles = 0;
-        for (int64_t q0 = qb; q0 < qe; q0 += tile_rows(q0, qe)) ++ntiles;
+        // the block's tiles: [tile_q0[t], tile_q0[t + 1])
+        int64_t tile_q0[kBlockTiles + 1], ntiles = 0;
+        for (int64_t q0 = qb; q0 < qe; q0 += gemm::gather_tile_rows(qe - q0))
+          tile_q0[ntiles++] = q0;
+        tile_q0[ntiles] = qe;
         for (int64_t q = qb, oh = qb / out.w, ow = qb % out.w; q < qe; ++q) {
           rows[q - qb] = xg + (oh * sh * wf + ow * sw) * lanes;
           if (++ow == out.w) ow = 0, ++oh;
@@ -499,12 +499,14 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
           const int64_t after_floats =
               after < 0 ? 0 : w.panel_taps[static_cast<std::size_t>(after)] * NR;
           if (fused) {
-            for (int64_t q0 = qb, part = 0; q0 < qe; q0 += tile_rows(q0, qe), ++part)
-              gather_store(taps, koff, rows + (q0 - qb), b, static_cast<int>(tile_rows(q0, qe)),
+            for (int64_t t = 0; t < ntiles; ++t) {
+              const int64_t q0 = tile_q0[t];
+              gather_store(taps, koff, rows + (q0 - qb), b, static_cast<int>(tile_q0[t + 1] - q0),
                            nb, e.bias ? e.bias + jb0 * B : nullptr,
                            res_image ? res_image + (jb0 * P + q0) * B : nullptr, P * B,
                            out_image + (jb0 * P + q0) * B, P * B, e.act,
-                           ahead_part(after_w, after_floats, part, ntiles));
+                           ahead_part(after_w, after_floats, t, ntiles));
+            }
             continue;
           }
           for (int64_t k0 = 0; k0 < taps; k0 += slice) {
@@ -514,10 +516,12 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
             const float* next = more ? b + (k0 + slice) * NR : after_w;
             const int64_t next_floats = more ? std::min(slice, taps - k0 - slice) * NR
                                              : std::min(slice * NR, after_floats);
-            for (int64_t q0 = qb, part = 0; q0 < qe; q0 += tile_rows(q0, qe), ++part)
+            for (int64_t t = 0; t < ntiles; ++t) {
+              const int64_t q0 = tile_q0[t];
               gemm::gather_kernel(kc, koff + k0, rows + (q0 - qb), b + k0 * NR,
-                                  tiles + (q0 - qb) * NR, static_cast<int>(tile_rows(q0, qe)),
-                                  k0 > 0, nr, ahead_part(next, next_floats, part, ntiles));
+                                  tiles + (q0 - qb) * NR, static_cast<int>(tile_q0[t + 1] - q0),
+                                  k0 > 0, nr, ahead_part(next, next_floats, t, ntiles));
+            }
           }
           store_tile(tiles, qe - qb, nb, e.bias ? e.bias + jb0 * B : nullptr,
                      res_image ? res_image + (jb0 * P + qb) * B : nullptr, P * B,

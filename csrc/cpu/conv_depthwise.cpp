@@ -120,9 +120,10 @@ void forward_depthwise(const TensorView& input, const T* weight, const T* bias,
 // Backward: in lanes where depthwise_in_lanes says. Else, with enough
 // groups for the threads, one task per group does everything for it over
 // all images: each image's input planes and grad_output planes are read
-// once for grad_input, grad_weight and grad_bias together, and grad_weight sums over images in the task (in
-// double), so no reduction across threads. With few groups, grad_input
-// runs one task per group of an image and grad_weight one per group.
+// once for grad_input, grad_weight and grad_bias together, and grad_weight
+// sums over images in the task (in double), so no reduction across
+// threads. With few groups, grad_input runs one task per group of an image
+// and grad_weight one per group.
 template <typename T>
 void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
                         const ConvGeometry& G, T* gx, T* gw, T* gb) {

@@ -250,9 +250,9 @@ bool pointwise_images_side_by_side(const ConvGeometry& G) {
 // thread takes one range of the columns (across images), in blocks that
 // compute all M rows into scratch, then scatter into the images' planes.
 // The same sums in the same order as one GEMM per image.
-// The ranges are even to the vector, not to the block: blocks of one width
-// dealt out in turn left 2 threads 448 and 336 of 784 columns (batch 16 at
-// 7x7), a tenth of the layer's time spent waiting.
+// The ranges are even to half a panel, not to the block: blocks of one
+// width dealt out in turn gave 2 threads 448 and 336 of 784 columns (batch
+// 16 at 7x7), and one waited for the other (docs/training.md).
 template <typename T>
 void gemm_images_side_by_side(const T* a_packed, int64_t M, int64_t K, const T* src,
                               int64_t src_n, int64_t src_c, int64_t N, int64_t P,

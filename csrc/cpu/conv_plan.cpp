@@ -136,8 +136,9 @@ bool winograd_pays(const ConvGeometry& G) {
 // where the GEMM path re-reads its large grad_weight for every image; with
 // fewer, its transposed packing of V weighs more than the multiplications
 // saved: AlexNet's 256-384 channels at 13x13 are level (0.9-1.06x), 128
-// channels at 14x14 1.6x slower; on 7x7 (F(2x2) in a batch of 16+) the direct kernel is 15% faster at 512
-// channels. F(2x2) asked for by name is used for grad_weight too.
+// channels at 14x14 1.6x slower; on 7x7 (F(2x2) in a batch of 16+) the
+// direct kernel is 15% faster at 512 channels. F(2x2) asked for by name is
+// used for grad_weight too.
 bool winograd2_grad_weight_pays(const ConvGeometry& G) {
   return !G.auto_algorithm || (G.C >= 512 && G.Cout >= 512 && G.Ho >= 8 && G.Wo >= 8);
 }

@@ -192,8 +192,9 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
         // of 13: 26 accumulators still fit the 32 vector registers.
         const int rem = mr - i0;
         if constexpr (RB == 12) {
-          if (rem == 13) {
-            gather_row_block<T, V, 13, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
+          if (rem == RB + 1) {
+            gather_row_block<T, V, RB + 1, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add,
+                                               ahead);
             break;
           }
           if (rem <= 4) {

@@ -78,8 +78,8 @@ struct LastLanes {
                                    U(~U(0)), U(~U(0)), U(~U(0)), U(~U(0))};
 };
 
-// V's lanes of T as unsigned integers of T's size, and the mask with the
-// bits of lanes [W - rem, W) set.
+// V's lanes of T as unsigned integers of T's size (LaneBits), and
+// last_lanes_mask: the mask with the bits of lanes [W - rem, W) set.
 template <typename T, typename V>
 struct LaneBitsOf {
   using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
