@@ -137,44 +137,29 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
     *lo = std::min(G.KH, top <= 0 ? 0 : (top + dh - 1) / dh);
     *hi = std::max(*lo, bottom < 0 ? 0 : std::min(G.KH, bottom / dh + 1));
   };
-  // Where tap (c, i, j) of the slice of nc channels from c0 goes.
-  auto tap_index = [&](int64_t c0, int64_t nc, int64_t c, int64_t i, int64_t j) {
-    return c0 * khw + (i * nc + c - c0) * G.KW + j;
-  };
-  std::vector<int64_t> koff(static_cast<size_t>(K));
+  // slice_tap[t]: where tap t = (c, i, j) of the weights' order goes, inside
+  // the slice of nc channels from c0; koff: each slice tap's input offset.
+  std::vector<int64_t> slice_tap(static_cast<size_t>(K)), koff(static_cast<size_t>(K));
   for (int64_t c = 0; c < G.Cg; ++c)
     for (int64_t i = 0; i < G.KH; ++i)
       for (int64_t j = 0; j < G.KW; ++j) {
         const int64_t c0 = c / cb * cb, nc = std::min(cb, G.Cg - c0);
-        koff[static_cast<size_t>(tap_index(c0, nc, c, i, j))] = c * plane + i * dh * Wp + j * dw;
+        const int64_t t = c0 * khw + (i * nc + c - c0) * G.KW + j;
+        slice_tap[static_cast<size_t>((c * G.KH + i) * G.KW + j)] = t;
+        koff[static_cast<size_t>(t)] = c * plane + i * dh * Wp + j * dw;
       }
   // Weights: per group, `panels` panels of K x NR in the slices' tap order,
-  // B(slice tap, j) = weight[o0 + j, tap], one slice at a time (the
-  // slice's rows stay in L1 while each output channel's weights are read
-  // along the taps).
+  // B(slice_tap[t], j) = weight[o0 + j, t]: each panel's output channels
+  // transposed into its columns.
   detail::Workspace<T> w_ws(1, G.G * panels * K * NR);
   T* wpacked = w_ws.get();
 #pragma omp parallel for num_threads(detail::threads_for(G.G * panels, G.Cout * K)) schedule(static)
   for (int64_t u = 0; u < G.G * panels; ++u) {
     const int64_t g = u / panels, o0 = (u % panels) * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
     T* panel = wpacked + u * K * NR;
-    for (int64_t c0 = 0; c0 < G.Cg; c0 += cb) {
-      const int64_t nc = std::min(cb, G.Cg - c0);
-      T* slice = panel + c0 * khw * NR;
-      for (int64_t j = 0; j < NR; ++j) {
-        if (j >= no) {  // the panel's columns past the last output channel
-          for (int64_t k = 0; k < nc * khw; ++k) slice[k * NR + j] = T(0);
-          continue;
-        }
-        const T* w = weight + (g * G.Coutg + o0 + j) * K + c0 * khw;  // taps (c, i, kw)
-        for (int64_t c = 0; c < nc; ++c)
-          for (int64_t i = 0; i < G.KH; ++i) {
-            T* dst = panel + tap_index(c0, nc, c0 + c, i, 0) * NR + j;
-            const T* src = w + (c * G.KH + i) * G.KW;
-            for (int64_t kw = 0; kw < G.KW; ++kw) dst[kw * NR] = src[kw];
-          }
-      }
-    }
+    gemm::transpose_copy(weight + (g * G.Coutg + o0) * K, K, no, K, panel, NR, slice_tap.data());
+    if (no < NR)  // the panel's columns past the last output channel
+      for (int64_t k = 0; k < K; ++k) std::fill(panel + k * NR + no, panel + (k + 1) * NR, T(0));
   }
   const int64_t chunk = split.chunk;
   detail::Workspace<T> x_ws(1, chunk * image);
@@ -324,7 +309,18 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
   const int64_t Wf = std::max((G.W - 1 + pl) / sw, G.Wo - 1) + Mw + 1;
   const int64_t fplane = Hf * Wf, frame = G.Cout * fplane;
   const int64_t phases = sh * sw, cpanels = (G.Cg + NR - 1) / NR;
-  // Per phase: its taps (as reduction offsets) and its packed weights.
+  // Kernel position (kh, kw) belongs to phase ((kh dh) % sh, (kw dw) % sw),
+  // as its tap_in_phase-th tap per output channel.
+  const int64_t khw = G.KH * G.KW;
+  std::vector<int64_t> phase_of(static_cast<size_t>(khw)), tap_in_phase(static_cast<size_t>(khw));
+  std::vector<int64_t> phase_taps(static_cast<size_t>(phases), 0);
+  for (int64_t kh = 0; kh < G.KH; ++kh)
+    for (int64_t kw = 0; kw < G.KW; ++kw) {
+      const int64_t ph = (kh * dh) % sh * sw + (kw * dw) % sw, t = kh * G.KW + kw;
+      phase_of[static_cast<size_t>(t)] = ph;
+      tap_in_phase[static_cast<size_t>(t)] = phase_taps[static_cast<size_t>(ph)]++;
+    }
+  // Per phase: its taps (o, kh, kw), as reduction offsets, and its packed weights.
   std::vector<std::vector<int64_t>> koff(static_cast<size_t>(phases));
   std::vector<int64_t> wpos(static_cast<size_t>(phases) + 1, 0);  // packed weights offsets
   for (int64_t ph = 0; ph < phases; ++ph) {
@@ -332,31 +328,34 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
     for (int64_t o = 0; o < G.Coutg; ++o)
       for (int64_t kh = 0; kh < G.KH; ++kh)
         for (int64_t kw = 0; kw < G.KW; ++kw)
-          if ((kh * dh) % sh == ph / sw && (kw * dw) % sw == ph % sw)
+          if (phase_of[static_cast<size_t>(kh * G.KW + kw)] == ph)
             ko.push_back(o * fplane - (kh * dh / sh) * Wf - (kw * dw / sw));
     wpos[static_cast<size_t>(ph) + 1] =
         wpos[static_cast<size_t>(ph)] + static_cast<int64_t>(ko.size()) * G.G * cpanels * NR;
   }
   detail::Workspace<T> w_ws(1, std::max<int64_t>(1, wpos.back()));
   T* wpacked = w_ws.get();  // phase ph, group g, panel u: wpos[ph] + (g * cpanels + u) * K * NR
-  for (int64_t ph = 0; ph < phases; ++ph) {
-    const int64_t K = static_cast<int64_t>(koff[static_cast<size_t>(ph)].size());
-    for (int64_t g = 0; g < G.G; ++g)
-      for (int64_t u = 0; u < cpanels; ++u) {
-        T* dst = wpacked + wpos[static_cast<size_t>(ph)] + (g * cpanels + u) * K * NR;
-        int64_t k = 0;
-        for (int64_t o = 0; o < G.Coutg; ++o)
-          for (int64_t kh = 0; kh < G.KH; ++kh)
-            for (int64_t kw = 0; kw < G.KW; ++kw) {
-              if ((kh * dh) % sh != ph / sw || (kw * dw) % sw != ph % sw) continue;
-              for (int64_t j = 0; j < NR; ++j) {
-                const int64_t c = u * NR + j;
-                dst[k * NR + j] =
-                    c < G.Cg ? weight[(((g * G.Coutg + o) * G.Cg + c) * G.KH + kh) * G.KW + kw]
-                             : T(0);
-              }
-              ++k;
-            }
+  // Per panel and output channel, its NR input channels' filters transposed
+  // into the columns, kernel position t into row row_of[t] of its phase.
+#pragma omp parallel for num_threads(detail::threads_for(G.G * cpanels, G.Cout * G.Kc)) schedule(static)
+  for (int64_t gu = 0; gu < G.G * cpanels; ++gu) {
+    const int64_t g = gu / cpanels, c0 = (gu % cpanels) * NR, nc = std::min<int64_t>(NR, G.Cg - c0);
+    std::vector<int64_t> row_of(static_cast<size_t>(khw));
+    for (int64_t o = 0; o < G.Coutg; ++o) {
+      for (int64_t t = 0; t < khw; ++t) {
+        const size_t ph = static_cast<size_t>(phase_of[static_cast<size_t>(t)]);
+        const int64_t K = phase_taps[ph] * G.Coutg;  // the phase's taps
+        row_of[static_cast<size_t>(t)] = wpos[ph] / NR + gu * K + o * phase_taps[ph] +
+                                         tap_in_phase[static_cast<size_t>(t)];
+      }
+      gemm::transpose_copy(weight + ((g * G.Coutg + o) * G.Cg + c0) * khw, khw, nc, khw, wpacked,
+                           NR, row_of.data());
+    }
+    if (nc < NR)  // the panel's columns past the last input channel
+      for (int64_t ph = 0; ph < phases; ++ph) {
+        const int64_t K = phase_taps[static_cast<size_t>(ph)] * G.Coutg;
+        T* panel = wpacked + wpos[static_cast<size_t>(ph)] + gu * K * NR;
+        for (int64_t k = 0; k < K; ++k) std::fill(panel + k * NR + nc, panel + (k + 1) * NR, T(0));
       }
   }
   const int64_t chunk = split.chunk, pblock = split.pblock, pblocks = split.pblocks;

@@ -207,14 +207,18 @@ int64_t packed_a_size(int64_t M, int64_t K) {
   return round_up(M, Tile<T>::MR) * K;
 }
 
-// dst[c * dst_ld + r] = src[r * ld + c] for r < rows, c < cols: the packers'
-// copy of an operand stored the other way round. Float goes in 4 x 4 blocks
-// transposed in registers (SSE shuffles, baseline x86-64); one scalar load
-// and store per element took 4% of a 2048^3 SGEMM for A and as much for B.
-// Columns go 64 at a time, so the destination lines being filled stay in L1.
+// dst[row_of(c) * dst_ld + r] = src[r * ld + c] for r < rows, c < cols,
+// where row_of(c) is row_of[c], or c when row_of is null: the packers' copy
+// of an operand stored the other way round, its columns optionally going to
+// rows in another order (the direct convolutions' tap orders). Float goes
+// in 4 x 4 blocks transposed in registers (SSE shuffles, baseline x86-64);
+// one scalar load and store per element took 4% of a 2048^3 SGEMM for A and
+// as much for B. Columns go 64 at a time, so the destination lines being
+// filled stay in L1.
 template <typename T>
 inline void transpose_copy(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst,
-                           int64_t dst_ld) {
+                           int64_t dst_ld, const int64_t* row_of = nullptr) {
+  auto dst_row = [&](int64_t c) { return dst + (row_of ? row_of[c] : c) * dst_ld; };
   for (int64_t cb = 0; cb < cols; cb += 64) {
     const int64_t ce = std::min<int64_t>(cols, cb + 64);
     int64_t r0 = 0;
@@ -231,19 +235,19 @@ inline void transpose_copy(const T* src, int64_t ld, int64_t rows, int64_t cols,
           const f32x4 t1 = CONVCORE_SHUFFLE4(r[0], r[1], 2, 6, 3, 7);
           const f32x4 t2 = CONVCORE_SHUFFLE4(r[2], r[3], 0, 4, 1, 5);
           const f32x4 t3 = CONVCORE_SHUFFLE4(r[2], r[3], 2, 6, 3, 7);
-          simd::store_vec(dst + c0 * dst_ld + r0, CONVCORE_SHUFFLE4(t0, t2, 0, 1, 4, 5));
-          simd::store_vec(dst + (c0 + 1) * dst_ld + r0, CONVCORE_SHUFFLE4(t0, t2, 2, 3, 6, 7));
-          simd::store_vec(dst + (c0 + 2) * dst_ld + r0, CONVCORE_SHUFFLE4(t1, t3, 0, 1, 4, 5));
-          simd::store_vec(dst + (c0 + 3) * dst_ld + r0, CONVCORE_SHUFFLE4(t1, t3, 2, 3, 6, 7));
+          simd::store_vec(dst_row(c0) + r0, CONVCORE_SHUFFLE4(t0, t2, 0, 1, 4, 5));
+          simd::store_vec(dst_row(c0 + 1) + r0, CONVCORE_SHUFFLE4(t0, t2, 2, 3, 6, 7));
+          simd::store_vec(dst_row(c0 + 2) + r0, CONVCORE_SHUFFLE4(t1, t3, 0, 1, 4, 5));
+          simd::store_vec(dst_row(c0 + 3) + r0, CONVCORE_SHUFFLE4(t1, t3, 2, 3, 6, 7));
         }
         for (; c0 < ce; ++c0)
-          for (int64_t r = r0; r < r0 + 4; ++r) dst[c0 * dst_ld + r] = src[r * ld + c0];
+          for (int64_t r = r0; r < r0 + 4; ++r) dst_row(c0)[r] = src[r * ld + c0];
       }
 #undef CONVCORE_SHUFFLE4
     }
 #endif
     for (; r0 < rows; ++r0)
-      for (int64_t c = cb; c < ce; ++c) dst[c * dst_ld + r0] = src[r0 * ld + c];
+      for (int64_t c = cb; c < ce; ++c) dst_row(c)[r0] = src[r0 * ld + c];
   }
 }
 
