@@ -250,7 +250,8 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     winograd_pays): F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2)
     on smaller images (not 7x7) with a band of tiles per thread. Otherwise
     the direct kernel, or the GEMM path with fewer than 128 output
-    positions in all (direct_pays)."""
+    positions in all unless they are one image of 49 or more
+    (direct_forward_pays; grad_weight: direct_pays, 128 or more)."""
     rng = np.random.default_rng(2)
 
     def case(n, c, cout, h, dtype=np.float32):
@@ -279,6 +280,8 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("winograd", *case(16, 512, 512, 7), grad_weight_by="direct")  # 7x7, batch 16
     auto_is("direct", *case(2, 512, 512, 14))       # 392 positions, 512 x 512 filters
     auto_is("gemm", *case(2, 512, 512, 7))          # 98 positions: no direct
+    auto_is("direct", *case(1, 512, 512, 7))        # but one 7x7 image takes it
+    auto_is("gemm", *case(1, 256, 256, 5))          # 25 positions: no direct
     auto_is("direct", *case(4, 512, 512, 7))        # 196 positions: the direct kernel
     auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in
     auto_is("winograd4", *case(4, 128, 32, 28), grad_weight_by="direct")  # 32 out
@@ -397,6 +400,33 @@ def test_direct_kernel_over_chunks_of_taps(dtype, cin, kw):
     w = (rng.standard_normal((40, cin, 3, 3)) / np.sqrt(9 * cin)).astype(dtype)
     b = rng.standard_normal(40).astype(dtype)
     _check_direct(rng, x, w, b, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("h,kw", [(7, dict(padding=1)),                          # 49 positions
+                                  (14, dict(stride=2, padding=1, groups=2)),     # 7x7 out
+                                  (9, dict(padding=(0, 2), dilation=(1, 2)))])   # 7x9 out
+def test_direct_at_batch_one_packs_panels_in_their_tasks(dtype, h, kw, two_threads):
+    """At batch 1 with one block of positions, each task of forward_direct
+    packs its own panels of the weights (own_panels): 600 output channels
+    give tasks of two panels each at 2 threads, with a partial last panel; a
+    7x7 output ends with a tile of 13 positions; padding rows are skipped.
+    Forward and grad_input (a forward of grad_output) against the reference,
+    and the same bits at 1 and 3 threads."""
+    rng = np.random.default_rng(h)
+    cin = 8
+    x = rng.standard_normal((1, cin, h, h)).astype(dtype)
+    w = (rng.standard_normal((600, cin // kw.get("groups", 1), 3, 3)) / 9).astype(dtype)
+    b = rng.standard_normal(600).astype(dtype)
+    _check_direct(rng, x, w, b, dtype, **kw)
+    y = convcore.conv2d(x, w, b, algorithm="direct", **kw)
+    before = convcore.get_num_threads()
+    try:
+        for threads in (1, 3):
+            convcore.set_num_threads(threads)
+            np.testing.assert_array_equal(convcore.conv2d(x, w, b, algorithm="direct", **kw), y)
+    finally:
+        convcore.set_num_threads(before)
 
 
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=(2, 0), dilation=(1, 2), groups=2)])

@@ -151,21 +151,28 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
   // Weights: per group, `panels` panels of K x NR in the slices' tap order,
   // B(slice_tap[t], j) = weight[o0 + j, t]: each panel's output channels
   // transposed into its columns.
-  detail::Workspace<T> w_ws(1, G.G * panels * K * NR);
-  T* wpacked = w_ws.get();
-#pragma omp parallel for num_threads(detail::threads_for(G.G * panels, G.Cout * K)) schedule(static)
-  for (int64_t u = 0; u < G.G * panels; ++u) {
+  auto pack_panel = [&](int64_t u, T* panel) {  // u: g * panels + panel
     const int64_t g = u / panels, o0 = (u % panels) * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
-    T* panel = wpacked + u * K * NR;
     gemm::transpose_copy(weight + (g * G.Coutg + o0) * K, K, no, K, panel, NR, slice_tap.data());
     if (no < NR)  // the panel's columns past the last output channel
       for (int64_t k = 0; k < K; ++k) std::fill(panel + k * NR + no, panel + (k + 1) * NR, T(0));
+  };
+  const int64_t oblock = split.oblock, ochunks = split.ochunks;
+  const int64_t pblock = split.pblock, pblocks = split.pblocks;
+  // One image in one block of positions (batch 1, small images): each
+  // panel serves one task, which packs it into its own buffer just before
+  // using it, so the packed copy is read from L2. Packed up front, a deep
+  // layer's panels (9 MB at 512 channels, 3x3) went out to memory and back.
+  const bool own_panels = G.N == 1 && pblocks == 1;
+  detail::Workspace<T> w_ws(1, own_panels ? 0 : G.G * panels * K * NR);
+  T* wpacked = w_ws.get();
+  if (!own_panels) {
+#pragma omp parallel for num_threads(detail::threads_for(G.G * panels, G.Cout * K)) schedule(static)
+    for (int64_t u = 0; u < G.G * panels; ++u) pack_panel(u, wpacked + u * K * NR);
   }
   const int64_t chunk = split.chunk;
   detail::Workspace<T> x_ws(1, chunk * image);
   T* xpad = x_ws.get();
-  const int64_t oblock = split.oblock, ochunks = split.ochunks;
-  const int64_t pblock = split.pblock, pblocks = split.pblocks;
   const int64_t work = G.N * G.Cout * G.P * K;
   const T* x = input.ptr<const T>();
   for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
@@ -174,9 +181,11 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
     const int64_t tasks = nn * G.G * ochunks * pblocks;
     const int threads = detail::threads_for(tasks, work);
     detail::Workspace<T> tile_ws(threads, kDirectBlockTiles * MR * NR);
+    detail::Workspace<T> panel_ws(own_panels ? threads : 0, oblock * K * NR);
 #pragma omp parallel num_threads(threads)
     {
       T* tiles = tile_ws.get(omp_get_thread_num());
+      T* own = own_panels ? panel_ws.get(omp_get_thread_num()) : nullptr;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t n = t / (G.G * ochunks * pblocks), g = (t / (ochunks * pblocks)) % G.G;
@@ -187,34 +196,47 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
         for (int64_t qb = q_begin; qb < q_end; qb += kDirectBlockTiles * MR) {
           const int64_t qe = std::min(q_end, qb + kDirectBlockTiles * MR);
           // The window of each position of the block, found once for all
-          // its panels and slices.
+          // its panels and slices; the block's tiles [tile_q0[i], tile_q0[i + 1])
+          // (a last tile of MR + 1 rows runs as one) and the kernel rows
+          // each reads.
           const T* rows[kDirectBlockTiles * MR];
           for (int64_t q = qb, oh = qb / G.Wo, ow = qb % G.Wo; q < qe; ++q) {
             rows[q - qb] = xg + oh * sh * Wp + ow * sw;
             if (++ow == G.Wo) ow = 0, ++oh;
           }
+          int64_t tile_q0[kDirectBlockTiles + 1], ntiles = 0;
           int64_t row_lo[kDirectBlockTiles], row_hi[kDirectBlockTiles];
-          for (int64_t q0 = qb; q0 < qe; q0 += MR)
-            row_range(q0, std::min(qe, q0 + MR), &row_lo[(q0 - qb) / MR], &row_hi[(q0 - qb) / MR]);
+          for (int64_t q0 = qb; q0 < qe; ++ntiles) {
+            const int64_t q1 = q0 + gemm::gather_tile_rows(qe - q0);
+            tile_q0[ntiles] = q0;
+            row_range(q0, q1, &row_lo[ntiles], &row_hi[ntiles]);
+            q0 = q1;
+          }
+          tile_q0[ntiles] = qe;
           for (int64_t u = u_begin; u < u_end; ++u) {
             const int64_t o0 = u * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
-            const T* b = wpacked + (g * panels + u) * K * NR;
+            const T* b;
+            if (own_panels) {
+              T* panel = own + (u - u_begin) * K * NR;
+              if (qb == q_begin) pack_panel(g * panels + u, panel);
+              b = panel;
+            } else {
+              b = wpacked + (g * panels + u) * K * NR;
+            }
             for (int64_t c0 = 0; c0 < G.Cg; c0 += cb) {  // a slice: channels [c0, c0 + nc)
               const int64_t nc = std::min(cb, G.Cg - c0), k0 = c0 * khw;
-              for (int64_t q0 = qb; q0 < qe; q0 += MR) {
-                const int64_t tq = (q0 - qb) / MR;
-                const int mr = static_cast<int>(std::min<int64_t>(MR, qe - q0));
-                const int64_t lo = k0 + row_lo[tq] * nc * G.KW, hi = k0 + row_hi[tq] * nc * G.KW;
+              for (int64_t i = 0; i < ntiles; ++i) {
+                const int64_t q0 = tile_q0[i];
+                const int64_t lo = k0 + row_lo[i] * nc * G.KW, hi = k0 + row_hi[i] * nc * G.KW;
                 if (lo < hi)
                   gemm::gather_kernel(hi - lo, koff.data() + lo, rows + (q0 - qb), b + lo * NR,
-                                      tiles + (q0 - qb) * NR, mr, c0 > 0);
+                                      tiles + (q0 - qb) * NR,
+                                      static_cast<int>(tile_q0[i + 1] - q0), c0 > 0);
               }
             }
-            for (int64_t q0 = qb; q0 < qe; q0 += MR) {  // all taps in the padding
-              const int64_t tq = (q0 - qb) / MR;
-              if (row_lo[tq] >= row_hi[tq])
-                std::fill(tiles + (q0 - qb) * NR, tiles + std::min(qe - qb, q0 - qb + MR) * NR, T(0));
-            }
+            for (int64_t i = 0; i < ntiles; ++i)  // all taps in the padding
+              if (row_lo[i] >= row_hi[i])
+                std::fill(tiles + (tile_q0[i] - qb) * NR, tiles + (tile_q0[i + 1] - qb) * NR, T(0));
             T* c = out + ((n0 + n) * G.Cout + g * G.Coutg + o0) * G.P;
             gemm::store_transposed(tiles, qe - qb, no, bias ? bias + g * G.Coutg + o0 : nullptr,
                                    c + qb, G.P);

@@ -158,12 +158,18 @@ bool winograd4_pays(const ConvGeometry& G) {
 // auto takes them where one image's frame is at most 64 MB; beyond, (a huge
 // image, or strides that skip most of it) the GEMM paths read the input in
 // place.
-// The direct paths pack the weights into panels on every call: with few
-// output positions in all (a 7x7 image at batch 1 or 2) that copy outweighs
-// the products, and the GEMM path, which reads the weights in place, is
-// about twice as fast (docs/benchmarks.md).
-constexpr int64_t kDirectMinPositions = 128;
+// With few output positions in all (a 7x7 image at batch 2) the GEMM
+// paths, which read the weights in place, beat the direct paths, which pack
+// them into panels on every call (docs/benchmarks.md). At batch 1 the
+// direct forward (and grad_input as a forward) packs each panel in the task
+// that reads it, from L2, and is the faster from a 7x7 image up on both
+// instruction sets (docs/training.md, twelfth session); below that, AVX2's
+// smaller tiles lose to the GEMM path.
+constexpr int64_t kDirectMinPositions = 128, kDirectOneImageMinPositions = 49;
 bool direct_pays(const ConvGeometry& G) { return G.N * G.Ho * G.Wo >= kDirectMinPositions; }
+bool direct_forward_pays(const ConvGeometry& G) {
+  return direct_pays(G) || (G.N == 1 && G.Ho * G.Wo >= kDirectOneImageMinPositions);
+}
 bool direct_fits(const ConvGeometry& G) {
   const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
   const int64_t Wp = (G.Wo - 1) * G.p.stride_w + (G.KW - 1) * G.p.dilation_w + 1;
@@ -271,7 +277,7 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G, DType dtype) {
       }
       if (pointwise_shape(G) && rows_contiguous(G)) return ConvAlgorithm::Pointwise;
       if (one_by_one(G)) return ConvAlgorithm::Gemm;
-      return direct_fits(G) && direct_pays(G) ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
+      return direct_fits(G) && direct_forward_pays(G) ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
     case ConvAlgorithm::Depthwise:
       if (!depthwise)
         throw ValueError("algorithm='depthwise' needs one input channel per group "
@@ -335,7 +341,8 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
   if (is_pointwise(G)) return GradInputPath::Pointwise;
   // On the direct kernel unless the GEMM path was asked for by name.
   if (grad_input_as_forward_applies(G))
-    return !gemm_named(G) && direct_pays(G) && direct_fits(grad_input_as_forward_geometry(G))
+    return !gemm_named(G) && direct_forward_pays(G) &&
+                   direct_fits(grad_input_as_forward_geometry(G))
                ? GradInputPath::AsForwardDirect
                : GradInputPath::AsForwardGemm;
   // The direct kernel (for strided layers, or stride 1 with padding past the
