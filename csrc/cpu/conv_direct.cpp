@@ -109,7 +109,8 @@ constexpr int64_t kDirectTaps = 256, kDirectBlockTiles = 8;
 
 template <typename T>
 void forward_direct(const TensorView& input, const T* weight, const T* bias,
-                    const ConvGeometry& G, const ForwardDirectSplit& split, T* out) {
+                    const ConvGeometry& G, const ForwardDirectSplit& split, T* out,
+                    bool flipped) {
   constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
   const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
   // The padded frame holds exactly what the output reads.
@@ -151,9 +152,21 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
   // Weights: per group, `panels` panels of K x NR in the slices' tap order,
   // B(slice_tap[t], j) = weight[o0 + j, t]: each panel's output channels
   // transposed into its columns.
+  // Flipped, weight[g * Cg + c, o0 + j, KH - 1 - i, KW - 1 - j'] is this
+  // layer's weight[g * Coutg + o0 + j, c, i, j']: per input channel c, the
+  // panel's output channels' taps, ending with tap 0, from one run of
+  // khw * NR, transposed into rows flipped_tap[c * khw ..].
+  std::vector<int64_t> flipped_tap(flipped ? static_cast<size_t>(K) : 0);
+  for (size_t t = 0; t < flipped_tap.size(); ++t)
+    flipped_tap[t] = slice_tap[t / khw * khw + (khw - 1 - t % khw)];
   auto pack_panel = [&](int64_t u, T* panel) {  // u: g * panels + panel
     const int64_t g = u / panels, o0 = (u % panels) * NR, no = std::min<int64_t>(NR, G.Coutg - o0);
-    gemm::transpose_copy(weight + (g * G.Coutg + o0) * K, K, no, K, panel, NR, slice_tap.data());
+    if (!flipped)
+      gemm::transpose_copy(weight + (g * G.Coutg + o0) * K, K, no, K, panel, NR, slice_tap.data());
+    else
+      for (int64_t c = 0; c < G.Cg; ++c)
+        gemm::transpose_copy(weight + ((g * G.Cg + c) * G.Coutg + o0) * khw, khw, no, khw, panel,
+                             NR, flipped_tap.data() + c * khw);
     if (no < NR)  // the panel's columns past the last output channel
       for (int64_t k = 0; k < K; ++k) std::fill(panel + k * NR + no, panel + (k + 1) * NR, T(0));
   };
@@ -256,6 +269,15 @@ template <typename T>
 void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
                            const ConvPlan& plan, T* gx) {
   const bool direct = plan.grad_input == GradInputPath::AsForwardDirect;
+  const DType dtype = std::is_same_v<T, float> ? DType::Float32 : DType::Float64;
+  const int64_t gshape[4] = {G.N, G.Cout, G.Ho, G.Wo};
+  const TensorView gyv = contiguous_view(const_cast<T*>(gy), dtype, 4, gshape);
+  ConvGeometry F = grad_input_as_forward_geometry(G);
+  F.p.algorithm = direct ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
+  if (direct) {  // flips the filters as it packs them
+    forward_direct<T>(gyv, weight, nullptr, F, plan.direct_split, gx, true);
+    return;
+  }
   // flipped[g * Cg + c, o, i, j] = weight[g * Coutg + o, c, KH - 1 - i, KW - 1 - j]
   detail::Workspace<T> w_ws(1, G.Cout * G.Kc);
   T* flipped = w_ws.get();
@@ -271,17 +293,9 @@ void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
     }
   });
   const int64_t wshape[4] = {G.C, G.Coutg, G.KH, G.KW};
-  const DType dtype = std::is_same_v<T, float> ? DType::Float32 : DType::Float64;
   const TensorView wv = contiguous_view(flipped, dtype, 4, wshape);
   const detail::Contiguous<T> wc(wv);
-  const int64_t gshape[4] = {G.N, G.Cout, G.Ho, G.Wo};
-  const TensorView gyv = contiguous_view(const_cast<T*>(gy), dtype, 4, gshape);
-  ConvGeometry F = grad_input_as_forward_geometry(G);
-  F.p.algorithm = direct ? ConvAlgorithm::Direct : ConvAlgorithm::Gemm;
-  if (!direct)
-    forward_gemm<T>(gyv, wc, nullptr, F, plan.gemm_split, gx);
-  else
-    forward_direct<T>(gyv, wc.data(), nullptr, F, plan.direct_split, gx);
+  forward_gemm<T>(gyv, wc, nullptr, F, plan.gemm_split, gx);
 }
 
 // How grad_input_direct_strided splits its work: images per framed chunk,
@@ -551,9 +565,10 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
 template ForwardDirectSplit forward_direct_split<float>(const ConvGeometry&);
 template ForwardDirectSplit forward_direct_split<double>(const ConvGeometry&);
 template void forward_direct<float>(const TensorView&, const float*, const float*,
-                                    const ConvGeometry&, const ForwardDirectSplit&, float*);
+                                    const ConvGeometry&, const ForwardDirectSplit&, float*, bool);
 template void forward_direct<double>(const TensorView&, const double*, const double*,
-                                     const ConvGeometry&, const ForwardDirectSplit&, double*);
+                                     const ConvGeometry&, const ForwardDirectSplit&, double*,
+                                     bool);
 template void grad_input_as_forward<float>(const float*, const float*, const ConvGeometry&,
                                            const ConvPlan&, float*);
 template void grad_input_as_forward<double>(const double*, const double*, const ConvGeometry&,

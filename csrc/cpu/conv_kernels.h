@@ -40,9 +40,12 @@ void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& 
 // conv_direct.cpp: the direct kernel over zero-padded copies of the images.
 template <typename T>
 ForwardDirectSplit forward_direct_split(const ConvGeometry& G);
+// flipped: weight holds the filters of the layer whose grad_input this
+// forward computes (grad_input_as_forward), read transposed and flipped.
 template <typename T>
 void forward_direct(const TensorView& input, const T* weight, const T* bias,
-                    const ConvGeometry& G, const ForwardDirectSplit& split, T* out);
+                    const ConvGeometry& G, const ForwardDirectSplit& split, T* out,
+                    bool flipped = false);
 // grad_input (a plan's AsForwardDirect or AsForwardGemm) with the plan's split.
 template <typename T>
 void grad_input_as_forward(const T* gy, const T* weight, const ConvGeometry& G,
