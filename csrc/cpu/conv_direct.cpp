@@ -195,12 +195,16 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
     const int threads = detail::threads_for(tasks, work);
     detail::Workspace<T> tile_ws(threads, kDirectBlockTiles * MR * NR);
     detail::Workspace<T> panel_ws(own_panels ? threads : 0, oblock * K * NR);
+    // Each thread runs a contiguous range of the tasks (an image's positions
+    // stay with the thread whose range they are in) and takes the others'
+    // last tasks when done with its own.
+    detail::StealingRanges ranges(threads, tasks);
 #pragma omp parallel num_threads(threads)
     {
-      T* tiles = tile_ws.get(omp_get_thread_num());
-      T* own = own_panels ? panel_ws.get(omp_get_thread_num()) : nullptr;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {
+      const int me = omp_get_thread_num();
+      T* tiles = tile_ws.get(me);
+      T* own = own_panels ? panel_ws.get(me) : nullptr;
+      for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me)) {
         const int64_t n = t / (G.G * ochunks * pblocks), g = (t / (ochunks * pblocks)) % G.G;
         const int64_t u_begin = ((t / pblocks) % ochunks) * oblock;
         const int64_t u_end = std::min(panels, u_begin + oblock);
