@@ -422,11 +422,12 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
     const int64_t tasks = nn * G.G * phases * pblocks;
     const int threads = detail::threads_for(tasks, nn * G.Cout * G.P * G.Kc);
     detail::Workspace<T> tile_ws(threads, MR * NR);
+    detail::StealingRanges ranges(threads, tasks);  // as forward_direct's
 #pragma omp parallel num_threads(threads)
     {
-      T* tile = tile_ws.get(omp_get_thread_num());
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {
+      const int me = omp_get_thread_num();
+      T* tile = tile_ws.get(me);
+      for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me)) {
         const int64_t n = t / (G.G * phases * pblocks), g = (t / (phases * pblocks)) % G.G;
         const int64_t ph = (t / pblocks) % phases, pb = t % pblocks;
         const int64_t rh = ph / sw, rw = ph % sw;
@@ -538,11 +539,12 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
       gemm::StridedPackB<T>{src, 1, G.P}(0, G.P, o0, std::min<int64_t>(NR, G.Coutg - o0),
                                          gyp + gu * gy_panel + n * G.P * NR);
     }
+    detail::StealingRanges ranges(threads, tasks);  // as forward_direct's
 #pragma omp parallel num_threads(threads)
     {
-      T* tile = tile_ws.get(omp_get_thread_num());
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {  // consecutive tasks share a panel
+      const int me = omp_get_thread_num();
+      T* tile = tile_ws.get(me);
+      for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me)) {  // consecutive tasks share a panel
         const int64_t gu = t / ktiles, g = gu / panels, o0 = (gu % panels) * NR;
         const int64_t k0 = (t % ktiles) * MR;
         const int mr = static_cast<int>(std::min<int64_t>(MR, G.Kc - k0));
