@@ -157,6 +157,40 @@ def test_winograd_many_channels(algorithm, dtype):
     assert_close(gw, egw, dtype, tol, what=f"{algorithm} grad_weight")
 
 
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
+@pytest.mark.parametrize("cout", [32, 64, 200])
+def test_winograd_at_batch_one_splits_panels(algorithm, cout):
+    """float32 at batch 1, few bands of tiles: each band's output panels
+    split among tasks (plan_winograd's panel groups; none with one panel),
+    a partial last panel at 200 channels, with a bias. Forward and
+    grad_input (the same path with the roles swapped) against the
+    reference, and the same bits at 1, 2 and 3 threads."""
+    rng = np.random.default_rng(cout)
+    x = rng.standard_normal((1, 48, 14, 13)).astype(np.float32)
+    w = (rng.standard_normal((cout, 48, 3, 3)) / np.sqrt(48 * 9)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    tol = rtol(algorithm, np.float32)
+    expect = ref.conv2d_ref(x, w, b, padding=1)
+    gy = rng.standard_normal(expect.shape).astype(np.float32)
+    egx, _, _ = ref.conv2d_backward_ref(gy, x, w, padding=1)
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (2, 1, 3):
+            convcore.set_num_threads(threads)
+            y = convcore.conv2d(x, w, b, padding=1, algorithm=algorithm)
+            gx, _, _ = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm,
+                                                output_mask=(True, False, False))
+            runs.append((y, gx))
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(runs[0][0], expect, np.float32, tol, what=f"{algorithm} forward")
+    assert_close(runs[0][1], egx, np.float32, tol, what=f"{algorithm} grad_input")
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other[0], runs[0][0])
+        np.testing.assert_array_equal(other[1], runs[0][1])
+
+
 def test_winograd4_accuracy_float32():
     """Winograd F(4x4, 3x3) in float32 on a realistic layer (He-scaled
     weights, N(0, 1) data), relative to the output's scale: docs/benchmarks.md

@@ -119,11 +119,15 @@ int64_t winograd_floats(const WinogradWeights& layout);
 void pack_winograd(const float* weight, const FilterAccess& f, const WinogradWeights& layout,
                    float* u, int threads);
 struct WinogradPlan {
-  int64_t tiles_h = 0, tiles_w = 0, band = 0, bands = 0;  // tiles per task, tasks per image
+  int64_t tiles_h = 0, tiles_w = 0, band = 0, bands = 0;  // tiles per task, bands per image
+  int64_t groups = 1;  // tasks per band: groups of output panels
   int64_t v_floats = 0, m_floats = 0;  // scratch per thread: V then M
   std::vector<int64_t> koff;
 };
-WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Image& out, int threads);
+// panel_groups: with few bands, split each band's output panels among
+// tasks (the eager op's, whose filters each thread has just transformed).
+WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Image& out, int threads,
+                           bool panel_groups = false);
 // scratch: threads * (plan.v_floats + plan.m_floats) floats.
 // u: the packed filters (w.u.data(), or pack_winograd's buffer).
 void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u,

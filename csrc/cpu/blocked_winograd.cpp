@@ -276,7 +276,7 @@ WinogradWeights pack_winograd_weights(const float* weight, int64_t cout, int64_t
 }
 
 WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Image& out,
-                           int threads) {
+                           int threads, bool panel_groups) {
   WinogradPlan plan;
   plan.tiles_h = (out.h + w.m - 1) / w.m;
   plan.tiles_w = (out.w + w.m - 1) / w.m;
@@ -287,6 +287,16 @@ WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Imag
   if (in.n * bands < want) bands = std::min((want + in.n - 1) / in.n, (tiles + MR - 1) / MR);
   plan.band = round_up((tiles + bands - 1) / bands, MR);
   plan.bands = (tiles + plan.band - 1) / plan.band;
+  // Few bands (one small image), panel_groups: each band's panels split in
+  // groups of two or more, every group's task transforming the band's input
+  // again (a small share of its products at 64+ output channels). The eager
+  // op transforms the filters on every call, each thread half the panels
+  // (pack_winograd), which then sit in its L2: tasks taken in ranges read
+  // them there, and a thread slowed by another process no longer holds a
+  // whole band. The engine's filters, packed once, gain nothing from it.
+  const int64_t many = 4 * static_cast<int64_t>(threads), units = in.n * plan.bands;
+  if (panel_groups && units < many)
+    plan.groups = std::max<int64_t>(1, std::min((many + units - 1) / units, w.panels / 2));
   const int64_t points = (w.m + 2) * (w.m + 2);
   plan.v_floats = points * plan.band * w.cin_pad;
   plan.m_floats = points * w.panels * plan.band * NR;
@@ -300,22 +310,30 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
                      const Image& out, float* scratch, int threads) {
   const int64_t B = w.lanes, cblocks = w.cin_pad / B, oblocks = (w.cout + B - 1) / B;
   const int64_t tiles = plan.tiles_h * plan.tiles_w, points = (w.m + 2) * (w.m + 2);
-  const int64_t band = plan.band, tasks = in.n * plan.bands;
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, tasks)))
+  const int64_t band = plan.band, units = in.n * plan.bands;
+  const int64_t group = (w.panels + plan.groups - 1) / plan.groups;  // panels a group
+  const int64_t tasks = units * ((w.panels + group - 1) / group), P = out.h * out.w;
+  const int team = static_cast<int>(std::min<int64_t>(threads, tasks));
+  // Tasks by group of panels, then image and band: each thread a contiguous
+  // range, taking the others' last tasks when done (StealingRanges).
+  detail::StealingRanges ranges(team, tasks);
+#pragma omp parallel num_threads(team)
   {
-    float* v = scratch + omp_get_thread_num() * (plan.v_floats + plan.m_floats);
+    const int me = omp_get_thread_num();
+    float* v = scratch + me * (plan.v_floats + plan.m_floats);
     float* mb = v + plan.v_floats;
     const float* rows[kBandTiles + MR];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t n = task / plan.bands;
-      const int64_t t0 = (task % plan.bands) * band, t1 = std::min(tiles, t0 + band);
+    for (int64_t task = ranges.next(me); task >= 0; task = ranges.next(me)) {
+      const int64_t unit = task % units, u_lo = task / units * group;
+      const int64_t u_hi = std::min(w.panels, u_lo + group);
+      const int64_t n = unit / plan.bands;
+      const int64_t t0 = (unit % plan.bands) * band, t1 = std::min(tiles, t0 + band);
       input_tiles(w.m, in.data + n * in.image_stride, in.h, in.w, cblocks, plan.tiles_w,
                   p.pad_top, p.pad_left, t0, t1, band, w.cin_pad, v);
       for (int64_t xi = 0; xi < points; ++xi) {
         const float* vx = v + xi * band * w.cin_pad;
         for (int64_t t = 0; t < t1 - t0; ++t) rows[t] = vx + t * w.cin_pad;
-        for (int64_t u = 0; u < w.panels; ++u) {
+        for (int64_t u = u_lo; u < u_hi; ++u) {
           const float* ub = u_packed + (xi * w.panels + u) * w.cin_pad * NR;
           float* mt = mb + ((xi * w.panels + u) * band) * NR;
           const int nr = static_cast<int>(std::min<int64_t>(NR, w.cout - u * NR));
@@ -326,9 +344,13 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
           }
         }
       }
-      output_tiles(w.m, mb, w.panels, band, t0, t1, plan.tiles_w, oblocks, out.h, out.w, e.bias,
-                   e.residual ? e.residual + n * e.residual_image_stride : nullptr,
-                   out.data + n * out.image_stride, e.act);
+      // the group's output channel blocks
+      const int64_t ob_lo = u_lo * NR / B, ob_hi = std::min(oblocks, u_hi * NR / B);
+      const float* res = e.residual ? e.residual + n * e.residual_image_stride : nullptr;
+      output_tiles(w.m, mb + u_lo * band * NR, w.panels, band, t0, t1, plan.tiles_w,
+                   ob_hi - ob_lo, out.h, out.w, e.bias ? e.bias + ob_lo * B : nullptr,
+                   res ? res + ob_lo * P * B : nullptr,
+                   out.data + n * out.image_stride + ob_lo * P * B, e.act);
     }
   }
 }

@@ -130,7 +130,7 @@ bool winograd_conv_blocked(const WinogradConv<float>& a, const float* bias, floa
     const blocked::Image in{in_ws.get(), nn, a.C, a.H, a.W, in_floats, true};
     const blocked::Image outb{out_ws.get(), nn, a.Cout, a.Ho, a.Wo, out_floats, true};
     blocked::to_blocked(plain, in, threads);
-    const blocked::WinogradPlan plan = blocked::plan_winograd(layout, in, outb, threads);
+    const blocked::WinogradPlan plan = blocked::plan_winograd(layout, in, outb, threads, true);
     if (!scratch) scratch.emplace(threads, plan.v_floats + plan.m_floats);  // the chunk's band
     blocked::winograd_conv2d(in, layout, u_ws.get(), p, plan, e, outb, scratch->get(), threads);
     const int64_t out_image = a.Cout * a.Ho * a.Wo;
