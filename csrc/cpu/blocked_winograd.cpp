@@ -36,6 +36,8 @@ constexpr int MR = gemm::Tile<float>::MR, NR = gemm::Tile<float>::NR;
 // ((m+2)^2 x tiles x channels each) are then a few hundred KB for 64
 // channels.
 constexpr int64_t kBandTiles = 48;
+// Transformed filters this small stay in L2 while a thread runs band after band.
+constexpr int64_t kSmallFilterBytes = int64_t(1) << 20;
 
 // The input transform of tiles [t0, t1) of a band: V[xi][t - t0][c].
 template <int M, int B>
@@ -281,9 +283,14 @@ WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Imag
   plan.tiles_h = (out.h + w.m - 1) / w.m;
   plan.tiles_w = (out.w + w.m - 1) / w.m;
   const int64_t tiles = plan.tiles_h * plan.tiles_w;
-  // bands of whole tiles of the microkernel, enough of them for the threads
+  // bands of whole tiles of the microkernel, enough of them for the threads:
+  // each band reads all the transformed filters, so 2 per thread, or 8
+  // where those fit in L2 (64 channels), so that the bands balance (5 bands
+  // of a 56x56 image on 2 threads left one thread 3) and a thread slowed by
+  // another process does not hold a large share of them
   int64_t bands = std::max<int64_t>(1, (tiles + kBandTiles - 1) / kBandTiles);
-  const int64_t want = 2 * static_cast<int64_t>(threads);
+  const bool small_filters = winograd_floats(w) * int64_t(sizeof(float)) <= kSmallFilterBytes;
+  const int64_t want = (small_filters ? 8 : 2) * static_cast<int64_t>(threads);
   if (in.n * bands < want) bands = std::min((want + in.n - 1) / in.n, (tiles + MR - 1) / MR);
   plan.band = round_up((tiles + bands - 1) / bands, MR);
   plan.bands = (tiles + plan.band - 1) / plan.band;
