@@ -284,8 +284,9 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     winograd_pays): F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2)
     on smaller images (not 7x7) with a band of tiles per thread. Otherwise
     the direct kernel, or the GEMM path with fewer than 128 output
-    positions in all unless they are one image of 49 or more
-    (direct_forward_pays; grad_weight: direct_pays, 128 or more)."""
+    positions in all unless they are one image of 49 or more and the
+    weights hold 2^20 floats or more (direct_forward_pays; grad_weight:
+    direct_pays, 128 positions or more)."""
     rng = np.random.default_rng(2)
 
     def case(n, c, cout, h, dtype=np.float32):
@@ -314,8 +315,9 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("winograd", *case(16, 512, 512, 7), grad_weight_by="direct")  # 7x7, batch 16
     auto_is("direct", *case(2, 512, 512, 14))       # 392 positions, 512 x 512 filters
     auto_is("gemm", *case(2, 512, 512, 7))          # 98 positions: no direct
-    auto_is("direct", *case(1, 512, 512, 7))        # but one 7x7 image takes it
-    auto_is("gemm", *case(1, 256, 256, 5))          # 25 positions: no direct
+    auto_is("direct", *case(1, 512, 512, 7))        # but one 7x7 image of 512 channels takes it
+    auto_is("gemm", *case(1, 128, 128, 7))          # with less than 4 MB of weights, not
+    auto_is("gemm", *case(1, 512, 512, 5))          # 25 positions: no direct
     auto_is("direct", *case(4, 512, 512, 7))        # 196 positions: the direct kernel
     auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in
     auto_is("winograd4", *case(4, 128, 32, 28), grad_weight_by="direct")  # 32 out

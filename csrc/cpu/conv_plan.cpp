@@ -162,13 +162,15 @@ bool winograd4_pays(const ConvGeometry& G) {
 // paths, which read the weights in place, beat the direct paths, which pack
 // them into panels on every call (docs/benchmarks.md). At batch 1 the
 // direct forward (and grad_input as a forward) packs each panel in the task
-// that reads it, from L2, and is the faster from a 7x7 image up on both
-// instruction sets (docs/training.md, twelfth session); below that, AVX2's
-// smaller tiles lose to the GEMM path.
+// that reads it, from L2: with 4 MB of weights or more (512 channels, 3x3)
+// it is the faster from a 7x7 image up (docs/training.md, twelfth session);
+// smaller layers keep the GEMM path, whose fixed costs are lower.
 constexpr int64_t kDirectMinPositions = 128, kDirectOneImageMinPositions = 49;
+constexpr int64_t kDirectOneImageMinWeights = int64_t(1) << 20;
 bool direct_pays(const ConvGeometry& G) { return G.N * G.Ho * G.Wo >= kDirectMinPositions; }
 bool direct_forward_pays(const ConvGeometry& G) {
-  return direct_pays(G) || (G.N == 1 && G.Ho * G.Wo >= kDirectOneImageMinPositions);
+  return direct_pays(G) || (G.N == 1 && G.Ho * G.Wo >= kDirectOneImageMinPositions &&
+                            G.Cout * G.Kc >= kDirectOneImageMinWeights);
 }
 bool direct_fits(const ConvGeometry& G) {
   const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
