@@ -152,10 +152,12 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
   // Weights: per group, `panels` panels of K x NR in the slices' tap order,
   // B(slice_tap[t], j) = weight[o0 + j, t]: each panel's output channels
   // transposed into its columns.
-  // Flipped, weight[g * Cg + c, o0 + j, KH - 1 - i, KW - 1 - j'] is this
-  // layer's weight[g * Coutg + o0 + j, c, i, j']: per input channel c, the
-  // panel's output channels' taps, ending with tap 0, from one run of
-  // khw * NR, transposed into rows flipped_tap[c * khw ..].
+  // Flipped: weight is the layer's whose grad_input this forward computes,
+  // laid out [group * Cg + c][Coutg][KH][KW] in this forward's terms, and
+  // this forward's tap (c, i, j) of output channel o is its element
+  // (c, o, KH - 1 - i, KW - 1 - j). Per input channel c a panel's NR output
+  // channels are one run of NR x khw, transposed with the taps reversed
+  // (flipped_tap).
   std::vector<int64_t> flipped_tap(flipped ? static_cast<size_t>(K) : 0);
   for (size_t t = 0; t < flipped_tap.size(); ++t)
     flipped_tap[t] = slice_tap[t / khw * khw + (khw - 1 - t % khw)];
@@ -377,7 +379,8 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
   T* wpacked = w_ws.get();  // phase ph, group g, panel u: wpos[ph] + (g * cpanels + u) * K * NR
   // Per panel and output channel, its NR input channels' filters transposed
   // into the columns, kernel position t into row row_of[t] of its phase.
-#pragma omp parallel for num_threads(detail::threads_for(G.G * cpanels, G.Cout * G.Kc)) schedule(static)
+  const int pack_threads = detail::threads_for(G.G * cpanels, G.Cout * G.Kc);
+#pragma omp parallel for num_threads(pack_threads) schedule(static)
   for (int64_t gu = 0; gu < G.G * cpanels; ++gu) {
     const int64_t g = gu / cpanels, c0 = (gu % cpanels) * NR, nc = std::min<int64_t>(NR, G.Cg - c0);
     std::vector<int64_t> row_of(static_cast<size_t>(khw));
@@ -544,7 +547,8 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
     {
       const int me = omp_get_thread_num();
       T* tile = tile_ws.get(me);
-      for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me)) {  // consecutive tasks share a panel
+      // consecutive tasks share a panel
+      for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me)) {
         const int64_t gu = t / ktiles, g = gu / panels, o0 = (gu % panels) * NR;
         const int64_t k0 = (t % ktiles) * MR;
         const int mr = static_cast<int>(std::min<int64_t>(MR, G.Kc - k0));
