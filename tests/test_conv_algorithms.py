@@ -865,18 +865,19 @@ def test_autotune_matches_reference(dtype, autotune_off_after):
     assert tuned_named.tobytes() == named.tobytes()
 
 
-def test_autotune_skips_candidates_that_run_out_of_memory(autotune_off_after):
+def test_autotune_skips_candidates_that_run_out_of_memory(autotune_off_after, two_threads):
     """Under a workspace limit the rules' plan (here the direct kernel) fits
-    and Winograd does not: the autotune skips what runs out of memory and
-    leaves the results of a candidate that ran to the end."""
+    and the other candidates do not: the autotune skips what runs out of
+    memory and leaves the results of a candidate that ran to the end."""
     from convcore import _core
     x, w, b = _plan_case_arrays((1, 8, 32, 32), (8, 8, 3, 3), np.float32)
     expect = convcore.conv2d(x, w, b, padding=1)
-    _core.set_workspace_limit(100 << 10)  # the direct kernel's frame fits, Winograd's band not
+    _core.set_workspace_limit(64 << 10)  # the direct kernel's frame fits, the others' buffers not
     try:
         assert convcore.conv2d(x, w, b, padding=1).tobytes() == expect.tobytes()
-        with pytest.raises(MemoryError):
-            convcore.conv2d(x, w, b, padding=1, algorithm="winograd")
+        for other in ("gemm", "winograd", "winograd4"):
+            with pytest.raises(MemoryError):
+                convcore.conv2d(x, w, b, padding=1, algorithm=other)
         convcore.set_autotune(True)
         _core.clear_conv_plan_cache()
         got = convcore.conv2d(x, w, b, padding=1)
