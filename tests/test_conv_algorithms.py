@@ -191,6 +191,42 @@ def test_winograd_at_batch_one_splits_panels(algorithm, cout):
         np.testing.assert_array_equal(other[1], runs[0][1])
 
 
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
+def test_winograd_fused_filter_transforms(algorithm):
+    """float32, one image with 4+ panels of output channels: each task
+    transforms its panel's filters chunk by chunk of input channels
+    (blocked_winograd.cpp's winograd_conv2d_fused). 300 input channels (3 and
+    6 chunks, a last one partly pad channels), 136 output channels (a
+    partial last panel), a ragged 29x30 image (225 tiles of F(2x2), 64 of
+    F(4x4): rows of 12, 13 and fewer), a bias; forward and grad_input (its
+    filters read flipped) against the reference, and the same bits at 1, 2
+    and 3 threads."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 300, 29, 30)).astype(np.float32)
+    w = (rng.standard_normal((136, 300, 3, 3)) / np.sqrt(300 * 9)).astype(np.float32)
+    b = rng.standard_normal(136).astype(np.float32)
+    tol = rtol(algorithm, np.float32)
+    expect = ref.conv2d_ref(x, w, b, padding=1)
+    gy = rng.standard_normal(expect.shape).astype(np.float32)
+    egx, _, _ = ref.conv2d_backward_ref(gy, x, w, padding=1)
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (2, 1, 3):
+            convcore.set_num_threads(threads)
+            y = convcore.conv2d(x, w, b, padding=1, algorithm=algorithm)
+            gx, _, _ = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm,
+                                                output_mask=(True, False, False))
+            runs.append((y, gx))
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(runs[0][0], expect, np.float32, tol, what=f"{algorithm} forward")
+    assert_close(runs[0][1], egx, np.float32, tol, what=f"{algorithm} grad_input")
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other[0], runs[0][0])
+        np.testing.assert_array_equal(other[1], runs[0][1])
+
+
 def test_winograd4_accuracy_float32():
     """Winograd F(4x4, 3x3) in float32 on a realistic layer (He-scaled
     weights, N(0, 1) data), relative to the output's scale: docs/benchmarks.md
@@ -280,7 +316,10 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     56x56 outputs, or 28x28 in a batch of 4+, its grad_weight by the direct
     kernel with fewer than 32 channels in or 64 out; F(2x2) down to 8x8, and
     on 7x7 in a batch of 16+, but not with few positions and more than 256 x
-    256 channels. float64 (winograd4_pays /
+    256 channels. One image with 4+ panels of output channels, whose tiles
+    fit one band (fused_winograd): F(4x4) from 28x28, F(2x2) from 7x7 with
+    any channels, their grad_weight by the direct kernel (F(2x2)'s with 512
+    channels and 512+ positions). float64 (winograd4_pays /
     winograd_pays): F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2)
     on smaller images (not 7x7) with a band of tiles per thread. Otherwise
     the direct kernel, or the GEMM path with fewer than 128 output
@@ -315,8 +354,13 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("winograd", *case(16, 512, 512, 7), grad_weight_by="direct")  # 7x7, batch 16
     auto_is("direct", *case(2, 512, 512, 14))       # 392 positions, 512 x 512 filters
     auto_is("gemm", *case(2, 512, 512, 7))          # 98 positions: no direct
-    auto_is("direct", *case(1, 512, 512, 7))        # but one 7x7 image of 512 channels takes it
-    auto_is("gemm", *case(1, 128, 128, 7))          # with less than 4 MB of weights, not
+    # one image, filters transformed as the tasks go: F(2x2) from 7x7, F(4x4) from 28x28
+    auto_is("winograd", *case(1, 512, 512, 7), grad_weight_by="direct")
+    auto_is("winograd", *case(1, 128, 128, 7), grad_weight_by="direct")
+    auto_is("winograd", *case(1, 512, 512, 14), grad_weight_by="direct")
+    auto_is("winograd4", *case(1, 128, 128, 28), grad_weight_by="direct")
+    auto_is("winograd4", *case(1, 512, 512, 28), grad_weight_by="winograd")
+    auto_is("gemm", *case(1, 64, 64, 7))            # 2 panels: not fused; less than 4 MB: no direct
     auto_is("gemm", *case(1, 512, 512, 5))          # 25 positions: no direct
     auto_is("direct", *case(4, 512, 512, 7))        # 196 positions: the direct kernel
     auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in

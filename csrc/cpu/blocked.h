@@ -134,6 +134,21 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u,
                      const Conv2dParams& p, const WinogradPlan& plan, const Epilogue& e,
                      const Image& out, float* scratch, int threads);
 
+// Winograd for one image whose tiles all fit one band, the filters read
+// raw (as pack_winograd reads them) and transformed inside the tasks: each
+// task computes one panel of NR output channels, transforming its filters
+// a chunk of input channels at a time into its own L2 and using them there.
+// The eager op at batch 1 transforms its filters on every call (the weights
+// change between steps), and the whole U (16/9 or 4x the weights: 17 MB for
+// 512 x 512 channels, F(2x2)) went out to memory and back. The image's input
+// transform is shared by the tasks. out.n must be 1.
+bool winograd_fused_applies(const WinogradWeights& w, const Image& out);
+// scratch floats for threads
+int64_t winograd_fused_floats(const WinogradWeights& w, const Image& out, int threads);
+void winograd_conv2d_fused(const Image& in, const WinogradWeights& w, const float* weight,
+                           const FilterAccess& f, const Conv2dParams& p, const Epilogue& e,
+                           const Image& out, float* scratch, int threads);
+
 // Depthwise convolution (one input and one output channel per group),
 // blocked in and out. weights: packed by pack_depthwise_weights.
 std::vector<float> pack_depthwise_weights(const float* weight, int64_t c, int64_t kh, int64_t kw);

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "blocked.h"
 #include "blocked_kernels.h"
@@ -184,22 +185,22 @@ CONVCORE_BLOCKED_DISPATCH(output_tiles, output_tiles_body,
 // transform's operations per filter, so that it vectorises (one filter at
 // a time the transform took about half of a 256-channel 3x3 layer's time at
 // batch 1: it runs on every call of the core's op).
-template <int M>
-CONVCORE_ALWAYS_INLINE void filter_transform(const double (*g)[NR], double (*u)[NR]) {
+template <int M, typename S>
+CONVCORE_ALWAYS_INLINE void filter_transform(const S (*g)[NR], S (*u)[NR]) {
   using WV = winograd::Variant<M>;
   constexpr int A = WV::kTile;
-  double cols[3][A][NR];
+  S cols[3][A][NR];
   for (int jc = 0; jc < 3; ++jc)
     for (int j = 0; j < NR; ++j) {
-      const double c[3] = {g[jc][j], g[3 + jc][j], g[6 + jc][j]};
-      double out[A];
+      const S c[3] = {g[jc][j], g[3 + jc][j], g[6 + jc][j]};
+      S out[A];
       WV::filter(c, out);
       for (int a = 0; a < A; ++a) cols[jc][a][j] = out[a];
     }
   for (int i = 0; i < A; ++i)
     for (int j = 0; j < NR; ++j) {
-      const double r[3] = {cols[0][i][j], cols[1][i][j], cols[2][i][j]};
-      double out[A];
+      const S r[3] = {cols[0][i][j], cols[1][i][j], cols[2][i][j]};
+      S out[A];
       WV::filter(r, out);
       for (int a = 0; a < A; ++a) u[i * A + a][j] = out[a];
     }
@@ -219,7 +220,7 @@ CONVCORE_ALWAYS_INLINE void transform_channel_m(const float* src, const FilterAc
   alignas(64) float run[NR];  // converted here, then copied: 15% faster for F(4x4)
   for (int64_t j = 0; j < NR; ++j)
     for (int k = 0; k < 9; ++k) g[k][j] = j < no ? src[j * f.out_stride + k * f.tap_step] : 0.0;
-  filter_transform<M>(g, t);
+  filter_transform<M, double>(g, t);
   for (int xi = 0; xi < points; ++xi) {
     for (int j = 0; j < NR; ++j) run[j] = static_cast<float>(t[xi][j]);
     std::memcpy(dst + xi * point_stride, run, sizeof(run));
@@ -241,6 +242,67 @@ CONVCORE_BLOCKED_DISPATCH(transform_channel, transform_channel_body,
                           (const float* src, const FilterAccess& f, int64_t no, int m,
                            int64_t point_stride, float* dst),
                           (src, f, no, m, point_stride, dst))
+
+// The same from the panel's filters of one input channel already gathered,
+// g[9][NR] floats (zeros past the real filters). F(2x2)'s G (halves) is
+// computed in float; F(4x4)'s thirds and fifteenths in double, as above.
+template <int M>
+CONVCORE_ALWAYS_INLINE void transform_gathered_m(const float* gf, int64_t point_stride,
+                                                 float* dst) {
+  constexpr int A = M + 2, points = A * A;
+  using S = std::conditional_t<M == 2, float, double>;
+  alignas(64) S t[points][NR];
+  alignas(64) float run[NR];
+  if constexpr (std::is_same_v<S, float>) {
+    filter_transform<M, S>(reinterpret_cast<const float(*)[NR]>(gf), t);
+  } else {
+    alignas(64) S g[9][NR];
+    for (int k = 0; k < 9; ++k)
+      for (int j = 0; j < NR; ++j) g[k][j] = gf[k * NR + j];
+    filter_transform<M, S>(g, t);
+  }
+  for (int xi = 0; xi < points; ++xi) {
+    for (int j = 0; j < NR; ++j) run[j] = static_cast<float>(t[xi][j]);
+    std::memcpy(dst + xi * point_stride, run, sizeof(run));
+  }
+}
+
+template <int B>
+CONVCORE_ALWAYS_INLINE void transform_gathered_body(const float* g, int m, int64_t point_stride,
+                                                    float* dst) {
+  if (m == 4)
+    transform_gathered_m<4>(g, point_stride, dst);
+  else
+    transform_gathered_m<2>(g, point_stride, dst);
+}
+
+CONVCORE_BLOCKED_DISPATCH(transform_gathered, transform_gathered_body,
+                          (const float* g, int m, int64_t point_stride, float* dst),
+                          (g, m, point_stride, dst))
+
+// g[(c - c0) * 9 + tap][j] = filter (o0 + j, c)'s tap for c in [c0, c1),
+// j < no, zero for j >= no: register transposes where the taps are
+// contiguous, forward (a filter's channels one after another) or flipped
+// (grad_input: filters one after another, taps backwards); one scalar at a
+// time otherwise.
+void gather_filters(const float* weight, const FilterAccess& f, int64_t o0, int64_t no,
+                    int64_t c0, int64_t c1, float* g) {
+  if (no < NR) std::fill(g, g + (c1 - c0) * 9 * NR, 0.0f);
+  const float* src = weight + o0 * f.out_stride;
+  if (f.tap_step == 1 && f.in_stride == 9) {
+    gemm::transpose_copy(src + c0 * 9, f.out_stride, no, (c1 - c0) * 9, g, NR);
+  } else if (f.tap_step == -1 && f.out_stride == 9) {
+    static const int64_t backwards[9] = {8, 7, 6, 5, 4, 3, 2, 1, 0};
+    for (int64_t c = c0; c < c1; ++c)
+      gemm::transpose_copy(src + c * f.in_stride - 8, 9, no, 9, g + (c - c0) * 9 * NR, NR,
+                           backwards);
+  } else {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t j = 0; j < no; ++j)
+        for (int k = 0; k < 9; ++k)
+          g[((c - c0) * 9 + k) * NR + j] = src[j * f.out_stride + c * f.in_stride + k * f.tap_step];
+  }
+}
 
 }  // namespace
 
@@ -358,6 +420,102 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
                    ob_hi - ob_lo, out.h, out.w, e.bias ? e.bias + ob_lo * B : nullptr,
                    res ? res + ob_lo * P * B : nullptr,
                    out.data + n * out.image_stride + ob_lo * P * B, e.act);
+    }
+  }
+}
+
+namespace {
+
+// One image in one band: at most this many tiles (32x32 outputs in F(2x2),
+// 64x64 in F(4x4)), and enough output panels for the threads to share.
+constexpr int64_t kFusedMostTiles = 256;
+constexpr int64_t kFusedFewestPanels = 4;
+// A task's transformed filters for one chunk of input channels.
+constexpr int64_t kFusedFilterBytes = int64_t(256) << 10;
+
+struct FusedSizes {
+  int64_t tiles = 0, tiles_w = 0, band = 0, kc = 0, point_stride = 0, v_floats = 0,
+          thread_floats = 0;
+};
+
+FusedSizes fused_sizes(const WinogradWeights& w, const Image& out) {
+  FusedSizes s;
+  const int64_t points = (w.m + 2) * (w.m + 2);
+  s.tiles_w = (out.w + w.m - 1) / w.m;
+  s.tiles = ((out.h + w.m - 1) / w.m) * s.tiles_w;
+  s.band = round_up(s.tiles, MR);  // M's rows: a short last tile may write up to MR rows
+  const int64_t kc = kFusedFilterBytes / (points * NR * int64_t(sizeof(float)));
+  s.kc = std::clamp<int64_t>(kc / w.lanes * w.lanes, w.lanes, w.cin_pad);
+  // a point's run of U one line past a multiple of 4 KB from the next: the
+  // transform writes every point's line in turn, and lines 4 KB apart share
+  // an L1 set (kc x NR floats is a multiple of 4 KB)
+  s.point_stride = s.kc * NR + 16;
+  s.v_floats = points * s.tiles * w.cin_pad;
+  // U's chunk, M, the chunk's filters gathered
+  s.thread_floats = points * s.point_stride + points * s.band * NR + s.kc * 9 * NR;
+  return s;
+}
+
+}  // namespace
+
+bool winograd_fused_applies(const WinogradWeights& w, const Image& out) {
+  return out.n == 1 && w.panels >= kFusedFewestPanels &&
+         fused_sizes(w, out).tiles <= kFusedMostTiles;
+}
+
+int64_t winograd_fused_floats(const WinogradWeights& w, const Image& out, int threads) {
+  const FusedSizes s = fused_sizes(w, out);
+  return s.v_floats + threads * s.thread_floats;
+}
+
+void winograd_conv2d_fused(const Image& in, const WinogradWeights& w, const float* weight,
+                           const FilterAccess& f, const Conv2dParams& p, const Epilogue& e,
+                           const Image& out, float* scratch, int threads) {
+  const FusedSizes s = fused_sizes(w, out);
+  const int64_t B = w.lanes, cblocks = w.cin_pad / B, oblocks = (w.cout + B - 1) / B;
+  const int64_t points = (w.m + 2) * (w.m + 2), tiles = s.tiles, P = out.h * out.w;
+  std::vector<int64_t> koff(static_cast<std::size_t>(s.kc));
+  for (int64_t k = 0; k < s.kc; ++k) koff[static_cast<std::size_t>(k)] = k;
+  float* v = scratch;  // V[xi][tile][c], shared
+  const int team = static_cast<int>(std::min<int64_t>(threads, w.panels));
+  detail::StealingRanges ranges(team, w.panels);
+#pragma omp parallel num_threads(team)
+  {
+    const int me = omp_get_thread_num();
+    const int64_t t0 = tiles * me / team, t1 = tiles * (me + 1) / team;
+    if (t1 > t0)
+      input_tiles(w.m, in.data, in.h, in.w, cblocks, s.tiles_w, p.pad_top, p.pad_left, t0, t1,
+                  tiles, w.cin_pad, v + t0 * w.cin_pad);
+#pragma omp barrier
+    float* ub = scratch + s.v_floats + me * s.thread_floats;  // U[xi][c - c0][NR], padded
+    float* mb = ub + points * s.point_stride;                   // M[xi][band][NR]
+    float* gb = mb + points * s.band * NR;                      // filters [c - c0][tap][NR]
+    const float* rows[kFusedMostTiles];
+    for (int64_t u = ranges.next(me); u >= 0; u = ranges.next(me)) {
+      const int64_t o0 = u * NR, no = std::min<int64_t>(NR, w.cout - o0);
+      for (int64_t c0 = 0; c0 < w.cin_pad; c0 += s.kc) {
+        const int64_t kc = std::min(s.kc, w.cin_pad - c0);
+        const int64_t c1 = std::min(c0 + kc, w.cin);  // past it: the pad channels' zeros
+        if (c1 > c0) gather_filters(weight, f, o0, no, c0, c1, gb);
+        if (c1 < c0 + kc) std::fill(gb + (std::max(c1, c0) - c0) * 9 * NR, gb + kc * 9 * NR, 0.0f);
+        for (int64_t c = c0; c < c0 + kc; ++c)
+          transform_gathered(gb + (c - c0) * 9 * NR, w.m, s.point_stride, ub + (c - c0) * NR);
+        for (int64_t xi = 0; xi < points; ++xi) {
+          const float* vx = v + xi * tiles * w.cin_pad + c0;
+          for (int64_t t = 0; t < tiles; ++t) rows[t] = vx + t * w.cin_pad;
+          float* mt = mb + xi * s.band * NR;
+          for (int64_t q = 0, mr; q < tiles; q += mr) {
+            mr = gemm::gather_tile_rows(tiles - q);
+            gemm::gather_kernel(kc, koff.data(), rows + q, ub + xi * s.point_stride, mt + q * NR,
+                                static_cast<int>(mr), c0 > 0, static_cast<int>(no));
+          }
+        }
+      }
+      const int64_t ob_lo = o0 / B, ob_hi = std::min(oblocks, (o0 + NR) / B);
+      output_tiles(w.m, mb, 1, s.band, 0, tiles, s.tiles_w, ob_hi - ob_lo, out.h, out.w,
+                   e.bias ? e.bias + ob_lo * B : nullptr,
+                   e.residual ? e.residual + ob_lo * P * B : nullptr,
+                   out.data + ob_lo * P * B, e.act);
     }
   }
 }

@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 
+#include "blocked.h"
 #include "conv_kernels.h"
 #include "conv_winograd.h"
 #include "convcore/errors.h"
@@ -138,15 +139,23 @@ bool winograd_pays(const ConvGeometry& G) {
 // saved: AlexNet's 256-384 channels at 13x13 are level (0.9-1.06x), 128
 // channels at 14x14 1.6x slower; on 7x7 (F(2x2) in a batch of 16+) the
 // direct kernel is 15% faster at 512 channels. F(2x2) asked for by name is
-// used for grad_weight too.
-bool winograd2_grad_weight_pays(const ConvGeometry& G) {
-  return !G.auto_algorithm || (G.C >= 512 && G.Cout >= 512 && G.Ho >= 8 && G.Wo >= 8);
+// used for grad_weight too. In float32, one image of fewer than 512
+// positions (which runs in F(2x2) since fused_winograd) keeps the direct
+// kernel's: 512 channels at 14x14, 5.5 ms against 7.4.
+bool winograd2_grad_weight_pays(const ConvGeometry& G, DType dtype) {
+  return !G.auto_algorithm ||
+         (G.C >= 512 && G.Cout >= 512 && G.Ho >= 8 && G.Wo >= 8 &&
+          (dtype != DType::Float32 || G.N * G.P >= 512));
 }
 // F(4x4)'s grad_weight under auto: with 64+ output channels; with fewer
 // (DenseNet's 128 -> 32, small layers) the direct kernel's was faster
-// (docs/training.md, tenth session).
-bool winograd4_grad_weight_pays(const ConvGeometry& G) {
-  return !G.auto_algorithm || (G.C >= 32 && G.Cout >= 64);
+// (docs/training.md, tenth session). In float32 at batch 1 below 56x56
+// (F(4x4) there since fused_winograd) the direct kernel's is faster: 128
+// channels at 28x28, 1.45 ms against 2.2; F(2x2)'s takes 512 channels there.
+bool winograd4_grad_weight_pays(const ConvGeometry& G, DType dtype) {
+  return !G.auto_algorithm ||
+         (G.C >= 32 && G.Cout >= 64 &&
+          (dtype != DType::Float32 || std::min(G.Ho, G.Wo) >= 56 || G.N >= 4));
 }
 bool winograd4_pays(const ConvGeometry& G) {
   return winograd_channels(G) && G.Ho >= 28 && G.Wo >= 28 &&
@@ -230,7 +239,8 @@ bool grad_weight_by_chunks_applies(const ConvGeometry& G) {
 // With 16 to 31 channels in or out (GoogLeNet's reductions, small nets'
 // layers) it still pays, forward and grad_input, where the batch holds 512
 // output positions or more; not on an 8x8 image at batch 1 (docs/training.md,
-// tenth session).
+// tenth session). One image with 4+ panels of output channels takes the
+// fused transforms' rules instead (fused_winograd, below).
 bool blocked_winograd(const ConvGeometry& G, DType dtype) {
   if (dtype != DType::Float32 || !rows_contiguous(G) || G.xs_c != G.H * G.W ||
       !winograd_shape(G))
@@ -238,9 +248,21 @@ bool blocked_winograd(const ConvGeometry& G, DType dtype) {
   if (G.C >= 32 && G.Cout >= 32) return true;
   return G.C >= 16 && G.Cout >= 16 && G.N * G.P >= 512;
 }
+// One image whose filters the tasks transform as they go (blocked.h's
+// winograd_fused_applies): no U goes out to memory, so F(2x2) pays down to
+// 7x7 with any number of channels, and F(4x4) from 28x28 (batch 1, 2
+// threads, Zen 4: 512 x 512 at 7x7 1.2 ms against 1.45 direct; 128 x 128 at
+// 28x28 0.46 ms in F(4x4) against 0.64 in F(2x2); docs/training.md).
+bool fused_winograd(const ConvGeometry& G, int m) {
+  return blocked::winograd_fused_applies(
+      blocked::winograd_layout(G.Cout, G.C, m),
+      blocked::Image{nullptr, G.N, G.Cout, G.Ho, G.Wo, 0, true});
+}
 ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
   const int64_t side = std::min(G.Ho, G.Wo);
-  if (side >= 56 || (side >= 28 && G.N >= 4)) return ConvAlgorithm::Winograd4x4;
+  if (side >= 56 || (side >= 28 && (G.N >= 4 || fused_winograd(G, 4))))
+    return ConvAlgorithm::Winograd4x4;
+  if (side >= 7 && fused_winograd(G, 2)) return ConvAlgorithm::Winograd;
   const bool filters_weigh = G.N * G.P < 512 && G.C * G.Cout > 256 * 256;
   if ((side >= 8 || (side >= 7 && G.N >= 16)) && !filters_weigh) return ConvAlgorithm::Winograd;
   return ConvAlgorithm::Auto;  // not Winograd
@@ -365,9 +387,11 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
       (G.p.algorithm == ConvAlgorithm::Grouped &&
        (!G.auto_algorithm || G.Cg <= kGroupedGradWeightMostChannels)))
     return GradWeightPath::Planes;
-  if (G.p.algorithm == ConvAlgorithm::Winograd4x4 && winograd4_grad_weight_pays(G))
+  if (G.p.algorithm == ConvAlgorithm::Winograd4x4 && winograd4_grad_weight_pays(G, dtype))
     return GradWeightPath::Winograd4;
-  if (G.p.algorithm == ConvAlgorithm::Winograd && winograd2_grad_weight_pays(G))
+  if ((G.p.algorithm == ConvAlgorithm::Winograd ||
+       (G.p.algorithm == ConvAlgorithm::Winograd4x4 && G.auto_algorithm)) &&
+      winograd2_grad_weight_pays(G, dtype))
     return GradWeightPath::Winograd2;
   // The direct kernel unless the GEMM path was asked for by name (or the
   // layer is 1x1, whose GEMM lowering is at most a strided copy): against the GEMM paths,

@@ -108,9 +108,13 @@ bool winograd_conv_blocked(const WinogradConv<float>& a, const float* bias, floa
       std::clamp<int64_t>(kChunkBytes / (4 * (in_floats + out_floats)), 1, a.N);
   detail::Workspace<float> in_ws(1, chunk * in_floats), out_ws(1, chunk * out_floats);
   const blocked::WinogradWeights layout = blocked::winograd_layout(a.Cout, a.C, M);
-  detail::Workspace<float> u_ws(1, blocked::winograd_floats(layout));
-  blocked::pack_winograd(a.w, blocked::FilterAccess{a.w_so, a.w_sc, a.w_sk}, layout, u_ws.get(),
-                         threads);
+  const blocked::FilterAccess access{a.w_so, a.w_sc, a.w_sk};
+  // One image whose tiles fit a band: the tasks transform the filters they
+  // use (blocked.h); otherwise U is transformed here, in parallel.
+  const bool fused = blocked::winograd_fused_applies(
+      layout, blocked::Image{nullptr, a.N, a.Cout, a.Ho, a.Wo, out_floats, true});
+  detail::Workspace<float> u_ws(1, fused ? 0 : blocked::winograd_floats(layout));
+  if (!fused) blocked::pack_winograd(a.w, access, layout, u_ws.get(), threads);
   blocked::Epilogue e;
   const int64_t bias_floats = blocked::round_up(a.Cout, layout.lanes);
   detail::Workspace<float> bias_ws(1, bias ? bias_floats : 0);
@@ -130,9 +134,15 @@ bool winograd_conv_blocked(const WinogradConv<float>& a, const float* bias, floa
     const blocked::Image in{in_ws.get(), nn, a.C, a.H, a.W, in_floats, true};
     const blocked::Image outb{out_ws.get(), nn, a.Cout, a.Ho, a.Wo, out_floats, true};
     blocked::to_blocked(plain, in, threads);
-    const blocked::WinogradPlan plan = blocked::plan_winograd(layout, in, outb, threads, true);
-    if (!scratch) scratch.emplace(threads, plan.v_floats + plan.m_floats);  // the chunk's band
-    blocked::winograd_conv2d(in, layout, u_ws.get(), p, plan, e, outb, scratch->get(), threads);
+    if (fused) {
+      scratch.emplace(1, blocked::winograd_fused_floats(layout, outb, threads));
+      blocked::winograd_conv2d_fused(in, layout, a.w, access, p, e, outb, scratch->get(),
+                                     threads);
+    } else {
+      const blocked::WinogradPlan plan = blocked::plan_winograd(layout, in, outb, threads, true);
+      if (!scratch) scratch.emplace(threads, plan.v_floats + plan.m_floats);  // the chunk's band
+      blocked::winograd_conv2d(in, layout, u_ws.get(), p, plan, e, outb, scratch->get(), threads);
+    }
     const int64_t out_image = a.Cout * a.Ho * a.Wo;
     blocked::to_plain(outb, blocked::Image{out + n0 * out_image, nn, a.Cout, a.Ho, a.Wo,
                                            out_image, false},
