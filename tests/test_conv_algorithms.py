@@ -191,18 +191,19 @@ def test_winograd_at_batch_one_splits_panels(algorithm, cout):
         np.testing.assert_array_equal(other[1], runs[0][1])
 
 
+@pytest.mark.parametrize("n, h, w", [(1, 17, 18), (3, 13, 11)])
 @pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
-def test_winograd_fused_filter_transforms(algorithm):
-    """float32, one image with 4+ panels of output channels: each task
-    transforms its panel's filters chunk by chunk of input channels
-    (blocked_winograd.cpp's winograd_conv2d_fused). 300 input channels (3 and
-    6 chunks, a last one partly pad channels), 136 output channels (a
-    partial last panel), a ragged 29x30 image (225 tiles of F(2x2), 64 of
-    F(4x4): rows of 12, 13 and fewer), a bias; forward and grad_input (its
-    filters read flipped) against the reference, and the same bits at 1, 2
-    and 3 threads."""
+def test_winograd_fused_filter_transforms(algorithm, n, h, w):
+    """float32, a batch whose tiles fit one band, 4+ panels of output
+    channels: each task transforms its panel's filters chunk by chunk of
+    input channels (blocked_winograd.cpp's winograd_conv2d_fused). 300 input
+    channels (3 and 6 chunks, a last one partly pad channels), 136 output
+    channels (a partial last panel), ragged images (one 17x18: 81 tiles of
+    F(2x2), 25 of F(4x4); three 13x11: rows of several images in one tile of
+    the kernel), a bias; forward and grad_input (its filters read flipped)
+    against the reference, and the same bits at 1, 2 and 3 threads."""
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((1, 300, 29, 30)).astype(np.float32)
+    x = rng.standard_normal((n, 300, h, w)).astype(np.float32)
     w = (rng.standard_normal((136, 300, 3, 3)) / np.sqrt(300 * 9)).astype(np.float32)
     b = rng.standard_normal(136).astype(np.float32)
     tol = rtol(algorithm, np.float32)
@@ -316,8 +317,8 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     56x56 outputs, or 28x28 in a batch of 4+, its grad_weight by the direct
     kernel with fewer than 32 channels in or 64 out; F(2x2) down to 8x8, and
     on 7x7 in a batch of 16+, but not with few positions and more than 256 x
-    256 channels. One image with 4+ panels of output channels, whose tiles
-    fit one band (fused_winograd): F(4x4) from 28x28, F(2x2) from 7x7 with
+    256 channels. A batch whose tiles fit one band (256), with 4+ panels of
+    output channels (fused_winograd): F(4x4) from 28x28, F(2x2) from 7x7 with
     any channels, their grad_weight by the direct kernel (F(2x2)'s with 512
     channels and 512+ positions). float64 (winograd4_pays /
     winograd_pays): F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2)
@@ -349,20 +350,25 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     # float32, contiguous: the blocked Winograd's rules
     auto_is("winograd4", *case(1, 64, 64, 56))      # 56x56 at batch 1
     auto_is("winograd4", *case(4, 32, 64, 28))      # 28x28 in a batch of 4
-    auto_is("winograd", *case(2, 256, 256, 28), grad_weight_by="direct")  # 28x28, batch 2
     auto_is("winograd", *case(1, 128, 96, 14), grad_weight_by="direct")
-    auto_is("winograd", *case(16, 512, 512, 7), grad_weight_by="direct")  # 7x7, batch 16
-    auto_is("direct", *case(2, 512, 512, 14))       # 392 positions, 512 x 512 filters
-    auto_is("gemm", *case(2, 512, 512, 7))          # 98 positions: no direct
-    # one image, filters transformed as the tasks go: F(2x2) from 7x7, F(4x4) from 28x28
+    auto_is("winograd", *case(2, 128, 96, 28), grad_weight_by="direct")  # 28x28, batch 2
+    # the batch's tiles in one band, 4+ output panels: filters transformed as
+    # the tasks go, F(2x2) from 7x7, F(4x4) from 28x28
     auto_is("winograd", *case(1, 512, 512, 7), grad_weight_by="direct")
     auto_is("winograd", *case(1, 128, 128, 7), grad_weight_by="direct")
+    auto_is("winograd", *case(2, 512, 512, 7), grad_weight_by="direct")
+    auto_is("winograd", *case(16, 512, 512, 7), grad_weight_by="direct")  # 256 tiles
     auto_is("winograd", *case(1, 512, 512, 14), grad_weight_by="direct")
+    auto_is("winograd", *case(2, 512, 512, 14), grad_weight_by="direct")
     auto_is("winograd4", *case(1, 128, 128, 28), grad_weight_by="direct")
+    auto_is("winograd4", *case(2, 256, 256, 28), grad_weight_by="direct")
     auto_is("winograd4", *case(1, 512, 512, 28), grad_weight_by="winograd")
-    auto_is("gemm", *case(1, 64, 64, 7))            # 2 panels: not fused; less than 4 MB: no direct
+    # no Winograd (images under 7x7, or 3 panels on 7x7): the direct and GEMM rules
+    auto_is("direct", *case(4, 512, 512, 6))        # 144 positions: the direct kernel
+    auto_is("gemm", *case(2, 512, 512, 6))          # 72 positions: no direct
     auto_is("gemm", *case(1, 512, 512, 5))          # 25 positions: no direct
-    auto_is("direct", *case(4, 512, 512, 7))        # 196 positions: the direct kernel
+    auto_is("direct", *case(1, 1280, 96, 7))        # one 7x7 image, 4+ MB of weights
+    auto_is("gemm", *case(1, 64, 64, 7))            # less than 4 MB of weights: not
     auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in
     auto_is("winograd4", *case(4, 128, 32, 28), grad_weight_by="direct")  # 32 out
     auto_is("direct", *case(1, 16, 32, 14))         # 16 channels, 196 positions: too few

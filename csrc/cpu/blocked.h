@@ -134,14 +134,14 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u,
                      const Conv2dParams& p, const WinogradPlan& plan, const Epilogue& e,
                      const Image& out, float* scratch, int threads);
 
-// Winograd for one image whose tiles all fit one band, the filters read
+// Winograd for a batch whose tiles all fit one band, the filters read
 // raw (as pack_winograd reads them) and transformed inside the tasks: each
 // task computes one panel of NR output channels, transforming its filters
 // a chunk of input channels at a time into its own L2 and using them there.
-// The eager op at batch 1 transforms its filters on every call (the weights
+// The eager op transforms its filters on every call (the weights
 // change between steps), and the whole U (16/9 or 4x the weights: 17 MB for
-// 512 x 512 channels, F(2x2)) went out to memory and back. The image's input
-// transform is shared by the tasks. out.n must be 1.
+// 512 x 512 channels, F(2x2)) went out to memory and back. The input
+// transform is shared by the tasks.
 bool winograd_fused_applies(const WinogradWeights& w, const Image& out);
 // scratch floats for threads
 int64_t winograd_fused_floats(const WinogradWeights& w, const Image& out, int threads);

@@ -139,7 +139,7 @@ bool winograd_pays(const ConvGeometry& G) {
 // saved: AlexNet's 256-384 channels at 13x13 are level (0.9-1.06x), 128
 // channels at 14x14 1.6x slower; on 7x7 (F(2x2) in a batch of 16+) the
 // direct kernel is 15% faster at 512 channels. F(2x2) asked for by name is
-// used for grad_weight too. In float32, one image of fewer than 512
+// used for grad_weight too. In float32, a batch of fewer than 512
 // positions (which runs in F(2x2) since fused_winograd) keeps the direct
 // kernel's: 512 channels at 14x14, 5.5 ms against 7.4.
 bool winograd2_grad_weight_pays(const ConvGeometry& G, DType dtype) {
@@ -239,8 +239,9 @@ bool grad_weight_by_chunks_applies(const ConvGeometry& G) {
 // With 16 to 31 channels in or out (GoogLeNet's reductions, small nets'
 // layers) it still pays, forward and grad_input, where the batch holds 512
 // output positions or more; not on an 8x8 image at batch 1 (docs/training.md,
-// tenth session). One image with 4+ panels of output channels takes the
-// fused transforms' rules instead (fused_winograd, below).
+// tenth session). A batch whose tiles fit one band, with 4+ panels of
+// output channels, takes the fused transforms' rules instead
+// (fused_winograd, below).
 bool blocked_winograd(const ConvGeometry& G, DType dtype) {
   if (dtype != DType::Float32 || !rows_contiguous(G) || G.xs_c != G.H * G.W ||
       !winograd_shape(G))
@@ -248,11 +249,12 @@ bool blocked_winograd(const ConvGeometry& G, DType dtype) {
   if (G.C >= 32 && G.Cout >= 32) return true;
   return G.C >= 16 && G.Cout >= 16 && G.N * G.P >= 512;
 }
-// One image whose filters the tasks transform as they go (blocked.h's
-// winograd_fused_applies): no U goes out to memory, so F(2x2) pays down to
-// 7x7 with any number of channels, and F(4x4) from 28x28 (batch 1, 2
-// threads, Zen 4: 512 x 512 at 7x7 1.2 ms against 1.45 direct; 128 x 128 at
-// 28x28 0.46 ms in F(4x4) against 0.64 in F(2x2); docs/training.md).
+// A batch whose tiles fit one band, the filters transformed by the tasks as
+// they go (blocked.h's winograd_fused_applies): no U goes out to memory, so
+// F(2x2) pays down to 7x7 with any number of channels, and F(4x4) from 28x28
+// (2 threads, Zen 4: 512 x 512 at 7x7, batch 1, 1.2 ms against 1.45 direct,
+// batch 4 3.4 against 5.0; 128 x 128 at 28x28, batch 1, 0.46 ms in F(4x4)
+// against 0.64 in F(2x2); docs/training.md).
 bool fused_winograd(const ConvGeometry& G, int m) {
   return blocked::winograd_fused_applies(
       blocked::winograd_layout(G.Cout, G.C, m),

@@ -109,7 +109,7 @@ bool winograd_conv_blocked(const WinogradConv<float>& a, const float* bias, floa
   detail::Workspace<float> in_ws(1, chunk * in_floats), out_ws(1, chunk * out_floats);
   const blocked::WinogradWeights layout = blocked::winograd_layout(a.Cout, a.C, M);
   const blocked::FilterAccess access{a.w_so, a.w_sc, a.w_sk};
-  // One image whose tiles fit a band: the tasks transform the filters they
+  // A batch whose tiles fit one band: the tasks transform the filters they
   // use (blocked.h); otherwise U is transformed here, in parallel.
   const bool fused = blocked::winograd_fused_applies(
       layout, blocked::Image{nullptr, a.N, a.Cout, a.Ho, a.Wo, out_floats, true});
