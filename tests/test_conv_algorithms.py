@@ -157,18 +157,10 @@ def test_winograd_many_channels(algorithm, dtype):
     assert_close(gw, egw, dtype, tol, what=f"{algorithm} grad_weight")
 
 
-@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
-@pytest.mark.parametrize("cout", [32, 64, 200])
-def test_winograd_at_batch_one_splits_panels(algorithm, cout):
-    """float32 at batch 1, few bands of tiles: each band's output panels
-    split among tasks (plan_winograd's panel groups; none with one panel),
-    a partial last panel at 200 channels, with a bias. Forward and
-    grad_input (the same path with the roles swapped) against the
-    reference, and the same bits at 1, 2 and 3 threads."""
-    rng = np.random.default_rng(cout)
-    x = rng.standard_normal((1, 48, 14, 13)).astype(np.float32)
-    w = (rng.standard_normal((cout, 48, 3, 3)) / np.sqrt(48 * 9)).astype(np.float32)
-    b = rng.standard_normal(cout).astype(np.float32)
+def check_forward_and_grad_input_across_threads(algorithm, x, w, b, rng):
+    """Forward and grad_input (the same path with the roles swapped) of a
+    float32 layer against the reference, and the same bits at 1, 2 and 3
+    threads."""
     tol = rtol(algorithm, np.float32)
     expect = ref.conv2d_ref(x, w, b, padding=1)
     gy = rng.standard_normal(expect.shape).astype(np.float32)
@@ -191,41 +183,35 @@ def test_winograd_at_batch_one_splits_panels(algorithm, cout):
         np.testing.assert_array_equal(other[1], runs[0][1])
 
 
-@pytest.mark.parametrize("n, h, w", [(1, 17, 18), (3, 13, 11)])
 @pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
-def test_winograd_fused_filter_transforms(algorithm, n, h, w):
+@pytest.mark.parametrize("cout", [32, 64, 200])
+def test_winograd_at_batch_one_splits_panels(algorithm, cout):
+    """float32 at batch 1, few bands of tiles: each band's output panels
+    split among tasks (plan_winograd's panel groups; none with one panel;
+    at 200 channels the fused path below), a partial last panel at 200
+    channels, with a bias."""
+    rng = np.random.default_rng(cout)
+    x = rng.standard_normal((1, 48, 14, 13)).astype(np.float32)
+    w = (rng.standard_normal((cout, 48, 3, 3)) / np.sqrt(48 * 9)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    check_forward_and_grad_input_across_threads(algorithm, x, w, b, rng)
+
+
+@pytest.mark.parametrize("n, height, width", [(1, 17, 18), (3, 13, 11)])
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
+def test_winograd_fused_filter_transforms(algorithm, n, height, width):
     """float32, a batch whose tiles fit one band, 4+ panels of output
     channels: each task transforms its panel's filters chunk by chunk of
     input channels (blocked_winograd.cpp's winograd_conv2d_fused). 300 input
     channels (3 and 6 chunks, a last one partly pad channels), 136 output
     channels (a partial last panel), ragged images (one 17x18: 81 tiles of
     F(2x2), 25 of F(4x4); three 13x11: rows of several images in one tile of
-    the kernel), a bias; forward and grad_input (its filters read flipped)
-    against the reference, and the same bits at 1, 2 and 3 threads."""
+    the kernel), a bias; grad_input reads the filters flipped."""
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((n, 300, h, w)).astype(np.float32)
+    x = rng.standard_normal((n, 300, height, width)).astype(np.float32)
     w = (rng.standard_normal((136, 300, 3, 3)) / np.sqrt(300 * 9)).astype(np.float32)
     b = rng.standard_normal(136).astype(np.float32)
-    tol = rtol(algorithm, np.float32)
-    expect = ref.conv2d_ref(x, w, b, padding=1)
-    gy = rng.standard_normal(expect.shape).astype(np.float32)
-    egx, _, _ = ref.conv2d_backward_ref(gy, x, w, padding=1)
-    before = convcore.get_num_threads()
-    runs = []
-    try:
-        for threads in (2, 1, 3):
-            convcore.set_num_threads(threads)
-            y = convcore.conv2d(x, w, b, padding=1, algorithm=algorithm)
-            gx, _, _ = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm,
-                                                output_mask=(True, False, False))
-            runs.append((y, gx))
-    finally:
-        convcore.set_num_threads(before)
-    assert_close(runs[0][0], expect, np.float32, tol, what=f"{algorithm} forward")
-    assert_close(runs[0][1], egx, np.float32, tol, what=f"{algorithm} grad_input")
-    for other in runs[1:]:
-        np.testing.assert_array_equal(other[0], runs[0][0])
-        np.testing.assert_array_equal(other[1], runs[0][1])
+    check_forward_and_grad_input_across_threads(algorithm, x, w, b, rng)
 
 
 def test_winograd4_accuracy_float32():
