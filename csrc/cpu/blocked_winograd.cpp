@@ -452,9 +452,9 @@ FusedSizes fused_sizes(const WinogradWeights& w, const Image& out) {
   s.band = round_up(s.rows, MR);  // M's rows: a short last tile may write up to MR rows
   const int64_t kc = kFusedFilterBytes / (points * NR * int64_t(sizeof(float)));
   s.kc = std::clamp<int64_t>(kc / w.lanes * w.lanes, w.lanes, w.cin_pad);
-  // a point's run of U one line past a multiple of 4 KB from the next: the
-  // transform writes every point's line in turn, and lines 4 KB apart share
-  // an L1 set (kc x NR floats is a multiple of 4 KB)
+  // a point's run of U one line past kc x NR floats from the next (16 KB for
+  // the usual kc): the transform writes every point's line in turn, and
+  // lines a multiple of 4 KB apart share an L1 set
   s.point_stride = s.kc * NR + 16;
   s.v_floats = points * s.rows * w.cin_pad;
   // U's chunk, M, the chunk's filters gathered

@@ -149,9 +149,10 @@ bool winograd2_grad_weight_pays(const ConvGeometry& G, DType dtype) {
 }
 // F(4x4)'s grad_weight under auto: with 64+ output channels; with fewer
 // (DenseNet's 128 -> 32, small layers) the direct kernel's was faster
-// (docs/training.md, tenth session). In float32 at batch 1 below 56x56
-// (F(4x4) there since fused_winograd) the direct kernel's is faster: 128
-// channels at 28x28, 1.45 ms against 2.2; F(2x2)'s takes 512 channels there.
+// (docs/training.md, tenth session). In float32 below 56x56 in a batch of
+// fewer than 4 (F(4x4) there since fused_winograd) the direct kernel's is
+// faster: 128 channels at 28x28, batch 1, 1.45 ms against 2.2; F(2x2)'s
+// takes 512 channels there.
 bool winograd4_grad_weight_pays(const ConvGeometry& G, DType dtype) {
   return !G.auto_algorithm ||
          (G.C >= 32 && G.Cout >= 64 &&
