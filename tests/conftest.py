@@ -55,6 +55,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{key:<45s} {errs[key]:.3e}")
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_restored():
+    """Each test leaves convcore's thread count as it found it: the
+    benchmarks' runs set it (bench --zoo --threads 1 in test_bench_zoo.py
+    left every later test on one thread)."""
+    import convcore
+    before = convcore.get_num_threads()
+    yield
+    if convcore.get_num_threads() != before:
+        convcore.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_core_thread():
     """Finite differences make thousands of tiny calls; one core thread keeps
