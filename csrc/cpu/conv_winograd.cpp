@@ -135,7 +135,8 @@ bool winograd_conv_blocked(const WinogradConv<float>& a, const float* bias, floa
     const blocked::Image outb{out_ws.get(), nn, a.Cout, a.Ho, a.Wo, out_floats, true};
     blocked::to_blocked(plain, in, threads);
     if (fused) {
-      scratch.emplace(1, blocked::winograd_fused_floats(layout, outb, threads));
+      if (!scratch)  // the first chunk's, the largest
+        scratch.emplace(1, blocked::winograd_fused_floats(layout, outb, threads));
       blocked::winograd_conv2d_fused(in, layout, a.w, access, p, e, outb, scratch->get(),
                                      threads);
     } else {
