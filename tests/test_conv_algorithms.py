@@ -704,6 +704,40 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     np.testing.assert_array_equal(convcore.conv2d(xv, w, b, algorithm="pointwise"), runs[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,weight,kw,algorithm", [
+    # pointwise, images side by side: 7 panels (the last partial) x 5 row units
+    ((3, 219, 9, 9), (50, 219, 1, 1), {}, "pointwise"),
+    # pointwise image by image (400 positions): 2 panels x 2 row units
+    ((2, 40, 20, 20), (13, 40, 1, 1), {}, "pointwise"),
+    # im2col, grouped: shares that cross group ends
+    ((2, 30, 11, 9), (42, 10, 3, 3), dict(stride=2, padding=1, groups=3), "gemm"),
+    ((1, 7, 16, 16), (70, 7, 5, 5), dict(padding=2), "gemm"),
+])
+def test_grad_weight_gemm_shares(dtype, shape, weight, kw, algorithm):
+    """grad_weight on the GEMM paths deals its cells (group, panel, unit of
+    output channels) out to the threads in even runs: a run may start and
+    end inside a panel or a group. Against the reference, and bit-identical
+    at 1, 2, 3 and 5 threads (each element's sum in the same order)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal(weight).astype(dtype)
+    gy = rng.standard_normal(convcore.conv2d(x, w, **kw).shape).astype(dtype)
+    gws = []
+    before = convcore.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 5):
+            convcore.set_num_threads(threads)
+            gws.append(convcore.conv2d_backward(gy, x, w, algorithm=algorithm,
+                                                output_mask=(False, True, False), **kw)[1])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(gws[0], ref.conv2d_backward_ref(gy, x, w, **kw)[1], dtype,
+                 what=f"{algorithm} grad_weight")
+    for other in gws[1:]:
+        np.testing.assert_array_equal(other, gws[0])
+
+
 @pytest.mark.parametrize("shape,kernel,kw,view", [
     ((3, 20, 14, 14), (5, 5), dict(padding=2), None),                   # part-filled last block
     ((2, 37, 7, 7), (7, 7), dict(padding=3), None),                     # every column an edge

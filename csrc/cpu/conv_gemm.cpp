@@ -689,43 +689,63 @@ void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeome
   }
 }
 
-// How grad_weight_gemm splits its work: blocks of (output channels, kernel
-// rows), enough for the threads.
+// How grad_weight_gemm splits its work (grad_weight_share, below).
 template <typename T>
 GradWeightGemmSplit grad_weight_gemm_split(const ConvGeometry& G) {
-  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
-  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
-  const int64_t panels = (G.Kc + NR - 1) / NR;
-  const int64_t nblocks = std::min<int64_t>(panels, std::max<int64_t>(1, (want + G.G - 1) / G.G));
-  const int64_t cols = ((panels + nblocks - 1) / nblocks) * NR;
-  const int64_t ncolblocks = (G.Kc + cols - 1) / cols;
-  int64_t mblocks = 1;
-  if (G.G * ncolblocks < want)
-    mblocks = std::min((want + G.G * ncolblocks - 1) / (G.G * ncolblocks), (G.Coutg + MR - 1) / MR);
-  const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
-  mblocks = (G.Coutg + mrows - 1) / mrows;
   GradWeightGemmSplit split;
-  split.cols = cols, split.ncolblocks = ncolblocks, split.mrows = mrows, split.mblocks = mblocks;
   split.images_side_by_side = pointwise_images_side_by_side(G);
   return split;
 }
 
+namespace {
+// Thread `me` of `threads`' share of grad_weight (groups of rows x cols):
+// the cells (group, panel of NR columns, unit of MR rows), in that order,
+// dealt out in even runs; fn(g, m0, nm, r0, ncols) for each block of the
+// run, rows [m0, m0 + nm) by columns [r0, r0 + ncols) of group g: whole
+// panels, and the part of a panel at either end. Blocks of whole panels,
+// twice as many as the threads in a dynamic schedule, left 2 threads 4 / 7
+// and 3 / 7 of 448 columns (blocks of 128, 128, 128 and 64), and 7 panels
+// do not split evenly by panels at all (docs/training.md). Each element's
+// sum runs in the same order whatever the share, so the result does not
+// depend on the thread count.
+template <int NR, int MR, typename Fn>
+void grad_weight_share(int64_t groups, int64_t rows, int64_t cols, int me, int threads, Fn&& fn) {
+  const int64_t panels = (cols + NR - 1) / NR, units = (rows + MR - 1) / MR;
+  const int64_t per_group = panels * units, total = groups * per_group;
+  const int64_t end = total * (me + 1) / threads;
+  for (int64_t c = total * me / threads; c < end;) {
+    const int64_t g = c / per_group, p = c % per_group / units, u = c % units;
+    const int64_t left = std::min(end, (g + 1) * per_group) - c;
+    if (u == 0 && left >= units) {  // whole panels
+      const int64_t np = left / units;
+      fn(g, int64_t(0), rows, p * NR, std::min(cols, (p + np) * NR) - p * NR);
+      c += np * units;
+    } else {  // rows [u, u1) of panel p
+      const int64_t u1 = std::min(units, u + left);
+      fn(g, u * MR, std::min(rows, u1 * MR) - u * MR, p * NR,
+         std::min(cols, (p + 1) * NR) - p * NR);
+      c += u1 - u;
+    }
+  }
+}
+}  // namespace
+
 // grad_weight of a pointwise layer whose images go side by side: gw (Cout x
 // C) = sum over chunks of the positions of all images, laid side by side,
-// of gy (Cout x chunk) * x^T (chunk x C); the tasks as grad_weight_gemm's.
+// of gy (Cout x chunk) * x^T (chunk x C); the threads' shares as
+// grad_weight_gemm's.
 // Positions of small planes then fill the GEMM's blocks of KC (a 7x7 plane:
 // 49 of 256), and one parallel region serves a chunk of several images.
 template <typename T>
 void grad_weight_pointwise_images(const T* gy, const TensorView& input, const ConvGeometry& G,
-                                  const GradWeightGemmSplit& split, T* gw) {
+                                  T* gw) {
+  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
   const int64_t columns = G.N * G.P, chunk = std::min(kGradWeightChunk, columns);
-  const int64_t cols = split.cols, ncolblocks = split.ncolblocks;
-  const int64_t mrows = split.mrows, mblocks = split.mblocks;
-  const int64_t tasks = ncolblocks * mblocks;
   const T* x = input.ptr<const T>();
   detail::Workspace<T> a_ws(1, gemm::packed_a_size<T>(G.Cout, chunk));
   T* a_packed = a_ws.get();
-  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  const int64_t cells = ((G.Kc + NR - 1) / NR) * ((G.Cout + MR - 1) / MR);
+  const int threads = detail::threads_for(cells, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
   for (int64_t c0 = 0; c0 < columns; c0 += chunk) {
     const int64_t nk = std::min(chunk, columns - c0);
@@ -736,15 +756,13 @@ void grad_weight_pointwise_images(const T* gy, const TensorView& input, const Co
       for (int64_t u = 0; u < units; ++u)
         pack_a_images_part(G.Cout, gy, G.P, c0, nk, a_packed, u, u + 1);
       T* bbuf = ws.get(omp_get_thread_num());
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t mb = t % mblocks, r0 = (t / mblocks) * cols;
-        const int64_t ncols = std::min(cols, G.Kc - r0);
-        const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Cout - m0);
-        gemm::gemm_packed(nm, ncols, nk, a_packed, G.Cout, m0,
-                          ImagesTransposedPackB<T>{x, G.xs_n, G.xs_c, G.P, c0, r0},
-                          gw + m0 * G.Kc + r0, G.Kc, c0 > 0, bbuf);
-      }
+      grad_weight_share<NR, MR>(
+          1, G.Cout, G.Kc, omp_get_thread_num(), omp_get_num_threads(),
+          [&](int64_t, int64_t m0, int64_t nm, int64_t r0, int64_t ncols) {
+            gemm::gemm_packed(nm, ncols, nk, a_packed, G.Cout, m0,
+                              ImagesTransposedPackB<T>{x, G.xs_n, G.xs_c, G.P, c0, r0},
+                              gw + m0 * G.Kc + r0, G.Kc, c0 > 0, bbuf);
+          });
     }
   }
 }
@@ -752,22 +770,21 @@ void grad_weight_pointwise_images(const T* gy, const TensorView& input, const Co
 template <typename T>
 void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,
                       const GradWeightGemmSplit& split, T* gw) {
-  if (split.images_side_by_side) return grad_weight_pointwise_images(gy, input, G, split, gw);
+  if (split.images_side_by_side) return grad_weight_pointwise_images(gy, input, G, gw);
   // grad_weight[g] (Coutg x Kc) = sum over images n and chunks of positions
   // of gy[n, g] (Coutg x positions) * im2col(x[n, g])^T (positions x Kc).
-  // Each chunk of gy is packed once (shared), then tasks over blocks of
-  // (output channels, kernel rows) accumulate into disjoint parts of
-  // grad_weight, every sum in a fixed order whatever the thread count.
+  // Each chunk of gy is packed once (shared), then each thread's share of
+  // the blocks of (output channels, kernel rows) accumulates into its part
+  // of grad_weight, every sum in a fixed order whatever the thread count.
+  constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
   const int64_t chunk = kGradWeightChunk;
-  const int64_t cols = split.cols, ncolblocks = split.ncolblocks;
-  const int64_t mrows = split.mrows, mblocks = split.mblocks;
-  const int64_t tasks = G.G * ncolblocks * mblocks;
+  const int64_t cells = G.G * ((G.Kc + NR - 1) / NR) * ((G.Coutg + MR - 1) / MR);
   const T* x = input.ptr<const T>();
   const bool pointwise = is_pointwise(G);
   const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, std::min(chunk, G.P));
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();
-  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  const int threads = detail::threads_for(cells, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
   for (int64_t n = 0; n < G.N; ++n) {
     for (int64_t q0 = 0; q0 < G.P; q0 += chunk) {
@@ -782,23 +799,20 @@ void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& 
                             int64_t(1), a_packed + g * a_size, u % units, u % units + 1);
         }
         T* bbuf = ws.get(omp_get_thread_num());
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < tasks; ++t) {
-          const int64_t mb = t % mblocks, rest = t / mblocks;
-          const int64_t g = rest / ncolblocks, r0 = (rest % ncolblocks) * cols;
-          const int64_t ncols = std::min(cols, G.Kc - r0);
-          const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Coutg - m0);
-          T* c = gw + (g * G.Coutg + m0) * G.Kc + r0;
-          const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
-          const bool acc = n > 0 || q0 > 0;
-          if (pointwise)  // B(q, c) = x[c, q]
-            gemm::gemm_packed(nm, ncols, nq, a_packed + g * a_size, G.Coutg, m0,
-                              gemm::StridedPackB<T>{xg + q0 + r0 * G.xs_c, 1, G.xs_c}, c, G.Kc,
-                              acc, bbuf);
-          else
-            gemm::gemm_packed(nm, ncols, nq, a_packed + g * a_size, G.Coutg, m0,
-                              Im2colTransposedPackB<T>{xg, &G, r0, q0}, c, G.Kc, acc, bbuf);
-        }
+        grad_weight_share<NR, MR>(
+            G.G, G.Coutg, G.Kc, omp_get_thread_num(), omp_get_num_threads(),
+            [&](int64_t g, int64_t m0, int64_t nm, int64_t r0, int64_t ncols) {
+              T* c = gw + (g * G.Coutg + m0) * G.Kc + r0;
+              const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
+              const bool acc = n > 0 || q0 > 0;
+              if (pointwise)  // B(q, c) = x[c, q]
+                gemm::gemm_packed(nm, ncols, nq, a_packed + g * a_size, G.Coutg, m0,
+                                  gemm::StridedPackB<T>{xg + q0 + r0 * G.xs_c, 1, G.xs_c}, c,
+                                  G.Kc, acc, bbuf);
+              else
+                gemm::gemm_packed(nm, ncols, nq, a_packed + g * a_size, G.Coutg, m0,
+                                  Im2colTransposedPackB<T>{xg, &G, r0, q0}, c, G.Kc, acc, bbuf);
+            });
       }
     }
   }

@@ -74,8 +74,7 @@ struct GradInputPointwiseSplit {  // grad_input_pointwise: tiles of positions
 struct GradInputDirectSplit {  // grad_input_direct_strided: image chunks, position blocks
   int64_t chunk = 0, pblock = 0, pblocks = 0;
 };
-struct GradWeightGemmSplit {  // grad_weight_gemm: kernel-row blocks x output-channel blocks
-  int64_t cols = 0, ncolblocks = 0, mrows = 0, mblocks = 0;
+struct GradWeightGemmSplit {  // grad_weight_gemm (its threads' shares: grad_weight_share)
   bool images_side_by_side = false;  // positions of all images in chunks, as ForwardGemmSplit's
 };
 struct GradWeightByTapsSplit {  // grad_weight_by_taps: blocks of input channels
