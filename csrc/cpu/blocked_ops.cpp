@@ -819,15 +819,26 @@ void avg_pool2d(const Image& in, const Pool2dParams& p, const Image& out, int th
 
 void copy_channels(const Image& x, const Image& out, int64_t channel0, int threads) {
   const int64_t B = block(), hw = x.h * x.w, xb = blocks_of(x, B);
-  // tasks write disjoint lanes (of shared cache lines at worst)
-  detail::parallel_for(threads, x.n * xb, [&](int64_t t) {
-    const int64_t n = t / xb, b = t % xb, lanes = std::min(B, x.c - b * B);
+  // Tasks: (image, block of x, range of positions), at least 4 per thread;
+  // they write disjoint lanes (of shared cache lines at worst).
+  const int64_t parts = std::clamp<int64_t>((4 * threads + x.n * xb - 1) / (x.n * xb), 1, hw);
+  detail::parallel_for(threads, x.n * xb * parts, [&](int64_t t) {
+    const int64_t n = t / (xb * parts), b = t / parts % xb, part = t % parts;
+    const int64_t lanes = std::min(B, x.c - b * B);
+    const int64_t q0 = hw * part / parts, q1 = hw * (part + 1) / parts;
     const float* src = x.data + n * x.image_stride + b * hw * B;
     float* image = out.data + n * out.image_stride;
-    for (int64_t l = 0; l < lanes; ++l) {
-      const int64_t oc = channel0 + b * B + l;
-      float* dst = image + (oc / B) * hw * B + oc % B;
-      for (int64_t q = 0; q < hw; ++q) dst[q * B] = src[q * B + l];
+    // The block's lanes go to at most two blocks of out, position by
+    // position: lanes [0, first) from lane `shift` of one, the rest from
+    // lane 0 of the next (lane by lane, every position's line was written
+    // once per lane).
+    const int64_t oc0 = channel0 + b * B, shift = oc0 % B, first = std::min(lanes, B - shift);
+    float* d0 = image + (oc0 / B) * hw * B + shift;
+    float* d1 = lanes > first ? image + (oc0 / B + 1) * hw * B : nullptr;
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* s = src + q * B;
+      std::copy(s, s + first, d0 + q * B);
+      if (d1) std::copy(s + first, s + lanes, d1 + q * B);
     }
   });
 }
