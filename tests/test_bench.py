@@ -174,3 +174,32 @@ def test_importing_the_package_never_imports_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=convcore_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_interleaved_medians_take_one_sample_per_block_in_alternating_rounds(monkeypatch):
+    """Each round gives every library one block (a warm-up of at least
+    `warmup` seconds, then one timed sample), in the reverse order of the
+    round before; max_repeat caps a slow peer's samples; each result is the
+    median of its library's samples. Timed on a fake clock that each call
+    advances by its library's cost (c's second sample is slow: one spoiled
+    sample, which the median of three leaves out)."""
+    import types
+
+    from convcore.bench import timing
+    clock = [0.0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    order = []
+
+    def make(name, cost):
+        def fn():
+            order.append(name)
+            slow = name == "c" and order.count("c") == 4  # c's sample in round 2
+            clock[0] += 0.5 if slow else cost
+        return fn
+
+    fns = {"a": make("a", 0.2), "b": make("b", 0.3), "c": make("c", 0.25)}
+    medians = timing.interleaved_medians(fns, 3, max_repeat={"b": 1}, warmup=0.1)
+    # blocks of two calls (the warm-up, then the sample): a b c, c a (b has
+    # its one sample), a c
+    assert "".join(order) == "aabbcc" + "ccaa" + "aacc"
+    assert medians == pytest.approx({"a": 0.2, "b": 0.3, "c": 0.25})

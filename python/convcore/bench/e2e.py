@@ -36,8 +36,9 @@ come after its inference rows (the steps move the weights, which the
 compiled engine and the ONNX session hold as they were).
 
 Timings are medians of `repeat` runs, the libraries taking turns in blocks
-(bench/timing.py's interleaved_medians: each library's warm-up, then its
-runs, then the next; the second round in the reverse order). Ratios: compiled/ORT and
+(bench/timing.py's interleaved_medians: in each round each library's
+warm-up, then one timed run, then the next library's; each round in the
+reverse order of the one before). Ratios: compiled/ORT and
 compiled/PyTorch are the compiled engine's images/s over the peer's, ratio
 (the eager/torch column) convcore eager's over PyTorch's; above 1: convcore
 is faster. Check: every library's eval output y against convcore eager's

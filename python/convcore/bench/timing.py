@@ -23,33 +23,40 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int,
     """Median seconds per call of each fn over `repeat` samples (max_repeat
     caps the samples of slow peers, e.g. numpy's im2col).
 
-    The libraries take turns in blocks: a warm-up, then the timed samples,
-    then the next library, and the whole round is done twice with the order
-    reversed, so slow drift of the machine hits all alike. Alternating run by
-    run was unfair: PyTorch, ONNX Runtime and convcore each bring a thread
-    pool whose threads keep spinning after a call, and the other library's
-    next call shared the cores with them (a 0.15 ms call measured 7 ms). So
-    a block's warm-up lasts at least `warmup` seconds (the previous pool's
-    threads go to sleep meanwhile), and a sample of a fast call is the mean
-    of as many calls as last `sample` seconds."""
+    The libraries take turns in rounds, one block each per round and the
+    order reversed from one round to the next, so slow drift of the machine
+    hits all alike: a block is a warm-up, then one timed sample. Alternating
+    run by run was unfair: PyTorch, ONNX Runtime and convcore each bring a
+    thread pool whose threads keep spinning after a call, and the other
+    library's next call shared the cores with them (a 0.15 ms call measured
+    7 ms). So a block's warm-up lasts at least `warmup` seconds (the
+    previous pool's threads go to sleep meanwhile). A sample of a fast call
+    is the mean of as many calls as last `sample` seconds. One sample per
+    block (until 2026-12-05, two rounds of several samples each): the
+    machines have spells of seconds in which both cores slow down, and one
+    spell that fell on a block then spoiled that library's samples of the
+    round, half of the median's."""
     samples = {name: [] for name in fns}
     caps = max_repeat or {}
     names = list(fns)
-    for order in (names, names[::-1]):
-        for name in order:
-            runs = (min(repeat, caps.get(name, repeat)) + 1) // 2
+    wanted = {name: max(1, min(repeat, caps.get(name, repeat))) for name in names}
+    calls: Dict[str, int] = {}
+    for turn in range(max(wanted.values(), default=0)):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            if len(samples[name]) >= wanted[name]:
+                continue
             fn = fns[name]
             t0 = time.perf_counter()
             fn()  # warm-up: caches, this library's thread pool
             one = time.perf_counter() - t0
             while time.perf_counter() - t0 < warmup:
                 fn()
-            calls = max(1, int(math.ceil(sample / max(one, 1e-9)))) if one < sample else 1
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) / calls)
+            if name not in calls:
+                calls[name] = max(1, int(math.ceil(sample / max(one, 1e-9)))) if one < sample else 1
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls[name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
