@@ -40,7 +40,6 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int,
     caps = max_repeat or {}
     names = list(fns)
     wanted = {name: max(1, min(repeat, caps.get(name, repeat))) for name in names}
-    calls: Dict[str, int] = {}
     for turn in range(max(wanted.values(), default=0)):
         for name in names if turn % 2 == 0 else names[::-1]:
             if len(samples[name]) >= wanted[name]:
@@ -51,12 +50,11 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int,
             one = time.perf_counter() - t0
             while time.perf_counter() - t0 < warmup:
                 fn()
-            if name not in calls:
-                calls[name] = max(1, int(math.ceil(sample / max(one, 1e-9)))) if one < sample else 1
+            calls = max(1, int(math.ceil(sample / max(one, 1e-9)))) if one < sample else 1
             t0 = time.perf_counter()
-            for _ in range(calls[name]):
+            for _ in range(calls):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / calls[name])
+            samples[name].append((time.perf_counter() - t0) / calls)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
