@@ -710,9 +710,12 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     ((3, 219, 9, 9), (50, 219, 1, 1), {}, "pointwise"),
     # pointwise image by image (400 positions): 2 panels x 2 row units
     ((2, 40, 20, 20), (13, 40, 1, 1), {}, "pointwise"),
-    # im2col, grouped: shares that cross group ends
-    ((2, 30, 11, 9), (42, 10, 3, 3), dict(stride=2, padding=1, groups=3), "gemm"),
-    ((1, 7, 16, 16), (70, 7, 5, 5), dict(padding=2), "gemm"),
+    # im2col (grad_weight over 256 KB, not the by-taps or by-chunks paths),
+    # grouped: 15 panels (the last partial) x 5 units per group, shares
+    # that cross group ends
+    ((2, 150, 9, 7), (150, 50, 3, 3), dict(stride=2, padding=1, groups=3), "gemm"),
+    # 100 output channels (past by-taps' 96): 23 panels x 9 units
+    ((1, 80, 10, 10), (100, 80, 3, 3), dict(padding=1), "gemm"),
 ])
 def test_grad_weight_gemm_shares(dtype, shape, weight, kw, algorithm):
     """grad_weight on the GEMM paths deals its cells (group, panel, unit of

@@ -708,10 +708,16 @@ namespace {
 // do not split evenly by panels at all (docs/training.md). Each element's
 // sum runs in the same order whatever the share, so the result does not
 // depend on the thread count.
+// How many cells grad_weight_share deals out.
+template <int NR, int MR>
+int64_t grad_weight_cells(int64_t groups, int64_t rows, int64_t cols) {
+  return groups * ((cols + NR - 1) / NR) * ((rows + MR - 1) / MR);
+}
+
 template <int NR, int MR, typename Fn>
 void grad_weight_share(int64_t groups, int64_t rows, int64_t cols, int me, int threads, Fn&& fn) {
-  const int64_t panels = (cols + NR - 1) / NR, units = (rows + MR - 1) / MR;
-  const int64_t per_group = panels * units, total = groups * per_group;
+  const int64_t units = (rows + MR - 1) / MR, per_group = grad_weight_cells<NR, MR>(1, rows, cols);
+  const int64_t total = groups * per_group;
   const int64_t end = total * (me + 1) / threads;
   for (int64_t c = total * me / threads; c < end;) {
     const int64_t g = c / per_group, p = c % per_group / units, u = c % units;
@@ -744,8 +750,8 @@ void grad_weight_pointwise_images(const T* gy, const TensorView& input, const Co
   const T* x = input.ptr<const T>();
   detail::Workspace<T> a_ws(1, gemm::packed_a_size<T>(G.Cout, chunk));
   T* a_packed = a_ws.get();
-  const int64_t cells = ((G.Kc + NR - 1) / NR) * ((G.Cout + MR - 1) / MR);
-  const int threads = detail::threads_for(cells, G.N * G.Cout * G.P * G.Kc);
+  const int threads = detail::threads_for(grad_weight_cells<NR, MR>(1, G.Cout, G.Kc),
+                                          G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
   for (int64_t c0 = 0; c0 < columns; c0 += chunk) {
     const int64_t nk = std::min(chunk, columns - c0);
@@ -778,13 +784,13 @@ void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& 
   // of grad_weight, every sum in a fixed order whatever the thread count.
   constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
   const int64_t chunk = kGradWeightChunk;
-  const int64_t cells = G.G * ((G.Kc + NR - 1) / NR) * ((G.Coutg + MR - 1) / MR);
   const T* x = input.ptr<const T>();
   const bool pointwise = is_pointwise(G);
   const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, std::min(chunk, G.P));
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();
-  const int threads = detail::threads_for(cells, G.N * G.Cout * G.P * G.Kc);
+  const int threads = detail::threads_for(grad_weight_cells<NR, MR>(G.G, G.Coutg, G.Kc),
+                                          G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
   for (int64_t n = 0; n < G.N; ++n) {
     for (int64_t q0 = 0; q0 < G.P; q0 += chunk) {
