@@ -85,6 +85,7 @@ ConvWeights pack_conv_weights(const float* weight, int64_t cout, int64_t cin, in
 struct ConvPlan {
   int64_t hp = 0, wp = 0;     // the frame the output windows read
   bool copy_frame = false;    // false: the input itself is the frame
+  bool subsample = false;     // the frame: the positions a strided 1x1 reads
   int64_t chunk = 1;          // images padded at once
   int64_t frame_floats = 0;   // scratch of the frame (chunk images)
   int64_t tile_floats = 0;    // scratch of the tiles, per thread

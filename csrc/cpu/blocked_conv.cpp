@@ -30,6 +30,7 @@ constexpr int MR = gemm::Tile<float>::MR, NR = gemm::Tile<float>::NR;
 // Tiles of a block of positions that take every panel and slice of taps
 // while the block's input rows stay in cache (conv_direct.cpp's kDirectBlockTiles).
 constexpr int64_t kBlockTiles = 8;
+constexpr int64_t kBlockRows = kBlockTiles * (MR + 1);
 // Taps per slice of a panel (whole channels or channel blocks): the slice's
 // rows of the panel stay in L1 while every tile of the block uses them.
 constexpr int64_t kSliceTaps = 256;
@@ -268,9 +269,37 @@ gemm::Ahead ahead_part(const float* w, int64_t floats, int64_t part, int64_t par
   return {reinterpret_cast<const char*>(w) + lo * 64, hi - lo};
 }
 
-// The most taps gather_store takes: one slice, whose rows of the panel stay
-// in L1 (32 KB at 256 taps; AVX2 machines may have an L1 of 32 KB).
-int64_t fused_taps(int64_t lanes) { return lanes == 16 ? kSliceTaps : kSliceTaps / 2; }
+// Whether gather_store takes all the taps of a panel at once (no slices of
+// kSliceTaps). With AVX-512 and a blocked input a tile is one block of rows
+// that reads each row of the panel once, and each input position's taps
+// are whole lines, so the panel streams from L2 as well as a slice's rows
+// come from L1, and the tile skips the round trip through memory between
+// slices. A plain input's taps are one float of a line each: those lines
+// must stay in L1 across the tiles of a slice. With AVX2 a tile is four
+// blocks of rows that each read the panel: its rows must stay in L1 (16 KB
+// at 128 taps; AVX2 machines may have an L1 of 32 KB).
+bool taps_at_once(const ConvWeights& w, int64_t slice) {
+  if (w.lanes == 16 && w.blocked_input) return w.taps <= 4 * kSliceTaps;
+  return w.taps <= std::min(slice, w.lanes == 16 ? kSliceTaps : kSliceTaps / 2);
+}
+
+// Splits the positions [qb, qe) into tiles, tile t being [q0[t], q0[t + 1]);
+// returns their count. With AVX-512, into tiles of MR and MR + 1 rows where
+// that covers them (gemm::gather_tile_rows: 26 accumulators fit), so no
+// short tile runs below the kernel's speed (196 positions: 4 tiles of 13
+// and 12 of 12, not 16 of 12 and one of 4); else tiles of MR rows and the
+// rest.
+int64_t split_tiles(int64_t qb, int64_t qe, int64_t lanes, int64_t* q0) {
+  const int64_t n = qe - qb, even = (n + MR) / (MR + 1);
+  int64_t t = 0;
+  if (lanes == 16 && even * MR <= n) {
+    for (; t < even; ++t) q0[t] = qb + n * t / even;
+  } else {
+    for (int64_t q = qb; q < qe; q += gemm::gather_tile_rows(qe - q)) q0[t++] = q;
+  }
+  q0[t] = qe;
+  return t;
+}
 
 int64_t input_channels(const ConvWeights& w) {
   return w.blocked_input ? round_up(w.cin, w.lanes) : w.cin;
@@ -351,6 +380,14 @@ ConvPlan plan_conv(const ConvWeights& w, const Conv2dParams& p, const Image& in,
   plan.hp = (out.h - 1) * p.stride_h + (w.kh - 1) * p.dilation_h + 1;
   plan.wp = (out.w - 1) * p.stride_w + (w.kw - 1) * p.dilation_w + 1;
   plan.copy_frame = p.pad_top || p.pad_bottom || p.pad_left || p.pad_right;
+  // A strided 1x1 convolution of a blocked input reads one position in
+  // stride_h x stride_w: those are copied into a frame of the output's size,
+  // so that a tile's positions are one block apart (gather_sums_even), where
+  // they were two or more blocks apart with jumps at row ends, one pointer
+  // per position.
+  plan.subsample = !plan.copy_frame && w.kh == 1 && w.kw == 1 && w.blocked_input &&
+                   (p.stride_h > 1 || p.stride_w > 1);
+  if (plan.subsample) plan.copy_frame = true, plan.hp = out.h, plan.wp = out.w;
   // the frame's plane: a padded copy, or the input itself
   const int64_t hf = plan.copy_frame ? plan.hp : in.h, wf = plan.copy_frame ? plan.wp : in.w;
   const int64_t lanes = w.blocked_input ? w.lanes : 1;
@@ -362,7 +399,7 @@ ConvPlan plan_conv(const ConvWeights& w, const Conv2dParams& p, const Image& in,
   } else {
     plan.chunk = in.n;
   }
-  plan.tile_floats = kBlockTiles * MR * NR;
+  plan.tile_floats = kBlockTiles * (MR + 1) * NR;
   // the input's channel (block) planes: the frame's, or the input's own
   const int64_t plane = hf * wf * lanes;
   plan.koff.resize(static_cast<std::size_t>(w.taps));
@@ -388,15 +425,31 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
   const int64_t frame_image = plan.copy_frame ? cin_eff * hf * wf : in.image_stride;
   const int64_t khw = w.kh * w.kw, unit = khw * lanes;  // taps per input channel (block)
   const int64_t slice = std::max<int64_t>(1, kSliceTaps / unit) * unit;
-  // every panel's taps in one slice
-  const bool fused = w.taps <= fused_taps(B) && w.taps <= slice;
+  const bool at_once = taps_at_once(w, slice);
   float* frame = scratch;
   float* tile_scratch = scratch + plan.frame_floats;
-  const int64_t sh = p.stride_h, sw = p.stride_w;
+  const int64_t sh = plan.subsample ? 1 : p.stride_h, sw = plan.subsample ? 1 : p.stride_w;
   for (int64_t n0 = 0; n0 < in.n; n0 += plan.chunk) {
     const int64_t nn = std::min(plan.chunk, in.n - n0);
     const float* base = in.data + n0 * in.image_stride;
-    if (plan.copy_frame) {
+    if (plan.subsample) {
+      // by rows of the frame, each task all the planes of its rows: the
+      // threads then mostly read the positions they copied
+      const int64_t planes = cin_eff / lanes;
+      detail::parallel_for(threads, nn * hf, [&](int64_t t) {
+        const int64_t n = t / hf, r = t % hf;
+        for (int64_t c = 0; c < planes; ++c) {
+          const float* src = base + n * in.image_stride + (c * in.h + r * p.stride_h) * in.w * lanes;
+          float* dst = frame + n * frame_image + (c * hf + r) * wf * lanes;
+          if (lanes == 16)
+            for (int64_t col = 0; col < wf; ++col)
+              std::memcpy(dst + col * 16, src + col * p.stride_w * 16, 16 * sizeof(float));
+          else
+            for (int64_t col = 0; col < wf; ++col)
+              std::memcpy(dst + col * 8, src + col * p.stride_w * 8, 8 * sizeof(float));
+        }
+      });
+    } else if (plan.copy_frame) {
       // zero-padded copies of the chunk's channel planes
       const int64_t planes = nn * (cin_eff / lanes);
       detail::parallel_for(threads, planes, [&](int64_t t) {
@@ -469,13 +522,17 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
       float* out_image = out.data + (n0 + n) * out.image_stride;
       const float* res_image =
           e.residual ? e.residual + (n0 + n) * e.residual_image_stride : nullptr;
-      for (int64_t qb = q_begin; qb < q_end; qb += kBlockTiles * MR) {
-        const int64_t qe = std::min(q_end, qb + kBlockTiles * MR);
-        // the block's tiles: [tile_q0[t], tile_q0[t + 1])
-        int64_t tile_q0[kBlockTiles + 1], ntiles = 0;
-        for (int64_t q0 = qb; q0 < qe; q0 += gemm::gather_tile_rows(qe - q0))
-          tile_q0[ntiles++] = q0;
-        tile_q0[ntiles] = qe;
+      // blocks of kBlockTiles tiles: with AVX-512 of up to MR + 1 rows, the
+      // blocks evened out (split_tiles); else of MR rows, the last one short
+      const int64_t n_task = q_end - q_begin;
+      const int64_t block_rows = B == 16 ? kBlockRows : kBlockTiles * MR;
+      const int64_t nblocks = (n_task + block_rows - 1) / block_rows;
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t qb = q_begin + (B == 16 ? n_task * bi / nblocks : bi * block_rows);
+        const int64_t qe =
+            B == 16 ? q_begin + n_task * (bi + 1) / nblocks : std::min(q_end, qb + block_rows);
+        int64_t tile_q0[kBlockTiles + 1];
+        const int64_t ntiles = split_tiles(qb, qe, B, tile_q0);
         for (int64_t q = qb, oh = qb / out.w, ow = qb % out.w; q < qe; ++q) {
           rows[q - qb] = xg + (oh * sh * wf + ow * sw) * lanes;
           if (++ow == out.w) ow = 0, ++oh;
@@ -498,7 +555,7 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
                         : w.panels.data() + w.panel_offset[static_cast<std::size_t>(after)];
           const int64_t after_floats =
               after < 0 ? 0 : w.panel_taps[static_cast<std::size_t>(after)] * NR;
-          if (fused) {
+          if (at_once) {
             for (int64_t t = 0; t < ntiles; ++t) {
               const int64_t q0 = tile_q0[t];
               gather_store(taps, koff, rows + (q0 - qb), b, static_cast<int>(tile_q0[t + 1] - q0),
@@ -531,7 +588,7 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
     };
     const int team = static_cast<int>(std::min<int64_t>(threads, tasks));
     if (team <= 1) {  // no OpenMP region for one thread (see detail::parallel_for)
-      const float* rows[kBlockTiles * MR];
+      const float* rows[kBlockRows];
       for (int64_t t = 0; t < tasks; ++t)
         run_task(t, t + 1 < tasks ? t + 1 : -1, tile_scratch, rows);
       continue;
@@ -544,7 +601,7 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
     {
       const int me = omp_get_thread_num();
       float* tiles = tile_scratch + me * plan.tile_floats;
-      const float* rows[kBlockTiles * MR];
+      const float* rows[kBlockRows];
       const int64_t own_end = tasks * (me + 1) / team;
       for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me))
         run_task(t, t + 1 < own_end ? t + 1 : -1, tiles, rows);
