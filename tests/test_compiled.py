@@ -451,13 +451,14 @@ def test_bad_inputs_get_clear_errors():
 
 def pointwise_chain():
     """1x1 convolutions with a residual add and ReLU fused into each: 24 input
-    channels (the kernel with the output stage in registers) and 300 (taps
-    past one slice: tiles through memory)."""
+    channels (the kernel with the output stage in registers), 300 (the same
+    with AVX-512, all taps at once; past one slice with AVX2: tiles through
+    memory) and 1100 (past one slice with every instruction set)."""
     return nn.Graph({"a": nn.Conv2d(24, 24, 1), "b": nn.Conv2d(24, 300, 1),
-                     "c": nn.Conv2d(300, 24, 1), "r1": nn.ReLU(), "r2": nn.ReLU(),
-                     "r3": nn.ReLU()},
+                     "c": nn.Conv2d(300, 1100, 1), "d": nn.Conv2d(1100, 24, 1),
+                     "r1": nn.ReLU(), "r2": nn.ReLU(), "r3": nn.ReLU(), "r4": nn.ReLU()},
                     ["p = a(x)", "s = add(p, x)", "t = r1(s)", "u = b(t)", "v = r2(u)",
-                     "w = c(v)", "z = add(w, t)", "y = r3(z)"])
+                     "w = c(v)", "w4 = r4(w)", "z = d(w4)", "z2 = add(z, t)", "y = r3(z2)"])
 
 
 def test_winograd_band_of_thirteen_tiles():
@@ -475,10 +476,12 @@ def test_winograd_band_of_thirteen_tiles():
     assert rel_diff(compiled(x[1:]), got[1:]) <= 1e-6
 
 
-@pytest.mark.parametrize("side", [5, 7, 13])
+@pytest.mark.parametrize("side", [5, 7, 11, 13, 14])
 def test_pointwise_tiles_of_one_row_more_than_the_kernel_block(side):
     # 25, 49 and 169 positions leave 13 for the last tile, which the AVX-512
-    # kernels run as one block of 13 rows: the same sums as blocks of 12 and 4
+    # kernels run as one block of 13 rows: the same sums as blocks of 12 and
+    # 4. With AVX-512, 121 and 196 positions (an image split in two) go as
+    # tiles of 12 and 13 rows throughout, none shorter.
     convcore.manual_seed(0)
     compiled, model, x = compiled_and_eager(pointwise_chain(), (24, side, side), batch=3)
     got = compiled(x)
@@ -486,7 +489,48 @@ def test_pointwise_tiles_of_one_row_more_than_the_kernel_block(side):
     for i in range(3):  # an image alone: tiles of one image, its 13 rows at the end
         assert rel_diff(compiled(x[i:i + 1]), got[i:i + 1]) <= 1e-6
     head, steps = plan_steps(compiled)
-    assert "b + ReLU" in steps and "c + add + ReLU" in steps, steps
+    assert "b + ReLU" in steps and "d + add + ReLU" in steps, steps
+
+
+@pytest.mark.parametrize("stride, side", [(2, 9), ((2, 3), 11), (3, 16)])
+def test_strided_pointwise_reads_a_subsampled_frame(stride, side):
+    # a strided 1x1 convolution of a blocked input runs on a copy of the
+    # positions it reads; the next convolution adds its output (a
+    # downsampling block) and is written over it
+    convcore.manual_seed(0)
+    model = nn.Graph({"a": nn.Conv2d(20, 40, 1), "r": nn.ReLU(),
+                      "down": nn.Conv2d(40, 72, 1, stride=stride),
+                      "main": nn.Conv2d(40, 72, 3, stride=stride, padding=1),
+                      "out": nn.ReLU()},
+                     ["q = a(x)", "p = r(q)", "d = down(p)", "m = main(p)", "s = add(m, d)",
+                      "y = out(s)"])
+    compiled, model, x = compiled_and_eager(model, (20, side, side + 2), batch=3)
+    got = compiled(x)
+    assert rel_diff(got, model(x)) <= 1e-5
+    for i in range(3):
+        assert rel_diff(compiled(x[i:i + 1]), got[i:i + 1]) <= 1e-6
+
+
+def test_convolution_writes_over_its_residual_only_where_nothing_reads_it_later():
+    # 1x1 convolutions (no padded frame: they read their input in place)
+    # with residual adds: c2 writes over b, which dies with it; c1 not over
+    # its own input p (other tiles still read the positions written), c3 not
+    # over b2, which a later add reads
+    convcore.manual_seed(0)
+    model = nn.Graph({"a": nn.Conv2d(20, 40, 1), "r": nn.ReLU(), "c1": nn.Conv2d(40, 40, 1),
+                      "cb": nn.Conv2d(40, 40, 1), "c2": nn.Conv2d(40, 40, 1),
+                      "cb2": nn.Conv2d(40, 40, 1), "c3": nn.Conv2d(40, 40, 1),
+                      "out": nn.ReLU()},
+                     ["q = a(x)", "p = r(q)", "u = c1(p)", "v = add(u, p)", "b = cb(v)",
+                      "w = c2(v)", "z = add(w, b)", "b2 = cb2(z)", "t = c3(z)",
+                      "s = add(t, b2)", "s2 = add(s, b2)", "y = out(s2)"])
+    compiled, model, x = compiled_and_eager(model, (20, 13, 11), batch=3)
+    got = compiled(x)
+    assert rel_diff(got, model(x)) <= 1e-5
+    for i in range(3):
+        assert rel_diff(compiled(x[i:i + 1]), got[i:i + 1]) <= 1e-6
+    head, steps = plan_steps(compiled, batch=3)
+    assert {"c1 + add", "c2 + add", "c3 + add"} <= set(steps), steps
 
 
 # --------------------------------------------------------------------------- instruction sets
@@ -508,7 +552,7 @@ for name, kw in [("mobilenet_v2", {}), ("resnet18", {}), ("densenet121", {}),
     e = m(x)
     out["errors"][name] = float(np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
 from test_compiled import pointwise_chain
-for side in (7, 13):  # last tiles of 13 rows (AVX-512's blocks of 12)
+for side in (7, 13, 14):  # tiles of 13 rows (AVX-512's blocks of 12)
     convcore.manual_seed(0)
     m = pointwise_chain().eval()
     x = np.random.default_rng(2).standard_normal((2, 24, side, side)).astype(np.float32)

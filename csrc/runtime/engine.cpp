@@ -85,16 +85,24 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
   // input of its shape that dies with it: each position is read before it
   // is written, and the lines it writes are the ones its thread just read
   // (a fresh buffer's lines may sit in the other core's cache, which makes
-  // every write several times slower), in a smaller arena.
+  // every write several times slower), in a smaller arena. So does a
+  // blocked convolution over the residual it adds, which dies with it: each
+  // output value reads its residual value just before it is written, so the
+  // lines written are ones just read, where a fresh buffer's are fetched for
+  // ownership besides the residual's. Not over its own input, which other
+  // tiles still read after a position is written.
   const int input_root = root(c.input_val);
   for (std::size_t i = 0; i < ns; ++i) {
     const Step& s = c.steps[i];
     const bool elementwise = s.kind == Kind::Add || s.kind == Kind::Mul ||
                              s.kind == Kind::Affine || s.kind == Kind::Act;
+    const bool conv_residual = s.kind == Kind::Conv && s.residual >= 0;
     const std::size_t o = static_cast<std::size_t>(s.out);
-    if (!elementwise || !c.vals[o].blocked || root(s.out) != s.out) continue;
-    for (int v : s.in) {
+    if (!(elementwise || conv_residual) || !c.vals[o].blocked || root(s.out) != s.out) continue;
+    const std::vector<int> over_candidates = elementwise ? s.in : std::vector<int>{s.residual};
+    for (int v : over_candidates) {
       const int r = root(v);
+      if (conv_residual && r == root(s.in[0])) continue;
       int u = v;  // v must reach r through outputs written over inputs only
       while (u != r && c.vals[static_cast<std::size_t>(u)].view < 0 &&
              c.vals[static_cast<std::size_t>(u)].alias < 0)
