@@ -533,6 +533,23 @@ def test_convolution_writes_over_its_residual_only_where_nothing_reads_it_later(
     assert {"c1 + add", "c2 + add", "c3 + add"} <= set(steps), steps
 
 
+@pytest.mark.parametrize("side, kernel, stride", [(7, 3, 1), (7, 5, 1), (13, 3, 2), (14, 5, 2),
+                                                  (9, 3, 1)])
+def test_depthwise_on_small_images_pads_a_frame_per_plane(side, kernel, stride):
+    # under 16 output columns a task copies its plane into a frame whose
+    # padding it zeroes (only the padding: the rows copied fill the rest)
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(24, 40, 1), nn.ReLU(),
+                          nn.Conv2d(40, 40, kernel, stride=stride, padding=kernel // 2, groups=40),
+                          nn.ReLU(), nn.Conv2d(40, 40, kernel, padding=kernel // 2, groups=40))
+    compiled, model, x = compiled_and_eager(model, (24, side, side), batch=3)
+    got = compiled(x)
+    assert rel_diff(got, model(x)) <= 1e-5
+    kinds = [[f for f in line.split("  ") if f.strip()][1].strip()
+             for line in compiled.plan(3).splitlines()[2:]]
+    assert kinds.count("depthwise") == 2, kinds
+
+
 # --------------------------------------------------------------------------- instruction sets
 
 ISA_SCRIPT = r"""
