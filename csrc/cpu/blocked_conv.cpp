@@ -283,22 +283,33 @@ bool taps_at_once(const ConvWeights& w, int64_t slice) {
   return w.taps <= std::min(slice, w.lanes == 16 ? kSliceTaps : kSliceTaps / 2);
 }
 
+// Whether any tile may have MR + 1 rows: with AVX-512 its 26 accumulators
+// fit the 32 registers (gemm::gather_tile_rows); with AVX2 a tile is blocks
+// of 6 rows, and a 13th would run alone.
+bool tiles_of_mr_plus_one(int64_t lanes) { return lanes == 16; }
+
 // Splits the positions [qb, qe) into tiles, tile t being [q0[t], q0[t + 1]);
-// returns their count. With AVX-512, into tiles of MR and MR + 1 rows where
-// that covers them (gemm::gather_tile_rows: 26 accumulators fit), so no
-// short tile runs below the kernel's speed (196 positions: 4 tiles of 13
-// and 12 of 12, not 16 of 12 and one of 4); else tiles of MR rows and the
-// rest.
+// returns their count. Into tiles of MR and MR + 1 rows where they may have
+// MR + 1 and that covers them, so no short tile runs below the kernel's
+// speed (196 positions: 4 tiles of 13 and 12 of 12, not 16 of 12 and one
+// of 4); else tiles of MR rows and the rest.
 int64_t split_tiles(int64_t qb, int64_t qe, int64_t lanes, int64_t* q0) {
   const int64_t n = qe - qb, even = (n + MR) / (MR + 1);
   int64_t t = 0;
-  if (lanes == 16 && even * MR <= n) {
+  if (tiles_of_mr_plus_one(lanes) && even * MR <= n) {
     for (; t < even; ++t) q0[t] = qb + n * t / even;
   } else {
     for (int64_t q = qb; q < qe; q += gemm::gather_tile_rows(qe - q)) q0[t++] = q;
   }
   q0[t] = qe;
   return t;
+}
+
+// dst's n positions of L floats: src's every stride-th (a compile-time
+// size, so each copy is a vector move, not a call).
+template <int L>
+void copy_positions(const float* src, int64_t stride, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * L, src + i * stride * L, L * sizeof(float));
 }
 
 int64_t input_channels(const ConvWeights& w) {
@@ -442,11 +453,9 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
           const float* src = base + n * in.image_stride + (c * in.h + r * p.stride_h) * in.w * lanes;
           float* dst = frame + n * frame_image + (c * hf + r) * wf * lanes;
           if (lanes == 16)
-            for (int64_t col = 0; col < wf; ++col)
-              std::memcpy(dst + col * 16, src + col * p.stride_w * 16, 16 * sizeof(float));
+            copy_positions<16>(src, p.stride_w, wf, dst);
           else
-            for (int64_t col = 0; col < wf; ++col)
-              std::memcpy(dst + col * 8, src + col * p.stride_w * 8, 8 * sizeof(float));
+            copy_positions<8>(src, p.stride_w, wf, dst);
         }
       });
     } else if (plan.copy_frame) {
@@ -454,22 +463,8 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
       const int64_t planes = nn * (cin_eff / lanes);
       detail::parallel_for(threads, planes, [&](int64_t t) {
         const int64_t n = t / (cin_eff / lanes), c = t % (cin_eff / lanes);
-        const float* src = base + n * in.image_stride + c * in.h * in.w * lanes;
-        float* dst = frame + n * frame_image + c * hf * wf * lanes;
-        for (int64_t r = 0; r < hf; ++r) {
-          const int64_t ih = r - p.pad_top;
-          float* drow = dst + r * wf * lanes;
-          if (ih < 0 || ih >= in.h) {
-            std::fill(drow, drow + wf * lanes, 0.0f);
-            continue;
-          }
-          const int64_t lo = std::clamp<int64_t>(p.pad_left, 0, wf);
-          const int64_t hi = std::clamp<int64_t>(p.pad_left + in.w, lo, wf);
-          std::fill(drow, drow + lo * lanes, 0.0f);
-          std::memcpy(drow + lo * lanes, src + (ih * in.w + lo - p.pad_left) * lanes,
-                      static_cast<std::size_t>((hi - lo) * lanes) * sizeof(float));
-          std::fill(drow + hi * lanes, drow + wf * lanes, 0.0f);
-        }
+        pad_plane(base + n * in.image_stride + c * in.h * in.w * lanes, in.h, in.w, p.pad_top,
+                  p.pad_left, hf, wf, lanes, frame + n * frame_image + c * hf * wf * lanes);
       });
     }
     const float* frames = plan.copy_frame ? frame : base;
@@ -522,15 +517,17 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
       float* out_image = out.data + (n0 + n) * out.image_stride;
       const float* res_image =
           e.residual ? e.residual + (n0 + n) * e.residual_image_stride : nullptr;
-      // blocks of kBlockTiles tiles: with AVX-512 of up to MR + 1 rows, the
-      // blocks evened out (split_tiles); else of MR rows, the last one short
+      // blocks of kBlockTiles tiles: of up to MR + 1 rows where tiles may
+      // have them, the blocks evened out (split_tiles); else of MR rows, the
+      // last one short
       const int64_t n_task = q_end - q_begin;
-      const int64_t block_rows = B == 16 ? kBlockRows : kBlockTiles * MR;
+      const bool even_blocks = tiles_of_mr_plus_one(B);
+      const int64_t block_rows = even_blocks ? kBlockRows : kBlockTiles * MR;
       const int64_t nblocks = (n_task + block_rows - 1) / block_rows;
       for (int64_t bi = 0; bi < nblocks; ++bi) {
-        const int64_t qb = q_begin + (B == 16 ? n_task * bi / nblocks : bi * block_rows);
-        const int64_t qe =
-            B == 16 ? q_begin + n_task * (bi + 1) / nblocks : std::min(q_end, qb + block_rows);
+        const int64_t qb = q_begin + (even_blocks ? n_task * bi / nblocks : bi * block_rows);
+        const int64_t qe = even_blocks ? q_begin + n_task * (bi + 1) / nblocks
+                                       : std::min(q_end, qb + block_rows);
         int64_t tile_q0[kBlockTiles + 1];
         const int64_t ntiles = split_tiles(qb, qe, B, tile_q0);
         for (int64_t q = qb, oh = qb / out.w, ow = qb % out.w; q < qe; ++q) {

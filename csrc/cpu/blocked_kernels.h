@@ -4,6 +4,9 @@
 // argument (16 lanes with AVX-512, 8 with AVX2 and the portable code).
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "activation_math.h"
@@ -104,6 +107,28 @@ CONVCORE_ALWAYS_INLINE V apply(V v) {
     case Act::Hardsigmoid: return act_math::activate<Activation::Hardsigmoid>(v);
   }
   return v;
+}
+
+// A channel plane (block) of h x w positions of `lanes` floats copied into
+// a frame of hf x wf positions at (top, left), zeros around it; rows and
+// columns past the frame are left out. The padded frames of the direct
+// convolution and of the depthwise one on small images.
+inline void pad_plane(const float* src, int64_t h, int64_t w, int64_t top, int64_t left,
+                      int64_t hf, int64_t wf, int64_t lanes, float* dst) {
+  const int64_t lo = std::clamp<int64_t>(left, 0, wf);
+  const int64_t hi = std::clamp<int64_t>(left + w, lo, wf);
+  for (int64_t r = 0; r < hf; ++r) {
+    const int64_t ih = r - top;
+    float* drow = dst + r * wf * lanes;
+    if (ih < 0 || ih >= h) {
+      std::fill(drow, drow + wf * lanes, 0.0f);
+      continue;
+    }
+    std::fill(drow, drow + lo * lanes, 0.0f);
+    std::memcpy(drow + lo * lanes, src + (ih * w + lo - left) * lanes,
+                static_cast<std::size_t>((hi - lo) * lanes) * sizeof(float));
+    std::fill(drow + hi * lanes, drow + wf * lanes, 0.0f);
+  }
 }
 
 // Calls FN<B, A>(ARGS...) for the run-time activation `act`, so each

@@ -491,16 +491,7 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
     const float* bias = e.bias ? e.bias + c * B : nullptr;
     if (framed) {
       alignas(64) float frame[kFrameFloats];
-      // zeros in the padding only (the rows copied fill the rest)
-      std::fill(frame, frame + p.pad_top * wp * B, 0.0f);
-      std::fill(frame + (p.pad_top + in.h) * wp * B, frame + hp * wp * B, 0.0f);
-      for (int64_t r = 0; r < in.h; ++r) {
-        float* row = frame + (r + p.pad_top) * wp * B;
-        std::fill(row, row + p.pad_left * B, 0.0f);
-        std::memcpy(row + p.pad_left * B, x + r * in.w * B,
-                    static_cast<std::size_t>(in.w * B) * sizeof(float));
-        std::fill(row + (p.pad_left + in.w) * B, row + wp * B, 0.0f);
-      }
+      pad_plane(x, in.h, in.w, p.pad_top, p.pad_left, hp, wp, B, frame);
       depthwise_rows(frame, hp, wp, w, kh, kw, unpadded, bias, oh0, oh1, out.w, y, e.act);
     } else {
       depthwise_rows(x, in.h, in.w, w, kh, kw, p, bias, oh0, oh1, out.w, y, e.act);

@@ -698,6 +698,12 @@ GradWeightGemmSplit grad_weight_gemm_split(const ConvGeometry& G) {
 }
 
 namespace {
+// How many cells grad_weight_share deals out.
+template <int NR, int MR>
+int64_t grad_weight_cells(int64_t groups, int64_t rows, int64_t cols) {
+  return groups * ((cols + NR - 1) / NR) * ((rows + MR - 1) / MR);
+}
+
 // Thread `me` of `threads`' share of grad_weight (groups of rows x cols):
 // the cells (group, panel of NR columns, unit of MR rows), in that order,
 // dealt out in even runs; fn(g, m0, nm, r0, ncols) for each block of the
@@ -708,12 +714,6 @@ namespace {
 // do not split evenly by panels at all (docs/training.md). Each element's
 // sum runs in the same order whatever the share, so the result does not
 // depend on the thread count.
-// How many cells grad_weight_share deals out.
-template <int NR, int MR>
-int64_t grad_weight_cells(int64_t groups, int64_t rows, int64_t cols) {
-  return groups * ((cols + NR - 1) / NR) * ((rows + MR - 1) / MR);
-}
-
 template <int NR, int MR, typename Fn>
 void grad_weight_share(int64_t groups, int64_t rows, int64_t cols, int me, int threads, Fn&& fn) {
   const int64_t units = (rows + MR - 1) / MR, per_group = grad_weight_cells<NR, MR>(1, rows, cols);
