@@ -533,18 +533,28 @@ def test_convolution_writes_over_its_residual_only_where_nothing_reads_it_later(
     assert {"c1 + add", "c2 + add", "c3 + add"} <= set(steps), steps
 
 
-@pytest.mark.parametrize("side, kernel, stride", [(7, 3, 1), (7, 5, 1), (13, 3, 2), (14, 5, 2),
-                                                  (9, 3, 1)])
-def test_depthwise_on_small_images_pads_a_frame_per_plane(side, kernel, stride):
-    # under 16 output columns a task copies its plane into a frame whose
-    # padding it zeroes (only the padding: the rows copied fill the rest)
+@pytest.mark.parametrize("side, kernel, stride, dilation",
+                         [(7, 3, 1, 1), (7, 5, 1, 1), (13, 3, 2, 1), (14, 5, 2, 1), (9, 3, 1, 1),
+                          (11, 3, 1, 2), (12, 3, 2, 2)])
+def test_depthwise_on_small_images_pads_a_frame_per_band(side, kernel, stride, dilation):
+    # under 16 output columns a task copies the rows its band of output rows
+    # reads into a frame whose padding it zeroes (only the padding: the rows
+    # copied fill the rest); batch 1 on several threads splits each plane
+    # into bands of rows, down to one row a band
     convcore.manual_seed(0)
+    pad = dilation * (kernel // 2)
     model = nn.Sequential(nn.Conv2d(24, 40, 1), nn.ReLU(),
-                          nn.Conv2d(40, 40, kernel, stride=stride, padding=kernel // 2, groups=40),
-                          nn.ReLU(), nn.Conv2d(40, 40, kernel, padding=kernel // 2, groups=40))
-    compiled, model, x = compiled_and_eager(model, (24, side, side), batch=3)
-    got = compiled(x)
-    assert rel_diff(got, model(x)) <= 1e-5
+                          nn.Conv2d(40, 40, kernel, stride=stride, padding=pad,
+                                    dilation=dilation, groups=40),
+                          nn.ReLU(), nn.Conv2d(40, 40, kernel, padding=pad, dilation=dilation,
+                                               groups=40))
+    model = randomize_batch_norm(model, np.random.default_rng(0)).eval()
+    x = np.random.default_rng(1).standard_normal((3, 24, side, side)).astype(np.float32)
+    want = model(x)
+    for threads in (1, 2, 5, 16):
+        compiled = convcore.compile(model, threads=threads)
+        assert rel_diff(compiled(x), want) <= 1e-5, threads
+        assert rel_diff(compiled(x[1:2]), want[1:2]) <= 1e-5, threads
     kinds = [[f for f in line.split("  ") if f.strip()][1].strip()
              for line in compiled.plan(3).splitlines()[2:]]
     assert kinds.count("depthwise") == 2, kinds

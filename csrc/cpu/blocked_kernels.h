@@ -111,7 +111,8 @@ CONVCORE_ALWAYS_INLINE V apply(V v) {
 
 // A channel plane (block) of h x w positions of `lanes` floats copied into
 // a frame of hf x wf positions at (top, left), zeros around it; rows and
-// columns past the frame are left out. The padded frames of the direct
+// columns past the frame are left out; a negative top starts the frame
+// -top rows into the plane (a band of rows). The padded frames of the direct
 // convolution and of the depthwise one on small images.
 inline void pad_plane(const float* src, int64_t h, int64_t w, int64_t top, int64_t left,
                       int64_t hf, int64_t wf, int64_t lanes, float* dst) {

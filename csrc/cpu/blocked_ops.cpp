@@ -476,8 +476,8 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
                       const Conv2dParams& p, const Epilogue& e, const Image& out, int threads) {
   const int64_t B = block();
   // A small image is mostly edge columns (7x7 with a 5x5 kernel: all of
-  // them), which run one column at a time: each task then pads its plane
-  // into a frame on the stack, where every window lies inside.
+  // them), which run one column at a time: each task then pads its rows of
+  // the plane into a frame on the stack, where every window lies inside.
   const int64_t hp = in.h + p.pad_top + p.pad_bottom, wp = in.w + p.pad_left + p.pad_right;
   constexpr int64_t kFrameFloats = 8192;
   const bool framed = out.w < 16 && hp * wp * B <= kFrameFloats &&
@@ -490,9 +490,14 @@ void depthwise_conv2d(const Image& in, const float* packed, int64_t kh, int64_t 
     const float* w = packed + c * kh * kw * B;
     const float* bias = e.bias ? e.bias + c * B : nullptr;
     if (framed) {
+      // only the rows the band's windows read: the other rows of the plane
+      // were written by the other core (the steps before split by rows too)
       alignas(64) float frame[kFrameFloats];
-      pad_plane(x, in.h, in.w, p.pad_top, p.pad_left, hp, wp, B, frame);
-      depthwise_rows(frame, hp, wp, w, kh, kw, unpadded, bias, oh0, oh1, out.w, y, e.act);
+      const int64_t r0 = oh0 * p.stride_h;
+      const int64_t r1 = std::min(hp, (oh1 - 1) * p.stride_h + (kh - 1) * p.dilation_h + 1);
+      pad_plane(x, in.h, in.w, p.pad_top - r0, p.pad_left, r1 - r0, wp, B, frame);
+      depthwise_rows(frame, r1 - r0, wp, w, kh, kw, unpadded, bias, 0, oh1 - oh0, out.w,
+                     y + oh0 * out.w * B, e.act);
     } else {
       depthwise_rows(x, in.h, in.w, w, kh, kw, p, bias, oh0, oh1, out.w, y, e.act);
     }
