@@ -74,6 +74,23 @@ def test_mid_size_blocks_are_kept_in_whole_pages(cache_limit, shape, kept):
         np.testing.assert_array_equal(y, np.maximum(x, 0))
 
 
+def test_mid_size_workspaces_are_kept_in_huge_pages(cache_limit):
+    # a workspace of 256 KB and more is 2 MB aligned and in whole 2 MB pages
+    # (4 KB pages let the kernel crowd a few L2 sets); arrays are not (above)
+    convcore.set_scratch_cache_limit(0)
+    convcore.set_scratch_cache_limit(256 << 20)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 256, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((512, 256, 3, 3)).astype(np.float32) * 0.05
+    y = convcore.conv2d(x, w, None, stride=2, padding=1, algorithm="direct")
+    assert y.nbytes < 256 << 10  # malloc's: only the workspaces are kept
+    kept = convcore.scratch_cache_bytes()
+    assert kept > 0 and kept % (2 << 20) == 0, kept
+    np.testing.assert_array_equal(
+        convcore.conv2d(x, w, None, stride=2, padding=1, algorithm="direct"), y)
+    assert convcore.scratch_cache_bytes() == kept  # the same blocks again
+
+
 def test_live_arrays_and_views_keep_their_block(cache_limit):
     """A caller that keeps outputs (or a view of one) across calls of the
     same shapes gets correct results: a block is reused only when every

@@ -83,7 +83,7 @@ py::array new_array_of(std::vector<py::ssize_t> shape) {
   std::size_t bytes = sizeof(T);
   for (py::ssize_t d : shape) bytes *= static_cast<std::size_t>(d);
   if (bytes < convcore::detail::kCachedScratchBytes) return py::array_t<T>(shape);
-  void* block = convcore::detail::allocate_scratch(bytes);
+  void* block = convcore::detail::allocate_scratch(bytes, convcore::detail::ScratchUse::Array);
   py::capsule owner(block, [](void* p) { convcore::detail::free_scratch(p); });
   return py::array_t<T>(shape, static_cast<T*>(block), owner);
 }

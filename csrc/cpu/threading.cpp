@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -159,13 +160,13 @@ void workspace_acquired(int64_t bytes) {
 }
 void workspace_released(int64_t bytes) { t_workspace_now -= bytes; }
 
-void* allocate_scratch(size_t bytes) {
+void* allocate_scratch(size_t bytes, ScratchUse use) {
   if (bytes < kCachedScratchBytes) {
     void* p = std::malloc(bytes);
     if (!p) throw std::bad_alloc();
     return p;
   }
-  const bool large = bytes >= kLargeScratchBytes;
+  const bool large = use == ScratchUse::Workspace || bytes >= kLargeScratchBytes;
   const size_t align = large ? kHugePage : kPage;
   const size_t rounded = (bytes + align - 1) / align * align;
   ScratchCache& c = scratch_cache();
@@ -174,7 +175,8 @@ void* allocate_scratch(size_t bytes) {
     size_t best = c.idle.size();
     for (size_t i = 0; i < c.idle.size(); ++i) {
       const size_t have = c.idle[i].second;
-      if (have >= rounded && have / 2 <= rounded &&
+      const bool huge = reinterpret_cast<uintptr_t>(c.idle[i].first) % kHugePage == 0;
+      if (have >= rounded && have / 2 <= rounded && (huge || !large) &&
           (best == c.idle.size() || have < c.idle[best].second))
         best = i;
     }
