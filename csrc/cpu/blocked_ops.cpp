@@ -439,16 +439,30 @@ void for_positions(const Image& t, int threads, F&& f) {
 
 // Calls f(image, channel block, oh_begin, oh_end) over row_bands' bands of
 // output rows of every plane of `out`, an image's bands before its planes:
-// a thread keeps to its rows of every channel (as for_positions).
+// a thread keeps to its rows of every channel (as for_positions). The rows
+// of all (image, band, block) in that order are shared evenly, a contiguous
+// range each thread, so a band may be split between two threads: 7 rows in
+// bands of 4 and 3 left one of two threads 4/7 of the work.
 template <typename F>
 void for_row_bands(const Image& out, int threads, F&& f) {
   const int64_t cb = blocks_of(out, block());
   const int64_t bands = row_bands(out, threads);
   const int64_t band = (out.h + bands - 1) / bands;
-  detail::parallel_for(threads, out.n * bands * cb, [&](int64_t t) {
-    const int64_t n = t / (bands * cb), r = (t / cb) % bands, c = t % cb;
-    const int64_t oh0 = r * band, oh1 = std::min(out.h, oh0 + band);
-    if (oh0 < oh1) f(n, c, oh0, oh1);
+  const int64_t image_rows = out.h * cb, total = out.n * image_rows;
+  const int team = static_cast<int>(std::min<int64_t>(threads, total));
+  detail::parallel_for(team, team, [&](int64_t k) {
+    const int64_t end = total * (k + 1) / team;
+    for (int64_t u = total * k / team; u < end;) {
+      // row u: in image n, band oh0 / band (the bands before it full),
+      // plane c of that band's len rows
+      const int64_t n = u / image_rows, v = u % image_rows;
+      const int64_t oh0 = v / (band * cb) * band;
+      const int64_t len = std::min(out.h, oh0 + band) - oh0;
+      const int64_t c = (v - oh0 * cb) / len, row = oh0 + (v - oh0 * cb) % len;
+      const int64_t take = std::min(oh0 + len - row, end - u);
+      f(n, c, row, row + take);
+      u += take;
+    }
   });
 }
 
