@@ -77,18 +77,27 @@ def test_mid_size_blocks_are_kept_in_whole_pages(cache_limit, shape, kept):
 def test_mid_size_workspaces_are_kept_in_huge_pages(cache_limit):
     # a workspace of 256 KB and more is 2 MB aligned and in whole 2 MB pages
     # (4 KB pages let the kernel crowd a few L2 sets); arrays are not (above)
-    convcore.set_scratch_cache_limit(0)
-    convcore.set_scratch_cache_limit(256 << 20)
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((1, 256, 14, 14)).astype(np.float32)
-    w = rng.standard_normal((512, 256, 3, 3)).astype(np.float32) * 0.05
-    y = convcore.conv2d(x, w, None, stride=2, padding=1, algorithm="direct")
-    assert y.nbytes < 256 << 10  # malloc's: only the workspaces are kept
-    kept = convcore.scratch_cache_bytes()
-    assert kept > 0 and kept % (2 << 20) == 0, kept
-    np.testing.assert_array_equal(
-        convcore.conv2d(x, w, None, stride=2, padding=1, algorithm="direct"), y)
-    assert convcore.scratch_cache_bytes() == kept  # the same blocks again
+    x = rng.standard_normal((1, 512, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((512, 512, 3, 3)).astype(np.float32) * 0.05
+
+    def conv():  # the padded frame alone is 460 KB, whatever the ISA's panels
+        return convcore.conv2d(x, w, None, stride=2, padding=1, algorithm="direct")
+
+    def kept_after_calls():
+        gc.collect()  # no earlier test's array freed into the cache meanwhile
+        convcore.set_scratch_cache_limit(0)
+        convcore.set_scratch_cache_limit(256 << 20)
+        y = conv()
+        assert y.nbytes < 256 << 10  # malloc's: only the workspaces are kept
+        kept = convcore.scratch_cache_bytes()
+        np.testing.assert_array_equal(conv(), y)
+        return kept, convcore.scratch_cache_bytes()  # the same blocks again
+
+    # another thread of an earlier test may free an array into the cache
+    # meanwhile: one clean try of three suffices
+    tries = [kept_after_calls() for _ in range(3)]
+    assert any(k > 0 and k % (2 << 20) == 0 and again == k for k, again in tries), tries
 
 
 def test_live_arrays_and_views_keep_their_block(cache_limit):
