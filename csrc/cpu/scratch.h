@@ -17,16 +17,17 @@ namespace detail {
 // come from malloc): glibc returns freed blocks of a few MB to the kernel,
 // and a batch-1 training step's workspaces and arrays (0.2-4 MB) were
 // faulted in afresh on every call, half a millisecond of a 1 ms
-// convolution. Blocks of at least kLargeScratchBytes are the large ones:
-// 2 MB aligned, in huge pages.
+// convolution. The large blocks, 2 MB aligned in huge pages: arrays of at
+// least kLargeScratchBytes and workspaces of at least kCachedScratchBytes
+// (ScratchUse, below).
 constexpr std::size_t kCachedScratchBytes = std::size_t(256) << 10;
 constexpr std::size_t kLargeScratchBytes = std::size_t(8) << 20;
 
 // What a block is for. A workspace, which the kernels re-read from L2
 // (packed panels, frames), is a large block from kCachedScratchBytes on:
 // in 4 KB pages, where the kernel picks each page's L2 sets (its physical
-// address), some processes got pages that crowded a few sets, and a layer
-// ran 1.5 times as long in that process as in another (docs/training.md,
+// address), a layer ran 1.5 times as long in some processes as in others,
+// which huge pages ended (pages crowding a few sets, most likely) (docs/training.md,
 // sixteenth session). An array handed to the caller keeps 4 KB pages below
 // kLargeScratchBytes: callers may hold many of them.
 enum class ScratchUse { Workspace, Array };
