@@ -46,6 +46,11 @@ def number(value, name: str) -> float:
 def pair(value, name: str) -> Tuple[int, int]:
     """An int, a 1-tuple (v,) or an (h, w) pair of ints: PyTorch's conv and
     pooling ops take a one-element list for both dimensions."""
+    if type(value) is int:  # the common forms first: each costs under a microsecond
+        return int64(value, name), value
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and \
+            type(value[1]) is int:
+        return int64(value[0], name), int64(value[1], name)
     if is_int(value):
         v = int64(int(value), name)
         return v, v

@@ -726,7 +726,10 @@ def _gpu_dispatch(fn):
     signature = inspect.signature(fn)
 
     def on_gpu(values) -> bool:
-        return any(type(v) not in _HOST_TYPES and is_gpu_array(v) for v in values)
+        for v in values:  # a loop, not any() over a generator: a microsecond less per call
+            if type(v) not in _HOST_TYPES and is_gpu_array(v):
+                return True
+        return False
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
