@@ -16,10 +16,10 @@ records which models use it and how many times.
 Passes, as the nn layers run them:
   fwd  convcore: functional.conv2d / linear; PyTorch: torch.nn.functional
   bwd  convcore: functional.conv2d_backward / linear_backward, what
-       Conv2d.backward and Linear.backward call (grad_input, grad_weight and
-       grad_bias); PyTorch: aten.convolution_backward with grad_input and
-       grad_weight (and grad_bias when the layer has a bias), and for linear
-       what autograd runs (gy @ W, gy^T @ x, gy.sum(0))
+       Conv2d.backward and Linear.backward call (grad_input, grad_weight,
+       and grad_bias when the layer has a bias; until 2026-12-06 grad_bias
+       always); PyTorch: aten.convolution_backward with the same gradients,
+       and for linear what autograd runs (gy @ W, gy^T @ x, gy.sum(0))
 Timings are medians of `repeat` runs, the libraries taking turns in blocks
 (bench/timing.py's interleaved_medians). ratio = PyTorch time / convcore time (above 1:
 convcore is faster). GFLOP/s counts 2 x multiply-adds, the backward twice
@@ -214,12 +214,15 @@ def _layer_fns(layer: Layer, n: int, torch, backward: bool, rng) -> Dict[str, Ca
                          layer.groups, "auto", None)
     gy = rng.standard_normal(y.shape, dtype=np.float32)
     fns = {}
+    # the gradients PyTorch's call computes: grad_bias only for a layer with a bias
+    mask = (True, True, layer.bias)
     if backward and symmetric:
-        fns["convcore"] = lambda: F.conv2d_backward(gy, x, wt, padding=(t, left), **kw_)
+        fns["convcore"] = lambda: F.conv2d_backward(gy, x, wt, padding=(t, left),
+                                                    output_mask=mask, **kw_)
     elif backward:
         fns["convcore"] = lambda: _core.conv2d_backward(
-            gy, x, wt, list(layer.stride), pads, list(layer.dilation), layer.groups,
-            True, True, True, "auto")
+            gy, x, wt, list(layer.stride), pads, list(layer.dilation), layer.groups, *mask,
+            "auto")
     elif symmetric:
         fns["convcore"] = lambda: F.conv2d(x, wt, b, padding=(t, left), **kw_)
     else:
@@ -248,7 +251,8 @@ def _linear_fns(layer: Layer, n: int, torch, backward: bool, rng) -> Dict[str, C
     wt = rng.standard_normal((layer.cout, layer.cin), dtype=np.float32) * 0.01
     b = rng.standard_normal(layer.cout, dtype=np.float32) if layer.bias else None
     gy = rng.standard_normal((rows, layer.cout), dtype=np.float32)
-    fns = {"convcore": (lambda: F.linear_backward(gy, x, wt)) if backward
+    mask = (True, True, layer.bias)  # as conv's: grad_bias only with a bias
+    fns = {"convcore": (lambda: F.linear_backward(gy, x, wt, output_mask=mask)) if backward
            else (lambda: F.linear(x, wt, b))}
     if torch is not None:
         tx, tw, tgy = torch.from_numpy(x), torch.from_numpy(wt), torch.from_numpy(gy)
