@@ -705,6 +705,44 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,cout,view", [
+    ((2, 16, 28, 28), 16, None),      # 784 positions: the smallest plane that takes it
+    ((3, 13, 29, 37), 7, None),       # 1073 positions: a chunk of 1024 and a short one;
+                                      # channels off the tiles' 4 rows and 4 (2) columns
+    ((1, 5, 40, 40), 3, None),        # fewer rows than a tile
+    ((2, 24, 30, 30), 20, "channels"),  # every other channel: rows 2 planes apart
+    ((1, 256, 28, 28), 256, None),    # the most channels it takes
+])
+def test_pointwise_grad_weight_as_dot_products(dtype, shape, cout, view):
+    """A pointwise layer on planes of 28x28 and more with at most 256 x 256
+    channels takes grad_weight as sums of dot products along the positions
+    (grad_weight_dots_pays, conv_plan.cpp; with AVX-512, the GEMM path
+    otherwise): against the reference, and bit-identical at 1, 2, 3 and 5
+    threads (each element's sum in the same order), batch and chunks of
+    1024 positions summed in order."""
+    rng = np.random.default_rng(13)
+    if view == "channels":
+        full = rng.standard_normal((shape[0], 2 * shape[1]) + shape[2:]).astype(dtype)
+        x = full[:, ::2]
+    else:
+        x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((cout, shape[1], 1, 1)) * 0.1).astype(dtype)
+    gy = rng.standard_normal((shape[0], cout) + shape[2:]).astype(dtype)
+    gws = []
+    before = convcore.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 5):
+            convcore.set_num_threads(threads)
+            gws.append(convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False))[1])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(gws[0], ref.conv2d_backward_ref(gy, np.ascontiguousarray(x), w)[1], dtype,
+                 what="pointwise grad_weight as dot products")
+    for other in gws[1:]:
+        np.testing.assert_array_equal(other, gws[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,weight,kw,algorithm", [
     # pointwise, images side by side: 7 panels (the last partial) x 5 row units
     ((3, 219, 9, 9), (50, 219, 1, 1), {}, "pointwise"),

@@ -129,6 +129,9 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
       case GradWeightPath::ByTaps:
         grad_weight_by_taps<T>(gy, x, Gx, plan.grad_weight_by_taps_split, gw);
         break;
+      case GradWeightPath::Dots:
+        grad_weight_dots<T>(gy, x, Gx, gw);
+        break;
       case GradWeightPath::ByChunks:
         grad_weight_by_chunks<T>(gy, x, Gx, gw);
         break;

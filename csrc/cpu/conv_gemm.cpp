@@ -10,6 +10,7 @@
 
 #include "conv_kernels.h"
 #include "conv_plan.h"
+#include "dot_products.h"
 #include "gemm.h"
 #include "strided.h"
 
@@ -773,6 +774,17 @@ void grad_weight_pointwise_images(const T* gy, const TensorView& input, const Co
   }
 }
 
+// grad_weight of a pointwise layer with few channels: gw (Cout x C) = sum
+// over images of gy[n] (Cout x P) @ x[n]^T (P x C), each element a dot
+// product along the positions, where both operands are contiguous rows
+// (dots::sum_of_products): nothing is packed or transposed.
+template <typename T>
+void grad_weight_dots(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  dots::sum_of_products<T>(G.N, G.Cout, G.C, G.P, gy, G.P, G.Cout * G.P, input.ptr<const T>(),
+                           G.xs_c, G.xs_n, gw,
+                           detail::threads_for(G.Cout * G.C, G.N * G.Cout * G.P * G.C));
+}
+
 template <typename T>
 void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,
                       const GradWeightGemmSplit& split, T* gw) {
@@ -855,6 +867,9 @@ template void grad_weight_by_chunks<float>(const float*, const TensorView&, cons
                                            float*);
 template void grad_weight_by_chunks<double>(const double*, const TensorView&, const ConvGeometry&,
                                             double*);
+template void grad_weight_dots<float>(const float*, const TensorView&, const ConvGeometry&, float*);
+template void grad_weight_dots<double>(const double*, const TensorView&, const ConvGeometry&,
+                                       double*);
 template GradWeightGemmSplit grad_weight_gemm_split<float>(const ConvGeometry&);
 template GradWeightGemmSplit grad_weight_gemm_split<double>(const ConvGeometry&);
 template void grad_weight_gemm<float>(const float*, const TensorView&, const ConvGeometry&,

@@ -11,6 +11,7 @@
 #include "blocked.h"
 #include "conv_kernels.h"
 #include "conv_winograd.h"
+#include "dot_products.h"
 #include "convcore/errors.h"
 #include "gemm.h"
 
@@ -220,6 +221,20 @@ bool grad_weight_by_taps_applies(const ConvGeometry& G) {
 // grad_weight by chunks (conv_gemm.cpp) when grad_weight is small.
 constexpr int64_t kSmallGradWeightBytes = 256 << 10;
 
+// A pointwise layer's grad_weight as sums of dot products along the
+// positions (dots::sum_of_products) rather than the GEMM: on planes of 28x28
+// and more with at most 256 x 256 channels, where the GEMM packs gy and
+// transposes the image for a small output (docs/training.md, seventeenth
+// session). On smaller planes each dot product is too short for its
+// reduction.
+constexpr int64_t kDotsMinPositions = 28 * 28;
+constexpr int64_t kDotsMostWeights = 256 * 256;
+
+bool grad_weight_dots_pays(const ConvGeometry& G) {
+  return is_pointwise(G) && G.G == 1 && !gemm_named(G) && dots::available() &&
+         G.P >= kDotsMinPositions && G.Cout * G.Kc <= kDotsMostWeights;
+}
+
 template <typename T>
 bool grad_weight_by_chunks_applies(const ConvGeometry& G) {
   return G.Cout * G.Kc * int64_t(sizeof(T)) <= kSmallGradWeightBytes && !is_pointwise(G);
@@ -407,6 +422,7 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
   const bool small = dtype == DType::Float32 ? grad_weight_by_chunks_applies<float>(G)
                                              : grad_weight_by_chunks_applies<double>(G);
   if (small) return GradWeightPath::ByChunks;
+  if (grad_weight_dots_pays(G)) return GradWeightPath::Dots;
   return GradWeightPath::Gemm;
 }
 

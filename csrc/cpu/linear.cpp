@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 #include <utility>
 
 #include "convcore/ops.h"
 #include "convcore/threading.h"
+#include "dot_products.h"
 #include "gemm.h"
 #include "simd.h"
 #include "strided.h"
@@ -39,6 +41,9 @@ constexpr int64_t kSmallBatch = 32;
 constexpr int64_t kChunkK = 2048;  // forward: a chunk of the input rows stays in L2
 constexpr int64_t kSlabBytes = 128 << 10;  // grad_input: a task's slab of weight rows stays in L2
 constexpr int64_t kSlabBand = 1024;         // columns of the band the slab is sized for
+// sum_of_products: a chunk of K along which the tile's NB rows of w (16 KB at
+// 4 float rows) stay in L1 while the thread's row blocks of x pass them
+constexpr int64_t kDotChunk = 1024;
 
 // A row stride, in elements, for `cols` elements that is a whole, odd number
 // of cache lines: rows of a staged copy then fall in different sets of L1
@@ -478,6 +483,30 @@ struct SmallLinear {
     }
   }
 
+  // sum_of_products: units [u0, u1) of (block of NB rows of w, block of MB
+  // rows of x), image by image and chunk by chunk of K, each unit's tile
+  // added to y (the first image's first chunk written)
+  static constexpr int kDotMB = 4, kDotNB = W / kDotMB;
+  static int64_t dot_units(int64_t M, int64_t N) {
+    return ((N + kDotNB - 1) / kDotNB) * ((M + kDotMB - 1) / kDotMB);
+  }
+  static inline __attribute__((always_inline)) void dots_range(
+      int64_t images, int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx, int64_t x_image,
+      const T* w, int64_t ldw, int64_t w_image, T* y, int64_t u0, int64_t u1) {
+    const int64_t mblocks = (M + kDotMB - 1) / kDotMB;
+    for (int64_t i = 0; i < images; ++i)
+      for (int64_t k0 = 0; k0 < K; k0 += kDotChunk) {
+        const int64_t k1 = std::min(K, k0 + kDotChunk);
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t j0 = u / mblocks * kDotNB, m0 = u % mblocks * kDotMB;
+          dot_tile<T, V, kDotMB>(static_cast<int>(std::min<int64_t>(kDotMB, M - m0)),
+                                 static_cast<int>(std::min<int64_t>(kDotNB, N - j0)), k0, k1,
+                                 x + i * x_image + m0 * ldx, ldx, w + i * w_image + j0 * ldw,
+                                 ldw, y + m0 * N + j0, N, i > 0 || k0 > 0, nullptr, 0);
+        }
+      }
+  }
+
   static int64_t forward_tasks(int64_t M, int64_t N) {
     const int64_t columns = W / tile_rows(M);
     return (N + columns - 1) / columns;
@@ -501,6 +530,9 @@ struct SmallKernelSet {
                int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*band_tasks)(int64_t, int64_t) = nullptr;
   int64_t column_block = 0;  // columns of one block of band_tasks' split
+  void (*dots)(int64_t, int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t,
+               int64_t, T*, int64_t, int64_t) = nullptr;
+  int64_t (*dot_units)(int64_t, int64_t) = nullptr;
 };
 
 #define CONVCORE_SMALL_KERNELS(T, NAME, TARGET, V)                                             \
@@ -519,11 +551,17 @@ struct SmallKernelSet {
       int64_t ldb, T* c, int64_t ldc, int64_t group, int64_t chunk, int64_t t) {               \
     SmallLinear<T, V>::band_task(rows, R, K, a, ais, ars, b, ldb, c, ldc, group, chunk, t);    \
   }                                                                                            \
+  __attribute__((target(TARGET))) void dots_##NAME(                                            \
+      int64_t images, int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx, int64_t xi,    \
+      const T* w, int64_t ldw, int64_t wi, T* y, int64_t u0, int64_t u1) {                     \
+    SmallLinear<T, V>::dots_range(images, M, N, K, x, ldx, xi, w, ldw, wi, y, u0, u1);        \
+  }                                                                                            \
   const SmallKernelSet<T> kernels_##NAME = {                                                   \
       forward_##NAME,                SmallLinear<T, V>::forward_tasks,                         \
       rows_##NAME,                   SmallLinear<T, V>::rows_tasks,                            \
       band_##NAME,                   SmallLinear<T, V>::band_tasks,                            \
-      SmallLinear<T, V>::kAxV * SmallLinear<T, V>::W};
+      SmallLinear<T, V>::kAxV * SmallLinear<T, V>::W,                                          \
+      dots_##NAME,                   SmallLinear<T, V>::dot_units};
 CONVCORE_SMALL_KERNELS(float, avx512_f, "avx512f,fma", f32x16)
 CONVCORE_SMALL_KERNELS(double, avx512_d, "avx512f,fma", f64x8)
 CONVCORE_SMALL_KERNELS(float, avx2_f, "avx2,fma", f32x8)
@@ -708,5 +746,46 @@ void linear_backward(const TensorView& grad_output, const TensorView& input,
     if (grad_bias) linear_grad_bias<T>(M, N, gy, gs0, gs1, grad_bias->ptr<T>());
   });
 }
+
+namespace dots {
+
+bool available() {
+#ifdef CONVCORE_SMALL_LINEAR
+  // AVX-512 only: AVX2's tiles of 4 x 2 vectors load 6 for 8 products and
+  // were slower than the GEMM on the layers that gain with AVX-512
+  return gemm::isa_level() == 2 && small_kernels<float>().dots != nullptr;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void sum_of_products(int64_t images, int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx,
+                     int64_t x_image, const T* w, int64_t ldw, int64_t w_image, T* y,
+                     int threads) {
+#ifdef CONVCORE_SMALL_LINEAR
+  const auto k = small_kernels<T>();
+  if (!k.dots) throw std::logic_error("dots::sum_of_products: no kernel at this ISA level");
+  // Each thread a contiguous run of units (consecutive units share their rows
+  // of w), going through the images and chunks itself: no barrier between them.
+  const int64_t units = k.dot_units(M, N);
+  const int team = static_cast<int>(std::clamp<int64_t>(threads, 1, units));
+  detail::parallel_for(team, team, [&](int64_t t) {
+    k.dots(images, M, N, K, x, ldx, x_image, w, ldw, w_image, y, units * t / team,
+           units * (t + 1) / team);
+  });
+#else
+  (void)images, (void)M, (void)N, (void)K, (void)x, (void)ldx, (void)x_image, (void)w, (void)ldw,
+      (void)w_image, (void)y, (void)threads;
+  throw std::logic_error("dots::sum_of_products: no kernel on this platform");
+#endif
+}
+
+template void sum_of_products<float>(int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                                     int64_t, const float*, int64_t, int64_t, float*, int);
+template void sum_of_products<double>(int64_t, int64_t, int64_t, int64_t, const double*, int64_t,
+                                      int64_t, const double*, int64_t, int64_t, double*, int);
+
+}  // namespace dots
 
 }  // namespace convcore
