@@ -11,8 +11,8 @@
 #include "blocked.h"
 #include "conv_kernels.h"
 #include "conv_winograd.h"
-#include "dot_products.h"
 #include "convcore/errors.h"
+#include "dot_products.h"
 #include "gemm.h"
 
 namespace convcore {

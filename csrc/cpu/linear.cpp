@@ -1,5 +1,7 @@
 // Fully connected layer: output = input @ weight^T + bias, and its gradients,
-// as GEMMs over strided views (transposes are just swapped strides).
+// as GEMMs over strided views (transposes are just swapped strides), or on
+// the small-batch kernels below; and those kernels' dot tiles as sums of
+// dot products for a pointwise convolution's grad_weight (dot_products.h).
 #include <omp.h>
 
 #include <algorithm>
