@@ -780,9 +780,9 @@ void grad_weight_pointwise_images(const T* gy, const TensorView& input, const Co
 // (dots::sum_of_products): nothing is packed or transposed.
 template <typename T>
 void grad_weight_dots(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
-  dots::sum_of_products<T>(G.N, G.Cout, G.C, G.P, gy, G.P, G.Cout * G.P, input.ptr<const T>(),
+  dots::sum_of_products<T>(G.N, G.Cout, G.Kc, G.P, gy, G.P, G.Cout * G.P, input.ptr<const T>(),
                            G.xs_c, G.xs_n, gw,
-                           detail::threads_for(G.Cout * G.C, G.N * G.Cout * G.P * G.C));
+                           detail::threads_for(G.Cout * G.Kc, G.N * G.Cout * G.P * G.Kc));
 }
 
 template <typename T>

@@ -27,8 +27,8 @@ constexpr std::size_t kLargeScratchBytes = std::size_t(8) << 20;
 // (packed panels, frames), is a large block from kCachedScratchBytes on:
 // in 4 KB pages, where the kernel picks each page's L2 sets (its physical
 // address), a layer ran 1.5 times as long in some processes as in others,
-// which huge pages ended (pages crowding a few sets, most likely) (docs/training.md,
-// sixteenth session). An array handed to the caller keeps 4 KB pages below
+// most likely from pages crowding a few sets; huge pages ended it
+// (docs/training.md, sixteenth session). An array handed to the caller keeps 4 KB pages below
 // kLargeScratchBytes: callers may hold many of them.
 enum class ScratchUse { Workspace, Array };
 
