@@ -74,18 +74,23 @@ CONVCORE_ALWAYS_INLINE void depthwise_edge(const float* x, int64_t W, const floa
   store<B>(yr + ow * B, apply<A>(acc));
 }
 
-// U output columns from ow, whose windows lie inside the image: U independent
-// accumulator chains.
-template <int B, Act A, int KW, int SW, int U>
+// U output columns from ow, whose windows lie inside the image, in R rows
+// from ih0 (rows row_step input floats and y_step output floats apart, every
+// kernel row inside the image when R > 1): R x U independent accumulator
+// chains.
+template <int B, Act A, int KW, int SW, int U, int R = 1>
 CONVCORE_ALWAYS_INLINE void depthwise_columns(const float* x, int64_t W, const float* w,
                                               int64_t kw_runtime, const Conv2dParams& p,
                                               Vec<B> b, int64_t ih0, int64_t i_lo, int64_t i_hi,
                                               int64_t ow, int64_t step, int64_t tap_step,
-                                              float* yr) {
+                                              float* yr, int64_t row_step = 0,
+                                              int64_t y_step = 0) {
   const int64_t kw = KW > 0 ? KW : kw_runtime;
-  Vec<B> acc[U];
+  Vec<B> acc[R][U];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) acc[u] = b;
+    for (int u = 0; u < U; ++u) acc[r][u] = b;
   const int64_t iw0 = ow * (SW > 0 ? SW : p.stride_w) - p.pad_left;
   for (int64_t i = i_lo; i < i_hi; ++i) {
     const float* xr = x + ((ih0 + i * p.dilation_h) * W + iw0) * B;
@@ -94,22 +99,78 @@ CONVCORE_ALWAYS_INLINE void depthwise_columns(const float* x, int64_t W, const f
     for (int64_t j = 0; j < kw; ++j) {
       const Vec<B> wv = load<B>(wr + j * B);
       const float* xv = xr + j * tap_step;
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) acc[u] += load<B>(xv + u * step) * wv;
+        for (int u = 0; u < U; ++u) acc[r][u] += load<B>(xv + r * row_step + u * step) * wv;
     }
   }
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) store<B>(yr + (ow + u) * B, apply<A>(acc[u]));
+    for (int u = 0; u < U; ++u) store<B>(yr + r * y_step + (ow + u) * B, apply<A>(acc[r][u]));
+}
+
+// depthwise_columns' U columns from ow of R rows from ih0: in one call up to
+// 8 accumulators (enough chains for two FMA pipes; 16 in a call spilled
+// registers with 7-tap rows), else a row at a time. (Kernels are functions,
+// not lambdas: a lambda's body does not take its caller's target ISA.)
+template <int B, Act A, int KW, int SW, int U, int R>
+CONVCORE_ALWAYS_INLINE void depthwise_block(const float* x, int64_t W, const float* w,
+                                            int64_t kw, const Conv2dParams& p, Vec<B> b,
+                                            int64_t ih0, int64_t i_lo, int64_t i_hi, int64_t ow,
+                                            int64_t step, int64_t tap_step, float* yr,
+                                            int64_t row_step, int64_t y_step) {
+  if constexpr (R * U <= 8) {
+    depthwise_columns<B, A, KW, SW, U, R>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step,
+                                          yr, row_step, y_step);
+  } else {
+    for (int r = 0; r < R; ++r)
+      depthwise_columns<B, A, KW, SW, U>(x, W, w, kw, p, b, ih0 + r * p.stride_h, i_lo, i_hi, ow,
+                                         step, tap_step, yr + r * y_step);
+  }
+}
+
+// The columns [ow_lo, ow_hi), whose windows lie inside the image, of R rows
+// from output row oh (R = 2: every kernel row of both inside). A short rest
+// of columns is taken by one more block that ends at ow_hi and overlaps the
+// block before (those columns are computed again, to the same values): one
+// column at a time is a single chain of dependent FMAs, a quarter of the
+// throughput (an 11-wide plane had 3 of 11 columns so).
+template <int B, Act A, int KW, int SW, int R>
+CONVCORE_ALWAYS_INLINE void depthwise_interior(const float* x, int64_t W, const float* w,
+                                               int64_t kw, const Conv2dParams& p, Vec<B> b,
+                                               int64_t oh, int64_t i_lo, int64_t i_hi,
+                                               int64_t ow_lo, int64_t ow_hi, int64_t Wo,
+                                               float* y) {
+  const int64_t ih0 = oh * p.stride_h - p.pad_top;
+  const int64_t step = (SW > 0 ? SW : p.stride_w) * B;
+  const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
+  const int64_t row_step = p.stride_h * W * B, y_step = Wo * B;
+  float* yr = y + oh * Wo * B;
+#define CONVCORE_DW_BLOCK(U, at)                                                                 \
+  depthwise_block<B, A, KW, SW, U, R>(x, W, w, kw, p, b, ih0, i_lo, i_hi, at, step, tap_step, yr, \
+                                      row_step, y_step)
+  int64_t ow = ow_lo;
+  for (; ow + 8 <= ow_hi; ow += 8) CONVCORE_DW_BLOCK(8, ow);
+  if (ow < ow_hi && ow_hi - ow_lo >= 8) CONVCORE_DW_BLOCK(8, ow_hi - 8), ow = ow_hi;
+  for (; ow + 4 <= ow_hi; ow += 4) CONVCORE_DW_BLOCK(4, ow);
+  if (ow < ow_hi && ow_hi - ow_lo >= 4) CONVCORE_DW_BLOCK(4, ow_hi - 4), ow = ow_hi;
+  for (; ow < ow_hi; ++ow) CONVCORE_DW_BLOCK(1, ow);
+#undef CONVCORE_DW_BLOCK
 }
 
 // Output rows [oh0, oh1) of one channel block: every tap of the window that
 // lies in the image, B lanes at a time. The columns whose window lies inside
 // the image (most of them) run without bounds checks, U at a time: U
 // independent accumulator chains keep both FMA pipes busy (4 left them
-// waiting on the FMA latency). KW > 0: the kernel width known at compile
-// time (3, 5 and 7: MobileNet's, EfficientNet's and NASNet's), so the taps
-// unroll, and SW > 0 the stride (1 or 2) with dilation 1, so the U columns'
-// offsets are constants (runtime offsets spilled the registers).
+// waiting on the FMA latency). Two rows whose windows' rows all lie inside
+// run together, so that a narrow plane's blocks of 4 columns (7 x 7) have 8
+// chains too and read each weight once for both. KW > 0: the kernel width
+// known at compile time (3, 5 and 7: MobileNet's, EfficientNet's and
+// NASNet's), so the taps unroll, and SW > 0 the stride (1 or 2) with
+// dilation 1, so the U columns' offsets are constants (runtime offsets
+// spilled the registers).
 template <int B, Act A, int KW, int SW>
 CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_t W,
                                                const float* w, int64_t kh, int64_t kw_runtime,
@@ -123,38 +184,28 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
   ow_lo = std::min(ow_lo, Wo);
   ow_hi = std::clamp(ow_hi, ow_lo, Wo);
   const Vec<B> b = bias ? load<B>(bias) : Vec<B>{};
-  const int64_t step = (SW > 0 ? SW : p.stride_w) * B;
-  const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const int64_t ih0 = oh * p.stride_h - p.pad_top;
-    int64_t i_lo = 0, i_hi = kh;  // kernel rows inside the image
-    while (i_lo < kh && ih0 + i_lo * p.dilation_h < 0) ++i_lo;
-    while (i_hi > i_lo && ih0 + (i_hi - 1) * p.dilation_h >= H) --i_hi;
-    float* yr = y + oh * Wo * B;
-    for (int64_t ow = 0; ow < ow_lo; ++ow)
-      depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
-    // A short rest of columns is taken by one more block that ends at ow_hi
-    // and overlaps the block before (those columns are computed again, to the
-    // same values): one column at a time is a single chain of dependent FMAs,
-    // a quarter of the throughput (an 11-wide plane had 3 of 11 columns so).
-    int64_t ow = ow_lo;
-    for (; ow + 8 <= ow_hi; ow += 8)
-      depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
-    if (ow < ow_hi && ow_hi - ow_lo >= 8) {
-      depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow_hi - 8, step,
-                                         tap_step, yr);
-      ow = ow_hi;
+  // the first input row of output row oh, and whether all kh rows from it lie inside
+  const int64_t reach_h = (kh - 1) * p.dilation_h;
+  for (int64_t oh = oh0; oh < oh1;) {
+    const int64_t top = oh * p.stride_h - p.pad_top, next = top + p.stride_h;
+    const int rows = oh + 1 < oh1 && top >= 0 && next + reach_h < H ? 2 : 1;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t ih0 = top + r * p.stride_h;
+      int64_t i_lo = 0, i_hi = kh;  // kernel rows inside the image
+      while (i_lo < kh && ih0 + i_lo * p.dilation_h < 0) ++i_lo;
+      while (i_hi > i_lo && ih0 + (i_hi - 1) * p.dilation_h >= H) --i_hi;
+      float* yr = y + (oh + r) * Wo * B;
+      for (int64_t ow = 0; ow < ow_lo; ++ow)
+        depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
+      for (int64_t ow = ow_hi; ow < Wo; ++ow)
+        depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
+      if (rows == 1)
+        depthwise_interior<B, A, KW, SW, 1>(x, W, w, kw, p, b, oh, i_lo, i_hi, ow_lo, ow_hi, Wo,
+                                            y);
     }
-    for (; ow + 4 <= ow_hi; ow += 4)
-      depthwise_columns<B, A, KW, SW, 4>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
-    if (ow < ow_hi && ow_hi - ow_lo >= 4) {
-      depthwise_columns<B, A, KW, SW, 4>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow_hi - 4, step,
-                                         tap_step, yr);
-      ow = ow_hi;
-    }
-    for (; ow < ow_hi; ++ow)
-      depthwise_columns<B, A, KW, SW, 1>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step, yr);
-    for (; ow < Wo; ++ow) depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
+    if (rows == 2)
+      depthwise_interior<B, A, KW, SW, 2>(x, W, w, kw, p, b, oh, 0, kh, ow_lo, ow_hi, Wo, y);
+    oh += rows;
   }
 }
 
@@ -531,7 +582,14 @@ CONVCORE_ALWAYS_INLINE void plain_to_frame_body(const float* x, const int64_t* x
                                                 int64_t h, int64_t w, const Conv2dParams& p,
                                                 float* frame) {
   const int64_t hp = frame_h(h, p), wp = frame_w(w, p);
-  std::fill(frame, frame + hp * wp * B, 0.0f);
+  // zeros where the copy below writes nothing, the padding (it writes the
+  // pad lanes' zeros itself): a small plane's frame is mostly interior
+  std::fill(frame, frame + p.pad_top * wp * B, 0.0f);
+  std::fill(frame + (p.pad_top + h) * wp * B, frame + hp * wp * B, 0.0f);
+  for (int64_t row = p.pad_top; row < p.pad_top + h; ++row) {
+    std::fill(frame + row * wp * B, frame + (row * wp + p.pad_left) * B, 0.0f);
+    std::fill(frame + (row * wp + p.pad_left + w) * B, frame + (row + 1) * wp * B, 0.0f);
+  }
   auto at = [&](int64_t row, int64_t col) {
     return frame + ((row + p.pad_top) * wp + p.pad_left + col) * B;
   };
@@ -550,7 +608,7 @@ CONVCORE_ALWAYS_INLINE void plain_to_frame_body(const float* x, const int64_t* x
       }
     }
     for (; q0 < h * w; ++q0) {
-      for (int64_t l = 0; l < lanes; ++l) at(row, col)[l] = x[l * xs[1] + q0];
+      for (int64_t l = 0; l < B; ++l) at(row, col)[l] = l < lanes ? x[l * xs[1] + q0] : 0.0f;
       if (++col == w) col = 0, ++row;
     }
     return;
@@ -569,7 +627,8 @@ CONVCORE_ALWAYS_INLINE void plain_to_frame_body(const float* x, const int64_t* x
         for (int i = 0; i < B; ++i) store<B>(dst + (col + i) * B, r[i]);
       }
     for (; col < w; ++col)
-      for (int64_t l = 0; l < lanes; ++l) dst[col * B + l] = src[l * xs[1] + col * xs[3]];
+      for (int64_t l = 0; l < B; ++l)
+        dst[col * B + l] = l < lanes ? src[l * xs[1] + col * xs[3]] : 0.0f;
   }
 }
 
