@@ -476,6 +476,20 @@ def test_winograd_band_of_thirteen_tiles():
     assert rel_diff(compiled(x[1:]), got[1:]) <= 1e-6
 
 
+@pytest.mark.parametrize("cin, cout, side", [(1024, 512, 13), (512, 512, 28)])
+def test_winograd_filters_larger_than_the_l3(cin, cout, side):
+    # F(2x2) of 1024 x 512 channels and F(4x4) of 512 x 512 are over 24 MB:
+    # an image is one band (49 tiles), its output panels shared by the
+    # threads, each group transforming the input again
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())
+    compiled, model, x = compiled_and_eager(model, (cin, side, side), batch=2)
+    got = compiled(x)
+    assert "winograd" in compiled.plan(2)
+    assert rel_diff(got, model(x)) <= 1e-5
+    assert rel_diff(compiled(x[1:]), got[1:]) <= 1e-6
+
+
 @pytest.mark.parametrize("side", [5, 7, 11, 13, 14])
 def test_pointwise_tiles_of_one_row_more_than_the_kernel_block(side):
     # 25, 49 and 169 positions leave 13 for the last tile, which the AVX-512

@@ -39,6 +39,11 @@ constexpr int MR = gemm::Tile<float>::MR, NR = gemm::Tile<float>::NR;
 constexpr int64_t kBandTiles = 48;
 // Transformed filters this small stay in L2 while a thread runs band after band.
 constexpr int64_t kSmallFilterBytes = int64_t(1) << 20;
+// Transformed filters this large (F(2x2) of 1024 x 512 channels: 32 MB) do
+// not stay in an L3 of 32 MB shared with the rest of the net: one band an
+// image, of up to kMostBandTiles (a 13 x 13 output's 49 tiles in F(2x2)).
+constexpr int64_t kLargeFilterBytes = int64_t(24) << 20;
+constexpr int64_t kMostBandTiles = 2 * kBandTiles;
 
 // The input transform of tiles [t0, t1) of a band: V[xi][t - t0][c].
 template <int M, int B>
@@ -349,20 +354,28 @@ WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Imag
   // each band reads all the transformed filters, so 2 per thread, or 8
   // where those fit in L2 (64 channels), so that the bands balance (5 bands
   // of a 56x56 image on 2 threads left one thread 3) and a thread slowed by
-  // another process does not hold a large share of them
-  int64_t bands = std::max<int64_t>(1, (tiles + kBandTiles - 1) / kBandTiles);
-  const bool small_filters = winograd_floats(w) * int64_t(sizeof(float)) <= kSmallFilterBytes;
+  // another process does not hold a large share of them. Filters too large
+  // for the L3 come from memory for every band: an image then takes one
+  // band of up to kMostBandTiles, and the threads share its panels instead.
+  const int64_t filter_bytes = winograd_floats(w) * int64_t(sizeof(float));
+  const bool large_filters = filter_bytes > kLargeFilterBytes;
+  const int64_t most = large_filters ? kMostBandTiles : kBandTiles;
+  int64_t bands = std::max<int64_t>(1, (tiles + most - 1) / most);
+  const bool small_filters = filter_bytes <= kSmallFilterBytes;
   const int64_t want = (small_filters ? 8 : 2) * static_cast<int64_t>(threads);
-  if (in.n * bands < want) bands = std::min((want + in.n - 1) / in.n, (tiles + MR - 1) / MR);
+  if (!large_filters && in.n * bands < want)
+    bands = std::min((want + in.n - 1) / in.n, (tiles + MR - 1) / MR);
   plan.band = round_up((tiles + bands - 1) / bands, MR);
   plan.bands = (tiles + plan.band - 1) / plan.band;
+  panel_groups = panel_groups || large_filters;
   // Few bands (one small image), panel_groups: each band's panels split in
   // groups of two or more, every group's task transforming the band's input
   // again (a small share of its products at 64+ output channels). The eager
   // op transforms the filters on every call, each thread half the panels
   // (pack_winograd), which then sit in its L2: tasks taken in ranges read
   // them there, and a thread slowed by another process no longer holds a
-  // whole band. The engine's filters, packed once, gain nothing from it.
+  // whole band. The engine's filters, packed once, gain nothing from it,
+  // unless they are large (above).
   const int64_t many = 4 * static_cast<int64_t>(threads), units = in.n * plan.bands;
   if (panel_groups && units < many)
     plan.groups = std::max<int64_t>(1, std::min((many + units - 1) / units, w.panels / 2));
@@ -391,7 +404,7 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
     const int me = omp_get_thread_num();
     float* v = scratch + me * (plan.v_floats + plan.m_floats);
     float* mb = v + plan.v_floats;
-    const float* rows[kBandTiles + MR];
+    const float* rows[kMostBandTiles + MR];
     for (int64_t task = ranges.next(me); task >= 0; task = ranges.next(me)) {
       const int64_t unit = task % units, u_lo = task / units * group;
       const int64_t u_hi = std::min(w.panels, u_lo + group);
