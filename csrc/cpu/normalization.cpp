@@ -64,12 +64,28 @@ void lrn_scale(const T* x, int64_t C, int64_t S, int64_t s0, int64_t ns, const L
   }
 }
 
+// v[j] = v[j]^-beta over n values (each at least k, which may be 0). For
+// beta = 0.75 (AlexNet's, ZFNet's) as 1 / (sqrt(v) sqrt(sqrt(v))), a loop
+// that vectorises, within 2 ulp of pow, where std::pow is a call per element
+// (LRN took 7% of ZFNet's compiled forward).
+template <typename T>
+void inverse_powers(T* v, int64_t n, double beta) {
+  if (beta == 0.75) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T r = std::sqrt(v[j]);
+      v[j] = T(1) / (r * std::sqrt(r));
+    }
+    return;
+  }
+  const T e = static_cast<T>(-beta);
+  for (int64_t j = 0; j < n; ++j) v[j] = std::pow(v[j], e);
+}
+
 template <typename T>
 void lrn_forward(const T* x, const NCS& d, const LrnParams& p, T* y) {
   const int64_t tiles = (d.s + kLrnTile - 1) / kLrnTile, tasks = d.n * tiles;
   const int threads = detail::threads_for(tasks, d.n * d.c * d.s * p.size);
   detail::Workspace<T> ws(threads, d.c * kLrnTile);
-  const T beta = static_cast<T>(p.beta);
 #pragma omp parallel num_threads(threads)
   {
     T* scale = ws.get(omp_get_thread_num());
@@ -78,10 +94,11 @@ void lrn_forward(const T* x, const NCS& d, const LrnParams& p, T* y) {
       const int64_t n = t / tiles, s0 = (t % tiles) * kLrnTile, ns = std::min(kLrnTile, d.s - s0);
       const T* xn = x + n * d.c * d.s;
       lrn_scale(xn, d.c, d.s, s0, ns, p, scale);
+      inverse_powers(scale, d.c * ns, p.beta);
       for (int64_t c = 0; c < d.c; ++c) {
         const T* xc = xn + c * d.s + s0;
         T* yc = y + (n * d.c + c) * d.s + s0;
-        for (int64_t j = 0; j < ns; ++j) yc[j] = xc[j] * std::pow(scale[c * ns + j], -beta);
+        for (int64_t j = 0; j < ns; ++j) yc[j] = xc[j] * scale[c * ns + j];
       }
     }
   }
@@ -93,7 +110,6 @@ void lrn_backward(const T* gy, const T* x, const NCS& d, const LrnParams& p, T* 
   const int64_t tiles = (d.s + kLrnTile - 1) / kLrnTile, tasks = d.n * tiles;
   const int threads = detail::threads_for(tasks, d.n * d.c * d.s * p.size);
   detail::Workspace<T> ws(threads, 2 * d.c * kLrnTile);
-  const T beta = static_cast<T>(p.beta);
   const T coef = static_cast<T>(2.0 * p.alpha * p.beta / static_cast<double>(p.size));
   // j in window(c)  <=>  c in [j - (size - 1) / 2, j + size / 2]
   const int64_t before = (p.size - 1) / 2, after = p.size / 2;
@@ -107,16 +123,17 @@ void lrn_backward(const T* gy, const T* x, const NCS& d, const LrnParams& p, T* 
       const T* xn = x + n * d.c * d.s;
       const T* gn = gy + n * d.c * d.s;
       lrn_scale(xn, d.c, d.s, s0, ns, p, scale);
+      std::copy(scale, scale + d.c * ns, t_buf);  // s
+      inverse_powers(scale, d.c * ns, p.beta);     // s^-beta
       for (int64_t c = 0; c < d.c; ++c)
-        for (int64_t j = 0; j < ns; ++j) {
-          const T s = scale[c * ns + j];
-          t_buf[c * ns + j] = gn[c * d.s + s0 + j] * xn[c * d.s + s0 + j] * std::pow(s, -beta - T(1));
-        }
+        for (int64_t j = 0; j < ns; ++j)  // g x s^(-beta - 1)
+          t_buf[c * ns + j] = gn[c * d.s + s0 + j] * xn[c * d.s + s0 + j] * scale[c * ns + j] /
+                              t_buf[c * ns + j];
       for (int64_t c = 0; c < d.c; ++c) {
         T* gc = gx + (n * d.c + c) * d.s + s0;
         const T* xc = xn + c * d.s + s0;
         const T* gyc = gn + c * d.s + s0;
-        for (int64_t j = 0; j < ns; ++j) gc[j] = gyc[j] * std::pow(scale[c * ns + j], -beta);
+        for (int64_t j = 0; j < ns; ++j) gc[j] = gyc[j] * scale[c * ns + j];
         const int64_t lo = std::max<int64_t>(0, c - before), hi = std::min<int64_t>(d.c - 1, c + after);
         for (int64_t q = lo; q <= hi; ++q) {
           const T* tq = t_buf + q * ns;
