@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <cstdlib>
 
 #include "convcore/errors.h"
 #include "engine_internal.h"
@@ -109,6 +110,7 @@ int winograd_m(const graph::ConvAttrs& a, const Shape& out, bool wide_batch) {
       a.p.dilation_w != 1 || a.p.groups != 1 || a.in < 32 || a.out < 32)
     return 0;
   const int64_t side = std::min(out[1], out[2]);
+  if (const char* e = std::getenv("CC_WMIN")) if (side < std::atoi(e)) return 0;
   if (side >= 28) return 4;  // F(4x4): fewest products, ragged tiles rare
   if (side >= 8) return 2;   // F(2x2): 4x4 tiles waste less of a small image
   if (side >= 7 && wide_batch) return 2;
