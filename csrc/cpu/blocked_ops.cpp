@@ -136,7 +136,8 @@ CONVCORE_ALWAYS_INLINE void depthwise_block(const float* x, int64_t W, const flo
 // of columns is taken by one more block that ends at ow_hi and overlaps the
 // block before (those columns are computed again, to the same values): one
 // column at a time is a single chain of dependent FMAs, a quarter of the
-// throughput (an 11-wide plane had 3 of 11 columns so).
+// throughput (an 11-wide plane had 3 of 11 columns so). A rest of up to 4
+// takes a block of 4 (11 wide: 8 + 4 columns computed, not 8 + 8).
 template <int B, Act A, int KW, int SW, int R>
 CONVCORE_ALWAYS_INLINE void depthwise_interior(const float* x, int64_t W, const float* w,
                                                int64_t kw, const Conv2dParams& p, Vec<B> b,
@@ -153,7 +154,7 @@ CONVCORE_ALWAYS_INLINE void depthwise_interior(const float* x, int64_t W, const 
                                       row_step, y_step)
   int64_t ow = ow_lo;
   for (; ow + 8 <= ow_hi; ow += 8) CONVCORE_DW_BLOCK(8, ow);
-  if (ow < ow_hi && ow_hi - ow_lo >= 8) CONVCORE_DW_BLOCK(8, ow_hi - 8), ow = ow_hi;
+  if (ow_hi - ow > 4 && ow_hi - ow_lo >= 8) CONVCORE_DW_BLOCK(8, ow_hi - 8), ow = ow_hi;
   for (; ow + 4 <= ow_hi; ow += 4) CONVCORE_DW_BLOCK(4, ow);
   if (ow < ow_hi && ow_hi - ow_lo >= 4) CONVCORE_DW_BLOCK(4, ow_hi - 4), ow = ow_hi;
   for (; ow < ow_hi; ++ow) CONVCORE_DW_BLOCK(1, ow);
