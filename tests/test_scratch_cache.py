@@ -158,3 +158,31 @@ def test_pool_indices_and_float64_outputs_use_the_cache(cache_limit):
     del y, idx, y64
     gc.collect()
     assert convcore.scratch_cache_bytes() >= before + 8 * 4 * 64 * 64 * 64 + x.nbytes
+
+
+def test_a_gate_product_and_its_gradients_use_the_cache(cache_limit):
+    # a squeeze-and-excitation gate: x * s with s (N, C, 1, 1), forward and
+    # backward (Graph's mul), into blocks of the cache, equal to numpy's
+    convcore.set_scratch_cache_limit(256 << 20)
+    from convcore import functional as F
+    from convcore.nn import Graph, Sigmoid
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(BIG).astype(np.float32)
+    s = rng.standard_normal(BIG[:2] + (1, 1)).astype(np.float32)
+    np.testing.assert_array_equal(F.mul(x, s), x * s)
+    np.testing.assert_array_equal(F.mul(s, x), s * x)
+    small = F.mul(s, s)  # the shape of both, under the cache's smallest block
+    np.testing.assert_array_equal(small, s * s)
+    with pytest.raises(ValueError):
+        F.mul(x, s[:, :3])
+    gate = Graph({"sig": Sigmoid()}, ["s = sig(x)", "y = mul(x, s)"])
+    y = gate(x)
+    g = rng.standard_normal(BIG).astype(np.float32)
+    gx = gate.backward(g)
+    sig = 1 / (1 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(y, x * sig, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gx, g * sig + g * x * sig * (1 - sig), rtol=1e-4, atol=1e-5)
+    before = convcore.scratch_cache_bytes()
+    del y, gx
+    gc.collect()
+    assert convcore.scratch_cache_bytes() > before  # the product and a gradient were blocks

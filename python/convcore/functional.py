@@ -583,6 +583,21 @@ def add(input, other) -> np.ndarray:
     return np.add(a, b, out=_core.empty(list(a.shape), a.dtype))
 
 
+def mul(input, other) -> np.ndarray:
+    """input * other, broadcast as numpy does, into a new array that, when the
+    product has the shape and dtype of one of them and is large, comes from
+    the core's cache of blocks (as add): a squeeze-and-excitation gate's
+    x * s and its gradients then need no fresh pages. GPU arrays multiply by
+    their own library."""
+    if is_gpu_array(input) or is_gpu_array(other):
+        return input * other
+    a, b = _array(input, "input"), _array(other, "other")
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    if a.dtype == b.dtype and shape in (a.shape, b.shape):
+        return np.multiply(a, b, out=_core.empty(list(shape), a.dtype))
+    return a * b
+
+
 def cat(tensors, dim: int = 0) -> np.ndarray:
     """The arrays joined along dim, as torch.cat (numpy.concatenate): one
     dtype (float32 or float64), equal shapes outside dim. A large result

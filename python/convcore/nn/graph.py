@@ -219,7 +219,7 @@ class Graph(Module):
                     y += a
                 values[out] = y
             elif op == "mul":
-                values[out] = args[0] * args[1]
+                values[out] = F.mul(args[0], args[1])
             else:  # relu
                 values[out] = F.relu(args[0])
         # Backward needs the joins' inputs (mul, relu) and the concat sizes.
@@ -287,8 +287,8 @@ class Graph(Module):
                     accumulate(v, _unbroadcast(g, values[v].shape))
             elif op == "mul":
                 a, b = values[inputs[0]], values[inputs[1]]
-                accumulate(inputs[0], _unbroadcast(g * b, a.shape))
-                accumulate(inputs[1], _unbroadcast(g * a, b.shape))
+                accumulate(inputs[0], _unbroadcast(F.mul(g, b), a.shape))
+                accumulate(inputs[1], _unbroadcast(F.mul(g, a), b.shape))
             else:  # relu
                 xp = backend_of(g).xp  # numpy, or cupy on the GPU
                 accumulate(inputs[0], F.relu_backward(xp.ascontiguousarray(g), values[inputs[0]]))
