@@ -476,18 +476,23 @@ def test_winograd_band_of_thirteen_tiles():
     assert rel_diff(compiled(x[1:]), got[1:]) <= 1e-6
 
 
-@pytest.mark.parametrize("cin, cout, side", [(1024, 512, 13), (512, 512, 28)])
-def test_winograd_filters_larger_than_the_l3(cin, cout, side):
+@pytest.mark.parametrize("cin, cout, side, batch", [(1024, 512, 13, 3), (512, 512, 28, 3),
+                                                   (1024, 1024, 7, 17)])
+def test_winograd_filters_larger_than_the_l3(cin, cout, side, batch):
     # F(2x2) of 1024 x 512 channels and F(4x4) of 512 x 512 are over 24 MB:
-    # an image is one band (49 tiles), its output panels shared by the
-    # threads, each group transforming the input again
+    # a band holds two images' 49 tiles (three images: a band of two and
+    # one of one), its output panels shared by the threads, each group
+    # transforming the input again; 7x7 outputs (F(2x2) in a wide batch),
+    # six images' 16 tiles a band (17 images: 6, 6 and 5)
     convcore.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())
-    compiled, model, x = compiled_and_eager(model, (cin, side, side), batch=2)
+    compiled, model, x = compiled_and_eager(model, (cin, side, side), batch=batch)
     got = compiled(x)
-    assert "winograd" in compiled.plan(2)
+    assert "winograd" in compiled.plan(batch)
     assert rel_diff(got, model(x)) <= 1e-5
-    assert rel_diff(compiled(x[1:]), got[1:]) <= 1e-6
+    if batch <= 3:
+        for i in range(batch):  # an image alone: a band of one
+            assert rel_diff(compiled(x[i:i + 1]), got[i:i + 1]) <= 1e-6
 
 
 @pytest.mark.parametrize("side", [5, 7, 11, 13, 14])

@@ -121,6 +121,7 @@ void pack_winograd(const float* weight, const FilterAccess& f, const WinogradWei
                    float* u, int threads);
 struct WinogradPlan {
   int64_t tiles_h = 0, tiles_w = 0, band = 0, bands = 0;  // tiles per task, bands per image
+  int64_t images = 1;  // images a band holds (more than one: all their tiles, bands = 1)
   int64_t groups = 1;  // tasks per band: groups of output panels
   int64_t v_floats = 0, m_floats = 0;  // scratch per thread: V then M
   std::vector<int64_t> koff;

@@ -40,10 +40,11 @@ constexpr int64_t kBandTiles = 48;
 // Transformed filters this small stay in L2 while a thread runs band after band.
 constexpr int64_t kSmallFilterBytes = int64_t(1) << 20;
 // Transformed filters this large (F(2x2) of 1024 x 512 channels: 32 MB) do
-// not stay in an L3 of 32 MB shared with the rest of the net: one band an
-// image, of up to kMostBandTiles (a 13 x 13 output's 49 tiles in F(2x2)).
+// not stay in an L3 of 32 MB shared with the rest of the net: a band holds
+// an image, or several small ones, of up to kMostBandTiles in all (two
+// 13 x 13 outputs' 49 tiles in F(2x2), six 7 x 7 outputs' 16).
 constexpr int64_t kLargeFilterBytes = int64_t(24) << 20;
-constexpr int64_t kMostBandTiles = 2 * kBandTiles;
+constexpr int64_t kMostBandTiles = 112;
 
 // The input transform of tiles [t0, t1) of a band: V[xi][t - t0][c].
 template <int M, int B>
@@ -367,6 +368,10 @@ WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Imag
     bands = std::min((want + in.n - 1) / in.n, (tiles + MR - 1) / MR);
   plan.band = round_up((tiles + bands - 1) / bands, MR);
   plan.bands = (tiles + plan.band - 1) / plan.band;
+  if (large_filters && plan.bands == 1) {  // the filters stream once for several images
+    plan.images = std::clamp<int64_t>(kMostBandTiles / tiles, 1, in.n);
+    plan.band = round_up(plan.images * tiles, MR);
+  }
   panel_groups = panel_groups || large_filters;
   // Few bands (one small image), panel_groups: each band's panels split in
   // groups of two or more, every group's task transforming the band's input
@@ -376,7 +381,8 @@ WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Imag
   // them there, and a thread slowed by another process no longer holds a
   // whole band. The engine's filters, packed once, gain nothing from it,
   // unless they are large (above).
-  const int64_t many = 4 * static_cast<int64_t>(threads), units = in.n * plan.bands;
+  const int64_t many = 4 * static_cast<int64_t>(threads);
+  const int64_t units = (in.n + plan.images - 1) / plan.images * plan.bands;
   if (panel_groups && units < many)
     plan.groups = std::max<int64_t>(1, std::min((many + units - 1) / units, w.panels / 2));
   const int64_t points = (w.m + 2) * (w.m + 2);
@@ -392,7 +398,7 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
                      const Image& out, float* scratch, int threads) {
   const int64_t B = w.lanes, cblocks = w.cin_pad / B, oblocks = (w.cout + B - 1) / B;
   const int64_t tiles = plan.tiles_h * plan.tiles_w, points = (w.m + 2) * (w.m + 2);
-  const int64_t band = plan.band, units = in.n * plan.bands;
+  const int64_t band = plan.band, units = (in.n + plan.images - 1) / plan.images * plan.bands;
   const int64_t group = (w.panels + plan.groups - 1) / plan.groups;  // panels a group
   const int64_t tasks = units * ((w.panels + group - 1) / group), P = out.h * out.w;
   const int team = static_cast<int>(std::min<int64_t>(threads, tasks));
@@ -408,31 +414,38 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
     for (int64_t task = ranges.next(me); task >= 0; task = ranges.next(me)) {
       const int64_t unit = task % units, u_lo = task / units * group;
       const int64_t u_hi = std::min(w.panels, u_lo + group);
-      const int64_t n = unit / plan.bands;
+      // images [n0, n1), each the tiles [t0, t1): rows one after another
+      const int64_t n0 = unit / plan.bands * plan.images;
+      const int64_t n1 = std::min(in.n, n0 + plan.images);
       const int64_t t0 = (unit % plan.bands) * band, t1 = std::min(tiles, t0 + band);
-      input_tiles(w.m, in.data + n * in.image_stride, in.h, in.w, cblocks, plan.tiles_w,
-                  p.pad_top, p.pad_left, t0, t1, band, w.cin_pad, v);
+      const int64_t per = t1 - t0, count = (n1 - n0) * per;
+      for (int64_t n = n0; n < n1; ++n)
+        input_tiles(w.m, in.data + n * in.image_stride, in.h, in.w, cblocks, plan.tiles_w,
+                    p.pad_top, p.pad_left, t0, t1, band, w.cin_pad,
+                    v + (n - n0) * per * w.cin_pad);
       for (int64_t xi = 0; xi < points; ++xi) {
         const float* vx = v + xi * band * w.cin_pad;
-        for (int64_t t = 0; t < t1 - t0; ++t) rows[t] = vx + t * w.cin_pad;
+        for (int64_t t = 0; t < count; ++t) rows[t] = vx + t * w.cin_pad;
         for (int64_t u = u_lo; u < u_hi; ++u) {
           const float* ub = u_packed + (xi * w.panels + u) * w.cin_pad * NR;
           float* mt = mb + ((xi * w.panels + u) * band) * NR;
           const int nr = static_cast<int>(std::min<int64_t>(NR, w.cout - u * NR));
-          for (int64_t q = 0, mr; q < t1 - t0; q += mr) {
-            mr = gemm::gather_tile_rows(t1 - t0 - q);
+          for (int64_t q = 0, mr; q < count; q += mr) {
+            mr = gemm::gather_tile_rows(count - q);
             gemm::gather_kernel(w.cin_pad, plan.koff.data(), rows + q, ub, mt + q * NR,
                                 static_cast<int>(mr), false, nr);
           }
         }
       }
-      // the group's output channel blocks
+      // the group's output channel blocks, image by image
       const int64_t ob_lo = u_lo * NR / B, ob_hi = std::min(oblocks, u_hi * NR / B);
-      const float* res = e.residual ? e.residual + n * e.residual_image_stride : nullptr;
-      output_tiles(w.m, mb + u_lo * band * NR, w.panels, band, t0, t1, plan.tiles_w,
-                   ob_hi - ob_lo, out.h, out.w, e.bias ? e.bias + ob_lo * B : nullptr,
-                   res ? res + ob_lo * P * B : nullptr,
-                   out.data + n * out.image_stride + ob_lo * P * B, e.act);
+      for (int64_t n = n0; n < n1; ++n) {
+        const float* res = e.residual ? e.residual + n * e.residual_image_stride : nullptr;
+        output_tiles(w.m, mb + (u_lo * band + (n - n0) * per) * NR, w.panels, band, t0, t1,
+                     plan.tiles_w, ob_hi - ob_lo, out.h, out.w,
+                     e.bias ? e.bias + ob_lo * B : nullptr, res ? res + ob_lo * P * B : nullptr,
+                     out.data + n * out.image_stride + ob_lo * P * B, e.act);
+      }
     }
   }
 }
