@@ -175,6 +175,8 @@ def test_a_gate_product_and_its_gradients_use_the_cache(cache_limit):
     np.testing.assert_array_equal(small, s * s)
     with pytest.raises(ValueError):
         F.mul(x, s[:, :3])
+    np.testing.assert_array_equal(F.mul(x.astype(np.float16), s.astype(np.float16)),
+                                  x.astype(np.float16) * s.astype(np.float16))  # numpy's
     gate = Graph({"sig": Sigmoid()}, ["s = sig(x)", "y = mul(x, s)"])
     y = gate(x)
     g = rng.standard_normal(BIG).astype(np.float32)

@@ -356,8 +356,8 @@ WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Imag
   // where those fit in L2 (64 channels), so that the bands balance (5 bands
   // of a 56x56 image on 2 threads left one thread 3) and a thread slowed by
   // another process does not hold a large share of them. Filters too large
-  // for the L3 come from memory for every band: an image then takes one
-  // band of up to kMostBandTiles, and the threads share its panels instead.
+  // for the L3 come from memory for every band: a band then holds an image,
+  // or several small ones, and the threads share its panels instead.
   const int64_t filter_bytes = winograd_floats(w) * int64_t(sizeof(float));
   const bool large_filters = filter_bytes > kLargeFilterBytes;
   const int64_t most = large_filters ? kMostBandTiles : kBandTiles;

@@ -593,7 +593,7 @@ def mul(input, other) -> np.ndarray:
         return input * other
     a, b = _array(input, "input"), _array(other, "other")
     shape = np.broadcast_shapes(a.shape, b.shape)
-    if a.dtype == b.dtype and shape in (a.shape, b.shape):
+    if a.dtype == b.dtype and a.dtype in (np.float32, np.float64) and shape in (a.shape, b.shape):
         return np.multiply(a, b, out=_core.empty(list(shape), a.dtype))
     return a * b
 
