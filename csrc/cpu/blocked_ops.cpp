@@ -111,47 +111,22 @@ CONVCORE_ALWAYS_INLINE void depthwise_columns(const float* x, int64_t W, const f
     for (int u = 0; u < U; ++u) store<B>(yr + r * y_step + (ow + u) * B, apply<A>(acc[r][u]));
 }
 
-// depthwise_columns' U columns from ow of R rows from ih0: in one call up to
-// 8 accumulators (enough chains for two FMA pipes; 16 in a call spilled
-// registers with 7-tap rows), else a row at a time. (Kernels are functions,
-// not lambdas: a lambda's body does not take its caller's target ISA.)
-template <int B, Act A, int KW, int SW, int U, int R>
-CONVCORE_ALWAYS_INLINE void depthwise_block(const float* x, int64_t W, const float* w,
-                                            int64_t kw, const Conv2dParams& p, Vec<B> b,
-                                            int64_t ih0, int64_t i_lo, int64_t i_hi, int64_t ow,
-                                            int64_t step, int64_t tap_step, float* yr,
-                                            int64_t row_step, int64_t y_step) {
-  if constexpr (R * U <= 8) {
-    depthwise_columns<B, A, KW, SW, U, R>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, step, tap_step,
-                                          yr, row_step, y_step);
-  } else {
-    for (int r = 0; r < R; ++r)
-      depthwise_columns<B, A, KW, SW, U>(x, W, w, kw, p, b, ih0 + r * p.stride_h, i_lo, i_hi, ow,
-                                         step, tap_step, yr + r * y_step);
-  }
-}
-
-// The columns [ow_lo, ow_hi), whose windows lie inside the image, of R rows
-// from output row oh (R = 2: every kernel row of both inside). A short rest
-// of columns is taken by one more block that ends at ow_hi and overlaps the
-// block before (those columns are computed again, to the same values): one
-// column at a time is a single chain of dependent FMAs, a quarter of the
-// throughput (an 11-wide plane had 3 of 11 columns so). A rest of up to 4
-// takes a block of 4 (11 wide: 8 + 4 columns computed, not 8 + 8).
-template <int B, Act A, int KW, int SW, int R>
+// The columns [ow_lo, ow_hi), whose windows lie inside the image, of output
+// row oh. A short rest of columns is taken by one more block that ends at
+// ow_hi and overlaps the block before (those columns are computed again, to
+// the same values): one column at a time is a single chain of dependent
+// FMAs, a quarter of the throughput (an 11-wide plane had 3 of 11 columns
+// so). A rest of up to 4 takes a block of 4 (11 wide: 8 + 4 columns
+// computed, not 8 + 8).
+template <int B, Act A, int KW, int SW>
 CONVCORE_ALWAYS_INLINE void depthwise_interior(const float* x, int64_t W, const float* w,
                                                int64_t kw, const Conv2dParams& p, Vec<B> b,
-                                               int64_t oh, int64_t i_lo, int64_t i_hi,
-                                               int64_t ow_lo, int64_t ow_hi, int64_t Wo,
-                                               float* y) {
-  const int64_t ih0 = oh * p.stride_h - p.pad_top;
+                                               int64_t ih0, int64_t i_lo, int64_t i_hi,
+                                               int64_t ow_lo, int64_t ow_hi, float* yr) {
   const int64_t step = (SW > 0 ? SW : p.stride_w) * B;
   const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
-  const int64_t row_step = p.stride_h * W * B, y_step = Wo * B;
-  float* yr = y + oh * Wo * B;
-#define CONVCORE_DW_BLOCK(U, at)                                                                 \
-  depthwise_block<B, A, KW, SW, U, R>(x, W, w, kw, p, b, ih0, i_lo, i_hi, at, step, tap_step, yr, \
-                                      row_step, y_step)
+#define CONVCORE_DW_BLOCK(U, at) \
+  depthwise_columns<B, A, KW, SW, U>(x, W, w, kw, p, b, ih0, i_lo, i_hi, at, step, tap_step, yr)
   int64_t ow = ow_lo;
   for (; ow + 8 <= ow_hi; ow += 8) CONVCORE_DW_BLOCK(8, ow);
   if (ow_hi - ow > 4 && ow_hi - ow_lo >= 8) CONVCORE_DW_BLOCK(8, ow_hi - 8), ow = ow_hi;
@@ -161,13 +136,40 @@ CONVCORE_ALWAYS_INLINE void depthwise_interior(const float* x, int64_t W, const 
 #undef CONVCORE_DW_BLOCK
 }
 
+// The same for two rows from ih0 whose kernel rows all lie inside, in rows
+// of fewer than 8 inside columns (a 7x7 plane): blocks of 4 columns of both
+// rows, 8 accumulator chains (one row's 4 leave the FMA pipes waiting on
+// their latency), each weight read once for both. (Only these narrow rows:
+// the blocks of 8 have their 8 chains, and more kernel variants made the
+// file's sanitizer build much slower.)
+template <int B, Act A, int KW, int SW>
+CONVCORE_ALWAYS_INLINE void depthwise_interior_pair(const float* x, int64_t W, const float* w,
+                                                    int64_t kh, int64_t kw, const Conv2dParams& p,
+                                                    Vec<B> b, int64_t ih0, int64_t ow_lo,
+                                                    int64_t ow_hi, int64_t Wo, float* yr) {
+  const int64_t step = (SW > 0 ? SW : p.stride_w) * B;
+  const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
+  const int64_t row_step = p.stride_h * W * B;
+  int64_t ow = ow_lo;
+  for (; ow + 4 <= ow_hi; ow += 4)
+    depthwise_columns<B, A, KW, SW, 4, 2>(x, W, w, kw, p, b, ih0, 0, kh, ow, step, tap_step, yr,
+                                          row_step, Wo * B);
+  if (ow < ow_hi && ow_hi - ow_lo >= 4)
+    depthwise_columns<B, A, KW, SW, 4, 2>(x, W, w, kw, p, b, ih0, 0, kh, ow_hi - 4, step,
+                                          tap_step, yr, row_step, Wo * B),
+        ow = ow_hi;
+  for (; ow < ow_hi; ++ow)
+    for (int r = 0; r < 2; ++r)
+      depthwise_columns<B, A, KW, SW, 1>(x, W, w, kw, p, b, ih0 + r * p.stride_h, 0, kh, ow, step,
+                                         tap_step, yr + r * Wo * B);
+}
+
 // Output rows [oh0, oh1) of one channel block: every tap of the window that
 // lies in the image, B lanes at a time. The columns whose window lies inside
 // the image (most of them) run without bounds checks, U at a time: U
 // independent accumulator chains keep both FMA pipes busy (4 left them
-// waiting on the FMA latency). Two rows whose windows' rows all lie inside
-// run together, so that a narrow plane's blocks of 4 columns (7 x 7) have 8
-// chains too and read each weight once for both. KW > 0: the kernel width
+// waiting on the FMA latency); a narrow plane's rows (7 x 7) go two at a
+// time (depthwise_interior_pair). KW > 0: the kernel width
 // known at compile time (3, 5 and 7: MobileNet's, EfficientNet's and
 // NASNet's), so the taps unroll, and SW > 0 the stride (1 or 2) with
 // dilation 1, so the U columns' offsets are constants (runtime offsets
@@ -185,11 +187,13 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
   ow_lo = std::min(ow_lo, Wo);
   ow_hi = std::clamp(ow_hi, ow_lo, Wo);
   const Vec<B> b = bias ? load<B>(bias) : Vec<B>{};
-  // the first input row of output row oh, and whether all kh rows from it lie inside
+  // output rows two at a time where both windows' rows lie inside and the
+  // rows are narrow (depthwise_interior_pair)
   const int64_t reach_h = (kh - 1) * p.dilation_h;
+  const bool narrow = ow_hi - ow_lo < 8;
   for (int64_t oh = oh0; oh < oh1;) {
     const int64_t top = oh * p.stride_h - p.pad_top, next = top + p.stride_h;
-    const int rows = oh + 1 < oh1 && top >= 0 && next + reach_h < H ? 2 : 1;
+    const int rows = narrow && oh + 1 < oh1 && top >= 0 && next + reach_h < H ? 2 : 1;
     for (int r = 0; r < rows; ++r) {
       const int64_t ih0 = top + r * p.stride_h;
       int64_t i_lo = 0, i_hi = kh;  // kernel rows inside the image
@@ -201,11 +205,11 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
       for (int64_t ow = ow_hi; ow < Wo; ++ow)
         depthwise_edge<B, A>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow, yr);
       if (rows == 1)
-        depthwise_interior<B, A, KW, SW, 1>(x, W, w, kw, p, b, oh, i_lo, i_hi, ow_lo, ow_hi, Wo,
-                                            y);
+        depthwise_interior<B, A, KW, SW>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow_lo, ow_hi, yr);
     }
     if (rows == 2)
-      depthwise_interior<B, A, KW, SW, 2>(x, W, w, kw, p, b, oh, 0, kh, ow_lo, ow_hi, Wo, y);
+      depthwise_interior_pair<B, A, KW, SW>(x, W, w, kh, kw, p, b, top, ow_lo, ow_hi, Wo,
+                                            y + oh * Wo * B);
     oh += rows;
   }
 }
