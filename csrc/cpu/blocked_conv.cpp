@@ -82,11 +82,15 @@ CONVCORE_ALWAYS_INLINE void gather_store_block(int64_t kc, const int64_t* koff,
                                                int64_t res_stride, float* dst,
                                                int64_t dst_stride, const gemm::Ahead& ahead) {
   Vec<B> acc[RB][VP];
-  // rows one vector apart (a blocked input, stride 1), or two floats apart
-  // (a plain input at stride 2: the first layers of the MobileNets and
-  // EfficientNet), else one pointer per row
+  // rows one vector apart (a blocked input, stride 1), one float apart (a
+  // plain input at stride 1: the pointwise layer after a grouped
+  // convolution run in the plain layout), or two floats apart (a plain input
+  // at stride 2: the first layers of the MobileNets and EfficientNet), else
+  // one pointer per row
   if (gemm::rows_even<float, RB, B>(rows, i0, mr))
     gemm::gather_sums_even<float, Vec<B>, RB, VP, B>(kc, koff, rows[i0], bp, acc, ahead);
+  else if (gemm::rows_even<float, RB, 1>(rows, i0, mr))
+    gemm::gather_sums_even<float, Vec<B>, RB, VP, 1>(kc, koff, rows[i0], bp, acc, ahead);
   else if (gemm::rows_even<float, RB, 2>(rows, i0, mr))
     gemm::gather_sums_even<float, Vec<B>, RB, VP, 2>(kc, koff, rows[i0], bp, acc, ahead);
   else
