@@ -425,6 +425,30 @@ def test_a_saved_file_compiles_straight_from_the_c_reader(tmp_path):
         convcore.compile(tmp_path / "bad.safetensors")
 
 
+def test_a_file_compiled_for_several_batch_classes_and_shapes(tmp_path):
+    """A net read from a file gives up the graph's copy of each weight it
+    packs; a later compile (a wide batch, another image size) shares the
+    packings whose algorithm stays and reads again from the file only the
+    layers it packs anew (Winograd on the 7x7 images in a wide batch, the
+    plain grouped layer's weights). Every compile matches the eager model."""
+    convcore.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(32, 16, 1))
+    model = randomize_batch_norm(model, np.random.default_rng(0)).eval()
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    from_file = convcore.compile(path, threads=2)
+    rng = np.random.default_rng(1)
+    for batch, side in ((1, 7), (16, 7), (3, 7), (2, 9), (16, 9), (1, 7), (17, 7)):
+        x = rng.standard_normal((batch, 8, side, side)).astype(np.float32)
+        assert rel_diff(from_file(x), model(x)) <= 1e-5, (batch, side)
+    kinds = [[f for f in line.split("  ") if f.strip()][1].strip()
+             for line in from_file.plan(16, (8, 7, 7)).splitlines()[2:]]
+    assert kinds.count("winograd") == 1 and "conv(core)" in kinds, kinds
+
+
 def test_bad_inputs_get_clear_errors():
     convcore.manual_seed(0)
     compiled = convcore.compile(models.lenet5().eval())

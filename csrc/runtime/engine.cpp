@@ -228,12 +228,12 @@ Plan& Engine::Impl::plan(Compiled& c, int64_t batch, int threads) const {
                       c.vals[static_cast<std::size_t>(s.in[0])].blocked};
     blocked::Image out{nullptr, batch, os[0], os[1], os[2], 0, true};
     if (s.kind == Kind::Winograd) {
-      p->winograd_plans[i] = blocked::plan_winograd(s.winograd, in, out, threads);
+      p->winograd_plans[i] = blocked::plan_winograd(s.packed->winograd, in, out, threads);
       const auto& wp = p->winograd_plans[i];
       p->scratch_elements = std::max(p->scratch_elements, threads * (wp.v_floats + wp.m_floats));
       continue;
     }
-    p->conv_plans[i] = blocked::plan_conv(s.packed, s.conv, in, out, threads);
+    p->conv_plans[i] = blocked::plan_conv(s.packed->conv, s.conv, in, out, threads);
     const auto& cp = p->conv_plans[i];
     p->scratch_elements = std::max(p->scratch_elements, cp.frame_floats + threads * cp.tile_floats);
   }
@@ -340,19 +340,19 @@ void Engine::Impl::run_step(const Compiled& c, const Plan& p, const Step& s, cha
     case Kind::Conv: {
       const std::size_t i = static_cast<std::size_t>(&s - c.steps.data());
       float* scratch = reinterpret_cast<float*>(arena + static_cast<std::size_t>(p.values_elements) * item);
-      blocked::conv2d(image(s.in[0]), s.packed, s.conv, p.conv_plans[i], e, image(s.out), scratch,
+      blocked::conv2d(image(s.in[0]), s.packed->conv, s.conv, p.conv_plans[i], e, image(s.out), scratch,
                       threads);
       return;
     }
     case Kind::Winograd: {
       const std::size_t i = static_cast<std::size_t>(&s - c.steps.data());
       float* scratch = reinterpret_cast<float*>(arena + static_cast<std::size_t>(p.values_elements) * item);
-      blocked::winograd_conv2d(image(s.in[0]), s.winograd, s.winograd.u.data(), s.conv, p.winograd_plans[i], e,
+      blocked::winograd_conv2d(image(s.in[0]), s.packed->winograd, s.packed->winograd.u.data(), s.conv, p.winograd_plans[i], e,
                                image(s.out), scratch, threads);
       return;
     }
     case Kind::Depthwise:
-      return blocked::depthwise_conv2d(image(s.in[0]), s.depthwise.data(), s.kh, s.kw, s.conv, e,
+      return blocked::depthwise_conv2d(image(s.in[0]), s.packed->depthwise.data(), s.kh, s.kw, s.conv, e,
                                        image(s.out), threads);
     case Kind::ConvPlain: {
       const TensorView b = s.bias.defined() ? s.bias.view() : TensorView();
@@ -548,9 +548,7 @@ int64_t Engine::Impl::chunk_images(Compiled& c, int64_t batch) const {
       z.activations += elements;
       for (int v : s.in) elements += graph::numel(val_shape(c, c.steps, v));
       z.step = std::max(z.step, elements);
-      z.weights += (s.weight.defined() ? s.weight.numel() : 0) +
-                   static_cast<int64_t>(s.packed.panels.size() + s.winograd.u.size() +
-                                        s.depthwise.size());
+      z.weights += (s.weight.defined() ? s.weight.numel() : 0) + (s.packed ? s.packed->floats() : 0);
       if (s.kind == Kind::Linear && s.node) {
         const Tensor* w = s.node->tensor("weight");
         if (w) z.weights += w->numel(), z.linear_weights += w->numel();
@@ -699,7 +697,7 @@ const graph::Graph& Engine::graph() const { return impl_->g; }
 DType Engine::dtype() const { return impl_->dtype; }
 int Engine::threads() const { return impl_->threads(); }
 
-void Engine::set_reload(std::function<void(graph::Graph&)> reload) {
+void Engine::set_reload(std::function<void(graph::Node&)> reload) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   impl_->reload = std::move(reload);
 }

@@ -53,9 +53,10 @@ class Engine {
   // for small batches: a net with an algorithm that depends on the batch
   // (Winograd on 7x7 images) compiles again at its first batch of 16 or more.
   void prepare(const std::vector<int64_t>& sample_shape);
-  // How to read the graph's tensors again: the engine then frees its copy
-  // of the weights it packs, and reloads them for another sample shape.
-  void set_reload(std::function<void(graph::Graph&)> reload);
+  // How to read a node's tensors again: the engine then frees its copy of
+  // the weights it packs, and reloads a layer's when another sample shape
+  // or batch class runs it with another algorithm.
+  void set_reload(std::function<void(graph::Node&)> reload);
 
   const graph::Graph& graph() const;
   DType dtype() const;

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-#include <cstdlib>
 
 #include "convcore/errors.h"
 #include "engine_internal.h"
@@ -110,7 +109,6 @@ int winograd_m(const graph::ConvAttrs& a, const Shape& out, bool wide_batch) {
       a.p.dilation_w != 1 || a.p.groups != 1 || a.in < 32 || a.out < 32)
     return 0;
   const int64_t side = std::min(out[1], out[2]);
-  if (const char* e = std::getenv("CC_WMIN")) if (side < std::atoi(e)) return 0;
   if (side >= 28) return 4;  // F(4x4): fewest products, ragged tiles rare
   if (side >= 8) return 2;   // F(2x2): 4x4 tiles waste less of a small image
   if (side >= 7 && wide_batch) return 2;
@@ -284,8 +282,13 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
         const auto& a = n.conv;
         s.conv = a.p;
         s.kh = a.kh, s.kw = a.kw;
-        conv_weights(f, reload != nullptr, s.weight, s.bias);
-        if (reload) released = true;
+        // the graph's copy of the weights, read again if given up after an
+        // earlier compile
+        auto weights = [&]() {
+          const Tensor* w = n.tensor("weight");
+          if (reload && (w == nullptr || !w->defined())) reload(const_cast<Node&>(n));
+          conv_weights(f, reload != nullptr, s.weight, s.bias);
+        };
         const bool depthwise = a.p.groups == a.in && a.in == a.out;
         // Groups of a few channels (ResNeXt's) run plane by plane in the
         // plain layout (the eager op's 'grouped' algorithm): the blocked
@@ -293,47 +296,64 @@ void Engine::Impl::lower(std::vector<FusedOp>& ops, Compiled& c) const {
         const bool few_per_group = !depthwise && a.p.groups > 1 && a.in / a.p.groups <= 8 &&
                                    a.out / a.p.groups <= 8;
         if (blk && a.mode == PadMode::Zeros && !few_per_group) {
-          const int64_t cpad = blocked::round_up(a.out, B);
-          s.bias_blocked = padded_floats(s.bias, cpad);
+          // the algorithm, then its packing: made once, shared by compiles
+          int variant = 0;
           if (depthwise) {
             s.kind = Kind::Depthwise;
-            s.depthwise = blocked::pack_depthwise_weights(s.weight.data_as<float>(), a.out, a.kh, a.kw);
             s.in = {want(x, true)};
           } else if (const int m = winograd_m(a, c.shapes[static_cast<std::size_t>(f.out)], c.wide_batch)) {
             s.kind = Kind::Winograd;
             s.in = {want(x, true)};
-            s.winograd = blocked::pack_winograd_weights(s.weight.data_as<float>(), a.out, a.in, m);
+            variant = m;
           } else {
             s.kind = Kind::Conv;
             // grouped layers read whole channel blocks of a blocked input
             const bool in_blocked = a.p.groups > 1 || has(x, true) || !has(x, false);
             s.in = {want(x, in_blocked)};
-            s.packed = blocked::pack_conv_weights(s.weight.data_as<float>(), a.out, a.in, a.kh,
-                                                  a.kw, a.p.groups, in_blocked);
+            variant = in_blocked;
           }
-          freed_bytes += s.weight.nbytes();
-          s.weight = Tensor();  // packed: the plain copy is not needed
-          // The graph's copy goes too when it can be read again (a file), as
-          // ONNX Runtime gives up an initializer it prepacked, here layer by
-          // layer, so a net never holds its weights twice (compile reloads
-          // them for another sample shape).
-          if (reload) {
-            for (auto& t : const_cast<Node&>(n).tensors) {
-              freed_bytes += t.second.nbytes();
-              t.second = Tensor();
+          auto& shared = packed[std::make_tuple(f.node, f.bn, static_cast<int>(s.kind), variant)];
+          if (!shared) {
+            weights();
+            auto pk = std::make_shared<PackedConv>();
+            pk->bias_blocked = padded_floats(s.bias, blocked::round_up(a.out, B));
+            const float* w = s.weight.data_as<float>();
+            if (s.kind == Kind::Depthwise)
+              pk->depthwise = blocked::pack_depthwise_weights(w, a.out, a.kh, a.kw);
+            else if (s.kind == Kind::Winograd)
+              pk->winograd = blocked::pack_winograd_weights(w, a.out, a.in, variant);
+            else
+              pk->conv = blocked::pack_conv_weights(w, a.out, a.in, a.kh, a.kw, a.p.groups,
+                                                    variant != 0);
+            shared = std::move(pk);
+            freed_bytes += s.weight.nbytes();
+            s.weight = Tensor();  // packed: the plain copy is not needed
+            s.bias = Tensor();
+            // The graph's copy goes too when it can be read again (a file), as
+            // ONNX Runtime gives up an initializer it prepacked, here layer by
+            // layer, so a net never holds its weights twice (a later compile
+            // reloads a layer it packs for another algorithm).
+            if (reload) {
+              for (auto& t : const_cast<Node&>(n).tensors) {
+                freed_bytes += t.second.nbytes();
+                t.second = Tensor();
+              }
+            }
+            // glibc keeps freed blocks in its heap, where the larger packed
+            // weights cannot reuse them: hand them back as they add up, or
+            // the heap grows by the net's size while it compiles.
+            if (freed_bytes > (16 << 20)) {
+              return_free_heap_pages();
+              freed_bytes = 0;
             }
           }
-          // glibc keeps freed blocks in its heap, where the larger packed
-          // weights cannot reuse them: hand them back as they add up, or
-          // the heap grows by the net's size while it compiles.
-          if (freed_bytes > (16 << 20)) {
-            return_free_heap_pages();
-            freed_bytes = 0;
-          }
+          s.packed = shared;
+          s.bias_blocked = shared->bias_blocked;
           if (f.residual >= 0) s.residual = want(f.residual, true);
           s.out = new_val(f.out, true);
           break;
         }
+        weights();
         int in = want(x, false);
         if (a.mode != PadMode::Zeros) {  // the explicit padding as a step of its own
           Step pad;
@@ -490,10 +510,6 @@ Compiled& Engine::Impl::compile(const Shape& sample, int64_t batch) const {
   c->sample = sample;
   c->wide_batch = wide;
   c->shapes = graph::infer_shapes(g, sample);
-  if (released) {  // the weights given up after an earlier compile, read again
-    reload(const_cast<graph::Graph&>(g));
-    released = false;
-  }
   std::vector<FusedOp> ops = fuse(c->shapes, *c);
   lower(ops, *c);
   Compiled& ref = *c;

@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../cpu/blocked.h"
@@ -105,6 +106,19 @@ struct Val {
   int view = -1;           // Flatten: the same buffer as this Val
 };
 
+// A convolution's weights (its batch norm folded) packed for one blocked
+// algorithm: one of the three, with the bias padded to whole blocks. Shared
+// by every compile (sample shape, batch class) that runs the layer so.
+struct PackedConv {
+  blocked::ConvWeights conv;          // Kind::Conv
+  blocked::WinogradWeights winograd;  // Kind::Winograd
+  std::vector<float> depthwise;       // Kind::Depthwise
+  std::vector<float> bias_blocked;
+  int64_t floats() const {
+    return static_cast<int64_t>(conv.panels.size() + winograd.u.size() + depthwise.size());
+  }
+};
+
 struct Step {
   Kind kind;
   std::vector<int> in;  // Vals
@@ -117,9 +131,7 @@ struct Step {
   Pad2dParams pad;
   int64_t kh = 0, kw = 0;
   Tensor weight, bias;  // plain (core) steps; Affine: scale, shift
-  blocked::ConvWeights packed;
-  blocked::WinogradWeights winograd;
-  std::vector<float> depthwise;
+  std::shared_ptr<const PackedConv> packed;  // blocked convolutions
   std::vector<float> bias_blocked, scale_blocked;  // padded to whole blocks
   std::vector<bool> copy_input;  // Concat: inputs not written in place
 };
@@ -172,11 +184,17 @@ struct Engine::Impl {
   mutable std::map<std::pair<Shape, bool>, std::unique_ptr<Compiled>> compiled;
   mutable std::map<Shape, bool> batch_sensitive;
   mutable std::vector<Tensor> arenas;  // free arenas, reused by later forwards
-  // Reads the graph's tensors again (a file's); when set, compile() frees
-  // the graph's copy of the weights it packs, and reloads them to compile
-  // another sample shape.
-  std::function<void(graph::Graph&)> reload;
-  mutable bool released = false;
+  // Reads a node's tensors again (a file's); when set, lower() frees the
+  // graph's copy of the weights it packs, and reloads a layer's when a
+  // later compile packs it for another algorithm.
+  std::function<void(graph::Node&)> reload;
+  // The packed convolutions, by (convolution, the batch norm folded into
+  // it, kind, variant: Winograd's m, or whether the input is blocked): a
+  // second batch class or sample shape packs only the layers whose
+  // algorithm differs, so the net's weights are not held twice.
+  mutable std::map<std::tuple<const Node*, const Node*, int, int>,
+                   std::shared_ptr<const PackedConv>>
+      packed;
 
   int threads() const { return options.threads > 0 ? options.threads : get_num_threads(); }
   bool use_blocked() const { return options.blocked && dtype == DType::Float32; }

@@ -87,16 +87,10 @@ Net Net::load(const std::string& path, const NetOptions& options) {
   impl->metadata = file.metadata();
   impl->name = g.name.empty() ? "Net" : g.name;
   impl->engine = std::make_unique<engine::Engine>(std::move(g), dtype, options);
-  // the weights the engine packs are freed, and read from the file again
-  // for another input shape
-  impl->engine->set_reload([path, dtype](graph::Graph& graph) {
-    const SafetensorsFile f = SafetensorsFile::open(path);
-    for (auto& node : graph.nodes)
-      for (const auto& t : node.tensors)
-        if (!t.second.defined()) {
-          read_tensors(f, node, dtype);
-          break;
-        }
+  // the weights the engine packs are freed, and a layer's read from the
+  // file again when another input shape or batch packs it anew
+  impl->engine->set_reload([path, dtype](graph::Node& node) {
+    read_tensors(SafetensorsFile::open(path), node, dtype);
   });
   impl->prepare();
   return Net(std::move(impl));
