@@ -127,6 +127,35 @@ def test_an_output_read_twice_is_not_fused_away():
     assert any(s.startswith("conv") and "bn" not in s for s in steps)
 
 
+def test_a_repeated_activation_or_pooling_is_computed_once():
+    """NASNet's branches each apply their own ReLU to a cell's input: an
+    activation or pooling of a value that an earlier node computes alike is
+    read from that node's output. Another activation, other pooling
+    parameters or fuse=False keep their own steps."""
+    convcore.manual_seed(0)
+    model = nn.Graph({"c": nn.Conv2d(4, 8, 3, padding=1), "r1": nn.ReLU(), "r2": nn.ReLU(),
+                      "r3": nn.ReLU6(), "p1": nn.MaxPool2d(3, 1, 1), "p2": nn.MaxPool2d(3, 1, 1),
+                      "p3": nn.MaxPool2d(5, 1, 2), "a1": nn.AvgPool2d(3, 1, 1),
+                      "a2": nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                      "d1": nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                      "d2": nn.Conv2d(8, 8, 3, padding=1, groups=8)},
+                     ["c0 = c(x)", "u = r1(c0)", "v = r2(c0)", "w = r3(c0)",
+                      "pu = p1(u)", "pv = p2(v)", "pw = p3(w)", "au = a1(u)", "av = a2(u)",
+                      "du = d1(pu)", "dv = d2(pv)",
+                      "s = add(du, dv)", "t = add(s, pw)", "q = add(au, av)", "y = add(t, q)"])
+    compiled, model, x = compiled_and_eager(model, (4, 9, 9))
+    assert rel_diff(compiled(x), model(x)) <= 1e-5
+    head, steps = plan_steps(compiled)
+    assert "2 repeated activations and pools shared" in head, head
+    assert "r2" not in " ".join(steps) and "p2" not in steps, steps
+    # the ReLU6, the wider pool and the other average pool stay; both
+    # depthwise layers (weights of their own) run on the one pooled value
+    assert "p3" in steps and "a1" in steps and "a2" in steps and "d1" in steps and "d2" in steps
+    unfused = engine(model, fuse=False)
+    assert "0 repeated activations and pools shared" in unfused.plan(2, (4, 9, 9))
+    assert rel_diff(unfused.forward(x), model(x)) <= 1e-5
+
+
 def test_batch_norm_with_batch_statistics_is_not_folded():
     # track_running_stats=False normalises with the batch's statistics even in
     # eval mode (as PyTorch): it cannot be folded into the weights

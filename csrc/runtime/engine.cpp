@@ -774,7 +774,8 @@ std::string Engine::summary(const Shape& sample, int64_t batch) const {
   std::ostringstream os;
   const std::size_t item = dtype_size(m.dtype);
   os << "compiled: " << c.steps.size() << " steps, " << c.folded << " batch norms folded, "
-     << c.fused << " adds and activations fused, " << c.in_place
+     << c.fused << " adds and activations fused, " << c.shared
+     << " repeated activations and pools shared, " << c.in_place
      << " concatenation inputs written in place; arena "
      << how.team * (p.values_elements + p.scratch_elements) * static_cast<int64_t>(item)
      << " bytes for a batch of " << batch

@@ -142,6 +142,19 @@ std::vector<FusedOp> Engine::Impl::fuse(const std::vector<Shape>& shapes, Compil
   for (std::size_t v = 0; v < rep.size(); ++v) rep[v] = static_cast<int>(v);
   std::vector<FusedOp> ops;
   std::vector<int> producer(g.values.size(), -1);  // op index
+  // Repeated computations: an activation or pooling of a value that an
+  // earlier node computes alike (NASNet's branches each apply their own
+  // ReLU to a cell's input) is read from that node's output instead.
+  std::map<std::pair<Op, int>, std::vector<std::size_t>> computes;  // (op, input): ops
+  auto same = [](const Node& a, const Node& b) {
+    if (is_activation(a.op)) return a.activation == b.activation;
+    const Pool2dParams &p = a.pool, &q = b.pool;
+    return p.kernel_h == q.kernel_h && p.kernel_w == q.kernel_w && p.stride_h == q.stride_h &&
+           p.stride_w == q.stride_w && p.pad_h == q.pad_h && p.pad_w == q.pad_w &&
+           p.dilation_h == q.dilation_h && p.dilation_w == q.dilation_w &&
+           p.ceil_mode == q.ceil_mode && p.count_include_pad == q.count_include_pad &&
+           p.divisor_override == q.divisor_override;
+  };
   for (std::size_t i = 0; i < g.nodes.size(); ++i) {
     if (!needed[i]) continue;
     const Node& n = g.nodes[i];
@@ -154,6 +167,19 @@ std::vector<FusedOp> Engine::Impl::fuse(const std::vector<Shape>& shapes, Compil
     f.node = &n;
     f.out = n.output;
     for (int v : n.inputs) f.in.push_back(rep[static_cast<std::size_t>(v)]);
+    const bool repeatable = options.fuse && n.inputs.size() == 1 &&
+                            (is_activation(n.op) || n.op == Op::MaxPool2d || n.op == Op::AvgPool2d);
+    if (repeatable) {
+      auto& earlier = computes[{n.op, f.in[0]}];
+      const auto it = std::find_if(earlier.begin(), earlier.end(),
+                                   [&](std::size_t e) { return same(*ops[e].node, n); });
+      if (it != earlier.end()) {
+        rep[static_cast<std::size_t>(n.output)] = ops[*it].out;
+        ++c.shared;
+        continue;
+      }
+      earlier.push_back(ops.size());
+    }
     f.label = node_label(n, g.values);
     producer[static_cast<std::size_t>(n.output)] = static_cast<int>(ops.size());
     ops.push_back(std::move(f));

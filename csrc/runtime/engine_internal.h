@@ -160,7 +160,7 @@ struct Compiled {
   std::vector<Val> vals;
   std::vector<Step> steps;
   int input_val = 0, output_val = 0;
-  int folded = 0, fused = 0, in_place = 0;
+  int folded = 0, fused = 0, in_place = 0, shared = 0;
   std::map<std::pair<int64_t, int>, std::unique_ptr<Plan>> plans;  // (batch, threads)
   // chunk_images' sizes for one image, found on its first call (step < 0: not yet)
   struct ChunkSizes {
