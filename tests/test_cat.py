@@ -58,6 +58,7 @@ def test_cat_errors_name_the_argument():
 
 
 def test_add_is_numpys_sum_into_a_cached_block():
+    # the core's sum (test_add_and_mul_on_the_cores_threads_equal_numpys)
     rng = np.random.default_rng(4)
     for dtype in (np.float32, np.float64):
         a = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
@@ -69,6 +70,33 @@ def test_add_is_numpys_sum_into_a_cached_block():
     big = np.ones((4, 64, 96, 96), np.float32)  # 9.4 MB: a block of the cache
     convcore.set_scratch_cache_limit(convcore.scratch_cache_limit())
     np.testing.assert_array_equal(F.add(big, big), 2 * big)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_add_and_mul_on_the_cores_threads_equal_numpys(threads):
+    """F.add and F.mul run on the core's threads (in chunks of elements, the
+    gate's product plane by plane): the same values as numpy's, bit for bit,
+    for one shape, a value per image and channel (either operand first),
+    strided inputs and both float dtypes; other broadcasts stay numpy's."""
+    rng = np.random.default_rng(5)
+    before = convcore.get_num_threads()
+    convcore.set_num_threads(threads)
+    try:
+        for dtype in (np.float32, np.float64):
+            for shape in ((2, 96, 56, 56), (3, 40, 7, 7), (1, 1, 3), (5, 33, 1, 1)):
+                a = rng.standard_normal(shape).astype(dtype)
+                b = rng.standard_normal(shape).astype(dtype)
+                s = rng.standard_normal(shape[:2] + (1,) * (len(shape) - 2)).astype(dtype)
+                np.testing.assert_array_equal(F.add(a, b), a + b)
+                np.testing.assert_array_equal(F.mul(a, b), a * b)
+                np.testing.assert_array_equal(F.mul(a, s), a * s)
+                np.testing.assert_array_equal(F.mul(s, a), s * a)
+                np.testing.assert_array_equal(F.mul(a[:, ::2], s[:, ::2]), a[:, ::2] * s[:, ::2])
+                np.testing.assert_array_equal(F.add(a[::-1], b), a[::-1] + b)
+                one = s[:1]  # (1, C, 1, ...) against N images: numpy's broadcast
+                np.testing.assert_array_equal(F.mul(a, one), a * one)
+    finally:
+        convcore.set_num_threads(before)
 
 
 def test_add_and_empty_errors():

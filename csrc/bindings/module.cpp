@@ -386,6 +386,22 @@ py::tuple linear_backward(const py::array& grad_output, const py::array& input,
   return grads.tuple();
 }
 
+// input + other and input * other (functional's add and mul): a new array
+// from the core's cache of blocks, filled with the GIL released.
+template <void (*Core)(const TensorView&, const TensorView&, const TensorView&)>
+py::array join(const py::array& input, const py::array& other) {
+  Arrays arrays;
+  const TensorView a = arrays.view(input, "input");
+  const TensorView b = arrays.view(other, "other");
+  py::array out = new_array(a, dims(a));
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    Core(a, b, y);
+  }
+  return out;
+}
+
 py::array relu(const py::array& input, const std::optional<py::array>& out_arg) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
@@ -813,6 +829,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward);
   m.def("linear", &linear);
   m.def("linear_backward", &linear_backward);
+  m.def("add", &join<convcore::add_forward>);
+  m.def("mul", &join<convcore::mul_forward>);
   m.def("relu", &relu);
   m.def("relu_backward", &relu_backward);
   m.def("sgd_step", &sgd_step);

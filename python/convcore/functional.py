@@ -570,30 +570,41 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
 # ------------------------------------------------------------------------- joins
 
 def add(input, other) -> np.ndarray:
-    """input + other (same shape and dtype, float32 or float64) into a new
-    array that, when large, comes from the core's cache of blocks (see
-    set_scratch_cache_limit): the layers' sums (residual blocks, a branch's
-    gradients) then need no fresh pages. GPU arrays add by their own library."""
+    """input + other (same shape and dtype, float32 or float64), summed on the
+    core's threads into a new array that, when large, comes from the core's
+    cache of blocks (see set_scratch_cache_limit): the layers' sums (residual
+    blocks, a branch's gradients) then need no fresh pages. GPU arrays add by
+    their own library."""
     if is_gpu_array(input) or is_gpu_array(other):
         return input + other
     a, b = _array(input, "input"), _array(other, "other")
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"other must have input's shape {a.shape} and dtype {a.dtype}, got "
                          f"{b.shape} {b.dtype}")
-    return np.add(a, b, out=_core.empty(list(a.shape), a.dtype))
+    return _core.add(a, b)
+
+
+def _per_channel(x: np.ndarray, s: np.ndarray) -> bool:
+    """Whether s holds one value per image and channel of x: (N, C, 1, ...) against (N, C, ...)."""
+    return s.ndim == x.ndim >= 3 and s.shape[:2] == x.shape[:2] and all(d == 1 for d in s.shape[2:])
 
 
 def mul(input, other) -> np.ndarray:
     """input * other, broadcast as numpy does, into a new array that, when the
     product has the shape and dtype of one of them and is large, comes from
     the core's cache of blocks (as add): a squeeze-and-excitation gate's
-    x * s and its gradients then need no fresh pages. GPU arrays multiply by
-    their own library."""
+    x * s and its gradients then need no fresh pages. Products of one shape,
+    or of a value per image and channel (the gate), run on the core's
+    threads. GPU arrays multiply by their own library."""
     if is_gpu_array(input) or is_gpu_array(other):
         return input * other
     a, b = _array(input, "input"), _array(other, "other")
     shape = np.broadcast_shapes(a.shape, b.shape)
     if a.dtype == b.dtype and a.dtype in (np.float32, np.float64) and shape in (a.shape, b.shape):
+        if a.shape == b.shape or _per_channel(a, b):
+            return _core.mul(a, b)
+        if _per_channel(b, a):  # the same products: multiplication commutes exactly
+            return _core.mul(b, a)
         return np.multiply(a, b, out=_core.empty(list(shape), a.dtype))
     return a * b
 

@@ -88,6 +88,13 @@ struct AdamParams {
 void adam_step(const TensorView& param, const TensorView& grad, const TensorView& exp_avg,
                const TensorView& exp_avg_sq, const AdamParams& p);
 
+// input + other, elementwise, over views of one shape and dtype.
+void add_forward(const TensorView& input, const TensorView& other, const TensorView& output);
+// input * other, elementwise: other of input's shape, or one value per image
+// and channel ((N, C, 1, ..., 1) against input's (N, C, ...): a
+// squeeze-and-excitation gate). output has input's shape.
+void mul_forward(const TensorView& input, const TensorView& other, const TensorView& output);
+
 // Elementwise over views of any (equal) shape.
 void relu_forward(const TensorView& input, const TensorView& output);
 void relu_backward(const TensorView& grad_output, const TensorView& input,
