@@ -386,20 +386,30 @@ py::tuple linear_backward(const py::array& grad_output, const py::array& input,
   return grads.tuple();
 }
 
-// input + other and input * other (functional's add and mul): a new array
-// from the core's cache of blocks, filled with the GIL released.
-template <void (*Core)(const TensorView&, const TensorView&, const TensorView&)>
-py::array join(const py::array& input, const py::array& other) {
+// core(first, second, out) into a new array (from the core's cache of
+// blocks) of the shape and dtype of the first argument (like == 0) or the
+// second, filled with the GIL released.
+template <typename Core>
+py::array binary_into_new(const py::array& first, const char* first_name,
+                          const py::array& second, const char* second_name, int like,
+                          Core&& core) {
   Arrays arrays;
-  const TensorView a = arrays.view(input, "input");
-  const TensorView b = arrays.view(other, "other");
-  py::array out = new_array(a, dims(a));
+  const TensorView a = arrays.view(first, first_name);
+  const TensorView b = arrays.view(second, second_name);
+  const TensorView& ref = like == 0 ? a : b;
+  py::array out = new_array(ref, dims(ref));
   const TensorView y = out_view(out);
   {
     py::gil_scoped_release release;
-    Core(a, b, y);
+    core(a, b, y);
   }
   return out;
+}
+
+// input + other and input * other (functional's add and mul).
+template <void (*Core)(const TensorView&, const TensorView&, const TensorView&)>
+py::array join(const py::array& input, const py::array& other) {
+  return binary_into_new(input, "input", other, "other", 0, Core);
 }
 
 py::array relu(const py::array& input, const std::optional<py::array>& out_arg) {
@@ -419,16 +429,7 @@ py::array relu(const py::array& input, const std::optional<py::array>& out_arg) 
 template <typename Core>
 py::array elementwise_backward(const py::array& grad_output, const py::array& input,
                                Core&& core) {
-  Arrays arrays;
-  const TensorView gy = arrays.view(grad_output, "grad_output");
-  const TensorView x = arrays.view(input, "input");
-  py::array gx = new_array(x, dims(x));
-  const TensorView gx_v = out_view(gx);
-  {
-    py::gil_scoped_release release;
-    core(gy, x, gx_v);
-  }
-  return gx;
+  return binary_into_new(grad_output, "grad_output", input, "input", 1, core);
 }
 
 py::array relu_backward(const py::array& grad_output, const py::array& input) {
