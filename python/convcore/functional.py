@@ -571,7 +571,8 @@ def cross_entropy_backward(grad_output, input, target, weight=None, *, ignore_in
 
 def add(input, other) -> np.ndarray:
     """input + other (same shape and dtype, float32 or float64), summed on the
-    core's threads into a new array that, when large, comes from the core's
+    core's threads (numpy's loop where one is a strided view: it reads the
+    view in place) into a new array that, when large, comes from the core's
     cache of blocks (see set_scratch_cache_limit): the layers' sums (residual
     blocks, a branch's gradients) then need no fresh pages. GPU arrays add by
     their own library."""
@@ -581,7 +582,11 @@ def add(input, other) -> np.ndarray:
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"other must have input's shape {a.shape} and dtype {a.dtype}, got "
                          f"{b.shape} {b.dtype}")
-    return _core.add(a, b)
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        return _core.add(a, b)
+    # a strided view (a slice of a concatenation's gradient): numpy reads it
+    # in place, where the core would copy it first
+    return np.add(a, b, out=_core.empty(list(a.shape), a.dtype))
 
 
 def _per_channel(x: np.ndarray, s: np.ndarray) -> bool:
@@ -593,17 +598,18 @@ def mul(input, other) -> np.ndarray:
     """input * other, broadcast as numpy does, into a new array that, when the
     product has the shape and dtype of one of them and is large, comes from
     the core's cache of blocks (as add): a squeeze-and-excitation gate's
-    x * s and its gradients then need no fresh pages. Products of one shape,
-    or of a value per image and channel (the gate), run on the core's
-    threads. GPU arrays multiply by their own library."""
+    x * s and its gradients then need no fresh pages. Products of contiguous
+    arrays of one shape, or with a value per image and channel (the gate),
+    run on the core's threads. GPU arrays multiply by their own library."""
     if is_gpu_array(input) or is_gpu_array(other):
         return input * other
     a, b = _array(input, "input"), _array(other, "other")
     shape = np.broadcast_shapes(a.shape, b.shape)
     if a.dtype == b.dtype and a.dtype in (np.float32, np.float64) and shape in (a.shape, b.shape):
-        if a.shape == b.shape or _per_channel(a, b):
+        contiguous = a.flags.c_contiguous and b.flags.c_contiguous  # (as in add)
+        if contiguous and (a.shape == b.shape or _per_channel(a, b)):
             return _core.mul(a, b)
-        if _per_channel(b, a):  # the same products: multiplication commutes exactly
+        if contiguous and _per_channel(b, a):  # the same products: multiplication commutes exactly
             return _core.mul(b, a)
         return np.multiply(a, b, out=_core.empty(list(shape), a.dtype))
     return a * b
