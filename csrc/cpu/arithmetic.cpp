@@ -13,8 +13,9 @@ namespace convcore {
 
 namespace {
 
-// Elements per task: large enough that a task's loop, not its dispatch,
-// takes the time; small enough that two threads split a 56x56 plane.
+// Elements per task: enough that a task's loop, not its dispatch, takes the
+// time, and few enough that an array worth two threads (threads_for: 32K
+// elements a thread) splits into at least two tasks.
 constexpr int64_t kChunk = 16384;
 
 // Whether other holds one value per (image, channel) of input: shape
