@@ -43,8 +43,10 @@ constexpr int64_t kSmallBatch = 32;
 constexpr int64_t kChunkK = 2048;  // forward: a chunk of the input rows stays in L2
 constexpr int64_t kSlabBytes = 128 << 10;  // grad_input: a task's slab of weight rows stays in L2
 constexpr int64_t kSlabBand = 1024;         // columns of the band the slab is sized for
-// sum_of_products: a chunk of K along which the tile's NB rows of w (16 KB at
-// 4 float rows) stay in L1 while the thread's row blocks of x pass them
+// sum_of_products: a chunk of K along which a tile's rows of one side (16 KB
+// at 4 float rows) stay in L1 while the row blocks of the other pass them.
+// (Chunks of 512, which keep 256 passing rows in L2, were slower: each
+// tile's sums are folded once a chunk.)
 constexpr int64_t kDotChunk = 1024;
 
 // A row stride, in elements, for `cols` elements that is a whole, odd number
@@ -487,20 +489,27 @@ struct SmallLinear {
 
   // sum_of_products: units [u0, u1) of (block of NB rows of w, block of MB
   // rows of x), image by image and chunk by chunk of K, each unit's tile
-  // added to y (the first image's first chunk written)
+  // added to y (the first image's first chunk written). Consecutive units
+  // share their block of the side with more rows (its rows stay in L1) and
+  // walk the blocks of the side with fewer, whose chunk is the smaller one to
+  // pass again for every block: with x's 512 rows inside, a 512 x 128
+  // product streamed 2 MB for each block of w.
   static constexpr int kDotMB = 4, kDotNB = W / kDotMB;
+  static bool dot_x_inner(int64_t M, int64_t N) { return M <= N; }
   static int64_t dot_units(int64_t M, int64_t N) {
     return ((N + kDotNB - 1) / kDotNB) * ((M + kDotMB - 1) / kDotMB);
   }
   static inline __attribute__((always_inline)) void dots_range(
       int64_t images, int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx, int64_t x_image,
       const T* w, int64_t ldw, int64_t w_image, T* y, int64_t u0, int64_t u1) {
-    const int64_t mblocks = (M + kDotMB - 1) / kDotMB;
+    const int64_t mblocks = (M + kDotMB - 1) / kDotMB, nblocks = (N + kDotNB - 1) / kDotNB;
+    const bool x_inner = dot_x_inner(M, N);
     for (int64_t i = 0; i < images; ++i)
       for (int64_t k0 = 0; k0 < K; k0 += kDotChunk) {
         const int64_t k1 = std::min(K, k0 + kDotChunk);
         for (int64_t u = u0; u < u1; ++u) {
-          const int64_t j0 = u / mblocks * kDotNB, m0 = u % mblocks * kDotMB;
+          const int64_t j0 = (x_inner ? u / mblocks : u % nblocks) * kDotNB;
+          const int64_t m0 = (x_inner ? u % mblocks : u / nblocks) * kDotMB;
           dot_tile<T, V, kDotMB>(static_cast<int>(std::min<int64_t>(kDotMB, M - m0)),
                                  static_cast<int>(std::min<int64_t>(kDotNB, N - j0)), k0, k1,
                                  x + i * x_image + m0 * ldx, ldx, w + i * w_image + j0 * ldw,
