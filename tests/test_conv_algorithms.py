@@ -705,6 +705,40 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,cout,groups", [
+    ((1, 512, 7, 7), 96, 1),    # 49 positions: one tile, the input channels split in blocks
+    ((1, 37, 14, 14), 29, 1),   # 37 rows: the last panel part-filled, read in place
+    ((2, 50, 20, 20), 30, 1),   # 400 positions, two images: tiles of an image, in place
+    ((1, 48, 9, 9), 60, 2),     # two groups: each group's weights from its own offset
+    ((3, 40, 24, 24), 24, 1),   # many tiles: the weights packed once for all
+])
+def test_pointwise_grad_input_splits_channels_and_reads_weights_in_place(dtype, shape, cout,
+                                                                          groups):
+    """grad_input of a pointwise layer image by image (grad_input_pointwise,
+    conv_gemm.cpp) splits the input channels among the threads when an
+    image's positions make too few tiles (batch 1), and reads the
+    transposed weights where they lie, by columns, unless many tiles reuse
+    them: against the reference, and bit-identical at 1, 2 and 3 threads."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((cout, shape[1] // groups, 1, 1)) * 0.1).astype(dtype)
+    gy = rng.standard_normal((shape[0], cout) + shape[2:]).astype(dtype)
+    gxs = []
+    before = convcore.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            gxs.append(convcore.conv2d_backward(gy, x, w, groups=groups,
+                                                output_mask=(True, False, False))[0])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(gxs[0], ref.conv2d_backward_ref(gy, x, w, groups=groups)[0], dtype,
+                 what="pointwise grad_input")
+    for other in gxs[1:]:
+        np.testing.assert_array_equal(other, gxs[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,cout,view", [
     ((2, 16, 28, 28), 16, None),      # 784 positions: the smallest plane that takes it
     ((3, 13, 29, 37), 7, None),       # 1073 positions: a chunk of 1024 and a short one;
@@ -712,6 +746,8 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     ((1, 5, 40, 40), 3, None),        # fewer rows than a tile
     ((2, 24, 30, 30), 20, "channels"),  # every other channel: rows 2 planes apart
     ((1, 256, 28, 28), 256, None),    # the most channels it takes
+    ((2, 12, 28, 28), 40, None),      # more output channels than input: the input's
+                                      # blocks pass the output's
 ])
 def test_pointwise_grad_weight_as_dot_products(dtype, shape, cout, view):
     """A pointwise layer on planes of 28x28 and more with at most 256 x 256

@@ -56,6 +56,12 @@ for dtype in ("float32", "float64"):
         wgy = rng.standard_normal(wy.shape).astype(dtype)
         wgx, wgw, _ = convcore.conv2d_backward(wgy, x, ww, padding=1, algorithm=algo)
         wino.update({algo + "_y": wy, algo + "_gy": wgy, algo + "_gx": wgx, algo + "_gw": wgw})
+    # pointwise grad_input at batch 1: the weights read in place by columns,
+    # 37 input channels (a part-filled last panel)
+    ox = rng.standard_normal((1, 37, 7, 7)).astype(dtype)
+    ow = rng.standard_normal((29, 37, 1, 1)).astype(dtype)
+    ogy = rng.standard_normal((1, 29, 7, 7)).astype(dtype)
+    ogx = convcore.conv2d_backward(ogy, ox, ow, output_mask=(True, False, False))[0]
     a = rng.standard_normal((37, 300)).astype(dtype)
     lw = rng.standard_normal((45, 300)).astype(dtype)
     ly = convcore.linear(a, lw)
@@ -72,6 +78,7 @@ for dtype in ("float32", "float64"):
                                                  sgx=sgx, sgw=sgw, ww=ww, px=px, pw=pw,
                                                  pany=pany, psy=psy, pgy=pgy, pgx=pgx,
                                                  pgw=pgw, pgb=pgb, slw=slw, sb=sb, sly5=sly5,
+                                                 ox=ox, ow=ow, ogy=ogy, ogx=ogx,
                                                  **{f"sa{m}": v for m, v in sa.items()},
                                                  **{f"sly{m}": v for m, v in sly.items()},
                                                  **wino).items()}
@@ -133,6 +140,7 @@ def test_gemm_paths_match_reference(isa):
             checks.append((f"sly{m}", d[f"sly{m}"], ref.linear_ref(d[f"sa{m}"], d["slw"],
                                                                    d["sb"])))
         checks.append(("sly5", d["sly5"], ref.linear_ref(d["sa3"][:, :5], d["slw"][:, :5])))
+        checks.append(("ogx", d["ogx"], ref.conv2d_backward_ref(d["ogy"], d["ox"], d["ow"])[0]))
         for algo in ("winograd", "winograd4"):
             wgx, wgw, _ = ref.conv2d_backward_ref(d[algo + "_gy"], d["x"], d["ww"], padding=1)
             checks += [(algo + "_y", d[algo + "_y"],

@@ -319,44 +319,50 @@ void forward_pointwise_images(const TensorView& input, const detail::Contiguous<
 
 }  // namespace
 
+// Tiles of the P positions of each of `images` images and blocks of `rows`
+// output rows, for one GEMM per (image, tile, block). When images x tiles
+// give fewer tasks than threads (batch 1), split the rows first (each task
+// keeps whole tiles, so every packed weight is used across many positions),
+// then, if still short, make the tiles smaller.
 template <typename T>
-ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
-  // Tasks: (image, group, tile of output positions, block of output
-  // channels); each writes its own block of the output. When images x tiles
-  // give fewer tasks than threads (batch 1), split the output channels first
-  // (each task keeps whole tiles, so every packed weight is used across
-  // many positions), then, if still short, make the tiles smaller.
+void split_tiles_and_rows(int64_t images, int64_t rows, int64_t P, int64_t& tile,
+                          int64_t& tiles, int64_t& mrows, int64_t& mblocks) {
   constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
   const int64_t threads_wanted = get_num_threads();
-  const int64_t images = G.N * G.G;
   // An image wider than a tile: tiles of even widths that even out the
   // threads' shares (441 positions in 384 + 57 columns left one of two
   // threads idle for most of a batch-1 layer). A narrower one stays one
   // tile, its rows split below when images are short of threads.
   const int share = static_cast<int>(std::max<int64_t>(1, threads_wanted / images));
-  int64_t tile = G.P <= gemm::NC ? gemm::round_up(G.P, NR)
-                                 : gemm::balanced_width(G.P, gemm::NC, NR, share);
-  int64_t tiles = (G.P + tile - 1) / tile;
-  int64_t mblocks = 1;
+  tile = P <= gemm::NC ? gemm::round_up(P, NR) : gemm::balanced_width(P, gemm::NC, NR, share);
+  tiles = (P + tile - 1) / tile;
+  mblocks = 1;
   if (images * tiles < threads_wanted) {
     const int64_t min_rows = 4 * MR;  // keep each block at least 4 panels deep
     mblocks = std::clamp((threads_wanted + images * tiles - 1) / (images * tiles), int64_t(1),
-                         std::max<int64_t>(1, G.Coutg / min_rows));
+                         std::max<int64_t>(1, rows / min_rows));
   }
-  const int64_t mrows = gemm::round_up((G.Coutg + mblocks - 1) / mblocks, MR);
-  mblocks = (G.Coutg + mrows - 1) / mrows;
+  mrows = gemm::round_up((rows + mblocks - 1) / mblocks, MR);
+  mblocks = (rows + mrows - 1) / mrows;
   if (images * tiles * mblocks < threads_wanted) {
     const int64_t tiles_wanted = (threads_wanted + images * mblocks - 1) / (images * mblocks);
-    tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR), int64_t(NR),
+    tile = std::clamp(gemm::round_up((P + tiles_wanted - 1) / tiles_wanted, NR), int64_t(NR),
                       gemm::NC);
-    tiles = (G.P + tile - 1) / tile;
+    tiles = (P + tile - 1) / tile;
   }
+}
+
+template <typename T>
+ForwardGemmSplit forward_gemm_split(const ConvGeometry& G) {
+  // Tasks: (image, group, tile of output positions, block of output
+  // channels); each writes its own block of the output.
   ForwardGemmSplit split;
-  split.tile = tile, split.tiles = tiles, split.mrows = mrows, split.mblocks = mblocks;
+  split_tiles_and_rows<T>(G.N * G.G, G.Coutg, G.P, split.tile, split.tiles, split.mrows,
+                          split.mblocks);
   // Weights are packed once, shared by all tasks, when many tiles reuse
   // them; with few tiles (batch 1) packing costs more than it saves and the
   // microkernel reads the weight rows in place.
-  split.pack_weights = G.N * tiles > 2;
+  split.pack_weights = G.N * split.tiles > 2;
   split.images_side_by_side = pointwise_images_side_by_side(G);
   return split;
 }
@@ -415,39 +421,46 @@ void forward_gemm(const TensorView& input, const detail::Contiguous<T>& weight, 
   }
 }
 
-// How grad_input_pointwise splits its work: tiles of positions, at least
-// two tasks per thread.
+// How grad_input_pointwise splits its work: as the forward's GEMM, with
+// the input channels for rows. (Tiles of positions alone, at batch 1 on a
+// 7x7 plane 32 + 17 columns, had each thread read all the packed weights
+// for a part of the columns, and the narrow tile took as long as the wide.)
 template <typename T>
 GradInputPointwiseSplit grad_input_pointwise_split(const ConvGeometry& G) {
-  constexpr int NR = gemm::Tile<T>::NR;
-  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
-  const int64_t images = G.N * G.G;
-  const int64_t tiles_wanted = std::max<int64_t>(1, (want + images - 1) / images);
   GradInputPointwiseSplit split;
-  split.tile = std::clamp(gemm::round_up((G.P + tiles_wanted - 1) / tiles_wanted, NR),
-                          int64_t(NR), gemm::NC);
-  split.tiles = (G.P + split.tile - 1) / split.tile;
+  split_tiles_and_rows<T>(G.N * G.G, G.Cg, G.P, split.tile, split.tiles, split.mrows,
+                          split.mblocks);
   split.images_side_by_side = pointwise_images_side_by_side(G);
   return split;
 }
 
 // grad_input of a pointwise convolution: gx[n, g] (Cg x P) = W_g^T (Cg x Coutg)
 // * gy[n, g] (Coutg x P), written straight into gx. Tasks: (image, group,
-// tile of positions).
+// tile of positions, block of input channels). As in the forward, the
+// weights are packed only where many tiles reuse them; otherwise the
+// microkernel reads W_g^T in place, by columns (at batch 1 on a 7x7 plane,
+// packing 512 x 2048 weights took a fifth of the call).
 template <typename T>
 void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
                           const GradInputPointwiseSplit& split, T* gx) {
-  const int64_t a_size = gemm::packed_a_size<T>(G.Cg, G.Coutg);
+  const bool pack_weights = split.images_side_by_side || G.N * split.tiles > 2;
+  const int64_t a_size = pack_weights ? gemm::packed_a_size<T>(G.Cg, G.Coutg) : 0;
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();
-  for (int64_t g = 0; g < G.G; ++g)  // A(c, o) = weight[g * Coutg + o, c]
-    gemm::pack_a_parallel(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
-                          a_packed + g * a_size);
+  if (pack_weights)
+    for (int64_t g = 0; g < G.G; ++g)  // A(c, o) = weight[g * Coutg + o, c]
+      gemm::pack_a_parallel(G.Cg, G.Coutg, weight.data() + g * G.Coutg * G.Kc, int64_t(1), G.Kc,
+                            a_packed + g * a_size);
   if (split.images_side_by_side)  // gx[n] = W^T gy[n], the images side by side
     return gemm_images_side_by_side(a_packed, G.C, G.Cout, gy, G.Cout * G.P, G.P, G.N, G.P,
                                     static_cast<const T*>(nullptr), gx);
+  const T* a_base = pack_weights ? a_packed : weight.data();
+  const int64_t a_stride = pack_weights ? a_size : G.Coutg * G.Kc;  // per group
+  const int64_t a_lda = pack_weights ? 0 : -G.Kc;
   const int64_t images = G.N * G.G;
-  const int64_t tile = split.tile, tiles = split.tiles, tasks = images * tiles;
+  const int64_t tile = split.tile, tiles = split.tiles;
+  const int64_t mrows = split.mrows, mblocks = split.mblocks;
+  const int64_t tasks = images * tiles * mblocks;
   const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
 #pragma omp parallel num_threads(threads)
@@ -455,12 +468,14 @@ void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, cons
     T* bbuf = ws.get(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t n = t / (G.G * tiles), g = (t / tiles) % G.G, q0 = (t % tiles) * tile;
-      const int64_t nq = std::min(tile, G.P - q0);
+      const int64_t mb = t % mblocks, rest = t / mblocks;
+      const int64_t n = rest / (G.G * tiles), g = (rest / tiles) % G.G;
+      const int64_t q0 = (rest % tiles) * tile, nq = std::min(tile, G.P - q0);
+      const int64_t m0 = mb * mrows, nm = std::min(mrows, G.Cg - m0);
       const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P + q0;
-      T* c = gx + (n * G.C + g * G.Cg) * G.P + q0;
-      gemm::gemm_packed(G.Cg, nq, G.Coutg, a_packed + g * a_size, G.Cg, 0,
-                        gemm::StridedPackB<T>{gyg, G.P, 1}, c, G.P, false, bbuf);
+      T* c = gx + (n * G.C + g * G.Cg + m0) * G.P + q0;
+      gemm::gemm_packed(nm, nq, G.Coutg, a_base + g * a_stride, G.Cg, m0,
+                        gemm::StridedPackB<T>{gyg, G.P, 1}, c, G.P, false, bbuf, a_lda);
     }
   }
 }

@@ -67,8 +67,8 @@ struct ForwardDirectSplit {  // forward_direct: image chunks, channel panels x p
 struct GradInputGemmSplit {  // grad_input_gemm: blocks of input channels
   int64_t cblock = 0, nblocks = 0;
 };
-struct GradInputPointwiseSplit {  // grad_input_pointwise: tiles of positions
-  int64_t tile = 0, tiles = 0;
+struct GradInputPointwiseSplit {  // grad_input_pointwise: tiles of positions x blocks of input channels
+  int64_t tile = 0, tiles = 0, mrows = 0, mblocks = 0;
   bool images_side_by_side = false;  // as ForwardGemmSplit's
 };
 struct GradInputDirectSplit {  // grad_input_direct_strided: image chunks, position blocks

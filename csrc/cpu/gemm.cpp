@@ -24,7 +24,7 @@ inline void micro_generic(int64_t kc, const T* __restrict a, int64_t lda, const 
   T acc[MR][NR] = {};
   for (int64_t k = 0; k < kc; ++k)
     for (int i = 0; i < mr; ++i) {
-      const T ai = lda == 0 ? a[k * MR + i] : a[i * lda + k];
+      const T ai = lda == 0 ? a[k * MR + i] : lda > 0 ? a[i * lda + k] : a[k * -lda + i];
       for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[k * NR + j];
     }
   for (int i = 0; i < mr; ++i)
@@ -43,9 +43,10 @@ inline void micro_generic(int64_t kc, const T* __restrict a, int64_t lda, const 
 // 72 GFLOP/s against 86 with these blocks).
 #if defined(__GNUC__) || defined(__clang__)
 #define CONVCORE_VECTOR_KERNELS 1
-// A is packed (a[k * MR + i]) when lda == 0, else row-major
-// (a[i * lda + k]; rows past mr repeat the last one and are discarded).
-template <typename T, typename V, int RB, int VP, bool kPackedA>
+// A is packed (a[k * MR + i]) when lda == 0 (kLayout 0), else read in
+// place: by rows (a[i * lda + k], kLayout 1) or by columns (a[k * -lda + i],
+// kLayout 2); rows past mr repeat the last one and are discarded.
+template <typename T, typename V, int RB, int VP, int kLayout>
 inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T* __restrict a,
                                                              int64_t lda,
                                                              const T* __restrict b,
@@ -66,7 +67,9 @@ inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T
     for (int i0 = 0; i0 < mr; i0 += RB) {
       int64_t row_off[RB];
       for (int i = 0; i < RB; ++i)
-        row_off[i] = kPackedA ? i0 + i : (i0 + i < mr ? i0 + i : mr - 1) * lda;
+        row_off[i] = kLayout == 0   ? i0 + i
+                     : kLayout == 1 ? (i0 + i < mr ? i0 + i : mr - 1) * lda
+                                    : (i0 + i < mr ? i0 + i : mr - 1);
       V acc[RB][VP];
 #pragma GCC unroll 16
       for (int i = 0; i < RB; ++i)
@@ -74,7 +77,8 @@ inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T
         for (int v = 0; v < VP; ++v) acc[i][v] = V{};
       const T* bp = b + j0;
       const T* ap = a;
-      for (int64_t k = 0; k < kc; ++k, bp += NR, ap += kPackedA ? MR : 1) {
+      const int64_t a_step = kLayout == 0 ? MR : kLayout == 1 ? 1 : -lda;
+      for (int64_t k = 0; k < kc; ++k, bp += NR, ap += a_step) {
         V bv[VP];
 #pragma GCC unroll 4
         for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], bp + v * W, sizeof(V));
@@ -114,9 +118,11 @@ inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* a, 
                                                         const T* b, T* c, int64_t ldc, int mr,
                                                         int nr, bool accumulate) {
   if (lda == 0)
-    micro_vector_body<T, V, RB, VP, true>(kc, a, 0, b, c, ldc, mr, nr, accumulate);
+    micro_vector_body<T, V, RB, VP, 0>(kc, a, 0, b, c, ldc, mr, nr, accumulate);
+  else if (lda > 0)
+    micro_vector_body<T, V, RB, VP, 1>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
   else
-    micro_vector_body<T, V, RB, VP, false>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
+    micro_vector_body<T, V, RB, VP, 2>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
 }
 
 // One block of RB rows (from i0; rows past mr repeat row mr - 1 and are

@@ -45,8 +45,10 @@ static_assert(MC % Tile<float>::MR == 0 && MC % Tile<double>::MR == 0, "MC must 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // c[0:mr, 0:nr] (+)= sum_k A(i, k) * b[k*NR + j]; c row stride ldc. A is a
-// packed panel, A(i, k) = a[k*MR + i], when lda == 0, else row-major,
-// A(i, k) = a[i*lda + k] (only rows < mr are read).
+// packed panel, A(i, k) = a[k*MR + i], when lda == 0; else it is read where
+// it lies (only rows < mr are read): by rows, A(i, k) = a[i*lda + k], when
+// lda > 0, by columns, A(i, k) = a[k*(-lda) + i], when lda < 0 (a
+// transposed matrix, such as a layer's weights for its grad_input).
 void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                   int mr, int nr, bool accumulate);
 void micro_kernel(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
@@ -360,7 +362,8 @@ int64_t b_workspace_size() {
 
 // C[0:M, 0:N] (+)= A[row0:row0+M, :] * B, where a_packed is the packed form
 // (pack_a) of a matrix with a_rows rows (row0 a multiple of MR) -- or, with
-// a_lda > 0, A itself, row-major with that row stride (no packing) -- and B is
+// a_lda != 0, A itself as micro_kernel reads it (no packing): row-major with
+// row stride a_lda > 0, column-major with column stride -a_lda -- and B is
 // packed on the fly by pack_b(k0, kc, j0, nc, dst). Serial; callers
 // parallelise over independent blocks of C. bbuf: b_workspace_size<T>().
 template <typename T, typename PackB>
@@ -389,7 +392,9 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, int64_t a_r
           const T* b_panel = bbuf + jr * kc;
           for (int64_t ir = ic; ir < ic + mc; ir += MR) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, M - ir));
-            const T* a_panel = a_lda ? a_packed + (row0 + ir) * a_lda + k0 : a_block + ir * kc;
+            const T* a_panel = a_lda > 0   ? a_packed + (row0 + ir) * a_lda + k0
+                               : a_lda < 0 ? a_packed + (row0 + ir) - k0 * a_lda
+                                           : a_block + ir * kc;
             micro_kernel(kc, a_panel, a_lda, b_panel, c + ir * ldc + jc + jr, ldc, mr, nr, acc);
           }
         }
