@@ -707,6 +707,7 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,cout,groups", [
     ((1, 512, 7, 7), 96, 1),    # 49 positions: one tile, the input channels split in blocks
+    ((1, 1024, 7, 7), 40, 1),   # columns 4 KB apart: packed with AVX2 (columns_in_place_pay)
     ((1, 37, 14, 14), 29, 1),   # 37 rows: the last panel part-filled, read in place
     ((2, 50, 20, 20), 30, 1),   # 400 positions, two images: tiles of an image, in place
     ((1, 48, 9, 9), 60, 2),     # two groups: each group's weights from its own offset

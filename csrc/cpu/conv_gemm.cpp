@@ -437,13 +437,15 @@ GradInputPointwiseSplit grad_input_pointwise_split(const ConvGeometry& G) {
 // grad_input of a pointwise convolution: gx[n, g] (Cg x P) = W_g^T (Cg x Coutg)
 // * gy[n, g] (Coutg x P), written straight into gx. Tasks: (image, group,
 // tile of positions, block of input channels). As in the forward, the
-// weights are packed only where many tiles reuse them; otherwise the
-// microkernel reads W_g^T in place, by columns (at batch 1 on a 7x7 plane,
-// packing 512 x 2048 weights took a fifth of the call).
+// weights are packed only where many tiles reuse them (or the kernel reads
+// columns this far apart slowly); otherwise the microkernel reads W_g^T in
+// place, by columns (at batch 1 on a 7x7 plane, packing 512 x 2048 weights
+// took a fifth of the call).
 template <typename T>
 void grad_input_pointwise(const T* gy, const detail::Contiguous<T>& weight, const ConvGeometry& G,
                           const GradInputPointwiseSplit& split, T* gx) {
-  const bool pack_weights = split.images_side_by_side || G.N * split.tiles > 2;
+  const bool pack_weights = split.images_side_by_side || G.N * split.tiles > 2 ||
+                            !gemm::columns_in_place_pay(G.Kc * int64_t(sizeof(T)));
   const int64_t a_size = pack_weights ? gemm::packed_a_size<T>(G.Cg, G.Coutg) : 0;
   detail::Workspace<T> a_ws(1, a_size * G.G);
   T* a_packed = a_ws.get();

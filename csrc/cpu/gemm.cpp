@@ -468,6 +468,10 @@ const char* isa_name() {
 }
 int isa_level() { return dispatch().level; }
 
+bool columns_in_place_pay(int64_t column_bytes) {
+  return isa_level() != 1 || column_bytes < 4096;
+}
+
 }  // namespace gemm
 
 const char* gemm_isa() { return gemm::isa_name(); }
