@@ -99,6 +99,72 @@ def test_add_and_mul_on_the_cores_threads_equal_numpys(threads):
         convcore.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_mul_backward_sums_a_gates_gradient_per_plane(threads):
+    """F.mul_backward: the gradient of a gate of one value per image and
+    channel is each plane's sum of grad_output * input, in one pass on the
+    core's threads (summed in double): against float64 numpy within
+    float32's rounding, either operand the gate, the same bits at any thread
+    count; the full operand's gradient is F.mul's product, bit for bit; other
+    shapes (one gate for all images, strided views, equal shapes) keep the
+    product summed over the broadcast dimensions."""
+    rng = np.random.default_rng(9)
+    before = convcore.get_num_threads()
+    convcore.set_num_threads(threads)
+    try:
+        for dtype, tol in ((np.float32, 2e-6), (np.float64, 1e-13)):
+            for shape in ((2, 96, 56, 56), (3, 40, 7, 7), (1, 5, 3), (4, 33, 1, 1), (2, 7, 3, 5, 2)):
+                x = rng.standard_normal(shape).astype(dtype)
+                g = rng.standard_normal(shape).astype(dtype)
+                s = rng.standard_normal(shape[:2] + (1,) * (len(shape) - 2)).astype(dtype)
+                want_s = (g.astype(np.float64) * x).sum(axis=tuple(range(2, len(shape))),
+                                                        keepdims=True)
+                gx, gs = F.mul_backward(g, x, s)
+                gs2, gx2 = F.mul_backward(g, s, x)
+                assert gs.dtype == dtype and gs.shape == s.shape
+                np.testing.assert_array_equal(gx, g * s)
+                np.testing.assert_array_equal(gx2, gx)
+                np.testing.assert_array_equal(gs2, gs)
+                scale = max(1.0, np.abs(want_s).max())
+                np.testing.assert_allclose(gs, want_s, rtol=0, atol=tol * scale * 10)
+                # numpy's route for the shapes the core does not take
+                one = s[:1]
+                ga, gb = F.mul_backward(g, x, one)
+                np.testing.assert_array_equal(ga, g * one)
+                np.testing.assert_allclose(gb, (g * x).sum(axis=(0,) + tuple(range(2, len(shape))),
+                                                           keepdims=True), rtol=1e-5, atol=1e-4)
+                gv, gsv = F.mul_backward(g[:, ::2], x[:, ::2], s[:, ::2])
+                np.testing.assert_allclose(gsv, (g[:, ::2] * x[:, ::2]).sum(
+                    axis=tuple(range(2, len(shape))), keepdims=True), rtol=1e-5, atol=1e-4)
+                ge, ge2 = F.mul_backward(g, x, s * np.ones_like(x))
+                np.testing.assert_array_equal(ge2, g * x)
+    finally:
+        convcore.set_num_threads(before)
+
+
+def test_mul_sum_planes_is_the_same_at_any_thread_count_and_checks_its_arguments():
+    from convcore import _core
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 50, 9, 11)).astype(np.float32)
+    g = rng.standard_normal((3, 50, 9, 11)).astype(np.float32)
+    before = convcore.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 5):
+            convcore.set_num_threads(threads)
+            runs.append(_core.mul_sum_planes(g, x))
+    finally:
+        convcore.set_num_threads(before)
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other, runs[0])
+    with pytest.raises(ValueError, match="other must have shape"):
+        _core.mul_sum_planes(g, x[:, :3])
+    with pytest.raises(ValueError, match="at least 3 dimensions"):
+        _core.mul_sum_planes(g[0, 0], x[0, 0])
+    with pytest.raises(TypeError, match="other has dtype float64"):
+        _core.mul_sum_planes(g, x.astype(np.float64))
+
+
 def test_add_and_empty_errors():
     from convcore import _core
     a = np.zeros((2, 3), np.float32)

@@ -412,6 +412,23 @@ py::array join(const py::array& input, const py::array& other) {
   return binary_into_new(input, "input", other, "other", 0, Core);
 }
 
+// The sum over each plane (n, c) of input * other, shape (N, C, 1, ..., 1)
+// (functional's gate gradient).
+py::array mul_sum_planes(const py::array& input, const py::array& other) {
+  Arrays arrays;
+  const TensorView a = arrays.view(input, "input");
+  const TensorView b = arrays.view(other, "other");
+  std::vector<py::ssize_t> shape(static_cast<std::size_t>(std::max(a.ndim, 2)), 1);
+  for (int d = 0; d < std::min(a.ndim, 2); ++d) shape[static_cast<std::size_t>(d)] = a.shape[d];
+  py::array out = new_array(a, shape);
+  const TensorView y = out_view(out);
+  {
+    py::gil_scoped_release release;
+    convcore::mul_sum_planes(a, b, y);
+  }
+  return out;
+}
+
 py::array relu(const py::array& input, const std::optional<py::array>& out_arg) {
   Arrays arrays;
   const TensorView x = arrays.view(input, "input");
@@ -832,6 +849,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("linear_backward", &linear_backward);
   m.def("add", &join<convcore::add_forward>);
   m.def("mul", &join<convcore::mul_forward>);
+  m.def("mul_sum_planes", &mul_sum_planes);
   m.def("relu", &relu);
   m.def("relu_backward", &relu_backward);
   m.def("sgd_step", &sgd_step);

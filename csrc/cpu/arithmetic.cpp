@@ -4,7 +4,9 @@
 // one value per channel is several times slower than a scale per plane.
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
+#include "convcore/errors.h"
 #include "convcore/ops.h"
 #include "convcore/threading.h"
 #include "strided.h"
@@ -85,6 +87,49 @@ void mul_forward(const TensorView& input, const TensorView& other, const TensorV
         const T* src = x + p * plane;
         T* dst = y + p * plane;
         for (int64_t i = 0; i < plane; ++i) dst[i] = src[i] * v;
+      }
+    });
+  });
+}
+
+void mul_sum_planes(const TensorView& input, const TensorView& other, const TensorView& output) {
+  const detail::CallScope scope;
+  check_float(input, "input");
+  check_same_dtype(other, "other", input, "input");
+  check_shape(other, "other", input.ndim, input.shape);
+  if (input.ndim < 3)
+    throw ValueError("input must have at least 3 dimensions (N, C, ...), got " +
+                     std::to_string(input.ndim));
+  check_float(output, "output");
+  if (!per_channel(input, output))
+    throw ValueError("output must have shape (N, C, 1, ..., 1) for input's (N, C, ...)");
+  detail::dispatch_float(input.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const detail::Contiguous<T> a(input), b(other);
+    T* y = output.ptr<T>();
+    const int64_t n = input.numel(), planes = input.shape[0] * input.shape[1];
+    const int64_t plane = n / std::max<int64_t>(1, planes);
+    const int64_t per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plane));
+    const int64_t tasks = (planes + per_task - 1) / per_task;
+    const T* x = a.data();
+    const T* g = b.data();
+    detail::parallel_for(detail::threads_for(tasks, n), tasks, [&](int64_t t) {
+      const int64_t p_end = std::min(planes, (t + 1) * per_task);
+      for (int64_t p = t * per_task; p < p_end; ++p) {
+        // kLanes sums, element i into sum i % kLanes, then added in order:
+        // independent chains the compiler can keep in vector registers
+        constexpr int kLanes = 8;
+        double sums[kLanes] = {};
+        const T* u = x + p * plane;
+        const T* v = g + p * plane;
+        int64_t i = 0;
+        for (; i + kLanes <= plane; i += kLanes)
+          for (int l = 0; l < kLanes; ++l)
+            sums[l] += static_cast<double>(u[i + l]) * static_cast<double>(v[i + l]);
+        for (; i < plane; ++i) sums[i % kLanes] += static_cast<double>(u[i]) * static_cast<double>(v[i]);
+        double total = 0;
+        for (int l = 0; l < kLanes; ++l) total += sums[l];
+        y[p] = static_cast<T>(total);
       }
     });
   });

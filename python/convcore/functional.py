@@ -615,6 +615,36 @@ def mul(input, other) -> np.ndarray:
     return a * b
 
 
+def sum_to_size(grad, shape) -> np.ndarray:
+    """grad summed over the dimensions that broadcasting expanded from
+    `shape` to grad's shape (torch.Tensor.sum_to_size): the gradient of an
+    operand that a join broadcast."""
+    shape = tuple(shape)
+    if grad.shape == shape:
+        return grad
+    axes = tuple(i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1)
+    return grad.sum(axis=axes, keepdims=True).astype(grad.dtype, copy=False)
+
+
+def mul_backward(grad_output, input, other) -> Tuple[np.ndarray, np.ndarray]:
+    """Gradients of mul(input, other): (grad_output * other, grad_output *
+    input), each summed to its operand's shape. A gate of one value per
+    image and channel (squeeze-and-excitation) takes its gradient in one
+    pass over grad_output and the gated input, each plane's sum on the
+    core's threads, with no full-size product."""
+    g = grad_output
+
+    def grad_of(operand, partner):
+        if (not is_gpu_array(g) and _per_channel(partner, operand) and g.shape == partner.shape
+                and g.dtype == partner.dtype == operand.dtype
+                and g.dtype in (np.float32, np.float64)
+                and g.flags.c_contiguous and partner.flags.c_contiguous):
+            return _core.mul_sum_planes(g, partner).reshape(operand.shape)
+        return sum_to_size(mul(g, partner), operand.shape)
+
+    return grad_of(input, other), grad_of(other, input)
+
+
 def cat(tensors, dim: int = 0) -> np.ndarray:
     """The arrays joined along dim, as torch.cat (numpy.concatenate): one
     dtype (float32 or float64), equal shapes outside dim. A large result

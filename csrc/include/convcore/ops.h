@@ -94,6 +94,11 @@ void add_forward(const TensorView& input, const TensorView& other, const TensorV
 // and channel ((N, C, 1, ..., 1) against input's (N, C, ...): a
 // squeeze-and-excitation gate). output has input's shape.
 void mul_forward(const TensorView& input, const TensorView& other, const TensorView& output);
+// output[n, c] = sum over the plane (n, c) of input * other, for views of one
+// shape (N, C, ...) and output (N, C, 1, ..., 1): the gradient of a
+// per-channel gate (mul_forward's other) from grad_output and the gated
+// input, in one pass. Summed in double, in an order fixed by the shape.
+void mul_sum_planes(const TensorView& input, const TensorView& other, const TensorView& output);
 
 // Elementwise over views of any (equal) shape.
 void relu_forward(const TensorView& input, const TensorView& output);

@@ -68,15 +68,6 @@ def parse_node(line: str) -> Tuple[str, str, List[str]]:
     return m.group(1), m.group(2), [s.strip() for s in m.group(3).split(",")]
 
 
-def _unbroadcast(grad: np.ndarray, shape) -> np.ndarray:
-    """Sums grad over the dimensions that broadcasting expanded to reach it."""
-    shape = tuple(shape)
-    if grad.shape == shape:
-        return grad
-    axes = tuple(i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1)
-    return grad.sum(axis=axes, keepdims=True).astype(grad.dtype, copy=False)
-
-
 def join_shape(out: str, op: str, shapes: List[tuple]) -> tuple:
     """One sample's shape after a join (relu, concat, add, mul) of `shapes`."""
     if op == "relu":
@@ -284,11 +275,11 @@ class Graph(Module):
                     start += c
             elif op == "add":
                 for v in inputs:
-                    accumulate(v, _unbroadcast(g, values[v].shape))
+                    accumulate(v, F.sum_to_size(g, values[v].shape))
             elif op == "mul":
-                a, b = values[inputs[0]], values[inputs[1]]
-                accumulate(inputs[0], _unbroadcast(F.mul(g, b), a.shape))
-                accumulate(inputs[1], _unbroadcast(F.mul(g, a), b.shape))
+                grad_a, grad_b = F.mul_backward(g, values[inputs[0]], values[inputs[1]])
+                accumulate(inputs[0], grad_a)
+                accumulate(inputs[1], grad_b)
             else:  # relu
                 xp = backend_of(g).xp  # numpy, or cupy on the GPU
                 accumulate(inputs[0], F.relu_backward(xp.ascontiguousarray(g), values[inputs[0]]))
