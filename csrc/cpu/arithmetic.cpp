@@ -40,6 +40,20 @@ void map2(const T* a, const T* b, T* y, int64_t n, Op op) {
   });
 }
 
+// f(p, plane) for each of input's planes p (one per image and channel, of
+// `plane` elements), planes grouped into tasks of about kChunk elements.
+template <typename F>
+void for_each_plane(const TensorView& input, F&& f) {
+  const int64_t n = input.numel(), planes = input.shape[0] * input.shape[1];
+  const int64_t plane = n / std::max<int64_t>(1, planes);
+  const int64_t per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plane));
+  const int64_t tasks = (planes + per_task - 1) / per_task;
+  detail::parallel_for(detail::threads_for(tasks, n), tasks, [&](int64_t t) {
+    const int64_t p_end = std::min(planes, (t + 1) * per_task);
+    for (int64_t p = t * per_task; p < p_end; ++p) f(p, plane);
+  });
+}
+
 void check_join(const TensorView& input, const TensorView& other, const TensorView& output,
                 bool broadcast) {
   check_float(input, "input");
@@ -73,21 +87,14 @@ void mul_forward(const TensorView& input, const TensorView& other, const TensorV
       map2(a.data(), b.data(), y, n, [](T u, T v) { return u * v; });
       return;
     }
-    // a plane of input times its channel's value, planes grouped into tasks
-    // of about kChunk elements
-    const int64_t planes = input.shape[0] * input.shape[1], plane = n / std::max<int64_t>(1, planes);
-    const int64_t per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plane));
-    const int64_t tasks = (planes + per_task - 1) / per_task;
+    // a plane of input times its channel's value
     const T* x = a.data();
     const T* s = b.data();
-    detail::parallel_for(detail::threads_for(tasks, n), tasks, [&](int64_t t) {
-      const int64_t p_end = std::min(planes, (t + 1) * per_task);
-      for (int64_t p = t * per_task; p < p_end; ++p) {
-        const T v = s[p];
-        const T* src = x + p * plane;
-        T* dst = y + p * plane;
-        for (int64_t i = 0; i < plane; ++i) dst[i] = src[i] * v;
-      }
+    for_each_plane(input, [&](int64_t p, int64_t plane) {
+      const T v = s[p];
+      const T* src = x + p * plane;
+      T* dst = y + p * plane;
+      for (int64_t i = 0; i < plane; ++i) dst[i] = src[i] * v;
     });
   });
 }
@@ -100,37 +107,30 @@ void mul_sum_planes(const TensorView& input, const TensorView& other, const Tens
   if (input.ndim < 3)
     throw ValueError("input must have at least 3 dimensions (N, C, ...), got " +
                      std::to_string(input.ndim));
-  check_float(output, "output");
+  check_same_dtype(output, "output", input, "input");
   if (!per_channel(input, output))
     throw ValueError("output must have shape (N, C, 1, ..., 1) for input's (N, C, ...)");
   detail::dispatch_float(input.dtype, [&](auto zero) {
     using T = decltype(zero);
     const detail::Contiguous<T> a(input), b(other);
     T* y = output.ptr<T>();
-    const int64_t n = input.numel(), planes = input.shape[0] * input.shape[1];
-    const int64_t plane = n / std::max<int64_t>(1, planes);
-    const int64_t per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plane));
-    const int64_t tasks = (planes + per_task - 1) / per_task;
     const T* x = a.data();
     const T* g = b.data();
-    detail::parallel_for(detail::threads_for(tasks, n), tasks, [&](int64_t t) {
-      const int64_t p_end = std::min(planes, (t + 1) * per_task);
-      for (int64_t p = t * per_task; p < p_end; ++p) {
-        // kLanes sums, element i into sum i % kLanes, then added in order:
-        // independent chains the compiler can keep in vector registers
-        constexpr int kLanes = 8;
-        double sums[kLanes] = {};
-        const T* u = x + p * plane;
-        const T* v = g + p * plane;
-        int64_t i = 0;
-        for (; i + kLanes <= plane; i += kLanes)
-          for (int l = 0; l < kLanes; ++l)
-            sums[l] += static_cast<double>(u[i + l]) * static_cast<double>(v[i + l]);
-        for (; i < plane; ++i) sums[i % kLanes] += static_cast<double>(u[i]) * static_cast<double>(v[i]);
-        double total = 0;
-        for (int l = 0; l < kLanes; ++l) total += sums[l];
-        y[p] = static_cast<T>(total);
-      }
+    for_each_plane(input, [&](int64_t p, int64_t plane) {
+      // kLanes sums, element i into sum i % kLanes, then added in order:
+      // independent chains the compiler can keep in vector registers
+      constexpr int kLanes = 8;
+      double sums[kLanes] = {};
+      const T* u = x + p * plane;
+      const T* v = g + p * plane;
+      int64_t i = 0;
+      for (; i + kLanes <= plane; i += kLanes)
+        for (int l = 0; l < kLanes; ++l)
+          sums[l] += static_cast<double>(u[i + l]) * static_cast<double>(v[i + l]);
+      for (; i < plane; ++i) sums[i % kLanes] += static_cast<double>(u[i]) * static_cast<double>(v[i]);
+      double total = 0;
+      for (int l = 0; l < kLanes; ++l) total += sums[l];
+      y[p] = static_cast<T>(total);
     });
   });
 }
