@@ -387,17 +387,16 @@ py::tuple linear_backward(const py::array& grad_output, const py::array& input,
 }
 
 // core(first, second, out) into a new array (from the core's cache of
-// blocks) of the shape and dtype of the first argument (like == 0) or the
-// second, filled with the GIL released.
-template <typename Core>
+// blocks) of the dtype of the first argument and the shape
+// shape_of(first, second), filled with the GIL released.
+template <typename ShapeOf, typename Core>
 py::array binary_into_new(const py::array& first, const char* first_name,
-                          const py::array& second, const char* second_name, int like,
+                          const py::array& second, const char* second_name, ShapeOf&& shape_of,
                           Core&& core) {
   Arrays arrays;
   const TensorView a = arrays.view(first, first_name);
   const TensorView b = arrays.view(second, second_name);
-  const TensorView& ref = like == 0 ? a : b;
-  py::array out = new_array(ref, dims(ref));
+  py::array out = new_array(a, shape_of(a, b));
   const TensorView y = out_view(out);
   {
     py::gil_scoped_release release;
@@ -406,27 +405,23 @@ py::array binary_into_new(const py::array& first, const char* first_name,
   return out;
 }
 
-// input + other and input * other (functional's add and mul).
+// input + other and input * other (functional's add and mul): input's shape.
 template <void (*Core)(const TensorView&, const TensorView&, const TensorView&)>
 py::array join(const py::array& input, const py::array& other) {
-  return binary_into_new(input, "input", other, "other", 0, Core);
+  return binary_into_new(
+      input, "input", other, "other", [](const TensorView& a, const TensorView&) { return dims(a); },
+      Core);
 }
 
 // The sum over each plane (n, c) of input * other, shape (N, C, 1, ..., 1)
-// (functional's gate gradient).
+// (functional's gate gradient; the core checks the shapes).
 py::array mul_sum_planes(const py::array& input, const py::array& other) {
-  Arrays arrays;
-  const TensorView a = arrays.view(input, "input");
-  const TensorView b = arrays.view(other, "other");
-  std::vector<py::ssize_t> shape(static_cast<std::size_t>(std::max(a.ndim, 2)), 1);
-  for (int d = 0; d < std::min(a.ndim, 2); ++d) shape[static_cast<std::size_t>(d)] = a.shape[d];
-  py::array out = new_array(a, shape);
-  const TensorView y = out_view(out);
-  {
-    py::gil_scoped_release release;
-    convcore::mul_sum_planes(a, b, y);
-  }
-  return out;
+  auto planes = [](const TensorView& a, const TensorView&) {
+    std::vector<py::ssize_t> shape(static_cast<std::size_t>(std::max(a.ndim, 2)), 1);
+    for (int d = 0; d < std::min(a.ndim, 2); ++d) shape[static_cast<std::size_t>(d)] = a.shape[d];
+    return shape;
+  };
+  return binary_into_new(input, "input", other, "other", planes, convcore::mul_sum_planes);
 }
 
 py::array relu(const py::array& input, const std::optional<py::array>& out_arg) {
@@ -446,7 +441,8 @@ py::array relu(const py::array& input, const std::optional<py::array>& out_arg) 
 template <typename Core>
 py::array elementwise_backward(const py::array& grad_output, const py::array& input,
                                Core&& core) {
-  return binary_into_new(grad_output, "grad_output", input, "input", 1, core);
+  return binary_into_new(grad_output, "grad_output", input, "input",
+                         [](const TensorView&, const TensorView& x) { return dims(x); }, core);
 }
 
 py::array relu_backward(const py::array& grad_output, const py::array& input) {

@@ -495,7 +495,6 @@ struct SmallLinear {
   // pass again for every block: with x's 512 rows inside, a 512 x 128
   // product streamed 2 MB for each block of w.
   static constexpr int kDotMB = 4, kDotNB = W / kDotMB;
-  static bool dot_x_inner(int64_t M, int64_t N) { return M <= N; }
   static int64_t dot_units(int64_t M, int64_t N) {
     return ((N + kDotNB - 1) / kDotNB) * ((M + kDotMB - 1) / kDotMB);
   }
@@ -503,7 +502,7 @@ struct SmallLinear {
       int64_t images, int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx, int64_t x_image,
       const T* w, int64_t ldw, int64_t w_image, T* y, int64_t u0, int64_t u1) {
     const int64_t mblocks = (M + kDotMB - 1) / kDotMB, nblocks = (N + kDotNB - 1) / kDotNB;
-    const bool x_inner = dot_x_inner(M, N);
+    const bool x_inner = M <= N;  // x has the fewer rows: its blocks pass
     for (int64_t i = 0; i < images; ++i)
       for (int64_t k0 = 0; k0 < K; k0 += kDotChunk) {
         const int64_t k1 = std::min(K, k0 + kDotChunk);
