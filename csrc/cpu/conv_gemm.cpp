@@ -581,74 +581,134 @@ GradWeightByTapsSplit grad_weight_by_taps_split(const ConvGeometry& G) {
 // image for all taps.
 // It pays where packing the im2col side dominates: few output channels per
 // group (each packed element then feeds only 2 * Coutg flops).
+namespace {
+
+// One group's operands and sums for grad_weight_by_taps, in one thread's
+// scratch (or the one shared by a team): the steps of one image are
+// functions of an index, so a team splits each step and a lone thread loops.
+template <typename T>
+struct TapsGemm {
+  const ConvGeometry& G;
+  int64_t Hp, Wp, plane, taps, n_wide, Npad, mrows, mblocks;
+  T *xpad, *gyw, *bpack, *acc;  // acc: dW^T per tap, summed over images
+
+  TapsGemm(const ConvGeometry& g, const GradWeightByTapsSplit& split)
+      : G(g),
+        Hp(g.H + g.p.pad_top + g.p.pad_bottom),
+        Wp(g.W + g.p.pad_left + g.p.pad_right),
+        plane(Hp * Wp),
+        taps(g.KH * g.KW),
+        n_wide((g.Ho - 1) * Wp + g.Wo),  // flat positions of the outputs
+        Npad(gemm::round_up(g.Coutg, gemm::Tile<T>::NR)),
+        mrows(split.mrows),
+        mblocks(split.mblocks) {}
+  int64_t scratch_size() const {
+    return G.Cg * plane + G.Coutg * n_wide + Npad * n_wide + taps * G.Cg * G.Coutg;
+  }
+  void use(T* scratch) {
+    xpad = scratch;
+    gyw = xpad + G.Cg * plane;
+    bpack = gyw + G.Coutg * n_wide;
+    acc = bpack + Npad * n_wide;
+  }
+  int64_t pack_blocks() const { return (n_wide + gemm::KC - 1) / gemm::KC; }
+  int64_t tasks() const { return taps * mblocks; }
+
+  // Channel c of group g of image n, zero-padded.
+  void pad(const T* x, int64_t n, int64_t g, int64_t c) const {
+    T* dst = xpad + c * plane;
+    std::fill(dst, dst + plane, T(0));
+    const T* src = x + n * G.xs_n + (g * G.Cg + c) * G.xs_c;
+    for (int64_t ih = 0; ih < G.H; ++ih) {
+      T* row = dst + (ih + G.p.pad_top) * Wp + G.p.pad_left;
+      for (int64_t iw = 0; iw < G.W; ++iw) row[iw] = src[ih * G.xs_h + iw * G.xs_w];
+    }
+  }
+  // Output channel o of group g of image n's gradient, laid out Wp wide.
+  void widen(const T* gy, int64_t n, int64_t g, int64_t o) const {
+    const T* src = gy + (n * G.Cout + g * G.Coutg + o) * G.P;
+    T* dst = gyw + o * n_wide;
+    std::fill(dst, dst + n_wide, T(0));
+    for (int64_t oh = 0; oh < G.Ho; ++oh)
+      std::copy(src + oh * G.Wo, src + (oh + 1) * G.Wo, dst + oh * Wp);
+  }
+  // B(q, o) = gy_wide[o, q] for block b of KC positions, packed once for all taps.
+  void pack(int64_t b) const {
+    const int64_t k0 = b * gemm::KC, kc = std::min(gemm::KC, n_wide - k0);
+    gemm::StridedPackB<T>{gyw, 1, n_wide}(k0, kc, 0, G.Coutg, bpack + k0 * Npad);
+  }
+  // Task t: one tap's GEMM for a block of input channels, added to acc
+  // unless it is the first image.
+  void tap(int64_t t, bool accumulate, T* bbuf) const {
+    const int64_t k = t / mblocks, c0 = (t % mblocks) * mrows;
+    const int64_t nc = std::min(mrows, G.Cg - c0);
+    const int64_t i = k / G.KW, j = k % G.KW;
+    const T* a = xpad + i * G.p.dilation_h * Wp + j * G.p.dilation_w;
+    gemm::gemm_packed(nc, G.Coutg, n_wide, a, G.Cg, c0, PrepackedB<T>{bpack, Npad},
+                      acc + (k * G.Cg + c0) * G.Coutg, G.Coutg, accumulate, bbuf, plane);
+  }
+  // dW[g * Coutg + o, c, i, j] = acc[tap][c][o]
+  void store(int64_t g, T* gw) const {
+    for (int64_t o = 0; o < G.Coutg; ++o)
+      for (int64_t c = 0; c < G.Cg; ++c)
+        for (int64_t k = 0; k < taps; ++k)
+          gw[((g * G.Coutg + o) * G.Cg + c) * taps + k] = acc[(k * G.Cg + c) * G.Coutg + o];
+  }
+};
+
+}  // namespace
+
 template <typename T>
 void grad_weight_by_taps(const T* gy, const TensorView& input, const ConvGeometry& G,
                          const GradWeightByTapsSplit& split, T* gw) {
-  constexpr int NR = gemm::Tile<T>::NR;
-  const int64_t Hp = G.H + G.p.pad_top + G.p.pad_bottom, Wp = G.W + G.p.pad_left + G.p.pad_right;
-  const int64_t plane = Hp * Wp, taps = G.KH * G.KW;
-  const int64_t n_wide = (G.Ho - 1) * Wp + G.Wo;  // flat positions of the outputs
-  const int64_t Npad = gemm::round_up(G.Coutg, NR);
-  detail::Workspace<T> xpad_ws(1, G.Cg * plane);
-  detail::Workspace<T> gyw_ws(1, G.Coutg * n_wide);
-  detail::Workspace<T> bpack_ws(1, Npad * n_wide);
-  detail::Workspace<T> acc_ws(1, taps * G.Cg * G.Coutg);  // dW^T per tap, summed over images
-  T* xpad = xpad_ws.get();
-  T* gyw = gyw_ws.get();
-  T* bpack = bpack_ws.get();
-  T* acc = acc_ws.get();
-  const int64_t mrows = split.mrows, mblocks = split.mblocks;
-  const int64_t tasks = taps * mblocks;
-  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
-  detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
+  TapsGemm<T> s(G, split);
+  const int64_t work = G.N * G.Cout * G.P * G.Kc;
   const T* x = input.ptr<const T>();
-  for (int64_t g = 0; g < G.G; ++g) {
-    for (int64_t n = 0; n < G.N; ++n) {
-      const T* xg = x + n * G.xs_n + g * G.Cg * G.xs_c;
-      const T* gyg = gy + (n * G.Cout + g * G.Coutg) * G.P;
+  // With groups enough for every thread, each thread takes whole groups
+  // (ResNeXt's 32): a group's GEMMs are small, and a team splitting each one
+  // met at four barriers per group and image.
+  const int threads = detail::threads_for(G.G, work);
+  if (G.G >= 2 * threads) {
+    detail::Workspace<T> ws(threads, s.scratch_size() + gemm::b_workspace_size<T>());
 #pragma omp parallel num_threads(threads)
-      {
-        // The padded image and grad_output laid out Wp wide.
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < G.Cg; ++c) {
-          T* dst = xpad + c * plane;
-          std::fill(dst, dst + plane, T(0));
-          for (int64_t ih = 0; ih < G.H; ++ih) {
-            T* row = dst + (ih + G.p.pad_top) * Wp + G.p.pad_left;
-            const T* src = xg + c * G.xs_c + ih * G.xs_h;
-            for (int64_t iw = 0; iw < G.W; ++iw) row[iw] = src[iw * G.xs_w];
-          }
-        }
-#pragma omp for schedule(static)
-        for (int64_t o = 0; o < G.Coutg; ++o) {
-          T* dst = gyw + o * n_wide;
-          std::fill(dst, dst + n_wide, T(0));
-          for (int64_t oh = 0; oh < G.Ho; ++oh)
-            std::copy(gyg + o * G.P + oh * G.Wo, gyg + o * G.P + (oh + 1) * G.Wo, dst + oh * Wp);
-        }
-        // B(q, o) = gy_wide[o, q], packed once for all taps: K blocks x panels.
-#pragma omp for schedule(static)
-        for (int64_t k0 = 0; k0 < n_wide; k0 += gemm::KC) {
-          const int64_t kc = std::min(gemm::KC, n_wide - k0);
-          gemm::StridedPackB<T>{gyw, 1, n_wide}(k0, kc, 0, G.Coutg, bpack + k0 * Npad);
-        }
-        T* bbuf = ws.get(omp_get_thread_num());
+    {
+      TapsGemm<T> own = s;
+      T* scratch = ws.get(omp_get_thread_num());
+      own.use(scratch);
+      T* bbuf = scratch + s.scratch_size();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < tasks; ++t) {
-          const int64_t tap = t / mblocks, c0 = (t % mblocks) * mrows;
-          const int64_t nc = std::min(mrows, G.Cg - c0);
-          const int64_t i = tap / G.KW, j = tap % G.KW;
-          const T* a = xpad + i * G.p.dilation_h * Wp + j * G.p.dilation_w;
-          gemm::gemm_packed(nc, G.Coutg, n_wide, a, G.Cg, c0, PrepackedB<T>{bpack, Npad},
-                            acc + (tap * G.Cg + c0) * G.Coutg, G.Coutg, n > 0, bbuf, plane);
+      for (int64_t g = 0; g < G.G; ++g) {
+        for (int64_t n = 0; n < G.N; ++n) {
+          for (int64_t c = 0; c < G.Cg; ++c) own.pad(x, n, g, c);
+          for (int64_t o = 0; o < G.Coutg; ++o) own.widen(gy, n, g, o);
+          for (int64_t b = 0; b < own.pack_blocks(); ++b) own.pack(b);
+          for (int64_t t = 0; t < own.tasks(); ++t) own.tap(t, n > 0, bbuf);
         }
+        own.store(g, gw);
       }
     }
-    // dW[g * Coutg + o, c, i, j] = acc[tap][c][o]
-    for (int64_t o = 0; o < G.Coutg; ++o)
-      for (int64_t c = 0; c < G.Cg; ++c)
-        for (int64_t tap = 0; tap < taps; ++tap)
-          gw[((g * G.Coutg + o) * G.Cg + c) * taps + tap] = acc[(tap * G.Cg + c) * G.Coutg + o];
+    return;
+  }
+  detail::Workspace<T> shared(1, s.scratch_size());
+  s.use(shared.get());
+  const int team = detail::threads_for(s.tasks(), work);
+  detail::Workspace<T> ws(team, gemm::b_workspace_size<T>());
+  for (int64_t g = 0; g < G.G; ++g) {
+    for (int64_t n = 0; n < G.N; ++n) {
+#pragma omp parallel num_threads(team)
+      {
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < G.Cg; ++c) s.pad(x, n, g, c);
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < G.Coutg; ++o) s.widen(gy, n, g, o);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < s.pack_blocks(); ++b) s.pack(b);
+        T* bbuf = ws.get(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < s.tasks(); ++t) s.tap(t, n > 0, bbuf);
+      }
+    }
+    s.store(g, gw);
   }
 }
 
