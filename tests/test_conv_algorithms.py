@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import convcore
+from convcore import _core
 import reference as ref
 from _helpers import assert_close, dtypes, layouts, seeds, with_layout
 
@@ -1054,7 +1055,9 @@ def test_grouped_planes(dtype, cin, cout, groups, hw, kw):
     plane summed over them with the flat depthwise kernels) against the
     reference, forward and backward, the same bits at 1, 2 and 3 threads,
     and auto's choice for few channels per group (grouped_pays:
-    up to 8 input and output channels per group)."""
+    up to 8 input and output channels per group; grad_weight with 8 a
+    group goes to the channels-in-lanes kernel where vectors exist, see
+    test_grouped_lanes_grad_weight)."""
     rng = np.random.default_rng(9)
     x = rng.standard_normal((3, cin) + hw).astype(dtype)
     w = rng.standard_normal((cout, cin // groups, 3, 3)).astype(dtype)
@@ -1079,8 +1082,12 @@ def test_grouped_planes(dtype, cin, cout, groups, hw, kw):
     for other in runs[1:]:
         for a, b_ in zip(runs[0], other):
             np.testing.assert_array_equal(a, b_)
-    for a, b_ in zip(runs[-1], auto):
-        np.testing.assert_array_equal(a, b_)  # auto picked grouped (all cases have <= 8 per group)
+    lanes_gw = cin // groups == 8 and _core.gemm_isa() != "generic"
+    for i, (a, b_) in enumerate(zip(runs[-1], auto)):
+        if i == 2 and lanes_gw:
+            assert_close(b_, wants[2], dtype, what="auto grad_weight")
+        else:
+            np.testing.assert_array_equal(a, b_)  # auto picked grouped (all have <= 8 a group)
 
 
 def test_auto_picks_grouped_per_pass(two_threads):
@@ -1088,8 +1095,13 @@ def test_auto_picks_grouped_per_pass(two_threads):
     the forward and grad_input run plane by plane, and grad_weight too up to
     8; beyond 8 auto takes grad_weight from the direct path (by name,
     'grouped' keeps it plane by plane); beyond 32 everything is direct.
-    Bitwise the named algorithms' results."""
+    Where a group's input channels are whole vectors (8, 16 or 32 here, not
+    at the generic level), auto's grad_weight is the channels-in-lanes
+    kernel's (test_grouped_lanes_grad_weight), which no name picks: it is
+    checked against the reference there. Bitwise the named algorithms'
+    results otherwise."""
     rng = np.random.default_rng(10)
+    vectors = _core.gemm_isa() != "generic"
 
     def check(cin, groups, by, grad_weight_by):
         x = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
@@ -1102,17 +1114,102 @@ def test_auto_picks_grouped_per_pass(two_threads):
         named = convcore.conv2d_backward(gy, x, w, algorithm=by, **kw)
         np.testing.assert_array_equal(auto[0], named[0])
         np.testing.assert_array_equal(auto[2], named[2])
-        np.testing.assert_array_equal(
-            auto[1], convcore.conv2d_backward(gy, x, w, algorithm=grad_weight_by, **kw)[1])
+        if grad_weight_by == "lanes" and vectors:
+            assert_close(auto[1], ref.conv2d_backward_ref(gy, x, w, **kw)[1], np.float32,
+                         what="lanes grad_weight")
+        else:
+            by_name = "grouped" if grad_weight_by == "lanes" and cin // groups == 8 else (
+                "direct" if grad_weight_by == "lanes" else grad_weight_by)
+            np.testing.assert_array_equal(
+                auto[1], convcore.conv2d_backward(gy, x, w, algorithm=by_name, **kw)[1])
         # grad_weight alone (the plane pass skipped) gives the same bits
         alone = convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False), **kw)[1]
         np.testing.assert_array_equal(alone, auto[1])
 
     check(64, 16, "grouped", "grouped")   # 4 per group
-    check(64, 8, "grouped", "grouped")    # 8
-    check(64, 4, "grouped", "direct")     # 16
-    check(128, 4, "grouped", "direct")    # 32
-    check(128, 2, "direct", "direct")     # 64
+    check(64, 8, "grouped", "lanes")      # 8
+    check(64, 4, "grouped", "lanes")      # 16
+    check(128, 4, "grouped", "lanes")     # 32
+    check(128, 2, "direct", "direct")     # 64, but two groups
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,cout,groups,kw", [
+    ((3, 64, 9, 8), 64, 4, dict(padding=1)),                          # 16 a group, ResNeXt-like
+    ((2, 128, 7, 7), 128, 4, dict(padding=1)),                        # 32 a group, 7x7
+    ((3, 64, 11, 10), 32, 8, dict(stride=2, padding=1)),              # 8 in, 4 out, strided
+    ((2, 64, 10, 11), 192, 4, dict(padding=(2, 0), dilation=(2, 1))),  # 48 out a group
+    ((1, 256, 6, 6), 256, 4, dict(padding=3, kernel=(1, 5))),         # 64 a group, padding past the kernel
+    ((40, 64, 6, 5), 64, 4, dict(padding=1)),                         # images in several chunks
+    ((0, 64, 6, 6), 64, 4, dict(padding=1)),                          # no images
+])
+@pytest.mark.parametrize("view", [False, True])
+def test_grouped_lanes_grad_weight(dtype, shape, cout, groups, kw, view):
+    """grad_weight with a group's input channels in the vector lanes
+    (conv_grouped.cpp), auto's choice for 8 to 64 input channels a group in
+    whole vectors: against the reference, on strided views too, in chunks of
+    images, with taps and output channels that do not fill the kernel's
+    blocks (5 and 9 taps, 4 and 48 outputs a group), the same bits at 1, 2
+    and 3 threads. Below 8 channels a group (float64, 4) the plane path
+    stays."""
+    rng = np.random.default_rng(11)
+    kw = dict(kw)
+    kernel = kw.pop("kernel", (3, 3))
+    n, cin, h, w_ = shape
+    x = rng.standard_normal((n, cin, h, 2 * w_) if view else shape).astype(dtype)
+    if view:
+        x = x[..., ::2]
+    w = rng.standard_normal((cout, cin // groups) + kernel).astype(dtype)
+    kw["groups"] = groups
+    y = ref.conv2d_ref(np.ascontiguousarray(x), w, None, **kw)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    want = ref.conv2d_backward_ref(gy, np.ascontiguousarray(x), w, **kw)[1]
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            runs.append(convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False),
+                                                 **kw)[1])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(runs[0], want, dtype, what="grad_weight")
+    for other in runs[1:]:
+        np.testing.assert_array_equal(runs[0], other)
+    # with grad_input wanted too, grad_weight's bits do not change
+    both = convcore.conv2d_backward(gy, x, w, **kw)
+    np.testing.assert_array_equal(both[1], runs[-1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,cout,groups", [
+    ((1, 40, 5, 6), 36, 4),   # 10 in, 9 out a group: each thread whole groups
+    ((2, 20, 4, 5), 16, 2),   # two groups: a team splits each group's GEMMs
+    ((1, 20, 6, 5), 20, 1),
+])
+def test_grad_weight_by_taps_groups(dtype, shape, cout, groups):
+    """grad_weight by taps (one GEMM per tap over the padded image in place),
+    auto's choice on small images (too few positions for the direct path)
+    with up to 96 outputs a group where the channels do not fill vectors:
+    with 4 or more groups each thread takes whole groups, else a team splits
+    each group; against the reference, the same bits at 1, 2 and 3 threads."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((cout, shape[1] // groups, 3, 3)).astype(dtype)
+    kw = dict(padding=1, groups=groups)
+    gy = rng.standard_normal((shape[0], cout) + shape[2:]).astype(dtype)
+    want = ref.conv2d_backward_ref(gy, x, w, **kw)[1]
+    before = convcore.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            runs.append(convcore.conv2d_backward(gy, x, w, **kw)[1])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(runs[0], want, dtype, what="grad_weight")
+    for other in runs[1:]:
+        np.testing.assert_array_equal(runs[0], other)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

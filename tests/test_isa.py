@@ -62,6 +62,15 @@ for dtype in ("float32", "float64"):
     ow = rng.standard_normal((29, 37, 1, 1)).astype(dtype)
     ogy = rng.standard_normal((1, 29, 7, 7)).astype(dtype)
     ogx = convcore.conv2d_backward(ogy, ox, ow, output_mask=(True, False, False))[0]
+    # grouped grad_weight with the channels in the lanes: 16 input channels
+    # a group (a whole AVX-512 vector of float32, two of AVX2's) and 8 (half
+    # of one: AVX2's vectors under AVX-512), 12 outputs a group, strided
+    gwx = rng.standard_normal((2, 64, 9, 8)).astype(dtype)
+    gww = {cg: rng.standard_normal((48, cg, 3, 3)).astype(dtype) for cg in (8, 16)}
+    gwy = {cg: rng.standard_normal((2, 48, 5, 4)).astype(dtype) for cg in (8, 16)}
+    ggw = {cg: convcore.conv2d_backward(gwy[cg], gwx, gww[cg], stride=2, padding=1,
+                                        groups=64 // cg, output_mask=(False, True, False))[1]
+           for cg in (8, 16)}
     a = rng.standard_normal((37, 300)).astype(dtype)
     lw = rng.standard_normal((45, 300)).astype(dtype)
     ly = convcore.linear(a, lw)
@@ -78,7 +87,10 @@ for dtype in ("float32", "float64"):
                                                  sgx=sgx, sgw=sgw, ww=ww, px=px, pw=pw,
                                                  pany=pany, psy=psy, pgy=pgy, pgx=pgx,
                                                  pgw=pgw, pgb=pgb, slw=slw, sb=sb, sly5=sly5,
-                                                 ox=ox, ow=ow, ogy=ogy, ogx=ogx,
+                                                 ox=ox, ow=ow, ogy=ogy, ogx=ogx, gwx=gwx,
+                                                 **{f"gww{c}": gww[c] for c in gww},
+                                                 **{f"gwy{c}": gwy[c] for c in gwy},
+                                                 **{f"ggw{c}": ggw[c] for c in ggw},
                                                  **{f"sa{m}": v for m, v in sa.items()},
                                                  **{f"sly{m}": v for m, v in sly.items()},
                                                  **wino).items()}
@@ -141,6 +153,10 @@ def test_gemm_paths_match_reference(isa):
                                                                    d["sb"])))
         checks.append(("sly5", d["sly5"], ref.linear_ref(d["sa3"][:, :5], d["slw"][:, :5])))
         checks.append(("ogx", d["ogx"], ref.conv2d_backward_ref(d["ogy"], d["ox"], d["ow"])[0]))
+        for cg in (8, 16):
+            checks.append((f"ggw{cg}", d[f"ggw{cg}"],
+                           ref.conv2d_backward_ref(d[f"gwy{cg}"], d["gwx"], d[f"gww{cg}"],
+                                                   stride=2, padding=1, groups=64 // cg)[1]))
         for algo in ("winograd", "winograd4"):
             wgx, wgw, _ = ref.conv2d_backward_ref(d[algo + "_gy"], d["x"], d["ww"], padding=1)
             checks += [(algo + "_y", d[algo + "_y"],

@@ -135,6 +135,9 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
       case GradWeightPath::ByChunks:
         grad_weight_by_chunks<T>(gy, x, Gx, gw);
         break;
+      case GradWeightPath::GroupedLanes:
+        grad_weight_grouped_lanes<T>(gy, x, Gx, gw);
+        break;
       case GradWeightPath::Planes:
       case GradWeightPath::Gemm:
         grad_weight_gemm<T>(gy, x, Gx, plan.grad_weight_gemm_split, gw);

@@ -76,6 +76,17 @@ template <typename T>
 void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
                         const ConvGeometry& G, T* gx, T* gw, T* gb);
 
+// conv_grouped.cpp: grad_weight of grouped layers with input channels in the
+// vector lanes, where a group's input channels are a whole number of
+// vectors (at this ISA level and dtype), 8 to 64 of them, with at most 64
+// output channels, in at least 4 groups (its tasks are whole groups).
+constexpr int64_t kGroupedLanesMinGroups = 4, kGroupedLanesFewestChannels = 8,
+                  kGroupedLanesMostChannels = 64;
+bool grad_weight_grouped_lanes_applies(const ConvGeometry& G, DType dtype);
+template <typename T>
+void grad_weight_grouped_lanes(const T* gy, const TensorView& input, const ConvGeometry& G,
+                               T* gw);
+
 // conv_winograd.cpp: F(M x M, 3x3), M = 2 or 4.
 template <int M, typename T>
 void forward_winograd(const TensorView& input, const T* weight, const T* bias,

@@ -400,6 +400,13 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
 }
 
 GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
+  // Groups of whole vectors of input channels (8 to 64 a group) with the
+  // channels in the lanes, unless an algorithm was named: faster than the
+  // plane and direct paths on ResNeXt's 8, 16 and 32 per group, at batch 1
+  // and 16, with both instruction sets (docs/training.md). 1x1 layers keep
+  // the GEMM paths (one tap would fill a third of the kernel's taps).
+  if (G.auto_algorithm && !one_by_one(G) && grad_weight_grouped_lanes_applies(G, dtype))
+    return GradWeightPath::GroupedLanes;
   // Grouped by name keeps every pass plane by plane.
   if (G.p.algorithm == ConvAlgorithm::Depthwise ||
       (G.p.algorithm == ConvAlgorithm::Grouped &&

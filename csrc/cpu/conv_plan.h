@@ -47,7 +47,17 @@ ConvGeometry grad_input_as_forward_geometry(const ConvGeometry& G);
 // backward_depthwise, for the Depthwise and Grouped algorithms).
 enum class GradInputPath { Planes, Winograd2, Winograd4, Pointwise, AsForwardDirect,
                            AsForwardGemm, DirectStrided, Gemm };
-enum class GradWeightPath { Planes, Winograd2, Winograd4, Direct, ByTaps, ByChunks, Dots, Gemm };
+enum class GradWeightPath {
+  Planes,
+  Winograd2,
+  Winograd4,
+  Direct,
+  ByTaps,
+  ByChunks,
+  Dots,
+  GroupedLanes,
+  Gemm
+};
 
 enum class ConvPass { Forward, Backward };
 
