@@ -23,6 +23,14 @@
 #include "simd.h"
 #include "strided.h"
 
+// The kernels need GCC's vector types and the x86 dispatch (gemm.h).
+#if defined(CONVCORE_HAVE_VECTOR_TYPES) && defined(__x86_64__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define CONVCORE_GROUPED_LANES 1
+#else
+#define CONVCORE_GROUPED_LANES 0
+#endif
+
 namespace convcore {
 namespace conv2d_impl {
 
@@ -31,7 +39,7 @@ namespace {
 // Output channels per block (broadcasts) and taps per block (vector
 // loads): 8 x 3 accumulators with AVX-512's 32 vector registers, 4 x 3 with
 // AVX2's 16. kOutPad: what the output channels are padded to.
-constexpr int kTapBlock = 3, kOutPad = 8;
+constexpr int kTapBlock = 3, kOutPad = 8;  // group_image_sums loads 3 taps by name
 // Images whose operands are laid out at once, their positions one run of
 // sums: at most this many bytes, so they stay in L2 across the passes.
 constexpr int64_t kChunkBytes = int64_t(256) << 10;
@@ -40,11 +48,12 @@ constexpr int out_block() {
   return sizeof(V) == 64 ? 8 : 4;
 }
 
-// One image's part of a group's grad_weight, added into sums[o][k][c]
-// (Coutp x taps_p x Cg; written when `first`): xt is the padded image
-// (Hp x Wp x Cg), gt the gradient (P x Coutp, output channels past Coutg
-// zero), toff[k] the offset of tap k in xt (taps past the layer's repeat
-// tap 0; their sums are discarded).
+// A chunk of images' part of a group's grad_weight, added into
+// sums[o][k][c] (Coutp x taps_p x Cg; written when `first`): xt holds the
+// padded images (Hp x Wp x Cg each), gt their gradients (P positions of the
+// chunk x Coutp, output channels past Coutg zero), pix[q] the origin of
+// position q's window in xt, toff[k] tap k's offset inside every window
+// (taps past the layer's repeat tap 0; their sums are discarded).
 template <typename T, typename V>
 CONVCORE_ALWAYS_INLINE void group_image_sums(const T* xt, const T* gt, const int64_t* toff,
                                              const int64_t* pix, int64_t P, int64_t taps_p,
@@ -90,45 +99,37 @@ CONVCORE_ALWAYS_INLINE void group_image_sums(const T* xt, const T* gt, const int
       }
 }
 
-#if defined(CONVCORE_HAVE_VECTOR_TYPES)
+#if CONVCORE_GROUPED_LANES
 template <typename T>
 using Vec512 = std::conditional_t<std::is_same_v<T, float>, simd::f32x16, simd::f64x8>;
 template <typename T>
 using Vec256 = std::conditional_t<std::is_same_v<T, float>, simd::f32x8, simd::f64x4>;
 
+// image_sums: the kernel for T at the ISA level; a group of half an
+// AVX-512 vector's channels takes AVX2's vectors.
 #define CONVCORE_GROUP_SUMS(T)                                                                   \
   CONVCORE_ISA_DISPATCH3(group_image_sums_##T, (group_image_sums<T, Vec512<T>>),                 \
                          (group_image_sums<T, Vec256<T>>), (group_image_sums<T, Vec256<T>>),     \
                          (const T* xt, const T* gt, const int64_t* toff, const int64_t* pix,     \
                           int64_t P, int64_t taps_p, int64_t Coutp, int64_t Cg, bool first,      \
                           T* sums),                                                              \
-                         (xt, gt, toff, pix, P, taps_p, Coutp, Cg, first, sums))
+                         (xt, gt, toff, pix, P, taps_p, Coutp, Cg, first, sums))                 \
+  void image_sums(const T* xt, const T* gt, const int64_t* toff, const int64_t* pix, int64_t P,  \
+                  int64_t taps_p, int64_t Coutp, int64_t Cg, bool first, T* sums) {              \
+    if (gemm::isa_level() == 2 && Cg % (64 / sizeof(T)) != 0)                                    \
+      group_image_sums_##T##_avx2(xt, gt, toff, pix, P, taps_p, Coutp, Cg, first, sums);         \
+    else                                                                                         \
+      group_image_sums_##T(xt, gt, toff, pix, P, taps_p, Coutp, Cg, first, sums);                \
+  }
 CONVCORE_GROUP_SUMS(float)
 CONVCORE_GROUP_SUMS(double)
 #undef CONVCORE_GROUP_SUMS
-
-void image_sums(const float* xt, const float* gt, const int64_t* toff, const int64_t* pix, int64_t P,
-                int64_t taps_p, int64_t Coutp, int64_t Cg, bool first, float* sums) {
-  // a group of half an AVX-512 vector's channels takes AVX2's vectors
-  if (gemm::isa_level() == 2 && Cg % (64 / sizeof(float)) != 0)
-    group_image_sums_float_avx2(xt, gt, toff, pix, P, taps_p, Coutp, Cg, first, sums);
-  else
-    group_image_sums_float(xt, gt, toff, pix, P, taps_p, Coutp, Cg, first, sums);
-}
-void image_sums(const double* xt, const double* gt, const int64_t* toff, const int64_t* pix, int64_t P,
-                int64_t taps_p, int64_t Coutp, int64_t Cg, bool first, double* sums) {
-  // a group of half an AVX-512 vector's channels takes AVX2's vectors
-  if (gemm::isa_level() == 2 && Cg % (64 / sizeof(double)) != 0)
-    group_image_sums_double_avx2(xt, gt, toff, pix, P, taps_p, Coutp, Cg, first, sums);
-  else
-    group_image_sums_double(xt, gt, toff, pix, P, taps_p, Coutp, Cg, first, sums);
-}
 #endif
 
 }  // namespace
 
 bool grad_weight_grouped_lanes_applies(const ConvGeometry& G, DType dtype) {
-#if defined(CONVCORE_HAVE_VECTOR_TYPES) && defined(__x86_64__)
+#if CONVCORE_GROUPED_LANES
   const int level = gemm::isa_level();
   if (level < 1) return false;
   const int64_t bytes = dtype == DType::Float32 ? 4 : 8;
@@ -145,7 +146,7 @@ bool grad_weight_grouped_lanes_applies(const ConvGeometry& G, DType dtype) {
 template <typename T>
 void grad_weight_grouped_lanes(const T* gy, const TensorView& input, const ConvGeometry& G,
                                T* gw) {
-#if defined(CONVCORE_HAVE_VECTOR_TYPES) && defined(__x86_64__)
+#if CONVCORE_GROUPED_LANES
   const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
   const int64_t Hp = (G.Ho - 1) * sh + (G.KH - 1) * dh + 1;
   const int64_t Wp = (G.Wo - 1) * sw + (G.KW - 1) * dw + 1;
