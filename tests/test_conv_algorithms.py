@@ -1132,6 +1132,20 @@ def test_auto_picks_grouped_per_pass(two_threads):
     check(128, 4, "grouped", "lanes")     # 32
     check(128, 2, "direct", "direct")     # 64, but two groups
 
+    # strided with 32 a group: the forward direct (grouped_forward_by_direct),
+    # grad_input still plane by plane; with 16 a group the forward too
+    for cin, groups, forward_by in ((128, 4, "direct"), (64, 4, "grouped")):
+        x = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
+        w = rng.standard_normal((cin, cin // groups, 3, 3)).astype(np.float32)
+        gy = rng.standard_normal((2, cin, 5, 5)).astype(np.float32)
+        kw = dict(stride=2, padding=1, groups=groups)
+        np.testing.assert_array_equal(convcore.conv2d(x, w, **kw),
+                                      convcore.conv2d(x, w, algorithm=forward_by, **kw))
+        only_gx = dict(kw, output_mask=(True, False, False))
+        np.testing.assert_array_equal(
+            convcore.conv2d_backward(gy, x, w, **only_gx)[0],
+            convcore.conv2d_backward(gy, x, w, algorithm="grouped", **only_gx)[0])
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,cout,groups,kw", [
@@ -1139,7 +1153,7 @@ def test_auto_picks_grouped_per_pass(two_threads):
     ((2, 128, 7, 7), 128, 4, dict(padding=1)),                        # 32 a group, 7x7
     ((3, 64, 11, 10), 32, 8, dict(stride=2, padding=1)),              # 8 in, 4 out, strided
     ((2, 64, 10, 11), 192, 4, dict(padding=(2, 0), dilation=(2, 1))),  # 48 out a group
-    ((1, 256, 6, 6), 256, 4, dict(padding=3, kernel=(1, 5))),         # 64 a group, padding past the kernel
+    ((1, 256, 6, 6), 256, 4, dict(padding=3, kernel=(1, 5))),         # 64 a group, pad > kernel
     ((40, 64, 6, 5), 64, 4, dict(padding=1)),                         # images in several chunks
     ((0, 64, 6, 6), 64, 4, dict(padding=1)),                          # no images
 ])

@@ -6,7 +6,8 @@
 // tile's 12 rows (taps) needs its own pointer. Here each image of a group is
 // laid out position by position (input channels fastest, zero-padded) and
 // its output gradient likewise, so that
-//   dW[o, c, i, j] = sum over (oh, ow) of gy[oh, ow, o] * xpad[oh * sh + i * dh, ow * sw + j * dw, c]
+//   dW[o, c, i, j] = sum over (oh, ow) of
+//                    gy[oh, ow, o] * xpad[oh * sh + i * dh, ow * sw + j * dw, c]
 // is, for a block of OB output channels and TB taps, OB x TB vector sums over
 // the positions: per position TB vector loads of the input (one per tap) and
 // OB broadcasts of the gradient feed OB * TB multiply-adds. Tasks are whole
