@@ -1098,18 +1098,20 @@ def test_auto_picks_grouped_per_pass(two_threads):
     Where a group's input channels are whole vectors (8, 16 or 32 here, not
     at the generic level), auto's grad_weight is the channels-in-lanes
     kernel's (test_grouped_lanes_grad_weight), which no name picks: it is
-    checked against the reference there. Bitwise the named algorithms'
-    results otherwise."""
+    checked against the reference there. The forward with 32 a group goes
+    to the direct path where strided, and with AVX2
+    (grouped_forward_by_direct). Bitwise the named algorithms' results
+    otherwise."""
     rng = np.random.default_rng(10)
     vectors = _core.gemm_isa() != "generic"
 
-    def check(cin, groups, by, grad_weight_by):
+    def check(cin, groups, by, grad_weight_by, forward_by=None):
         x = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
         w = rng.standard_normal((cin, cin // groups, 3, 3)).astype(np.float32)
         gy = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
         kw = dict(padding=1, groups=groups)
         np.testing.assert_array_equal(convcore.conv2d(x, w, **kw),
-                                      convcore.conv2d(x, w, algorithm=by, **kw))
+                                      convcore.conv2d(x, w, algorithm=forward_by or by, **kw))
         auto = convcore.conv2d_backward(gy, x, w, **kw)
         named = convcore.conv2d_backward(gy, x, w, algorithm=by, **kw)
         np.testing.assert_array_equal(auto[0], named[0])
@@ -1129,11 +1131,13 @@ def test_auto_picks_grouped_per_pass(two_threads):
     check(64, 16, "grouped", "grouped")   # 4 per group
     check(64, 8, "grouped", "lanes")      # 8
     check(64, 4, "grouped", "lanes")      # 16
-    check(128, 4, "grouped", "lanes")     # 32
+    # 32, whose forward takes the direct path with AVX2 (8 lanes a plane)
+    check(128, 4, "grouped", "lanes", "direct" if _core.gemm_isa() == "avx2" else "grouped")
     check(128, 2, "direct", "direct")     # 64, but two groups
 
     # strided with 32 a group: the forward direct (grouped_forward_by_direct),
-    # grad_input still plane by plane; with 16 a group the forward too
+    # grad_input still plane by plane; with 16 a group the forward too (at
+    # every ISA level: AVX2 sends only 32 a group to the direct path)
     for cin, groups, forward_by in ((128, 4, "direct"), (64, 4, "grouped")):
         x = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
         w = rng.standard_normal((cin, cin // groups, 3, 3)).astype(np.float32)

@@ -295,11 +295,12 @@ ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
 // stride 2 at batch 16 0.7-0.95x), grad_input 1.6-6x with 4 to 16 and
 // 0.8-2.7x with 32. Its grad_weight takes a pair of planes at a time:
 // 1.7-5.6x faster with 4 and 8 channels, 1.5-7x slower with 16 and 32,
-// which auto leaves to the direct path's grad_weight. The forward of a
-// strided layer with 32 channels a group goes to the direct path: ResNeXt's
-// 1024 channels at 14x14, stride 2, 1.4-1.7x faster there at batch 1, 4 and
-// 16 with either instruction set (with 16 a group the planes stay ahead at
-// batch 1).
+// which auto leaves to the direct path's grad_weight. The forward with 32
+// channels a group goes to the direct path where strided (ResNeXt's 1024
+// channels at 14x14, stride 2: 1.4-1.7x faster at batch 1, 4 and 16 with
+// either instruction set; with 16 a group the planes stay ahead at batch
+// 1), and with AVX2, whose planes have 8 lanes (1024 at 7x7: 1.2-1.3x at
+// batch 1, 4 and 16; with AVX-512 level).
 constexpr int64_t kGroupedMostChannels = 32;
 constexpr int64_t kGroupedGradWeightMostChannels = 8;
 bool grouped_pays(const ConvGeometry& G) {
@@ -308,7 +309,8 @@ bool grouped_pays(const ConvGeometry& G) {
 }
 bool grouped_forward_by_direct(const ConvGeometry& G, ConvPass pass) {
   const bool strided = G.p.stride_h > 1 || G.p.stride_w > 1;
-  return pass == ConvPass::Forward && strided && G.Cg >= kGroupedMostChannels && direct_fits(G);
+  return pass == ConvPass::Forward && (strided || gemm::isa_level() == 1) &&
+         G.Cg >= kGroupedMostChannels && direct_fits(G);
 }
 
 // Resolves Auto, and checks that an algorithm asked for by name applies.
