@@ -1100,12 +1100,12 @@ def test_auto_picks_grouped_per_pass(two_threads):
     kernel's (test_grouped_lanes_grad_weight), which no name picks: it is
     checked against the reference there. The forward with 32 a group goes
     to the direct path where strided, and with AVX2
-    (grouped_forward_by_direct). Bitwise the named algorithms' results
-    otherwise."""
+    (grouped_forward_by_direct), and with AVX2 grad_input too where the
+    direct path pays. Bitwise the named algorithms' results otherwise."""
     rng = np.random.default_rng(10)
     vectors = _core.gemm_isa() != "generic"
 
-    def check(cin, groups, by, grad_weight_by, forward_by=None):
+    def check(cin, groups, by, grad_weight_by, forward_by=None, grad_input_by=None):
         x = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
         w = rng.standard_normal((cin, cin // groups, 3, 3)).astype(np.float32)
         gy = rng.standard_normal((2, cin, 10, 10)).astype(np.float32)
@@ -1114,7 +1114,8 @@ def test_auto_picks_grouped_per_pass(two_threads):
                                       convcore.conv2d(x, w, algorithm=forward_by or by, **kw))
         auto = convcore.conv2d_backward(gy, x, w, **kw)
         named = convcore.conv2d_backward(gy, x, w, algorithm=by, **kw)
-        np.testing.assert_array_equal(auto[0], named[0])
+        np.testing.assert_array_equal(
+            auto[0], convcore.conv2d_backward(gy, x, w, algorithm=grad_input_by or by, **kw)[0])
         np.testing.assert_array_equal(auto[2], named[2])
         if grad_weight_by == "lanes" and vectors:
             assert_close(auto[1], ref.conv2d_backward_ref(gy, x, w, **kw)[1], np.float32,
@@ -1131,8 +1132,10 @@ def test_auto_picks_grouped_per_pass(two_threads):
     check(64, 16, "grouped", "grouped")   # 4 per group
     check(64, 8, "grouped", "lanes")      # 8
     check(64, 4, "grouped", "lanes")      # 16
-    # 32, whose forward takes the direct path with AVX2 (8 lanes a plane)
-    check(128, 4, "grouped", "lanes", "direct" if _core.gemm_isa() == "avx2" else "grouped")
+    # 32, whose forward and grad_input take the direct path with AVX2 (8
+    # lanes a plane; grad_input where the direct path pays: 200 positions)
+    avx2 = _core.gemm_isa() == "avx2"
+    check(128, 4, "grouped", "lanes", *(("direct", "direct") if avx2 else ()))
     check(128, 2, "direct", "direct")     # 64, but two groups
 
     # strided with 32 a group: the forward direct (grouped_forward_by_direct),

@@ -80,15 +80,19 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
   const TensorView& x = copy_input ? xc->view() : input;
   const ConvGeometry Gx = copy_input ? with_input(G, x) : G;
   if (plan.algorithm == ConvAlgorithm::Depthwise || plan.algorithm == ConvAlgorithm::Grouped) {
-    // grad_weight with the rest unless the plan takes it elsewhere (Grouped
-    // with many channels per group): then only it is left below.
+    // The gradients the plane pass takes (grad_bias always) in one pass;
+    // those the plan takes elsewhere (Grouped with many channels a group)
+    // are left below.
+    const bool with_gx = plan.grad_input == GradInputPath::Planes;
     const bool with_gw = plan.grad_weight == GradWeightPath::Planes;
-    if (gx || gb || (gw && with_gw)) {
+    if ((gx && with_gx) || gb || (gw && with_gw)) {
       const detail::Contiguous<T> w(weight);
-      backward_depthwise<T>(gy, x, w.data(), Gx, gx, with_gw ? gw : nullptr, gb);
+      backward_depthwise<T>(gy, x, w.data(), Gx, with_gx ? gx : nullptr, with_gw ? gw : nullptr,
+                            gb);
     }
-    if (with_gw || !gw) return;
-    gx = gb = nullptr;
+    if (with_gx) gx = nullptr;
+    if (with_gw) gw = nullptr;
+    gb = nullptr;
   }
   if (gx) {
     const detail::Contiguous<T> w(weight);

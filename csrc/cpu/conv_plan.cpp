@@ -380,8 +380,15 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
       std::max({G.p.pad_top, G.p.pad_bottom, G.p.pad_left, G.p.pad_right}) <= 2;
   switch (G.p.algorithm) {
     case ConvAlgorithm::Depthwise:
-    case ConvAlgorithm::Grouped:
       return GradInputPath::Planes;
+    case ConvAlgorithm::Grouped:
+      // With AVX2 (8 lanes a plane) and 32 channels a group the direct
+      // kernels below, where they pay (docs/training.md: ResNeXt's 1024
+      // channels at 7x7 and 14x14 stride 2, batch 16, 1.3-1.4x).
+      if (!(G.auto_algorithm && gemm::isa_level() == 1 && G.Cg >= kGroupedMostChannels &&
+            direct_pays(G)))
+        return GradInputPath::Planes;
+      break;
     case ConvAlgorithm::Winograd:
       if (pads_fit) return GradInputPath::Winograd2;
       break;
