@@ -590,7 +590,8 @@ template <typename T>
 struct TapsGemm {
   const ConvGeometry& G;
   int64_t Hp, Wp, plane, taps, n_wide, Npad, mrows, mblocks;
-  T *xpad, *gyw, *bpack, *acc;  // acc: dW^T per tap, summed over images
+  // in the scratch given to use(); acc: dW^T per tap, summed over images
+  T *xpad = nullptr, *gyw = nullptr, *bpack = nullptr, *acc = nullptr;
 
   TapsGemm(const ConvGeometry& g, const GradWeightByTapsSplit& split)
       : G(g),

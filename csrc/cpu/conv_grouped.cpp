@@ -16,7 +16,9 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
 
 #include "conv_kernels.h"
 #include "conv_plan.h"
