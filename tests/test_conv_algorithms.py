@@ -429,6 +429,39 @@ def test_small_grad_weight_in_rounds_of_partials():
     np.testing.assert_array_equal(results[0], results[2])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_grad_weight_of_one_image(dtype):
+    """One image of a small plane: grad_weight by chunks has a single task,
+    whose columns (taps) are split in blocks of whole panels among the
+    threads (the GEMM path by name, strided so that by taps does not apply);
+    auto takes the direct path from 49 positions (a 7x7 plane) where the
+    grad_weight is small. Against the reference, the same bits at 1, 2 and
+    3 threads."""
+    rng = np.random.default_rng(13)
+    cases = [((1, 40, 9, 9), (64, 40, 3, 3), dict(stride=2, padding=1), "gemm"),
+             ((1, 32, 7, 7), (128, 32, 3, 3), dict(padding=1), "auto"),
+             ((1, 48, 7, 7), (128, 48, 3, 3), dict(padding=1), "direct")]
+    for xs, ws, kw, algorithm in cases:
+        x = rng.standard_normal(xs).astype(dtype)
+        w = rng.standard_normal(ws).astype(dtype)
+        gy = rng.standard_normal(ref.conv2d_ref(x, w, None, **kw).shape).astype(dtype)
+        expect = ref.conv2d_backward_ref(gy, x, w, **kw)[1]
+        before = convcore.get_num_threads()
+        runs = []
+        try:
+            for threads in (1, 2, 3):
+                convcore.set_num_threads(threads)
+                runs.append(convcore.conv2d_backward(gy, x, w, algorithm=algorithm, **kw)[1])
+        finally:
+            convcore.set_num_threads(before)
+        assert_close(runs[0], expect, dtype, what=f"grad_weight {algorithm} {xs}")
+        for other in runs[1:]:
+            np.testing.assert_array_equal(runs[0], other)
+        if algorithm == "auto":  # the direct path's bits
+            np.testing.assert_array_equal(
+                runs[-1], convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)[1])
+
+
 @pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct", "winograd", "winograd4"])
 def test_empty_batch_has_zero_grad_weight(algorithm):
     """No images: grad_weight is exactly zero on every path (the call before

@@ -736,7 +736,16 @@ void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeome
   const int64_t round = std::min<int64_t>(tasks, 64);
   detail::Workspace<T> partial_ws(1, round * size);
   T* partials = partial_ws.get();
-  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
+  const int64_t work = G.N * G.Cout * G.P * G.Kc;
+  // Fewer tasks than threads (one image of a small plane: one chunk): each
+  // task's columns (taps) in blocks of whole panels, one block per thread,
+  // so the others do not wait; each element's sum is the same either way.
+  constexpr int NR = gemm::Tile<T>::NR;
+  const int want = detail::threads_for(tasks * ((G.Kc + NR - 1) / NR), work);
+  const int64_t width =
+      tasks >= want ? G.Kc : gemm::round_up((G.Kc * tasks + want - 1) / want, NR);
+  const int64_t parts = (G.Kc + width - 1) / width;
+  const int threads = detail::threads_for(tasks * parts, work);
   const int64_t a_size = gemm::packed_a_size<T>(G.Coutg, chunk);
   detail::Workspace<T> ws(threads, a_size + gemm::b_workspace_size<T>());
   const T* x = input.ptr<const T>();
@@ -747,15 +756,16 @@ void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeome
     for (int64_t t0 = 0; t0 < tasks; t0 += round) {
       const int64_t nt = std::min(round, tasks - t0);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = t0; t < t0 + nt; ++t) {
+      for (int64_t u = t0 * parts; u < (t0 + nt) * parts; ++u) {
+        const int64_t t = u / parts, j0 = (u % parts) * width, nj = std::min(width, G.Kc - j0);
         const int64_t n = t / chunks, q0 = (t % chunks) * chunk, nq = std::min(chunk, G.P - q0);
         for (int64_t g = 0; g < G.G; ++g) {
           gemm::pack_a(G.Coutg, nq, gy + (n * G.Cout + g * G.Coutg) * G.P + q0, G.P,
                        int64_t(1), a_packed);
           gemm::gemm_packed(
-              G.Coutg, G.Kc, nq, a_packed, G.Coutg, 0,
-              Im2colTransposedPackB<T>{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, 0, q0},
-              partials + (t - t0) * size + g * G.Coutg * G.Kc, G.Kc, false, bbuf);
+              G.Coutg, nj, nq, a_packed, G.Coutg, 0,
+              Im2colTransposedPackB<T>{x + n * G.xs_n + g * G.Cg * G.xs_c, &G, j0, q0},
+              partials + (t - t0) * size + g * G.Coutg * G.Kc + j0, G.Kc, false, bbuf);
         }
       }
 #pragma omp for schedule(static)
