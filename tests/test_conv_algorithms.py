@@ -429,6 +429,19 @@ def test_small_grad_weight_in_rounds_of_partials():
     np.testing.assert_array_equal(results[0], results[2])
 
 
+def at_threads(fn, counts=(1, 2, 3)):
+    """fn()'s result at each thread count, the count restored after."""
+    before = convcore.get_num_threads()
+    try:
+        results = []
+        for threads in counts:
+            convcore.set_num_threads(threads)
+            results.append(fn())
+        return results
+    finally:
+        convcore.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_small_grad_weight_of_one_image(dtype):
     """One image of a small plane: grad_weight by chunks has a single task,
@@ -446,14 +459,7 @@ def test_small_grad_weight_of_one_image(dtype):
         w = rng.standard_normal(ws).astype(dtype)
         gy = rng.standard_normal(ref.conv2d_ref(x, w, None, **kw).shape).astype(dtype)
         expect = ref.conv2d_backward_ref(gy, x, w, **kw)[1]
-        before = convcore.get_num_threads()
-        runs = []
-        try:
-            for threads in (1, 2, 3):
-                convcore.set_num_threads(threads)
-                runs.append(convcore.conv2d_backward(gy, x, w, algorithm=algorithm, **kw)[1])
-        finally:
-            convcore.set_num_threads(before)
+        runs = at_threads(lambda: convcore.conv2d_backward(gy, x, w, algorithm=algorithm, **kw)[1])
         assert_close(runs[0], expect, dtype, what=f"grad_weight {algorithm} {xs}")
         for other in runs[1:]:
             np.testing.assert_array_equal(runs[0], other)
@@ -1218,15 +1224,8 @@ def test_grouped_lanes_grad_weight(dtype, shape, cout, groups, kw, view):
     y = ref.conv2d_ref(np.ascontiguousarray(x), w, None, **kw)
     gy = rng.standard_normal(y.shape).astype(dtype)
     want = ref.conv2d_backward_ref(gy, np.ascontiguousarray(x), w, **kw)[1]
-    before = convcore.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            convcore.set_num_threads(threads)
-            runs.append(convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False),
-                                                 **kw)[1])
-    finally:
-        convcore.set_num_threads(before)
+    runs = at_threads(lambda: convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False),
+                                                       **kw)[1])
     assert_close(runs[0], want, dtype, what="grad_weight")
     for other in runs[1:]:
         np.testing.assert_array_equal(runs[0], other)
@@ -1253,14 +1252,7 @@ def test_grad_weight_by_taps_groups(dtype, shape, cout, groups):
     kw = dict(padding=1, groups=groups)
     gy = rng.standard_normal((shape[0], cout) + shape[2:]).astype(dtype)
     want = ref.conv2d_backward_ref(gy, x, w, **kw)[1]
-    before = convcore.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            convcore.set_num_threads(threads)
-            runs.append(convcore.conv2d_backward(gy, x, w, **kw)[1])
-    finally:
-        convcore.set_num_threads(before)
+    runs = at_threads(lambda: convcore.conv2d_backward(gy, x, w, **kw)[1])
     assert_close(runs[0], want, dtype, what="grad_weight")
     for other in runs[1:]:
         np.testing.assert_array_equal(runs[0], other)

@@ -558,8 +558,7 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
           rows[i] = xpad + g * G.Cg * plane + koff[static_cast<size_t>(k0 + i)];
         for (int64_t s0 = 0; s0 < steps; s0 += kSegment) {
           const int64_t len = std::min(kSegment, steps - s0);
-          gemm::gather_kernel(len, pix.data() + s0, rows, gyp + gu * gy_panel + s0 * NR, tile, mr,
-                              false, static_cast<int>(no));
+          gemm::gather_kernel(len, pix.data() + s0, rows, gyp + gu * gy_panel + s0 * NR, tile, mr);
           const bool first = n0 == 0 && s0 == 0;
           for (int64_t j = 0; j < no; ++j) {
             T* dst = gw + (g * G.Coutg + o0 + j) * G.Kc + k0;

@@ -39,6 +39,10 @@ namespace conv2d_impl {
 
 namespace {
 
+// Where the kernel applies (grad_weight_grouped_lanes_applies).
+constexpr int64_t kGroupedLanesMinGroups = 4, kGroupedLanesFewestChannels = 8,
+                  kGroupedLanesMostChannels = 64;
+
 // Output channels per block (broadcasts) and taps per block (vector
 // loads): 8 x 3 accumulators with AVX-512's 32 vector registers, 4 x 3 with
 // AVX2's 16. kOutPad: what the output channels are padded to.

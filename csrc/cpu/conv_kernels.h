@@ -80,8 +80,6 @@ void backward_depthwise(const T* gy, const TensorView& input, const T* weight,
 // vector lanes, where a group's input channels are a whole number of
 // vectors (at this ISA level and dtype), 8 to 64 of them, with at most 64
 // output channels, in at least 4 groups (its tasks are whole groups).
-constexpr int64_t kGroupedLanesMinGroups = 4, kGroupedLanesFewestChannels = 8,
-                  kGroupedLanesMostChannels = 64;
 bool grad_weight_grouped_lanes_applies(const ConvGeometry& G, DType dtype);
 template <typename T>
 void grad_weight_grouped_lanes(const T* gy, const TensorView& input, const ConvGeometry& G,

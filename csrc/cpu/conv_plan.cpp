@@ -296,11 +296,9 @@ ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
 // 0.8-2.7x with 32. Its grad_weight takes a pair of planes at a time:
 // 1.7-5.6x faster with 4 and 8 channels, 1.5-7x slower with 16 and 32,
 // which auto leaves to the direct path's grad_weight. The forward with 32
-// channels a group goes to the direct path where strided (ResNeXt's 1024
-// channels at 14x14, stride 2: 1.4-1.7x faster at batch 1, 4 and 16 with
-// either instruction set; with 16 a group the planes stay ahead at batch
-// 1), and with AVX2, whose planes have 8 lanes (1024 at 7x7: 1.2-1.3x at
-// batch 1, 4 and 16; with AVX-512 level).
+// channels a group goes to the direct path where strided, and with AVX2,
+// whose planes have 8 lanes (docs/training.md, twenty-first session; with
+// 16 a group, or stride 1 with AVX-512, the planes stay ahead or level).
 constexpr int64_t kGroupedMostChannels = 32;
 constexpr int64_t kGroupedGradWeightMostChannels = 8;
 bool grouped_pays(const ConvGeometry& G) {
@@ -383,8 +381,8 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
       return GradInputPath::Planes;
     case ConvAlgorithm::Grouped:
       // With AVX2 (8 lanes a plane) and 32 channels a group the direct
-      // kernels below, where they pay (docs/training.md: ResNeXt's 1024
-      // channels at 7x7 and 14x14 stride 2, batch 16, 1.3-1.4x).
+      // kernels below, where they pay (docs/training.md, twenty-first
+      // session; at batch 1 the planes stay ahead).
       if (!(G.auto_algorithm && gemm::isa_level() == 1 && G.Cg >= kGroupedMostChannels &&
             direct_pays(G)))
         return GradInputPath::Planes;
@@ -441,10 +439,9 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
   // 2 threads, batch 16, it took AlexNet conv1 12.2 -> 9.3 ms, conv2-5
   // 1.15-1.3x less, ResNet conv1 9.6 -> 7.0, the 3x3 stride-2 layer
   // 13.3 -> 9.3, the dilated 3x3 12.4 -> 9.5 (min of 5).
-  // Also a small grad_weight on a 7x7 plane at batch 1 (49 positions),
+  // Also a small grad_weight from a 7x7 plane at batch 1 (49 positions),
   // where grad_weight by chunks has one task and packs the im2col side a
-  // float at a time: GoogLeNet's 32 and 48 -> 128 and 128 -> 32 at 7x7,
-  // 1.3-1.5x faster on one thread and 1.05-1.5x on two (docs/training.md).
+  // float at a time (GoogLeNet's 32 and 48 -> 128 at 7x7, docs/training.md).
   const bool small = dtype == DType::Float32 ? grad_weight_by_chunks_applies<float>(G)
                                              : grad_weight_by_chunks_applies<double>(G);
   if (!one_by_one(G) && !gemm_named(G) && direct_fits(G) &&
