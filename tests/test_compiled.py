@@ -514,6 +514,35 @@ def pointwise_chain():
                      "w = c(v)", "w4 = r4(w)", "z = d(w4)", "z2 = add(z, t)", "y = r3(z2)"])
 
 
+def pointwise_blocks_chain():
+    """1x1 convolutions whose input channels fill whole channel blocks (16
+    with AVX-512, 8 with AVX2: the pointwise kernel that reads taps block by
+    block): 32 with a residual add, 512 read at stride 2 (a subsampled
+    frame), 64 with padding (a zero-padded frame), 48, and a grouped 1x1
+    (the general kernel)."""
+    return nn.Graph({"a": nn.Conv2d(32, 32, 1), "b": nn.Conv2d(32, 512, 1),
+                     "c": nn.Conv2d(512, 64, 1, stride=2), "d": nn.Conv2d(64, 48, 1, padding=1),
+                     "e": nn.Conv2d(48, 80, 1), "f": nn.Conv2d(80, 96, 1, groups=2),
+                     "r1": nn.ReLU(), "r2": nn.ReLU(), "r3": nn.ReLU6(), "r4": nn.ReLU()},
+                    ["p = a(x)", "s = add(p, x)", "t = r1(s)", "u = b(t)", "v = r2(u)",
+                     "w = c(v)", "w2 = d(w)", "w3 = r3(w2)", "z = e(w3)", "z2 = r4(z)",
+                     "y = f(z2)"])
+
+
+@pytest.mark.parametrize("side", [5, 7, 13, 14, 27])
+def test_pointwise_layers_in_whole_channel_blocks(side):
+    convcore.manual_seed(0)
+    compiled, model, x = compiled_and_eager(pointwise_blocks_chain(), (32, side, side), batch=3)
+    got = compiled(x)
+    assert rel_diff(got, model(x)) <= 1e-5
+    for i in range(3):  # tiles of one image
+        assert np.array_equal(compiled(x[i:i + 1]), got[i:i + 1])
+    for threads in (1, 3):  # each position's sums in one tile: the same bits
+        assert np.array_equal(convcore.compile(model, threads=threads)(x), got), threads
+    head, steps = plan_steps(compiled)
+    assert "b + ReLU" in steps and "a + add + ReLU" in steps, steps
+
+
 def test_winograd_band_of_thirteen_tiles():
     # a 28x28 output is 49 F(4x4) tiles: bands of 36 and 13, the 13 as one
     # block of rows on AVX-512
@@ -650,14 +679,15 @@ for name, kw in [("mobilenet_v2", {}), ("resnet18", {}), ("densenet121", {}),
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     e = m(x)
     out["errors"][name] = float(np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
-from test_compiled import pointwise_chain
+from test_compiled import pointwise_chain, pointwise_blocks_chain
 for side in (7, 13, 14):  # tiles of 13 rows (AVX-512's blocks of 12)
-    convcore.manual_seed(0)
-    m = pointwise_chain().eval()
-    x = np.random.default_rng(2).standard_normal((2, 24, side, side)).astype(np.float32)
-    e = m(x)
-    out["errors"][f"pointwise {side}x{side}"] = float(
-        np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
+    for chain, cin in ((pointwise_chain, 24), (pointwise_blocks_chain, 32)):
+        convcore.manual_seed(0)
+        m = chain().eval()
+        x = np.random.default_rng(2).standard_normal((2, cin, side, side)).astype(np.float32)
+        e = m(x)
+        out["errors"][f"{chain.__name__} {side}x{side}"] = float(
+            np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
 print(json.dumps(out))
 """
 

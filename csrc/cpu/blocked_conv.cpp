@@ -72,6 +72,40 @@ CONVCORE_BLOCKED_DISPATCH(store_tile, store_tile_body,
                            Act act),
                           (tile, rows, blocks, bias, res, res_stride, dst, dst_stride, act))
 
+// gemm::gather_sums_even for a 1x1 convolution of a blocked input whose
+// channels fill whole blocks: taps run block by block, the B taps of block
+// cb at row0 + cb * plane + lane, so each tap's RB values are immediate
+// displacements from one pointer per block, where the offset table's loop
+// (an offset load and an address per tap ahead of its RB broadcasts) left
+// the FMA units idle a fifth of the time on layers of 512 channels and more
+// (docs/engine.md, twenty-second session). The same sums in the same order.
+template <int B, int RB, int VP>
+CONVCORE_ALWAYS_INLINE void pointwise_sums(int64_t kc, int64_t plane, const float* row0,
+                                           const float* b, Vec<B> (&acc)[RB][VP],
+                                           const gemm::Ahead& ahead) {
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) acc[i][v] = Vec<B>{};
+  for (int64_t cb = 0; cb < kc / B; ++cb) {
+    const float* a = row0 + cb * plane;
+    if (cb * B < ahead.lines)
+      for (int64_t k = cb * B; k < (cb + 1) * B; ++k) gemm::fetch_ahead(ahead, k);
+#pragma GCC unroll 16
+    for (int l = 0; l < B; ++l, b += NR) {
+      Vec<B> bv[VP];
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) bv[v] = load<B>(b + v * B);
+#pragma GCC unroll 16
+      for (int i = 0; i < RB; ++i) {
+        const float ai = a[i * B + l];
+#pragma GCC unroll 4
+        for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+      }
+    }
+  }
+}
+
 // One block of RB rows (from i0; rows past mr repeat row mr - 1 and are not
 // stored) by VP vectors of columns (from j0) of gather_store_vp.
 template <int B, int VP, int RB, Act A>
@@ -80,14 +114,18 @@ CONVCORE_ALWAYS_INLINE void gather_store_block(int64_t kc, const int64_t* koff,
                                                const float* bp, int j0, int64_t blocks,
                                                const float* bias, const float* res,
                                                int64_t res_stride, float* dst,
-                                               int64_t dst_stride, const gemm::Ahead& ahead) {
+                                               int64_t dst_stride, int64_t pointwise_plane,
+                                               const gemm::Ahead& ahead) {
   Vec<B> acc[RB][VP];
-  // rows one vector apart (a blocked input, stride 1), one float apart (a
-  // plain input at stride 1: the pointwise layer after a grouped
-  // convolution run in the plain layout), or two floats apart (a plain input
-  // at stride 2: the first layers of the MobileNets and EfficientNet), else
-  // one pointer per row
-  if (gemm::rows_even<float, RB, B>(rows, i0, mr))
+  // a 1x1 layer's rows one vector apart (pointwise_plane > 0: its
+  // channel block planes), rows one vector apart (a blocked input, stride
+  // 1), one float apart (a plain input at stride 1: the pointwise layer
+  // after a grouped convolution run in the plain layout), or two floats
+  // apart (a plain input at stride 2: the first layers of the MobileNets and
+  // EfficientNet), else one pointer per row
+  if (pointwise_plane > 0 && gemm::rows_even<float, RB, B>(rows, i0, mr))
+    pointwise_sums<B, RB, VP>(kc, pointwise_plane, rows[i0], bp, acc, ahead);
+  else if (gemm::rows_even<float, RB, B>(rows, i0, mr))
     gemm::gather_sums_even<float, Vec<B>, RB, VP, B>(kc, koff, rows[i0], bp, acc, ahead);
   else if (gemm::rows_even<float, RB, 1>(rows, i0, mr))
     gemm::gather_sums_even<float, Vec<B>, RB, VP, 1>(kc, koff, rows[i0], bp, acc, ahead);
@@ -125,7 +163,7 @@ CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
                                             const float* const* rows, const float* b, int mr,
                                             int64_t blocks, const float* bias, const float* res,
                                             int64_t res_stride, float* dst, int64_t dst_stride,
-                                            const gemm::Ahead& ahead_all) {
+                                            int64_t pointwise_plane, const gemm::Ahead& ahead_all) {
   constexpr int RB = VP == 1 || B == 16 ? 12 : 6;
   static_assert(MR % RB == 0 && NR % (VP * B) == 0, "the tile must split into RB x VP blocks");
   for (int j0 = 0; j0 < NR && j0 / B < blocks; j0 += VP * B)
@@ -135,28 +173,32 @@ CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
       if constexpr (RB == 12) {
         if (rem == RB + 1) {  // a tile of MR + 1 rows (gemm::gather_tile_rows)
           gather_store_block<B, VP, RB + 1, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                           res, res_stride, dst, dst_stride, ahead);
+                                           res, res_stride, dst, dst_stride, pointwise_plane,
+                                           ahead);
           break;
         }
         if (rem <= 4) {
           gather_store_block<B, VP, 4, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride, ahead);
+                                          res, res_stride, dst, dst_stride, pointwise_plane,
+                                          ahead);
           break;
         }
         if (rem <= 8) {
           gather_store_block<B, VP, 8, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride, ahead);
+                                          res, res_stride, dst, dst_stride, pointwise_plane,
+                                          ahead);
           break;
         }
       } else {
         if (rem <= 3) {
           gather_store_block<B, VP, 3, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride, ahead);
+                                          res, res_stride, dst, dst_stride, pointwise_plane,
+                                          ahead);
           break;
         }
       }
       gather_store_block<B, VP, RB, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias, res,
-                                       res_stride, dst, dst_stride, ahead);
+                                       res_stride, dst, dst_stride, pointwise_plane, ahead);
       i0 += RB;
     }
 }
@@ -168,13 +210,13 @@ CONVCORE_ALWAYS_INLINE void gather_store_act(int64_t kc, const int64_t* koff,
                                              const float* const* rows, const float* b, int mr,
                                              int64_t blocks, const float* bias, const float* res,
                                              int64_t res_stride, float* dst, int64_t dst_stride,
-                                             const gemm::Ahead& ahead) {
+                                             int64_t pointwise_plane, const gemm::Ahead& ahead) {
   if (blocks == 1)
     gather_store_vp<B, 1, A>(kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst,
-                             dst_stride, ahead);
+                             dst_stride, pointwise_plane, ahead);
   else
     gather_store_vp<B, 2, A>(kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst,
-                             dst_stride, ahead);
+                             dst_stride, pointwise_plane, ahead);
 }
 
 template <int B>
@@ -182,18 +224,19 @@ CONVCORE_ALWAYS_INLINE void gather_store_body(int64_t kc, const int64_t* koff,
                                               const float* const* rows, const float* b, int mr,
                                               int64_t blocks, const float* bias, const float* res,
                                               int64_t res_stride, float* dst, int64_t dst_stride,
-                                              Act act, const gemm::Ahead& ahead) {
+                                              Act act, int64_t pointwise_plane,
+                                              const gemm::Ahead& ahead) {
   CONVCORE_ACT_SWITCH(act, gather_store_act, B, kc, koff, rows, b, mr, blocks, bias, res,
-                      res_stride, dst, dst_stride, ahead)
+                      res_stride, dst, dst_stride, pointwise_plane, ahead)
 }
 
 CONVCORE_BLOCKED_DISPATCH(gather_store, gather_store_body,
                           (int64_t kc, const int64_t* koff, const float* const* rows,
                            const float* b, int mr, int64_t blocks, const float* bias,
                            const float* res, int64_t res_stride, float* dst, int64_t dst_stride,
-                           Act act, gemm::Ahead ahead),
+                           Act act, int64_t pointwise_plane, gemm::Ahead ahead),
                           (kc, koff, rows, b, mr, blocks, bias, res, res_stride, dst, dst_stride,
-                           act, ahead))
+                           act, pointwise_plane, ahead))
 
 // A plain-input layer with at most B output channels and stride 1 along
 // rows (LeNet's first, 1 -> 6): with the channels along the lanes, most
@@ -439,6 +482,12 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
   const int64_t hf = plan.copy_frame ? plan.hp : in.h, wf = plan.copy_frame ? plan.wp : in.w;
   const int64_t frame_image = plan.copy_frame ? cin_eff * hf * wf : in.image_stride;
   const int64_t khw = w.kh * w.kw, unit = khw * lanes;  // taps per input channel (block)
+  // a 1x1 layer of a blocked input whose channels fill whole blocks: its
+  // taps in the order of the frame's channel block planes (pointwise_sums)
+  const int64_t pointwise_plane = w.kh == 1 && w.kw == 1 && w.blocked_input &&
+                                          w.groups == 1 && w.cin % B == 0
+                                      ? hf * wf * B
+                                      : 0;
   const int64_t slice = std::max<int64_t>(1, kSliceTaps / unit) * unit;
   const bool at_once = taps_at_once(w, slice);
   float* frame = scratch;
@@ -562,7 +611,7 @@ void conv2d(const Image& in, const ConvWeights& w, const Conv2dParams& p, const 
               gather_store(taps, koff, rows + (q0 - qb), b, static_cast<int>(tile_q0[t + 1] - q0),
                            nb, e.bias ? e.bias + jb0 * B : nullptr,
                            res_image ? res_image + (jb0 * P + q0) * B : nullptr, P * B,
-                           out_image + (jb0 * P + q0) * B, P * B, e.act,
+                           out_image + (jb0 * P + q0) * B, P * B, e.act, pointwise_plane,
                            ahead_part(after_w, after_floats, t, ntiles));
             }
             continue;
