@@ -73,12 +73,12 @@ CONVCORE_BLOCKED_DISPATCH(store_tile, store_tile_body,
                           (tile, rows, blocks, bias, res, res_stride, dst, dst_stride, act))
 
 // gemm::gather_sums_even for a 1x1 convolution of a blocked input whose
-// channels fill whole blocks: taps run block by block, the B taps of block
-// cb at row0 + cb * plane + lane, so each tap's RB values are immediate
-// displacements from one pointer per block, where the offset table's loop
-// (an offset load and an address per tap ahead of its RB broadcasts) left
-// the FMA units idle a fifth of the time on layers of 512 channels and more
-// (docs/engine.md, twenty-second session). The same sums in the same order.
+// channels fill whole blocks (kc a multiple of B): taps run block by block,
+// the B taps of block cb at row0 + cb * plane + lane, so each tap's RB
+// values are immediate displacements from one pointer per block, where the
+// offset table's loop (an offset load and an address per tap ahead of its
+// RB broadcasts) kept the AVX-512 FMA units waiting on layers with many
+// input channels (docs/engine.md, run 20). The same sums in the same order.
 template <int B, int RB, int VP>
 CONVCORE_ALWAYS_INLINE void pointwise_sums(int64_t kc, int64_t plane, const float* row0,
                                            const float* b, Vec<B> (&acc)[RB][VP],
