@@ -558,6 +558,36 @@ def test_winograd_band_of_thirteen_tiles():
     assert rel_diff(compiled(x[1:]), got[1:]) <= 1e-6
 
 
+def winograd_tails_chain():
+    """Two F(2x2) layers of a blocked input: 40 -> 48 (a second panel of 16
+    output channels) and 48 -> 36 (of 4: one vector of columns)."""
+    return nn.Sequential(nn.Conv2d(24, 40, 1), nn.ReLU(), nn.Conv2d(40, 48, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(48, 36, 3, padding=1))
+
+
+# (height, width, batch) whose bands of tiles, on 2 threads, end in blocks of
+# every row count from 1 to 13 (AVX-512's blocks of 12, and of 13 for the
+# last) and from 1 to 5 (AVX2's blocks of 6)
+WINOGRAD_TAIL_SHAPES = [(17, 21, 2), (8, 8, 1), (9, 13, 1), (9, 17, 1), (9, 9, 1), (9, 11, 1),
+                        (9, 19, 1), (9, 21, 1), (13, 17, 1), (9, 25, 1), (9, 27, 1)]
+
+
+@pytest.mark.parametrize("height, width, batch", WINOGRAD_TAIL_SHAPES)
+def test_winograd_products_end_in_blocks_of_every_row_count(height, width, batch):
+    # the products read a point's tiles in place, rows cin_pad apart
+    # (gemm::strided_rows_kernel); a band's last block has exactly its rows
+    convcore.manual_seed(0)
+    compiled, model, x = compiled_and_eager(winograd_tails_chain(), (24, height, width),
+                                            batch=batch, threads=2)
+    got = compiled(x)
+    kinds = [[f for f in line.split("  ") if f.strip()][1].strip()
+             for line in compiled.plan(batch).splitlines()[2:]]
+    assert kinds.count("winograd") == 2, kinds
+    assert rel_diff(got, model(x)) <= 1e-5
+    for threads in (1, 3):  # other bands, the same products per tile
+        assert rel_diff(convcore.compile(model, threads=threads)(x), got) <= 1e-6, threads
+
+
 @pytest.mark.parametrize("cin, cout, side, batch", [(1024, 512, 13, 3), (512, 512, 28, 3),
                                                    (1024, 1024, 7, 17)])
 def test_winograd_filters_larger_than_the_l3(cin, cout, side, batch):
@@ -679,7 +709,8 @@ for name, kw in [("mobilenet_v2", {}), ("resnet18", {}), ("densenet121", {}),
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     e = m(x)
     out["errors"][name] = float(np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
-from test_compiled import pointwise_chain, pointwise_blocks_chain
+from test_compiled import (pointwise_chain, pointwise_blocks_chain, winograd_tails_chain,
+                           WINOGRAD_TAIL_SHAPES)
 for side in (7, 13, 14):  # tiles of 13 rows (AVX-512's blocks of 12)
     for chain, cin in ((pointwise_chain, 24), (pointwise_blocks_chain, 32)):
         convcore.manual_seed(0)
@@ -688,6 +719,13 @@ for side in (7, 13, 14):  # tiles of 13 rows (AVX-512's blocks of 12)
         e = m(x)
         out["errors"][f"{chain.__name__} {side}x{side}"] = float(
             np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
+for h, w, n in WINOGRAD_TAIL_SHAPES:  # the Winograd products' last blocks
+    convcore.manual_seed(0)
+    m = winograd_tails_chain().eval()
+    x = np.random.default_rng(3).standard_normal((n, 24, h, w)).astype(np.float32)
+    e = m(x)
+    out["errors"][f"winograd {h}x{w} batch {n}"] = float(
+        np.abs(convcore.compile(m, threads=2)(x) - e).max() / max(1, np.abs(e).max()))
 print(json.dumps(out))
 """
 

@@ -124,7 +124,6 @@ struct WinogradPlan {
   int64_t images = 1;  // images a band holds (more than one: all their tiles, bands = 1)
   int64_t groups = 1;  // tasks per band: groups of output panels
   int64_t v_floats = 0, m_floats = 0;  // scratch per thread: V then M
-  std::vector<int64_t> koff;
 };
 // panel_groups: with few bands, split each band's output panels among
 // tasks (the eager op's, whose filters each thread has just transformed).

@@ -7,8 +7,9 @@
 //   1. each tile's (m+2) x (m+2) patch of input vectors -> V = B^T d B,
 //      stored V[xi][tile][channel] (a row per tile);
 //   2. for each of the (m+2)^2 points xi, M[xi] (tiles x Cout) = V[xi]
-//      (tiles x Cin) * U[xi] (Cin x Cout), with gemm::gather_kernel reading V's
-//      rows in place and U packed once in panels of NR output channels;
+//      (tiles x Cin) * U[xi] (Cin x Cout), with gemm::strided_rows_kernel
+//      reading V's rows in place and U packed once in panels of NR output
+//      channels;
 //      each tile of the product lands where the output transform reads it;
 //   3. each tile's M vectors -> Y = A^T M A, plus bias and residual, the
 //      activation, stored in the output blocks.
@@ -366,7 +367,11 @@ WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Imag
   const int64_t want = (small_filters ? 8 : 2) * static_cast<int64_t>(threads);
   if (!large_filters && in.n * bands < want)
     bands = std::min((want + in.n - 1) / in.n, (tiles + MR - 1) / MR);
-  plan.band = round_up((tiles + bands - 1) / bands, MR);
+  // Whole tiles of the microkernel, where a last one of MR + 1 rows
+  // (gemm::gather_tile_rows) counts as whole: 49 tiles go in 4 bands of 13,
+  // not in 24, 24 and a band of 1 that reads all the filters again.
+  const int64_t per = (tiles + bands - 1) / bands;
+  plan.band = per % MR == 1 && per > MR ? per : round_up(per, MR);
   plan.bands = (tiles + plan.band - 1) / plan.band;
   if (large_filters && plan.bands == 1) {  // the filters stream once for several images
     plan.images = std::clamp<int64_t>(kMostBandTiles / tiles, 1, in.n);
@@ -388,8 +393,6 @@ WinogradPlan plan_winograd(const WinogradWeights& w, const Image& in, const Imag
   const int64_t points = (w.m + 2) * (w.m + 2);
   plan.v_floats = points * plan.band * w.cin_pad;
   plan.m_floats = points * w.panels * plan.band * NR;
-  plan.koff.resize(static_cast<std::size_t>(w.cin_pad));
-  for (int64_t k = 0; k < w.cin_pad; ++k) plan.koff[static_cast<std::size_t>(k)] = k;
   return plan;
 }
 
@@ -410,7 +413,6 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
     const int me = omp_get_thread_num();
     float* v = scratch + me * (plan.v_floats + plan.m_floats);
     float* mb = v + plan.v_floats;
-    const float* rows[kMostBandTiles + MR];
     for (int64_t task = ranges.next(me); task >= 0; task = ranges.next(me)) {
       const int64_t unit = task % units, u_lo = task / units * group;
       const int64_t u_hi = std::min(w.panels, u_lo + group);
@@ -425,15 +427,14 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
                     v + (n - n0) * per * w.cin_pad);
       for (int64_t xi = 0; xi < points; ++xi) {
         const float* vx = v + xi * band * w.cin_pad;
-        for (int64_t t = 0; t < count; ++t) rows[t] = vx + t * w.cin_pad;
         for (int64_t u = u_lo; u < u_hi; ++u) {
           const float* ub = u_packed + (xi * w.panels + u) * w.cin_pad * NR;
           float* mt = mb + ((xi * w.panels + u) * band) * NR;
           const int nr = static_cast<int>(std::min<int64_t>(NR, w.cout - u * NR));
           for (int64_t q = 0, mr; q < count; q += mr) {
             mr = gemm::gather_tile_rows(count - q);
-            gemm::gather_kernel(w.cin_pad, plan.koff.data(), rows + q, ub, mt + q * NR,
-                                static_cast<int>(mr), false, nr);
+            gemm::strided_rows_kernel(w.cin_pad, vx + q * w.cin_pad, w.cin_pad, ub, mt + q * NR,
+                                      static_cast<int>(mr), false, nr);
           }
         }
       }
@@ -508,8 +509,6 @@ void winograd_conv2d_fused(const Image& in, const WinogradWeights& w, const floa
   const int64_t B = w.lanes, cblocks = w.cin_pad / B, oblocks = (w.cout + B - 1) / B;
   const int64_t points = (w.m + 2) * (w.m + 2), tiles = s.tiles, rows_n = s.rows;
   const int64_t P = out.h * out.w;
-  std::vector<int64_t> koff(static_cast<std::size_t>(s.kc));
-  for (int64_t k = 0; k < s.kc; ++k) koff[static_cast<std::size_t>(k)] = k;
   float* v = scratch;  // V[xi][image * tiles + tile][c], shared
   const int team = static_cast<int>(std::min<int64_t>(threads, w.panels));
   detail::StealingRanges ranges(team, w.panels);
@@ -528,7 +527,6 @@ void winograd_conv2d_fused(const Image& in, const WinogradWeights& w, const floa
     float* ub = scratch + s.v_floats + me * s.thread_floats;  // U[xi][c - c0][NR], padded
     float* mb = ub + points * s.point_stride;                   // M[xi][band][NR]
     float* gb = mb + points * s.band * NR;                      // filters [c - c0][tap][NR]
-    const float* rows[kFusedMostTiles];
     for (int64_t u = ranges.next(me); u >= 0; u = ranges.next(me)) {
       const int64_t o0 = u * NR, no = std::min<int64_t>(NR, w.cout - o0);
       for (int64_t c0 = 0; c0 < w.cin_pad; c0 += s.kc) {
@@ -540,12 +538,12 @@ void winograd_conv2d_fused(const Image& in, const WinogradWeights& w, const floa
           transform_gathered(gb + (c - c0) * 9 * NR, w.m, s.point_stride, ub + (c - c0) * NR);
         for (int64_t xi = 0; xi < points; ++xi) {
           const float* vx = v + xi * rows_n * w.cin_pad + c0;
-          for (int64_t t = 0; t < rows_n; ++t) rows[t] = vx + t * w.cin_pad;
           float* mt = mb + xi * s.band * NR;
           for (int64_t q = 0, mr; q < rows_n; q += mr) {
             mr = gemm::gather_tile_rows(rows_n - q);
-            gemm::gather_kernel(kc, koff.data(), rows + q, ub + xi * s.point_stride, mt + q * NR,
-                                static_cast<int>(mr), c0 > 0, static_cast<int>(no));
+            gemm::strided_rows_kernel(kc, vx + q * w.cin_pad, w.cin_pad, ub + xi * s.point_stride,
+                                      mt + q * NR, static_cast<int>(mr), c0 > 0,
+                                      static_cast<int>(no));
           }
         }
       }

@@ -125,27 +125,13 @@ inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* a, 
     micro_vector_body<T, V, RB, VP, 2>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
 }
 
-// One block of RB rows (from i0; rows past mr repeat row mr - 1 and are
-// discarded) by VP vectors of columns (from j0) of gather_vector_body's tile.
+// Rows i0 .. i0 + RB of a gather tile from its accumulators, added to what
+// the tile holds when add.
 template <typename T, typename V, int RB, int VP>
-inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const int64_t* koff,
-                                                            const T* const* rows, int i0, int mr,
-                                                            const T* __restrict bp, int j0,
-                                                            T* __restrict tile, bool add,
-                                                            const Ahead& ahead = {}) {
+CONVCORE_ALWAYS_INLINE void store_block(V (&acc)[RB][VP], int i0, int j0, T* __restrict tile,
+                                        bool add) {
   constexpr int NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
-  V acc[RB][VP];
-  // rows one vector apart (a blocked input), adjacent (a plain one, stride
-  // 1) or two apart (a plain one, stride 2: first layers)
-  if (rows_even<T, RB, W>(rows, i0, mr))
-    gather_sums_even<T, V, RB, VP, W>(kc, koff, rows[i0], bp, acc, ahead);
-  else if (rows_even<T, RB, 1>(rows, i0, mr))
-    gather_sums_even<T, V, RB, VP, 1>(kc, koff, rows[i0], bp, acc, ahead);
-  else if (rows_even<T, RB, 2>(rows, i0, mr))
-    gather_sums_even<T, V, RB, VP, 2>(kc, koff, rows[i0], bp, acc, ahead);
-  else
-    gather_sums<T, V, RB, VP>(kc, koff, rows, i0, mr, bp, acc, ahead);
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
@@ -158,6 +144,29 @@ inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const in
       }
       __builtin_memcpy(dst, &acc[i][v], sizeof(V));
     }
+}
+
+// One block of RB rows (from i0; rows past mr repeat row mr - 1 and are
+// discarded) by VP vectors of columns (from j0) of gather_vector_body's tile.
+template <typename T, typename V, int RB, int VP>
+inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const int64_t* koff,
+                                                            const T* const* rows, int i0, int mr,
+                                                            const T* __restrict bp, int j0,
+                                                            T* __restrict tile, bool add,
+                                                            const Ahead& ahead = {}) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  V acc[RB][VP];
+  // rows one vector apart (a blocked input), adjacent (a plain one, stride
+  // 1) or two apart (a plain one, stride 2: first layers)
+  if (rows_even<T, RB, W>(rows, i0, mr))
+    gather_sums_even<T, V, RB, VP, W>(kc, koff, rows[i0], bp, acc, ahead);
+  else if (rows_even<T, RB, 1>(rows, i0, mr))
+    gather_sums_even<T, V, RB, VP, 1>(kc, koff, rows[i0], bp, acc, ahead);
+  else if (rows_even<T, RB, 2>(rows, i0, mr))
+    gather_sums_even<T, V, RB, VP, 2>(kc, koff, rows[i0], bp, acc, ahead);
+  else
+    gather_sums<T, V, RB, VP>(kc, koff, rows, i0, mr, bp, acc, ahead);
+  store_block<T, V, RB, VP>(acc, i0, j0, tile, add);
 }
 
 // The gather microkernel (direct convolution): A(i, k) = rows[i][koff[k]],
@@ -222,7 +231,89 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
       }
   }
 }
+// strided_rows_kernel's sums for RB rows from a: row i at a + i * lda, the
+// taps in order. Rows three apart share a base pointer and the stride sits in
+// a register, so each broadcast addresses its row as base + stride * 0, 4 or
+// 8 bytes: no pointer per row is loaded for each tap (gather_sums keeps
+// twelve, which do not fit the general-purpose registers).
+template <typename T, typename V, int RB, int VP>
+CONVCORE_ALWAYS_INLINE void strided_sums(int64_t kc, const T* a, int64_t lda,
+                                         const T* __restrict b, V (&acc)[RB][VP]) {
+  constexpr int NR = Tile<T>::NR, W = sizeof(V) / sizeof(T), NB = (RB + 2) / 3;
+  const T* base[NB];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) base[j] = a + 3 * j * lda;
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) acc[i][v] = V{};
+  for (int64_t k = 0; k < kc; ++k, b += NR) {
+    V bv[VP];
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], b + v * W, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const T ai = base[i / 3][(i % 3) * lda];
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) acc[i][v] += ai * bv[v];
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) ++base[j];
+  }
+}
+
+template <typename T, typename V, int RB, int VP>
+CONVCORE_ALWAYS_INLINE void strided_row_block(int64_t kc, const T* a, int64_t lda,
+                                              const T* __restrict bp, int i0, int j0,
+                                              T* __restrict tile, bool add) {
+  V acc[RB][VP];
+  strided_sums<T, V, RB, VP>(kc, a + i0 * lda, lda, bp, acc);
+  store_block<T, V, RB, VP>(acc, i0, j0, tile, add);
+}
+
+// The last rows of a tile, fewer than a whole block (or MR + 1), in one
+// block of exactly that many rows: every row is real, so none is read past
+// the matrix.
+template <typename T, typename V, int R, int VP>
+CONVCORE_ALWAYS_INLINE void strided_last_block(int rem, int64_t kc, const T* a, int64_t lda,
+                                               const T* __restrict bp, int i0, int j0,
+                                               T* __restrict tile, bool add) {
+  if (rem == R)
+    strided_row_block<T, V, R, VP>(kc, a, lda, bp, i0, j0, tile, add);
+  else if constexpr (R > 1)
+    strided_last_block<T, V, R - 1, VP>(rem, kc, a, lda, bp, i0, j0, tile, add);
+}
+
+// strided_rows_kernel's tile, blocked as gather_vector_body.
+template <typename T, typename V, int RB, int VP>
+inline __attribute__((always_inline)) void strided_vector_body(int64_t kc_all, const T* a,
+                                                               int64_t lda,
+                                                               const T* __restrict b_all,
+                                                               T* __restrict tile, int mr,
+                                                               bool accumulate, int nr) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr int W = sizeof(V) / sizeof(T);
+  // a whole tile in one block takes MR + 1 rows in one block too
+  constexpr int kLast = RB == MR ? RB + 1 : RB - 1;
+  constexpr int64_t kChunk = MR / RB > 1 ? 128 : INT64_MAX;
+  for (int64_t kb = 0; kb < kc_all; kb += kChunk) {
+    const int64_t kc = std::min<int64_t>(kChunk, kc_all - kb);
+    const T* b = b_all + kb * NR;
+    const bool add = kb > 0 || accumulate;
+    for (int j0 = 0; j0 < NR && j0 < nr; j0 += VP * W)
+      for (int i0 = 0; i0 < mr;) {
+        const int rem = mr - i0;
+        if (rem < RB || (RB == MR && rem == RB + 1)) {
+          strided_last_block<T, V, kLast, VP>(rem, kc, a + kb, lda, b + j0, i0, j0, tile, add);
+          break;
+        }
+        strided_row_block<T, V, RB, VP>(kc, a + kb, lda, b + j0, i0, j0, tile, add);
+        i0 += RB;
+      }
+  }
+}
 #endif
+
 
 template <typename T>
 inline void gather_generic(int64_t kc, const int64_t* koff, const T* const* rows, const T* b,
@@ -264,6 +355,18 @@ void gather_generic_d(int64_t kc, const int64_t* koff, const double* const* rows
   gather_generic<double>(kc, koff, rows, b, tile, mr, acc);
 }
 
+using StridedF = void (*)(int64_t, const float*, int64_t, const float*, float*, int, bool, int);
+void strided_generic_f(int64_t kc, const float* a, int64_t lda, const float* b, float* tile,
+                       int mr, bool accumulate, int) {
+  constexpr int NR = Tile<float>::NR;
+  for (int i = 0; i < mr; ++i) {
+    float acc[NR] = {};
+    for (int64_t k = 0; k < kc; ++k)
+      for (int j = 0; j < NR; ++j) acc[j] += a[i * lda + k] * b[k * NR + j];
+    for (int j = 0; j < NR; ++j) tile[i * NR + j] = accumulate ? tile[i * NR + j] + acc[j] : acc[j];
+  }
+}
+
 #if defined(__x86_64__) && defined(CONVCORE_VECTOR_KERNELS)
 #define CONVCORE_X86_DISPATCH 1
 using simd::f32x8;
@@ -298,6 +401,14 @@ __attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t
   else
     gather_vector_body<float, f32x8, 6, 2>(kc, koff, rows, b, tile, mr, acc, nr, ahead);
 }
+__attribute__((target("avx2,fma"))) void strided_avx2_f(int64_t kc, const float* a, int64_t lda,
+                                                        const float* b, float* tile, int mr,
+                                                        bool acc, int nr) {
+  if (nr <= 8)
+    strided_vector_body<float, f32x8, 12, 1>(kc, a, lda, b, tile, mr, acc, nr);
+  else
+    strided_vector_body<float, f32x8, 6, 2>(kc, a, lda, b, tile, mr, acc, nr);
+}
 __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t* koff,
                                                        const double* const* rows,
                                                        const double* b, double* tile, int mr, bool acc, int nr) {
@@ -311,6 +422,15 @@ __attribute__((target("avx512f,fma"))) void gather_avx512_f(int64_t kc, const in
     gather_vector_body<float, f32x16, 12, 1>(kc, koff, rows, b, tile, mr, acc, nr, ahead);
   else
     gather_vector_body<float, f32x16, 12, 2>(kc, koff, rows, b, tile, mr, acc, nr, ahead);
+}
+__attribute__((target("avx512f,fma"))) void strided_avx512_f(int64_t kc, const float* a,
+                                                             int64_t lda, const float* b,
+                                                             float* tile, int mr, bool acc,
+                                                             int nr) {
+  if (nr <= 16)
+    strided_vector_body<float, f32x16, 12, 1>(kc, a, lda, b, tile, mr, acc, nr);
+  else
+    strided_vector_body<float, f32x16, 12, 2>(kc, a, lda, b, tile, mr, acc, nr);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_d(int64_t kc, const int64_t* koff,
                                                             const double* const* rows,
@@ -395,6 +515,7 @@ struct Dispatch {
   KernelD d = kernel_generic_d;
   GatherF gf = gather_generic_f;
   GatherD gd = gather_generic_d;
+  StridedF rf = strided_generic_f;
   StoreF sf = store_transposed_generic_f;
   StoreD sd = store_transposed_generic_d;
   int level = 0;  // 0 generic, 1 avx2, 2 avx512
@@ -413,6 +534,7 @@ struct Dispatch {
       d = kernel_avx512_d;
       gf = gather_avx512_f;
       gd = gather_avx512_d;
+      rf = strided_avx512_f;
       sf = store_transposed_avx2_f;  // 8 lanes suffice: the stores bound it
       level = 2;
     } else if (max_level >= 1 && __builtin_cpu_supports("avx2") &&
@@ -421,6 +543,7 @@ struct Dispatch {
       d = kernel_avx2_d;
       gf = gather_avx2_f;
       gd = gather_avx2_d;
+      rf = strided_avx2_f;
       sf = store_transposed_avx2_f;
       level = 1;
     }
@@ -451,6 +574,11 @@ void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, co
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
                    double* tile, int mr, bool accumulate, int nr) {
   dispatch().gd(kc, koff, rows, b, tile, mr, accumulate, nr);
+}
+
+void strided_rows_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float* tile,
+                         int mr, bool accumulate, int nr) {
+  dispatch().rf(kc, a, lda, b, tile, mr, accumulate, nr);
 }
 
 void store_transposed(const float* tile, int64_t rows, int64_t cols, const float* bias,

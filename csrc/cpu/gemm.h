@@ -83,6 +83,14 @@ void gather_kernel(int64_t kc, const int64_t* koff, const float* const* rows, co
                    Ahead ahead = {});
 void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, const double* b,
                    double* tile, int mr, bool accumulate = false, int nr = Tile<double>::NR);
+// gather_kernel for a matrix read by rows in place with the taps in order:
+// tile[i * NR + j] (+)= sum_{k < kc} a[i * lda + k] * b[k * NR + j], for
+// mr <= MR + 1 rows (gather_tile_rows) and nr columns as gather_kernel (the
+// blocked Winograd products: a point's tiles by input channels). The same
+// sums in the same order as gather_kernel with rows[i] = a + i * lda and
+// koff[k] = k.
+void strided_rows_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float* tile,
+                         int mr, bool accumulate = false, int nr = Tile<float>::NR);
 // Rows of the float tile that starts `left` rows before the end of a block:
 // MR, fewer at the end, or MR + 1 where that is all that is left, which the
 // AVX-512 kernels run as one block of 13 rows instead of a block of 12 and
