@@ -431,10 +431,17 @@ void winograd_conv2d(const Image& in, const WinogradWeights& w, const float* u_p
           const float* ub = u_packed + (xi * w.panels + u) * w.cin_pad * NR;
           float* mt = mb + ((xi * w.panels + u) * band) * NR;
           const int nr = static_cast<int>(std::min<int64_t>(NR, w.cout - u * NR));
+          // the panel read next, fetched during the first tile
+          const int64_t next = u + 1 < u_hi ? xi * w.panels + u + 1
+                               : xi + 1 < points ? (xi + 1) * w.panels + u_lo : -1;
+          const gemm::Ahead ahead =
+              next >= 0 ? gemm::Ahead{u_packed + next * w.cin_pad * NR, 2 * w.cin_pad}
+                        : gemm::Ahead{};
           for (int64_t q = 0, mr; q < count; q += mr) {
             mr = gemm::gather_tile_rows(count - q);
             gemm::strided_rows_kernel(w.cin_pad, vx + q * w.cin_pad, w.cin_pad, ub, mt + q * NR,
-                                      static_cast<int>(mr), false, nr);
+                                      static_cast<int>(mr), false, nr,
+                                      q == 0 ? ahead : gemm::Ahead{});
           }
         }
       }

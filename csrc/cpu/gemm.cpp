@@ -238,7 +238,8 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
 // twelve, which do not fit the general-purpose registers).
 template <typename T, typename V, int RB, int VP>
 CONVCORE_ALWAYS_INLINE void strided_sums(int64_t kc, const T* a, int64_t lda,
-                                         const T* __restrict b, V (&acc)[RB][VP]) {
+                                         const T* __restrict b, V (&acc)[RB][VP],
+                                         const Ahead& ahead) {
   constexpr int NR = Tile<T>::NR, W = sizeof(V) / sizeof(T), NB = (RB + 2) / 3;
   const T* base[NB];
 #pragma GCC unroll 8
@@ -248,6 +249,8 @@ CONVCORE_ALWAYS_INLINE void strided_sums(int64_t kc, const T* a, int64_t lda,
 #pragma GCC unroll 4
     for (int v = 0; v < VP; ++v) acc[i][v] = V{};
   for (int64_t k = 0; k < kc; ++k, b += NR) {
+    fetch_ahead(ahead, 2 * k);  // two lines a tap: a panel's row is NR floats
+    fetch_ahead(ahead, 2 * k + 1);
     V bv[VP];
 #pragma GCC unroll 4
     for (int v = 0; v < VP; ++v) __builtin_memcpy(&bv[v], b + v * W, sizeof(V));
@@ -265,9 +268,9 @@ CONVCORE_ALWAYS_INLINE void strided_sums(int64_t kc, const T* a, int64_t lda,
 template <typename T, typename V, int RB, int VP>
 CONVCORE_ALWAYS_INLINE void strided_row_block(int64_t kc, const T* a, int64_t lda,
                                               const T* __restrict bp, int i0, int j0,
-                                              T* __restrict tile, bool add) {
+                                              T* __restrict tile, bool add, const Ahead& ahead) {
   V acc[RB][VP];
-  strided_sums<T, V, RB, VP>(kc, a + i0 * lda, lda, bp, acc);
+  strided_sums<T, V, RB, VP>(kc, a + i0 * lda, lda, bp, acc, ahead);
   store_block<T, V, RB, VP>(acc, i0, j0, tile, add);
 }
 
@@ -277,11 +280,11 @@ CONVCORE_ALWAYS_INLINE void strided_row_block(int64_t kc, const T* a, int64_t ld
 template <typename T, typename V, int R, int VP>
 CONVCORE_ALWAYS_INLINE void strided_last_block(int rem, int64_t kc, const T* a, int64_t lda,
                                                const T* __restrict bp, int i0, int j0,
-                                               T* __restrict tile, bool add) {
+                                               T* __restrict tile, bool add, const Ahead& ahead) {
   if (rem == R)
-    strided_row_block<T, V, R, VP>(kc, a, lda, bp, i0, j0, tile, add);
+    strided_row_block<T, V, R, VP>(kc, a, lda, bp, i0, j0, tile, add, ahead);
   else if constexpr (R > 1)
-    strided_last_block<T, V, R - 1, VP>(rem, kc, a, lda, bp, i0, j0, tile, add);
+    strided_last_block<T, V, R - 1, VP>(rem, kc, a, lda, bp, i0, j0, tile, add, ahead);
 }
 
 // strided_rows_kernel's tile, blocked as gather_vector_body.
@@ -290,7 +293,8 @@ inline __attribute__((always_inline)) void strided_vector_body(int64_t kc_all, c
                                                                int64_t lda,
                                                                const T* __restrict b_all,
                                                                T* __restrict tile, int mr,
-                                                               bool accumulate, int nr) {
+                                                               bool accumulate, int nr,
+                                                               const Ahead& ahead_all) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   constexpr int W = sizeof(V) / sizeof(T);
   // a whole tile in one block takes MR + 1 rows in one block too
@@ -302,12 +306,14 @@ inline __attribute__((always_inline)) void strided_vector_body(int64_t kc_all, c
     const bool add = kb > 0 || accumulate;
     for (int j0 = 0; j0 < NR && j0 < nr; j0 += VP * W)
       for (int i0 = 0; i0 < mr;) {
+        const Ahead ahead = kb == 0 && j0 == 0 && i0 == 0 ? ahead_all : Ahead{};
         const int rem = mr - i0;
         if (rem < RB || (RB == MR && rem == RB + 1)) {
-          strided_last_block<T, V, kLast, VP>(rem, kc, a + kb, lda, b + j0, i0, j0, tile, add);
+          strided_last_block<T, V, kLast, VP>(rem, kc, a + kb, lda, b + j0, i0, j0, tile, add,
+                                              ahead);
           break;
         }
-        strided_row_block<T, V, RB, VP>(kc, a + kb, lda, b + j0, i0, j0, tile, add);
+        strided_row_block<T, V, RB, VP>(kc, a + kb, lda, b + j0, i0, j0, tile, add, ahead);
         i0 += RB;
       }
   }
@@ -355,9 +361,10 @@ void gather_generic_d(int64_t kc, const int64_t* koff, const double* const* rows
   gather_generic<double>(kc, koff, rows, b, tile, mr, acc);
 }
 
-using StridedF = void (*)(int64_t, const float*, int64_t, const float*, float*, int, bool, int);
+using StridedF = void (*)(int64_t, const float*, int64_t, const float*, float*, int, bool, int,
+                          Ahead);
 void strided_generic_f(int64_t kc, const float* a, int64_t lda, const float* b, float* tile,
-                       int mr, bool accumulate, int) {
+                       int mr, bool accumulate, int, Ahead) {
   constexpr int NR = Tile<float>::NR;
   for (int i = 0; i < mr; ++i) {
     float acc[NR] = {};
@@ -403,11 +410,11 @@ __attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t
 }
 __attribute__((target("avx2,fma"))) void strided_avx2_f(int64_t kc, const float* a, int64_t lda,
                                                         const float* b, float* tile, int mr,
-                                                        bool acc, int nr) {
+                                                        bool acc, int nr, Ahead ahead) {
   if (nr <= 8)
-    strided_vector_body<float, f32x8, 12, 1>(kc, a, lda, b, tile, mr, acc, nr);
+    strided_vector_body<float, f32x8, 12, 1>(kc, a, lda, b, tile, mr, acc, nr, ahead);
   else
-    strided_vector_body<float, f32x8, 6, 2>(kc, a, lda, b, tile, mr, acc, nr);
+    strided_vector_body<float, f32x8, 6, 2>(kc, a, lda, b, tile, mr, acc, nr, ahead);
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_d(int64_t kc, const int64_t* koff,
                                                        const double* const* rows,
@@ -426,11 +433,11 @@ __attribute__((target("avx512f,fma"))) void gather_avx512_f(int64_t kc, const in
 __attribute__((target("avx512f,fma"))) void strided_avx512_f(int64_t kc, const float* a,
                                                              int64_t lda, const float* b,
                                                              float* tile, int mr, bool acc,
-                                                             int nr) {
+                                                             int nr, Ahead ahead) {
   if (nr <= 16)
-    strided_vector_body<float, f32x16, 12, 1>(kc, a, lda, b, tile, mr, acc, nr);
+    strided_vector_body<float, f32x16, 12, 1>(kc, a, lda, b, tile, mr, acc, nr, ahead);
   else
-    strided_vector_body<float, f32x16, 12, 2>(kc, a, lda, b, tile, mr, acc, nr);
+    strided_vector_body<float, f32x16, 12, 2>(kc, a, lda, b, tile, mr, acc, nr, ahead);
 }
 __attribute__((target("avx512f,fma"))) void gather_avx512_d(int64_t kc, const int64_t* koff,
                                                             const double* const* rows,
@@ -577,8 +584,8 @@ void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, c
 }
 
 void strided_rows_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float* tile,
-                         int mr, bool accumulate, int nr) {
-  dispatch().rf(kc, a, lda, b, tile, mr, accumulate, nr);
+                         int mr, bool accumulate, int nr, Ahead ahead) {
+  dispatch().rf(kc, a, lda, b, tile, mr, accumulate, nr, ahead);
 }
 
 void store_transposed(const float* tile, int64_t rows, int64_t cols, const float* bias,

@@ -88,9 +88,10 @@ void gather_kernel(int64_t kc, const int64_t* koff, const double* const* rows, c
 // mr <= MR + 1 rows (gather_tile_rows) and nr columns as gather_kernel (the
 // blocked Winograd products: a point's tiles by input channels). The same
 // sums in the same order as gather_kernel with rows[i] = a + i * lda and
-// koff[k] = k.
+// koff[k] = k. ahead: two lines a tap.
 void strided_rows_kernel(int64_t kc, const float* a, int64_t lda, const float* b, float* tile,
-                         int mr, bool accumulate = false, int nr = Tile<float>::NR);
+                         int mr, bool accumulate = false, int nr = Tile<float>::NR,
+                         Ahead ahead = {});
 // Rows of the float tile that starts `left` rows before the end of a block:
 // MR, fewer at the end, or MR + 1 where that is all that is left, which the
 // AVX-512 kernels run as one block of 13 rows instead of a block of 12 and
