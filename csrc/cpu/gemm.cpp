@@ -169,6 +169,28 @@ inline __attribute__((always_inline)) void gather_row_block(int64_t kc, const in
   store_block<T, V, RB, VP>(acc, i0, j0, tile, add);
 }
 
+// A gather tile's loops: k in chunks of kChunk, columns by VP vectors, rows
+// from i0 by block(kc, kb, j0, i0, add, ahead), which runs a block of rows
+// of the chunk [kb, kb + kc) and returns how many; the first block fetches
+// all the lines ahead.
+template <typename T, typename V, int RB, int VP, typename Block>
+CONVCORE_ALWAYS_INLINE void tile_by_blocks(int64_t kc_all, int mr, int nr, bool accumulate,
+                                           const Ahead& ahead_all, Block&& block) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr int W = sizeof(V) / sizeof(T);
+  static_assert(MR % RB == 0, "MR must be a multiple of the row block");
+  constexpr int64_t kChunk = MR / RB > 1 ? 128 : INT64_MAX;
+  for (int64_t kb = 0; kb < kc_all; kb += kChunk) {
+    const int64_t kc = std::min<int64_t>(kChunk, kc_all - kb);
+    const bool add = kb > 0 || accumulate;
+    for (int j0 = 0; j0 < NR && j0 < nr; j0 += VP * W)
+      for (int i0 = 0; i0 < mr;) {
+        const Ahead ahead = kb == 0 && j0 == 0 && i0 == 0 ? ahead_all : Ahead{};
+        i0 += block(kc, kb, j0, i0, add, ahead);
+      }
+  }
+}
+
 // The gather microkernel (direct convolution): A(i, k) = rows[i][koff[k]],
 // B packed in one NR-column panel, the tile written whole to tile[i * NR + j]
 // (rows past mr are not computed; the caller discards them). Blocks as in
@@ -188,19 +210,13 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
                                                               T* __restrict tile, int mr,
                                                               bool accumulate, int nr,
                                                               const Ahead& ahead_all = {}) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  constexpr int W = sizeof(V) / sizeof(T);
-  static_assert(MR % RB == 0, "MR must be a multiple of the row block");
-  constexpr int64_t kChunk = MR / RB > 1 ? 128 : INT64_MAX;
-  for (int64_t kb = 0; kb < kc_all; kb += kChunk) {
-    const int64_t kc = std::min<int64_t>(kChunk, kc_all - kb);
-    const int64_t* koff = koff_all + kb;
-    const T* b = b_all + kb * NR;
-    const bool add = kb > 0 || accumulate;
-    for (int j0 = 0; j0 < NR && j0 < nr; j0 += VP * W)
-      for (int i0 = 0; i0 < mr;) {
-        // the first block of rows fetches all the lines ahead
-        const Ahead ahead = kb == 0 && j0 == 0 && i0 == 0 ? ahead_all : Ahead{};
+  constexpr int NR = Tile<T>::NR;
+  tile_by_blocks<T, V, RB, VP>(
+      kc_all, mr, nr, accumulate, ahead_all,
+      [&](int64_t kc, int64_t kb, int j0, int i0, bool add, const Ahead& ahead)
+          __attribute__((always_inline)) -> int {
+        const int64_t* koff = koff_all + kb;
+        const T* b = b_all + kb * NR + j0;
         // A short last block (a 7x7 image's 49 positions leave 1 of 12) takes
         // a block of fewer rows: the same sums, without the discarded rows.
         // A tile of MR + 1 rows (gather_tile_rows, gemm.h) ends with a block
@@ -208,28 +224,26 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
         const int rem = mr - i0;
         if constexpr (RB == 12) {
           if (rem == RB + 1) {
-            gather_row_block<T, V, RB + 1, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add,
-                                               ahead);
-            break;
+            gather_row_block<T, V, RB + 1, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
+            return rem;
           }
           if (rem <= 4) {
-            gather_row_block<T, V, 4, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
-            break;
+            gather_row_block<T, V, 4, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
+            return rem;
           }
           if (rem <= 8) {
-            gather_row_block<T, V, 8, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
-            break;
+            gather_row_block<T, V, 8, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
+            return rem;
           }
         } else if constexpr (RB == 6) {
           if (rem <= 3) {
-            gather_row_block<T, V, 3, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
-            break;
+            gather_row_block<T, V, 3, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
+            return rem;
           }
         }
-        gather_row_block<T, V, RB, VP>(kc, koff, rows, i0, mr, b + j0, j0, tile, add, ahead);
-        i0 += RB;
-      }
-  }
+        gather_row_block<T, V, RB, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
+        return RB;
+      });
 }
 // strided_rows_kernel's sums for RB rows from a: row i at a + i * lda, the
 // taps in order. Rows three apart share a base pointer and the stride sits in
@@ -296,27 +310,21 @@ inline __attribute__((always_inline)) void strided_vector_body(int64_t kc_all, c
                                                                bool accumulate, int nr,
                                                                const Ahead& ahead_all) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  constexpr int W = sizeof(V) / sizeof(T);
   // a whole tile in one block takes MR + 1 rows in one block too
   constexpr int kLast = RB == MR ? RB + 1 : RB - 1;
-  constexpr int64_t kChunk = MR / RB > 1 ? 128 : INT64_MAX;
-  for (int64_t kb = 0; kb < kc_all; kb += kChunk) {
-    const int64_t kc = std::min<int64_t>(kChunk, kc_all - kb);
-    const T* b = b_all + kb * NR;
-    const bool add = kb > 0 || accumulate;
-    for (int j0 = 0; j0 < NR && j0 < nr; j0 += VP * W)
-      for (int i0 = 0; i0 < mr;) {
-        const Ahead ahead = kb == 0 && j0 == 0 && i0 == 0 ? ahead_all : Ahead{};
+  tile_by_blocks<T, V, RB, VP>(
+      kc_all, mr, nr, accumulate, ahead_all,
+      [&](int64_t kc, int64_t kb, int j0, int i0, bool add, const Ahead& ahead)
+          __attribute__((always_inline)) -> int {
+        const T* b = b_all + kb * NR + j0;
         const int rem = mr - i0;
         if (rem < RB || (RB == MR && rem == RB + 1)) {
-          strided_last_block<T, V, kLast, VP>(rem, kc, a + kb, lda, b + j0, i0, j0, tile, add,
-                                              ahead);
-          break;
+          strided_last_block<T, V, kLast, VP>(rem, kc, a + kb, lda, b, i0, j0, tile, add, ahead);
+          return rem;
         }
-        strided_row_block<T, V, RB, VP>(kc, a + kb, lda, b + j0, i0, j0, tile, add, ahead);
-        i0 += RB;
-      }
-  }
+        strided_row_block<T, V, RB, VP>(kc, a + kb, lda, b, i0, j0, tile, add, ahead);
+        return RB;
+      });
 }
 #endif
 
