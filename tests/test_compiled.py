@@ -544,8 +544,9 @@ def test_pointwise_layers_in_whole_channel_blocks(side):
 
 
 def test_winograd_band_of_thirteen_tiles():
-    # a 28x28 output is 49 F(4x4) tiles: bands of 36 and 13, the 13 as one
-    # block of rows on AVX-512
+    # a 28x28 output is 49 F(4x4) tiles; with filters this small, bands of
+    # 12 and a last of 1 (test_winograd_products_end_in_blocks_of_every_row_count
+    # runs bands that end in 13 rows)
     convcore.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(32, 40, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(40, 32, 3, padding=1))

@@ -245,6 +245,7 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
         return RB;
       });
 }
+
 // strided_rows_kernel's sums for RB rows from a: row i at a + i * lda, the
 // taps in order. Rows three apart share a base pointer and the stride sits in
 // a register, so each broadcast addresses its row as base + stride * 0, 4 or
@@ -327,7 +328,6 @@ inline __attribute__((always_inline)) void strided_vector_body(int64_t kc_all, c
       });
 }
 #endif
-
 
 template <typename T>
 inline void gather_generic(int64_t kc, const int64_t* koff, const T* const* rows, const T* b,
