@@ -67,7 +67,7 @@ inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T
     for (int i0 = 0; i0 < mr; i0 += RB) {
       int64_t row_off[RB];
       for (int i = 0; i < RB; ++i)
-        row_off[i] = kLayout == 0   ? i0 + i
+        row_off[i] = kLayout == 0   ? i
                      : kLayout == 1 ? (i0 + i < mr ? i0 + i : mr - 1) * lda
                                     : (i0 + i < mr ? i0 + i : mr - 1);
       V acc[RB][VP];
@@ -76,7 +76,10 @@ inline __attribute__((always_inline)) void micro_vector_body(int64_t kc, const T
 #pragma GCC unroll 4
         for (int v = 0; v < VP; ++v) acc[i][v] = V{};
       const T* bp = b + j0;
-      const T* ap = a;
+      // packed rows: constant offsets from the block's first row, which
+      // the compiler folds into the loads (offsets from row 0 took a
+      // register each, and the spills of those rode in the k loop)
+      const T* ap = kLayout == 0 ? a + i0 : a;
       const int64_t a_step = kLayout == 0 ? MR : kLayout == 1 ? 1 : -lda;
       for (int64_t k = 0; k < kc; ++k, bp += NR, ap += a_step) {
         V bv[VP];
@@ -391,7 +394,10 @@ using simd::f64x8;
 
 __attribute__((target("avx2,fma"))) void kernel_avx2_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
-  micro_vector<float, f32x8, 6, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  if (nr <= 8)  // one vector of columns (a part-filled last panel): every row at once
+    micro_vector<float, f32x8, 12, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  else
+    micro_vector<float, f32x8, 6, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx2,fma"))) void kernel_avx2_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
@@ -400,7 +406,10 @@ __attribute__((target("avx2,fma"))) void kernel_avx2_d(int64_t kc, const double*
 __attribute__((target("avx512f,fma"))) void kernel_avx512_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
-  micro_vector<float, f32x16, 12, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  if (nr <= 16)  // one vector of columns (a part-filled last panel): half the FMAs
+    micro_vector<float, f32x16, 12, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  else
+    micro_vector<float, f32x16, 12, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
                                                             int64_t ldc, int mr, int nr,
