@@ -164,6 +164,24 @@ CONVCORE_ALWAYS_INLINE void depthwise_interior_pair(const float* x, int64_t W, c
                                          tap_step, yr + r * Wo * B);
 }
 
+// The same for two wide rows from ih0 whose kernel rows all lie inside and
+// whose inside columns end in a rest of 1 to 4: each row's blocks of 8,
+// then the last 4 columns of both rows as one block (8 chains).
+template <int B, Act A, int KW, int SW>
+CONVCORE_ALWAYS_INLINE void depthwise_wide_pair(const float* x, int64_t W, const float* w,
+                                                int64_t kh, int64_t kw, const Conv2dParams& p,
+                                                Vec<B> b, int64_t ih0, int64_t ow_lo,
+                                                int64_t ow_hi, int64_t Wo, float* yr) {
+  const int64_t step = (SW > 0 ? SW : p.stride_w) * B;
+  const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
+  for (int r = 0; r < 2; ++r)
+    for (int64_t ow = ow_lo; ow + 8 <= ow_hi; ow += 8)
+      depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0 + r * p.stride_h, 0, kh, ow,
+                                         step, tap_step, yr + r * Wo * B);
+  depthwise_columns<B, A, KW, SW, 4, 2>(x, W, w, kw, p, b, ih0, 0, kh, ow_hi - 4, step, tap_step,
+                                        yr, p.stride_h * W * B, Wo * B);
+}
+
 // Output rows [oh0, oh1) of one channel block: every tap of the window that
 // lies in the image, B lanes at a time. The columns whose window lies inside
 // the image (most of them) run without bounds checks, U at a time: U
@@ -191,9 +209,15 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
   // rows are narrow (depthwise_interior_pair)
   const int64_t reach_h = (kh - 1) * p.dilation_h;
   const bool narrow = ow_hi - ow_lo < 8;
+  // a wide row that ends in a block of 4 (11 columns: 8 + 4) takes that
+  // block for two rows at once: one row's 4 chains alone took as long as
+  // the row's block of 8
+  const int64_t rest = (ow_hi - ow_lo) % 8;
+  const bool paired_tail = !narrow && rest > 0 && rest <= 4;
   for (int64_t oh = oh0; oh < oh1;) {
     const int64_t top = oh * p.stride_h - p.pad_top, next = top + p.stride_h;
-    const int rows = narrow && oh + 1 < oh1 && top >= 0 && next + reach_h < H ? 2 : 1;
+    const int rows =
+        (narrow || paired_tail) && oh + 1 < oh1 && top >= 0 && next + reach_h < H ? 2 : 1;
     for (int r = 0; r < rows; ++r) {
       const int64_t ih0 = top + r * p.stride_h;
       int64_t i_lo = 0, i_hi = kh;  // kernel rows inside the image
@@ -207,9 +231,12 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
       if (rows == 1)
         depthwise_interior<B, A, KW, SW>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow_lo, ow_hi, yr);
     }
-    if (rows == 2)
+    if (rows == 2 && narrow)
       depthwise_interior_pair<B, A, KW, SW>(x, W, w, kh, kw, p, b, top, ow_lo, ow_hi, Wo,
                                             y + oh * Wo * B);
+    else if (rows == 2)
+      depthwise_wide_pair<B, A, KW, SW>(x, W, w, kh, kw, p, b, top, ow_lo, ow_hi, Wo,
+                                        y + oh * Wo * B);
     oh += rows;
   }
 }
@@ -581,19 +608,22 @@ int64_t frame_h(int64_t h, const Conv2dParams& p) { return h + p.pad_top + p.pad
 int64_t frame_w(int64_t w, const Conv2dParams& p) { return w + p.pad_left + p.pad_right; }
 
 // B channel planes of x (lanes of them real) into the blocked frame, zeros
-// in the padding and the pad lanes.
+// in the pad lanes; zeros in the padding too unless the frame holds them
+// already (pad false: a frame whose padding no task writes).
 template <int B>
 CONVCORE_ALWAYS_INLINE void plain_to_frame_body(const float* x, const int64_t* xs, int64_t lanes,
                                                 int64_t h, int64_t w, const Conv2dParams& p,
-                                                float* frame) {
+                                                float* frame, bool pad = true) {
   const int64_t hp = frame_h(h, p), wp = frame_w(w, p);
   // zeros where the copy below writes nothing, the padding (it writes the
   // pad lanes' zeros itself): a small plane's frame is mostly interior
-  std::fill(frame, frame + p.pad_top * wp * B, 0.0f);
-  std::fill(frame + (p.pad_top + h) * wp * B, frame + hp * wp * B, 0.0f);
-  for (int64_t row = p.pad_top; row < p.pad_top + h; ++row) {
-    std::fill(frame + row * wp * B, frame + (row * wp + p.pad_left) * B, 0.0f);
-    std::fill(frame + (row * wp + p.pad_left + w) * B, frame + (row + 1) * wp * B, 0.0f);
+  if (pad) {
+    std::fill(frame, frame + p.pad_top * wp * B, 0.0f);
+    std::fill(frame + (p.pad_top + h) * wp * B, frame + hp * wp * B, 0.0f);
+    for (int64_t row = p.pad_top; row < p.pad_top + h; ++row) {
+      std::fill(frame + row * wp * B, frame + (row * wp + p.pad_left) * B, 0.0f);
+      std::fill(frame + (row * wp + p.pad_left + w) * B, frame + (row + 1) * wp * B, 0.0f);
+    }
   }
   auto at = [&](int64_t row, int64_t col) {
     return frame + ((row + p.pad_top) * wp + p.pad_left + col) * B;
@@ -639,8 +669,8 @@ CONVCORE_ALWAYS_INLINE void plain_to_frame_body(const float* x, const int64_t* x
 
 CONVCORE_BLOCKED_DISPATCH(plain_to_frame, plain_to_frame_body,
                           (const float* x, const int64_t* xs, int64_t lanes, int64_t h, int64_t w,
-                           const Conv2dParams& p, float* frame),
-                          (x, xs, lanes, h, w, p, frame))
+                           const Conv2dParams& p, float* frame, bool pad),
+                          (x, xs, lanes, h, w, p, frame, pad))
 
 // The frame's interior (h x w positions of B channels, at the frame's
 // padding) back to `lanes` contiguous channel planes of y (h * w apart): B
@@ -837,12 +867,14 @@ void depthwise_conv2d_plain(const float* x, const int64_t* xs, int64_t n, int64_
   {
     float* frame = scratch + omp_get_thread_num() * per_thread;
     float* result = frame + hp * wp * B;
+    // the padding once: the tasks write only the interior
+    std::fill(frame, frame + hp * wp * B, 0.0f);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n * cb; ++t) {
       const int64_t i = t / cb, c0 = (t % cb) * B, lanes = std::min(B, c - c0);
       alignas(64) float lane_bias[16] = {};
       if (bias) std::copy(bias + c0, bias + c0 + lanes, lane_bias);
-      plain_to_frame(x + i * xs[0] + c0 * xs[1], xs, lanes, h, w, p, frame);
+      plain_to_frame(x + i * xs[0] + c0 * xs[1], xs, lanes, h, w, p, frame, false);
       depthwise_rows(frame, hp, wp, packed + (c0 / B) * kh * kw * B, kh, kw, unpadded,
                      bias ? lane_bias : nullptr, 0, ho, wo, result, Act::None);
       to_plain_plane(result, ho * wo, lanes, y + (i * c + c0) * ho * wo);
