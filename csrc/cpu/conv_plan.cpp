@@ -148,16 +148,19 @@ bool winograd2_grad_weight_pays(const ConvGeometry& G, DType dtype) {
          (G.C >= 512 && G.Cout >= 512 && G.Ho >= 8 && G.Wo >= 8 &&
           (dtype != DType::Float32 || G.N * G.P >= 512));
 }
-// F(4x4)'s grad_weight under auto: with 64+ output channels; with fewer
-// (DenseNet's 128 -> 32, small layers) the direct kernel's was faster
-// (docs/training.md, tenth session). In float32 below 56x56 in a batch of
-// fewer than 4 (F(4x4) there since fused_winograd) the direct kernel's is
-// faster: 128 channels at 28x28, batch 1, 1.45 ms against 2.2; F(2x2)'s
-// takes 512 channels there.
+// F(4x4)'s grad_weight under auto: its transforms grow with C + Cout, the
+// products it saves with C * Cout, so against the direct kernel's it pays
+// from a least C Cout / (C + Cout): 32 on planes of 56x56 and more, 80 on
+// smaller ones (docs/training.md, twenty-fourth session). In float32 below
+// 56x56 in a batch of fewer than 4 (F(4x4) there since fused_winograd) the
+// direct kernel's is faster: 128 channels at 28x28, batch 1, 1.45 ms
+// against 2.2; F(2x2)'s takes 512 channels there.
 bool winograd4_grad_weight_pays(const ConvGeometry& G, DType dtype) {
-  return !G.auto_algorithm ||
-         (G.C >= 32 && G.Cout >= 64 &&
-          (dtype != DType::Float32 || std::min(G.Ho, G.Wo) >= 56 || G.N >= 4));
+  if (!G.auto_algorithm) return true;
+  const bool large_plane = std::min(G.Ho, G.Wo) >= 56;
+  const int64_t least = large_plane ? 32 : 80;
+  return G.C * G.Cout >= least * (G.C + G.Cout) &&
+         (dtype != DType::Float32 || large_plane || G.N >= 4);
 }
 bool winograd4_pays(const ConvGeometry& G) {
   return winograd_channels(G) && G.Ho >= 28 && G.Wo >= 28 &&
