@@ -691,7 +691,9 @@ def test_depthwise_paths(dtype, channels, mult, hw, kernel, kw):
     ((5, 24, 1, 13), 13),     # planes narrower than a panel
     ((3, 300, 19, 20), 37),   # 380 positions, just under a block of columns; K over KC
     ((2, 8, 14, 14), 1),
-    ((12, 16, 19, 19), 24),   # 4332 positions: grad_weight in two chunks
+    ((12, 16, 19, 19), 24),   # 4332 positions: grad_weight in two chunks (transposed)
+    ((4, 20, 7, 7), 70),      # more out than in: grad_weight as gw^T = x gy^T
+    ((3, 260, 7, 7), 300),    # more out, but 257+ in: grad_weight as gy x^T
 ])
 def test_pointwise_images_side_by_side(dtype, shape, cout):
     """A pointwise layer on planes smaller than a block of columns (7x7,
@@ -699,7 +701,8 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     then spans image ends) and scatters the result into the images' planes
     with the bias, forward and grad_input: the same sums as image by image,
     so the same bits as each image alone, at any thread count; and against
-    the reference. grad_weight takes chunks of the positions of all images."""
+    the reference. grad_weight takes chunks of the positions of all images,
+    transposed (gw^T = x gy^T) with more output channels than input."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((cout, shape[1], 1, 1)).astype(dtype)

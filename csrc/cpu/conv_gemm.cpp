@@ -195,13 +195,14 @@ struct ImagesPackB {
   }
 };
 
-// Packs A(o, k) = gy[n, o, q] for the positions k in [c0, c0 + K) of the
-// images laid side by side (k: image k / P, position k % P) as pack_a_part
-// packs a matrix: units u0..u1 of (block of KC positions, panel of MR rows),
-// each panel filled run by run (one run per image it touches).
+// Packs A(o, k) = src[n, o, q] (images src_n apart, rows o src_r apart,
+// each row's P positions contiguous) for the positions k in [c0, c0 + K) of
+// the images laid side by side (k: image k / P, position k % P) as
+// pack_a_part packs a matrix: units u0..u1 of (block of KC positions, panel
+// of MR rows), each panel filled run by run (one run per image it touches).
 template <typename T>
-void pack_a_images_part(int64_t M, const T* gy, int64_t P, int64_t c0, int64_t K, T* dst,
-                        int64_t u0, int64_t u1) {
+void pack_a_images_part(int64_t M, const T* src, int64_t src_n, int64_t src_r, int64_t P,
+                        int64_t c0, int64_t K, T* dst, int64_t u0, int64_t u1) {
   constexpr int MR = gemm::Tile<T>::MR;
   const int64_t Mpad = gemm::round_up(M, MR), panels = Mpad / MR;
   for (int64_t u = u0; u < u1; ++u) {
@@ -209,14 +210,14 @@ void pack_a_images_part(int64_t M, const T* gy, int64_t P, int64_t c0, int64_t K
     const int64_t kc = std::min(gemm::KC, K - k0);
     T* panel = dst + k0 * Mpad + i0 * kc;
     for_image_runs(c0 + k0, kc, P, [&](int64_t k, int64_t n, int64_t q, int64_t len) {
-      gemm::pack_a_panel(M, gy + n * M * P + q, P, int64_t(1), i0, int64_t(0), len,
+      gemm::pack_a_panel(M, src + n * src_n + q, src_r, int64_t(1), i0, int64_t(0), len,
                          panel + k * MR);
     });
   }
 }
 
 // Packs B(k, c) = x[n, c, q] (positions k of the images side by side from
-// c0, as pack_a_images_part; input channels c from r0) into NR-column panels.
+// c0, as pack_a_images_part; rows c from r0) into NR-column panels.
 template <typename T>
 struct ImagesTransposedPackB {
   const T* x;
@@ -831,33 +832,60 @@ void grad_weight_share(int64_t groups, int64_t rows, int64_t cols, int me, int t
 // grad_weight_gemm's.
 // Positions of small planes then fill the GEMM's blocks of KC (a 7x7 plane:
 // 49 of 256), and one parallel region serves a chunk of several images.
+// With more output channels than input channels (up to 256 of these) the
+// GEMM runs transposed, gw^T (C x Cout) = x * gy^T, into scratch: the fewer
+// channels are the shared packed rows and the more the columns each thread
+// packs for itself, in whole panels (80 -> 480: 480 rows of A, packed and
+// read by both threads, and 80 columns in 3 panels of 32, one a half).
+// With 512 input channels it was slower (docs/training.md, twenty-fourth
+// session).
 template <typename T>
 void grad_weight_pointwise_images(const T* gy, const TensorView& input, const ConvGeometry& G,
                                   T* gw) {
   constexpr int NR = gemm::Tile<T>::NR, MR = gemm::Tile<T>::MR;
   const int64_t columns = G.N * G.P, chunk = std::min(kGradWeightChunk, columns);
   const T* x = input.ptr<const T>();
-  detail::Workspace<T> a_ws(1, gemm::packed_a_size<T>(G.Cout, chunk));
+  constexpr int64_t kTransposedMostChannels = 256;
+  const bool transposed = G.Cout > G.Kc && G.Kc <= kTransposedMostChannels;
+  // the GEMM's rows (packed A, from `a_src`) and columns (B, from `b_src`)
+  const int64_t rows = transposed ? G.Kc : G.Cout, cols = transposed ? G.Cout : G.Kc;
+  const T* a_src = transposed ? x : gy;
+  const int64_t a_n = transposed ? G.xs_n : G.Cout * G.P, a_r = transposed ? G.xs_c : G.P;
+  const T* b_src = transposed ? gy : x;
+  const int64_t b_n = transposed ? G.Cout * G.P : G.xs_n, b_r = transposed ? G.P : G.xs_c;
+  // the scratch's rows a line longer than a power of two of bytes apart
+  // (cache sets)
+  const int64_t ldc = transposed ? cols + 64 / int64_t(sizeof(T)) : cols;
+  detail::Workspace<T> a_ws(1, gemm::packed_a_size<T>(rows, chunk) + (transposed ? rows * ldc : 0));
   T* a_packed = a_ws.get();
-  const int threads = detail::threads_for(grad_weight_cells<NR, MR>(1, G.Cout, G.Kc),
+  T* c = transposed ? a_packed + gemm::packed_a_size<T>(rows, chunk) : gw;
+  const int threads = detail::threads_for(grad_weight_cells<NR, MR>(1, rows, cols),
                                           G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> ws(threads, gemm::b_workspace_size<T>());
   for (int64_t c0 = 0; c0 < columns; c0 += chunk) {
     const int64_t nk = std::min(chunk, columns - c0);
-    const int64_t units = gemm::pack_a_units<T>(G.Cout, nk);
+    const int64_t units = gemm::pack_a_units<T>(rows, nk);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units; ++u)
-        pack_a_images_part(G.Cout, gy, G.P, c0, nk, a_packed, u, u + 1);
+        pack_a_images_part(rows, a_src, a_n, a_r, G.P, c0, nk, a_packed, u, u + 1);
       T* bbuf = ws.get(omp_get_thread_num());
       grad_weight_share<NR, MR>(
-          1, G.Cout, G.Kc, omp_get_thread_num(), omp_get_num_threads(),
+          1, rows, cols, omp_get_thread_num(), omp_get_num_threads(),
           [&](int64_t, int64_t m0, int64_t nm, int64_t r0, int64_t ncols) {
-            gemm::gemm_packed(nm, ncols, nk, a_packed, G.Cout, m0,
-                              ImagesTransposedPackB<T>{x, G.xs_n, G.xs_c, G.P, c0, r0},
-                              gw + m0 * G.Kc + r0, G.Kc, c0 > 0, bbuf);
+            gemm::gemm_packed(nm, ncols, nk, a_packed, rows, m0,
+                              ImagesTransposedPackB<T>{b_src, b_n, b_r, G.P, c0, r0},
+                              c + m0 * ldc + r0, ldc, c0 > 0, bbuf);
           });
+      if (transposed && c0 + nk == columns) {  // gw from gw^T, by blocks of its rows
+        constexpr int64_t kRowsPerBlock = 64;
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t o0 = 0; o0 < G.Cout; o0 += kRowsPerBlock)
+          gemm::transpose_copy(c + o0, ldc, G.Kc, std::min(kRowsPerBlock, G.Cout - o0),
+                               gw + o0 * G.Kc, G.Kc);
+      }
     }
   }
 }
