@@ -302,8 +302,9 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     float32 on contiguous images (blocked_winograd_choice): F(4x4) on 32+
     channel layers (16+ where the batch holds 512+ output positions) with
     56x56 outputs, or 28x28 in a batch of 4+, its grad_weight by F(4x4)
-    where C Cout / (C + Cout) is 32+ (56x56+ outputs) or 80+ (smaller), else
-    by the direct kernel (winograd4_grad_weight_pays); F(2x2) down to 8x8, and
+    where C Cout / (C + Cout) is 32+ (56x56+ outputs) or 80+ (smaller) with
+    AVX-512, with 32+ channels in and 64+ out otherwise, else by the direct
+    kernel (winograd4_grad_weight_pays); F(2x2) down to 8x8, and
     on 7x7 in a batch of 16+, but not with few positions and more than 256 x
     256 channels. A batch whose tiles fit one band (256), with 4+ panels of
     output channels (fused_winograd): F(4x4) from 28x28, F(2x2) from 7x7 with
@@ -337,10 +338,13 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
 
     # float32, contiguous: the blocked Winograd's rules
     auto_is("winograd4", *case(1, 64, 64, 56))      # 56x56 at batch 1
-    auto_is("winograd4", *case(4, 32, 64, 28), grad_weight_by="direct")  # 28x28 in a batch of 4
-    auto_is("winograd4", *case(4, 128, 256, 28))    # C Cout / (C + Cout) 85: F(4x4)'s grad_weight
-    auto_is("winograd4", *case(4, 128, 128, 28), grad_weight_by="direct")  # 64: too few
-    auto_is("winograd4", *case(1, 48, 64, 56), grad_weight_by="direct")  # 27 at 56x56: too few
+    # F(4x4)'s grad_weight with AVX-512 from C Cout / (C + Cout) of 80
+    # (32 at 56x56), else from 32 channels in and 64 out
+    direct_unless_avx2 = "direct" if _core.gemm_isa() == "avx512" else None
+    auto_is("winograd4", *case(4, 32, 64, 28), grad_weight_by=direct_unless_avx2)  # 28x28, batch 4
+    auto_is("winograd4", *case(4, 128, 256, 28))    # C Cout / (C + Cout) 85
+    auto_is("winograd4", *case(4, 128, 128, 28), grad_weight_by=direct_unless_avx2)  # 64
+    auto_is("winograd4", *case(1, 48, 64, 56), grad_weight_by=direct_unless_avx2)  # 27 at 56x56
     auto_is("winograd", *case(1, 128, 96, 14), grad_weight_by="direct")
     auto_is("winograd", *case(2, 128, 96, 28), grad_weight_by="direct")  # 28x28, batch 2
     # the batch's tiles in one band, 4+ output panels: filters transformed as
