@@ -645,6 +645,7 @@ def test_direct_grad_input_of_strided_layers(shape, weight, kw, dtype):
     (16, 1, (7, 6), (2, 2), dict(padding=(1, 0))),                    # 4 taps, asymmetric
     (3, 1, (11, 10), (1, 1), dict()),                                 # 1 tap, no padding
     (16, 1, (70, 61), (3, 3), dict(padding=1)),                       # flat, 18 KB planes
+    (20, 1, (11, 12), (7, 7), dict(padding=3)),   # in lanes: rows of 8 + 4, the 4 two rows at once
     (3, 1, (256, 255), (3, 3), dict(padding=1)),                      # too big for flat
     (4, 1, (130, 127), (3, 3), dict(padding=1)),
     # strided: the flat kernels over phase planes (sh * sw of them)

@@ -136,12 +136,13 @@ CONVCORE_ALWAYS_INLINE void depthwise_interior(const float* x, int64_t W, const 
 #undef CONVCORE_DW_BLOCK
 }
 
-// The same for two rows from ih0 whose kernel rows all lie inside, in rows
-// of fewer than 8 inside columns (a 7x7 plane): blocks of 4 columns of both
-// rows, 8 accumulator chains (one row's 4 leave the FMA pipes waiting on
-// their latency), each weight read once for both. (Only these narrow rows:
-// the blocks of 8 have their 8 chains, and more kernel variants made the
-// file's sanitizer build much slower.)
+// The same for two rows from ih0 whose kernel rows all lie inside: blocks
+// of 4 columns of both rows, 8 accumulator chains (one row's 4 leave the
+// FMA pipes waiting on their latency), each weight read once for both. Rows
+// of fewer than 8 inside columns (a 7x7 plane) run so whole; wider ones
+// (those whose inside columns end in a rest of 1 to 4: 11 columns are 8 +
+// 4) take each row's blocks of 8 first, which have their 8 chains. (More
+// kernel variants made the file's sanitizer build much slower.)
 template <int B, Act A, int KW, int SW>
 CONVCORE_ALWAYS_INLINE void depthwise_interior_pair(const float* x, int64_t W, const float* w,
                                                     int64_t kh, int64_t kw, const Conv2dParams& p,
@@ -151,6 +152,11 @@ CONVCORE_ALWAYS_INLINE void depthwise_interior_pair(const float* x, int64_t W, c
   const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
   const int64_t row_step = p.stride_h * W * B;
   int64_t ow = ow_lo;
+  if (ow_hi - ow_lo >= 8)
+    for (; ow + 8 <= ow_hi; ow += 8)
+      for (int r = 0; r < 2; ++r)
+        depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0 + r * p.stride_h, 0, kh, ow,
+                                           step, tap_step, yr + r * Wo * B);
   for (; ow + 4 <= ow_hi; ow += 4)
     depthwise_columns<B, A, KW, SW, 4, 2>(x, W, w, kw, p, b, ih0, 0, kh, ow, step, tap_step, yr,
                                           row_step, Wo * B);
@@ -162,24 +168,6 @@ CONVCORE_ALWAYS_INLINE void depthwise_interior_pair(const float* x, int64_t W, c
     for (int r = 0; r < 2; ++r)
       depthwise_columns<B, A, KW, SW, 1>(x, W, w, kw, p, b, ih0 + r * p.stride_h, 0, kh, ow, step,
                                          tap_step, yr + r * Wo * B);
-}
-
-// The same for two wide rows from ih0 whose kernel rows all lie inside and
-// whose inside columns end in a rest of 1 to 4: each row's blocks of 8,
-// then the last 4 columns of both rows as one block (8 chains).
-template <int B, Act A, int KW, int SW>
-CONVCORE_ALWAYS_INLINE void depthwise_wide_pair(const float* x, int64_t W, const float* w,
-                                                int64_t kh, int64_t kw, const Conv2dParams& p,
-                                                Vec<B> b, int64_t ih0, int64_t ow_lo,
-                                                int64_t ow_hi, int64_t Wo, float* yr) {
-  const int64_t step = (SW > 0 ? SW : p.stride_w) * B;
-  const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
-  for (int r = 0; r < 2; ++r)
-    for (int64_t ow = ow_lo; ow + 8 <= ow_hi; ow += 8)
-      depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0 + r * p.stride_h, 0, kh, ow,
-                                         step, tap_step, yr + r * Wo * B);
-  depthwise_columns<B, A, KW, SW, 4, 2>(x, W, w, kw, p, b, ih0, 0, kh, ow_hi - 4, step, tap_step,
-                                        yr, p.stride_h * W * B, Wo * B);
 }
 
 // Output rows [oh0, oh1) of one channel block: every tap of the window that
@@ -231,12 +219,9 @@ CONVCORE_ALWAYS_INLINE void depthwise_rows_act(const float* x, int64_t H, int64_
       if (rows == 1)
         depthwise_interior<B, A, KW, SW>(x, W, w, kw, p, b, ih0, i_lo, i_hi, ow_lo, ow_hi, yr);
     }
-    if (rows == 2 && narrow)
+    if (rows == 2)
       depthwise_interior_pair<B, A, KW, SW>(x, W, w, kh, kw, p, b, top, ow_lo, ow_hi, Wo,
                                             y + oh * Wo * B);
-    else if (rows == 2)
-      depthwise_wide_pair<B, A, KW, SW>(x, W, w, kh, kw, p, b, top, ow_lo, ow_hi, Wo,
-                                        y + oh * Wo * B);
     oh += rows;
   }
 }
