@@ -152,11 +152,10 @@ CONVCORE_ALWAYS_INLINE void depthwise_interior_pair(const float* x, int64_t W, c
   const int64_t tap_step = (SW > 0 ? 1 : p.dilation_w) * B;
   const int64_t row_step = p.stride_h * W * B;
   int64_t ow = ow_lo;
-  if (ow_hi - ow_lo >= 8)
-    for (; ow + 8 <= ow_hi; ow += 8)
-      for (int r = 0; r < 2; ++r)
-        depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0 + r * p.stride_h, 0, kh, ow,
-                                           step, tap_step, yr + r * Wo * B);
+  for (; ow + 8 <= ow_hi; ow += 8)  // wide rows only
+    for (int r = 0; r < 2; ++r)
+      depthwise_columns<B, A, KW, SW, 8>(x, W, w, kw, p, b, ih0 + r * p.stride_h, 0, kh, ow, step,
+                                         tap_step, yr + r * Wo * B);
   for (; ow + 4 <= ow_hi; ow += 4)
     depthwise_columns<B, A, KW, SW, 4, 2>(x, W, w, kw, p, b, ih0, 0, kh, ow, step, tap_step, yr,
                                           row_step, Wo * B);

@@ -150,8 +150,8 @@ bool winograd2_grad_weight_pays(const ConvGeometry& G, DType dtype) {
 }
 // F(4x4)'s grad_weight under auto: its transforms grow with C + Cout, the
 // products it saves with C * Cout. With AVX-512, against the direct
-// kernel's (near the FMA peak there), it pays from a least C Cout / (C +
-// Cout): 32 on planes of 56x56 and more, 80 on smaller ones; with AVX2 (the
+// kernel's (near the FMA peak there), it pays where C Cout / (C + Cout) is
+// at least 32 on planes of 56x56 and more, 80 on smaller ones; with AVX2 (the
 // direct kernel at half that peak) with 32+ channels in and 64+ out
 // (docs/training.md, twenty-fourth session). In float32 below 56x56 in a
 // batch of fewer than 4 (F(4x4) there since fused_winograd) the direct
