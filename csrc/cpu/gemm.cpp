@@ -538,13 +538,15 @@ __attribute__((target("avx512f"))) void store_transposed_avx512_f(const float* t
   const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
   for (int64_t j0 = 0; j0 < cols16; j0 += 16) {
     for (int64_t q0 = 0; q0 < rows16; q0 += 16) {
-      blocked::Vec<16> r[16];
+      f32x16 r[16];  // (memcpy, not blocked::load: a vector return out of an AVX-512 target)
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = blocked::load<16>(tile + (q0 + i) * NR + j0);
+      for (int i = 0; i < 16; ++i) __builtin_memcpy(&r[i], tile + (q0 + i) * NR + j0, sizeof r[i]);
       blocked::transpose<16>(r);
 #pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j)
-        blocked::store<16>(dst + (j0 + j) * ld + q0, bias ? r[j] + bias[j0 + j] : r[j]);
+      for (int j = 0; j < 16; ++j) {
+        const f32x16 out = bias ? r[j] + bias[j0 + j] : r[j];
+        __builtin_memcpy(dst + (j0 + j) * ld + q0, &out, sizeof out);
+      }
     }
     store_transposed_f32x8(tile + rows16 * NR + j0, rows - rows16, 16, bias ? bias + j0 : nullptr,
                            dst + j0 * ld + rows16, ld);
