@@ -239,19 +239,20 @@ def test_winograd4_accuracy_float32():
     assert err_gw < 5e-6, err_gw  # measured 2.0e-6 (GEMM path: 3.0e-7)
 
 
-@pytest.mark.parametrize("algorithm,n,h", [("winograd", 10, 14), ("winograd4", 5, 28)])
-def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h):
+@pytest.mark.parametrize("algorithm,n,h,c", [("winograd", 9, 14, 512), ("winograd4", 5, 28, 192)])
+def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h, c):
     """grad_weight through the Winograd transforms sums the products of a
-    chunk of images into dU, chunk after chunk (at most 32 MB of transformed
-    tiles each: at 512 channels in and out, 9 images of 14x14 for F(2x2), 4
-    of 28x28 for F(4x4), so these batches take two chunks, the second
-    short). It matches the float64 GEMM path, is bit-identical at 1, 2 and
-    40 threads (with 40 the products also split the output channels into
-    blocks), and holds less scratch than the whole batch's tiles would."""
+    chunk of images into dU, chunk after chunk (at most 8 MB of transformed
+    tiles each: 2 images of 14x14 for F(2x2) at 512 channels in and out, 2
+    of 28x28 for F(4x4) at 192, so these batches take five and three
+    chunks, the last one short). It matches the float64 GEMM path, is
+    bit-identical at 1, 2 and 40 threads (with 40 the products also split
+    the output channels into blocks), and holds less scratch than the whole
+    batch's tiles would."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((n, 512, h, h)).astype(np.float32)
-    w = (rng.standard_normal((512, 512, 3, 3)) / 64).astype(np.float32)
-    gy = rng.standard_normal((n, 512, h, h)).astype(np.float32)
+    x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+    w = (rng.standard_normal((c, c, 3, 3)) / np.sqrt(c * 8)).astype(np.float32)
+    gy = rng.standard_normal((n, c, h, h)).astype(np.float32)
     exact = convcore.conv2d_backward(gy.astype(np.float64), x.astype(np.float64),
                                      w.astype(np.float64), padding=1, algorithm="gemm")[1]
     before = convcore.get_num_threads()

@@ -302,19 +302,22 @@ void grad_weight_winograd(const T* gy, const TensorView& input, const ConvGeomet
   const int64_t units = G.N * bands;
   // Units per chunk: as many as the transformed tiles of kChunkBytes hold
   // (the products' reductions grow with it; dU is read and written once
-  // per chunk).
-  constexpr int64_t kChunkBytes = int64_t(32) << 20;
+  // per chunk). 8 MB, where the products find the tiles in the L3: with 32
+  // MB they came from memory, 10-35% slower on 32 -> 96 to 256 -> 512 at
+  // 28x28 and 64 -> 64 at 56x56 (docs/training.md, twenty-fifth session).
+  constexpr int64_t kChunkBytes = int64_t(8) << 20;
   const int64_t unit_bytes = kPoints * (C + Cout) * unit_tiles * int64_t(sizeof(T));
   const int64_t per_chunk = std::clamp<int64_t>(kChunkBytes / unit_bytes, 1, units);
   const int64_t kmax = per_chunk * unit_tiles;  // tiles of a chunk
+  // Uninitialised: the transforms write every tile of a chunk (a short
+  // band's last tiles as zeros) before the products read them. (A fill
+  // here, once there to fault fresh pages in from one thread, swept the
+  // whole workspace on every call; it is reused from the scratch cache, in
+  // 2 MB pages.)
   detail::Workspace<T> vd_ws(1, kPoints * (C + Cout) * kmax + kPoints * Cout * C);
   T* v = vd_ws.get();                    // v[(xi * C + c) * kmax + tile]
   T* dm = v + kPoints * C * kmax;        // dm[(xi * Cout + o) * kmax + tile]
   T* du = dm + kPoints * Cout * kmax;    // du[(xi * Cout + o) * C + c]
-  // Touch the fresh pages from one thread first: faulting them in from both
-  // threads' scattered transform writes measured 5 ms slower for 15 MB
-  // (16 x 128 x 14 x 14, 128 out) than this fill (0.65 ms).
-  std::fill(v, du, T(0));
   const int64_t want = get_num_threads();
   const int64_t mrows = gemm::round_up(
       std::max<int64_t>(4 * MR, Cout / std::max<int64_t>(1, (2 * want + kPoints - 1) / kPoints)),
