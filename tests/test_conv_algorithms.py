@@ -275,7 +275,7 @@ def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h, c):
     _core.conv2d_backward(gy, x, w, (1, 1), [1] * 4, (1, 1), 1, False, True, False, algorithm)
     m = 2 if algorithm == "winograd" else 4
     points, tiles = (m + 2) ** 2, (h // m) * (h // m + 1)
-    du, whole = points * 512 * 512 * 4, points * 1024 * n * tiles * 4
+    du, whole = points * c * c * 4, points * 2 * c * n * tiles * 4
     assert _core.workspace_peak() < du + whole, (_core.workspace_peak(), du, whole)
 
 
@@ -303,8 +303,8 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     float32 on contiguous images (blocked_winograd_choice): F(4x4) on 32+
     channel layers (16+ where the batch holds 512+ output positions) with
     56x56 outputs, or 28x28 in a batch of 4+, its grad_weight by F(4x4)
-    where C Cout / (C + Cout) is 32+ (56x56+ outputs) or 80+ (smaller) with
-    AVX-512, with 32+ channels in and 64+ out otherwise, else by the direct
+    where C Cout / (C + Cout) is 32+ with AVX-512 (80+ below 56x56 on
+    512-bit units), with 32+ channels in and 64+ out otherwise, else by the direct
     kernel (winograd4_grad_weight_pays); F(2x2) down to 8x8, and
     on 7x7 in a batch of 16+, but not with few positions and more than 256 x
     256 channels. A batch whose tiles fit one band (256), with 4+ panels of
@@ -339,12 +339,15 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
 
     # float32, contiguous: the blocked Winograd's rules
     auto_is("winograd4", *case(1, 64, 64, 56))      # 56x56 at batch 1
-    # F(4x4)'s grad_weight with AVX-512 from C Cout / (C + Cout) of 80
-    # (32 at 56x56), else from 32 channels in and 64 out
-    direct_unless_avx2 = "direct" if _core.gemm_isa() == "avx512" else None
+    # F(4x4)'s grad_weight with AVX-512 from C Cout / (C + Cout) of 32, on
+    # 512-bit units 80 below 56x56; with AVX2 from 32 channels in and 64 out
+    avx512 = _core.gemm_isa() == "avx512"
+    direct_unless_avx2 = "direct" if avx512 else None
+    direct_if_full_width = "direct" if avx512 and _core.gemm_avx512_full_width() else None
     auto_is("winograd4", *case(4, 32, 64, 28), grad_weight_by=direct_unless_avx2)  # 28x28, batch 4
     auto_is("winograd4", *case(4, 128, 256, 28))    # C Cout / (C + Cout) 85
-    auto_is("winograd4", *case(4, 128, 128, 28), grad_weight_by=direct_unless_avx2)  # 64
+    auto_is("winograd4", *case(4, 128, 128, 28), grad_weight_by=direct_if_full_width)  # 64
+    auto_is("winograd4", *case(4, 64, 96, 28), grad_weight_by=direct_if_full_width)  # 38
     auto_is("winograd4", *case(1, 48, 64, 56), grad_weight_by=direct_unless_avx2)  # 27 at 56x56
     auto_is("winograd", *case(1, 128, 96, 14), grad_weight_by="direct")
     auto_is("winograd", *case(2, 128, 96, 28), grad_weight_by="direct")  # 28x28, batch 2

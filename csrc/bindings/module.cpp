@@ -898,6 +898,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &convcore::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &convcore::get_num_threads);
   m.def("gemm_isa", [] { return std::string(convcore::gemm_isa()); });
+  m.def("gemm_avx512_full_width", &convcore::gemm_avx512_full_width);
   m.def("workspace_peak", &convcore::workspace_peak_bytes,
         "Most scratch bytes held at once by this thread's calls since reset_workspace_peak()");
   m.def("reset_workspace_peak", &convcore::reset_workspace_peak);

@@ -149,21 +149,22 @@ bool winograd2_grad_weight_pays(const ConvGeometry& G, DType dtype) {
           (dtype != DType::Float32 || G.N * G.P >= 512));
 }
 // F(4x4)'s grad_weight under auto: its transforms grow with C + Cout, the
-// products it saves with C * Cout. With AVX-512, against the direct
-// kernel's (near the FMA peak there), it pays where C Cout / (C + Cout) is
-// at least 32 on planes of 56x56 and more, 80 on smaller ones; with AVX2 (the
-// direct kernel at half that peak) with 32+ channels in and 64+ out
-// (docs/training.md, twenty-fourth session). In float32 below 56x56 in a
-// batch of fewer than 4 (F(4x4) there since fused_winograd) the direct
-// kernel's is faster: 128 channels at 28x28, batch 1, 1.45 ms against 2.2;
-// F(2x2)'s takes 512 channels there.
+// products it saves with C * Cout. With AVX-512 on 512-bit units, against
+// the direct kernel's (near the FMA peak there), it pays where C Cout / (C +
+// Cout) is at least 32 on planes of 56x56 and more, 80 on smaller ones
+// (docs/training.md, twenty-fourth session); with AVX-512 on 256-bit units
+// (Zen 4) from 32 on every plane (twenty-fifth session); with AVX2 with 32+
+// channels in and 64+ out. In float32 below 56x56 in a batch of fewer than
+// 4 (F(4x4) there since fused_winograd) the direct kernel's is faster: 128
+// channels at 28x28, batch 1, 1.45 ms against 2.2; F(2x2)'s takes 512
+// channels there.
 bool winograd4_grad_weight_pays(const ConvGeometry& G, DType dtype) {
   if (!G.auto_algorithm) return true;
   const bool large_plane = std::min(G.Ho, G.Wo) >= 56;
-  const bool enough_channels =
-      gemm::isa_level() >= 2
-          ? G.C * G.Cout >= (large_plane ? 32 : 80) * (G.C + G.Cout)
-          : G.C >= 32 && G.Cout >= 64;
+  const int64_t least = gemm::avx512_full_width() && !large_plane ? 80 : 32;
+  const bool enough_channels = gemm::isa_level() >= 2
+                                   ? G.C * G.Cout >= least * (G.C + G.Cout)
+                                   : G.C >= 32 && G.Cout >= 64;
   return enough_channels && (dtype != DType::Float32 || large_plane || G.N >= 4);
 }
 bool winograd4_pays(const ConvGeometry& G) {

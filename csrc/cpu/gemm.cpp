@@ -388,6 +388,7 @@ void strided_generic_f(int64_t kc, const float* a, int64_t lda, const float* b, 
 
 #if defined(__x86_64__) && defined(CONVCORE_VECTOR_KERNELS)
 #define CONVCORE_X86_DISPATCH 1
+#include <cpuid.h>
 using simd::f32x8;
 using simd::f32x16;
 using simd::f64x4;
@@ -561,6 +562,20 @@ __attribute__((target("avx2,fma"))) void store_transposed_avx2_f(const float* ti
 }
 #endif
 
+#ifdef CONVCORE_X86_DISPATCH
+// AMD's CPU family 0x19 (Zen 3 and Zen 4; of these only Zen 4 has
+// AVX-512, on 256-bit units).
+bool amd_family_19h() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u)  // "AuthenticAMD"
+    return false;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  unsigned family = (a >> 8) & 0xfu;
+  if (family == 0xfu) family += (a >> 20) & 0xffu;
+  return family == 0x19u;
+}
+#endif
+
 struct Dispatch {
   KernelF f = kernel_generic_f;
   KernelD d = kernel_generic_d;
@@ -570,6 +585,7 @@ struct Dispatch {
   StoreF sf = store_transposed_generic_f;
   StoreD sd = store_transposed_generic_d;
   int level = 0;  // 0 generic, 1 avx2, 2 avx512
+  bool full_width = false;  // AVX-512 on 512-bit FMA units
   Dispatch() {
 #ifdef CONVCORE_X86_DISPATCH
     // CONVCORE_ISA=generic|avx2|avx512 caps the level, so every path can be
@@ -588,6 +604,7 @@ struct Dispatch {
       rf = strided_avx512_f;
       sf = store_transposed_avx512_f;
       level = 2;
+      full_width = !amd_family_19h();
     } else if (max_level >= 1 && __builtin_cpu_supports("avx2") &&
                __builtin_cpu_supports("fma")) {
       f = kernel_avx2_f;
@@ -646,6 +663,7 @@ const char* isa_name() {
   return names[dispatch().level];
 }
 int isa_level() { return dispatch().level; }
+bool avx512_full_width() { return dispatch().full_width; }
 
 bool columns_in_place_pay(int64_t column_bytes) {
   return isa_level() != 1 || column_bytes < 4096;
@@ -654,6 +672,7 @@ bool columns_in_place_pay(int64_t column_bytes) {
 }  // namespace gemm
 
 const char* gemm_isa() { return gemm::isa_name(); }
+bool gemm_avx512_full_width() { return gemm::avx512_full_width(); }
 
 namespace gemm {
 

@@ -184,6 +184,8 @@ void store_transposed(const double* tile, int64_t rows, int64_t cols, const doub
 // level: 0 the portable code, 1 AVX2 + FMA, 2 AVX-512. CONVCORE_ISA caps it.
 const char* isa_name();
 int isa_level();
+// gemm_avx512_full_width (convcore/threading.h).
+bool avx512_full_width();
 
 // Whether micro_kernel reads A by columns in place (lda < 0) about as fast
 // as a packed panel, for columns `column_bytes` apart. AVX2's kernel reads

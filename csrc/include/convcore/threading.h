@@ -38,4 +38,8 @@ namespace convcore {
 // Instruction set the GEMM microkernel runs with ("avx512", "avx2" or
 // "generic"); CONVCORE_ISA caps it.
 const char* gemm_isa();
+// Whether that instruction set is AVX-512 running on 512-bit FMA units. AMD's
+// Zen 4 runs each 512-bit operation as two 256-bit halves, at AVX2's FMA
+// peak, which moves the point where an algorithm that saves products pays.
+bool gemm_avx512_full_width();
 }  // namespace convcore
