@@ -510,6 +510,34 @@ def _check_direct(rng, x, w, b, dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 8, 9, 15, 16, 31, 33, 63, 64, 65, 70])
+def test_direct_frames_of_every_row_width(dtype, width):
+    """The frames the direct paths read (the input's, zero padded, and
+    grad_input's of grad_output) and Winograd's row streams copy rows and
+    zero their pads in runs of fixed-size moves (detail::copy_run and
+    zero_run: 4-7, 8-15, 16-31 and 32-256 bytes overlap their last move;
+    past 256, the library's copy): rows of 1 to 70 floats or doubles, pads of
+    0 to 3, forward and both gradients against the reference, strided
+    (grad_input from its frame) and not; F(4x4)'s grad_weight streams rows
+    of the same widths."""
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((2, 3, 5, width)).astype(dtype)
+    w = (rng.standard_normal((4, 3, 3, 3)) / 9).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    _check_direct(rng, x, w, b, dtype, padding=1)
+    _check_direct(rng, x, w[..., :1], b, dtype, padding=(1, 0))  # no pad columns
+    _check_direct(rng, x, w, b, dtype, padding=(2, 3), stride=2)
+    _check_direct(rng, x, w, b, dtype, padding=(0, 2), stride=(1, 3))
+    wx = rng.standard_normal((1, 2, 6, width)).astype(dtype)
+    ww = (rng.standard_normal((3, 2, 3, 3)) / 9).astype(dtype)
+    expect = ref.conv2d_ref(wx, ww, None, padding=1)
+    gy = rng.standard_normal(expect.shape).astype(dtype)
+    gw = convcore.conv2d_backward(gy, wx, ww, padding=1, algorithm="winograd4")[1]
+    assert_close(gw, ref.conv2d_backward_ref(gy, wx, ww, padding=1)[1], dtype,
+                 rtol("winograd4", dtype), what="winograd4 grad_weight")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cin,kw", [(30, dict(padding=1)),                     # K = 270
                                     (29, dict(stride=2, dilation=(2, 1))),     # K = 261
                                     (15, dict(padding=2, groups=1))])          # K = 135

@@ -35,16 +35,16 @@ void pad_planes(const T* x, int64_t n, const ConvGeometry& G, int64_t Hp, int64_
       const int64_t ih = r - G.p.pad_top;
       T* drow = dst + r * Wp;
       if (ih < 0 || ih >= G.H) {
-        std::fill(drow, drow + Wp, T(0));
+        detail::zero_run(drow, Wp);
         continue;
       }
-      std::fill(drow, drow + lo, T(0));
+      detail::zero_run(drow, lo);
       const T* srow = src + ih * G.xs_h + (lo - G.p.pad_left) * G.xs_w;
       if (G.xs_w == 1)
-        std::copy(srow, srow + (hi - lo), drow + lo);
+        detail::copy_run(srow, hi - lo, drow + lo);
       else
         for (int64_t j = 0; j < hi - lo; ++j) drow[lo + j] = srow[j * G.xs_w];
-      std::fill(drow + hi, drow + Wp, T(0));
+      detail::zero_run(drow + hi, Wp - hi);
     }
   }
 }
@@ -410,15 +410,15 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
     for (int64_t v = 0; v < nn * G.Cout; ++v) {
       const T* src = gy + (n0 * G.Cout + v) * G.P;
       T* dst = gyf + v * fplane;
-      std::fill(dst, dst + Mh * Wf, T(0));
+      detail::zero_run(dst, Mh * Wf);
       for (int64_t r = 0; r < Hf - Mh; ++r) {
         T* row = dst + (r + Mh) * Wf;
-        std::fill(row, row + Mw, T(0));
+        detail::zero_run(row, Mw);
         if (r < G.Ho) {
-          std::copy(src + r * G.Wo, src + (r + 1) * G.Wo, row + Mw);
-          std::fill(row + Mw + G.Wo, row + Wf, T(0));
+          detail::copy_run(src + r * G.Wo, G.Wo, row + Mw);
+          detail::zero_run(row + Mw + G.Wo, Wf - Mw - G.Wo);
         } else {
-          std::fill(row + Mw, row + Wf, T(0));
+          detail::zero_run(row + Mw, Wf - Mw);
         }
       }
     }

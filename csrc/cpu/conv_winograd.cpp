@@ -61,16 +61,16 @@ void stack_band(const T* plane, int64_t H, int64_t W, int64_t hs, int64_t ws, in
       T* dst = out + (k * band + r) * seg;
       const int64_t ih = ih0 + step * r + k;
       if (ih < 0 || ih >= H) {
-        std::fill(dst, dst + seg, T(0));
+        detail::zero_run(dst, seg);
         continue;
       }
       const T* src = plane + ih * hs;
-      std::fill(dst, dst + jlo, T(0));
+      detail::zero_run(dst, jlo);
       if (ws == 1)
-        std::copy(src + iw0 + jlo, src + iw0 + jhi, dst + jlo);
+        detail::copy_run(src + iw0 + jlo, jhi - jlo, dst + jlo);
       else
         for (int64_t j = jlo; j < jhi; ++j) dst[j] = src[(iw0 + j) * ws];
-      std::fill(dst + jhi, dst + seg, T(0));
+      detail::zero_run(dst + jhi, seg - jhi);
     }
   }
 }

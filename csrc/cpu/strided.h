@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -24,6 +25,63 @@ void dispatch_float(DType dtype, Fn&& fn) {
     fn(double{});
   else
     throw TypeError(std::string("expected float32 or float64, got ") + dtype_name(dtype));
+}
+
+// Short runs of a frame's rows (a 14-float row of a 14x14 plane, a pad of
+// one column) as fixed-size moves the compiler inlines: through std::copy
+// and std::fill each was a library call, whose cost outweighed the bytes
+// (docs/training.md, twenty-fifth session). Runs past 256 bytes take the
+// library's copy. T is trivially copyable; src and dst do not overlap.
+template <int Bytes>
+inline void move_overlapping(char* d, const char* s, int64_t bytes) {
+  std::memcpy(d, s, Bytes);
+  std::memcpy(d + bytes - Bytes, s + bytes - Bytes, Bytes);
+}
+template <typename T>
+inline void copy_run(const T* src, int64_t n, T* dst) {
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  const char* s = reinterpret_cast<const char*>(src);
+  char* d = reinterpret_cast<char*>(dst);
+  if (bytes > 256) {
+    std::memcpy(d, s, static_cast<size_t>(bytes));
+  } else if (bytes >= 32) {
+    int64_t i = 0;
+    for (; i + 32 <= bytes; i += 32) std::memcpy(d + i, s + i, 32);
+    if (i < bytes) std::memcpy(d + bytes - 32, s + bytes - 32, 32);
+  } else if (bytes >= 16) {
+    move_overlapping<16>(d, s, bytes);
+  } else if (bytes >= 8) {
+    move_overlapping<8>(d, s, bytes);
+  } else if (bytes >= 4) {
+    move_overlapping<4>(d, s, bytes);
+  } else {
+    for (int64_t i = 0; i < bytes; ++i) d[i] = s[i];
+  }
+}
+template <int Bytes>
+inline void zero_overlapping(char* d, int64_t bytes) {
+  std::memset(d, 0, Bytes);
+  std::memset(d + bytes - Bytes, 0, Bytes);
+}
+template <typename T>
+inline void zero_run(T* dst, int64_t n) {
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  char* d = reinterpret_cast<char*>(dst);
+  if (bytes > 256) {
+    std::memset(d, 0, static_cast<size_t>(bytes));
+  } else if (bytes >= 32) {
+    int64_t i = 0;
+    for (; i + 32 <= bytes; i += 32) std::memset(d + i, 0, 32);
+    if (i < bytes) std::memset(d + bytes - 32, 0, 32);
+  } else if (bytes >= 16) {
+    zero_overlapping<16>(d, bytes);
+  } else if (bytes >= 8) {
+    zero_overlapping<8>(d, bytes);
+  } else if (bytes >= 4) {
+    zero_overlapping<4>(d, bytes);
+  } else {
+    for (int64_t i = 0; i < bytes; ++i) d[i] = 0;
+  }
 }
 
 // Copies a strided view of T into a C-contiguous buffer.
