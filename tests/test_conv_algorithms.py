@@ -513,8 +513,8 @@ def _check_direct(rng, x, w, b, dtype, **kw):
 @pytest.mark.parametrize("width", [1, 2, 3, 5, 8, 9, 15, 16, 31, 33, 63, 64, 65, 70])
 def test_direct_frames_of_every_row_width(dtype, width):
     """The frames the direct paths read (the input's, zero padded, and
-    grad_input's of grad_output) and Winograd's row streams copy rows and
-    zero their pads in runs of fixed-size moves (detail::copy_run and
+    grad_input's of grad_output), the GEMM path's im2col rows and Winograd's
+    row streams copy rows and zero their pads in runs of fixed-size moves (detail::copy_run and
     zero_run: 4-7, 8-15, 16-31 and 32-256 bytes overlap their last move;
     past 256, the library's copy): rows of 1 to 70 floats or doubles, pads of
     0 to 3, forward and both gradients against the reference, strided
@@ -524,10 +524,20 @@ def test_direct_frames_of_every_row_width(dtype, width):
     x = rng.standard_normal((2, 3, 5, width)).astype(dtype)
     w = (rng.standard_normal((4, 3, 3, 3)) / 9).astype(dtype)
     b = rng.standard_normal(4).astype(dtype)
-    _check_direct(rng, x, w, b, dtype, padding=1)
+    for kw in (dict(padding=1), dict(padding=(2, 3), stride=2),
+               dict(padding=(0, 2), stride=(1, 3))):
+        _check_direct(rng, x, w, b, dtype, **kw)
+        # the GEMM path's packing of output rows (im2col runs) and its
+        # grad_weight's widened rows of grad_output
+        expect = ref.conv2d_ref(x, w, b, **kw)
+        assert_close(convcore.conv2d(x, w, b, algorithm="gemm", **kw), expect, dtype,
+                     what="gemm forward")
+        gy = rng.standard_normal(expect.shape).astype(dtype)
+        egx, egw, _ = ref.conv2d_backward_ref(gy, x, w, **kw)
+        gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm="gemm", **kw)
+        assert_close(gx, egx, dtype, what="gemm grad_input")
+        assert_close(gw, egw, dtype, what="gemm grad_weight")
     _check_direct(rng, x, w[..., :1], b, dtype, padding=(1, 0))  # no pad columns
-    _check_direct(rng, x, w, b, dtype, padding=(2, 3), stride=2)
-    _check_direct(rng, x, w, b, dtype, padding=(0, 2), stride=(1, 3))
     wx = rng.standard_normal((1, 2, 6, width)).astype(dtype)
     ww = (rng.standard_normal((3, 2, 3, 3)) / 9).astype(dtype)
     expect = ref.conv2d_ref(wx, ww, None, padding=1)

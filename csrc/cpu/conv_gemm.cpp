@@ -51,7 +51,7 @@ struct Im2colPackB {
         T* out = row + jj;
         const int64_t ih = oh * G.p.stride_h + ih_off;
         if (ih < 0 || ih >= G.H) {
-          std::fill(out, out + run, T(0));
+          detail::zero_run(out, run);
         } else {
           // Output columns ow + t read input column (ow + t) * sw + iw_off:
           // inside the image for t in [lo, hi).
@@ -60,12 +60,12 @@ struct Im2colPackB {
           detail::inside_range(first, sw, run, G.W, &lo, &hi);
           const T* src = xc + ih * G.xs_h + first * G.xs_w;
           const int64_t step = sw * G.xs_w;
-          std::fill(out, out + lo, T(0));
+          detail::zero_run(out, lo);
           if (step == 1)
-            std::copy(src + lo, src + hi, out + lo);
+            detail::copy_run(src + lo, hi - lo, out + lo);
           else
             for (int64_t t = lo; t < hi; ++t) out[t] = src[t * step];
-          std::fill(out + hi, out + run, T(0));
+          detail::zero_run(out + hi, run - hi);
         }
         jj += run, ow = 0, ++oh;
       }
@@ -631,8 +631,7 @@ struct TapsGemm {
     const T* src = gy + (n * G.Cout + g * G.Coutg + o) * G.P;
     T* dst = gyw + o * n_wide;
     std::fill(dst, dst + n_wide, T(0));
-    for (int64_t oh = 0; oh < G.Ho; ++oh)
-      std::copy(src + oh * G.Wo, src + (oh + 1) * G.Wo, dst + oh * Wp);
+    for (int64_t oh = 0; oh < G.Ho; ++oh) detail::copy_run(src + oh * G.Wo, G.Wo, dst + oh * Wp);
   }
   // B(q, o) = gy_wide[o, q] for block b of KC positions, packed once for all taps.
   void pack(int64_t b) const {
