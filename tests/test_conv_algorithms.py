@@ -497,16 +497,17 @@ def test_empty_batch_has_zero_grad_weight(algorithm):
     np.testing.assert_array_equal(gb, np.zeros(16, np.float32))
 
 
-def _check_direct(rng, x, w, b, dtype, **kw):
-    """algorithm='direct' forward, grad_input and grad_weight against the reference."""
+def _check_direct(rng, x, w, b, dtype, algorithm="direct", **kw):
+    """algorithm='direct' (or the one named) forward, grad_input and
+    grad_weight against the reference."""
     expect = ref.conv2d_ref(x, w, b, **kw)
-    assert_close(convcore.conv2d(x, w, b, algorithm="direct", **kw), expect, dtype,
-                 what="direct forward")
+    assert_close(convcore.conv2d(x, w, b, algorithm=algorithm, **kw), expect, dtype,
+                 what=f"{algorithm} forward")
     gy = rng.standard_normal(expect.shape).astype(dtype)
     egx, egw, _ = ref.conv2d_backward_ref(gy, x, w, **kw)
-    gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm="direct", **kw)
-    assert_close(gx, egx, dtype, what="direct grad_input")
-    assert_close(gw, egw, dtype, what="direct grad_weight")
+    gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm=algorithm, **kw)
+    assert_close(gx, egx, dtype, what=f"{algorithm} grad_input")
+    assert_close(gw, egw, dtype, what=f"{algorithm} grad_weight")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -529,14 +530,7 @@ def test_direct_frames_of_every_row_width(dtype, width):
         _check_direct(rng, x, w, b, dtype, **kw)
         # the GEMM path's packing of output rows (im2col runs) and its
         # grad_weight's widened rows of grad_output
-        expect = ref.conv2d_ref(x, w, b, **kw)
-        assert_close(convcore.conv2d(x, w, b, algorithm="gemm", **kw), expect, dtype,
-                     what="gemm forward")
-        gy = rng.standard_normal(expect.shape).astype(dtype)
-        egx, egw, _ = ref.conv2d_backward_ref(gy, x, w, **kw)
-        gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm="gemm", **kw)
-        assert_close(gx, egx, dtype, what="gemm grad_input")
-        assert_close(gw, egw, dtype, what="gemm grad_weight")
+        _check_direct(rng, x, w, b, dtype, algorithm="gemm", **kw)
     _check_direct(rng, x, w[..., :1], b, dtype, padding=(1, 0))  # no pad columns
     wx = rng.standard_normal((1, 2, 6, width)).astype(dtype)
     ww = (rng.standard_normal((3, 2, 3, 3)) / 9).astype(dtype)
