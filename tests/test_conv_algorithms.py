@@ -310,7 +310,8 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     256 channels. A batch whose tiles fit one band (256), with 4+ panels of
     output channels (fused_winograd): F(4x4) from 28x28, F(2x2) from 7x7 with
     any channels, their grad_weight by the direct kernel (F(2x2)'s with 512
-    channels and 512+ positions). float64 (winograd4_pays /
+    channels and 512+ positions); F(2x2) on planes of 2x2 to 6x6 too, its
+    forward from 32 output positions in the batch. float64 (winograd4_pays /
     winograd_pays): F(4x4) on 64+ channel layers with 28x28+ outputs, F(2x2)
     on smaller images (not 7x7) with a band of tiles per thread. Otherwise
     the direct kernel, or the GEMM path with fewer than 128 output
@@ -325,16 +326,16 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
         gy = rng.standard_normal((n, cout, h, h)).astype(dtype)
         return x, w, gy
 
-    def auto_is(algorithm, x, w, gy, grad_weight_by=None):
+    def auto_is(algorithm, x, w, gy, grad_weight_by=None, backward=None):
         np.testing.assert_array_equal(convcore.conv2d(x, w, padding=1),
                                       convcore.conv2d(x, w, padding=1, algorithm=algorithm))
         auto = convcore.conv2d_backward(gy, x, w, padding=1)
-        named = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=algorithm)
+        named = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=backward or algorithm)
         np.testing.assert_array_equal(auto[0], named[0])
         # grad_weight: by the same algorithm, except F(2x2) with fewer than
         # 512 channels (winograd2_grad_weight_pays), which takes the direct kernel.
         by = convcore.conv2d_backward(gy, x, w, padding=1,
-                                      algorithm=grad_weight_by or algorithm)
+                                      algorithm=grad_weight_by or backward or algorithm)
         np.testing.assert_array_equal(auto[1], by[1])
 
     # float32, contiguous: the blocked Winograd's rules
@@ -362,10 +363,19 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("winograd4", *case(1, 128, 128, 28), grad_weight_by="direct")
     auto_is("winograd4", *case(2, 256, 256, 28), grad_weight_by="direct")
     auto_is("winograd4", *case(1, 512, 512, 28), grad_weight_by="winograd")
-    # no Winograd (images under 7x7, or 3 panels on 7x7): the direct and GEMM rules
-    auto_is("direct", *case(4, 512, 512, 6))        # 144 positions: the direct kernel
-    auto_is("gemm", *case(2, 512, 512, 6))          # 72 positions: no direct
-    auto_is("gemm", *case(1, 512, 512, 5))          # 25 positions: no direct
+    # planes of 2x2 to 6x6 with 4+ output panels (fused_winograd): F(2x2),
+    # forward from 32 positions in the batch, backward on any
+    auto_is("winograd", *case(4, 512, 512, 6), grad_weight_by="direct")
+    auto_is("winograd", *case(2, 512, 512, 6), grad_weight_by="gemm")
+    auto_is("winograd", *case(1, 256, 256, 6), grad_weight_by="gemm")  # 36 positions
+    auto_is("winograd", *case(2, 128, 256, 4), grad_weight_by="gemm")  # 32 positions
+    auto_is("winograd", *case(16, 256, 128, 2), grad_weight_by="direct")
+    auto_is("gemm", *case(1, 512, 512, 5), backward="winograd", grad_weight_by="direct")
+    auto_is("gemm", *case(1, 512, 512, 4), backward="winograd", grad_weight_by="direct")
+    auto_is("gemm", *case(4, 512, 512, 1))          # 1x1: every tap but one in the padding
+    # no Winograd (3 panels): the direct and GEMM rules
+    auto_is("direct", *case(4, 512, 48, 6))         # 144 positions: the direct kernel
+    auto_is("gemm", *case(2, 32, 48, 6), grad_weight_by="direct")  # 72 positions: no direct
     auto_is("direct", *case(1, 1280, 96, 7))        # one 7x7 image, 4+ MB of weights
     auto_is("gemm", *case(1, 64, 64, 7))            # less than 4 MB of weights: not
     auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in

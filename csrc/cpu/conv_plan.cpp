@@ -284,13 +284,29 @@ bool fused_winograd(const ConvGeometry& G, int m) {
       blocked::winograd_layout(G.Cout, G.C, m),
       blocked::Image{nullptr, G.N, G.Cout, G.Ho, G.Wo, 0, true});
 }
-ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G) {
+// Planes of 2x2 to 6x6 take F(2x2) too: the direct and GEMM kernels fill
+// their vectors with a plane's few positions image by image, and compute
+// every tap that falls in the padding (docs/training.md, twenty-sixth
+// session: 256 channels at 4x4, batch 4, forward 2.4x and grad_input 2.8x
+// faster than auto's direct kernel), where the filters are transformed as
+// the tasks go (fused_winograd; the separate transforms cost more than the
+// products on 64 channels at 6x6, batch 1 to 4). The forward needs 32+
+// output positions in the batch too: with fewer, the transformed filters
+// (16/9 of the weights) stream from memory for a tile or two each (512
+// channels at 4x4, batch 1: 1.5x slower than the GEMM path). grad_input
+// paid on every batch measured (there 1.3x faster than the direct kernel).
+constexpr int64_t kSmallPlaneWinogradMinPositions = 32;
+
+ConvAlgorithm blocked_winograd_choice(const ConvGeometry& G, ConvPass pass) {
   const int64_t side = std::min(G.Ho, G.Wo);
   if (side >= 56 || (side >= 28 && (G.N >= 4 || fused_winograd(G, 4))))
     return ConvAlgorithm::Winograd4x4;
   if (side >= 7 && fused_winograd(G, 2)) return ConvAlgorithm::Winograd;
   const bool filters_weigh = G.N * G.P < 512 && G.C * G.Cout > 256 * 256;
   if ((side >= 8 || (side >= 7 && G.N >= 16)) && !filters_weigh) return ConvAlgorithm::Winograd;
+  if (side >= 2 && side < 7 && fused_winograd(G, 2) &&
+      (pass == ConvPass::Backward || G.N * G.P >= kSmallPlaneWinogradMinPositions))
+    return ConvAlgorithm::Winograd;
   return ConvAlgorithm::Auto;  // not Winograd
 }
 
@@ -328,7 +344,7 @@ ConvAlgorithm choose_algorithm(const ConvGeometry& G, DType dtype, ConvPass pass
       if (grouped_pays(G))
         return grouped_forward_by_direct(G, pass) ? ConvAlgorithm::Direct : ConvAlgorithm::Grouped;
       if (blocked_winograd(G, dtype)) {
-        const ConvAlgorithm w = blocked_winograd_choice(G);
+        const ConvAlgorithm w = blocked_winograd_choice(G, pass);
         if (w != ConvAlgorithm::Auto) return w;
       } else {
         if (winograd4_pays(G)) return ConvAlgorithm::Winograd4x4;
