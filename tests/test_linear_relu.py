@@ -258,3 +258,20 @@ def test_linear_small_batch_same_bits_any_thread_count(m, k, n, dtype):
     for other in runs[1:]:
         for got, first in zip(other, runs[0]):
             np.testing.assert_array_equal(got, first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fin", [512, 1024, 2048, 1040])
+@pytest.mark.parametrize("fout", [1000, 40, 7])
+def test_linear_one_row_with_weight_rows_4kb_apart(dtype, fin, fout):
+    """One row of input against weight rows a multiple of 4 KB apart runs
+    its weight rows in staggered groups (dot_tile in linear.cpp): the same
+    sums, bit for bit, as that row in a batch of two (whose tiles do not
+    stagger), and the reference's values."""
+    rng = np.random.default_rng(fin + fout)
+    x = randn(rng, (2, fin), dtype)
+    w = randn(rng, (fout, fin), dtype)
+    b = randn(rng, (fout,), dtype)
+    one = convcore.linear(x[:1], w, b)
+    np.testing.assert_array_equal(one, convcore.linear(x, w, b)[:1])
+    check_output(one, ref.linear_ref(x[:1], w, b), dtype, "linear")

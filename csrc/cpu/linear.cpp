@@ -163,6 +163,9 @@ constexpr int bit_reversed(int l, int W) {
 // one and their sums are dropped. The last, partial vector of [k0, k1) is the
 // one that ends at k1 with its lanes before the full vectors' end cleared;
 // with fewer than W elements in the whole row (k1 < W), a zero-padded copy.
+constexpr int kSkewGroups = 4;
+constexpr int64_t kSkewBytes = 1024;
+
 template <typename T, typename V, int MB>
 inline __attribute__((always_inline)) void dot_tile(int mb, int nb, int64_t k0, int64_t k1,
                                                     const T* x, int64_t ldx, const T* w,
@@ -186,6 +189,37 @@ inline __attribute__((always_inline)) void dot_tile(int mb, int nb, int64_t k0, 
       for (int i = 0; i < MB; ++i) acc[bit_reversed(i * NB + j, W)] += xv[i] * wv[j];
   };
   int64_t k = k0;
+  if (MB == 1 && NB >= kSkewGroups && (ldw * int64_t(sizeof(T))) % 4096 == 0) {
+    // One row of x against NB rows of w a multiple of 4 KB apart: the rows
+    // fall in one set of L1 (8 ways), and streamed in step they evicted
+    // each other's lines before use (in_features of 1024 or 2048 read at
+    // half the bandwidth of 1040 or 2064). So the rows go in kSkewGroups
+    // groups, each kSkewBytes behind the one before; every row still adds
+    // its vectors in order, so the sums are the same. (With 2 or 4 rows of
+    // x, whose rows alias too, the groups were slower.)
+    constexpr int GR = NB / kSkewGroups;
+    constexpr int64_t lag = kSkewBytes / int64_t(sizeof(V));
+    const int64_t full = (k1 - k0) / W;
+    for (int64_t v = 0; v < full + (kSkewGroups - 1) * lag; ++v) {
+#pragma GCC unroll 16
+      for (int g = 0; g < kSkewGroups; ++g) {
+        const int64_t u = v - g * lag;
+        if (u < 0 || u >= full) continue;
+        const int64_t kk = k0 + u * W;
+        V xv[MB];
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) load_vec(xv[i], xr[i] + kk);
+#pragma GCC unroll 16
+        for (int j = g * GR; j < (g + 1) * GR; ++j) {
+          V wv;
+          load_vec(wv, wr[j] + kk);
+#pragma GCC unroll 16
+          for (int i = 0; i < MB; ++i) acc[bit_reversed(i * NB + j, W)] += xv[i] * wv;
+        }
+      }
+    }
+    k = k0 + full * W;
+  }
   for (; k + W <= k1; k += W) {
     V xv[MB], wv[NB];
 #pragma GCC unroll 16
