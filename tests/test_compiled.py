@@ -796,16 +796,16 @@ def test_first_layer_with_few_output_channels(cin, cout, kernel, stride, padding
 
 # ------------------------------------------------------------ batch-dependent plans
 
-def test_winograd_on_7x7_images_only_in_a_wide_batch():
-    """A 3x3 convolution with a 7x7 output takes the direct kernel for small
-    batches and F(2x2) Winograd from 16 images on (winograd_m: the engine
-    compiles such a net once per batch class); a 14x14 one takes F(2x2) at
-    every batch. Both variants match the eager model, and a batch of one
-    image gives the same result in both."""
+def test_winograd_on_small_images_only_in_a_wide_batch():
+    """A 3x3 convolution with a 2x2 to 7x7 output takes the direct kernel
+    for small batches and F(2x2) Winograd from 16 images on (winograd_m:
+    the engine compiles such a net once per batch class); a 14x14 one takes
+    F(2x2) at every batch. Both variants match the eager model, and a batch
+    of one image gives the same result in both."""
     convcore.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(32, 32, 3, padding=1))
-    for side, small_kind in ((7, "conv"), (14, "winograd")):
+    for side, small_kind in ((7, "conv"), (5, "conv"), (2, "conv"), (14, "winograd")):
         compiled, model, x = compiled_and_eager(model, (32, side, side), batch=16)
         kinds = {b: [k for k in ([f for f in line.split("  ") if f.strip()][1].strip()
                                  for line in compiled.plan(b, x.shape[1:]).splitlines()[2:])
