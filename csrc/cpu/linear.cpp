@@ -156,6 +156,10 @@ constexpr int bit_reversed(int l, int W) {
   return r;
 }
 
+// dot_tile's weight rows in staggered groups where they alias in L1 (below)
+constexpr int kSkewGroups = 4;
+constexpr int64_t kSkewBytes = 1024;
+
 // y[i, j] (+)= dot(x[i, k0:k1], w[j, k0:k1]) (+ bias[j]) for i < mb <= MB and
 // j < nb <= NB = W / MB: one accumulator per output, folded into one vector
 // of the W sums at the end (a sum of each accumulator's lanes, one by one,
@@ -163,9 +167,6 @@ constexpr int bit_reversed(int l, int W) {
 // one and their sums are dropped. The last, partial vector of [k0, k1) is the
 // one that ends at k1 with its lanes before the full vectors' end cleared;
 // with fewer than W elements in the whole row (k1 < W), a zero-padded copy.
-constexpr int kSkewGroups = 4;
-constexpr int64_t kSkewBytes = 1024;
-
 template <typename T, typename V, int MB>
 inline __attribute__((always_inline)) void dot_tile(int mb, int nb, int64_t k0, int64_t k1,
                                                     const T* x, int64_t ldx, const T* w,
