@@ -10,6 +10,12 @@
 set(CONVCORE_SANITIZE "" CACHE STRING
     "Sanitizers to build with, e.g. address,undefined (empty: none)")
 
+# The core's optimisation level. A sanitized core builds at -O1: at -O3 GCC
+# spent over half an hour on the instrumented, unrolled kernels of
+# blocked_ops.cpp alone (docs/reliability.md), and a sanitizer build checks
+# memory and behaviour, not speed.
+set(CONVCORE_CORE_OPTIMIZE -O3)
+
 if(CONVCORE_SANITIZE)
   if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
     message(FATAL_ERROR "CONVCORE_SANITIZE needs GCC or Clang")
@@ -25,6 +31,7 @@ if(CONVCORE_SANITIZE)
     list(APPEND _convcore_flags -fno-sanitize-recover=all)
   endif()
   add_compile_options(${_convcore_flags})
+  set(CONVCORE_CORE_OPTIMIZE -O1)
   add_link_options(-fsanitize=${CONVCORE_SANITIZE})
   message(STATUS "convcore: building with -fsanitize=${CONVCORE_SANITIZE}")
 endif()
