@@ -239,6 +239,37 @@ def test_winograd4_accuracy_float32():
     assert err_gw < 5e-6, err_gw  # measured 2.0e-6 (GEMM path: 3.0e-7)
 
 
+@pytest.mark.parametrize("n,h,cout,dtype", [(1, 224, 32, np.float32), (9, 224, 32, np.float32),
+                                              (3, 64, 16, np.float64), (2, 40, 48, np.float32)])
+def test_direct_grad_weight_in_parts_across_chunks_and_threads(n, h, cout, dtype):
+    """A first layer's grad_weight on the direct kernel has a few tasks of
+    12 taps (27 taps by up to 160 channels), so it splits the positions of
+    each chunk of images into parts summed apart, then added in order.
+    These shapes take 1 to 6 parts, and the batch of 9 two chunks of
+    images (7 then 2), the second adding to the first. It matches the
+    float64 reference and is bit-identical at 1, 2 and 3 threads (the split
+    follows from the shape alone)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n, 3, h, h)).astype(dtype)
+    w = (rng.standard_normal((cout, 3, 3, 3)) / 5).astype(dtype)
+    gy = rng.standard_normal((n, cout, (h + 1) // 2, (h + 1) // 2)).astype(dtype)
+    exact = ref.conv2d_backward_ref(gy.astype(np.float64), x.astype(np.float64),
+                                    w.astype(np.float64), stride=2, padding=1)[1]
+    before = convcore.get_num_threads()
+    try:
+        results = []
+        for threads in (2, 1, 3):
+            convcore.set_num_threads(threads)
+            results.append(convcore.conv2d_backward(gy, x, w, stride=2, padding=1,
+                                                    algorithm="direct",
+                                                    output_mask=(False, True, False))[1])
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(results[0], exact, dtype, rtol("direct", dtype), what="direct grad_weight")
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+
+
 @pytest.mark.parametrize("algorithm,n,h,c", [("winograd", 9, 14, 512), ("winograd4", 5, 28, 192)])
 def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h, c):
     """grad_weight through the Winograd transforms sums the products of a

@@ -489,6 +489,15 @@ GradWeightDirectSplit grad_weight_direct_split(const ConvGeometry& G) {
   const int64_t per_image = (image + G.G * panels * NR * G.P) * int64_t(sizeof(T));
   GradWeightDirectSplit split;
   split.chunk = std::clamp<int64_t>(kChunkBytes / per_image, 1, G.N);
+  // A small grad_weight has few tasks (a first layer's 27 taps by 32
+  // channels: three, one of 3 taps), which left a thread idle; its
+  // positions are split into parts until there are kMinTasks, each part at
+  // least kMinPartSteps positions. The split follows from the shape alone,
+  // so the sums stay the same whatever the thread count.
+  constexpr int64_t kMinTasks = 16, kMinPartSteps = 1024;
+  const int64_t tasks = G.G * panels * ((G.Kc + gemm::Tile<T>::MR - 1) / gemm::Tile<T>::MR);
+  split.parts = std::clamp<int64_t>((kMinTasks + tasks - 1) / tasks, 1,
+                                    std::max<int64_t>(1, split.chunk * G.P / kMinPartSteps));
   return split;
 }
 
@@ -524,23 +533,35 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
     for (int64_t q = 0; q < G.P; ++q)
       pix[static_cast<size_t>(n * G.P + q)] = n * image + (q / G.Wo) * sh * Wp + (q % G.Wo) * sw;
   const int64_t gy_panel = chunk * G.P * NR;  // one panel of the chunk's grad_output
-  detail::Workspace<T> ws(1, chunk * image + G.G * panels * gy_panel);
+  // parts > 1: part r of the positions sums into its own copy of grad_weight
+  const int64_t parts = split.parts, copy = G.Cout * G.Kc;
+  detail::Workspace<T> ws(1, chunk * image + G.G * panels * gy_panel + (parts > 1 ? parts * copy : 0));
   T* xpad = ws.get();
   T* gyp = xpad + chunk * image;  // gyp[(g * panels + u) * gy_panel + (n * P + q) * NR + j]
-  const int64_t tasks = G.G * panels * ktiles;
+  T* copies = gyp + G.G * panels * gy_panel;
+  const int64_t tasks = G.G * panels * ktiles * parts;
   const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * G.Kc);
   detail::Workspace<T> tile_ws(threads, MR * NR);
   for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, G.N - n0), steps = nn * G.P;
     pad_planes(input.ptr<const T>() + n0 * G.xs_n, nn, G, Hp, Wp, xpad);
-    const int64_t units = nn * G.G * panels;
+    // Units of packing: (image, panel, piece of the positions); with fewer
+    // (image, panel) pairs than threads, the positions are split too (a
+    // first layer at batch 1 has one panel, packed on one thread while the
+    // other waited).
+    const int64_t pairs = nn * G.G * panels;
+    const int64_t pieces = std::min<int64_t>((threads + pairs - 1) / pairs, (G.P + 63) / 64);
+    const int64_t piece = gemm::round_up((G.P + pieces - 1) / pieces, 16);
+    const int64_t units = pairs * pieces;
 #pragma omp parallel for num_threads(detail::threads_for(units, nn * G.Cout * G.P)) schedule(static)
     for (int64_t v = 0; v < units; ++v) {
-      const int64_t n = v / (G.G * panels), gu = v % (G.G * panels);
+      const int64_t n = v / (G.G * panels * pieces), gu = v / pieces % (G.G * panels);
       const int64_t g = gu / panels, o0 = (gu % panels) * NR;
+      const int64_t q0 = v % pieces * piece, len = std::min(piece, G.P - q0);
+      if (len <= 0) continue;
       const T* src = gy + ((n0 + n) * G.Cout + g * G.Coutg) * G.P;
-      gemm::StridedPackB<T>{src, 1, G.P}(0, G.P, o0, std::min<int64_t>(NR, G.Coutg - o0),
-                                         gyp + gu * gy_panel + n * G.P * NR);
+      gemm::StridedPackB<T>{src, 1, G.P}(q0, len, o0, std::min<int64_t>(NR, G.Coutg - o0),
+                                         gyp + gu * gy_panel + (n * G.P + q0) * NR);
     }
     detail::StealingRanges ranges(threads, tasks);  // as forward_direct's
 #pragma omp parallel num_threads(threads)
@@ -549,23 +570,37 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
       T* tile = tile_ws.get(me);
       // consecutive tasks share a panel
       for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me)) {
-        const int64_t gu = t / ktiles, g = gu / panels, o0 = (gu % panels) * NR;
-        const int64_t k0 = (t % ktiles) * MR;
+        const int64_t r = t % parts, gu = t / parts / ktiles, g = gu / panels;
+        const int64_t o0 = (gu % panels) * NR, k0 = (t / parts % ktiles) * MR;
         const int mr = static_cast<int>(std::min<int64_t>(MR, G.Kc - k0));
         const int64_t no = std::min<int64_t>(NR, G.Coutg - o0);
+        const int64_t part = gemm::round_up((steps + parts - 1) / parts, 16);
+        const int64_t begin = std::min(steps, r * part), end = std::min(steps, begin + part);
+        T* out = parts > 1 ? copies + r * copy : gw;
         const T* rows[MR];
         for (int i = 0; i < mr; ++i)
           rows[i] = xpad + g * G.Cg * plane + koff[static_cast<size_t>(k0 + i)];
-        for (int64_t s0 = 0; s0 < steps; s0 += kSegment) {
-          const int64_t len = std::min(kSegment, steps - s0);
+        for (int64_t s0 = begin; s0 < end; s0 += kSegment) {
+          const int64_t len = std::min(kSegment, end - s0);
           gemm::gather_kernel(len, pix.data() + s0, rows, gyp + gu * gy_panel + s0 * NR, tile, mr);
-          const bool first = n0 == 0 && s0 == 0;
+          const bool first = (parts > 1 || n0 == 0) && s0 == begin;
           for (int64_t j = 0; j < no; ++j) {
-            T* dst = gw + (g * G.Coutg + o0 + j) * G.Kc + k0;
+            T* dst = out + (g * G.Coutg + o0 + j) * G.Kc + k0;
             for (int i = 0; i < mr; ++i)
               dst[i] = first ? tile[i * NR + j] : dst[i] + tile[i * NR + j];
           }
         }
+        if (begin == end)  // an empty last part (positions rounded to 16)
+          for (int64_t j = 0; j < no; ++j)
+            std::fill_n(out + (g * G.Coutg + o0 + j) * G.Kc + k0, mr, T(0));
+      }
+    }
+    if (parts > 1) {  // the copies added to grad_weight in order
+#pragma omp parallel for num_threads(detail::threads_for(copy, copy * parts)) schedule(static)
+      for (int64_t e = 0; e < copy; ++e) {
+        T sum = n0 == 0 ? copies[e] : gw[e] + copies[e];
+        for (int64_t r = 1; r < parts; ++r) sum += copies[r * copy + e];
+        gw[e] = sum;
       }
     }
   }
