@@ -270,6 +270,44 @@ def test_direct_grad_weight_in_parts_across_chunks_and_threads(n, h, cout, dtype
     np.testing.assert_array_equal(results[0], results[2])
 
 
+@pytest.mark.parametrize("n,h,stride,cout,dtype", [(1, 224, 2, 32, np.float32),
+                                                     (9, 112, 2, 24, np.float32),
+                                                     (3, 64, 1, 16, np.float64)])
+def test_first_layer_grad_weight_by_column_dots(n, h, stride, cout, dtype):
+    """auto's grad_weight of a layer with at most 32 taps, 64 output
+    channels and 784+ positions (a first layer) runs as dot products of
+    grad_output's rows with blocks of im2col rows, with AVX-512
+    (grad_weight_column_dots, conv_gemm.cpp): the blocks, in image order,
+    dealt out in 16 lanes summed apart and then in order. These shapes make
+    16 to 18 blocks, some lanes holding two and one image spanning lanes.
+    It matches the float64 reference and is bit-identical at 1, 2 and 3
+    threads; with AVX-512 it sums in another order than the direct path's
+    (so that path did not run instead), elsewhere it is the direct path."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((n, 3, h, h)).astype(dtype)
+    w = (rng.standard_normal((cout, 3, 3, 3)) / 5).astype(dtype)
+    ho = (h - 1) // stride + 1
+    gy = rng.standard_normal((n, cout, ho, ho)).astype(dtype)
+    exact = ref.conv2d_backward_ref(gy.astype(np.float64), x.astype(np.float64),
+                                    w.astype(np.float64), stride=stride, padding=1)[1]
+    mask = (False, True, False)
+    before = convcore.get_num_threads()
+    try:
+        results = []
+        for threads in (2, 1, 3):
+            convcore.set_num_threads(threads)
+            results.append(convcore.conv2d_backward(gy, x, w, stride=stride, padding=1,
+                                                    output_mask=mask)[1])
+        direct = convcore.conv2d_backward(gy, x, w, stride=stride, padding=1, algorithm="direct",
+                                          output_mask=mask)[1]
+    finally:
+        convcore.set_num_threads(before)
+    assert_close(results[0], exact, dtype, rtol("direct", dtype), what="auto grad_weight")
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+    assert (_core.gemm_isa() == "avx512") == (not np.array_equal(results[0], direct))
+
+
 @pytest.mark.parametrize("algorithm,n,h,c", [("winograd", 9, 14, 512), ("winograd4", 5, 28, 192)])
 def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h, c):
     """grad_weight through the Winograd transforms sums the products of a

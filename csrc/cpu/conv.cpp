@@ -136,6 +136,9 @@ void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
       case GradWeightPath::Dots:
         grad_weight_dots<T>(gy, x, Gx, gw);
         break;
+      case GradWeightPath::ColumnDots:
+        grad_weight_column_dots<T>(gy, x, Gx, gw);
+        break;
       case GradWeightPath::ByChunks:
         grad_weight_by_chunks<T>(gy, x, Gx, gw);
         break;

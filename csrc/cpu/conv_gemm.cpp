@@ -19,6 +19,44 @@ namespace conv2d_impl {
 
 namespace {
 
+// Row r = (c, i, j) of im2col(x) for output positions [q0, q0 + n) into
+// out: zeros where the tap falls in the padding, strided copies where it is
+// inside. x points at channel 0 of one group of one image.
+template <typename T>
+void im2col_row(const T* x, const ConvGeometry& G, int64_t r, int64_t q0, int64_t n, T* out) {
+  const int64_t khw = G.KH * G.KW, sw = G.p.stride_w;
+  const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
+  const T* xc = x + c * G.xs_c;
+  const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
+  const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
+  int64_t oh = q0 / G.Wo, ow = q0 % G.Wo;
+  for (int64_t jj = 0; jj < n;) {
+    const int64_t run = std::min(n - jj, G.Wo - ow);  // the rest of this output row
+    T* o = out + jj;
+    const int64_t ih = oh * G.p.stride_h + ih_off;
+    if (ih < 0 || ih >= G.H) {
+      detail::zero_run(o, run);
+    } else {
+      // Output columns ow + t read input column (ow + t) * sw + iw_off:
+      // inside the image for t in [lo, hi).
+      const int64_t first = ow * sw + iw_off;
+      int64_t lo, hi;
+      detail::inside_range(first, sw, run, G.W, &lo, &hi);
+      const T* src = xc + ih * G.xs_h + first * G.xs_w;
+      const int64_t step = sw * G.xs_w;
+      detail::zero_run(o, lo);
+      if (step == 1)
+        detail::copy_run(src + lo, hi - lo, o + lo);
+      else if (step == 2)  // (a constant stride, so that the loop vectorises)
+        for (int64_t t = lo; t < hi; ++t) o[t] = src[t * 2];
+      else
+        for (int64_t t = lo; t < hi; ++t) o[t] = src[t * step];
+      detail::zero_run(o + hi, run - hi);
+    }
+    jj += run, ow = 0, ++oh;
+  }
+}
+
 // Packs B(r, q) = im2col(x)[r, q] for rows r in [k0, k0 + kc) (r = (c, i, j) of
 // the kernel) and output positions q in [j0, j0 + nc) into NR-column panels.
 // x points at channel 0 of one group of one image.
@@ -30,45 +68,12 @@ struct Im2colPackB {
 
   void operator()(int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) const {
     constexpr int NR = gemm::Tile<T>::NR;
-    const ConvGeometry& G = *g;
-    const int64_t khw = G.KH * G.KW;
-    const int64_t sw = G.p.stride_w;
     for (int64_t k = 0; k < kc; ++k) {
-      const int64_t r = k0 + k;
-      const int64_t c = r / khw, i = (r % khw) / G.KW, j = r % G.KW;
-      const T* xc = x + c * G.xs_c;
-      const int64_t ih_off = i * G.p.dilation_h - G.p.pad_top;
-      const int64_t iw_off = j * G.p.dilation_w - G.p.pad_left;
-      // Gather the row contiguously (zeros where the tap falls in the
-      // padding, strided copies where it is inside), then copy it into the
-      // panels NR values at a time.
+      // Gather the row contiguously, then copy it into the panels NR values
+      // at a time.
       T row[gemm::NC + NR];
       const int64_t padded = (nc + NR - 1) / NR * NR;
-      const int64_t q0 = q_offset + j0;
-      int64_t oh = q0 / G.Wo, ow = q0 % G.Wo;
-      for (int64_t jj = 0; jj < nc;) {
-        const int64_t run = std::min(nc - jj, G.Wo - ow);  // the rest of this output row
-        T* out = row + jj;
-        const int64_t ih = oh * G.p.stride_h + ih_off;
-        if (ih < 0 || ih >= G.H) {
-          detail::zero_run(out, run);
-        } else {
-          // Output columns ow + t read input column (ow + t) * sw + iw_off:
-          // inside the image for t in [lo, hi).
-          const int64_t first = ow * sw + iw_off;
-          int64_t lo, hi;
-          detail::inside_range(first, sw, run, G.W, &lo, &hi);
-          const T* src = xc + ih * G.xs_h + first * G.xs_w;
-          const int64_t step = sw * G.xs_w;
-          detail::zero_run(out, lo);
-          if (step == 1)
-            detail::copy_run(src + lo, hi - lo, out + lo);
-          else
-            for (int64_t t = lo; t < hi; ++t) out[t] = src[t * step];
-          detail::zero_run(out + hi, run - hi);
-        }
-        jj += run, ow = 0, ++oh;
-      }
+      im2col_row(x, *g, k0 + k, q_offset + j0, nc, row);
       std::fill(row + nc, row + padded, T(0));
       for (int64_t p = 0; p < padded / NR; ++p)
         std::copy(row + p * NR, row + (p + 1) * NR, dst + p * kc * NR + k * NR);
@@ -900,6 +905,57 @@ void grad_weight_dots(const T* gy, const TensorView& input, const ConvGeometry& 
                            detail::threads_for(G.Cout * G.Kc, G.N * G.Cout * G.P * G.Kc));
 }
 
+// grad_weight of a layer with few taps over long planes (a first layer: 3
+// channels of 3x3 make 27): gw (Cout x Kc) = sum over images of gy[n]
+// (Cout x P) @ im2col(x[n])^T, each element a dot product along the
+// positions (dots::sum_of_products) of grad_output's rows, read in place,
+// with the rows of a block of im2col built in cache. The direct path packs
+// the whole of grad_output transposed into panels instead, which took as
+// long as its products. The blocks, in image order, are dealt out in
+// kColumnDotsLanes runs, each summed into its own copy of gw, and the copies
+// are added in order: the same sums whatever the thread count.
+constexpr int64_t kColumnDotsLanes = 16;
+
+template <typename T>
+void grad_weight_column_dots(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw) {
+  // Blocks of 512 to 4096 positions, so that the batch makes kColumnDotsLanes
+  // of them where it can: longer dot products pay until a batch of one
+  // image would leave lanes empty (3->32 3x3/2 at 224: 1024 positions best
+  // at batch 1, 2048-4096 at batch 16).
+  const int64_t block = std::clamp<int64_t>(
+      gemm::round_up((G.N * G.P + kColumnDotsLanes - 1) / kColumnDotsLanes, 64), 512, 4096);
+  const int64_t per_image = (G.P + block - 1) / block;
+  const int64_t items = G.N * per_image, lanes = std::min(kColumnDotsLanes, items);
+  const int64_t copy = G.Cout * G.Kc;
+  const int threads = detail::threads_for(lanes, G.N * G.Cout * G.P * G.Kc);
+  detail::Workspace<T> ws(threads, G.Kc * block + copy);
+  detail::Workspace<T> copies(1, lanes * copy);
+  T* sums = copies.get();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t l = 0; l < lanes; ++l) {
+    T* col = ws.get(omp_get_thread_num());
+    T* part = col + G.Kc * block;
+    T* sum = sums + l * copy;
+    const int64_t begin = items * l / lanes, end = items * (l + 1) / lanes;
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t n = it / per_image, q0 = it % per_image * block;
+      const int64_t len = std::min(block, G.P - q0);
+      const T* x = input.ptr<const T>() + n * G.xs_n;
+      for (int64_t r = 0; r < G.Kc; ++r) im2col_row(x, G, r, q0, len, col + r * len);
+      dots::sum_of_products<T>(1, G.Cout, G.Kc, len, gy + n * G.Cout * G.P + q0, G.P, 0, col, len,
+                               0, it == begin ? sum : part, 1);
+      if (it != begin)
+        for (int64_t e = 0; e < copy; ++e) sum[e] += part[e];
+    }
+  }
+#pragma omp parallel for num_threads(detail::threads_for(copy, copy * lanes)) schedule(static)
+  for (int64_t e = 0; e < copy; ++e) {
+    T total = sums[e];
+    for (int64_t l = 1; l < lanes; ++l) total += sums[l * copy + e];
+    gw[e] = total;
+  }
+}
+
 template <typename T>
 void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,
                       const GradWeightGemmSplit& split, T* gw) {
@@ -983,6 +1039,10 @@ template void grad_weight_by_chunks<float>(const float*, const TensorView&, cons
 template void grad_weight_by_chunks<double>(const double*, const TensorView&, const ConvGeometry&,
                                             double*);
 template void grad_weight_dots<float>(const float*, const TensorView&, const ConvGeometry&, float*);
+template void grad_weight_column_dots<float>(const float*, const TensorView&, const ConvGeometry&,
+                                             float*);
+template void grad_weight_column_dots<double>(const double*, const TensorView&,
+                                              const ConvGeometry&, double*);
 template void grad_weight_dots<double>(const double*, const TensorView&, const ConvGeometry&,
                                        double*);
 template GradWeightGemmSplit grad_weight_gemm_split<float>(const ConvGeometry&);

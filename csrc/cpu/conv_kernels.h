@@ -34,6 +34,8 @@ void grad_weight_by_chunks(const T* gy, const TensorView& input, const ConvGeome
 template <typename T>
 void grad_weight_dots(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
 template <typename T>
+void grad_weight_column_dots(const T* gy, const TensorView& input, const ConvGeometry& G, T* gw);
+template <typename T>
 GradWeightGemmSplit grad_weight_gemm_split(const ConvGeometry& G);
 template <typename T>
 void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& G,

@@ -243,6 +243,18 @@ bool grad_weight_dots_pays(const ConvGeometry& G) {
          G.P >= kDotsMinPositions && G.Cout * G.Kc <= kDotsMostWeights;
 }
 
+// grad_weight as dot products of grad_output's rows with blocks of im2col
+// rows (conv_gemm.cpp) for a layer with few taps over long planes: first
+// layers, whose direct path spent as long transposing grad_output as on its
+// products. AVX-512 only, as the dots kernel.
+constexpr int64_t kColumnDotsMostTaps = 32, kColumnDotsMostChannels = 64;
+
+bool grad_weight_column_dots_pays(const ConvGeometry& G) {
+  return G.auto_algorithm && G.G == 1 && !one_by_one(G) && dots::available() &&
+         G.Kc <= kColumnDotsMostTaps && G.Cout <= kColumnDotsMostChannels &&
+         G.P >= kDotsMinPositions;
+}
+
 template <typename T>
 bool grad_weight_by_chunks_applies(const ConvGeometry& G) {
   return G.Cout * G.Kc * int64_t(sizeof(T)) <= kSmallGradWeightBytes && !is_pointwise(G);
@@ -466,6 +478,7 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
   // Also a small grad_weight from a 7x7 plane at batch 1 (49 positions),
   // where grad_weight by chunks has one task and packs the im2col side a
   // float at a time (GoogLeNet's 32 and 48 -> 128 at 7x7, docs/training.md).
+  if (grad_weight_column_dots_pays(G)) return GradWeightPath::ColumnDots;
   const bool small = dtype == DType::Float32 ? grad_weight_by_chunks_applies<float>(G)
                                              : grad_weight_by_chunks_applies<double>(G);
   if (!one_by_one(G) && !gemm_named(G) && direct_fits(G) &&

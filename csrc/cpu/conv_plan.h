@@ -55,6 +55,7 @@ enum class GradWeightPath {
   ByTaps,
   ByChunks,
   Dots,
+  ColumnDots,
   GroupedLanes,
   Gemm
 };
