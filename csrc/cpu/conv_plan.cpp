@@ -246,11 +246,14 @@ bool grad_weight_dots_pays(const ConvGeometry& G) {
 // grad_weight as dot products of grad_output's rows with blocks of im2col
 // rows (conv_gemm.cpp) for a layer with few taps over long planes: first
 // layers, whose direct path spent as long transposing grad_output as on its
-// products. AVX-512 only, as the dots kernel.
+// products (docs/training.md, twenty-seventh session). With AVX2's dot
+// tiles, from two images: one 224 x 224 image ran slower than the direct
+// path there.
 constexpr int64_t kColumnDotsMostTaps = 32, kColumnDotsMostChannels = 64;
 
 bool grad_weight_column_dots_pays(const ConvGeometry& G) {
-  return G.auto_algorithm && G.G == 1 && !one_by_one(G) && dots::available() &&
+  const bool kernel = dots::available() || (dots::vector_kernel() && G.N >= 2);
+  return G.auto_algorithm && G.G == 1 && !one_by_one(G) && kernel &&
          G.Kc <= kColumnDotsMostTaps && G.Cout <= kColumnDotsMostChannels &&
          G.P >= kDotsMinPositions;
 }

@@ -12,6 +12,9 @@ namespace dots {
 
 // Whether the kernel pays at this instruction-set level (AVX-512).
 bool available();
+// Whether it runs on vectors at this level (AVX2 or AVX-512), for callers
+// whose alternative loses more than AVX2's tiles do.
+bool vector_kernel();
 
 // y[m * N + j] = sum over images i and k < K of x[i * x_image + m * ldx + k] *
 // w[i * w_image + j * ldw + k]; each element summed in the same order

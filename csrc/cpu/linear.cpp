@@ -804,6 +804,14 @@ bool available() {
 #endif
 }
 
+bool vector_kernel() {
+#ifdef CONVCORE_SMALL_LINEAR
+  return gemm::isa_level() >= 1 && small_kernels<float>().dots != nullptr;
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void sum_of_products(int64_t images, int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx,
                      int64_t x_image, const T* w, int64_t ldw, int64_t w_image, T* y,
