@@ -389,7 +389,9 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     the direct kernel, or the GEMM path with fewer than 128 output
     positions in all unless they are one image of 49 or more and the
     weights hold 2^20 floats or more (direct_forward_pays; grad_weight:
-    direct_pays, 128 positions or more)."""
+    direct_pays, 128 positions or more). Whatever the algorithm, grad_input
+    of one image with at most 196 positions into at most 64 channels, no
+    more than the outputs, by the GEMM and col2im (small_grad_input_by_gemm)."""
     rng = np.random.default_rng(2)
 
     def case(n, c, cout, h, dtype=np.float32):
@@ -398,12 +400,22 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
         gy = rng.standard_normal((n, cout, h, h)).astype(dtype)
         return x, w, gy
 
-    def auto_is(algorithm, x, w, gy, grad_weight_by=None, backward=None):
+    def auto_is(algorithm, x, w, gy, grad_weight_by=None, backward=None, grad_input=None):
         np.testing.assert_array_equal(convcore.conv2d(x, w, padding=1),
                                       convcore.conv2d(x, w, padding=1, algorithm=algorithm))
         auto = convcore.conv2d_backward(gy, x, w, padding=1)
         named = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=backward or algorithm)
-        np.testing.assert_array_equal(auto[0], named[0])
+        if grad_input == "col2im":
+            # no algorithm names the GEMM + col2im path where the
+            # forward-shaped ones apply: against float64, and unlike those
+            exact = convcore.conv2d_backward(gy.astype(np.float64), x.astype(np.float64),
+                                             w.astype(np.float64), padding=1)[0]
+            assert_close(auto[0], exact, x.dtype, rtol("gemm", x.dtype), what="grad_input")
+            for other in ("direct", "gemm"):
+                other_gx = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=other)[0]
+                assert not np.array_equal(auto[0], other_gx), other
+        else:
+            np.testing.assert_array_equal(auto[0], named[0])
         # grad_weight: by the same algorithm, except F(2x2) with fewer than
         # 512 channels (winograd2_grad_weight_pays), which takes the direct kernel.
         by = convcore.conv2d_backward(gy, x, w, padding=1,
@@ -449,11 +461,16 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("direct", *case(4, 512, 48, 6))         # 144 positions: the direct kernel
     auto_is("gemm", *case(2, 32, 48, 6), grad_weight_by="direct")  # 72 positions: no direct
     auto_is("direct", *case(1, 1280, 96, 7))        # one 7x7 image, 4+ MB of weights
-    auto_is("gemm", *case(1, 64, 64, 7))            # less than 4 MB of weights: not
+    auto_is("gemm", *case(1, 64, 64, 7), grad_input="col2im")  # less than 4 MB of weights: not
     auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in
     auto_is("winograd4", *case(4, 128, 32, 28), grad_weight_by="direct")  # 32 out
-    auto_is("direct", *case(1, 16, 32, 14))         # 16 channels, 196 positions: too few
+    auto_is("direct", *case(1, 16, 32, 14), grad_input="col2im")  # 16 channels, 196 positions
     auto_is("direct", *case(4, 8, 64, 28))          # too few channels
+    # grad_input of one image of 196 positions or fewer into at most 64
+    # channels, no more than the outputs: the GEMM and col2im
+    # (small_grad_input_by_gemm; also the two cases marked above)
+    auto_is("winograd", *case(1, 32, 128, 7), grad_input="col2im", grad_weight_by="direct")
+    auto_is("winograd", *case(4, 32, 128, 7), grad_weight_by="direct")  # 4 images: not
     # float64: the NCHW transforms' rules
     f64 = np.float64
     auto_is("winograd4", *case(1, 64, 64, 56, f64))  # two bands of 4x4 tiles per image

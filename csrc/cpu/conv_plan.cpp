@@ -412,7 +412,21 @@ ConvGeometry as_backward_reads(ConvGeometry G) {
 }
 
 // G.p.algorithm: resolved (never Auto).
+// grad_input of one image on a small plane, into fewer channels than the
+// layer's outputs, by the GEMM and col2im (GradInputPath::Gemm): its rows
+// are C x taps, where the forward-shaped paths (direct, as-forward GEMM,
+// Winograd) tile the few positions by one or two panels of C and left a
+// thread idle (docs/training.md, twenty-seventh session).
+constexpr int64_t kSmallGradInputMostPositions = 14 * 14, kSmallGradInputMostChannels = 64;
+
+bool small_grad_input_by_gemm(const ConvGeometry& G) {
+  return G.auto_algorithm && G.G == 1 && G.N == 1 && !one_by_one(G) &&
+         G.P <= kSmallGradInputMostPositions && G.C <= kSmallGradInputMostChannels &&
+         G.C <= G.Cout;
+}
+
 GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
+  if (small_grad_input_by_gemm(G)) return GradInputPath::Gemm;
   const bool pads_fit =
       std::max({G.p.pad_top, G.p.pad_bottom, G.p.pad_left, G.p.pad_right}) <= 2;
   switch (G.p.algorithm) {
