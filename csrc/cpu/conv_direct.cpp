@@ -535,7 +535,8 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
   const int64_t gy_panel = chunk * G.P * NR;  // one panel of the chunk's grad_output
   // parts > 1: part r of the positions sums into its own copy of grad_weight
   const int64_t parts = split.parts, copy = G.Cout * G.Kc;
-  detail::Workspace<T> ws(1, chunk * image + G.G * panels * gy_panel + (parts > 1 ? parts * copy : 0));
+  detail::Workspace<T> ws(1, chunk * image + G.G * panels * gy_panel +
+                                (parts > 1 ? parts * copy : 0));
   T* xpad = ws.get();
   T* gyp = xpad + chunk * image;  // gyp[(g * panels + u) * gy_panel + (n * P + q) * NR + j]
   T* copies = gyp + G.G * panels * gy_panel;

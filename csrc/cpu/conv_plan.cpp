@@ -411,7 +411,6 @@ ConvGeometry as_backward_reads(ConvGeometry G) {
   return G;
 }
 
-// G.p.algorithm: resolved (never Auto).
 // grad_input of one image on a small plane, into fewer channels than the
 // layer's outputs, by the GEMM and col2im (GradInputPath::Gemm): its rows
 // are C x taps, where the forward-shaped paths (direct, as-forward GEMM,
@@ -425,6 +424,7 @@ bool small_grad_input_by_gemm(const ConvGeometry& G) {
          G.C <= G.Cout;
 }
 
+// G.p.algorithm: resolved (never Auto).
 GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
   if (small_grad_input_by_gemm(G)) return GradInputPath::Gemm;
   const bool pads_fit =
@@ -487,6 +487,7 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
        (G.p.algorithm == ConvAlgorithm::Winograd4x4 && G.auto_algorithm)) &&
       winograd2_grad_weight_pays(G, dtype))
     return GradWeightPath::Winograd2;
+  if (grad_weight_column_dots_pays(G)) return GradWeightPath::ColumnDots;
   // The direct kernel unless the GEMM path was asked for by name (or the
   // layer is 1x1, whose GEMM lowering is at most a strided copy): against the GEMM paths,
   // 2 threads, batch 16, it took AlexNet conv1 12.2 -> 9.3 ms, conv2-5
@@ -495,7 +496,6 @@ GradWeightPath choose_grad_weight_path(const ConvGeometry& G, DType dtype) {
   // Also a small grad_weight from a 7x7 plane at batch 1 (49 positions),
   // where grad_weight by chunks has one task and packs the im2col side a
   // float at a time (GoogLeNet's 32 and 48 -> 128 at 7x7, docs/training.md).
-  if (grad_weight_column_dots_pays(G)) return GradWeightPath::ColumnDots;
   const bool small = dtype == DType::Float32 ? grad_weight_by_chunks_applies<float>(G)
                                              : grad_weight_by_chunks_applies<double>(G);
   if (!one_by_one(G) && !gemm_named(G) && direct_fits(G) &&
