@@ -90,6 +90,17 @@ def test_huge_outputs_are_memory_errors():
             call()
 
 
+def test_empty_outputs_whose_bytes_overflow_are_value_errors():
+    """An empty batch pooled to 2^31 - 1 on each side has no elements, but
+    its C strides do not fit in 64 bits: refused with a ValueError before
+    pybind11 computes them (it does so without an overflow check, which
+    UBSan caught in CI), as numpy refuses such an array."""
+    x = np.zeros((0, 2, 4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"shape \(0, 2, 2147483647, 2147483647\) is too large"):
+        convcore.adaptive_avg_pool2d(x, (2**31 - 1, 2**31 - 1))
+    assert convcore.adaptive_avg_pool2d(x, (2**20, 2**20)).shape == (0, 2, 2**20, 2**20)
+
+
 def test_workspace_peak_is_reported_and_bounded():
     x = np.ones((4, 16, 32, 32), np.float32)
     w = np.ones((32, 16, 3, 3), np.float32)

@@ -80,6 +80,18 @@ struct Arrays {
 // fresh pages (numpy's own would be zeroed by the kernel at first touch).
 template <typename T>
 py::array new_array_of(std::vector<py::ssize_t> shape) {
+  // pybind11 computes the C strides without an overflow check (undefined
+  // behaviour, UBSan's finding): an empty batch of huge planes (adaptive
+  // pooling to 2^31 - 1 on each side) overflowed them. numpy refuses such
+  // an array anyway; here it is refused before the arithmetic.
+  py::ssize_t stride = sizeof(T);
+  for (std::size_t i = shape.size(); i-- > 0;)
+    if (__builtin_mul_overflow(stride, shape[i], &stride)) {
+      std::string dims;
+      for (py::ssize_t d : shape) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+      throw py::value_error("the output's shape (" + dims + ") is too large: " +
+                            "its size in bytes does not fit in 64 bits");
+    }
   std::size_t bytes = sizeof(T);
   for (py::ssize_t d : shape) bytes *= static_cast<std::size_t>(d);
   if (bytes < convcore::detail::kCachedScratchBytes) return py::array_t<T>(shape);
