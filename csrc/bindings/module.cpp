@@ -92,8 +92,7 @@ py::array new_array_of(std::vector<py::ssize_t> shape) {
       throw py::value_error("the output's shape (" + dims + ") is too large: " +
                             "its size in bytes does not fit in 64 bits");
     }
-  std::size_t bytes = sizeof(T);
-  for (py::ssize_t d : shape) bytes *= static_cast<std::size_t>(d);
+  const auto bytes = static_cast<std::size_t>(stride);  // the whole array's
   if (bytes < convcore::detail::kCachedScratchBytes) return py::array_t<T>(shape);
   void* block = convcore::detail::allocate_scratch(bytes, convcore::detail::ScratchUse::Array);
   py::capsule owner(block, [](void* p) { convcore::detail::free_scratch(p); });

@@ -596,14 +596,7 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
             std::fill_n(out + (g * G.Coutg + o0 + j) * G.Kc + k0, mr, T(0));
       }
     }
-    if (parts > 1) {  // the copies added to grad_weight in order
-#pragma omp parallel for num_threads(detail::threads_for(copy, copy * parts)) schedule(static)
-      for (int64_t e = 0; e < copy; ++e) {
-        T sum = n0 == 0 ? copies[e] : gw[e] + copies[e];
-        for (int64_t r = 1; r < parts; ++r) sum += copies[r * copy + e];
-        gw[e] = sum;
-      }
-    }
+    if (parts > 1) detail::add_copies_in_order(copies, parts, copy, n0 > 0, gw);
   }
 }
 

@@ -948,12 +948,7 @@ void grad_weight_column_dots(const T* gy, const TensorView& input, const ConvGeo
         for (int64_t e = 0; e < copy; ++e) sum[e] += part[e];
     }
   }
-#pragma omp parallel for num_threads(detail::threads_for(copy, copy * lanes)) schedule(static)
-  for (int64_t e = 0; e < copy; ++e) {
-    T total = sums[e];
-    for (int64_t l = 1; l < lanes; ++l) total += sums[l * copy + e];
-    gw[e] = total;
-  }
+  detail::add_copies_in_order(sums, lanes, copy, false, gw);
 }
 
 template <typename T>

@@ -202,6 +202,18 @@ void parallel_for(int threads, int64_t n, F&& f) {
   for (int64_t i = 0; i < n; ++i) f(i);
 }
 
+// dst[e] = (dst[e] +) copies[e] + copies[size + e] + ... for the `count`
+// copies of `size` elements, added in that order whatever the thread count:
+// the partial sums of a kernel that kept parts of its reduction apart.
+template <typename T>
+void add_copies_in_order(const T* copies, int64_t count, int64_t size, bool accumulate, T* dst) {
+  parallel_for(threads_for(size, size * count), size, [&](int64_t e) {
+    T sum = accumulate ? dst[e] + copies[e] : copies[e];
+    for (int64_t r = 1; r < count; ++r) sum += copies[r * size + e];
+    dst[e] = sum;
+  });
+}
+
 // Hands out tasks [0, n) to the `team` threads of a parallel region, each
 // calling next(its thread number) until -1. Thread t owns the contiguous range
 // [n t / team, n (t + 1) / team) and takes its tasks from the front; a
