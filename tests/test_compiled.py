@@ -514,6 +514,17 @@ def pointwise_chain():
                      "w = c(v)", "w4 = r4(w)", "z = d(w4)", "z2 = add(z, t)", "y = r3(z2)"])
 
 
+def pointwise_one_slice_chain():
+    """1x1 convolutions of 129 to 256 input channels (one slice of taps;
+    all at once with AVX-512, in two slices with AVX2), with a residual add:
+    200 and 136 channels (whole blocks of 8), 250 (not)."""
+    return nn.Graph({"a": nn.Conv2d(24, 200, 1), "b": nn.Conv2d(200, 136, 1),
+                     "c": nn.Conv2d(136, 250, 1), "d": nn.Conv2d(250, 136, 1),
+                     "r1": nn.ReLU(), "r2": nn.ReLU6(), "r3": nn.ReLU()},
+                    ["p = a(x)", "q = r1(p)", "u = b(q)", "v = r2(u)", "w = c(v)",
+                     "z = d(w)", "z2 = add(z, u)", "y = r3(z2)"])
+
+
 def pointwise_blocks_chain():
     """1x1 convolutions whose input channels fill whole channel blocks (16
     with AVX-512, 8 with AVX2: the pointwise kernel that reads taps block by
@@ -710,16 +721,18 @@ for name, kw in [("mobilenet_v2", {}), ("resnet18", {}), ("densenet121", {}),
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     e = m(x)
     out["errors"][name] = float(np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
-from test_compiled import (pointwise_chain, pointwise_blocks_chain, winograd_tails_chain,
-                           WINOGRAD_TAIL_SHAPES)
+from test_compiled import (pointwise_chain, pointwise_blocks_chain, pointwise_one_slice_chain,
+                           winograd_tails_chain, WINOGRAD_TAIL_SHAPES)
 for side in (7, 13, 14):  # tiles of 13 rows (AVX-512's blocks of 12)
-    for chain, cin in ((pointwise_chain, 24), (pointwise_blocks_chain, 32)):
-        convcore.manual_seed(0)
-        m = chain().eval()
-        x = np.random.default_rng(2).standard_normal((2, cin, side, side)).astype(np.float32)
-        e = m(x)
-        out["errors"][f"{chain.__name__} {side}x{side}"] = float(
-            np.abs(convcore.compile(m)(x) - e).max() / max(1, np.abs(e).max()))
+    for chain, cin in ((pointwise_chain, 24), (pointwise_blocks_chain, 32),
+                       (pointwise_one_slice_chain, 24)):
+        for n in (1, 2):
+            convcore.manual_seed(0)
+            m = chain().eval()
+            x = np.random.default_rng(2).standard_normal((n, cin, side, side)).astype(np.float32)
+            e = m(x)
+            out["errors"][f"{chain.__name__} {side}x{side} batch {n}"] = float(
+                np.abs(convcore.compile(m, threads=2)(x) - e).max() / max(1, np.abs(e).max()))
 for h, w, n in WINOGRAD_TAIL_SHAPES:  # the Winograd products' last blocks
     convcore.manual_seed(0)
     m = winograd_tails_chain().eval()

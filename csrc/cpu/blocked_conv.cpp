@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 
 #include "activation_math.h"
 #include "blocked.h"
@@ -91,7 +92,10 @@ CONVCORE_ALWAYS_INLINE void pointwise_sums(int64_t kc, int64_t plane, const floa
     const float* a = row0 + cb * plane;
     if (cb * B < ahead.lines)
       for (int64_t k = cb * B; k < (cb + 1) * B; ++k) gemm::fetch_ahead(ahead, k);
-#pragma GCC unroll 16
+    // Not unrolled: unrolled B times, GCC's registers for AVX2's 12
+    // accumulators (of 16 vector registers) rotated between copies of the
+    // loop body and spilled some to the stack on every channel block.
+#pragma GCC unroll 1
     for (int l = 0; l < B; ++l, b += NR) {
       Vec<B> bv[VP];
 #pragma GCC unroll 4
@@ -155,9 +159,10 @@ CONVCORE_ALWAYS_INLINE void gather_store_block(int64_t kc, const int64_t* koff,
 // accumulators go through bias, residual and activation straight into the
 // output blocks, with no pass through the tile in memory. Rows of RB
 // positions by VP vectors of B channels: 12 x 2 with AVX-512, four 6 x 2
-// blocks with AVX2, as gather_kernel, or 12 x 1 for a panel one block wide;
-// a short last block of rows takes a smaller block (as gather_kernel); the
-// same sums in the same order.
+// blocks with AVX2, or 12 x 1 for a panel one block wide; a short last
+// block of rows takes a smaller block (as gather_kernel); the same sums in
+// the same order. Rows outer: with AVX2 a block of rows then takes both
+// vectors of columns while its input lines are still in L1.
 template <int B, int VP, Act A>
 CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
                                             const float* const* rows, const float* b, int mr,
@@ -166,41 +171,37 @@ CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
                                             int64_t pointwise_plane, const gemm::Ahead& ahead_all) {
   constexpr int RB = VP == 1 || B == 16 ? 12 : 6;
   static_assert(MR % RB == 0 && NR % (VP * B) == 0, "the tile must split into RB x VP blocks");
-  for (int j0 = 0; j0 < NR && j0 / B < blocks; j0 += VP * B)
-    for (int i0 = 0; i0 < mr;) {
-      const int rem = mr - i0;
+  auto block = [&](auto rows_of_block, int i0, int j0, const gemm::Ahead& ahead)
+      __attribute__((always_inline)) {
+        gather_store_block<B, VP, decltype(rows_of_block)::value, A>(
+            kc, koff, rows, i0, mr, b + j0, j0, blocks, bias, res, res_stride, dst, dst_stride,
+            pointwise_plane, ahead);
+      };
+  for (int i0 = 0; i0 < mr;) {
+    // a tile of MR + 1 rows (gemm::gather_tile_rows) as one block of 13
+    const int rem = mr - i0;
+    const int n = RB == 12 ? (rem == RB + 1 ? RB + 1 : rem <= 4 ? 4 : rem <= 8 ? 8 : RB)
+                           : (rem <= 3 ? 3 : RB);
+    for (int j0 = 0; j0 < NR && j0 / B < blocks; j0 += VP * B) {
       const gemm::Ahead ahead = j0 == 0 && i0 == 0 ? ahead_all : gemm::Ahead{};
       if constexpr (RB == 12) {
-        if (rem == RB + 1) {  // a tile of MR + 1 rows (gemm::gather_tile_rows)
-          gather_store_block<B, VP, RB + 1, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                           res, res_stride, dst, dst_stride, pointwise_plane,
-                                           ahead);
-          break;
-        }
-        if (rem <= 4) {
-          gather_store_block<B, VP, 4, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride, pointwise_plane,
-                                          ahead);
-          break;
-        }
-        if (rem <= 8) {
-          gather_store_block<B, VP, 8, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride, pointwise_plane,
-                                          ahead);
-          break;
-        }
+        if (n == RB + 1)
+          block(std::integral_constant<int, RB + 1>{}, i0, j0, ahead);
+        else if (n == 4)
+          block(std::integral_constant<int, 4>{}, i0, j0, ahead);
+        else if (n == 8)
+          block(std::integral_constant<int, 8>{}, i0, j0, ahead);
+        else
+          block(std::integral_constant<int, RB>{}, i0, j0, ahead);
       } else {
-        if (rem <= 3) {
-          gather_store_block<B, VP, 3, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias,
-                                          res, res_stride, dst, dst_stride, pointwise_plane,
-                                          ahead);
-          break;
-        }
+        if (n == 3)
+          block(std::integral_constant<int, 3>{}, i0, j0, ahead);
+        else
+          block(std::integral_constant<int, RB>{}, i0, j0, ahead);
       }
-      gather_store_block<B, VP, RB, A>(kc, koff, rows, i0, mr, b + j0, j0, blocks, bias, res,
-                                       res_stride, dst, dst_stride, pointwise_plane, ahead);
-      i0 += RB;
     }
+    i0 += n;
+  }
 }
 
 // One vector of columns when the panel is one block wide (no products for
