@@ -515,9 +515,10 @@ def pointwise_chain():
 
 
 def pointwise_one_slice_chain():
-    """1x1 convolutions of 129 to 256 input channels (one slice of taps;
-    all at once with AVX-512, in two slices with AVX2), with a residual add:
-    200 and 136 channels (whole blocks of 8), 250 (not)."""
+    """1x1 convolutions of 129 to 256 input channels (one slice of taps:
+    all at once with AVX-512, in two chunks of the gather kernel with AVX2),
+    with a residual add: 200 and 136 channels (whole blocks of 8), 250
+    (not)."""
     return nn.Graph({"a": nn.Conv2d(24, 200, 1), "b": nn.Conv2d(200, 136, 1),
                      "c": nn.Conv2d(136, 250, 1), "d": nn.Conv2d(250, 136, 1),
                      "r1": nn.ReLU(), "r2": nn.ReLU6(), "r3": nn.ReLU()},
