@@ -178,10 +178,7 @@ CONVCORE_ALWAYS_INLINE void gather_store_vp(int64_t kc, const int64_t* koff,
             pointwise_plane, ahead);
       };
   for (int i0 = 0; i0 < mr;) {
-    // a tile of MR + 1 rows (gemm::gather_tile_rows) as one block of 13
-    const int rem = mr - i0;
-    const int n = RB == 12 ? (rem == RB + 1 ? RB + 1 : rem <= 4 ? 4 : rem <= 8 ? 8 : RB)
-                           : (rem <= 3 ? 3 : RB);
+    const int n = gemm::gather_block_rows<RB>(mr - i0);
     for (int j0 = 0; j0 < NR && j0 / B < blocks; j0 += VP * B) {
       const gemm::Ahead ahead = j0 == 0 && i0 == 0 ? ahead_all : gemm::Ahead{};
       if constexpr (RB == 12) {

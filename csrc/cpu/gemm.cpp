@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "convcore/threading.h"
 #include "blocked_kernels.h"
@@ -221,32 +222,30 @@ inline __attribute__((always_inline)) void gather_vector_body(int64_t kc_all,
           __attribute__((always_inline)) -> int {
         const int64_t* koff = koff_all + kb;
         const T* b = b_all + kb * NR + j0;
-        // A short last block (a 7x7 image's 49 positions leave 1 of 12) takes
-        // a block of fewer rows: the same sums, without the discarded rows.
-        // A tile of MR + 1 rows (gather_tile_rows, gemm.h) ends with a block
-        // of 13: 26 accumulators still fit the 32 vector registers.
-        const int rem = mr - i0;
+        // a 7x7 image's 49 positions leave a last block of 1 of 12
+        const int n = gather_block_rows<RB>(mr - i0);
+        auto block = [&](auto rows_of_block) __attribute__((always_inline)) {
+          gather_row_block<T, V, decltype(rows_of_block)::value, VP>(kc, koff, rows, i0, mr, b,
+                                                                     j0, tile, add, ahead);
+        };
         if constexpr (RB == 12) {
-          if (rem == RB + 1) {
-            gather_row_block<T, V, RB + 1, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
-            return rem;
-          }
-          if (rem <= 4) {
-            gather_row_block<T, V, 4, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
-            return rem;
-          }
-          if (rem <= 8) {
-            gather_row_block<T, V, 8, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
-            return rem;
-          }
+          if (n == RB + 1)
+            block(std::integral_constant<int, RB + 1>{});
+          else if (n == 4)
+            block(std::integral_constant<int, 4>{});
+          else if (n == 8)
+            block(std::integral_constant<int, 8>{});
+          else
+            block(std::integral_constant<int, RB>{});
         } else if constexpr (RB == 6) {
-          if (rem <= 3) {
-            gather_row_block<T, V, 3, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
-            return rem;
-          }
+          if (n == 3)
+            block(std::integral_constant<int, 3>{});
+          else
+            block(std::integral_constant<int, RB>{});
+        } else {
+          block(std::integral_constant<int, RB>{});
         }
-        gather_row_block<T, V, RB, VP>(kc, koff, rows, i0, mr, b, j0, tile, add, ahead);
-        return RB;
+        return n;
       });
 }
 

@@ -102,6 +102,21 @@ inline int gather_tile_rows(int64_t left) {
   return left == MR + 1 ? MR + 1 : static_cast<int>(left < MR ? left : MR);
 }
 
+// Rows of the block of a gather tile that starts `left` rows before the
+// tile's end, for blocks of RB rows: a short last block takes fewer rows (4
+// or 8 of 12, 3 of 6: the same sums without the discarded rows), and a tile
+// of MR + 1 rows (gather_tile_rows) one block of 13, whose 26 accumulators
+// still fit AVX-512's 32 vector registers.
+template <int RB>
+constexpr int gather_block_rows(int left) {
+  if constexpr (RB == 12)
+    return left == RB + 1 ? RB + 1 : left <= 4 ? 4 : left <= 8 ? 8 : RB;
+  else if constexpr (RB == 6)
+    return left <= 3 ? 3 : RB;
+  else
+    return RB;
+}
+
 // The gather microkernel's sums, shared by gather_kernel and the blocked
 // convolution's output-stage kernel: acc[i][v] = sum over k < kc of
 // rows[i0 + i][koff[k]] * b[k * NR + v * W ...] for a block of RB rows (rows
