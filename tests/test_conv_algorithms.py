@@ -351,19 +351,79 @@ def test_winograd_grad_weight_across_chunks_and_threads(algorithm, n, h, c):
     assert _core.workspace_peak() < du + whole, (_core.workspace_peak(), du, whole)
 
 
-@pytest.mark.parametrize("n, c, cout, h", [(16, 64, 128, 56), (1, 128, 256, 28)])
-def test_auto_takes_gemm_for_strided_1x1(two_threads, n, c, cout, h):
-    """A 1x1 kernel with a stride (ResNet's projections) runs every pass on
-    the GEMM paths (one_by_one in conv_plan.cpp): bitwise algorithm='gemm'."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,cout,stride,side_by_side", [
+    ((16, 64, 56, 56), 128, 2, False),   # ResNet's projection: 28x28 planes, one GEMM each
+    ((1, 128, 28, 28), 256, 2, False),   # batch 1
+    ((16, 256, 14, 14), 512, 2, True),   # 7x7 planes: side by side
+    ((3, 20, 7, 9), 12, (2, 3), True),   # sizes the stride does not divide: 4x3 planes
+    ((2, 8, 12, 12), 5, 3, True),
+])
+def test_strided_1x1_runs_as_the_subsampled_pointwise_layer(two_threads, dtype, shape, cout,
+                                                             stride, side_by_side):
+    """A 1x1 kernel with a stride and no padding (ResNet's projections) under
+    auto is the stride-1 layer of x[:, :, ::sh, ::sw] (strided_one_by_one in
+    conv.cpp): its grad_input at batch 2+ and, with AVX-512, at batch 1
+    (zeros between the strided positions), its forward and grad_weight where the subsampled planes go side by side
+    in one GEMM (batch 2+, planes under a block of columns), else the GEMM
+    path's. Bitwise those layers, and against the reference; on a strided
+    view of the input too."""
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((n, c, h, h)).astype(np.float32)
-    w = rng.standard_normal((cout, c, 1, 1)).astype(np.float32)
-    gy = rng.standard_normal((n, cout, h // 2, h // 2)).astype(np.float32)
-    np.testing.assert_array_equal(convcore.conv2d(x, w, stride=2),
-                                  convcore.conv2d(x, w, stride=2, algorithm="gemm"))
-    for a, b in zip(convcore.conv2d_backward(gy, x, w, stride=2),
-                    convcore.conv2d_backward(gy, x, w, stride=2, algorithm="gemm")):
-        np.testing.assert_array_equal(a, b)
+    sh, sw = stride if isinstance(stride, tuple) else (stride, stride)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((cout, shape[1], 1, 1)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    xs = np.ascontiguousarray(x[:, :, ::sh, ::sw])
+    gy = rng.standard_normal((shape[0], cout) + xs.shape[2:]).astype(dtype)
+    y = convcore.conv2d(x, w, b, stride=stride)
+    gx, gw, gb = convcore.conv2d_backward(gy, x, w, stride=stride)
+    assert_close(y, ref.conv2d_ref(x, w, b, stride=stride), dtype, what="forward")
+    want = ref.conv2d_backward_ref(gy, x, w, stride=stride)
+    for got, expected, what in zip((gx, gw, gb), want, ("grad_input", "grad_weight", "grad_bias")):
+        assert_close(got, expected, dtype, what=what)
+
+    sub_gx, sub_gw, sub_gb = convcore.conv2d_backward(gy, xs, w)
+    if shape[0] > 1 or _core.gemm_isa() == "avx512":
+        np.testing.assert_array_equal(gx[:, :, ::sh, ::sw], sub_gx)
+        between = np.ones(x.shape, bool)
+        between[:, :, ::sh, ::sw] = False
+        assert not gx[between].any()
+    else:
+        np.testing.assert_array_equal(
+            gx, convcore.conv2d_backward(gy, x, w, stride=stride, algorithm="gemm")[0])
+    if side_by_side:
+        np.testing.assert_array_equal(y, convcore.conv2d(xs, w, b))
+        np.testing.assert_array_equal(gw, sub_gw)
+    else:
+        np.testing.assert_array_equal(y, convcore.conv2d(x, w, b, stride=stride, algorithm="gemm"))
+        np.testing.assert_array_equal(
+            gw, convcore.conv2d_backward(gy, x, w, stride=stride, algorithm="gemm")[1])
+
+    # a strided view of the input (every other channel), one gradient at a time
+    xv = np.zeros((shape[0], 2 * shape[1]) + shape[2:], dtype)[:, ::2]
+    xv[...] = x
+    np.testing.assert_array_equal(convcore.conv2d(xv, w, b, stride=stride), y)
+    masks = ((True, False, False), (False, True, False))
+    got = [convcore.conv2d_backward(gy, xv, w, stride=stride, output_mask=m) for m in masks]
+    np.testing.assert_array_equal(got[0][0], gx)
+    np.testing.assert_array_equal(got[1][1], gw)
+
+
+@pytest.mark.parametrize("kw", [dict(stride=2, padding=1), dict(stride=2, groups=2),
+                                dict(stride=2, algorithm="gemm")])
+def test_strided_1x1_with_padding_groups_or_a_named_algorithm(kw):
+    """Padding, groups or an algorithm by name keep a strided 1x1 layer on
+    the GEMM paths: against the reference."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 8, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((6, 8 // kw.get("groups", 1), 1, 1)).astype(np.float32)
+    args = {k: v for k, v in kw.items() if k != "algorithm"}
+    y = convcore.conv2d(x, w, **kw)
+    assert_close(y, ref.conv2d_ref(x, w, **args), np.float32, what="forward")
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    for got, want in zip(convcore.conv2d_backward(gy, x, w, **kw)[:2],
+                         ref.conv2d_backward_ref(gy, x, w, **args)[:2]):
+        assert_close(got, want, np.float32, what=str(kw))
 
 
 def test_auto_picks_winograd_where_it_pays(two_threads):

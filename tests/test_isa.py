@@ -62,6 +62,13 @@ for dtype in ("float32", "float64"):
     ow = rng.standard_normal((29, 37, 1, 1)).astype(dtype)
     ogy = rng.standard_normal((1, 29, 7, 7)).astype(dtype)
     ogx = convcore.conv2d_backward(ogy, ox, ow, output_mask=(True, False, False))[0]
+    # a strided 1x1 layer at batch 1 and 3: the subsampled pointwise paths
+    # or the GEMM paths, as the instruction set's rule says
+    s1x = {m: rng.standard_normal((m, 24, 9, 9)).astype(dtype) for m in (1, 3)}
+    s1gy = {m: rng.standard_normal((m, 19, 5, 5)).astype(dtype) for m in (1, 3)}
+    s1g = {m: convcore.conv2d_backward(s1gy[m], s1x[m], ow[:19, :24], stride=2)
+           for m in (1, 3)}
+    s1y = {m: convcore.conv2d(s1x[m], ow[:19, :24], stride=2) for m in (1, 3)}
     # grouped grad_weight with the channels in the lanes: 16 input channels
     # a group (a whole AVX-512 vector of float32, two of AVX2's) and 8 (half
     # of one: AVX2's vectors under AVX-512), 12 outputs a group, strided
@@ -93,6 +100,11 @@ for dtype in ("float32", "float64"):
                                                  **{f"ggw{c}": ggw[c] for c in ggw},
                                                  **{f"sa{m}": v for m, v in sa.items()},
                                                  **{f"sly{m}": v for m, v in sly.items()},
+                                                 **{f"s1x{m}": s1x[m] for m in s1x},
+                                                 **{f"s1gy{m}": s1gy[m] for m in s1x},
+                                                 **{f"s1y{m}": s1y[m] for m in s1x},
+                                                 **{f"s1gx{m}": s1g[m][0] for m in s1x},
+                                                 **{f"s1gw{m}": s1g[m][1] for m in s1x},
                                                  **wino).items()}
 json.dump(out, sys.stdout)
 """
@@ -153,6 +165,11 @@ def test_gemm_paths_match_reference(isa):
                                                                    d["sb"])))
         checks.append(("sly5", d["sly5"], ref.linear_ref(d["sa3"][:, :5], d["slw"][:, :5])))
         checks.append(("ogx", d["ogx"], ref.conv2d_backward_ref(d["ogy"], d["ox"], d["ow"])[0]))
+        for m in (1, 3):
+            s1w = d["ow"][:19, :24]
+            s1gx, s1gw, _ = ref.conv2d_backward_ref(d[f"s1gy{m}"], d[f"s1x{m}"], s1w, stride=2)
+            checks += [(f"s1y{m}", d[f"s1y{m}"], ref.conv2d_ref(d[f"s1x{m}"], s1w, stride=2)),
+                       (f"s1gx{m}", d[f"s1gx{m}"], s1gx), (f"s1gw{m}", d[f"s1gw{m}"], s1gw)]
         for cg in (8, 16):
             checks.append((f"ggw{cg}", d[f"ggw{cg}"],
                            ref.conv2d_backward_ref(d[f"gwy{cg}"], d["gwx"], d[f"gww{cg}"],

@@ -15,6 +15,7 @@
 #include "convcore/errors.h"
 #include "convcore/ops.h"
 #include "convcore/threading.h"
+#include "gemm.h"
 #include "strided.h"
 
 namespace convcore {
@@ -235,6 +236,65 @@ TensorView matrix_of(const TensorView& t) {
   return m;
 }
 
+// A 1x1 convolution with a stride and no padding reads every stride-th row
+// and column of the image only: it is the stride-1 1x1 convolution of that
+// subsampled image, which the pointwise paths run. Their grad_input pays
+// (the GEMM path scatters column blocks into a strided frame) at batch 2+,
+// and with AVX-512 at batch 1 too; their forward and grad_weight where the
+// subsampled planes are small enough to go side by side in one GEMM (the
+// GEMM path tiles each image's few positions on its own), not at batch 1,
+// where the copy weighs more than the GEMM path's strided packing.
+bool strided_one_by_one(const ConvGeometry& G) {
+  return G.p.algorithm == ConvAlgorithm::Auto && G.G == 1 && G.KH == 1 && G.KW == 1 &&
+         (G.p.stride_h > 1 || G.p.stride_w > 1) && G.p.pad_top == 0 && G.p.pad_bottom == 0 &&
+         G.p.pad_left == 0 && G.p.pad_right == 0 && G.N * G.C * G.Cout * G.P > 0;
+}
+bool subsampled_grad_input_pays(const ConvGeometry& G) {
+  return strided_one_by_one(G) && (G.N > 1 || gemm::isa_level() == 2);
+}
+bool subsampled_planes_side_by_side(const ConvGeometry& G) {
+  return strided_one_by_one(G) && G.N > 1 && G.P < gemm::NC;
+}
+
+Conv2dParams stride_one(Conv2dParams p) {
+  p.stride_h = p.stride_w = 1;
+  p.dilation_h = p.dilation_w = 1;
+  return p;
+}
+
+// The subsampled image x[:, :, ::stride_h, ::stride_w] (Ho x Wo positions)
+// copied into `dst`, contiguous.
+template <typename T>
+TensorView subsample_input(const TensorView& x, const ConvGeometry& G, T* dst) {
+  const T* src = x.ptr<const T>();
+  const int64_t sh = G.p.stride_h * x.strides[2], sw = G.p.stride_w * x.strides[3];
+  detail::parallel_for(detail::threads_for(G.N * G.C, G.N * G.C * G.P), G.N * G.C,
+                       [&](int64_t nc) {
+    const T* plane = src + (nc / G.C) * x.strides[0] + (nc % G.C) * x.strides[1];
+    T* out = dst + nc * G.P;
+    for (int64_t i = 0; i < G.Ho; ++i)
+      for (int64_t j = 0; j < G.Wo; ++j) out[i * G.Wo + j] = plane[i * sh + j * sw];
+  });
+  const int64_t shape[4] = {G.N, G.C, G.Ho, G.Wo};
+  return contiguous_view(dst, x.dtype, 4, shape);
+}
+
+// grad_input of the strided layer from that of the subsampled one: each
+// compact plane's values at every stride-th row and column, zeros between.
+template <typename T>
+void scatter_subsampled(const T* compact, const ConvGeometry& G, T* gx) {
+  const int64_t plane = G.H * G.W;
+  detail::parallel_for(detail::threads_for(G.N * G.C, G.N * G.C * plane), G.N * G.C,
+                       [&](int64_t nc) {
+    T* out = gx + nc * plane;
+    const T* in = compact + nc * G.P;
+    std::fill(out, out + plane, T(0));
+    for (int64_t i = 0; i < G.Ho; ++i)
+      for (int64_t j = 0; j < G.Wo; ++j)
+        out[i * G.p.stride_h * G.W + j * G.p.stride_w] = in[i * G.Wo + j];
+  });
+}
+
 }  // namespace
 
 void conv2d_forward(const TensorView& input, const TensorView& weight, const TensorView* bias,
@@ -248,6 +308,13 @@ void conv2d_forward(const TensorView& input, const TensorView& weight, const Ten
   detail::check_output(output, "output", input, 4, out_shape);
   if (as_linear(G))
     return linear_forward(matrix_of(input), matrix_of(weight), bias, matrix_of(output));
+  if (subsampled_planes_side_by_side(G)) {
+    return detail::dispatch_float(input.dtype, [&](auto zero) {
+      using T = decltype(zero);
+      detail::Workspace<T> xs(1, G.N * G.C * G.P);
+      conv2d_forward(subsample_input<T>(input, G, xs.get()), weight, bias, stride_one(p), output);
+    });
+  }
   const detail::CallScope scope;  // shares the threads among concurrent calls
   const std::optional<ConvPlan> plan = conv2d_impl::known_plan(G, ConvPass::Forward, input.dtype);
   detail::dispatch_float(input.dtype, [&](auto zero) {
@@ -292,6 +359,29 @@ void conv2d_backward(const TensorView& grad_output, const TensorView& input,
     const TensorView gw = grad_weight ? matrix_of(*grad_weight) : TensorView();
     return linear_backward(matrix_of(grad_output), matrix_of(input), matrix_of(weight),
                            grad_input ? &gx : nullptr, grad_weight ? &gw : nullptr, grad_bias);
+  }
+  // The gradients the subsampled layer gives (the rest, if any, below).
+  const TensorView* sub_gx = subsampled_grad_input_pays(G) ? grad_input : nullptr;
+  const TensorView* sub_gw = subsampled_planes_side_by_side(G) ? grad_weight : nullptr;
+  if (sub_gx || sub_gw) {
+    const TensorView* sub_gb = sub_gw ? grad_bias : nullptr;
+    detail::dispatch_float(input.dtype, [&](auto zero) {
+      using T = decltype(zero);
+      detail::Workspace<T> xs(1, G.N * G.C * G.P);
+      const TensorView x = subsample_input<T>(input, G, xs.get());
+      std::optional<detail::Workspace<T>> gxc;
+      TensorView gxc_view;
+      if (sub_gx) {
+        gxc.emplace(1, G.N * G.C * G.P);
+        gxc_view = contiguous_view(gxc->get(), input.dtype, 4, x.shape);
+      }
+      conv2d_backward(grad_output, x, weight, stride_one(p), sub_gx ? &gxc_view : nullptr, sub_gw,
+                      sub_gb);
+      if (sub_gx) scatter_subsampled<T>(gxc->get(), G, sub_gx->ptr<T>());
+    });
+    if (sub_gx) grad_input = nullptr;
+    if (sub_gw) grad_weight = grad_bias = nullptr;
+    if (!grad_input && !grad_weight && !grad_bias) return;
   }
   const detail::CallScope scope;  // shares the threads among concurrent calls
   const std::optional<ConvPlan> plan = conv2d_impl::known_plan(G, ConvPass::Backward, input.dtype);
