@@ -815,12 +815,16 @@ def test_auto_takes_direct_unless_gemm_is_named():
     ((2, 16, 9, 9), (4, 16, 1, 1), dict(stride=2)),            # odd rows receive nothing
     ((1, 16, 7, 8), (6, 16, 3, 3), dict(padding=3)),            # stride 1, padding past the taps
     ((1, 20, 15, 15), (7, 20, 5, 5), dict(stride=4, padding=2, dilation=3)),
+    ((1, 72, 24, 24), (24, 72, 3, 3), dict(stride=2, padding=1)),  # panels of channels, last part-filled
+    ((3, 80, 14, 14), (20, 40, 3, 3), dict(stride=2, padding=1, groups=2)),
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_direct_grad_input_of_strided_layers(shape, weight, kw, dtype):
     """grad_input_direct_strided (16+ input channels per group, layers that
     are not a stride-1 forward in disguise): each phase of the input sums
-    its own taps; positions no tap reaches get zero."""
+    its own taps; positions no tap reaches get zero. Each task takes one
+    panel of input channels of one phase: the same bits at 1, 2 and 3
+    threads."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal(weight).astype(dtype)
@@ -830,6 +834,17 @@ def test_direct_grad_input_of_strided_layers(shape, weight, kw, dtype):
         gx, gw, _ = convcore.conv2d_backward(gy, x, w, algorithm=algorithm, **kw)
         assert_close(gx, egx, dtype, what=f"{algorithm} grad_input")
         assert_close(gw, egw, dtype, what=f"{algorithm} grad_weight")
+    before = convcore.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            convcore.set_num_threads(threads)
+            runs.append(convcore.conv2d_backward(gy, x, w, algorithm="direct",
+                                                 output_mask=(True, False, False), **kw)[0])
+    finally:
+        convcore.set_num_threads(before)
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other, runs[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -316,11 +316,12 @@ GradInputDirectSplit grad_input_direct_split(const ConvGeometry& G) {
   const int64_t frame = G.Cout * Hf * Wf, phases = sh * sw;
   constexpr int64_t kChunkBytes = int64_t(8) << 20;
   const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (frame * int64_t(sizeof(T))), 1, G.N);
-  // Blocks of input positions per (image, group, phase): enough tasks for
-  // every thread at small batch.
+  // Blocks of input positions per (image, group, phase, panel of input
+  // channels): enough tasks for every thread at small batch.
+  const int64_t cpanels = (G.Cg + gemm::Tile<T>::NR - 1) / gemm::Tile<T>::NR;
   const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
-  const int64_t per_plane = std::max<int64_t>(1, (want + chunk * G.G * phases - 1) /
-                                                     (chunk * G.G * phases));
+  const int64_t per_plane = std::max<int64_t>(1, (want + chunk * G.G * phases * cpanels - 1) /
+                                                     (chunk * G.G * phases * cpanels));
   const int64_t HWph = ((G.H + sh - 1) / sh) * ((G.W + sw - 1) / sw);  // largest phase
   const int64_t pblock = gemm::round_up((HWph + per_plane - 1) / per_plane, MR);
   GradInputDirectSplit split;
@@ -338,7 +339,10 @@ GradInputDirectSplit grad_input_direct_split(const ConvGeometry& G) {
 // at its (eh, ew) = ((ih + pt - ph) / sh, (iw + pl - pw) / sw), tap k at
 // -(m_h * Wf + m_w) plus its channel's plane). Input positions that no tap
 // reaches (a phase without taps) get zero. Tasks: (image, group, phase,
-// block of positions); images are framed in chunks.
+// block of positions, panel of input channels), the panels innermost so
+// that a thread's tasks share grad_output rows; images are framed in
+// chunks. The phases' taps differ (3x3 stride 2: 4, 2, 2 and 1), so tasks
+// of whole phases left a thread idle at batch 1.
 template <typename T>
 void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry& G,
                                const GradInputDirectSplit& split, T* gx) {
@@ -422,7 +426,7 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
         }
       }
     }
-    const int64_t tasks = nn * G.G * phases * pblocks;
+    const int64_t tasks = nn * G.G * phases * pblocks * cpanels;
     const int threads = detail::threads_for(tasks, nn * G.Cout * G.P * G.Kc);
     detail::Workspace<T> tile_ws(threads, MR * NR);
     detail::StealingRanges ranges(threads, tasks);  // as forward_direct's
@@ -430,7 +434,8 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
     {
       const int me = omp_get_thread_num();
       T* tile = tile_ws.get(me);
-      for (int64_t t = ranges.next(me); t >= 0; t = ranges.next(me)) {
+      for (int64_t task = ranges.next(me); task >= 0; task = ranges.next(me)) {
+        const int64_t u = task % cpanels, t = task / cpanels;
         const int64_t n = t / (G.G * phases * pblocks), g = (t / (phases * pblocks)) % G.G;
         const int64_t ph = (t / pblocks) % phases, pb = t % pblocks;
         const int64_t rh = ph / sw, rw = ph % sw;
@@ -444,32 +449,30 @@ void grad_input_direct_strided(const T* gy, const T* weight, const ConvGeometry&
         const int64_t K = static_cast<int64_t>(ko.size());
         T* gxg = gx + ((n0 + n) * G.C + g * G.Cg) * G.H * G.W;
         const T* fg = gyf + (n * G.Cout + g * G.Coutg) * fplane;
-        for (int64_t u = 0; u < cpanels; ++u) {
-          const int64_t c0 = u * NR, nc = std::min<int64_t>(NR, G.Cg - c0);
-          const T* b = wpacked + wpos[static_cast<size_t>(ph)] + (g * cpanels + u) * K * NR;
-          for (int64_t p0 = p_begin; p0 < p_end; p0 += MR) {
-            const int mr = static_cast<int>(std::min<int64_t>(MR, p_end - p0));
-            int64_t pos[MR];
-            if (K > 0) {
-              const T* rows[MR];
-              for (int i = 0; i < mr; ++i) {
-                const int64_t a = (p0 + i) / Wa, bb = (p0 + i) % Wa;
-                const int64_t ih = ih0 + sh * a, iw = iw0 + sw * bb;
-                pos[i] = ih * G.W + iw;
-                rows[i] = fg + ((ih + pt - rh) / sh + Mh) * Wf + (iw + pl - rw) / sw + Mw;
-              }
-              gemm::gather_kernel(K, ko.data(), rows, b, tile, mr);
-            } else {
-              for (int i = 0; i < mr; ++i) {
-                const int64_t a = (p0 + i) / Wa, bb = (p0 + i) % Wa;
-                pos[i] = (ih0 + sh * a) * G.W + iw0 + sw * bb;
-              }
-              std::fill(tile, tile + MR * NR, T(0));
+        const int64_t c0 = u * NR, nc = std::min<int64_t>(NR, G.Cg - c0);
+        const T* b = wpacked + wpos[static_cast<size_t>(ph)] + (g * cpanels + u) * K * NR;
+        for (int64_t p0 = p_begin; p0 < p_end; p0 += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, p_end - p0));
+          int64_t pos[MR];
+          if (K > 0) {
+            const T* rows[MR];
+            for (int i = 0; i < mr; ++i) {
+              const int64_t a = (p0 + i) / Wa, bb = (p0 + i) % Wa;
+              const int64_t ih = ih0 + sh * a, iw = iw0 + sw * bb;
+              pos[i] = ih * G.W + iw;
+              rows[i] = fg + ((ih + pt - rh) / sh + Mh) * Wf + (iw + pl - rw) / sw + Mw;
             }
-            for (int64_t j = 0; j < nc; ++j) {
-              T* dst = gxg + (c0 + j) * G.H * G.W;
-              for (int i = 0; i < mr; ++i) dst[pos[i]] = tile[i * NR + j];
+            gemm::gather_kernel(K, ko.data(), rows, b, tile, mr);
+          } else {
+            for (int i = 0; i < mr; ++i) {
+              const int64_t a = (p0 + i) / Wa, bb = (p0 + i) % Wa;
+              pos[i] = (ih0 + sh * a) * G.W + iw0 + sw * bb;
             }
+            std::fill(tile, tile + MR * NR, T(0));
+          }
+          for (int64_t j = 0; j < nc; ++j) {
+            T* dst = gxg + (c0 + j) * G.H * G.W;
+            for (int i = 0; i < mr; ++i) dst[pos[i]] = tile[i * NR + j];
           }
         }
       }
