@@ -62,6 +62,18 @@ for dtype in ("float32", "float64"):
     ow = rng.standard_normal((29, 37, 1, 1)).astype(dtype)
     ogy = rng.standard_normal((1, 29, 7, 7)).astype(dtype)
     ogx = convcore.conv2d_backward(ogy, ox, ow, output_mask=(True, False, False))[0]
+    # tiles of every row count 1..13 (the last rows of M in blocks of 4, 6
+    # or 12): pointwise forwards with m output channels, grad_inputs into m
+    # input channels, at batch 1 (weights read in place) and 2 (packed)
+    rx = {(m, n): rng.standard_normal((n, m, 5, 7)).astype(dtype) for m in range(1, 14)
+          for n in (1, 2)}
+    rw = rng.standard_normal((13, 23, 1, 1)).astype(dtype)
+    rpx = {n: rng.standard_normal((n, 23, 5, 7)).astype(dtype) for n in (1, 2)}
+    rgy = {n: rng.standard_normal((n, 23, 5, 7)).astype(dtype) for n in (1, 2)}
+    rows_y = {(m, n): convcore.conv2d(rpx[n], rw[:m]) for m in range(1, 14) for n in (1, 2)}
+    rows_gx = {(m, n): convcore.conv2d_backward(rgy[n], rx[m, n], rw[:m].transpose(1, 0, 2, 3),
+                                                output_mask=(True, False, False))[0]
+               for m in range(1, 14) for n in (1, 2)}
     # a strided 1x1 layer at batch 1 and 3: the subsampled pointwise paths
     # or the GEMM paths, as the instruction set's rule says
     s1x = {m: rng.standard_normal((m, 24, 9, 9)).astype(dtype) for m in (1, 3)}
@@ -100,6 +112,13 @@ for dtype in ("float32", "float64"):
                                                  **{f"ggw{c}": ggw[c] for c in ggw},
                                                  **{f"sa{m}": v for m, v in sa.items()},
                                                  **{f"sly{m}": v for m, v in sly.items()},
+                                                 rw=rw, **{f"rpx{n}": rpx[n] for n in rpx},
+                                                 **{f"rgy{n}": rgy[n] for n in rgy},
+                                                 **{f"rx{m}_{n}": v for (m, n), v in rx.items()},
+                                                 **{f"rows_y{m}_{n}": v
+                                                    for (m, n), v in rows_y.items()},
+                                                 **{f"rows_gx{m}_{n}": v
+                                                    for (m, n), v in rows_gx.items()},
                                                  **{f"s1x{m}": s1x[m] for m in s1x},
                                                  **{f"s1gy{m}": s1gy[m] for m in s1x},
                                                  **{f"s1y{m}": s1y[m] for m in s1x},
@@ -165,6 +184,13 @@ def test_gemm_paths_match_reference(isa):
                                                                    d["sb"])))
         checks.append(("sly5", d["sly5"], ref.linear_ref(d["sa3"][:, :5], d["slw"][:, :5])))
         checks.append(("ogx", d["ogx"], ref.conv2d_backward_ref(d["ogy"], d["ox"], d["ow"])[0]))
+        for m in range(1, 14):
+            for n in (1, 2):
+                rwm = d["rw"][:m]
+                checks += [(f"rows_y{m}_{n}", d[f"rows_y{m}_{n}"], ref.conv2d_ref(d[f"rpx{n}"], rwm)),
+                           (f"rows_gx{m}_{n}", d[f"rows_gx{m}_{n}"],
+                            ref.conv2d_backward_ref(d[f"rgy{n}"], d[f"rx{m}_{n}"],
+                                                    d["rw"][:m].transpose(1, 0, 2, 3))[0])]
         for m in (1, 3):
             s1w = d["ow"][:19, :24]
             s1gx, s1gw, _ = ref.conv2d_backward_ref(d[f"s1gy{m}"], d[f"s1x{m}"], s1w, stride=2)

@@ -130,6 +130,21 @@ inline __attribute__((always_inline)) void micro_vector(int64_t kc, const T* a, 
     micro_vector_body<T, V, RB, VP, 2>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
 }
 
+// micro_vector for a tile of few rows (the last rows of M: 16 output
+// channels are 12 + 4) in one block of 4 or 6 rows: a block costs its RB
+// rows whatever mr is, and AVX-512 takes a whole tile in one block.
+template <typename T, typename V, int RB, int VP>
+CONVCORE_ALWAYS_INLINE void micro_vector_rows(int64_t kc, const T* a, int64_t lda, const T* b,
+                                              T* c, int64_t ldc, int mr, int nr,
+                                              bool accumulate) {
+  if (RB > 4 && mr <= 4)
+    micro_vector<T, V, 4, VP>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
+  else if (RB > 6 && mr <= 6)
+    micro_vector<T, V, 6, VP>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
+  else
+    micro_vector<T, V, RB, VP>(kc, a, lda, b, c, ldc, mr, nr, accumulate);
+}
+
 // Rows i0 .. i0 + RB of a gather tile from its accumulators, added to what
 // the tile holds when add.
 template <typename T, typename V, int RB, int VP>
@@ -396,26 +411,26 @@ using simd::f64x8;
 __attribute__((target("avx2,fma"))) void kernel_avx2_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
   if (nr <= 8)  // one vector of columns (a part-filled last panel): every row at once
-    micro_vector<float, f32x8, 12, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
+    micro_vector_rows<float, f32x8, 12, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
   else
-    micro_vector<float, f32x8, 6, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
+    micro_vector_rows<float, f32x8, 6, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx2,fma"))) void kernel_avx2_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c, int64_t ldc,
                                                        int mr, int nr, bool acc) {
-  micro_vector<double, f64x4, 6, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  micro_vector_rows<double, f64x4, 6, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx512f,fma"))) void kernel_avx512_f(int64_t kc, const float* a, int64_t lda, const float* b, float* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
   if (nr <= 16)  // one vector of columns (a part-filled last panel): half the FMAs
-    micro_vector<float, f32x16, 12, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
+    micro_vector_rows<float, f32x16, 12, 1>(kc, a, lda, b, c, ldc, mr, nr, acc);
   else
-    micro_vector<float, f32x16, 12, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
+    micro_vector_rows<float, f32x16, 12, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx512f,fma"))) void kernel_avx512_d(int64_t kc, const double* a, int64_t lda, const double* b, double* c,
                                                             int64_t ldc, int mr, int nr,
                                                             bool acc) {
-  micro_vector<double, f64x8, 12, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
+  micro_vector_rows<double, f64x8, 12, 2>(kc, a, lda, b, c, ldc, mr, nr, acc);
 }
 __attribute__((target("avx2,fma"))) void gather_avx2_f(int64_t kc, const int64_t* koff,
                                                        const float* const* rows, const float* b,
