@@ -451,7 +451,9 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     weights hold 2^20 floats or more (direct_forward_pays; grad_weight:
     direct_pays, 128 positions or more). Whatever the algorithm, grad_input
     of one image with at most 196 positions into at most 64 channels, no
-    more than the outputs, by the GEMM and col2im (small_grad_input_by_gemm)."""
+    more than the outputs, by the GEMM and col2im (small_grad_input_by_gemm);
+    else by F(2x2) where the forward convolution it is (Cout -> C channels)
+    would take F(2x2) (grad_input_winograd_as_its_forward)."""
     rng = np.random.default_rng(2)
 
     def case(n, c, cout, h, dtype=np.float32):
@@ -518,9 +520,11 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("gemm", *case(1, 512, 512, 4), backward="winograd", grad_weight_by="direct")
     auto_is("gemm", *case(4, 512, 512, 1))          # 1x1: every tap but one in the padding
     # no Winograd (3 panels): the direct and GEMM rules
-    auto_is("direct", *case(4, 512, 48, 6))         # 144 positions: the direct kernel
+    # 144 positions: the direct kernel; grad_input by F(2x2), as its 48 -> 512 forward
+    auto_is("direct", *case(4, 512, 48, 6), backward="winograd", grad_weight_by="direct")
     auto_is("gemm", *case(2, 32, 48, 6), grad_weight_by="direct")  # 72 positions: no direct
-    auto_is("direct", *case(1, 1280, 96, 7))        # one 7x7 image, 4+ MB of weights
+    # one 7x7 image, 4+ MB of weights; grad_input by F(2x2), as its 96 -> 1280 forward
+    auto_is("direct", *case(1, 1280, 96, 7), backward="winograd", grad_weight_by="direct")
     auto_is("gemm", *case(1, 64, 64, 7), grad_input="col2im")  # less than 4 MB of weights: not
     auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in
     auto_is("winograd4", *case(4, 128, 32, 28), grad_weight_by="direct")  # 32 out
@@ -531,6 +535,11 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     # (small_grad_input_by_gemm; also the two cases marked above)
     auto_is("winograd", *case(1, 32, 128, 7), grad_input="col2im", grad_weight_by="direct")
     auto_is("winograd", *case(4, 32, 128, 7), grad_weight_by="direct")  # 4 images: not
+    # grad_input by F(2x2) where its own forward (Cout -> C) takes it, though
+    # the layer's does not (grad_input_winograd_as_its_forward): 128 -> 32 at
+    # 7x7, whose grad_input is a 32 -> 128 forward with 4 output panels
+    auto_is("gemm", *case(1, 128, 32, 7), backward="winograd", grad_weight_by="direct")
+    auto_is("gemm", *case(2, 128, 32, 7), backward="winograd", grad_weight_by="direct")
     # float64: the NCHW transforms' rules
     f64 = np.float64
     auto_is("winograd4", *case(1, 64, 64, 56, f64))  # two bands of 4x4 tiles per image

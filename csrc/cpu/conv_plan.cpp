@@ -426,6 +426,20 @@ bool small_grad_input_by_gemm(const ConvGeometry& G) {
          G.C <= G.Cout;
 }
 
+// A 3x3 stride-1 layer's grad_input is the forward convolution of
+// grad_output with the flipped filters, Cout -> C channels. Under auto it
+// takes F(2x2) where that forward would, though the layer's own choice
+// (Cout out) was not Winograd: DenseNet's 128 -> 32 at 7x7, batch 1 and
+// 2, whose grad_input is a 32 -> 128 forward (docs/training.md,
+// twenty-ninth session).
+bool grad_input_winograd_as_its_forward(const ConvGeometry& G, DType dtype) {
+  if (!G.auto_algorithm || !winograd_shape(G) || !grad_input_as_forward_applies(G)) return false;
+  ConvGeometry F = grad_input_as_forward_geometry(G);
+  F.p.algorithm = ConvAlgorithm::Auto;
+  return blocked_winograd(F, dtype) &&
+         blocked_winograd_choice(F, ConvPass::Forward) == ConvAlgorithm::Winograd;
+}
+
 // G.p.algorithm: resolved (never Auto).
 GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
   if (small_grad_input_by_gemm(G)) return GradInputPath::Gemm;
@@ -452,6 +466,7 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
       break;
   }
   if (is_pointwise(G)) return GradInputPath::Pointwise;
+  if (grad_input_winograd_as_its_forward(G, dtype) && pads_fit) return GradInputPath::Winograd2;
   // On the direct kernel unless the GEMM path was asked for by name.
   if (grad_input_as_forward_applies(G))
     return !gemm_named(G) && direct_forward_pays(G) &&
