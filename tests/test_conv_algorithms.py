@@ -969,10 +969,15 @@ def test_pointwise_images_side_by_side(dtype, shape, cout):
     for other in runs[1:] + [alone]:
         for got, want in zip(other, runs[0]):
             np.testing.assert_array_equal(got, want)
+    gx = runs[0][1]
     runs = [r[0] for r in runs]
     # a view whose planes are not contiguous takes the per-image path: same values
     xv = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     np.testing.assert_array_equal(convcore.conv2d(xv, w, b, algorithm="pointwise"), runs[0])
+    # grad_input alone does not read (or copy) the view
+    np.testing.assert_array_equal(
+        convcore.conv2d_backward(gy, xv, w, algorithm="pointwise",
+                                 output_mask=(True, False, False))[0], gx)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -74,8 +74,10 @@ template <typename T>
 void run_backward(const ConvPlan& plan, const T* gy, const TensorView& input,
                   const TensorView& weight, ConvGeometry G, T* gx, T* gw, T* gb) {
   G.p.algorithm = plan.algorithm;
-  // The pointwise paths read whole rows of the input: copy it if they are not.
-  const bool copy_input = G.p.algorithm == ConvAlgorithm::Pointwise && !rows_contiguous(G);
+  // The pointwise grad_weight reads whole rows of the input: copy it if they
+  // are not (grad_input does not read the input).
+  const bool copy_input =
+      gw && G.p.algorithm == ConvAlgorithm::Pointwise && !rows_contiguous(G);
   std::optional<detail::Contiguous<T>> xc;
   if (copy_input) xc.emplace(input);
   const TensorView& x = copy_input ? xc->view() : input;

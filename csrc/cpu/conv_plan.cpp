@@ -434,8 +434,7 @@ bool small_grad_input_by_gemm(const ConvGeometry& G) {
 // twenty-ninth session).
 bool grad_input_winograd_as_its_forward(const ConvGeometry& G, DType dtype) {
   if (!G.auto_algorithm || !winograd_shape(G) || !grad_input_as_forward_applies(G)) return false;
-  ConvGeometry F = grad_input_as_forward_geometry(G);
-  F.p.algorithm = ConvAlgorithm::Auto;
+  const ConvGeometry F = grad_input_as_forward_geometry(G);
   return blocked_winograd(F, dtype) &&
          blocked_winograd_choice(F, ConvPass::Forward) == ConvAlgorithm::Winograd;
 }
@@ -466,7 +465,7 @@ GradInputPath choose_grad_input_path(const ConvGeometry& G, DType dtype) {
       break;
   }
   if (is_pointwise(G)) return GradInputPath::Pointwise;
-  if (grad_input_winograd_as_its_forward(G, dtype) && pads_fit) return GradInputPath::Winograd2;
+  if (pads_fit && grad_input_winograd_as_its_forward(G, dtype)) return GradInputPath::Winograd2;
   // On the direct kernel unless the GEMM path was asked for by name.
   if (grad_input_as_forward_applies(G))
     return !gemm_named(G) && direct_forward_pays(G) &&
