@@ -453,7 +453,10 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     of one image with at most 196 positions into at most 64 channels, no
     more than the outputs, by the GEMM and col2im (small_grad_input_by_gemm);
     else by F(2x2) where the forward convolution it is (Cout -> C channels)
-    would take F(2x2) (grad_input_winograd_as_its_forward)."""
+    would take F(2x2) (grad_input_winograd_as_its_forward). A direct forward
+    into at most 24 channels a group, grad_input's included, puts the
+    positions in the lanes (forward_direct_lanes), which the named 'direct'
+    does not."""
     rng = np.random.default_rng(2)
 
     def case(n, c, cout, h, dtype=np.float32):
@@ -467,7 +470,13 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
                                       convcore.conv2d(x, w, padding=1, algorithm=algorithm))
         auto = convcore.conv2d_backward(gy, x, w, padding=1)
         named = convcore.conv2d_backward(gy, x, w, padding=1, algorithm=backward or algorithm)
-        if grad_input == "col2im":
+        if grad_input == "lanes":
+            # the direct forward into few channels, positions in the lanes,
+            # which algorithm='direct' does not take: against float64
+            exact = convcore.conv2d_backward(gy.astype(np.float64), x.astype(np.float64),
+                                             w.astype(np.float64), padding=1)[0]
+            assert_close(auto[0], exact, x.dtype, rtol("direct", x.dtype), what="grad_input")
+        elif grad_input == "col2im":
             # no algorithm names the GEMM + col2im path where the
             # forward-shaped ones apply: against float64, and unlike those
             exact = convcore.conv2d_backward(gy.astype(np.float64), x.astype(np.float64),
@@ -529,7 +538,9 @@ def test_auto_picks_winograd_where_it_pays(two_threads):
     auto_is("winograd4", *case(4, 16, 64, 28), grad_weight_by="direct")  # 16 channels in
     auto_is("winograd4", *case(4, 128, 32, 28), grad_weight_by="direct")  # 32 out
     auto_is("direct", *case(1, 16, 32, 14), grad_input="col2im")  # 16 channels, 196 positions
-    auto_is("direct", *case(4, 8, 64, 28))          # too few channels
+    # too few channels; grad_input into 8 is a direct forward with the
+    # positions in the lanes (forward_direct_lanes: 24 channels or fewer)
+    auto_is("direct", *case(4, 8, 64, 28), grad_input="lanes")
     # grad_input of one image of 196 positions or fewer into at most 64
     # channels, no more than the outputs: the GEMM and col2im
     # (small_grad_input_by_gemm; also the two cases marked above)
@@ -1517,3 +1528,48 @@ def test_one_by_one_on_one_pixel_images(dtype, algorithm):
     empty = convcore.conv2d(np.zeros((0, 4, 1, 1), dtype), np.ones((3, 4, 1, 1), dtype),
                             algorithm=algorithm)
     assert empty.shape == (0, 3, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,weight,kw", [
+    ((2, 12, 11, 9), (5, 12, 3, 2), dict(padding=(1, 0))),           # blocks across rows, 1 panel
+    ((3, 7, 16, 53), (11, 7, 5, 3), dict(stride=(2, 1), padding=(2, 1), dilation=(1, 2))),
+    ((2, 80, 13, 20), (24, 40, 2, 4), dict(padding=(1, 2), groups=2)),  # 12 a group
+    ((1, 10, 18, 18), (24, 10, 5, 5), dict(padding=2)),                # the most channels
+    ((1, 6, 9, 54), (8, 6, 1, 7), {}),                                 # 48 columns: one block a row
+    ((1, 6, 9, 55), (8, 6, 1, 7), {}),                                 # 49 columns
+    ((2, 40, 17, 23), (3, 40, 3, 1), dict(padding=(2, 0), dilation=3)),  # into 3 channels
+])
+def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
+    """Under auto, a direct forward into at most 24 channels a group with
+    stride 1 along rows puts the output positions in the vector lanes
+    (forward_direct_lanes): blocks along each output row, or with stride 1
+    across rows (the frame's pitch), panels of channels with a part-filled
+    last one; so does grad_input into few channels (a stride-1 forward of
+    grad_output with the filters flipped). Against the reference, on a view
+    with strided rows too, and the same bits at 1, 2 and 3 threads."""
+    rng = np.random.default_rng(shape[3])
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal(weight) / np.sqrt(np.prod(weight[1:]))).astype(dtype)
+    b = rng.standard_normal(weight[0]).astype(dtype)
+    _check_direct(rng, x, w, b, dtype, algorithm="auto", **kw)
+    view = np.repeat(x, 2, axis=3)[:, :, :, ::2]
+    assert_close(convcore.conv2d(view, w, b, **kw), ref.conv2d_ref(x, w, b, **kw), dtype,
+                 what="forward of a view")
+    # grad_input into weight[0] channels: the forward of a layer from them
+    wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)) if kw.get("groups", 1) == 1 else None
+    if wt is not None and kw.get("stride", 1) == 1:
+        xt = rng.standard_normal((shape[0], weight[0]) + shape[2:]).astype(dtype)
+        yt = ref.conv2d_ref(xt, wt, None, **kw)
+        gy = rng.standard_normal(yt.shape).astype(dtype)
+        gx = convcore.conv2d_backward(gy, xt, wt, output_mask=(True, False, False), **kw)[0]
+        assert_close(gx, ref.conv2d_backward_ref(gy, xt, wt, **kw)[0], dtype,
+                     what="grad_input into few channels")
+    y = convcore.conv2d(x, w, b, **kw)
+    before = convcore.get_num_threads()
+    try:
+        for threads in (1, 3):
+            convcore.set_num_threads(threads)
+            np.testing.assert_array_equal(convcore.conv2d(x, w, b, **kw), y)
+    finally:
+        convcore.set_num_threads(before)

@@ -49,7 +49,114 @@ void pad_planes(const T* x, int64_t n, const ConvGeometry& G, int64_t Hp, int64_
   }
 }
 
+
+// The direct forward with output positions in the vector lanes
+// (forward_direct_lanes): tile[i * VW + l] = sum over k < K of
+// panel[k * PR + i] * src[koff[k] + l] for the RB rows i of a panel packed
+// PR rows a tap and VW = VP vectors of positions. Each tap loads VP vectors
+// of consecutive input columns once for RB output channels, whose weights
+// are broadcast from one line of the panel.
+template <typename T, typename V, int PR, int VP, int RB>
+CONVCORE_ALWAYS_INLINE void lanes_sums(int64_t K, const int64_t* koff, const T* src,
+                                       const T* panel, T* tile) {
+  constexpr int W = sizeof(V) / sizeof(T), VW = VP * W;
+  V acc[RB][VP];
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) acc[i][v] = V{};
+  for (int64_t k = 0; k < K; ++k, panel += PR) {
+    const T* s = src + koff[k];
+    V x[VP];
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) simd::load_vec(x[v], s + v * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+      const T w = panel[i];
+#pragma GCC unroll 4
+      for (int v = 0; v < VP; ++v) acc[i][v] += w * x[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < VP; ++v) simd::store_vec(tile + i * VW + v * W, acc[i][v]);
+}
+
+// lanes_sums for `rows` (1 to PR) rows of the panel.
+template <typename T, typename V, int PR, int VP, int RB = PR>
+CONVCORE_ALWAYS_INLINE void lanes_rows(int rows, int64_t K, const int64_t* koff, const T* src,
+                                       const T* panel, T* tile) {
+  if constexpr (RB > 1) {
+    if (rows < RB) return lanes_rows<T, V, PR, VP, RB - 1>(rows, K, koff, src, panel, tile);
+  }
+  lanes_sums<T, V, PR, VP, RB>(K, koff, src, panel, tile);
+}
+
+// Panel rows (PR) and vectors (VP) of a block per instruction set level:
+// 24 accumulators in AVX-512's 32 registers, 12 in AVX2's 16, 8 in SSE2's
+// 16 (the baseline).
+constexpr int kLanesRows512 = 8, kLanesVectors512 = 3;
+constexpr int kLanesRows256 = 6, kLanesVectors256 = 2;
+constexpr int kLanesRows128 = 4, kLanesVectors128 = 2;
+struct LanesShape {
+  int rows;       // PR
+  int64_t width;  // positions a block: VP vectors
+};
+template <typename T>
+LanesShape lanes_shape() {
+  constexpr int64_t size = sizeof(T);
+  switch (gemm::isa_level()) {
+    case 2: return {kLanesRows512, kLanesVectors512 * 64 / size};
+    case 1: return {kLanesRows256, kLanesVectors256 * 32 / size};
+    default: return {kLanesRows128, kLanesVectors128 * 16 / size};
+  }
+}
+
+#if defined(CONVCORE_HAVE_VECTOR_TYPES)
+#define CONVCORE_LANES_ROWS(T, V512, V256, V128)                                                \
+  CONVCORE_ISA_DISPATCH3(lanes_block, (lanes_rows<T, V512, kLanesRows512, kLanesVectors512>),  \
+                         (lanes_rows<T, V256, kLanesRows256, kLanesVectors256>),                \
+                         (lanes_rows<T, V128, kLanesRows128, kLanesVectors128>),                \
+                         (int rows, int64_t K, const int64_t* koff, const T* src,               \
+                          const T* panel, T* tile),                                             \
+                         (rows, K, koff, src, panel, tile))
+CONVCORE_LANES_ROWS(float, simd::f32x16, simd::f32x8, simd::f32x4)
+CONVCORE_LANES_ROWS(double, simd::f64x8, simd::f64x4, simd::f64x2)
+#undef CONVCORE_LANES_ROWS
+#else
+template <typename T>
+void lanes_block(int rows, int64_t K, const int64_t* koff, const T* src, const T* panel, T* tile) {
+  const LanesShape shape = lanes_shape<T>();
+  for (int i = 0; i < rows; ++i)
+    for (int64_t l = 0; l < shape.width; ++l) {
+      T acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += panel[k * shape.rows + i] * src[koff[k] + l];
+      tile[i * shape.width + l] = acc;
+    }
+}
+#endif
+
+// Whether auto's direct forward takes forward_direct_lanes: stride 1 along
+// rows and at most 24 output channels a group. Against forward_direct, both
+// instruction sets: 3 to 24 channels 1.2-5x faster, 32 and more slower
+// (docs/training.md, thirtieth session).
+constexpr int64_t kLanesMostChannels = 24;
+
+bool lanes_pay(const ConvGeometry& G) {
+#if defined(CONVCORE_HAVE_VECTOR_TYPES)
+  return G.auto_algorithm && G.p.stride_w == 1 && G.Coutg <= kLanesMostChannels;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
+
+template <typename T>
+void forward_direct_lanes(const TensorView& input, const T* weight, const T* bias,
+                          const ConvGeometry& G, const ForwardDirectSplit& split, T* out,
+                          bool flipped);
 
 // How forward_direct splits its work: chunks of images, blocks of output
 // channels and positions.
@@ -80,6 +187,11 @@ ForwardDirectSplit forward_direct_split(const ConvGeometry& G) {
   ForwardDirectSplit split;
   split.chunk = chunk, split.oblock = oblock, split.ochunks = ochunks;
   split.pblock = pblock, split.pblocks = pblocks;
+  split.lanes = lanes_pay(G);
+  if (split.lanes) {
+    const int64_t width = lanes_shape<T>().width;
+    split.lanes_flat = G.p.stride_h == 1 && Wp - G.Wo <= gemm::round_up(G.Wo, width) - G.Wo;
+  }
   return split;
 }
 
@@ -111,6 +223,7 @@ template <typename T>
 void forward_direct(const TensorView& input, const T* weight, const T* bias,
                     const ConvGeometry& G, const ForwardDirectSplit& split, T* out,
                     bool flipped) {
+  if (split.lanes) return forward_direct_lanes(input, weight, bias, G, split, out, flipped);
   constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
   const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
   // The padded frame holds exactly what the output reads.
@@ -259,6 +372,114 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
             T* c = out + ((n0 + n) * G.Cout + g * G.Coutg + o0) * G.P;
             gemm::store_transposed(tiles, qe - qb, no, bias ? bias + g * G.Coutg + o0 : nullptr,
                                    c + qb, G.P);
+          }
+        }
+      }
+    }
+  }
+}
+
+
+// Direct convolution with the output positions in the vector lanes, for
+// layers with few output channels a group (the split's `lanes`, stride 1
+// along rows): forward_direct puts output channels in the lanes, so 3, 8 or
+// 16 channels left most of a 32-column panel empty. Here a block of VW
+// consecutive output positions reads, per tap, VW consecutive columns of
+// the zero-padded frame (lanes_block), for PR output channels at a time.
+// Blocks follow one output row (lanes_flat false), or with stride 1 the
+// frame's rows as one long row of pitch Wp (lanes_flat), computing Wp - Wo
+// discarded positions a row instead of a short last block per row (7 of 16
+// lanes used on a 7x7 output). The same zero-padded frames as
+// forward_direct; their end has VW elements of slack that the last block's
+// discarded lanes read.
+template <typename T>
+void forward_direct_lanes(const TensorView& input, const T* weight, const T* bias,
+                          const ConvGeometry& G, const ForwardDirectSplit& split, T* out,
+                          bool flipped) {
+  const LanesShape shape = lanes_shape<T>();
+  const int PR = shape.rows;
+  const int64_t VW = shape.width;
+  const int64_t sh = G.p.stride_h, dh = G.p.dilation_h, dw = G.p.dilation_w;
+  const int64_t Hp = (G.Ho - 1) * sh + (G.KH - 1) * dh + 1;
+  const int64_t Wp = (G.Wo - 1) + (G.KW - 1) * dw + 1;
+  const int64_t plane = Hp * Wp, image = G.C * plane;
+  const int64_t K = G.Kc, khw = G.KH * G.KW, panels = (G.Coutg + PR - 1) / PR;
+  std::vector<int64_t> koff(static_cast<size_t>(K));
+  for (int64_t c = 0; c < G.Cg; ++c)
+    for (int64_t i = 0; i < G.KH; ++i)
+      for (int64_t j = 0; j < G.KW; ++j)
+        koff[static_cast<size_t>((c * G.KH + i) * G.KW + j)] = c * plane + i * dh * Wp + j * dw;
+  // Panels of PR output channels a tap: wp[((g * panels + u) * K + k) * PR + r]
+  // is tap k of output channel u * PR + r of group g (zero past Coutg).
+  // Flipped: as forward_direct's.
+  detail::Workspace<T> w_ws(1, G.G * panels * K * PR);
+  T* wp = w_ws.get();
+  detail::parallel_for(detail::threads_for(G.G * panels, G.Cout * K), G.G * panels, [&](int64_t gu) {
+    const int64_t g = gu / panels, o0 = (gu % panels) * PR;
+    T* panel = wp + gu * K * PR;
+    for (int r = 0; r < PR; ++r) {
+      const int64_t o = o0 + r;
+      for (int64_t k = 0; k < K; ++k) {
+        T v = T(0);
+        if (o < G.Coutg)
+          v = flipped ? weight[((g * G.Cg + k / khw) * G.Coutg + o) * khw + (khw - 1 - k % khw)]
+                      : weight[(g * G.Coutg + o) * K + k];
+        panel[k * PR + r] = v;
+      }
+    }
+  });
+  // Segments of positions: the whole output (flat), or each output row.
+  const bool flat = split.lanes_flat;
+  const int64_t segments = flat ? 1 : G.Ho;
+  const int64_t seg_len = flat ? (G.Ho - 1) * Wp + G.Wo : G.Wo;
+  const int64_t pitch = flat ? Wp : seg_len;  // position j of a segment: row j / pitch
+  const int64_t seg_blocks = (seg_len + VW - 1) / VW;
+  const int64_t blocks = G.G * segments * seg_blocks;  // an image's
+  const int64_t chunk = split.chunk;
+  detail::Workspace<T> x_ws(1, chunk * image + VW);
+  T* xpad = x_ws.get();
+  detail::zero_run(xpad + chunk * image, VW);
+  const int64_t work = G.N * G.Cout * G.P * K;
+  const T* x = input.ptr<const T>();
+  for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, G.N - n0);
+    pad_planes(x + n0 * G.xs_n, nn, G, Hp, Wp, xpad);
+    if (nn < chunk) detail::zero_run(xpad + nn * image, VW);
+    const int64_t tasks = nn * blocks;
+    const int threads = detail::threads_for(tasks, work);
+    detail::Workspace<T> tile_ws(threads, PR * VW);
+#pragma omp parallel num_threads(threads)
+    {
+      const int me = omp_get_thread_num();
+      T* tile = tile_ws.get(me);
+      // even contiguous ranges: neighbouring blocks share input rows
+      const int team = omp_get_num_threads();
+      const int64_t t_begin = tasks * me / team, t_end = tasks * (me + 1) / team;
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t n = t / blocks, g = (t / (segments * seg_blocks)) % G.G;
+        const int64_t s = (t / seg_blocks) % segments, j0 = (t % seg_blocks) * VW;
+        const int64_t valid = std::min(VW, seg_len - j0);
+        const T* src = xpad + (n * G.C + g * G.Cg) * plane + s * sh * Wp + j0;
+        for (int64_t u = 0; u < panels; ++u) {
+          const int rows = static_cast<int>(std::min<int64_t>(PR, G.Coutg - u * PR));
+          lanes_block(rows, K, koff.data(), src, wp + (g * panels + u) * K * PR, tile);
+          for (int r = 0; r < rows; ++r) {
+            const int64_t o = g * G.Coutg + u * PR + r;
+            const T b = bias ? bias[o] : T(0);
+            T* dst = out + ((n0 + n) * G.Cout + o) * G.P;
+            const T* from = tile + r * VW;
+            // runs of the block's positions inside output rows
+            for (int64_t l = 0; l < valid;) {
+              const int64_t j = j0 + l, col = j % pitch;
+              if (col >= G.Wo) {  // the discarded columns past a row's end
+                l += pitch - col;
+                continue;
+              }
+              const int64_t len = std::min(G.Wo - col, valid - l);
+              T* to = dst + (s + j / pitch) * G.Wo + col;
+              for (int64_t q = 0; q < len; ++q) to[q] = from[l + q] + b;
+              l += len;
+            }
           }
         }
       }

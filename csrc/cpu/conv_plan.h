@@ -74,6 +74,8 @@ struct ForwardGemmSplit {  // forward_gemm: tiles of positions x blocks of outpu
 };
 struct ForwardDirectSplit {  // forward_direct: image chunks, channel panels x positions
   int64_t chunk = 0, oblock = 0, ochunks = 0, pblock = 0, pblocks = 0;
+  bool lanes = false;       // positions in the lanes (forward_direct_lanes)
+  bool lanes_flat = false;  // its blocks across output rows
 };
 struct GradInputGemmSplit {  // grad_input_gemm: blocks of input channels
   int64_t cblock = 0, nblocks = 0;
