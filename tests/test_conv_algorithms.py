@@ -1546,8 +1546,10 @@ def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
     (forward_direct_lanes): blocks along each output row, or with stride 1
     across rows (the frame's pitch), panels of channels with a part-filled
     last one; so does grad_input into few channels (a stride-1 forward of
-    grad_output with the filters flipped). Against the reference, on a view
-    with strided rows too, and the same bits at 1, 2 and 3 threads."""
+    grad_output with the filters flipped), and grad_weight into at most 24
+    (16 with AVX2; grad_weight_direct_lanes: tiles of channels by taps, each
+    row's last vector masked). Against the reference, on a view with
+    strided rows too, and the same bits at 1, 2 and 3 threads."""
     rng = np.random.default_rng(shape[3])
     x = rng.standard_normal(shape).astype(dtype)
     w = (rng.standard_normal(weight) / np.sqrt(np.prod(weight[1:]))).astype(dtype)
@@ -1566,10 +1568,34 @@ def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
         assert_close(gx, ref.conv2d_backward_ref(gy, xt, wt, **kw)[0], dtype,
                      what="grad_input into few channels")
     y = convcore.conv2d(x, w, b, **kw)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gw = convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False), **kw)[1]
     before = convcore.get_num_threads()
     try:
         for threads in (1, 3):
             convcore.set_num_threads(threads)
             np.testing.assert_array_equal(convcore.conv2d(x, w, b, **kw), y)
+            np.testing.assert_array_equal(
+                convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False), **kw)[1], gw)
     finally:
         convcore.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_lanes_grad_weight_reads_no_value_past_a_row(dtype):
+    """grad_weight_direct_lanes sums each output row in whole vectors; the
+    lanes past the row's end read the frame's next columns, which some taps
+    never reach (tap column 0 never reads the last input column). Those
+    lanes are masked, not multiplied by zero: an infinity there leaves such
+    taps' gradients finite and equal to the reference."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 12, 21)).astype(dtype)
+    x[:, :, :, -1] = np.inf
+    w = rng.standard_normal((16, 5, 3, 3)).astype(dtype)
+    kw = dict(dilation=(1, 2))
+    gy = rng.standard_normal((2, 16, 10, 17)).astype(dtype)
+    gw = convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False), **kw)[1]
+    # kernel columns 0 and 1 read input columns 0-16 and 2-18 of 0-20
+    expect = ref.conv2d_backward_ref(gy, x[..., :19], w[..., :2], **kw)[1]
+    assert np.isfinite(gw[..., :2]).all()
+    assert_close(gw[..., :2], expect, dtype, what="grad_weight of taps short of the last column")

@@ -82,14 +82,15 @@ for dtype in ("float32", "float64"):
            for m in (1, 3)}
     s1y = {m: convcore.conv2d(s1x[m], ow[:19, :24], stride=2) for m in (1, 3)}
     # the direct forward with positions in the lanes (7 output channels:
-    # a part-filled panel), its blocks across output rows, and grad_input
-    # into 4 channels on it (the filters flipped)
+    # a part-filled panel), its blocks across output rows, grad_input into
+    # 4 channels on it (the filters flipped), and grad_weight with the
+    # positions in the lanes (rows of 21: a masked last vector)
     lnx = rng.standard_normal((2, 4, 9, 21)).astype(dtype)
     lnw = rng.standard_normal((7, 4, 2, 5)).astype(dtype)
     lny = convcore.conv2d(lnx, lnw, b[:7], padding=(1, 2), dilation=(2, 1))
     lngy = rng.standard_normal(lny.shape).astype(dtype)
-    lngx = convcore.conv2d_backward(lngy, lnx, lnw, padding=(1, 2), dilation=(2, 1),
-                                    output_mask=(True, False, False))[0]
+    lngx, lngw, _ = convcore.conv2d_backward(lngy, lnx, lnw, padding=(1, 2), dilation=(2, 1),
+                                             output_mask=(True, True, False))
     # grouped grad_weight with the channels in the lanes: 16 input channels
     # a group (a whole AVX-512 vector of float32, two of AVX2's) and 8 (half
     # of one: AVX2's vectors under AVX-512), 12 outputs a group, strided
@@ -116,7 +117,7 @@ for dtype in ("float32", "float64"):
                                                  pany=pany, psy=psy, pgy=pgy, pgx=pgx,
                                                  pgw=pgw, pgb=pgb, slw=slw, sb=sb, sly5=sly5,
                                                  ox=ox, ow=ow, ogy=ogy, ogx=ogx, gwx=gwx,
-                                                 lnx=lnx, lnw=lnw, lny=lny, lngy=lngy, lngx=lngx,
+                                                 lnx=lnx, lnw=lnw, lny=lny, lngy=lngy, lngx=lngx, lngw=lngw,
                                                  **{f"gww{c}": gww[c] for c in gww},
                                                  **{f"gwy{c}": gwy[c] for c in gwy},
                                                  **{f"ggw{c}": ggw[c] for c in ggw},
@@ -208,8 +209,8 @@ def test_gemm_paths_match_reference(isa):
                        (f"s1gx{m}", d[f"s1gx{m}"], s1gx), (f"s1gw{m}", d[f"s1gw{m}"], s1gw)]
         lkw = dict(padding=(1, 2), dilation=(2, 1))
         checks += [("lny", d["lny"], ref.conv2d_ref(d["lnx"], d["lnw"], d["b"][:7], **lkw)),
-                   ("lngx", d["lngx"],
-                    ref.conv2d_backward_ref(d["lngy"], d["lnx"], d["lnw"], **lkw)[0])]
+                   *zip(("lngx", "lngw"), (d["lngx"], d["lngw"]),
+                        ref.conv2d_backward_ref(d["lngy"], d["lnx"], d["lnw"], **lkw)[:2])]
         for cg in (8, 16):
             checks.append((f"ggw{cg}", d[f"ggw{cg}"],
                            ref.conv2d_backward_ref(d[f"gwy{cg}"], d["gwx"], d[f"gww{cg}"],

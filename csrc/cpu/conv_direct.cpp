@@ -137,6 +137,102 @@ void lanes_block(int rows, int64_t K, const int64_t* koff, const T* src, const T
 }
 #endif
 
+
+// One vector of positions of lanes_grad_weight_body (masked: its last).
+template <typename T, typename V, typename IV, int RB, int TK, bool MASKED>
+CONVCORE_ALWAYS_INLINE void lanes_grad_weight_step(const T* xr, const T* gr, int64_t gy_channel,
+                                                   const int64_t* koff, const IV& mask,
+                                                   V (&acc)[RB][TK]) {
+  V g[RB];
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i) simd::load_vec(g[i], gr + i * gy_channel);
+#pragma GCC unroll 8
+  for (int t = 0; t < TK; ++t) {
+    V xv;
+    simd::load_vec(xv, xr + koff[t]);
+    if constexpr (MASKED) xv = (V)((IV)xv & mask);
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) acc[i][t] += g[i] * xv;
+  }
+}
+
+// grad_weight with output positions in the lanes (grad_weight_direct_lanes):
+// out[i * TK + t] = sum over the images, output rows and positions of
+// gy[i][q] * x[koff[t] + q], for RB output channels i (rows gy_channel
+// apart) and TK taps t, each output row's positions in vectors (the last
+// one's lanes past the row masked to zero in x, zero in the padded gy), the
+// lanes summed at the end in a fixed order.
+template <typename T, typename V, typename IV, int RB, int TK>
+CONVCORE_ALWAYS_INLINE void lanes_grad_weight_body(int64_t images, int64_t rows, int64_t nvec,
+                                                   int64_t tail, const T* x, int64_t x_image,
+                                                   int64_t x_row, const int64_t* koff,
+                                                   const T* gy, int64_t gy_image,
+                                                   int64_t gy_row, int64_t gy_channel, T* out) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  IV mask;
+  for (int l = 0; l < W; ++l) mask[l] = l < tail ? -1 : 0;
+  V acc[RB][TK];
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 8
+    for (int t = 0; t < TK; ++t) acc[i][t] = V{};
+  for (int64_t n = 0; n < images; ++n)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + n * x_image + r * x_row;
+      const T* gr = gy + n * gy_image + r * gy_row;
+      for (int64_t v = 0; v + 1 < nvec; ++v)
+        lanes_grad_weight_step<T, V, IV, RB, TK, false>(xr + v * W, gr + v * W, gy_channel, koff,
+                                                        mask, acc);
+      lanes_grad_weight_step<T, V, IV, RB, TK, true>(xr + (nvec - 1) * W, gr + (nvec - 1) * W,
+                                                     gy_channel, koff, mask, acc);
+    }
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 8
+    for (int t = 0; t < TK; ++t) {
+      T sum = 0;
+      for (int l = 0; l < W; ++l) sum += acc[i][t][l];
+      out[i * TK + t] = sum;
+    }
+}
+
+// Output channels (RB) and taps (TK) of grad_weight's register tile per
+// instruction set level: RB x TK accumulators, RB gy vectors and one of x
+// in AVX-512's 32 registers (29), AVX2's and SSE2's 16 (15, 11).
+constexpr int kLanesGwRows512 = 4, kLanesGwTaps512 = 6;
+constexpr int kLanesGwRows256 = 2, kLanesGwTaps256 = 6;
+constexpr int kLanesGwRows128 = 2, kLanesGwTaps128 = 4;
+struct LanesGwShape {
+  int rows, taps;
+  int64_t lanes;
+};
+template <typename T>
+LanesGwShape lanes_gw_shape() {
+  constexpr int64_t size = sizeof(T);
+  switch (gemm::isa_level()) {
+    case 2: return {kLanesGwRows512, kLanesGwTaps512, 64 / size};
+    case 1: return {kLanesGwRows256, kLanesGwTaps256, 32 / size};
+    default: return {kLanesGwRows128, kLanesGwTaps128, 16 / size};
+  }
+}
+#if defined(CONVCORE_HAVE_VECTOR_TYPES)
+#define CONVCORE_LANES_GW(T, V512, IV512, V256, IV256, V128, IV128)                            \
+  CONVCORE_ISA_DISPATCH3(                                                                      \
+      lanes_grad_weight,                                                                       \
+      (lanes_grad_weight_body<T, V512, IV512, kLanesGwRows512, kLanesGwTaps512>),              \
+      (lanes_grad_weight_body<T, V256, IV256, kLanesGwRows256, kLanesGwTaps256>),              \
+      (lanes_grad_weight_body<T, V128, IV128, kLanesGwRows128, kLanesGwTaps128>),              \
+      (int64_t images, int64_t rows, int64_t nvec, int64_t tail, const T* x, int64_t x_image,  \
+       int64_t x_row, const int64_t* koff, const T* gy, int64_t gy_image, int64_t gy_row,      \
+       int64_t gy_channel, T* out),                                                            \
+      (images, rows, nvec, tail, x, x_image, x_row, koff, gy, gy_image, gy_row, gy_channel, out))
+CONVCORE_LANES_GW(float, simd::f32x16, simd::i32x16, simd::f32x8, simd::i32x8, simd::f32x4,
+                  simd::i32x4)
+CONVCORE_LANES_GW(double, simd::f64x8, simd::i64x8, simd::f64x4, simd::i64x4, simd::f64x2,
+                  simd::i64x2)
+#undef CONVCORE_LANES_GW
+#endif
+
 // Whether auto's direct forward takes forward_direct_lanes: stride 1 along
 // rows and at most 24 output channels a group. Against forward_direct, both
 // instruction sets: 3 to 24 channels 1.2-5x faster, 32 and more slower
@@ -146,6 +242,19 @@ constexpr int64_t kLanesMostChannels = 24;
 bool lanes_pay(const ConvGeometry& G) {
 #if defined(CONVCORE_HAVE_VECTOR_TYPES)
   return G.auto_algorithm && G.p.stride_w == 1 && G.Coutg <= kLanesMostChannels;
+#else
+  return false;
+#endif
+}
+
+// Whether auto's direct grad_weight takes grad_weight_direct_lanes: stride
+// 1 along rows and at most 24 output channels a group with AVX-512, 16 with
+// AVX2, whose tile of 2 channels by 6 taps loads 8 vectors for 12 FMAs
+// (docs/training.md, thirtieth session: 24 channels 0.8x with AVX2).
+bool lanes_grad_weight_pays(const ConvGeometry& G) {
+#if defined(CONVCORE_HAVE_VECTOR_TYPES)
+  const int64_t most = gemm::isa_level() >= 2 ? 24 : 16;
+  return G.auto_algorithm && G.p.stride_w == 1 && G.Coutg <= most;
 #else
   return false;
 #endif
@@ -722,7 +831,84 @@ GradWeightDirectSplit grad_weight_direct_split(const ConvGeometry& G) {
   const int64_t tasks = G.G * panels * ((G.Kc + gemm::Tile<T>::MR - 1) / gemm::Tile<T>::MR);
   split.parts = std::clamp<int64_t>((kMinTasks + tasks - 1) / tasks, 1,
                                     std::max<int64_t>(1, split.chunk * G.P / kMinPartSteps));
+  split.lanes = lanes_grad_weight_pays(G);
   return split;
+}
+
+// grad_weight with the output positions in the vector lanes, for layers into
+// few output channels a group with stride 1 along rows (the split's
+// `lanes`): grad_weight_direct puts output channels in a 32-column panel,
+// which 8 or 16 of them leave half empty. Here a register tile of RB output
+// channels by TK taps sums, over the chunk's images and output rows, vectors
+// of consecutive positions of grad_output (copied with each row padded to
+// whole vectors, zero past its end) times the same positions of each tap's
+// window in the zero-padded frame (the last vector of a row masked to zero,
+// so that values past the row never enter a sum, NaN and infinity
+// included). Tasks are (group, RB channels, TK taps), each summing its
+// chunk in order: the same sums whatever the thread count.
+template <typename T>
+void grad_weight_direct_lanes(const T* gy, const TensorView& input, const ConvGeometry& G,
+                              const GradWeightDirectSplit& split, T* gw) {
+  const LanesGwShape shape = lanes_gw_shape<T>();
+  const int RB = shape.rows, TK = shape.taps;
+  const int64_t W = shape.lanes;
+  const int64_t sh = G.p.stride_h, dh = G.p.dilation_h, dw = G.p.dilation_w;
+  const int64_t Hp = (G.Ho - 1) * sh + (G.KH - 1) * dh + 1;
+  const int64_t Wp = (G.Wo - 1) + (G.KW - 1) * dw + 1;
+  const int64_t plane = Hp * Wp, image = G.C * plane;
+  const int64_t nvec = (G.Wo + W - 1) / W, tail = G.Wo - (nvec - 1) * W, row = nvec * W;
+  const int64_t couts = gemm::round_up(G.Coutg, RB), opanels = couts / RB;
+  const int64_t K = G.Kc, tblocks = (K + TK - 1) / TK;
+  // taps past K (the last block's) repeat the last one; their sums are dropped
+  std::vector<int64_t> koff(static_cast<size_t>(tblocks * TK));
+  for (int64_t k = 0; k < tblocks * TK; ++k) {
+    const int64_t t = std::min(k, K - 1), c = t / (G.KH * G.KW), i = t / G.KW % G.KH;
+    koff[static_cast<size_t>(k)] = c * plane + i * dh * Wp + t % G.KW * dw;
+  }
+  const int64_t chunk = split.chunk;
+  const int64_t gy_image = G.G * couts * G.Ho * row;  // a padded image of grad_output
+  detail::Workspace<T> ws(1, chunk * image + W + chunk * gy_image);
+  T* xpad = ws.get();
+  T* gyp = xpad + chunk * image + W;  // gyp[((n * G + g) * couts + o) * Ho * row + oh * row + ow]
+  const int64_t tasks = G.G * opanels * tblocks;
+  const int threads = detail::threads_for(tasks, G.N * G.Cout * G.P * K);
+  detail::Workspace<T> tile_ws(threads, RB * TK);
+  for (int64_t n0 = 0; n0 < G.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, G.N - n0);
+    pad_planes(input.ptr<const T>() + n0 * G.xs_n, nn, G, Hp, Wp, xpad);
+    detail::zero_run(xpad + nn * image, W);
+    detail::parallel_for(detail::threads_for(nn * G.G * couts, nn * G.Cout * G.P),
+                         nn * G.G * couts, [&](int64_t u) {
+      const int64_t n = u / (G.G * couts), g = u / couts % G.G, o = u % couts;
+      T* dst = gyp + u * G.Ho * row;
+      if (o >= G.Coutg) {
+        detail::zero_run(dst, G.Ho * row);
+        return;
+      }
+      const T* src = gy + ((n0 + n) * G.Cout + g * G.Coutg + o) * G.P;
+      for (int64_t oh = 0; oh < G.Ho; ++oh) {
+        detail::copy_run(src + oh * G.Wo, G.Wo, dst + oh * row);
+        detail::zero_run(dst + oh * row + G.Wo, row - G.Wo);
+      }
+    });
+#pragma omp parallel num_threads(threads)
+    {
+      T* tile = tile_ws.get(omp_get_thread_num());
+      // consecutive tasks: neighbouring taps of one panel of channels
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t g = t / (opanels * tblocks), u = t / tblocks % opanels, b = t % tblocks;
+        lanes_grad_weight(nn, G.Ho, nvec, tail, xpad + g * G.Cg * plane, image, sh * Wp,
+                          koff.data() + b * TK, gyp + (g * couts + u * RB) * G.Ho * row,
+                          gy_image, row, G.Ho * row, tile);
+        for (int i = 0; i < RB && u * RB + i < G.Coutg; ++i) {
+          T* dst = gw + (g * G.Coutg + u * RB + i) * K + b * TK;
+          for (int64_t k = 0; k < TK && b * TK + k < K; ++k)
+            dst[k] = n0 == 0 ? tile[i * TK + k] : dst[k] + tile[i * TK + k];
+        }
+      }
+    }
+  }
 }
 
 // grad_weight through the direct kernel: the tile's rows are MR taps k of
@@ -737,6 +923,7 @@ GradWeightDirectSplit grad_weight_direct_split(const ConvGeometry& G) {
 template <typename T>
 void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry& G,
                         const GradWeightDirectSplit& split, T* gw) {
+  if (split.lanes) return grad_weight_direct_lanes(gy, input, G, split, gw);
   constexpr int MR = gemm::Tile<T>::MR, NR = gemm::Tile<T>::NR;
   const int64_t sh = G.p.stride_h, sw = G.p.stride_w, dh = G.p.dilation_h, dw = G.p.dilation_w;
   const int64_t Hp = (G.Ho - 1) * sh + (G.KH - 1) * dh + 1;

@@ -96,6 +96,7 @@ struct GradWeightByTapsSplit {  // grad_weight_by_taps: blocks of input channels
 struct GradWeightDirectSplit {  // grad_weight_direct: image chunks
   int64_t chunk = 0;
   int64_t parts = 1;  // ranges of a chunk's positions, summed apart
+  bool lanes = false;  // positions in the lanes (grad_weight_direct_lanes)
 };
 
 // The decisions for one convolution shape and pass.
