@@ -1539,6 +1539,7 @@ def test_one_by_one_on_one_pixel_images(dtype, algorithm):
     ((1, 6, 9, 54), (8, 6, 1, 7), {}),                                 # 48 columns: one block a row
     ((1, 6, 9, 55), (8, 6, 1, 7), {}),                                 # 49 columns
     ((2, 40, 17, 23), (3, 40, 3, 1), dict(padding=(2, 0), dilation=3)),  # into 3 channels
+    ((2, 20, 7, 7), (16, 20, 3, 2), dict(padding=(1, 0))),           # 84 positions: direct
 ])
 def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
     """Under auto, a direct forward into at most 24 channels a group with
@@ -1546,7 +1547,8 @@ def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
     (forward_direct_lanes): blocks along each output row, or with stride 1
     across rows (the frame's pitch), panels of channels with a part-filled
     last one; so does grad_input into few channels (a stride-1 forward of
-    grad_output with the filters flipped), and grad_weight into at most 24
+    grad_output with the filters flipped; from 64 positions, where the
+    GEMM path takes other layers below 128), and grad_weight into at most 24
     (16 with AVX2; grad_weight_direct_lanes: tiles of channels by taps, each
     row's last vector masked). Against the reference, on a view with
     strided rows too, and the same bits at 1, 2 and 3 threads."""

@@ -233,20 +233,6 @@ CONVCORE_LANES_GW(double, simd::f64x8, simd::i64x8, simd::f64x4, simd::i64x4, si
 #undef CONVCORE_LANES_GW
 #endif
 
-// Whether auto's direct forward takes forward_direct_lanes: stride 1 along
-// rows and at most 24 output channels a group. Against forward_direct, both
-// instruction sets: 3 to 24 channels 1.2-5x faster, 32 and more slower
-// (docs/training.md, thirtieth session).
-constexpr int64_t kLanesMostChannels = 24;
-
-bool lanes_pay(const ConvGeometry& G) {
-#if defined(CONVCORE_HAVE_VECTOR_TYPES)
-  return G.auto_algorithm && G.p.stride_w == 1 && G.Coutg <= kLanesMostChannels;
-#else
-  return false;
-#endif
-}
-
 // Whether auto's direct grad_weight takes grad_weight_direct_lanes: stride
 // 1 along rows and at most 24 output channels a group with AVX-512, 16 with
 // AVX2, whose tile of 2 channels by 6 taps loads 8 vectors for 12 FMAs
@@ -261,6 +247,20 @@ bool lanes_grad_weight_pays(const ConvGeometry& G) {
 }
 
 }  // namespace
+
+// Whether auto's direct forward takes forward_direct_lanes: stride 1 along
+// rows and at most 24 output channels a group. Against forward_direct, both
+// instruction sets: 3 to 24 channels 1.2-5x faster, 32 and more slower
+// (docs/training.md, thirtieth session).
+constexpr int64_t kLanesMostChannels = 24;
+
+bool direct_lanes_pay(const ConvGeometry& G) {
+#if defined(CONVCORE_HAVE_VECTOR_TYPES)
+  return G.auto_algorithm && G.p.stride_w == 1 && G.Coutg <= kLanesMostChannels;
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 void forward_direct_lanes(const TensorView& input, const T* weight, const T* bias,
@@ -296,7 +296,7 @@ ForwardDirectSplit forward_direct_split(const ConvGeometry& G) {
   ForwardDirectSplit split;
   split.chunk = chunk, split.oblock = oblock, split.ochunks = ochunks;
   split.pblock = pblock, split.pblocks = pblocks;
-  split.lanes = lanes_pay(G);
+  split.lanes = direct_lanes_pay(G);
   if (split.lanes) {
     const int64_t width = lanes_shape<T>().width;
     split.lanes_flat = G.p.stride_h == 1 && Wp - G.Wo <= gemm::round_up(G.Wo, width) - G.Wo;

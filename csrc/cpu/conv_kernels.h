@@ -42,6 +42,9 @@ void grad_weight_gemm(const T* gy, const TensorView& input, const ConvGeometry& 
                       const GradWeightGemmSplit& split, T* gw);
 
 // conv_direct.cpp: the direct kernel over zero-padded copies of the images.
+// Whether auto's direct forward of G puts the output positions in the
+// vector lanes (few output channels a group, stride 1 along rows).
+bool direct_lanes_pay(const ConvGeometry& G);
 template <typename T>
 ForwardDirectSplit forward_direct_split(const ConvGeometry& G);
 // flipped: weight holds the filters of the layer whose grad_input this

@@ -188,10 +188,16 @@ bool winograd4_pays(const ConvGeometry& G) {
 // smaller layers keep the GEMM path, whose fixed costs are lower.
 constexpr int64_t kDirectMinPositions = 128, kDirectOneImageMinPositions = 49;
 constexpr int64_t kDirectOneImageMinWeights = int64_t(1) << 20;
+// With the output positions in the lanes (direct_lanes_pay), the direct
+// forward (and grad_input as a forward) beat the GEMM path from 64
+// positions in all: 1.2-1.6x on 81 to 100; on 32 and 36 positions with
+// 3072 and 4608 taps it lost (docs/training.md, thirtieth session).
+constexpr int64_t kLanesMinPositions = 64;
 bool direct_pays(const ConvGeometry& G) { return G.N * G.Ho * G.Wo >= kDirectMinPositions; }
 bool direct_forward_pays(const ConvGeometry& G) {
   return direct_pays(G) || (G.N == 1 && G.Ho * G.Wo >= kDirectOneImageMinPositions &&
-                            G.Cout * G.Kc >= kDirectOneImageMinWeights);
+                            G.Cout * G.Kc >= kDirectOneImageMinWeights) ||
+         (direct_lanes_pay(G) && G.N * G.Ho * G.Wo >= kLanesMinPositions);
 }
 bool direct_fits(const ConvGeometry& G) {
   const int64_t Hp = (G.Ho - 1) * G.p.stride_h + (G.KH - 1) * G.p.dilation_h + 1;
