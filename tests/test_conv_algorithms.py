@@ -1534,11 +1534,11 @@ def test_one_by_one_on_one_pixel_images(dtype, algorithm):
 @pytest.mark.parametrize("shape,weight,kw", [
     ((2, 12, 11, 9), (5, 12, 3, 2), dict(padding=(1, 0))),           # blocks across rows, 1 panel
     ((3, 7, 16, 53), (11, 7, 5, 3), dict(stride=(2, 1), padding=(2, 1), dilation=(1, 2))),
-    ((2, 80, 13, 20), (24, 40, 2, 4), dict(padding=(1, 2), groups=2)),  # 12 a group
+    ((3, 80, 13, 20), (24, 40, 2, 4), dict(padding=(1, 2), groups=2)),  # 12 a group
     ((1, 10, 18, 18), (24, 10, 5, 5), dict(padding=2)),                # the most channels
     ((1, 6, 9, 54), (8, 6, 1, 7), {}),                                 # 48 columns: one block a row
     ((1, 6, 9, 55), (8, 6, 1, 7), {}),                                 # 49 columns
-    ((2, 40, 17, 23), (3, 40, 3, 1), dict(padding=(2, 0), dilation=3)),  # into 3 channels
+    ((3, 40, 17, 23), (3, 40, 3, 1), dict(padding=(2, 0), dilation=3)),  # into 3 channels
     ((2, 20, 7, 7), (16, 20, 3, 2), dict(padding=(1, 0))),           # 84 positions: direct
 ])
 def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
@@ -1549,8 +1549,8 @@ def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
     last one; so does grad_input into few channels (a stride-1 forward of
     grad_output with the filters flipped; from 64 positions, where the
     GEMM path takes other layers below 128), and grad_weight into at most 24
-    (16 with AVX2; grad_weight_direct_lanes: tiles of channels by taps, each
-    row's last vector masked). Against the reference, on a view with
+    (16 with AVX2) from 64 vectors of positions (grad_weight_direct_lanes:
+    tiles of channels by taps, each row's last vector masked). Against the reference, on a view with
     strided rows too, and the same bits at 1, 2 and 3 threads."""
     rng = np.random.default_rng(shape[3])
     x = rng.standard_normal(shape).astype(dtype)
@@ -1591,11 +1591,11 @@ def test_direct_lanes_grad_weight_reads_no_value_past_a_row(dtype):
     lanes are masked, not multiplied by zero: an infinity there leaves such
     taps' gradients finite and equal to the reference."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 5, 12, 21)).astype(dtype)
+    x = rng.standard_normal((4, 5, 12, 21)).astype(dtype)
     x[:, :, :, -1] = np.inf
     w = rng.standard_normal((16, 5, 3, 3)).astype(dtype)
     kw = dict(dilation=(1, 2))
-    gy = rng.standard_normal((2, 16, 10, 17)).astype(dtype)
+    gy = rng.standard_normal((4, 16, 10, 17)).astype(dtype)
     gw = convcore.conv2d_backward(gy, x, w, output_mask=(False, True, False), **kw)[1]
     # kernel columns 0 and 1 read input columns 0-16 and 2-18 of 0-20
     expect = ref.conv2d_backward_ref(gy, x[..., :19], w[..., :2], **kw)[1]

@@ -234,13 +234,19 @@ CONVCORE_LANES_GW(double, simd::f64x8, simd::i64x8, simd::f64x4, simd::i64x4, si
 #endif
 
 // Whether auto's direct grad_weight takes grad_weight_direct_lanes: stride
-// 1 along rows and at most 24 output channels a group with AVX-512, 16 with
-// AVX2, whose tile of 2 channels by 6 taps loads 8 vectors for 12 FMAs
-// (docs/training.md, thirtieth session: 24 channels 0.8x with AVX2).
+// 1 along rows, at most 24 output channels a group with AVX-512, 16 with
+// AVX2, whose tile of 2 channels by 6 taps loads 8 vectors for 12 FMAs, and
+// 64 vectors of positions or more, which each task sums before its
+// reductions across the lanes (docs/training.md, thirtieth session: 24
+// channels 0.8x with AVX2; LeNet's 6 -> 16 at batch 1, 10 vectors, 0.73x).
+constexpr int64_t kLanesGradWeightMinVectors = 64;
+
 bool lanes_grad_weight_pays(const ConvGeometry& G) {
 #if defined(CONVCORE_HAVE_VECTOR_TYPES)
   const int64_t most = gemm::isa_level() >= 2 ? 24 : 16;
-  return G.auto_algorithm && G.p.stride_w == 1 && G.Coutg <= most;
+  const int64_t lanes = lanes_gw_shape<float>().lanes;
+  return G.auto_algorithm && G.p.stride_w == 1 && G.Coutg <= most &&
+         G.N * G.Ho * ((G.Wo + lanes - 1) / lanes) >= kLanesGradWeightMinVectors;
 #else
   return false;
 #endif
