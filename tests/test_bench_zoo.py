@@ -136,3 +136,36 @@ def test_stats_quartiles_and_geomean():
     assert s["geomean"] == pytest.approx(4.0)
     one = bench_zoo.stats([0.5])
     assert one["min"] == one["q1"] == one["q3"] == one["geomean"] == pytest.approx(0.5)
+
+
+def test_random_layers_are_valid_and_reproducible():
+    """--random's layers: the same for a seed, another set for another seed,
+    every one a valid convolution (channels divisible by its groups, an
+    output of at least 1x1) within the FLOP bounds at the batches given."""
+    a = bench_zoo.random_layers(40, seed=3)
+    assert [e["layer"] for e in a] == [e["layer"] for e in bench_zoo.random_layers(40, seed=3)]
+    assert [e["layer"] for e in a] != [e["layer"] for e in bench_zoo.random_layers(40, seed=4)]
+    for i, e in enumerate(a):
+        layer = e["layer"]
+        assert layer.kind == "conv" and not layer.bias
+        assert layer.cin % layer.groups == 0 and layer.cout % layer.groups == 0
+        assert min(layer.out_hw) >= 1
+        assert layer.flops(1) >= 2e6 and layer.flops(16) <= 4e9
+        assert e["cls"] == bench_zoo.shape_class(layer)
+        assert e["uses"] == {"random": {"count": 1, "first": f"#{i}"}}
+    assert len({e["cls"] for e in a}) >= 4  # not one kind of layer
+
+
+def test_quick_random_run_json(tmp_path):
+    path = tmp_path / "random.json"
+    bench.main(["--zoo", "--random", "2", "--seed", "1", "--quick", "--no-torch", "--threads",
+                "1", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["info"]["random"] == {"count": 2, "seed": 1}
+    assert result["info"]["models"] == []
+    expect = [e["layer"].name() for e in bench_zoo.random_layers(2, seed=1, batches=[1])]
+    assert [e["name"] for e in result["layers"]] == expect
+    assert [(r["index"], r["pass_"]) for r in result["rows"]] == [
+        (i, p) for i in range(2) for p in ("fwd", "bwd")]
+    with pytest.raises(SystemExit):
+        bench.main(["--zoo", "--random", "0"])

@@ -6,6 +6,13 @@ against PyTorch's CPU build, with the fraction of the machine's peak.
     python -m convcore bench --zoo [--threads 2] [--repeat 5] [--models resnet18 ...]
                                    [--batches 1 16] [--quick] [--no-torch]
                                    [--json out.json] [--markdown]
+                                   [--random N [--seed S]]
+
+--random N replaces the zoo's layers by N convolutions drawn at random (the
+seed makes them reproducible), shapes a user might try that no zoo model
+has: odd image sizes, rectangular and dilated kernels, strides 1-3, few or
+many channels, groups (random_layers). Tune against the zoo, check against
+these.
 
 Layers: the Conv2d and Linear modules of each model with the input shape
 that `summary` computes for them (nothing runs to find them). Two layers are
@@ -190,6 +197,54 @@ def distinct_layers(model_names: Sequence[str]) -> List[dict]:
     return list(found.values())
 
 
+# Kernels, strides, dilations, channel counts and groups random_layers draws
+# from, with their weights (repeats make a value likelier).
+_RANDOM_KERNELS = ((1, 1), (3, 3), (3, 3), (5, 5), (7, 7), (1, 7), (7, 1), (1, 3), (3, 1),
+                   (2, 2))
+_RANDOM_STRIDES = (1, 1, 1, 2, 2, 3)
+_RANDOM_DILATIONS = (1, 1, 1, 1, 2, 3)
+_RANDOM_CIN = (3, 8, 16, 24, 32, 48, 64, 96, 128, 160, 256, 384, 512, 768, 1024)
+_RANDOM_COUT = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+_RANDOM_GROUPS = (2, 4, 8, 32)
+
+
+def random_layers(count: int, seed: int = 0, batches: Sequence[int] = DEFAULT_BATCHES,
+                  most_flops: float = 4e9, least_flops: float = 2e6) -> List[dict]:
+    """`count` convolution layers drawn at random with this seed, as
+    distinct_layers' entries (uses {"random": {"count": 1, "first": "#i"}}):
+    one in five grouped, one in ten of the rest depthwise where its channels
+    allow, images of 5 to 99 (three in ten not square), padding up to the
+    kernel's reach, each with a forward of least_flops at the smallest batch
+    and at most most_flops at the largest (so that a sweep's time stays
+    bounded)."""
+    rng = np.random.default_rng(seed)
+    out: List[dict] = []
+    while len(out) < count:
+        kh, kw = _RANDOM_KERNELS[rng.integers(len(_RANDOM_KERNELS))]
+        s = int(rng.choice(_RANDOM_STRIDES))
+        d = int(rng.choice(_RANDOM_DILATIONS))
+        cin, cout = int(rng.choice(_RANDOM_CIN)), int(rng.choice(_RANDOM_COUT))
+        g = 1
+        if rng.random() < 0.2:
+            g = int(rng.choice(_RANDOM_GROUPS))
+            if cin % g or cout % g:
+                continue
+        elif rng.random() < 0.1 and cin >= 16:
+            cout, g = cin, cin
+        h = int(rng.integers(5, 100))
+        w = h if rng.random() < 0.7 else int(rng.integers(5, 100))
+        ph, pw = int(rng.integers(0, kh // 2 * d + 1)), int(rng.integers(0, kw // 2 * d + 1))
+        layer = Layer("conv", cin, cout, (kh, kw), (s, s), (ph, ph, pw, pw), (d, d), g, False,
+                      h, w)
+        ho, wo = layer.out_hw
+        if ho < 1 or wo < 1 or layer.flops(min(batches)) < least_flops or \
+                layer.flops(max(batches)) > most_flops:
+            continue
+        out.append(dict(layer=layer, cls=shape_class(layer),
+                        uses={"random": dict(count=1, first=f"#{len(out)}")}))
+    return out
+
+
 # ---------------------------------------------------------------------- timing
 
 def _layer_fns(layer: Layer, n: int, torch, backward: bool, rng) -> Dict[str, Callable]:
@@ -269,11 +324,12 @@ def _linear_fns(layer: Layer, n: int, torch, backward: bool, rng) -> Dict[str, C
 
 def run(model_names: Optional[Sequence[str]] = None, batches: Sequence[int] = DEFAULT_BATCHES,
         threads: int = 2, repeat: int = 5, with_torch: bool = True, gemm_n: int = 2048,
-        out: Callable[[str], None] = print) -> dict:
+        out: Callable[[str], None] = print, random: Optional[Tuple[int, int]] = None) -> dict:
     """Times every distinct layer of the models at each batch, forward and
-    backward; returns the machine, the peak, the layers, the rows and the
-    summary, printing the rows line by line through `out`."""
-    model_names = list(model_names or models._ZOO)
+    backward (or, with random=(count, seed), random_layers' layers); returns
+    the machine, the peak, the layers, the rows and the summary, printing the
+    rows line by line through `out`."""
+    model_names = [] if random else list(model_names or models._ZOO)
     F.set_num_threads(threads)
     torch = import_torch(threads) if with_torch else None
     rng = np.random.default_rng(0)
@@ -281,7 +337,7 @@ def run(model_names: Optional[Sequence[str]] = None, batches: Sequence[int] = DE
                 isa_env=os.environ.get("CONVCORE_ISA"), numpy=np.__version__,
                 torch=getattr(torch, "__version__", None), python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d"), models=model_names, batches=list(batches),
-                repeat=repeat)
+                repeat=repeat, random=dict(count=random[0], seed=random[1]) if random else None)
     out(f"convcore bench --zoo: {info['machine']}, {threads} threads, float32, GEMM kernel "
         f"{info['gemm_isa']}, numpy {info['numpy']}, torch {info['torch'] or '-'}")
     notes = []
@@ -297,10 +353,14 @@ def run(model_names: Optional[Sequence[str]] = None, batches: Sequence[int] = DE
     out(f"peak: {peak['gflops']:.1f} GFLOP/s, the faster of a {gemm_n}^3 SGEMM through convcore "
         f"({peak['convcore_gflops']:.1f}) and numpy ({peak['numpy_gflops']:.1f}, "
         f"{numpy_threads} threads): {peak['source']}")
-    layers = distinct_layers(model_names)
-    calls = sum(u["count"] for e in layers for u in e["uses"].values())
-    out(f"{len(layers)} distinct conv/linear layers ({calls} calls) in {len(model_names)} "
-        f"models: {', '.join(model_names)}")
+    if random:
+        layers = random_layers(random[0], random[1], batches)
+        out(f"{len(layers)} random conv layers (seed {random[1]})")
+    else:
+        layers = distinct_layers(model_names)
+        calls = sum(u["count"] for e in layers for u in e["uses"].values())
+        out(f"{len(layers)} distinct conv/linear layers ({calls} calls) in {len(model_names)} "
+            f"models: {', '.join(model_names)}")
     out(_line(ROW_HEADER, ROW_WIDTHS))
     out("-" * (sum(ROW_WIDTHS) + len(ROW_WIDTHS) - 1))
     rows = []
@@ -453,10 +513,16 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--markdown", action="store_true",
                    help="also print the tables as Markdown at the end")
+    p.add_argument("--random", type=int, default=None, metavar="N",
+                   help="N random conv layers instead of the zoo's (random_layers)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of --random's layers")
     args = p.parse_args(argv)
+    if args.random is not None and args.random < 1:
+        p.error(f"--random must be a positive number of layers, got {args.random}")
     model_names, batches, repeat, gemm_n = args.models, args.batches, args.repeat, 2048
     if args.quick:
         model_names = [(args.models or [QUICK_MODEL])[0]]
         batches, repeat, gemm_n = [1], min(repeat, 3), 1024
-    result = run(model_names, batches, args.threads, repeat, not args.no_torch, gemm_n)
+    result = run(model_names, batches, args.threads, repeat, not args.no_torch, gemm_n,
+                 random=(args.random, args.seed) if args.random else None)
     write_results(result, args.json, markdown(result) if args.markdown else None)
