@@ -49,7 +49,6 @@ void pad_planes(const T* x, int64_t n, const ConvGeometry& G, int64_t Hp, int64_
   }
 }
 
-
 // The direct forward with output positions in the vector lanes
 // (forward_direct_lanes): tile[i * VW + l] = sum over k < K of
 // panel[k * PR + i] * src[koff[k] + l] for the RB rows i of a panel packed
@@ -136,7 +135,6 @@ void lanes_block(int rows, int64_t K, const int64_t* koff, const T* src, const T
     }
 }
 #endif
-
 
 // One vector of positions of lanes_grad_weight_body (masked: its last).
 template <typename T, typename V, typename IV, int RB, int TK, bool MASKED>
@@ -493,7 +491,6 @@ void forward_direct(const TensorView& input, const T* weight, const T* bias,
     }
   }
 }
-
 
 // Direct convolution with the output positions in the vector lanes, for
 // layers with few output channels a group (the split's `lanes`, stride 1

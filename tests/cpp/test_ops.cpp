@@ -275,6 +275,10 @@ TEST(conv2d_matches_naive_loops) {
       {{3, 5, 6, 5}, {7, 5, 1, 1}, conv_params(1, 1, 0, 0, 0, 0, 1, 1, 1)},    // pointwise
       {{1, 3, 12, 12}, {8, 3, 5, 5}, conv_params(3, 3, 0, 0, 0, 0, 1, 1, 1)},  // "doesn't fit": floors
       {{2, 3, 8, 8}, {5, 3, 4, 2}, conv_params(1, 1, 1, 2, 0, 1, 1, 1, 1)},    // 'same' of an even kernel
+      // few output channels, stride 1 along rows: positions in the lanes,
+      // blocks across rows (the first), along each row (strided rows)
+      {{2, 5, 11, 30}, {7, 5, 2, 5}, conv_params(1, 1, 1, 1, 2, 2, 2, 1, 1)},
+      {{3, 4, 16, 53}, {11, 4, 5, 3}, conv_params(2, 1, 2, 2, 1, 1, 1, 2, 1)},
   };
   for (DType dt : {DType::Float32, DType::Float64}) {
     for (const auto& c : cases) {
@@ -527,6 +531,20 @@ TEST(backward_ops_match_finite_differences) {
       testutil::set(naive, i, testutil::dot(naive_conv2d(e, w, nullptr, p), gy));
     }
     CHECK(rel_error(gx, naive) < 1e-13);
+  }
+  {  // conv2d into few channels: the forward, grad_input (into 3 channels)
+     // and grad_weight with the positions in the lanes
+    const Conv2dParams p = conv_params(1, 1, 1, 1, 0, 0, 1, 2, 1);
+    const Tensor x = random_tensor(f64, {4, 3, 16, 19}, rng), w = random_tensor(f64, {5, 3, 3, 2}, rng);
+    const Tensor y = conv(x, w, nullptr, p);
+    const Tensor gy = random_tensor(f64, y.shape(), rng);
+    Tensor gx = Tensor::empty(f64, x.shape()), gw = Tensor::empty(f64, w.shape());
+    const TensorView gxv = gx.view(), gwv = gw.view();
+    conv2d_backward(gy.view(), x.view(), w.view(), p, &gxv, &gwv, nullptr);
+    check_gradient("conv2d input, few channels", [&](const Tensor& t) { return conv(t, w, nullptr, p); },
+                   x, gy, gx, rng);
+    check_gradient("conv2d weight, few channels", [&](const Tensor& t) { return conv(x, t, nullptr, p); },
+                   w, gy, gw, rng);
   }
   {  // max and avg pooling
     Pool2dParams p;
