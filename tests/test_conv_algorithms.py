@@ -1548,10 +1548,11 @@ def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
     across rows (the frame's pitch), panels of channels with a part-filled
     last one; so does grad_input into few channels (a stride-1 forward of
     grad_output with the filters flipped; from 64 positions, where the
-    GEMM path takes other layers below 128), and grad_weight into at most 24
-    (16 with AVX2) from 64 vectors of positions (grad_weight_direct_lanes:
-    tiles of channels by taps, each row's last vector masked). Against the reference, on a view with
-    strided rows too, and the same bits at 1, 2 and 3 threads."""
+    GEMM path takes other layers below 128), and grad_weight into at most
+    24 (16 with AVX2) from 64 vectors of positions (grad_weight_direct_lanes:
+    tiles of channels by taps, each row's last vector masked). Against the
+    reference, on a view with strided rows too, and the same bits at 1, 2
+    and 3 threads."""
     rng = np.random.default_rng(shape[3])
     x = rng.standard_normal(shape).astype(dtype)
     w = (rng.standard_normal(weight) / np.sqrt(np.prod(weight[1:]))).astype(dtype)

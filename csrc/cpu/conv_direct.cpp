@@ -526,7 +526,8 @@ void forward_direct_lanes(const TensorView& input, const T* weight, const T* bia
   // Flipped: as forward_direct's.
   detail::Workspace<T> w_ws(1, G.G * panels * K * PR);
   T* wp = w_ws.get();
-  detail::parallel_for(detail::threads_for(G.G * panels, G.Cout * K), G.G * panels, [&](int64_t gu) {
+  const int pack_threads = detail::threads_for(G.G * panels, G.Cout * K);
+  detail::parallel_for(pack_threads, G.G * panels, [&](int64_t gu) {
     const int64_t g = gu / panels, o0 = (gu % panels) * PR;
     T* panel = wp + gu * K * PR;
     for (int r = 0; r < PR; ++r) {

@@ -535,16 +535,19 @@ TEST(backward_ops_match_finite_differences) {
   {  // conv2d into few channels: the forward, grad_input (into 3 channels)
      // and grad_weight with the positions in the lanes
     const Conv2dParams p = conv_params(1, 1, 1, 1, 0, 0, 1, 2, 1);
-    const Tensor x = random_tensor(f64, {4, 3, 16, 19}, rng), w = random_tensor(f64, {5, 3, 3, 2}, rng);
+    const Tensor x = random_tensor(f64, {4, 3, 16, 19}, rng);
+    const Tensor w = random_tensor(f64, {5, 3, 3, 2}, rng);
     const Tensor y = conv(x, w, nullptr, p);
     const Tensor gy = random_tensor(f64, y.shape(), rng);
     Tensor gx = Tensor::empty(f64, x.shape()), gw = Tensor::empty(f64, w.shape());
     const TensorView gxv = gx.view(), gwv = gw.view();
     conv2d_backward(gy.view(), x.view(), w.view(), p, &gxv, &gwv, nullptr);
-    check_gradient("conv2d input, few channels", [&](const Tensor& t) { return conv(t, w, nullptr, p); },
-                   x, gy, gx, rng);
-    check_gradient("conv2d weight, few channels", [&](const Tensor& t) { return conv(x, t, nullptr, p); },
-                   w, gy, gw, rng);
+    check_gradient(
+        "conv2d input, few channels", [&](const Tensor& t) { return conv(t, w, nullptr, p); }, x,
+        gy, gx, rng);
+    check_gradient(
+        "conv2d weight, few channels", [&](const Tensor& t) { return conv(x, t, nullptr, p); }, w,
+        gy, gw, rng);
   }
   {  // max and avg pooling
     Pool2dParams p;
