@@ -1543,7 +1543,7 @@ def test_one_by_one_on_one_pixel_images(dtype, algorithm):
     ((1, 6, 9, 54), (8, 6, 1, 7), {}),                                 # 48 columns: one block a row
     ((1, 6, 9, 55), (8, 6, 1, 7), {}),                                 # 49 columns
     ((3, 40, 17, 23), (3, 40, 3, 1), dict(padding=(2, 0), dilation=3)),  # into 3 channels
-    ((2, 20, 7, 7), (16, 20, 3, 2), dict(padding=(1, 0))),           # 84 positions: direct
+    ((2, 20, 7, 7), (16, 20, 3, 2), dict(padding=(1, 0))),           # 84 positions
 ])
 def test_direct_lanes_for_few_output_channels(shape, weight, kw, dtype):
     """Under auto, a direct forward into at most 24 channels a group with

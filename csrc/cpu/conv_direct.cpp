@@ -49,6 +49,18 @@ void pad_planes(const T* x, int64_t n, const ConvGeometry& G, int64_t Hp, int64_
   }
 }
 
+// Offset of each tap (c, i, j) of a group, in the weights' order, inside its
+// zero-padded frame: planes `plane` apart, rows Wp apart.
+std::vector<int64_t> tap_offsets(const ConvGeometry& G, int64_t plane, int64_t Wp) {
+  std::vector<int64_t> koff(static_cast<size_t>(G.Kc));
+  for (int64_t c = 0; c < G.Cg; ++c)
+    for (int64_t i = 0; i < G.KH; ++i)
+      for (int64_t j = 0; j < G.KW; ++j)
+        koff[static_cast<size_t>((c * G.KH + i) * G.KW + j)] =
+            c * plane + i * G.p.dilation_h * Wp + j * G.p.dilation_w;
+  return koff;
+}
+
 // The direct forward with output positions in the vector lanes
 // (forward_direct_lanes): tile[i * VW + l] = sum over k < K of
 // panel[k * PR + i] * src[koff[k] + l] for the RB rows i of a panel packed
@@ -516,11 +528,7 @@ void forward_direct_lanes(const TensorView& input, const T* weight, const T* bia
   const int64_t Wp = (G.Wo - 1) + (G.KW - 1) * dw + 1;
   const int64_t plane = Hp * Wp, image = G.C * plane;
   const int64_t K = G.Kc, khw = G.KH * G.KW, panels = (G.Coutg + PR - 1) / PR;
-  std::vector<int64_t> koff(static_cast<size_t>(K));
-  for (int64_t c = 0; c < G.Cg; ++c)
-    for (int64_t i = 0; i < G.KH; ++i)
-      for (int64_t j = 0; j < G.KW; ++j)
-        koff[static_cast<size_t>((c * G.KH + i) * G.KW + j)] = c * plane + i * dh * Wp + j * dw;
+  const std::vector<int64_t> koff = tap_offsets(G, plane, Wp);
   // Panels of PR output channels a tap: wp[((g * panels + u) * K + k) * PR + r]
   // is tap k of output channel u * PR + r of group g (zero past Coutg).
   // Flipped: as forward_direct's.
@@ -864,11 +872,8 @@ void grad_weight_direct_lanes(const T* gy, const TensorView& input, const ConvGe
   const int64_t couts = gemm::round_up(G.Coutg, RB), opanels = couts / RB;
   const int64_t K = G.Kc, tblocks = (K + TK - 1) / TK;
   // taps past K (the last block's) repeat the last one; their sums are dropped
-  std::vector<int64_t> koff(static_cast<size_t>(tblocks * TK));
-  for (int64_t k = 0; k < tblocks * TK; ++k) {
-    const int64_t t = std::min(k, K - 1), c = t / (G.KH * G.KW), i = t / G.KW % G.KH;
-    koff[static_cast<size_t>(k)] = c * plane + i * dh * Wp + t % G.KW * dw;
-  }
+  std::vector<int64_t> koff = tap_offsets(G, plane, Wp);
+  if (!koff.empty()) koff.resize(static_cast<size_t>(tblocks * TK), koff.back());
   const int64_t chunk = split.chunk;
   const int64_t gy_image = G.G * couts * G.Ho * row;  // a padded image of grad_output
   detail::Workspace<T> ws(1, chunk * image + W + chunk * gy_image);
@@ -939,11 +944,8 @@ void grad_weight_direct(const T* gy, const TensorView& input, const ConvGeometry
   // at most kSegment positions, so that a segment of packed grad_output
   // (kSegment x NR) stays in L2 while the tasks of its panel read it.
   constexpr int64_t kSegment = 4096;
-  std::vector<int64_t> koff(static_cast<size_t>(G.Kc)), pix(static_cast<size_t>(chunk * G.P));
-  for (int64_t c = 0; c < G.Cg; ++c)
-    for (int64_t i = 0; i < G.KH; ++i)
-      for (int64_t j = 0; j < G.KW; ++j)
-        koff[static_cast<size_t>((c * G.KH + i) * G.KW + j)] = c * plane + i * dh * Wp + j * dw;
+  const std::vector<int64_t> koff = tap_offsets(G, plane, Wp);
+  std::vector<int64_t> pix(static_cast<size_t>(chunk * G.P));
   for (int64_t n = 0; n < chunk; ++n)
     for (int64_t q = 0; q < G.P; ++q)
       pix[static_cast<size_t>(n * G.P + q)] = n * image + (q / G.Wo) * sh * Wp + (q % G.Wo) * sw;
